@@ -1,0 +1,191 @@
+//! Command line and environment: every setting has a flag and an environment
+//! variable, documented in one table in the README.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "controller", version, about = "Lambda-style function runtime controller")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings for `serve` when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve(ServeArgs),
+    /// Print a JWT that this controller accepts, for local use.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A secret read from the environment; never printed.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Where the JWT secret comes from; shared by `serve` and `token`.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// HS256 secret for tokens. Without it, a secret is generated once and
+    /// kept in the data dir (for local use only).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Directory for everything the controller writes (database, generated
+    /// secret, instance directories).
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The token's subject (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// A scope to grant; repeat for several (`execute:all`, `execute:nodejs`,
+    /// `read:functions`, `write:functions`, ...).
+    #[arg(long = "scope", required = true)]
+    pub scopes: Vec<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: u64,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Folder of bundled functions registered at start-up.
+    #[arg(long, env = "FUNCTIONS_DIR")]
+    pub functions_dir: Option<PathBuf>,
+    /// Folder holding the runtime servers (`nodejs/server.js`, `python/server.py`).
+    #[arg(long, env = "RUNTIMES_DIR")]
+    pub runtimes_dir: Option<PathBuf>,
+    /// Node.js interpreter for the nodejs runtime.
+    #[arg(long, env = "NODE_BIN", default_value = "node")]
+    pub node_bin: String,
+    /// Python interpreter for the python runtime.
+    #[arg(long, env = "PYTHON_BIN", default_value = "python3")]
+    pub python_bin: String,
+    /// Allowed CORS origins, comma-separated; `*` allows any.
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',', default_value = "*")]
+    pub cors_allowed_origins: Vec<String>,
+    /// How long a session lives after initialize, in seconds.
+    #[arg(long, env = "SESSION_TTL_SECS", default_value_t = 7_200)]
+    pub session_ttl_secs: u64,
+    /// Largest `context.timeout_ms` a client may ask for.
+    #[arg(long, env = "MAX_TIMEOUT_MS", default_value_t = 300_000)]
+    pub max_timeout_ms: u64,
+    /// Result cache TTL when the client sends no `max-age`, in seconds.
+    #[arg(long, env = "CACHE_TTL_SECS", default_value_t = 3_600)]
+    pub cache_ttl_secs: u64,
+    /// Bound on the in-process result cache, in bytes of serialised results.
+    #[arg(long, env = "CACHE_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub cache_max_bytes: u64,
+    /// Execute/initialize/session requests per minute per subject; 0 disables.
+    #[arg(long, env = "RATE_LIMIT_EXECUTE", default_value_t = 100)]
+    pub rate_limit_execute: u32,
+    /// Function-registry requests per minute per subject; 0 disables.
+    #[arg(long, env = "RATE_LIMIT_FUNCTIONS", default_value_t = 60)]
+    pub rate_limit_functions: u32,
+    /// Requests per minute per client address without a valid token; 0 disables.
+    #[arg(long, env = "RATE_LIMIT_UNAUTHENTICATED", default_value_t = 10)]
+    pub rate_limit_unauthenticated: u32,
+    /// Generic warm instances kept ready per language.
+    #[arg(long, env = "WARM_POOL_SIZE", default_value_t = 2)]
+    pub warm_pool_size: usize,
+    /// How long an idle specialised instance is kept before it is reaped, in seconds.
+    #[arg(long, env = "KEEP_WARM_SECS", default_value_t = 300)]
+    pub keep_warm_secs: u64,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest result a function may return, in bytes of JSON.
+    #[arg(long, env = "MAX_RESULT_BYTES", default_value_t = 1024 * 1024)]
+    pub max_result_bytes: usize,
+    /// Processes (and threads) an instance may run; a per-user limit.
+    #[arg(long, env = "INSTANCE_MAX_PROCESSES", default_value_t = 4096)]
+    pub instance_max_processes: u64,
+    /// Open files per instance.
+    #[arg(long, env = "INSTANCE_MAX_OPEN_FILES", default_value_t = 256)]
+    pub instance_max_open_files: u64,
+    /// Largest file an instance may write, in MiB.
+    #[arg(long, env = "INSTANCE_MAX_FILE_MB", default_value_t = 64)]
+    pub instance_max_file_mb: u64,
+    /// User that instances run as when the controller runs as root.
+    #[arg(long, env = "INSTANCE_USER", default_value = "nobody")]
+    pub instance_user: String,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_secs)
+    }
+
+    pub fn keep_warm(&self) -> Duration {
+        Duration::from_secs(self.keep_warm_secs)
+    }
+
+    /// `functions/` in the current directory, else the one beside the source.
+    pub fn functions_dir(&self) -> PathBuf {
+        self.functions_dir.clone().unwrap_or_else(|| repo_dir("functions"))
+    }
+
+    /// `runtimes/` in the current directory, else the one beside the source.
+    pub fn runtimes_dir(&self) -> PathBuf {
+        self.runtimes_dir.clone().unwrap_or_else(|| repo_dir("runtimes"))
+    }
+}
+
+fn repo_dir(name: &str) -> PathBuf {
+    let here = Path::new(name);
+    if here.is_dir() {
+        return here.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name)
+}

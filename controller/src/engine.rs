@@ -1,0 +1,439 @@
+//! The execution engine: what initialize and execute do, between the HTTP
+//! handlers and the runtime backends.
+//!
+//! ```text
+//! initialize: scope -> registry (current version) -> pool.acquire (/init)
+//!             -> session record; the instance is kept by the session
+//!             (retain_session) or goes back to the version's idle list
+//! execute:    session (owner) -> scope -> params schema -> cache L1
+//!             -> instance (the session's, or from the pool) -> /run with
+//!             the deadline -> cache the success -> session stats
+//! ```
+//!
+//! The deadline is enforced here and only here: past it the instance is
+//! killed and the client gets `504 TIMEOUT`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+
+use crate::auth::Subject;
+use crate::cache::{CacheKey, ResultCache};
+use crate::error::ApiError;
+use crate::language::LanguageTitle;
+use crate::metrics::Metrics;
+use crate::registry::{FunctionVersion, Registry};
+use crate::runtime::pool::{InstancePool, Lease};
+use crate::runtime::{InstanceError, RunOutcome, RunRequest};
+use crate::sessions::{SessionRecord, SessionStatus, SessionStore};
+use crate::timefmt;
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    pub session_ttl: Duration,
+    pub max_timeout_ms: u64,
+    pub cache_ttl: Duration,
+    /// Longest TTL a client may ask for with `max-age`.
+    pub max_cache_ttl: Duration,
+}
+
+/// `X-Cache-Control`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheDirective {
+    Default,
+    /// Skip the lookup; the fresh result is still stored.
+    NoCache,
+    /// Accept a cached result at most this old; store the fresh one for this long.
+    MaxAge(Duration),
+}
+
+/// The part of initialize's `context` the controller reads itself.
+#[derive(Debug, Default)]
+pub struct InitializeOptions {
+    pub timeout_ms: Option<Value>,
+    pub retain_session: bool,
+    /// Everything else: passed to the function.
+    pub function_context: Map<String, Value>,
+}
+
+#[derive(Debug)]
+pub struct Executed {
+    pub language_title: String,
+    pub execution_time_ms: u64,
+    pub cached: bool,
+    pub result: Arc<Value>,
+}
+
+/// One session's serialisation point and, when retained, its instance.
+#[derive(Default)]
+struct Slot {
+    lease: Option<Lease>,
+}
+
+pub struct Engine {
+    pub registry: Arc<Registry>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub cache: Arc<dyn ResultCache>,
+    pub pool: Arc<InstancePool>,
+    pub metrics: Arc<Metrics>,
+    settings: EngineSettings,
+    /// Per session of this process: its lock and retained instance. Executions
+    /// of one session run one at a time.
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+fn not_found() -> ApiError {
+    ApiError::NotFound("request ID not found or expired".into())
+}
+
+impl Engine {
+    pub fn new(
+        registry: Arc<Registry>,
+        sessions: Arc<dyn SessionStore>,
+        cache: Arc<dyn ResultCache>,
+        pool: Arc<InstancePool>,
+        metrics: Arc<Metrics>,
+        settings: EngineSettings,
+    ) -> Self {
+        Engine {
+            registry,
+            sessions,
+            cache,
+            pool,
+            metrics,
+            settings,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    fn slot(&self, request_id: &str) -> Arc<tokio::sync::Mutex<Slot>> {
+        self.slots.lock().unwrap().entry(request_id.to_owned()).or_default().clone()
+    }
+
+    /// Starts a session for `language_title`, specialising an instance for it.
+    pub async fn initialize(
+        &self,
+        subject: &Subject,
+        language_title: LanguageTitle,
+        options: InitializeOptions,
+        request_id: Option<String>,
+    ) -> Result<SessionRecord, ApiError> {
+        if !subject.can_execute(language_title.language()) {
+            return Err(ApiError::Forbidden(format!(
+                "token lacks scope 'execute:{}' (or 'execute:all')",
+                language_title.language()
+            )));
+        }
+        let function = self
+            .registry
+            .get(language_title.as_str())
+            .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' not found")))?
+            .current;
+        let timeout_ms = match &options.timeout_ms {
+            None => function.manifest.limits.timeout_ms,
+            Some(v) => v
+                .as_u64()
+                .filter(|ms| (1..=self.settings.max_timeout_ms).contains(ms))
+                .ok_or_else(|| {
+                    ApiError::InvalidRequest(format!(
+                        "context.timeout_ms must be an integer between 1 and {}",
+                        self.settings.max_timeout_ms
+                    ))
+                })?,
+        };
+        let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+
+        let lease = self.pool.acquire(&function).await.map_err(instance_error)?;
+        let now = timefmt::now();
+        let record = SessionRecord {
+            request_id: request_id.clone(),
+            owner: subject.sub.clone(),
+            language_title: language_title.to_string(),
+            version: function.version,
+            context: Value::Object(options.function_context),
+            timeout_ms,
+            retain: options.retain_session,
+            status: SessionStatus::Active,
+            created_at: now,
+            expires_at: now + self.settings.session_ttl,
+            execution_count: 0,
+            last_executed_at: None,
+        };
+        let inserted = self.sessions.insert(record.clone()).await.map_err(ApiError::Internal);
+        if !matches!(inserted, Ok(true)) {
+            self.pool.release(lease).await;
+            inserted?;
+            return Err(ApiError::Conflict(format!("request ID '{request_id}' is already in use")));
+        }
+        if record.retain {
+            self.slot(&request_id).lock().await.lease = Some(lease);
+        } else {
+            self.pool.release(lease).await;
+        }
+        self.update_session_gauge().await;
+        Ok(record)
+    }
+
+    /// The caller's session, or 404 (also for another subject's session).
+    pub async fn session(&self, subject: &Subject, request_id: &str) -> Result<SessionRecord, ApiError> {
+        match self.sessions.get(request_id).await.map_err(ApiError::Internal)? {
+            Some(s) if s.owner == subject.sub => Ok(s),
+            _ => Err(not_found()),
+        }
+    }
+
+    /// Ends a session and releases its instance.
+    pub async fn close(&self, subject: &Subject, request_id: &str) -> Result<(), ApiError> {
+        self.session(subject, request_id).await?;
+        self.sessions.remove(request_id).await.map_err(ApiError::Internal)?;
+        self.drop_slot(request_id).await;
+        self.update_session_gauge().await;
+        Ok(())
+    }
+
+    async fn drop_slot(&self, request_id: &str) {
+        let slot = self.slots.lock().unwrap().remove(request_id);
+        if let Some(slot) = slot
+            && let Some(lease) = slot.lock().await.lease.take()
+        {
+            self.pool.discard(lease).await;
+        }
+    }
+
+    /// Runs the session's function with `params`.
+    pub async fn execute(
+        &self,
+        subject: &Subject,
+        request_id: &str,
+        params: Value,
+        directive: CacheDirective,
+    ) -> Result<Executed, ApiError> {
+        let started = Instant::now();
+        if !subject.can_execute_something() {
+            return Err(ApiError::Forbidden("token has no 'execute:*' scope".into()));
+        }
+        self.session(subject, request_id).await?;
+        let slot = self.slot(request_id);
+        let mut slot = slot.lock().await;
+        // Read again under the session's lock: a one-shot session may have
+        // completed while this request waited.
+        let session = self.session(subject, request_id).await?;
+        if session.status != SessionStatus::Active {
+            return Err(ApiError::NotFound(
+                "session has completed its execution (retain_session was false); initialize a new one".into(),
+            ));
+        }
+        let language_title: LanguageTitle = session
+            .language_title
+            .parse()
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored session title: {e}")))?;
+        if !subject.can_execute(language_title.language()) {
+            return Err(ApiError::Forbidden(format!(
+                "token lacks scope 'execute:{}' (or 'execute:all')",
+                language_title.language()
+            )));
+        }
+        let function = self
+            .registry
+            .version(language_title.as_str(), session.version)
+            .await
+            .map_err(ApiError::Internal)?
+            .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' no longer exists")))?;
+        if !params.is_object() {
+            return Err(ApiError::InvalidRequest("'params' must be a JSON object".into()));
+        }
+        if let Err(details) = function.validate_params(&params) {
+            self.metrics.record_execution(language_title.as_str(), "invalid_params", started.elapsed());
+            return Err(ApiError::InvalidParams {
+                message: "params do not match the function's schema".into(),
+                details,
+            });
+        }
+
+        let key = CacheKey::new(language_title.as_str(), &function.code_hash, &params, &session.context);
+        if directive != CacheDirective::NoCache {
+            let hit = self.cache.get(&key).await.filter(|entry| match directive {
+                CacheDirective::MaxAge(max) => entry.age() <= max,
+                _ => true,
+            });
+            self.metrics.record_cache(self.cache.layer(), hit.is_some());
+            if let Some(entry) = hit {
+                self.finish(&session, started, "cache_hit").await;
+                return Ok(Executed {
+                    language_title: session.language_title,
+                    execution_time_ms: started.elapsed().as_millis() as u64,
+                    cached: true,
+                    result: entry.result,
+                });
+            }
+        }
+
+        let outcome = self.run(&mut slot, &session, &function, &params).await;
+        let (label, result) = match outcome {
+            Ok(RunOutcome::Success(value)) => ("success", Ok(Arc::new(value))),
+            Ok(RunOutcome::InvalidParams { message, details }) => {
+                ("invalid_params", Err(ApiError::InvalidParams { message, details }))
+            }
+            Ok(RunOutcome::Failed { message, details }) => ("runtime_error", Err(ApiError::Runtime { message, details })),
+            Err(e @ ApiError::Timeout { .. }) => ("timeout", Err(e)),
+            Err(e) => ("error", Err(e)),
+        };
+        if let Ok(value) = &result {
+            let ttl = match directive {
+                CacheDirective::MaxAge(ttl) => ttl.min(self.settings.max_cache_ttl),
+                _ => self.settings.cache_ttl,
+            };
+            self.cache.put(key, value.clone(), ttl).await;
+        }
+        self.finish(&session, started, label).await;
+        if !session.retain {
+            drop(slot);
+            self.slots.lock().unwrap().remove(request_id);
+        }
+        result.map(|result| Executed {
+            language_title: session.language_title,
+            execution_time_ms: started.elapsed().as_millis() as u64,
+            cached: false,
+            result,
+        })
+    }
+
+    /// One run on the session's instance (retained) or a pooled one, within the deadline.
+    async fn run(
+        &self,
+        slot: &mut Slot,
+        session: &SessionRecord,
+        function: &FunctionVersion,
+        params: &Value,
+    ) -> Result<RunOutcome, ApiError> {
+        let mut lease = match slot.lease.take() {
+            Some(mut lease) => {
+                if lease.instance.is_alive() {
+                    lease
+                } else {
+                    // The retained instance died between executions: a fresh one.
+                    self.pool.discard(lease).await;
+                    self.pool.acquire(function).await.map_err(instance_error)?
+                }
+            }
+            None => self.pool.acquire(function).await.map_err(instance_error)?,
+        };
+        let deadline = Duration::from_millis(session.timeout_ms);
+        let request = RunRequest {
+            params,
+            context: &session.context,
+            deadline,
+        };
+        match tokio::time::timeout(deadline, lease.instance.run(request)).await {
+            Err(_elapsed) => {
+                tracing::info!(request_id = %session.request_id, instance = lease.instance.id(), "deadline passed; killing the instance");
+                self.pool.discard(lease).await;
+                Err(ApiError::Timeout {
+                    timeout_ms: session.timeout_ms,
+                })
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(request_id = %session.request_id, instance = lease.instance.id(), error = %e, "instance failed");
+                self.pool.discard(lease).await;
+                Err(instance_error(e))
+            }
+            Ok(Ok(outcome)) => {
+                if session.retain {
+                    slot.lease = Some(lease);
+                } else {
+                    self.pool.release(lease).await;
+                }
+                Ok(outcome)
+            }
+        }
+    }
+
+    async fn finish(&self, session: &SessionRecord, started: Instant, outcome: &str) {
+        self.metrics
+            .record_execution(&session.language_title, outcome, started.elapsed());
+        if let Err(e) = self
+            .sessions
+            .record_execution(&session.request_id, timefmt::now(), !session.retain)
+            .await
+        {
+            tracing::error!(error = format!("{e:#}"), "recording the execution on the session");
+        }
+        if !session.retain {
+            self.update_session_gauge().await;
+        }
+    }
+
+    /// Forgets a deleted function's sessions and idle instances.
+    pub async fn function_removed(&self, language_title: &str) {
+        if let Ok(removed) = self.sessions.remove_function(language_title).await {
+            for s in removed {
+                self.drop_slot(&s.request_id).await;
+            }
+        }
+        self.pool.evict_function(language_title).await;
+        self.update_session_gauge().await;
+    }
+
+    /// Removes expired sessions and their instances; run periodically.
+    pub async fn sweep(&self) {
+        match self.sessions.remove_expired(OffsetDateTime::now_utc()).await {
+            Ok(expired) => {
+                for s in expired {
+                    self.drop_slot(&s.request_id).await;
+                }
+            }
+            Err(e) => tracing::error!(error = format!("{e:#}"), "sweeping sessions"),
+        }
+        self.update_session_gauge().await;
+    }
+
+    async fn update_session_gauge(&self) {
+        if let Ok(n) = self.sessions.active_count().await {
+            self.metrics.active_sessions.set(n as i64);
+        }
+    }
+
+    /// Terminates every instance this engine holds (retained sessions), then the pool's.
+    pub async fn shutdown(&self) {
+        let slots: Vec<_> = self.slots.lock().unwrap().drain().map(|(_, s)| s).collect();
+        for slot in slots {
+            if let Some(lease) = slot.lock().await.lease.take() {
+                self.pool.discard(lease).await;
+            }
+        }
+        self.pool.shutdown().await;
+    }
+}
+
+/// What a client sees when an instance (not the function) failed.
+fn instance_error(e: InstanceError) -> ApiError {
+    match e {
+        InstanceError::Unavailable { .. } => ApiError::Unavailable(e.to_string()),
+        InstanceError::Init { message, details } => ApiError::Initialization {
+            message: format!("the function failed to load: {message}"),
+            details,
+        },
+        InstanceError::Crashed { message, details } => ApiError::Runtime { message, details },
+        InstanceError::ResultTooLarge { limit } => ApiError::Runtime {
+            message: e.to_string(),
+            details: json!({ "limit_bytes": limit }),
+        },
+        InstanceError::Protocol(message) => ApiError::Runtime {
+            message: format!("the runtime misbehaved: {message}"),
+            details: json!({}),
+        },
+    }
+}

@@ -1,0 +1,174 @@
+//! The API's one error type and the contract's error body.
+//!
+//! Every failure a client can see is an [`ApiError`]; it knows its contract
+//! code (`RUNTIME_ERROR`, `TIMEOUT`, ...) and HTTP status, and renders as
+//! `{"error": {"code", "message", "details"}}`. Errors of the execute
+//! endpoint also carry the `request_id` at the top level ([`WithRequestId`]).
+//! 5xx errors that come from the controller itself hide their cause from the
+//! client and log it once.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed request: bad JSON, wrong types, bad headers.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The function's parameters were refused (schema or the function itself).
+    #[error("{message}")]
+    InvalidParams { message: String, details: Value },
+    /// The body is larger than the configured limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The resource exists already (e.g. registering a function twice).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("rate limit exceeded; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    /// The function failed while loading its code.
+    #[error("{message}")]
+    Initialization { message: String, details: Value },
+    /// The function threw, crashed or returned something unusable.
+    #[error("{message}")]
+    Runtime { message: String, details: Value },
+    #[error("execution exceeded its timeout of {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    /// A dependency (a runtime, the database) is unavailable right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure inside the controller.
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    /// The contract's error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) | ApiError::PayloadTooLarge { .. } => "INVALID_REQUEST",
+            ApiError::InvalidParams { .. } => "INVALID_PARAMS",
+            ApiError::Unauthorized(_) => "UNAUTHORIZED",
+            ApiError::Forbidden(_) => "FORBIDDEN",
+            ApiError::NotFound(_) => "NOT_FOUND",
+            ApiError::Conflict(_) => "CONFLICT",
+            ApiError::RateLimited { .. } => "RATE_LIMITED",
+            ApiError::Initialization { .. } => "INITIALIZATION_ERROR",
+            ApiError::Runtime { .. } => "RUNTIME_ERROR",
+            ApiError::Timeout { .. } => "TIMEOUT",
+            ApiError::Unavailable(_) => "UNAVAILABLE",
+            ApiError::Internal(_) => "INTERNAL_ERROR",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) | ApiError::InvalidParams { .. } => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Initialization { .. } | ApiError::Runtime { .. } | ApiError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn details(&self) -> Value {
+        match self {
+            ApiError::InvalidParams { details, .. }
+            | ApiError::Initialization { details, .. }
+            | ApiError::Runtime { details, .. } => details.clone(),
+            ApiError::PayloadTooLarge { limit } => json!({ "limit_bytes": limit }),
+            ApiError::RateLimited { retry_after_secs } => json!({ "retry_after_secs": retry_after_secs }),
+            ApiError::Timeout { timeout_ms } => json!({ "timeout_ms": timeout_ms }),
+            _ => json!({}),
+        }
+    }
+
+    /// The body's `error` object.
+    pub fn body(&self) -> ErrorObject {
+        if let ApiError::Internal(err) = self {
+            // Logged here, once; the client only learns that it happened.
+            tracing::error!(error = format!("{err:#}"), "internal error");
+        }
+        ErrorObject {
+            code: self.code(),
+            message: self.to_string(),
+            details: self.details(),
+        }
+    }
+
+    fn headers(&self, response: &mut Response) {
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+    }
+}
+
+/// The `error` object of every error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorObject {
+    /// One of the contract's codes, e.g. `RUNTIME_ERROR`.
+    #[schema(value_type = String, example = "RUNTIME_ERROR")]
+    pub code: &'static str,
+    pub message: String,
+    /// Code-specific details (for runtime errors: line, column, stack_trace).
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+/// `{"error": {...}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+/// `{"request_id": "...", "error": {...}}`, the execute endpoint's error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecuteErrorBody {
+    pub request_id: String,
+    pub error: ErrorObject,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(ErrorBody { error: self.body() })).into_response();
+        self.headers(&mut response);
+        response
+    }
+}
+
+/// An error of a request that names a session: the body carries its ID.
+#[derive(Debug)]
+pub struct WithRequestId(pub String, pub ApiError);
+
+impl IntoResponse for WithRequestId {
+    fn into_response(self) -> Response {
+        let WithRequestId(request_id, err) = self;
+        let body = ExecuteErrorBody {
+            request_id,
+            error: err.body(),
+        };
+        let mut response = (err.status(), axum::Json(body)).into_response();
+        err.headers(&mut response);
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,132 @@
+//! `POST /api/v1/execute/{request_id}`: run the session's function.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::AppState;
+use super::extract::{ApiJson, Auth};
+use crate::engine::CacheDirective;
+use crate::error::{ApiError, ExecuteErrorBody, WithRequestId};
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(execute))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub(super) struct ExecuteBody {
+    /// The function's parameters; must satisfy its `schema.params`.
+    #[schema(value_type = Object, example = json!({"operation": "add", "values": [1, 2, 3]}))]
+    pub params: Option<Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ExecuteResponse {
+    pub request_id: String,
+    #[schema(example = "nodejs-calculator")]
+    pub language_title: String,
+    /// Milliseconds spent serving this execution.
+    pub execution_time: u64,
+    /// Whether the result came from the cache.
+    pub cached: bool,
+    #[schema(value_type = Object, example = json!({"value": 6}))]
+    pub result: Arc<Value>,
+}
+
+/// Run the session's function with parameters.
+///
+/// Results are cached for an hour by default, keyed by the function
+/// version's code hash, the params and the context the function sees.
+#[utoipa::path(
+    post,
+    path = "/api/v1/execute/{request_id}",
+    tag = "sessions",
+    params(
+        ("request_id" = String, Path, description = "From initialize"),
+        ("X-Cache-Control" = Option<String>, Header, description = "`no-cache`, or `max-age={seconds}`: accept a cached result at most that old and keep the fresh one that long"),
+    ),
+    request_body(content = ExecuteBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The function's result", body = ExecuteResponse),
+        (status = 400, description = "Malformed body or params (INVALID_REQUEST, INVALID_PARAMS)", body = ExecuteErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ExecuteErrorBody),
+        (status = 403, description = "Token lacks execute scope", body = ExecuteErrorBody),
+        (status = 404, description = "Request ID not found, expired, completed or another subject's", body = ExecuteErrorBody),
+        (status = 429, description = "Rate limited", body = ExecuteErrorBody),
+        (status = 500, description = "The function threw or crashed (RUNTIME_ERROR)", body = ExecuteErrorBody),
+        (status = 504, description = "The execution passed its timeout (TIMEOUT)", body = ExecuteErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn execute(
+    State(state): State<AppState>,
+    Path(request_id): Path<String>,
+    auth: Result<Auth, ApiError>,
+    headers: HeaderMap,
+    body: Result<ApiJson<ExecuteBody>, ApiError>,
+) -> Result<axum::Json<ExecuteResponse>, WithRequestId> {
+    let with_id = |e: ApiError| WithRequestId(request_id.clone(), e);
+    let Auth(subject) = auth.map_err(with_id)?;
+    let ApiJson(body) = body.map_err(with_id)?;
+    let params = body
+        .params
+        .ok_or_else(|| ApiError::InvalidRequest("missing 'params'".into()))
+        .map_err(with_id)?;
+    let directive = cache_directive(&headers).map_err(with_id)?;
+    let executed = state
+        .engine
+        .execute(&subject, &request_id, params, directive)
+        .await
+        .map_err(with_id)?;
+    Ok(axum::Json(ExecuteResponse {
+        request_id,
+        language_title: executed.language_title,
+        execution_time: executed.execution_time_ms,
+        cached: executed.cached,
+        result: executed.result,
+    }))
+}
+
+fn cache_directive(headers: &HeaderMap) -> Result<CacheDirective, ApiError> {
+    let Some(value) = headers.get("x-cache-control") else {
+        return Ok(CacheDirective::Default);
+    };
+    let bad = || ApiError::InvalidRequest("X-Cache-Control must be 'no-cache' or 'max-age=<seconds>'".into());
+    let value = value.to_str().map_err(|_| bad())?.trim().to_ascii_lowercase();
+    if value == "no-cache" {
+        return Ok(CacheDirective::NoCache);
+    }
+    let secs = value
+        .strip_prefix("max-age=")
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .ok_or_else(bad)?;
+    Ok(CacheDirective::MaxAge(Duration::from_secs(secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn directive(v: &str) -> Result<CacheDirective, ApiError> {
+        let mut h = HeaderMap::new();
+        h.insert("x-cache-control", v.parse().unwrap());
+        cache_directive(&h)
+    }
+
+    #[test]
+    fn parses_cache_control() {
+        assert_eq!(directive("no-cache").unwrap(), CacheDirective::NoCache);
+        assert_eq!(directive("max-age=60").unwrap(), CacheDirective::MaxAge(Duration::from_secs(60)));
+        assert_eq!(directive(" Max-Age=0 ").unwrap(), CacheDirective::MaxAge(Duration::ZERO));
+        assert!(directive("max-age=-1").is_err());
+        assert!(directive("max-age=").is_err());
+        assert!(directive("public").is_err());
+        assert_eq!(cache_directive(&HeaderMap::new()).unwrap(), CacheDirective::Default);
+    }
+}

@@ -1,0 +1,335 @@
+//! `/api/v1/functions`: list and describe functions (seed API), register,
+//! update and delete them (extension, `write:functions`).
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::AppState;
+use super::extract::{ApiJson, Auth};
+use crate::auth::{READ_FUNCTIONS, WRITE_FUNCTIONS};
+use crate::error::{ApiError, ErrorBody};
+use crate::language::{Language, LanguageTitle};
+use crate::registry::manifest::{LimitsSpec, SchemaSpec};
+use crate::registry::{FunctionEntry, FunctionSpec, RegistryError};
+use crate::timefmt;
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_functions, create_function))
+        .routes(routes!(get_function, update_function, delete_function))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub(super) struct ListQuery {
+    /// Only this language, e.g. `nodejs`.
+    language: Option<String>,
+    /// Page number, from 1.
+    page: Option<String>,
+    /// Items per page, 1 to 100 (default 20).
+    per_page: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct FunctionSummary {
+    pub language: Language,
+    pub title: String,
+    pub language_title: String,
+    pub description: String,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Current version number (extension).
+    pub version: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct FunctionList {
+    pub total: usize,
+    pub page: usize,
+    pub per_page: usize,
+    pub functions: Vec<FunctionSummary>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct FunctionDetail {
+    #[serde(flatten)]
+    pub summary: FunctionSummary,
+    pub schema: crate::registry::manifest::Schemas,
+    #[schema(value_type = Vec<Object>)]
+    pub examples: Vec<Value>,
+    /// sha256 of the version's code and behaviour (extension).
+    pub code_hash: String,
+    /// The version's limits (extension).
+    pub limits: crate::registry::manifest::Limits,
+}
+
+fn summary(f: &FunctionEntry) -> FunctionSummary {
+    let v = &f.current;
+    FunctionSummary {
+        language: v.language(),
+        title: v.language_title.title().to_owned(),
+        language_title: v.language_title.to_string(),
+        description: v.manifest.description.clone(),
+        created_at: timefmt::format(f.created_at),
+        updated_at: timefmt::format(f.updated_at),
+        version: v.version,
+    }
+}
+
+fn detail(f: &FunctionEntry) -> FunctionDetail {
+    FunctionDetail {
+        summary: summary(f),
+        schema: f.current.manifest.schema.clone(),
+        examples: f.current.manifest.examples.clone(),
+        code_hash: f.current.code_hash.clone(),
+        limits: f.current.manifest.limits,
+    }
+}
+
+fn positive(value: Option<&str>, name: &str, default: usize, max: usize) -> Result<usize, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ApiError::InvalidRequest(format!("'{name}' must be an integer between 1 and {max}"))),
+    }
+}
+
+/// List the available functions (Language-Titles).
+#[utoipa::path(
+    get,
+    path = "/api/v1/functions",
+    tag = "functions",
+    params(ListQuery),
+    responses(
+        (status = 200, body = FunctionList),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "Token lacks read:functions", body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn list_functions(
+    State(state): State<AppState>,
+    auth: Auth,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<FunctionList>, ApiError> {
+    auth.require(READ_FUNCTIONS)?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(format!("bad query: {}", e.body_text())))?;
+    let language = query
+        .language
+        .as_deref()
+        .map(|l| l.parse::<Language>())
+        .transpose()
+        .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    let page = positive(query.page.as_deref(), "page", 1, usize::MAX / 128)?;
+    let per_page = positive(query.per_page.as_deref(), "per_page", 20, 100)?;
+    let (total, items) = state.engine.registry.list(language, page, per_page);
+    Ok(axum::Json(FunctionList {
+        total,
+        page,
+        per_page,
+        functions: items.iter().map(summary).collect(),
+    }))
+}
+
+fn parse_title(s: &str) -> Result<LanguageTitle, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid Language-Title: {e}")))
+}
+
+/// A function's description, schemas and examples.
+#[utoipa::path(
+    get,
+    path = "/api/v1/functions/{language_title}",
+    tag = "functions",
+    params(("language_title" = String, Path, description = "e.g. `nodejs-calculator`")),
+    responses(
+        (status = 200, body = FunctionDetail),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn get_function(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(language_title): Path<String>,
+) -> Result<axum::Json<FunctionDetail>, ApiError> {
+    auth.require(READ_FUNCTIONS)?;
+    let lt = parse_title(&language_title)?;
+    let f = state
+        .engine
+        .registry
+        .get(lt.as_str())
+        .ok_or_else(|| ApiError::NotFound(format!("function '{lt}' not found")))?;
+    Ok(axum::Json(detail(&f)))
+}
+
+/// A function to register: its manifest fields and its code.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RegisterBody {
+    /// Required on create; on update it may be omitted or must match the path.
+    pub language_title: Option<String>,
+    /// The source of the entrypoint file.
+    pub code: String,
+    pub description: String,
+    pub entrypoint: Option<String>,
+    pub handler: Option<String>,
+    #[serde(default)]
+    pub schema: SchemaSpec,
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub examples: Vec<Value>,
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+impl RegisterBody {
+    fn into_parts(self) -> (Option<String>, FunctionSpec, String) {
+        let spec = FunctionSpec {
+            description: self.description,
+            entrypoint: self.entrypoint,
+            handler: self.handler,
+            schema: self.schema,
+            examples: self.examples,
+            limits: self.limits,
+            env: self.env,
+        };
+        (self.language_title, spec, self.code)
+    }
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::Invalid(e) => ApiError::InvalidRequest(e.to_string()),
+        RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
+        RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
+        RegistryError::Store(e) => ApiError::Internal(e),
+    }
+}
+
+/// Register a new function (extension; `write:functions`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/functions",
+    tag = "functions",
+    request_body(content = RegisterBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Registered at version 1", body = FunctionDetail),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "Token lacks write:functions", body = ErrorBody),
+        (status = 409, description = "Already exists", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn create_function(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<(StatusCode, axum::Json<FunctionDetail>), ApiError> {
+    auth.require(WRITE_FUNCTIONS)?;
+    let (language_title, spec, code) = body.into_parts();
+    let lt = parse_title(
+        language_title
+            .as_deref()
+            .ok_or_else(|| ApiError::InvalidRequest("missing 'language_title'".into()))?,
+    )?;
+    let f = state
+        .engine
+        .registry
+        .create(&lt, spec, code)
+        .await
+        .map_err(registry_error)?;
+    tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function registered");
+    Ok((StatusCode::CREATED, axum::Json(detail(&f))))
+}
+
+/// Register a new version of a function (extension; `write:functions`).
+/// Sessions started before keep their version.
+#[utoipa::path(
+    put,
+    path = "/api/v1/functions/{language_title}",
+    tag = "functions",
+    params(("language_title" = String, Path, description = "e.g. `nodejs-calculator`")),
+    request_body(content = RegisterBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The new version", body = FunctionDetail),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn update_function(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(language_title): Path<String>,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<axum::Json<FunctionDetail>, ApiError> {
+    auth.require(WRITE_FUNCTIONS)?;
+    let lt = parse_title(&language_title)?;
+    let (body_title, spec, code) = body.into_parts();
+    if body_title.is_some_and(|t| t != lt.as_str()) {
+        return Err(ApiError::InvalidRequest("'language_title' does not match the path".into()));
+    }
+    let f = state
+        .engine
+        .registry
+        .update(&lt, spec, code)
+        .await
+        .map_err(registry_error)?;
+    // Idle instances of older versions will not be asked for again.
+    state.engine.pool.evict_function(lt.as_str()).await;
+    tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function updated");
+    Ok(axum::Json(detail(&f)))
+}
+
+/// Delete a function, its versions and its sessions (extension; `write:functions`).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/functions/{language_title}",
+    tag = "functions",
+    params(("language_title" = String, Path, description = "e.g. `nodejs-calculator`")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn delete_function(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(language_title): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    auth.require(WRITE_FUNCTIONS)?;
+    let lt = parse_title(&language_title)?;
+    state.engine.registry.delete(&lt).await.map_err(registry_error)?;
+    state.engine.function_removed(lt.as_str()).await;
+    tracing::info!(language_title = %lt, sub = %auth.0.sub, "function deleted");
+    Ok(StatusCode::NO_CONTENT)
+}

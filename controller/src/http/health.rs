@@ -1,0 +1,95 @@
+//! `GET /health` (no authentication, no rate limit) and `GET /metrics`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::AppState;
+use crate::metrics::InstanceLabels;
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(health)).routes(routes!(metrics))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct HealthResponse {
+    /// `ok`, or `degraded` when a component is not ok.
+    #[schema(example = "ok")]
+    pub status: &'static str,
+    #[schema(example = "0.1.0")]
+    pub version: &'static str,
+    pub components: Components,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Components {
+    pub controller: &'static str,
+    /// `disabled` on embedded defaults (no `REDIS_URL`).
+    pub redis: &'static str,
+    /// `disabled` on embedded defaults (no `DATABASE_URL`).
+    pub postgres: &'static str,
+    /// The embedded database (extension): `ok`, `error`, or `disabled` when PostgreSQL is used.
+    pub sqlite: &'static str,
+    /// Per language: `ok`, `error`, or `unknown` before its first instance started.
+    pub runtimes: BTreeMap<String, &'static str>,
+    /// Why a runtime is not ok (extension), when known.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub runtime_errors: BTreeMap<String, String>,
+}
+
+/// Liveness and component status.
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, body = HealthResponse)))]
+async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
+    let store = state.engine.registry.store();
+    let sqlite = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+        Ok(Ok(())) => "ok",
+        _ => "error",
+    };
+    let mut runtimes = BTreeMap::new();
+    let mut runtime_errors = BTreeMap::new();
+    for (language, (status, error)) in state.engine.pool.health() {
+        runtimes.insert(language.to_string(), status);
+        if let Some(e) = error {
+            runtime_errors.insert(language.to_string(), e);
+        }
+    }
+    let degraded = sqlite != "ok" || runtimes.values().any(|s| *s == "error");
+    axum::Json(HealthResponse {
+        status: if degraded { "degraded" } else { "ok" },
+        version: env!("CARGO_PKG_VERSION"),
+        components: Components {
+            controller: "ok",
+            redis: "disabled",
+            postgres: "disabled",
+            sqlite,
+            runtimes,
+            runtime_errors,
+        },
+    })
+}
+
+/// Prometheus metrics (OpenMetrics text format).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "application/openmetrics-text", body = String)))]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let m = &state.metrics;
+    let (counts, busy) = state.engine.pool.counts();
+    for (language, pool_state, n) in counts {
+        m.instances
+            .get_or_create(&InstanceLabels {
+                language: language.to_string(),
+                state: pool_state.to_owned(),
+            })
+            .set(n);
+    }
+    m.instances_busy.set(busy);
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        m.encode(),
+    )
+}

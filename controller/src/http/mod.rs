@@ -1,0 +1,205 @@
+//! The HTTP layer: one file per resource, each with its own `router()`,
+//! merged here with the middleware every request goes through.
+//!
+//! Order of the middleware, outermost first: request ID (set, then
+//! propagated to the response), trace (one log line per request), CORS,
+//! body limit, metrics (by matched route), JSON errors for anything axum
+//! answers itself (unknown route, wrong method). The `/api/v1` resource
+//! routes also pass the guard: token check, then the rate limit.
+
+pub mod extract;
+mod functions;
+mod guard;
+mod health;
+mod initialize;
+mod execute;
+mod sessions;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::auth::Authenticator;
+use crate::engine::Engine;
+use crate::error::{ApiError, ErrorBody, ErrorObject};
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
+use extract::BodyLimit;
+
+/// Everything a handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub auth: Arc<Authenticator>,
+    pub limiter: Arc<dyn RateLimiter>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// HTTP settings that are not state.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub max_body_bytes: usize,
+    /// `*` means any origin.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Function runtime controller", description = "Lambda-style initialize/execute API. Part A is the seed API; the rest are documented extensions."),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "sessions", description = "initialize, execute, session state"),
+        (name = "functions", description = "the function registry"),
+        (name = "operations", description = "health, metrics, this document"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations", responses((status = 200, description = "This document", content_type = "application/json")))]
+async fn openapi_json(State(doc): State<Arc<String>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned())
+}
+
+/// The whole application's router.
+pub fn router(state: AppState, settings: &HttpSettings) -> Router {
+    let guarded: OpenApiRouter<AppState> = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(initialize::router())
+        .merge(execute::router())
+        .merge(sessions::router())
+        .merge(functions::router())
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard::guard));
+    let (api, mut doc) = guarded.merge(health::router()).split_for_parts();
+    let (_, openapi_paths) = OpenApiRouter::<Arc<String>>::new()
+        .routes(utoipa_axum::routes!(openapi_json))
+        .split_for_parts();
+    doc.merge(openapi_paths);
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let doc = Arc::new(doc.to_json().expect("the OpenAPI document serialises"));
+
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .route("/api/v1/openapi.json", axum::routing::get(openapi_json).with_state(doc))
+        .merge(api.with_state(state.clone()))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn_with_state(state, record_metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(settings.max_body_bytes))
+        .layer(axum::Extension(BodyLimit(settings.max_body_bytes)))
+        .layer(cors(settings))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                })
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+fn cors(settings: &HttpSettings) -> CorsLayer {
+    let origins = &settings.cors_allowed_origins;
+    let allow_origin = if origins.iter().any(|o| o.trim() == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o.trim()).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS, Method::PUT, Method::DELETE])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            HeaderName::from_static("language-title"),
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("x-cache-control"),
+        ])
+        .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
+        .max_age(Duration::from_secs(86_400))
+}
+
+/// Counts requests by matched route (never the raw path: IDs would explode
+/// the series count).
+async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let response = next.run(req).await;
+    state
+        .metrics
+        .record_http(&route, &method, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// Gives answers axum or tower produce on their own (405, 413 from the
+/// length check, ...) the contract's JSON error body.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
+        StatusCode::FORBIDDEN => "FORBIDDEN",
+        StatusCode::NOT_FOUND => "NOT_FOUND",
+        StatusCode::TOO_MANY_REQUESTS => "RATE_LIMITED",
+        s if s.is_server_error() => "INTERNAL_ERROR",
+        _ => "INVALID_REQUEST",
+    };
+    let message = status.canonical_reason().unwrap_or("error").to_owned();
+    let body = ErrorBody {
+        error: ErrorObject {
+            code,
+            message,
+            details: serde_json::json!({}),
+        },
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut fresh = (status, axum::Json(body)).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE {
+            fresh.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    fresh
+}

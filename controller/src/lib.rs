@@ -1,0 +1,48 @@
+//! The controller of a lambda-style function runtime.
+//!
+//! A client calls `POST /api/v1/initialize` with a `Language-Title`
+//! (`nodejs-calculator`), gets a `request_id`, then calls
+//! `POST /api/v1/execute/{request_id}` with `params`. The controller checks
+//! the JWT's scopes, applies rate limits, serves cached results, and runs the
+//! function in a runtime instance (docs/architecture.md).
+//!
+//! # Layout
+//!
+//! - [`cli`], [`config`]: the binary's command line and settings.
+//! - [`startup`]: [`startup::Application`] builds everything and serves.
+//! - [`http`]: one module per resource (`initialize`, `execute`, `sessions`,
+//!   `functions`, `health`), the guard (token, rate limit) and extractors.
+//! - [`engine`]: what initialize and execute do; the one place the deadline is enforced.
+//! - [`registry`]: functions and versions, in memory over the [`store`];
+//!   the manifest format.
+//! - [`store`]: the `Store` trait and its SQLite implementation.
+//! - [`sessions`]: the `SessionStore` trait and its in-memory implementation.
+//! - [`cache`]: the `ResultCache` trait, the cache key, the moka L1.
+//! - [`ratelimit`]: the `RateLimiter` trait and its governor implementation.
+//! - [`runtime`]: the `RuntimeBackend` and `Instance` traits, the runtime
+//!   protocol client, the process backend and the instance pool.
+//! - [`auth`]: JWT verification and issuing, scopes.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`error`]: the API's error type and body.
+//! - [`language`], [`timefmt`]: Language-Titles; contract timestamps.
+//!
+//! A request flows: `http` (request ID, trace, CORS, body limit, metrics)
+//! -> `http::guard` (token, rate limit) -> handler -> `engine` -> `cache` /
+//! `runtime::pool` -> `runtime::process` instance over its Unix socket.
+
+pub mod auth;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod language;
+pub mod metrics;
+pub mod ratelimit;
+pub mod registry;
+pub mod runtime;
+pub mod sessions;
+pub mod startup;
+pub mod store;
+pub mod timefmt;

@@ -1,0 +1,199 @@
+//! Prometheus metrics (prometheus-client, the Prometheus project's own Rust
+//! client), all under the `lambda_` prefix.
+//!
+//! Labels are bounded: routes are the matched route template, never the raw
+//! path; functions are Language-Titles that exist in the registry.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::language::Language;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExecutionLabels {
+    pub language_title: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabels {
+    pub language_title: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub layer: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LanguageLabels {
+    pub language: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub language: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub executions: Family<ExecutionLabels, Counter>,
+    pub execution_duration: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    pub cache: Family<CacheLabels, Counter>,
+    pub cold_starts: Family<LanguageLabels, Counter>,
+    pub cold_start_duration: Family<LanguageLabels, Histogram, fn() -> Histogram>,
+    pub init_duration: Family<LanguageLabels, Histogram, fn() -> Histogram>,
+    pub instances: Family<InstanceLabels, Gauge>,
+    pub instances_busy: Gauge,
+    pub rate_limited: Family<ClassLabels, Counter>,
+    pub active_sessions: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lambda");
+        let m = Metrics {
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            executions: Family::default(),
+            execution_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            cache: Family::default(),
+            cold_starts: Family::default(),
+            cold_start_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            init_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            instances: Family::default(),
+            instances_busy: Gauge::default(),
+            rate_limited: Family::default(),
+            active_sessions: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("http_requests", "HTTP requests by route, method and status", m.http_requests.clone());
+        registry.register("http_request_duration_seconds", "HTTP request latency by route", m.http_duration.clone());
+        registry.register("executions", "Executions by Language-Title and outcome", m.executions.clone());
+        registry.register(
+            "execution_duration_seconds",
+            "Execution latency by Language-Title (cache hits included)",
+            m.execution_duration.clone(),
+        );
+        registry.register("cache_requests", "Result cache lookups by layer and result (hit, miss)", m.cache.clone());
+        registry.register("cold_starts", "Instances started on demand because no warm one was ready", m.cold_starts.clone());
+        registry.register("cold_start_duration_seconds", "Time to start an instance on demand", m.cold_start_duration.clone());
+        registry.register("init_duration_seconds", "Time to specialise an instance (/init)", m.init_duration.clone());
+        registry.register("instances", "Pooled instances by language and state (warm, idle)", m.instances.clone());
+        registry.register("instances_busy", "Instances handed out to executions or retained sessions", m.instances_busy.clone());
+        registry.register("rate_limited", "Requests refused by a rate limit, by class", m.rate_limited.clone());
+        registry.register("active_sessions", "Sessions that can still be executed", m.active_sessions.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn record_execution(&self, language_title: &str, outcome: &str, elapsed: Duration) {
+        self.executions
+            .get_or_create(&ExecutionLabels {
+                language_title: language_title.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.execution_duration
+            .get_or_create(&FunctionLabels {
+                language_title: language_title.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_cache(&self, layer: &str, hit: bool) {
+        self.cache
+            .get_or_create(&CacheLabels {
+                layer: layer.to_owned(),
+                result: if hit { "hit" } else { "miss" }.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn record_cold_start(&self, language: Language, elapsed: Duration) {
+        let labels = LanguageLabels {
+            language: language.to_string(),
+        };
+        self.cold_starts.get_or_create(&labels).inc();
+        self.cold_start_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_init(&self, language: Language, elapsed: Duration) {
+        self.init_duration
+            .get_or_create(&LanguageLabels {
+                language: language.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_rate_limited(&self, class: &str) {
+        self.rate_limited
+            .get_or_create(&ClassLabels { class: class.to_owned() })
+            .inc();
+    }
+
+    pub fn record_http(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                route: route.to_owned(),
+                method: method.to_owned(),
+                status,
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&RouteLabels { route: route.to_owned() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}

@@ -1,0 +1,299 @@
+//! The function manifest: `function.json` in a function folder, and the body
+//! of a registration request (the same fields plus the code).
+//!
+//! [`FunctionSpec`] is what a user writes; [`Manifest`] is the checked,
+//! defaults-filled form that is stored and handed to runtimes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use crate::language::Language;
+
+/// Default per-execution timeout of a function, in milliseconds.
+pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+/// Default memory cap of a function's instances, in MiB.
+pub const DEFAULT_MEMORY_MB: u64 = 256;
+/// Largest accepted source file.
+pub const MAX_CODE_BYTES: usize = 512 * 1024;
+const MIN_MEMORY_MB: u64 = 32;
+const MAX_MEMORY_MB: u64 = 4096;
+const MAX_EXAMPLES: usize = 32;
+const MAX_ENV_VARS: usize = 64;
+const MAX_ENV_VALUE_BYTES: usize = 4096;
+const MAX_DESCRIPTION_CHARS: usize = 1024;
+/// Variables the runtime sets itself; a manifest may not override them.
+const RESERVED_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TMPDIR"];
+
+/// A function as its author describes it (`function.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    /// One line, shown in listings.
+    pub description: String,
+    /// File name of the code; defaults to `index.js` / `main.py`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<String>,
+    /// Exported function to call; defaults to `handler`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
+    #[serde(default)]
+    pub schema: SchemaSpec,
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub examples: Vec<Value>,
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// The environment the function sees; nothing of the host's is visible.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaSpec {
+    /// JSON Schema that `params` must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub params: Option<Value>,
+    /// JSON Schema of the result (documentation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Default per-execution timeout when the client sends none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Memory cap of the function's instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+}
+
+/// A checked manifest with every default filled in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub description: String,
+    pub entrypoint: String,
+    pub handler: String,
+    pub schema: Schemas,
+    pub examples: Vec<Value>,
+    pub limits: Limits,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Schemas {
+    #[schema(value_type = Object)]
+    pub params: Value,
+    #[schema(value_type = Object)]
+    pub result: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Limits {
+    pub timeout_ms: u64,
+    pub memory_mb: u64,
+}
+
+/// Why a manifest was refused; the message names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ManifestError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ManifestError> {
+    Err(ManifestError(msg.into()))
+}
+
+impl FunctionSpec {
+    /// Checks every field and fills the defaults. `max_timeout_ms` is the
+    /// controller's configured ceiling.
+    pub fn normalize(self, language: Language, max_timeout_ms: u64) -> Result<Manifest, ManifestError> {
+        let description = self.description.trim().to_owned();
+        if description.is_empty() {
+            return err("'description' must not be empty");
+        }
+        if description.chars().count() > MAX_DESCRIPTION_CHARS {
+            return err(format!("'description' is longer than {MAX_DESCRIPTION_CHARS} characters"));
+        }
+        let entrypoint = self
+            .entrypoint
+            .unwrap_or_else(|| language.default_entrypoint().to_owned());
+        if !valid_file_name(&entrypoint) {
+            return err("'entrypoint' must be a plain file name matching [A-Za-z0-9_.-]{1,64}");
+        }
+        if !language
+            .entrypoint_extensions()
+            .iter()
+            .any(|ext| entrypoint.ends_with(ext))
+        {
+            return err(format!(
+                "'entrypoint' of a {language} function must end in {}",
+                language.entrypoint_extensions().join(" or ")
+            ));
+        }
+        let handler = self.handler.unwrap_or_else(|| "handler".to_owned());
+        if !valid_identifier(&handler) {
+            return err("'handler' must be an identifier matching [A-Za-z_][A-Za-z0-9_]{0,63}");
+        }
+        let params = self.schema.params.unwrap_or_else(|| json!({ "type": "object" }));
+        if let Err(e) = jsonschema::validator_for(&params) {
+            return err(format!("'schema.params' is not a valid JSON Schema: {e}"));
+        }
+        let result = self.schema.result.unwrap_or_else(|| json!({}));
+        if !result.is_object() && !result.is_boolean() {
+            return err("'schema.result' must be a JSON Schema object");
+        }
+        if self.examples.len() > MAX_EXAMPLES {
+            return err(format!("at most {MAX_EXAMPLES} 'examples'"));
+        }
+        let timeout_ms = self.limits.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS.min(max_timeout_ms));
+        if timeout_ms == 0 || timeout_ms > max_timeout_ms {
+            return err(format!("'limits.timeout_ms' must be between 1 and {max_timeout_ms}"));
+        }
+        let memory_mb = self.limits.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
+        if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&memory_mb) {
+            return err(format!("'limits.memory_mb' must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}"));
+        }
+        if self.env.len() > MAX_ENV_VARS {
+            return err(format!("at most {MAX_ENV_VARS} 'env' variables"));
+        }
+        for (key, value) in &self.env {
+            if !valid_env_name(key) {
+                return err("'env' names must match [A-Za-z_][A-Za-z0-9_]{0,127}");
+            }
+            if RESERVED_ENV.contains(&key.as_str()) {
+                return err(format!("'env' may not set {key}: the runtime sets it"));
+            }
+            if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
+                return err(format!("'env.{key}' must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
+            }
+        }
+        Ok(Manifest {
+            description,
+            entrypoint,
+            handler,
+            schema: Schemas { params, result },
+            examples: self.examples,
+            limits: Limits { timeout_ms, memory_mb },
+            env: self.env,
+        })
+    }
+}
+
+impl Manifest {
+    /// Hash of everything that changes what the function does: its code and
+    /// the manifest fields a runtime sees. Part of every cache key.
+    pub fn code_hash(&self, code: &str) -> String {
+        let behaviour = json!({
+            "entrypoint": self.entrypoint,
+            "handler": self.handler,
+            "env": self.env,
+            "limits": self.limits,
+            "params": self.schema.params,
+        });
+        let mut h = Sha256::new();
+        h.update(crate::cache::canonical_json(&behaviour).as_bytes());
+        h.update([0]);
+        h.update(code.as_bytes());
+        hex::encode(h.finalize())
+    }
+}
+
+/// Checks a function's source.
+pub fn check_code(code: &str) -> Result<(), ManifestError> {
+    if code.trim().is_empty() {
+        return err("'code' must not be empty");
+    }
+    if code.len() > MAX_CODE_BYTES {
+        return err(format!("'code' is larger than {MAX_CODE_BYTES} bytes"));
+    }
+    if code.contains('\0') {
+        return err("'code' must not contain NUL bytes");
+    }
+    Ok(())
+}
+
+pub fn valid_file_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn valid_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && name.len() <= 64
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && name.len() <= 128
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> FunctionSpec {
+        FunctionSpec {
+            description: "d".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fills_defaults() {
+        let m = spec().normalize(Language::Python, 300_000).unwrap();
+        assert_eq!(m.entrypoint, "main.py");
+        assert_eq!(m.handler, "handler");
+        assert_eq!(m.limits.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert_eq!(m.schema.params, json!({"type": "object"}));
+    }
+
+    #[test]
+    fn refuses_paths_bad_limits_and_reserved_env() {
+        let bad = [
+            FunctionSpec { entrypoint: Some("../x.js".into()), ..spec() },
+            FunctionSpec { entrypoint: Some("/etc/x.js".into()), ..spec() },
+            FunctionSpec { entrypoint: Some("x.py".into()), ..spec() },
+            FunctionSpec { handler: Some("a.b".into()), ..spec() },
+            FunctionSpec { limits: LimitsSpec { timeout_ms: Some(0), memory_mb: None }, ..spec() },
+            FunctionSpec { limits: LimitsSpec { timeout_ms: Some(400_000), memory_mb: None }, ..spec() },
+            FunctionSpec { limits: LimitsSpec { timeout_ms: None, memory_mb: Some(1) }, ..spec() },
+            FunctionSpec { env: [("PATH".to_string(), "/x".to_string())].into(), ..spec() },
+            FunctionSpec { env: [("A-B".to_string(), "x".to_string())].into(), ..spec() },
+            FunctionSpec { schema: SchemaSpec { params: Some(json!({"type": 12})), result: None }, ..spec() },
+            FunctionSpec { description: "  ".into(), ..Default::default() },
+        ];
+        for s in bad {
+            let shown = format!("{s:?}");
+            assert!(s.normalize(Language::Nodejs, 300_000).is_err(), "accepted {shown}");
+        }
+    }
+
+    #[test]
+    fn code_hash_changes_with_code_and_env() {
+        let m = spec().normalize(Language::Nodejs, 300_000).unwrap();
+        let h1 = m.code_hash("a");
+        assert_ne!(h1, m.code_hash("b"));
+        let mut m2 = m.clone();
+        m2.env.insert("X".into(), "1".into());
+        assert_ne!(h1, m2.code_hash("a"));
+        let mut m3 = m.clone();
+        m3.description = "other words".into();
+        assert_eq!(h1, m3.code_hash("a"));
+    }
+}

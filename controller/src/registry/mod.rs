@@ -1,0 +1,323 @@
+//! The function registry: which functions exist, their versions, and the
+//! bundled `functions/` folder.
+//!
+//! Writes go to the [`Store`] first, then to the in-memory map, so reads
+//! (initialize, listings, details) never touch the database. Versions are
+//! immutable: a session keeps the `Arc<FunctionVersion>` it started with.
+//!
+//! # Layout
+//!
+//! - [`manifest`]: `function.json` / registration body, checked and normalised.
+//! - this module: [`Registry`], [`FunctionVersion`], bundle loading.
+
+pub mod manifest;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+pub use manifest::{FunctionSpec, Manifest, ManifestError};
+
+use crate::language::{Language, LanguageTitle};
+use crate::store::{NewVersion, Source, Store, StoreError, StoredFunction, StoredVersion};
+
+/// One immutable version of a function, ready to run.
+pub struct FunctionVersion {
+    pub language_title: LanguageTitle,
+    pub version: i64,
+    pub manifest: Manifest,
+    pub code: String,
+    /// sha256 of code and behaviour-relevant manifest fields.
+    pub code_hash: String,
+    pub created_at: OffsetDateTime,
+    /// `schema.params`, compiled once.
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for FunctionVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionVersion")
+            .field("language_title", &self.language_title)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FunctionVersion {
+    fn from_stored(v: StoredVersion) -> anyhow::Result<Self> {
+        let language_title: LanguageTitle = v
+            .language_title
+            .parse()
+            .with_context(|| format!("stored Language-Title {:?}", v.language_title))?;
+        let manifest: Manifest = serde_json::from_value(v.manifest).context("stored manifest")?;
+        let validator = jsonschema::validator_for(&manifest.schema.params)
+            .map_err(|e| anyhow::anyhow!("stored params schema: {e}"))?;
+        Ok(FunctionVersion {
+            language_title,
+            version: v.version,
+            manifest,
+            code: v.code,
+            code_hash: v.code_hash,
+            created_at: v.created_at,
+            validator,
+        })
+    }
+
+    pub fn language(&self) -> Language {
+        self.language_title.language()
+    }
+
+    /// Checks `params` against `schema.params`; the error lists every problem
+    /// with its JSON pointer.
+    pub fn validate_params(&self, params: &Value) -> Result<(), Value> {
+        let errors: Vec<Value> = self
+            .validator
+            .iter_errors(params)
+            .take(20)
+            .map(|e| json!({ "path": e.instance_path().to_string(), "message": e.to_string() }))
+            .collect();
+        if errors.is_empty() { Ok(()) } else { Err(json!({ "errors": errors })) }
+    }
+}
+
+/// A function and its current version.
+#[derive(Debug, Clone)]
+pub struct FunctionEntry {
+    pub source: Source,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+    pub current: Arc<FunctionVersion>,
+}
+
+impl FunctionEntry {
+    fn from_stored(f: StoredFunction) -> anyhow::Result<Self> {
+        Ok(FunctionEntry {
+            source: f.source,
+            created_at: f.created_at,
+            updated_at: f.updated_at,
+            current: Arc::new(FunctionVersion::from_stored(f.current)?),
+        })
+    }
+}
+
+/// Why a registry write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Invalid(#[from] ManifestError),
+    #[error("function '{0}' already exists; update it with PUT")]
+    Exists(String),
+    #[error("function '{0}' not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(anyhow::Error),
+}
+
+impl From<StoreError> for RegistryError {
+    fn from(e: StoreError) -> Self {
+        RegistryError::Store(e.into())
+    }
+}
+
+pub struct Registry {
+    store: Arc<dyn Store>,
+    /// The controller's ceiling on timeouts, applied to manifests.
+    max_timeout_ms: u64,
+    /// Current version of every function, sorted by Language-Title for listings.
+    functions: RwLock<BTreeMap<String, FunctionEntry>>,
+    /// Older versions that sessions still ask for, loaded from the store on demand.
+    versions: moka::sync::Cache<(String, i64), Arc<FunctionVersion>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Loads every function from the store.
+    pub async fn load(store: Arc<dyn Store>, max_timeout_ms: u64) -> anyhow::Result<Self> {
+        let mut functions = BTreeMap::new();
+        for f in store.functions().await? {
+            let lt = f.language_title.clone();
+            match FunctionEntry::from_stored(f) {
+                Ok(entry) => {
+                    functions.insert(lt, entry);
+                }
+                Err(e) => tracing::error!(language_title = %lt, error = format!("{e:#}"), "skipping unreadable function"),
+            }
+        }
+        Ok(Registry {
+            store,
+            max_timeout_ms,
+            functions: RwLock::new(functions),
+            versions: moka::sync::Cache::new(1024),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The function and its current version, if registered.
+    pub fn get(&self, language_title: &str) -> Option<FunctionEntry> {
+        self.functions.read().unwrap().get(language_title).cloned()
+    }
+
+    /// One page of the functions, optionally of one language, and the total.
+    pub fn list(&self, language: Option<Language>, page: usize, per_page: usize) -> (usize, Vec<FunctionEntry>) {
+        let functions = self.functions.read().unwrap();
+        let matching = || {
+            functions
+                .values()
+                .filter(move |f| language.is_none_or(|l| f.current.language() == l))
+        };
+        let total = matching().count();
+        let items = matching()
+            .skip(page.saturating_sub(1).saturating_mul(per_page))
+            .take(per_page)
+            .cloned()
+            .collect();
+        (total, items)
+    }
+
+    /// A given version of a function: the current one from memory, an older
+    /// one from the store.
+    pub async fn version(&self, language_title: &str, version: i64) -> anyhow::Result<Option<Arc<FunctionVersion>>> {
+        if let Some(f) = self.get(language_title)
+            && f.current.version == version
+        {
+            return Ok(Some(f.current));
+        }
+        let key = (language_title.to_owned(), version);
+        if let Some(v) = self.versions.get(&key) {
+            return Ok(Some(v));
+        }
+        let Some(stored) = self.store.version(language_title, version).await? else {
+            return Ok(None);
+        };
+        let v = Arc::new(FunctionVersion::from_stored(stored)?);
+        self.versions.insert(key, v.clone());
+        Ok(Some(v))
+    }
+
+    /// Registers a new function at version 1.
+    pub async fn create(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<FunctionEntry, RegistryError> {
+        let new = self.prepare(lt, spec, code)?;
+        match self.store.create(new, Source::Api).await {
+            Ok(f) => self.remember(f),
+            Err(StoreError::Conflict) => Err(RegistryError::Exists(lt.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Registers the next version of an existing function.
+    pub async fn update(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<FunctionEntry, RegistryError> {
+        let new = self.prepare(lt, spec, code)?;
+        match self.store.add_version(new, Source::Api).await {
+            Ok(f) => self.remember(f),
+            Err(StoreError::NotFound) => Err(RegistryError::NotFound(lt.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes a function and all its versions.
+    pub async fn delete(&self, lt: &LanguageTitle) -> Result<(), RegistryError> {
+        if !self.store.delete(lt.as_str()).await? {
+            return Err(RegistryError::NotFound(lt.to_string()));
+        }
+        self.functions.write().unwrap().remove(lt.as_str());
+        self.versions.invalidate_entries_if({
+            let lt = lt.to_string();
+            move |(name, _), _| *name == lt
+        }).ok();
+        Ok(())
+    }
+
+    fn prepare(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<NewVersion, RegistryError> {
+        manifest::check_code(&code)?;
+        let manifest = spec.normalize(lt.language(), self.max_timeout_ms)?;
+        Ok(NewVersion {
+            language_title: lt.to_string(),
+            language: lt.language().to_string(),
+            title: lt.title().to_owned(),
+            description: manifest.description.clone(),
+            code_hash: manifest.code_hash(&code),
+            manifest: serde_json::to_value(&manifest).map_err(|e| RegistryError::Store(e.into()))?,
+            code,
+        })
+    }
+
+    fn remember(&self, stored: StoredFunction) -> Result<FunctionEntry, RegistryError> {
+        let entry = FunctionEntry::from_stored(stored).map_err(RegistryError::Store)?;
+        let mut functions = self.functions.write().unwrap();
+        let lt = entry.current.language_title.to_string();
+        // Two concurrent updates may finish out of order; keep the newest.
+        match functions.get(&lt) {
+            Some(existing) if existing.current.version > entry.current.version => {}
+            _ => {
+                functions.insert(lt, entry.clone());
+            }
+        }
+        Ok(entry)
+    }
+
+    /// Registers every folder of `dir` (`functions/`): a new function is
+    /// created, a bundled one whose code changed gets a new version, one
+    /// changed through the API is left alone. A broken folder is logged and
+    /// skipped so that one bad function does not stop the controller.
+    pub async fn load_bundled(&self, dir: &Path) -> anyhow::Result<usize> {
+        let mut loaded = 0;
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading functions folder {}", dir.display()))?
+            .filter_map(Result::ok)
+            .filter(|e| e.path().join("function.json").is_file())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            match self.load_folder(&path).await {
+                Ok(true) => loaded += 1,
+                Ok(false) => {}
+                Err(e) => tracing::error!(folder = %path.display(), error = format!("{e:#}"), "skipping bundled function"),
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Registers one folder; true if the store changed.
+    async fn load_folder(&self, path: &Path) -> anyhow::Result<bool> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let lt: LanguageTitle = name.parse().with_context(|| format!("folder name {name:?}"))?;
+        let spec: FunctionSpec = serde_json::from_slice(&std::fs::read(path.join("function.json"))?)
+            .context("function.json")?;
+        let entrypoint = spec
+            .entrypoint
+            .clone()
+            .unwrap_or_else(|| lt.language().default_entrypoint().to_owned());
+        anyhow::ensure!(manifest::valid_file_name(&entrypoint), "bad entrypoint {entrypoint:?}");
+        let code = std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?;
+        let new = self.prepare(&lt, spec, code)?;
+        let stored = match self.get(lt.as_str()) {
+            None => self.store.create(new, Source::Bundled).await?,
+            Some(f) if f.source == Source::Bundled && changed(&f.current, &new) => {
+                self.store.add_version(new, Source::Bundled).await?
+            }
+            Some(_) => return Ok(false),
+        };
+        self.remember(stored)?;
+        Ok(true)
+    }
+}
+
+/// Whether a bundled folder differs from the stored version (code or any
+/// manifest field, examples included).
+fn changed(current: &FunctionVersion, new: &NewVersion) -> bool {
+    current.code_hash != new.code_hash
+        || serde_json::to_value(&current.manifest).ok().as_ref() != Some(&new.manifest)
+}

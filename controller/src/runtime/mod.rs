@@ -1,0 +1,89 @@
+//! Runtime instances and the backends that start them.
+//!
+//! An [`Instance`] is one runtime server specialised with one function
+//! version for its whole life. A [`RuntimeBackend`] starts generic instances
+//! for a language: child processes ([`process::ProcessBackend`]) for the
+//! embedded default; containers, pods and wasm sandboxes implement the same
+//! trait. The [`pool::InstancePool`] keeps generic warm instances and idle
+//! specialised ones, and hands them out.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the HTTP-over-Unix-socket client for `/init`, `/run`, `/health`
+//!   (docs/runtime-protocol.md).
+//! - [`process`]: the process backend: spawn, scrubbed environment, limits.
+//! - [`pool`]: warm pool, specialisation, reaping.
+
+pub mod pool;
+pub mod process;
+pub mod protocol;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::language::Language;
+use crate::registry::FunctionVersion;
+
+/// What a run is given.
+#[derive(Debug, Clone, Copy)]
+pub struct RunRequest<'a> {
+    pub params: &'a Value,
+    pub context: &'a Value,
+    pub deadline: Duration,
+}
+
+/// How a function answered a run.
+#[derive(Debug)]
+pub enum RunOutcome {
+    Success(Value),
+    /// The function refused its params (`INVALID_PARAMS`).
+    InvalidParams { message: String, details: Value },
+    /// The function threw (`RUNTIME_ERROR`).
+    Failed { message: String, details: Value },
+}
+
+/// An instance failed, as opposed to the function failing inside it. Every
+/// variant means the instance must not be used again.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("{language} runtime is unavailable: {message}")]
+    Unavailable { language: Language, message: String },
+    #[error("{message}")]
+    Init { message: String, details: Value },
+    #[error("instance crashed: {message}")]
+    Crashed { message: String, details: Value },
+    #[error("result is larger than the limit of {limit} bytes")]
+    ResultTooLarge { limit: usize },
+    #[error("runtime protocol error: {0}")]
+    Protocol(String),
+}
+
+#[async_trait]
+pub trait Instance: Send + Sync {
+    /// Short unique ID, for logs.
+    fn id(&self) -> &str;
+    fn language(&self) -> Language;
+    /// Loads the function; an instance is initialised at most once.
+    async fn init(&mut self, function: &FunctionVersion) -> Result<(), InstanceError>;
+    /// Runs the function once. The caller enforces the deadline by dropping
+    /// this future and calling [`Instance::terminate`].
+    async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError>;
+    /// Whether the instance is still able to serve.
+    fn is_alive(&mut self) -> bool;
+    /// Stops the instance for good and releases what it holds. Dropping an
+    /// instance does the same, best effort.
+    async fn terminate(&mut self);
+}
+
+#[async_trait]
+pub trait RuntimeBackend: Send + Sync {
+    /// Name for logs and `/health` (`process`, `docker`, ...).
+    fn name(&self) -> &'static str;
+    /// The languages this backend runs.
+    fn languages(&self) -> Vec<Language>;
+    /// Starts a generic, healthy, not yet initialised instance whose memory
+    /// is capped at `memory_mb` (fixed for the instance's life, so set at start).
+    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError>;
+}

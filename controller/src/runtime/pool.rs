@@ -1,0 +1,356 @@
+//! The instance pool: generic warm instances per language, and idle
+//! specialised instances per function version.
+//!
+//! `acquire` prefers, in order: an idle instance already specialised for the
+//! version (no start, no `/init`), a generic warm instance (one `/init`), and
+//! only then a cold start. A background task keeps the warm pool full, reaps
+//! idle instances after the keep-warm period, and records each language's
+//! health. An instance serves one function version for its life: it goes
+//! back to that version's idle list or it is terminated.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::{Instance, InstanceError, RuntimeBackend};
+use crate::language::Language;
+use crate::metrics::Metrics;
+use crate::registry::FunctionVersion;
+
+/// A function version, as the pool tells instances apart.
+pub type VersionKey = (String, i64);
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    /// Generic instances kept ready per language.
+    pub warm_per_language: usize,
+    /// Memory cap of the generic warm instances: functions with this cap (the
+    /// default) start from the warm pool; others start cold with their own.
+    pub warm_memory_mb: u64,
+    /// How long an idle specialised instance is kept.
+    pub keep_warm: Duration,
+    /// Most idle instances kept per function version.
+    pub max_idle_per_version: usize,
+}
+
+/// How the instance behind a lease was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// An idle instance already specialised for this version.
+    Reused,
+    /// A generic warm instance, specialised now.
+    Warm,
+    /// Started now: a cold start.
+    Cold,
+}
+
+impl StartKind {
+    pub fn is_cold(self) -> bool {
+        self == StartKind::Cold
+    }
+}
+
+/// An instance handed out by the pool; give it back with
+/// [`InstancePool::release`] or [`InstancePool::discard`].
+pub struct Lease {
+    pub instance: Box<dyn Instance>,
+    pub key: VersionKey,
+    pub start: StartKind,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("instance", &self.instance.id())
+            .field("key", &self.key)
+            .field("start", &self.start)
+            .finish()
+    }
+}
+
+/// A language's state as `/health` shows it.
+#[derive(Debug, Clone)]
+enum LanguageHealth {
+    Unknown,
+    Ok,
+    Error { message: String, retry_at: Instant },
+}
+
+pub struct InstancePool {
+    backend: Arc<dyn RuntimeBackend>,
+    config: PoolConfig,
+    /// Generic, not yet initialised instances, per language.
+    warm: Mutex<HashMap<Language, Vec<Box<dyn Instance>>>>,
+    /// Specialised instances waiting for their version's next execution.
+    idle: Mutex<HashMap<VersionKey, Vec<(Box<dyn Instance>, Instant)>>>,
+    health: Mutex<BTreeMap<Language, LanguageHealth>>,
+    /// Instances handed out and not yet returned.
+    busy: AtomicI64,
+    /// Wakes the maintenance task when a warm instance was taken.
+    refill: Notify,
+    shutting_down: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for InstancePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstancePool").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl InstancePool {
+    pub fn new(backend: Arc<dyn RuntimeBackend>, config: PoolConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let health = backend
+            .languages()
+            .into_iter()
+            .map(|l| (l, LanguageHealth::Unknown))
+            .collect();
+        Arc::new(InstancePool {
+            backend,
+            config,
+            warm: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+            health: Mutex::new(health),
+            busy: AtomicI64::new(0),
+            refill: Notify::new(),
+            shutting_down: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    /// An instance specialised for `function`.
+    pub async fn acquire(&self, function: &FunctionVersion) -> Result<Lease, InstanceError> {
+        let key: VersionKey = (function.language_title.to_string(), function.version);
+        let language = function.language();
+        if let Some(instance) = self.take_idle(&key) {
+            return Ok(self.lease(instance, key, StartKind::Reused));
+        }
+        let memory_mb = function.manifest.limits.memory_mb;
+        let warm = if memory_mb == self.config.warm_memory_mb { self.take_warm(language) } else { None };
+        let (mut instance, start) = match warm {
+            Some(instance) => (instance, StartKind::Warm),
+            None => {
+                let started = Instant::now();
+                let instance = self.start(language, memory_mb).await?;
+                self.metrics.record_cold_start(language, started.elapsed());
+                (instance, StartKind::Cold)
+            }
+        };
+        self.refill.notify_one();
+        let started = Instant::now();
+        if let Err(e) = instance.init(function).await {
+            instance.terminate().await;
+            return Err(e);
+        }
+        self.metrics.record_init(language, started.elapsed());
+        Ok(self.lease(instance, key, start))
+    }
+
+    fn lease(&self, instance: Box<dyn Instance>, key: VersionKey, start: StartKind) -> Lease {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Lease { instance, key, start }
+    }
+
+    /// Gives back a healthy instance: it waits, idle, for its version's next execution.
+    pub async fn release(&self, mut lease: Lease) {
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        if self.shutting_down.load(Ordering::Relaxed) || !lease.instance.is_alive() {
+            lease.instance.terminate().await;
+            return;
+        }
+        let surplus = {
+            let mut idle = self.idle.lock().unwrap();
+            let list = idle.entry(lease.key).or_default();
+            list.push((lease.instance, Instant::now()));
+            if list.len() > self.config.max_idle_per_version {
+                Some(list.remove(0).0)
+            } else {
+                None
+            }
+        };
+        if let Some(mut instance) = surplus {
+            instance.terminate().await;
+        }
+    }
+
+    /// Terminates an instance that must not serve again (timed out, crashed).
+    pub async fn discard(&self, mut lease: Lease) {
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        lease.instance.terminate().await;
+        self.refill.notify_one();
+    }
+
+    /// Terminates the idle instances of every version of a function (it was
+    /// updated or deleted).
+    pub async fn evict_function(&self, language_title: &str) {
+        let evicted: Vec<_> = {
+            let mut idle = self.idle.lock().unwrap();
+            let keys: Vec<_> = idle.keys().filter(|k| k.0 == language_title).cloned().collect();
+            keys.into_iter().filter_map(|k| idle.remove(&k)).flatten().collect()
+        };
+        for (mut instance, _) in evicted {
+            instance.terminate().await;
+        }
+    }
+
+    fn take_idle(&self, key: &VersionKey) -> Option<Box<dyn Instance>> {
+        let mut idle = self.idle.lock().unwrap();
+        let list = idle.get_mut(key)?;
+        // Most recently used first: it is the likeliest to be warm in cache.
+        while let Some((mut instance, _)) = list.pop() {
+            if instance.is_alive() {
+                return Some(instance);
+            }
+        }
+        None
+    }
+
+    fn take_warm(&self, language: Language) -> Option<Box<dyn Instance>> {
+        let mut warm = self.warm.lock().unwrap();
+        let list = warm.get_mut(&language)?;
+        while let Some(mut instance) = list.pop() {
+            if instance.is_alive() {
+                return Some(instance);
+            }
+        }
+        None
+    }
+
+    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
+        let result = self.backend.start(language, memory_mb).await;
+        let state = match &result {
+            Ok(_) => LanguageHealth::Ok,
+            Err(e) => LanguageHealth::Error {
+                message: e.to_string(),
+                retry_at: Instant::now() + Duration::from_secs(10),
+            },
+        };
+        self.health.lock().unwrap().insert(language, state);
+        result
+    }
+
+    /// `ok`, `error` or `unknown` (not started yet) per language.
+    pub fn health(&self) -> BTreeMap<Language, (&'static str, Option<String>)> {
+        self.health
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(l, h)| {
+                let shown = match h {
+                    LanguageHealth::Unknown => ("unknown", None),
+                    LanguageHealth::Ok => ("ok", None),
+                    LanguageHealth::Error { message, .. } => ("error", Some(message.clone())),
+                };
+                (*l, shown)
+            })
+            .collect()
+    }
+
+    /// Instance counts by language and state, for `/metrics`.
+    pub fn counts(&self) -> (Vec<(Language, &'static str, i64)>, i64) {
+        let mut out = Vec::new();
+        for (language, list) in self.warm.lock().unwrap().iter() {
+            out.push((*language, "warm", list.len() as i64));
+        }
+        let mut idle: BTreeMap<Language, i64> = BTreeMap::new();
+        for (key, list) in self.idle.lock().unwrap().iter() {
+            if let Ok(lt) = key.0.parse::<crate::language::LanguageTitle>() {
+                *idle.entry(lt.language()).or_default() += list.len() as i64;
+            }
+        }
+        for language in self.backend.languages() {
+            out.push((language, "idle", idle.get(&language).copied().unwrap_or(0)));
+        }
+        (out, self.busy.load(Ordering::Relaxed))
+    }
+
+    /// Runs until shutdown: keeps the warm pool full and reaps idle instances.
+    pub async fn maintain(self: Arc<Self>) {
+        loop {
+            if self.shutting_down.load(Ordering::Relaxed) {
+                return;
+            }
+            self.fill_warm().await;
+            self.reap_idle().await;
+            tokio::select! {
+                _ = self.refill.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn fill_warm(&self) {
+        for language in self.backend.languages() {
+            loop {
+                if self.shutting_down.load(Ordering::Relaxed) {
+                    return;
+                }
+                let have = self.warm.lock().unwrap().get(&language).map_or(0, Vec::len);
+                if have >= self.config.warm_per_language {
+                    break;
+                }
+                let backing_off = matches!(
+                    self.health.lock().unwrap().get(&language),
+                    Some(LanguageHealth::Error { retry_at, .. }) if *retry_at > Instant::now()
+                );
+                if backing_off {
+                    break;
+                }
+                match self.start(language, self.config.warm_memory_mb).await {
+                    Ok(mut instance) => {
+                        if self.shutting_down.load(Ordering::Relaxed) {
+                            instance.terminate().await;
+                            return;
+                        }
+                        let mut warm = self.warm.lock().unwrap();
+                        warm.entry(language).or_default().push(instance);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%language, error = %e, "could not start a warm instance");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reap_idle(&self) {
+        let keep = self.config.keep_warm;
+        let expired: Vec<Box<dyn Instance>> = {
+            let mut idle = self.idle.lock().unwrap();
+            let mut out = Vec::new();
+            for list in idle.values_mut() {
+                let (old, fresh): (Vec<_>, Vec<_>) = list.drain(..).partition(|(_, since)| since.elapsed() >= keep);
+                *list = fresh;
+                out.extend(old.into_iter().map(|(i, _)| i));
+            }
+            idle.retain(|_, list| !list.is_empty());
+            out
+        };
+        for mut instance in expired {
+            tracing::debug!(instance = instance.id(), "reaping idle instance");
+            instance.terminate().await;
+        }
+    }
+
+    /// Terminates every pooled instance; later releases terminate too.
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.refill.notify_one();
+        let warm: Vec<_> = self.warm.lock().unwrap().drain().flat_map(|(_, v)| v).collect();
+        let idle: Vec<_> = self
+            .idle
+            .lock()
+            .unwrap()
+            .drain()
+            .flat_map(|(_, v)| v.into_iter().map(|(i, _)| i))
+            .collect();
+        for mut instance in warm.into_iter().chain(idle) {
+            instance.terminate().await;
+        }
+    }
+}

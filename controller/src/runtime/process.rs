@@ -1,0 +1,538 @@
+//! The process backend: each instance is a child process of the controller
+//! running a language's runtime server (`runtimes/{language}/`).
+//!
+//! What an instance gets:
+//! - its own directory `DATA_DIR/instances/{id}` (cwd, `HOME`, `TMPDIR`, the
+//!   Unix socket), removed when the instance ends;
+//! - a scrubbed environment (`PATH`, `HOME`, `LANG`, `TMPDIR`; the function's
+//!   own variables arrive with `/init`);
+//! - its own process group, killed as a whole, and `PR_SET_PDEATHSIG` so it
+//!   dies with the controller;
+//! - resource limits: data memory (`RLIMIT_DATA`: counts the heap of both
+//!   V8 and CPython, unlike `RLIMIT_AS`, which V8's large address-space
+//!   reservations exhaust at once), processes, open files, file size, no
+//!   core dumps;
+//! - when the controller runs as root, another user (`INSTANCE_USER`,
+//!   default `nobody`), so it cannot read the controller's files or
+//!   `/proc/{controller}/environ`.
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use hyper::{Method, StatusCode};
+use rustix::process::{Pid, Resource, Rlimit, Signal};
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+use super::protocol::{ProtocolError, RuntimeClient};
+use super::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend};
+use crate::language::Language;
+use crate::registry::FunctionVersion;
+
+/// `PATH` inside an instance.
+const INSTANCE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// How long a runtime server may take to answer its first `/health`.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bytes of stdout/stderr kept per instance for crash reports.
+const OUTPUT_TAIL_BYTES: usize = 4096;
+/// Largest `/init` answer read.
+const MAX_INIT_RESPONSE: usize = 256 * 1024;
+
+/// Limits applied to every instance.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessLimits {
+    pub max_processes: u64,
+    pub max_open_files: u64,
+    pub max_file_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// Parent of the instance directories (`DATA_DIR/instances`).
+    pub instances_dir: PathBuf,
+    /// Folder holding `nodejs/server.js` and `python/server.py`.
+    pub runtimes_dir: PathBuf,
+    pub node_bin: String,
+    pub python_bin: String,
+    pub limits: ProcessLimits,
+    /// User to run instances as when the controller is root.
+    pub instance_user: String,
+    /// Largest runtime answer (result included), in bytes.
+    pub max_result_bytes: usize,
+}
+
+/// How to start one language's runtime server.
+#[derive(Debug, Clone)]
+struct Launcher {
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+pub struct ProcessBackend {
+    instances_dir: PathBuf,
+    /// Per language: how to start it, or why it cannot be started.
+    launchers: HashMap<Language, Result<Launcher, String>>,
+    /// (uid, gid) to drop to, when running as root.
+    run_as: Option<(u32, u32)>,
+    limits: ProcessLimits,
+    max_result_bytes: usize,
+}
+
+impl std::fmt::Debug for ProcessBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessBackend").field("launchers", &self.launchers).finish_non_exhaustive()
+    }
+}
+
+impl ProcessBackend {
+    /// Prepares the backend: resolves interpreters and the instance user, and
+    /// clears instance directories left by an earlier run.
+    pub fn new(config: ProcessConfig) -> anyhow::Result<Self> {
+        let run_as = if rustix::process::geteuid().is_root() {
+            Some(lookup_user(&config.instance_user)?)
+        } else {
+            None
+        };
+        if config.instances_dir.exists() {
+            std::fs::remove_dir_all(&config.instances_dir)?;
+        }
+        std::fs::create_dir_all(&config.instances_dir)?;
+        // Instances must reach their own directory through this one.
+        std::fs::set_permissions(&config.instances_dir, std::fs::Permissions::from_mode(0o711))?;
+        let others_only = run_as.is_some();
+        let mut launchers = HashMap::new();
+        for language in [Language::Nodejs, Language::Python] {
+            let (bin, server, flags): (&str, &str, &[&str]) = match language {
+                Language::Nodejs => (&config.node_bin, "nodejs/server.js", &[]),
+                // -I: ignore PYTHON* variables and the user site directory.
+                Language::Python => (&config.python_bin, "python/server.py", &["-I"]),
+            };
+            let launcher = find_program(bin, others_only).and_then(|program| {
+                let server = config.runtimes_dir.join(server);
+                let server = server
+                    .canonicalize()
+                    .map_err(|e| format!("runtime server {} not found: {e}", server.display()))?;
+                let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+                args.push(server.to_string_lossy().into_owned());
+                Ok(Launcher { program, args })
+            });
+            if let Err(e) = &launcher {
+                tracing::warn!(%language, error = %e, "runtime unavailable");
+            }
+            launchers.insert(language, launcher);
+        }
+        Ok(ProcessBackend {
+            instances_dir: config.instances_dir,
+            launchers,
+            run_as,
+            limits: config.limits,
+            max_result_bytes: config.max_result_bytes,
+        })
+    }
+}
+
+#[async_trait]
+impl RuntimeBackend for ProcessBackend {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn languages(&self) -> Vec<Language> {
+        let mut languages: Vec<_> = self.launchers.keys().copied().collect();
+        languages.sort();
+        languages
+    }
+
+    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
+        let unavailable = |message: String| InstanceError::Unavailable { language, message };
+        let launcher = match self.launchers.get(&language) {
+            Some(Ok(l)) => l,
+            Some(Err(e)) => return Err(unavailable(e.clone())),
+            None => return Err(unavailable("not served by the process backend".into())),
+        };
+        let id = hex::encode(rand::random::<[u8; 6]>());
+        let dir = self.instances_dir.join(&id);
+        let socket = dir.join("rt.sock");
+        // sun_path holds 108 bytes including the terminating NUL.
+        if socket.as_os_str().len() > 100 {
+            return Err(unavailable(format!(
+                "data dir path is too long for a Unix socket ({})",
+                socket.display()
+            )));
+        }
+        prepare_dir(&dir, self.run_as).map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
+
+        let mut cmd = Command::new(&launcher.program);
+        cmd.args(&launcher.args)
+            .arg("--socket")
+            .arg(&socket)
+            .env_clear()
+            .env("PATH", INSTANCE_PATH)
+            .env("HOME", &dir)
+            .env("LANG", "C.UTF-8")
+            .env("TMPDIR", dir.join("tmp"))
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        limit_child(&mut cmd, self.limits, memory_mb * 1024 * 1024);
+        let started = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(unavailable(format!("spawning {}: {e}", launcher.program.display())));
+            }
+        };
+        let pid = child.id().and_then(|p| Pid::from_raw(p as i32));
+        let output = Arc::new(Output::default());
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(drain(out, output.clone(), false));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(drain(err, output.clone(), true));
+        }
+        let mut instance = ProcessInstance {
+            id,
+            language,
+            child,
+            pid,
+            dir,
+            client: RuntimeClient::new(socket),
+            output,
+            memory_mb,
+            max_result_bytes: self.max_result_bytes,
+            initialized: false,
+            terminated: false,
+        };
+        if let Err(e) = instance.wait_ready(started).await {
+            instance.terminate().await;
+            return Err(unavailable(e));
+        }
+        tracing::debug!(instance = %instance.id, %language, ms = started.elapsed().as_millis() as u64, "instance started");
+        Ok(Box::new(instance))
+    }
+}
+
+/// The instance directory, with `tmp/`, owned by the instance user.
+fn prepare_dir(dir: &Path, run_as: Option<(u32, u32)>) -> std::io::Result<()> {
+    std::fs::create_dir(dir)?;
+    std::fs::create_dir(dir.join("tmp"))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some((uid, gid)) = run_as {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+        std::os::unix::fs::chown(dir.join("tmp"), Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// Sets the child's resource limits and parent-death signal between fork and exec.
+#[allow(unsafe_code)]
+fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64) {
+    let rl = |n: u64| Rlimit {
+        current: Some(n),
+        maximum: Some(n),
+    };
+    // SAFETY: the closure runs in the forked child before exec; it only makes
+    // raw system calls (setrlimit, prctl) through rustix, which neither
+    // allocate nor take locks, so it is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::setrlimit(Resource::Nofile, rl(limits.max_open_files))?;
+            rustix::process::setrlimit(Resource::Nproc, rl(limits.max_processes))?;
+            rustix::process::setrlimit(Resource::Fsize, rl(limits.max_file_bytes))?;
+            rustix::process::setrlimit(Resource::Data, rl(memory_bytes))?;
+            rustix::process::setrlimit(Resource::Core, rl(0))?;
+            // Killed with the controller, even by SIGKILL. The signal is tied
+            // to the spawning thread: tokio spawns from its long-lived workers.
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            Ok(())
+        });
+    }
+}
+
+/// The last bytes of an instance's stdout and stderr.
+#[derive(Debug, Default)]
+struct Output {
+    stdout: Mutex<VecDeque<u8>>,
+    stderr: Mutex<VecDeque<u8>>,
+}
+
+impl Output {
+    fn tail(&self, stderr: bool) -> String {
+        let buf = if stderr { &self.stderr } else { &self.stdout };
+        let buf = buf.lock().unwrap();
+        let (a, b) = buf.as_slices();
+        String::from_utf8_lossy(&[a, b].concat()).into_owned()
+    }
+}
+
+/// Reads a pipe to its end, keeping only the tail: a flood costs CPU, never memory.
+async fn drain(mut pipe: impl tokio::io::AsyncRead + Unpin, output: Arc<Output>, stderr: bool) {
+    let mut chunk = vec![0u8; 8192];
+    loop {
+        match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let mut buf = if stderr { output.stderr.lock().unwrap() } else { output.stdout.lock().unwrap() };
+                buf.extend(&chunk[..n]);
+                let excess = buf.len().saturating_sub(OUTPUT_TAIL_BYTES);
+                buf.drain(..excess);
+            }
+        }
+    }
+}
+
+pub struct ProcessInstance {
+    id: String,
+    language: Language,
+    child: Child,
+    /// The child's pid, which is also its process group.
+    pid: Option<Pid>,
+    dir: PathBuf,
+    client: RuntimeClient,
+    output: Arc<Output>,
+    /// The instance's memory cap.
+    memory_mb: u64,
+    max_result_bytes: usize,
+    initialized: bool,
+    terminated: bool,
+}
+
+impl ProcessInstance {
+    async fn wait_ready(&mut self, started: Instant) -> Result<(), String> {
+        let mut pause = Duration::from_millis(2);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "runtime server exited during start-up ({status}): {}",
+                    self.output.tail(true).trim()
+                ));
+            }
+            if let Ok((StatusCode::OK, _)) = self.client.call(Method::GET, "/health", None, 64 * 1024).await {
+                return Ok(());
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(format!("runtime server did not answer within {START_TIMEOUT:?}"));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// The error for a connection that failed: a crash if the process is
+    /// gone (with its exit status and output), else a protocol error.
+    async fn failure(&mut self, err: ProtocolError) -> InstanceError {
+        if let ProtocolError::TooLarge(_) = err {
+            return InstanceError::ResultTooLarge {
+                limit: self.max_result_bytes,
+            };
+        }
+        // Give a dying process a moment to be reaped so its status is known.
+        let status = tokio::time::timeout(Duration::from_millis(500), self.child.wait()).await;
+        let stderr = self.output.tail(true);
+        match status {
+            Ok(Ok(status)) => {
+                let oom = stderr.contains("out of memory") || stderr.contains("MemoryError");
+                let message = if oom {
+                    format!(
+                        "the function ran out of memory (limit {} MiB) and its instance was stopped",
+                        self.memory_mb
+                    )
+                } else {
+                    format!("the instance exited during the run ({status})")
+                };
+                InstanceError::Crashed {
+                    message,
+                    details: json!({ "exit_status": status.to_string(), "stderr_tail": last_lines(&stderr, 20) }),
+                }
+            }
+            _ => InstanceError::Protocol(err.to_string()),
+        }
+    }
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn error_parts(body: &Value) -> (String, String, Value) {
+    let error = &body["error"];
+    let code = error["code"].as_str().unwrap_or("RUNTIME_ERROR").to_owned();
+    let message = error["message"].as_str().unwrap_or("the function failed").to_owned();
+    let details = match &error["details"] {
+        Value::Object(_) => error["details"].clone(),
+        _ => json!({}),
+    };
+    (code, message, details)
+}
+
+#[async_trait]
+impl Instance for ProcessInstance {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn language(&self) -> Language {
+        self.language
+    }
+
+    async fn init(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
+        if self.initialized {
+            return Err(InstanceError::Protocol("instance is already initialised".into()));
+        }
+        if function.manifest.limits.memory_mb != self.memory_mb {
+            return Err(InstanceError::Protocol("instance memory cap differs from the function's".into()));
+        }
+        let body = json!({
+            "language_title": function.language_title.as_str(),
+            "version": function.version,
+            "entrypoint": function.manifest.entrypoint,
+            "handler": function.manifest.handler,
+            "code": function.code,
+            "env": function.manifest.env,
+        });
+        let (status, answer) = match self.client.call(Method::POST, "/init", Some(&body), MAX_INIT_RESPONSE).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.failure(e).await),
+        };
+        match status {
+            StatusCode::OK => {
+                self.initialized = true;
+                Ok(())
+            }
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                let (_, message, details) = error_parts(&answer);
+                Err(InstanceError::Init { message, details })
+            }
+            other => Err(InstanceError::Protocol(format!(
+                "/init answered {other}: {}",
+                error_parts(&answer).1
+            ))),
+        }
+    }
+
+    async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError> {
+        let body = json!({
+            "params": request.params,
+            "context": request.context,
+            "deadline_ms": request.deadline.as_millis() as u64,
+        });
+        let (status, mut answer) = match self
+            .client
+            .call(Method::POST, "/run", Some(&body), self.max_result_bytes)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Err(self.failure(e).await),
+        };
+        if status != StatusCode::OK {
+            return Err(InstanceError::Protocol(format!(
+                "/run answered {status}: {}",
+                error_parts(&answer).1
+            )));
+        }
+        if let Some(result) = answer.get_mut("result") {
+            return Ok(RunOutcome::Success(result.take()));
+        }
+        let (code, message, details) = error_parts(&answer);
+        Ok(if code == "INVALID_PARAMS" {
+            RunOutcome::InvalidParams { message, details }
+        } else {
+            RunOutcome::Failed { message, details }
+        })
+    }
+
+    fn is_alive(&mut self) -> bool {
+        !self.terminated && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    async fn terminate(&mut self) {
+        if self.terminated {
+            return;
+        }
+        self.kill_group();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        self.terminated = true;
+    }
+}
+
+impl ProcessInstance {
+    fn kill_group(&mut self) {
+        if let Some(pid) = self.pid {
+            // The whole group: the runtime and anything the function forked.
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+impl Drop for ProcessInstance {
+    fn drop(&mut self) {
+        if !self.terminated {
+            self.kill_group();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// `uid` and `gid` of a user, from `/etc/passwd`.
+fn lookup_user(name: &str) -> anyhow::Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.len() >= 4 && fields[0] == name).then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
+        })
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("instance user {name:?} not found in /etc/passwd (set INSTANCE_USER)"))
+}
+
+/// Finds `name` on `PATH` (or takes it as a path). With `others_only`, skips
+/// programs the instance user could not run (e.g. under root's home).
+fn find_program(name: &str, others_only: bool) -> Result<PathBuf, String> {
+    let candidates: Vec<PathBuf> = if name.contains('/') {
+        vec![PathBuf::from(name)]
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|dir| dir.join(name)).collect())
+            .unwrap_or_default()
+    };
+    candidates
+        .into_iter()
+        .filter_map(|c| c.canonicalize().ok())
+        .find(|c| {
+            let Ok(meta) = c.metadata() else { return false };
+            let mode = meta.permissions().mode();
+            meta.is_file() && mode & 0o111 != 0 && (!others_only || (mode & 0o001 != 0 && ancestors_searchable(c)))
+        })
+        .ok_or_else(|| {
+            if others_only {
+                format!("{name} not found on PATH in a place the instance user can run it")
+            } else {
+                format!("{name} not found on PATH")
+            }
+        })
+}
+
+fn ancestors_searchable(path: &Path) -> bool {
+    path.ancestors()
+        .skip(1)
+        .all(|dir| dir.metadata().map(|m| m.permissions().mode() & 0o001 != 0).unwrap_or(false))
+}

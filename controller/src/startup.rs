@@ -1,0 +1,172 @@
+//! Building the application from its settings and running it until a
+//! shutdown signal. `main` and the tests share this path.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::auth::Authenticator;
+use crate::cache::MemoryCache;
+use crate::config::ServeArgs;
+use crate::engine::{Engine, EngineSettings};
+use crate::http::{self, AppState, HttpSettings};
+use crate::metrics::Metrics;
+use crate::ratelimit::{Limits, LocalRateLimiter};
+use crate::registry::Registry;
+use crate::runtime::pool::{InstancePool, PoolConfig};
+use crate::runtime::process::{ProcessBackend, ProcessConfig, ProcessLimits};
+use crate::sessions::MemorySessionStore;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+/// Longest cache TTL a client may ask for with `max-age`.
+const MAX_CACHE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often expired sessions and idle rate-limit keys are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    engine: Arc<Engine>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("listener", &self.listener).finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Opens the store, registers bundled functions, starts the pool and
+    /// binds the listener (port 0 picks a free port; see [`Self::local_addr`]).
+    pub async fn build(args: ServeArgs) -> anyhow::Result<Self> {
+        let data_dir = &args.auth.data_dir;
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        // Instances (another user when running as root) pass through the
+        // data dir to their own directory, but cannot list or read it.
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o711))?;
+        let auth = Arc::new(Authenticator::from_args(&args.auth)?);
+
+        let db_path = data_dir.join("controller.db");
+        // Created private before SQLite opens it; its -wal and -shm files copy the mode.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&db_path)
+            .with_context(|| format!("creating {}", db_path.display()))?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db_path).await?);
+        let registry = Arc::new(Registry::load(store, args.max_timeout_ms).await?);
+        let functions_dir = args.functions_dir();
+        if functions_dir.is_dir() {
+            let n = registry.load_bundled(&functions_dir).await?;
+            tracing::info!(dir = %functions_dir.display(), changed = n, "bundled functions registered");
+        } else {
+            tracing::warn!(dir = %functions_dir.display(), "no bundled functions folder");
+        }
+
+        let metrics = Arc::new(Metrics::new());
+        let backend = ProcessBackend::new(ProcessConfig {
+            instances_dir: data_dir.join("instances"),
+            runtimes_dir: args.runtimes_dir(),
+            node_bin: args.node_bin.clone(),
+            python_bin: args.python_bin.clone(),
+            limits: ProcessLimits {
+                max_processes: args.instance_max_processes,
+                max_open_files: args.instance_max_open_files,
+                max_file_bytes: args.instance_max_file_mb * 1024 * 1024,
+            },
+            instance_user: args.instance_user.clone(),
+            max_result_bytes: args.max_result_bytes,
+        })?;
+        let pool = InstancePool::new(
+            Arc::new(backend),
+            PoolConfig {
+                warm_per_language: args.warm_pool_size,
+                warm_memory_mb: crate::registry::manifest::DEFAULT_MEMORY_MB,
+                keep_warm: args.keep_warm(),
+                max_idle_per_version: 8,
+            },
+            metrics.clone(),
+        );
+        let engine = Arc::new(Engine::new(
+            registry,
+            Arc::new(MemorySessionStore::default()),
+            Arc::new(MemoryCache::new(args.cache_max_bytes)),
+            pool.clone(),
+            metrics.clone(),
+            EngineSettings {
+                session_ttl: args.session_ttl(),
+                max_timeout_ms: args.max_timeout_ms,
+                cache_ttl: Duration::from_secs(args.cache_ttl_secs),
+                max_cache_ttl: MAX_CACHE_TTL,
+            },
+        ));
+        let limiter = Arc::new(LocalRateLimiter::new(Limits {
+            execute: args.rate_limit_execute,
+            functions: args.rate_limit_functions,
+            unauthenticated: args.rate_limit_unauthenticated,
+        }));
+
+        let mut background = vec![tokio::spawn(pool.clone().maintain())];
+        background.push(tokio::spawn({
+            let engine = engine.clone();
+            let limiter = limiter.clone();
+            async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    tick.tick().await;
+                    engine.sweep().await;
+                    limiter.shrink();
+                }
+            }
+        }));
+
+        let state = AppState {
+            engine: engine.clone(),
+            auth,
+            limiter,
+            metrics,
+        };
+        let router = http::router(
+            state,
+            &HttpSettings {
+                max_body_bytes: args.max_body_bytes,
+                cors_allowed_origins: args.cors_allowed_origins.clone(),
+            },
+        );
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        Ok(Application {
+            listener,
+            router,
+            engine,
+            background,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, lets in-flight requests finish, then
+    /// terminates every instance.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let service = self.router.into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(self.listener, service).with_graceful_shutdown(shutdown).await;
+        tracing::info!("shutting down: stopping instances");
+        for task in &self.background {
+            task.abort();
+        }
+        self.engine.shutdown().await;
+        served.context("serving HTTP")
+    }
+}

@@ -1,0 +1,96 @@
+//! Durable state: functions and their versions.
+//!
+//! One [`Store`] trait, one implementation per database. SQLite
+//! ([`sqlite::SqliteStore`]) is the embedded default; PostgreSQL implements
+//! the same trait when `DATABASE_URL` is set. The controller never reads the
+//! store on the execute path: the [`crate::registry::Registry`] keeps the
+//! current versions in memory.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+/// Who registered a function: the bundled `functions/` folder or the API.
+/// A function changed through the API is never overwritten by the bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Bundled,
+    Api,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Bundled => "bundled",
+            Source::Api => "api",
+        }
+    }
+
+    pub fn parse(s: &str) -> Source {
+        if s == "bundled" { Source::Bundled } else { Source::Api }
+    }
+}
+
+/// One stored version of a function.
+#[derive(Debug, Clone)]
+pub struct StoredVersion {
+    pub language_title: String,
+    pub version: i64,
+    /// The normalised manifest ([`crate::registry::Manifest`]) as JSON.
+    pub manifest: Value,
+    pub code: String,
+    pub code_hash: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// A function with its current version.
+#[derive(Debug, Clone)]
+pub struct StoredFunction {
+    pub language_title: String,
+    pub source: Source,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+    pub current: StoredVersion,
+}
+
+/// A version to write.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub language_title: String,
+    pub language: String,
+    pub title: String,
+    pub description: String,
+    pub manifest: Value,
+    pub code: String,
+    pub code_hash: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("function already exists")]
+    Conflict,
+    #[error("function not found")]
+    NotFound,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Every function with its current version.
+    async fn functions(&self) -> Result<Vec<StoredFunction>, StoreError>;
+    /// One version of one function.
+    async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError>;
+    /// Creates a function at version 1; [`StoreError::Conflict`] if it exists.
+    async fn create(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError>;
+    /// Adds the next version; [`StoreError::NotFound`] if the function does not exist.
+    async fn add_version(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError>;
+    /// Deletes a function and its versions; false if it did not exist.
+    async fn delete(&self, language_title: &str) -> Result<bool, StoreError>;
+    /// Cheap liveness check for `/health`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,592 @@
+'use strict';
+/**
+ * Node.js runtime server.
+ *
+ * The controller starts this file as a child process (or container) with
+ * `--socket PATH`, specialises it once with a function's code (`POST /init`)
+ * and then calls the function (`POST /run`), one run at a time. The protocol
+ * is described in docs/runtime-protocol.md; this file implements it with
+ * Node's standard library only, so a runtime starts with nothing installed.
+ *
+ * Layout of this file:
+ *   - command line            `--socket PATH`, anything else exits 2
+ *   - instance state          fresh -> initialized | failed; the run in progress
+ *   - error reporting         thrown value -> {code, message, details}, host paths scrubbed
+ *   - /init and /run          the two operations
+ *   - HTTP plumbing           bounded JSON bodies, JSON responses, routing
+ *
+ * stdout and stderr belong to the function; the server itself writes only
+ * short diagnostics to stderr.
+ */
+
+const fs = require('fs');
+const http = require('http');
+const path = require('path');
+const { pathToFileURL } = require('url');
+const util = require('util');
+
+/** Largest request body the server buffers; bigger bodies are drained and refused. */
+const MAX_BODY_BYTES = 16 * 1024 * 1024;
+/** Entrypoints are plain file names: no directories, so the code stays in ./function/. */
+const ENTRYPOINT_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+/** The only variables of the original environment the function keeps. */
+const KEPT_ENV = ['PATH', 'HOME', 'LANG', 'TMPDIR'];
+
+// Deep call chains in user code would otherwise push the frame we report
+// (the innermost one in the entrypoint file) out of the default 10 frames.
+Error.stackTraceLimit = 50;
+
+function log(message) {
+  process.stderr.write(`[nodejs-runtime] ${message}\n`);
+}
+
+// ---------------------------------------------------------------------------
+// Command line
+
+function usageError(message) {
+  process.stderr.write(`server.js: ${message}\nusage: node server.js --socket PATH\n`);
+  process.exit(2);
+}
+
+function parseArgs(argv) {
+  let socketPath = null;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '--socket') {
+      if (i + 1 >= argv.length || argv[i + 1] === '') usageError('--socket needs a path');
+      socketPath = argv[++i];
+    } else if (arg.startsWith('--socket=')) {
+      socketPath = arg.slice('--socket='.length);
+      if (socketPath === '') usageError('--socket needs a path');
+    } else {
+      usageError(`unknown argument: ${arg}`);
+    }
+  }
+  if (socketPath === null) usageError('--socket is required');
+  return { socketPath };
+}
+
+// ---------------------------------------------------------------------------
+// Instance state
+
+const state = {
+  /** 'fresh' until /init is attempted, then 'initialized' or 'failed' (never re-initialised). */
+  phase: 'fresh',
+  /** The loaded module's exports and the handler taken from them. */
+  exports: null,
+  handler: null,
+  /** Absolute paths of ./function/ and the entrypoint in it, used to locate and scrub errors. */
+  functionDir: null,
+  entryFile: null,
+  /** The run in progress, or null; `fail(err)` ends it with an uncaught error. */
+  currentRun: null,
+};
+
+// An error thrown or a promise rejected outside the handler's own promise chain
+// (a stray setTimeout, a forgotten promise) must not kill the instance: during a
+// run it becomes that run's error (the most likely culprit); otherwise it is only
+// logged. A stray error from an earlier run that surfaces during a later one is
+// attributed to the later one; there is no way to tell them apart.
+function onStrayError(err, kind) {
+  if (state.currentRun !== null) {
+    state.currentRun.fail(err);
+  } else {
+    log(`${kind} outside a run: ${safeInspect(err)}`);
+  }
+}
+process.on('uncaughtException', (err) => onStrayError(err, 'uncaught exception'));
+process.on('unhandledRejection', (reason) => onStrayError(reason, 'unhandled rejection'));
+
+// ---------------------------------------------------------------------------
+// Error reporting
+
+function safeInspect(value) {
+  try {
+    return scrub(util.inspect(value));
+  } catch {
+    return '<uninspectable value>';
+  }
+}
+
+function escapeRegExp(text) {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}
+
+/**
+ * Removes host paths from text shown to clients: the function directory and
+ * the instance directory become relative (`index.js:10:5`), frames of this
+ * server are dropped, and other mentions of it (Node's "Require stack")
+ * become `<runtime>`.
+ */
+function scrub(text) {
+  let out = String(text)
+    .split('\n')
+    .filter((line) => !(/^\s+at /.test(line) && line.includes(__filename)))
+    .join('\n');
+  out = out.split(__filename).join('<runtime>');
+  if (state.functionDir === null) return out;
+
+  const instanceDir = path.dirname(state.functionDir);
+  const prefixes = [pathToFileURL(state.functionDir).href + '/', state.functionDir + path.sep];
+  // An instance directory of "/" would turn every slash into something else.
+  const scrubInstance = instanceDir !== path.parse(instanceDir).root;
+  if (scrubInstance) prefixes.push(pathToFileURL(instanceDir).href + '/', instanceDir + path.sep);
+  for (const prefix of prefixes) out = out.split(prefix).join('');
+  if (scrubInstance) {
+    // The bare instance directory (process.cwd() in a message), not a longer name it prefixes.
+    out = out.replace(new RegExp(`${escapeRegExp(instanceDir)}(?=$|[\\s'"\`),:\\]])`, 'gm'), '.');
+  }
+  return out;
+}
+
+/**
+ * Finds the 1-based line and column of the innermost stack frame in the
+ * entrypoint file. A SyntaxError raised while loading has no such frame;
+ * Node puts the location in a `FILE:LINE` header with a caret line instead.
+ */
+function locate(stack) {
+  if (typeof stack !== 'string' || state.entryFile === null) return {};
+  const lines = stack.split('\n');
+
+  const header = /^(.*):(\d+)$/.exec(lines[0]);
+  if (header !== null && header[1] === state.entryFile) {
+    const caret = lines.length > 2 ? lines[2].indexOf('^') : -1;
+    const where = { line: Number(header[2]) };
+    if (caret >= 0) where.column = caret + 1;
+    return where;
+  }
+
+  const frame = new RegExp(`${escapeRegExp(state.entryFile)}:(\\d+):(\\d+)`);
+  for (const line of lines) {
+    if (!/^\s+at /.test(line)) continue;
+    const m = frame.exec(line);
+    if (m !== null) return { line: Number(m[1]), column: Number(m[2]) };
+  }
+  return {};
+}
+
+/** The class name to report: a subclass's own name, else the error's `name`. */
+function errorType(err) {
+  const ctorName = err.constructor && err.constructor.name;
+  if (typeof ctorName === 'string' && ctorName !== '' && ctorName !== 'Error') return ctorName;
+  if (typeof err.name === 'string' && err.name !== '') return err.name;
+  return 'Error';
+}
+
+/**
+ * Turns anything a function may throw (an Error, a string, 42, null, an
+ * object with a hostile getter) into the protocol's error body. `fallbackCode`
+ * is RUNTIME_ERROR for runs and INIT_ERROR for /init.
+ */
+function describeThrown(thrown, fallbackCode) {
+  try {
+    const isObject = thrown !== null && (typeof thrown === 'object' || typeof thrown === 'function');
+    const isError = util.types.isNativeError(thrown) || thrown instanceof Error;
+
+    let code = fallbackCode;
+    if (fallbackCode === 'RUNTIME_ERROR' && isObject && thrown.code === 'INVALID_PARAMS') {
+      code = 'INVALID_PARAMS';
+    }
+
+    const details = {};
+    let message;
+    if (isError) {
+      details.type = errorType(thrown);
+      message = typeof thrown.message === 'string' ? thrown.message : String(thrown.message ?? '');
+      const stack = thrown.stack;
+      Object.assign(details, locate(stack));
+      if (typeof stack === 'string') details.stack_trace = scrub(stack);
+    } else if (isObject) {
+      // A plain object: use its message if it has one, else show it as JSON.
+      details.type = (thrown.constructor && thrown.constructor.name) || 'Object';
+      if (typeof thrown.message === 'string') {
+        message = thrown.message;
+      } else {
+        try {
+          message = JSON.stringify(thrown) ?? Object.prototype.toString.call(thrown);
+        } catch {
+          message = Object.prototype.toString.call(thrown);
+        }
+      }
+    } else {
+      // A primitive: throw "x", throw 42, throw null, throw undefined.
+      details.type = thrown === null ? 'null' : typeof thrown;
+      message = String(thrown);
+    }
+    if (message === '') message = `${details.type} thrown with an empty message`;
+    return { code, message: scrub(message), details };
+  } catch {
+    // Reading the thrown value itself threw (a Proxy, a getter): still answer.
+    return {
+      code: fallbackCode,
+      message: 'the function threw a value that could not be inspected',
+      details: { type: 'unknown' },
+    };
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Request validation helpers
+
+function isPlainObject(value) {
+  return value !== null && typeof value === 'object' && !Array.isArray(value);
+}
+
+class BadRequest extends Error {}
+
+function optionalString(body, key, fallback) {
+  if (body[key] === undefined) return fallback;
+  if (typeof body[key] !== 'string') throw new BadRequest(`"${key}" must be a string`);
+  return body[key];
+}
+
+// ---------------------------------------------------------------------------
+// POST /init
+
+/**
+ * Replaces the environment (the real one, so child processes see it too) with
+ * `env` plus the kept variables. The kept ones are the runtime's to set: the
+ * controller refuses manifests that name them, and they are ignored here too.
+ */
+function applyEnvironment(env) {
+  for (const key of Object.keys(process.env)) {
+    if (!KEPT_ENV.includes(key)) delete process.env[key];
+  }
+  for (const [key, value] of Object.entries(env)) {
+    if (!KEPT_ENV.includes(key)) process.env[key] = value;
+  }
+}
+
+function parseInit(body) {
+  if (!isPlainObject(body)) throw new BadRequest('body must be a JSON object');
+  optionalString(body, 'language_title', '');
+  if (body.version !== undefined && !Number.isInteger(body.version)) {
+    throw new BadRequest('"version" must be an integer');
+  }
+
+  const entrypoint = body.entrypoint;
+  if (typeof entrypoint !== 'string') throw new BadRequest('"entrypoint" must be a string');
+  if (!ENTRYPOINT_RE.test(entrypoint) || entrypoint === '.' || entrypoint === '..') {
+    throw new BadRequest('"entrypoint" must be a plain file name matching [A-Za-z0-9_.-]{1,64}');
+  }
+
+  const handler = optionalString(body, 'handler', 'handler');
+  if (handler === '') throw new BadRequest('"handler" must not be empty');
+
+  if (typeof body.code !== 'string') throw new BadRequest('"code" must be a string');
+
+  const env = body.env === undefined || body.env === null ? {} : body.env;
+  if (!isPlainObject(env)) throw new BadRequest('"env" must be an object of strings');
+  for (const [key, value] of Object.entries(env)) {
+    if (key === '' || key.includes('=') || key.includes('\0')) {
+      throw new BadRequest(`"env" has an invalid variable name: ${JSON.stringify(key)}`);
+    }
+    if (typeof value !== 'string' || value.includes('\0')) {
+      throw new BadRequest(`"env.${key}" must be a string without NUL bytes`);
+    }
+  }
+
+  return { entrypoint, handler, code: body.code, env };
+}
+
+/** `exports[name]`, except that a name like "toString" must not find a built-in method. */
+function lookupHandler(exported, name) {
+  if (exported === null || (typeof exported !== 'object' && typeof exported !== 'function')) return undefined;
+  const inherited = name in Object.prototype || (typeof exported === 'function' && name in Function.prototype);
+  if (inherited && !Object.prototype.hasOwnProperty.call(exported, name)) return undefined;
+  return exported[name];
+}
+
+function handleInit(body) {
+  if (state.phase === 'initialized') {
+    return [409, errorBody('ALREADY_INITIALIZED', 'this instance is already initialized')];
+  }
+  if (state.phase === 'failed') {
+    return [409, errorBody('ALREADY_INITIALIZED', 'a previous /init failed; this instance cannot be reused')];
+  }
+
+  let request;
+  try {
+    request = parseInit(body);
+  } catch (err) {
+    if (err instanceof BadRequest) return [400, errorBody('BAD_REQUEST', err.message)];
+    throw err;
+  }
+
+  // From here on the attempt counts: a failed load may leave half-run module
+  // code behind, so the instance is never initialised a second time.
+  state.phase = 'failed';
+  state.functionDir = path.resolve('function');
+  state.entryFile = path.join(state.functionDir, request.entrypoint);
+
+  try {
+    fs.mkdirSync(state.functionDir, { recursive: true });
+    // Pin `.js` to CommonJS so a package.json further up cannot turn it into ESM.
+    if (request.entrypoint !== 'package.json') {
+      fs.writeFileSync(path.join(state.functionDir, 'package.json'), '{"type":"commonjs"}\n');
+    }
+    fs.writeFileSync(state.entryFile, request.code);
+  } catch (err) {
+    return [422, errorBody('INIT_ERROR', `could not write the function's code: ${scrub(err.message)}`)];
+  }
+
+  // The module's top level must already see the function's environment.
+  applyEnvironment(request.env);
+
+  let exported;
+  try {
+    exported = require(state.entryFile);
+  } catch (err) {
+    const { message, details } = describeThrown(err, 'INIT_ERROR');
+    return [422, errorBody('INIT_ERROR', message, details)];
+  }
+
+  const fn = lookupHandler(exported, request.handler);
+  if (fn === undefined) {
+    return [422, errorBody('INIT_ERROR', `${request.entrypoint} does not export "${request.handler}"`, { type: 'TypeError' })];
+  }
+  if (typeof fn !== 'function') {
+    return [422, errorBody('INIT_ERROR', `export "${request.handler}" of ${request.entrypoint} is a ${typeof fn}, not a function`, { type: 'TypeError' })];
+  }
+
+  state.exports = exported;
+  state.handler = fn;
+  state.phase = 'initialized';
+  return [200, { status: 'initialized' }];
+}
+
+// ---------------------------------------------------------------------------
+// POST /run
+
+function parseRun(body) {
+  if (!isPlainObject(body)) throw new BadRequest('body must be a JSON object');
+  const params = body.params === undefined ? {} : body.params;
+  if (!isPlainObject(params)) throw new BadRequest('"params" must be a JSON object');
+  const context = body.context === undefined ? {} : body.context;
+  if (!isPlainObject(context)) throw new BadRequest('"context" must be a JSON object');
+  // Informational only: the controller enforces the deadline by killing us.
+  const deadline = body.deadline_ms;
+  if (deadline !== undefined && deadline !== null && !(typeof deadline === 'number' && deadline >= 0)) {
+    throw new BadRequest('"deadline_ms" must be a non-negative number');
+  }
+  return { params, context };
+}
+
+/** Serialises the handler's result: {json}, or {error} when JSON cannot represent it. */
+function serialiseResult(value) {
+  if (value === undefined) return { json: 'null' };
+  let json;
+  try {
+    json = JSON.stringify(value);
+  } catch (err) {
+    const described = describeThrown(err, 'RUNTIME_ERROR');
+    return { error: { ...described, code: 'RUNTIME_ERROR', message: `the result is not JSON-serialisable: ${described.message}` } };
+  }
+  if (json === undefined) {
+    // A function or a symbol: JSON.stringify silently drops these.
+    return {
+      error: { code: 'RUNTIME_ERROR', message: `the result is not JSON-serialisable: the handler returned a ${typeof value}`, details: { type: 'TypeError' } },
+    };
+  }
+  return { json };
+}
+
+async function handleRun(body) {
+  if (state.phase !== 'initialized') {
+    return [409, errorBody('NOT_INITIALIZED', 'POST /init has not succeeded on this instance')];
+  }
+  if (state.currentRun !== null) {
+    return [409, errorBody('BUSY', 'a run is already in progress on this instance')];
+  }
+
+  let request;
+  try {
+    request = parseRun(body);
+  } catch (err) {
+    if (err instanceof BadRequest) return [400, errorBody('BAD_REQUEST', err.message)];
+    throw err;
+  }
+
+  // The run ends at whichever comes first: the handler settles, or an uncaught
+  // error/rejection is routed here by onStrayError.
+  const run = {};
+  const strayError = new Promise((resolve) => {
+    run.fail = (err) => resolve({ thrown: err });
+  });
+  state.currentRun = run;
+  let outcome;
+  try {
+    const called = (async () => ({
+      value: await Reflect.apply(state.handler, state.exports, [request.params, request.context]),
+    }))().catch((err) => ({ thrown: err }));
+    outcome = await Promise.race([called, strayError]);
+  } finally {
+    state.currentRun = null;
+  }
+
+  if ('thrown' in outcome) {
+    const { code, message, details } = describeThrown(outcome.thrown, 'RUNTIME_ERROR');
+    return [200, errorBody(code, message, details)];
+  }
+  const serialised = serialiseResult(outcome.value);
+  if (serialised.error) {
+    const { code, message, details } = serialised.error;
+    return [200, errorBody(code, message, details)];
+  }
+  // Spliced in as text: the result has been serialised once already.
+  return [200, `{"result":${serialised.json}}`];
+}
+
+// ---------------------------------------------------------------------------
+// HTTP plumbing
+
+function errorBody(code, message, details) {
+  const error = { code, message };
+  if (details !== undefined) error.details = details;
+  return { error };
+}
+
+/** Sends a JSON response; `payload` is an object or an already-serialised string. */
+function sendJson(res, status, payload) {
+  if (res.headersSent || res.destroyed) return;
+  const body = Buffer.from(typeof payload === 'string' ? payload : JSON.stringify(payload));
+  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': body.length });
+  res.end(body);
+}
+
+/**
+ * Reads the whole body. Past MAX_BODY_BYTES it keeps reading but discards,
+ * so the keep-alive connection stays usable, and resolves to null.
+ */
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    let size = 0;
+    let ended = false;
+    req.on('data', (chunk) => {
+      size += chunk.length;
+      if (size <= MAX_BODY_BYTES) chunks.push(chunk);
+      else chunks.length = 0;
+    });
+    req.on('end', () => {
+      ended = true;
+      resolve(size > MAX_BODY_BYTES ? null : Buffer.concat(chunks));
+    });
+    req.on('error', reject);
+    req.on('close', () => {
+      if (!ended) reject(new Error('client closed the connection mid-body'));
+    });
+  });
+}
+
+/** Reads and parses a JSON body; returns {body} or {response} when it is unusable. */
+async function readJson(req) {
+  const raw = await readBody(req);
+  if (raw === null) {
+    return { response: [400, errorBody('BAD_REQUEST', `request body exceeds ${MAX_BODY_BYTES} bytes`)] };
+  }
+  try {
+    return { body: JSON.parse(raw.toString('utf8')) };
+  } catch (err) {
+    return { response: [400, errorBody('BAD_REQUEST', `body is not valid JSON: ${err.message}`)] };
+  }
+}
+
+const ROUTES = {
+  '/health': {
+    GET: async (req) => {
+      req.resume(); // a body on GET is ignored, but must be consumed for keep-alive
+      return [200, { status: 'ok', language: 'nodejs', runtime_version: process.version, initialized: state.phase === 'initialized' }];
+    },
+  },
+  '/init': {
+    POST: async (req) => {
+      const { body, response } = await readJson(req);
+      return response ?? handleInit(body);
+    },
+  },
+  '/run': {
+    POST: async (req) => {
+      const { body, response } = await readJson(req);
+      return response ?? handleRun(body);
+    },
+  },
+};
+
+async function onRequest(req, res) {
+  const route = ROUTES[req.url.split('?')[0]];
+  let status;
+  let payload;
+  try {
+    if (route === undefined) {
+      req.resume();
+      [status, payload] = [404, errorBody('NOT_FOUND', `no route ${req.method} ${req.url}`)];
+    } else if (route[req.method] === undefined) {
+      req.resume();
+      res.setHeader('Allow', Object.keys(route).join(', '));
+      [status, payload] = [405, errorBody('METHOD_NOT_ALLOWED', `${req.url} does not accept ${req.method}`)];
+    } else {
+      [status, payload] = await route[req.method](req);
+    }
+  } catch (err) {
+    if (req.destroyed) return; // the client went away; nobody to answer
+    log(`internal error on ${req.method} ${req.url}: ${safeInspect(err)}`);
+    [status, payload] = [500, errorBody('INTERNAL', 'internal runtime error')];
+  }
+  sendJson(res, status, payload);
+}
+
+/** Removes a socket file left by an earlier process; refuses to delete anything else. */
+function removeStaleSocket(socketPath) {
+  let stat;
+  try {
+    stat = fs.lstatSync(socketPath);
+  } catch (err) {
+    if (err.code === 'ENOENT') return;
+    throw err;
+  }
+  if (!stat.isSocket()) throw new Error(`${socketPath} exists and is not a socket`);
+  fs.unlinkSync(socketPath);
+}
+
+function main() {
+  const { socketPath } = parseArgs(process.argv.slice(2));
+
+  try {
+    removeStaleSocket(socketPath);
+  } catch (err) {
+    log(`cannot use socket path: ${err.message}`);
+    process.exit(1);
+  }
+
+  const server = http.createServer(onRequest);
+  // The controller keeps one connection per instance for the instance's life,
+  // and a run may last as long as its deadline: never time those out here.
+  server.keepAliveTimeout = 0;
+  server.requestTimeout = 0;
+  server.timeout = 0;
+  // Headers of one request still have to arrive promptly.
+  server.headersTimeout = 60_000;
+
+  server.on('error', (err) => {
+    log(`server error: ${err.message}`);
+    process.exit(1);
+  });
+  server.on('clientError', (err, socket) => {
+    // Unparseable HTTP: answer 400 in the protocol's shape if the socket still can.
+    if (socket.writable && !socket.destroyed) {
+      const body = JSON.stringify(errorBody('BAD_REQUEST', `malformed HTTP request: ${err.code || err.message}`));
+      socket.end(
+        `HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+      );
+    } else {
+      socket.destroy();
+    }
+  });
+  server.listen(socketPath, () => {
+    // Not the path: stderr ends up in crash reports, which must not show host paths.
+    log(`ready (node ${process.version}, pid ${process.pid})`);
+  });
+}
+
+main();

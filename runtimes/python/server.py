@@ -1,0 +1,652 @@
+"""Python runtime server: runs one Python function for the controller.
+
+The controller starts this file as a child process (or as a container's
+entrypoint), specialises it with one function's code through `POST /init`,
+then calls that function through `POST /run`. The wire protocol is
+docs/runtime-protocol.md; this file implements it with the standard library
+only (`http.server` over a Unix socket), so it starts with nothing installed.
+
+    python3 server.py --socket /DATA/instances/ID/runtime.sock
+
+Layout:
+
+- `Runtime` holds the state of this instance: the one function it serves, the
+  one-init rule, the one-run-at-a-time lock, and the mapping of a Python
+  exception to the protocol's error body (type, line, column, stack trace).
+- `Handler` speaks HTTP/1.1 (keep-alive, bounded bodies, JSON everywhere,
+  including http.server's own error pages) and routes to `Runtime`.
+- `main` parses `--socket`, removes a stale socket file and serves forever.
+
+Connections are served by one thread each, so `GET /health` answers while a
+run is in progress and a second, concurrent `POST /run` gets 409 BUSY.
+
+stdout and stderr belong to the function (`print`); the server itself writes
+nothing to stdout and only real problems to stderr.
+"""
+
+import argparse
+import collections.abc
+import gc
+import http.server
+import importlib.util
+import json
+import linecache
+import os
+import platform
+import re
+import socketserver
+import stat
+import sys
+import threading
+import traceback
+
+# Request bodies larger than this are refused before they are read.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+# The function's module is always imported under this name, whatever its file
+# is called, so an entrypoint named like a stdlib module cannot shadow it.
+MODULE_NAME = "function_main"
+
+# Directory (relative to the working directory, the instance directory) where
+# the function's code is written.
+FUNCTION_DIR = "function"
+
+# `[A-Za-z0-9_.-]{1,64}`; matched with fullmatch, so no trailing newline slips in.
+ENTRYPOINT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+# The only variables of the runtime's own environment the function keeps.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
+
+# Frames of this file are trimmed from the tracebacks shown to clients.
+SERVER_FILE = os.path.abspath(__file__)
+
+
+class RequestError(Exception):
+    """A non-200 answer decided deep inside a request (4xx with an error body)."""
+
+    def __init__(self, status, code, message, details=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def error_body(code, message, details=None):
+    error = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return {"error": error}
+
+
+def encode_json(value):
+    """Serialise to compact UTF-8 JSON; refuse NaN/Infinity (not JSON)."""
+    # ensure_ascii=False keeps the body small; a lone surrogate then fails
+    # here (UnicodeEncodeError) instead of producing JSON the controller refuses.
+    text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8")
+
+
+def clean_text(text):
+    """Make a string safe to encode (lone surrogates become '?')."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _refuse_constant(name):
+    # json.loads accepts NaN/Infinity by default; they are not JSON.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(raw):
+    """Parse a request body that must be a JSON object, or raise BAD_REQUEST."""
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RequestError(400, "BAD_REQUEST", f"body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise RequestError(400, "BAD_REQUEST", "body must be a JSON object")
+    return value
+
+
+def _field(body, name, kinds, what, required=False, default=None):
+    """Read one field of a request body, checking its JSON type."""
+    if name not in body:
+        if required:
+            raise RequestError(400, "BAD_REQUEST", f"'{name}' is required")
+        return default
+    value = body[name]
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    # bool is a subclass of int in Python but not a number in JSON.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise RequestError(400, "BAD_REQUEST", f"'{name}' must be {what}")
+    return value
+
+
+def _byte_to_char_column(filename, lineno, byte_offset):
+    """FrameSummary.colno counts UTF-8 bytes; clients want characters."""
+    line = linecache.getline(filename, lineno)
+    if not line:
+        return byte_offset
+    return len(line.encode("utf-8")[:byte_offset].decode("utf-8", "replace"))
+
+
+class Runtime:
+    """The state of this instance: the one function it serves."""
+
+    def __init__(self, base_env):
+        # The runtime's own environment at start-up; only INHERITED_ENV of it
+        # reaches the function.
+        self.base_env = base_env
+        # Held for the whole of an /init, so a concurrent one is refused.
+        self._init_lock = threading.Lock()
+        # Held for the whole of a /run: one run at a time (409 BUSY).
+        self._run_lock = threading.Lock()
+        # An /init that got past validation consumes the instance's one init,
+        # even if the code then failed to load (its top level may have run).
+        self.init_attempted = False
+        # The function's handler once /init succeeded; None before.
+        self.handler = None
+        instance_dir = os.getcwd()
+        # Absolute, so frames of the function's file are recognised by name.
+        self.function_dir = os.path.join(instance_dir, FUNCTION_DIR)
+        # The function's file once /init began: errors are located in it.
+        self.entry_path = None
+        # (host path, replacement) pairs applied to stack traces and messages
+        # so no host path leaks; longest first.
+        self._path_map = self._build_path_map(instance_dir, None)
+
+    @property
+    def initialized(self):
+        return self.handler is not None
+
+    # --- /health ------------------------------------------------------------
+
+    def health(self):
+        return {
+            "status": "ok",
+            "language": "python",
+            "runtime_version": platform.python_version(),
+            "initialized": self.initialized,
+        }
+
+    # --- /init --------------------------------------------------------------
+
+    def init(self, body):
+        entrypoint = _field(body, "entrypoint", str, "a string", required=True)
+        code = _field(body, "code", str, "a string", required=True)
+        handler_name = _field(body, "handler", str, "a string", default="handler")
+        env = _field(body, "env", dict, "an object of strings", default={})
+        # Informational; checked so a confused caller hears about it.
+        _field(body, "language_title", str, "a string")
+        _field(body, "version", int, "an integer")
+
+        if not ENTRYPOINT_RE.fullmatch(entrypoint) or entrypoint in (".", ".."):
+            raise RequestError(400, "BAD_REQUEST", "'entrypoint' must be a plain file name matching [A-Za-z0-9_.-]{1,64}")
+        if not entrypoint.endswith(".py"):
+            raise RequestError(400, "BAD_REQUEST", "'entrypoint' must end in .py")
+        if not handler_name:
+            raise RequestError(400, "BAD_REQUEST", "'handler' must not be empty")
+        for key, value in env.items():
+            if not isinstance(value, str):
+                raise RequestError(400, "BAD_REQUEST", f"env value of '{key}' must be a string")
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise RequestError(400, "BAD_REQUEST", "env names must be non-empty without '=' or NUL, values without NUL")
+        try:
+            source = code.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(400, "BAD_REQUEST", "'code' is not valid Unicode") from None
+
+        if not self._init_lock.acquire(blocking=False):
+            raise RequestError(409, "ALREADY_INITIALIZED", "an /init is already in progress on this instance")
+        try:
+            if self.init_attempted:
+                state = "initialized" if self.initialized else "failed to initialize"
+                raise RequestError(409, "ALREADY_INITIALIZED", f"this instance already {state}; it loads one function once")
+            self.init_attempted = True
+            try:
+                self._load(entrypoint, source, handler_name, env)
+            finally:
+                _flush_std_streams()
+        finally:
+            self._init_lock.release()
+        return {"status": "initialized"}
+
+    def _load(self, entrypoint, source, handler_name, env):
+        self.entry_path = os.path.join(self.function_dir, entrypoint)
+        self._path_map = self._build_path_map(os.getcwd(), self.entry_path)
+
+        try:
+            os.makedirs(self.function_dir, exist_ok=True)
+            # O_NOFOLLOW: never write through a symlink planted at that name.
+            fd = os.open(self.entry_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(source)
+        except OSError as exc:
+            raise RequestError(422, "INIT_ERROR", f"cannot write the function's code: {exc.strerror}", {"type": type(exc).__name__}) from None
+
+        self._replace_environment(env)
+        # The runtime's own folder (sys.path[0] when started as a script) is not
+        # importable by the function. The function's folder is not put on
+        # sys.path either: an entrypoint named asyncio.py must not shadow the
+        # standard library module the server imports later.
+        if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.realpath(os.path.dirname(SERVER_FILE)):
+            del sys.path[0]
+
+        try:
+            spec = importlib.util.spec_from_file_location(MODULE_NAME, self.entry_path)
+            module = importlib.util.module_from_spec(spec)
+            # Registered before it runs, as a normal import does (pickle, dataclasses).
+            sys.modules[MODULE_NAME] = module
+            spec.loader.exec_module(module)
+        except BaseException as exc:  # noqa: B036 - SystemExit at top level is the function's failure too
+            sys.modules.pop(MODULE_NAME, None)
+            message, details = self._describe(exc)
+            raise RequestError(422, "INIT_ERROR", message, details) from None
+
+        handler = getattr(module, handler_name, None)
+        if handler is None:
+            raise RequestError(422, "INIT_ERROR", f"handler '{handler_name}' is not defined in {entrypoint}", {"type": "AttributeError"})
+        if not callable(handler):
+            kind = type(handler).__name__
+            raise RequestError(422, "INIT_ERROR", f"handler '{handler_name}' in {entrypoint} is not callable (it is a {kind})", {"type": "TypeError"})
+        self.handler = handler
+
+    def _replace_environment(self, env):
+        """The function sees exactly `env` plus PATH, HOME, LANG, TMPDIR."""
+        new_env = dict(env)
+        # The controller's values win: HOME and TMPDIR point into the instance.
+        new_env.update({k: self.base_env[k] for k in INHERITED_ENV if k in self.base_env})
+        os.environ.clear()
+        os.environ.update(new_env)
+
+    # --- /run ---------------------------------------------------------------
+
+    def run(self, body):
+        """Call the handler; return the response body as bytes (always 200)."""
+        params = _field(body, "params", dict, "an object", default={})
+        context = _field(body, "context", dict, "an object", default={})
+        # Informational: the controller enforces the deadline by killing us.
+        deadline = _field(body, "deadline_ms", (int, float), "a number")
+        if deadline is not None and deadline < 0:
+            raise RequestError(400, "BAD_REQUEST", "'deadline_ms' must not be negative")
+
+        if not self.initialized:
+            raise RequestError(409, "NOT_INITIALIZED", "POST /init must succeed before /run")
+        if not self._run_lock.acquire(blocking=False):
+            raise RequestError(409, "BUSY", "a run is already in progress on this instance")
+        try:
+            try:
+                result = self._call(params, context)
+            except BaseException as exc:  # noqa: B036 - SystemExit/KeyboardInterrupt from the function must not stop us
+                return self._run_error(exc)
+            finally:
+                _flush_std_streams()
+            try:
+                return encode_json({"result": result})
+            except Exception as exc:  # TypeError, ValueError (NaN, cycles), UnicodeEncodeError, RecursionError
+                message = f"result is not JSON-serialisable: {exc}"
+                details = {"type": type(exc).__name__}
+                return encode_json(error_body("RUNTIME_ERROR", clean_text(self._sanitize(message)), details))
+        finally:
+            self._run_lock.release()
+
+    def _call(self, params, context):
+        result = self.handler(params, context)
+        if isinstance(result, collections.abc.Awaitable):
+            # Imported lazily: asyncio costs tens of milliseconds of start-up.
+            import asyncio
+
+            if not isinstance(result, collections.abc.Coroutine):
+                result = _await(result)
+            result = asyncio.run(result)
+        return result
+
+    def _run_error(self, exc):
+        is_memory_error = isinstance(exc, MemoryError)
+        try:
+            message, details = self._describe(exc)
+            code = "RUNTIME_ERROR"
+            if isinstance(exc, Exception):
+                try:
+                    if getattr(exc, "code", None) == "INVALID_PARAMS":
+                        code = "INVALID_PARAMS"
+                except Exception:
+                    pass
+            body = encode_json(error_body(code, message, details))
+        except Exception:
+            # Describing failed (typically: still out of memory); answer minimally.
+            body = b'{"error":{"code":"RUNTIME_ERROR","message":"the function failed and its error could not be described"}}'
+        finally:
+            # Drop the traceback (and the frames' locals) before collecting.
+            exc.__traceback__ = None
+            del exc
+        if is_memory_error:
+            gc.collect()
+        return body
+
+    # --- errors -------------------------------------------------------------
+
+    def _describe(self, exc):
+        """Turn an exception from the function into (message, details)."""
+        details = {"type": type(exc).__name__}
+        location = self._location(exc)
+        if location is not None:
+            details["line"], column = location
+            if column is not None:
+                details["column"] = column
+        try:
+            trace = "".join(traceback.TracebackException(type(exc), exc, self._trim(exc.__traceback__), compact=True).format())
+            details["stack_trace"] = clean_text(self._sanitize(trace))
+        except Exception:
+            pass
+        return clean_text(self._sanitize(_message(exc))), details
+
+    def _location(self, exc):
+        """(line, column) in the entrypoint file, 1-based; None if not there."""
+        if self.entry_path is None:
+            return None
+        # A syntax error in the function's file is located by the parser.
+        if isinstance(exc, SyntaxError) and exc.filename == self.entry_path and exc.lineno:
+            return exc.lineno, exc.offset or None
+        # Otherwise: the innermost frame in the function's file.
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if frame.filename == self.entry_path and frame.lineno:
+                colno = getattr(frame, "colno", None)  # Python 3.11+
+                column = None
+                if colno is not None:
+                    column = _byte_to_char_column(frame.filename, frame.lineno, colno) + 1
+                return frame.lineno, column
+        return None
+
+    def _trim(self, tb):
+        """Drop the server's (and importlib's) frames from the top of a traceback."""
+        first = tb
+        while first is not None and first.tb_frame.f_code.co_filename != self.entry_path:
+            first = first.tb_next
+        if first is not None:
+            return first
+        # No frame of the function at all (e.g. a syntax error): drop ours only.
+        while tb is not None:
+            filename = tb.tb_frame.f_code.co_filename
+            if filename != SERVER_FILE and not filename.startswith("<frozen importlib"):
+                break
+            tb = tb.tb_next
+        return tb
+
+    def _sanitize(self, text):
+        for path, replacement in self._path_map:
+            text = text.replace(path, replacement)
+        return text
+
+    def _build_path_map(self, instance_dir, entry_path):
+        pairs = {}
+        for base in {instance_dir, os.path.realpath(instance_dir)}:
+            pairs[base + os.sep] = ""
+            pairs[base] = "."
+            function_dir = os.path.join(base, FUNCTION_DIR)
+            pairs[function_dir + os.sep] = ""
+            if entry_path is not None:
+                pairs[os.path.join(function_dir, os.path.basename(entry_path))] = os.path.basename(entry_path)
+        return sorted(pairs.items(), key=lambda pair: len(pair[0]), reverse=True)
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def _message(exc):
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f": {exc}" if str(exc) else "")
+    if isinstance(exc, SystemExit):
+        return f"the function tried to exit (SystemExit: {exc.code!r})"
+    if isinstance(exc, KeyboardInterrupt):
+        return "the function raised KeyboardInterrupt"
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    return text or type(exc).__name__
+
+
+def _flush_std_streams():
+    # stdout is block-buffered on a pipe; flush so the controller's tail of the
+    # function's output is complete even if the instance is killed next.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+# Status -> error code for the answers http.server produces by itself.
+_STATUS_CODES = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
+    414: "BAD_REQUEST",
+    431: "BAD_REQUEST",
+    500: "INTERNAL_ERROR",
+    501: "NOT_IMPLEMENTED",
+    505: "BAD_REQUEST",
+}
+
+_ROUTES = {"/health": "GET", "/init": "POST", "/run": "POST"}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 front of the runtime: routing, bounded bodies, JSON answers."""
+
+    # HTTP/1.1 keeps the connection open: the controller reuses one per instance.
+    protocol_version = "HTTP/1.1"
+    server_version = "python-runtime"
+
+    def version_string(self):
+        return self.server_version
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def _dispatch(self, method):
+        runtime = self.server.runtime
+        path = self.path.split("?", 1)[0]
+        try:
+            if _ROUTES.get(path) != method:
+                # Answering without reading a body would desynchronise keep-alive.
+                self._discard_body()
+                if path not in _ROUTES:
+                    raise RequestError(404, "NOT_FOUND", f"no route {path}")
+                raise RequestError(405, "METHOD_NOT_ALLOWED", f"{path} takes {_ROUTES[path]}")
+            if path == "/health":
+                self._reply(200, encode_json(runtime.health()))
+            elif path == "/init":
+                body = parse_json_object(self._read_body())
+                self._reply(200, encode_json(runtime.init(body)))
+            else:
+                body = parse_json_object(self._read_body())
+                self._reply(200, runtime.run(body))
+        except RequestError as exc:
+            self._reply(exc.status, encode_json(error_body(exc.code, clean_text(exc.message), exc.details)))
+        except MemoryError:
+            self.close_connection = True
+            self._reply(500, b'{"error":{"code":"INTERNAL_ERROR","message":"runtime out of memory"}}')
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
+            self._reply(500, encode_json(error_body("INTERNAL_ERROR", "internal error in the Python runtime")))
+
+    # --- bodies -------------------------------------------------------------
+
+    def _read_body(self):
+        """Read the request body, at most MAX_BODY_BYTES, or raise BAD_REQUEST."""
+        transfer_encoding = self.headers.get("Transfer-Encoding")
+        if transfer_encoding is not None:
+            if transfer_encoding.strip().lower() != "chunked":
+                self.close_connection = True
+                raise RequestError(400, "BAD_REQUEST", f"unsupported Transfer-Encoding: {transfer_encoding}")
+            return self._read_chunked()
+        length = self._content_length()
+        if length is None:
+            return b""
+        if length > MAX_BODY_BYTES:
+            # The body stays unread, so the connection cannot be reused.
+            self.close_connection = True
+            raise RequestError(400, "BAD_REQUEST", f"body is larger than {MAX_BODY_BYTES} bytes")
+        data = self.rfile.read(length)
+        if len(data) != length:
+            self.close_connection = True
+            raise RequestError(400, "BAD_REQUEST", "body is shorter than Content-Length")
+        return data
+
+    def _content_length(self):
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return None
+        if len(set(v.strip() for v in values)) != 1 or not values[0].strip().isdigit():
+            self.close_connection = True
+            raise RequestError(400, "BAD_REQUEST", "invalid Content-Length")
+        return int(values[0].strip())
+
+    def _read_chunked(self):
+        chunks = []
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                size = -1
+            if not line.endswith(b"\n") or size < 0:
+                self.close_connection = True
+                raise RequestError(400, "BAD_REQUEST", "malformed chunked body")
+            if size == 0:
+                break
+            total += size
+            if total > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise RequestError(400, "BAD_REQUEST", f"body is larger than {MAX_BODY_BYTES} bytes")
+            data = self.rfile.read(size)
+            if len(data) != size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                self.close_connection = True
+                raise RequestError(400, "BAD_REQUEST", "malformed chunked body")
+            chunks.append(data)
+        # Trailer fields, up to the empty line.
+        for _ in range(100):
+            line = self.rfile.readline(8192)
+            if line in (b"\r\n", b"\n", b""):
+                break
+        else:
+            self.close_connection = True
+        return b"".join(chunks)
+
+    def _discard_body(self):
+        try:
+            self._read_body()
+        except RequestError:
+            pass
+
+    def handle_expect_100(self):
+        # Refuse an oversized body before the client sends it.
+        try:
+            length = self._content_length()
+        except RequestError:
+            length = None
+        if length is not None and length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._reply(400, encode_json(error_body("BAD_REQUEST", f"body is larger than {MAX_BODY_BYTES} bytes")))
+            return False
+        return super().handle_expect_100()
+
+    # --- answers ------------------------------------------------------------
+
+    def _reply(self, status, payload):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, unknown method) as JSON."""
+        self.close_connection = True
+        text = message or self.responses.get(code, ("error",))[0]
+        payload = encode_json(error_body(_STATUS_CODES.get(code, "BAD_REQUEST"), text))
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(payload)
+        except OSError:
+            pass
+
+    def log_request(self, code="-", size="-"):
+        # No per-request logging: stderr belongs to the function.
+        pass
+
+    def log_message(self, format, *args):
+        # Only http.server's error reports get here (log_request is silenced).
+        # The default would also index client_address, which is '' on AF_UNIX.
+        sys.stderr.write("python-runtime: " + (format % args) + "\n")
+
+
+class ThreadingUnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """One thread per connection, so /health answers during a run."""
+
+    daemon_threads = True
+
+    def __init__(self, path, runtime):
+        self.runtime = runtime
+        super().__init__(path, Handler)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            return  # the controller went away; nothing to report
+        sys.stderr.write("python-runtime: error while serving a connection:\n")
+        traceback.print_exc(file=sys.stderr)
+
+
+def remove_stale_socket(path):
+    """Remove a socket file left by an earlier run; refuse to delete anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SystemExit(f"python-runtime: {path} exists and is not a socket")
+    os.unlink(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Python runtime server (see docs/runtime-protocol.md).")
+    parser.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
+    args = parser.parse_args(argv)
+
+    runtime = Runtime(dict(os.environ))
+    remove_stale_socket(args.socket)
+    try:
+        server = ThreadingUnixHTTPServer(args.socket, runtime)
+    except OSError as exc:
+        raise SystemExit(f"python-runtime: cannot listen on {args.socket}: {exc}") from None
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
