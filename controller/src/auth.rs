@@ -107,7 +107,11 @@ impl Authenticator {
             Some(s) if !s.expose().is_empty() => s.expose().as_bytes().to_vec(),
             _ => local_secret(&args.data_dir)?,
         };
-        Ok(Self::new(&secret, args.jwt_issuer.clone(), args.jwt_audience.clone()))
+        Ok(Self::new(
+            &secret,
+            args.jwt_issuer.clone(),
+            args.jwt_audience.clone(),
+        ))
     }
 
     pub fn new(secret: &[u8], issuer: Option<String>, audience: Option<String>) -> Self {
@@ -167,7 +171,11 @@ impl Authenticator {
         // The scope goes out as the OAuth 2.0 space-separated string.
         let mut value = serde_json::to_value(&claims)?;
         value["scope"] = serde_json::Value::String(scopes.join(" "));
-        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &value, &self.encoding)?)
+        Ok(jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &value,
+            &self.encoding,
+        )?)
     }
 }
 
@@ -176,7 +184,9 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
     match e.kind() {
         ErrorKind::ExpiredSignature => "token has expired".into(),
         ErrorKind::InvalidSignature => "signature does not match".into(),
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "algorithm not allowed (HS256 only)".into(),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            "algorithm not allowed (HS256 only)".into()
+        }
         ErrorKind::MissingRequiredClaim(c) => format!("missing required claim '{c}'"),
         ErrorKind::InvalidIssuer => "wrong issuer".into(),
         ErrorKind::InvalidAudience => "wrong audience".into(),
@@ -197,7 +207,8 @@ fn local_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
             return Ok(secret.as_bytes().to_vec());
         }
     }
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -225,7 +236,13 @@ mod tests {
     #[test]
     fn issued_tokens_verify_with_their_scopes() {
         let a = auth();
-        let t = a.issue("alice", &["execute:nodejs".into(), READ_FUNCTIONS.into()], 60).unwrap();
+        let t = a
+            .issue(
+                "alice",
+                &["execute:nodejs".into(), READ_FUNCTIONS.into()],
+                60,
+            )
+            .unwrap();
         let s = a.verify(&t).unwrap();
         assert_eq!(s.sub, "alice");
         assert!(s.can_execute(Language::Nodejs));

@@ -93,7 +93,9 @@ impl ApiError {
             | ApiError::Initialization { details, .. }
             | ApiError::Runtime { details, .. } => details.clone(),
             ApiError::PayloadTooLarge { limit } => json!({ "limit_bytes": limit }),
-            ApiError::RateLimited { retry_after_secs } => json!({ "retry_after_secs": retry_after_secs }),
+            ApiError::RateLimited { retry_after_secs } => {
+                json!({ "retry_after_secs": retry_after_secs })
+            }
             ApiError::Timeout { timeout_ms } => json!({ "timeout_ms": timeout_ms }),
             _ => json!({}),
         }
@@ -148,7 +150,8 @@ pub struct ExecuteErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status(), axum::Json(ErrorBody { error: self.body() })).into_response();
+        let mut response =
+            (self.status(), axum::Json(ErrorBody { error: self.body() })).into_response();
         self.headers(&mut response);
         response
     }

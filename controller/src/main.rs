@@ -1,1 +1,3 @@
-fn main() -> std::process::ExitCode { controller::cli::main() }
+fn main() -> std::process::ExitCode {
+    controller::cli::main()
+}

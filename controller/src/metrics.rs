@@ -100,10 +100,14 @@ impl Metrics {
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             executions: Family::default(),
-            execution_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            execution_duration: Family::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            ),
             cache: Family::default(),
             cold_starts: Family::default(),
-            cold_start_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            cold_start_duration: Family::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            ),
             init_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             instances: Family::default(),
             instances_busy: Gauge::default(),
@@ -111,22 +115,66 @@ impl Metrics {
             active_sessions: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("http_requests", "HTTP requests by route, method and status", m.http_requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency by route", m.http_duration.clone());
-        registry.register("executions", "Executions by Language-Title and outcome", m.executions.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            m.http_duration.clone(),
+        );
+        registry.register(
+            "executions",
+            "Executions by Language-Title and outcome",
+            m.executions.clone(),
+        );
         registry.register(
             "execution_duration_seconds",
             "Execution latency by Language-Title (cache hits included)",
             m.execution_duration.clone(),
         );
-        registry.register("cache_requests", "Result cache lookups by layer and result (hit, miss)", m.cache.clone());
-        registry.register("cold_starts", "Instances started on demand because no warm one was ready", m.cold_starts.clone());
-        registry.register("cold_start_duration_seconds", "Time to start an instance on demand", m.cold_start_duration.clone());
-        registry.register("init_duration_seconds", "Time to specialise an instance (/init)", m.init_duration.clone());
-        registry.register("instances", "Pooled instances by language and state (warm, idle)", m.instances.clone());
-        registry.register("instances_busy", "Instances handed out to executions or retained sessions", m.instances_busy.clone());
-        registry.register("rate_limited", "Requests refused by a rate limit, by class", m.rate_limited.clone());
-        registry.register("active_sessions", "Sessions that can still be executed", m.active_sessions.clone());
+        registry.register(
+            "cache_requests",
+            "Result cache lookups by layer and result (hit, miss)",
+            m.cache.clone(),
+        );
+        registry.register(
+            "cold_starts",
+            "Instances started on demand because no warm one was ready",
+            m.cold_starts.clone(),
+        );
+        registry.register(
+            "cold_start_duration_seconds",
+            "Time to start an instance on demand",
+            m.cold_start_duration.clone(),
+        );
+        registry.register(
+            "init_duration_seconds",
+            "Time to specialise an instance (/init)",
+            m.init_duration.clone(),
+        );
+        registry.register(
+            "instances",
+            "Pooled instances by language and state (warm, idle)",
+            m.instances.clone(),
+        );
+        registry.register(
+            "instances_busy",
+            "Instances handed out to executions or retained sessions",
+            m.instances_busy.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limit, by class",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "active_sessions",
+            "Sessions that can still be executed",
+            m.active_sessions.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -158,7 +206,9 @@ impl Metrics {
             language: language.to_string(),
         };
         self.cold_starts.get_or_create(&labels).inc();
-        self.cold_start_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        self.cold_start_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn record_init(&self, language: Language, elapsed: Duration) {
@@ -171,7 +221,9 @@ impl Metrics {
 
     pub fn record_rate_limited(&self, class: &str) {
         self.rate_limited
-            .get_or_create(&ClassLabels { class: class.to_owned() })
+            .get_or_create(&ClassLabels {
+                class: class.to_owned(),
+            })
             .inc();
     }
 
@@ -184,7 +236,9 @@ impl Metrics {
             })
             .inc();
         self.http_duration
-            .get_or_create(&RouteLabels { route: route.to_owned() })
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
             .observe(elapsed.as_secs_f64());
     }
 

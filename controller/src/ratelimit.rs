@@ -106,7 +106,9 @@ impl RateLimiter for LocalRateLimiter {
             (LimitClass::Execute, RateKey::Client(_)) => &self.unauthenticated_execute,
             (LimitClass::Functions, RateKey::Client(_)) => &self.unauthenticated_functions,
         };
-        let Some(limiter) = limiter else { return Ok(()) };
+        let Some(limiter) = limiter else {
+            return Ok(());
+        };
         limiter.check_key(key).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             // Round up: "retry in 0 s" would invite an immediate retry.
@@ -149,7 +151,9 @@ mod tests {
             unauthenticated: 0,
         });
         for _ in 0..1000 {
-            rl.check(LimitClass::Execute, &RateKey::Subject("a".into())).await.unwrap();
+            rl.check(LimitClass::Execute, &RateKey::Subject("a".into()))
+                .await
+                .unwrap();
         }
     }
 }

@@ -39,7 +39,9 @@ pub struct Application {
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Application").field("listener", &self.listener).finish_non_exhaustive()
+        f.debug_struct("Application")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
     }
 }
 
@@ -48,7 +50,8 @@ impl Application {
     /// binds the listener (port 0 picks a free port; see [`Self::local_addr`]).
     pub async fn build(args: ServeArgs) -> anyhow::Result<Self> {
         let data_dir = &args.auth.data_dir;
-        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
         // Instances (another user when running as root) pass through the
         // data dir to their own directory, but cannot list or read it.
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o711))?;
@@ -154,14 +157,23 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves, lets in-flight requests finish, then
     /// terminates every instance.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let service = self.router.into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(self.listener, service).with_graceful_shutdown(shutdown).await;
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let service = self
+            .router
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(self.listener, service)
+            .with_graceful_shutdown(shutdown)
+            .await;
         tracing::info!("shutting down: stopping instances");
         for task in &self.background {
             task.abort();

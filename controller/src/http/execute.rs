@@ -97,8 +97,14 @@ fn cache_directive(headers: &HeaderMap) -> Result<CacheDirective, ApiError> {
     let Some(value) = headers.get("x-cache-control") else {
         return Ok(CacheDirective::Default);
     };
-    let bad = || ApiError::InvalidRequest("X-Cache-Control must be 'no-cache' or 'max-age=<seconds>'".into());
-    let value = value.to_str().map_err(|_| bad())?.trim().to_ascii_lowercase();
+    let bad = || {
+        ApiError::InvalidRequest("X-Cache-Control must be 'no-cache' or 'max-age=<seconds>'".into())
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| bad())?
+        .trim()
+        .to_ascii_lowercase();
     if value == "no-cache" {
         return Ok(CacheDirective::NoCache);
     }
@@ -122,11 +128,20 @@ mod tests {
     #[test]
     fn parses_cache_control() {
         assert_eq!(directive("no-cache").unwrap(), CacheDirective::NoCache);
-        assert_eq!(directive("max-age=60").unwrap(), CacheDirective::MaxAge(Duration::from_secs(60)));
-        assert_eq!(directive(" Max-Age=0 ").unwrap(), CacheDirective::MaxAge(Duration::ZERO));
+        assert_eq!(
+            directive("max-age=60").unwrap(),
+            CacheDirective::MaxAge(Duration::from_secs(60))
+        );
+        assert_eq!(
+            directive(" Max-Age=0 ").unwrap(),
+            CacheDirective::MaxAge(Duration::ZERO)
+        );
         assert!(directive("max-age=-1").is_err());
         assert!(directive("max-age=").is_err());
         assert!(directive("public").is_err());
-        assert_eq!(cache_directive(&HeaderMap::new()).unwrap(), CacheDirective::Default);
+        assert_eq!(
+            cache_directive(&HeaderMap::new()).unwrap(),
+            CacheDirective::Default
+        );
     }
 }

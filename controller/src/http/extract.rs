@@ -1,11 +1,11 @@
 //! Extractors whose rejections are the API's own errors, so a malformed
 //! request gets the contract's JSON body and never axum's plain text.
 
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
-use axum::body::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::auth::Subject;
@@ -28,14 +28,20 @@ where
             let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
             let essence = ct.split(';').next().unwrap_or_default().trim();
             if !(essence == "application/json" || essence.ends_with("+json")) {
-                return Err(ApiError::InvalidRequest("Content-Type must be application/json".into()));
+                return Err(ApiError::InvalidRequest(
+                    "Content-Type must be application/json".into(),
+                ));
             }
         }
         let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|rejection| body_error(rejection, limit))?;
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
         serde_json::from_slice(bytes)
             .map(ApiJson)
             .map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))
@@ -50,7 +56,10 @@ fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge { limit }
     } else {
-        ApiError::InvalidRequest(format!("could not read the request body: {}", rejection.body_text()))
+        ApiError::InvalidRequest(format!(
+            "could not read the request body: {}",
+            rejection.body_text()
+        ))
     }
 }
 

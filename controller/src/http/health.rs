@@ -14,7 +14,9 @@ use super::AppState;
 use crate::metrics::InstanceLabels;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(health)).routes(routes!(metrics))
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -89,7 +91,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
     m.instances_busy.set(busy);
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         m.encode(),
     )
 }

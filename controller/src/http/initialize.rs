@@ -88,7 +88,11 @@ async fn initialize(
                 .ok()
                 .filter(|id| valid_request_id(id))
                 .map(str::to_owned)
-                .ok_or_else(|| ApiError::InvalidRequest("X-Request-ID must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}".into()))
+                .ok_or_else(|| {
+                    ApiError::InvalidRequest(
+                        "X-Request-ID must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}".into(),
+                    )
+                })
         })
         .transpose()?;
     let options = options(body.context)?;
@@ -108,12 +112,20 @@ fn options(context: Option<Value>) -> Result<InitializeOptions, ApiError> {
     let mut context = match context {
         None | Some(Value::Null) => return Ok(InitializeOptions::default()),
         Some(Value::Object(map)) => map,
-        Some(_) => return Err(ApiError::InvalidRequest("'context' must be a JSON object".into())),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "'context' must be a JSON object".into(),
+            ));
+        }
     };
     let retain_session = match context.remove("retain_session") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => b,
-        Some(_) => return Err(ApiError::InvalidRequest("context.retain_session must be a boolean".into())),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "context.retain_session must be a boolean".into(),
+            ));
+        }
     };
     let timeout_ms = context.remove("timeout_ms").filter(|v| !v.is_null());
     Ok(InitializeOptions {

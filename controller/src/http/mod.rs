@@ -7,12 +7,12 @@
 //! answers itself (unknown route, wrong method). The `/api/v1` resource
 //! routes also pass the guard: token check, then the rate limit.
 
+mod execute;
 pub mod extract;
 mod functions;
 mod guard;
 mod health;
 mod initialize;
-mod execute;
 mod sessions;
 
 use std::sync::Arc;
@@ -73,7 +73,12 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
         );
     }
 }
@@ -81,7 +86,10 @@ impl utoipa::Modify for BearerAuth {
 /// The OpenAPI document, generated from the handlers' annotations.
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations", responses((status = 200, description = "This document", content_type = "application/json")))]
 async fn openapi_json(State(doc): State<Arc<String>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned())
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.as_str().to_owned(),
+    )
 }
 
 /// The whole application's router.
@@ -133,11 +141,21 @@ fn cors(settings: &HttpSettings) -> CorsLayer {
     let allow_origin = if origins.iter().any(|o| o.trim() == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o.trim()).ok()))
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim()).ok()),
+        )
     };
     CorsLayer::new()
         .allow_origin(allow_origin)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS, Method::PUT, Method::DELETE])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+        ])
         .allow_headers([
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
@@ -159,9 +177,12 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().as_str().to_owned();
     let response = next.run(req).await;
-    state
-        .metrics
-        .record_http(&route, &method, response.status().as_u16(), started.elapsed());
+    state.metrics.record_http(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 

@@ -114,13 +114,19 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ManifestError> {
 impl FunctionSpec {
     /// Checks every field and fills the defaults. `max_timeout_ms` is the
     /// controller's configured ceiling.
-    pub fn normalize(self, language: Language, max_timeout_ms: u64) -> Result<Manifest, ManifestError> {
+    pub fn normalize(
+        self,
+        language: Language,
+        max_timeout_ms: u64,
+    ) -> Result<Manifest, ManifestError> {
         let description = self.description.trim().to_owned();
         if description.is_empty() {
             return err("'description' must not be empty");
         }
         if description.chars().count() > MAX_DESCRIPTION_CHARS {
-            return err(format!("'description' is longer than {MAX_DESCRIPTION_CHARS} characters"));
+            return err(format!(
+                "'description' is longer than {MAX_DESCRIPTION_CHARS} characters"
+            ));
         }
         let entrypoint = self
             .entrypoint
@@ -142,7 +148,10 @@ impl FunctionSpec {
         if !valid_identifier(&handler) {
             return err("'handler' must be an identifier matching [A-Za-z_][A-Za-z0-9_]{0,63}");
         }
-        let params = self.schema.params.unwrap_or_else(|| json!({ "type": "object" }));
+        let params = self
+            .schema
+            .params
+            .unwrap_or_else(|| json!({ "type": "object" }));
         if let Err(e) = jsonschema::validator_for(&params) {
             return err(format!("'schema.params' is not a valid JSON Schema: {e}"));
         }
@@ -153,13 +162,20 @@ impl FunctionSpec {
         if self.examples.len() > MAX_EXAMPLES {
             return err(format!("at most {MAX_EXAMPLES} 'examples'"));
         }
-        let timeout_ms = self.limits.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS.min(max_timeout_ms));
+        let timeout_ms = self
+            .limits
+            .timeout_ms
+            .unwrap_or(DEFAULT_TIMEOUT_MS.min(max_timeout_ms));
         if timeout_ms == 0 || timeout_ms > max_timeout_ms {
-            return err(format!("'limits.timeout_ms' must be between 1 and {max_timeout_ms}"));
+            return err(format!(
+                "'limits.timeout_ms' must be between 1 and {max_timeout_ms}"
+            ));
         }
         let memory_mb = self.limits.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
         if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&memory_mb) {
-            return err(format!("'limits.memory_mb' must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}"));
+            return err(format!(
+                "'limits.memory_mb' must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}"
+            ));
         }
         if self.env.len() > MAX_ENV_VARS {
             return err(format!("at most {MAX_ENV_VARS} 'env' variables"));
@@ -172,7 +188,9 @@ impl FunctionSpec {
                 return err(format!("'env' may not set {key}: the runtime sets it"));
             }
             if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
-                return err(format!("'env.{key}' must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
+                return err(format!(
+                    "'env.{key}' must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL"
+                ));
             }
         }
         Ok(Manifest {
@@ -181,7 +199,10 @@ impl FunctionSpec {
             handler,
             schema: Schemas { params, result },
             examples: self.examples,
-            limits: Limits { timeout_ms, memory_mb },
+            limits: Limits {
+                timeout_ms,
+                memory_mb,
+            },
             env: self.env,
         })
     }
@@ -266,21 +287,69 @@ mod tests {
     #[test]
     fn refuses_paths_bad_limits_and_reserved_env() {
         let bad = [
-            FunctionSpec { entrypoint: Some("../x.js".into()), ..spec() },
-            FunctionSpec { entrypoint: Some("/etc/x.js".into()), ..spec() },
-            FunctionSpec { entrypoint: Some("x.py".into()), ..spec() },
-            FunctionSpec { handler: Some("a.b".into()), ..spec() },
-            FunctionSpec { limits: LimitsSpec { timeout_ms: Some(0), memory_mb: None }, ..spec() },
-            FunctionSpec { limits: LimitsSpec { timeout_ms: Some(400_000), memory_mb: None }, ..spec() },
-            FunctionSpec { limits: LimitsSpec { timeout_ms: None, memory_mb: Some(1) }, ..spec() },
-            FunctionSpec { env: [("PATH".to_string(), "/x".to_string())].into(), ..spec() },
-            FunctionSpec { env: [("A-B".to_string(), "x".to_string())].into(), ..spec() },
-            FunctionSpec { schema: SchemaSpec { params: Some(json!({"type": 12})), result: None }, ..spec() },
-            FunctionSpec { description: "  ".into(), ..Default::default() },
+            FunctionSpec {
+                entrypoint: Some("../x.js".into()),
+                ..spec()
+            },
+            FunctionSpec {
+                entrypoint: Some("/etc/x.js".into()),
+                ..spec()
+            },
+            FunctionSpec {
+                entrypoint: Some("x.py".into()),
+                ..spec()
+            },
+            FunctionSpec {
+                handler: Some("a.b".into()),
+                ..spec()
+            },
+            FunctionSpec {
+                limits: LimitsSpec {
+                    timeout_ms: Some(0),
+                    memory_mb: None,
+                },
+                ..spec()
+            },
+            FunctionSpec {
+                limits: LimitsSpec {
+                    timeout_ms: Some(400_000),
+                    memory_mb: None,
+                },
+                ..spec()
+            },
+            FunctionSpec {
+                limits: LimitsSpec {
+                    timeout_ms: None,
+                    memory_mb: Some(1),
+                },
+                ..spec()
+            },
+            FunctionSpec {
+                env: [("PATH".to_string(), "/x".to_string())].into(),
+                ..spec()
+            },
+            FunctionSpec {
+                env: [("A-B".to_string(), "x".to_string())].into(),
+                ..spec()
+            },
+            FunctionSpec {
+                schema: SchemaSpec {
+                    params: Some(json!({"type": 12})),
+                    result: None,
+                },
+                ..spec()
+            },
+            FunctionSpec {
+                description: "  ".into(),
+                ..Default::default()
+            },
         ];
         for s in bad {
             let shown = format!("{s:?}");
-            assert!(s.normalize(Language::Nodejs, 300_000).is_err(), "accepted {shown}");
+            assert!(
+                s.normalize(Language::Nodejs, 300_000).is_err(),
+                "accepted {shown}"
+            );
         }
     }
 

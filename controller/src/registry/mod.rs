@@ -80,7 +80,11 @@ impl FunctionVersion {
             .take(20)
             .map(|e| json!({ "path": e.instance_path().to_string(), "message": e.to_string() }))
             .collect();
-        if errors.is_empty() { Ok(()) } else { Err(json!({ "errors": errors })) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(json!({ "errors": errors }))
+        }
     }
 }
 
@@ -149,7 +153,9 @@ impl Registry {
                 Ok(entry) => {
                     functions.insert(lt, entry);
                 }
-                Err(e) => tracing::error!(language_title = %lt, error = format!("{e:#}"), "skipping unreadable function"),
+                Err(e) => {
+                    tracing::error!(language_title = %lt, error = format!("{e:#}"), "skipping unreadable function")
+                }
             }
         }
         Ok(Registry {
@@ -170,7 +176,12 @@ impl Registry {
     }
 
     /// One page of the functions, optionally of one language, and the total.
-    pub fn list(&self, language: Option<Language>, page: usize, per_page: usize) -> (usize, Vec<FunctionEntry>) {
+    pub fn list(
+        &self,
+        language: Option<Language>,
+        page: usize,
+        per_page: usize,
+    ) -> (usize, Vec<FunctionEntry>) {
         let functions = self.functions.read().unwrap();
         let matching = || {
             functions
@@ -188,7 +199,11 @@ impl Registry {
 
     /// A given version of a function: the current one from memory, an older
     /// one from the store.
-    pub async fn version(&self, language_title: &str, version: i64) -> anyhow::Result<Option<Arc<FunctionVersion>>> {
+    pub async fn version(
+        &self,
+        language_title: &str,
+        version: i64,
+    ) -> anyhow::Result<Option<Arc<FunctionVersion>>> {
         if let Some(f) = self.get(language_title)
             && f.current.version == version
         {
@@ -207,7 +222,12 @@ impl Registry {
     }
 
     /// Registers a new function at version 1.
-    pub async fn create(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<FunctionEntry, RegistryError> {
+    pub async fn create(
+        &self,
+        lt: &LanguageTitle,
+        spec: FunctionSpec,
+        code: String,
+    ) -> Result<FunctionEntry, RegistryError> {
         let new = self.prepare(lt, spec, code)?;
         match self.store.create(new, Source::Api).await {
             Ok(f) => self.remember(f),
@@ -217,7 +237,12 @@ impl Registry {
     }
 
     /// Registers the next version of an existing function.
-    pub async fn update(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<FunctionEntry, RegistryError> {
+    pub async fn update(
+        &self,
+        lt: &LanguageTitle,
+        spec: FunctionSpec,
+        code: String,
+    ) -> Result<FunctionEntry, RegistryError> {
         let new = self.prepare(lt, spec, code)?;
         match self.store.add_version(new, Source::Api).await {
             Ok(f) => self.remember(f),
@@ -232,14 +257,21 @@ impl Registry {
             return Err(RegistryError::NotFound(lt.to_string()));
         }
         self.functions.write().unwrap().remove(lt.as_str());
-        self.versions.invalidate_entries_if({
-            let lt = lt.to_string();
-            move |(name, _), _| *name == lt
-        }).ok();
+        self.versions
+            .invalidate_entries_if({
+                let lt = lt.to_string();
+                move |(name, _), _| *name == lt
+            })
+            .ok();
         Ok(())
     }
 
-    fn prepare(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<NewVersion, RegistryError> {
+    fn prepare(
+        &self,
+        lt: &LanguageTitle,
+        spec: FunctionSpec,
+        code: String,
+    ) -> Result<NewVersion, RegistryError> {
         manifest::check_code(&code)?;
         let manifest = spec.normalize(lt.language(), self.max_timeout_ms)?;
         Ok(NewVersion {
@@ -248,7 +280,8 @@ impl Registry {
             title: lt.title().to_owned(),
             description: manifest.description.clone(),
             code_hash: manifest.code_hash(&code),
-            manifest: serde_json::to_value(&manifest).map_err(|e| RegistryError::Store(e.into()))?,
+            manifest: serde_json::to_value(&manifest)
+                .map_err(|e| RegistryError::Store(e.into()))?,
             code,
         })
     }
@@ -284,7 +317,9 @@ impl Registry {
             match self.load_folder(&path).await {
                 Ok(true) => loaded += 1,
                 Ok(false) => {}
-                Err(e) => tracing::error!(folder = %path.display(), error = format!("{e:#}"), "skipping bundled function"),
+                Err(e) => {
+                    tracing::error!(folder = %path.display(), error = format!("{e:#}"), "skipping bundled function")
+                }
             }
         }
         Ok(loaded)
@@ -292,16 +327,26 @@ impl Registry {
 
     /// Registers one folder; true if the store changed.
     async fn load_folder(&self, path: &Path) -> anyhow::Result<bool> {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let lt: LanguageTitle = name.parse().with_context(|| format!("folder name {name:?}"))?;
-        let spec: FunctionSpec = serde_json::from_slice(&std::fs::read(path.join("function.json"))?)
-            .context("function.json")?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let lt: LanguageTitle = name
+            .parse()
+            .with_context(|| format!("folder name {name:?}"))?;
+        let spec: FunctionSpec =
+            serde_json::from_slice(&std::fs::read(path.join("function.json"))?)
+                .context("function.json")?;
         let entrypoint = spec
             .entrypoint
             .clone()
             .unwrap_or_else(|| lt.language().default_entrypoint().to_owned());
-        anyhow::ensure!(manifest::valid_file_name(&entrypoint), "bad entrypoint {entrypoint:?}");
-        let code = std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?;
+        anyhow::ensure!(
+            manifest::valid_file_name(&entrypoint),
+            "bad entrypoint {entrypoint:?}"
+        );
+        let code = std::fs::read_to_string(path.join(&entrypoint))
+            .with_context(|| format!("reading {entrypoint}"))?;
         let new = self.prepare(&lt, spec, code)?;
         let stored = match self.get(lt.as_str()) {
             None => self.store.create(new, Source::Bundled).await?,

@@ -39,9 +39,15 @@ pub struct RunRequest<'a> {
 pub enum RunOutcome {
     Success(Value),
     /// The function refused its params (`INVALID_PARAMS`).
-    InvalidParams { message: String, details: Value },
+    InvalidParams {
+        message: String,
+        details: Value,
+    },
     /// The function threw (`RUNTIME_ERROR`).
-    Failed { message: String, details: Value },
+    Failed {
+        message: String,
+        details: Value,
+    },
 }
 
 /// An instance failed, as opposed to the function failing inside it. Every
@@ -85,5 +91,9 @@ pub trait RuntimeBackend: Send + Sync {
     fn languages(&self) -> Vec<Language>;
     /// Starts a generic, healthy, not yet initialised instance whose memory
     /// is capped at `memory_mb` (fixed for the instance's life, so set at start).
-    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError>;
+    async fn start(
+        &self,
+        language: Language,
+        memory_mb: u64,
+    ) -> Result<Box<dyn Instance>, InstanceError>;
 }

@@ -72,6 +72,9 @@ impl std::fmt::Debug for Lease {
     }
 }
 
+/// An idle specialised instance and when it was given back.
+type Idle = (Box<dyn Instance>, Instant);
+
 /// A language's state as `/health` shows it.
 #[derive(Debug, Clone)]
 enum LanguageHealth {
@@ -86,7 +89,7 @@ pub struct InstancePool {
     /// Generic, not yet initialised instances, per language.
     warm: Mutex<HashMap<Language, Vec<Box<dyn Instance>>>>,
     /// Specialised instances waiting for their version's next execution.
-    idle: Mutex<HashMap<VersionKey, Vec<(Box<dyn Instance>, Instant)>>>,
+    idle: Mutex<HashMap<VersionKey, Vec<Idle>>>,
     health: Mutex<BTreeMap<Language, LanguageHealth>>,
     /// Instances handed out and not yet returned.
     busy: AtomicI64,
@@ -98,12 +101,18 @@ pub struct InstancePool {
 
 impl std::fmt::Debug for InstancePool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InstancePool").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("InstancePool")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 impl InstancePool {
-    pub fn new(backend: Arc<dyn RuntimeBackend>, config: PoolConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        backend: Arc<dyn RuntimeBackend>,
+        config: PoolConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let health = backend
             .languages()
             .into_iter()
@@ -130,7 +139,11 @@ impl InstancePool {
             return Ok(self.lease(instance, key, StartKind::Reused));
         }
         let memory_mb = function.manifest.limits.memory_mb;
-        let warm = if memory_mb == self.config.warm_memory_mb { self.take_warm(language) } else { None };
+        let warm = if memory_mb == self.config.warm_memory_mb {
+            self.take_warm(language)
+        } else {
+            None
+        };
         let (mut instance, start) = match warm {
             Some(instance) => (instance, StartKind::Warm),
             None => {
@@ -152,7 +165,11 @@ impl InstancePool {
 
     fn lease(&self, instance: Box<dyn Instance>, key: VersionKey, start: StartKind) -> Lease {
         self.busy.fetch_add(1, Ordering::Relaxed);
-        Lease { instance, key, start }
+        Lease {
+            instance,
+            key,
+            start,
+        }
     }
 
     /// Gives back a healthy instance: it waits, idle, for its version's next execution.
@@ -189,8 +206,15 @@ impl InstancePool {
     pub async fn evict_function(&self, language_title: &str) {
         let evicted: Vec<_> = {
             let mut idle = self.idle.lock().unwrap();
-            let keys: Vec<_> = idle.keys().filter(|k| k.0 == language_title).cloned().collect();
-            keys.into_iter().filter_map(|k| idle.remove(&k)).flatten().collect()
+            let keys: Vec<_> = idle
+                .keys()
+                .filter(|k| k.0 == language_title)
+                .cloned()
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| idle.remove(&k))
+                .flatten()
+                .collect()
         };
         for (mut instance, _) in evicted {
             instance.terminate().await;
@@ -220,7 +244,11 @@ impl InstancePool {
         None
     }
 
-    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(
+        &self,
+        language: Language,
+        memory_mb: u64,
+    ) -> Result<Box<dyn Instance>, InstanceError> {
         let result = self.backend.start(language, memory_mb).await;
         let state = match &result {
             Ok(_) => LanguageHealth::Ok,
@@ -324,7 +352,9 @@ impl InstancePool {
             let mut idle = self.idle.lock().unwrap();
             let mut out = Vec::new();
             for list in idle.values_mut() {
-                let (old, fresh): (Vec<_>, Vec<_>) = list.drain(..).partition(|(_, since)| since.elapsed() >= keep);
+                let (old, fresh): (Vec<_>, Vec<_>) = list
+                    .drain(..)
+                    .partition(|(_, since)| since.elapsed() >= keep);
                 *list = fresh;
                 out.extend(old.into_iter().map(|(i, _)| i));
             }
@@ -341,7 +371,13 @@ impl InstancePool {
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
         self.refill.notify_one();
-        let warm: Vec<_> = self.warm.lock().unwrap().drain().flat_map(|(_, v)| v).collect();
+        let warm: Vec<_> = self
+            .warm
+            .lock()
+            .unwrap()
+            .drain()
+            .flat_map(|(_, v)| v)
+            .collect();
         let idle: Vec<_> = self
             .idle
             .lock()

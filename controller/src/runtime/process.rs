@@ -87,7 +87,9 @@ pub struct ProcessBackend {
 
 impl std::fmt::Debug for ProcessBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProcessBackend").field("launchers", &self.launchers).finish_non_exhaustive()
+        f.debug_struct("ProcessBackend")
+            .field("launchers", &self.launchers)
+            .finish_non_exhaustive()
     }
 }
 
@@ -105,7 +107,10 @@ impl ProcessBackend {
         }
         std::fs::create_dir_all(&config.instances_dir)?;
         // Instances must reach their own directory through this one.
-        std::fs::set_permissions(&config.instances_dir, std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(
+            &config.instances_dir,
+            std::fs::Permissions::from_mode(0o711),
+        )?;
         let others_only = run_as.is_some();
         let mut launchers = HashMap::new();
         for language in [Language::Nodejs, Language::Python] {
@@ -150,7 +155,11 @@ impl RuntimeBackend for ProcessBackend {
         languages
     }
 
-    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(
+        &self,
+        language: Language,
+        memory_mb: u64,
+    ) -> Result<Box<dyn Instance>, InstanceError> {
         let unavailable = |message: String| InstanceError::Unavailable { language, message };
         let launcher = match self.launchers.get(&language) {
             Some(Ok(l)) => l,
@@ -167,7 +176,8 @@ impl RuntimeBackend for ProcessBackend {
                 socket.display()
             )));
         }
-        prepare_dir(&dir, self.run_as).map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
+        prepare_dir(&dir, self.run_as)
+            .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
 
         let mut cmd = Command::new(&launcher.program);
         cmd.args(&launcher.args)
@@ -193,7 +203,10 @@ impl RuntimeBackend for ProcessBackend {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(unavailable(format!("spawning {}: {e}", launcher.program.display())));
+                return Err(unavailable(format!(
+                    "spawning {}: {e}",
+                    launcher.program.display()
+                )));
             }
         };
         let pid = child.id().and_then(|p| Pid::from_raw(p as i32));
@@ -286,7 +299,11 @@ async fn drain(mut pipe: impl tokio::io::AsyncRead + Unpin, output: Arc<Output>,
         match pipe.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                let mut buf = if stderr { output.stderr.lock().unwrap() } else { output.stdout.lock().unwrap() };
+                let mut buf = if stderr {
+                    output.stderr.lock().unwrap()
+                } else {
+                    output.stdout.lock().unwrap()
+                };
                 buf.extend(&chunk[..n]);
                 let excess = buf.len().saturating_sub(OUTPUT_TAIL_BYTES);
                 buf.drain(..excess);
@@ -321,11 +338,17 @@ impl ProcessInstance {
                     self.output.tail(true).trim()
                 ));
             }
-            if let Ok((StatusCode::OK, _)) = self.client.call(Method::GET, "/health", None, 64 * 1024).await {
+            if let Ok((StatusCode::OK, _)) = self
+                .client
+                .call(Method::GET, "/health", None, 64 * 1024)
+                .await
+            {
                 return Ok(());
             }
             if started.elapsed() > START_TIMEOUT {
-                return Err(format!("runtime server did not answer within {START_TIMEOUT:?}"));
+                return Err(format!(
+                    "runtime server did not answer within {START_TIMEOUT:?}"
+                ));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
@@ -372,7 +395,10 @@ fn last_lines(s: &str, n: usize) -> String {
 fn error_parts(body: &Value) -> (String, String, Value) {
     let error = &body["error"];
     let code = error["code"].as_str().unwrap_or("RUNTIME_ERROR").to_owned();
-    let message = error["message"].as_str().unwrap_or("the function failed").to_owned();
+    let message = error["message"]
+        .as_str()
+        .unwrap_or("the function failed")
+        .to_owned();
     let details = match &error["details"] {
         Value::Object(_) => error["details"].clone(),
         _ => json!({}),
@@ -392,10 +418,14 @@ impl Instance for ProcessInstance {
 
     async fn init(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
         if self.initialized {
-            return Err(InstanceError::Protocol("instance is already initialised".into()));
+            return Err(InstanceError::Protocol(
+                "instance is already initialised".into(),
+            ));
         }
         if function.manifest.limits.memory_mb != self.memory_mb {
-            return Err(InstanceError::Protocol("instance memory cap differs from the function's".into()));
+            return Err(InstanceError::Protocol(
+                "instance memory cap differs from the function's".into(),
+            ));
         }
         let body = json!({
             "language_title": function.language_title.as_str(),
@@ -405,7 +435,11 @@ impl Instance for ProcessInstance {
             "code": function.code,
             "env": function.manifest.env,
         });
-        let (status, answer) = match self.client.call(Method::POST, "/init", Some(&body), MAX_INIT_RESPONSE).await {
+        let (status, answer) = match self
+            .client
+            .call(Method::POST, "/init", Some(&body), MAX_INIT_RESPONSE)
+            .await
+        {
             Ok(r) => r,
             Err(e) => return Err(self.failure(e).await),
         };
@@ -498,10 +532,13 @@ fn lookup_user(name: &str) -> anyhow::Result<(u32, u32)> {
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(':').collect();
-            (fields.len() >= 4 && fields[0] == name).then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
+            (fields.len() >= 4 && fields[0] == name)
+                .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
         })
         .next()
-        .ok_or_else(|| anyhow::anyhow!("instance user {name:?} not found in /etc/passwd (set INSTANCE_USER)"))
+        .ok_or_else(|| {
+            anyhow::anyhow!("instance user {name:?} not found in /etc/passwd (set INSTANCE_USER)")
+        })
 }
 
 /// Finds `name` on `PATH` (or takes it as a path). With `others_only`, skips
@@ -511,7 +548,11 @@ fn find_program(name: &str, others_only: bool) -> Result<PathBuf, String> {
         vec![PathBuf::from(name)]
     } else {
         std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|dir| dir.join(name)).collect())
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|dir| dir.join(name))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     candidates
@@ -520,7 +561,9 @@ fn find_program(name: &str, others_only: bool) -> Result<PathBuf, String> {
         .find(|c| {
             let Ok(meta) = c.metadata() else { return false };
             let mode = meta.permissions().mode();
-            meta.is_file() && mode & 0o111 != 0 && (!others_only || (mode & 0o001 != 0 && ancestors_searchable(c)))
+            meta.is_file()
+                && mode & 0o111 != 0
+                && (!others_only || (mode & 0o001 != 0 && ancestors_searchable(c)))
         })
         .ok_or_else(|| {
             if others_only {
@@ -532,7 +575,9 @@ fn find_program(name: &str, others_only: bool) -> Result<PathBuf, String> {
 }
 
 fn ancestors_searchable(path: &Path) -> bool {
-    path.ancestors()
-        .skip(1)
-        .all(|dir| dir.metadata().map(|m| m.permissions().mode() & 0o001 != 0).unwrap_or(false))
+    path.ancestors().skip(1).all(|dir| {
+        dir.metadata()
+            .map(|m| m.permissions().mode() & 0o001 != 0)
+            .unwrap_or(false)
+    })
 }

@@ -5,7 +5,9 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
 
 use super::{NewVersion, Source, Store, StoreError, StoredFunction, StoredVersion};
 use crate::timefmt;
@@ -23,7 +25,10 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
         Ok(SqliteStore { pool })
     }
@@ -42,7 +47,8 @@ macro_rules! select_function {
 
 fn time_col(row: &SqliteRow, col: &str) -> Result<time::OffsetDateTime, StoreError> {
     let s: String = row.try_get(col)?;
-    timefmt::parse(&s).map_err(|e| StoreError::Other(anyhow::anyhow!("bad timestamp in {col}: {e}")))
+    timefmt::parse(&s)
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("bad timestamp in {col}: {e}")))
 }
 
 fn version_from_row(row: &SqliteRow, created_col: &str) -> Result<StoredVersion, StoreError> {
@@ -88,7 +94,11 @@ impl Store for SqliteStore {
         rows.iter().map(function_from_row).collect()
     }
 
-    async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError> {
+    async fn version(
+        &self,
+        language_title: &str,
+        version: i64,
+    ) -> Result<Option<StoredVersion>, StoreError> {
         let row = sqlx::query(
             "SELECT language_title, version, manifest, code, code_hash, created_at \
              FROM function_versions WHERE language_title = ? AND version = ?",
@@ -124,7 +134,11 @@ impl Store for SqliteStore {
         self.load(&new.language_title).await
     }
 
-    async fn add_version(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError> {
+    async fn add_version(
+        &self,
+        new: NewVersion,
+        source: Source,
+    ) -> Result<StoredFunction, StoreError> {
         let now = timefmt::format(timefmt::now());
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
@@ -206,17 +220,28 @@ mod tests {
     #[tokio::test]
     async fn versions_are_numbered_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let f = store.create(new("nodejs-a", "v1"), Source::Api).await.unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let f = store
+            .create(new("nodejs-a", "v1"), Source::Api)
+            .await
+            .unwrap();
         assert_eq!(f.current.version, 1);
         assert!(matches!(
             store.create(new("nodejs-a", "again"), Source::Api).await,
             Err(StoreError::Conflict)
         ));
-        let f = store.add_version(new("nodejs-a", "v2"), Source::Api).await.unwrap();
+        let f = store
+            .add_version(new("nodejs-a", "v2"), Source::Api)
+            .await
+            .unwrap();
         assert_eq!(f.current.version, 2);
         assert_eq!(f.current.code, "v2");
-        assert_eq!(store.version("nodejs-a", 1).await.unwrap().unwrap().code, "v1");
+        assert_eq!(
+            store.version("nodejs-a", 1).await.unwrap().unwrap().code,
+            "v1"
+        );
         assert!(matches!(
             store.add_version(new("nodejs-b", "x"), Source::Api).await,
             Err(StoreError::NotFound)
