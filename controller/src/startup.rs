@@ -52,9 +52,16 @@ impl Application {
         let data_dir = &args.auth.data_dir;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
-        // Instances (another user when running as root) pass through the
-        // data dir to their own directory, but cannot list or read it.
-        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o711))?;
+        // Instances (another user when running as root) must pass through
+        // the data dir to their own directory. Only the search bit is added:
+        // never loosen or tighten anything else of a directory we were given.
+        let mode = std::fs::metadata(data_dir)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(
+                data_dir,
+                std::fs::Permissions::from_mode((mode & 0o7777) | 0o001),
+            )?;
+        }
         let auth = Arc::new(Authenticator::from_args(&args.auth)?);
 
         let db_path = data_dir.join("controller.db");
