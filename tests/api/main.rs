@@ -1,1 +1,17 @@
+#![allow(unreachable_pub, dead_code)]
 
+//! End-to-end tests: each starts the real controller binary on port 0 with a
+//! fresh data dir (`helpers::spawn_app`) and drives it over HTTP.
+
+mod helpers;
+
+mod auth;
+mod cache;
+mod execute;
+mod functions;
+mod initialize;
+mod limits;
+mod operations;
+mod sandbox;
+mod runtimes;
+mod sessions;
