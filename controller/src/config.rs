@@ -154,8 +154,9 @@ pub struct ServeArgs {
     /// Largest result a function may return, in bytes of JSON.
     #[arg(long, env = "MAX_RESULT_BYTES", default_value_t = 1024 * 1024)]
     pub max_result_bytes: usize,
-    /// Processes (and threads) an instance may run; a per-user limit.
-    #[arg(long, env = "INSTANCE_MAX_PROCESSES", default_value_t = 4096)]
+    /// Processes (and threads) an instance may run (`RLIMIT_NPROC`; per
+    /// instance when each has its own uid, i.e. as root).
+    #[arg(long, env = "INSTANCE_MAX_PROCESSES", default_value_t = 256)]
     pub instance_max_processes: u64,
     /// Open files per instance.
     #[arg(long, env = "INSTANCE_MAX_OPEN_FILES", default_value_t = 256)]
@@ -163,9 +164,13 @@ pub struct ServeArgs {
     /// Largest file an instance may write, in MiB.
     #[arg(long, env = "INSTANCE_MAX_FILE_MB", default_value_t = 64)]
     pub instance_max_file_mb: u64,
-    /// User that instances run as when the controller runs as root.
-    #[arg(long, env = "INSTANCE_USER", default_value = "nobody")]
-    pub instance_user: String,
+    /// First uid of the range instances run as (one uid each) when the
+    /// controller runs as root.
+    #[arg(long, env = "INSTANCE_UID_BASE", default_value_t = 200_000)]
+    pub instance_uid_base: u32,
+    /// Number of uids in that range: the most instances at once.
+    #[arg(long, env = "INSTANCE_UID_COUNT", default_value_t = 10_000)]
+    pub instance_uid_count: u32,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

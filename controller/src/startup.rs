@@ -93,7 +93,8 @@ impl Application {
                 max_open_files: args.instance_max_open_files,
                 max_file_bytes: args.instance_max_file_mb * 1024 * 1024,
             },
-            instance_user: args.instance_user.clone(),
+            instance_uid_base: args.instance_uid_base,
+            instance_uid_count: args.instance_uid_count,
             max_result_bytes: args.max_result_bytes,
         })?;
         let pool = InstancePool::new(

@@ -257,12 +257,10 @@ impl Registry {
             return Err(RegistryError::NotFound(lt.to_string()));
         }
         self.functions.write().unwrap().remove(lt.as_str());
-        self.versions
-            .invalidate_entries_if({
-                let lt = lt.to_string();
-                move |(name, _), _| *name == lt
-            })
-            .ok();
+        // Deletes are rare: forgetting every cached old version is simpler
+        // than picking this function's, and a re-registered function must
+        // never find its deleted versions here.
+        self.versions.invalidate_all();
         Ok(())
     }
 

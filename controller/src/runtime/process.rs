@@ -12,9 +12,11 @@
 //!   V8 and CPython, unlike `RLIMIT_AS`, which V8's large address-space
 //!   reservations exhaust at once), processes, open files, file size, no
 //!   core dumps;
-//! - when the controller runs as root, another user (`INSTANCE_USER`,
-//!   default `nobody`), so it cannot read the controller's files or
-//!   `/proc/{controller}/environ`.
+//! - when the controller runs as root, a uid of its own
+//!   (`INSTANCE_UID_BASE` + n, no passwd entry needed): it cannot read the
+//!   controller's files or `/proc/{controller}/environ`, nor another
+//!   instance's directory, environment or processes, and `RLIMIT_NPROC`
+//!   counts its processes alone.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -62,8 +64,10 @@ pub struct ProcessConfig {
     pub node_bin: String,
     pub python_bin: String,
     pub limits: ProcessLimits,
-    /// User to run instances as when the controller is root.
-    pub instance_user: String,
+    /// First uid of the range instances run as when the controller is root.
+    pub instance_uid_base: u32,
+    /// Size of that range: the most instances that can exist at once.
+    pub instance_uid_count: u32,
     /// Largest runtime answer (result included), in bytes.
     pub max_result_bytes: usize,
 }
@@ -79,8 +83,8 @@ pub struct ProcessBackend {
     instances_dir: PathBuf,
     /// Per language: how to start it, or why it cannot be started.
     launchers: HashMap<Language, Result<Launcher, String>>,
-    /// (uid, gid) to drop to, when running as root.
-    run_as: Option<(u32, u32)>,
+    /// Uids to drop to, one per instance, when running as root.
+    uids: Option<Arc<UidPool>>,
     limits: ProcessLimits,
     max_result_bytes: usize,
 }
@@ -97,11 +101,12 @@ impl ProcessBackend {
     /// Prepares the backend: resolves interpreters and the instance user, and
     /// clears instance directories left by an earlier run.
     pub fn new(config: ProcessConfig) -> anyhow::Result<Self> {
-        let run_as = if rustix::process::geteuid().is_root() {
-            Some(lookup_user(&config.instance_user)?)
-        } else {
-            None
-        };
+        let uids = rustix::process::geteuid().is_root().then(|| {
+            Arc::new(UidPool::new(
+                config.instance_uid_base,
+                config.instance_uid_count,
+            ))
+        });
         if config.instances_dir.exists() {
             std::fs::remove_dir_all(&config.instances_dir)?;
         }
@@ -111,7 +116,7 @@ impl ProcessBackend {
             &config.instances_dir,
             std::fs::Permissions::from_mode(0o711),
         )?;
-        let others_only = run_as.is_some();
+        let others_only = uids.is_some();
         let mut launchers = HashMap::new();
         for language in [Language::Nodejs, Language::Python] {
             let (bin, server, flags): (&str, &str, &[&str]) = match language {
@@ -136,7 +141,7 @@ impl ProcessBackend {
         Ok(ProcessBackend {
             instances_dir: config.instances_dir,
             launchers,
-            run_as,
+            uids,
             limits: config.limits,
             max_result_bytes: config.max_result_bytes,
         })
@@ -176,7 +181,14 @@ impl RuntimeBackend for ProcessBackend {
                 socket.display()
             )));
         }
-        prepare_dir(&dir, self.run_as)
+        let uid = match &self.uids {
+            Some(pool) => Some(
+                pool.allocate()
+                    .ok_or_else(|| unavailable("every instance uid is in use".into()))?,
+            ),
+            None => None,
+        };
+        prepare_dir(&dir, uid.as_ref().map(|u| u.0))
             .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
 
         let mut cmd = Command::new(&launcher.program);
@@ -194,8 +206,9 @@ impl RuntimeBackend for ProcessBackend {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        if let Some((uid, gid)) = self.run_as {
-            cmd.uid(uid).gid(gid);
+        if let Some(uid) = &uid {
+            // std drops supplementary groups too when it changes the uid.
+            cmd.uid(uid.0).gid(uid.0);
         }
         limit_child(&mut cmd, self.limits, memory_mb * 1024 * 1024);
         let started = Instant::now();
@@ -229,6 +242,7 @@ impl RuntimeBackend for ProcessBackend {
             max_result_bytes: self.max_result_bytes,
             initialized: false,
             terminated: false,
+            uid,
         };
         if let Err(e) = instance.wait_ready(started).await {
             instance.terminate().await;
@@ -240,13 +254,13 @@ impl RuntimeBackend for ProcessBackend {
 }
 
 /// The instance directory, with `tmp/`, owned by the instance user.
-fn prepare_dir(dir: &Path, run_as: Option<(u32, u32)>) -> std::io::Result<()> {
+fn prepare_dir(dir: &Path, uid: Option<u32>) -> std::io::Result<()> {
     std::fs::create_dir(dir)?;
     std::fs::create_dir(dir.join("tmp"))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    if let Some((uid, gid)) = run_as {
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
-        std::os::unix::fs::chown(dir.join("tmp"), Some(uid), Some(gid))?;
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
+        std::os::unix::fs::chown(dir.join("tmp"), Some(uid), Some(uid))?;
     }
     Ok(())
 }
@@ -326,6 +340,8 @@ pub struct ProcessInstance {
     max_result_bytes: usize,
     initialized: bool,
     terminated: bool,
+    /// The instance's own uid, given back when the instance is gone.
+    uid: Option<UidLease>,
 }
 
 impl ProcessInstance {
@@ -503,6 +519,7 @@ impl Instance for ProcessInstance {
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         self.terminated = true;
+        self.uid = None;
     }
 }
 
@@ -525,20 +542,46 @@ impl Drop for ProcessInstance {
     }
 }
 
-/// `uid` and `gid` of a user, from `/etc/passwd`.
-fn lookup_user(name: &str) -> anyhow::Result<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd")?;
-    passwd
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(':').collect();
-            (fields.len() >= 4 && fields[0] == name)
-                .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
-        })
-        .next()
-        .ok_or_else(|| {
-            anyhow::anyhow!("instance user {name:?} not found in /etc/passwd (set INSTANCE_USER)")
-        })
+/// The range of uids instances run as, one each. Handed out round-robin so
+/// a uid is reused as late as possible.
+#[derive(Debug)]
+struct UidPool {
+    base: u32,
+    count: u32,
+    state: Mutex<(u32, std::collections::HashSet<u32>)>,
+}
+
+impl UidPool {
+    fn new(base: u32, count: u32) -> Self {
+        UidPool {
+            base,
+            count: count.max(1),
+            state: Mutex::new((0, Default::default())),
+        }
+    }
+
+    fn allocate(self: &Arc<Self>) -> Option<UidLease> {
+        let mut state = self.state.lock().unwrap();
+        for _ in 0..self.count {
+            let uid = self.base + state.0;
+            state.0 = (state.0 + 1) % self.count;
+            if state.1.insert(uid) {
+                return Some(UidLease(uid, self.clone()));
+            }
+        }
+        None
+    }
+}
+
+/// A uid in use by one instance; released when dropped, after the instance's
+/// processes were killed.
+#[derive(Debug)]
+struct UidLease(u32, Arc<UidPool>);
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        self.1.state.lock().unwrap().1.remove(&self.0);
+    }
 }
 
 /// Finds `name` on `PATH` (or takes it as a path). With `others_only`, skips

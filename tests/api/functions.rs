@@ -1,0 +1,704 @@
+//! `/api/v1/functions`: the seed's listing and detail (A.4, A.5) and the
+//! registration extension (create, new version with PUT, delete).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{Reply, SECRET, TestApp, read, repo_dir, spawn_app};
+
+const BUNDLED: [&str; 6] = [
+    "nodejs-calculator",
+    "nodejs-counter",
+    "nodejs-error",
+    "python-calculator",
+    "python-counter",
+    "python-error",
+];
+
+const NODE_HELLO: &str = "module.exports.handler = async (params, context) => ({ greeting: 'hello v1' });\n";
+const NODE_HELLO_V2: &str = "module.exports.handler = async (params, context) => ({ greeting: 'hello v2' });\n";
+
+/// Sends `body` (if any) to `path` with `token`.
+pub(crate) async fn call(app: &TestApp, method: Method, path: &str, token: &str, body: Option<Value>) -> Reply {
+    let mut req = app.client.request(method, app.url(path)).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    read(req.send().await.unwrap()).await
+}
+
+/// `PUT /api/v1/functions/{lt}`: registers a new version.
+pub(crate) async fn put_function(app: &TestApp, token: &str, lt: &str, body: Value) -> Reply {
+    call(app, Method::PUT, &format!("/api/v1/functions/{lt}"), token, Some(body)).await
+}
+
+fn titles(list: &Reply) -> Vec<String> {
+    list.body["functions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no functions in {:?}", list.body))
+        .iter()
+        .map(|f| f["language_title"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A contract timestamp: `2025-05-13T12:28:22Z`.
+fn is_contract_time(v: &Value) -> bool {
+    let Some(s) = v.as_str() else { return false };
+    let b = s.as_bytes();
+    s.len() == 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[19] == b'Z'
+        && s.chars().filter(char::is_ascii_digit).count() == 14
+}
+
+/// Every field of `expected` is in `actual` with the same value (objects
+/// recursively; other values exactly).
+fn contains(actual: &Value, expected: &Value) -> bool {
+    match (actual, expected) {
+        (Value::Object(a), Value::Object(e)) => e.iter().all(|(k, v)| a.get(k).is_some_and(|av| contains(av, v))),
+        _ => actual == expected,
+    }
+}
+
+#[tokio::test]
+async fn the_listing_shows_the_bundled_functions_with_the_contract_fields() {
+    let app = spawn_app();
+    let token = app.token("reader", &["read:functions"]);
+
+    let r = app.get(Some(&token), "/api/v1/functions").await;
+
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["total"], 6);
+    assert_eq!(r.body["page"], 1);
+    assert_eq!(r.body["per_page"], 20);
+    assert_eq!(titles(&r), BUNDLED);
+    for f in r.body["functions"].as_array().unwrap() {
+        let language = f["language"].as_str().unwrap();
+        let title = f["title"].as_str().unwrap();
+        assert_eq!(f["language_title"], format!("{language}-{title}").as_str(), "{f}");
+        assert!(!f["description"].as_str().unwrap().is_empty(), "{f}");
+        assert!(
+            is_contract_time(&f["created_at"]) && is_contract_time(&f["updated_at"]),
+            "{f}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_listing_filters_by_language() {
+    let app = spawn_app();
+    let token = app.token("reader", &["read:functions"]);
+
+    let python = app.get(Some(&token), "/api/v1/functions?language=python").await;
+    let nodejs = app.get(Some(&token), "/api/v1/functions?language=nodejs").await;
+
+    assert_eq!(python.status, 200, "{:?}", python.body);
+    assert_eq!(titles(&python), ["python-calculator", "python-counter", "python-error"]);
+    assert_eq!(python.body["total"], 3);
+    assert!(
+        python.body["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["language"] == "python")
+    );
+    assert_eq!(titles(&nodejs), ["nodejs-calculator", "nodejs-counter", "nodejs-error"]);
+}
+
+#[tokio::test]
+async fn the_listing_pages_with_the_full_total_and_an_empty_page_past_the_end() {
+    let app = spawn_app();
+    let token = app.token("reader", &["read:functions"]);
+
+    let second = app.get(Some(&token), "/api/v1/functions?per_page=2&page=2").await;
+    let last = app.get(Some(&token), "/api/v1/functions?per_page=4&page=2").await;
+    let beyond = app.get(Some(&token), "/api/v1/functions?per_page=2&page=4").await;
+
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(second.body["total"], 6);
+    assert_eq!(second.body["page"], 2);
+    assert_eq!(second.body["per_page"], 2);
+    assert_eq!(titles(&second), ["nodejs-error", "python-calculator"]);
+    assert_eq!(titles(&last), ["python-counter", "python-error"]);
+    assert_eq!(last.body["total"], 6);
+    assert_eq!(beyond.status, 200, "{:?}", beyond.body);
+    assert_eq!(beyond.body["total"], 6);
+    assert_eq!(titles(&beyond), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn bad_listing_queries_are_400_invalid_request() {
+    let app = spawn_app();
+    let token = app.token("reader", &["read:functions"]);
+    for query in [
+        "per_page=101",
+        "per_page=0",
+        "page=0",
+        "page=abc",
+        "per_page=-1",
+        "language=cobol",
+    ] {
+        let r = app.get(Some(&token), &format!("/api/v1/functions?{query}")).await;
+        assert_eq!(r.status, 400, "{query}: {:?}", r.body);
+        assert_eq!(r.code(), "INVALID_REQUEST", "{query}");
+        assert!(r.body["error"]["message"].is_string(), "{query}");
+    }
+}
+
+#[tokio::test]
+async fn the_calculator_detail_has_the_contracts_schema_and_example() {
+    let app = spawn_app();
+    let token = app.token("reader", &["read:functions"]);
+
+    let r = app.get(Some(&token), "/api/v1/functions/nodejs-calculator").await;
+
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["language"], "nodejs");
+    assert_eq!(r.body["title"], "calculator");
+    assert_eq!(r.body["language_title"], "nodejs-calculator");
+    assert!(r.body["description"].is_string());
+    assert!(is_contract_time(&r.body["created_at"]) && is_contract_time(&r.body["updated_at"]));
+    // The contract's schema (A.5); the bundled manifest may add documentation to it.
+    let params = json!({
+        "type": "object",
+        "properties": {
+            "operation": { "type": "string", "enum": ["add", "subtract", "multiply", "divide"] },
+            "values": { "type": "array", "items": { "type": "number" } }
+        },
+        "required": ["operation", "values"]
+    });
+    let result = json!({ "type": "object", "properties": { "value": { "type": "number" } } });
+    assert!(
+        contains(&r.body["schema"]["params"], &params),
+        "{}",
+        r.body["schema"]["params"]
+    );
+    assert!(
+        contains(&r.body["schema"]["result"], &result),
+        "{}",
+        r.body["schema"]["result"]
+    );
+    assert_eq!(
+        r.body["examples"][0],
+        json!({ "description": "Addition",
+                "request": { "params": { "operation": "add", "values": [1, 2, 3] } },
+                "response": { "result": { "value": 6 } } })
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_function_is_404_and_a_malformed_title_is_400() {
+    let app = spawn_app();
+    let token = app.token("reader", &["read:functions"]);
+
+    let unknown = app.get(Some(&token), "/api/v1/functions/nodejs-nope").await;
+    let no_language = app.get(Some(&token), "/api/v1/functions/cobol-calculator").await;
+    let bad_title = app.get(Some(&token), "/api/v1/functions/nodejs-Bad_Title").await;
+
+    assert_eq!(unknown.status, 404, "{:?}", unknown.body);
+    assert_eq!(unknown.code(), "NOT_FOUND");
+    for r in [no_language, bad_title] {
+        assert_eq!(r.status, 400, "{:?}", r.body);
+        assert_eq!(r.code(), "INVALID_REQUEST");
+    }
+}
+
+#[tokio::test]
+async fn a_registered_function_is_version_1_listed_and_runnable() {
+    let app = spawn_app();
+    let token = app.admin();
+
+    let created = app
+        .register("nodejs-hello", NODE_HELLO, json!({"description": "Says hello"}))
+        .await;
+
+    assert_eq!(created.body["language_title"], "nodejs-hello");
+    assert_eq!(created.body["language"], "nodejs");
+    assert_eq!(created.body["title"], "hello");
+    assert_eq!(created.body["version"], 1);
+    assert_eq!(created.body["description"], "Says hello");
+    let list = app.get(Some(&token), "/api/v1/functions").await;
+    assert_eq!(list.body["total"], 7);
+    assert!(titles(&list).contains(&"nodejs-hello".to_owned()));
+    let detail = app.get(Some(&token), "/api/v1/functions/nodejs-hello").await;
+    assert_eq!(detail.status, 200);
+    assert_eq!(detail.body["version"], 1);
+    let id = app.session(&token, "nodejs-hello", json!({})).await;
+    let r = app.execute(&token, &id, json!({})).await;
+    assert_eq!(r.body["result"], json!({"greeting": "hello v1"}), "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn registering_an_existing_function_again_is_409() {
+    let app = spawn_app();
+    app.register("nodejs-hello", NODE_HELLO, json!({})).await;
+    let body = json!({"language_title": "nodejs-hello", "description": "again", "code": NODE_HELLO});
+
+    let again = call(&app, Method::POST, "/api/v1/functions", &app.admin(), Some(body)).await;
+    let bundled = call(
+        &app,
+        Method::POST,
+        "/api/v1/functions",
+        &app.admin(),
+        Some(json!({"language_title": "nodejs-calculator", "description": "mine", "code": NODE_HELLO})),
+    )
+    .await;
+
+    for r in [again, bundled] {
+        assert_eq!(r.status, 409, "{:?}", r.body);
+        assert_eq!(r.code(), "CONFLICT");
+    }
+}
+
+#[tokio::test]
+async fn registering_without_the_write_scope_is_403() {
+    let app = spawn_app();
+    let token = app.token("alice", &["execute:all", "read:functions"]);
+    let body = json!({"language_title": "nodejs-hello", "description": "d", "code": NODE_HELLO});
+
+    let create = call(&app, Method::POST, "/api/v1/functions", &token, Some(body.clone())).await;
+    let update = put_function(&app, &token, "nodejs-calculator", body).await;
+    let delete = call(
+        &app,
+        Method::DELETE,
+        "/api/v1/functions/nodejs-calculator",
+        &token,
+        None,
+    )
+    .await;
+
+    for r in [create, update, delete] {
+        assert_eq!(r.status, 403, "{:?}", r.body);
+        assert_eq!(r.code(), "FORBIDDEN");
+    }
+    let list = app.get(Some(&app.admin()), "/api/v1/functions").await;
+    assert_eq!(list.body["total"], 6, "nothing was registered or deleted");
+}
+
+#[tokio::test]
+async fn invalid_manifests_are_400_naming_the_field() {
+    let app = spawn_app();
+    let token = app.admin();
+    let base = json!({"language_title": "nodejs-bad", "description": "d", "code": NODE_HELLO});
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"entrypoint": "../x.js"}), "entrypoint"),
+        (json!({"entrypoint": "x.py"}), "entrypoint"),
+        (json!({"handler": "a.b"}), "handler"),
+        (json!({"env": {"PATH": "/tmp"}}), "PATH"),
+        (json!({"env": {"A-B": "x"}}), "env"),
+        (json!({"limits": {"timeout_ms": 0}}), "limits.timeout_ms"),
+        (json!({"limits": {"memory_mb": 1}}), "limits.memory_mb"),
+        (json!({"schema": {"params": {"type": 12}}}), "schema.params"),
+        (json!({"surprise": true}), "surprise"),
+        (json!({"code": ""}), "code"),
+        (json!({"code": "  \n"}), "code"),
+        (json!({"language_title": "nodejs-Bad"}), "Language-Title"),
+        (json!({"language_title": "cobol-x"}), "cobol"),
+    ];
+    for (patch, field) in cases {
+        let mut body = base.clone();
+        body.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
+
+        let r = call(&app, Method::POST, "/api/v1/functions", &token, Some(body)).await;
+
+        assert_eq!(r.status, 400, "{patch}: {:?}", r.body);
+        assert_eq!(r.code(), "INVALID_REQUEST", "{patch}");
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(field),
+            "{patch}: the message does not name {field}: {message}"
+        );
+    }
+    // A missing description.
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/v1/functions",
+        &token,
+        Some(json!({"language_title": "nodejs-bad", "code": NODE_HELLO})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("description"),
+        "{:?}",
+        r.body
+    );
+    // None of them was registered.
+    let detail = app.get(Some(&token), "/api/v1/functions/nodejs-bad").await;
+    assert_eq!(detail.status, 404);
+}
+
+#[tokio::test]
+async fn put_registers_version_2_and_sessions_started_before_keep_version_1() {
+    let app = spawn_app();
+    let token = app.admin();
+    app.register("nodejs-hello", NODE_HELLO, json!({})).await;
+    let before = app
+        .session(&token, "nodejs-hello", json!({"retain_session": true}))
+        .await;
+
+    // Act
+    let updated = put_function(
+        &app,
+        &token,
+        "nodejs-hello",
+        json!({"description": "Says hello, again", "code": NODE_HELLO_V2}),
+    )
+    .await;
+
+    // Assert: the new version is current...
+    assert_eq!(updated.status, 200, "{:?}", updated.body);
+    assert_eq!(updated.body["version"], 2);
+    assert_eq!(updated.body["description"], "Says hello, again");
+    let detail = app.get(Some(&token), "/api/v1/functions/nodejs-hello").await;
+    assert_eq!(detail.body["version"], 2);
+    let after = app.session(&token, "nodejs-hello", json!({})).await;
+    let r = app.execute(&token, &after, json!({})).await;
+    assert_eq!(r.body["result"], json!({"greeting": "hello v2"}), "{:?}", r.body);
+    // ...and the session started before runs version 1.
+    let old = app.execute(&token, &before, json!({})).await;
+    assert_eq!(old.body["result"], json!({"greeting": "hello v1"}), "{:?}", old.body);
+    let session = app.get(Some(&token), &format!("/api/v1/sessions/{before}")).await;
+    assert_eq!(session.body["version"], 1, "{:?}", session.body);
+}
+
+#[tokio::test]
+async fn put_on_an_unknown_function_is_404() {
+    let app = spawn_app();
+    let token = app.admin();
+
+    let r = put_function(
+        &app,
+        &token,
+        "nodejs-nope",
+        json!({"description": "d", "code": NODE_HELLO}),
+    )
+    .await;
+
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert_eq!(r.code(), "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn put_with_another_language_title_in_the_body_is_400() {
+    let app = spawn_app();
+    let token = app.admin();
+    app.register("nodejs-hello", NODE_HELLO, json!({})).await;
+
+    let r = put_function(
+        &app,
+        &token,
+        "nodejs-hello",
+        json!({"language_title": "nodejs-other", "description": "d", "code": NODE_HELLO_V2}),
+    )
+    .await;
+
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.code(), "INVALID_REQUEST");
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("language_title"));
+    let detail = app.get(Some(&token), "/api/v1/functions/nodejs-hello").await;
+    assert_eq!(detail.body["version"], 1);
+}
+
+#[tokio::test]
+async fn a_deleted_function_is_gone_for_details_initialize_and_its_open_sessions() {
+    let app = spawn_app();
+    let token = app.admin();
+    app.register("nodejs-hello", NODE_HELLO, json!({})).await;
+    let open = app
+        .session(&token, "nodejs-hello", json!({"retain_session": true}))
+        .await;
+
+    // Act
+    let deleted = call(&app, Method::DELETE, "/api/v1/functions/nodejs-hello", &token, None).await;
+
+    // Assert
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    assert_eq!(deleted.body, Value::Null, "204 has no body");
+    let detail = app.get(Some(&token), "/api/v1/functions/nodejs-hello").await;
+    assert_eq!(detail.status, 404);
+    assert_eq!(detail.code(), "NOT_FOUND");
+    let init = app.initialize(&token, "nodejs-hello", json!({})).await;
+    assert_eq!(init.status, 404, "{:?}", init.body);
+    assert_eq!(init.code(), "NOT_FOUND");
+    let exec = app.execute(&token, &open, json!({})).await;
+    assert_eq!(exec.status, 404, "{:?}", exec.body);
+    assert_eq!(exec.code(), "NOT_FOUND");
+    assert_eq!(exec.body["request_id"], open.as_str());
+    let again = call(&app, Method::DELETE, "/api/v1/functions/nodejs-hello", &token, None).await;
+    assert_eq!(again.status, 404);
+    let list = app.get(Some(&token), "/api/v1/functions").await;
+    assert!(!titles(&list).contains(&"nodejs-hello".to_owned()));
+}
+
+#[tokio::test]
+async fn code_that_fails_to_load_is_500_initialization_error_with_details() {
+    let app = spawn_app();
+    let token = app.admin();
+    let cases = [
+        (
+            "nodejs-syntax",
+            "module.exports.handler = () => 1;\nlet x = ;\n",
+            Some(2),
+        ),
+        (
+            "python-syntax",
+            "def handler(params, context):\n    return 1\nx = = 2\n",
+            Some(3),
+        ),
+        ("nodejs-toplevel", "throw new Error('broken at load');\n", Some(1)),
+        ("python-toplevel", "raise RuntimeError('broken at load')\n", Some(1)),
+        ("nodejs-nohandler", "module.exports.other = () => 1;\n", None),
+        ("python-nohandler", "def other(params, context):\n    return 1\n", None),
+    ];
+    for (lt, code, line) in cases {
+        app.register(lt, code, json!({})).await;
+
+        let r = app.initialize(&token, lt, json!({})).await;
+
+        assert_eq!(r.status, 500, "{lt}: {:?}", r.body);
+        assert_eq!(r.code(), "INITIALIZATION_ERROR", "{lt}");
+        assert!(r.body["error"]["message"].is_string(), "{lt}");
+        assert!(r.body["error"]["details"].is_object(), "{lt}: {:?}", r.body);
+        if let Some(line) = line {
+            assert_eq!(r.body["error"]["details"]["line"], line, "{lt}: {:?}", r.body);
+        }
+        if lt.ends_with("toplevel") {
+            assert!(
+                r.body["error"]["message"].as_str().unwrap().contains("broken at load"),
+                "{lt}: {:?}",
+                r.body
+            );
+        }
+        if lt.ends_with("nohandler") {
+            assert!(
+                r.body["error"]["message"].as_str().unwrap().contains("handler"),
+                "{lt}: {:?}",
+                r.body
+            );
+        }
+        let shown = r.body.to_string();
+        assert!(
+            !shown.contains(app.data_dir.path().to_str().unwrap()),
+            "{lt}: host path leaked: {shown}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_registered_function_sees_its_manifest_env() {
+    let app = spawn_app();
+    let token = app.admin();
+    let cases = [
+        (
+            "nodejs-greeter",
+            "module.exports.handler = () => ({ greeting: process.env.GREETING ?? null });\n",
+        ),
+        (
+            "python-greeter",
+            "import os\n\ndef handler(params, context):\n    return {\"greeting\": os.environ.get(\"GREETING\")}\n",
+        ),
+    ];
+    for (lt, code) in cases {
+        app.register(lt, code, json!({"env": {"GREETING": "hi"}})).await;
+        let id = app.session(&token, lt, json!({})).await;
+
+        let r = app.execute(&token, &id, json!({})).await;
+
+        assert_eq!(r.status, 200, "{lt}: {:?}", r.body);
+        assert_eq!(r.body["result"], json!({"greeting": "hi"}), "{lt}");
+    }
+}
+
+/// A second controller on an existing data dir (the harness always makes a
+/// fresh one); killed on drop.
+struct Restarted {
+    child: Child,
+    address: String,
+}
+
+impl Restarted {
+    fn start(data_dir: &Path) -> Self {
+        let repo = repo_dir();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_controller-under-test"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--warm-pool-size",
+                "1",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--functions-dir")
+            .arg(repo.join("functions"))
+            .arg("--runtimes-dir")
+            .arg(repo.join("runtimes"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("JWT_SECRET", SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the controller binary");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if v["message"].as_str().is_some_and(|m| m.starts_with("listening on"))
+                    && let (Some(addr), Some(tx)) = (v["addr"].as_str(), tx.take())
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("restarted controller did not start");
+        Restarted {
+            child,
+            address: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        // SIGTERM first, as the harness does, so the controller removes its instances.
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn registered_functions_survive_a_restart() {
+    // Arrange: register, then stop the controller but keep its data dir.
+    let mut app = spawn_app();
+    let token = app.admin();
+    app.register("nodejs-hello", NODE_HELLO, json!({})).await;
+    let updated = put_function(
+        &app,
+        &token,
+        "nodejs-hello",
+        json!({"description": "v2", "code": NODE_HELLO_V2}),
+    )
+    .await;
+    assert_eq!(updated.status, 200, "{:?}", updated.body);
+    let data_dir = std::mem::replace(&mut app.data_dir, tempfile::tempdir().unwrap());
+    drop(app);
+
+    // Act
+    let restarted = Restarted::start(data_dir.path());
+    let client = reqwest::Client::new();
+    let detail = client
+        .get(format!("{}/api/v1/functions/nodejs-hello", restarted.address))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let detail = read(detail).await;
+
+    // Assert: still there, at its latest version, and it runs.
+    assert_eq!(detail.status, 200, "{:?}", detail.body);
+    assert_eq!(detail.body["version"], 2);
+    assert_eq!(detail.body["description"], "v2");
+    let init = client
+        .post(format!("{}/api/v1/initialize", restarted.address))
+        .bearer_auth(&token)
+        .header("Language-Title", "nodejs-hello")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let init = read(init).await;
+    assert_eq!(init.status, 200, "{:?}", init.body);
+    let id = init.body["request_id"].as_str().unwrap();
+    let exec = client
+        .post(format!("{}/api/v1/execute/{id}", restarted.address))
+        .bearer_auth(&token)
+        .json(&json!({"params": {}}))
+        .send()
+        .await
+        .unwrap();
+    let exec = read(exec).await;
+    assert_eq!(exec.body["result"], json!({"greeting": "hello v2"}), "{:?}", exec.body);
+    drop(restarted);
+}
+
+#[tokio::test]
+async fn a_function_deleted_and_registered_again_never_runs_its_old_code() {
+    // Arrange: the first life of nodejs-hello reaches version 2, and a session
+    // on its version 1 executes after the update (so version 1 is looked up).
+    let app = spawn_app();
+    let token = app.admin();
+    app.register("nodejs-hello", NODE_HELLO, json!({})).await;
+    let first_life = app
+        .session(&token, "nodejs-hello", json!({"retain_session": true}))
+        .await;
+    let v2 = put_function(
+        &app,
+        &token,
+        "nodejs-hello",
+        json!({"description": "d", "code": NODE_HELLO_V2}),
+    )
+    .await;
+    assert_eq!(v2.status, 200, "{:?}", v2.body);
+    let r = app.execute(&token, &first_life, json!({})).await;
+    assert_eq!(r.body["result"], json!({"greeting": "hello v1"}), "{:?}", r.body);
+    let deleted = call(&app, Method::DELETE, "/api/v1/functions/nodejs-hello", &token, None).await;
+    assert_eq!(deleted.status, 204);
+
+    // Act: a second life, whose version 1 is other code, also gets a version 2
+    // while a session on its version 1 is open.
+    let reborn = "module.exports.handler = () => ({ greeting: 'reborn v1' });\n";
+    let created = app.register("nodejs-hello", reborn, json!({})).await;
+    assert_eq!(created.body["version"], 1);
+    let second_life = app.session(&token, "nodejs-hello", json!({})).await;
+    let reborn_v2 = "module.exports.handler = () => ({ greeting: 'reborn v2' });\n";
+    let v2 = put_function(
+        &app,
+        &token,
+        "nodejs-hello",
+        json!({"description": "d", "code": reborn_v2}),
+    )
+    .await;
+    assert_eq!(v2.status, 200, "{:?}", v2.body);
+    let r = app
+        .execute_with(&token, &second_life, json!({"params": {}}), Some("no-cache"))
+        .await;
+
+    // Assert: the session runs the second life's version 1, not the deleted code.
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["result"],
+        json!({"greeting": "reborn v1"}),
+        "a deleted function's code ran"
+    );
+}

@@ -1,0 +1,270 @@
+//! `spawn_app()`: starts the real controller binary on port 0 with a fresh
+//! data dir, and typed helpers to drive it over HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use controller::auth::Authenticator;
+use serde_json::{Value, json};
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+pub fn repo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running controller and what a test needs to talk to it.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub data_dir: tempfile::TempDir,
+    child: Child,
+    /// Everything the controller logged (JSON lines).
+    logs: Arc<Mutex<Vec<String>>>,
+    auth: Authenticator,
+}
+
+/// Options for [`spawn_app_with`]: extra command-line flags.
+pub fn spawn_app() -> TestApp {
+    spawn_app_with(&[])
+}
+
+pub fn spawn_app_with(extra: &[&str]) -> TestApp {
+    let data_dir = tempfile::Builder::new().prefix("fnrt").tempdir().expect("temp dir");
+    let repo = repo_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_controller-under-test"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--warm-pool-size", "1"])
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .arg("--functions-dir")
+        .arg(repo.join("functions"))
+        .arg("--runtimes-dir")
+        .arg(repo.join("runtimes"))
+        .args(extra)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("JWT_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the controller binary");
+    let stderr = child.stderr.take().unwrap();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let logs = logs.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = listening_addr(&line)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr);
+                }
+                logs.lock().unwrap().push(line);
+            }
+        });
+    }
+    let address = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => format!("http://{addr}"),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("controller did not start: {:#?}", logs.lock().unwrap());
+        }
+    };
+    let app = TestApp {
+        address,
+        client: reqwest::Client::new(),
+        data_dir,
+        child,
+        logs,
+        auth: Authenticator::new(SECRET.as_bytes(), None, None),
+    };
+    app
+}
+
+fn listening_addr(line: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    v["message"].as_str()?.starts_with("listening on").then(|| v["addr"].as_str().map(str::to_owned))?
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or_default()
+    }
+}
+
+pub async fn read(response: reqwest::Response) -> Reply {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("body is not JSON ({status}): {text}"))
+    };
+    Reply { status, headers, body }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    /// A token for `sub` with `scopes`.
+    pub fn token(&self, sub: &str, scopes: &[&str]) -> String {
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        self.auth.issue(sub, &scopes, 3600).unwrap()
+    }
+
+    /// A token for `alice` with every scope.
+    pub fn admin(&self) -> String {
+        self.token("alice", &["execute:all", "read:functions", "write:functions"])
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub async fn initialize(&self, token: &str, language_title: &str, body: Value) -> Reply {
+        let r = self
+            .client
+            .post(self.url("/api/v1/initialize"))
+            .bearer_auth(token)
+            .header("Language-Title", language_title)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        read(r).await
+    }
+
+    /// Initializes and returns the request ID, asserting success.
+    pub async fn session(&self, token: &str, language_title: &str, context: Value) -> String {
+        let r = self.initialize(token, language_title, json!({ "context": context })).await;
+        assert_eq!(r.status, 200, "initialize {language_title}: {:?}", r.body);
+        r.body["request_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn execute(&self, token: &str, request_id: &str, params: Value) -> Reply {
+        self.execute_with(token, request_id, json!({ "params": params }), None).await
+    }
+
+    pub async fn execute_with(&self, token: &str, request_id: &str, body: Value, cache: Option<&str>) -> Reply {
+        let mut req = self
+            .client
+            .post(self.url(&format!("/api/v1/execute/{request_id}")))
+            .bearer_auth(token)
+            .json(&body);
+        if let Some(c) = cache {
+            req = req.header("X-Cache-Control", c);
+        }
+        read(req.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, token: Option<&str>, path: &str) -> Reply {
+        let mut req = self.client.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        read(req.send().await.unwrap()).await
+    }
+
+    /// Registers a function through the API, asserting success.
+    pub async fn register(&self, language_title: &str, code: &str, extra: Value) -> Reply {
+        let mut body = json!({
+            "language_title": language_title,
+            "description": format!("test function {language_title}"),
+            "code": code,
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let r = self
+            .client
+            .post(self.url("/api/v1/functions"))
+            .bearer_auth(self.admin())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let reply = read(r).await;
+        assert_eq!(reply.status, 201, "register {language_title}: {:?}", reply.body);
+        reply
+    }
+
+    /// Runs `code` once as a fresh function in a fresh session.
+    pub async fn run_once(&self, language_title: &str, code: &str, extra: Value, params: Value) -> Reply {
+        self.register(language_title, code, extra).await;
+        let token = self.admin();
+        let id = self.session(&token, language_title, json!({})).await;
+        self.execute(&token, &id, params).await
+    }
+
+    /// Processes (pids) running as children of the controller's instances.
+    pub fn instance_dirs(&self) -> usize {
+        std::fs::read_dir(self.data_dir.path().join("instances"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn controller_pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Pids whose parent is `parent`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The parent pid is the second field after the parenthesised name.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let ppid: u32 = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == parent {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Polls `check` until it is true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
