@@ -107,11 +107,7 @@ impl Authenticator {
             Some(s) if !s.expose().is_empty() => s.expose().as_bytes().to_vec(),
             _ => local_secret(&args.data_dir)?,
         };
-        Ok(Self::new(
-            &secret,
-            args.jwt_issuer.clone(),
-            args.jwt_audience.clone(),
-        ))
+        Ok(Self::new(&secret, args.jwt_issuer.clone(), args.jwt_audience.clone()))
     }
 
     pub fn new(secret: &[u8], issuer: Option<String>, audience: Option<String>) -> Self {
@@ -184,9 +180,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
     match e.kind() {
         ErrorKind::ExpiredSignature => "token has expired".into(),
         ErrorKind::InvalidSignature => "signature does not match".into(),
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-            "algorithm not allowed (HS256 only)".into()
-        }
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "algorithm not allowed (HS256 only)".into(),
         ErrorKind::MissingRequiredClaim(c) => format!("missing required claim '{c}'"),
         ErrorKind::InvalidIssuer => "wrong issuer".into(),
         ErrorKind::InvalidAudience => "wrong audience".into(),
@@ -207,8 +201,7 @@ fn local_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
             return Ok(secret.as_bytes().to_vec());
         }
     }
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -237,11 +230,7 @@ mod tests {
     fn issued_tokens_verify_with_their_scopes() {
         let a = auth();
         let t = a
-            .issue(
-                "alice",
-                &["execute:nodejs".into(), READ_FUNCTIONS.into()],
-                60,
-            )
+            .issue("alice", &["execute:nodejs".into(), READ_FUNCTIONS.into()], 60)
             .unwrap();
         let s = a.verify(&t).unwrap();
         assert_eq!(s.sub, "alice");

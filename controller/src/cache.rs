@@ -48,12 +48,7 @@ pub fn canonical_json(value: &Value) -> String {
             Value::Object(map) => {
                 let mut entries: Vec<_> = map.iter().collect();
                 entries.sort_by(|a, b| a.0.cmp(b.0));
-                Value::Object(
-                    entries
-                        .into_iter()
-                        .map(|(k, v)| (k.clone(), sorted(v)))
-                        .collect(),
-                )
+                Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), sorted(v))).collect())
             }
             Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
             other => other.clone(),
@@ -99,12 +94,7 @@ impl std::fmt::Debug for MemoryCache {
 struct PerEntryTtl;
 
 impl Expiry<CacheKey, CachedResult> for PerEntryTtl {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &CachedResult,
-        _now: Instant,
-    ) -> Option<Duration> {
+    fn expire_after_create(&self, _key: &CacheKey, value: &CachedResult, _now: Instant) -> Option<Duration> {
         Some(value.ttl)
     }
 }
@@ -153,32 +143,12 @@ mod tests {
 
     #[test]
     fn key_ignores_key_order_but_not_values() {
-        let a = CacheKey::new(
-            "nodejs-x",
-            "h",
-            &json!({"a": 1, "b": {"c": 2, "d": 3}}),
-            &json!({}),
-        );
-        let b = CacheKey::new(
-            "nodejs-x",
-            "h",
-            &json!({"b": {"d": 3, "c": 2}, "a": 1}),
-            &json!({}),
-        );
+        let a = CacheKey::new("nodejs-x", "h", &json!({"a": 1, "b": {"c": 2, "d": 3}}), &json!({}));
+        let b = CacheKey::new("nodejs-x", "h", &json!({"b": {"d": 3, "c": 2}, "a": 1}), &json!({}));
         assert_eq!(a, b);
-        let c = CacheKey::new(
-            "nodejs-x",
-            "h",
-            &json!({"a": 2, "b": {"c": 2, "d": 3}}),
-            &json!({}),
-        );
+        let c = CacheKey::new("nodejs-x", "h", &json!({"a": 2, "b": {"c": 2, "d": 3}}), &json!({}));
         assert_ne!(a, c);
-        let d = CacheKey::new(
-            "nodejs-x",
-            "h2",
-            &json!({"a": 1, "b": {"c": 2, "d": 3}}),
-            &json!({}),
-        );
+        let d = CacheKey::new("nodejs-x", "h2", &json!({"a": 1, "b": {"c": 2, "d": 3}}), &json!({}));
         assert_ne!(a, d);
         let e = CacheKey::new(
             "nodejs-x",
@@ -199,9 +169,7 @@ mod tests {
         assert!(cache.get(&k).await.is_some());
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(cache.get(&k).await.is_none());
-        cache
-            .put(k.clone(), Arc::new(json!(1)), Duration::ZERO)
-            .await;
+        cache.put(k.clone(), Arc::new(json!(1)), Duration::ZERO).await;
         assert!(cache.get(&k).await.is_none());
     }
 }

@@ -20,9 +20,7 @@ pub fn main() -> ExitCode {
 }
 
 fn token(args: TokenArgs) -> ExitCode {
-    match Authenticator::from_args(&args.auth)
-        .and_then(|a| a.issue(&args.sub, &args.scopes, args.ttl))
-    {
+    match Authenticator::from_args(&args.auth).and_then(|a| a.issue(&args.sub, &args.scopes, args.ttl)) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS
@@ -35,17 +33,12 @@ fn token(args: TokenArgs) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => builder.init(),
     }
 }

@@ -8,11 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "controller",
-    version,
-    about = "Lambda-style function runtime controller"
-)]
+#[command(name = "controller", version, about = "Lambda-style function runtime controller")]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -114,12 +110,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PYTHON_BIN", default_value = "python3")]
     pub python_bin: String,
     /// Allowed CORS origins, comma-separated; `*` allows any.
-    #[arg(
-        long,
-        env = "CORS_ALLOWED_ORIGINS",
-        value_delimiter = ',',
-        default_value = "*"
-    )]
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',', default_value = "*")]
     pub cors_allowed_origins: Vec<String>,
     /// How long a session lives after initialize, in seconds.
     #[arg(long, env = "SESSION_TTL_SECS", default_value_t = 7_200)]
@@ -187,16 +178,12 @@ impl ServeArgs {
 
     /// `functions/` in the current directory, else the one beside the source.
     pub fn functions_dir(&self) -> PathBuf {
-        self.functions_dir
-            .clone()
-            .unwrap_or_else(|| repo_dir("functions"))
+        self.functions_dir.clone().unwrap_or_else(|| repo_dir("functions"))
     }
 
     /// `runtimes/` in the current directory, else the one beside the source.
     pub fn runtimes_dir(&self) -> PathBuf {
-        self.runtimes_dir
-            .clone()
-            .unwrap_or_else(|| repo_dir("runtimes"))
+        self.runtimes_dir.clone().unwrap_or_else(|| repo_dir("runtimes"))
     }
 }
 

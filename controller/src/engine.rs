@@ -179,11 +179,7 @@ impl Engine {
             execution_count: 0,
             last_executed_at: None,
         };
-        let inserted = self
-            .sessions
-            .insert(record.clone())
-            .await
-            .map_err(ApiError::Internal);
+        let inserted = self.sessions.insert(record.clone()).await.map_err(ApiError::Internal);
         if !matches!(inserted, Ok(true)) {
             self.pool.release(lease).await;
             inserted?;
@@ -201,17 +197,8 @@ impl Engine {
     }
 
     /// The caller's session, or 404 (also for another subject's session).
-    pub async fn session(
-        &self,
-        subject: &Subject,
-        request_id: &str,
-    ) -> Result<SessionRecord, ApiError> {
-        match self
-            .sessions
-            .get(request_id)
-            .await
-            .map_err(ApiError::Internal)?
-        {
+    pub async fn session(&self, subject: &Subject, request_id: &str) -> Result<SessionRecord, ApiError> {
+        match self.sessions.get(request_id).await.map_err(ApiError::Internal)? {
             Some(s) if s.owner == subject.sub => Ok(s),
             _ => Err(not_found()),
         }
@@ -220,10 +207,7 @@ impl Engine {
     /// Ends a session and releases its instance.
     pub async fn close(&self, subject: &Subject, request_id: &str) -> Result<(), ApiError> {
         self.session(subject, request_id).await?;
-        self.sessions
-            .remove(request_id)
-            .await
-            .map_err(ApiError::Internal)?;
+        self.sessions.remove(request_id).await.map_err(ApiError::Internal)?;
         self.drop_slot(request_id).await;
         self.update_session_gauge().await;
         Ok(())
@@ -276,32 +260,20 @@ impl Engine {
             .version(language_title.as_str(), session.version)
             .await
             .map_err(ApiError::Internal)?
-            .ok_or_else(|| {
-                ApiError::NotFound(format!("function '{language_title}' no longer exists"))
-            })?;
+            .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' no longer exists")))?;
         if !params.is_object() {
-            return Err(ApiError::InvalidRequest(
-                "'params' must be a JSON object".into(),
-            ));
+            return Err(ApiError::InvalidRequest("'params' must be a JSON object".into()));
         }
         if let Err(details) = function.validate_params(&params) {
-            self.metrics.record_execution(
-                language_title.as_str(),
-                "invalid_params",
-                started.elapsed(),
-            );
+            self.metrics
+                .record_execution(language_title.as_str(), "invalid_params", started.elapsed());
             return Err(ApiError::InvalidParams {
                 message: "params do not match the function's schema".into(),
                 details,
             });
         }
 
-        let key = CacheKey::new(
-            language_title.as_str(),
-            &function.code_hash,
-            &params,
-            &session.context,
-        );
+        let key = CacheKey::new(language_title.as_str(), &function.code_hash, &params, &session.context);
         if directive != CacheDirective::NoCache {
             let hit = self.cache.get(&key).await.filter(|entry| match directive {
                 CacheDirective::MaxAge(max) => entry.age() <= max,
@@ -322,10 +294,9 @@ impl Engine {
         let outcome = self.run(&mut slot, &session, &function, &params).await;
         let (label, result) = match outcome {
             Ok(RunOutcome::Success(value)) => ("success", Ok(Arc::new(value))),
-            Ok(RunOutcome::InvalidParams { message, details }) => (
-                "invalid_params",
-                Err(ApiError::InvalidParams { message, details }),
-            ),
+            Ok(RunOutcome::InvalidParams { message, details }) => {
+                ("invalid_params", Err(ApiError::InvalidParams { message, details }))
+            }
             Ok(RunOutcome::Failed { message, details }) => {
                 ("runtime_error", Err(ApiError::Runtime { message, details }))
             }
@@ -410,10 +381,7 @@ impl Engine {
             .record_execution(&session.request_id, timefmt::now(), !session.retain)
             .await
         {
-            tracing::error!(
-                error = format!("{e:#}"),
-                "recording the execution on the session"
-            );
+            tracing::error!(error = format!("{e:#}"), "recording the execution on the session");
         }
         if !session.retain {
             self.update_session_gauge().await;
@@ -433,11 +401,7 @@ impl Engine {
 
     /// Removes expired sessions and their instances; run periodically.
     pub async fn sweep(&self) {
-        match self
-            .sessions
-            .remove_expired(OffsetDateTime::now_utc())
-            .await
-        {
+        match self.sessions.remove_expired(OffsetDateTime::now_utc()).await {
             Ok(expired) => {
                 for s in expired {
                     self.drop_slot(&s.request_id).await;

@@ -150,8 +150,7 @@ pub struct ExecuteErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response =
-            (self.status(), axum::Json(ErrorBody { error: self.body() })).into_response();
+        let mut response = (self.status(), axum::Json(ErrorBody { error: self.body() })).into_response();
         self.headers(&mut response);
         response
     }

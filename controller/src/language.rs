@@ -12,9 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// A language the controller can run functions in.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Language {
     Nodejs,
@@ -141,10 +139,7 @@ fn valid_title(title: &str) -> bool {
 
 /// A short, printable prefix of untrusted input, for error messages.
 fn truncate(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_ascii_graphic())
-        .take(20)
-        .collect()
+    s.chars().filter(|c| c.is_ascii_graphic()).take(20).collect()
 }
 
 #[cfg(test)]

@@ -100,14 +100,10 @@ impl Metrics {
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             executions: Family::default(),
-            execution_duration: Family::new_with_constructor(
-                latency_histogram as fn() -> Histogram,
-            ),
+            execution_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             cache: Family::default(),
             cold_starts: Family::default(),
-            cold_start_duration: Family::new_with_constructor(
-                latency_histogram as fn() -> Histogram,
-            ),
+            cold_start_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             init_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             instances: Family::default(),
             instances_busy: Gauge::default(),

@@ -58,12 +58,7 @@ pub trait SessionStore: Send + Sync {
     /// A session that has not expired.
     async fn get(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>>;
     /// Counts one execution; with `complete`, the session is done.
-    async fn record_execution(
-        &self,
-        request_id: &str,
-        at: OffsetDateTime,
-        complete: bool,
-    ) -> anyhow::Result<()>;
+    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()>;
     /// Removes a session; the removed record, if it existed.
     async fn remove(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>>;
     /// Removes and returns sessions that expired by `now`.
@@ -96,18 +91,10 @@ impl SessionStore for MemorySessionStore {
     async fn get(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {
         let sessions = self.sessions.lock().unwrap();
         let now = OffsetDateTime::now_utc();
-        Ok(sessions
-            .get(request_id)
-            .filter(|s| !s.is_expired(now))
-            .cloned())
+        Ok(sessions.get(request_id).filter(|s| !s.is_expired(now)).cloned())
     }
 
-    async fn record_execution(
-        &self,
-        request_id: &str,
-        at: OffsetDateTime,
-        complete: bool,
-    ) -> anyhow::Result<()> {
+    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
         if let Some(s) = self.sessions.lock().unwrap().get_mut(request_id) {
             s.execution_count += 1;
             s.last_executed_at = Some(at);
@@ -129,10 +116,7 @@ impl SessionStore for MemorySessionStore {
             .filter(|s| s.is_expired(now))
             .map(|s| s.request_id.clone())
             .collect();
-        Ok(expired
-            .iter()
-            .filter_map(|id| sessions.remove(id))
-            .collect())
+        Ok(expired.iter().filter_map(|id| sessions.remove(id)).collect())
     }
 
     async fn remove_function(&self, language_title: &str) -> anyhow::Result<Vec<SessionRecord>> {

@@ -50,17 +50,13 @@ impl Application {
     /// binds the listener (port 0 picks a free port; see [`Self::local_addr`]).
     pub async fn build(args: ServeArgs) -> anyhow::Result<Self> {
         let data_dir = &args.auth.data_dir;
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         // Instances (another user when running as root) must pass through
         // the data dir to their own directory. Only the search bit is added:
         // never loosen or tighten anything else of a directory we were given.
         let mode = std::fs::metadata(data_dir)?.permissions().mode();
         if mode & 0o001 == 0 {
-            std::fs::set_permissions(
-                data_dir,
-                std::fs::Permissions::from_mode((mode & 0o7777) | 0o001),
-            )?;
+            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode((mode & 0o7777) | 0o001))?;
         }
         let auth = Arc::new(Authenticator::from_args(&args.auth)?);
 
@@ -165,20 +161,13 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listener.local_addr().expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves, lets in-flight requests finish, then
     /// terminates every instance.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let service = self
-            .router
-            .into_make_service_with_connect_info::<SocketAddr>();
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let service = self.router.into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(self.listener, service)
             .with_graceful_shutdown(shutdown)
             .await;

@@ -44,19 +44,14 @@ pub mod rfc3339 {
         use serde::{Deserialize, Deserializer, Serializer};
         use time::OffsetDateTime;
 
-        pub fn serialize<S: Serializer>(
-            t: &Option<OffsetDateTime>,
-            s: S,
-        ) -> Result<S::Ok, S::Error> {
+        pub fn serialize<S: Serializer>(t: &Option<OffsetDateTime>, s: S) -> Result<S::Ok, S::Error> {
             match t {
                 Some(t) => s.serialize_str(&super::super::format(*t)),
                 None => s.serialize_none(),
             }
         }
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Option<OffsetDateTime>, D::Error> {
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OffsetDateTime>, D::Error> {
             Option::<String>::deserialize(d)?
                 .map(|s| super::super::parse(&s).map_err(serde::de::Error::custom))
                 .transpose()
@@ -74,9 +69,6 @@ mod tests {
             super::format(datetime!(2025-05-13 12:28:22.123 UTC)),
             "2025-05-13T12:28:22Z"
         );
-        assert_eq!(
-            super::format(datetime!(2025-05-13 14:28:22 +2)),
-            "2025-05-13T12:28:22Z"
-        );
+        assert_eq!(super::format(datetime!(2025-05-13 14:28:22 +2)), "2025-05-13T12:28:22Z");
     }
 }

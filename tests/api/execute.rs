@@ -6,9 +6,13 @@ use crate::helpers::spawn_app;
 async fn the_readme_walkthrough_adds_and_then_answers_from_the_cache() {
     let app = spawn_app();
     let token = app.token("alice", &["execute:all", "read:functions"]);
-    let id = app.session(&token, "nodejs-calculator", json!({"retain_session": true})).await;
+    let id = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
 
-    let first = app.execute(&token, &id, json!({"operation": "add", "values": [1, 2, 3]})).await;
+    let first = app
+        .execute(&token, &id, json!({"operation": "add", "values": [1, 2, 3]}))
+        .await;
     assert_eq!(first.status, 200, "{:?}", first.body);
     assert_eq!(first.body["request_id"], id.as_str());
     assert_eq!(first.body["language_title"], "nodejs-calculator");
@@ -16,7 +20,9 @@ async fn the_readme_walkthrough_adds_and_then_answers_from_the_cache() {
     assert_eq!(first.body["result"], json!({"value": 6}));
     assert!(first.body["execution_time"].is_u64());
 
-    let second = app.execute(&token, &id, json!({"operation": "add", "values": [1, 2, 3]})).await;
+    let second = app
+        .execute(&token, &id, json!({"operation": "add", "values": [1, 2, 3]}))
+        .await;
     assert_eq!(second.status, 200);
     assert_eq!(second.body["cached"], true);
     assert_eq!(second.body["result"], json!({"value": 6}));
@@ -26,14 +32,18 @@ async fn the_readme_walkthrough_adds_and_then_answers_from_the_cache() {
 async fn python_calculator_computes_every_operation() {
     let app = spawn_app();
     let token = app.admin();
-    let id = app.session(&token, "python-calculator", json!({"retain_session": true})).await;
+    let id = app
+        .session(&token, "python-calculator", json!({"retain_session": true}))
+        .await;
     for (op, values, expected) in [
         ("add", json!([1, 2, 3]), json!(6)),
         ("subtract", json!([10, 2, 3]), json!(5)),
         ("multiply", json!([2, 3, 4]), json!(24)),
         ("divide", json!([10, 4]), json!(2.5)),
     ] {
-        let r = app.execute(&token, &id, json!({"operation": op, "values": values})).await;
+        let r = app
+            .execute(&token, &id, json!({"operation": op, "values": values}))
+            .await;
         assert_eq!(r.status, 200, "{op}: {:?}", r.body);
         assert_eq!(r.body["result"]["value"], expected, "{op}");
     }
@@ -54,7 +64,9 @@ async fn a_retained_session_keeps_in_memory_state_between_executions() {
         }
         // Another session gets its own instance and starts from zero.
         let other = app.session(&token, lt, json!({"retain_session": true})).await;
-        let r = app.execute_with(&token, &other, json!({"params": {}}), Some("no-cache")).await;
+        let r = app
+            .execute_with(&token, &other, json!({"params": {}}), Some("no-cache"))
+            .await;
         assert_eq!(r.body["result"]["count"], 1, "{lt} state leaked between sessions");
     }
 }
@@ -73,8 +85,14 @@ async fn a_thrown_error_is_a_runtime_error_with_line_column_and_stack() {
         assert_eq!(details["line"], line, "{lt}: {details}");
         assert!(details["column"].as_u64().unwrap() > 0);
         let stack = details["stack_trace"].as_str().unwrap();
-        assert!(stack.contains(&format!(":{line}")) || stack.contains(&format!("line {line}")), "{stack}");
-        assert!(!stack.contains(app.data_dir.path().to_str().unwrap()), "host path leaked: {stack}");
+        assert!(
+            stack.contains(&format!(":{line}")) || stack.contains(&format!("line {line}")),
+            "{stack}"
+        );
+        assert!(
+            !stack.contains(app.data_dir.path().to_str().unwrap()),
+            "host path leaked: {stack}"
+        );
         // The instance survives its function's error.
         let again = app.execute(&token, &id, json!({"message": "on purpose"})).await;
         assert_eq!(again.status, 500);
@@ -89,7 +107,9 @@ async fn division_by_zero_is_invalid_params_and_is_not_cached() {
     for lt in ["nodejs-calculator", "python-calculator"] {
         let id = app.session(&token, lt, json!({"retain_session": true})).await;
         for _ in 0..2 {
-            let r = app.execute(&token, &id, json!({"operation": "divide", "values": [1, 0]})).await;
+            let r = app
+                .execute(&token, &id, json!({"operation": "divide", "values": [1, 0]}))
+                .await;
             assert_eq!(r.status, 400, "{lt}: {:?}", r.body);
             assert_eq!(r.code(), "INVALID_PARAMS");
             assert!(r.body["error"]["message"].as_str().unwrap().contains("zero"));
@@ -101,7 +121,9 @@ async fn division_by_zero_is_invalid_params_and_is_not_cached() {
 async fn params_are_checked_against_the_schema_before_the_function_runs() {
     let app = spawn_app();
     let token = app.admin();
-    let id = app.session(&token, "nodejs-calculator", json!({"retain_session": true})).await;
+    let id = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
     for params in [
         json!({"operation": "power", "values": [1]}),
         json!({"operation": "add"}),
@@ -113,7 +135,9 @@ async fn params_are_checked_against_the_schema_before_the_function_runs() {
         assert!(!r.body["error"]["details"]["errors"].as_array().unwrap().is_empty());
     }
     // The session is still usable.
-    let r = app.execute(&token, &id, json!({"operation": "multiply", "values": [2, 3]})).await;
+    let r = app
+        .execute(&token, &id, json!({"operation": "multiply", "values": [2, 3]}))
+        .await;
     assert_eq!(r.body["result"]["value"], 6);
 }
 
@@ -121,7 +145,9 @@ async fn params_are_checked_against_the_schema_before_the_function_runs() {
 async fn malformed_execute_bodies_are_400_in_the_contract_shape() {
     let app = spawn_app();
     let token = app.admin();
-    let id = app.session(&token, "nodejs-calculator", json!({"retain_session": true})).await;
+    let id = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
     let url = app.url(&format!("/api/v1/execute/{id}"));
     for (body, content_type) in [
         ("{not json", "application/json"),
@@ -152,9 +178,13 @@ async fn a_one_shot_session_serves_one_execution() {
     let app = spawn_app();
     let token = app.admin();
     let id = app.session(&token, "nodejs-calculator", json!({})).await;
-    let r = app.execute(&token, &id, json!({"operation": "add", "values": [4, 4]})).await;
+    let r = app
+        .execute(&token, &id, json!({"operation": "add", "values": [4, 4]}))
+        .await;
     assert_eq!(r.status, 200);
-    let again = app.execute(&token, &id, json!({"operation": "add", "values": [4, 4]})).await;
+    let again = app
+        .execute(&token, &id, json!({"operation": "add", "values": [4, 4]}))
+        .await;
     assert_eq!(again.status, 404, "{:?}", again.body);
     assert_eq!(again.code(), "NOT_FOUND");
     let s = app.get(Some(&token), &format!("/api/v1/sessions/{id}")).await;

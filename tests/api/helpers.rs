@@ -36,7 +36,15 @@ pub fn spawn_app_with(extra: &[&str]) -> TestApp {
     let data_dir = tempfile::Builder::new().prefix("fnrt").tempdir().expect("temp dir");
     let repo = repo_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_controller-under-test"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--warm-pool-size", "1"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--warm-pool-size",
+            "1",
+        ])
         .arg("--data-dir")
         .arg(data_dir.path())
         .arg("--functions-dir")
@@ -89,7 +97,10 @@ pub fn spawn_app_with(extra: &[&str]) -> TestApp {
 
 fn listening_addr(line: &str) -> Option<String> {
     let v: Value = serde_json::from_str(line).ok()?;
-    v["message"].as_str()?.starts_with("listening on").then(|| v["addr"].as_str().map(str::to_owned))?
+    v["message"]
+        .as_str()?
+        .starts_with("listening on")
+        .then(|| v["addr"].as_str().map(str::to_owned))?
 }
 
 impl Drop for TestApp {
@@ -169,13 +180,16 @@ impl TestApp {
 
     /// Initializes and returns the request ID, asserting success.
     pub async fn session(&self, token: &str, language_title: &str, context: Value) -> String {
-        let r = self.initialize(token, language_title, json!({ "context": context })).await;
+        let r = self
+            .initialize(token, language_title, json!({ "context": context }))
+            .await;
         assert_eq!(r.status, 200, "initialize {language_title}: {:?}", r.body);
         r.body["request_id"].as_str().unwrap().to_owned()
     }
 
     pub async fn execute(&self, token: &str, request_id: &str, params: Value) -> Reply {
-        self.execute_with(token, request_id, json!({ "params": params }), None).await
+        self.execute_with(token, request_id, json!({ "params": params }), None)
+            .await
     }
 
     pub async fn execute_with(&self, token: &str, request_id: &str, body: Value, cache: Option<&str>) -> Reply {
@@ -245,11 +259,19 @@ impl TestApp {
 pub fn children_of(parent: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // The parent pid is the second field after the parenthesised name.
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let ppid: u32 = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let ppid: u32 = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         if ppid == parent {
             out.push(pid);
         }

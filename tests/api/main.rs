@@ -12,6 +12,6 @@ mod functions;
 mod initialize;
 mod limits;
 mod operations;
-mod sandbox;
 mod runtimes;
+mod sandbox;
 mod sessions;

@@ -27,5 +27,17 @@ fn the_nodejs_runtime_passes_its_own_tests() {
 
 #[test]
 fn the_python_runtime_passes_its_own_tests() {
-    run("python3", &["-B", "-m", "unittest", "discover", "-s", "runtimes/python", "-p", "test_*.py"]);
+    run(
+        "python3",
+        &[
+            "-B",
+            "-m",
+            "unittest",
+            "discover",
+            "-s",
+            "runtimes/python",
+            "-p",
+            "test_*.py",
+        ],
+    );
 }

@@ -97,14 +97,8 @@ fn cache_directive(headers: &HeaderMap) -> Result<CacheDirective, ApiError> {
     let Some(value) = headers.get("x-cache-control") else {
         return Ok(CacheDirective::Default);
     };
-    let bad = || {
-        ApiError::InvalidRequest("X-Cache-Control must be 'no-cache' or 'max-age=<seconds>'".into())
-    };
-    let value = value
-        .to_str()
-        .map_err(|_| bad())?
-        .trim()
-        .to_ascii_lowercase();
+    let bad = || ApiError::InvalidRequest("X-Cache-Control must be 'no-cache' or 'max-age=<seconds>'".into());
+    let value = value.to_str().map_err(|_| bad())?.trim().to_ascii_lowercase();
     if value == "no-cache" {
         return Ok(CacheDirective::NoCache);
     }
@@ -139,9 +133,6 @@ mod tests {
         assert!(directive("max-age=-1").is_err());
         assert!(directive("max-age=").is_err());
         assert!(directive("public").is_err());
-        assert_eq!(
-            cache_directive(&HeaderMap::new()).unwrap(),
-            CacheDirective::Default
-        );
+        assert_eq!(cache_directive(&HeaderMap::new()).unwrap(), CacheDirective::Default);
     }
 }

@@ -28,9 +28,7 @@ where
             let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
             let essence = ct.split(';').next().unwrap_or_default().trim();
             if !(essence == "application/json" || essence.ends_with("+json")) {
-                return Err(ApiError::InvalidRequest(
-                    "Content-Type must be application/json".into(),
-                ));
+                return Err(ApiError::InvalidRequest("Content-Type must be application/json".into()));
             }
         }
         let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
@@ -56,10 +54,7 @@ fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge { limit }
     } else {
-        ApiError::InvalidRequest(format!(
-            "could not read the request body: {}",
-            rejection.body_text()
-        ))
+        ApiError::InvalidRequest(format!("could not read the request body: {}", rejection.body_text()))
     }
 }
 

@@ -91,21 +91,14 @@ fn detail(f: &FunctionEntry) -> FunctionDetail {
     }
 }
 
-fn positive(
-    value: Option<&str>,
-    name: &str,
-    default: usize,
-    max: usize,
-) -> Result<usize, ApiError> {
+fn positive(value: Option<&str>, name: &str, default: usize, max: usize) -> Result<usize, ApiError> {
     match value {
         None => Ok(default),
         Some(v) => v
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=max).contains(n))
-            .ok_or_else(|| {
-                ApiError::InvalidRequest(format!("'{name}' must be an integer between 1 and {max}"))
-            }),
+            .ok_or_else(|| ApiError::InvalidRequest(format!("'{name}' must be an integer between 1 and {max}"))),
     }
 }
 
@@ -130,8 +123,7 @@ async fn list_functions(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::Json<FunctionList>, ApiError> {
     auth.require(READ_FUNCTIONS)?;
-    let Query(query) =
-        query.map_err(|e| ApiError::InvalidRequest(format!("bad query: {}", e.body_text())))?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(format!("bad query: {}", e.body_text())))?;
     let language = query
         .language
         .as_deref()
@@ -338,12 +330,7 @@ async fn delete_function(
 ) -> Result<StatusCode, ApiError> {
     auth.require(WRITE_FUNCTIONS)?;
     let lt = parse_title(&language_title)?;
-    state
-        .engine
-        .registry
-        .delete(&lt)
-        .await
-        .map_err(registry_error)?;
+    state.engine.registry.delete(&lt).await.map_err(registry_error)?;
     state.engine.function_removed(lt.as_str()).await;
     tracing::info!(language_title = %lt, sub = %auth.0.sub, "function deleted");
     Ok(StatusCode::NO_CONTENT)

@@ -25,14 +25,8 @@ pub(super) async fn guard(State(state): State<AppState>, mut req: Request, next:
     };
     // Execute's errors carry the request ID in the body.
     let execute_id = path.strip_prefix("/api/v1/execute/").map(str::to_owned);
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let verified = state
-        .auth
-        .verify_header(authorization)
-        .map_err(|e| e.to_string());
+    let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let verified = state.auth.verify_header(authorization).map_err(|e| e.to_string());
     let key = match &verified {
         Ok(subject) => RateKey::Subject(subject.sub.clone()),
         Err(_) => {

@@ -14,9 +14,7 @@ use super::AppState;
 use crate::metrics::InstanceLabels;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(health))
-        .routes(routes!(metrics))
+    OpenApiRouter::new().routes(routes!(health)).routes(routes!(metrics))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

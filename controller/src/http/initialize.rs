@@ -89,9 +89,7 @@ async fn initialize(
                 .filter(|id| valid_request_id(id))
                 .map(str::to_owned)
                 .ok_or_else(|| {
-                    ApiError::InvalidRequest(
-                        "X-Request-ID must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}".into(),
-                    )
+                    ApiError::InvalidRequest("X-Request-ID must match [A-Za-z0-9][A-Za-z0-9._-]{0,127}".into())
                 })
         })
         .transpose()?;
@@ -113,9 +111,7 @@ fn options(context: Option<Value>) -> Result<InitializeOptions, ApiError> {
         None | Some(Value::Null) => return Ok(InitializeOptions::default()),
         Some(Value::Object(map)) => map,
         Some(_) => {
-            return Err(ApiError::InvalidRequest(
-                "'context' must be a JSON object".into(),
-            ));
+            return Err(ApiError::InvalidRequest("'context' must be a JSON object".into()));
         }
     };
     let retain_session = match context.remove("retain_session") {

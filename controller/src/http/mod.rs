@@ -86,10 +86,7 @@ impl utoipa::Modify for BearerAuth {
 /// The OpenAPI document, generated from the handlers' annotations.
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations", responses((status = 200, description = "This document", content_type = "application/json")))]
 async fn openapi_json(State(doc): State<Arc<String>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        doc.as_str().to_owned(),
-    )
+    ([(header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned())
 }
 
 /// The whole application's router.
@@ -141,21 +138,11 @@ fn cors(settings: &HttpSettings) -> CorsLayer {
     let allow_origin = if origins.iter().any(|o| o.trim() == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(
-            origins
-                .iter()
-                .filter_map(|o| HeaderValue::from_str(o.trim()).ok()),
-        )
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o.trim()).ok()))
     };
     CorsLayer::new()
         .allow_origin(allow_origin)
-        .allow_methods([
-            Method::GET,
-            Method::POST,
-            Method::OPTIONS,
-            Method::PUT,
-            Method::DELETE,
-        ])
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS, Method::PUT, Method::DELETE])
         .allow_headers([
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
@@ -177,12 +164,9 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().as_str().to_owned();
     let response = next.run(req).await;
-    state.metrics.record_http(
-        &route,
-        &method,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    state
+        .metrics
+        .record_http(&route, &method, response.status().as_u16(), started.elapsed());
     response
 }
 

@@ -114,11 +114,7 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ManifestError> {
 impl FunctionSpec {
     /// Checks every field and fills the defaults. `max_timeout_ms` is the
     /// controller's configured ceiling.
-    pub fn normalize(
-        self,
-        language: Language,
-        max_timeout_ms: u64,
-    ) -> Result<Manifest, ManifestError> {
+    pub fn normalize(self, language: Language, max_timeout_ms: u64) -> Result<Manifest, ManifestError> {
         let description = self.description.trim().to_owned();
         if description.is_empty() {
             return err("'description' must not be empty");
@@ -148,10 +144,7 @@ impl FunctionSpec {
         if !valid_identifier(&handler) {
             return err("'handler' must be an identifier matching [A-Za-z_][A-Za-z0-9_]{0,63}");
         }
-        let params = self
-            .schema
-            .params
-            .unwrap_or_else(|| json!({ "type": "object" }));
+        let params = self.schema.params.unwrap_or_else(|| json!({ "type": "object" }));
         if let Err(e) = jsonschema::validator_for(&params) {
             return err(format!("'schema.params' is not a valid JSON Schema: {e}"));
         }
@@ -162,14 +155,9 @@ impl FunctionSpec {
         if self.examples.len() > MAX_EXAMPLES {
             return err(format!("at most {MAX_EXAMPLES} 'examples'"));
         }
-        let timeout_ms = self
-            .limits
-            .timeout_ms
-            .unwrap_or(DEFAULT_TIMEOUT_MS.min(max_timeout_ms));
+        let timeout_ms = self.limits.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS.min(max_timeout_ms));
         if timeout_ms == 0 || timeout_ms > max_timeout_ms {
-            return err(format!(
-                "'limits.timeout_ms' must be between 1 and {max_timeout_ms}"
-            ));
+            return err(format!("'limits.timeout_ms' must be between 1 and {max_timeout_ms}"));
         }
         let memory_mb = self.limits.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
         if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&memory_mb) {
@@ -199,10 +187,7 @@ impl FunctionSpec {
             handler,
             schema: Schemas { params, result },
             examples: self.examples,
-            limits: Limits {
-                timeout_ms,
-                memory_mb,
-            },
+            limits: Limits { timeout_ms, memory_mb },
             env: self.env,
         })
     }
@@ -346,10 +331,7 @@ mod tests {
         ];
         for s in bad {
             let shown = format!("{s:?}");
-            assert!(
-                s.normalize(Language::Nodejs, 300_000).is_err(),
-                "accepted {shown}"
-            );
+            assert!(s.normalize(Language::Nodejs, 300_000).is_err(), "accepted {shown}");
         }
     }
 

@@ -176,12 +176,7 @@ impl Registry {
     }
 
     /// One page of the functions, optionally of one language, and the total.
-    pub fn list(
-        &self,
-        language: Option<Language>,
-        page: usize,
-        per_page: usize,
-    ) -> (usize, Vec<FunctionEntry>) {
+    pub fn list(&self, language: Option<Language>, page: usize, per_page: usize) -> (usize, Vec<FunctionEntry>) {
         let functions = self.functions.read().unwrap();
         let matching = || {
             functions
@@ -199,11 +194,7 @@ impl Registry {
 
     /// A given version of a function: the current one from memory, an older
     /// one from the store.
-    pub async fn version(
-        &self,
-        language_title: &str,
-        version: i64,
-    ) -> anyhow::Result<Option<Arc<FunctionVersion>>> {
+    pub async fn version(&self, language_title: &str, version: i64) -> anyhow::Result<Option<Arc<FunctionVersion>>> {
         if let Some(f) = self.get(language_title)
             && f.current.version == version
         {
@@ -264,12 +255,7 @@ impl Registry {
         Ok(())
     }
 
-    fn prepare(
-        &self,
-        lt: &LanguageTitle,
-        spec: FunctionSpec,
-        code: String,
-    ) -> Result<NewVersion, RegistryError> {
+    fn prepare(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<NewVersion, RegistryError> {
         manifest::check_code(&code)?;
         let manifest = spec.normalize(lt.language(), self.max_timeout_ms)?;
         Ok(NewVersion {
@@ -278,8 +264,7 @@ impl Registry {
             title: lt.title().to_owned(),
             description: manifest.description.clone(),
             code_hash: manifest.code_hash(&code),
-            manifest: serde_json::to_value(&manifest)
-                .map_err(|e| RegistryError::Store(e.into()))?,
+            manifest: serde_json::to_value(&manifest).map_err(|e| RegistryError::Store(e.into()))?,
             code,
         })
     }
@@ -325,26 +310,16 @@ impl Registry {
 
     /// Registers one folder; true if the store changed.
     async fn load_folder(&self, path: &Path) -> anyhow::Result<bool> {
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        let lt: LanguageTitle = name
-            .parse()
-            .with_context(|| format!("folder name {name:?}"))?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let lt: LanguageTitle = name.parse().with_context(|| format!("folder name {name:?}"))?;
         let spec: FunctionSpec =
-            serde_json::from_slice(&std::fs::read(path.join("function.json"))?)
-                .context("function.json")?;
+            serde_json::from_slice(&std::fs::read(path.join("function.json"))?).context("function.json")?;
         let entrypoint = spec
             .entrypoint
             .clone()
             .unwrap_or_else(|| lt.language().default_entrypoint().to_owned());
-        anyhow::ensure!(
-            manifest::valid_file_name(&entrypoint),
-            "bad entrypoint {entrypoint:?}"
-        );
-        let code = std::fs::read_to_string(path.join(&entrypoint))
-            .with_context(|| format!("reading {entrypoint}"))?;
+        anyhow::ensure!(manifest::valid_file_name(&entrypoint), "bad entrypoint {entrypoint:?}");
+        let code = std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?;
         let new = self.prepare(&lt, spec, code)?;
         let stored = match self.get(lt.as_str()) {
             None => self.store.create(new, Source::Bundled).await?,
@@ -361,6 +336,5 @@ impl Registry {
 /// Whether a bundled folder differs from the stored version (code or any
 /// manifest field, examples included).
 fn changed(current: &FunctionVersion, new: &NewVersion) -> bool {
-    current.code_hash != new.code_hash
-        || serde_json::to_value(&current.manifest).ok().as_ref() != Some(&new.manifest)
+    current.code_hash != new.code_hash || serde_json::to_value(&current.manifest).ok().as_ref() != Some(&new.manifest)
 }

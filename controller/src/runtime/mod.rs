@@ -91,9 +91,5 @@ pub trait RuntimeBackend: Send + Sync {
     fn languages(&self) -> Vec<Language>;
     /// Starts a generic, healthy, not yet initialised instance whose memory
     /// is capped at `memory_mb` (fixed for the instance's life, so set at start).
-    async fn start(
-        &self,
-        language: Language,
-        memory_mb: u64,
-    ) -> Result<Box<dyn Instance>, InstanceError>;
+    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError>;
 }

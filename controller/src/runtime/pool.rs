@@ -108,11 +108,7 @@ impl std::fmt::Debug for InstancePool {
 }
 
 impl InstancePool {
-    pub fn new(
-        backend: Arc<dyn RuntimeBackend>,
-        config: PoolConfig,
-        metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
+    pub fn new(backend: Arc<dyn RuntimeBackend>, config: PoolConfig, metrics: Arc<Metrics>) -> Arc<Self> {
         let health = backend
             .languages()
             .into_iter()
@@ -165,11 +161,7 @@ impl InstancePool {
 
     fn lease(&self, instance: Box<dyn Instance>, key: VersionKey, start: StartKind) -> Lease {
         self.busy.fetch_add(1, Ordering::Relaxed);
-        Lease {
-            instance,
-            key,
-            start,
-        }
+        Lease { instance, key, start }
     }
 
     /// Gives back a healthy instance: it waits, idle, for its version's next execution.
@@ -206,15 +198,8 @@ impl InstancePool {
     pub async fn evict_function(&self, language_title: &str) {
         let evicted: Vec<_> = {
             let mut idle = self.idle.lock().unwrap();
-            let keys: Vec<_> = idle
-                .keys()
-                .filter(|k| k.0 == language_title)
-                .cloned()
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| idle.remove(&k))
-                .flatten()
-                .collect()
+            let keys: Vec<_> = idle.keys().filter(|k| k.0 == language_title).cloned().collect();
+            keys.into_iter().filter_map(|k| idle.remove(&k)).flatten().collect()
         };
         for (mut instance, _) in evicted {
             instance.terminate().await;
@@ -244,11 +229,7 @@ impl InstancePool {
         None
     }
 
-    async fn start(
-        &self,
-        language: Language,
-        memory_mb: u64,
-    ) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
         let result = self.backend.start(language, memory_mb).await;
         let state = match &result {
             Ok(_) => LanguageHealth::Ok,
@@ -352,9 +333,7 @@ impl InstancePool {
             let mut idle = self.idle.lock().unwrap();
             let mut out = Vec::new();
             for list in idle.values_mut() {
-                let (old, fresh): (Vec<_>, Vec<_>) = list
-                    .drain(..)
-                    .partition(|(_, since)| since.elapsed() >= keep);
+                let (old, fresh): (Vec<_>, Vec<_>) = list.drain(..).partition(|(_, since)| since.elapsed() >= keep);
                 *list = fresh;
                 out.extend(old.into_iter().map(|(i, _)| i));
             }
@@ -371,13 +350,7 @@ impl InstancePool {
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
         self.refill.notify_one();
-        let warm: Vec<_> = self
-            .warm
-            .lock()
-            .unwrap()
-            .drain()
-            .flat_map(|(_, v)| v)
-            .collect();
+        let warm: Vec<_> = self.warm.lock().unwrap().drain().flat_map(|(_, v)| v).collect();
         let idle: Vec<_> = self
             .idle
             .lock()

@@ -101,21 +101,15 @@ impl ProcessBackend {
     /// Prepares the backend: resolves interpreters and the instance user, and
     /// clears instance directories left by an earlier run.
     pub fn new(config: ProcessConfig) -> anyhow::Result<Self> {
-        let uids = rustix::process::geteuid().is_root().then(|| {
-            Arc::new(UidPool::new(
-                config.instance_uid_base,
-                config.instance_uid_count,
-            ))
-        });
+        let uids = rustix::process::geteuid()
+            .is_root()
+            .then(|| Arc::new(UidPool::new(config.instance_uid_base, config.instance_uid_count)));
         if config.instances_dir.exists() {
             std::fs::remove_dir_all(&config.instances_dir)?;
         }
         std::fs::create_dir_all(&config.instances_dir)?;
         // Instances must reach their own directory through this one.
-        std::fs::set_permissions(
-            &config.instances_dir,
-            std::fs::Permissions::from_mode(0o711),
-        )?;
+        std::fs::set_permissions(&config.instances_dir, std::fs::Permissions::from_mode(0o711))?;
         let others_only = uids.is_some();
         let mut launchers = HashMap::new();
         for language in [Language::Nodejs, Language::Python] {
@@ -160,11 +154,7 @@ impl RuntimeBackend for ProcessBackend {
         languages
     }
 
-    async fn start(
-        &self,
-        language: Language,
-        memory_mb: u64,
-    ) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
         let unavailable = |message: String| InstanceError::Unavailable { language, message };
         let launcher = match self.launchers.get(&language) {
             Some(Ok(l)) => l,
@@ -216,10 +206,7 @@ impl RuntimeBackend for ProcessBackend {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(unavailable(format!(
-                    "spawning {}: {e}",
-                    launcher.program.display()
-                )));
+                return Err(unavailable(format!("spawning {}: {e}", launcher.program.display())));
             }
         };
         let pid = child.id().and_then(|p| Pid::from_raw(p as i32));
@@ -354,17 +341,11 @@ impl ProcessInstance {
                     self.output.tail(true).trim()
                 ));
             }
-            if let Ok((StatusCode::OK, _)) = self
-                .client
-                .call(Method::GET, "/health", None, 64 * 1024)
-                .await
-            {
+            if let Ok((StatusCode::OK, _)) = self.client.call(Method::GET, "/health", None, 64 * 1024).await {
                 return Ok(());
             }
             if started.elapsed() > START_TIMEOUT {
-                return Err(format!(
-                    "runtime server did not answer within {START_TIMEOUT:?}"
-                ));
+                return Err(format!("runtime server did not answer within {START_TIMEOUT:?}"));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
@@ -411,10 +392,7 @@ fn last_lines(s: &str, n: usize) -> String {
 fn error_parts(body: &Value) -> (String, String, Value) {
     let error = &body["error"];
     let code = error["code"].as_str().unwrap_or("RUNTIME_ERROR").to_owned();
-    let message = error["message"]
-        .as_str()
-        .unwrap_or("the function failed")
-        .to_owned();
+    let message = error["message"].as_str().unwrap_or("the function failed").to_owned();
     let details = match &error["details"] {
         Value::Object(_) => error["details"].clone(),
         _ => json!({}),
@@ -434,9 +412,7 @@ impl Instance for ProcessInstance {
 
     async fn init(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
         if self.initialized {
-            return Err(InstanceError::Protocol(
-                "instance is already initialised".into(),
-            ));
+            return Err(InstanceError::Protocol("instance is already initialised".into()));
         }
         if function.manifest.limits.memory_mb != self.memory_mb {
             return Err(InstanceError::Protocol(
@@ -591,11 +567,7 @@ fn find_program(name: &str, others_only: bool) -> Result<PathBuf, String> {
         vec![PathBuf::from(name)]
     } else {
         std::env::var_os("PATH")
-            .map(|p| {
-                std::env::split_paths(&p)
-                    .map(|dir| dir.join(name))
-                    .collect()
-            })
+            .map(|p| std::env::split_paths(&p).map(|dir| dir.join(name)).collect())
             .unwrap_or_default()
     };
     candidates
@@ -604,9 +576,7 @@ fn find_program(name: &str, others_only: bool) -> Result<PathBuf, String> {
         .find(|c| {
             let Ok(meta) = c.metadata() else { return false };
             let mode = meta.permissions().mode();
-            meta.is_file()
-                && mode & 0o111 != 0
-                && (!others_only || (mode & 0o001 != 0 && ancestors_searchable(c)))
+            meta.is_file() && mode & 0o111 != 0 && (!others_only || (mode & 0o001 != 0 && ancestors_searchable(c)))
         })
         .ok_or_else(|| {
             if others_only {

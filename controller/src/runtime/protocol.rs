@@ -31,18 +31,13 @@ pub struct RuntimeClient {
 
 impl std::fmt::Debug for RuntimeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RuntimeClient")
-            .field("socket", &self.socket)
-            .finish()
+        f.debug_struct("RuntimeClient").field("socket", &self.socket).finish()
     }
 }
 
 impl RuntimeClient {
     pub fn new(socket: PathBuf) -> Self {
-        RuntimeClient {
-            socket,
-            sender: None,
-        }
+        RuntimeClient { socket, sender: None }
     }
 
     async fn sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, ProtocolError> {
@@ -50,8 +45,7 @@ impl RuntimeClient {
             let stream = UnixStream::connect(&self.socket)
                 .await
                 .map_err(ProtocolError::Connect)?;
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             // The connection task ends when the sender is dropped or the peer closes.
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -72,9 +66,7 @@ impl RuntimeClient {
         max_response: usize,
     ) -> Result<(StatusCode, Value), ProtocolError> {
         let bytes = match body {
-            Some(v) => Bytes::from(
-                serde_json::to_vec(v).map_err(|e| ProtocolError::BadBody(e.to_string()))?,
-            ),
+            Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| ProtocolError::BadBody(e.to_string()))?),
             None => Bytes::new(),
         };
         let request = Request::builder()
@@ -95,8 +87,7 @@ impl RuntimeClient {
                     Err(_) => ProtocolError::TooLarge(max_response),
                 })?
                 .to_bytes();
-            let value =
-                serde_json::from_slice(&body).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
+            let value = serde_json::from_slice(&body).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
             Ok((status, value))
         }
         .await;

@@ -29,11 +29,7 @@ impl Source {
     }
 
     pub fn parse(s: &str) -> Source {
-        if s == "bundled" {
-            Source::Bundled
-        } else {
-            Source::Api
-        }
+        if s == "bundled" { Source::Bundled } else { Source::Api }
     }
 }
 
@@ -88,19 +84,11 @@ pub trait Store: Send + Sync {
     /// Every function with its current version.
     async fn functions(&self) -> Result<Vec<StoredFunction>, StoreError>;
     /// One version of one function.
-    async fn version(
-        &self,
-        language_title: &str,
-        version: i64,
-    ) -> Result<Option<StoredVersion>, StoreError>;
+    async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError>;
     /// Creates a function at version 1; [`StoreError::Conflict`] if it exists.
     async fn create(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError>;
     /// Adds the next version; [`StoreError::NotFound`] if the function does not exist.
-    async fn add_version(
-        &self,
-        new: NewVersion,
-        source: Source,
-    ) -> Result<StoredFunction, StoreError>;
+    async fn add_version(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError>;
     /// Deletes a function and its versions; false if it did not exist.
     async fn delete(&self, language_title: &str) -> Result<bool, StoreError>;
     /// Cheap liveness check for `/health`.

@@ -5,9 +5,7 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
 
 use super::{NewVersion, Source, Store, StoreError, StoredFunction, StoredVersion};
 use crate::timefmt;
@@ -47,8 +45,7 @@ macro_rules! select_function {
 
 fn time_col(row: &SqliteRow, col: &str) -> Result<time::OffsetDateTime, StoreError> {
     let s: String = row.try_get(col)?;
-    timefmt::parse(&s)
-        .map_err(|e| StoreError::Other(anyhow::anyhow!("bad timestamp in {col}: {e}")))
+    timefmt::parse(&s).map_err(|e| StoreError::Other(anyhow::anyhow!("bad timestamp in {col}: {e}")))
 }
 
 fn version_from_row(row: &SqliteRow, created_col: &str) -> Result<StoredVersion, StoreError> {
@@ -94,11 +91,7 @@ impl Store for SqliteStore {
         rows.iter().map(function_from_row).collect()
     }
 
-    async fn version(
-        &self,
-        language_title: &str,
-        version: i64,
-    ) -> Result<Option<StoredVersion>, StoreError> {
+    async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError> {
         let row = sqlx::query(
             "SELECT language_title, version, manifest, code, code_hash, created_at \
              FROM function_versions WHERE language_title = ? AND version = ?",
@@ -134,11 +127,7 @@ impl Store for SqliteStore {
         self.load(&new.language_title).await
     }
 
-    async fn add_version(
-        &self,
-        new: NewVersion,
-        source: Source,
-    ) -> Result<StoredFunction, StoreError> {
+    async fn add_version(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError> {
         let now = timefmt::format(timefmt::now());
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
@@ -220,28 +209,17 @@ mod tests {
     #[tokio::test]
     async fn versions_are_numbered_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
-        let f = store
-            .create(new("nodejs-a", "v1"), Source::Api)
-            .await
-            .unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let f = store.create(new("nodejs-a", "v1"), Source::Api).await.unwrap();
         assert_eq!(f.current.version, 1);
         assert!(matches!(
             store.create(new("nodejs-a", "again"), Source::Api).await,
             Err(StoreError::Conflict)
         ));
-        let f = store
-            .add_version(new("nodejs-a", "v2"), Source::Api)
-            .await
-            .unwrap();
+        let f = store.add_version(new("nodejs-a", "v2"), Source::Api).await.unwrap();
         assert_eq!(f.current.version, 2);
         assert_eq!(f.current.code, "v2");
-        assert_eq!(
-            store.version("nodejs-a", 1).await.unwrap().unwrap().code,
-            "v1"
-        );
+        assert_eq!(store.version("nodejs-a", 1).await.unwrap().unwrap().code, "v1");
         assert!(matches!(
             store.add_version(new("nodejs-b", "x"), Source::Api).await,
             Err(StoreError::NotFound)
