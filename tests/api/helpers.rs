@@ -33,7 +33,11 @@ pub fn spawn_app() -> TestApp {
 }
 
 pub fn spawn_app_with(extra: &[&str]) -> TestApp {
-    let data_dir = tempfile::Builder::new().prefix("fnrt").tempdir().expect("temp dir");
+    // Not under /tmp: instances get a private /tmp mounted over it, which would hide the data dir.
+    let data_dir = tempfile::Builder::new()
+        .prefix("fnrt")
+        .tempdir_in("/var/tmp")
+        .expect("temp dir");
     let repo = repo_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_controller-under-test"))
         .args([

@@ -3,7 +3,9 @@
 //!
 //! What an instance gets:
 //! - its own directory `DATA_DIR/instances/{id}` (cwd, `HOME`, `TMPDIR`, the
-//!   Unix socket), removed when the instance ends;
+//!   Unix socket), removed when the instance ends; as root, its `tmp/` is
+//!   also mounted over `/tmp` in a mount namespace of its own (unless the
+//!   data dir itself lives under `/tmp`);
 //! - a scrubbed environment (`PATH`, `HOME`, `LANG`, `TMPDIR`; the function's
 //!   own variables arrive with `/init`);
 //! - its own process group, killed as a whole, and `PR_SET_PDEATHSIG` so it
@@ -85,6 +87,9 @@ pub struct ProcessBackend {
     launchers: HashMap<Language, Result<Launcher, String>>,
     /// Uids to drop to, one per instance, when running as root.
     uids: Option<Arc<UidPool>>,
+    /// Whether instances get a private `/tmp` (root, and the data dir is not
+    /// itself under `/tmp`, which the mount would hide).
+    private_tmp: bool,
     limits: ProcessLimits,
     max_result_bytes: usize,
 }
@@ -110,6 +115,10 @@ impl ProcessBackend {
         std::fs::create_dir_all(&config.instances_dir)?;
         // Instances must reach their own directory through this one.
         std::fs::set_permissions(&config.instances_dir, std::fs::Permissions::from_mode(0o711))?;
+        let private_tmp = uids.is_some() && !config.instances_dir.canonicalize()?.starts_with("/tmp");
+        if uids.is_some() && !private_tmp {
+            tracing::warn!("the data dir is under /tmp: instances get a private TMPDIR but share /tmp");
+        }
         let others_only = uids.is_some();
         let mut launchers = HashMap::new();
         for language in [Language::Nodejs, Language::Python] {
@@ -136,6 +145,7 @@ impl ProcessBackend {
             instances_dir: config.instances_dir,
             launchers,
             uids,
+            private_tmp,
             limits: config.limits,
             max_result_bytes: config.max_result_bytes,
         })
@@ -196,11 +206,21 @@ impl RuntimeBackend for ProcessBackend {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        if let Some(uid) = &uid {
-            // std drops supplementary groups too when it changes the uid.
-            cmd.uid(uid.0).gid(uid.0);
-        }
-        limit_child(&mut cmd, self.limits, memory_mb * 1024 * 1024);
+        let sandbox = match &uid {
+            Some(uid) => {
+                let tmp = if self.private_tmp {
+                    // The instance's own tmp/ mounted over /tmp.
+                    cmd.env("TMPDIR", "/tmp");
+                    let path = dir.join("tmp").into_os_string().into_encoded_bytes();
+                    Some(std::ffi::CString::new(path).map_err(|_| unavailable("instance path contains NUL".into()))?)
+                } else {
+                    None
+                };
+                Some(Sandbox { uid: uid.0, tmp })
+            }
+            None => None,
+        };
+        limit_child(&mut cmd, self.limits, memory_mb * 1024 * 1024, sandbox);
         let started = Instant::now();
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -252,18 +272,46 @@ fn prepare_dir(dir: &Path, uid: Option<u32>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Sets the child's resource limits and parent-death signal between fork and exec.
+/// What an instance gets when the controller is root: its own uid and,
+/// where possible, its own mount namespace with a private `/tmp`.
+#[derive(Debug)]
+struct Sandbox {
+    uid: u32,
+    /// The instance's `tmp/` to mount over `/tmp`; prepared here because the
+    /// child may not allocate.
+    tmp: Option<std::ffi::CString>,
+}
+
+/// Sets up the child between fork and exec: private `/tmp` and own uid (as
+/// root), resource limits, parent-death signal.
 #[allow(unsafe_code)]
-fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64) {
+fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sandbox: Option<Sandbox>) {
     let rl = |n: u64| Rlimit {
         current: Some(n),
         maximum: Some(n),
     };
-    // SAFETY: the closure runs in the forked child before exec; it only makes
-    // raw system calls (setrlimit, prctl) through rustix, which neither
-    // allocate nor take locks, so it is async-signal-safe.
+    // SAFETY: the closure runs in the forked (single-threaded) child before
+    // exec; it only makes raw system calls (unshare, mount, setres[ug]id,
+    // setgroups, setrlimit, prctl) through rustix on data prepared before the
+    // fork, without allocating or taking locks, so it is async-signal-safe.
+    // unshare(NEWNS) shares no file descriptors, the hazard of unshare_unsafe.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(sandbox) = &sandbox {
+                use rustix::mount::{MountPropagationFlags, mount_bind, mount_change};
+                use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
+                // Mounts need root, so they come before the uid changes.
+                if let Some(tmp) = &sandbox.tmp {
+                    rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)?;
+                    mount_change(c"/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)?;
+                    mount_bind(tmp.as_c_str(), c"/tmp")?;
+                }
+                let gid = rustix::process::Gid::from_raw(sandbox.uid);
+                let uid = rustix::process::Uid::from_raw(sandbox.uid);
+                set_thread_groups(&[])?;
+                set_thread_res_gid(gid, gid, gid)?;
+                set_thread_res_uid(uid, uid, uid)?;
+            }
             rustix::process::setrlimit(Resource::Nofile, rl(limits.max_open_files))?;
             rustix::process::setrlimit(Resource::Nproc, rl(limits.max_processes))?;
             rustix::process::setrlimit(Resource::Fsize, rl(limits.max_file_bytes))?;
