@@ -138,12 +138,7 @@ impl Engine {
         options: InitializeOptions,
         request_id: Option<String>,
     ) -> Result<SessionRecord, ApiError> {
-        if !subject.can_execute(language_title.language()) {
-            return Err(ApiError::Forbidden(format!(
-                "token lacks scope 'execute:{}' (or 'execute:all')",
-                language_title.language()
-            )));
-        }
+        require_execute_scope(subject, &language_title)?;
         let function = self
             .registry
             .get(language_title.as_str())
@@ -249,12 +244,7 @@ impl Engine {
             .language_title
             .parse()
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored session title: {e}")))?;
-        if !subject.can_execute(language_title.language()) {
-            return Err(ApiError::Forbidden(format!(
-                "token lacks scope 'execute:{}' (or 'execute:all')",
-                language_title.language()
-            )));
-        }
+        require_execute_scope(subject, &language_title)?;
         let function = self
             .registry
             .version(language_title.as_str(), session.version)
@@ -427,6 +417,18 @@ impl Engine {
             }
         }
         self.pool.shutdown().await;
+    }
+}
+
+/// 403 unless the token may execute the function's language.
+fn require_execute_scope(subject: &Subject, language_title: &LanguageTitle) -> Result<(), ApiError> {
+    let language = language_title.language();
+    if subject.can_execute(language) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "token lacks scope 'execute:{language}' (or 'execute:all')"
+        )))
     }
 }
 

@@ -1,15 +1,10 @@
 //! `/api/v1/functions`: the seed's listing and detail (A.4, A.5) and the
 //! registration extension (create, new version with PUT, delete).
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{Reply, SECRET, TestApp, read, repo_dir, spawn_app};
+use crate::helpers::{Reply, TestApp, read, spawn_app};
 
 const BUNDLED: [&str; 6] = [
     "nodejs-calculator",
@@ -520,87 +515,10 @@ async fn a_registered_function_sees_its_manifest_env() {
     }
 }
 
-/// A second controller on an existing data dir (the harness always makes a
-/// fresh one); killed on drop.
-struct Restarted {
-    child: Child,
-    address: String,
-}
-
-impl Restarted {
-    fn start(data_dir: &Path) -> Self {
-        let repo = repo_dir();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_controller-under-test"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--warm-pool-size",
-                "1",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--functions-dir")
-            .arg(repo.join("functions"))
-            .arg("--runtimes-dir")
-            .arg(repo.join("runtimes"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("JWT_SECRET", SECRET)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the controller binary");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if v["message"].as_str().is_some_and(|m| m.starts_with("listening on"))
-                    && let (Some(addr), Some(tx)) = (v["addr"].as_str(), tx.take())
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("restarted controller did not start");
-        Restarted {
-            child,
-            address: format!("http://{addr}"),
-        }
-    }
-}
-
-impl Drop for Restarted {
-    fn drop(&mut self) {
-        // SIGTERM first, as the harness does, so the controller removes its instances.
-        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn registered_functions_survive_a_restart() {
-    // Arrange: register, then stop the controller but keep its data dir.
-    let mut app = spawn_app();
+    // Arrange: register and update, then restart the controller on its data dir.
+    let app = spawn_app();
     let token = app.admin();
     app.register("nodejs-hello", NODE_HELLO, json!({})).await;
     let updated = put_function(
@@ -611,45 +529,18 @@ async fn registered_functions_survive_a_restart() {
     )
     .await;
     assert_eq!(updated.status, 200, "{:?}", updated.body);
-    let data_dir = std::mem::replace(&mut app.data_dir, tempfile::tempdir().unwrap());
-    drop(app);
 
     // Act
-    let restarted = Restarted::start(data_dir.path());
-    let client = reqwest::Client::new();
-    let detail = client
-        .get(format!("{}/api/v1/functions/nodejs-hello", restarted.address))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    let detail = read(detail).await;
+    let app = app.restart();
+    let detail = app.get(Some(&token), "/api/v1/functions/nodejs-hello").await;
 
     // Assert: still there, at its latest version, and it runs.
     assert_eq!(detail.status, 200, "{:?}", detail.body);
     assert_eq!(detail.body["version"], 2);
     assert_eq!(detail.body["description"], "v2");
-    let init = client
-        .post(format!("{}/api/v1/initialize", restarted.address))
-        .bearer_auth(&token)
-        .header("Language-Title", "nodejs-hello")
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    let init = read(init).await;
-    assert_eq!(init.status, 200, "{:?}", init.body);
-    let id = init.body["request_id"].as_str().unwrap();
-    let exec = client
-        .post(format!("{}/api/v1/execute/{id}", restarted.address))
-        .bearer_auth(&token)
-        .json(&json!({"params": {}}))
-        .send()
-        .await
-        .unwrap();
-    let exec = read(exec).await;
+    let id = app.session(&token, "nodejs-hello", json!({})).await;
+    let exec = app.execute(&token, &id, json!({})).await;
     assert_eq!(exec.body["result"], json!({"greeting": "hello v2"}), "{:?}", exec.body);
-    drop(restarted);
 }
 
 #[tokio::test]

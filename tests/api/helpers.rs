@@ -27,17 +27,26 @@ pub struct TestApp {
     auth: Authenticator,
 }
 
-/// Options for [`spawn_app_with`]: extra command-line flags.
+/// A controller with default settings and a fresh data dir.
 pub fn spawn_app() -> TestApp {
     spawn_app_with(&[])
 }
 
+/// A controller with extra command-line flags and a fresh data dir.
 pub fn spawn_app_with(extra: &[&str]) -> TestApp {
-    // Not under /tmp: instances get a private /tmp mounted over it, which would hide the data dir.
-    let data_dir = tempfile::Builder::new()
+    spawn_app_in(fresh_data_dir(), extra)
+}
+
+/// Not under /tmp: instances get a private /tmp mounted over it, which would hide the data dir.
+fn fresh_data_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
         .prefix("fnrt")
         .tempdir_in("/var/tmp")
-        .expect("temp dir");
+        .expect("temp dir")
+}
+
+/// A controller on an existing data dir.
+pub fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestApp {
     let repo = repo_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_controller-under-test"))
         .args([
@@ -150,6 +159,13 @@ pub async fn read(response: reqwest::Response) -> Reply {
 }
 
 impl TestApp {
+    /// Stops the controller (SIGTERM) and starts a new one on the same data dir.
+    pub fn restart(mut self) -> TestApp {
+        let data_dir = std::mem::replace(&mut self.data_dir, fresh_data_dir());
+        drop(self);
+        spawn_app_in(data_dir, &[])
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }
