@@ -97,15 +97,14 @@ pub fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestApp {
             panic!("controller did not start: {:#?}", logs.lock().unwrap());
         }
     };
-    let app = TestApp {
+    TestApp {
         address,
         client: reqwest::Client::new(),
         data_dir,
         child,
         logs,
         auth: Authenticator::new(SECRET.as_bytes(), None, None),
-    };
-    app
+    }
 }
 
 fn listening_addr(line: &str) -> Option<String> {
