@@ -97,6 +97,10 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// PostgreSQL URL (`postgres://…`) for functions and records; without it,
+    /// SQLite in the data dir.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
     /// Folder of bundled functions registered at start-up.
     #[arg(long, env = "FUNCTIONS_DIR")]
     pub functions_dir: Option<PathBuf>,

@@ -23,6 +23,7 @@ use crate::runtime::pool::{InstancePool, PoolConfig};
 use crate::runtime::process::{ProcessBackend, ProcessConfig, ProcessLimits};
 use crate::sessions::MemorySessionStore;
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 
 /// Longest cache TTL a client may ask for with `max-age`.
@@ -45,6 +46,28 @@ impl std::fmt::Debug for Application {
     }
 }
 
+/// PostgreSQL when `DATABASE_URL` is set, else SQLite in the data dir.
+async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn Store>> {
+    if let Some(url) = args.database_url.as_ref().filter(|u| !u.expose().is_empty()) {
+        let store = PostgresStore::connect(url.expose())
+            .await
+            .context("connecting to PostgreSQL")?;
+        tracing::info!("store: PostgreSQL");
+        return Ok(Arc::new(store));
+    }
+    let db_path = args.auth.data_dir.join("controller.db");
+    // Created private before SQLite opens it; its -wal and -shm files copy the mode.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&db_path)
+        .with_context(|| format!("creating {}", db_path.display()))?;
+    let store = SqliteStore::open(&db_path).await?;
+    tracing::info!(path = %db_path.display(), "store: SQLite");
+    Ok(Arc::new(store))
+}
+
 impl Application {
     /// Opens the store, registers bundled functions, starts the pool and
     /// binds the listener (port 0 picks a free port; see [`Self::local_addr`]).
@@ -60,15 +83,7 @@ impl Application {
         }
         let auth = Arc::new(Authenticator::from_args(&args.auth)?);
 
-        let db_path = data_dir.join("controller.db");
-        // Created private before SQLite opens it; its -wal and -shm files copy the mode.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&db_path)
-            .with_context(|| format!("creating {}", db_path.display()))?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db_path).await?);
+        let store = open_store(&args).await?;
         let registry = Arc::new(Registry::load(store, args.max_timeout_ms).await?);
         let functions_dir = args.functions_dir();
         if functions_dir.is_dir() {

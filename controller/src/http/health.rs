@@ -32,7 +32,7 @@ pub(super) struct Components {
     pub controller: &'static str,
     /// `disabled` on embedded defaults (no `REDIS_URL`).
     pub redis: &'static str,
-    /// `disabled` on embedded defaults (no `DATABASE_URL`).
+    /// `ok` or `error` with `DATABASE_URL`; `disabled` on embedded defaults.
     pub postgres: &'static str,
     /// The embedded database (extension): `ok`, `error`, or `disabled` when PostgreSQL is used.
     pub sqlite: &'static str,
@@ -47,9 +47,13 @@ pub(super) struct Components {
 #[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, body = HealthResponse)))]
 async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
     let store = state.engine.registry.store();
-    let sqlite = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+    let database = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
         Ok(Ok(())) => "ok",
         _ => "error",
+    };
+    let (sqlite, postgres) = match store.kind() {
+        "postgres" => ("disabled", database),
+        _ => (database, "disabled"),
     };
     let mut runtimes = BTreeMap::new();
     let mut runtime_errors = BTreeMap::new();
@@ -59,14 +63,14 @@ async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
             runtime_errors.insert(language.to_string(), e);
         }
     }
-    let degraded = sqlite != "ok" || runtimes.values().any(|s| *s == "error");
+    let degraded = database != "ok" || runtimes.values().any(|s| *s == "error");
     axum::Json(HealthResponse {
         status: if degraded { "degraded" } else { "ok" },
         version: env!("CARGO_PKG_VERSION"),
         components: Components {
             controller: "ok",
             redis: "disabled",
-            postgres: "disabled",
+            postgres,
             sqlite,
             runtimes,
             runtime_errors,

@@ -1,12 +1,16 @@
 //! Durable state: functions and their versions.
 //!
-//! One [`Store`] trait, one implementation per database. SQLite
-//! ([`sqlite::SqliteStore`]) is the embedded default; PostgreSQL implements
-//! the same trait when `DATABASE_URL` is set. The controller never reads the
+//! One [`Store`] trait, one implementation per database: SQLite
+//! ([`sqlite::SqliteStore`]) is the embedded default, PostgreSQL
+//! ([`postgres::PostgresStore`]) is chosen when `DATABASE_URL` is set. One
+//! test suite (`tests.rs`) runs against both. The controller never reads the
 //! store on the execute path: the [`crate::registry::Registry`] keeps the
 //! current versions in memory.
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -93,4 +97,6 @@ pub trait Store: Send + Sync {
     async fn delete(&self, language_title: &str) -> Result<bool, StoreError>;
     /// Cheap liveness check for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// `sqlite` or `postgres`, for `/health`.
+    fn kind(&self) -> &'static str;
 }

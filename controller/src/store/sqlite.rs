@@ -166,6 +166,10 @@ impl Store for SqliteStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
 }
 
 async fn insert_version(
@@ -187,46 +191,4 @@ async fn insert_version(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn new(lt: &str, code: &str) -> NewVersion {
-        NewVersion {
-            language_title: lt.into(),
-            language: "nodejs".into(),
-            title: lt.trim_start_matches("nodejs-").into(),
-            description: "d".into(),
-            manifest: json!({"entrypoint": "index.js"}),
-            code: code.into(),
-            code_hash: format!("hash-{code}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn versions_are_numbered_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let f = store.create(new("nodejs-a", "v1"), Source::Api).await.unwrap();
-        assert_eq!(f.current.version, 1);
-        assert!(matches!(
-            store.create(new("nodejs-a", "again"), Source::Api).await,
-            Err(StoreError::Conflict)
-        ));
-        let f = store.add_version(new("nodejs-a", "v2"), Source::Api).await.unwrap();
-        assert_eq!(f.current.version, 2);
-        assert_eq!(f.current.code, "v2");
-        assert_eq!(store.version("nodejs-a", 1).await.unwrap().unwrap().code, "v1");
-        assert!(matches!(
-            store.add_version(new("nodejs-b", "x"), Source::Api).await,
-            Err(StoreError::NotFound)
-        ));
-        assert_eq!(store.functions().await.unwrap().len(), 1);
-        assert!(store.delete("nodejs-a").await.unwrap());
-        assert!(!store.delete("nodejs-a").await.unwrap());
-        assert!(store.version("nodejs-a", 1).await.unwrap().is_none());
-    }
 }
