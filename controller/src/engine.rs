@@ -25,10 +25,12 @@ use crate::cache::{CacheKey, ResultCache};
 use crate::error::ApiError;
 use crate::language::LanguageTitle;
 use crate::metrics::Metrics;
+use crate::records::ExecutionLog;
 use crate::registry::{FunctionVersion, Registry};
 use crate::runtime::pool::{InstancePool, Lease};
 use crate::runtime::{InstanceError, RunOutcome, RunRequest};
 use crate::sessions::{SessionRecord, SessionStatus, SessionStore};
+use crate::store::ExecutionRecord;
 use crate::timefmt;
 
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +69,16 @@ pub struct Executed {
     pub result: Arc<Value>,
 }
 
+/// How one execution went, for [`Engine::finish`].
+struct Finished<'a> {
+    subject: &'a Subject,
+    started: Instant,
+    started_at: OffsetDateTime,
+    outcome: &'static str,
+    cached: bool,
+    cold_start: bool,
+}
+
 /// One session's serialisation point and, when retained, its instance.
 #[derive(Default)]
 struct Slot {
@@ -79,6 +91,8 @@ pub struct Engine {
     pub cache: Arc<dyn ResultCache>,
     pub pool: Arc<InstancePool>,
     pub metrics: Arc<Metrics>,
+    /// Where answered executions are recorded, off the request path.
+    records: ExecutionLog,
     settings: EngineSettings,
     /// Per session of this process: its lock and retained instance. Executions
     /// of one session run one at a time.
@@ -104,6 +118,7 @@ impl Engine {
         cache: Arc<dyn ResultCache>,
         pool: Arc<InstancePool>,
         metrics: Arc<Metrics>,
+        records: ExecutionLog,
         settings: EngineSettings,
     ) -> Self {
         Engine {
@@ -112,6 +127,7 @@ impl Engine {
             cache,
             pool,
             metrics,
+            records,
             settings,
             slots: Mutex::new(HashMap::new()),
         }
@@ -226,6 +242,7 @@ impl Engine {
         directive: CacheDirective,
     ) -> Result<Executed, ApiError> {
         let started = Instant::now();
+        let started_at = OffsetDateTime::now_utc();
         if !subject.can_execute_something() {
             return Err(ApiError::Forbidden("token has no 'execute:*' scope".into()));
         }
@@ -271,7 +288,15 @@ impl Engine {
             });
             self.metrics.record_cache(self.cache.layer(), hit.is_some());
             if let Some(entry) = hit {
-                self.finish(&session, started, "cache_hit").await;
+                let done = Finished {
+                    subject,
+                    started,
+                    started_at,
+                    outcome: "cache_hit",
+                    cached: true,
+                    cold_start: false,
+                };
+                self.finish(&session, done).await;
                 return Ok(Executed {
                     language_title: session.language_title,
                     execution_time_ms: started.elapsed().as_millis() as u64,
@@ -281,7 +306,7 @@ impl Engine {
             }
         }
 
-        let outcome = self.run(&mut slot, &session, &function, &params).await;
+        let (cold_start, outcome) = self.run(&mut slot, &session, &function, &params).await;
         let (label, result) = match outcome {
             Ok(RunOutcome::Success(value)) => ("success", Ok(Arc::new(value))),
             Ok(RunOutcome::InvalidParams { message, details }) => {
@@ -300,7 +325,15 @@ impl Engine {
             };
             self.cache.put(key, value.clone(), ttl).await;
         }
-        self.finish(&session, started, label).await;
+        let done = Finished {
+            subject,
+            started,
+            started_at,
+            outcome: label,
+            cached: false,
+            cold_start,
+        };
+        self.finish(&session, done).await;
         if !session.retain {
             drop(slot);
             self.slots.lock().unwrap().remove(request_id);
@@ -313,33 +346,39 @@ impl Engine {
         })
     }
 
-    /// One run on the session's instance (retained) or a pooled one, within the deadline.
+    /// One run on the session's instance (retained) or a pooled one, within
+    /// the deadline. Also says whether an instance was started for it.
     async fn run(
         &self,
         slot: &mut Slot,
         session: &SessionRecord,
         function: &FunctionVersion,
         params: &Value,
-    ) -> Result<RunOutcome, ApiError> {
-        let mut lease = match slot.lease.take() {
+    ) -> (bool, Result<RunOutcome, ApiError>) {
+        let lease = match slot.lease.take() {
             Some(mut lease) => {
                 if lease.instance.is_alive() {
-                    lease
+                    Ok(lease)
                 } else {
                     // The retained instance died between executions: a fresh one.
                     self.pool.discard(lease).await;
-                    self.pool.acquire(function).await.map_err(instance_error)?
+                    self.pool.acquire(function).await.map_err(instance_error)
                 }
             }
-            None => self.pool.acquire(function).await.map_err(instance_error)?,
+            None => self.pool.acquire(function).await.map_err(instance_error),
         };
+        let mut lease = match lease {
+            Ok(lease) => lease,
+            Err(e) => return (false, Err(e)),
+        };
+        let cold = lease.start.is_cold();
         let deadline = Duration::from_millis(session.timeout_ms);
         let request = RunRequest {
             params,
             context: &session.context,
             deadline,
         };
-        match tokio::time::timeout(deadline, lease.instance.run(request)).await {
+        let result = match tokio::time::timeout(deadline, lease.instance.run(request)).await {
             Err(_elapsed) => {
                 tracing::info!(request_id = %session.request_id, instance = lease.instance.id(), "deadline passed; killing the instance");
                 self.pool.discard(lease).await;
@@ -360,12 +399,27 @@ impl Engine {
                 }
                 Ok(outcome)
             }
-        }
+        };
+        (cold, result)
     }
 
-    async fn finish(&self, session: &SessionRecord, started: Instant, outcome: &str) {
+    /// Metrics, session stats and the durable record of one answered execution.
+    async fn finish(&self, session: &SessionRecord, done: Finished<'_>) {
+        let elapsed = done.started.elapsed();
         self.metrics
-            .record_execution(&session.language_title, outcome, started.elapsed());
+            .record_execution(&session.language_title, done.outcome, elapsed);
+        self.records.record(ExecutionRecord {
+            id: uuid::Uuid::new_v4(),
+            request_id: session.request_id.clone(),
+            subject: done.subject.sub.clone(),
+            language_title: session.language_title.clone(),
+            version: session.version,
+            started_at: done.started_at,
+            duration_ms: elapsed.as_millis() as i64,
+            outcome: done.outcome.to_owned(),
+            cached: done.cached,
+            cold_start: done.cold_start,
+        });
         if let Err(e) = self
             .sessions
             .record_execution(&session.request_id, timefmt::now(), !session.retain)

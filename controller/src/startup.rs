@@ -18,6 +18,7 @@ use crate::engine::{Engine, EngineSettings};
 use crate::http::{self, AppState, HttpSettings};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Limits, LocalRateLimiter};
+use crate::records::ExecutionLog;
 use crate::registry::Registry;
 use crate::runtime::pool::{InstancePool, PoolConfig};
 use crate::runtime::process::{ProcessBackend, ProcessConfig, ProcessLimits};
@@ -36,6 +37,8 @@ pub struct Application {
     router: axum::Router,
     engine: Arc<Engine>,
     background: Vec<JoinHandle<()>>,
+    /// Writes execution records; finishes once the engine (its last sender) is gone.
+    record_writer: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Application {
@@ -84,6 +87,7 @@ impl Application {
         let auth = Arc::new(Authenticator::from_args(&args.auth)?);
 
         let store = open_store(&args).await?;
+        let (records, write_records) = ExecutionLog::new(store.clone());
         let registry = Arc::new(Registry::load(store, args.max_timeout_ms).await?);
         let functions_dir = args.functions_dir();
         if functions_dir.is_dir() {
@@ -124,6 +128,7 @@ impl Application {
             Arc::new(MemoryCache::new(args.cache_max_bytes)),
             pool.clone(),
             metrics.clone(),
+            records,
             EngineSettings {
                 session_ttl: args.session_ttl(),
                 max_timeout_ms: args.max_timeout_ms,
@@ -138,6 +143,7 @@ impl Application {
         }));
 
         let mut background = vec![tokio::spawn(pool.clone().maintain())];
+        let record_writer = tokio::spawn(write_records);
         background.push(tokio::spawn({
             let engine = engine.clone();
             let limiter = limiter.clone();
@@ -172,6 +178,7 @@ impl Application {
             router,
             engine,
             background,
+            record_writer,
         })
     }
 
@@ -190,7 +197,18 @@ impl Application {
         for task in &self.background {
             task.abort();
         }
+        for task in self.background {
+            let _ = task.await;
+        }
         self.engine.shutdown().await;
+        drop(self.engine);
+        // The router's state held the engine too; it is gone with `serve`.
+        if tokio::time::timeout(Duration::from_secs(10), self.record_writer)
+            .await
+            .is_err()
+        {
+            tracing::error!("execution records still unwritten after 10 s; giving up");
+        }
         served.context("serving HTTP")
     }
 }

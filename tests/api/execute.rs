@@ -191,3 +191,41 @@ async fn a_one_shot_session_serves_one_execution() {
     assert_eq!(s.body["status"], "completed");
     assert_eq!(s.body["execution_count"], 1);
 }
+
+#[tokio::test]
+async fn every_answered_execution_is_recorded_durably() {
+    let app = spawn_app();
+    let token = app.admin();
+    let id = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+    let params = json!({"operation": "add", "values": [2, 2]});
+    assert_eq!(app.execute(&token, &id, params.clone()).await.status, 200);
+    assert_eq!(app.execute(&token, &id, params).await.body["cached"], true);
+    assert_eq!(
+        app.execute(&token, &id, json!({"operation": "divide", "values": [1, 0]}))
+            .await
+            .status,
+        400
+    );
+
+    // The records are written off the request path; a clean stop flushes them.
+    let db = app.data_dir.path().join("controller.db");
+    let app = app.restart();
+    let rows = std::process::Command::new("python3")
+        .args(["-c", "import sqlite3,sys,json; c=sqlite3.connect(sys.argv[1]); print(json.dumps(c.execute('select subject, language_title, version, outcome, cached from executions where request_id=? order by rowid', (sys.argv[2],)).fetchall()))"])
+        .arg(&db)
+        .arg(&id)
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&rows.stdout).unwrap_or_default();
+    assert_eq!(
+        rows,
+        json!([
+            ["alice", "nodejs-calculator", 1, "success", 0],
+            ["alice", "nodejs-calculator", 1, "cache_hit", 1],
+            ["alice", "nodejs-calculator", 1, "invalid_params", 0]
+        ])
+    );
+    drop(app);
+}

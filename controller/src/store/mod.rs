@@ -71,6 +71,23 @@ pub struct NewVersion {
     pub code_hash: String,
 }
 
+/// One answered execution, for the durable record.
+#[derive(Debug, Clone)]
+pub struct ExecutionRecord {
+    pub id: uuid::Uuid,
+    /// The session's request ID.
+    pub request_id: String,
+    pub subject: String,
+    pub language_title: String,
+    pub version: i64,
+    pub started_at: OffsetDateTime,
+    pub duration_ms: i64,
+    /// `success`, `cache_hit`, `invalid_params`, `runtime_error`, `timeout`, `error`.
+    pub outcome: String,
+    pub cached: bool,
+    pub cold_start: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("function already exists")]
@@ -95,6 +112,11 @@ pub trait Store: Send + Sync {
     async fn add_version(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError>;
     /// Deletes a function and its versions; false if it did not exist.
     async fn delete(&self, language_title: &str) -> Result<bool, StoreError>;
+    /// Appends execution records (one transaction; safe to retry: rows are
+    /// keyed by their `id`).
+    async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError>;
+    /// The records of one session, oldest first (operations and tests).
+    async fn executions_of(&self, request_id: &str) -> Result<Vec<ExecutionRecord>, StoreError>;
     /// Cheap liveness check for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
     /// `sqlite` or `postgres`, for `/health`.

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
 
-use super::{NewVersion, Source, Store, StoreError, StoredFunction, StoredVersion};
+use super::{ExecutionRecord, NewVersion, Source, Store, StoreError, StoredFunction, StoredVersion};
 use crate::timefmt;
 
 #[derive(Debug, Clone)]
@@ -160,6 +160,59 @@ impl Store for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(deleted > 0)
+    }
+
+    async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for r in records {
+            sqlx::query(
+                "INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(r.id.to_string())
+            .bind(&r.request_id)
+            .bind(&r.subject)
+            .bind(&r.language_title)
+            .bind(r.version)
+            .bind(timefmt::format(r.started_at))
+            .bind(r.duration_ms)
+            .bind(&r.outcome)
+            .bind(r.cached)
+            .bind(r.cold_start)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn executions_of(&self, request_id: &str) -> Result<Vec<ExecutionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start \
+             FROM executions WHERE request_id = ? ORDER BY started_at, rowid",
+        )
+        .bind(request_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                Ok(ExecutionRecord {
+                    id: id
+                        .parse()
+                        .map_err(|e| StoreError::Other(anyhow::anyhow!("bad execution id: {e}")))?,
+                    request_id: row.try_get("request_id")?,
+                    subject: row.try_get("subject")?,
+                    language_title: row.try_get("language_title")?,
+                    version: row.try_get("version")?,
+                    started_at: time_col(row, "started_at")?,
+                    duration_ms: row.try_get("duration_ms")?,
+                    outcome: row.try_get("outcome")?,
+                    cached: row.try_get("cached")?,
+                    cold_start: row.try_get("cold_start")?,
+                })
+            })
+            .collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

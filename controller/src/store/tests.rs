@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
-use super::{NewVersion, Source, Store, StoreError};
+use super::{ExecutionRecord, NewVersion, Source, Store, StoreError};
 
 fn new(lt: &str, code: &str) -> NewVersion {
     NewVersion {
@@ -64,6 +64,31 @@ async fn exercise(store: Arc<dyn Store>) {
     assert!(store.version("nodejs-a", 1).await.unwrap().is_none());
     let again = store.create(new("nodejs-a", "reborn"), Source::Api).await.unwrap();
     assert_eq!(again.current.version, 1);
+
+    let record = |outcome: &str, cached: bool| ExecutionRecord {
+        id: uuid::Uuid::new_v4(),
+        request_id: "session-1".into(),
+        subject: "alice".into(),
+        language_title: "nodejs-a".into(),
+        version: 1,
+        started_at: crate::timefmt::now(),
+        duration_ms: 12,
+        outcome: outcome.into(),
+        cached,
+        cold_start: !cached,
+    };
+    let batch = vec![record("success", false), record("cache_hit", true)];
+    store.record_executions(&batch).await.unwrap();
+    // A retried batch does not duplicate rows.
+    store.record_executions(&batch).await.unwrap();
+    let stored = store.executions_of("session-1").await.unwrap();
+    assert_eq!(stored.len(), 2);
+    let first = stored.iter().find(|r| r.id == batch[0].id).unwrap();
+    assert_eq!(first.outcome, "success");
+    assert_eq!(first.subject, "alice");
+    assert_eq!(first.started_at, batch[0].started_at);
+    assert!(first.cold_start && !first.cached);
+    assert!(store.executions_of("session-2").await.unwrap().is_empty());
 }
 
 #[tokio::test]
