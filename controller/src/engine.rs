@@ -161,7 +161,8 @@ impl Engine {
             .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' not found")))?
             .current;
         let timeout_ms = match &options.timeout_ms {
-            None => function.manifest.limits.timeout_ms,
+            // The function's default, within the controller's maximum.
+            None => function.manifest.limits.timeout_ms.min(self.settings.max_timeout_ms),
             Some(v) => v
                 .as_u64()
                 .filter(|ms| (1..=self.settings.max_timeout_ms).contains(ms))

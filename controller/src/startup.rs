@@ -88,7 +88,7 @@ impl Application {
 
         let store = open_store(&args).await?;
         let (records, write_records) = ExecutionLog::new(store.clone());
-        let registry = Arc::new(Registry::load(store, args.max_timeout_ms).await?);
+        let registry = Arc::new(Registry::load(store).await?);
         let functions_dir = args.functions_dir();
         if functions_dir.is_dir() {
             let n = registry.load_bundled(&functions_dir).await?;

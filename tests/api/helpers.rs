@@ -269,6 +269,18 @@ impl TestApp {
             .unwrap_or(0)
     }
 
+    /// Waits for the controller to exit by itself.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn controller_pid(&self) -> u32 {
         self.child.id()
     }

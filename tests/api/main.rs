@@ -7,6 +7,7 @@ mod helpers;
 
 mod auth;
 mod cache;
+mod contract;
 mod execute;
 mod functions;
 mod initialize;

@@ -3,8 +3,9 @@
 //!
 //! Order of the middleware, outermost first: request ID (set, then
 //! propagated to the response), trace (one log line per request), CORS,
-//! body limit, metrics (by matched route), JSON errors for anything axum
-//! answers itself (unknown route, wrong method). The `/api/v1` resource
+//! JSON errors for anything answered before a handler (413 from the length
+//! check, unknown route, wrong method), body limit, metrics (by matched
+//! route). The `/api/v1` resource
 //! routes also pass the guard: token check, then the rate limit.
 
 mod execute;
@@ -110,11 +111,12 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .route("/api/v1/openapi.json", axum::routing::get(openapi_json).with_state(doc))
         .merge(api.with_state(state.clone()))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state, record_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(settings.max_body_bytes))
         .layer(axum::Extension(BodyLimit(settings.max_body_bytes)))
+        // Outside the body limit, so its early 413 gets the JSON body too.
+        .layer(middleware::from_fn(json_errors))
         .layer(cors(settings))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(

@@ -19,6 +19,9 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_MEMORY_MB: u64 = 256;
 /// Largest accepted source file.
 pub const MAX_CODE_BYTES: usize = 512 * 1024;
+/// Hard ceiling on a manifest's default timeout; the controller's own
+/// maximum (`MAX_TIMEOUT_MS`) further bounds it when a session starts.
+pub const MAX_MANIFEST_TIMEOUT_MS: u64 = 3_600_000;
 const MIN_MEMORY_MB: u64 = 32;
 const MAX_MEMORY_MB: u64 = 4096;
 const MAX_EXAMPLES: usize = 32;
@@ -112,9 +115,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ManifestError> {
 }
 
 impl FunctionSpec {
-    /// Checks every field and fills the defaults. `max_timeout_ms` is the
-    /// controller's configured ceiling.
-    pub fn normalize(self, language: Language, max_timeout_ms: u64) -> Result<Manifest, ManifestError> {
+    /// Checks every field and fills the defaults.
+    pub fn normalize(self, language: Language) -> Result<Manifest, ManifestError> {
         let description = self.description.trim().to_owned();
         if description.is_empty() {
             return err("'description' must not be empty");
@@ -155,9 +157,11 @@ impl FunctionSpec {
         if self.examples.len() > MAX_EXAMPLES {
             return err(format!("at most {MAX_EXAMPLES} 'examples'"));
         }
-        let timeout_ms = self.limits.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS.min(max_timeout_ms));
-        if timeout_ms == 0 || timeout_ms > max_timeout_ms {
-            return err(format!("'limits.timeout_ms' must be between 1 and {max_timeout_ms}"));
+        let timeout_ms = self.limits.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+        if timeout_ms == 0 || timeout_ms > MAX_MANIFEST_TIMEOUT_MS {
+            return err(format!(
+                "'limits.timeout_ms' must be between 1 and {MAX_MANIFEST_TIMEOUT_MS}"
+            ));
         }
         let memory_mb = self.limits.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
         if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&memory_mb) {
@@ -262,7 +266,7 @@ mod tests {
 
     #[test]
     fn fills_defaults() {
-        let m = spec().normalize(Language::Python, 300_000).unwrap();
+        let m = spec().normalize(Language::Python).unwrap();
         assert_eq!(m.entrypoint, "main.py");
         assert_eq!(m.handler, "handler");
         assert_eq!(m.limits.timeout_ms, DEFAULT_TIMEOUT_MS);
@@ -297,7 +301,7 @@ mod tests {
             },
             FunctionSpec {
                 limits: LimitsSpec {
-                    timeout_ms: Some(400_000),
+                    timeout_ms: Some(4_000_000),
                     memory_mb: None,
                 },
                 ..spec()
@@ -331,13 +335,13 @@ mod tests {
         ];
         for s in bad {
             let shown = format!("{s:?}");
-            assert!(s.normalize(Language::Nodejs, 300_000).is_err(), "accepted {shown}");
+            assert!(s.normalize(Language::Nodejs).is_err(), "accepted {shown}");
         }
     }
 
     #[test]
     fn code_hash_changes_with_code_and_env() {
-        let m = spec().normalize(Language::Nodejs, 300_000).unwrap();
+        let m = spec().normalize(Language::Nodejs).unwrap();
         let h1 = m.code_hash("a");
         assert_ne!(h1, m.code_hash("b"));
         let mut m2 = m.clone();

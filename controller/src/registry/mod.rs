@@ -129,8 +129,6 @@ impl From<StoreError> for RegistryError {
 
 pub struct Registry {
     store: Arc<dyn Store>,
-    /// The controller's ceiling on timeouts, applied to manifests.
-    max_timeout_ms: u64,
     /// Current version of every function, sorted by Language-Title for listings.
     functions: RwLock<BTreeMap<String, FunctionEntry>>,
     /// Older versions that sessions still ask for, loaded from the store on demand.
@@ -145,7 +143,7 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     /// Loads every function from the store.
-    pub async fn load(store: Arc<dyn Store>, max_timeout_ms: u64) -> anyhow::Result<Self> {
+    pub async fn load(store: Arc<dyn Store>) -> anyhow::Result<Self> {
         let mut functions = BTreeMap::new();
         for f in store.functions().await? {
             let lt = f.language_title.clone();
@@ -160,7 +158,6 @@ impl Registry {
         }
         Ok(Registry {
             store,
-            max_timeout_ms,
             functions: RwLock::new(functions),
             versions: moka::sync::Cache::new(1024),
         })
@@ -257,7 +254,7 @@ impl Registry {
 
     fn prepare(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<NewVersion, RegistryError> {
         manifest::check_code(&code)?;
-        let manifest = spec.normalize(lt.language(), self.max_timeout_ms)?;
+        let manifest = spec.normalize(lt.language())?;
         Ok(NewVersion {
             language_title: lt.to_string(),
             language: lt.language().to_string(),
