@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// SQLite in the data dir.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret>,
+    /// Redis URL (`redis://host:6379/`): L2 result cache, shared sessions
+    /// and rate limits; without it, all three stay in process.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
     /// Folder of bundled functions registered at start-up.
     #[arg(long, env = "FUNCTIONS_DIR")]
     pub functions_dir: Option<PathBuf>,

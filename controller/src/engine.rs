@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
 use crate::auth::Subject;
-use crate::cache::{CacheKey, ResultCache};
+use crate::cache::{CacheKey, Layers};
 use crate::error::ApiError;
 use crate::language::LanguageTitle;
 use crate::metrics::Metrics;
@@ -88,7 +88,7 @@ struct Slot {
 pub struct Engine {
     pub registry: Arc<Registry>,
     pub sessions: Arc<dyn SessionStore>,
-    pub cache: Arc<dyn ResultCache>,
+    pub cache: Layers,
     pub pool: Arc<InstancePool>,
     pub metrics: Arc<Metrics>,
     /// Where answered executions are recorded, off the request path.
@@ -115,7 +115,7 @@ impl Engine {
     pub fn new(
         registry: Arc<Registry>,
         sessions: Arc<dyn SessionStore>,
-        cache: Arc<dyn ResultCache>,
+        cache: Layers,
         pool: Arc<InstancePool>,
         metrics: Arc<Metrics>,
         records: ExecutionLog,
@@ -283,11 +283,11 @@ impl Engine {
 
         let key = CacheKey::new(language_title.as_str(), &function.code_hash, &params, &session.context);
         if directive != CacheDirective::NoCache {
-            let hit = self.cache.get(&key).await.filter(|entry| match directive {
-                CacheDirective::MaxAge(max) => entry.age() <= max,
-                _ => true,
-            });
-            self.metrics.record_cache(self.cache.layer(), hit.is_some());
+            let max_age = match directive {
+                CacheDirective::MaxAge(max) => Some(max),
+                _ => None,
+            };
+            let hit = self.cache.get(&key, max_age).await;
             if let Some(entry) = hit {
                 let done = Finished {
                     subject,
@@ -324,7 +324,7 @@ impl Engine {
                 CacheDirective::MaxAge(ttl) => ttl.min(self.settings.max_cache_ttl),
                 _ => self.settings.cache_ttl,
             };
-            self.cache.put(key, value.clone(), ttl).await;
+            self.cache.put(&key, value.clone(), ttl).await;
         }
         let done = Finished {
             subject,

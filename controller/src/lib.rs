@@ -18,7 +18,9 @@
 //! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations.
 //! - [`records`]: durable execution records, batched off the request path.
 //! - [`sessions`]: the `SessionStore` trait and its in-memory implementation.
-//! - [`cache`]: the `ResultCache` trait, the cache key, the moka L1.
+//! - [`cache`]: the `ResultCache` trait, the cache key, the moka L1, the
+//!   Redis L2, and `Layers` that chains them.
+//! - [`redis_client`]: the shared, reconnecting, time-bounded Redis connection.
 //! - [`ratelimit`]: the `RateLimiter` trait and its governor implementation.
 //! - [`runtime`]: the `RuntimeBackend` and `Instance` traits, the runtime
 //!   protocol client, the process backend and the instance pool.
@@ -42,6 +44,7 @@ pub mod language;
 pub mod metrics;
 pub mod ratelimit;
 pub mod records;
+pub mod redis_client;
 pub mod registry;
 pub mod runtime;
 pub mod sessions;

@@ -12,13 +12,16 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
-use crate::cache::MemoryCache;
+use crate::cache::memory::MemoryCache;
+use crate::cache::redis::RedisCache;
+use crate::cache::{Layers, ResultCache};
 use crate::config::ServeArgs;
 use crate::engine::{Engine, EngineSettings};
 use crate::http::{self, AppState, HttpSettings};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Limits, LocalRateLimiter};
 use crate::records::ExecutionLog;
+use crate::redis_client::RedisClient;
 use crate::registry::Registry;
 use crate::runtime::pool::{InstancePool, PoolConfig};
 use crate::runtime::process::{ProcessBackend, ProcessConfig, ProcessLimits};
@@ -122,10 +125,25 @@ impl Application {
             },
             metrics.clone(),
         );
+        let redis = match args.redis_url.as_ref().filter(|u| !u.expose().is_empty()) {
+            Some(url) => {
+                let client = RedisClient::new(url.expose()).context("REDIS_URL")?;
+                if !client.ping().await {
+                    tracing::warn!("Redis is unreachable at start-up; running degraded until it answers");
+                }
+                Some(client)
+            }
+            None => None,
+        };
+        let mut layers: Vec<Arc<dyn ResultCache>> = vec![Arc::new(MemoryCache::new(args.cache_max_bytes))];
+        if let Some(redis) = &redis {
+            layers.push(Arc::new(RedisCache::new(redis.clone())));
+        }
+        let cache = Layers::new(layers, metrics.clone());
         let engine = Arc::new(Engine::new(
             registry,
             Arc::new(MemorySessionStore::default()),
-            Arc::new(MemoryCache::new(args.cache_max_bytes)),
+            cache,
             pool.clone(),
             metrics.clone(),
             records,
@@ -162,6 +180,7 @@ impl Application {
             auth,
             limiter,
             metrics,
+            redis,
         };
         let router = http::router(
             state,

@@ -13,6 +13,7 @@ mod functions;
 mod initialize;
 mod limits;
 mod operations;
+mod replicas;
 mod runtimes;
 mod sandbox;
 mod sessions;

@@ -30,6 +30,7 @@ pub(super) struct HealthResponse {
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct Components {
     pub controller: &'static str,
+    /// `ok`, `degraded` (unreachable: no L2 cache, per-process limits), or
     /// `disabled` on embedded defaults (no `REDIS_URL`).
     pub redis: &'static str,
     /// `ok` or `error` with `DATABASE_URL`; `disabled` on embedded defaults.
@@ -63,13 +64,19 @@ async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
             runtime_errors.insert(language.to_string(), e);
         }
     }
-    let degraded = database != "ok" || runtimes.values().any(|s| *s == "error");
+    // Without Redis the controller still serves (no L2, per-process limits): degraded.
+    let redis = match &state.redis {
+        None => "disabled",
+        Some(r) if r.ping().await => "ok",
+        Some(_) => "degraded",
+    };
+    let degraded = database != "ok" || redis == "degraded" || runtimes.values().any(|s| *s == "error");
     axum::Json(HealthResponse {
         status: if degraded { "degraded" } else { "ok" },
         version: env!("CARGO_PKG_VERSION"),
         components: Components {
             controller: "ok",
-            redis: "disabled",
+            redis,
             postgres,
             sqlite,
             runtimes,

@@ -44,6 +44,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub limiter: Arc<dyn RateLimiter>,
     pub metrics: Arc<Metrics>,
+    /// Set when `REDIS_URL` is; `/health` reports it.
+    pub redis: Option<crate::redis_client::RedisClient>,
 }
 
 /// HTTP settings that are not state.

@@ -1,0 +1,198 @@
+//! The result cache.
+//!
+//! One [`ResultCache`] trait per layer: [`memory::MemoryCache`] (moka,
+//! bounded by bytes, TTL per entry) is the in-process L1, and
+//! [`redis::RedisCache`] the shared L2 when `REDIS_URL` is set. [`Layers`]
+//! asks them in order, fills the faster layers from a slower layer's hit,
+//! stores in every layer, and counts hits and misses per layer.
+//!
+//! The key ([`CacheKey`]) covers everything the function sees: the
+//! Language-Title, the version's code hash, and the canonical JSON of
+//! `params` and of the `context` passed to the function. Only successes are
+//! cached; the execute path decides that, this module only stores.
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::metrics::Metrics;
+
+/// Bumped whenever the key or entry format changes, so old entries are never read.
+const KEY_VERSION: &str = "v1";
+
+/// The hash that names one cached result.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(pub String);
+
+impl CacheKey {
+    pub fn new(language_title: &str, code_hash: &str, params: &Value, context: &Value) -> Self {
+        let mut h = Sha256::new();
+        for part in [
+            KEY_VERSION,
+            language_title,
+            code_hash,
+            &canonical_json(params),
+            &canonical_json(context),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        CacheKey(format!("{KEY_VERSION}:{}", hex::encode(h.finalize())))
+    }
+}
+
+/// JSON with object keys sorted at every level, so equal values give equal
+/// text whatever order the client sent them in.
+pub fn canonical_json(value: &Value) -> String {
+    fn sorted(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), sorted(v))).collect())
+            }
+            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(value).to_string()
+}
+
+/// A cached result, when it was stored and for how long.
+#[derive(Debug, Clone)]
+pub struct CachedResult {
+    pub result: Arc<Value>,
+    /// Wall-clock time, so that every replica computes the same age.
+    pub stored_at: SystemTime,
+    pub ttl: Duration,
+}
+
+impl CachedResult {
+    pub fn new(result: Arc<Value>, ttl: Duration) -> Self {
+        CachedResult {
+            result,
+            stored_at: SystemTime::now(),
+            ttl,
+        }
+    }
+
+    pub fn age(&self) -> Duration {
+        self.stored_at.elapsed().unwrap_or_default()
+    }
+
+    /// What is left of the TTL.
+    pub fn remaining(&self) -> Duration {
+        self.ttl.saturating_sub(self.age())
+    }
+}
+
+/// One layer of the cache.
+#[async_trait]
+pub trait ResultCache: Send + Sync {
+    /// Name of the layer for metrics (`l1`, `l2`).
+    fn layer(&self) -> &'static str;
+    async fn get(&self, key: &CacheKey) -> anyhow::Result<Option<CachedResult>>;
+    /// Stores `entry` for what is left of its TTL.
+    async fn put(&self, key: &CacheKey, entry: &CachedResult) -> anyhow::Result<()>;
+}
+
+/// The layers, fastest first.
+pub struct Layers {
+    layers: Vec<Arc<dyn ResultCache>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Layers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.layers.iter().map(|l| l.layer()).collect();
+        f.debug_struct("Layers").field("layers", &names).finish()
+    }
+}
+
+impl Layers {
+    pub fn new(layers: Vec<Arc<dyn ResultCache>>, metrics: Arc<Metrics>) -> Self {
+        Layers { layers, metrics }
+    }
+
+    /// The first layer's hit no older than `max_age`; a layer that fails
+    /// counts as a miss.
+    pub async fn get(&self, key: &CacheKey, max_age: Option<Duration>) -> Option<CachedResult> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let found = match layer.get(key).await {
+                Ok(found) => found.filter(|e| max_age.is_none_or(|max| e.age() <= max)),
+                Err(e) => {
+                    tracing::debug!(layer = layer.layer(), error = %e, "cache lookup failed");
+                    None
+                }
+            };
+            self.metrics.record_cache(layer.layer(), found.is_some());
+            if let Some(entry) = found {
+                for faster in &self.layers[..i] {
+                    let _ = faster.put(key, &entry).await;
+                }
+                return Some(entry);
+            }
+        }
+        None
+    }
+
+    /// Stores a fresh result in every layer.
+    pub async fn put(&self, key: &CacheKey, result: Arc<Value>, ttl: Duration) {
+        if ttl.is_zero() {
+            return;
+        }
+        let entry = CachedResult::new(result, ttl);
+        for layer in &self.layers {
+            if let Err(e) = layer.put(key, &entry).await {
+                tracing::debug!(layer = layer.layer(), error = %e, "cache store failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn key_ignores_key_order_but_not_values() {
+        let a = CacheKey::new("nodejs-x", "h", &json!({"a": 1, "b": {"c": 2, "d": 3}}), &json!({}));
+        let b = CacheKey::new("nodejs-x", "h", &json!({"b": {"d": 3, "c": 2}, "a": 1}), &json!({}));
+        assert_eq!(a, b);
+        let c = CacheKey::new("nodejs-x", "h", &json!({"a": 2, "b": {"c": 2, "d": 3}}), &json!({}));
+        assert_ne!(a, c);
+        let d = CacheKey::new("nodejs-x", "h2", &json!({"a": 1, "b": {"c": 2, "d": 3}}), &json!({}));
+        assert_ne!(a, d);
+        let e = CacheKey::new(
+            "nodejs-x",
+            "h",
+            &json!({"a": 1, "b": {"c": 2, "d": 3}}),
+            &json!({"user_id": "u"}),
+        );
+        assert_ne!(a, e);
+    }
+
+    #[tokio::test]
+    async fn entries_expire_after_their_ttl_and_max_age_bounds_a_hit() {
+        let layers = Layers::new(
+            vec![Arc::new(memory::MemoryCache::new(1 << 20))],
+            Arc::new(Metrics::new()),
+        );
+        let k = CacheKey::new("nodejs-x", "h", &json!({}), &json!({}));
+        layers.put(&k, Arc::new(json!(1)), Duration::from_millis(150)).await;
+        assert!(layers.get(&k, None).await.is_some());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(layers.get(&k, Some(Duration::from_millis(10))).await.is_none());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(layers.get(&k, None).await.is_none());
+        layers.put(&k, Arc::new(json!(1)), Duration::ZERO).await;
+        assert!(layers.get(&k, None).await.is_none());
+    }
+}

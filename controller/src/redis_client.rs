@@ -1,0 +1,95 @@
+//! One shared Redis connection (redis `ConnectionManager`: multiplexed,
+//! reconnecting) for the L2 cache, live sessions and rate limits.
+//!
+//! Every command is bounded by a short timeout, so a Redis outage costs an
+//! execution at most that long before the caller falls back (no L2 hit,
+//! per-process limits). The client remembers whether its last command
+//! worked, for `/health`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::Mutex;
+
+/// How long one command may take before the caller gives up on Redis.
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(250);
+
+#[derive(Clone)]
+pub struct RedisClient {
+    client: redis::Client,
+    /// Connected lazily, so the controller starts (degraded) while Redis is down.
+    manager: Arc<Mutex<Option<ConnectionManager>>>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for RedisClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisClient").finish_non_exhaustive()
+    }
+}
+
+impl RedisClient {
+    /// Parses the URL; connects on first use.
+    pub fn new(url: &str) -> anyhow::Result<Self> {
+        Ok(RedisClient {
+            client: redis::Client::open(url)?,
+            manager: Arc::new(Mutex::new(None)),
+            healthy: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        let mut manager = self.manager.lock().await;
+        if let Some(m) = manager.as_ref() {
+            return Ok(m.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1);
+        let m = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        *manager = Some(m.clone());
+        Ok(m)
+    }
+
+    /// Runs one command (or pipeline/script invocation) within the timeout.
+    pub async fn run<T, F, Fut>(&self, f: F) -> anyhow::Result<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let result = tokio::time::timeout(COMMAND_TIMEOUT * 2, async {
+            let conn = self.connection().await?;
+            f(conn).await
+        })
+        .await;
+        let result = match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(anyhow::anyhow!("redis: {e}")),
+            Err(_) => Err(anyhow::anyhow!("redis: no answer within {:?}", COMMAND_TIMEOUT * 2)),
+        };
+        let was = self.healthy.swap(result.is_ok(), Ordering::Relaxed);
+        match (&result, was) {
+            (Err(e), true) => {
+                tracing::warn!(error = %e, "Redis is unreachable; degrading (no L2 cache, per-process limits)")
+            }
+            (Ok(_), false) => tracing::info!("Redis is reachable"),
+            _ => {}
+        }
+        result
+    }
+
+    /// `PING`, for `/health`.
+    pub async fn ping(&self) -> bool {
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .is_ok()
+    }
+
+    /// Whether the last command worked.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}

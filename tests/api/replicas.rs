@@ -1,0 +1,92 @@
+//! Several controllers sharing Redis (REDIS_URL): the L2 result cache.
+//!
+//! Redis comes from `TEST_REDIS_URL`. Without it these tests say that they
+//! skipped, except under `CI=true`, where they fail.
+
+use serde_json::json;
+
+use crate::helpers::spawn_app_with;
+
+/// The shared Redis, or `None` (skipped) outside CI.
+pub fn redis_url() -> Option<String> {
+    match std::env::var("TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but TEST_REDIS_URL is not set"
+            );
+            eprintln!("skipped: set TEST_REDIS_URL=redis://127.0.0.1:6379/ to run the Redis tests");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_result_computed_on_one_controller_is_a_cache_hit_on_another() {
+    let Some(redis) = redis_url() else { return };
+    let a = spawn_app_with(&["--redis-url", &redis]);
+    let b = spawn_app_with(&["--redis-url", &redis]);
+    // Fresh operands: the shared Redis outlives test runs.
+    let n = rand_u32();
+    let params = json!({"operation": "add", "values": [n, 1]});
+    let token = a.admin();
+
+    let on_a = a
+        .session(&token, "python-calculator", json!({"retain_session": true}))
+        .await;
+    let first = a.execute(&token, &on_a, params.clone()).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.body["cached"], false);
+
+    let on_b = b
+        .session(&token, "python-calculator", json!({"retain_session": true}))
+        .await;
+    let second = b.execute(&token, &on_b, params).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(second.body["cached"], true, "B did not find A's result in Redis");
+    assert_eq!(second.body["result"]["value"], u64::from(n) + 1);
+
+    let health = b.get(None, "/health").await;
+    assert_eq!(health.body["components"]["redis"], "ok");
+    let metrics = b
+        .client
+        .get(b.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"lambda_cache_requests_total{layer="l2",result="hit"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn with_redis_unreachable_executions_still_succeed_and_health_says_degraded() {
+    // Nothing listens on this port: Redis is "down" from the start.
+    let a = spawn_app_with(&["--redis-url", "redis://127.0.0.1:1/"]);
+    let token = a.admin();
+    let id = a
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+    let params = json!({"operation": "multiply", "values": [6, 7]});
+    let r = a.execute(&token, &id, params.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"]["value"], 42);
+    // L1 still serves.
+    assert_eq!(a.execute(&token, &id, params).await.body["cached"], true);
+    let health = a.get(None, "/health").await;
+    assert_eq!(health.body["components"]["redis"], "degraded");
+    assert_eq!(health.body["status"], "degraded");
+}
+
+fn rand_u32() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    nanos ^ std::process::id().rotate_left(16)
+}
