@@ -1,9 +1,11 @@
 //! Rate limits.
 //!
-//! One [`RateLimiter`] trait; [`LocalRateLimiter`] (governor, GCRA, in
-//! process) is the single-node implementation. Limits are per minute, keyed by
-//! the token's subject when the request carries a valid token and by the
-//! client's address otherwise.
+//! One [`RateLimiter`] trait: [`LocalRateLimiter`] (governor, GCRA, in
+//! process) for a single controller, and [`RedisRateLimiter`] (the same GCRA
+//! as a Lua script on Redis, with Redis `TIME` as the one clock) when several
+//! replicas share Redis; it falls back to the local limiter while Redis is
+//! unreachable. Limits are per minute, keyed by the token's subject when the
+//! request carries a valid token and by the client's address otherwise.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -114,6 +116,95 @@ impl RateLimiter for LocalRateLimiter {
             // Round up: "retry in 0 s" would invite an immediate retry.
             wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
         })
+    }
+}
+
+/// GCRA (the algorithm governor implements) on Redis. KEYS[1]: the key;
+/// ARGV[1]: emission interval in ms (a minute / limit); ARGV[2]: the limit
+/// (burst). Answers 0 when allowed, else the ms to wait. Redis `TIME` is the
+/// clock, so replicas with skewed clocks still agree.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allowed_at = new_tat - interval * burst
+if now < allowed_at then
+  return allowed_at - now
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
+return 0
+";
+
+/// Limits shared by every controller on one Redis.
+pub struct RedisRateLimiter {
+    redis: crate::redis_client::RedisClient,
+    script: redis::Script,
+    limits: Limits,
+    /// Used while Redis does not answer.
+    fallback: std::sync::Arc<LocalRateLimiter>,
+}
+
+impl std::fmt::Debug for RedisRateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisRateLimiter").finish_non_exhaustive()
+    }
+}
+
+impl RedisRateLimiter {
+    /// `fallback` counts while Redis does not answer.
+    pub fn new(
+        redis: crate::redis_client::RedisClient,
+        limits: Limits,
+        fallback: std::sync::Arc<LocalRateLimiter>,
+    ) -> Self {
+        RedisRateLimiter {
+            redis,
+            script: redis::Script::new(GCRA),
+            limits,
+            fallback,
+        }
+    }
+}
+
+#[async_trait]
+impl RateLimiter for RedisRateLimiter {
+    async fn check(&self, class: LimitClass, key: &RateKey) -> Result<(), u64> {
+        let (limit, who) = match key {
+            RateKey::Subject(sub) => (
+                match class {
+                    LimitClass::Execute => self.limits.execute,
+                    LimitClass::Functions => self.limits.functions,
+                },
+                format!("sub:{sub}"),
+            ),
+            RateKey::Client(ip) => (self.limits.unauthenticated, format!("ip:{ip}")),
+        };
+        if limit == 0 {
+            return Ok(());
+        }
+        let redis_key = format!("fnrt:rl:v1:{}:{who}", class.as_str());
+        let interval_ms = 60_000u64.div_ceil(u64::from(limit));
+        let script = &self.script;
+        let answer = self
+            .redis
+            .run(|mut c| async move {
+                script
+                    .key(redis_key)
+                    .arg(interval_ms)
+                    .arg(limit)
+                    .invoke_async::<u64>(&mut c)
+                    .await
+            })
+            .await;
+        match answer {
+            Ok(0) => Ok(()),
+            Ok(wait_ms) => Err(wait_ms.div_ceil(1000).max(1)),
+            Err(_) => self.fallback.check(class, key).await,
+        }
     }
 }
 

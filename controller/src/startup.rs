@@ -19,7 +19,7 @@ use crate::config::ServeArgs;
 use crate::engine::{Engine, EngineSettings};
 use crate::http::{self, AppState, HttpSettings};
 use crate::metrics::Metrics;
-use crate::ratelimit::{Limits, LocalRateLimiter};
+use crate::ratelimit::{Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter};
 use crate::records::ExecutionLog;
 use crate::redis_client::RedisClient;
 use crate::registry::Registry;
@@ -154,17 +154,24 @@ impl Application {
                 max_cache_ttl: MAX_CACHE_TTL,
             },
         ));
-        let limiter = Arc::new(LocalRateLimiter::new(Limits {
+        let limits = Limits {
             execute: args.rate_limit_execute,
             functions: args.rate_limit_functions,
             unauthenticated: args.rate_limit_unauthenticated,
-        }));
+        };
+        // The local limiter is the whole story without Redis, and the
+        // fallback while Redis does not answer.
+        let local_limiter = Arc::new(LocalRateLimiter::new(limits));
+        let limiter: Arc<dyn RateLimiter> = match &redis {
+            Some(redis) => Arc::new(RedisRateLimiter::new(redis.clone(), limits, local_limiter.clone())),
+            None => local_limiter.clone(),
+        };
 
         let mut background = vec![tokio::spawn(pool.clone().maintain())];
         let record_writer = tokio::spawn(write_records);
         background.push(tokio::spawn({
             let engine = engine.clone();
-            let limiter = limiter.clone();
+            let limiter = local_limiter.clone();
             async move {
                 let mut tick = tokio::time::interval(SWEEP_EVERY);
                 loop {

@@ -90,3 +90,23 @@ fn rand_u32() -> u32 {
         .subsec_nanos();
     nanos ^ std::process::id().rotate_left(16)
 }
+
+#[tokio::test]
+async fn two_controllers_on_one_redis_enforce_one_rate_limit_together() {
+    let Some(redis) = redis_url() else { return };
+    let flags = ["--redis-url", redis.as_str(), "--rate-limit-functions", "4"];
+    let a = spawn_app_with(&flags);
+    let b = spawn_app_with(&flags);
+    // A subject of its own: the shared Redis outlives test runs.
+    let sub = format!("limits-{}", rand_u32());
+    let token = a.token(&sub, &["read:functions"]);
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        statuses.push(app.get(Some(&token), "/api/v1/functions").await.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    // Another subject is unaffected.
+    let other = a.token(&format!("{sub}-other"), &["read:functions"]);
+    assert_eq!(b.get(Some(&other), "/api/v1/functions").await.status, 200);
+}
