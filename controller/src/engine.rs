@@ -67,6 +67,19 @@ pub struct Executed {
     pub execution_time_ms: u64,
     pub cached: bool,
     pub result: Arc<Value>,
+    /// A retained session had no live instance here (it was initialized on
+    /// another controller, or its instance crashed or timed out), so a fresh
+    /// one was specialised: in-memory state started over.
+    pub instance_recreated: bool,
+}
+
+/// How an execution came by its instance.
+#[derive(Debug, Clone, Copy)]
+struct InstanceStart {
+    /// An instance was started for it.
+    cold: bool,
+    /// A retained session's instance was replaced.
+    recreated: bool,
 }
 
 /// How one execution went, for [`Engine::finish`].
@@ -303,11 +316,12 @@ impl Engine {
                     execution_time_ms: started.elapsed().as_millis() as u64,
                     cached: true,
                     result: entry.result,
+                    instance_recreated: false,
                 });
             }
         }
 
-        let (cold_start, outcome) = self.run(&mut slot, &session, &function, &params).await;
+        let (started_instance, outcome) = self.run(&mut slot, &session, &function, &params).await;
         let (label, result) = match outcome {
             Ok(RunOutcome::Success(value)) => ("success", Ok(Arc::new(value))),
             Ok(RunOutcome::InvalidParams { message, details }) => {
@@ -332,7 +346,7 @@ impl Engine {
             started_at,
             outcome: label,
             cached: false,
-            cold_start,
+            cold_start: started_instance.cold,
         };
         self.finish(&session, done).await;
         if !session.retain {
@@ -344,35 +358,43 @@ impl Engine {
             execution_time_ms: started.elapsed().as_millis() as u64,
             cached: false,
             result,
+            instance_recreated: started_instance.recreated,
         })
     }
 
     /// One run on the session's instance (retained) or a pooled one, within
-    /// the deadline. Also says whether an instance was started for it.
+    /// the deadline. Also says how the instance was come by.
     async fn run(
         &self,
         slot: &mut Slot,
         session: &SessionRecord,
         function: &FunctionVersion,
         params: &Value,
-    ) -> (bool, Result<RunOutcome, ApiError>) {
-        let lease = match slot.lease.take() {
+    ) -> (InstanceStart, Result<RunOutcome, ApiError>) {
+        let retained = match slot.lease.take() {
             Some(mut lease) => {
                 if lease.instance.is_alive() {
-                    Ok(lease)
+                    Some(lease)
                 } else {
-                    // The retained instance died between executions: a fresh one.
                     self.pool.discard(lease).await;
-                    self.pool.acquire(function).await.map_err(instance_error)
+                    None
                 }
             }
-            None => self.pool.acquire(function).await.map_err(instance_error),
+            None => None,
         };
-        let mut lease = match lease {
-            Ok(lease) => lease,
-            Err(e) => return (false, Err(e)),
+        let mut info = InstanceStart {
+            cold: false,
+            // A retained session without a live instance here gets a fresh one.
+            recreated: session.retain && retained.is_none(),
         };
-        let cold = lease.start.is_cold();
+        let mut lease = match retained {
+            Some(lease) => lease,
+            None => match self.pool.acquire(function).await {
+                Ok(lease) => lease,
+                Err(e) => return (info, Err(instance_error(e))),
+            },
+        };
+        info.cold = lease.start.is_cold();
         let deadline = Duration::from_millis(session.timeout_ms);
         let request = RunRequest {
             params,
@@ -401,7 +423,7 @@ impl Engine {
                 Ok(outcome)
             }
         };
-        (cold, result)
+        (info, result)
     }
 
     /// Metrics, session stats and the durable record of one answered execution.
@@ -436,23 +458,31 @@ impl Engine {
     /// Forgets a deleted function's sessions and idle instances.
     pub async fn function_removed(&self, language_title: &str) {
         if let Ok(removed) = self.sessions.remove_function(language_title).await {
-            for s in removed {
-                self.drop_slot(&s.request_id).await;
+            for id in removed {
+                self.drop_slot(&id).await;
             }
         }
         self.pool.evict_function(language_title).await;
         self.update_session_gauge().await;
     }
 
-    /// Removes expired sessions and their instances; run periodically.
+    /// Removes expired sessions and their instances; run periodically. Also
+    /// lets go of local instances whose session is gone (ended on another
+    /// replica, or expired).
     pub async fn sweep(&self) {
         match self.sessions.remove_expired(OffsetDateTime::now_utc()).await {
             Ok(expired) => {
-                for s in expired {
-                    self.drop_slot(&s.request_id).await;
+                for id in expired {
+                    self.drop_slot(&id).await;
                 }
             }
-            Err(e) => tracing::error!(error = format!("{e:#}"), "sweeping sessions"),
+            Err(e) => tracing::debug!(error = format!("{e:#}"), "sweeping sessions"),
+        }
+        let local: Vec<String> = self.slots.lock().unwrap().keys().cloned().collect();
+        for id in local {
+            if let Ok(None) = self.sessions.get(&id).await {
+                self.drop_slot(&id).await;
+            }
         }
         self.update_session_gauge().await;
     }

@@ -3,18 +3,22 @@
 //!
 //! Every command is bounded by a short timeout, so a Redis outage costs an
 //! execution at most that long before the caller falls back (no L2 hit,
-//! per-process limits). The client remembers whether its last command
-//! worked, for `/health`.
+//! per-process limits, sessions kept locally). After a failure, commands
+//! fail at once for a second (one probe per second finds Redis again), so a
+//! hung Redis does not slow every request. The client remembers whether its
+//! last command worked, for `/health`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Mutex;
 
 /// How long one command may take before the caller gives up on Redis.
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(250);
+/// After a failure, how long commands fail at once before Redis is tried again.
+const BACKOFF: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct RedisClient {
@@ -22,6 +26,9 @@ pub struct RedisClient {
     /// Connected lazily, so the controller starts (degraded) while Redis is down.
     manager: Arc<Mutex<Option<ConnectionManager>>>,
     healthy: Arc<AtomicBool>,
+    /// When the last failure happened, in ms since `epoch`.
+    failed_at_ms: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for RedisClient {
@@ -37,6 +44,8 @@ impl RedisClient {
             client: redis::Client::open(url)?,
             manager: Arc::new(Mutex::new(None)),
             healthy: Arc::new(AtomicBool::new(false)),
+            failed_at_ms: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
         })
     }
 
@@ -60,6 +69,11 @@ impl RedisClient {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        let failed_at = self.failed_at_ms.load(Ordering::Relaxed);
+        if failed_at != 0 && now_ms.saturating_sub(failed_at) < BACKOFF.as_millis() as u64 {
+            anyhow::bail!("redis: unavailable (retrying shortly)");
+        }
         let result = tokio::time::timeout(COMMAND_TIMEOUT * 2, async {
             let conn = self.connection().await?;
             f(conn).await
@@ -70,6 +84,9 @@ impl RedisClient {
             Ok(Err(e)) => Err(anyhow::anyhow!("redis: {e}")),
             Err(_) => Err(anyhow::anyhow!("redis: no answer within {:?}", COMMAND_TIMEOUT * 2)),
         };
+        // 0 means "no recent failure"; a failure at ms 0 counts as 1.
+        self.failed_at_ms
+            .store(if result.is_ok() { 0 } else { now_ms.max(1) }, Ordering::Relaxed);
         let was = self.healthy.swap(result.is_ok(), Ordering::Relaxed);
         match (&result, was) {
             (Err(e), true) => {

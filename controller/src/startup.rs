@@ -25,7 +25,10 @@ use crate::redis_client::RedisClient;
 use crate::registry::Registry;
 use crate::runtime::pool::{InstancePool, PoolConfig};
 use crate::runtime::process::{ProcessBackend, ProcessConfig, ProcessLimits};
-use crate::sessions::MemorySessionStore;
+use crate::sessions::SessionStore;
+use crate::sessions::fallback::FallbackSessionStore;
+use crate::sessions::memory::MemorySessionStore;
+use crate::sessions::redis::RedisSessionStore;
 use crate::store::Store;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
@@ -140,9 +143,13 @@ impl Application {
             layers.push(Arc::new(RedisCache::new(redis.clone())));
         }
         let cache = Layers::new(layers, metrics.clone());
+        let sessions: Arc<dyn SessionStore> = match &redis {
+            Some(redis) => Arc::new(FallbackSessionStore::new(RedisSessionStore::new(redis.clone()))),
+            None => Arc::new(MemorySessionStore::default()),
+        };
         let engine = Arc::new(Engine::new(
             registry,
-            Arc::new(MemorySessionStore::default()),
+            sessions,
             cache,
             pool.clone(),
             metrics.clone(),

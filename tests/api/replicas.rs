@@ -110,3 +110,49 @@ async fn two_controllers_on_one_redis_enforce_one_rate_limit_together() {
     let other = a.token(&format!("{sub}-other"), &["read:functions"]);
     assert_eq!(b.get(Some(&other), "/api/v1/functions").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_session_initialized_on_one_controller_executes_on_another_with_a_recreated_instance() {
+    let Some(redis) = redis_url() else { return };
+    let a = spawn_app_with(&["--redis-url", &redis]);
+    let b = spawn_app_with(&["--redis-url", &redis]);
+    let token = a.admin();
+    let id = a
+        .session(&token, "nodejs-counter", json!({"retain_session": true}))
+        .await;
+    let on_a = a
+        .execute_with(&token, &id, json!({"params": {}}), Some("no-cache"))
+        .await;
+    assert_eq!(on_a.body["result"]["count"], 1);
+    assert!(on_a.body.get("instance_recreated").is_none());
+
+    // B reads the session from Redis but cannot reach A's instance.
+    let status = b.get(Some(&token), &format!("/api/v1/sessions/{id}")).await;
+    assert_eq!(status.status, 200, "{:?}", status.body);
+    assert_eq!(status.body["execution_count"], 1);
+    let on_b = b
+        .execute_with(&token, &id, json!({"params": {}}), Some("no-cache"))
+        .await;
+    assert_eq!(on_b.status, 200, "{:?}", on_b.body);
+    assert_eq!(on_b.body["result"]["count"], 1, "B specialised its own instance");
+    assert_eq!(on_b.body["instance_recreated"], true);
+    let again = b
+        .execute_with(&token, &id, json!({"params": {}}), Some("no-cache"))
+        .await;
+    assert_eq!(again.body["result"]["count"], 2);
+    assert!(again.body.get("instance_recreated").is_none());
+
+    // Another subject cannot see it from either controller.
+    let eve = a.token("eve", &["execute:all"]);
+    assert_eq!(b.get(Some(&eve), &format!("/api/v1/sessions/{id}")).await.status, 404);
+    // Ending it on B ends it on A too.
+    let del = b
+        .client
+        .delete(b.url(&format!("/api/v1/sessions/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 204);
+    assert_eq!(a.get(Some(&token), &format!("/api/v1/sessions/{id}")).await.status, 404);
+}

@@ -37,6 +37,11 @@ pub(super) struct ExecuteResponse {
     pub cached: bool,
     #[schema(value_type = Object, example = json!({"value": 6}))]
     pub result: Arc<Value>,
+    /// Present (true) when a retained session's instance had to be
+    /// re-created (initialized on another controller, or it crashed or timed
+    /// out): in-memory state started over (extension).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub instance_recreated: bool,
 }
 
 /// Run the session's function with parameters.
@@ -90,6 +95,7 @@ async fn execute(
         execution_time: executed.execution_time_ms,
         cached: executed.cached,
         result: executed.result,
+        instance_recreated: executed.instance_recreated,
     }))
 }
 

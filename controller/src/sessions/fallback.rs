@@ -1,0 +1,76 @@
+//! Redis sessions with an in-process fallback: while Redis does not
+//! answer, new sessions live in this controller only (degraded, not down),
+//! and sessions stored in Redis cannot be found until it is back.
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::memory::MemorySessionStore;
+use super::redis::RedisSessionStore;
+use super::{SessionRecord, SessionStore};
+
+#[derive(Debug)]
+pub struct FallbackSessionStore {
+    shared: RedisSessionStore,
+    local: MemorySessionStore,
+}
+
+impl FallbackSessionStore {
+    pub fn new(shared: RedisSessionStore) -> Self {
+        FallbackSessionStore {
+            shared,
+            local: MemorySessionStore::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl SessionStore for FallbackSessionStore {
+    async fn insert(&self, record: SessionRecord) -> anyhow::Result<bool> {
+        match self.shared.insert(record.clone()).await {
+            Ok(inserted) => Ok(inserted),
+            Err(e) => {
+                tracing::warn!(error = %e, "Redis unavailable: keeping a new session in this controller only");
+                self.local.insert(record).await
+            }
+        }
+    }
+
+    async fn get(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {
+        if let Some(s) = self.local.get(request_id).await? {
+            return Ok(Some(s));
+        }
+        Ok(self.shared.get(request_id).await.unwrap_or(None))
+    }
+
+    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
+        if self.local.get(request_id).await?.is_some() {
+            return self.local.record_execution(request_id, at, complete).await;
+        }
+        self.shared.record_execution(request_id, at, complete).await
+    }
+
+    async fn remove(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {
+        if let Some(s) = self.local.remove(request_id).await? {
+            return Ok(Some(s));
+        }
+        self.shared.remove(request_id).await
+    }
+
+    async fn remove_expired(&self, now: OffsetDateTime) -> anyhow::Result<Vec<String>> {
+        let mut ids = self.local.remove_expired(now).await?;
+        ids.extend(self.shared.remove_expired(now).await.unwrap_or_default());
+        Ok(ids)
+    }
+
+    async fn remove_function(&self, language_title: &str) -> anyhow::Result<Vec<String>> {
+        let mut ids = self.local.remove_function(language_title).await?;
+        ids.extend(self.shared.remove_function(language_title).await?);
+        Ok(ids)
+    }
+
+    async fn active_count(&self) -> anyhow::Result<usize> {
+        let local = self.local.active_count().await?;
+        Ok(local + self.shared.active_count().await.unwrap_or(0))
+    }
+}

@@ -1,0 +1,87 @@
+//! Sessions in process: the embedded default.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::{SessionRecord, SessionStatus, SessionStore};
+
+#[derive(Debug, Default)]
+pub struct MemorySessionStore {
+    sessions: Mutex<HashMap<String, SessionRecord>>,
+}
+
+#[async_trait]
+impl SessionStore for MemorySessionStore {
+    async fn insert(&self, record: SessionRecord) -> anyhow::Result<bool> {
+        let mut sessions = self.sessions.lock().unwrap();
+        let now = OffsetDateTime::now_utc();
+        match sessions.get(&record.request_id) {
+            Some(existing) if !existing.is_expired(now) => Ok(false),
+            _ => {
+                sessions.insert(record.request_id.clone(), record);
+                Ok(true)
+            }
+        }
+    }
+
+    async fn get(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {
+        let sessions = self.sessions.lock().unwrap();
+        let now = OffsetDateTime::now_utc();
+        Ok(sessions.get(request_id).filter(|s| !s.is_expired(now)).cloned())
+    }
+
+    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
+        if let Some(s) = self.sessions.lock().unwrap().get_mut(request_id) {
+            s.execution_count += 1;
+            s.last_executed_at = Some(at);
+            if complete {
+                s.status = SessionStatus::Completed;
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {
+        Ok(self.sessions.lock().unwrap().remove(request_id))
+    }
+
+    async fn remove_expired(&self, now: OffsetDateTime) -> anyhow::Result<Vec<String>> {
+        let mut sessions = self.sessions.lock().unwrap();
+        let expired: Vec<String> = sessions
+            .values()
+            .filter(|s| s.is_expired(now))
+            .map(|s| s.request_id.clone())
+            .collect();
+        for id in &expired {
+            sessions.remove(id);
+        }
+        Ok(expired)
+    }
+
+    async fn remove_function(&self, language_title: &str) -> anyhow::Result<Vec<String>> {
+        let mut sessions = self.sessions.lock().unwrap();
+        let ids: Vec<String> = sessions
+            .values()
+            .filter(|s| s.language_title == language_title)
+            .map(|s| s.request_id.clone())
+            .collect();
+        for id in &ids {
+            sessions.remove(id);
+        }
+        Ok(ids)
+    }
+
+    async fn active_count(&self) -> anyhow::Result<usize> {
+        let now = OffsetDateTime::now_utc();
+        Ok(self
+            .sessions
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.status == SessionStatus::Active && !s.is_expired(now))
+            .count())
+    }
+}

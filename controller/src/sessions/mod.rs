@@ -1,0 +1,74 @@
+//! Live sessions: what `initialize` created and `execute` runs.
+//!
+//! One [`SessionStore`] trait: [`memory::MemorySessionStore`] keeps them in
+//! process (the embedded default); [`redis::RedisSessionStore`] shares them
+//! between replicas (`REDIS_URL`), expiring with the session, behind
+//! [`fallback::FallbackSessionStore`], which keeps new sessions in process
+//! while Redis does not answer. A record is
+//! plain data: the instance a retained session holds stays with the
+//! controller process that holds it (see [`crate::engine`]).
+
+pub mod fallback;
+pub mod memory;
+pub mod redis;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatus {
+    /// Can be executed.
+    Active,
+    /// Ran its one execution (`retain_session: false`); kept for status reads until it expires.
+    Completed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub request_id: String,
+    /// The `sub` that created it; nobody else sees it.
+    pub owner: String,
+    pub language_title: String,
+    /// The function version fixed at initialize.
+    pub version: i64,
+    /// The context the function sees (the client's, without the controller's knobs).
+    pub context: Value,
+    pub timeout_ms: u64,
+    pub retain: bool,
+    pub status: SessionStatus,
+    #[serde(with = "crate::timefmt::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "crate::timefmt::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub execution_count: u64,
+    #[serde(with = "crate::timefmt::rfc3339::option")]
+    pub last_executed_at: Option<OffsetDateTime>,
+}
+
+impl SessionRecord {
+    pub fn is_expired(&self, now: OffsetDateTime) -> bool {
+        self.expires_at <= now
+    }
+}
+
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    /// Adds a session; false if its ID is taken.
+    async fn insert(&self, record: SessionRecord) -> anyhow::Result<bool>;
+    /// A session that has not expired.
+    async fn get(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>>;
+    /// Counts one execution; with `complete`, the session is done.
+    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()>;
+    /// Removes a session; the removed record, if it existed.
+    async fn remove(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>>;
+    /// Removes sessions that expired by `now`; their IDs.
+    async fn remove_expired(&self, now: OffsetDateTime) -> anyhow::Result<Vec<String>>;
+    /// Removes the sessions of a function (it was deleted); their IDs.
+    async fn remove_function(&self, language_title: &str) -> anyhow::Result<Vec<String>>;
+    /// Sessions that can still be executed.
+    async fn active_count(&self) -> anyhow::Result<usize>;
+}

@@ -1,0 +1,226 @@
+//! Sessions in Redis, shared by every controller on it.
+//!
+//! - `fnrt:session:v1:{id}`: a hash (`record`: the record as JSON; `count`,
+//!   `last`, `status`: what executions change), expiring at `expires_at`.
+//! - `fnrt:sessions:v1`: sorted set of IDs by expiry, for the active count.
+//! - `fnrt:function-sessions:v1:{language_title}`: set of IDs, for deletes.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::{SessionRecord, SessionStatus, SessionStore};
+use crate::redis_client::RedisClient;
+use crate::timefmt;
+
+const ALL: &str = "fnrt:sessions:v1";
+
+fn session_key(id: &str) -> String {
+    format!("fnrt:session:v1:{id}")
+}
+
+fn function_key(language_title: &str) -> String {
+    format!("fnrt:function-sessions:v1:{language_title}")
+}
+
+fn unix_ms(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Creates the hash unless the ID is taken, and indexes it.
+const INSERT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'count', 0, 'last', '', 'status', 'active')
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[3])
+return 1
+";
+
+/// Counts an execution on a session that still exists.
+const RECORD: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'count', 1)
+redis.call('HSET', KEYS[1], 'last', ARGV[1])
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'status', 'completed') end
+return 1
+";
+
+pub struct RedisSessionStore {
+    redis: RedisClient,
+    insert: redis::Script,
+    record: redis::Script,
+}
+
+impl std::fmt::Debug for RedisSessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSessionStore").finish_non_exhaustive()
+    }
+}
+
+impl RedisSessionStore {
+    pub fn new(redis: RedisClient) -> Self {
+        RedisSessionStore {
+            redis,
+            insert: redis::Script::new(INSERT),
+            record: redis::Script::new(RECORD),
+        }
+    }
+
+    async fn read(&self, id: &str) -> anyhow::Result<Option<SessionRecord>> {
+        let key = session_key(id);
+        let fields: HashMap<String, String> = self
+            .redis
+            .run(|mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await })
+            .await?;
+        let Some(record) = fields.get("record") else {
+            return Ok(None);
+        };
+        let mut record: SessionRecord = serde_json::from_str(record)?;
+        record.execution_count = fields.get("count").and_then(|c| c.parse().ok()).unwrap_or(0);
+        record.last_executed_at = fields
+            .get("last")
+            .filter(|l| !l.is_empty())
+            .and_then(|l| timefmt::parse(l).ok());
+        if fields.get("status").is_some_and(|s| s == "completed") {
+            record.status = SessionStatus::Completed;
+        }
+        Ok(Some(record))
+    }
+
+    async fn unindex(&self, ids: &[String], language_title: Option<&str>) -> anyhow::Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = ids.to_vec();
+        let function = language_title.map(function_key);
+        self.redis
+            .run(|mut c| async move {
+                let mut pipe = redis::pipe();
+                for id in &ids {
+                    pipe.del(session_key(id)).ignore();
+                    pipe.zrem(ALL, id).ignore();
+                }
+                if let Some(f) = &function {
+                    pipe.del(f).ignore();
+                }
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl SessionStore for RedisSessionStore {
+    async fn insert(&self, record: SessionRecord) -> anyhow::Result<bool> {
+        let json = serde_json::to_string(&record)?;
+        let expires = unix_ms(record.expires_at);
+        let keys = [
+            session_key(&record.request_id),
+            ALL.to_owned(),
+            function_key(&record.language_title),
+        ];
+        let id = record.request_id.clone();
+        let script = &self.insert;
+        let inserted: i64 = self
+            .redis
+            .run(|mut c| async move {
+                script
+                    .key(&keys[0])
+                    .key(&keys[1])
+                    .key(&keys[2])
+                    .arg(json)
+                    .arg(expires)
+                    .arg(id)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(inserted == 1)
+    }
+
+    async fn get(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {
+        let now = OffsetDateTime::now_utc();
+        Ok(self.read(request_id).await?.filter(|s| !s.is_expired(now)))
+    }
+
+    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
+        let key = session_key(request_id);
+        let at = timefmt::format(at);
+        let script = &self.record;
+        self.redis
+            .run(|mut c| async move {
+                script
+                    .key(key)
+                    .arg(at)
+                    .arg(if complete { "1" } else { "0" })
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn remove(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {
+        let record = self.read(request_id).await?;
+        if let Some(r) = &record {
+            let (id, f) = (r.request_id.clone(), function_key(&r.language_title));
+            self.unindex(std::slice::from_ref(&id), None).await?;
+            self.redis
+                .run(|mut c| async move { redis::cmd("SREM").arg(f).arg(id).query_async::<()>(&mut c).await })
+                .await?;
+        }
+        Ok(record)
+    }
+
+    async fn remove_expired(&self, now: OffsetDateTime) -> anyhow::Result<Vec<String>> {
+        // The hashes expire by themselves; only the index needs pruning.
+        let cutoff = unix_ms(now);
+        let ids: Vec<String> = self
+            .redis
+            .run(|mut c| async move {
+                let (ids, _removed): (Vec<String>, i64) = redis::pipe()
+                    .cmd("ZRANGEBYSCORE")
+                    .arg(ALL)
+                    .arg("-inf")
+                    .arg(cutoff)
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(ALL)
+                    .arg("-inf")
+                    .arg(cutoff)
+                    .query_async(&mut c)
+                    .await?;
+                Ok(ids)
+            })
+            .await?;
+        Ok(ids)
+    }
+
+    async fn remove_function(&self, language_title: &str) -> anyhow::Result<Vec<String>> {
+        let f = function_key(language_title);
+        let ids: Vec<String> = self
+            .redis
+            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(f).query_async(&mut c).await })
+            .await?;
+        self.unindex(&ids, Some(language_title)).await?;
+        Ok(ids)
+    }
+
+    async fn active_count(&self) -> anyhow::Result<usize> {
+        // Sessions not yet expired (one-shot sessions that completed included).
+        let now = unix_ms(OffsetDateTime::now_utc());
+        let n: usize = self
+            .redis
+            .run(|mut c| async move {
+                redis::cmd("ZCOUNT")
+                    .arg(ALL)
+                    .arg(format!("({now}"))
+                    .arg("+inf")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(n)
+    }
+}
