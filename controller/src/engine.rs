@@ -170,7 +170,9 @@ impl Engine {
         require_execute_scope(subject, &language_title)?;
         let function = self
             .registry
-            .get(language_title.as_str())
+            .find(language_title.as_str())
+            .await
+            .map_err(ApiError::Internal)?
             .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' not found")))?
             .current;
         let timeout_ms = match &options.timeout_ms {

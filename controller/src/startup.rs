@@ -185,6 +185,10 @@ impl Application {
                     tick.tick().await;
                     engine.sweep().await;
                     limiter.shrink();
+                    // Other replicas may have changed functions in a shared store.
+                    if let Err(e) = engine.registry.refresh().await {
+                        tracing::debug!(error = format!("{e:#}"), "refreshing the registry");
+                    }
                 }
             }
         }));

@@ -156,3 +156,88 @@ async fn a_session_initialized_on_one_controller_executes_on_another_with_a_recr
     assert_eq!(del.status(), 204);
     assert_eq!(a.get(Some(&token), &format!("/api/v1/sessions/{id}")).await.status, 404);
 }
+
+/// A fresh database on the `TEST_DATABASE_URL` server, dropped on drop.
+pub struct TestDatabase {
+    pub url: String,
+    server: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub fn create() -> Option<TestDatabase> {
+        let server = match std::env::var("TEST_DATABASE_URL") {
+            Ok(url) if !url.is_empty() => url,
+            _ => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true but TEST_DATABASE_URL is not set"
+                );
+                eprintln!("skipped: set TEST_DATABASE_URL=postgres://... to run the PostgreSQL tests");
+                return None;
+            }
+        };
+        let name = format!("e2e_{}", rand_u32());
+        psql(&server, &format!("CREATE DATABASE {name}"));
+        let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+        Some(TestDatabase {
+            url: format!("{base}/{name}"),
+            server,
+            name,
+        })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        psql(
+            &self.server,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let out = std::process::Command::new("psql")
+        .args([url, "-q", "-c", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn replicas_sharing_postgres_and_redis_serve_each_others_functions_and_sessions() {
+    let (Some(redis), Some(db)) = (redis_url(), TestDatabase::create()) else {
+        return;
+    };
+    let flags = ["--redis-url", redis.as_str(), "--database-url", db.url.as_str()];
+    let a = spawn_app_with(&flags);
+    let b = spawn_app_with(&flags);
+    let token = a.admin();
+
+    // Registered through A, at once runnable through B.
+    a.register(
+        "nodejs-shared",
+        "module.exports.handler = async (p) => ({ twice: p.n * 2 });",
+        json!({}),
+    )
+    .await;
+    let id = b
+        .session(&token, "nodejs-shared", json!({"retain_session": true}))
+        .await;
+    let r = b.execute(&token, &id, json!({"n": 21})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"]["twice"], 42);
+    // The session made on B runs on A too.
+    let r = a.execute(&token, &id, json!({"n": 4})).await;
+    assert_eq!(r.body["result"]["twice"], 8, "{:?}", r.body);
+
+    let health = a.get(None, "/health").await;
+    assert_eq!(health.body["components"]["postgres"], "ok");
+    assert_eq!(health.body["components"]["sqlite"], "disabled");
+    assert_eq!(health.body["components"]["redis"], "ok");
+}

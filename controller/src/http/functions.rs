@@ -172,7 +172,9 @@ async fn get_function(
     let f = state
         .engine
         .registry
-        .get(lt.as_str())
+        .find(lt.as_str())
+        .await
+        .map_err(ApiError::Internal)?
         .ok_or_else(|| ApiError::NotFound(format!("function '{lt}' not found")))?;
     Ok(axum::Json(detail(&f)))
 }

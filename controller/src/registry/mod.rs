@@ -167,9 +167,56 @@ impl Registry {
         &self.store
     }
 
-    /// The function and its current version, if registered.
+    /// The function and its current version, if registered (memory only).
     pub fn get(&self, language_title: &str) -> Option<FunctionEntry> {
         self.functions.read().unwrap().get(language_title).cloned()
+    }
+
+    /// Like [`Self::get`], but a function this replica has not seen yet
+    /// (registered through another replica) is looked up in the store.
+    pub async fn find(&self, language_title: &str) -> anyhow::Result<Option<FunctionEntry>> {
+        if let Some(f) = self.get(language_title) {
+            return Ok(Some(f));
+        }
+        match self.store.function(language_title).await? {
+            Some(stored) => Ok(Some(self.remember(stored).map_err(|e| anyhow::anyhow!("{e}"))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Catches up with changes other replicas made to the shared store:
+    /// new and updated functions are loaded, deleted ones forgotten. Cheap
+    /// when nothing changed (one query of names and version numbers).
+    pub async fn refresh(&self) -> anyhow::Result<()> {
+        let current: std::collections::HashMap<String, i64> =
+            self.store.current_versions().await?.into_iter().collect();
+        let (stale, gone): (Vec<String>, Vec<String>) = {
+            let functions = self.functions.read().unwrap();
+            let stale = current
+                .iter()
+                .filter(|(lt, v)| functions.get(*lt).is_none_or(|f| f.current.version != **v))
+                .map(|(lt, _)| lt.clone())
+                .collect();
+            let gone = functions
+                .keys()
+                .filter(|lt| !current.contains_key(*lt))
+                .cloned()
+                .collect();
+            (stale, gone)
+        };
+        for lt in stale {
+            if let Some(stored) = self.store.function(&lt).await? {
+                self.remember(stored).map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
+        if !gone.is_empty() {
+            let mut functions = self.functions.write().unwrap();
+            for lt in &gone {
+                functions.remove(lt);
+            }
+            self.versions.invalidate_all();
+        }
+        Ok(())
     }
 
     /// One page of the functions, optionally of one language, and the total.
@@ -319,7 +366,12 @@ impl Registry {
         let code = std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?;
         let new = self.prepare(&lt, spec, code)?;
         let stored = match self.get(lt.as_str()) {
-            None => self.store.create(new, Source::Bundled).await?,
+            None => match self.store.create(new, Source::Bundled).await {
+                Ok(stored) => stored,
+                // Another replica registered it first, from the same folder.
+                Err(StoreError::Conflict) => self.store.function(lt.as_str()).await?.context("vanished")?,
+                Err(e) => return Err(e.into()),
+            },
             Some(f) if f.source == Source::Bundled && changed(&f.current, &new) => {
                 self.store.add_version(new, Source::Bundled).await?
             }

@@ -104,6 +104,11 @@ pub enum StoreError {
 pub trait Store: Send + Sync {
     /// Every function with its current version.
     async fn functions(&self) -> Result<Vec<StoredFunction>, StoreError>;
+    /// One function with its current version.
+    async fn function(&self, language_title: &str) -> Result<Option<StoredFunction>, StoreError>;
+    /// Every function's current version number: a cheap way for a replica to
+    /// see what others changed.
+    async fn current_versions(&self) -> Result<Vec<(String, i64)>, StoreError>;
     /// One version of one function.
     async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError>;
     /// Creates a function at version 1; [`StoreError::Conflict`] if it exists.

@@ -101,6 +101,23 @@ impl Store for PostgresStore {
         rows.iter().map(function_from_row).collect()
     }
 
+    async fn function(&self, language_title: &str) -> Result<Option<StoredFunction>, StoreError> {
+        match self.load(language_title).await {
+            Ok(f) => Ok(Some(f)),
+            Err(StoreError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn current_versions(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT language_title, current_version FROM functions")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("language_title")?, r.try_get("current_version")?)))
+            .collect()
+    }
+
     async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError> {
         let row = sqlx::query(
             "SELECT language_title, version, manifest, code, code_hash, created_at \

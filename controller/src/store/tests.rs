@@ -53,7 +53,12 @@ async fn exercise(store: Arc<dyn Store>) {
         Err(StoreError::NotFound)
     ));
 
+    assert_eq!(store.function("nodejs-a").await.unwrap().unwrap().current.code, "v2");
+    assert!(store.function("nodejs-zzz").await.unwrap().is_none());
     store.create(new("nodejs-0", "first"), Source::Api).await.unwrap();
+    let mut versions = store.current_versions().await.unwrap();
+    versions.sort();
+    assert_eq!(versions, [("nodejs-0".to_string(), 1), ("nodejs-a".to_string(), 2)]);
     let all = store.functions().await.unwrap();
     let names: Vec<_> = all.iter().map(|f| f.language_title.as_str()).collect();
     assert_eq!(names, ["nodejs-0", "nodejs-a"], "sorted by Language-Title");
