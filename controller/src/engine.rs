@@ -171,8 +171,7 @@ impl Engine {
         let function = self
             .registry
             .find(language_title.as_str())
-            .await
-            .map_err(ApiError::Internal)?
+            .await?
             .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' not found")))?
             .current;
         let timeout_ms = match &options.timeout_ms {

@@ -173,4 +173,17 @@ impl IntoResponse for WithRequestId {
     }
 }
 
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        use crate::registry::RegistryError;
+        match e {
+            RegistryError::Invalid(e) => ApiError::InvalidRequest(e.to_string()),
+            RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
+            RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            RegistryError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            RegistryError::Store(e) => ApiError::Internal(e),
+        }
+    }
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;

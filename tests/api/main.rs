@@ -9,6 +9,7 @@ mod auth;
 mod cache;
 mod contract;
 mod execute;
+mod faults;
 mod functions;
 mod initialize;
 mod limits;

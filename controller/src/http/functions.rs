@@ -16,7 +16,7 @@ use crate::auth::{READ_FUNCTIONS, WRITE_FUNCTIONS};
 use crate::error::{ApiError, ErrorBody};
 use crate::language::{Language, LanguageTitle};
 use crate::registry::manifest::{LimitsSpec, SchemaSpec};
-use crate::registry::{FunctionEntry, FunctionSpec, RegistryError};
+use crate::registry::{FunctionEntry, FunctionSpec};
 use crate::timefmt;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
@@ -174,7 +174,7 @@ async fn get_function(
         .registry
         .find(lt.as_str())
         .await
-        .map_err(ApiError::Internal)?
+        .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::NotFound(format!("function '{lt}' not found")))?;
     Ok(axum::Json(detail(&f)))
 }
@@ -216,15 +216,6 @@ impl RegisterBody {
     }
 }
 
-fn registry_error(e: RegistryError) -> ApiError {
-    match e {
-        RegistryError::Invalid(e) => ApiError::InvalidRequest(e.to_string()),
-        RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
-        RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
-        RegistryError::Store(e) => ApiError::Internal(e),
-    }
-}
-
 /// Register a new function (extension; `write:functions`).
 #[utoipa::path(
     post,
@@ -259,7 +250,7 @@ async fn create_function(
         .registry
         .create(&lt, spec, code)
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
     tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function registered");
     Ok((StatusCode::CREATED, axum::Json(detail(&f))))
 }
@@ -302,7 +293,7 @@ async fn update_function(
         .registry
         .update(&lt, spec, code)
         .await
-        .map_err(registry_error)?;
+        .map_err(ApiError::from)?;
     // Idle instances of older versions will not be asked for again.
     state.engine.pool.evict_function(lt.as_str()).await;
     tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function updated");
@@ -332,7 +323,7 @@ async fn delete_function(
 ) -> Result<StatusCode, ApiError> {
     auth.require(WRITE_FUNCTIONS)?;
     let lt = parse_title(&language_title)?;
-    state.engine.registry.delete(&lt).await.map_err(registry_error)?;
+    state.engine.registry.delete(&lt).await.map_err(ApiError::from)?;
     state.engine.function_removed(lt.as_str()).await;
     tracing::info!(language_title = %lt, sub = %auth.0.sub, "function deleted");
     Ok(StatusCode::NO_CONTENT)

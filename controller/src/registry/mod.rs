@@ -117,13 +117,19 @@ pub enum RegistryError {
     Exists(String),
     #[error("function '{0}' not found")]
     NotFound(String),
+    #[error("the function store is unavailable; try again")]
+    Unavailable(#[source] StoreError),
     #[error(transparent)]
     Store(anyhow::Error),
 }
 
 impl From<StoreError> for RegistryError {
     fn from(e: StoreError) -> Self {
-        RegistryError::Store(e.into())
+        if e.is_unavailable() {
+            RegistryError::Unavailable(e)
+        } else {
+            RegistryError::Store(e.into())
+        }
     }
 }
 
@@ -174,12 +180,12 @@ impl Registry {
 
     /// Like [`Self::get`], but a function this replica has not seen yet
     /// (registered through another replica) is looked up in the store.
-    pub async fn find(&self, language_title: &str) -> anyhow::Result<Option<FunctionEntry>> {
+    pub async fn find(&self, language_title: &str) -> Result<Option<FunctionEntry>, RegistryError> {
         if let Some(f) = self.get(language_title) {
             return Ok(Some(f));
         }
-        match self.store.function(language_title).await? {
-            Some(stored) => Ok(Some(self.remember(stored).map_err(|e| anyhow::anyhow!("{e}"))?)),
+        match self.store.function(language_title).await.map_err(RegistryError::from)? {
+            Some(stored) => Ok(Some(self.remember(stored)?)),
             None => Ok(None),
         }
     }

@@ -100,6 +100,19 @@ pub enum StoreError {
     Other(#[from] anyhow::Error),
 }
 
+impl StoreError {
+    /// The database could not be reached (as opposed to refusing the query):
+    /// the client gets 503 and may retry.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+            )
+        )
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Every function with its current version.
