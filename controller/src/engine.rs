@@ -239,6 +239,19 @@ impl Engine {
         Ok(())
     }
 
+    /// Removes a slot nobody holds and that has no instance.
+    fn forget_idle_slot(&self, request_id: &str, handle: &Arc<tokio::sync::Mutex<Slot>>) {
+        let mut slots = self.slots.lock().unwrap();
+        if let Some(current) = slots.get(request_id)
+            && Arc::ptr_eq(current, handle)
+            // Ours, plus the map's: nobody else is waiting on it.
+            && Arc::strong_count(handle) == 2
+            && handle.try_lock().is_ok_and(|s| s.lease.is_none())
+        {
+            slots.remove(request_id);
+        }
+    }
+
     async fn drop_slot(&self, request_id: &str) {
         let slot = self.slots.lock().unwrap().remove(request_id);
         if let Some(slot) = slot
@@ -261,12 +274,21 @@ impl Engine {
         if !subject.can_execute_something() {
             return Err(ApiError::Forbidden("token has no 'execute:*' scope".into()));
         }
-        self.session(subject, request_id).await?;
-        let slot = self.slot(request_id);
-        let mut slot = slot.lock().await;
-        // Read again under the session's lock: a one-shot session may have
-        // completed while this request waited.
-        let session = self.session(subject, request_id).await?;
+        // The session's lock first, then one read of the session under it: a
+        // one-shot session may have completed while this request waited.
+        let slot_handle = self.slot(request_id);
+        let mut slot = slot_handle.lock().await;
+        let session = match self.session(subject, request_id).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Unknown or foreign IDs must not leave slots behind.
+                if slot.lease.is_none() {
+                    drop(slot);
+                    self.forget_idle_slot(request_id, &slot_handle);
+                }
+                return Err(e);
+            }
+        };
         if session.status != SessionStatus::Active {
             return Err(ApiError::NotFound(
                 "session has completed its execution (retain_session was false); initialize a new one".into(),

@@ -261,7 +261,9 @@ async fn redis_going_down_degrades_and_its_return_is_picked_up_automatically() {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["result"]["value"], 5);
-    assert_eq!(app.get(None, "/health").await.body["components"]["redis"], "degraded");
+    let health = app.get(None, "/health").await;
+    assert_eq!(health.body["components"]["redis"], "degraded");
+    assert_eq!(health.body["components"]["rate_limits"], "per-process");
 
     let _back = PrivateRedis::start_on(port).unwrap();
     let mut health = String::new();

@@ -37,6 +37,9 @@ pub(super) struct Components {
     pub postgres: &'static str,
     /// The embedded database (extension): `ok`, `error`, or `disabled` when PostgreSQL is used.
     pub sqlite: &'static str,
+    /// Where rate limits are counted (extension): `shared` (Redis) or
+    /// `per-process` (no Redis, or Redis unreachable).
+    pub rate_limits: &'static str,
     /// Per language: `ok`, `error`, or `unknown` before its first instance started.
     pub runtimes: BTreeMap<String, &'static str>,
     /// Why a runtime is not ok (extension), when known.
@@ -77,6 +80,7 @@ async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
         components: Components {
             controller: "ok",
             redis,
+            rate_limits: if redis == "ok" { "shared" } else { "per-process" },
             postgres,
             sqlite,
             runtimes,
