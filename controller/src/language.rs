@@ -17,16 +17,18 @@ use utoipa::ToSchema;
 pub enum Language {
     Nodejs,
     Python,
+    Wasm,
 }
 
 impl Language {
     /// Every language, in the order `/health` reports them.
-    pub const ALL: [Language; 2] = [Language::Nodejs, Language::Python];
+    pub const ALL: [Language; 3] = [Language::Nodejs, Language::Python, Language::Wasm];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Language::Nodejs => "nodejs",
             Language::Python => "python",
+            Language::Wasm => "wasm",
         }
     }
 
@@ -35,6 +37,7 @@ impl Language {
         match self {
             Language::Nodejs => "index.js",
             Language::Python => "main.py",
+            Language::Wasm => "module.wat",
         }
     }
 
@@ -43,6 +46,8 @@ impl Language {
         match self {
             Language::Nodejs => &[".js", ".cjs"],
             Language::Python => &[".py"],
+            // WAT text, or a binary module as base64.
+            Language::Wasm => &[".wat", ".wasm"],
         }
     }
 }
@@ -70,7 +75,7 @@ impl FromStr for Language {
 pub enum TitleError {
     #[error("Language-Title must look like '{{language}}-{{title}}', e.g. 'nodejs-calculator'")]
     Shape,
-    #[error("unknown language '{0}'; known languages: nodejs, python")]
+    #[error("unknown language '{0}'; known languages: nodejs, python, wasm")]
     UnknownLanguage(String),
     #[error("title must match [a-z0-9][a-z0-9-]{{0,62}}")]
     Title,

@@ -23,8 +23,10 @@ use crate::ratelimit::{Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter};
 use crate::records::ExecutionLog;
 use crate::redis_client::RedisClient;
 use crate::registry::Registry;
+use crate::runtime::Backends;
 use crate::runtime::pool::{InstancePool, PoolConfig};
 use crate::runtime::process::{ProcessBackend, ProcessConfig, ProcessLimits};
+use crate::runtime::wasm::WasmBackend;
 use crate::sessions::SessionStore;
 use crate::sessions::fallback::FallbackSessionStore;
 use crate::sessions::memory::MemorySessionStore;
@@ -93,16 +95,6 @@ impl Application {
         let auth = Arc::new(Authenticator::from_args(&args.auth)?);
 
         let store = open_store(&args).await?;
-        let (records, write_records) = ExecutionLog::new(store.clone());
-        let registry = Arc::new(Registry::load(store).await?);
-        let functions_dir = args.functions_dir();
-        if functions_dir.is_dir() {
-            let n = registry.load_bundled(&functions_dir).await?;
-            tracing::info!(dir = %functions_dir.display(), changed = n, "bundled functions registered");
-        } else {
-            tracing::warn!(dir = %functions_dir.display(), "no bundled functions folder");
-        }
-
         let metrics = Arc::new(Metrics::new());
         let backend = ProcessBackend::new(ProcessConfig {
             instances_dir: data_dir.join("instances"),
@@ -118,8 +110,20 @@ impl Application {
             instance_uid_count: args.instance_uid_count,
             max_result_bytes: args.max_result_bytes,
         })?;
+        let wasm = WasmBackend::new(args.max_result_bytes)?;
+        let backends = Arc::new(Backends::new(vec![Arc::new(backend), Arc::new(wasm)]));
+        let (records, write_records) = ExecutionLog::new(store.clone());
+        let registry = Arc::new(Registry::load(store, Some(backends.clone())).await?);
+        let functions_dir = args.functions_dir();
+        if functions_dir.is_dir() {
+            let n = registry.load_bundled(&functions_dir).await?;
+            tracing::info!(dir = %functions_dir.display(), changed = n, "bundled functions registered");
+        } else {
+            tracing::warn!(dir = %functions_dir.display(), "no bundled functions folder");
+        }
+
         let pool = InstancePool::new(
-            Arc::new(backend),
+            backends,
             PoolConfig {
                 warm_per_language: args.warm_pool_size,
                 warm_memory_mb: crate::registry::manifest::DEFAULT_MEMORY_MB,

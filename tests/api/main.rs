@@ -5,11 +5,17 @@
 
 mod helpers;
 
+mod auth;
 mod cache;
 mod contract;
 mod execute;
 mod faults;
 mod functions;
+mod initialize;
+mod limits;
+mod operations;
 mod replicas;
 mod runtimes;
 mod sandbox;
+mod sessions;
+mod wasm;

@@ -133,8 +133,16 @@ impl From<StoreError> for RegistryError {
     }
 }
 
+/// Checks code a runtime must accept before it is stored (e.g. that a wasm
+/// module compiles), so a bad function is refused at registration.
+pub trait CodeCheck: Send + Sync {
+    fn check(&self, language: Language, entrypoint: &str, code: &str) -> Result<(), String>;
+}
+
 pub struct Registry {
     store: Arc<dyn Store>,
+    /// Asked before any version is stored.
+    checker: Option<Arc<dyn CodeCheck>>,
     /// Current version of every function, sorted by Language-Title for listings.
     functions: RwLock<BTreeMap<String, FunctionEntry>>,
     /// Older versions that sessions still ask for, loaded from the store on demand.
@@ -149,7 +157,7 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     /// Loads every function from the store.
-    pub async fn load(store: Arc<dyn Store>) -> anyhow::Result<Self> {
+    pub async fn load(store: Arc<dyn Store>, checker: Option<Arc<dyn CodeCheck>>) -> anyhow::Result<Self> {
         let mut functions = BTreeMap::new();
         for f in store.functions().await? {
             let lt = f.language_title.clone();
@@ -164,6 +172,7 @@ impl Registry {
         }
         Ok(Registry {
             store,
+            checker,
             functions: RwLock::new(functions),
             versions: moka::sync::Cache::new(1024),
         })
@@ -308,6 +317,11 @@ impl Registry {
     fn prepare(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<NewVersion, RegistryError> {
         manifest::check_code(&code)?;
         let manifest = spec.normalize(lt.language())?;
+        if let Some(checker) = &self.checker {
+            checker
+                .check(lt.language(), &manifest.entrypoint, &code)
+                .map_err(ManifestError)?;
+        }
         Ok(NewVersion {
             language_title: lt.to_string(),
             language: lt.language().to_string(),

@@ -12,11 +12,14 @@
 //! - [`protocol`]: the HTTP-over-Unix-socket client for `/init`, `/run`, `/health`
 //!   (docs/runtime-protocol.md).
 //! - [`process`]: the process backend: spawn, scrubbed environment, limits.
+//! - [`wasm`]: the wasm backend: wasmtime in process, a fresh instance per run.
 //! - [`pool`]: warm pool, specialisation, reaping.
+//! - [`Backends`]: routes each language to its backend.
 
 pub mod pool;
 pub mod process;
 pub mod protocol;
+pub mod wasm;
 
 use std::time::Duration;
 
@@ -83,12 +86,71 @@ pub trait Instance: Send + Sync {
     async fn terminate(&mut self);
 }
 
+/// Each language's backend, as one [`RuntimeBackend`].
+pub struct Backends {
+    by_language: std::collections::BTreeMap<Language, std::sync::Arc<dyn RuntimeBackend>>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.by_language.iter().map(|(l, b)| (l.as_str(), b.name())).collect();
+        f.debug_struct("Backends").field("by_language", &names).finish()
+    }
+}
+
+impl Backends {
+    /// Every language of every backend; a later backend wins a language.
+    pub fn new(backends: Vec<std::sync::Arc<dyn RuntimeBackend>>) -> Self {
+        let mut by_language = std::collections::BTreeMap::new();
+        for backend in backends {
+            for language in backend.languages() {
+                by_language.insert(language, backend.clone());
+            }
+        }
+        Backends { by_language }
+    }
+}
+
+impl crate::registry::CodeCheck for Backends {
+    fn check(&self, language: Language, entrypoint: &str, code: &str) -> Result<(), String> {
+        match self.by_language.get(&language) {
+            Some(backend) => backend.check_code(language, entrypoint, code),
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl RuntimeBackend for Backends {
+    fn name(&self) -> &'static str {
+        "backends"
+    }
+
+    fn languages(&self) -> Vec<Language> {
+        self.by_language.keys().copied().collect()
+    }
+
+    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
+        match self.by_language.get(&language) {
+            Some(backend) => backend.start(language, memory_mb).await,
+            None => Err(InstanceError::Unavailable {
+                language,
+                message: "no backend runs this language".into(),
+            }),
+        }
+    }
+}
+
 #[async_trait]
 pub trait RuntimeBackend: Send + Sync {
     /// Name for logs and `/health` (`process`, `docker`, ...).
     fn name(&self) -> &'static str;
     /// The languages this backend runs.
     fn languages(&self) -> Vec<Language>;
+    /// Refuses code this backend could never run (checked at registration).
+    fn check_code(&self, _language: Language, _entrypoint: &str, _code: &str) -> Result<(), String> {
+        Ok(())
+    }
     /// Starts a generic, healthy, not yet initialised instance whose memory
     /// is capped at `memory_mb` (fixed for the instance's life, so set at start).
     async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError>;

@@ -121,12 +121,12 @@ impl ProcessBackend {
         }
         let others_only = uids.is_some();
         let mut launchers = HashMap::new();
-        for language in [Language::Nodejs, Language::Python] {
-            let (bin, server, flags): (&str, &str, &[&str]) = match language {
-                Language::Nodejs => (&config.node_bin, "nodejs/server.js", &[]),
-                // -I: ignore PYTHON* variables and the user site directory.
-                Language::Python => (&config.python_bin, "python/server.py", &["-I"]),
-            };
+        let runtimes: [(Language, &str, &str, &[&str]); 2] = [
+            (Language::Nodejs, &config.node_bin, "nodejs/server.js", &[]),
+            // -I: ignore PYTHON* variables and the user site directory.
+            (Language::Python, &config.python_bin, "python/server.py", &["-I"]),
+        ];
+        for (language, bin, server, flags) in runtimes {
             let launcher = find_program(bin, others_only).and_then(|program| {
                 let server = config.runtimes_dir.join(server);
                 let server = server

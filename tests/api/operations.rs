@@ -1,0 +1,345 @@
+//! Operations beyond contract.rs: the 405 body, route labels of unknown
+//! paths, X-Request-ID on every answer, log lines that stay valid JSON, CORS
+//! on simple requests and by default, and nothing left behind after SIGTERM.
+
+use std::time::Duration;
+
+use reqwest::header::HeaderValue;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, children_of, read, spawn_app, spawn_app_with};
+
+async fn metrics_text(app: &TestApp) -> String {
+    app.client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The log lines of the request whose span carries `request_id`, each parsed.
+fn request_log_lines(app: &TestApp, request_id: &str) -> Vec<Value> {
+    app.logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["span"]["request_id"] == request_id && v["message"] == "finished processing request")
+        .collect()
+}
+
+#[tokio::test]
+async fn a_wrong_method_is_405_with_the_json_error_body_and_an_allow_header() {
+    // Arrange
+    let app = spawn_app();
+    let token = app.admin();
+
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, "/api/v1/initialize", "POST"),
+        (reqwest::Method::PATCH, "/api/v1/functions", "GET"),
+        (reqwest::Method::PUT, "/health", "GET"),
+        (reqwest::Method::POST, "/metrics", "GET"),
+    ] {
+        // Act
+        let r = read(
+            app.client
+                .request(method.clone(), app.url(path))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+
+        // Assert
+        assert_eq!(r.status, 405, "{method} {path}: {:?}", r.body);
+        assert!(
+            r.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{method} {path}"
+        );
+        assert_eq!(r.code(), "INVALID_REQUEST", "{method} {path}");
+        assert!(r.body["error"]["message"].is_string());
+        assert!(r.body["error"]["details"].is_object());
+        let allow = r
+            .headers
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        assert!(allow.contains(allowed), "{method} {path}: Allow {allow:?}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_json_and_never_become_metric_labels() {
+    // Arrange
+    let app = spawn_app();
+    let token = app.admin();
+    let id = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+    app.execute(&token, &id, json!({"operation": "add", "values": [1]}))
+        .await;
+
+    // Act
+    let mut replies = Vec::new();
+    for path in [
+        "/zqroute-1",
+        "/api/v2/initialize",
+        "/api/v1/zqroute-2/deeper",
+        "/api/v1/functions/a/b",
+    ] {
+        replies.push((path, app.get(Some(&token), path).await));
+    }
+    let metrics = metrics_text(&app).await;
+
+    // Assert
+    for (path, r) in &replies {
+        assert_eq!(r.status, 404, "{path}: {:?}", r.body);
+        assert_eq!(r.code(), "NOT_FOUND", "{path}");
+    }
+    assert!(!metrics.contains("zqroute"), "a raw path became a label:\n{metrics}");
+    assert!(!metrics.contains(&id), "a request ID became a label");
+    let execute_line = metrics
+        .lines()
+        .find(|l| l.starts_with("lambda_http_requests_total{") && l.contains(r#"route="/api/v1/execute/{request_id}""#))
+        .unwrap_or_else(|| panic!("no lambda_http_requests_total for the execute route:\n{metrics}"));
+    assert!(
+        execute_line.contains(r#"method="POST""#) && execute_line.contains(r#"status="200""#),
+        "{execute_line}"
+    );
+    assert!(
+        metrics.contains("# TYPE lambda_http_requests counter"),
+        "Prometheus text format"
+    );
+}
+
+#[tokio::test]
+async fn every_answer_carries_an_x_request_id_generated_when_the_client_sends_none() {
+    // Arrange
+    let app = spawn_app();
+    let mut seen = Vec::new();
+
+    for (method, path) in [
+        (reqwest::Method::GET, "/health"),
+        (reqwest::Method::GET, "/metrics"),
+        (reqwest::Method::GET, "/api/v1/openapi.json"),
+        (reqwest::Method::GET, "/no-such-route"),
+        (reqwest::Method::POST, "/api/v1/initialize"),
+        (reqwest::Method::POST, "/api/v1/execute/some-id"),
+    ] {
+        // Act
+        let r = app.client.request(method.clone(), app.url(path)).send().await.unwrap();
+
+        // Assert
+        let id = r
+            .headers()
+            .get("x-request-id")
+            .unwrap_or_else(|| panic!("{method} {path} answered {} without X-Request-ID", r.status()))
+            .to_str()
+            .unwrap()
+            .to_owned();
+        uuid::Uuid::parse_str(&id).unwrap_or_else(|_| panic!("{method} {path}: {id} is not a UUID"));
+        seen.push(id);
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "IDs repeat: {seen:?}");
+    // A client's ID comes back on errors too.
+    let r = app
+        .client
+        .post(app.url("/api/v1/initialize"))
+        .header("X-Request-ID", "client-trace-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["x-request-id"], "client-trace-7");
+}
+
+#[tokio::test]
+async fn log_lines_stay_valid_json_whatever_the_request_carries() {
+    // Arrange: values a naive log line would break on; only what HTTP lets through.
+    let app = spawn_app();
+    let token = app.admin();
+    let tricky_id = r#"zq"quote\back}{brace'"#;
+
+    // Act
+    let health = app
+        .client
+        .get(app.url("/health"))
+        .header("X-Request-ID", tricky_id)
+        .send()
+        .await
+        .unwrap();
+    let escaped_path = app.get(None, "/api/v1/zq%0Anewline%1B%5B31m%E2%80%A8").await;
+    let unicode_title = app
+        .client
+        .post(app.url("/api/v1/initialize"))
+        .bearer_auth(&token)
+        .header("X-Request-ID", "zq-unicode-title")
+        .header(
+            "Language-Title",
+            HeaderValue::from_bytes("nodejs-zq\u{2028}\u{85}title".as_bytes()).unwrap(),
+        )
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let payload = app
+        .run_once(
+            "nodejs-echo",
+            "module.exports.handler = (p) => { console.log(p.text); return { text: p.text }; };",
+            json!({}),
+            json!({"text": "line1\nline2\u{2028}\u{1b}[31mred"}),
+        )
+        .await;
+
+    // Assert
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.headers()["x-request-id"], tricky_id);
+    assert_eq!(escaped_path.status, 404);
+    assert_eq!(unicode_title.status(), 400);
+    assert_eq!(payload.status, 200, "{:?}", payload.body);
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(3), || request_log_lines(&app, "zq-unicode-title")
+            .len()
+            == 1)
+        .await
+    );
+    let logs = app.logs();
+    for line in &logs {
+        let parsed: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        assert!(parsed.is_object(), "{line}");
+        assert!(
+            !line
+                .chars()
+                .any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}'),
+            "raw control or separator characters in: {line:?}"
+        );
+    }
+    let tricky = request_log_lines(&app, tricky_id);
+    assert_eq!(tricky.len(), 1, "one line for the request, its ID intact: {logs:#?}");
+    assert_eq!(tricky[0]["status"], 200);
+}
+
+#[tokio::test]
+async fn cors_allows_any_origin_by_default_and_answers_simple_requests() {
+    // Arrange
+    let app = spawn_app();
+
+    // Act
+    let preflight = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/api/v1/execute/abc"))
+        .header("Origin", "https://anywhere.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type,x-cache-control",
+        )
+        .send()
+        .await
+        .unwrap();
+    let simple = app
+        .client
+        .get(app.url("/health"))
+        .header("Origin", "https://anywhere.example")
+        .send()
+        .await
+        .unwrap();
+
+    // Assert
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
+    assert_eq!(preflight.headers()["access-control-max-age"], "86400");
+    assert_eq!(simple.status(), 200);
+    assert_eq!(simple.headers()["access-control-allow-origin"], "*");
+    let exposed = simple.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        exposed.contains("x-request-id"),
+        "a browser can read X-Request-ID: {exposed}"
+    );
+    assert!(
+        exposed.contains("retry-after"),
+        "a browser can read Retry-After: {exposed}"
+    );
+}
+
+#[tokio::test]
+async fn a_configured_origin_gets_cors_headers_on_simple_requests_and_others_do_not() {
+    // Arrange
+    let app = spawn_app_with(&["--cors-allowed-origins", "https://a.example,https://b.example"]);
+    let get_from = |origin: &'static str| app.client.get(app.url("/health")).header("Origin", origin).send();
+
+    // Act
+    let a = get_from("https://a.example").await.unwrap();
+    let b = get_from("https://b.example").await.unwrap();
+    let evil = get_from("https://a.example.evil.example").await.unwrap();
+
+    // Assert
+    assert_eq!(a.headers()["access-control-allow-origin"], "https://a.example");
+    assert_eq!(b.headers()["access-control-allow-origin"], "https://b.example");
+    assert!(evil.headers().get("access-control-allow-origin").is_none());
+    assert_eq!(
+        evil.status(),
+        200,
+        "CORS is the browser's business: the answer itself is unchanged"
+    );
+}
+
+#[tokio::test]
+async fn after_sigterm_no_instance_directory_or_process_is_left() {
+    // Arrange: a retained instance, an idle one and the warm pool.
+    let app = spawn_app();
+    let token = app.admin();
+    let retained = app
+        .session(&token, "nodejs-counter", json!({"retain_session": true}))
+        .await;
+    app.execute(&token, &retained, json!({})).await;
+    let one_shot = app.session(&token, "python-calculator", json!({})).await;
+    app.execute(&token, &one_shot, json!({"operation": "add", "values": [1]}))
+        .await;
+    let pid = app.controller_pid();
+    let instances_before = children_of(pid);
+    assert!(
+        !instances_before.is_empty(),
+        "instances run as children of the controller"
+    );
+    assert!(app.instance_dirs() >= 2, "{} instance dirs", app.instance_dirs());
+
+    // Act
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let mut app = app;
+    let status = app
+        .wait_for_exit(Duration::from_secs(10))
+        .expect("the controller exits");
+
+    // Assert
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(app.instance_dirs(), 0, "instance directories left behind");
+    let alive: Vec<u32> = instances_before
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+        })
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "instance processes outlived the controller: {alive:?}"
+    );
+}

@@ -1,0 +1,196 @@
+//! `GET` / `DELETE /api/v1/sessions/{request_id}` beyond contract.rs: the
+//! whole shape across executions, what a deleted session answers everywhere,
+//! and instances released when a session expires.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, eventually, read, spawn_app, spawn_app_with};
+
+fn unix(rfc3339: &str) -> i64 {
+    controller::timefmt::parse(rfc3339)
+        .unwrap_or_else(|e| panic!("{rfc3339:?} is not RFC 3339: {e}"))
+        .unix_timestamp()
+}
+
+async fn delete(app: &TestApp, token: Option<&str>, id: &str) -> crate::helpers::Reply {
+    let mut request = app.client.delete(app.url(&format!("/api/v1/sessions/{id}")));
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    read(request.send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn a_retained_session_reports_each_execution_and_its_times() {
+    // Arrange
+    let app = spawn_app_with(&["--session-ttl-secs", "600"]);
+    let token = app.admin();
+    let id = app
+        .session(&token, "nodejs-counter", json!({"retain_session": true}))
+        .await;
+    let path = format!("/api/v1/sessions/{id}");
+
+    // Act
+    let fresh = app.get(Some(&token), &path).await;
+    let mut after = Vec::new();
+    for _ in 0..3 {
+        let r = app
+            .execute_with(&token, &id, json!({"params": {}}), Some("no-cache"))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        after.push(app.get(Some(&token), &path).await);
+    }
+
+    // Assert
+    assert_eq!(fresh.status, 200);
+    let keys: Vec<&str> = fresh.body.as_object().unwrap().keys().map(String::as_str).collect();
+    for key in [
+        "request_id",
+        "language_title",
+        "status",
+        "created_at",
+        "expires_at",
+        "execution_count",
+        "last_executed_at",
+    ] {
+        assert!(keys.contains(&key), "{key} missing from {:?}", fresh.body);
+    }
+    assert_eq!(fresh.body["request_id"], id.as_str());
+    assert_eq!(fresh.body["language_title"], "nodejs-counter");
+    assert_eq!(fresh.body["status"], "active");
+    assert_eq!(fresh.body["execution_count"], 0);
+    assert_eq!(fresh.body["last_executed_at"], Value::Null);
+    let created = unix(fresh.body["created_at"].as_str().unwrap());
+    assert_eq!(unix(fresh.body["expires_at"].as_str().unwrap()) - created, 600);
+    for (n, s) in after.iter().enumerate() {
+        assert_eq!(s.body["execution_count"], n as u64 + 1, "{:?}", s.body);
+        assert_eq!(s.body["status"], "active", "a retained session stays active");
+        assert_eq!(s.body["created_at"], fresh.body["created_at"]);
+        assert_eq!(
+            s.body["expires_at"], fresh.body["expires_at"],
+            "executing does not extend the session"
+        );
+        let last = unix(s.body["last_executed_at"].as_str().unwrap());
+        assert!(last >= created, "{:?}", s.body);
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_session_is_404_everywhere_and_deleting_needs_a_token() {
+    // Arrange
+    let app = spawn_app();
+    let token = app.admin();
+    let id = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+
+    // Act
+    let anonymous = delete(&app, None, &id).await;
+    let deleted = delete(&app, Some(&token), &id).await;
+    let execute = app
+        .execute(&token, &id, json!({"operation": "add", "values": [1]}))
+        .await;
+    let get = app.get(Some(&token), &format!("/api/v1/sessions/{id}")).await;
+    let again = delete(&app, Some(&token), &id).await;
+    let never_existed = delete(&app, Some(&token), "no-such-session").await;
+
+    // Assert
+    assert_eq!(anonymous.status, 401, "{:?}", anonymous.body);
+    assert_eq!(anonymous.code(), "UNAUTHORIZED");
+    assert_eq!(deleted.status, 204);
+    assert_eq!(deleted.body, Value::Null, "204 has no body");
+    assert_eq!(execute.status, 404, "{:?}", execute.body);
+    assert_eq!(execute.code(), "NOT_FOUND");
+    assert_eq!(execute.body["request_id"], id.as_str());
+    for (what, r) in [("get", &get), ("second delete", &again), ("unknown ID", &never_existed)] {
+        assert_eq!(r.status, 404, "{what}: {:?}", r.body);
+        assert_eq!(r.code(), "NOT_FOUND", "{what}");
+    }
+}
+
+#[tokio::test]
+async fn a_completed_one_shot_session_can_still_be_read_and_deleted() {
+    // Arrange
+    let app = spawn_app();
+    let token = app.admin();
+    let id = app.session(&token, "nodejs-calculator", json!({})).await;
+    app.execute(&token, &id, json!({"operation": "add", "values": [1]}))
+        .await;
+
+    // Act
+    let completed = app.get(Some(&token), &format!("/api/v1/sessions/{id}")).await;
+    let deleted = delete(&app, Some(&token), &id).await;
+    let gone = app.get(Some(&token), &format!("/api/v1/sessions/{id}")).await;
+
+    // Assert
+    assert_eq!(completed.body["status"], "completed", "{:?}", completed.body);
+    assert!(completed.body["last_executed_at"].is_string());
+    assert_eq!(deleted.status, 204);
+    assert_eq!(gone.status, 404);
+}
+
+/// Instance directories whose runtime process has a data limit of `mib`: a
+/// memory cap of its own tells a function's instances from the warm pool's.
+fn instances_capped_at(app: &TestApp, mib: u64) -> Vec<std::path::PathBuf> {
+    let instances = app.data_dir.path().join("instances");
+    let limit = (mib * 1024 * 1024).to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let proc_dir = entry.path();
+        let Ok(cwd) = std::fs::read_link(proc_dir.join("cwd")) else {
+            continue;
+        };
+        if !cwd.starts_with(&instances) {
+            continue;
+        }
+        let limits = std::fs::read_to_string(proc_dir.join("limits")).unwrap_or_default();
+        if limits
+            .lines()
+            .any(|l| l.starts_with("Max data size") && l.split_whitespace().nth(3) == Some(limit.as_str()))
+        {
+            found.push(cwd);
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn an_expired_retained_session_releases_its_instance() {
+    // Arrange: a function with a memory cap of its own starts its own instance.
+    let app = spawn_app_with(&["--session-ttl-secs", "1"]);
+    let token = app.admin();
+    app.register(
+        "nodejs-capped",
+        "module.exports.handler = () => ({ ok: true });",
+        json!({"limits": {"memory_mb": 128}}),
+    )
+    .await;
+    let id = app
+        .session(&token, "nodejs-capped", json!({"retain_session": true}))
+        .await;
+    let retained = instances_capped_at(&app, 128);
+    assert_eq!(retained.len(), 1, "one instance for the retained session: {retained:?}");
+    let dir = retained[0].clone();
+
+    // Act: the session expires after a second; the sweeper then releases it.
+    let mut status = 200;
+    for _ in 0..40 {
+        status = app.get(Some(&token), &format!("/api/v1/sessions/{id}")).await.status;
+        if status == 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Assert
+    assert_eq!(status, 404, "the session did not expire");
+    assert!(
+        eventually(Duration::from_secs(10), || !dir.exists()
+            && instances_capped_at(&app, 128).is_empty())
+        .await,
+        "the expired session's instance is still running in {}",
+        dir.display()
+    );
+}

@@ -1,0 +1,149 @@
+//! `wasm-*` functions: wasmtime sandboxes inside the controller, a fresh
+//! instance per execution, JSON in on stdin and out on stdout.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::spawn_app;
+
+/// A WAT module whose `_start` body is `body`, with fd_read/fd_write/proc_exit
+/// imported and one page of memory.
+fn module(body: &str) -> String {
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") {body}))"#
+    )
+}
+
+/// Reads stdin (up to 60 KB) into memory at 1024 and writes it back.
+const ECHO: &str = r#"
+    (i32.store (i32.const 0) (i32.const 1024))
+    (i32.store (i32.const 4) (i32.const 60000))
+    (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (i32.store (i32.const 4) (i32.load (i32.const 8)))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))"#;
+
+#[tokio::test]
+async fn the_bundled_wat_function_answers_through_the_api() {
+    let app = spawn_app();
+    let token = app.token("wasm-user", &["execute:wasm"]);
+    let id = app.session(&token, "wasm-hello", json!({"retain_session": true})).await;
+    let r = app.execute(&token, &id, json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"], json!({"message": "hello from wasm"}));
+    // execute:wasm is not execute:nodejs.
+    assert_eq!(app.initialize(&token, "nodejs-calculator", json!({})).await.status, 403);
+}
+
+#[tokio::test]
+async fn params_and_context_arrive_as_json_on_stdin() {
+    let app = spawn_app();
+    app.register("wasm-echo", &module(ECHO), json!({})).await;
+    let token = app.admin();
+    let id = app
+        .session(&token, "wasm-echo", json!({"retain_session": true, "user_id": "u-1"}))
+        .await;
+    let r = app.execute(&token, &id, json!({"n": [1, 2, 3]})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["result"],
+        json!({"params": {"n": [1, 2, 3]}, "context": {"user_id": "u-1"}})
+    );
+}
+
+#[tokio::test]
+async fn a_trap_an_exit_code_and_bad_output_are_runtime_errors() {
+    let app = spawn_app();
+    let token = app.admin();
+    let cases = [
+        ("wasm-trap", "(unreachable)", "unreachable"),
+        ("wasm-exit", "(call $proc_exit (i32.const 3))", "status 3"),
+        ("wasm-silent", "(nop)", "not JSON"),
+    ];
+    for (lt, body, expected) in cases {
+        app.register(lt, &module(body), json!({})).await;
+        let id = app.session(&token, lt, json!({})).await;
+        let r = app.execute(&token, &id, json!({})).await;
+        assert_eq!(r.status, 500, "{lt}: {:?}", r.body);
+        assert_eq!(r.code(), "RUNTIME_ERROR");
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{lt}: {message}");
+    }
+}
+
+#[tokio::test]
+async fn a_tight_loop_times_out_within_a_second_of_its_deadline_and_the_next_run_works() {
+    let app = spawn_app();
+    app.register("wasm-spin", &module("(loop $l (br $l))"), json!({})).await;
+    let token = app.admin();
+    let id = app.session(&token, "wasm-spin", json!({"timeout_ms": 300})).await;
+    let started = Instant::now();
+    let r = app.execute(&token, &id, json!({})).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert_eq!(r.code(), "TIMEOUT");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1800),
+        "{took:?}"
+    );
+    let hello = app.session(&token, "wasm-hello", json!({})).await;
+    assert_eq!(app.execute(&token, &hello, json!({})).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_memory_bomb_is_a_clean_error_five_times_in_a_row() {
+    let app = spawn_app();
+    // Grows memory a page at a time until refused, then traps.
+    let bomb = module("(loop $l (br_if $l (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (unreachable)");
+    app.register("wasm-bomb", &bomb, json!({"limits": {"memory_mb": 32}}))
+        .await;
+    let token = app.admin();
+    for _ in 0..5 {
+        let id = app.session(&token, "wasm-bomb", json!({})).await;
+        let r = app.execute(&token, &id, json!({})).await;
+        assert_eq!(r.status, 500, "{:?}", r.body);
+        assert_eq!(r.code(), "RUNTIME_ERROR");
+    }
+    let hello = app.session(&token, "wasm-hello", json!({})).await;
+    assert_eq!(app.execute(&token, &hello, json!({})).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_stdout_flood_is_stopped_at_the_output_cap() {
+    let app = spawn_app();
+    let flood = module(
+        r#"(i32.store (i32.const 0) (i32.const 0)) (i32.store (i32.const 4) (i32.const 65536))
+           (loop $l (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))) (br $l))"#,
+    );
+    app.register("wasm-flood", &flood, json!({})).await;
+    let token = app.admin();
+    let id = app.session(&token, "wasm-flood", json!({"timeout_ms": 5000})).await;
+    let r = app.execute(&token, &id, json!({})).await;
+    assert_eq!(r.status, 500, "{:?}", r.body);
+    assert_eq!(r.code(), "RUNTIME_ERROR");
+}
+
+#[tokio::test]
+async fn a_module_that_does_not_compile_is_refused_at_registration() {
+    let app = spawn_app();
+    let r = app
+        .client
+        .post(app.url("/api/v1/functions"))
+        .bearer_auth(app.admin())
+        .json(&json!({"language_title": "wasm-broken", "description": "d", "code": "(module (func (export \"_start\") (i32.add)))"}))
+        .send()
+        .await
+        .unwrap();
+    let r = crate::helpers::read(r).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("compile"),
+        "{:?}",
+        r.body
+    );
+}
