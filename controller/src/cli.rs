@@ -11,6 +11,12 @@ use crate::config::{Cli, Command, LogFormat, ServeArgs, TokenArgs};
 use crate::startup::Application;
 
 pub fn main() -> ExitCode {
+    // The process backend starts Rust runtime instances as
+    // `controller runtime-rust --socket PATH` (hidden: not for people).
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some("runtime-rust") {
+        return fnrt_runtime_rust::main_with_args(args);
+    }
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token(args)) => token(args),

@@ -170,6 +170,22 @@ pub struct ServeArgs {
     /// Number of uids in that range: the most instances at once.
     #[arg(long, env = "INSTANCE_UID_COUNT", default_value_t = 10_000)]
     pub instance_uid_count: u32,
+    /// cargo, for building Rust functions.
+    #[arg(long, env = "CARGO_BIN", default_value = "cargo")]
+    pub cargo_bin: String,
+    /// cargo target directory shared by every Rust function build (so
+    /// dependencies compile once); default `DATA_DIR/rust-target`.
+    #[arg(long, env = "RUST_TARGET_DIR")]
+    pub rust_target_dir: Option<PathBuf>,
+    /// Longest a Rust function build may take, in seconds.
+    #[arg(long, env = "RUST_BUILD_TIMEOUT_SECS", default_value_t = 600)]
+    pub rust_build_timeout_secs: u64,
+    /// Largest wasm module accepted, in bytes.
+    #[arg(long, env = "WASM_MAX_MODULE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub wasm_max_module_bytes: usize,
+    /// Longest a wasm module may take to compile at registration, in seconds.
+    #[arg(long, env = "WASM_COMPILE_BUDGET_SECS", default_value_t = 30)]
+    pub wasm_compile_budget_secs: u64,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -557,5 +557,10 @@ fn instance_error(e: InstanceError) -> ApiError {
             message: format!("the runtime misbehaved: {message}"),
             details: json!({}),
         },
+        InstanceError::NotReady { message } => ApiError::NotReady {
+            message,
+            retry_after_secs: 5,
+        },
+        InstanceError::BuildFailed(failure) => ApiError::build_failed(failure),
     }
 }

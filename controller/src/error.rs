@@ -43,6 +43,13 @@ pub enum ApiError {
     Runtime { message: String, details: Value },
     #[error("execution exceeded its timeout of {timeout_ms} ms")]
     Timeout { timeout_ms: u64 },
+    /// A Rust function's build failed (extension): `details.messages` holds
+    /// the compiler's messages.
+    #[error("{message}")]
+    BuildFailed { message: String, details: Value },
+    /// The function is still being built (extension); retry later.
+    #[error("{message}")]
+    NotReady { message: String, retry_after_secs: u64 },
     /// A dependency (a runtime, the database) is unavailable right now.
     #[error("{0}")]
     Unavailable(String),
@@ -66,6 +73,8 @@ impl ApiError {
             ApiError::Runtime { .. } => "RUNTIME_ERROR",
             ApiError::Timeout { .. } => "TIMEOUT",
             ApiError::Unavailable(_) => "UNAVAILABLE",
+            ApiError::BuildFailed { .. } => "BUILD_FAILED",
+            ApiError::NotReady { .. } => "FUNCTION_NOT_READY",
             ApiError::Internal(_) => "INTERNAL_ERROR",
         }
     }
@@ -83,7 +92,8 @@ impl ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BuildFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -91,7 +101,11 @@ impl ApiError {
         match self {
             ApiError::InvalidParams { details, .. }
             | ApiError::Initialization { details, .. }
-            | ApiError::Runtime { details, .. } => details.clone(),
+            | ApiError::Runtime { details, .. }
+            | ApiError::BuildFailed { details, .. } => details.clone(),
+            ApiError::NotReady { retry_after_secs, .. } => {
+                json!({ "build": "building", "retry_after_secs": retry_after_secs })
+            }
             ApiError::PayloadTooLarge { limit } => json!({ "limit_bytes": limit }),
             ApiError::RateLimited { retry_after_secs } => {
                 json!({ "retry_after_secs": retry_after_secs })
@@ -115,7 +129,7 @@ impl ApiError {
     }
 
     fn headers(&self, response: &mut Response) {
-        if let ApiError::RateLimited { retry_after_secs } = self {
+        if let ApiError::RateLimited { retry_after_secs } | ApiError::NotReady { retry_after_secs, .. } = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
@@ -181,7 +195,17 @@ impl From<crate::registry::RegistryError> for ApiError {
             RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
             RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            RegistryError::BuildFailed(failure) => ApiError::build_failed(failure),
             RegistryError::Store(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl ApiError {
+    pub fn build_failed(failure: crate::build::BuildFailure) -> Self {
+        ApiError::BuildFailed {
+            message: failure.message,
+            details: json!({ "messages": failure.messages }),
         }
     }
 }

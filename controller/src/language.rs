@@ -11,23 +11,29 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+/// The entrypoint of a function that is a Rust crate (its files arrive as
+/// a tree, see `registry::manifest`).
+pub const CRATE_ENTRYPOINT: &str = "Cargo.toml";
+
 /// A language the controller can run functions in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Language {
     Nodejs,
     Python,
+    Rust,
     Wasm,
 }
 
 impl Language {
     /// Every language, in the order `/health` reports them.
-    pub const ALL: [Language; 3] = [Language::Nodejs, Language::Python, Language::Wasm];
+    pub const ALL: [Language; 4] = [Language::Nodejs, Language::Python, Language::Rust, Language::Wasm];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Language::Nodejs => "nodejs",
             Language::Python => "python",
+            Language::Rust => "rust",
             Language::Wasm => "wasm",
         }
     }
@@ -37,6 +43,7 @@ impl Language {
         match self {
             Language::Nodejs => "index.js",
             Language::Python => "main.py",
+            Language::Rust => CRATE_ENTRYPOINT,
             Language::Wasm => "module.wat",
         }
     }
@@ -46,8 +53,10 @@ impl Language {
         match self {
             Language::Nodejs => &[".js", ".cjs"],
             Language::Python => &[".py"],
-            // WAT text, or a binary module as base64.
-            Language::Wasm => &[".wat", ".wasm"],
+            Language::Rust => &[CRATE_ENTRYPOINT],
+            // WAT text, a binary module as base64, or a Rust crate built
+            // for wasm32-wasip1.
+            Language::Wasm => &[".wat", ".wasm", CRATE_ENTRYPOINT],
         }
     }
 }
@@ -75,7 +84,7 @@ impl FromStr for Language {
 pub enum TitleError {
     #[error("Language-Title must look like '{{language}}-{{title}}', e.g. 'nodejs-calculator'")]
     Shape,
-    #[error("unknown language '{0}'; known languages: nodejs, python, wasm")]
+    #[error("unknown language '{0}'; known languages: nodejs, python, rust, wasm")]
     UnknownLanguage(String),
     #[error("title must match [a-z0-9][a-z0-9-]{{0,62}}")]
     Title,

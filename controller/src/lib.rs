@@ -23,7 +23,8 @@
 //! - [`redis_client`]: the shared, reconnecting, time-bounded Redis connection.
 //! - [`ratelimit`]: the `RateLimiter` trait and its governor implementation.
 //! - [`runtime`]: the `RuntimeBackend` and `Instance` traits, the runtime
-//!   protocol client, the process backend and the instance pool.
+//!   protocol client, the process and wasm backends and the instance pool.
+//! - [`build`]: builds Rust functions (native libraries, wasm modules) with cargo.
 //! - [`auth`]: JWT verification and issuing, scopes.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: the API's error type and body.
@@ -34,6 +35,7 @@
 //! `runtime::pool` -> `runtime::process` instance over its Unix socket.
 
 pub mod auth;
+pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -56,6 +56,12 @@ pub struct InstanceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleLabels {
+    /// `compiled` or `disk_cache`.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
     pub class: String,
 }
@@ -78,6 +84,7 @@ pub struct Metrics {
     pub instances: Family<InstanceLabels, Gauge>,
     pub instances_busy: Gauge,
     pub rate_limited: Family<ClassLabels, Counter>,
+    pub wasm_modules: Family<ModuleLabels, Counter>,
     pub active_sessions: Gauge,
 }
 
@@ -108,6 +115,7 @@ impl Metrics {
             instances: Family::default(),
             instances_busy: Gauge::default(),
             rate_limited: Family::default(),
+            wasm_modules: Family::default(),
             active_sessions: Gauge::default(),
             registry: Registry::default(),
         };
@@ -171,6 +179,11 @@ impl Metrics {
             "Sessions that can still be executed",
             m.active_sessions.clone(),
         );
+        registry.register(
+            "wasm_modules",
+            "Wasm modules made ready to link, by source (compiled, disk_cache)",
+            m.wasm_modules.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -186,6 +199,14 @@ impl Metrics {
                 language_title: language_title.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_wasm_module(&self, from_disk: bool) {
+        self.wasm_modules
+            .get_or_create(&ModuleLabels {
+                source: if from_disk { "disk_cache" } else { "compiled" }.to_owned(),
+            })
+            .inc();
     }
 
     pub fn record_cache(&self, layer: &str, hit: bool) {

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
+use crate::build::{Builder, BuilderConfig};
 use crate::cache::memory::MemoryCache;
 use crate::cache::redis::RedisCache;
 use crate::cache::{Layers, ResultCache};
@@ -26,7 +27,7 @@ use crate::registry::Registry;
 use crate::runtime::Backends;
 use crate::runtime::pool::{InstancePool, PoolConfig};
 use crate::runtime::process::{ProcessBackend, ProcessConfig, ProcessLimits};
-use crate::runtime::wasm::WasmBackend;
+use crate::runtime::wasm::{WasmBackend, WasmConfig};
 use crate::sessions::SessionStore;
 use crate::sessions::fallback::FallbackSessionStore;
 use crate::sessions::memory::MemorySessionStore;
@@ -96,6 +97,20 @@ impl Application {
 
         let store = open_store(&args).await?;
         let metrics = Arc::new(Metrics::new());
+        let builder = Builder::new(BuilderConfig {
+            cargo: args.cargo_bin.clone(),
+            sdk_dir: args.runtimes_dir().join("rust").join("sdk"),
+            target_dir: args
+                .rust_target_dir
+                .clone()
+                .unwrap_or_else(|| data_dir.join("rust-target")),
+            builds_dir: data_dir.join("builds"),
+            timeout: Duration::from_secs(args.rust_build_timeout_secs),
+        })
+        .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &builder {
+            tracing::warn!(error = %e, "Rust functions cannot be built");
+        }
         let backend = ProcessBackend::new(ProcessConfig {
             instances_dir: data_dir.join("instances"),
             runtimes_dir: args.runtimes_dir(),
@@ -109,9 +124,20 @@ impl Application {
             instance_uid_base: args.instance_uid_base,
             instance_uid_count: args.instance_uid_count,
             max_result_bytes: args.max_result_bytes,
+            rust_runtime: std::env::current_exe().ok(),
+            builder: builder.clone().ok(),
         })?;
-        let wasm = WasmBackend::new(args.max_result_bytes)?;
-        let backends = Arc::new(Backends::new(vec![Arc::new(backend), Arc::new(wasm)]));
+        let wasm = WasmBackend::new(
+            WasmConfig {
+                max_output_bytes: args.max_result_bytes,
+                max_module_bytes: args.wasm_max_module_bytes,
+                compile_budget: Duration::from_secs(args.wasm_compile_budget_secs),
+                cache_dir: data_dir.join("wasm-cache"),
+            },
+            builder.clone().ok(),
+            metrics.clone(),
+        )?;
+        let backends = Arc::new(Backends::new(vec![Arc::new(backend), Arc::new(wasm)], builder.clone()));
         let (records, write_records) = ExecutionLog::new(store.clone());
         let registry = Arc::new(Registry::load(store, Some(backends.clone())).await?);
         let functions_dir = args.functions_dir();
@@ -203,6 +229,7 @@ impl Application {
             limiter,
             metrics,
             redis,
+            builder: builder.ok(),
         };
         let router = http::router(
             state,

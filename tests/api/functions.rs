@@ -14,7 +14,9 @@ const BUNDLED: &[&str] = &[
     "python-calculator",
     "python-counter",
     "python-error",
+    "rust-fibonacci",
     "wasm-hello",
+    "wasm-sha256",
 ];
 
 const NODE_HELLO: &str = "module.exports.handler = async (params, context) => ({ greeting: 'hello v1' });\n";

@@ -67,6 +67,14 @@ pub fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestApp {
         .args(extra)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        // Rust function builds: cargo's own settings, and one target
+        // directory for every test controller so dependencies build once.
+        .envs(
+            ["HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN"]
+                .into_iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (k, v))),
+        )
+        .env("RUST_TARGET_DIR", "/var/tmp/fnrt-test-functions")
         .env("JWT_SECRET", SECRET)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

@@ -16,6 +16,7 @@ mod limits;
 mod operations;
 mod replicas;
 mod runtimes;
+mod rust;
 mod sandbox;
 mod sessions;
 mod wasm;

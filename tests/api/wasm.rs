@@ -147,3 +147,60 @@ async fn a_module_that_does_not_compile_is_refused_at_registration() {
         r.body
     );
 }
+
+/// `lambda_wasm_modules_total{source="…"}`, 0 when absent.
+async fn modules_from(app: &crate::helpers::TestApp, source: &str) -> u64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("lambda_wasm_modules_total{{source=\"{source}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|n| n.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn compiled_modules_are_kept_on_disk_so_a_restart_does_not_recompile() {
+    let app = spawn_app();
+    app.register("wasm-echo", &module(ECHO), json!({})).await;
+    assert!(modules_from(&app, "compiled").await >= 1);
+    let app = app.restart();
+    let token = app.admin();
+    let id = app.session(&token, "wasm-echo", json!({})).await;
+    let r = app.execute(&token, &id, json!({"x": 1})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // Bundled modules and the registered one all came from the disk cache.
+    assert_eq!(modules_from(&app, "compiled").await, 0);
+    assert!(modules_from(&app, "disk_cache").await >= 2);
+}
+
+#[tokio::test]
+async fn a_module_over_the_size_limit_is_refused_at_registration() {
+    let app = crate::helpers::spawn_app_with(&["--wasm-max-module-bytes", "2000"]);
+    let padding = format!("(drop (i32.const 0)) ;; {}", "x".repeat(3000));
+    let r = app
+        .client
+        .post(app.url("/api/v1/functions"))
+        .bearer_auth(app.admin())
+        .json(&json!({"language_title": "wasm-big", "description": "big", "code": module(&padding)}))
+        .send()
+        .await
+        .unwrap();
+    let r = crate::helpers::read(r).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 2000 bytes"),
+        "{:?}",
+        r.body
+    );
+}

@@ -2,6 +2,7 @@
 //! update and delete them (extension, `write:functions`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -13,6 +14,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::AppState;
 use super::extract::{ApiJson, Auth};
 use crate::auth::{READ_FUNCTIONS, WRITE_FUNCTIONS};
+use crate::build::{BuildState, Builder};
 use crate::error::{ApiError, ErrorBody};
 use crate::language::{Language, LanguageTitle};
 use crate::registry::manifest::{LimitsSpec, SchemaSpec};
@@ -66,6 +68,22 @@ pub(super) struct FunctionDetail {
     pub code_hash: String,
     /// The version's limits (extension).
     pub limits: crate::registry::manifest::Limits,
+    /// For a Rust crate (extension): where its build stands on this controller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildInfo>,
+}
+
+/// A crate's build.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct BuildInfo {
+    /// `ready`, `building`, `failed`, or `not_built` (built at the first initialize).
+    pub state: &'static str,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The compiler's messages of a failed build.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<String>,
 }
 
 fn summary(f: &FunctionEntry) -> FunctionSummary {
@@ -81,8 +99,29 @@ fn summary(f: &FunctionEntry) -> FunctionSummary {
     }
 }
 
-fn detail(f: &FunctionEntry) -> FunctionDetail {
+fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>) -> FunctionDetail {
+    let build = f.current.files.as_ref().map(|files| {
+        let target = crate::runtime::build_target(f.current.language());
+        match builder.and_then(|b| b.state(target, files)) {
+            Some(BuildState::Failed(failure)) => BuildInfo {
+                state: "failed",
+                message: Some(failure.message),
+                messages: failure.messages,
+            },
+            Some(state) => BuildInfo {
+                state: state.as_str(),
+                message: None,
+                messages: vec![],
+            },
+            None => BuildInfo {
+                state: "not_built",
+                message: None,
+                messages: vec![],
+            },
+        }
+    });
     FunctionDetail {
+        build,
         summary: summary(f),
         schema: f.current.manifest.schema.clone(),
         examples: f.current.manifest.examples.clone(),
@@ -176,7 +215,7 @@ async fn get_function(
         .await
         .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::NotFound(format!("function '{lt}' not found")))?;
-    Ok(axum::Json(detail(&f)))
+    Ok(axum::Json(detail(&f, state.builder.as_ref())))
 }
 
 /// A function to register: its manifest fields and its code.
@@ -185,8 +224,12 @@ async fn get_function(
 pub(super) struct RegisterBody {
     /// Required on create; on update it may be omitted or must match the path.
     pub language_title: Option<String>,
-    /// The source of the entrypoint file.
-    pub code: String,
+    /// The source of the entrypoint file (Node, Python, WAT, base64 wasm).
+    pub code: Option<String>,
+    /// A Rust crate's files, path -> text (`Cargo.toml`, `src/lib.rs`, ...),
+    /// for `rust-*` functions and `wasm-*` ones built from Rust; instead of `code`.
+    #[schema(value_type = Option<Object>)]
+    pub files: Option<BTreeMap<String, String>>,
     pub description: String,
     pub entrypoint: Option<String>,
     pub handler: Option<String>,
@@ -202,17 +245,36 @@ pub(super) struct RegisterBody {
 }
 
 impl RegisterBody {
-    fn into_parts(self) -> (Option<String>, FunctionSpec, String) {
+    fn into_parts(self) -> Result<(Option<String>, FunctionSpec, String), ApiError> {
+        let (entrypoint, code) = match (self.code, self.files) {
+            (Some(code), None) => (self.entrypoint, code),
+            // A crate's entrypoint is its Cargo.toml.
+            (None, Some(files)) => (
+                self.entrypoint
+                    .or_else(|| Some(crate::language::CRATE_ENTRYPOINT.to_owned())),
+                crate::registry::manifest::crate_code(&files),
+            ),
+            (Some(_), Some(_)) => {
+                return Err(ApiError::InvalidRequest(
+                    "send either 'code' (one file) or 'files' (a Rust crate), not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(ApiError::InvalidRequest(
+                    "missing 'code' (one file) or 'files' (a Rust crate)".into(),
+                ));
+            }
+        };
         let spec = FunctionSpec {
             description: self.description,
-            entrypoint: self.entrypoint,
+            entrypoint,
             handler: self.handler,
             schema: self.schema,
             examples: self.examples,
             limits: self.limits,
             env: self.env,
         };
-        (self.language_title, spec, self.code)
+        Ok((self.language_title, spec, code))
     }
 }
 
@@ -239,7 +301,7 @@ async fn create_function(
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<(StatusCode, axum::Json<FunctionDetail>), ApiError> {
     auth.require(WRITE_FUNCTIONS)?;
-    let (language_title, spec, code) = body.into_parts();
+    let (language_title, spec, code) = body.into_parts()?;
     let lt = parse_title(
         language_title
             .as_deref()
@@ -252,7 +314,7 @@ async fn create_function(
         .await
         .map_err(ApiError::from)?;
     tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function registered");
-    Ok((StatusCode::CREATED, axum::Json(detail(&f))))
+    Ok((StatusCode::CREATED, axum::Json(detail(&f, state.builder.as_ref()))))
 }
 
 /// Register a new version of a function (extension; `write:functions`).
@@ -282,7 +344,7 @@ async fn update_function(
 ) -> Result<axum::Json<FunctionDetail>, ApiError> {
     auth.require(WRITE_FUNCTIONS)?;
     let lt = parse_title(&language_title)?;
-    let (body_title, spec, code) = body.into_parts();
+    let (body_title, spec, code) = body.into_parts()?;
     if body_title.is_some_and(|t| t != lt.as_str()) {
         return Err(ApiError::InvalidRequest(
             "'language_title' does not match the path".into(),
@@ -297,7 +359,7 @@ async fn update_function(
     // Idle instances of older versions will not be asked for again.
     state.engine.pool.evict_function(lt.as_str()).await;
     tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function updated");
-    Ok(axum::Json(detail(&f)))
+    Ok(axum::Json(detail(&f, state.builder.as_ref())))
 }
 
 /// Delete a function, its versions and its sessions (extension; `write:functions`).

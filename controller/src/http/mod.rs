@@ -46,6 +46,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set when `REDIS_URL` is; `/health` reports it.
     pub redis: Option<crate::redis_client::RedisClient>,
+    /// Builds Rust functions; function details report their build.
+    pub builder: Option<Arc<crate::build::Builder>>,
 }
 
 /// HTTP settings that are not state.

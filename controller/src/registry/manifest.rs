@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
-use crate::language::Language;
+use crate::language::{CRATE_ENTRYPOINT, Language};
 
 /// Default per-execution timeout of a function, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
@@ -136,6 +136,7 @@ impl FunctionSpec {
             .entrypoint_extensions()
             .iter()
             .any(|ext| entrypoint.ends_with(ext))
+            || (entrypoint.ends_with(CRATE_ENTRYPOINT) && entrypoint != CRATE_ENTRYPOINT)
         {
             return err(format!(
                 "'entrypoint' of a {language} function must end in {}",
@@ -198,6 +199,11 @@ impl FunctionSpec {
 }
 
 impl Manifest {
+    /// Whether the function is a Rust crate, built before it runs.
+    pub fn is_crate(&self) -> bool {
+        self.entrypoint == CRATE_ENTRYPOINT
+    }
+
     /// Hash of everything that changes what the function does: its code and
     /// the manifest fields a runtime sees. Part of every cache key.
     pub fn code_hash(&self, code: &str) -> String {
@@ -228,6 +234,53 @@ pub fn check_code(code: &str) -> Result<(), ManifestError> {
         return err("'code' must not contain NUL bytes");
     }
     Ok(())
+}
+
+/// The files of a crate, as registered (`files`) and stored (`code` holds
+/// their JSON).
+pub type CrateFiles = BTreeMap<String, String>;
+
+/// Most files in a crate.
+const MAX_CRATE_FILES: usize = 64;
+/// Deepest path in a crate (`src/a/b/c.rs`).
+const MAX_CRATE_DEPTH: usize = 4;
+
+/// The stored form of a crate's files.
+pub fn crate_code(files: &CrateFiles) -> String {
+    serde_json::to_string(files).unwrap_or_default()
+}
+
+/// Reads and checks a crate's files from their stored form.
+pub fn crate_files(code: &str) -> Result<CrateFiles, ManifestError> {
+    let files: CrateFiles = serde_json::from_str(code)
+        .map_err(|_| ManifestError("a Rust crate is registered with 'files' (path -> text), not 'code'".into()))?;
+    if files.len() > MAX_CRATE_FILES {
+        return err(format!("at most {MAX_CRATE_FILES} 'files'"));
+    }
+    if code.len() > MAX_CODE_BYTES {
+        return err(format!("'files' are larger than {MAX_CODE_BYTES} bytes in all"));
+    }
+    for (path, text) in &files {
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.len() > MAX_CRATE_DEPTH || parts.iter().any(|p| !valid_file_name(p) || p.starts_with('.')) {
+            return err(format!(
+                "'files' path {:?} must be relative, with at most {MAX_CRATE_DEPTH} parts of [A-Za-z0-9_.-] \
+                 not starting with '.'",
+                path.chars().take(80).collect::<String>()
+            ));
+        }
+        if text.contains('\0') {
+            return err(format!("'files.{path}' must not contain NUL bytes"));
+        }
+    }
+    for required in [CRATE_ENTRYPOINT, "src/lib.rs"] {
+        if !files.contains_key(required) {
+            return err(format!(
+                "a Rust crate needs '{required}' in 'files' (a library calling fnrt_sdk::export!)"
+            ));
+        }
+    }
+    Ok(files)
 }
 
 pub fn valid_file_name(name: &str) -> bool {

@@ -20,8 +20,9 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-pub use manifest::{FunctionSpec, Manifest, ManifestError};
+pub use manifest::{CrateFiles, FunctionSpec, Manifest, ManifestError};
 
+use crate::build::BuildFailure;
 use crate::language::{Language, LanguageTitle};
 use crate::store::{NewVersion, Source, Store, StoreError, StoredFunction, StoredVersion};
 
@@ -34,6 +35,8 @@ pub struct FunctionVersion {
     /// sha256 of code and behaviour-relevant manifest fields.
     pub code_hash: String,
     pub created_at: OffsetDateTime,
+    /// A Rust crate's files (when `manifest.is_crate()`).
+    pub files: Option<CrateFiles>,
     /// `schema.params`, compiled once.
     validator: jsonschema::Validator,
 }
@@ -56,10 +59,15 @@ impl FunctionVersion {
         let manifest: Manifest = serde_json::from_value(v.manifest).context("stored manifest")?;
         let validator = jsonschema::validator_for(&manifest.schema.params)
             .map_err(|e| anyhow::anyhow!("stored params schema: {e}"))?;
+        let files = match manifest.is_crate() {
+            true => Some(manifest::crate_files(&v.code).context("stored crate files")?),
+            false => None,
+        };
         Ok(FunctionVersion {
             language_title,
             version: v.version,
             manifest,
+            files,
             code: v.code,
             code_hash: v.code_hash,
             created_at: v.created_at,
@@ -117,6 +125,8 @@ pub enum RegistryError {
     Exists(String),
     #[error("function '{0}' not found")]
     NotFound(String),
+    #[error("{}", .0.message)]
+    BuildFailed(BuildFailure),
     #[error("the function store is unavailable; try again")]
     Unavailable(#[source] StoreError),
     #[error(transparent)]
@@ -133,10 +143,23 @@ impl From<StoreError> for RegistryError {
     }
 }
 
-/// Checks code a runtime must accept before it is stored (e.g. that a wasm
-/// module compiles), so a bad function is refused at registration.
+/// Checks code a runtime must accept before it is stored (that a wasm
+/// module compiles, that a Rust crate builds), so a bad function is refused
+/// at registration.
+#[async_trait::async_trait]
 pub trait CodeCheck: Send + Sync {
-    fn check(&self, language: Language, entrypoint: &str, code: &str) -> Result<(), String>;
+    /// With `build` false (bundled functions at start-up), a crate is only
+    /// queued for a background build instead of built now.
+    async fn check(&self, language: Language, manifest: &Manifest, code: &str, build: bool) -> Result<(), CheckError>;
+}
+
+/// Why [`CodeCheck`] refused a function.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{}", .0.message)]
+    BuildFailed(BuildFailure),
 }
 
 pub struct Registry {
@@ -278,7 +301,7 @@ impl Registry {
         spec: FunctionSpec,
         code: String,
     ) -> Result<FunctionEntry, RegistryError> {
-        let new = self.prepare(lt, spec, code)?;
+        let new = self.prepare(lt, spec, code, true).await?;
         match self.store.create(new, Source::Api).await {
             Ok(f) => self.remember(f),
             Err(StoreError::Conflict) => Err(RegistryError::Exists(lt.to_string())),
@@ -293,7 +316,7 @@ impl Registry {
         spec: FunctionSpec,
         code: String,
     ) -> Result<FunctionEntry, RegistryError> {
-        let new = self.prepare(lt, spec, code)?;
+        let new = self.prepare(lt, spec, code, true).await?;
         match self.store.add_version(new, Source::Api).await {
             Ok(f) => self.remember(f),
             Err(StoreError::NotFound) => Err(RegistryError::NotFound(lt.to_string())),
@@ -314,13 +337,26 @@ impl Registry {
         Ok(())
     }
 
-    fn prepare(&self, lt: &LanguageTitle, spec: FunctionSpec, code: String) -> Result<NewVersion, RegistryError> {
-        manifest::check_code(&code)?;
+    async fn prepare(
+        &self,
+        lt: &LanguageTitle,
+        spec: FunctionSpec,
+        code: String,
+        build: bool,
+    ) -> Result<NewVersion, RegistryError> {
         let manifest = spec.normalize(lt.language())?;
+        match manifest.is_crate() {
+            true => drop(manifest::crate_files(&code)?),
+            false => manifest::check_code(&code)?,
+        }
         if let Some(checker) = &self.checker {
             checker
-                .check(lt.language(), &manifest.entrypoint, &code)
-                .map_err(ManifestError)?;
+                .check(lt.language(), &manifest, &code, build)
+                .await
+                .map_err(|e| match e {
+                    CheckError::Invalid(message) => RegistryError::Invalid(ManifestError(message)),
+                    CheckError::BuildFailed(failure) => RegistryError::BuildFailed(failure),
+                })?;
         }
         Ok(NewVersion {
             language_title: lt.to_string(),
@@ -383,8 +419,13 @@ impl Registry {
             .clone()
             .unwrap_or_else(|| lt.language().default_entrypoint().to_owned());
         anyhow::ensure!(manifest::valid_file_name(&entrypoint), "bad entrypoint {entrypoint:?}");
-        let code = std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?;
-        let new = self.prepare(&lt, spec, code)?;
+        let code = if entrypoint == crate::language::CRATE_ENTRYPOINT {
+            manifest::crate_code(&read_crate(path)?)
+        } else {
+            std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?
+        };
+        // Crates are built in the background: start-up does not wait.
+        let new = self.prepare(&lt, spec, code, false).await?;
         let stored = match self.get(lt.as_str()) {
             None => match self.store.create(new, Source::Bundled).await {
                 Ok(stored) => stored,
@@ -400,6 +441,30 @@ impl Registry {
         self.remember(stored)?;
         Ok(true)
     }
+}
+
+/// A crate folder's files: `Cargo.toml`, `Cargo.lock` if any, and
+/// everything under `src/`.
+fn read_crate(folder: &Path) -> anyhow::Result<CrateFiles> {
+    let mut files = CrateFiles::new();
+    for name in ["Cargo.toml", "Cargo.lock"] {
+        if folder.join(name).is_file() {
+            files.insert(name.to_owned(), std::fs::read_to_string(folder.join(name))?);
+        }
+    }
+    let mut pending = vec![folder.join("src")];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let relative = path.strip_prefix(folder)?.to_string_lossy().into_owned();
+                files.insert(relative, std::fs::read_to_string(&path)?);
+            }
+        }
+    }
+    Ok(files)
 }
 
 /// Whether a bundled folder differs from the stored version (code or any

@@ -21,13 +21,15 @@ pub mod process;
 pub mod protocol;
 pub mod wasm;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::build::{BuildFailure, BuildState, Builder, Target};
 use crate::language::Language;
-use crate::registry::FunctionVersion;
+use crate::registry::{CheckError, FunctionVersion, Manifest};
 
 /// What a run is given.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +69,11 @@ pub enum InstanceError {
     ResultTooLarge { limit: usize },
     #[error("runtime protocol error: {0}")]
     Protocol(String),
+    /// The function's build has not finished (yet) on this controller.
+    #[error("{message}")]
+    NotReady { message: String },
+    #[error("{}", .0.message)]
+    BuildFailed(BuildFailure),
 }
 
 #[async_trait]
@@ -86,9 +93,12 @@ pub trait Instance: Send + Sync {
     async fn terminate(&mut self);
 }
 
-/// Each language's backend, as one [`RuntimeBackend`].
+/// Each language's backend, as one [`RuntimeBackend`]; also the registry's
+/// [`crate::registry::CodeCheck`], building Rust crates with the [`Builder`].
 pub struct Backends {
     by_language: std::collections::BTreeMap<Language, std::sync::Arc<dyn RuntimeBackend>>,
+    /// Why Rust crates cannot be built here, when they cannot.
+    builder: Result<std::sync::Arc<Builder>, String>,
 }
 
 impl std::fmt::Debug for Backends {
@@ -100,24 +110,99 @@ impl std::fmt::Debug for Backends {
 
 impl Backends {
     /// Every language of every backend; a later backend wins a language.
-    pub fn new(backends: Vec<std::sync::Arc<dyn RuntimeBackend>>) -> Self {
+    pub fn new(
+        backends: Vec<std::sync::Arc<dyn RuntimeBackend>>,
+        builder: Result<std::sync::Arc<Builder>, String>,
+    ) -> Self {
         let mut by_language = std::collections::BTreeMap::new();
         for backend in backends {
             for language in backend.languages() {
                 by_language.insert(language, backend.clone());
             }
         }
-        Backends { by_language }
+        Backends { by_language, builder }
+    }
+
+    fn builder(&self) -> Result<&std::sync::Arc<Builder>, String> {
+        self.builder
+            .as_ref()
+            .map_err(|e| format!("Rust functions cannot be built here: {e}"))
     }
 }
 
-impl crate::registry::CodeCheck for Backends {
-    fn check(&self, language: Language, entrypoint: &str, code: &str) -> Result<(), String> {
-        match self.by_language.get(&language) {
-            Some(backend) => backend.check_code(language, entrypoint, code),
-            None => Ok(()),
-        }
+/// What a crate of this language is built into.
+pub fn build_target(language: Language) -> Target {
+    match language {
+        Language::Wasm => Target::Wasm,
+        _ => Target::Native,
     }
+}
+
+#[async_trait]
+impl crate::registry::CodeCheck for Backends {
+    async fn check(&self, language: Language, manifest: &Manifest, code: &str, build: bool) -> Result<(), CheckError> {
+        let Some(backend) = self.by_language.get(&language) else {
+            return Ok(());
+        };
+        if !manifest.is_crate() {
+            return backend
+                .check_code(language, &manifest.entrypoint, code.as_bytes())
+                .map_err(CheckError::Invalid);
+        }
+        let builder = self.builder().map_err(CheckError::Invalid)?;
+        let files = crate::registry::manifest::crate_files(code).map_err(|e| CheckError::Invalid(e.0))?;
+        let target = build_target(language);
+        if !build {
+            builder.ensure(target, &files);
+            return Ok(());
+        }
+        let artifact = builder.build(target, &files).await.map_err(CheckError::BuildFailed)?;
+        let bytes = tokio::fs::read(&artifact)
+            .await
+            .map_err(|e| CheckError::Invalid(format!("reading the built artifact: {e}")))?;
+        backend
+            .check_code(language, artifact_name(target), &bytes)
+            .map_err(CheckError::Invalid)
+    }
+}
+
+/// The entrypoint name a built artifact is handed to its backend under.
+pub fn artifact_name(target: Target) -> &'static str {
+    match target {
+        Target::Native => "function.so",
+        Target::Wasm => "function.wasm",
+    }
+}
+
+/// Where the built artifact of a crate function is; `NotReady` or
+/// `BuildFailed` when there is none yet. Starts a build this controller has
+/// not seen (a function registered by another replica, or an artifact lost
+/// with a data dir).
+pub fn artifact_path(builder: &std::sync::Arc<Builder>, function: &FunctionVersion) -> Result<PathBuf, InstanceError> {
+    let Some(files) = &function.files else {
+        return Err(InstanceError::Protocol("the function is not a crate".into()));
+    };
+    match builder.ensure(build_target(function.language()), files) {
+        BuildState::Ready(path) => Ok(path),
+        BuildState::Building => Err(InstanceError::NotReady {
+            message: format!(
+                "function '{}' version {} is still being built; retry shortly",
+                function.language_title, function.version
+            ),
+        }),
+        BuildState::Failed(failure) => Err(InstanceError::BuildFailed(failure)),
+    }
+}
+
+/// The built artifact of a crate function, read whole.
+pub async fn built_artifact(
+    builder: &std::sync::Arc<Builder>,
+    function: &FunctionVersion,
+) -> Result<Vec<u8>, InstanceError> {
+    let path = artifact_path(builder, function)?;
+    tokio::fs::read(&path)
+        .await
+        .map_err(|e| InstanceError::Protocol(format!("reading the built artifact: {e}")))
 }
 
 #[async_trait]
@@ -128,6 +213,17 @@ impl RuntimeBackend for Backends {
 
     fn languages(&self) -> Vec<Language> {
         self.by_language.keys().copied().collect()
+    }
+
+    async fn ready(&self, function: &FunctionVersion) -> Result<(), InstanceError> {
+        if function.files.is_none() {
+            return Ok(());
+        }
+        let builder = self.builder().map_err(|message| InstanceError::Unavailable {
+            language: function.language(),
+            message,
+        })?;
+        artifact_path(builder, function).map(drop)
     }
 
     async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
@@ -147,8 +243,13 @@ pub trait RuntimeBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// The languages this backend runs.
     fn languages(&self) -> Vec<Language>;
-    /// Refuses code this backend could never run (checked at registration).
-    fn check_code(&self, _language: Language, _entrypoint: &str, _code: &str) -> Result<(), String> {
+    /// Refuses code this backend could never run (checked at registration;
+    /// for a crate, `code` is the built artifact).
+    fn check_code(&self, _language: Language, _entrypoint: &str, _code: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    /// Whether `function` can be started now (a crate must be built first).
+    async fn ready(&self, _function: &FunctionVersion) -> Result<(), InstanceError> {
         Ok(())
     }
     /// Starts a generic, healthy, not yet initialised instance whose memory

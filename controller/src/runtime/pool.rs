@@ -134,6 +134,8 @@ impl InstancePool {
         if let Some(instance) = self.take_idle(&key) {
             return Ok(self.lease(instance, key, StartKind::Reused));
         }
+        // Before a warm instance is spent on it: a crate must be built.
+        self.backend.ready(function).await?;
         let memory_mb = function.manifest.limits.memory_mb;
         let warm = if memory_mb == self.config.warm_memory_mb {
             self.take_warm(language)

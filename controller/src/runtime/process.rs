@@ -35,8 +35,11 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
+use base64::Engine as _;
+
 use super::protocol::{ProtocolError, RuntimeClient};
 use super::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend};
+use crate::build::Builder;
 use crate::language::Language;
 use crate::registry::FunctionVersion;
 
@@ -72,6 +75,11 @@ pub struct ProcessConfig {
     pub instance_uid_count: u32,
     /// Largest runtime answer (result included), in bytes.
     pub max_result_bytes: usize,
+    /// The program that serves the Rust runtime when given the arguments
+    /// `runtime-rust --socket PATH`: the controller's own executable.
+    pub rust_runtime: Option<PathBuf>,
+    /// Builds Rust functions (the artifact is what `/init` loads).
+    pub builder: Option<Arc<Builder>>,
 }
 
 /// How to start one language's runtime server.
@@ -92,6 +100,7 @@ pub struct ProcessBackend {
     private_tmp: bool,
     limits: ProcessLimits,
     max_result_bytes: usize,
+    builder: Option<Arc<Builder>>,
 }
 
 impl std::fmt::Debug for ProcessBackend {
@@ -141,6 +150,15 @@ impl ProcessBackend {
             }
             launchers.insert(language, launcher);
         }
+        let rust = match (&config.rust_runtime, &config.builder) {
+            (Some(program), Some(_)) => rust_launcher(program, &config.instances_dir, others_only),
+            (None, _) => Err("no Rust runtime program configured".to_owned()),
+            (_, None) => Err("Rust functions cannot be built here".to_owned()),
+        };
+        if let Err(e) = &rust {
+            tracing::warn!(language = %Language::Rust, error = %e, "runtime unavailable");
+        }
+        launchers.insert(Language::Rust, rust);
         Ok(ProcessBackend {
             instances_dir: config.instances_dir,
             launchers,
@@ -148,6 +166,7 @@ impl ProcessBackend {
             private_tmp,
             limits: config.limits,
             max_result_bytes: config.max_result_bytes,
+            builder: config.builder,
         })
     }
 }
@@ -250,6 +269,7 @@ impl RuntimeBackend for ProcessBackend {
             initialized: false,
             terminated: false,
             uid,
+            builder: self.builder.clone(),
         };
         if let Err(e) = instance.wait_ready(started).await {
             instance.terminate().await;
@@ -258,6 +278,30 @@ impl RuntimeBackend for ProcessBackend {
         tracing::debug!(instance = %instance.id, %language, ms = started.elapsed().as_millis() as u64, "instance started");
         Ok(Box::new(instance))
     }
+}
+
+/// How to start the Rust runtime: the controller's executable with the
+/// `runtime-rust` subcommand. When the instance user could not run it where
+/// it is (e.g. under root's home), a copy next to the instance directories.
+fn rust_launcher(program: &Path, instances_dir: &Path, others_only: bool) -> Result<Launcher, String> {
+    let program = match find_program(&program.to_string_lossy(), others_only) {
+        Ok(p) => p,
+        Err(_) if others_only => {
+            let bin = instances_dir.with_file_name("bin");
+            let copy = bin.join("fnrt-runtime-rust");
+            std::fs::create_dir_all(&bin)
+                .and_then(|_| std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)))
+                .and_then(|_| std::fs::copy(program, &copy))
+                .and_then(|_| std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)))
+                .map_err(|e| format!("copying the Rust runtime to {}: {e}", copy.display()))?;
+            find_program(&copy.to_string_lossy(), others_only)?
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(Launcher {
+        program,
+        args: vec!["runtime-rust".to_owned()],
+    })
 }
 
 /// The instance directory, with `tmp/`, owned by the instance user.
@@ -292,7 +336,7 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
     };
     // SAFETY: the closure runs in the forked (single-threaded) child before
     // exec; it only makes raw system calls (unshare, mount, setres[ug]id,
-    // setgroups, setrlimit, prctl) through rustix on data prepared before the
+    // setgroups, setrlimit, prctl, signal) through rustix and libc on data prepared before the
     // fork, without allocating or taking locks, so it is async-signal-safe.
     // unshare(NEWNS) shares no file descriptors, the hazard of unshare_unsafe.
     unsafe {
@@ -317,6 +361,10 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
             rustix::process::setrlimit(Resource::Fsize, rl(limits.max_file_bytes))?;
             rustix::process::setrlimit(Resource::Data, rl(memory_bytes))?;
             rustix::process::setrlimit(Resource::Core, rl(0))?;
+            // A write past the file-size limit fails with EFBIG inside the
+            // function instead of killing the instance (an ignored signal
+            // stays ignored across exec; CPython does the same itself).
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             // Killed with the controller, even by SIGKILL. The signal is tied
             // to the spawning thread: tokio spawns from its long-lived workers.
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
@@ -377,6 +425,7 @@ pub struct ProcessInstance {
     terminated: bool,
     /// The instance's own uid, given back when the instance is gone.
     uid: Option<UidLease>,
+    builder: Option<Arc<Builder>>,
 }
 
 impl ProcessInstance {
@@ -413,7 +462,9 @@ impl ProcessInstance {
         let stderr = self.output.tail(true);
         match status {
             Ok(Ok(status)) => {
-                let oom = stderr.contains("out of memory") || stderr.contains("MemoryError");
+                let oom = stderr.contains("out of memory")
+                    || stderr.contains("MemoryError")
+                    || stderr.contains("memory allocation of");
                 let message = if oom {
                     format!(
                         "the function ran out of memory (limit {} MiB) and its instance was stopped",
@@ -467,12 +518,21 @@ impl Instance for ProcessInstance {
                 "instance memory cap differs from the function's".into(),
             ));
         }
+        // A crate runs as its built library, sent as base64.
+        let (entrypoint, code) = match (&function.files, &self.builder) {
+            (Some(_), Some(builder)) => (
+                super::artifact_name(crate::build::Target::Native),
+                base64::engine::general_purpose::STANDARD.encode(super::built_artifact(builder, function).await?),
+            ),
+            (Some(_), None) => return Err(InstanceError::Protocol("no builder for a crate".into())),
+            (None, _) => (function.manifest.entrypoint.as_str(), function.code.clone()),
+        };
         let body = json!({
             "language_title": function.language_title.as_str(),
             "version": function.version,
-            "entrypoint": function.manifest.entrypoint,
+            "entrypoint": entrypoint,
             "handler": function.manifest.handler,
-            "code": function.code,
+            "code": code,
             "env": function.manifest.env,
         });
         let (status, answer) = match self

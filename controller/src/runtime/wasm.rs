@@ -5,7 +5,14 @@
 //!
 //! - One [`wasmtime::Engine`] (pooling allocator, epoch interruption, async).
 //! - Per function version, the module is compiled once and linked once into
-//!   an `InstancePre`, cached by code hash.
+//!   an `InstancePre`, cached by code hash. Compiled code is also kept on
+//!   disk (`DATA_DIR/wasm-cache/{engine compatibility hash}/{sha256}.cwasm`),
+//!   so a restart loads instead of recompiling; a module larger than
+//!   `WASM_MAX_MODULE_BYTES` or slower to compile than
+//!   `WASM_COMPILE_BUDGET_SECS` is refused at registration.
+//! - A function is WAT text (`.wat`), a binary module as base64 (`.wasm`),
+//!   or a Rust crate (`Cargo.toml`) that [`crate::build`] compiled for
+//!   `wasm32-wasip1`.
 //! - Per execution, a fresh `Store` and instance: nothing survives between
 //!   executions or subjects. The store gets a memory cap (`memory_mb`),
 //!   stdout/stderr pipes with caps, stdin with the input, only the manifest's
@@ -15,12 +22,16 @@
 //!   as a backstop.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig};
 use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
@@ -29,7 +40,9 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 
 use super::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend};
+use crate::build::Builder;
 use crate::language::Language;
+use crate::metrics::Metrics;
 use crate::registry::FunctionVersion;
 
 /// How often the epoch advances.
@@ -46,12 +59,29 @@ struct State {
     limits: StoreLimits,
 }
 
+#[derive(Debug, Clone)]
+pub struct WasmConfig {
+    /// Largest stdout of one run.
+    pub max_output_bytes: usize,
+    /// Largest module accepted, in bytes (binary, WAT text or built).
+    pub max_module_bytes: usize,
+    /// Longest a module may take to compile at registration.
+    pub compile_budget: Duration,
+    /// `DATA_DIR/wasm-cache`.
+    pub cache_dir: PathBuf,
+}
+
 pub struct WasmBackend {
     engine: Engine,
     linker: Linker<State>,
     /// Linked modules by code hash.
     modules: Mutex<HashMap<String, InstancePre<State>>>,
-    max_output_bytes: usize,
+    config: WasmConfig,
+    /// Compiled modules of this engine's configuration.
+    cache_dir: PathBuf,
+    /// Builds `Cargo.toml` functions.
+    builder: Option<Arc<Builder>>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for WasmBackend {
@@ -62,55 +92,137 @@ impl std::fmt::Debug for WasmBackend {
 
 impl WasmBackend {
     /// Builds the engine and starts its epoch ticker.
-    pub fn new(max_output_bytes: usize) -> anyhow::Result<Arc<Self>> {
+    pub fn new(config: WasmConfig, builder: Option<Arc<Builder>>, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_core_instances(256)
             .total_memories(256)
             .total_tables(256)
             .max_memory_size(4 << 30);
-        let mut config = Config::new();
-        config
+        let mut engine_config = Config::new();
+        engine_config
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&engine_config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut State| &mut s.wasi)?;
+        // The ticker is a thread of its own, not a task: a guest that never
+        // yields holds its tokio worker, and a ticker task queued behind it
+        // on that worker would never advance the epoch that stops it.
         let ticker = engine.weak();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(TICK);
-            loop {
-                tick.tick().await;
-                match ticker.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => return,
-                }
+        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
+            while let Some(engine) = ticker.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(TICK);
             }
-        });
+        })?;
+        // Code compiled by another wasmtime version or configuration is
+        // never loaded: it lives under another directory.
+        let mut compat = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut compat);
+        let cache_dir = config.cache_dir.join(format!("{:016x}", compat.finish()));
+        std::fs::create_dir_all(&cache_dir)?;
+        std::fs::set_permissions(&config.cache_dir, std::fs::Permissions::from_mode(0o700))?;
         Ok(Arc::new(WasmBackend {
             engine,
             linker,
             modules: Mutex::new(HashMap::new()),
-            max_output_bytes,
+            config,
+            cache_dir,
+            builder,
+            metrics,
         }))
     }
 
-    /// The module bytes of a function: WAT text (`.wat`) or base64 of a
-    /// binary (`.wasm`).
-    pub fn module_bytes(entrypoint: &str, code: &str) -> Result<Vec<u8>, String> {
-        if entrypoint.ends_with(".wasm") {
+    /// The module bytes of a function: WAT text (`.wat`), base64 of a
+    /// binary (`.wasm`), or a built module as is (`function.wasm`).
+    fn module_bytes(entrypoint: &str, code: &[u8]) -> Result<Vec<u8>, String> {
+        if entrypoint == super::artifact_name(crate::build::Target::Wasm) {
+            Ok(code.to_vec())
+        } else if entrypoint.ends_with(".wasm") {
             base64::engine::general_purpose::STANDARD
-                .decode(code.trim())
+                .decode(code.trim_ascii())
                 .map_err(|e| format!("a .wasm entrypoint's code must be base64: {e}"))
         } else {
-            Ok(code.as_bytes().to_vec())
+            Ok(code.to_vec())
         }
     }
 
-    /// Compiles a function's module (refused at registration when it does not).
-    pub fn compile(&self, entrypoint: &str, code: &str) -> Result<Module, String> {
-        let bytes = Self::module_bytes(entrypoint, code)?;
-        Module::new(&self.engine, bytes).map_err(|e| format!("the module does not compile: {e:#}"))
+    /// The compiled module for these bytes: from the disk cache, or compiled
+    /// and then cached.
+    fn module(&self, bytes: &[u8]) -> Result<Module, String> {
+        if bytes.len() > self.config.max_module_bytes {
+            return Err(format!(
+                "the module is {} bytes, more than the limit of {} bytes",
+                bytes.len(),
+                self.config.max_module_bytes
+            ));
+        }
+        let path = self
+            .cache_dir
+            .join(format!("{}.cwasm", hex::encode(Sha256::digest(bytes))));
+        if path.is_file() {
+            match deserialize(&self.engine, &path) {
+                Ok(module) => {
+                    self.metrics.record_wasm_module(true);
+                    return Ok(module);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "dropping an unreadable compiled module");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let module = Module::new(&self.engine, bytes).map_err(|e| format!("the module does not compile: {e:#}"))?;
+        self.metrics.record_wasm_module(false);
+        if let Err(e) = module.serialize().and_then(|compiled| {
+            let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
+            std::fs::write(&tmp, compiled)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(())
+        }) {
+            tracing::warn!(error = %e, "could not keep the compiled module on disk");
+        }
+        Ok(module)
     }
+
+    /// Compiles and links a function's module (refused at registration when
+    /// it does not), within the compile budget.
+    fn check(self: &Arc<Self>, entrypoint: &str, code: &[u8]) -> Result<(), String> {
+        let bytes = Self::module_bytes(entrypoint, code)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let this = self.clone();
+        // A thread of its own so the budget can be enforced: compilation
+        // cannot be interrupted, but the registration need not wait for it.
+        std::thread::spawn(move || {
+            let linked = this
+                .module(&bytes)
+                .and_then(|m| this.linker.instantiate_pre(&m).map_err(link_error));
+            let _ = tx.send(linked.map(drop));
+        });
+        match rx.recv_timeout(self.config.compile_budget) {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "the module did not compile within {} s",
+                self.config.compile_budget.as_secs()
+            )),
+        }
+    }
+}
+
+fn link_error(e: wasmtime::Error) -> String {
+    format!("the module cannot be linked (a WASI preview 1 command module is expected): {e:#}")
+}
+
+/// Loads compiled code this controller wrote.
+#[allow(unsafe_code)]
+fn deserialize(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
+    // SAFETY: wasmtime trusts serialized code; this file was written by
+    // `Module::serialize` of an engine with the same compatibility hash (the
+    // directory's name), into the data dir that only the controller's user
+    // can write (0700), and is replaced atomically. wasmtime still checks
+    // the header and version before using it.
+    unsafe { Module::deserialize_file(engine, path) }
 }
 
 #[async_trait]
@@ -123,12 +235,8 @@ impl RuntimeBackend for Arc<WasmBackend> {
         vec![Language::Wasm]
     }
 
-    fn check_code(&self, _language: Language, entrypoint: &str, code: &str) -> Result<(), String> {
-        let module = self.compile(entrypoint, code)?;
-        self.linker
-            .instantiate_pre(&module)
-            .map(|_| ())
-            .map_err(|e| format!("the module cannot be linked (WASI preview 1 only): {e:#}"))
+    fn check_code(&self, _language: Language, entrypoint: &str, code: &[u8]) -> Result<(), String> {
+        self.check(entrypoint, code)
     }
 
     async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
@@ -181,12 +289,20 @@ impl Instance for WasmInstance {
         let pre = match cached {
             Some(pre) => pre,
             None => {
+                let (entrypoint, code) = match (&function.files, &self.backend.builder) {
+                    (Some(_), Some(builder)) => (
+                        super::artifact_name(crate::build::Target::Wasm).to_owned(),
+                        super::built_artifact(builder, function).await?,
+                    ),
+                    (Some(_), None) => return Err(InstanceError::Protocol("no builder for a crate".into())),
+                    (None, _) => (function.manifest.entrypoint.clone(), function.code.clone().into_bytes()),
+                };
                 // Compiling is CPU work: off the async workers.
                 let backend = self.backend.clone();
                 let f = FunctionRef {
                     code_hash: function.code_hash.clone(),
-                    entrypoint: function.manifest.entrypoint.clone(),
-                    code: function.code.clone(),
+                    entrypoint,
+                    code,
                 };
                 tokio::task::spawn_blocking(move || backend.linked(&f))
                     .await
@@ -209,7 +325,7 @@ impl Instance for WasmInstance {
         };
         let input = serde_json::to_vec(&json!({ "params": request.params, "context": request.context }))
             .map_err(|e| InstanceError::Protocol(e.to_string()))?;
-        let stdout = CappedOutput::new(self.backend.max_output_bytes);
+        let stdout = CappedOutput::new(self.backend.config.max_output_bytes);
         let stderr = CappedOutput::new(STDERR_CAP);
         let wasi = WasiCtxBuilder::new()
             .stdin(MemoryInputPipe::new(input))
@@ -255,7 +371,7 @@ impl Instance for WasmInstance {
                     let message = if stdout.overflowed() {
                         format!(
                             "the module wrote more than {} bytes to stdout",
-                            self.backend.max_output_bytes
+                            self.backend.config.max_output_bytes
                         )
                     } else {
                         message
@@ -268,6 +384,10 @@ impl Instance for WasmInstance {
             },
         };
         if exit != 0 {
+            // A module built with fnrt-sdk reports its error on stdout.
+            if let Some(outcome) = reported_error(&stdout.contents(), &stderr_tail) {
+                return Ok(outcome);
+            }
             return Ok(RunOutcome::Failed {
                 message: format!("the module exited with status {exit}"),
                 details: json!({ "exit_code": exit, "stderr_tail": stderr_tail }),
@@ -295,7 +415,7 @@ impl Instance for WasmInstance {
 struct FunctionRef {
     code_hash: String,
     entrypoint: String,
-    code: String,
+    code: Vec<u8>,
 }
 
 impl WasmBackend {
@@ -305,11 +425,12 @@ impl WasmBackend {
             message,
             details: json!({}),
         };
-        let module = self.compile(&f.entrypoint, &f.code).map_err(init_error)?;
+        let bytes = Self::module_bytes(&f.entrypoint, &f.code).map_err(init_error)?;
+        let module = self.module(&bytes).map_err(init_error)?;
         let pre = self
             .linker
             .instantiate_pre(&module)
-            .map_err(|e| init_error(format!("the module cannot be linked (WASI preview 1 only): {e:#}")))?;
+            .map_err(|e| init_error(link_error(e)))?;
         self.modules.lock().unwrap().insert(f.code_hash.clone(), pre.clone());
         Ok(pre)
     }
@@ -384,6 +505,25 @@ impl StdoutStream for CappedOutput {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
         Box::new(self.clone())
     }
+}
+
+/// `{"error": {"code", "message", "details"}}` on stdout, as fnrt-sdk's
+/// `export!` writes it before exiting with status 1.
+fn reported_error(stdout: &[u8], stderr_tail: &str) -> Option<RunOutcome> {
+    let body: Value = serde_json::from_slice(stdout).ok()?;
+    let error = body.get("error")?;
+    let message = error.get("message")?.as_str()?.to_owned();
+    let mut details = match error.get("details") {
+        Some(Value::Object(d)) => Value::Object(d.clone()),
+        _ => json!({}),
+    };
+    if !stderr_tail.is_empty() {
+        details["stderr_tail"] = json!(stderr_tail);
+    }
+    Some(match error.get("code").and_then(Value::as_str) {
+        Some("INVALID_PARAMS") => RunOutcome::InvalidParams { message, details },
+        _ => RunOutcome::Failed { message, details },
+    })
 }
 
 fn tail(bytes: &[u8]) -> String {

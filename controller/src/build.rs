@@ -1,0 +1,491 @@
+//! Builds Rust functions: a crate (a `Cargo.toml` and `src/`) written against
+//! the `fnrt-sdk` crate becomes a native library (`rust-*` functions, loaded
+//! by the Rust runtime) or a WASI command module (`wasm-*` functions whose
+//! entrypoint is `Cargo.toml`).
+//!
+//! - A build is keyed by what it is made of (target + the crate's files), so
+//!   the same source is built once however many versions or functions share
+//!   it; the artifact lands in `DATA_DIR/builds/{key}/` and survives restarts.
+//!   The crate's files go to `{target dir}/crates/{key}/`, a path that
+//!   depends on the files only, so cargo finds its earlier work there.
+//! - Builds run one at a time (cargo locks its target directory anyway) in a
+//!   target directory shared by every function, so the dependencies of the
+//!   second build of anything are already compiled.
+//! - `fnrt-sdk = "0.1"` in a function's `Cargo.toml` is patched to this
+//!   repository's `runtimes/rust/sdk`.
+//! - cargo runs with a scrubbed environment: a build script never sees the
+//!   controller's secrets or database URL.
+//!
+//! Registration waits for the build ([`Builder::build`]); functions found
+//! another way (bundled, or registered by another replica) are built in the
+//! background ([`Builder::ensure`]) and initialize answers "not ready" until
+//! the artifact exists.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::sync::{Semaphore, watch};
+
+/// What a crate is built into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// A native shared library for the Rust runtime.
+    Native,
+    /// A `wasm32-wasip1` command module for the wasm backend.
+    Wasm,
+}
+
+impl Target {
+    fn artifact_name(self) -> &'static str {
+        match self {
+            Target::Native => "function.so",
+            Target::Wasm => "function.wasm",
+        }
+    }
+}
+
+/// Why a build failed: a one-line summary and the compiler's messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildFailure {
+    pub message: String,
+    /// Rendered compiler diagnostics (errors first), or cargo's own output
+    /// when it failed before compiling.
+    pub messages: Vec<String>,
+}
+
+/// Where a function's build stands on this controller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuildState {
+    Building,
+    Ready(PathBuf),
+    Failed(BuildFailure),
+}
+
+impl BuildState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BuildState::Building => "building",
+            BuildState::Ready(_) => "ready",
+            BuildState::Failed(_) => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BuilderConfig {
+    pub cargo: String,
+    /// `runtimes/rust/sdk`.
+    pub sdk_dir: PathBuf,
+    /// Shared cargo target directory.
+    pub target_dir: PathBuf,
+    /// `DATA_DIR/builds`.
+    pub builds_dir: PathBuf,
+    /// Longest a build may take.
+    pub timeout: Duration,
+}
+
+pub struct Builder {
+    config: BuilderConfig,
+    /// One build at a time.
+    queue: Semaphore,
+    /// Builds this process started or finished, by key; a receiver sees the
+    /// state change when the build ends.
+    states: Mutex<HashMap<String, watch::Receiver<BuildState>>>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most compiler messages kept from a failed build.
+const MAX_MESSAGES: usize = 20;
+/// Most bytes of one message kept.
+const MAX_MESSAGE_BYTES: usize = 8 * 1024;
+
+impl Builder {
+    pub fn new(config: BuilderConfig) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(&config.builds_dir)?;
+        std::fs::create_dir_all(&config.target_dir)?;
+        let mut config = config;
+        config.sdk_dir = config
+            .sdk_dir
+            .canonicalize()
+            .map_err(|e| anyhow::anyhow!("the Rust SDK {} is missing: {e}", config.sdk_dir.display()))?;
+        Ok(Arc::new(Builder {
+            config,
+            queue: Semaphore::new(1),
+            states: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The build key of a crate: its target and every file.
+    pub fn key(target: Target, files: &BTreeMap<String, String>) -> String {
+        let mut h = Sha256::new();
+        h.update(format!("{target:?}\0").as_bytes());
+        for (path, text) in files {
+            h.update(path.as_bytes());
+            h.update([0]);
+            h.update(text.len().to_le_bytes());
+            h.update(text.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
+    fn artifact_path(&self, key: &str, target: Target) -> PathBuf {
+        self.config.builds_dir.join(key).join(target.artifact_name())
+    }
+
+    /// The build's state here, without starting anything: a finished
+    /// artifact on disk counts as ready even after a restart.
+    pub fn state(&self, target: Target, files: &BTreeMap<String, String>) -> Option<BuildState> {
+        let key = Self::key(target, files);
+        if let Some(rx) = self.states.lock().unwrap().get(&key) {
+            return Some(rx.borrow().clone());
+        }
+        let artifact = self.artifact_path(&key, target);
+        artifact.is_file().then_some(BuildState::Ready(artifact))
+    }
+
+    /// Starts a background build unless one exists; returns the state.
+    pub fn ensure(self: &Arc<Self>, target: Target, files: &BTreeMap<String, String>) -> BuildState {
+        if let Some(state) = self.state(target, files) {
+            return state;
+        }
+        let this = self.clone();
+        let files = files.clone();
+        tokio::spawn(async move {
+            let _ = this.build(target, &files).await;
+        });
+        BuildState::Building
+    }
+
+    /// Builds the crate (or waits for the build already under way) and
+    /// returns the artifact.
+    pub async fn build(&self, target: Target, files: &BTreeMap<String, String>) -> Result<PathBuf, BuildFailure> {
+        let key = Self::key(target, files);
+        let artifact = self.artifact_path(&key, target);
+        let (mut rx, tx) = {
+            let mut states = self.states.lock().unwrap();
+            match states.get(&key) {
+                // A failed build is tried again: the failure may have been
+                // the network or the disk, and a registration asks anew.
+                Some(rx) if !matches!(*rx.borrow(), BuildState::Failed(_)) => (rx.clone(), None),
+                _ => {
+                    let (tx, rx) = watch::channel(BuildState::Building);
+                    states.insert(key.clone(), rx.clone());
+                    (rx, Some(tx))
+                }
+            }
+        };
+        if let Some(tx) = tx {
+            let state = if artifact.is_file() {
+                BuildState::Ready(artifact.clone())
+            } else {
+                let _turn = self.queue.acquire().await;
+                match self.run_cargo(&key, target, files, &artifact).await {
+                    Ok(()) => BuildState::Ready(artifact.clone()),
+                    Err(failure) => BuildState::Failed(failure),
+                }
+            };
+            let _ = tx.send(state);
+        }
+        loop {
+            match &*rx.borrow_and_update() {
+                BuildState::Ready(path) => return Ok(path.clone()),
+                BuildState::Failed(failure) => return Err(failure.clone()),
+                BuildState::Building => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(BuildFailure {
+                    message: "the build was abandoned".into(),
+                    messages: vec![],
+                });
+            }
+        }
+    }
+
+    async fn run_cargo(
+        &self,
+        key: &str,
+        target: Target,
+        files: &BTreeMap<String, String>,
+        artifact: &Path,
+    ) -> Result<(), BuildFailure> {
+        let failure = |message: String| BuildFailure {
+            message,
+            messages: vec![],
+        };
+        let dir = self.config.builds_dir.join(key);
+        let src = self.config.target_dir.join("crates").join(key);
+        let package = std::fs::create_dir_all(&dir)
+            .and_then(|_| write_crate(&src, key, files))
+            .map_err(|e| failure(format!("writing the crate: {e}")))?;
+
+        let started = std::time::Instant::now();
+        let mut cmd = tokio::process::Command::new(&self.config.cargo);
+        cmd.arg("rustc")
+            .arg("--lib")
+            .arg("--release")
+            .arg("--message-format=json")
+            .arg("--target-dir")
+            .arg(&self.config.target_dir)
+            .arg("--config")
+            .arg(format!(
+                "patch.crates-io.fnrt-sdk.path={}",
+                toml_string(&self.config.sdk_dir.to_string_lossy())
+            ));
+        match target {
+            // Panics must unwind so the SDK can catch them and report where.
+            Target::Native => cmd
+                .args(["--crate-type", "cdylib", "--config", "profile.release.panic=\"unwind\""])
+                .args(["--config", "profile.release.strip=\"debuginfo\""]),
+            // The SDK's export! expands to `main` on wasm: a WASI command.
+            Target::Wasm => cmd.args(["--crate-type", "bin", "--target", "wasm32-wasip1"]),
+        };
+        cmd.current_dir(&src)
+            .env_clear()
+            .envs(build_env())
+            .env("CARGO_TERM_COLOR", "never")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| failure(format!("starting {}: {e}", self.config.cargo)))?;
+        let pid = child.id();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let reading = async {
+            let (diagnostics, built) = read_messages(stdout, &src.join("Cargo.toml")).await;
+            let mut cargo_output = String::new();
+            if let Some(mut err) = stderr {
+                let _ = err.read_to_string(&mut cargo_output).await;
+            }
+            let status = child.wait().await;
+            (diagnostics, built, cargo_output, status)
+        };
+        let (diagnostics, built, cargo_output, status) = match tokio::time::timeout(self.config.timeout, reading).await
+        {
+            Ok(done) => done,
+            Err(_) => {
+                if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                }
+                return Err(failure(format!(
+                    "the build took longer than {} s",
+                    self.config.timeout.as_secs()
+                )));
+            }
+        };
+        let succeeded = matches!(status, Ok(s) if s.success());
+        let built = built.into_iter().find(|p| {
+            let ext = p.extension().and_then(|e| e.to_str());
+            matches!(
+                (target, ext),
+                (Target::Native, Some("so")) | (Target::Wasm, Some("wasm"))
+            )
+        });
+        match (succeeded, built) {
+            (true, Some(built)) => {
+                let tmp = dir.join(format!("{}.tmp", target.artifact_name()));
+                std::fs::copy(&built, &tmp)
+                    .and_then(|_| std::fs::rename(&tmp, artifact))
+                    .map_err(|e| failure(format!("keeping the artifact: {e}")))?;
+                tracing::info!(key, ?target, secs = started.elapsed().as_secs_f32(), "function built");
+                Ok(())
+            }
+            (true, None) => Err(failure(
+                "cargo built no library: is the crate a library (src/lib.rs) with fnrt_sdk::export!?".into(),
+            )),
+            (false, _) => {
+                let mut messages = diagnostics;
+                if messages.is_empty() {
+                    // cargo failed before compiling (manifest, resolution):
+                    // its own output says why.
+                    messages = vec![strip_paths(&cargo_output, &src, &self.config)];
+                }
+                for m in &mut messages {
+                    *m = m.replace(&unique_name(key), &package);
+                }
+                messages.truncate(MAX_MESSAGES);
+                let errors = messages.iter().filter(|m| m.starts_with("error")).count();
+                Err(BuildFailure {
+                    message: format!("the build failed with {} error(s)", errors.max(1)),
+                    messages,
+                })
+            }
+        }
+    }
+}
+
+/// Reads cargo's JSON messages: the rendered errors (then warnings) and the
+/// files built for the crate itself (`manifest`; not its dependencies, some
+/// of which are shared libraries too: proc macros).
+async fn read_messages(stdout: Option<tokio::process::ChildStdout>, manifest: &Path) -> (Vec<String>, Vec<PathBuf>) {
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let mut built = Vec::new();
+    let Some(stdout) = stdout else {
+        return (errors, built);
+    };
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        match msg["reason"].as_str() {
+            Some("compiler-message") => {
+                let level = msg["message"]["level"].as_str().unwrap_or_default();
+                let Some(rendered) = msg["message"]["rendered"].as_str() else {
+                    continue;
+                };
+                let mut rendered = rendered.trim_end().to_owned();
+                if rendered.len() > MAX_MESSAGE_BYTES {
+                    let mut cut = MAX_MESSAGE_BYTES;
+                    while !rendered.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    rendered.truncate(cut);
+                }
+                match level {
+                    "error" | "error: internal compiler error" => errors.push(rendered),
+                    "warning" if warnings.len() < MAX_MESSAGES => warnings.push(rendered),
+                    _ => {}
+                }
+            }
+            Some("compiler-artifact") if msg["manifest_path"].as_str().map(Path::new) == Some(manifest) => {
+                if let Some(files) = msg["filenames"].as_array() {
+                    built.extend(files.iter().filter_map(|f| f.as_str()).map(PathBuf::from));
+                }
+            }
+            _ => {}
+        }
+    }
+    errors.extend(warnings);
+    (errors, built)
+}
+
+/// Writes the crate's files to `dir` unless they are there: the directory
+/// is named by the build key, so an existing one holds the same files, and
+/// the same path lets cargo reuse an earlier build of it (another data dir
+/// sharing the target directory, or a controller restarted without its
+/// artifacts). Returns the crate's own package name.
+fn write_crate(dir: &Path, key: &str, files: &BTreeMap<String, String>) -> std::io::Result<String> {
+    let mut package = String::new();
+    let mut manifest = files.get("Cargo.toml").cloned().unwrap_or_default();
+    if let Ok(mut table) = manifest.parse::<toml::Table>() {
+        // Crates share the target directory, where cargo tells packages
+        // apart by name and version, not by path: two functions' crates both
+        // called "hello" would pass for one another. Each build gets a name
+        // of its own.
+        let name = table
+            .get("package")
+            .and_then(|p| p.get("name"))
+            .and_then(toml::Value::as_str)
+            .map(str::to_owned);
+        let lib_named = matches!(table.get("lib"), Some(toml::Value::Table(l)) if l.contains_key("name"));
+        if let Some(name) = name {
+            // The library keeps its name, so the function's code is unchanged.
+            if !lib_named
+                && let toml::Value::Table(lib) = table.entry("lib").or_insert(toml::Value::Table(Default::default()))
+            {
+                lib.insert("name".into(), toml::Value::String(name.replace('-', "_")));
+            }
+            package = name;
+        }
+        if let Some(toml::Value::Table(p)) = table.get_mut("package") {
+            p.insert("name".into(), toml::Value::String(unique_name(key)));
+        }
+        // A workspace of its own, so a data dir inside another workspace
+        // does not confuse cargo.
+        table
+            .entry("workspace")
+            .or_insert(toml::Value::Table(Default::default()));
+        manifest = table.to_string();
+    }
+    if dir.join("Cargo.toml").is_file() {
+        return Ok(package);
+    }
+    let tmp = dir.with_extension(format!("tmp{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&tmp)?;
+    for (path, text) in files {
+        // Paths were checked at registration: relative, plain components.
+        let file = tmp.join(path);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(file, if path == "Cargo.toml" { &manifest } else { text })?;
+    }
+    if std::fs::rename(&tmp, dir).is_err() {
+        // Another controller wrote the same crate first.
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    Ok(package)
+}
+
+/// The package name a build uses.
+fn unique_name(key: &str) -> String {
+    format!("fnrt-build-{}", &key[..16])
+}
+
+/// The environment cargo gets: what it needs to find the toolchain and its
+/// registry cache, nothing of the controller's configuration.
+fn build_env() -> Vec<(String, String)> {
+    const KEEP: [&str; 8] = [
+        "PATH",
+        "HOME",
+        "CARGO_HOME",
+        "RUSTUP_HOME",
+        "RUSTUP_TOOLCHAIN",
+        "TMPDIR",
+        "LANG",
+        "CARGO_NET_OFFLINE",
+    ];
+    KEEP.iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect()
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+/// cargo's own output without the host paths it names.
+fn strip_paths(output: &str, src: &Path, config: &BuilderConfig) -> String {
+    let mut out = output.replace(&*src.to_string_lossy(), ".");
+    out = out.replace(&*config.sdk_dir.to_string_lossy(), "fnrt-sdk");
+    out = out.replace(&*config.target_dir.to_string_lossy(), "target");
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("Updating") && !l.trim_start().starts_with("Locking"))
+        .collect();
+    let joined = lines.join("\n");
+    joined.chars().take(MAX_MESSAGE_BYTES).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_changes_with_any_file_and_the_target() {
+        let mut files = BTreeMap::from([("Cargo.toml".to_owned(), "a".to_owned())]);
+        let a = Builder::key(Target::Native, &files);
+        assert_ne!(a, Builder::key(Target::Wasm, &files));
+        files.insert("src/lib.rs".into(), String::new());
+        assert_ne!(a, Builder::key(Target::Native, &files));
+    }
+}

@@ -1,0 +1,504 @@
+//! Functions written in Rust against `fnrt-sdk`: built by the controller at
+//! registration, then run natively by the Rust runtime (`rust-*`, process
+//! backend) or as a WASI module in wasmtime (`wasm-*` with a `Cargo.toml`).
+//!
+//! One probe crate, built for both targets, does what the sandbox cases need
+//! (reliability.md 10-17, 19, 20) by `mode`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Reply, TestApp, spawn_app};
+
+const PROBE_TOML: &str = r#"[package]
+name = "probe"
+version = "0.1.0"
+edition = "2024"
+
+[dependencies]
+fnrt-sdk = "0.1"
+serde_json = "1"
+"#;
+
+const PROBE_LIB: &str = r#"
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use fnrt_sdk::{Context, Error, export};
+use serde_json::{Value, json};
+
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// TMPDIR (std::env::temp_dir panics on wasm).
+fn tmp() -> std::path::PathBuf {
+    std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into()).into()
+}
+
+fn probe(params: Value, _context: Context) -> Result<Value, Error> {
+    let runs = RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+    match params["mode"].as_str().unwrap_or("ok") {
+        "ok" => Ok(json!({ "echo": params, "runs": runs })),
+        "invalid" => Err(Error::invalid_params("the probe refuses these params")),
+        "fail" => Err(Error::runtime("the probe failed on purpose")),
+        "panic" => {
+            let empty: Vec<u64> = Vec::new();
+            let i = params["index"].as_u64().unwrap_or(3) as usize;
+            Ok(json!(empty[i]))
+        }
+        "loop" => loop {
+            std::hint::black_box(runs);
+        },
+        "bomb" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 8 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "flood" => {
+            use std::io::Write;
+            let line = "x".repeat(1 << 20);
+            let mut out = std::io::stdout();
+            let mut written = 0;
+            for _ in 0..params["mb"].as_u64().unwrap_or(20) {
+                if out.write_all(line.as_bytes()).is_err() {
+                    break;
+                }
+                written += 1;
+            }
+            Ok(json!({ "written_mb": written }))
+        }
+        "big" => Ok(json!("y".repeat(params["bytes"].as_u64().unwrap_or(0) as usize))),
+        "env" => Ok(json!(std::env::vars().collect::<BTreeMap<String, String>>())),
+        "read" => {
+            let mut seen = BTreeMap::new();
+            for path in params["paths"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                let what = match std::fs::read(path) {
+                    Ok(bytes) => format!("read {} bytes", bytes.len()),
+                    Err(e) => format!("error: {e}"),
+                };
+                seen.insert(path.to_owned(), what);
+            }
+            Ok(json!(seen))
+        }
+        "files" => {
+            let mut open = Vec::new();
+            let error = loop {
+                match std::fs::File::open("/dev/null") {
+                    Ok(f) if open.len() < 100_000 => open.push(f),
+                    Ok(_) => break None,
+                    Err(e) => break Some(e.raw_os_error()),
+                }
+            };
+            Ok(json!({ "opened": open.len(), "errno": error }))
+        }
+        "fork" => {
+            let mut children = Vec::new();
+            let error = loop {
+                match std::process::Command::new("sleep").arg("30").spawn() {
+                    Ok(c) if children.len() < 5_000 => children.push(c),
+                    Ok(_) => break None,
+                    Err(e) => break Some(e.to_string()),
+                }
+            };
+            let spawned = children.len();
+            for mut c in children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Ok(json!({ "spawned": spawned, "error": error }))
+        }
+        "write_tmp" => {
+            let path = tmp().join("probe-marker");
+            let written = std::fs::write(&path, params["text"].as_str().unwrap_or("marker")).is_ok();
+            // One file past the file-size limit fails inside the function only.
+            let big = std::fs::write(tmp().join("probe-big"), vec![0u8; 80 << 20]).map_err(|e| e.to_string());
+            let _ = std::fs::remove_file(tmp().join("probe-big"));
+            Ok(json!({ "written": written, "big": big.err() }))
+        }
+        "read_tmp" => Ok(json!(std::fs::read_to_string(tmp().join("probe-marker")).ok())),
+        other => Err(Error::invalid_params(format!("unknown mode {other}"))),
+    }
+}
+
+export!(probe);
+"#;
+
+/// The probe crate's files, with `extra` appended to its lib.rs (to make a
+/// different version).
+fn probe_files(extra: &str) -> Value {
+    json!({ "Cargo.toml": PROBE_TOML, "src/lib.rs": format!("{PROBE_LIB}{extra}") })
+}
+
+/// Registers a crate as `language_title`; returns the reply (not asserted).
+async fn register_crate(app: &TestApp, language_title: &str, files: Value, extra: Value) -> Reply {
+    let mut body = json!({
+        "language_title": language_title,
+        "description": format!("test crate {language_title}"),
+        "files": files,
+    });
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let r = app
+        .client
+        .post(app.url("/api/v1/functions"))
+        .bearer_auth(app.admin())
+        .json(&body)
+        .timeout(Duration::from_secs(900))
+        .send()
+        .await
+        .unwrap();
+    crate::helpers::read(r).await
+}
+
+async fn register_probe(app: &TestApp, language_title: &str, extra: Value) {
+    let r = register_crate(app, language_title, probe_files(""), extra).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["build"]["state"], "ready", "{:?}", r.body);
+}
+
+/// Executes without the cache.
+async fn run(app: &TestApp, token: &str, id: &str, params: Value) -> Reply {
+    app.execute_with(token, id, json!({ "params": params }), Some("no-cache"))
+        .await
+}
+
+/// A session on `lt`, waiting while the function is still being built
+/// (bundled crates build in the background at start-up).
+async fn session_when_built(app: &TestApp, token: &str, lt: &str, context: Value) -> String {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let r = app.initialize(token, lt, json!({ "context": context })).await;
+        if r.status == 200 {
+            return r.body["request_id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(r.status, 503, "{:?}", r.body);
+        assert_eq!(r.code(), "FUNCTION_NOT_READY", "{:?}", r.body);
+        assert!(Instant::now() < deadline, "{lt} was not built in time");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_bundled_rust_fibonacci_is_built_at_start_up_and_answers() {
+    let app = spawn_app();
+    let token = app.token("rustacean", &["execute:rust", "read:functions"]);
+    let id = session_when_built(&app, &token, "rust-fibonacci", json!({"retain_session": true})).await;
+
+    let r = app.execute(&token, &id, json!({"n": 10})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"], json!({"n": 10, "value": 55}));
+    let r = app.execute(&token, &id, json!({"n": 93, "sequence": true})).await;
+    assert_eq!(r.body["result"]["value"], 12200160415121876738u64);
+    assert_eq!(r.body["result"]["sequence"].as_array().unwrap().len(), 94);
+    // Schema-invalid params never reach the function.
+    for bad in [json!({"n": -1}), json!({"n": 94}), json!({"m": 1}), json!({"n": "ten"})] {
+        let r = app.execute(&token, &id, bad.clone()).await;
+        assert_eq!(r.status, 400, "{bad}: {:?}", r.body);
+        assert_eq!(r.code(), "INVALID_PARAMS");
+    }
+    let detail = app.get(Some(&token), "/api/v1/functions/rust-fibonacci").await;
+    assert_eq!(detail.body["language"], "rust");
+    assert_eq!(detail.body["build"]["state"], "ready", "{:?}", detail.body);
+    // execute:rust grants Rust functions only.
+    assert_eq!(app.initialize(&token, "nodejs-calculator", json!({})).await.status, 403);
+    assert_eq!(app.initialize(&token, "wasm-hello", json!({})).await.status, 403);
+    let health = app.get(None, "/health").await;
+    assert_eq!(health.body["components"]["runtimes"]["rust"], "ok", "{:?}", health.body);
+    assert_eq!(health.body["components"]["runtimes"]["wasm"], "ok", "{:?}", health.body);
+}
+
+#[tokio::test]
+async fn the_bundled_wasm_sha256_is_rust_compiled_to_wasm() {
+    let app = spawn_app();
+    let token = app.token("hasher", &["execute:wasm"]);
+    let id = session_when_built(&app, &token, "wasm-sha256", json!({"retain_session": true})).await;
+    let r = app.execute(&token, &id, json!({"data": "aGVsbG8="})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["result"],
+        json!({"sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824", "bytes": 5})
+    );
+    let r = app.execute(&token, &id, json!({"data": "not base64!"})).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.code(), "INVALID_PARAMS");
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("base64"),
+        "{:?}",
+        r.body
+    );
+}
+
+#[tokio::test]
+async fn a_crate_that_does_not_compile_is_refused_with_the_compilers_messages() {
+    let app = spawn_app();
+    for lt in ["rust-broken", "wasm-broken"] {
+        let files = json!({
+            "Cargo.toml": PROBE_TOML.replace("\"probe\"", "\"broken\""),
+            "src/lib.rs": "use fnrt_sdk::{Context, Error, export};\nfn h(p: serde_json::Value, _c: Context) -> Result<serde_json::Value, Error> {\n    Ok(undefined_name)\n}\nexport!(h);\n",
+        });
+        let r = register_crate(&app, lt, files, json!({})).await;
+        assert_eq!(r.status, 422, "{lt}: {:?}", r.body);
+        assert_eq!(r.code(), "BUILD_FAILED");
+        let messages = r.body["error"]["details"]["messages"].as_array().unwrap();
+        let text: Vec<&str> = messages.iter().filter_map(Value::as_str).collect();
+        let text = text.join("\n");
+        assert!(
+            text.contains("undefined_name") && text.contains("src/lib.rs:3"),
+            "{text}"
+        );
+        assert!(!text.contains("/var/tmp"), "no host paths: {text}");
+        // Nothing was registered.
+        assert_eq!(
+            app.get(Some(&app.admin()), &format!("/api/v1/functions/{lt}"))
+                .await
+                .status,
+            404
+        );
+    }
+    // A crate without its library is refused before any build.
+    let r = register_crate(&app, "rust-empty", json!({"Cargo.toml": PROBE_TOML}), json!({})).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("src/lib.rs"),
+        "{:?}",
+        r.body
+    );
+    let r = register_crate(
+        &app,
+        "rust-escape",
+        json!({"Cargo.toml": PROBE_TOML, "src/lib.rs": "", "../x.rs": ""}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+}
+
+/// Success, the function's own errors, a panic (20), and the instance going
+/// on afterwards, for one language.
+async fn answers_errors_and_panics(language: &str) {
+    let app = spawn_app();
+    let lt = format!("{language}-probe");
+    register_probe(&app, &lt, json!({})).await;
+    let token = app.token("prober", &[&format!("execute:{language}")]);
+    let id = app
+        .session(&token, &lt, json!({"retain_session": true, "tenant": "t1"}))
+        .await;
+
+    let r = run(&app, &token, &id, json!({"mode": "ok", "x": [1, 2]})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"]["echo"], json!({"mode": "ok", "x": [1, 2]}));
+
+    let r = run(&app, &token, &id, json!({"mode": "invalid"})).await;
+    assert_eq!((r.status, r.code()), (400, "INVALID_PARAMS"), "{:?}", r.body);
+    assert_eq!(r.body["error"]["message"], "the probe refuses these params");
+
+    let r = run(&app, &token, &id, json!({"mode": "fail"})).await;
+    assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{:?}", r.body);
+    assert_eq!(r.body["error"]["message"], "the probe failed on purpose");
+
+    let r = run(&app, &token, &id, json!({"mode": "panic"})).await;
+    assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{:?}", r.body);
+    let error = r.body["error"].to_string();
+    assert!(error.contains("index out of bounds"), "{error}");
+    assert!(error.contains("src/lib.rs:"), "the panic's location: {error}");
+    if language == "rust" {
+        assert_eq!(r.body["error"]["details"]["file"], "src/lib.rs", "{error}");
+        assert!(r.body["error"]["details"]["line"].as_u64().unwrap() > 0, "{error}");
+    }
+
+    // The session goes on after every kind of error.
+    let r = run(&app, &token, &id, json!({"mode": "ok"})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn rust_answers_its_own_errors_and_a_panic_with_its_location() {
+    answers_errors_and_panics("rust").await;
+}
+
+#[tokio::test]
+async fn wasm_from_rust_answers_its_own_errors_and_a_panic_with_its_location() {
+    answers_errors_and_panics("wasm").await;
+}
+
+/// Infinite loop (10, 11), memory bomb (13), stdout flood and oversized
+/// result (15).
+async fn survives_loops_bombs_and_floods(language: &str) {
+    let app = spawn_app();
+    let lt = format!("{language}-probe");
+    register_probe(&app, &lt, json!({"limits": {"memory_mb": 64}})).await;
+    let token = app.admin();
+
+    let id = app.session(&token, &lt, json!({"timeout_ms": 500})).await;
+    let started = Instant::now();
+    let r = run(&app, &token, &id, json!({"mode": "loop"})).await;
+    let took = started.elapsed();
+    assert_eq!((r.status, r.code()), (504, "TIMEOUT"), "{:?}", r.body);
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    let id = app.session(&token, &lt, json!({})).await;
+    assert_eq!(run(&app, &token, &id, json!({"mode": "ok"})).await.status, 200);
+
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let id = app.session(&token, &lt, json!({})).await;
+        let r = run(&app, &token, &id, json!({"mode": "bomb"})).await;
+        assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{:?}", r.body);
+        answers.push(r.body["error"]["message"].clone());
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    let id = app.session(&token, &lt, json!({})).await;
+    assert_eq!(run(&app, &token, &id, json!({"mode": "ok"})).await.status, 200);
+
+    // A flood of stdout: the process backend keeps a tail, the wasm backend
+    // stops the module at the output cap. Either way the answer is clean.
+    let id = app.session(&token, &lt, json!({})).await;
+    let r = run(&app, &token, &id, json!({"mode": "flood", "mb": 30})).await;
+    match language {
+        "rust" => assert_eq!(r.body["result"]["written_mb"], 30, "{:?}", r.body),
+        _ => assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{:?}", r.body),
+    }
+    let id = app.session(&token, &lt, json!({})).await;
+    let r = run(&app, &token, &id, json!({"mode": "big", "bytes": 2 << 20})).await;
+    assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{:?}", r.body);
+    let id = app.session(&token, &lt, json!({})).await;
+    let r = run(&app, &token, &id, json!({"mode": "big", "bytes": 1000})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn rust_survives_loops_memory_bombs_and_floods() {
+    survives_loops_bombs_and_floods("rust").await;
+}
+
+#[tokio::test]
+async fn wasm_from_rust_survives_loops_memory_bombs_and_floods() {
+    survives_loops_bombs_and_floods("wasm").await;
+}
+
+/// What a function can see and touch (14, 16, 17) and state between
+/// functions and versions (19).
+async fn is_confined(language: &str) {
+    let app = spawn_app();
+    let lt = format!("{language}-probe");
+    register_probe(&app, &lt, json!({"env": {"GREETING": "hi"}})).await;
+    let token = app.admin();
+    let one = |mode: Value| {
+        let app = &app;
+        let token = &token;
+        let lt = &lt;
+        async move {
+            let id = app.session(token, lt, json!({})).await;
+            let r = run(app, token, &id, mode).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            r.body["result"].clone()
+        }
+    };
+
+    let env = one(json!({"mode": "env"})).await;
+    let names: Vec<&String> = env.as_object().unwrap().keys().collect();
+    assert_eq!(env["GREETING"], "hi", "{env}");
+    let allowed = ["GREETING", "PATH", "HOME", "LANG", "TMPDIR"];
+    assert!(names.iter().all(|n| allowed.contains(&n.as_str())), "{names:?}");
+    assert!(!env.to_string().contains(crate::helpers::SECRET), "{env}");
+
+    let data_dir = app.data_dir.path().to_string_lossy().into_owned();
+    let paths = [
+        "/proc/1/environ".to_owned(),
+        format!("/proc/{}/environ", app.controller_pid()),
+        "/etc/shadow".to_owned(),
+        format!("{data_dir}/controller.db"),
+        format!("{data_dir}/jwt-secret"),
+    ];
+    let seen = one(json!({"mode": "read", "paths": paths})).await;
+    for path in &paths {
+        let what = seen[path].as_str().unwrap();
+        assert!(what.starts_with("error"), "{path}: {what}");
+    }
+
+    let files = one(json!({"mode": "files"})).await;
+    match language {
+        // RLIMIT_NOFILE: EMFILE (24) inside the function.
+        "rust" => {
+            assert_eq!(files["errno"], 24, "{files}");
+            assert!(files["opened"].as_u64().unwrap() < 300, "{files}");
+        }
+        // No preopened directories: nothing opens at all.
+        _ => assert_eq!(files["opened"], 0, "{files}"),
+    }
+
+    let tmp = one(json!({"mode": "write_tmp", "text": "from A"})).await;
+    if language == "rust" {
+        assert_eq!(tmp["written"], true, "{tmp}");
+        assert!(
+            tmp["big"].as_str().unwrap().contains("too large"),
+            "file-size limit: {tmp}"
+        );
+        let fork = one(json!({"mode": "fork"})).await;
+        assert!(fork["error"].is_string(), "stopped by the process limit: {fork}");
+    } else {
+        assert_eq!(tmp["written"], false, "no file system: {tmp}");
+    }
+
+    // State: a second function and a second version see nothing of the first.
+    register_probe(&app, &format!("{language}-other"), json!({})).await;
+    let id = app.session(&token, &format!("{language}-other"), json!({})).await;
+    let r = run(&app, &token, &id, json!({"mode": "read_tmp"})).await;
+    assert_eq!(r.body["result"], Value::Null, "{:?}", r.body);
+    let r = app
+        .client
+        .put(app.url(&format!("/api/v1/functions/{lt}")))
+        .bearer_auth(&token)
+        .json(&json!({"description": "v2", "files": probe_files("// v2\n")}))
+        .timeout(Duration::from_secs(900))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = app.session(&token, &lt, json!({"retain_session": true})).await;
+    let first = run(&app, &token, &id, json!({"mode": "ok"})).await;
+    assert_eq!(first.body["result"]["runs"], 1, "a fresh instance: {:?}", first.body);
+    let r = run(&app, &token, &id, json!({"mode": "read_tmp"})).await;
+    assert_eq!(r.body["result"], Value::Null, "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn rust_functions_are_confined_to_their_own_instance() {
+    is_confined("rust").await;
+}
+
+#[tokio::test]
+async fn wasm_functions_from_rust_are_confined_to_their_sandbox() {
+    is_confined("wasm").await;
+}
+
+#[tokio::test]
+async fn two_crates_with_the_same_package_name_each_run_their_own_code() {
+    let app = spawn_app();
+    let token = app.admin();
+    for (lt, word) in [
+        ("rust-same-a", "alpha"),
+        ("rust-same-b", "beta"),
+        ("wasm-same-c", "gamma"),
+    ] {
+        let files = json!({
+            "Cargo.toml": PROBE_TOML.replace("\"probe\"", "\"same\""),
+            "src/lib.rs": format!(
+                "use fnrt_sdk::{{Context, Error, export}};\nfn h(_p: serde_json::Value, _c: Context) -> Result<&'static str, Error> {{ Ok(\"{word}\") }}\nexport!(h);\n"
+            ),
+        });
+        let r = register_crate(&app, lt, files, json!({})).await;
+        assert_eq!(r.status, 201, "{lt}: {:?}", r.body);
+    }
+    for (lt, word) in [
+        ("rust-same-a", "alpha"),
+        ("rust-same-b", "beta"),
+        ("wasm-same-c", "gamma"),
+    ] {
+        let id = app.session(&token, lt, json!({})).await;
+        let r = run(&app, &token, &id, json!({})).await;
+        assert_eq!(r.body["result"], word, "{lt}: {:?}", r.body);
+    }
+}
