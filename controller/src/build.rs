@@ -264,7 +264,11 @@ impl Builder {
         let mut child = cmd
             .spawn()
             .map_err(|e| failure(format!("starting {}: {e}", self.config.cargo)))?;
-        let pid = child.id();
+        let pid = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32));
+        // Whatever ends this build early (the timeout, a shutdown dropping
+        // the task) takes cargo's whole process group with it: rustc and
+        // build scripts are cargo's children.
+        let _group = pid.map(KillGroup);
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let reading = async {
@@ -280,9 +284,6 @@ impl Builder {
         {
             Ok(done) => done,
             Err(_) => {
-                if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-                }
                 return Err(failure(format!(
                     "the build took longer than {} s",
                     self.config.timeout.as_secs()
@@ -327,6 +328,18 @@ impl Builder {
                 })
             }
         }
+    }
+}
+
+/// Kills cargo's process group when dropped: at the end of a build it
+/// removes anything cargo left behind; on a timeout or a shutdown it stops
+/// the build itself. (The dropped guard runs right after cargo was reaped,
+/// so its pid has not been handed out again.)
+struct KillGroup(rustix::process::Pid);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ = rustix::process::kill_process_group(self.0, rustix::process::Signal::KILL);
     }
 }
 

@@ -108,7 +108,8 @@ pub struct ServeArgs {
     /// Folder of bundled functions registered at start-up.
     #[arg(long, env = "FUNCTIONS_DIR")]
     pub functions_dir: Option<PathBuf>,
-    /// Folder holding the runtime servers (`nodejs/server.js`, `python/server.py`).
+    /// Folder holding the runtime servers (`nodejs/server.js`, `python/server.py`)
+    /// and the Rust SDK (`rust/sdk`) that Rust functions are built against.
     #[arg(long, env = "RUNTIMES_DIR")]
     pub runtimes_dir: Option<PathBuf>,
     /// Node.js interpreter for the nodejs runtime.

@@ -502,3 +502,93 @@ async fn two_crates_with_the_same_package_name_each_run_their_own_code() {
         assert_eq!(r.body["result"], word, "{lt}: {:?}", r.body);
     }
 }
+
+/// A stand-in for cargo in the test's data dir: `script` as a shell script.
+fn fake_cargo(app_dir: &std::path::Path, script: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = app_dir.join(format!("fake-cargo-{}", rand_suffix()));
+    std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test]
+async fn a_crate_still_building_is_503_not_ready_and_a_failed_background_build_is_422() {
+    let scratch = tempfile::Builder::new()
+        .prefix("fnrt-cargo")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    // Bundled crates build in the background with a "cargo" that takes 20 s.
+    let marker = format!("20.{}", rand_suffix() % 1_000_000);
+    let slow = fake_cargo(scratch.path(), &format!("sleep {marker} & wait"));
+    let app = crate::helpers::spawn_app_with(&[
+        "--cargo-bin",
+        &slow,
+        "--rust-target-dir",
+        &scratch.path().join("t").to_string_lossy(),
+    ]);
+    let token = app.admin();
+    let started = Instant::now();
+    let r = app.initialize(&token, "rust-fibonacci", json!({})).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "no waiting for the build");
+    assert_eq!((r.status, r.code()), (503, "FUNCTION_NOT_READY"), "{:?}", r.body);
+    assert_eq!(r.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("5"));
+    let detail = app.get(Some(&token), "/api/v1/functions/rust-fibonacci").await;
+    assert_eq!(detail.body["build"]["state"], "building", "{:?}", detail.body);
+    // Other languages are not held up.
+    let id = app.session(&token, "nodejs-calculator", json!({})).await;
+    assert_eq!(
+        app.execute(&token, &id, json!({"operation": "add", "values": [1, 2]}))
+            .await
+            .status,
+        200
+    );
+    // The stopped controller takes its unfinished builds with it.
+    let leftover = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
+        })
+    };
+    assert!(leftover(), "the build is running");
+    drop(app);
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(3), || !leftover()).await,
+        "a build outlived its controller"
+    );
+
+    // A "cargo" that fails: the background build's failure is what
+    // initialize and the function's detail report.
+    let failing = fake_cargo(scratch.path(), "echo 'error: no registry here' >&2; exit 101");
+    let app = crate::helpers::spawn_app_with(&[
+        "--cargo-bin",
+        &failing,
+        "--rust-target-dir",
+        &scratch.path().join("t").to_string_lossy(),
+    ]);
+    let token = app.admin();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = app.initialize(&token, "wasm-sha256", json!({})).await;
+        if r.status != 503 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
+    assert!(
+        r.body["error"]["details"]["messages"]
+            .to_string()
+            .contains("no registry here"),
+        "{:?}",
+        r.body
+    );
+    let detail = app.get(Some(&token), "/api/v1/functions/wasm-sha256").await;
+    assert_eq!(detail.body["build"]["state"], "failed", "{:?}", detail.body);
+}

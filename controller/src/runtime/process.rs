@@ -1,5 +1,8 @@
 //! The process backend: each instance is a child process of the controller
-//! running a language's runtime server (`runtimes/{language}/`).
+//! running a language's runtime server (`runtimes/{language}/`): `node` or
+//! `python3` with the server script, or, for Rust, the controller's own
+//! executable as `controller runtime-rust`, which loads the function's built
+//! library (sent as base64 in `/init`).
 //!
 //! What an instance gets:
 //! - its own directory `DATA_DIR/instances/{id}` (cwd, `HOME`, `TMPDIR`, the
@@ -18,7 +21,9 @@
 //!   (`INSTANCE_UID_BASE` + n, no passwd entry needed): it cannot read the
 //!   controller's files or `/proc/{controller}/environ`, nor another
 //!   instance's directory, environment or processes, and `RLIMIT_NPROC`
-//!   counts its processes alone.
+//!   counts its processes alone;
+//! - `SIGXFSZ` ignored, so a write past the file-size limit fails with
+//!   `EFBIG` inside the function instead of killing the instance.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
