@@ -107,6 +107,9 @@ impl std::fmt::Debug for Builder {
     }
 }
 
+/// Changes whenever the way a crate is laid out for cargo changes, so no
+/// build of an older layout is reused.
+const BUILD_FORMAT: u32 = 2;
 /// Most compiler messages kept from a failed build.
 const MAX_MESSAGES: usize = 20;
 /// Most bytes of one message kept.
@@ -131,7 +134,7 @@ impl Builder {
     /// The build key of a crate: its target and every file.
     pub fn key(target: Target, files: &BTreeMap<String, String>) -> String {
         let mut h = Sha256::new();
-        h.update(format!("{target:?}\0").as_bytes());
+        h.update(format!("{BUILD_FORMAT}\0{target:?}\0").as_bytes());
         for (path, text) in files {
             h.update(path.as_bytes());
             h.update([0]);
@@ -318,7 +321,9 @@ impl Builder {
                     messages = vec![strip_paths(&cargo_output, &src, &self.config)];
                 }
                 for m in &mut messages {
-                    *m = m.replace(&unique_name(key), &package);
+                    *m = m
+                        .replace(&unique_name(key), &package)
+                        .replace(&unique_name(key).replace('-', "_"), &package.replace('-', "_"));
                 }
                 messages.truncate(MAX_MESSAGES);
                 let errors = messages.iter().filter(|m| m.starts_with("error")).count();
@@ -400,26 +405,18 @@ fn write_crate(dir: &Path, key: &str, files: &BTreeMap<String, String>) -> std::
     let mut manifest = files.get("Cargo.toml").cloned().unwrap_or_default();
     if let Ok(mut table) = manifest.parse::<toml::Table>() {
         // Crates share the target directory, where cargo tells packages
-        // apart by name and version, not by path: two functions' crates both
-        // called "hello" would pass for one another. Each build gets a name
-        // of its own.
-        let name = table
-            .get("package")
-            .and_then(|p| p.get("name"))
-            .and_then(toml::Value::as_str)
-            .map(str::to_owned);
-        let lib_named = matches!(table.get("lib"), Some(toml::Value::Table(l)) if l.contains_key("name"));
-        if let Some(name) = name {
-            // The library keeps its name, so the function's code is unchanged.
-            if !lib_named
-                && let toml::Value::Table(lib) = table.entry("lib").or_insert(toml::Value::Table(Default::default()))
-            {
-                lib.insert("name".into(), toml::Value::String(name.replace('-', "_")));
-            }
-            package = name;
-        }
+        // apart by name and version, not by path, and names a cdylib's file
+        // after the library alone: two functions' crates both called "hello"
+        // would pass for one another. Each build gets names of its own (a
+        // library's name is not visible to its own code, which says `crate`).
         if let Some(toml::Value::Table(p)) = table.get_mut("package") {
+            if let Some(name) = p.get("name").and_then(toml::Value::as_str) {
+                package = name.to_owned();
+            }
             p.insert("name".into(), toml::Value::String(unique_name(key)));
+        }
+        if let toml::Value::Table(lib) = table.entry("lib").or_insert(toml::Value::Table(Default::default())) {
+            lib.insert("name".into(), toml::Value::String(unique_name(key).replace('-', "_")));
         }
         // A workspace of its own, so a data dir inside another workspace
         // does not confuse cargo.

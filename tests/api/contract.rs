@@ -356,6 +356,9 @@ async fn deleting_a_session_releases_its_instance() {
     let id = app
         .session(&token, "nodejs-counter", json!({"retain_session": true}))
         .await;
+    // The warm pool settles first (one warm instance per process language:
+    // nodejs, python, rust; plus the session's), so only the release counts.
+    assert!(eventually(Duration::from_secs(15), || app.instance_dirs() >= 4).await);
     let before = app.instance_dirs();
     let del = app
         .client

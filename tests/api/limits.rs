@@ -164,7 +164,6 @@ async fn a_body_over_the_limit_on_initialize_is_413_with_and_without_content_len
 }
 
 #[tokio::test]
-#[ignore = "bug: an execute 413 refused by its Content-Length has no top-level request_id (json_errors in controller/src/http/mod.rs builds a plain ErrorBody)"]
 async fn an_execute_body_refused_for_its_content_length_still_carries_the_request_id() {
     // Arrange
     let app = spawn_app_with(&["--max-body-bytes", "1024"]);

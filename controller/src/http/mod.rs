@@ -32,7 +32,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::Authenticator;
 use crate::engine::Engine;
-use crate::error::{ApiError, ErrorBody, ErrorObject};
+use crate::error::{ApiError, ErrorBody, ErrorObject, ExecuteErrorBody};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use extract::BodyLimit;
@@ -179,6 +179,14 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
 /// Gives answers axum or tower produce on their own (405, 413 from the
 /// length check, ...) the contract's JSON error body.
 async fn json_errors(req: Request, next: Next) -> Response {
+    // Execute errors carry the session's request ID, also those answered
+    // before the handler (a body refused for its Content-Length).
+    let request_id = req
+        .uri()
+        .path()
+        .strip_prefix("/api/v1/execute/")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+        .map(str::to_owned);
     let response = next.run(req).await;
     let status = response.status();
     let is_json = response
@@ -197,16 +205,17 @@ async fn json_errors(req: Request, next: Next) -> Response {
         _ => "INVALID_REQUEST",
     };
     let message = status.canonical_reason().unwrap_or("error").to_owned();
-    let body = ErrorBody {
-        error: ErrorObject {
-            code,
-            message,
-            details: serde_json::json!({}),
-        },
+    let error = ErrorObject {
+        code,
+        message,
+        details: serde_json::json!({}),
     };
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    let mut fresh = (status, axum::Json(body)).into_response();
+    let mut fresh = match request_id {
+        Some(request_id) => (status, axum::Json(ExecuteErrorBody { request_id, error })).into_response(),
+        None => (status, axum::Json(ErrorBody { error })).into_response(),
+    };
     for (name, value) in parts.headers.iter() {
         if name != header::CONTENT_TYPE {
             fresh.headers_mut().insert(name.clone(), value.clone());
