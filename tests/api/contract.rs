@@ -385,14 +385,7 @@ async fn health_metrics_and_openapi_describe_the_service() {
     app.execute(&token, &id, json!({"operation": "add", "values": [1]}))
         .await;
 
-    let mut health = app.get(None, "/health").await;
-    for _ in 0..50 {
-        if health.body["components"]["runtimes"]["python"] == "ok" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        health = app.get(None, "/health").await;
-    }
+    let health = app.health_with_runtimes(&["python"]).await;
     assert_eq!(health.status, 200);
     assert_eq!(health.body["status"], "ok", "{:?}", health.body);
     assert_eq!(health.body["components"]["controller"], "ok");
@@ -401,15 +394,7 @@ async fn health_metrics_and_openapi_describe_the_service() {
     assert_eq!(health.body["components"]["runtimes"]["nodejs"], "ok");
     assert!(health.body["version"].is_string());
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains(r#"route="/api/v1/execute/{request_id}""#), "{metrics}");
     assert!(!metrics.contains(&id), "a request ID became a label");
     for family in [

@@ -231,6 +231,33 @@ impl TestApp {
         read(req.send().await.unwrap()).await
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /health`, once each of `languages` reports `ok` (the warm pool
+    /// starts runtimes in the background) or after 10 s.
+    pub async fn health_with_runtimes(&self, languages: &[&str]) -> Reply {
+        let mut health = self.get(None, "/health").await;
+        for _ in 0..100 {
+            let runtimes = &health.body["components"]["runtimes"];
+            if languages.iter().all(|l| runtimes[l] == "ok") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            health = self.get(None, "/health").await;
+        }
+        health
+    }
+
     pub async fn get(&self, token: Option<&str>, path: &str) -> Reply {
         let mut req = self.client.get(self.url(path));
         if let Some(t) = token {

@@ -9,17 +9,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, children_of, read, spawn_app, spawn_app_with};
 
-async fn metrics_text(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The log lines of the request whose span carries `request_id`, each parsed.
 fn request_log_lines(app: &TestApp, request_id: &str) -> Vec<Value> {
     app.logs()
@@ -94,7 +83,7 @@ async fn unknown_paths_are_404_json_and_never_become_metric_labels() {
     ] {
         replies.push((path, app.get(Some(&token), path).await));
     }
-    let metrics = metrics_text(&app).await;
+    let metrics = app.metrics().await;
 
     // Assert
     for (path, r) in &replies {

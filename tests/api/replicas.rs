@@ -50,15 +50,7 @@ async fn a_result_computed_on_one_controller_is_a_cache_hit_on_another() {
     let health = b.get(None, "/health").await;
     assert_eq!(health.body["components"]["redis"], "ok");
     assert_eq!(health.body["components"]["rate_limits"], "shared");
-    let metrics = b
-        .client
-        .get(b.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = b.metrics().await;
     assert!(
         metrics.contains(r#"lambda_cache_requests_total{layer="l2",result="hit"} 1"#),
         "{metrics}"

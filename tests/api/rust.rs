@@ -202,16 +202,7 @@ async fn the_bundled_rust_fibonacci_is_built_at_start_up_and_answers() {
     // execute:rust grants Rust functions only.
     assert_eq!(app.initialize(&token, "nodejs-calculator", json!({})).await.status, 403);
     assert_eq!(app.initialize(&token, "wasm-hello", json!({})).await.status, 403);
-    // /health reports both runtimes once the warm pool has started them.
-    let mut health = app.get(None, "/health").await;
-    for _ in 0..100 {
-        let runtimes = &health.body["components"]["runtimes"];
-        if runtimes["rust"] == "ok" && runtimes["wasm"] == "ok" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        health = app.get(None, "/health").await;
-    }
+    let health = app.health_with_runtimes(&["rust", "wasm"]).await;
     assert_eq!(health.body["components"]["runtimes"]["rust"], "ok", "{:?}", health.body);
     assert_eq!(health.body["components"]["runtimes"]["wasm"], "ok", "{:?}", health.body);
 }

@@ -150,15 +150,7 @@ async fn a_module_that_does_not_compile_is_refused_at_registration() {
 
 /// `lambda_wasm_modules_total{source="…"}`, 0 when absent.
 async fn modules_from(app: &crate::helpers::TestApp, source: &str) -> u64 {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     let prefix = format!("lambda_wasm_modules_total{{source=\"{source}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
