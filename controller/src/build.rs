@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -88,6 +88,9 @@ pub struct BuilderConfig {
     pub builds_dir: PathBuf,
     /// Longest a build may take.
     pub timeout: Duration,
+    /// How long a failed background build stands before a function's next
+    /// initialize tries it again (the network or the disk may be back).
+    pub retry_failed_after: Duration,
 }
 
 pub struct Builder {
@@ -97,6 +100,8 @@ pub struct Builder {
     /// Builds this process started or finished, by key; a receiver sees the
     /// state change when the build ends.
     states: Mutex<HashMap<String, watch::Receiver<BuildState>>>,
+    /// When each failed build may be tried again by [`Builder::ensure`].
+    retry_at: Mutex<HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -128,6 +133,7 @@ impl Builder {
             config,
             queue: Semaphore::new(1),
             states: Mutex::new(HashMap::new()),
+            retry_at: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -159,10 +165,21 @@ impl Builder {
         artifact.is_file().then_some(BuildState::Ready(artifact))
     }
 
-    /// Starts a background build unless one exists; returns the state.
+    /// Starts a background build unless one exists (or failed only a short
+    /// while ago); returns the state.
     pub fn ensure(self: &Arc<Self>, target: Target, files: &BTreeMap<String, String>) -> BuildState {
-        if let Some(state) = self.state(target, files) {
-            return state;
+        match self.state(target, files) {
+            Some(BuildState::Failed(failure)) => {
+                let key = Self::key(target, files);
+                let mut retry_at = self.retry_at.lock().unwrap();
+                match retry_at.get(&key) {
+                    Some(at) if Instant::now() < *at => return BuildState::Failed(failure),
+                    // Once per period, however many initializes ask.
+                    _ => retry_at.insert(key, Instant::now() + self.config.retry_failed_after),
+                };
+            }
+            Some(state) => return state,
+            None => {}
         }
         let this = self.clone();
         let files = files.clone();
@@ -197,7 +214,11 @@ impl Builder {
                 let _turn = self.queue.acquire().await;
                 match self.run_cargo(&key, target, files, &artifact).await {
                     Ok(()) => BuildState::Ready(artifact.clone()),
-                    Err(failure) => BuildState::Failed(failure),
+                    Err(failure) => {
+                        let retry = Instant::now() + self.config.retry_failed_after;
+                        self.retry_at.lock().unwrap().insert(key.clone(), retry);
+                        BuildState::Failed(failure)
+                    }
                 }
             };
             let _ = tx.send(state);
@@ -234,7 +255,7 @@ impl Builder {
             .and_then(|_| write_crate(&src, key, files))
             .map_err(|e| failure(format!("writing the crate: {e}")))?;
 
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut cmd = tokio::process::Command::new(&self.config.cargo);
         cmd.arg("rustc")
             .arg("--lib")

@@ -181,6 +181,10 @@ pub struct ServeArgs {
     /// Longest a Rust function build may take, in seconds.
     #[arg(long, env = "RUST_BUILD_TIMEOUT_SECS", default_value_t = 600)]
     pub rust_build_timeout_secs: u64,
+    /// How long a failed background build of a Rust function stands before
+    /// its next initialize tries again, in seconds.
+    #[arg(long, env = "RUST_BUILD_RETRY_SECS", default_value_t = 60)]
+    pub rust_build_retry_secs: u64,
     /// Largest wasm module accepted, in bytes.
     #[arg(long, env = "WASM_MAX_MODULE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub wasm_max_module_bytes: usize,

@@ -106,6 +106,7 @@ impl Application {
                 .unwrap_or_else(|| data_dir.join("rust-target")),
             builds_dir: data_dir.join("builds"),
             timeout: Duration::from_secs(args.rust_build_timeout_secs),
+            retry_failed_after: Duration::from_secs(args.rust_build_retry_secs),
         })
         .map_err(|e| format!("{e:#}"));
         if let Err(e) = &builder {

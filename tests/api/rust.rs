@@ -520,7 +520,7 @@ fn rand_suffix() -> u64 {
 }
 
 #[tokio::test]
-async fn a_crate_still_building_is_503_not_ready_and_a_failed_background_build_is_422() {
+async fn a_crate_still_building_is_503_and_a_failed_background_build_is_422_until_a_retry_builds_it() {
     let scratch = tempfile::Builder::new()
         .prefix("fnrt-cargo")
         .tempdir_in("/var/tmp")
@@ -563,15 +563,18 @@ async fn a_crate_still_building_is_503_not_ready_and_a_failed_background_build_i
         "a build outlived its controller"
     );
 
-    // A "cargo" that fails: the background build's failure is what
-    // initialize and the function's detail report.
-    let failing = fake_cargo(scratch.path(), "echo 'error: no registry here' >&2; exit 101");
-    let app = crate::helpers::spawn_app_with(&[
-        "--cargo-bin",
-        &failing,
-        "--rust-target-dir",
-        &scratch.path().join("t").to_string_lossy(),
-    ]);
+    // A "cargo" that fails until the network is "back" (a marker file):
+    // the background build's failure is what initialize and the function's
+    // detail report, and a later initialize builds again.
+    let back = scratch.path().join("network-is-back");
+    let flaky = fake_cargo(
+        scratch.path(),
+        &format!(
+            "if [ -f {} ]; then exec cargo \"$@\"; fi\necho 'error: no registry here' >&2; exit 101",
+            back.display()
+        ),
+    );
+    let app = crate::helpers::spawn_app_with(&["--cargo-bin", &flaky, "--rust-build-retry-secs", "1"]);
     let token = app.admin();
     let deadline = Instant::now() + Duration::from_secs(30);
     let r = loop {
@@ -591,4 +594,28 @@ async fn a_crate_still_building_is_503_not_ready_and_a_failed_background_build_i
     );
     let detail = app.get(Some(&token), "/api/v1/functions/wasm-sha256").await;
     assert_eq!(detail.body["build"]["state"], "failed", "{:?}", detail.body);
+
+    std::fs::write(&back, "").unwrap();
+    let id = session_when_built_or_failed(&app, &token, "wasm-sha256").await;
+    let r = app.execute(&token, &id, json!({"data": "aGVsbG8="})).await;
+    assert_eq!(r.status, 200, "built on a later try: {:?}", r.body);
+}
+
+/// Like [`session_when_built`], also waiting through `BUILD_FAILED` answers
+/// (a failed build is tried again after a while).
+async fn session_when_built_or_failed(app: &TestApp, token: &str, lt: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let r = app.initialize(token, lt, json!({})).await;
+        if r.status == 200 {
+            return r.body["request_id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            matches!(r.code(), "FUNCTION_NOT_READY" | "BUILD_FAILED"),
+            "{:?}",
+            r.body
+        );
+        assert!(Instant::now() < deadline, "{lt} was not built in time: {:?}", r.body);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
