@@ -285,6 +285,7 @@ impl Builder {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        die_with_controller(&mut cmd);
         let mut child = cmd
             .spawn()
             .map_err(|e| failure(format!("starting {}: {e}", self.config.cargo)))?;
@@ -354,6 +355,22 @@ impl Builder {
                 })
             }
         }
+    }
+}
+
+/// cargo gets SIGKILL when the controller dies, even by SIGKILL (a stopped
+/// controller kills the whole group itself, see [`KillGroup`]).
+#[allow(unsafe_code)]
+fn die_with_controller(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec and makes one
+    // raw system call (prctl) through rustix, without allocating or taking
+    // locks: async-signal-safe. The signal is tied to the spawning thread,
+    // a long-lived tokio worker.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            Ok(())
+        });
     }
 }
 
