@@ -42,7 +42,8 @@ pub enum Target {
 }
 
 impl Target {
-    fn artifact_name(self) -> &'static str {
+    /// The artifact's file name (also the name a runtime gets it under).
+    pub fn artifact_name(self) -> &'static str {
         match self {
             Target::Native => "function.so",
             Target::Wasm => "function.wasm",

@@ -7,8 +7,10 @@
 
 use std::time::{Duration, Instant};
 
+use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::functions::call;
 use crate::helpers::{Reply, TestApp, spawn_app};
 
 const PROBE_TOML: &str = r#"[package]
@@ -138,16 +140,7 @@ async fn register_crate(app: &TestApp, language_title: &str, files: Value, extra
         "files": files,
     });
     body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    let r = app
-        .client
-        .post(app.url("/api/v1/functions"))
-        .bearer_auth(app.admin())
-        .json(&body)
-        .timeout(Duration::from_secs(900))
-        .send()
-        .await
-        .unwrap();
-    crate::helpers::read(r).await
+    call(app, Method::POST, "/api/v1/functions", &app.admin(), Some(body)).await
 }
 
 async fn register_probe(app: &TestApp, language_title: &str, extra: Value) {
@@ -447,16 +440,16 @@ async fn is_confined(language: &str) {
     let id = app.session(&token, &format!("{language}-other"), json!({})).await;
     let r = run(&app, &token, &id, json!({"mode": "read_tmp"})).await;
     assert_eq!(r.body["result"], Value::Null, "{:?}", r.body);
-    let r = app
-        .client
-        .put(app.url(&format!("/api/v1/functions/{lt}")))
-        .bearer_auth(&token)
-        .json(&json!({"description": "v2", "files": probe_files("// v2\n")}))
-        .timeout(Duration::from_secs(900))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let path = format!("/api/v1/functions/{lt}");
+    let r = call(
+        &app,
+        Method::PUT,
+        &path,
+        &token,
+        Some(json!({"description": "v2", "files": probe_files("// v2\n")})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
     let id = app.session(&token, &lt, json!({"retain_session": true})).await;
     let first = run(&app, &token, &id, json!({"mode": "ok"})).await;
     assert_eq!(first.body["result"]["runs"], 1, "a fresh instance: {:?}", first.body);

@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use reqwest::Method;
 use serde_json::json;
+
+use crate::functions::call;
 
 use crate::helpers::spawn_app;
 
@@ -131,15 +134,7 @@ async fn a_stdout_flood_is_stopped_at_the_output_cap() {
 #[tokio::test]
 async fn a_module_that_does_not_compile_is_refused_at_registration() {
     let app = spawn_app();
-    let r = app
-        .client
-        .post(app.url("/api/v1/functions"))
-        .bearer_auth(app.admin())
-        .json(&json!({"language_title": "wasm-broken", "description": "d", "code": "(module (func (export \"_start\") (i32.add)))"}))
-        .send()
-        .await
-        .unwrap();
-    let r = crate::helpers::read(r).await;
+    let r = call(&app, Method::POST, "/api/v1/functions", &app.admin(), Some(json!({"language_title": "wasm-broken", "description": "d", "code": "(module (func (export \"_start\") (i32.add)))"}))).await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     assert!(
         r.body["error"]["message"].as_str().unwrap().contains("compile"),
@@ -177,15 +172,14 @@ async fn compiled_modules_are_kept_on_disk_so_a_restart_does_not_recompile() {
 async fn a_module_over_the_size_limit_is_refused_at_registration() {
     let app = crate::helpers::spawn_app_with(&["--wasm-max-module-bytes", "2000"]);
     let padding = format!("(drop (i32.const 0)) ;; {}", "x".repeat(3000));
-    let r = app
-        .client
-        .post(app.url("/api/v1/functions"))
-        .bearer_auth(app.admin())
-        .json(&json!({"language_title": "wasm-big", "description": "big", "code": module(&padding)}))
-        .send()
-        .await
-        .unwrap();
-    let r = crate::helpers::read(r).await;
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/v1/functions",
+        &app.admin(),
+        Some(json!({"language_title": "wasm-big", "description": "big", "code": module(&padding)})),
+    )
+    .await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     assert!(
         r.body["error"]["message"]

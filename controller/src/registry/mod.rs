@@ -150,7 +150,16 @@ impl From<StoreError> for RegistryError {
 pub trait CodeCheck: Send + Sync {
     /// With `build` false (bundled functions at start-up), a crate is only
     /// queued for a background build instead of built now.
-    async fn check(&self, language: Language, manifest: &Manifest, code: &str, build: bool) -> Result<(), CheckError>;
+    async fn check(&self, language: Language, code: Code<'_>, build: bool) -> Result<(), CheckError>;
+}
+
+/// A function's code, as [`CodeCheck`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum Code<'a> {
+    /// One source file: the entrypoint's name and its text.
+    File { entrypoint: &'a str, text: &'a str },
+    /// A Rust crate's files.
+    Crate(&'a CrateFiles),
 }
 
 /// Why [`CodeCheck`] refused a function.
@@ -345,13 +354,23 @@ impl Registry {
         build: bool,
     ) -> Result<NewVersion, RegistryError> {
         let manifest = spec.normalize(lt.language())?;
-        match manifest.is_crate() {
-            true => drop(manifest::crate_files(&code)?),
-            false => manifest::check_code(&code)?,
-        }
+        let files = match manifest.is_crate() {
+            true => Some(manifest::crate_files(&code)?),
+            false => {
+                manifest::check_code(&code)?;
+                None
+            }
+        };
         if let Some(checker) = &self.checker {
+            let checked = match &files {
+                Some(files) => Code::Crate(files),
+                None => Code::File {
+                    entrypoint: &manifest.entrypoint,
+                    text: &code,
+                },
+            };
             checker
-                .check(lt.language(), &manifest, &code, build)
+                .check(lt.language(), checked, build)
                 .await
                 .map_err(|e| match e {
                     CheckError::Invalid(message) => RegistryError::Invalid(ManifestError(message)),

@@ -29,7 +29,7 @@ use serde_json::Value;
 
 use crate::build::{BuildFailure, BuildState, Builder, Target};
 use crate::language::Language;
-use crate::registry::{CheckError, FunctionVersion, Manifest};
+use crate::registry::{CheckError, Code, FunctionVersion};
 
 /// What a run is given.
 #[derive(Debug, Clone, Copy)]
@@ -140,37 +140,29 @@ pub fn build_target(language: Language) -> Target {
 
 #[async_trait]
 impl crate::registry::CodeCheck for Backends {
-    async fn check(&self, language: Language, manifest: &Manifest, code: &str, build: bool) -> Result<(), CheckError> {
+    async fn check(&self, language: Language, code: Code<'_>, build: bool) -> Result<(), CheckError> {
         let Some(backend) = self.by_language.get(&language) else {
             return Ok(());
         };
-        if !manifest.is_crate() {
-            return backend
-                .check_code(language, &manifest.entrypoint, code.as_bytes())
-                .map_err(CheckError::Invalid);
-        }
+        let files = match code {
+            Code::File { entrypoint, text } => {
+                return backend
+                    .check_code(language, entrypoint, text)
+                    .map_err(CheckError::Invalid);
+            }
+            Code::Crate(files) => files,
+        };
         let builder = self.builder().map_err(CheckError::Invalid)?;
-        let files = crate::registry::manifest::crate_files(code).map_err(|e| CheckError::Invalid(e.0))?;
         let target = build_target(language);
         if !build {
-            builder.ensure(target, &files);
+            builder.ensure(target, files);
             return Ok(());
         }
-        let artifact = builder.build(target, &files).await.map_err(CheckError::BuildFailed)?;
+        let artifact = builder.build(target, files).await.map_err(CheckError::BuildFailed)?;
         let bytes = tokio::fs::read(&artifact)
             .await
             .map_err(|e| CheckError::Invalid(format!("reading the built artifact: {e}")))?;
-        backend
-            .check_code(language, artifact_name(target), &bytes)
-            .map_err(CheckError::Invalid)
-    }
-}
-
-/// The entrypoint name a built artifact is handed to its backend under.
-pub fn artifact_name(target: Target) -> &'static str {
-    match target {
-        Target::Native => "function.so",
-        Target::Wasm => "function.wasm",
+        backend.check_artifact(language, &bytes).map_err(CheckError::Invalid)
     }
 }
 
@@ -243,9 +235,13 @@ pub trait RuntimeBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// The languages this backend runs.
     fn languages(&self) -> Vec<Language>;
-    /// Refuses code this backend could never run (checked at registration;
-    /// for a crate, `code` is the built artifact).
-    fn check_code(&self, _language: Language, _entrypoint: &str, _code: &[u8]) -> Result<(), String> {
+    /// Refuses a source file this backend could never run (checked at
+    /// registration).
+    fn check_code(&self, _language: Language, _entrypoint: &str, _code: &str) -> Result<(), String> {
+        Ok(())
+    }
+    /// Refuses a crate's built artifact this backend could never run.
+    fn check_artifact(&self, _language: Language, _artifact: &[u8]) -> Result<(), String> {
         Ok(())
     }
     /// Whether `function` can be started now (a crate must be built first).

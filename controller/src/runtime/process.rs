@@ -526,7 +526,7 @@ impl Instance for ProcessInstance {
         // A crate runs as its built library, sent as base64.
         let (entrypoint, code) = match (&function.files, &self.builder) {
             (Some(_), Some(builder)) => (
-                super::artifact_name(crate::build::Target::Native),
+                crate::build::Target::Native.artifact_name(),
                 base64::engine::general_purpose::STANDARD.encode(super::built_artifact(builder, function).await?),
             ),
             (Some(_), None) => return Err(InstanceError::Protocol("no builder for a crate".into())),

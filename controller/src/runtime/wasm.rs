@@ -134,17 +134,15 @@ impl WasmBackend {
         }))
     }
 
-    /// The module bytes of a function: WAT text (`.wat`), base64 of a
-    /// binary (`.wasm`), or a built module as is (`function.wasm`).
-    fn module_bytes(entrypoint: &str, code: &[u8]) -> Result<Vec<u8>, String> {
-        if entrypoint == super::artifact_name(crate::build::Target::Wasm) {
-            Ok(code.to_vec())
-        } else if entrypoint.ends_with(".wasm") {
+    /// The module bytes of a source file: WAT text (`.wat`) or base64 of a
+    /// binary (`.wasm`). (A crate's built module is bytes already.)
+    fn module_bytes(entrypoint: &str, code: &str) -> Result<Vec<u8>, String> {
+        if entrypoint.ends_with(".wasm") {
             base64::engine::general_purpose::STANDARD
-                .decode(code.trim_ascii())
+                .decode(code.trim())
                 .map_err(|e| format!("a .wasm entrypoint's code must be base64: {e}"))
         } else {
-            Ok(code.to_vec())
+            Ok(code.as_bytes().to_vec())
         }
     }
 
@@ -186,10 +184,9 @@ impl WasmBackend {
         Ok(module)
     }
 
-    /// Compiles and links a function's module (refused at registration when
-    /// it does not), within the compile budget.
-    fn check(self: &Arc<Self>, entrypoint: &str, code: &[u8]) -> Result<(), String> {
-        let bytes = Self::module_bytes(entrypoint, code)?;
+    /// Compiles and links a module (refused at registration when it does
+    /// not), within the compile budget.
+    fn check(self: &Arc<Self>, bytes: Vec<u8>) -> Result<(), String> {
         let (tx, rx) = std::sync::mpsc::channel();
         let this = self.clone();
         // A thread of its own so the budget can be enforced: compilation
@@ -235,8 +232,12 @@ impl RuntimeBackend for Arc<WasmBackend> {
         vec![Language::Wasm]
     }
 
-    fn check_code(&self, _language: Language, entrypoint: &str, code: &[u8]) -> Result<(), String> {
-        self.check(entrypoint, code)
+    fn check_code(&self, _language: Language, entrypoint: &str, code: &str) -> Result<(), String> {
+        self.check(WasmBackend::module_bytes(entrypoint, code)?)
+    }
+
+    fn check_artifact(&self, _language: Language, artifact: &[u8]) -> Result<(), String> {
+        self.check(artifact.to_vec())
     }
 
     async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
@@ -289,22 +290,17 @@ impl Instance for WasmInstance {
         let pre = match cached {
             Some(pre) => pre,
             None => {
-                let (entrypoint, code) = match (&function.files, &self.backend.builder) {
-                    (Some(_), Some(builder)) => (
-                        super::artifact_name(crate::build::Target::Wasm).to_owned(),
-                        super::built_artifact(builder, function).await?,
-                    ),
+                let bytes = match (&function.files, &self.backend.builder) {
+                    (Some(_), Some(builder)) => super::built_artifact(builder, function).await?,
                     (Some(_), None) => return Err(InstanceError::Protocol("no builder for a crate".into())),
-                    (None, _) => (function.manifest.entrypoint.clone(), function.code.clone().into_bytes()),
+                    (None, _) => {
+                        WasmBackend::module_bytes(&function.manifest.entrypoint, &function.code).map_err(init_error)?
+                    }
                 };
                 // Compiling is CPU work: off the async workers.
                 let backend = self.backend.clone();
-                let f = FunctionRef {
-                    code_hash: function.code_hash.clone(),
-                    entrypoint,
-                    code,
-                };
-                tokio::task::spawn_blocking(move || backend.linked(&f))
+                let code_hash = function.code_hash.clone();
+                tokio::task::spawn_blocking(move || backend.linked(code_hash, &bytes))
                     .await
                     .map_err(|e| InstanceError::Protocol(e.to_string()))??
             }
@@ -411,28 +407,24 @@ impl Instance for WasmInstance {
     }
 }
 
-/// What [`WasmBackend::linked`] needs of a function, owned for `spawn_blocking`.
-struct FunctionRef {
-    code_hash: String,
-    entrypoint: String,
-    code: Vec<u8>,
-}
-
 impl WasmBackend {
-    /// The function's linked module, compiled on first use.
-    fn linked(&self, f: &FunctionRef) -> Result<InstancePre<State>, InstanceError> {
-        let init_error = |message: String| InstanceError::Init {
-            message,
-            details: json!({}),
-        };
-        let bytes = Self::module_bytes(&f.entrypoint, &f.code).map_err(init_error)?;
-        let module = self.module(&bytes).map_err(init_error)?;
+    /// The function's linked module, compiled (or loaded from disk) on
+    /// first use.
+    fn linked(&self, code_hash: String, bytes: &[u8]) -> Result<InstancePre<State>, InstanceError> {
+        let module = self.module(bytes).map_err(init_error)?;
         let pre = self
             .linker
             .instantiate_pre(&module)
             .map_err(|e| init_error(link_error(e)))?;
-        self.modules.lock().unwrap().insert(f.code_hash.clone(), pre.clone());
+        self.modules.lock().unwrap().insert(code_hash, pre.clone());
         Ok(pre)
+    }
+}
+
+fn init_error(message: String) -> InstanceError {
+    InstanceError::Init {
+        message,
+        details: json!({}),
     }
 }
 
