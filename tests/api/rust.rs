@@ -256,6 +256,22 @@ async fn a_crate_that_does_not_compile_is_refused_with_the_compilers_messages() 
         "{:?}",
         r.body
     );
+    // `code` and `files` are one or the other; a crate's entrypoint is exactly Cargo.toml.
+    let both = json!({"language_title": "rust-both", "description": "d", "code": "x", "files": probe_files("")});
+    let neither = json!({"language_title": "rust-neither", "description": "d"});
+    let renamed = json!({"language_title": "rust-renamed", "description": "d", "entrypoint": "MyCargo.toml", "files": probe_files("")});
+    let as_code = json!({"language_title": "rust-as-code", "description": "d", "code": PROBE_LIB});
+    for body in [both, neither, renamed, as_code] {
+        let r = call(
+            &app,
+            Method::POST,
+            "/api/v1/functions",
+            &app.admin(),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!((r.status, r.code()), (400, "INVALID_REQUEST"), "{body}: {:?}", r.body);
+    }
     let r = register_crate(
         &app,
         "rust-escape",
@@ -611,4 +627,23 @@ async fn session_when_built_or_failed(app: &TestApp, token: &str, lt: &str) -> S
         assert!(Instant::now() < deadline, "{lt} was not built in time: {:?}", r.body);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+#[tokio::test]
+async fn a_build_over_its_time_limit_is_stopped_and_refused() {
+    let scratch = tempfile::Builder::new()
+        .prefix("fnrt-cargo")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let slow = fake_cargo(scratch.path(), "sleep 30");
+    let app = crate::helpers::spawn_app_with(&["--cargo-bin", &slow, "--rust-build-timeout-secs", "1"]);
+    let started = Instant::now();
+    let r = register_crate(&app, "rust-slow", probe_files("// slow\n"), json!({})).await;
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("longer than 1 s"),
+        "{:?}",
+        r.body
+    );
 }

@@ -190,3 +190,23 @@ async fn a_module_over_the_size_limit_is_refused_at_registration() {
         r.body
     );
 }
+
+#[tokio::test]
+async fn a_binary_module_is_base64_whatever_its_file_is_called() {
+    let app = spawn_app();
+    // The smallest WASI command: `(module (func (export "_start")))`.
+    let binary = "AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL";
+    for (lt, entrypoint) in [("wasm-named", "module.wasm"), ("wasm-built-name", "function.wasm")] {
+        let body = json!({"language_title": lt, "description": "d", "entrypoint": entrypoint, "code": binary});
+        let r = call(&app, Method::POST, "/api/v1/functions", &app.admin(), Some(body)).await;
+        assert_eq!(r.status, 201, "{entrypoint}: {:?}", r.body);
+    }
+    let body = json!({"language_title": "wasm-not-b64", "description": "d", "entrypoint": "m.wasm", "code": "!!"});
+    let r = call(&app, Method::POST, "/api/v1/functions", &app.admin(), Some(body)).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("base64"),
+        "{:?}",
+        r.body
+    );
+}
