@@ -69,6 +69,12 @@ impl PrivatePostgres {
     }
 
     fn run(&self, tool: &str, args: &[&str]) {
+        if let Err(e) = self.try_run(tool, args) {
+            panic!("{e}");
+        }
+    }
+
+    fn try_run(&self, tool: &str, args: &[&str]) -> Result<(), String> {
         let program = self.bin.join(tool);
         let mut cmd = if rustix::process::geteuid().is_root() {
             let mut c = Command::new("runuser");
@@ -78,11 +84,10 @@ impl PrivatePostgres {
             Command::new(&program)
         };
         let out = cmd.args(args).current_dir(self.dir.path()).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{tool} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!("{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr))),
+        }
     }
 
     fn up(&self) {
@@ -92,7 +97,18 @@ impl PrivatePostgres {
             self.dir.path().display()
         );
         let log = self.dir.path().join("log").to_string_lossy().into_owned();
-        self.run("pg_ctl", &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"]);
+        // A start can fail for reasons of the machine (a CI run saw one);
+        // try again, and say what the server logged if it keeps failing.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match self.try_run("pg_ctl", &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"]) {
+                Ok(()) => return,
+                Err(e) => last = e,
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!("{last}\nserver log:\n{logged}");
     }
 
     fn down(&self) {
