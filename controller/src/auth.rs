@@ -107,7 +107,14 @@ impl Authenticator {
             Some(s) if !s.expose().is_empty() => s.expose().as_bytes().to_vec(),
             _ => local_secret(&args.data_dir)?,
         };
-        Ok(Self::new(&secret, args.jwt_issuer.clone(), args.jwt_audience.clone()))
+        Ok(Self::new(&secret, args.jwt_issuer.clone(), args.jwt_audience.clone()).with_leeway(args.jwt_leeway_secs))
+    }
+
+    /// Seconds a token stays accepted past its `exp` (clock skew between
+    /// the issuer and the controllers); 5 unless set.
+    pub fn with_leeway(mut self, secs: u64) -> Self {
+        self.validation.leeway = secs;
+        self
     }
 
     pub fn new(secret: &[u8], issuer: Option<String>, audience: Option<String>) -> Self {

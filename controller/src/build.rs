@@ -22,6 +22,7 @@
 //! the artifact exists.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -103,6 +104,10 @@ pub struct Builder {
     states: Mutex<HashMap<String, watch::Receiver<BuildState>>>,
     /// When each failed build may be tried again by [`Builder::ensure`].
     retry_at: Mutex<HashMap<String, Instant>>,
+    /// Whether the `wasm32-wasip1` standard library is known to be
+    /// installed (checked, and installed through rustup when missing, until
+    /// it is).
+    wasm_target: tokio::sync::Mutex<bool>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -125,6 +130,10 @@ impl Builder {
     pub fn new(config: BuilderConfig) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&config.builds_dir)?;
         std::fs::create_dir_all(&config.target_dir)?;
+        // The target dir holds every function's sources and builds.
+        for dir in [&config.builds_dir, &config.target_dir] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let mut config = config;
         config.sdk_dir = config
             .sdk_dir
@@ -133,6 +142,7 @@ impl Builder {
         Ok(Arc::new(Builder {
             config,
             queue: Semaphore::new(1),
+            wasm_target: tokio::sync::Mutex::new(false),
             states: Mutex::new(HashMap::new()),
             retry_at: Mutex::new(HashMap::new()),
         }))
@@ -256,6 +266,13 @@ impl Builder {
             .and_then(|_| write_crate(&src, key, files))
             .map_err(|e| failure(format!("writing the crate: {e}")))?;
 
+        if target == Target::Wasm {
+            let mut installed = self.wasm_target.lock().await;
+            if !*installed {
+                ensure_wasm_target(&self.config.cargo).await.map_err(failure)?;
+                *installed = true;
+            }
+        }
         let started = Instant::now();
         let mut cmd = tokio::process::Command::new(&self.config.cargo);
         cmd.arg("rustc")
@@ -275,7 +292,7 @@ impl Builder {
                 .args(["--crate-type", "cdylib", "--config", "profile.release.panic=\"unwind\""])
                 .args(["--config", "profile.release.strip=\"debuginfo\""]),
             // The SDK's export! expands to `main` on wasm: a WASI command.
-            Target::Wasm => cmd.args(["--crate-type", "bin", "--target", "wasm32-wasip1"]),
+            Target::Wasm => cmd.args(["--crate-type", "bin", "--target", WASM_TARGET]),
         };
         cmd.current_dir(&src)
             .env_clear()
@@ -356,6 +373,60 @@ impl Builder {
                 })
             }
         }
+    }
+}
+
+/// The target wasm functions are built for.
+const WASM_TARGET: &str = "wasm32-wasip1";
+
+/// Makes sure the toolchain that `cargo` runs has the standard library of
+/// [`WASM_TARGET`]: a fresh rustup installation has only the host's, and
+/// the bundled `wasm-*` crates must build on the first run. Installs it with
+/// `rustup target add` when rustup manages the toolchain; otherwise says
+/// what to install.
+async fn ensure_wasm_target(cargo: &str) -> Result<(), String> {
+    let run = |program: &str, args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .envs(build_env())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    };
+    // The rustc next to this cargo (rustup's proxies pick the same toolchain).
+    let rustc = Path::new(cargo)
+        .parent()
+        .map(|dir| dir.join("rustc"))
+        .filter(|rustc| rustc.is_file())
+        .map(|rustc| rustc.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "rustc".to_owned());
+    let libdir = run(&rustc, &["--print", "target-libdir", "--target", WASM_TARGET])
+        .output()
+        .await
+        .map_err(|e| format!("running {rustc}: {e}"))?;
+    let libdir = String::from_utf8_lossy(&libdir.stdout).trim().to_owned();
+    let installed = !libdir.is_empty()
+        && std::fs::read_dir(&libdir)
+            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libcore-"))));
+    if installed {
+        return Ok(());
+    }
+    tracing::info!("installing the {WASM_TARGET} target with rustup (once per toolchain)");
+    let added = run("rustup", &["target", "add", WASM_TARGET]).output().await;
+    match added {
+        Ok(out) if out.status.success() => {
+            tracing::info!("{WASM_TARGET} installed");
+            Ok(())
+        }
+        Ok(out) => Err(format!(
+            "the {WASM_TARGET} target is not installed and `rustup target add {WASM_TARGET}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!(
+            "the {WASM_TARGET} target is not installed and rustup could not be run ({e}): install \
+             the {WASM_TARGET} standard library for the toolchain that runs `{cargo}`"
+        )),
     }
 }
 

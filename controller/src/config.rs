@@ -68,6 +68,9 @@ pub struct AuthArgs {
     /// Required `aud` claim, when set.
     #[arg(long, env = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// Seconds a token is still accepted after its `exp` (clock skew).
+    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 5)]
+    pub jwt_leeway_secs: u64,
     /// Directory for everything the controller writes (database, generated
     /// secret, instance directories).
     #[arg(long, env = "DATA_DIR", default_value = "./data")]

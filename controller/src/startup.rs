@@ -58,9 +58,50 @@ impl std::fmt::Debug for Application {
     }
 }
 
+/// Creates the data dir and returns it as an absolute path (instances start
+/// in a directory of their own, where a relative path means something else).
+/// Instance users may pass through it (0711) to their own directories, but
+/// neither list it nor enter anything else in it: every other entry is made
+/// private, also those an earlier run or another umask left open.
+fn prepare_data_dir(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        // instances/ and bin/ are set up by the process backend itself.
+        if meta.is_symlink() || matches!(entry.file_name().to_str(), Some("instances" | "bin")) {
+            continue;
+        }
+        let private = if meta.is_dir() { 0o700 } else { 0o600 };
+        if meta.permissions().mode() & 0o7777 != private {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(private))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Creates the database `DATABASE_URL` names when the server answers and it
+/// does not exist yet (a first start); a server that does not answer is
+/// left for the connection to report.
+async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
+    use sqlx::migrate::MigrateDatabase;
+    if let Ok(false) = sqlx::Postgres::database_exists(url).await {
+        sqlx::Postgres::create_database(url)
+            .await
+            .context("creating the database DATABASE_URL names")?;
+        tracing::info!("created the PostgreSQL database DATABASE_URL names");
+    }
+    Ok(())
+}
+
 /// PostgreSQL when `DATABASE_URL` is set, else SQLite in the data dir.
 async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn Store>> {
     if let Some(url) = args.database_url.as_ref().filter(|u| !u.expose().is_empty()) {
+        create_database_if_missing(url.expose()).await?;
         let store = PostgresStore::connect(url.expose())
             .await
             .context("connecting to PostgreSQL")?;
@@ -83,16 +124,13 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn Store>> {
 impl Application {
     /// Opens the store, registers bundled functions, starts the pool and
     /// binds the listener (port 0 picks a free port; see [`Self::local_addr`]).
-    pub async fn build(args: ServeArgs) -> anyhow::Result<Self> {
+    pub async fn build(mut args: ServeArgs) -> anyhow::Result<Self> {
+        // Whatever umask the controller was started with, what it writes
+        // (database, builds, compiled modules, secrets) is its own; the few
+        // paths instances must reach are opened up one by one.
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+        args.auth.data_dir = prepare_data_dir(&args.auth.data_dir)?;
         let data_dir = &args.auth.data_dir;
-        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-        // Instances (another user when running as root) must pass through
-        // the data dir to their own directory. Only the search bit is added:
-        // never loosen or tighten anything else of a directory we were given.
-        let mode = std::fs::metadata(data_dir)?.permissions().mode();
-        if mode & 0o001 == 0 {
-            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode((mode & 0o7777) | 0o001))?;
-        }
         let auth = Arc::new(Authenticator::from_args(&args.auth)?);
 
         let store = open_store(&args).await?;

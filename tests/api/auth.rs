@@ -501,3 +501,28 @@ async fn without_jwt_secret_the_token_subcommand_and_the_server_share_a_generate
     assert_eq!(accepted_again.status, 200, "the secret is reused, not regenerated");
     assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
 }
+
+#[tokio::test]
+async fn a_token_is_refused_once_its_exp_and_the_configured_leeway_have_passed() {
+    // Arrange: exact expiry, and a token that lives one second.
+    let app = spawn_app_with(&["--jwt-leeway-secs", "0"]);
+    let token = app.token("brief", &["read:functions"]);
+    let short = {
+        let claims = json!({"sub": "brief", "scope": "read:functions", "exp": now() + 1});
+        jsonwebtoken::encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    assert_eq!(app.get(Some(&short), "/api/v1/functions").await.status, 200);
+
+    // Act
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = app.get(Some(&short), "/api/v1/functions").await;
+
+    // Assert
+    assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"), "{:?}", r.body);
+    assert_eq!(app.get(Some(&token), "/api/v1/functions").await.status, 200);
+}

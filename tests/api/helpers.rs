@@ -47,8 +47,24 @@ fn fresh_data_dir() -> tempfile::TempDir {
 
 /// A controller on an existing data dir.
 pub fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestApp {
+    spawn_app_opts(data_dir, extra, &Options::default())
+}
+
+/// How the test starts a controller, beyond its flags.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Start the controller without `JWT_SECRET`, so it generates its own
+    /// secret file in the data dir (the test reads it to make tokens).
+    pub generated_secret: bool,
+    /// The umask the controller starts with (the test's own when `None`).
+    pub umask: Option<u32>,
+}
+
+/// A controller on an existing data dir, started as `options` say.
+pub fn spawn_app_opts(data_dir: tempfile::TempDir, extra: &[&str], options: &Options) -> TestApp {
     let repo = repo_dir();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_controller-under-test"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_controller-under-test"));
+    command
         .args([
             "serve",
             "--listen",
@@ -64,19 +80,64 @@ pub fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestApp {
         .arg(repo.join("functions"))
         .arg("--runtimes-dir")
         .arg(repo.join("runtimes"))
-        .args(extra)
+        .args(extra);
+    controller_env(&mut command);
+    if !options.generated_secret {
+        command.env("JWT_SECRET", SECRET);
+    }
+    if let Some(mask) = options.umask {
+        set_umask(&mut command, mask);
+    }
+    let (child, address, logs) = start(command);
+    let secret = if options.generated_secret {
+        std::fs::read_to_string(data_dir.path().join("jwt-secret")).expect("the generated JWT secret")
+    } else {
+        SECRET.to_owned()
+    };
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        data_dir,
+        child,
+        logs,
+        auth: Authenticator::new(secret.trim().as_bytes(), None, None),
+    }
+}
+
+/// The environment a test controller gets: `PATH`, and what cargo needs for
+/// Rust function builds, with one target directory for every test
+/// controller so dependencies build once.
+pub fn controller_env(command: &mut Command) {
+    command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        // Rust function builds: cargo's own settings, and one target
-        // directory for every test controller so dependencies build once.
         .envs(
             ["HOME", "CARGO_HOME", "RUSTUP_HOME", "RUSTUP_TOOLCHAIN"]
                 .into_iter()
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k, v))),
         )
         .env("RUST_TARGET_DIR", "/var/tmp/fnrt-test-functions")
-        .env("JWT_SECRET", SECRET)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info");
+}
+
+/// Starts the child with `mask` as its umask.
+#[allow(unsafe_code)]
+pub fn set_umask(command: &mut Command, mask: u32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is one async-signal-safe system call, made between fork
+    // and exec without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask));
+            Ok(())
+        });
+    }
+}
+
+/// Spawns a controller that logs JSON to stderr and waits until it says
+/// where it listens; returns it, its address and its log lines.
+pub fn start(mut command: Command) -> (Child, String, Arc<Mutex<Vec<String>>>) {
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -98,20 +159,13 @@ pub fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestApp {
             }
         });
     }
-    let address = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(addr) => format!("http://{addr}"),
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => (child, format!("http://{addr}"), logs),
         Err(_) => {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("controller did not start: {:#?}", logs.lock().unwrap());
         }
-    };
-    TestApp {
-        address,
-        client: reqwest::Client::new(),
-        data_dir,
-        child,
-        logs,
-        auth: Authenticator::new(SECRET.as_bytes(), None, None),
     }
 }
 

@@ -10,6 +10,7 @@ mod cache;
 mod contract;
 mod execute;
 mod faults;
+mod first_run;
 mod functions;
 mod initialize;
 mod limits;

@@ -234,3 +234,23 @@ async fn replicas_sharing_postgres_and_redis_serve_each_others_functions_and_ses
     assert_eq!(health.body["components"]["sqlite"], "disabled");
     assert_eq!(health.body["components"]["redis"], "ok");
 }
+
+#[tokio::test]
+async fn a_database_url_naming_a_database_that_does_not_exist_yet_is_created_at_start_up() {
+    let Some(db) = TestDatabase::create() else {
+        return;
+    };
+    // Arrange: the server is there, the database is not.
+    psql(&db.server, &format!("DROP DATABASE {}", db.name));
+
+    // Act
+    let app = spawn_app_with(&["--database-url", db.url.as_str()]);
+
+    // Assert: it starts on PostgreSQL and keeps what is registered there.
+    let health = app.get(None, "/health").await;
+    assert_eq!(health.body["components"]["postgres"], "ok", "{:?}", health.body);
+    app.register("nodejs-first", "module.exports.handler = async () => 1;", json!({}))
+        .await;
+    let listed = app.get(Some(&app.admin()), "/api/v1/functions/nodejs-first").await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+}

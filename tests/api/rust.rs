@@ -157,7 +157,7 @@ async fn run(app: &TestApp, token: &str, id: &str, params: Value) -> Reply {
 
 /// A session on `lt`, waiting while the function is still being built
 /// (bundled crates build in the background at start-up).
-async fn session_when_built(app: &TestApp, token: &str, lt: &str, context: Value) -> String {
+pub async fn session_when_built(app: &TestApp, token: &str, lt: &str, context: Value) -> String {
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
         let r = app.initialize(token, lt, json!({ "context": context })).await;

@@ -123,17 +123,31 @@ impl ProcessBackend {
         let uids = rustix::process::geteuid()
             .is_root()
             .then(|| Arc::new(UidPool::new(config.instance_uid_base, config.instance_uid_count)));
-        if config.instances_dir.exists() {
-            std::fs::remove_dir_all(&config.instances_dir)?;
+        let others_only = uids.is_some();
+        let instances_dir = if others_only {
+            reachable_instances_dir(&config.instances_dir)?
+        } else {
+            config.instances_dir.clone()
+        };
+        if instances_dir.exists() {
+            std::fs::remove_dir_all(&instances_dir)?;
         }
-        std::fs::create_dir_all(&config.instances_dir)?;
+        std::fs::create_dir_all(&instances_dir)?;
         // Instances must reach their own directory through this one.
-        std::fs::set_permissions(&config.instances_dir, std::fs::Permissions::from_mode(0o711))?;
-        let private_tmp = uids.is_some() && !config.instances_dir.canonicalize()?.starts_with("/tmp");
-        if uids.is_some() && !private_tmp {
+        std::fs::set_permissions(&instances_dir, std::fs::Permissions::from_mode(0o711))?;
+        let instances_dir = instances_dir.canonicalize()?;
+        let private_tmp = others_only && !instances_dir.starts_with("/tmp");
+        if others_only && !private_tmp {
             tracing::warn!("the data dir is under /tmp: instances get a private TMPDIR but share /tmp");
         }
-        let others_only = uids.is_some();
+        // What an instance runs must be visible from inside its sandbox: a
+        // file its uid cannot reach, or one under the /tmp its private /tmp
+        // hides, is copied beside the instance directories first.
+        let sight = Sight {
+            others_only,
+            private_tmp,
+            staging: instances_dir.with_file_name("bin"),
+        };
         let mut launchers = HashMap::new();
         let runtimes: [(Language, &str, &str, &[&str]); 2] = [
             (Language::Nodejs, &config.node_bin, "nodejs/server.js", &[]),
@@ -141,11 +155,12 @@ impl ProcessBackend {
             (Language::Python, &config.python_bin, "python/server.py", &["-I"]),
         ];
         for (language, bin, server, flags) in runtimes {
-            let launcher = find_program(bin, others_only).and_then(|program| {
+            let launcher = sight.program(bin).and_then(|program| {
                 let server = config.runtimes_dir.join(server);
                 let server = server
                     .canonicalize()
                     .map_err(|e| format!("runtime server {} not found: {e}", server.display()))?;
+                let server = sight.stage(&server, language.as_str())?;
                 let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
                 args.push(server.to_string_lossy().into_owned());
                 Ok(Launcher { program, args })
@@ -156,7 +171,10 @@ impl ProcessBackend {
             launchers.insert(language, launcher);
         }
         let rust = match (&config.rust_runtime, &config.builder) {
-            (Some(program), Some(_)) => rust_launcher(program, &config.instances_dir, others_only),
+            (Some(program), Some(_)) => sight.stage(program, "rust").map(|program| Launcher {
+                program,
+                args: vec!["runtime-rust".to_owned()],
+            }),
             (None, _) => Err("no Rust runtime program configured".to_owned()),
             (_, None) => Err("Rust functions cannot be built here".to_owned()),
         };
@@ -165,7 +183,7 @@ impl ProcessBackend {
         }
         launchers.insert(Language::Rust, rust);
         Ok(ProcessBackend {
-            instances_dir: config.instances_dir,
+            instances_dir,
             launchers,
             uids,
             private_tmp,
@@ -250,7 +268,13 @@ impl RuntimeBackend for ProcessBackend {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(unavailable(format!("spawning {}: {e}", launcher.program.display())));
+                // The error may come from the sandbox set-up between fork and
+                // exec (a mount, the uid change) as much as from exec itself.
+                return Err(unavailable(format!(
+                    "starting {} in the instance sandbox (instance directory {}): {e}",
+                    launcher.program.display(),
+                    dir.display()
+                )));
             }
         };
         let pid = child.id().and_then(|p| Pid::from_raw(p as i32));
@@ -285,28 +309,98 @@ impl RuntimeBackend for ProcessBackend {
     }
 }
 
-/// How to start the Rust runtime: the controller's executable with the
-/// `runtime-rust` subcommand. When the instance user could not run it where
-/// it is (e.g. under root's home), a copy next to the instance directories.
-fn rust_launcher(program: &Path, instances_dir: &Path, others_only: bool) -> Result<Launcher, String> {
-    let program = match find_program(&program.to_string_lossy(), others_only) {
-        Ok(p) => p,
-        Err(_) if others_only => {
-            let bin = instances_dir.with_file_name("bin");
-            let copy = bin.join("fnrt-runtime-rust");
-            std::fs::create_dir_all(&bin)
-                .and_then(|_| std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)))
-                .and_then(|_| std::fs::copy(program, &copy))
-                .and_then(|_| std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)))
-                .map_err(|e| format!("copying the Rust runtime to {}: {e}", copy.display()))?;
-            find_program(&copy.to_string_lossy(), others_only)?
+/// Where instance directories go when the controller is root: under the
+/// data dir when instance users can pass through every directory above it,
+/// else (a data dir under `/root`, mode 0700) in a directory of its own under
+/// `/run/fnrt`, named after the data dir.
+fn reachable_instances_dir(wanted: &Path) -> anyhow::Result<PathBuf> {
+    if ancestors_searchable(wanted) {
+        return Ok(wanted.to_path_buf());
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(wanted, &mut h);
+    let own = Path::new("/run/fnrt").join(format!("{:016x}", std::hash::Hasher::finish(&h)));
+    for dir in [own.parent().unwrap_or(&own), &own] {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    let blocked = wanted
+        .ancestors()
+        .skip(1)
+        .find(|d| !d.metadata().is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    tracing::warn!(
+        blocked = %blocked.unwrap_or(wanted).display(),
+        instances = %own.display(),
+        "instance users cannot pass through the data dir's parents; instance directories live elsewhere"
+    );
+    Ok(own.join("instances"))
+}
+
+/// What an instance can see of the host's files.
+#[derive(Debug)]
+struct Sight {
+    /// Instances run as another user: only what others may read and run.
+    others_only: bool,
+    /// Instances have a private `/tmp`: nothing under the host's `/tmp`.
+    private_tmp: bool,
+    /// Where files an instance could not see are copied.
+    staging: PathBuf,
+}
+
+impl Sight {
+    fn sees(&self, path: &Path) -> bool {
+        let Ok(meta) = path.metadata() else { return false };
+        let mode = meta.permissions().mode();
+        !(self.private_tmp && path.starts_with("/tmp"))
+            && (!self.others_only || (mode & 0o005 == 0o005 && ancestors_searchable(path)))
+    }
+
+    /// An interpreter found on `PATH` (or given as a path) that an instance can run.
+    /// The first on `PATH` that an instance sees (a pyenv shim under
+    /// `/root` is passed over for `/usr/bin/python3`).
+    fn program(&self, name: &str) -> Result<PathBuf, String> {
+        let found = find_programs(name);
+        if let Some(program) = found.iter().find(|p| self.sees(p)) {
+            return Ok(program.clone());
         }
-        Err(e) => return Err(e),
-    };
-    Ok(Launcher {
-        program,
-        args: vec!["runtime-rust".to_owned()],
-    })
+        match found.first() {
+            None => Err(format!("{name} not found on PATH")),
+            Some(program) => Err(format!(
+                "{} cannot be run from inside an instance's sandbox (it must be readable and \
+                 executable by other users{}); set its path to one that is",
+                program.display(),
+                if self.private_tmp { ", and not under /tmp" } else { "" }
+            )),
+        }
+    }
+
+    /// `file` itself when an instance sees it, else a copy of it in the
+    /// staging directory (under `name`).
+    fn stage(&self, file: &Path, name: &str) -> Result<PathBuf, String> {
+        let file = file
+            .canonicalize()
+            .map_err(|e| format!("{} not found: {e}", file.display()))?;
+        if self.sees(&file) {
+            return Ok(file);
+        }
+        let dir = self.staging.join(name);
+        let copy = dir.join(file.file_name().unwrap_or(std::ffi::OsStr::new("program")));
+        let staged = (|| {
+            for d in [&self.staging, &dir] {
+                std::fs::create_dir_all(d)?;
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
+            }
+            let tmp = copy.with_extension("tmp");
+            std::fs::copy(&file, &tmp)?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::rename(&tmp, &copy)
+        })();
+        staged.map_err(|e| format!("copying {} to {}: {e}", file.display(), copy.display()))?;
+        if !self.sees(&copy) {
+            return Err(format!("{} is not visible from inside an instance", copy.display()));
+        }
+        Ok(copy)
+    }
 }
 
 /// The instance directory, with `tmp/`, owned by the instance user.
@@ -673,9 +767,9 @@ impl Drop for UidLease {
     }
 }
 
-/// Finds `name` on `PATH` (or takes it as a path). With `others_only`, skips
-/// programs the instance user could not run (e.g. under root's home).
-fn find_program(name: &str, others_only: bool) -> Result<PathBuf, String> {
+/// Every executable file called `name` on `PATH`, in order (or `name`
+/// itself when it is a path).
+fn find_programs(name: &str) -> Vec<PathBuf> {
     let candidates: Vec<PathBuf> = if name.contains('/') {
         vec![PathBuf::from(name)]
     } else {
@@ -686,18 +780,11 @@ fn find_program(name: &str, others_only: bool) -> Result<PathBuf, String> {
     candidates
         .into_iter()
         .filter_map(|c| c.canonicalize().ok())
-        .find(|c| {
-            let Ok(meta) = c.metadata() else { return false };
-            let mode = meta.permissions().mode();
-            meta.is_file() && mode & 0o111 != 0 && (!others_only || (mode & 0o001 != 0 && ancestors_searchable(c)))
+        .filter(|c| {
+            c.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
-        .ok_or_else(|| {
-            if others_only {
-                format!("{name} not found on PATH in a place the instance user can run it")
-            } else {
-                format!("{name} not found on PATH")
-            }
-        })
+        .collect()
 }
 
 fn ancestors_searchable(path: &Path) -> bool {
