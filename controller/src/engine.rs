@@ -1,55 +1,37 @@
-//! The execution engine: what initialize and execute do, between the HTTP
-//! handlers and the runtime backends.
+//! The session layer: initialize, execute and close over the invocation
+//! core ([`crate::invoke`]). It owns session records, the instances that
+//! retained sessions keep, and the serialisation of one session's
+//! executions; everything about running a function (schema, cache,
+//! instances, the deadline, records, metrics) is the core's.
 //!
 //! ```text
-//! initialize: scope -> registry (current version) -> pool.acquire (/init)
+//! initialize: scope -> registry (current version) -> core.prepare (/init)
 //!             -> session record; the instance is kept by the session
 //!             (retain_session) or goes back to the version's idle list
-//! execute:    session (owner) -> scope -> params schema -> cache L1
-//!             -> instance (the session's, or from the pool) -> /run with
-//!             the deadline -> cache the success -> session stats
+//! execute:    session lock -> session (owner) -> scope -> core.invoke
+//!             (with the session's retained instance) -> session stats
 //! ```
-//!
-//! The deadline is enforced here and only here: past it the instance is
-//! killed and the client gets `504 TIMEOUT`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::auth::Subject;
-use crate::cache::{CacheKey, Layers};
 use crate::error::ApiError;
+use crate::invoke::{CacheDirective, Invocation, Invoker, Origin, Retained};
 use crate::language::LanguageTitle;
 use crate::metrics::Metrics;
-use crate::records::ExecutionLog;
-use crate::registry::{FunctionVersion, Registry};
-use crate::runtime::pool::{InstancePool, Lease};
-use crate::runtime::{InstanceError, RunOutcome, RunRequest};
+use crate::registry::Registry;
 use crate::sessions::{SessionRecord, SessionStatus, SessionStore};
-use crate::store::ExecutionRecord;
 use crate::timefmt;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineSettings {
     pub session_ttl: Duration,
     pub max_timeout_ms: u64,
-    pub cache_ttl: Duration,
-    /// Longest TTL a client may ask for with `max-age`.
-    pub max_cache_ttl: Duration,
-}
-
-/// `X-Cache-Control`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheDirective {
-    Default,
-    /// Skip the lookup; the fresh result is still stored.
-    NoCache,
-    /// Accept a cached result at most this old; store the fresh one for this long.
-    MaxAge(Duration),
 }
 
 /// The part of initialize's `context` the controller reads itself.
@@ -73,39 +55,18 @@ pub struct Executed {
     pub instance_recreated: bool,
 }
 
-/// How an execution came by its instance.
-#[derive(Debug, Clone, Copy)]
-struct InstanceStart {
-    /// An instance was started for it.
-    cold: bool,
-    /// A retained session's instance was replaced.
-    recreated: bool,
-}
-
-/// How one execution went, for [`Engine::finish`].
-struct Finished<'a> {
-    subject: &'a Subject,
-    started: Instant,
-    started_at: OffsetDateTime,
-    outcome: &'static str,
-    cached: bool,
-    cold_start: bool,
-}
-
 /// One session's serialisation point and, when retained, its instance.
 #[derive(Default)]
 struct Slot {
-    lease: Option<Lease>,
+    retained: Retained,
 }
 
 pub struct Engine {
     pub registry: Arc<Registry>,
     pub sessions: Arc<dyn SessionStore>,
-    pub cache: Layers,
-    pub pool: Arc<InstancePool>,
+    /// Runs the functions.
+    pub core: Arc<Invoker>,
     pub metrics: Arc<Metrics>,
-    /// Where answered executions are recorded, off the request path.
-    records: ExecutionLog,
     settings: EngineSettings,
     /// Per session of this process: its lock and retained instance. Executions
     /// of one session run one at a time.
@@ -128,19 +89,15 @@ impl Engine {
     pub fn new(
         registry: Arc<Registry>,
         sessions: Arc<dyn SessionStore>,
-        cache: Layers,
-        pool: Arc<InstancePool>,
+        core: Arc<Invoker>,
         metrics: Arc<Metrics>,
-        records: ExecutionLog,
         settings: EngineSettings,
     ) -> Self {
         Engine {
             registry,
             sessions,
-            cache,
-            pool,
+            core,
             metrics,
-            records,
             settings,
             slots: Mutex::new(HashMap::new()),
         }
@@ -189,7 +146,8 @@ impl Engine {
         };
         let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
-        let lease = self.pool.acquire(&function).await.map_err(instance_error)?;
+        let mut retained = Retained::default();
+        self.core.prepare(&function, Some(&mut retained)).await?;
         let now = timefmt::now();
         let record = SessionRecord {
             request_id: request_id.clone(),
@@ -207,16 +165,16 @@ impl Engine {
         };
         let inserted = self.sessions.insert(record.clone()).await.map_err(ApiError::Internal);
         if !matches!(inserted, Ok(true)) {
-            self.pool.release(lease).await;
+            self.core.release(retained).await;
             inserted?;
             return Err(ApiError::Conflict(format!(
                 "request ID '{request_id}' is already in use"
             )));
         }
         if record.retain {
-            self.slot(&request_id).lock().await.lease = Some(lease);
+            self.slot(&request_id).lock().await.retained = retained;
         } else {
-            self.pool.release(lease).await;
+            self.core.release(retained).await;
         }
         self.update_session_gauge().await;
         Ok(record)
@@ -246,7 +204,7 @@ impl Engine {
             && Arc::ptr_eq(current, handle)
             // Ours, plus the map's: nobody else is waiting on it.
             && Arc::strong_count(handle) == 2
-            && handle.try_lock().is_ok_and(|s| s.lease.is_none())
+            && handle.try_lock().is_ok_and(|s| s.retained.is_empty())
         {
             slots.remove(request_id);
         }
@@ -254,10 +212,9 @@ impl Engine {
 
     async fn drop_slot(&self, request_id: &str) {
         let slot = self.slots.lock().unwrap().remove(request_id);
-        if let Some(slot) = slot
-            && let Some(lease) = slot.lock().await.lease.take()
-        {
-            self.pool.discard(lease).await;
+        if let Some(slot) = slot {
+            let retained = std::mem::take(&mut slot.lock().await.retained);
+            self.core.discard(retained).await;
         }
     }
 
@@ -269,8 +226,7 @@ impl Engine {
         params: Value,
         directive: CacheDirective,
     ) -> Result<Executed, ApiError> {
-        let started = Instant::now();
-        let started_at = OffsetDateTime::now_utc();
+        let started = std::time::Instant::now();
         if !subject.can_execute_something() {
             return Err(ApiError::Forbidden("token has no 'execute:*' scope".into()));
         }
@@ -282,7 +238,7 @@ impl Engine {
             Ok(s) => s,
             Err(e) => {
                 // Unknown or foreign IDs must not leave slots behind.
-                if slot.lease.is_none() {
+                if slot.retained.is_empty() {
                     drop(slot);
                     self.forget_idle_slot(request_id, &slot_handle);
                 }
@@ -308,174 +264,44 @@ impl Engine {
         if !params.is_object() {
             return Err(ApiError::InvalidRequest("'params' must be a JSON object".into()));
         }
-        if let Err(details) = function.validate_params(&params) {
-            self.metrics
-                .record_execution(language_title.as_str(), "invalid_params", started.elapsed());
-            return Err(ApiError::InvalidParams {
-                message: "params do not match the function's schema".into(),
-                details,
-            });
-        }
 
-        let key = CacheKey::new(language_title.as_str(), &function.code_hash, &params, &session.context);
-        if directive != CacheDirective::NoCache {
-            let max_age = match directive {
-                CacheDirective::MaxAge(max) => Some(max),
-                _ => None,
-            };
-            let hit = self.cache.get(&key, max_age).await;
-            if let Some(entry) = hit {
-                let done = Finished {
-                    subject,
-                    started,
-                    started_at,
-                    outcome: "cache_hit",
-                    cached: true,
-                    cold_start: false,
-                };
-                self.finish(&session, done).await;
-                return Ok(Executed {
-                    language_title: session.language_title,
-                    execution_time_ms: started.elapsed().as_millis() as u64,
-                    cached: true,
-                    result: entry.result,
-                    instance_recreated: false,
-                });
-            }
-        }
-
-        let (started_instance, outcome) = self.run(&mut slot, &session, &function, &params).await;
-        let (label, result) = match outcome {
-            Ok(RunOutcome::Success(value)) => ("success", Ok(Arc::new(value))),
-            Ok(RunOutcome::InvalidParams { message, details }) => {
-                ("invalid_params", Err(ApiError::InvalidParams { message, details }))
-            }
-            Ok(RunOutcome::Failed { message, details }) => {
-                ("runtime_error", Err(ApiError::Runtime { message, details }))
-            }
-            Err(e @ ApiError::Timeout { .. }) => ("timeout", Err(e)),
-            Err(e) => ("error", Err(e)),
-        };
-        if let Ok(value) = &result {
-            let ttl = match directive {
-                CacheDirective::MaxAge(ttl) => ttl.min(self.settings.max_cache_ttl),
-                _ => self.settings.cache_ttl,
-            };
-            self.cache.put(&key, value.clone(), ttl).await;
-        }
-        let done = Finished {
-            subject,
-            started,
-            started_at,
-            outcome: label,
-            cached: false,
-            cold_start: started_instance.cold,
-        };
-        self.finish(&session, done).await;
-        if !session.retain {
-            drop(slot);
-            self.slots.lock().unwrap().remove(request_id);
-        }
-        result.map(|result| Executed {
-            language_title: session.language_title,
-            execution_time_ms: started.elapsed().as_millis() as u64,
-            cached: false,
-            result,
-            instance_recreated: started_instance.recreated,
-        })
-    }
-
-    /// One run on the session's instance (retained) or a pooled one, within
-    /// the deadline. Also says how the instance was come by.
-    async fn run(
-        &self,
-        slot: &mut Slot,
-        session: &SessionRecord,
-        function: &FunctionVersion,
-        params: &Value,
-    ) -> (InstanceStart, Result<RunOutcome, ApiError>) {
-        let retained = match slot.lease.take() {
-            Some(mut lease) => {
-                if lease.instance.is_alive() {
-                    Some(lease)
-                } else {
-                    self.pool.discard(lease).await;
-                    None
-                }
-            }
-            None => None,
-        };
-        let mut info = InstanceStart {
-            cold: false,
-            // A retained session without a live instance here gets a fresh one.
-            recreated: session.retain && retained.is_none(),
-        };
-        let mut lease = match retained {
-            Some(lease) => lease,
-            None => match self.pool.acquire(function).await {
-                Ok(lease) => lease,
-                Err(e) => return (info, Err(instance_error(e))),
+        let invocation = Invocation {
+            function: &function,
+            params: &params,
+            context: &session.context,
+            deadline: Duration::from_millis(session.timeout_ms),
+            cache: directive,
+            origin: Origin {
+                request_id,
+                subject: &subject.sub,
             },
         };
-        info.cold = lease.start.is_cold();
-        let deadline = Duration::from_millis(session.timeout_ms);
-        let request = RunRequest {
-            params,
-            context: &session.context,
-            deadline,
-        };
-        let result = match tokio::time::timeout(deadline, lease.instance.run(request)).await {
-            Err(_elapsed) => {
-                tracing::info!(request_id = %session.request_id, instance = lease.instance.id(), "deadline passed; killing the instance");
-                self.pool.discard(lease).await;
-                Err(ApiError::Timeout {
-                    timeout_ms: session.timeout_ms,
-                })
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(request_id = %session.request_id, instance = lease.instance.id(), error = %e, "instance failed");
-                self.pool.discard(lease).await;
-                Err(instance_error(e))
-            }
-            Ok(Ok(outcome)) => {
-                if session.retain {
-                    slot.lease = Some(lease);
-                } else {
-                    self.pool.release(lease).await;
-                }
-                Ok(outcome)
-            }
-        };
-        (info, result)
-    }
-
-    /// Metrics, session stats and the durable record of one answered execution.
-    async fn finish(&self, session: &SessionRecord, done: Finished<'_>) {
-        let elapsed = done.started.elapsed();
-        self.metrics
-            .record_execution(&session.language_title, done.outcome, elapsed);
-        self.records.record(ExecutionRecord {
-            id: uuid::Uuid::new_v4(),
-            request_id: session.request_id.clone(),
-            subject: done.subject.sub.clone(),
-            language_title: session.language_title.clone(),
-            version: session.version,
-            started_at: done.started_at,
-            duration_ms: elapsed.as_millis() as i64,
-            outcome: done.outcome.to_owned(),
-            cached: done.cached,
-            cold_start: done.cold_start,
-        });
+        let retained = session.retain.then_some(&mut slot.retained);
+        let invoked = self.core.invoke(invocation, retained).await;
+        if invoked.as_ref().is_err_and(|e| !e.ran()) {
+            // Refused before it ran: the session is not spent.
+            return Err(invoked.unwrap_err().into());
+        }
         if let Err(e) = self
             .sessions
-            .record_execution(&session.request_id, timefmt::now(), !session.retain)
+            .record_execution(request_id, timefmt::now(), !session.retain)
             .await
         {
             tracing::error!(error = format!("{e:#}"), "recording the execution on the session");
         }
         if !session.retain {
             self.update_session_gauge().await;
+            drop(slot);
+            self.slots.lock().unwrap().remove(request_id);
         }
+        let invoked = invoked?;
+        Ok(Executed {
+            language_title: session.language_title,
+            execution_time_ms: started.elapsed().as_millis() as u64,
+            cached: invoked.cached,
+            result: invoked.result,
+            instance_recreated: invoked.instance_recreated,
+        })
     }
 
     /// Forgets a deleted function's sessions and idle instances.
@@ -485,7 +311,7 @@ impl Engine {
                 self.drop_slot(&id).await;
             }
         }
-        self.pool.evict_function(language_title).await;
+        self.core.evict_function(language_title).await;
         self.update_session_gauge().await;
     }
 
@@ -520,11 +346,10 @@ impl Engine {
     pub async fn shutdown(&self) {
         let slots: Vec<_> = self.slots.lock().unwrap().drain().map(|(_, s)| s).collect();
         for slot in slots {
-            if let Some(lease) = slot.lock().await.lease.take() {
-                self.pool.discard(lease).await;
-            }
+            let retained = std::mem::take(&mut slot.lock().await.retained);
+            self.core.discard(retained).await;
         }
-        self.pool.shutdown().await;
+        self.core.shutdown().await;
     }
 }
 
@@ -537,30 +362,5 @@ fn require_execute_scope(subject: &Subject, language_title: &LanguageTitle) -> R
         Err(ApiError::Forbidden(format!(
             "token lacks scope 'execute:{language}' (or 'execute:all')"
         )))
-    }
-}
-
-/// What a client sees when an instance (not the function) failed.
-fn instance_error(e: InstanceError) -> ApiError {
-    match e {
-        InstanceError::Unavailable { .. } => ApiError::Unavailable(e.to_string()),
-        InstanceError::Init { message, details } => ApiError::Initialization {
-            message: format!("the function failed to load: {message}"),
-            details,
-        },
-        InstanceError::Crashed { message, details } => ApiError::Runtime { message, details },
-        InstanceError::ResultTooLarge { limit } => ApiError::Runtime {
-            message: e.to_string(),
-            details: json!({ "limit_bytes": limit }),
-        },
-        InstanceError::Protocol(message) => ApiError::Runtime {
-            message: format!("the runtime misbehaved: {message}"),
-            details: json!({}),
-        },
-        InstanceError::NotReady { message } => ApiError::NotReady {
-            message,
-            retry_after_secs: 5,
-        },
-        InstanceError::BuildFailed(failure) => ApiError::build_failed(failure),
     }
 }

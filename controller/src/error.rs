@@ -211,3 +211,24 @@ impl ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+impl From<crate::invoke::CoreError> for ApiError {
+    /// The contract's code for each way an invocation can fail.
+    fn from(e: crate::invoke::CoreError) -> Self {
+        use crate::invoke::CoreError;
+        match e {
+            CoreError::SchemaMismatch { message, details } | CoreError::InvalidParams { message, details } => {
+                ApiError::InvalidParams { message, details }
+            }
+            CoreError::Runtime { message, details } => ApiError::Runtime { message, details },
+            CoreError::Timeout { timeout_ms } => ApiError::Timeout { timeout_ms },
+            CoreError::Initialization { message, details } => ApiError::Initialization { message, details },
+            CoreError::Unavailable(message) => ApiError::Unavailable(message),
+            CoreError::NotReady { message } => ApiError::NotReady {
+                message,
+                retry_after_secs: 5,
+            },
+            CoreError::BuildFailed(failure) => ApiError::build_failed(failure),
+        }
+    }
+}

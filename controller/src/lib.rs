@@ -12,7 +12,10 @@
 //! - [`startup`]: [`startup::Application`] builds everything and serves.
 //! - [`http`]: one module per resource (`initialize`, `execute`, `sessions`,
 //!   `functions`, `health`), the guard (token, rate limit) and extractors.
-//! - [`engine`]: what initialize and execute do; the one place the deadline is enforced.
+//! - [`invoke`]: the invocation core: one call runs one function version
+//!   (schema, cache, instance, the deadline, records, metrics); no HTTP in it.
+//! - [`engine`]: the session layer over the core: initialize, execute, close;
+//!   session records, retained instances, one execution per session at a time.
 //! - [`registry`]: functions and versions, in memory over the [`store`];
 //!   the manifest format.
 //! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations.
@@ -31,8 +34,9 @@
 //! - [`language`], [`timefmt`]: Language-Titles; contract timestamps.
 //!
 //! A request flows: `http` (request ID, trace, CORS, body limit, metrics)
-//! -> `http::guard` (token, rate limit) -> handler -> `engine` -> `cache` /
-//! `runtime::pool` -> `runtime::process` instance over its Unix socket.
+//! -> `http::guard` (token, rate limit) -> handler -> `engine` (session)
+//! -> `invoke` (core) -> `cache` / `runtime::pool` -> `runtime::process`
+//! instance over its Unix socket.
 
 pub mod auth;
 pub mod build;
@@ -42,6 +46,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod invoke;
 pub mod language;
 pub mod metrics;
 pub mod ratelimit;

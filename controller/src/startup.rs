@@ -19,6 +19,7 @@ use crate::cache::{Layers, ResultCache};
 use crate::config::ServeArgs;
 use crate::engine::{Engine, EngineSettings};
 use crate::http::{self, AppState, HttpSettings};
+use crate::invoke::{InvokeSettings, Invoker};
 use crate::metrics::Metrics;
 use crate::ratelimit::{Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter};
 use crate::records::ExecutionLog;
@@ -216,18 +217,24 @@ impl Application {
             Some(redis) => Arc::new(FallbackSessionStore::new(RedisSessionStore::new(redis.clone()))),
             None => Arc::new(MemorySessionStore::default()),
         };
-        let engine = Arc::new(Engine::new(
-            registry,
-            sessions,
+        let core = Arc::new(Invoker::new(
             cache,
             pool.clone(),
             metrics.clone(),
             records,
+            InvokeSettings {
+                cache_ttl: Duration::from_secs(args.cache_ttl_secs),
+                max_cache_ttl: MAX_CACHE_TTL,
+            },
+        ));
+        let engine = Arc::new(Engine::new(
+            registry,
+            sessions,
+            core,
+            metrics.clone(),
             EngineSettings {
                 session_ttl: args.session_ttl(),
                 max_timeout_ms: args.max_timeout_ms,
-                cache_ttl: Duration::from_secs(args.cache_ttl_secs),
-                max_cache_ttl: MAX_CACHE_TTL,
             },
         ));
         let limits = Limits {

@@ -12,8 +12,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use super::extract::{ApiJson, Auth};
-use crate::engine::CacheDirective;
 use crate::error::{ApiError, ExecuteErrorBody, WithRequestId};
+use crate::invoke::CacheDirective;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(execute))

@@ -357,7 +357,7 @@ async fn update_function(
         .await
         .map_err(ApiError::from)?;
     // Idle instances of older versions will not be asked for again.
-    state.engine.pool.evict_function(lt.as_str()).await;
+    state.engine.core.evict_function(lt.as_str()).await;
     tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function updated");
     Ok(axum::Json(detail(&f, state.builder.as_ref())))
 }

@@ -61,7 +61,7 @@ async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
     };
     let mut runtimes = BTreeMap::new();
     let mut runtime_errors = BTreeMap::new();
-    for (language, (status, error)) in state.engine.pool.health() {
+    for (language, (status, error)) in state.engine.core.pool().health() {
         runtimes.insert(language.to_string(), status);
         if let Some(e) = error {
             runtime_errors.insert(language.to_string(), e);
@@ -93,7 +93,7 @@ async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "application/openmetrics-text", body = String)))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let m = &state.metrics;
-    let (counts, busy) = state.engine.pool.counts();
+    let (counts, busy) = state.engine.core.pool().counts();
     for (language, pool_state, n) in counts {
         m.instances
             .get_or_create(&InstanceLabels {
