@@ -6,6 +6,7 @@
 //! `aud` are checked when configured. The `scope` claim is a space-separated
 //! string as in OAuth 2.0, or an array of strings.
 
+use secrecy::ExposeSecret;
 use std::io::Write;
 use std::path::Path;
 
@@ -104,7 +105,7 @@ impl Authenticator {
     /// (generated on first use).
     pub fn from_args(args: &AuthArgs) -> anyhow::Result<Self> {
         let secret = match &args.jwt_secret {
-            Some(s) if !s.expose().is_empty() => s.expose().as_bytes().to_vec(),
+            Some(s) if !s.expose_secret().is_empty() => s.expose_secret().as_bytes().to_vec(),
             _ => local_secret(&args.data_dir)?,
         };
         Ok(Self::new(&secret, args.jwt_issuer.clone(), args.jwt_audience.clone()).with_leeway(args.jwt_leeway_secs))

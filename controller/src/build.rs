@@ -28,7 +28,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::{Semaphore, watch};
@@ -470,13 +469,11 @@ async fn read_messages(stdout: Option<tokio::process::ChildStdout>, manifest: &P
     };
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        match msg["reason"].as_str() {
-            Some("compiler-message") => {
-                let level = msg["message"]["level"].as_str().unwrap_or_default();
-                let Some(rendered) = msg["message"]["rendered"].as_str() else {
+        use cargo_metadata::Message;
+        use cargo_metadata::diagnostic::DiagnosticLevel;
+        match serde_json::from_str::<Message>(&line) {
+            Ok(Message::CompilerMessage(msg)) => {
+                let Some(rendered) = msg.message.rendered else {
                     continue;
                 };
                 let mut rendered = rendered.trim_end().to_owned();
@@ -487,16 +484,14 @@ async fn read_messages(stdout: Option<tokio::process::ChildStdout>, manifest: &P
                     }
                     rendered.truncate(cut);
                 }
-                match level {
-                    "error" | "error: internal compiler error" => errors.push(rendered),
-                    "warning" if warnings.len() < MAX_MESSAGES => warnings.push(rendered),
+                match msg.message.level {
+                    DiagnosticLevel::Error | DiagnosticLevel::Ice => errors.push(rendered),
+                    DiagnosticLevel::Warning if warnings.len() < MAX_MESSAGES => warnings.push(rendered),
                     _ => {}
                 }
             }
-            Some("compiler-artifact") if msg["manifest_path"].as_str().map(Path::new) == Some(manifest) => {
-                if let Some(files) = msg["filenames"].as_array() {
-                    built.extend(files.iter().filter_map(|f| f.as_str()).map(PathBuf::from));
-                }
+            Ok(Message::CompilerArtifact(artifact)) if artifact.manifest_path.as_std_path() == manifest => {
+                built.extend(artifact.filenames.into_iter().map(PathBuf::from));
             }
             _ => {}
         }

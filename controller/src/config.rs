@@ -32,27 +32,12 @@ pub enum LogFormat {
     Json,
 }
 
-/// A secret read from the environment; never printed.
-#[derive(Clone, Default)]
-pub struct Secret(String);
+/// A secret from a flag or the environment: `secrecy`'s string, which
+/// never prints and is zeroed when dropped.
+pub type Secret = secrecy::SecretString;
 
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_owned()))
-    }
+fn secret(s: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::from(s.to_owned()))
 }
 
 /// Where the JWT secret comes from; shared by `serve` and `token`.
@@ -60,7 +45,7 @@ impl std::str::FromStr for Secret {
 pub struct AuthArgs {
     /// HS256 secret for tokens. Without it, a secret is generated once and
     /// kept in the data dir (for local use only).
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, value_parser = secret)]
     pub jwt_secret: Option<Secret>,
     /// Required `iss` claim, when set.
     #[arg(long, env = "JWT_ISSUER")]
@@ -102,11 +87,11 @@ pub struct ServeArgs {
     pub auth: AuthArgs,
     /// PostgreSQL URL (`postgres://…`) for functions and records; without it,
     /// SQLite in the data dir.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = secret)]
     pub database_url: Option<Secret>,
     /// Redis URL (`redis://host:6379/`): L2 result cache, shared sessions
     /// and rate limits; without it, all three stay in process.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = secret)]
     pub redis_url: Option<Secret>,
     /// Folder of bundled functions registered at start-up.
     #[arg(long, env = "FUNCTIONS_DIR")]

@@ -313,10 +313,13 @@ impl Invoker {
         mut retained: Option<&mut Retained>,
     ) -> (InstanceStart, Result<RunOutcome, CoreError>) {
         let kept = match retained.as_mut().and_then(|slot| slot.0.take()) {
-            Some(mut lease) if lease.instance.is_alive() => Some(lease),
-            Some(dead) => {
-                self.pool.discard(dead).await;
-                None
+            Some(mut lease) => {
+                if lease.instance.is_alive() {
+                    Some(lease)
+                } else {
+                    self.pool.discard(lease).await;
+                    None
+                }
             }
             None => None,
         };
@@ -414,4 +417,236 @@ struct InstanceStart {
     cold: bool,
     /// A retained instance was replaced.
     recreated: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    //! The core against the fake backend: what the deadline, a crash, a
+    //! failing `/init`, the cache and concurrent callers do to instances.
+
+    use std::sync::atomic::Ordering;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::cache::memory::MemoryCache;
+    use crate::language::Language;
+    use crate::registry::FunctionSpec;
+    use crate::runtime::fake::{Counters, FakeBackend};
+    use crate::runtime::pool::PoolConfig;
+
+    struct Harness {
+        core: Arc<Invoker>,
+        counters: Arc<Counters>,
+        _dir: tempfile::TempDir,
+        /// Holds the records' receiver, so recording never fails.
+        _records: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    }
+
+    async fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sqlite::SqliteStore::open(&dir.path().join("t.db"))
+            .await
+            .unwrap();
+        let (records, writer) = ExecutionLog::new(Arc::new(store));
+        let backend = Arc::new(FakeBackend::default());
+        let counters = backend.counters.clone();
+        let metrics = Arc::new(Metrics::new());
+        let config = PoolConfig {
+            warm_per_language: 0,
+            warm_memory_mb: crate::registry::manifest::DEFAULT_MEMORY_MB,
+            keep_warm: Duration::from_secs(60),
+            max_idle_per_version: 8,
+        };
+        let pool = InstancePool::new(backend, config, metrics.clone());
+        let cache = Layers::new(vec![Arc::new(MemoryCache::new(1 << 20))], metrics.clone());
+        let settings = InvokeSettings {
+            cache_ttl: Duration::from_secs(60),
+            max_cache_ttl: Duration::from_secs(600),
+        };
+        Harness {
+            core: Arc::new(Invoker::new(cache, pool, metrics, records, settings)),
+            counters,
+            _dir: dir,
+            _records: Box::pin(writer),
+        }
+    }
+
+    fn function(code: &str) -> FunctionVersion {
+        let spec = FunctionSpec {
+            description: "a fake function".into(),
+            ..Default::default()
+        };
+        let manifest = spec.normalize(Language::Nodejs).unwrap();
+        let hash = manifest.code_hash(code);
+        FunctionVersion::new(
+            "nodejs-fake".parse().unwrap(),
+            1,
+            manifest,
+            code.into(),
+            hash,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap()
+    }
+
+    static CONTEXT: Value = Value::Null;
+
+    fn invocation<'a>(function: &'a FunctionVersion, params: &'a Value, deadline_ms: u64) -> Invocation<'a> {
+        Invocation {
+            function,
+            params,
+            context: &CONTEXT,
+            deadline: Duration::from_millis(deadline_ms),
+            cache: CacheDirective::NoCache,
+            origin: Origin {
+                request_id: "test",
+                subject: "tester",
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_past_its_deadline_is_a_timeout_and_its_instance_is_stopped() {
+        let h = harness().await;
+        let f = function("ok");
+        let slow = json!({"sleep_ms": 10_000});
+
+        let started = Instant::now();
+        let r = h.core.invoke(invocation(&f, &slow, 100), None).await;
+
+        assert!(matches!(r, Err(CoreError::Timeout { timeout_ms: 100 })), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert_eq!(h.counters.terminated.load(Ordering::SeqCst), 1);
+        // The next invocation gets a fresh instance.
+        let ok = h.core.invoke(invocation(&f, &json!({}), 1000), None).await.unwrap();
+        assert_eq!(ok.result["instance"], "fake-1");
+        assert!(ok.cold_start);
+    }
+
+    #[tokio::test]
+    async fn a_crash_mid_run_is_a_runtime_error_and_a_retained_session_gets_a_new_instance() {
+        let h = harness().await;
+        let f = function("ok");
+        let mut retained = Retained::default();
+        let first = h
+            .core
+            .invoke(invocation(&f, &json!({}), 1000), Some(&mut retained))
+            .await
+            .unwrap();
+        let second = h
+            .core
+            .invoke(invocation(&f, &json!({}), 1000), Some(&mut retained))
+            .await
+            .unwrap();
+        assert_eq!(
+            (first.result["runs"].clone(), second.result["runs"].clone()),
+            (json!(1), json!(2))
+        );
+
+        let crashed = h
+            .core
+            .invoke(invocation(&f, &json!({"crash": true}), 1000), Some(&mut retained))
+            .await;
+        assert!(matches!(crashed, Err(CoreError::Runtime { .. })), "{crashed:?}");
+        assert!(retained.is_empty(), "a crashed instance is not kept");
+
+        let after = h
+            .core
+            .invoke(invocation(&f, &json!({}), 1000), Some(&mut retained))
+            .await
+            .unwrap();
+        assert!(after.instance_recreated);
+        assert_eq!(after.result["runs"], 1, "state started over");
+        assert_ne!(after.result["instance"], first.result["instance"]);
+    }
+
+    #[tokio::test]
+    async fn a_function_that_fails_to_load_is_an_initialization_error_and_its_instance_is_stopped() {
+        let h = harness().await;
+        let f = function("fail-init");
+        let r = h.core.invoke(invocation(&f, &json!({}), 1000), None).await;
+        match r {
+            Err(CoreError::Initialization { message, details }) => {
+                assert!(message.contains("fail-init"), "{message}");
+                assert_eq!(details, json!({"line": 1}));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(h.counters.started.load(Ordering::SeqCst), 1);
+        assert_eq!(h.counters.terminated.load(Ordering::SeqCst), 1);
+        assert_eq!(h.counters.runs.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn params_that_miss_the_schema_are_refused_before_anything_runs() {
+        let h = harness().await;
+        let spec: FunctionSpec = serde_json::from_value(json!({
+            "description": "typed",
+            "schema": {"params": {"type": "object", "required": ["n"]}}
+        }))
+        .unwrap();
+        let manifest = spec.normalize(Language::Nodejs).unwrap();
+        let f = FunctionVersion::new(
+            "nodejs-typed".parse().unwrap(),
+            1,
+            manifest,
+            "ok".into(),
+            "h".into(),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        let r = h.core.invoke(invocation(&f, &json!({}), 1000), None).await;
+        assert!(
+            matches!(&r, Err(e @ CoreError::SchemaMismatch { .. }) if !e.ran()),
+            "{r:?}"
+        );
+        assert_eq!(h.counters.started.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cached_result_is_served_without_an_instance_and_errors_are_never_cached() {
+        let h = harness().await;
+        let f = function("ok");
+        let params = json!({"n": 1});
+        let mut cached = invocation(&f, &params, 1000);
+        cached.cache = CacheDirective::Default;
+        let first = h.core.invoke(cached, None).await.unwrap();
+        let second = h.core.invoke(cached, None).await.unwrap();
+        assert!(!first.cached && second.cached);
+        assert_eq!(first.result, second.result);
+        assert_eq!(h.counters.runs.load(Ordering::SeqCst), 1);
+
+        let crash = json!({"crash": true});
+        let mut failing = invocation(&f, &crash, 1000);
+        failing.cache = CacheDirective::Default;
+        assert!(h.core.invoke(failing, None).await.is_err());
+        assert!(h.core.invoke(failing, None).await.is_err());
+        assert_eq!(h.counters.runs.load(Ordering::SeqCst), 3, "a failure is run again");
+    }
+
+    #[tokio::test]
+    async fn concurrent_invocations_never_share_an_instance() {
+        let h = harness().await;
+        let f = Arc::new(function("ok"));
+        // One instance specialised ahead, as initialize does.
+        h.core.prepare(&f, None).await.unwrap();
+        let runs = (0..12).map(|_| {
+            let core = h.core.clone();
+            let f = f.clone();
+            tokio::spawn(async move {
+                let params = json!({"sleep_ms": 30});
+                core.invoke(invocation(&f, &params, 5000), None).await
+            })
+        });
+        for run in futures::future::join_all(runs).await {
+            run.unwrap().unwrap();
+        }
+        assert!(
+            !h.counters.overlapped.load(Ordering::SeqCst),
+            "two runs shared an instance"
+        );
+        assert_eq!(h.counters.runs.load(Ordering::SeqCst), 12);
+        assert!(h.counters.started.load(Ordering::SeqCst) > 1);
+    }
 }

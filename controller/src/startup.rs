@@ -1,6 +1,7 @@
 //! Building the application from its settings and running it until a
 //! shutdown signal. `main` and the tests share this path.
 
+use secrecy::ExposeSecret;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -101,9 +102,9 @@ async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
 
 /// PostgreSQL when `DATABASE_URL` is set, else SQLite in the data dir.
 async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn Store>> {
-    if let Some(url) = args.database_url.as_ref().filter(|u| !u.expose().is_empty()) {
-        create_database_if_missing(url.expose()).await?;
-        let store = PostgresStore::connect(url.expose())
+    if let Some(url) = args.database_url.as_ref().filter(|u| !u.expose_secret().is_empty()) {
+        create_database_if_missing(url.expose_secret()).await?;
+        let store = PostgresStore::connect(url.expose_secret())
             .await
             .context("connecting to PostgreSQL")?;
         tracing::info!("store: PostgreSQL");
@@ -198,9 +199,9 @@ impl Application {
             },
             metrics.clone(),
         );
-        let redis = match args.redis_url.as_ref().filter(|u| !u.expose().is_empty()) {
+        let redis = match args.redis_url.as_ref().filter(|u| !u.expose_secret().is_empty()) {
             Some(url) => {
-                let client = RedisClient::new(url.expose()).context("REDIS_URL")?;
+                let client = RedisClient::new(url.expose_secret()).context("REDIS_URL")?;
                 if !client.ping().await {
                     tracing::warn!("Redis is unreachable at start-up; running degraded until it answers");
                 }

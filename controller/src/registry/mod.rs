@@ -39,6 +39,9 @@ pub struct FunctionVersion {
     pub files: Option<CrateFiles>,
     /// `schema.params`, compiled once.
     validator: jsonschema::Validator,
+    /// What `/init` sends, resolved at the first specialisation
+    /// ([`crate::runtime::init_payload`]) and kept for the version's life.
+    pub(crate) init_payload: tokio::sync::OnceCell<Arc<crate::runtime::protocol::InitPayload>>,
 }
 
 impl std::fmt::Debug for FunctionVersion {
@@ -57,21 +60,35 @@ impl FunctionVersion {
             .parse()
             .with_context(|| format!("stored Language-Title {:?}", v.language_title))?;
         let manifest: Manifest = serde_json::from_value(v.manifest).context("stored manifest")?;
-        let validator = jsonschema::validator_for(&manifest.schema.params)
-            .map_err(|e| anyhow::anyhow!("stored params schema: {e}"))?;
+        Self::new(language_title, v.version, manifest, v.code, v.code_hash, v.created_at)
+    }
+
+    /// A version from its parts: the params schema is compiled and a
+    /// crate's files are parsed here, once.
+    pub fn new(
+        language_title: LanguageTitle,
+        version: i64,
+        manifest: Manifest,
+        code: String,
+        code_hash: String,
+        created_at: OffsetDateTime,
+    ) -> anyhow::Result<Self> {
+        let validator =
+            jsonschema::validator_for(&manifest.schema.params).map_err(|e| anyhow::anyhow!("params schema: {e}"))?;
         let files = match manifest.is_crate() {
-            true => Some(manifest::crate_files(&v.code).context("stored crate files")?),
+            true => Some(manifest::crate_files(&code).context("crate files")?),
             false => None,
         };
         Ok(FunctionVersion {
             language_title,
-            version: v.version,
+            version,
             manifest,
             files,
-            code: v.code,
-            code_hash: v.code_hash,
-            created_at: v.created_at,
+            code,
+            code_hash,
+            created_at,
             validator,
+            init_payload: tokio::sync::OnceCell::new(),
         })
     }
 

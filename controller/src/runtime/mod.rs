@@ -9,16 +9,22 @@
 //!
 //! # Layout
 //!
-//! - [`protocol`]: the HTTP-over-Unix-socket client for `/init`, `/run`, `/health`
-//!   (docs/runtime-protocol.md).
+//! - [`protocol`]: the typed client for `/init`, `/run`, `/health`
+//!   (docs/runtime-protocol.md) over a Unix socket or TCP with a token.
+//! - [`remote`]: [`remote::RemoteInstance`], the one instance for every
+//!   backend that starts runtime servers, over a backend's
+//!   [`remote::InstanceHandle`].
 //! - [`process`]: the process backend: spawn, scrubbed environment, limits.
 //! - [`wasm`]: the wasm backend: wasmtime in process, a fresh instance per run.
 //! - [`pool`]: warm pool, specialisation, reaping.
 //! - [`Backends`]: routes each language to its backend.
 
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod pool;
 pub mod process;
 pub mod protocol;
+pub mod remote;
 pub mod wasm;
 
 use std::path::PathBuf;
@@ -186,6 +192,42 @@ pub fn artifact_path(builder: &std::sync::Arc<Builder>, function: &FunctionVersi
     }
 }
 
+/// What `/init` sends for `function`: its source, or its built library as
+/// base64. Resolved once per function version (the first specialisation
+/// reads the artifact; later ones reuse it).
+pub async fn init_payload(
+    builder: Option<&std::sync::Arc<Builder>>,
+    function: &FunctionVersion,
+) -> Result<std::sync::Arc<protocol::InitPayload>, InstanceError> {
+    use base64::Engine as _;
+    function
+        .init_payload
+        .get_or_try_init(|| async {
+            let (entrypoint, code): (String, std::sync::Arc<str>) = match (&function.files, builder) {
+                (Some(_), Some(builder)) => {
+                    let path = artifact_path(builder, function)?;
+                    let bytes = tokio::fs::read(&path)
+                        .await
+                        .map_err(|e| InstanceError::Protocol(format!("reading the built artifact: {e}")))?;
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+                    (Target::Native.artifact_name().to_owned(), encoded.into())
+                }
+                (Some(_), None) => return Err(InstanceError::Protocol("no builder for a crate".into())),
+                (None, _) => (function.manifest.entrypoint.clone(), function.code.as_str().into()),
+            };
+            Ok(std::sync::Arc::new(protocol::InitPayload {
+                language_title: function.language_title.to_string(),
+                version: function.version,
+                entrypoint,
+                handler: function.manifest.handler.clone(),
+                code,
+                env: serde_json::to_value(&function.manifest.env).unwrap_or_default(),
+            }))
+        })
+        .await
+        .cloned()
+}
+
 /// The built artifact of a crate function, read whole.
 pub async fn built_artifact(
     builder: &std::sync::Arc<Builder>,
@@ -208,7 +250,8 @@ impl RuntimeBackend for Backends {
     }
 
     async fn ready(&self, function: &FunctionVersion) -> Result<(), InstanceError> {
-        if function.files.is_none() {
+        // Source functions, and crates whose artifact was already read.
+        if function.files.is_none() || function.init_payload.initialized() {
             return Ok(());
         }
         let builder = self.builder().map_err(|message| InstanceError::Unavailable {

@@ -31,31 +31,23 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use hyper::{Method, StatusCode};
 use rustix::process::{Pid, Resource, Rlimit, Signal};
-use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-use base64::Engine as _;
-
-use super::protocol::{ProtocolError, RuntimeClient};
-use super::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend};
+use super::protocol::Endpoint;
+use super::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
+use super::{Instance, InstanceError, RuntimeBackend};
 use crate::build::Builder;
 use crate::language::Language;
-use crate::registry::FunctionVersion;
 
 /// `PATH` inside an instance.
 const INSTANCE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-/// How long a runtime server may take to answer its first `/health`.
-const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes of stdout/stderr kept per instance for crash reports.
 const OUTPUT_TAIL_BYTES: usize = 4096;
-/// Largest `/init` answer read.
-const MAX_INIT_RESPONSE: usize = 256 * 1024;
 
 /// Limits applied to every instance.
 #[derive(Debug, Clone, Copy)]
@@ -104,8 +96,8 @@ pub struct ProcessBackend {
     /// itself under `/tmp`, which the mount would hide).
     private_tmp: bool,
     limits: ProcessLimits,
-    max_result_bytes: usize,
-    builder: Option<Arc<Builder>>,
+    /// What every instance is given: the result cap, the builder.
+    remote: RemoteSettings,
 }
 
 impl std::fmt::Debug for ProcessBackend {
@@ -188,8 +180,10 @@ impl ProcessBackend {
             uids,
             private_tmp,
             limits: config.limits,
-            max_result_bytes: config.max_result_bytes,
-            builder: config.builder,
+            remote: RemoteSettings {
+                max_result_bytes: config.max_result_bytes,
+                builder: config.builder,
+            },
         })
     }
 }
@@ -263,7 +257,6 @@ impl RuntimeBackend for ProcessBackend {
             None => None,
         };
         limit_child(&mut cmd, self.limits, memory_mb * 1024 * 1024, sandbox);
-        let started = Instant::now();
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -285,26 +278,23 @@ impl RuntimeBackend for ProcessBackend {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(drain(err, output.clone(), true));
         }
-        let mut instance = ProcessInstance {
+        let handle = ProcessHandle {
             id,
-            language,
             child,
             pid,
             dir,
-            client: RuntimeClient::new(socket),
             output,
-            memory_mb,
-            max_result_bytes: self.max_result_bytes,
-            initialized: false,
             terminated: false,
             uid,
-            builder: self.builder.clone(),
         };
-        if let Err(e) = instance.wait_ready(started).await {
-            instance.terminate().await;
-            return Err(unavailable(e));
-        }
-        tracing::debug!(instance = %instance.id, %language, ms = started.elapsed().as_millis() as u64, "instance started");
+        let instance = RemoteInstance::connect(
+            Box::new(handle),
+            Endpoint::Unix(socket),
+            language,
+            memory_mb,
+            &self.remote,
+        )
+        .await?;
         Ok(Box::new(instance))
     }
 }
@@ -508,189 +498,39 @@ async fn drain(mut pipe: impl tokio::io::AsyncRead + Unpin, output: Arc<Output>,
     }
 }
 
-pub struct ProcessInstance {
+/// One runtime server process: its child, directory, output and uid.
+pub struct ProcessHandle {
     id: String,
-    language: Language,
     child: Child,
     /// The child's pid, which is also its process group.
     pid: Option<Pid>,
     dir: PathBuf,
-    client: RuntimeClient,
     output: Arc<Output>,
-    /// The instance's memory cap.
-    memory_mb: u64,
-    max_result_bytes: usize,
-    initialized: bool,
     terminated: bool,
     /// The instance's own uid, given back when the instance is gone.
     uid: Option<UidLease>,
-    builder: Option<Arc<Builder>>,
-}
-
-impl ProcessInstance {
-    async fn wait_ready(&mut self, started: Instant) -> Result<(), String> {
-        let mut pause = Duration::from_millis(2);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "runtime server exited during start-up ({status}): {}",
-                    self.output.tail(true).trim()
-                ));
-            }
-            if let Ok((StatusCode::OK, _)) = self.client.call(Method::GET, "/health", None, 64 * 1024).await {
-                return Ok(());
-            }
-            if started.elapsed() > START_TIMEOUT {
-                return Err(format!("runtime server did not answer within {START_TIMEOUT:?}"));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-    }
-
-    /// The error for a connection that failed: a crash if the process is
-    /// gone (with its exit status and output), else a protocol error.
-    async fn failure(&mut self, err: ProtocolError) -> InstanceError {
-        if let ProtocolError::TooLarge(_) = err {
-            return InstanceError::ResultTooLarge {
-                limit: self.max_result_bytes,
-            };
-        }
-        // Give a dying process a moment to be reaped so its status is known.
-        let status = tokio::time::timeout(Duration::from_millis(500), self.child.wait()).await;
-        let stderr = self.output.tail(true);
-        match status {
-            Ok(Ok(status)) => {
-                let oom = stderr.contains("out of memory")
-                    || stderr.contains("MemoryError")
-                    || stderr.contains("memory allocation of");
-                let message = if oom {
-                    format!(
-                        "the function ran out of memory (limit {} MiB) and its instance was stopped",
-                        self.memory_mb
-                    )
-                } else {
-                    format!("the instance exited during the run ({status})")
-                };
-                InstanceError::Crashed {
-                    message,
-                    details: json!({ "exit_status": status.to_string(), "stderr_tail": last_lines(&stderr, 20) }),
-                }
-            }
-            _ => InstanceError::Protocol(err.to_string()),
-        }
-    }
-}
-
-fn last_lines(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn error_parts(body: &Value) -> (String, String, Value) {
-    let error = &body["error"];
-    let code = error["code"].as_str().unwrap_or("RUNTIME_ERROR").to_owned();
-    let message = error["message"].as_str().unwrap_or("the function failed").to_owned();
-    let details = match &error["details"] {
-        Value::Object(_) => error["details"].clone(),
-        _ => json!({}),
-    };
-    (code, message, details)
 }
 
 #[async_trait]
-impl Instance for ProcessInstance {
+impl InstanceHandle for ProcessHandle {
     fn id(&self) -> &str {
         &self.id
     }
 
-    fn language(&self) -> Language {
-        self.language
-    }
-
-    async fn init(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
-        if self.initialized {
-            return Err(InstanceError::Protocol("instance is already initialised".into()));
-        }
-        if function.manifest.limits.memory_mb != self.memory_mb {
-            return Err(InstanceError::Protocol(
-                "instance memory cap differs from the function's".into(),
-            ));
-        }
-        // A crate runs as its built library, sent as base64.
-        let (entrypoint, code) = match (&function.files, &self.builder) {
-            (Some(_), Some(builder)) => (
-                crate::build::Target::Native.artifact_name(),
-                base64::engine::general_purpose::STANDARD.encode(super::built_artifact(builder, function).await?),
-            ),
-            (Some(_), None) => return Err(InstanceError::Protocol("no builder for a crate".into())),
-            (None, _) => (function.manifest.entrypoint.as_str(), function.code.clone()),
-        };
-        let body = json!({
-            "language_title": function.language_title.as_str(),
-            "version": function.version,
-            "entrypoint": entrypoint,
-            "handler": function.manifest.handler,
-            "code": code,
-            "env": function.manifest.env,
-        });
-        let (status, answer) = match self
-            .client
-            .call(Method::POST, "/init", Some(&body), MAX_INIT_RESPONSE)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return Err(self.failure(e).await),
-        };
-        match status {
-            StatusCode::OK => {
-                self.initialized = true;
-                Ok(())
-            }
-            StatusCode::UNPROCESSABLE_ENTITY => {
-                let (_, message, details) = error_parts(&answer);
-                Err(InstanceError::Init { message, details })
-            }
-            other => Err(InstanceError::Protocol(format!(
-                "/init answered {other}: {}",
-                error_parts(&answer).1
-            ))),
-        }
-    }
-
-    async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError> {
-        let body = json!({
-            "params": request.params,
-            "context": request.context,
-            "deadline_ms": request.deadline.as_millis() as u64,
-        });
-        let (status, mut answer) = match self
-            .client
-            .call(Method::POST, "/run", Some(&body), self.max_result_bytes)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return Err(self.failure(e).await),
-        };
-        if status != StatusCode::OK {
-            return Err(InstanceError::Protocol(format!(
-                "/run answered {status}: {}",
-                error_parts(&answer).1
-            )));
-        }
-        if let Some(result) = answer.get_mut("result") {
-            return Ok(RunOutcome::Success(result.take()));
-        }
-        let (code, message, details) = error_parts(&answer);
-        Ok(if code == "INVALID_PARAMS" {
-            RunOutcome::InvalidParams { message, details }
-        } else {
-            RunOutcome::Failed { message, details }
-        })
-    }
-
     fn is_alive(&mut self) -> bool {
         !self.terminated && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    async fn exited(&mut self, wait: Duration) -> Option<Exit> {
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => status,
+            Ok(None) if !wait.is_zero() => tokio::time::timeout(wait, self.child.wait()).await.ok()?.ok()?,
+            _ => return None,
+        };
+        Some(Exit {
+            status: status.to_string(),
+            output_tail: self.output.tail(true),
+        })
     }
 
     async fn terminate(&mut self) {
@@ -706,7 +546,7 @@ impl Instance for ProcessInstance {
     }
 }
 
-impl ProcessInstance {
+impl ProcessHandle {
     fn kill_group(&mut self) {
         if let Some(pid) = self.pid {
             // The whole group: the runtime and anything the function forked.
@@ -716,7 +556,7 @@ impl ProcessInstance {
     }
 }
 
-impl Drop for ProcessInstance {
+impl Drop for ProcessHandle {
     fn drop(&mut self) {
         if !self.terminated {
             self.kill_group();

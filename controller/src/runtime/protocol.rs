@@ -1,67 +1,174 @@
-//! Client side of the runtime protocol (docs/runtime-protocol.md): HTTP/1.1
-//! and JSON over a Unix socket, one kept-alive connection per instance.
+//! The runtime protocol, client side (docs/runtime-protocol.md): typed
+//! `GET /health`, `POST /init` and `POST /run` over HTTP/1.1 + JSON, and the
+//! mapping of their answers. Every backend whose instances are runtime
+//! servers (process today; containers and pods later) reaches them through
+//! this one client; a backend only says where an instance listens.
+//!
+//! The transport is hyper-util's client, whose pool keeps the connection to
+//! an instance alive between calls, over a [`Connector`] that dials either a
+//! Unix socket or a TCP address on loopback. Over TCP every request carries
+//! the instance's own token (`Authorization: Bearer`), so that a runtime
+//! published on a port answers only its controller.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use serde_json::Value;
-use tokio::net::UnixStream;
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::{RunOutcome, RunRequest};
+
+/// Largest `/health` or `/init` answer read.
+const MAX_CONTROL_RESPONSE: usize = 256 * 1024;
+
+/// Where an instance's runtime server listens.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// A Unix socket (the process backend; a container's bind-mounted socket).
+    Unix(PathBuf),
+    /// A TCP address on loopback (a container's published port, a pod), and
+    /// the instance's token.
+    Tcp { addr: SocketAddr, token: SecretString },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("cannot connect to the instance: {0}")]
-    Connect(std::io::Error),
+    #[error("cannot reach the instance: {0}")]
+    Connect(String),
     #[error("connection to the instance failed: {0}")]
-    Http(#[from] hyper::Error),
+    Http(String),
     #[error("response larger than {0} bytes")]
     TooLarge(usize),
     #[error("instance answered something that is not JSON: {0}")]
     BadBody(String),
+    /// An answer the protocol does not have for this request.
+    #[error("{path} answered {status}: {message}")]
+    Status {
+        path: &'static str,
+        status: StatusCode,
+        message: String,
+    },
 }
 
-/// One instance's connection.
+/// Why `/init` did not load the function.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The code did not load (422): a syntax error, a throw at load time, no handler.
+    #[error("{message}")]
+    Refused { message: String, details: Value },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// What `/init` sends: the function's code (source text, or a built
+/// artifact as base64) under the file name the runtime writes it to.
+#[derive(Debug, Clone)]
+pub struct InitPayload {
+    pub language_title: String,
+    pub version: i64,
+    pub entrypoint: String,
+    pub handler: String,
+    pub code: std::sync::Arc<str>,
+    pub env: Value,
+}
+
+/// One instance's client.
+#[derive(Clone)]
 pub struct RuntimeClient {
-    socket: PathBuf,
-    sender: Option<SendRequest<Full<Bytes>>>,
+    client: Client<Connector, Full<Bytes>>,
+    /// Sent with every request over TCP.
+    token: Option<SecretString>,
 }
 
 impl std::fmt::Debug for RuntimeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RuntimeClient").field("socket", &self.socket).finish()
+        f.debug_struct("RuntimeClient").finish_non_exhaustive()
     }
 }
 
 impl RuntimeClient {
-    pub fn new(socket: PathBuf) -> Self {
-        RuntimeClient { socket, sender: None }
+    pub fn new(endpoint: Endpoint) -> Self {
+        let token = match &endpoint {
+            Endpoint::Tcp { token, .. } => Some(token.clone()),
+            Endpoint::Unix(_) => None,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            // One run at a time per instance: one connection is all it needs.
+            .pool_max_idle_per_host(1)
+            .build(Connector(endpoint));
+        RuntimeClient { client, token }
     }
 
-    async fn sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, ProtocolError> {
-        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let stream = UnixStream::connect(&self.socket)
-                .await
-                .map_err(ProtocolError::Connect)?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            // The connection task ends when the sender is dropped or the peer closes.
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            self.sender = Some(sender);
+    /// Whether the runtime server is up and answering.
+    pub async fn health(&self) -> Result<(), ProtocolError> {
+        let (status, body) = self.call(Method::GET, "/health", None, MAX_CONTROL_RESPONSE).await?;
+        match status {
+            StatusCode::OK => Ok(()),
+            status => Err(unexpected("/health", status, &body)),
         }
-        let sender = self.sender.as_mut().expect("set above");
-        sender.ready().await?;
-        Ok(sender)
+    }
+
+    /// Loads the function; an instance is initialised at most once.
+    pub async fn init(&self, payload: &InitPayload) -> Result<(), InitError> {
+        let body = json!({
+            "language_title": payload.language_title,
+            "version": payload.version,
+            "entrypoint": payload.entrypoint,
+            "handler": payload.handler,
+            "code": &*payload.code,
+            "env": payload.env,
+        });
+        let (status, answer) = self
+            .call(Method::POST, "/init", Some(&body), MAX_CONTROL_RESPONSE)
+            .await?;
+        match status {
+            StatusCode::OK => Ok(()),
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                let (_, message, details) = error_parts(&answer);
+                Err(InitError::Refused { message, details })
+            }
+            status => Err(unexpected("/init", status, &answer).into()),
+        }
+    }
+
+    /// Runs the function once; reads at most `max_response` bytes of the answer.
+    pub async fn run(&self, request: RunRequest<'_>, max_response: usize) -> Result<RunOutcome, ProtocolError> {
+        let body = json!({
+            "params": request.params,
+            "context": request.context,
+            "deadline_ms": request.deadline.as_millis() as u64,
+        });
+        let (status, mut answer) = self.call(Method::POST, "/run", Some(&body), max_response).await?;
+        if status != StatusCode::OK {
+            return Err(unexpected("/run", status, &answer));
+        }
+        if let Some(result) = answer.get_mut("result") {
+            return Ok(RunOutcome::Success(result.take()));
+        }
+        let (code, message, details) = error_parts(&answer);
+        Ok(if code == "INVALID_PARAMS" {
+            RunOutcome::InvalidParams { message, details }
+        } else {
+            RunOutcome::Failed { message, details }
+        })
     }
 
     /// Sends one request; reads at most `max_response` bytes of the answer.
-    pub async fn call(
-        &mut self,
+    async fn call(
+        &self,
         method: Method,
-        path: &str,
+        path: &'static str,
         body: Option<&Value>,
         max_response: usize,
     ) -> Result<(StatusCode, Value), ProtocolError> {
@@ -69,32 +176,283 @@ impl RuntimeClient {
             Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| ProtocolError::BadBody(e.to_string()))?),
             None => Bytes::new(),
         };
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "runtime")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(bytes))
-            .expect("static request parts are valid");
-        let result = async {
-            let response = self.sender().await?.send_request(request).await?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), max_response)
-                .collect()
-                .await
-                .map_err(|e| match e.downcast::<hyper::Error>() {
-                    Ok(e) => ProtocolError::Http(*e),
-                    Err(_) => ProtocolError::TooLarge(max_response),
-                })?
-                .to_bytes();
-            let value = serde_json::from_slice(&body).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
-            Ok((status, value))
+            // The connector ignores the host: each client reaches one instance.
+            .uri(format!("http://runtime{path}"))
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            request = request.header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", token.expose_secret()),
+            );
         }
-        .await;
-        if result.is_err() {
-            // A half-read connection cannot be reused.
-            self.sender = None;
+        let request = request.body(Full::new(bytes)).expect("static request parts are valid");
+        let response = self.client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                ProtocolError::Connect(error_chain(&e))
+            } else {
+                ProtocolError::Http(error_chain(&e))
+            }
+        })?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), max_response)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => ProtocolError::Http(e.to_string()),
+                Err(_) => ProtocolError::TooLarge(max_response),
+            })?
+            .to_bytes();
+        let value = serde_json::from_slice(&body).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
+        Ok((status, value))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message = format!("{message}: {s}");
+        source = s.source();
+    }
+    message
+}
+
+fn unexpected(path: &'static str, status: StatusCode, body: &Value) -> ProtocolError {
+    ProtocolError::Status {
+        path,
+        status,
+        message: error_parts(body).1,
+    }
+}
+
+/// The `error` object of an answer: code, message, details (an object).
+fn error_parts(body: &Value) -> (String, String, Value) {
+    let error = &body["error"];
+    let code = error["code"].as_str().unwrap_or("RUNTIME_ERROR").to_owned();
+    let message = error["message"].as_str().unwrap_or("the function failed").to_owned();
+    let details = match &error["details"] {
+        Value::Object(_) => error["details"].clone(),
+        _ => json!({}),
+    };
+    (code, message, details)
+}
+
+/// Dials the instance's endpoint, whatever the request's URI says.
+#[derive(Clone, Debug)]
+struct Connector(Endpoint);
+
+impl tower::Service<Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let endpoint = self.0.clone();
+        Box::pin(async move {
+            let stream = match endpoint {
+                Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+                Endpoint::Tcp { addr, .. } => {
+                    let stream = TcpStream::connect(addr).await?;
+                    stream.set_nodelay(true)?;
+                    Stream::Tcp(stream)
+                }
+            };
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// A connection to an instance over either transport.
+#[derive(Debug)]
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
         }
-        result
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client against a real HTTP server on loopback TCP (the Unix
+    //! socket path is exercised end to end by every process-backend test).
+
+    use super::*;
+    use axum::Json;
+    use axum::http::HeaderMap;
+    use axum::routing::{get, post};
+
+    const TOKEN: &str = "instance-token-0123456789";
+
+    fn authorized(headers: &HeaderMap) -> bool {
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {TOKEN}"))
+    }
+
+    async fn runtime_on_loopback() -> SocketAddr {
+        let app = axum::Router::new()
+            .route(
+                "/health",
+                get(|h: HeaderMap| async move {
+                    match authorized(&h) {
+                        true => (StatusCode::OK, Json(json!({"status": "ok"}))),
+                        false => (StatusCode::UNAUTHORIZED, Json(json!({"error": {"message": "bad token"}}))),
+                    }
+                }),
+            )
+            .route(
+                "/init",
+                post(|Json(body): Json<Value>| async move {
+                    match body["code"].as_str().unwrap_or_default() {
+                        "ok" => (StatusCode::OK, Json(json!({"status": "initialized"}))),
+                        _ => (
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            Json(json!({"error": {"code": "INIT_ERROR", "message": "syntax error", "details": {"line": 3}}})),
+                        ),
+                    }
+                }),
+            )
+            .route(
+                "/run",
+                post(|Json(body): Json<Value>| async move {
+                    let answer = match body["params"]["mode"].as_str() {
+                        Some("invalid") => json!({"error": {"code": "INVALID_PARAMS", "message": "no"}}),
+                        Some("fail") => json!({"error": {"code": "RUNTIME_ERROR", "message": "boom", "details": "x"}}),
+                        Some("big") => json!({"result": "y".repeat(4096)}),
+                        _ => json!({"result": {"echo": body["params"], "deadline_ms": body["deadline_ms"]}}),
+                    };
+                    Json(answer)
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    fn payload(code: &str) -> InitPayload {
+        InitPayload {
+            language_title: "nodejs-x".into(),
+            version: 1,
+            entrypoint: "index.js".into(),
+            handler: "handler".into(),
+            code: code.into(),
+            env: json!({}),
+        }
+    }
+
+    fn request(params: &Value) -> RunRequest<'_> {
+        static CONTEXT: Value = Value::Null;
+        RunRequest {
+            params,
+            context: &CONTEXT,
+            deadline: std::time::Duration::from_millis(1500),
+        }
+    }
+
+    #[tokio::test]
+    async fn over_tcp_every_call_carries_the_instance_token_and_answers_are_typed() {
+        let addr = runtime_on_loopback().await;
+        let client = RuntimeClient::new(Endpoint::Tcp {
+            addr,
+            token: SecretString::from(TOKEN),
+        });
+        client.health().await.unwrap();
+        client.init(&payload("ok")).await.unwrap();
+        match client.init(&payload("broken")).await {
+            Err(InitError::Refused { message, details }) => {
+                assert_eq!(message, "syntax error");
+                assert_eq!(details, json!({"line": 3}));
+            }
+            other => panic!("{other:?}"),
+        }
+        let params = json!({"n": 1});
+        match client.run(request(&params), 1 << 20).await.unwrap() {
+            RunOutcome::Success(v) => assert_eq!(v, json!({"echo": {"n": 1}, "deadline_ms": 1500})),
+            other => panic!("{other:?}"),
+        }
+        let invalid = json!({"mode": "invalid"});
+        assert!(matches!(
+            client.run(request(&invalid), 1 << 20).await.unwrap(),
+            RunOutcome::InvalidParams { .. }
+        ));
+        let fail = json!({"mode": "fail"});
+        match client.run(request(&fail), 1 << 20).await.unwrap() {
+            RunOutcome::Failed { message, details } => assert_eq!((message.as_str(), details), ("boom", json!({}))),
+            other => panic!("{other:?}"),
+        }
+        let big = json!({"mode": "big"});
+        assert!(matches!(
+            client.run(request(&big), 1024).await,
+            Err(ProtocolError::TooLarge(1024))
+        ));
+        // The connection survives an oversized answer: the next call works.
+        client.health().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wrong_token_or_no_listener_is_a_protocol_error() {
+        let addr = runtime_on_loopback().await;
+        let wrong = RuntimeClient::new(Endpoint::Tcp {
+            addr,
+            token: SecretString::from("not-the-token"),
+        });
+        assert!(matches!(
+            wrong.health().await,
+            Err(ProtocolError::Status {
+                status: StatusCode::UNAUTHORIZED,
+                ..
+            })
+        ));
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        let nobody = RuntimeClient::new(Endpoint::Tcp {
+            addr: gone,
+            token: SecretString::from(TOKEN),
+        });
+        assert!(matches!(nobody.health().await, Err(ProtocolError::Connect(_))));
+        let missing = RuntimeClient::new(Endpoint::Unix("/nonexistent/fnrt.sock".into()));
+        assert!(matches!(missing.health().await, Err(ProtocolError::Connect(_))));
     }
 }

@@ -50,11 +50,14 @@ function request(socketPath, method, urlPath, body, { agent, raw } = {}) {
         headers: payload === undefined ? {} : { 'Content-Type': 'application/json', 'Content-Length': payload.length },
       },
       (res) => {
+        // Taken now: once the response ends, the agent may already have
+        // reclaimed the socket and `res.socket` is null (seen under load).
+        const socket = res.socket;
         const chunks = [];
         res.on('data', (c) => chunks.push(c));
         res.on('end', () => {
           const text = Buffer.concat(chunks).toString('utf8');
-          resolve({ status: res.statusCode, headers: res.headers, body: JSON.parse(text), socket: res.socket });
+          resolve({ status: res.statusCode, headers: res.headers, body: JSON.parse(text), socket });
         });
       },
     );

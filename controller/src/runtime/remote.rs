@@ -1,0 +1,208 @@
+//! An instance that is a runtime server the controller talks to over the
+//! runtime protocol: the one [`Instance`] implementation for every backend
+//! that starts runtime servers (process today; containers and pods later).
+//!
+//! The backend keeps what is its own behind [`InstanceHandle`]: starting is
+//! done when the handle exists; it watches the server (alive or not, and
+//! how it ended) and stops it. Everything said to the server, and what its
+//! answers and failures mean, is here and in [`super::protocol`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use super::protocol::{Endpoint, InitError, ProtocolError, RuntimeClient};
+use super::{Instance, InstanceError, RunOutcome, RunRequest, init_payload};
+use crate::build::Builder;
+use crate::language::Language;
+use crate::registry::FunctionVersion;
+
+/// How long a runtime server may take to answer its first `/health`.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How an instance's server ended, as far as its backend can tell.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    /// The exit status, as the backend words it (`exit status: 1`, `signal: 9 (SIGKILL)`).
+    pub status: String,
+    /// The last of what it wrote to stderr.
+    pub output_tail: String,
+}
+
+impl Exit {
+    /// Whether it died for want of memory (each runtime says so in its own words).
+    fn out_of_memory(&self) -> bool {
+        ["out of memory", "MemoryError", "memory allocation of"]
+            .iter()
+            .any(|sign| self.output_tail.contains(sign))
+    }
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A backend's hold on one runtime server it started.
+#[async_trait]
+pub trait InstanceHandle: Send + Sync {
+    /// Short unique ID, for logs.
+    fn id(&self) -> &str;
+    /// Whether the server still runs.
+    fn is_alive(&mut self) -> bool;
+    /// Whether the server has ended, waiting at most `wait` for it to be
+    /// reaped; if so, how (exit status, the tail of its output).
+    async fn exited(&mut self, wait: Duration) -> Option<Exit>;
+    /// Stops the server for good and releases what it holds. Dropping the
+    /// handle does the same, best effort.
+    async fn terminate(&mut self);
+}
+
+/// A runtime server, specialised at most once, reached over the protocol.
+pub struct RemoteInstance {
+    handle: Box<dyn InstanceHandle>,
+    client: RuntimeClient,
+    language: Language,
+    /// The memory cap it was started with; a function with another cap
+    /// cannot use it.
+    memory_mb: u64,
+    max_result_bytes: usize,
+    initialized: bool,
+    /// Builds Rust functions: a crate's `/init` sends its built library.
+    builder: Option<Arc<Builder>>,
+}
+
+/// What a backend fixes about the instances it starts.
+#[derive(Debug, Clone)]
+pub struct RemoteSettings {
+    pub max_result_bytes: usize,
+    pub builder: Option<Arc<Builder>>,
+}
+
+impl RemoteInstance {
+    /// Waits until the server at `endpoint` answers `/health`; a server
+    /// that ends or stays silent first is stopped and reported.
+    pub async fn connect(
+        mut handle: Box<dyn InstanceHandle>,
+        endpoint: Endpoint,
+        language: Language,
+        memory_mb: u64,
+        settings: &RemoteSettings,
+    ) -> Result<Self, InstanceError> {
+        let started = Instant::now();
+        let client = RuntimeClient::new(endpoint);
+        let mut pause = Duration::from_millis(2);
+        let failed = loop {
+            if let Some(exit) = handle.exited(Duration::ZERO).await {
+                break format!(
+                    "runtime server exited during start-up ({}): {}",
+                    exit.status,
+                    exit.output_tail.trim()
+                );
+            }
+            if client.health().await.is_ok() {
+                tracing::debug!(instance = handle.id(), %language, ms = started.elapsed().as_millis() as u64, "instance started");
+                return Ok(RemoteInstance {
+                    handle,
+                    client,
+                    language,
+                    memory_mb,
+                    max_result_bytes: settings.max_result_bytes,
+                    initialized: false,
+                    builder: settings.builder.clone(),
+                });
+            }
+            if started.elapsed() > START_TIMEOUT {
+                break format!("runtime server did not answer within {START_TIMEOUT:?}");
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        };
+        handle.terminate().await;
+        Err(InstanceError::Unavailable {
+            language,
+            message: failed,
+        })
+    }
+
+    /// The error for a call that failed: a crash if the server is gone
+    /// (with how it ended), else a protocol error.
+    async fn failure(&mut self, err: ProtocolError) -> InstanceError {
+        match err {
+            ProtocolError::TooLarge(_) => {
+                return InstanceError::ResultTooLarge {
+                    limit: self.max_result_bytes,
+                };
+            }
+            // The server answered: it is alive, and wrong.
+            ProtocolError::Status { .. } => return InstanceError::Protocol(err.to_string()),
+            _ => {}
+        }
+        // Give a dying server a moment to be reaped so how it ended is known.
+        match self.handle.exited(Duration::from_millis(500)).await {
+            Some(exit) => {
+                let message = if exit.out_of_memory() {
+                    format!(
+                        "the function ran out of memory (limit {} MiB) and its instance was stopped",
+                        self.memory_mb
+                    )
+                } else {
+                    format!("the instance exited during the run ({})", exit.status)
+                };
+                InstanceError::Crashed {
+                    message,
+                    details: json!({ "exit_status": exit.status, "stderr_tail": last_lines(&exit.output_tail, 20) }),
+                }
+            }
+            None => InstanceError::Protocol(err.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+impl Instance for RemoteInstance {
+    fn id(&self) -> &str {
+        self.handle.id()
+    }
+
+    fn language(&self) -> Language {
+        self.language
+    }
+
+    async fn init(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
+        if self.initialized {
+            return Err(InstanceError::Protocol("instance is already initialised".into()));
+        }
+        if function.manifest.limits.memory_mb != self.memory_mb {
+            return Err(InstanceError::Protocol(
+                "instance memory cap differs from the function's".into(),
+            ));
+        }
+        let payload = init_payload(self.builder.as_ref(), function).await?;
+        match self.client.init(&payload).await {
+            Ok(()) => {
+                self.initialized = true;
+                Ok(())
+            }
+            Err(InitError::Refused { message, details }) => Err(InstanceError::Init { message, details }),
+            Err(InitError::Protocol(e)) => Err(self.failure(e).await),
+        }
+    }
+
+    async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError> {
+        match self.client.run(request, self.max_result_bytes).await {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => Err(self.failure(e).await),
+        }
+    }
+
+    fn is_alive(&mut self) -> bool {
+        self.handle.is_alive()
+    }
+
+    async fn terminate(&mut self) {
+        self.handle.terminate().await;
+    }
+}
