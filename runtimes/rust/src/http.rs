@@ -6,6 +6,8 @@
 
 use std::io::{self, BufRead, Read, Write};
 
+use crate::runtime::Answer as Response;
+
 /// Request bodies larger than this are refused.
 pub(crate) const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -323,14 +325,6 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         _ => "Unknown",
     }
-}
-
-/// An answer to send: status, JSON body, and an `Allow` header for 405s.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Response {
-    pub(crate) status: u16,
-    pub(crate) body: Vec<u8>,
-    pub(crate) allow: Option<&'static str>,
 }
 
 /// Writes `response` in one go; `close` adds `Connection: close`, `head_only` (a HEAD request)

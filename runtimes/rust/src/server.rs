@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crate::http::{self, HttpError, MAX_BODY_BYTES, Response};
-use crate::runtime::{Runtime, error};
+use crate::http::{self, HttpError, MAX_BODY_BYTES};
+use crate::runtime::{Answer as Response, Init, Run, Runtime, error};
 
 /// Connection threads run the function (a /run calls it on its connection's thread), so they get
 /// a main thread's stack. Explicit, too, so spawning never reads RUST_MIN_STACK (see
@@ -56,7 +56,7 @@ enum Next {
     DrainAndClose(u64),
 }
 
-fn serve_connection(stream: UnixStream, runtime: &Runtime) {
+fn serve_connection(stream: UnixStream, runtime: &Arc<Runtime>) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
@@ -86,7 +86,7 @@ fn route(path: &str) -> Option<&'static str> {
     }
 }
 
-fn serve_request(reader: &mut BufReader<UnixStream>, writer: &mut UnixStream, runtime: &Runtime) -> Next {
+fn serve_request(reader: &mut BufReader<UnixStream>, writer: &mut UnixStream, runtime: &Arc<Runtime>) -> Next {
     let raw = match http::read_head(reader) {
         Ok(Some(raw)) => raw,
         Ok(None) | Err(HttpError::Io) => return Next::Close,
@@ -124,8 +124,8 @@ fn serve_request(reader: &mut BufReader<UnixStream>, writer: &mut UnixStream, ru
             ..error(405, "METHOD_NOT_ALLOWED", format!("{path} takes {method}"), None)
         },
         (_, "/health") => runtime.health(),
-        (_, "/init") => runtime.init(&body),
-        _ => runtime.run(&body),
+        (_, "/init") => runtime.begin_init(&body).map_or_else(|answer| answer, Init::load),
+        _ => runtime.begin_run(&body).map_or_else(|answer| answer, Run::call),
     };
     let keep_alive = head.keep_alive();
     match http::write_response(writer, &response, !keep_alive, head_only) {
