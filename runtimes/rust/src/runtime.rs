@@ -317,12 +317,17 @@ impl Runtime {
     #[allow(unsafe_code)]
     fn replace_environment(&self, env: &[(String, String)]) {
         // SAFETY (for every set_var/remove_var below): they are unsound only while another thread
-        // reads or writes the environment. This runs with the init lock held (no other /init),
-        // before the function's library is loaded (none of its code has run, none of its threads
-        // exist) and before the function is set (no /run can start). The server's other threads,
-        // the accept loop and the connection threads, never touch the environment: they parse
-        // HTTP and JSON, and are spawned with an explicit stack size so that std::thread does not
-        // read RUST_MIN_STACK; the inherited variables were read once at start-up.
+        // reads or writes the environment. This runs for the instance's one /init (`begin_init`
+        // lets one through), on the function thread, before the function's library is loaded
+        // (none of its code has run, none of its threads exist) and before the function is set (no
+        // /run can start). The process has one other thread, the main thread, which serves HTTP:
+        // a current-thread tokio runtime (epoll, a timer) and hyper, plus serde_json, none of
+        // which reads the environment. tokio read its own variables (TOKIO_*) when the runtime was
+        // built, at start-up, and starts no thread of its own: a current-thread runtime's only
+        // extra threads would be its blocking pool's, and nothing here calls `spawn_blocking` or
+        // tokio's file or DNS functions. No thread is spawned after start-up, and the function
+        // thread was spawned with an explicit stack size, so std::thread never read
+        // RUST_MIN_STACK; the inherited variables were read once at start-up.
         for (key, _) in std::env::vars_os() {
             // Such names cannot be removed (unsetenv refuses them) and cannot be set either.
             if key.is_empty() || key.as_encoded_bytes().contains(&b'=') {
