@@ -4,22 +4,43 @@
 //! container's entrypoint) in the instance directory, specialises it with one function through
 //! `POST /init` (the function's shared library, built with fnrt-sdk's `export!`, as base64), then
 //! calls it through `POST /run`. The wire protocol is docs/runtime-protocol.md, the same as the
-//! Node.js and Python runtimes': HTTP/1.1 and JSON over a Unix socket, here with the standard
-//! library only (no async runtime, no HTTP crate).
+//! Node.js and Python runtimes': HTTP/1.1 and JSON over a Unix socket.
 //!
 //! # Layout
 //!
-//! - [`main_with_args`] parses `--socket`, removes a stale socket file, binds and serves forever.
-//! - `server`: the accept loop (one thread per connection, so `GET /health` answers during a run
-//!   and a concurrent `POST /run` gets 409 BUSY) and a connection's request loop (routing,
-//!   keep-alive, 400/404/405 answers).
-//! - `http`: the request parser (bounded head and body, `Content-Length` or chunked) and the
-//!   answer writer.
+//! - [`main_with_args`] parses `--socket`, starts the server (below), removes a stale socket
+//!   file, binds and serves forever on the calling thread.
+//! - `server`: two threads. The calling (main) thread serves HTTP/1.1 with hyper on a
+//!   current-thread tokio runtime: every connection, routing, bodies bounded to 64 MiB,
+//!   400/404/405 answers. The function thread, started once, runs the function's code: /init's
+//!   loading and each /run's call, so `GET /health` answers during a run and a concurrent
+//!   `POST /run` gets 409 BUSY at once.
 //! - `runtime`: the instance's state (one init, one run at a time) and the `/health`, `/init`,
-//!   `/run` answers; `/init` writes the library to `./function/{entrypoint}` and replaces the
-//!   environment.
+//!   `/run` answers, each of the last two in two steps: checks on the main thread, the function's
+//!   code on the function thread; `/init` writes the library to `./function/{entrypoint}` and
+//!   replaces the environment.
 //! - `function`: the library's C ABI (`fnrt_abi_version`, `fnrt_call`, `fnrt_free`), loaded with
 //!   `dlopen` and never unloaded; the only `unsafe` besides the environment's replacement.
+//!
+//! # Why hyper
+//!
+//! HTTP/1.1 is hyper's (`hyper::server::conn::http1` over `tokio::net::UnixListener`): request
+//! heads, `Content-Length` and chunked bodies (and the framing checks that keep requests from
+//! being smuggled), `Expect: 100-continue`, keep-alive, `HEAD`. It replaced a hand-written
+//! server; the other choice, `httparse` for the head only, would have kept the body framing,
+//! chunked decoding, keep-alive and answer writing hand-written. What hyper costs:
+//!
+//! - A request whose head hyper cannot parse (request line, headers, conflicting
+//!   `Content-Length`s, a `Transfer-Encoding` other than chunked) gets hyper's own answer, 400
+//!   (431 past 100 headers or ~400 KiB of head) with an empty body and `Connection: close`, not
+//!   a JSON error: it never reaches this crate's code. Every request that does (malformed or oversized
+//!   bodies, bad JSON, unknown routes) gets JSON.
+//! - tokio, whose threads would matter for `Runtime::replace_environment` (setenv is unsound
+//!   while another thread reads the environment). Hence a current-thread runtime, which adds no
+//!   thread, no `spawn_blocking`, and one function thread spawned at start-up with an explicit
+//!   stack size: after start-up the process has exactly two threads of ours, and the main one
+//!   never reads the environment. No thread is created per connection or per run either, so a
+//!   function that spends RLIMIT_NPROC does not stop the instance from serving.
 //!
 //! stdout and stderr belong to the function; the server writes nothing to stdout and only
 //! `ready` and real problems to stderr.
@@ -32,12 +53,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 mod function;
-mod http;
 mod runtime;
 mod server;
 
 use runtime::{INHERITED_ENV, Runtime};
-use server::log;
+use server::{Server, log};
 
 const USAGE: &str = "usage: fnrt-runtime-rust --socket PATH";
 
@@ -59,6 +79,13 @@ pub fn main_with_args(args: impl IntoIterator<Item = String>) -> ExitCode {
         .collect();
     let runtime = Arc::new(Runtime::new(PathBuf::from("."), inherited));
 
+    let server = match Server::start(runtime) {
+        Ok(server) => server,
+        Err(e) => {
+            log(&format!("cannot start the server: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(message) = remove_stale_socket(&socket) {
         log(&message);
         return ExitCode::FAILURE;
@@ -71,7 +98,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = String>) -> ExitCode {
         }
     };
     let _ = std::io::Write::write_all(&mut std::io::stderr(), b"ready\n");
-    server::serve(listener, runtime)
+    server.serve(listener)
 }
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<PathBuf, String> {
@@ -162,8 +189,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("runtime.sock");
         let listener = UnixListener::bind(&socket).unwrap();
-        let runtime = Arc::new(runtime);
-        std::thread::spawn(move || server::serve(listener, runtime));
+        let server = Server::start(Arc::new(runtime)).unwrap();
+        std::thread::spawn(move || server.serve(listener));
         (dir, socket)
     }
 
@@ -290,13 +317,32 @@ mod tests {
         assert!(headers.contains(&("connection".to_owned(), "close".to_owned())));
         assert!(closed(&mut s));
 
-        // A malformed request: 400 and the connection is closed.
+        // A malformed body: a JSON 400 and the connection is closed.
         let mut s = connect(&socket);
-        let (status, headers, body) = exchange(&mut s, b"GET /health HTTP/9\r\n\r\n");
+        let (status, headers, body) = exchange(
+            &mut s,
+            b"POST /run HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n",
+        );
         assert_eq!(status, 400);
-        assert_eq!(json_of(&body)["error"]["message"], "unsupported HTTP version: HTTP/9");
+        let message = json_of(&body)["error"]["message"].as_str().unwrap().to_owned();
+        assert!(
+            message.starts_with("malformed body: ") && message.contains("chunk size"),
+            "{message}"
+        );
         assert!(headers.contains(&("connection".to_owned(), "close".to_owned())));
         assert!(closed(&mut s));
+
+        // A malformed head, which hyper refuses itself: 400 without a body, and a close.
+        for head in [
+            &b"GET /health HTTP/9\r\n\r\n"[..],
+            b"POST /run HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        ] {
+            let mut s = connect(&socket);
+            let (status, headers, body) = exchange(&mut s, head);
+            assert_eq!((status, body.len()), (400, 0));
+            assert!(headers.contains(&("connection".to_owned(), "close".to_owned())));
+            assert!(closed(&mut s));
+        }
 
         // An oversized body: answered without being read, then the connection is closed.
         let mut s = connect(&socket);
@@ -304,6 +350,55 @@ mod tests {
         assert_eq!(status, 400);
         assert_eq!(json_of(&body)["error"]["message"], "body is larger than 67108864 bytes");
         s.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(closed(&mut s));
+
+        // A client that sends all of an oversized body, by length or chunked, gets to finish
+        // sending (the rest is read and discarded) and to read the answer.
+        let chunk = vec![b' '; 1 << 20];
+        for chunked in [false, true] {
+            let mut s = connect(&socket);
+            let mut writer = s.get_ref().try_clone().unwrap();
+            let chunk = chunk.clone();
+            let sender = std::thread::spawn(move || {
+                let (head, framing) = if chunked {
+                    (
+                        "Transfer-Encoding: chunked".to_owned(),
+                        format!("{:x}\r\n", chunk.len()),
+                    )
+                } else {
+                    (format!("Content-Length: {}", 65 * chunk.len()), String::new())
+                };
+                writer.write_all(format!("POST /run HTTP/1.1\r\n{head}\r\n\r\n").as_bytes())?;
+                for _ in 0..65 {
+                    writer.write_all(framing.as_bytes())?;
+                    writer.write_all(&chunk)?;
+                    if chunked {
+                        writer.write_all(b"\r\n")?;
+                    }
+                }
+                writer.write_all(if chunked { &b"0\r\n\r\n"[..] } else { b"" })
+            });
+            let (status, headers, body) = read_answer(&mut s);
+            assert_eq!(
+                (status, json_of(&body)["error"]["message"].clone()),
+                (400, json!("body is larger than 67108864 bytes")),
+                "chunked: {chunked}"
+            );
+            assert!(headers.contains(&("connection".to_owned(), "close".to_owned())));
+            sender.join().unwrap().unwrap();
+            assert!(closed(&mut s));
+        }
+
+        // Under Expect: 100-continue an oversized body is refused before the go-ahead.
+        let mut s = connect(&socket);
+        let (status, _, body) = exchange(
+            &mut s,
+            b"POST /run HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 67108865\r\n\r\n",
+        );
+        assert_eq!(
+            (status, json_of(&body)["error"]["message"].clone()),
+            (400, json!("body is larger than 67108864 bytes"))
+        );
         assert!(closed(&mut s));
 
         // Expect: 100-continue gets the go-ahead first.
@@ -381,7 +476,12 @@ mod tests {
         let blocked_socket = socket.clone();
         let blocked = std::thread::spawn(move || {
             let mut s = connect(&blocked_socket);
-            exchange(&mut s, &post("/run", r#"{"params": {"block": true}}"#)).0
+            s.get_mut()
+                .write_all(&post("/run", r#"{"params": {"block": true}}"#))
+                .unwrap();
+            // Done sending: the answer comes all the same.
+            s.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
+            read_answer(&mut s).0
         });
         while !BLOCKED.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(5));

@@ -1,19 +1,23 @@
 //! The state of this instance (the one function it serves, the one-init rule, the
 //! one-run-at-a-time rule) and the answers to `/health`, `/init` and `/run`.
+//!
+//! `/init` and `/run` come in two steps: [`Runtime::begin_init`] and [`Runtime::begin_run`] check
+//! the body and the instance's state and answer at once when they refuse (so a refusal never waits
+//! behind a run); what they hand back, an [`Init`] or a [`Run`], runs the function's code
+//! ([`Init::load`], [`Run::call`]) and is meant for the function thread (see `server`).
 
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock, TryLockError};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine;
 use serde_json::{Map, Value, json};
 
 use crate::function::{Function, LoadError};
-use crate::http::Response;
 
 /// Directory (in the instance directory) the function's library is written to.
 const FUNCTION_DIR: &str = "function";
@@ -24,6 +28,21 @@ pub(crate) const INHERITED_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TMPDIR"];
 /// The rustc that built this runtime (see build.rs).
 const RUNTIME_VERSION: &str = env!("FNRT_RUSTC_VERSION");
 
+/// An answer to send: status, JSON body, and an `Allow` header for 405s.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
+    pub(crate) allow: Option<&'static str>,
+}
+
+/// `Runtime::init_state`: no /init yet.
+const INIT_NONE: u8 = 0;
+/// `Runtime::init_state`: an /init got past validation and is loading the library.
+const INIT_LOADING: u8 = 1;
+/// `Runtime::init_state`: the one /init is over (`function` is set if it succeeded).
+const INIT_DONE: u8 = 2;
+
 /// The state of this instance.
 #[derive(Debug)]
 pub(crate) struct Runtime {
@@ -31,8 +50,9 @@ pub(crate) struct Runtime {
     instance_dir: PathBuf,
     /// PATH, HOME, LANG, TMPDIR as they were at start-up: they win over the function's `env`.
     inherited_env: Vec<(OsString, OsString)>,
-    /// Held for the whole of an /init; true once an /init got past validation (even if it failed).
-    init_attempted: Mutex<bool>,
+    /// `INIT_NONE`, then `INIT_LOADING` once an /init got past validation, then `INIT_DONE` (even
+    /// if it failed): one /init per instance.
+    init_state: AtomicU8,
     /// The function, once an /init succeeded.
     function: OnceLock<Function>,
     /// True during a run: one at a time.
@@ -40,12 +60,12 @@ pub(crate) struct Runtime {
 }
 
 /// A field of a request body that is not what the protocol says: 400 BAD_REQUEST.
-fn bad_request(message: impl Into<String>) -> Response {
+fn bad_request(message: impl Into<String>) -> Answer {
     error(400, "BAD_REQUEST", message.into(), None)
 }
 
 /// `{"error":{"code","message"[,"details"]}}` with `status`.
-pub(crate) fn error(status: u16, code: &str, message: String, details: Option<Value>) -> Response {
+pub(crate) fn error(status: u16, code: &str, message: String, details: Option<Value>) -> Answer {
     let mut error = Map::new();
     error.insert("code".to_owned(), Value::from(code));
     error.insert("message".to_owned(), Value::from(message));
@@ -55,17 +75,17 @@ pub(crate) fn error(status: u16, code: &str, message: String, details: Option<Va
     json_response(status, &json!({ "error": error }))
 }
 
-fn json_response(status: u16, value: &Value) -> Response {
+fn json_response(status: u16, value: &Value) -> Answer {
     // Serialising a Value (string keys only) cannot fail.
     let body = serde_json::to_vec(value).unwrap_or_default();
-    Response {
+    Answer {
         status,
         body,
         allow: None,
     }
 }
 
-fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Response> {
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Answer> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(object)) => Ok(object),
         Ok(_) => Err(bad_request("body must be a JSON object")),
@@ -79,7 +99,7 @@ fn field<'a>(
     name: &str,
     is_ok: impl Fn(&Value) -> bool,
     what: &str,
-) -> Result<Option<&'a Value>, Response> {
+) -> Result<Option<&'a Value>, Answer> {
     match body.get(name) {
         None => Ok(None),
         Some(value) if is_ok(value) => Ok(Some(value)),
@@ -87,17 +107,18 @@ fn field<'a>(
     }
 }
 
-fn required_string<'a>(body: &'a Map<String, Value>, name: &str) -> Result<&'a str, Response> {
+fn required_string<'a>(body: &'a Map<String, Value>, name: &str) -> Result<&'a str, Answer> {
     field(body, name, Value::is_string, "a string")?
         .and_then(Value::as_str)
         .ok_or_else(|| bad_request(format!("'{name}' is required")))
 }
 
 /// A valid /init body.
-struct InitRequest<'a> {
-    entrypoint: &'a str,
-    code: &'a str,
-    env: Vec<(&'a str, &'a str)>,
+#[derive(Debug)]
+struct InitRequest {
+    entrypoint: String,
+    code: String,
+    env: Vec<(String, String)>,
 }
 
 fn valid_entrypoint(name: &str) -> bool {
@@ -107,16 +128,16 @@ fn valid_entrypoint(name: &str) -> bool {
         && name != ".."
 }
 
-fn parse_init(body: &Map<String, Value>) -> Result<InitRequest<'_>, Response> {
-    let entrypoint = required_string(body, "entrypoint")?;
-    let code = required_string(body, "code")?;
+fn parse_init(mut body: Map<String, Value>) -> Result<InitRequest, Answer> {
+    let entrypoint = required_string(&body, "entrypoint")?.to_owned();
+    required_string(&body, "code")?;
     // Informational (the library's export! decides what runs), checked so a confused caller hears.
-    field(body, "handler", Value::is_string, "a string")?;
-    field(body, "language_title", Value::is_string, "a string")?;
-    field(body, "version", |v| v.is_i64() || v.is_u64(), "an integer")?;
-    let env = field(body, "env", Value::is_object, "an object of strings")?;
+    field(&body, "handler", Value::is_string, "a string")?;
+    field(&body, "language_title", Value::is_string, "a string")?;
+    field(&body, "version", |v| v.is_i64() || v.is_u64(), "an integer")?;
+    let env = field(&body, "env", Value::is_object, "an object of strings")?;
 
-    if !valid_entrypoint(entrypoint) {
+    if !valid_entrypoint(&entrypoint) {
         return Err(bad_request(
             "'entrypoint' must be a plain file name matching [A-Za-z0-9_.-]{1,64}",
         ));
@@ -131,8 +152,12 @@ fn parse_init(body: &Map<String, Value>) -> Result<InitRequest<'_>, Response> {
                 "env names must be non-empty without '=' or NUL, values without NUL",
             ));
         }
-        pairs.push((key.as_str(), value));
+        pairs.push((key.clone(), value.to_owned()));
     }
+    // Moved out, not copied: it is most of the body (up to 64 MiB).
+    let Some(Value::String(code)) = body.remove("code") else {
+        unreachable!("checked above to be a string");
+    };
     Ok(InitRequest {
         entrypoint,
         code,
@@ -140,12 +165,74 @@ fn parse_init(body: &Map<String, Value>) -> Result<InitRequest<'_>, Response> {
     })
 }
 
-/// Clears the running flag when a run ends, however it ends.
-struct Running<'a>(&'a AtomicBool);
+/// Clears the running flag when a run ends, however it ends (also if it never starts).
+#[derive(Debug)]
+struct Running(Arc<Runtime>);
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.running.store(false, Ordering::Release);
+    }
+}
+
+/// Marks the instance's one /init over when loading ends, however it ends (also if it never
+/// starts).
+#[derive(Debug)]
+struct Loading(Arc<Runtime>);
+
+impl Drop for Loading {
+    fn drop(&mut self) {
+        self.0.init_state.store(INIT_DONE, Ordering::Release);
+    }
+}
+
+/// An /init that passed validation and holds the instance's one init: [`Init::load`] runs it.
+#[derive(Debug)]
+pub(crate) struct Init {
+    request: InitRequest,
+    loading: Loading,
+}
+
+impl Init {
+    /// Writes the library, replaces the environment, loads the library (running its
+    /// initialisers, the function's code): the /init answer.
+    pub(crate) fn load(self) -> Answer {
+        let runtime = &self.loading.0;
+        match runtime.load(&self.request) {
+            Ok(function) => {
+                // Cannot be set already: only the one Init sets it, before INIT_DONE.
+                let _ = runtime.function.set(function);
+                json_response(200, &json!({"status": "initialized"}))
+            }
+            Err(e) => error(422, "INIT_ERROR", e.message, Some(json!({"type": e.kind}))),
+        }
+        // `self.loading` drops here: INIT_DONE, after the function was set.
+    }
+}
+
+/// A /run that passed validation and holds the instance's one run: [`Run::call`] runs it.
+#[derive(Debug)]
+pub(crate) struct Run {
+    function: Function,
+    /// `{"params":…,"context":…}`.
+    input: Vec<u8>,
+    _running: Running,
+}
+
+impl Run {
+    /// Calls the function (for as long as it runs): the /run answer.
+    pub(crate) fn call(self) -> Answer {
+        let answer = self.function.call(&self.input);
+        if is_answer(&answer) {
+            Answer {
+                status: 200,
+                body: answer,
+                allow: None,
+            }
+        } else {
+            let message = "the function returned a malformed answer".to_owned();
+            error(200, "RUNTIME_ERROR", message, Some(json!({"type": "ProtocolError"})))
+        }
     }
 }
 
@@ -155,7 +242,7 @@ impl Runtime {
         Runtime {
             instance_dir,
             inherited_env,
-            init_attempted: Mutex::new(false),
+            init_state: AtomicU8::new(INIT_NONE),
             function: OnceLock::new(),
             running: AtomicBool::new(false),
         }
@@ -165,7 +252,7 @@ impl Runtime {
     #[cfg(test)]
     pub(crate) fn with_function(function: Function) -> Runtime {
         let runtime = Runtime::new(PathBuf::from("."), Vec::new());
-        *runtime.init_attempted.lock().unwrap() = true;
+        runtime.init_state.store(INIT_DONE, Ordering::Release);
         runtime.function.set(function).unwrap();
         runtime
     }
@@ -174,7 +261,7 @@ impl Runtime {
         self.function.get().is_some()
     }
 
-    pub(crate) fn health(&self) -> Response {
+    pub(crate) fn health(&self) -> Answer {
         json_response(
             200,
             &json!({
@@ -186,49 +273,37 @@ impl Runtime {
         )
     }
 
-    pub(crate) fn init(&self, body: &[u8]) -> Response {
-        self.try_init(body).unwrap_or_else(|response| response)
-    }
-
-    fn try_init(&self, body: &[u8]) -> Result<Response, Response> {
-        let body = parse_object(body)?;
-        let request = parse_init(&body)?;
-        let mut attempted = match self.init_attempted.try_lock() {
-            Ok(guard) => guard,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                let message = "an /init is already in progress on this instance".to_owned();
-                return Err(error(409, "ALREADY_INITIALIZED", message, None));
-            }
-        };
-        if *attempted {
-            let state = if self.initialized() {
-                "initialized"
-            } else {
-                "failed to initialize"
+    /// Checks an /init body and claims the instance's one init: the [`Init`] to load, or the
+    /// answer (400 for a malformed body, which spends nothing; 409 once an /init got this far).
+    pub(crate) fn begin_init(self: &Arc<Self>, body: &[u8]) -> Result<Init, Answer> {
+        let request = parse_init(parse_object(body)?)?;
+        if let Err(state) =
+            self.init_state
+                .compare_exchange(INIT_NONE, INIT_LOADING, Ordering::AcqRel, Ordering::Acquire)
+        {
+            let message = match state {
+                INIT_LOADING => "an /init is already in progress on this instance".to_owned(),
+                _ if self.initialized() => "this instance already initialized; it loads one function once".to_owned(),
+                _ => "this instance already failed to initialize; it loads one function once".to_owned(),
             };
-            let message = format!("this instance already {state}; it loads one function once");
             return Err(error(409, "ALREADY_INITIALIZED", message, None));
         }
         // From here on the instance's one /init is spent, whatever happens.
-        *attempted = true;
-        let function = self
-            .load(&request)
-            .map_err(|e| error(422, "INIT_ERROR", e.message, Some(json!({"type": e.kind}))))?;
-        // Cannot be set already: only an /init holding the lock sets it, once.
-        let _ = self.function.set(function);
-        Ok(json_response(200, &json!({"status": "initialized"})))
+        Ok(Init {
+            request,
+            loading: Loading(Arc::clone(self)),
+        })
     }
 
-    /// Writes the library, replaces the environment, loads the library. Called with the init lock.
-    fn load(&self, request: &InitRequest<'_>) -> Result<Function, LoadError> {
+    /// Writes the library, replaces the environment, loads the library. Called by the one [`Init`].
+    fn load(&self, request: &InitRequest) -> Result<Function, LoadError> {
         let library = base64::engine::general_purpose::STANDARD
-            .decode(request.code)
+            .decode(&request.code)
             .map_err(|e| LoadError {
                 kind: "DecodeError",
                 message: format!("'code' is not valid base64: {e}"),
             })?;
-        let path = self.instance_dir.join(FUNCTION_DIR).join(request.entrypoint);
+        let path = self.instance_dir.join(FUNCTION_DIR).join(&request.entrypoint);
         write_library(&path, &library).map_err(|e| LoadError {
             kind: "IoError",
             message: format!("cannot write the function's library: {e}"),
@@ -240,14 +315,19 @@ impl Runtime {
     /// After this the process environment is exactly `env` plus PATH, HOME, LANG, TMPDIR as the
     /// runtime got them (those four win, as in the other runtimes).
     #[allow(unsafe_code)]
-    fn replace_environment(&self, env: &[(&str, &str)]) {
+    fn replace_environment(&self, env: &[(String, String)]) {
         // SAFETY (for every set_var/remove_var below): they are unsound only while another thread
-        // reads or writes the environment. This runs with the init lock held (no other /init),
-        // before the function's library is loaded (none of its code has run, none of its threads
-        // exist) and before the function is set (no /run can start). The server's other threads,
-        // the accept loop and the connection threads, never touch the environment: they parse
-        // HTTP and JSON, and are spawned with an explicit stack size so that std::thread does not
-        // read RUST_MIN_STACK; the inherited variables were read once at start-up.
+        // reads or writes the environment. This runs for the instance's one /init (`begin_init`
+        // lets one through), on the function thread, before the function's library is loaded
+        // (none of its code has run, none of its threads exist) and before the function is set (no
+        // /run can start). The process has one other thread, the main thread, which serves HTTP:
+        // a current-thread tokio runtime (epoll, a timer) and hyper, plus serde_json, none of
+        // which reads the environment. tokio read its own variables (TOKIO_*) when the runtime was
+        // built, at start-up, and starts no thread of its own: a current-thread runtime's only
+        // extra threads would be its blocking pool's, and nothing here calls `spawn_blocking` or
+        // tokio's file or DNS functions. No thread is spawned after start-up, and the function
+        // thread was spawned with an explicit stack size, so std::thread never read
+        // RUST_MIN_STACK; the inherited variables were read once at start-up.
         for (key, _) in std::env::vars_os() {
             // Such names cannot be removed (unsetenv refuses them) and cannot be set either.
             if key.is_empty() || key.as_encoded_bytes().contains(&b'=') {
@@ -266,11 +346,9 @@ impl Runtime {
         }
     }
 
-    pub(crate) fn run(&self, body: &[u8]) -> Response {
-        self.try_run(body).unwrap_or_else(|response| response)
-    }
-
-    fn try_run(&self, body: &[u8]) -> Result<Response, Response> {
+    /// Checks a /run body and claims the instance's one run: the [`Run`] to call, or the answer
+    /// (400 for a malformed body, 409 before a successful /init or during another run).
+    pub(crate) fn begin_run(self: &Arc<Self>, body: &[u8]) -> Result<Run, Answer> {
         let mut body = parse_object(body)?;
         field(&body, "params", Value::is_object, "an object")?;
         field(&body, "context", Value::is_object, "an object")?;
@@ -282,7 +360,7 @@ impl Runtime {
             "a non-negative number",
         )?;
 
-        let Some(function) = self.function.get() else {
+        let Some(&function) = self.function.get() else {
             return Err(error(
                 409,
                 "NOT_INITIALIZED",
@@ -302,30 +380,18 @@ impl Runtime {
                 None,
             ));
         }
-        let _running = Running(&self.running);
+        let running = Running(Arc::clone(self));
 
         let mut call = Map::new();
         for name in ["params", "context"] {
             let value = body.remove(name).unwrap_or_else(|| Value::Object(Map::new()));
             call.insert(name.to_owned(), value);
         }
-        let input = serde_json::to_vec(&call).unwrap_or_default();
-        let answer = function.call(&input);
-        if is_answer(&answer) {
-            Ok(Response {
-                status: 200,
-                body: answer,
-                allow: None,
-            })
-        } else {
-            let message = "the function returned a malformed answer".to_owned();
-            Ok(error(
-                200,
-                "RUNTIME_ERROR",
-                message,
-                Some(json!({"type": "ProtocolError"})),
-            ))
-        }
+        Ok(Run {
+            function,
+            input: serde_json::to_vec(&call).unwrap_or_default(),
+            _running: running,
+        })
     }
 }
 
@@ -363,8 +429,22 @@ fn write_library(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn answer_of(response: &Response) -> Value {
+    fn answer_of(response: &Answer) -> Value {
         serde_json::from_slice(&response.body).unwrap()
+    }
+
+    /// An /init from start to end, on this thread.
+    fn init(runtime: &Arc<Runtime>, body: &[u8]) -> Answer {
+        runtime.begin_init(body).map_or_else(|answer| answer, Init::load)
+    }
+
+    /// A /run from start to end, on this thread.
+    fn run(runtime: &Arc<Runtime>, body: &[u8]) -> Answer {
+        runtime.begin_run(body).map_or_else(|answer| answer, Run::call)
+    }
+
+    fn fresh(dir: &tempfile::TempDir) -> Arc<Runtime> {
+        Arc::new(Runtime::new(dir.path().to_owned(), Vec::new()))
     }
 
     #[test]
@@ -380,7 +460,7 @@ mod tests {
     #[test]
     fn init_bodies_that_do_not_spend_the_instance() {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = Runtime::new(dir.path().to_owned(), Vec::new());
+        let runtime = fresh(&dir);
         for (body, message) in [
             ("nope", "body is not valid JSON: "),
             ("[]", "body must be a JSON object"),
@@ -412,39 +492,59 @@ mod tests {
                 "env names must be non-empty",
             ),
         ] {
-            let response = runtime.init(body.as_bytes());
+            let response = init(&runtime, body.as_bytes());
             assert_eq!(response.status, 400, "{body}");
             let answer = answer_of(&response);
             assert_eq!(answer["error"]["code"], "BAD_REQUEST");
             let text = answer["error"]["message"].as_str().unwrap();
             assert!(text.starts_with(message), "{body}: {text}");
         }
-        assert!(!*runtime.init_attempted.lock().unwrap());
+        assert_eq!(runtime.init_state.load(Ordering::Acquire), INIT_NONE);
     }
 
     #[test]
     fn bad_base64_spends_the_instance() {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = Runtime::new(dir.path().to_owned(), Vec::new());
-        let init = br#"{"entrypoint": "function.so", "code": "%%%", "env": {}, "version": 1}"#;
-        let response = runtime.init(init);
+        let runtime = fresh(&dir);
+        let body = br#"{"entrypoint": "function.so", "code": "%%%", "env": {}, "version": 1}"#;
+        let response = init(&runtime, body);
         assert_eq!(response.status, 422);
         let answer = answer_of(&response);
         assert_eq!(answer["error"]["code"], "INIT_ERROR");
         assert_eq!(answer["error"]["details"], json!({"type": "DecodeError"}));
 
-        let again = runtime.init(init);
+        let again = init(&runtime, body);
         assert_eq!(again.status, 409);
         assert_eq!(
             answer_of(&again)["error"]["message"],
             "this instance already failed to initialize; it loads one function once"
         );
-        let run = runtime.run(b"{}");
+        let answer = run(&runtime, b"{}");
         assert_eq!(
-            (run.status, answer_of(&run)["error"]["code"].clone()),
+            (answer.status, answer_of(&answer)["error"]["code"].clone()),
             (409, json!("NOT_INITIALIZED"))
         );
         assert_eq!(answer_of(&runtime.health())["initialized"], false);
+    }
+
+    #[test]
+    fn an_init_is_spent_however_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = fresh(&dir);
+        let body = br#"{"entrypoint": "function.so", "code": ""}"#;
+        let first = runtime.begin_init(body).unwrap();
+        let again = runtime.begin_init(body).unwrap_err();
+        assert_eq!(
+            (again.status, answer_of(&again)["error"]["message"].clone()),
+            (409, json!("an /init is already in progress on this instance"))
+        );
+        // Never loaded (say its thread went away): spent all the same.
+        drop(first);
+        let again = runtime.begin_init(body).unwrap_err();
+        assert_eq!(
+            answer_of(&again)["error"]["message"],
+            "this instance already failed to initialize; it loads one function once"
+        );
     }
 
     #[test]
@@ -462,7 +562,7 @@ mod tests {
     #[test]
     fn run_bodies() {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = Runtime::new(dir.path().to_owned(), Vec::new());
+        let runtime = fresh(&dir);
         for (body, message) in [
             ("", "body is not valid JSON: "),
             (r#"{"params": []}"#, "'params' must be an object"),
@@ -474,12 +574,12 @@ mod tests {
                 "'deadline_ms' must be a non-negative number",
             ),
         ] {
-            let response = runtime.run(body.as_bytes());
+            let response = run(&runtime, body.as_bytes());
             assert_eq!(response.status, 400, "{body}");
             let text = answer_of(&response)["error"]["message"].as_str().unwrap().to_owned();
             assert!(text.starts_with(message), "{body}: {text}");
         }
-        let response = runtime.run(br#"{"params": {}, "context": {}, "deadline_ms": 1.5}"#);
+        let response = run(&runtime, br#"{"params": {}, "context": {}, "deadline_ms": 1.5}"#);
         assert_eq!(response.status, 409);
     }
 
