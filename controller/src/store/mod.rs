@@ -1,16 +1,22 @@
-//! Durable state: functions and their versions.
+//! Durable state: functions and their versions, and execution records.
 //!
-//! One [`Store`] trait, one implementation per database: SQLite
-//! ([`sqlite::SqliteStore`]) is the embedded default, PostgreSQL
-//! ([`postgres::PostgresStore`]) is chosen when `DATABASE_URL` is set. One
-//! test suite (`tests.rs`) runs against both. The controller never reads the
-//! store on the execute path: the [`crate::registry::Registry`] keeps the
-//! current versions in memory.
+//! One trait per concern, so each caller holds only what it uses:
+//! [`FunctionStore`] (functions and versions, for the
+//! [`crate::registry::Registry`]), [`ExecutionStore`] (execution records, for
+//! [`crate::records::ExecutionLog`]) and [`StoreHealth`] (`/health`). One
+//! database implements them all: SQLite ([`sqlite::SqliteStore`]) is the
+//! embedded default, PostgreSQL ([`postgres::PostgresStore`]) is chosen when
+//! `DATABASE_URL` is set. [`Stores`] hands one open database to each caller
+//! as the trait it needs. One test suite (`tests.rs`) runs against both. The
+//! controller never reads the store on the execute path: the registry keeps
+//! the current versions in memory.
 
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -113,8 +119,10 @@ impl StoreError {
     }
 }
 
+/// Functions and their versions: what the [`crate::registry::Registry`]
+/// loads at start-up and writes through.
 #[async_trait]
-pub trait Store: Send + Sync {
+pub trait FunctionStore: Send + Sync {
     /// Every function with its current version.
     async fn functions(&self) -> Result<Vec<StoredFunction>, StoreError>;
     /// One function with its current version.
@@ -130,13 +138,55 @@ pub trait Store: Send + Sync {
     async fn add_version(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError>;
     /// Deletes a function and its versions; false if it did not exist.
     async fn delete(&self, language_title: &str) -> Result<bool, StoreError>;
+}
+
+/// The durable record of answered executions, written in batches by
+/// [`crate::records::ExecutionLog`].
+#[async_trait]
+pub trait ExecutionStore: Send + Sync {
     /// Appends execution records (one transaction; safe to retry: rows are
     /// keyed by their `id`).
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError>;
     /// The records of one session, oldest first (operations and tests).
     async fn executions_of(&self, request_id: &str) -> Result<Vec<ExecutionRecord>, StoreError>;
-    /// Cheap liveness check for `/health`.
+}
+
+/// What `/health` asks of the database behind every store.
+#[async_trait]
+pub trait StoreHealth: Send + Sync {
+    /// Cheap liveness check.
     async fn ping(&self) -> Result<(), StoreError>;
-    /// `sqlite` or `postgres`, for `/health`.
+    /// `sqlite` or `postgres`.
     fn kind(&self) -> &'static str;
+}
+
+/// One open database, handed to each caller as the trait it needs.
+#[derive(Clone)]
+pub struct Stores {
+    pub functions: Arc<dyn FunctionStore>,
+    pub executions: Arc<dyn ExecutionStore>,
+    pub health: Arc<dyn StoreHealth>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores")
+            .field("kind", &self.health.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stores {
+    /// Every store of one database that implements them all.
+    pub fn of<S>(store: S) -> Stores
+    where
+        S: FunctionStore + ExecutionStore + StoreHealth + 'static,
+    {
+        let store = Arc::new(store);
+        Stores {
+            functions: store.clone(),
+            executions: store.clone(),
+            health: store,
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! The PostgreSQL [`Store`]: production, chosen when `DATABASE_URL` is a
+//! The PostgreSQL store: production, chosen when `DATABASE_URL` is a
 //! `postgres://` URL. Same tables as SQLite (migrations/postgres).
 
 use async_trait::async_trait;
@@ -6,7 +6,10 @@ use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use time::OffsetDateTime;
 
-use super::{ExecutionRecord, NewVersion, Source, Store, StoreError, StoredFunction, StoredVersion};
+use super::{
+    ExecutionRecord, ExecutionStore, FunctionStore, NewVersion, Source, StoreError, StoreHealth, StoredFunction,
+    StoredVersion,
+};
 use crate::timefmt;
 
 #[derive(Debug, Clone)]
@@ -93,7 +96,7 @@ async fn insert_version(
 }
 
 #[async_trait]
-impl Store for PostgresStore {
+impl FunctionStore for PostgresStore {
     async fn functions(&self) -> Result<Vec<StoredFunction>, StoreError> {
         let rows = sqlx::query(concat!(select_function!(), " ORDER BY f.language_title"))
             .fetch_all(&self.pool)
@@ -187,7 +190,10 @@ impl Store for PostgresStore {
         tx.commit().await?;
         Ok(deleted > 0)
     }
+}
 
+#[async_trait]
+impl ExecutionStore for PostgresStore {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for r in records {
@@ -237,7 +243,10 @@ impl Store for PostgresStore {
             })
             .collect()
     }
+}
 
+#[async_trait]
+impl StoreHealth for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -1,4 +1,4 @@
-//! The SQLite [`Store`]: the embedded default, one file in the data dir.
+//! The SQLite store: the embedded default, one file in the data dir.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -7,7 +7,10 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
 
-use super::{ExecutionRecord, NewVersion, Source, Store, StoreError, StoredFunction, StoredVersion};
+use super::{
+    ExecutionRecord, ExecutionStore, FunctionStore, NewVersion, Source, StoreError, StoreHealth, StoredFunction,
+    StoredVersion,
+};
 use crate::timefmt;
 
 #[derive(Debug, Clone)]
@@ -83,7 +86,7 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl FunctionStore for SqliteStore {
     async fn functions(&self) -> Result<Vec<StoredFunction>, StoreError> {
         let rows = sqlx::query(concat!(select_function!(), " ORDER BY f.language_title"))
             .fetch_all(&self.pool)
@@ -178,7 +181,10 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(deleted > 0)
     }
+}
 
+#[async_trait]
+impl ExecutionStore for SqliteStore {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for r in records {
@@ -231,7 +237,10 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+}
 
+#[async_trait]
+impl StoreHealth for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

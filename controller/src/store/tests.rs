@@ -1,17 +1,15 @@
-//! One set of assertions, run against every [`Store`] implementation.
+//! One set of assertions, run against the stores of every database.
 //!
 //! PostgreSQL comes from `TEST_DATABASE_URL` or `DATABASE_URL` (a server
 //! URL; each test creates and drops a database of its own). Without one, the
 //! PostgreSQL half is skipped with a message, except under `CI=true`, where
 //! it fails.
 
-use std::sync::Arc;
-
 use serde_json::json;
 
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
-use super::{ExecutionRecord, NewVersion, Source, Store, StoreError};
+use super::{ExecutionRecord, NewVersion, Source, StoreError, Stores};
 
 fn new(lt: &str, code: &str) -> NewVersion {
     NewVersion {
@@ -25,9 +23,10 @@ fn new(lt: &str, code: &str) -> NewVersion {
     }
 }
 
-/// The assertions every store must pass.
-async fn exercise(store: Arc<dyn Store>) {
-    store.ping().await.unwrap();
+/// The assertions every database's stores must pass.
+async fn exercise(stores: Stores) {
+    stores.health.ping().await.unwrap();
+    let store = stores.functions;
     assert!(store.functions().await.unwrap().is_empty());
 
     let f = store.create(new("nodejs-a", "v1"), Source::Api).await.unwrap();
@@ -82,6 +81,7 @@ async fn exercise(store: Arc<dyn Store>) {
         cached,
         cold_start: !cached,
     };
+    let store = stores.executions;
     let batch = vec![record("success", false), record("cache_hit", true)];
     store.record_executions(&batch).await.unwrap();
     // A retried batch does not duplicate rows.
@@ -100,14 +100,14 @@ async fn exercise(store: Arc<dyn Store>) {
 async fn sqlite_store_passes_the_store_suite() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-    exercise(Arc::new(store)).await;
+    exercise(Stores::of(store)).await;
 }
 
 #[tokio::test]
 async fn postgres_store_passes_the_store_suite() {
     let Some(db) = TestDatabase::create().await else { return };
     let store = PostgresStore::connect(&db.url).await.unwrap();
-    exercise(Arc::new(store)).await;
+    exercise(Stores::of(store)).await;
     db.drop().await;
 }
 
