@@ -10,8 +10,30 @@
 //! as the trait it needs. One test suite (`tests.rs`) runs against both. The
 //! controller never reads the store on the execute path: the registry keeps
 //! the current versions in memory.
+//!
+//! A new concern (job queues, pipeline runs) gets a trait of its own here, an
+//! impl in `sql.rs` and a field in [`Stores`], rather than growing another.
+//!
+//! # Layout
+//!
+//! - `mod.rs`: the traits, the types they take and return (rows are read
+//!   straight into them with `#[derive(sqlx::FromRow)]`), [`StoreError`],
+//!   [`Stores`].
+//! - [`sql`]: every query, written once: [`sql::SqlStore`] is generic over
+//!   the sqlx driver and implements the traits for any [`sql::Dialect`].
+//!   Rather than sqlx's `Any` driver (which loses the native types: JSON,
+//!   timestamps, UUIDs) or a macro that stamps out one impl per database,
+//!   the compiler checks the one body once against `where` clauses that
+//!   name what it needs of a driver, and checks each driver against them.
+//! - [`sqlite`], [`postgres`]: each database's [`sql::Dialect`] (the few
+//!   differences, named: how a UUID and a timestamp are kept, how ties
+//!   between execution records are broken) and how it is opened and
+//!   migrated (`migrations/sqlite`, `migrations/postgres`).
+//! - `tests.rs`: the suite both databases pass, and SQLite's reading of the
+//!   text it has always written.
 
 pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -43,8 +65,15 @@ impl Source {
     }
 }
 
-/// One stored version of a function.
-#[derive(Debug, Clone)]
+/// How the `source` column is read.
+impl From<String> for Source {
+    fn from(s: String) -> Source {
+        Source::parse(&s)
+    }
+}
+
+/// One stored version of a function (a `function_versions` row).
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredVersion {
     pub language_title: String,
     pub version: i64,
@@ -55,13 +84,17 @@ pub struct StoredVersion {
     pub created_at: OffsetDateTime,
 }
 
-/// A function with its current version.
-#[derive(Debug, Clone)]
+/// A function with its current version (a `functions` row joined with its
+/// current `function_versions` row, whose `created_at` is the version's).
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredFunction {
     pub language_title: String,
+    #[sqlx(try_from = "String")]
     pub source: Source,
+    #[sqlx(rename = "function_created_at")]
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+    #[sqlx(flatten)]
     pub current: StoredVersion,
 }
 
@@ -77,9 +110,10 @@ pub struct NewVersion {
     pub code_hash: String,
 }
 
-/// One answered execution, for the durable record.
-#[derive(Debug, Clone)]
+/// One answered execution, for the durable record (an `executions` row).
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ExecutionRecord {
+    #[sqlx(try_from = "sql::ExecutionId")]
     pub id: uuid::Uuid,
     /// The session's request ID.
     pub request_id: String,
