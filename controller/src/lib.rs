@@ -18,7 +18,8 @@
 //!   session records, retained instances, one execution per session at a time.
 //! - [`registry`]: functions and versions, in memory over the [`store`];
 //!   the manifest format.
-//! - [`store`]: the `Store` trait, its SQLite and PostgreSQL implementations.
+//! - [`store`]: the `FunctionStore`, `ExecutionStore` and `StoreHealth` traits,
+//!   their SQLite and PostgreSQL implementations.
 //! - [`records`]: durable execution records, batched off the request path.
 //! - [`sessions`]: the `SessionStore` trait and its in-memory implementation.
 //! - [`cache`]: the `ResultCache` trait, the cache key, the moka L1, the

@@ -2,7 +2,7 @@
 //!
 //! The engine hands each answered execution to [`ExecutionLog::record`],
 //! which never waits: the record goes into a bounded queue, and one
-//! background task writes batches to the [`Store`]. When the database is
+//! background task writes batches to the [`ExecutionStore`]. When the database is
 //! down the task keeps its batch and retries with backoff, so a record of an
 //! execution answered before or during an outage is written once the
 //! database is back (up to the queue's capacity; beyond it records are
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::store::{ExecutionRecord, Store};
+use crate::store::{ExecutionRecord, ExecutionStore};
 
 /// Records waiting to be written, at most.
 const QUEUE: usize = 65_536;
@@ -29,7 +29,7 @@ pub struct ExecutionLog {
 
 impl ExecutionLog {
     /// The log and its writer task (run it until the log's senders are dropped).
-    pub fn new(store: Arc<dyn Store>) -> (Self, impl Future<Output = ()> + Send + 'static) {
+    pub fn new(store: Arc<dyn ExecutionStore>) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::channel(QUEUE);
         (
             ExecutionLog {
@@ -56,7 +56,7 @@ impl ExecutionLog {
     }
 }
 
-async fn write_all(store: Arc<dyn Store>, mut rx: mpsc::Receiver<ExecutionRecord>) {
+async fn write_all(store: Arc<dyn ExecutionStore>, mut rx: mpsc::Receiver<ExecutionRecord>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut pause = Duration::from_millis(100);

@@ -34,7 +34,7 @@ use crate::sessions::SessionStore;
 use crate::sessions::fallback::FallbackSessionStore;
 use crate::sessions::memory::MemorySessionStore;
 use crate::sessions::redis::RedisSessionStore;
-use crate::store::Store;
+use crate::store::Stores;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 
@@ -100,15 +100,16 @@ async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// PostgreSQL when `DATABASE_URL` is set, else SQLite in the data dir.
-async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn Store>> {
+/// One database, PostgreSQL when `DATABASE_URL` is set, else SQLite in the
+/// data dir, as the stores its callers need.
+async fn open_stores(args: &ServeArgs) -> anyhow::Result<Stores> {
     if let Some(url) = args.database_url.as_ref().filter(|u| !u.expose_secret().is_empty()) {
         create_database_if_missing(url.expose_secret()).await?;
         let store = PostgresStore::connect(url.expose_secret())
             .await
             .context("connecting to PostgreSQL")?;
         tracing::info!("store: PostgreSQL");
-        return Ok(Arc::new(store));
+        return Ok(Stores::of(store));
     }
     let db_path = args.auth.data_dir.join("controller.db");
     // Created private before SQLite opens it; its -wal and -shm files copy the mode.
@@ -120,7 +121,7 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn Store>> {
         .with_context(|| format!("creating {}", db_path.display()))?;
     let store = SqliteStore::open(&db_path).await?;
     tracing::info!(path = %db_path.display(), "store: SQLite");
-    Ok(Arc::new(store))
+    Ok(Stores::of(store))
 }
 
 impl Application {
@@ -135,7 +136,7 @@ impl Application {
         let data_dir = &args.auth.data_dir;
         let auth = Arc::new(Authenticator::from_args(&args.auth)?);
 
-        let store = open_store(&args).await?;
+        let stores = open_stores(&args).await?;
         let metrics = Arc::new(Metrics::new());
         let builder = Builder::new(BuilderConfig {
             cargo: args.cargo_bin.clone(),
@@ -179,8 +180,8 @@ impl Application {
             metrics.clone(),
         )?;
         let backends = Arc::new(Backends::new(vec![Arc::new(backend), Arc::new(wasm)], builder.clone()));
-        let (records, write_records) = ExecutionLog::new(store.clone());
-        let registry = Arc::new(Registry::load(store, Some(backends.clone())).await?);
+        let (records, write_records) = ExecutionLog::new(stores.executions.clone());
+        let registry = Arc::new(Registry::load(stores.functions.clone(), Some(backends.clone())).await?);
         let functions_dir = args.functions_dir();
         if functions_dir.is_dir() {
             let n = registry.load_bundled(&functions_dir).await?;
@@ -272,6 +273,7 @@ impl Application {
 
         let state = AppState {
             engine: engine.clone(),
+            database: stores.health,
             auth,
             limiter,
             metrics,

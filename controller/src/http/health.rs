@@ -50,12 +50,11 @@ pub(super) struct Components {
 /// Liveness and component status.
 #[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, body = HealthResponse)))]
 async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
-    let store = state.engine.registry.store();
-    let database = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+    let database = match tokio::time::timeout(Duration::from_secs(2), state.database.ping()).await {
         Ok(Ok(())) => "ok",
         _ => "error",
     };
-    let (sqlite, postgres) = match store.kind() {
+    let (sqlite, postgres) = match state.database.kind() {
         "postgres" => ("disabled", database),
         _ => (database, "disabled"),
     };

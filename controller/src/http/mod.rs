@@ -41,6 +41,8 @@ use extract::BodyLimit;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
+    /// The database behind the stores; `/health` pings it.
+    pub database: Arc<dyn crate::store::StoreHealth>,
     pub auth: Arc<Authenticator>,
     pub limiter: Arc<dyn RateLimiter>,
     pub metrics: Arc<Metrics>,

@@ -1,7 +1,7 @@
 //! The function registry: which functions exist, their versions, and the
 //! bundled `functions/` folder.
 //!
-//! Writes go to the [`Store`] first, then to the in-memory map, so reads
+//! Writes go to the [`FunctionStore`] first, then to the in-memory map, so reads
 //! (initialize, listings, details) never touch the database. Versions are
 //! immutable: a session keeps the `Arc<FunctionVersion>` it started with.
 //!
@@ -24,7 +24,7 @@ pub use manifest::{CrateFiles, FunctionSpec, Manifest, ManifestError};
 
 use crate::build::BuildFailure;
 use crate::language::{Language, LanguageTitle};
-use crate::store::{NewVersion, Source, Store, StoreError, StoredFunction, StoredVersion};
+use crate::store::{FunctionStore, NewVersion, Source, StoreError, StoredFunction, StoredVersion};
 
 /// One immutable version of a function, ready to run.
 pub struct FunctionVersion {
@@ -189,7 +189,7 @@ pub enum CheckError {
 }
 
 pub struct Registry {
-    store: Arc<dyn Store>,
+    store: Arc<dyn FunctionStore>,
     /// Asked before any version is stored.
     checker: Option<Arc<dyn CodeCheck>>,
     /// Current version of every function, sorted by Language-Title for listings.
@@ -206,7 +206,7 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     /// Loads every function from the store.
-    pub async fn load(store: Arc<dyn Store>, checker: Option<Arc<dyn CodeCheck>>) -> anyhow::Result<Self> {
+    pub async fn load(store: Arc<dyn FunctionStore>, checker: Option<Arc<dyn CodeCheck>>) -> anyhow::Result<Self> {
         let mut functions = BTreeMap::new();
         for f in store.functions().await? {
             let lt = f.language_title.clone();
@@ -225,10 +225,6 @@ impl Registry {
             functions: RwLock::new(functions),
             versions: moka::sync::Cache::new(1024),
         })
-    }
-
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
     }
 
     /// The function and its current version, if registered (memory only).

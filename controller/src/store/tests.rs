@@ -1,17 +1,16 @@
-//! One set of assertions, run against every [`Store`] implementation.
+//! One set of assertions, run against the stores of every database.
 //!
 //! PostgreSQL comes from `TEST_DATABASE_URL` or `DATABASE_URL` (a server
 //! URL; each test creates and drops a database of its own). Without one, the
 //! PostgreSQL half is skipped with a message, except under `CI=true`, where
 //! it fails.
 
-use std::sync::Arc;
-
 use serde_json::json;
+use time::macros::datetime;
 
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
-use super::{ExecutionRecord, NewVersion, Source, Store, StoreError};
+use super::{ExecutionRecord, NewVersion, Source, StoreError, Stores};
 
 fn new(lt: &str, code: &str) -> NewVersion {
     NewVersion {
@@ -25,9 +24,10 @@ fn new(lt: &str, code: &str) -> NewVersion {
     }
 }
 
-/// The assertions every store must pass.
-async fn exercise(store: Arc<dyn Store>) {
-    store.ping().await.unwrap();
+/// The assertions every database's stores must pass.
+async fn exercise(stores: Stores) {
+    stores.health.ping().await.unwrap();
+    let store = stores.functions;
     assert!(store.functions().await.unwrap().is_empty());
 
     let f = store.create(new("nodejs-a", "v1"), Source::Api).await.unwrap();
@@ -82,6 +82,7 @@ async fn exercise(store: Arc<dyn Store>) {
         cached,
         cold_start: !cached,
     };
+    let store = stores.executions;
     let batch = vec![record("success", false), record("cache_hit", true)];
     store.record_executions(&batch).await.unwrap();
     // A retried batch does not duplicate rows.
@@ -94,21 +95,187 @@ async fn exercise(store: Arc<dyn Store>) {
     assert_eq!(first.started_at, batch[0].started_at);
     assert!(first.cold_start && !first.cached);
     assert!(store.executions_of("session-2").await.unwrap().is_empty());
+
+    // Oldest first, whatever order they were written in.
+    let at = |started_at| ExecutionRecord {
+        request_id: "session-3".into(),
+        started_at,
+        ..record("success", false)
+    };
+    let now = crate::timefmt::now();
+    let (later, earlier) = (at(now), at(now - time::Duration::seconds(1)));
+    store
+        .record_executions(&[later.clone(), earlier.clone()])
+        .await
+        .unwrap();
+    let ids: Vec<_> = store
+        .executions_of("session-3")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, [earlier.id, later.id]);
 }
 
 #[tokio::test]
 async fn sqlite_store_passes_the_store_suite() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-    exercise(Arc::new(store)).await;
+    exercise(Stores::of(store)).await;
 }
 
 #[tokio::test]
 async fn postgres_store_passes_the_store_suite() {
     let Some(db) = TestDatabase::create().await else { return };
     let store = PostgresStore::connect(&db.url).await.unwrap();
-    exercise(Arc::new(store)).await;
+    let stores = Stores::of(store);
+    exercise(stores.clone()).await;
+    // PostgreSQL keeps what it is given to the microsecond (SQLite: see
+    // `sqlite_reads_and_writes_the_text_it_always_had`).
+    let precise = ExecutionRecord {
+        id: uuid::Uuid::new_v4(),
+        request_id: "session-precise".into(),
+        subject: "alice".into(),
+        language_title: "nodejs-a".into(),
+        version: 1,
+        started_at: datetime!(2025-05-14 10:00:06.123456 +2),
+        duration_ms: 1,
+        outcome: "success".into(),
+        cached: false,
+        cold_start: false,
+    };
+    stores
+        .executions
+        .record_executions(std::slice::from_ref(&precise))
+        .await
+        .unwrap();
+    let stored = stores.executions.executions_of("session-precise").await.unwrap();
+    assert_eq!(stored[0].started_at, precise.started_at);
     db.drop().await;
+}
+
+/// The SQLite driver binds the `$N` placeholders the shared queries use, by
+/// number: out of order and repeated.
+#[tokio::test]
+async fn sqlite_binds_numbered_placeholders() {
+    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+    let row: (String, String, String) = sqlx::query_as("SELECT $2, $1, $2")
+        .bind("one")
+        .bind("two")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(row, ("two".into(), "one".into(), "two".into()));
+}
+
+/// A database written before the queries were shared (TEXT timestamps as
+/// `timefmt` formats them, JSON and UUIDs as text, booleans as 0 and 1)
+/// reads as it did, and what is written now has the same shape, so old and
+/// new rows sort together.
+#[tokio::test]
+async fn sqlite_reads_and_writes_the_text_it_always_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    drop(SqliteStore::open(&path).await.unwrap());
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+    let raw = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO functions VALUES ('nodejs-old', 'nodejs', 'old', 'd', 'bundled', 2, \
+           '2025-05-13T12:28:22Z', '2025-05-14T08:00:05Z'); \
+         INSERT INTO function_versions VALUES \
+           ('nodejs-old', 1, '{\"entrypoint\":\"index.js\"}', 'v1', 'hash-v1', '2025-05-13T12:28:22Z'), \
+           ('nodejs-old', 2, '{\"entrypoint\":\"main.js\",\"nested\":{\"a\":[1,2]}}', 'v2', 'hash-v2', \
+            '2025-05-14T08:00:05Z'); \
+         INSERT INTO executions VALUES ('67e55044-10b1-426f-9247-bb680e5fe0c8', 'session-old', 'alice', \
+           'nodejs-old', 2, '2025-05-14T08:00:07Z', 12, 'success', 0, 1);",
+    )
+    .execute(&raw)
+    .await
+    .unwrap();
+    let stores = Stores::of(SqliteStore::open(&path).await.unwrap());
+
+    let f = stores.functions.function("nodejs-old").await.unwrap().unwrap();
+    assert_eq!(f.source, Source::Bundled);
+    assert_eq!(f.created_at, datetime!(2025-05-13 12:28:22 UTC));
+    assert_eq!(f.updated_at, datetime!(2025-05-14 08:00:05 UTC));
+    assert_eq!((f.current.version, f.current.code.as_str()), (2, "v2"));
+    assert_eq!(f.current.created_at, datetime!(2025-05-14 08:00:05 UTC));
+    assert_eq!(f.current.manifest["nested"]["a"], json!([1, 2]));
+    let v1 = stores.functions.version("nodejs-old", 1).await.unwrap().unwrap();
+    assert_eq!(v1.created_at, datetime!(2025-05-13 12:28:22 UTC));
+    assert_eq!(v1.manifest, json!({"entrypoint": "index.js"}));
+    let old = &stores.executions.executions_of("session-old").await.unwrap()[0];
+    assert_eq!(old.id, uuid::uuid!("67e55044-10b1-426f-9247-bb680e5fe0c8"));
+    assert_eq!(old.started_at, datetime!(2025-05-14 08:00:07 UTC));
+    assert!(old.cold_start && !old.cached);
+
+    // New rows: a version, and two records around the old one, given with
+    // an offset and fractions of a second.
+    let f3 = stores
+        .functions
+        .add_version(new("nodejs-old", "v3"), Source::Api)
+        .await
+        .unwrap();
+    assert_eq!(f3.created_at, f.created_at);
+    let record = |started_at| ExecutionRecord {
+        id: uuid::Uuid::new_v4(),
+        started_at,
+        cached: true,
+        cold_start: false,
+        ..old.clone()
+    };
+    let before = record(datetime!(2025-05-14 10:00:06.75 +2));
+    let same_second = record(datetime!(2025-05-14 08:00:07.4 UTC));
+    stores
+        .executions
+        .record_executions(&[before.clone(), same_second.clone()])
+        .await
+        .unwrap();
+    let all = stores.executions.executions_of("session-old").await.unwrap();
+    let ids: Vec<_> = all.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [before.id, old.id, same_second.id], "by time, then as written");
+    assert_eq!(
+        all[0].started_at,
+        datetime!(2025-05-14 08:00:06 UTC),
+        "kept to the second"
+    );
+
+    let texts: Vec<(String, String, String, i64)> =
+        sqlx::query_as("SELECT id, started_at, typeof(cached), cached FROM executions ORDER BY rowid")
+            .fetch_all(&raw)
+            .await
+            .unwrap();
+    assert_eq!(
+        texts[1..],
+        [
+            (
+                before.id.to_string(),
+                "2025-05-14T08:00:06Z".into(),
+                "integer".into(),
+                1
+            ),
+            (
+                same_second.id.to_string(),
+                "2025-05-14T08:00:07Z".into(),
+                "integer".into(),
+                1
+            ),
+        ]
+    );
+    let (updated_at, created_at, manifest): (String, String, String) = sqlx::query_as(
+        "SELECT f.updated_at, v.created_at, v.manifest FROM functions f \
+         JOIN function_versions v ON v.language_title = f.language_title AND v.version = 3",
+    )
+    .fetch_one(&raw)
+    .await
+    .unwrap();
+    assert_eq!(updated_at, crate::timefmt::format(f3.updated_at));
+    assert_eq!(created_at, updated_at);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&manifest).unwrap(),
+        new("x", "v3").manifest
+    );
 }
 
 /// A fresh database on the test server, dropped at the end.

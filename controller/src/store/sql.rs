@@ -1,0 +1,295 @@
+//! Every store query, written once: [`SqlStore`] is generic over the sqlx
+//! driver, and [`Dialect`] names the little that differs.
+//!
+//! The `where` clauses say what the queries need of a driver: sqlx's own
+//! encodings of `&str`, `i64`, `bool`, `time::OffsetDateTime` and
+//! `serde_json::Value` (JSON), and rows read into the store's types with
+//! `#[derive(sqlx::FromRow)]`. Both drivers take the numbered `$N`
+//! placeholders (SQLite as named parameters, which sqlx binds by number).
+//! Each impl states only the bounds it uses: Rust would not carry such
+//! bounds (on `&str`, `i64`, ... rather than on the driver) from a trait
+//! like [`Dialect`] to its users, so they cannot be said once there.
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::{AssertSqlSafe, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Type};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    ExecutionRecord, ExecutionStore, FunctionStore, NewVersion, Source, StoreError, StoreHealth, StoredFunction,
+    StoredVersion,
+};
+use crate::timefmt;
+
+/// What differs between SQLite and PostgreSQL, each named once; the
+/// implementations are beside each driver's `open`/`connect`.
+///
+/// (`Arguments: IntoArguments<Self>` holds for every driver; sqlx needs it
+/// said where the driver is generic.)
+pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
+    /// `sqlite` or `postgres`, for `/health`.
+    const KIND: &'static str;
+    /// The column that orders a session's executions with the same
+    /// `started_at`.
+    const TIE_BREAK: &'static str;
+    /// How the `executions.id` column keeps a UUID.
+    type Uuid: From<Uuid> + Into<Uuid> + for<'q> Encode<'q, Self> + for<'r> Decode<'r, Self> + Type<Self>;
+
+    /// A timestamp as it is written.
+    fn timestamp(t: OffsetDateTime) -> OffsetDateTime {
+        t
+    }
+}
+
+/// The store over one database; see `sqlite.rs` and `postgres.rs` for
+/// opening one.
+#[derive(Debug)]
+pub struct SqlStore<DB: sqlx::Database> {
+    pool: Pool<DB>,
+}
+
+impl<DB: sqlx::Database> SqlStore<DB> {
+    /// A store over a pool whose migrations have been applied.
+    pub(super) fn new(pool: Pool<DB>) -> Self {
+        SqlStore { pool }
+    }
+}
+
+/// A function joined with its current version (see the `sqlx` attributes
+/// on [`StoredFunction`]); a macro so `concat!` keeps every query a static
+/// string.
+macro_rules! select_function {
+    () => {
+        "SELECT f.language_title, f.source, f.created_at AS function_created_at, f.updated_at, \
+         v.version, v.manifest, v.code, v.code_hash, v.created_at \
+         FROM functions f JOIN function_versions v \
+         ON v.language_title = f.language_title AND v.version = f.current_version"
+    };
+}
+
+#[async_trait]
+impl<DB> FunctionStore for SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'r> StoredFunction: FromRow<'r, DB::Row>,
+    for<'r> StoredVersion: FromRow<'r, DB::Row>,
+    for<'r> (String, i64): FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
+    for<'q> Value: Encode<'q, DB> + Type<DB>,
+{
+    async fn functions(&self) -> Result<Vec<StoredFunction>, StoreError> {
+        Ok(
+            sqlx::query_as(concat!(select_function!(), " ORDER BY f.language_title"))
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn function(&self, language_title: &str) -> Result<Option<StoredFunction>, StoreError> {
+        Ok(
+            sqlx::query_as(concat!(select_function!(), " WHERE f.language_title = $1"))
+                .bind(language_title)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn current_versions(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as("SELECT language_title, current_version FROM functions")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT language_title, version, manifest, code, code_hash, created_at \
+             FROM function_versions WHERE language_title = $1 AND version = $2",
+        )
+        .bind(language_title)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn create(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError> {
+        let now = DB::timestamp(timefmt::now());
+        let mut tx = self.pool.begin().await?;
+        let created: Option<(i64,)> = sqlx::query_as(
+            "INSERT INTO functions (language_title, language, title, description, source, current_version, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 1, $6, $6) ON CONFLICT (language_title) DO NOTHING \
+             RETURNING current_version",
+        )
+        .bind(new.language_title.as_str())
+        .bind(new.language.as_str())
+        .bind(new.title.as_str())
+        .bind(new.description.as_str())
+        .bind(source.as_str())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (version,) = created.ok_or(StoreError::Conflict)?;
+        insert_version(&new, version, now).execute(&mut *tx).await?;
+        tx.commit().await?;
+        self.function(&new.language_title).await?.ok_or(StoreError::NotFound)
+    }
+
+    async fn add_version(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError> {
+        let now = DB::timestamp(timefmt::now());
+        let mut tx = self.pool.begin().await?;
+        let updated: Option<(i64,)> = sqlx::query_as(
+            "UPDATE functions SET current_version = current_version + 1, description = $1, source = $2, updated_at = $3 \
+             WHERE language_title = $4 RETURNING current_version",
+        )
+        .bind(new.description.as_str())
+        .bind(source.as_str())
+        .bind(now)
+        .bind(new.language_title.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (version,) = updated.ok_or(StoreError::NotFound)?;
+        insert_version(&new, version, now).execute(&mut *tx).await?;
+        tx.commit().await?;
+        self.function(&new.language_title).await?.ok_or(StoreError::NotFound)
+    }
+
+    async fn delete(&self, language_title: &str) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted: Option<(i64,)> =
+            sqlx::query_as("DELETE FROM functions WHERE language_title = $1 RETURNING current_version")
+                .bind(language_title)
+                .fetch_optional(&mut *tx)
+                .await?;
+        sqlx::query("DELETE FROM function_versions WHERE language_title = $1")
+            .bind(language_title)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(deleted.is_some())
+    }
+}
+
+/// The row of a new version, written beside its function's row.
+fn insert_version<DB>(new: &NewVersion, version: i64, now: OffsetDateTime) -> sqlx::query::Query<'_, DB, DB::Arguments>
+where
+    DB: Dialect,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
+    for<'q> Value: Encode<'q, DB> + Type<DB>,
+{
+    sqlx::query(
+        "INSERT INTO function_versions (language_title, version, manifest, code, code_hash, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(new.language_title.as_str())
+    .bind(version)
+    .bind(&new.manifest)
+    .bind(new.code.as_str())
+    .bind(new.code_hash.as_str())
+    .bind(now)
+}
+
+#[async_trait]
+impl<DB> ExecutionStore for SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'r> ExecutionRecord: FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Type<DB>,
+    for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
+{
+    async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for r in records {
+            sqlx::query(
+                "INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(ExecutionId(r.id))
+            .bind(r.request_id.as_str())
+            .bind(r.subject.as_str())
+            .bind(r.language_title.as_str())
+            .bind(r.version)
+            .bind(DB::timestamp(r.started_at))
+            .bind(r.duration_ms)
+            .bind(r.outcome.as_str())
+            .bind(r.cached)
+            .bind(r.cold_start)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn executions_of(&self, request_id: &str) -> Result<Vec<ExecutionRecord>, StoreError> {
+        // Not user input: the dialect's column name.
+        let sql = format!(
+            "SELECT id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start \
+             FROM executions WHERE request_id = $1 ORDER BY started_at, {}",
+            DB::TIE_BREAK
+        );
+        Ok(sqlx::query_as(AssertSqlSafe(sql))
+            .bind(request_id)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}
+
+#[async_trait]
+impl<DB> StoreHealth for SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        DB::KIND
+    }
+}
+
+/// An execution id as the database keeps it ([`Dialect::Uuid`]);
+/// [`ExecutionRecord`] reads its `id` through this.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecutionId(pub Uuid);
+
+impl From<ExecutionId> for Uuid {
+    fn from(id: ExecutionId) -> Uuid {
+        id.0
+    }
+}
+
+impl<DB: Dialect> Type<DB> for ExecutionId {
+    fn type_info() -> DB::TypeInfo {
+        <DB::Uuid as Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <DB::Uuid as Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'q, DB: Dialect> Encode<'q, DB> for ExecutionId {
+    fn encode_by_ref(&self, buf: &mut DB::ArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        DB::Uuid::from(self.0).encode(buf)
+    }
+}
+
+impl<'r, DB: Dialect> Decode<'r, DB> for ExecutionId {
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(ExecutionId(DB::Uuid::decode(value)?.into()))
+    }
+}
