@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::AuthArgs;
-use crate::language::Language;
+use fnrt_core::language::Language;
 
 /// Scope that lists and reads functions.
 pub const READ_FUNCTIONS: &str = "read:functions";

@@ -21,12 +21,12 @@ use time::OffsetDateTime;
 
 use crate::auth::Subject;
 use crate::error::ApiError;
-use crate::invoke::{CacheDirective, Invocation, Invoker, Origin, Retained};
-use crate::language::LanguageTitle;
-use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::sessions::{SessionRecord, SessionStatus, SessionStore};
-use crate::timefmt;
+use fnrt_core::invoke::{CacheDirective, Invocation, Invoker, Origin, Retained};
+use fnrt_core::language::LanguageTitle;
+use fnrt_core::metrics::Metrics;
+use fnrt_core::timefmt;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineSettings {

@@ -202,7 +202,7 @@ impl From<crate::registry::RegistryError> for ApiError {
 }
 
 impl ApiError {
-    pub fn build_failed(failure: crate::build::BuildFailure) -> Self {
+    pub fn build_failed(failure: fnrt_core::artifact::BuildFailure) -> Self {
         ApiError::BuildFailed {
             message: failure.message,
             details: json!({ "messages": failure.messages }),
@@ -212,10 +212,10 @@ impl ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
-impl From<crate::invoke::CoreError> for ApiError {
+impl From<fnrt_core::invoke::CoreError> for ApiError {
     /// The contract's code for each way an invocation can fail.
-    fn from(e: crate::invoke::CoreError) -> Self {
-        use crate::invoke::CoreError;
+    fn from(e: fnrt_core::invoke::CoreError) -> Self {
+        use fnrt_core::invoke::CoreError;
         match e {
             CoreError::SchemaMismatch { message, details } | CoreError::InvalidParams { message, details } => {
                 ApiError::InvalidParams { message, details }

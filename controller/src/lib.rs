@@ -40,22 +40,16 @@
 //! instance over its Unix socket.
 
 pub mod auth;
-pub mod build;
-pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
-pub mod invoke;
-pub mod language;
-pub mod metrics;
 pub mod ratelimit;
 pub mod records;
+pub mod redis_cache;
 pub mod redis_client;
 pub mod registry;
-pub mod runtime;
 pub mod sessions;
 pub mod startup;
 pub mod store;
-pub mod timefmt;

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::store::{ExecutionRecord, ExecutionStore};
+use fnrt_core::records::{ExecutionRecord, RecordSink};
+
+use crate::store::ExecutionStore;
 
 /// Records waiting to be written, at most.
 const QUEUE: usize = 65_536;
@@ -40,19 +42,21 @@ impl ExecutionLog {
         )
     }
 
-    /// Queues a record; never waits.
-    pub fn record(&self, record: ExecutionRecord) {
+    /// Records dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl RecordSink for ExecutionLog {
+    /// Queues the record; never waits.
+    fn record(&self, record: ExecutionRecord) {
         if self.tx.try_send(record).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::error!(dropped = n, "execution record queue is full; records are being dropped");
             }
         }
-    }
-
-    /// Records dropped because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 

@@ -13,23 +13,14 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
-use crate::build::{Builder, BuilderConfig};
-use crate::cache::memory::MemoryCache;
-use crate::cache::redis::RedisCache;
-use crate::cache::{Layers, ResultCache};
 use crate::config::ServeArgs;
 use crate::engine::{Engine, EngineSettings};
 use crate::http::{self, AppState, HttpSettings};
-use crate::invoke::{InvokeSettings, Invoker};
-use crate::metrics::Metrics;
 use crate::ratelimit::{Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter};
 use crate::records::ExecutionLog;
+use crate::redis_cache::RedisCache;
 use crate::redis_client::RedisClient;
 use crate::registry::Registry;
-use crate::runtime::Backends;
-use crate::runtime::pool::{InstancePool, PoolConfig};
-use crate::runtime::process::{ProcessBackend, ProcessConfig, ProcessLimits};
-use crate::runtime::wasm::{WasmBackend, WasmConfig};
 use crate::sessions::SessionStore;
 use crate::sessions::fallback::FallbackSessionStore;
 use crate::sessions::memory::MemorySessionStore;
@@ -37,6 +28,15 @@ use crate::sessions::redis::RedisSessionStore;
 use crate::store::Stores;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
+use fnrt_backends::Backends;
+use fnrt_backends::build::{Builder, BuilderConfig};
+use fnrt_backends::process::{ProcessBackend, ProcessConfig, ProcessLimits};
+use fnrt_backends::wasm::{WasmBackend, WasmConfig, WasmRuntime};
+use fnrt_core::cache::memory::MemoryCache;
+use fnrt_core::cache::{Layers, ResultCache};
+use fnrt_core::invoke::{InvokeSettings, Invoker};
+use fnrt_core::metrics::Metrics;
+use fnrt_core::runtime::pool::{InstancePool, PoolConfig};
 
 /// Longest cache TTL a client may ask for with `max-age`.
 const MAX_CACHE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -179,7 +179,10 @@ impl Application {
             builder.clone().ok(),
             metrics.clone(),
         )?;
-        let backends = Arc::new(Backends::new(vec![Arc::new(backend), Arc::new(wasm)], builder.clone()));
+        let backends = Arc::new(Backends::new(
+            vec![Arc::new(backend), Arc::new(WasmRuntime(wasm))],
+            builder.clone(),
+        ));
         let (records, write_records) = ExecutionLog::new(stores.executions.clone());
         let registry = Arc::new(Registry::load(stores.functions.clone(), Some(backends.clone())).await?);
         let functions_dir = args.functions_dir();
@@ -194,7 +197,7 @@ impl Application {
             backends,
             PoolConfig {
                 warm_per_language: args.warm_pool_size,
-                warm_memory_mb: crate::registry::manifest::DEFAULT_MEMORY_MB,
+                warm_memory_mb: fnrt_core::function::manifest::DEFAULT_MEMORY_MB,
                 keep_warm: args.keep_warm(),
                 max_idle_per_version: 8,
             },
@@ -223,7 +226,7 @@ impl Application {
             cache,
             pool.clone(),
             metrics.clone(),
-            records,
+            Arc::new(records),
             InvokeSettings {
                 cache_ttl: Duration::from_secs(args.cache_ttl_secs),
                 max_cache_ttl: MAX_CACHE_TTL,

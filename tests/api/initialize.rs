@@ -16,7 +16,7 @@ fn unix_now() -> i64 {
 }
 
 fn unix(rfc3339: &str) -> i64 {
-    controller::timefmt::parse(rfc3339)
+    fnrt_core::timefmt::parse(rfc3339)
         .unwrap_or_else(|e| panic!("{rfc3339:?} is not RFC 3339: {e}"))
         .unix_timestamp()
 }

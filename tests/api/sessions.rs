@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, eventually, read, spawn_app, spawn_app_with};
 
 fn unix(rfc3339: &str) -> i64 {
-    controller::timefmt::parse(rfc3339)
+    fnrt_core::timefmt::parse(rfc3339)
         .unwrap_or_else(|e| panic!("{rfc3339:?} is not RFC 3339: {e}"))
         .unix_timestamp()
 }

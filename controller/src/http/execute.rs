@@ -13,7 +13,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::AppState;
 use super::extract::{ApiJson, Auth};
 use crate::error::{ApiError, ExecuteErrorBody, WithRequestId};
-use crate::invoke::CacheDirective;
+use fnrt_core::invoke::CacheDirective;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(execute))

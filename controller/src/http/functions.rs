@@ -14,12 +14,13 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::AppState;
 use super::extract::{ApiJson, Auth};
 use crate::auth::{READ_FUNCTIONS, WRITE_FUNCTIONS};
-use crate::build::{BuildState, Builder};
 use crate::error::{ApiError, ErrorBody};
-use crate::language::{Language, LanguageTitle};
-use crate::registry::manifest::{LimitsSpec, SchemaSpec};
 use crate::registry::{FunctionEntry, FunctionSpec};
-use crate::timefmt;
+use fnrt_backends::build::Builder;
+use fnrt_core::artifact::BuildState;
+use fnrt_core::function::manifest::{LimitsSpec, SchemaSpec};
+use fnrt_core::language::{Language, LanguageTitle};
+use fnrt_core::timefmt;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -61,13 +62,13 @@ pub(super) struct FunctionList {
 pub(super) struct FunctionDetail {
     #[serde(flatten)]
     pub summary: FunctionSummary,
-    pub schema: crate::registry::manifest::Schemas,
+    pub schema: fnrt_core::function::manifest::Schemas,
     #[schema(value_type = Vec<Object>)]
     pub examples: Vec<Value>,
     /// sha256 of the version's code and behaviour (extension).
     pub code_hash: String,
     /// The version's limits (extension).
-    pub limits: crate::registry::manifest::Limits,
+    pub limits: fnrt_core::function::manifest::Limits,
     /// For a Rust crate (extension): where its build stands on this controller.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub build: Option<BuildInfo>,
@@ -101,7 +102,7 @@ fn summary(f: &FunctionEntry) -> FunctionSummary {
 
 fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>) -> FunctionDetail {
     let build = f.current.files.as_ref().map(|files| {
-        let target = crate::runtime::build_target(f.current.language());
+        let target = fnrt_core::artifact::Target::for_language(f.current.language());
         match builder.and_then(|b| b.state(target, files)) {
             Some(BuildState::Failed(failure)) => BuildInfo {
                 state: "failed",
@@ -251,8 +252,8 @@ impl RegisterBody {
             // A crate's entrypoint is its Cargo.toml.
             (None, Some(files)) => (
                 self.entrypoint
-                    .or_else(|| Some(crate::language::CRATE_ENTRYPOINT.to_owned())),
-                crate::registry::manifest::crate_code(&files),
+                    .or_else(|| Some(fnrt_core::language::CRATE_ENTRYPOINT.to_owned())),
+                fnrt_core::function::manifest::crate_code(&files),
             ),
             (Some(_), Some(_)) => {
                 return Err(ApiError::InvalidRequest(

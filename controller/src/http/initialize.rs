@@ -11,8 +11,8 @@ use super::AppState;
 use super::extract::{ApiJson, Auth};
 use crate::engine::InitializeOptions;
 use crate::error::{ApiError, ErrorBody};
-use crate::language::LanguageTitle;
-use crate::timefmt;
+use fnrt_core::language::LanguageTitle;
+use fnrt_core::timefmt;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(initialize))

@@ -33,9 +33,9 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::auth::Authenticator;
 use crate::engine::Engine;
 use crate::error::{ApiError, ErrorBody, ErrorObject, ExecuteErrorBody};
-use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use extract::BodyLimit;
+use fnrt_core::metrics::Metrics;
 
 /// Everything a handler can reach.
 #[derive(Clone)]
@@ -49,7 +49,7 @@ pub struct AppState {
     /// Set when `REDIS_URL` is; `/health` reports it.
     pub redis: Option<crate::redis_client::RedisClient>,
     /// Builds Rust functions; function details report their build.
-    pub builder: Option<Arc<crate::build::Builder>>,
+    pub builder: Option<Arc<fnrt_backends::build::Builder>>,
 }
 
 /// HTTP settings that are not state.

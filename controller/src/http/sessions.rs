@@ -10,7 +10,7 @@ use super::AppState;
 use super::extract::Auth;
 use crate::error::{ApiError, ErrorBody};
 use crate::sessions::{SessionRecord, SessionStatus};
-use crate::timefmt;
+use fnrt_core::timefmt;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_session, delete_session))

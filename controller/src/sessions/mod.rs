@@ -40,12 +40,12 @@ pub struct SessionRecord {
     pub timeout_ms: u64,
     pub retain: bool,
     pub status: SessionStatus,
-    #[serde(with = "crate::timefmt::rfc3339")]
+    #[serde(with = "fnrt_core::timefmt::rfc3339")]
     pub created_at: OffsetDateTime,
-    #[serde(with = "crate::timefmt::rfc3339")]
+    #[serde(with = "fnrt_core::timefmt::rfc3339")]
     pub expires_at: OffsetDateTime,
     pub execution_count: u64,
-    #[serde(with = "crate::timefmt::rfc3339::option")]
+    #[serde(with = "fnrt_core::timefmt::rfc3339::option")]
     pub last_executed_at: Option<OffsetDateTime>,
 }
 

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 
 use super::{SessionRecord, SessionStatus, SessionStore};
 use crate::redis_client::RedisClient;
-use crate::timefmt;
+use fnrt_core::timefmt;
 
 const ALL: &str = "fnrt:sessions:v1";
 

@@ -110,23 +110,7 @@ pub struct NewVersion {
     pub code_hash: String,
 }
 
-/// One answered execution, for the durable record (an `executions` row).
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ExecutionRecord {
-    #[sqlx(try_from = "sql::ExecutionId")]
-    pub id: uuid::Uuid,
-    /// The session's request ID.
-    pub request_id: String,
-    pub subject: String,
-    pub language_title: String,
-    pub version: i64,
-    pub started_at: OffsetDateTime,
-    pub duration_ms: i64,
-    /// `success`, `cache_hit`, `invalid_params`, `runtime_error`, `timeout`, `error`.
-    pub outcome: String,
-    pub cached: bool,
-    pub cold_start: bool,
-}
+pub use fnrt_core::records::ExecutionRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -22,7 +22,7 @@ use super::{
     ExecutionRecord, ExecutionStore, FunctionStore, NewVersion, Source, StoreError, StoreHealth, StoredFunction,
     StoredVersion,
 };
-use crate::timefmt;
+use fnrt_core::timefmt;
 
 /// What differs between SQLite and PostgreSQL, each named once; the
 /// implementations are beside each driver's `open`/`connect`.
@@ -201,7 +201,7 @@ impl<DB> ExecutionStore for SqlStore<DB>
 where
     DB: Dialect,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'r> ExecutionRecord: FromRow<'r, DB::Row>,
+    for<'r> ExecutionRow: FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> bool: Encode<'q, DB> + Type<DB>,
@@ -238,10 +238,45 @@ where
              FROM executions WHERE request_id = $1 ORDER BY started_at, {}",
             DB::TIE_BREAK
         );
-        Ok(sqlx::query_as(AssertSqlSafe(sql))
+        let rows: Vec<ExecutionRow> = sqlx::query_as(AssertSqlSafe(sql))
             .bind(request_id)
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        Ok(rows.into_iter().map(ExecutionRecord::from).collect())
+    }
+}
+
+/// An `executions` row as read ([`ExecutionRecord`] is the core's, so the
+/// row is read into this and converted).
+#[derive(Debug, FromRow)]
+pub struct ExecutionRow {
+    #[sqlx(try_from = "ExecutionId")]
+    id: Uuid,
+    request_id: String,
+    subject: String,
+    language_title: String,
+    version: i64,
+    started_at: OffsetDateTime,
+    duration_ms: i64,
+    outcome: String,
+    cached: bool,
+    cold_start: bool,
+}
+
+impl From<ExecutionRow> for ExecutionRecord {
+    fn from(r: ExecutionRow) -> Self {
+        ExecutionRecord {
+            id: r.id,
+            request_id: r.request_id,
+            subject: r.subject,
+            language_title: r.language_title,
+            version: r.version,
+            started_at: r.started_at,
+            duration_ms: r.duration_ms,
+            outcome: r.outcome,
+            cached: r.cached,
+            cold_start: r.cold_start,
+        }
     }
 }
 
@@ -262,7 +297,7 @@ where
 }
 
 /// An execution id as the database keeps it ([`Dialect::Uuid`]);
-/// [`ExecutionRecord`] reads its `id` through this.
+/// [`ExecutionRow`] reads its `id` through this.
 #[derive(Debug, Clone, Copy)]
 pub struct ExecutionId(pub Uuid);
 

@@ -76,7 +76,7 @@ async fn exercise(stores: Stores) {
         subject: "alice".into(),
         language_title: "nodejs-a".into(),
         version: 1,
-        started_at: crate::timefmt::now(),
+        started_at: fnrt_core::timefmt::now(),
         duration_ms: 12,
         outcome: outcome.into(),
         cached,
@@ -102,7 +102,7 @@ async fn exercise(stores: Stores) {
         started_at,
         ..record("success", false)
     };
-    let now = crate::timefmt::now();
+    let now = fnrt_core::timefmt::now();
     let (later, earlier) = (at(now), at(now - time::Duration::seconds(1)));
     store
         .record_executions(&[later.clone(), earlier.clone()])
@@ -270,7 +270,7 @@ async fn sqlite_reads_and_writes_the_text_it_always_had() {
     .fetch_one(&raw)
     .await
     .unwrap();
-    assert_eq!(updated_at, crate::timefmt::format(f3.updated_at));
+    assert_eq!(updated_at, fnrt_core::timefmt::format(f3.updated_at));
     assert_eq!(created_at, updated_at);
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&manifest).unwrap(),

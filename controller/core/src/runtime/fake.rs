@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend};
+use crate::function::FunctionVersion;
 use crate::language::Language;
-use crate::registry::FunctionVersion;
 
 /// What the fake instances did.
 #[derive(Debug, Default)]

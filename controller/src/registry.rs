@@ -10,108 +10,19 @@
 //! - [`manifest`]: `function.json` / registration body, checked and normalised.
 //! - this module: [`Registry`], [`FunctionVersion`], bundle loading.
 
-pub mod manifest;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
-use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-pub use manifest::{CrateFiles, FunctionSpec, Manifest, ManifestError};
+pub use fnrt_core::function::manifest::{self, CrateFiles, FunctionSpec, Manifest, ManifestError};
+pub use fnrt_core::function::{CheckError, Code, CodeCheck, FunctionVersion};
 
-use crate::build::BuildFailure;
-use crate::language::{Language, LanguageTitle};
 use crate::store::{FunctionStore, NewVersion, Source, StoreError, StoredFunction, StoredVersion};
-
-/// One immutable version of a function, ready to run.
-pub struct FunctionVersion {
-    pub language_title: LanguageTitle,
-    pub version: i64,
-    pub manifest: Manifest,
-    pub code: String,
-    /// sha256 of code and behaviour-relevant manifest fields.
-    pub code_hash: String,
-    pub created_at: OffsetDateTime,
-    /// A Rust crate's files (when `manifest.is_crate()`).
-    pub files: Option<CrateFiles>,
-    /// `schema.params`, compiled once.
-    validator: jsonschema::Validator,
-    /// What `/init` sends, resolved at the first specialisation
-    /// ([`crate::runtime::init_payload`]) and kept for the version's life.
-    pub(crate) init_payload: tokio::sync::OnceCell<Arc<crate::runtime::protocol::InitPayload>>,
-}
-
-impl std::fmt::Debug for FunctionVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FunctionVersion")
-            .field("language_title", &self.language_title)
-            .field("version", &self.version)
-            .finish_non_exhaustive()
-    }
-}
-
-impl FunctionVersion {
-    fn from_stored(v: StoredVersion) -> anyhow::Result<Self> {
-        let language_title: LanguageTitle = v
-            .language_title
-            .parse()
-            .with_context(|| format!("stored Language-Title {:?}", v.language_title))?;
-        let manifest: Manifest = serde_json::from_value(v.manifest).context("stored manifest")?;
-        Self::new(language_title, v.version, manifest, v.code, v.code_hash, v.created_at)
-    }
-
-    /// A version from its parts: the params schema is compiled and a
-    /// crate's files are parsed here, once.
-    pub fn new(
-        language_title: LanguageTitle,
-        version: i64,
-        manifest: Manifest,
-        code: String,
-        code_hash: String,
-        created_at: OffsetDateTime,
-    ) -> anyhow::Result<Self> {
-        let validator =
-            jsonschema::validator_for(&manifest.schema.params).map_err(|e| anyhow::anyhow!("params schema: {e}"))?;
-        let files = match manifest.is_crate() {
-            true => Some(manifest::crate_files(&code).context("crate files")?),
-            false => None,
-        };
-        Ok(FunctionVersion {
-            language_title,
-            version,
-            manifest,
-            files,
-            code,
-            code_hash,
-            created_at,
-            validator,
-            init_payload: tokio::sync::OnceCell::new(),
-        })
-    }
-
-    pub fn language(&self) -> Language {
-        self.language_title.language()
-    }
-
-    /// Checks `params` against `schema.params`; the error lists every problem
-    /// with its JSON pointer.
-    pub fn validate_params(&self, params: &Value) -> Result<(), Value> {
-        let errors: Vec<Value> = self
-            .validator
-            .iter_errors(params)
-            .take(20)
-            .map(|e| json!({ "path": e.instance_path().to_string(), "message": e.to_string() }))
-            .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(json!({ "errors": errors }))
-        }
-    }
-}
+use fnrt_core::artifact::BuildFailure;
+use fnrt_core::language::{Language, LanguageTitle};
 
 /// A function and its current version.
 #[derive(Debug, Clone)]
@@ -128,7 +39,7 @@ impl FunctionEntry {
             source: f.source,
             created_at: f.created_at,
             updated_at: f.updated_at,
-            current: Arc::new(FunctionVersion::from_stored(f.current)?),
+            current: Arc::new(version_from_stored(f.current)?),
         })
     }
 }
@@ -158,34 +69,6 @@ impl From<StoreError> for RegistryError {
             RegistryError::Store(e.into())
         }
     }
-}
-
-/// Checks code a runtime must accept before it is stored (that a wasm
-/// module compiles, that a Rust crate builds), so a bad function is refused
-/// at registration.
-#[async_trait::async_trait]
-pub trait CodeCheck: Send + Sync {
-    /// With `build` false (bundled functions at start-up), a crate is only
-    /// queued for a background build instead of built now.
-    async fn check(&self, language: Language, code: Code<'_>, build: bool) -> Result<(), CheckError>;
-}
-
-/// A function's code, as [`CodeCheck`] sees it.
-#[derive(Debug, Clone, Copy)]
-pub enum Code<'a> {
-    /// One source file: the entrypoint's name and its text.
-    File { entrypoint: &'a str, text: &'a str },
-    /// A Rust crate's files.
-    Crate(&'a CrateFiles),
-}
-
-/// Why [`CodeCheck`] refused a function.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{}", .0.message)]
-    BuildFailed(BuildFailure),
 }
 
 pub struct Registry {
@@ -311,7 +194,7 @@ impl Registry {
         let Some(stored) = self.store.version(language_title, version).await? else {
             return Ok(None);
         };
-        let v = Arc::new(FunctionVersion::from_stored(stored)?);
+        let v = Arc::new(version_from_stored(stored)?);
         self.versions.insert(key, v.clone());
         Ok(Some(v))
     }
@@ -451,7 +334,7 @@ impl Registry {
             .clone()
             .unwrap_or_else(|| lt.language().default_entrypoint().to_owned());
         anyhow::ensure!(manifest::valid_file_name(&entrypoint), "bad entrypoint {entrypoint:?}");
-        let code = if entrypoint == crate::language::CRATE_ENTRYPOINT {
+        let code = if entrypoint == fnrt_core::language::CRATE_ENTRYPOINT {
             manifest::crate_code(&read_crate(path)?)
         } else {
             std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?
@@ -497,6 +380,16 @@ fn read_crate(folder: &Path) -> anyhow::Result<CrateFiles> {
         }
     }
     Ok(files)
+}
+
+/// A stored version, ready to run.
+fn version_from_stored(v: StoredVersion) -> anyhow::Result<FunctionVersion> {
+    let language_title: LanguageTitle = v
+        .language_title
+        .parse()
+        .with_context(|| format!("stored Language-Title {:?}", v.language_title))?;
+    let manifest: Manifest = serde_json::from_value(v.manifest).context("stored manifest")?;
+    FunctionVersion::new(language_title, v.version, manifest, v.code, v.code_hash, v.created_at)
 }
 
 /// Whether a bundled folder differs from the stored version (code or any

@@ -38,11 +38,11 @@ use rustix::process::{Pid, Resource, Rlimit, Signal};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-use super::protocol::Endpoint;
-use super::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
-use super::{Instance, InstanceError, RuntimeBackend};
 use crate::build::Builder;
-use crate::language::Language;
+use fnrt_core::language::Language;
+use fnrt_core::runtime::protocol::Endpoint;
+use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
+use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend};
 
 /// `PATH` inside an instance.
 const INSTANCE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -96,7 +96,7 @@ pub struct ProcessBackend {
     /// itself under `/tmp`, which the mount would hide).
     private_tmp: bool,
     limits: ProcessLimits,
-    /// What every instance is given: the result cap, the builder.
+    /// What every instance is given: the result cap, where artifacts are.
     remote: RemoteSettings,
 }
 
@@ -182,7 +182,9 @@ impl ProcessBackend {
             limits: config.limits,
             remote: RemoteSettings {
                 max_result_bytes: config.max_result_bytes,
-                builder: config.builder,
+                artifacts: config
+                    .builder
+                    .map(|b| Arc::new(crate::BuiltArtifacts(b)) as Arc<dyn fnrt_core::runtime::Artifacts>),
             },
         })
     }

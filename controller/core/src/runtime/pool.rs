@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::{Instance, InstanceError, RuntimeBackend};
+use crate::function::FunctionVersion;
 use crate::language::Language;
 use crate::metrics::Metrics;
-use crate::registry::FunctionVersion;
 
 /// A function version, as the pool tells instances apart.
 pub type VersionKey = (String, i64);

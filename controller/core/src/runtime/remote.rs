@@ -14,10 +14,9 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::protocol::{Endpoint, InitError, ProtocolError, RuntimeClient};
-use super::{Instance, InstanceError, RunOutcome, RunRequest, init_payload};
-use crate::build::Builder;
+use super::{Artifacts, Instance, InstanceError, RunOutcome, RunRequest, init_payload};
+use crate::function::FunctionVersion;
 use crate::language::Language;
-use crate::registry::FunctionVersion;
 
 /// How long a runtime server may take to answer its first `/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -70,15 +69,15 @@ pub struct RemoteInstance {
     memory_mb: u64,
     max_result_bytes: usize,
     initialized: bool,
-    /// Builds Rust functions: a crate's `/init` sends its built library.
-    builder: Option<Arc<Builder>>,
+    /// Where a crate's built library is: its `/init` sends it.
+    artifacts: Option<Arc<dyn Artifacts>>,
 }
 
 /// What a backend fixes about the instances it starts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RemoteSettings {
     pub max_result_bytes: usize,
-    pub builder: Option<Arc<Builder>>,
+    pub artifacts: Option<Arc<dyn Artifacts>>,
 }
 
 impl RemoteInstance {
@@ -111,7 +110,7 @@ impl RemoteInstance {
                     memory_mb,
                     max_result_bytes: settings.max_result_bytes,
                     initialized: false,
-                    builder: settings.builder.clone(),
+                    artifacts: settings.artifacts.clone(),
                 });
             }
             if started.elapsed() > START_TIMEOUT {
@@ -180,7 +179,7 @@ impl Instance for RemoteInstance {
                 "instance memory cap differs from the function's".into(),
             ));
         }
-        let payload = init_payload(self.builder.as_ref(), function).await?;
+        let payload = init_payload(self.artifacts.as_deref(), function).await?;
         match self.client.init(&payload).await {
             Ok(()) => {
                 self.initialized = true;

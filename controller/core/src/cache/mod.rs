@@ -1,8 +1,8 @@
 //! The result cache.
 //!
 //! One [`ResultCache`] trait per layer: [`memory::MemoryCache`] (moka,
-//! bounded by bytes, TTL per entry) is the in-process L1, and
-//! [`redis::RedisCache`] the shared L2 when `REDIS_URL` is set. [`Layers`]
+//! bounded by bytes, TTL per entry) is the in-process L1, and the
+//! controller's `RedisCache` the shared L2 when `REDIS_URL` is set. [`Layers`]
 //! asks them in order, fills the faster layers from a slower layer's hit,
 //! stores in every layer, and counts hits and misses per layer.
 //!
@@ -12,7 +12,6 @@
 //! cached; the execute path decides that, this module only stores.
 
 pub mod memory;
-pub mod redis;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

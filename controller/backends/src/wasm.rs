@@ -39,11 +39,11 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 
-use super::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend};
 use crate::build::Builder;
-use crate::language::Language;
-use crate::metrics::Metrics;
-use crate::registry::FunctionVersion;
+use fnrt_core::function::FunctionVersion;
+use fnrt_core::language::Language;
+use fnrt_core::metrics::Metrics;
+use fnrt_core::runtime::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend};
 
 /// How often the epoch advances.
 const TICK: Duration = Duration::from_millis(10);
@@ -222,8 +222,12 @@ fn deserialize(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
     unsafe { Module::deserialize_file(engine, path) }
 }
 
+/// The wasm backend as the pool sees it: instances share its engine.
+#[derive(Clone)]
+pub struct WasmRuntime(pub Arc<WasmBackend>);
+
 #[async_trait]
-impl RuntimeBackend for Arc<WasmBackend> {
+impl RuntimeBackend for WasmRuntime {
     fn name(&self) -> &'static str {
         "wasm"
     }
@@ -233,11 +237,11 @@ impl RuntimeBackend for Arc<WasmBackend> {
     }
 
     fn check_code(&self, _language: Language, entrypoint: &str, code: &str) -> Result<(), String> {
-        self.check(WasmBackend::module_bytes(entrypoint, code)?)
+        self.0.check(WasmBackend::module_bytes(entrypoint, code)?)
     }
 
     fn check_artifact(&self, _language: Language, artifact: &[u8]) -> Result<(), String> {
-        self.check(artifact.to_vec())
+        self.0.check(artifact.to_vec())
     }
 
     async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
@@ -249,7 +253,7 @@ impl RuntimeBackend for Arc<WasmBackend> {
         }
         Ok(Box::new(WasmInstance {
             id: format!("wasm-{}", hex::encode(rand::random::<[u8; 4]>())),
-            backend: self.clone(),
+            backend: self.0.clone(),
             memory_mb,
             function: None,
         }))
@@ -291,7 +295,7 @@ impl Instance for WasmInstance {
             Some(pre) => pre,
             None => {
                 let bytes = match (&function.files, &self.backend.builder) {
-                    (Some(_), Some(builder)) => super::built_artifact(builder, function).await?,
+                    (Some(_), Some(builder)) => crate::built_artifact(builder, function).await?,
                     (Some(_), None) => return Err(InstanceError::Protocol("no builder for a crate".into())),
                     (None, _) => {
                         WasmBackend::module_bytes(&function.manifest.entrypoint, &function.code).map_err(init_error)?

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{CacheKey, CachedResult, ResultCache};
 use crate::redis_client::RedisClient;
+use fnrt_core::cache::{CacheKey, CachedResult, ResultCache};
 
 #[derive(Debug)]
 pub struct RedisCache {

@@ -32,51 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::{Semaphore, watch};
 
-/// What a crate is built into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Target {
-    /// A native shared library for the Rust runtime.
-    Native,
-    /// A `wasm32-wasip1` command module for the wasm backend.
-    Wasm,
-}
-
-impl Target {
-    /// The artifact's file name (also the name a runtime gets it under).
-    pub fn artifact_name(self) -> &'static str {
-        match self {
-            Target::Native => "function.so",
-            Target::Wasm => "function.wasm",
-        }
-    }
-}
-
-/// Why a build failed: a one-line summary and the compiler's messages.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BuildFailure {
-    pub message: String,
-    /// Rendered compiler diagnostics (errors first), or cargo's own output
-    /// when it failed before compiling.
-    pub messages: Vec<String>,
-}
-
-/// Where a function's build stands on this controller.
-#[derive(Debug, Clone, PartialEq)]
-pub enum BuildState {
-    Building,
-    Ready(PathBuf),
-    Failed(BuildFailure),
-}
-
-impl BuildState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            BuildState::Building => "building",
-            BuildState::Ready(_) => "ready",
-            BuildState::Failed(_) => "failed",
-        }
-    }
-}
+use fnrt_core::artifact::{BuildFailure, BuildState, Target};
 
 #[derive(Debug, Clone)]
 pub struct BuilderConfig {

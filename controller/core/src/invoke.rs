@@ -21,14 +21,13 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use crate::build::BuildFailure;
+use crate::artifact::BuildFailure;
 use crate::cache::{CacheKey, Layers};
+use crate::function::FunctionVersion;
 use crate::metrics::Metrics;
-use crate::records::ExecutionLog;
-use crate::registry::FunctionVersion;
+use crate::records::{ExecutionRecord, RecordSink};
 use crate::runtime::pool::{InstancePool, Lease};
 use crate::runtime::{InstanceError, RunOutcome, RunRequest};
-use crate::store::ExecutionRecord;
 
 /// How the cache may serve and keep one invocation's result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,7 +174,7 @@ pub struct Invoker {
     pool: Arc<InstancePool>,
     metrics: Arc<Metrics>,
     /// Where answered invocations are recorded, off the request path.
-    records: ExecutionLog,
+    records: Arc<dyn RecordSink>,
     settings: InvokeSettings,
 }
 
@@ -192,7 +191,7 @@ impl Invoker {
         cache: Layers,
         pool: Arc<InstancePool>,
         metrics: Arc<Metrics>,
-        records: ExecutionLog,
+        records: Arc<dyn RecordSink>,
         settings: InvokeSettings,
     ) -> Self {
         Invoker {
@@ -430,31 +429,35 @@ mod tests {
 
     use super::*;
     use crate::cache::memory::MemoryCache;
+    use crate::function::FunctionSpec;
     use crate::language::Language;
-    use crate::registry::FunctionSpec;
     use crate::runtime::fake::{Counters, FakeBackend};
     use crate::runtime::pool::PoolConfig;
 
     struct Harness {
         core: Arc<Invoker>,
         counters: Arc<Counters>,
-        _dir: tempfile::TempDir,
-        /// Holds the records' receiver, so recording never fails.
-        _records: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        records: Arc<Collected>,
+    }
+
+    /// Keeps every record, for the tests to read.
+    #[derive(Default)]
+    struct Collected(std::sync::Mutex<Vec<ExecutionRecord>>);
+
+    impl RecordSink for Collected {
+        fn record(&self, record: ExecutionRecord) {
+            self.0.lock().unwrap().push(record);
+        }
     }
 
     async fn harness() -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::sqlite::SqliteStore::open(&dir.path().join("t.db"))
-            .await
-            .unwrap();
-        let (records, writer) = ExecutionLog::new(Arc::new(store));
+        let records = Arc::new(Collected::default());
         let backend = Arc::new(FakeBackend::default());
         let counters = backend.counters.clone();
         let metrics = Arc::new(Metrics::new());
         let config = PoolConfig {
             warm_per_language: 0,
-            warm_memory_mb: crate::registry::manifest::DEFAULT_MEMORY_MB,
+            warm_memory_mb: crate::function::manifest::DEFAULT_MEMORY_MB,
             keep_warm: Duration::from_secs(60),
             max_idle_per_version: 8,
         };
@@ -465,10 +468,9 @@ mod tests {
             max_cache_ttl: Duration::from_secs(600),
         };
         Harness {
-            core: Arc::new(Invoker::new(cache, pool, metrics, records, settings)),
+            core: Arc::new(Invoker::new(cache, pool, metrics, records.clone(), settings)),
             counters,
-            _dir: dir,
-            _records: Box::pin(writer),
+            records,
         }
     }
 
@@ -623,6 +625,25 @@ mod tests {
         assert!(h.core.invoke(failing, None).await.is_err());
         assert!(h.core.invoke(failing, None).await.is_err());
         assert_eq!(h.counters.runs.load(Ordering::SeqCst), 3, "a failure is run again");
+        let outcomes: Vec<_> = h
+            .records
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.outcome.clone(), r.cached))
+            .collect();
+        let expected = [
+            ("success", false),
+            ("cache_hit", true),
+            ("runtime_error", false),
+            ("runtime_error", false),
+        ];
+        assert_eq!(
+            outcomes,
+            expected.map(|(o, c)| (o.to_owned(), c)),
+            "one record per answered invocation"
+        );
     }
 
     #[tokio::test]

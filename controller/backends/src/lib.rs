@@ -1,0 +1,162 @@
+//! The runtime backends and what goes with them: where instances run and how
+//! Rust functions are built.
+//!
+//! # Layout
+//!
+//! - [`process`]: child processes running a language's runtime server
+//!   (Node.js, Python, Rust), each its own uid, limits and private `/tmp`;
+//!   the protocol to them is `fnrt_core::runtime::remote`'s.
+//! - [`wasm`]: wasmtime sandboxes inside the controller, a fresh instance
+//!   per run.
+//! - [`build`]: cargo builds of Rust functions (native libraries, wasm
+//!   modules), which also say where a version's artifact is
+//!   ([`fnrt_core::runtime::Artifacts`]).
+//! - this module: [`Backends`], which places each language on its backend
+//!   and checks code at registration ([`CodeCheck`]).
+
+pub mod build;
+pub mod process;
+pub mod wasm;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fnrt_core::artifact::{BuildState, Target};
+use fnrt_core::function::{CheckError, Code, CodeCheck, FunctionVersion};
+use fnrt_core::language::Language;
+use fnrt_core::runtime::{Artifacts, Instance, InstanceError, RuntimeBackend};
+
+use crate::build::Builder;
+
+/// Each language's backend, as one [`RuntimeBackend`]; also the registry's
+/// [`CodeCheck`], building Rust crates with the [`Builder`].
+pub struct Backends {
+    by_language: std::collections::BTreeMap<Language, Arc<dyn RuntimeBackend>>,
+    /// Why Rust crates cannot be built here, when they cannot.
+    builder: Result<Arc<Builder>, String>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.by_language.iter().map(|(l, b)| (l.as_str(), b.name())).collect();
+        f.debug_struct("Backends").field("by_language", &names).finish()
+    }
+}
+
+impl Backends {
+    /// Every language of every backend; a later backend wins a language.
+    pub fn new(backends: Vec<Arc<dyn RuntimeBackend>>, builder: Result<Arc<Builder>, String>) -> Self {
+        let mut by_language = std::collections::BTreeMap::new();
+        for backend in backends {
+            for language in backend.languages() {
+                by_language.insert(language, backend.clone());
+            }
+        }
+        Backends { by_language, builder }
+    }
+
+    fn builder(&self) -> Result<&Arc<Builder>, String> {
+        self.builder
+            .as_ref()
+            .map_err(|e| format!("Rust functions cannot be built here: {e}"))
+    }
+}
+
+#[async_trait]
+impl CodeCheck for Backends {
+    async fn check(&self, language: Language, code: Code<'_>, build: bool) -> Result<(), CheckError> {
+        let Some(backend) = self.by_language.get(&language) else {
+            return Ok(());
+        };
+        let files = match code {
+            Code::File { entrypoint, text } => {
+                return backend
+                    .check_code(language, entrypoint, text)
+                    .map_err(CheckError::Invalid);
+            }
+            Code::Crate(files) => files,
+        };
+        let builder = self.builder().map_err(CheckError::Invalid)?;
+        let target = Target::for_language(language);
+        if !build {
+            builder.ensure(target, files);
+            return Ok(());
+        }
+        let artifact = builder.build(target, files).await.map_err(CheckError::BuildFailed)?;
+        let bytes = tokio::fs::read(&artifact)
+            .await
+            .map_err(|e| CheckError::Invalid(format!("reading the built artifact: {e}")))?;
+        backend.check_artifact(language, &bytes).map_err(CheckError::Invalid)
+    }
+}
+
+/// The built artifact of a crate function, read whole.
+pub async fn built_artifact(builder: &Arc<Builder>, function: &FunctionVersion) -> Result<Vec<u8>, InstanceError> {
+    let path = locate(builder, function)?;
+    tokio::fs::read(&path)
+        .await
+        .map_err(|e| InstanceError::Protocol(format!("reading the built artifact: {e}")))
+}
+
+#[async_trait]
+impl RuntimeBackend for Backends {
+    fn name(&self) -> &'static str {
+        "backends"
+    }
+
+    fn languages(&self) -> Vec<Language> {
+        self.by_language.keys().copied().collect()
+    }
+
+    async fn ready(&self, function: &FunctionVersion) -> Result<(), InstanceError> {
+        // Source functions, and crates whose artifact was already read.
+        if function.files.is_none() || function.init_payload.initialized() {
+            return Ok(());
+        }
+        let builder = self.builder().map_err(|message| InstanceError::Unavailable {
+            language: function.language(),
+            message,
+        })?;
+        locate(builder, function).map(drop)
+    }
+
+    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
+        match self.by_language.get(&language) {
+            Some(backend) => backend.start(language, memory_mb).await,
+            None => Err(InstanceError::Unavailable {
+                language,
+                message: "no backend runs this language".into(),
+            }),
+        }
+    }
+}
+
+/// Where the built artifact of a crate function is; `NotReady` or
+/// `BuildFailed` when there is none yet. Starts a build this controller has
+/// not seen (a function registered by another replica, or an artifact lost
+/// with a data dir).
+pub fn locate(builder: &Arc<Builder>, function: &FunctionVersion) -> Result<PathBuf, InstanceError> {
+    let Some(files) = &function.files else {
+        return Err(InstanceError::Protocol("the function is not a crate".into()));
+    };
+    match builder.ensure(Target::for_language(function.language()), files) {
+        BuildState::Ready(path) => Ok(path),
+        BuildState::Building => Err(InstanceError::NotReady {
+            message: format!(
+                "function '{}' version {} is still being built; retry shortly",
+                function.language_title, function.version
+            ),
+        }),
+        BuildState::Failed(failure) => Err(InstanceError::BuildFailed(failure)),
+    }
+}
+
+/// The builder as the core's [`Artifacts`]: what `/init` of a crate sends.
+pub struct BuiltArtifacts(pub Arc<Builder>);
+
+impl Artifacts for BuiltArtifacts {
+    fn locate(&self, function: &FunctionVersion) -> Result<PathBuf, InstanceError> {
+        locate(&self.0, function)
+    }
+}

@@ -1,0 +1,29 @@
+//! Execution records: one per answered invocation, handed to a
+//! [`RecordSink`] that must never make the invocation wait (the controller's
+//! sink queues them and writes batches to the database).
+
+use time::OffsetDateTime;
+
+/// One answered invocation, for the durable record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutionRecord {
+    pub id: uuid::Uuid,
+    /// The session (or asynchronous execution) it belongs to.
+    pub request_id: String,
+    pub subject: String,
+    pub language_title: String,
+    pub version: i64,
+    pub started_at: OffsetDateTime,
+    pub duration_ms: i64,
+    /// `success`, `cache_hit`, `invalid_params`, `runtime_error`, `timeout`, `error`.
+    pub outcome: String,
+    pub cached: bool,
+    pub cold_start: bool,
+}
+
+/// Where the core hands its records.
+pub trait RecordSink: Send + Sync {
+    /// Takes a record without waiting: a record that cannot be kept is
+    /// dropped (and counted by the sink), never the invocation delayed.
+    fn record(&self, record: ExecutionRecord);
+}

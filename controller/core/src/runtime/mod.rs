@@ -1,0 +1,165 @@
+//! Runtime instances and the backends that start them.
+//!
+//! An [`Instance`] is one runtime server (or sandbox) specialised with one
+//! function version for its whole life. A [`RuntimeBackend`] starts generic
+//! instances for a language: child processes for the embedded default,
+//! wasmtime sandboxes for wasm (both in `fnrt-backends`); containers and
+//! pods implement the same trait. The [`pool::InstancePool`] keeps generic
+//! warm instances and idle specialised ones, and hands them out.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the typed client for `/init`, `/run`, `/health`
+//!   (docs/runtime-protocol.md) over a Unix socket or TCP with a token.
+//! - [`remote`]: [`remote::RemoteInstance`], the one instance for every
+//!   backend that starts runtime servers, over a backend's
+//!   [`remote::InstanceHandle`].
+//! - [`pool`]: warm pool, specialisation, reaping.
+//! - this module: the [`RuntimeBackend`] and [`Instance`] traits, what a run
+//!   is given and answers, [`InstanceError`], and [`init_payload`], what
+//!   `/init` sends, resolved once per version through [`Artifacts`].
+
+#[cfg(test)]
+pub(crate) mod fake;
+pub mod pool;
+pub mod protocol;
+pub mod remote;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::artifact::{BuildFailure, Target};
+use crate::function::FunctionVersion;
+use crate::language::Language;
+
+/// What a run is given.
+#[derive(Debug, Clone, Copy)]
+pub struct RunRequest<'a> {
+    pub params: &'a Value,
+    pub context: &'a Value,
+    pub deadline: Duration,
+}
+
+/// How a function answered a run.
+#[derive(Debug)]
+pub enum RunOutcome {
+    Success(Value),
+    /// The function refused its params (`INVALID_PARAMS`).
+    InvalidParams {
+        message: String,
+        details: Value,
+    },
+    /// The function threw (`RUNTIME_ERROR`).
+    Failed {
+        message: String,
+        details: Value,
+    },
+}
+
+/// An instance failed, as opposed to the function failing inside it. Every
+/// variant means the instance must not be used again.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("{language} runtime is unavailable: {message}")]
+    Unavailable { language: Language, message: String },
+    #[error("{message}")]
+    Init { message: String, details: Value },
+    #[error("instance crashed: {message}")]
+    Crashed { message: String, details: Value },
+    #[error("result is larger than the limit of {limit} bytes")]
+    ResultTooLarge { limit: usize },
+    #[error("runtime protocol error: {0}")]
+    Protocol(String),
+    /// The function's build has not finished (yet) on this controller.
+    #[error("{message}")]
+    NotReady { message: String },
+    #[error("{}", .0.message)]
+    BuildFailed(BuildFailure),
+}
+
+#[async_trait]
+pub trait Instance: Send + Sync {
+    /// Short unique ID, for logs.
+    fn id(&self) -> &str;
+    fn language(&self) -> Language;
+    /// Loads the function; an instance is initialised at most once.
+    async fn init(&mut self, function: &FunctionVersion) -> Result<(), InstanceError>;
+    /// Runs the function once. The caller enforces the deadline by dropping
+    /// this future and calling [`Instance::terminate`].
+    async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError>;
+    /// Whether the instance is still able to serve.
+    fn is_alive(&mut self) -> bool;
+    /// Stops the instance for good and releases what it holds. Dropping an
+    /// instance does the same, best effort.
+    async fn terminate(&mut self);
+}
+
+/// Where the built artifacts of crate functions are (the backends' builder).
+pub trait Artifacts: Send + Sync {
+    /// The built artifact of a crate function; `NotReady` or `BuildFailed`
+    /// when there is none yet.
+    fn locate(&self, function: &FunctionVersion) -> Result<PathBuf, InstanceError>;
+}
+
+/// What `/init` sends for `function`: its source, or its built library as
+/// base64. Resolved once per function version (the first specialisation
+/// reads the artifact; later ones reuse it).
+pub async fn init_payload(
+    artifacts: Option<&dyn Artifacts>,
+    function: &FunctionVersion,
+) -> Result<std::sync::Arc<protocol::InitPayload>, InstanceError> {
+    use base64::Engine as _;
+    function
+        .init_payload
+        .get_or_try_init(|| async {
+            let (entrypoint, code): (String, std::sync::Arc<str>) = match (&function.files, artifacts) {
+                (Some(_), Some(artifacts)) => {
+                    let path = artifacts.locate(function)?;
+                    let bytes = tokio::fs::read(&path)
+                        .await
+                        .map_err(|e| InstanceError::Protocol(format!("reading the built artifact: {e}")))?;
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+                    (Target::Native.artifact_name().to_owned(), encoded.into())
+                }
+                (Some(_), None) => return Err(InstanceError::Protocol("no builder for a crate".into())),
+                (None, _) => (function.manifest.entrypoint.clone(), function.code.as_str().into()),
+            };
+            Ok(std::sync::Arc::new(protocol::InitPayload {
+                language_title: function.language_title.to_string(),
+                version: function.version,
+                entrypoint,
+                handler: function.manifest.handler.clone(),
+                code,
+                env: serde_json::to_value(&function.manifest.env).unwrap_or_default(),
+            }))
+        })
+        .await
+        .cloned()
+}
+
+#[async_trait]
+pub trait RuntimeBackend: Send + Sync {
+    /// Name for logs and `/health` (`process`, `docker`, ...).
+    fn name(&self) -> &'static str;
+    /// The languages this backend runs.
+    fn languages(&self) -> Vec<Language>;
+    /// Refuses a source file this backend could never run (checked at
+    /// registration).
+    fn check_code(&self, _language: Language, _entrypoint: &str, _code: &str) -> Result<(), String> {
+        Ok(())
+    }
+    /// Refuses a crate's built artifact this backend could never run.
+    fn check_artifact(&self, _language: Language, _artifact: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    /// Whether `function` can be started now (a crate must be built first).
+    async fn ready(&self, _function: &FunctionVersion) -> Result<(), InstanceError> {
+        Ok(())
+    }
+    /// Starts a generic, healthy, not yet initialised instance whose memory
+    /// is capped at `memory_mb` (fixed for the instance's life, so set at start).
+    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError>;
+}
