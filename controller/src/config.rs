@@ -166,6 +166,11 @@ pub struct ServeArgs {
     /// dependencies compile once); default `DATA_DIR/rust-target`.
     #[arg(long, env = "RUST_TARGET_DIR")]
     pub rust_target_dir: Option<PathBuf>,
+    /// The uid Rust function builds run as (in bubblewrap) when the
+    /// controller runs as root: outside the instance range, owner of the
+    /// build work directory.
+    #[arg(long, env = "RUST_BUILD_UID", default_value_t = 199_999)]
+    pub rust_build_uid: u32,
     /// Longest a Rust function build may take, in seconds.
     #[arg(long, env = "RUST_BUILD_TIMEOUT_SECS", default_value_t = 600)]
     pub rust_build_timeout_secs: u64,

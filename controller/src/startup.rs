@@ -148,6 +148,7 @@ impl Application {
             builds_dir: data_dir.join("builds"),
             timeout: Duration::from_secs(args.rust_build_timeout_secs),
             retry_failed_after: Duration::from_secs(args.rust_build_retry_secs),
+            build_uid: args.rust_build_uid,
         })
         .map_err(|e| format!("{e:#}"));
         if let Err(e) = &builder {

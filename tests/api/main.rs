@@ -6,6 +6,7 @@
 mod helpers;
 
 mod auth;
+mod build_sandbox;
 mod cache;
 mod contract;
 mod execute;

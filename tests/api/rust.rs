@@ -513,8 +513,11 @@ async fn two_crates_with_the_same_package_name_each_run_their_own_code() {
 }
 
 /// A stand-in for cargo in the test's data dir: `script` as a shell script.
+/// A "cargo" script in `app_dir`, which is opened to the build user: builds
+/// run as a uid of their own and see the folder of a cargo given by path.
 fn fake_cargo(app_dir: &std::path::Path, script: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(app_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = app_dir.join(format!("fake-cargo-{}", rand_suffix()));
     std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -34,6 +34,8 @@ use tokio::sync::{Semaphore, watch};
 
 use fnrt_core::artifact::{BuildFailure, BuildState, Target};
 
+use crate::sandbox::{BuildSandbox, chown_tree};
+
 #[derive(Debug, Clone)]
 pub struct BuilderConfig {
     pub cargo: String,
@@ -48,10 +50,16 @@ pub struct BuilderConfig {
     /// How long a failed background build stands before a function's next
     /// initialize tries it again (the network or the disk may be back).
     pub retry_failed_after: Duration,
+    /// The uid builds run as when the controller is root.
+    pub build_uid: u32,
 }
 
 pub struct Builder {
     config: BuilderConfig,
+    /// The walls builds run in; `None` without bubblewrap.
+    sandbox: Option<BuildSandbox>,
+    /// The toolchain `cargo` runs (its `bin/` holds cargo and rustc).
+    sysroot: Option<PathBuf>,
     /// One build at a time.
     queue: Semaphore,
     /// Builds this process started or finished, by key; a receiver sees the
@@ -85,17 +93,60 @@ impl Builder {
     pub fn new(config: BuilderConfig) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&config.builds_dir)?;
         std::fs::create_dir_all(&config.target_dir)?;
-        // The target dir holds every function's sources and builds.
-        for dir in [&config.builds_dir, &config.target_dir] {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
         let mut config = config;
+        config.target_dir = config.target_dir.canonicalize()?;
         config.sdk_dir = config
             .sdk_dir
             .canonicalize()
             .map_err(|e| anyhow::anyhow!("the Rust SDK {} is missing: {e}", config.sdk_dir.display()))?;
+        let sysroot = toolchain_sysroot(&config.cargo);
+        let uid = rustix::process::geteuid().is_root().then_some(config.build_uid);
+        // What a build sees of the host: the toolchain, the SDK, a cargo
+        // given by path (with its folder), and its own work directory.
+        let mut read_only: Vec<PathBuf> = sysroot.iter().cloned().collect();
+        read_only.push(config.sdk_dir.clone());
+        // The SDK inherits its edition and version from its workspace.
+        if let Some(root) = config
+            .sdk_dir
+            .ancestors()
+            .skip(1)
+            .map(|d| d.join("Cargo.toml"))
+            .find(|m| std::fs::read_to_string(m).is_ok_and(|text| text.contains("[workspace]")))
+        {
+            read_only.push(root);
+        }
+        if config.cargo.contains('/')
+            && let Some(dir) = Path::new(&config.cargo)
+                .canonicalize()
+                .ok()
+                .and_then(|c| c.parent().map(Path::to_path_buf))
+        {
+            read_only.push(dir);
+        }
+        let sandbox = BuildSandbox::detect(uid, read_only, vec![config.target_dir.clone()]);
+        match &sandbox {
+            Some(_) => tracing::info!(uid, "Rust builds run in bubblewrap"),
+            None => tracing::warn!(
+                "bubblewrap (bwrap) is not installed: Rust builds run as the controller's user, unwalled \
+                 (apt-get install bubblewrap)"
+            ),
+        }
+        // The target dir holds every function's sources and builds: its
+        // builds' own, and nobody else's.
+        if let (Some(sandbox), Some(uid)) = (&sandbox, sandbox.as_ref().and_then(BuildSandbox::uid)) {
+            let _ = sandbox;
+            use std::os::unix::fs::MetadataExt;
+            if std::fs::metadata(&config.target_dir)?.uid() != uid {
+                chown_tree(&config.target_dir, uid)?;
+            }
+        }
+        for dir in [&config.builds_dir, &config.target_dir] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         Ok(Arc::new(Builder {
             config,
+            sandbox,
+            sysroot,
             queue: Semaphore::new(1),
             wasm_target: tokio::sync::Mutex::new(false),
             states: Mutex::new(HashMap::new()),
@@ -228,37 +279,63 @@ impl Builder {
                 *installed = true;
             }
         }
+        if let Some(uid) = self.sandbox.as_ref().and_then(BuildSandbox::uid) {
+            chown_tree(&src, uid).map_err(|e| failure(format!("preparing the crate: {e}")))?;
+        }
         let started = Instant::now();
-        let mut cmd = tokio::process::Command::new(&self.config.cargo);
-        cmd.arg("rustc")
-            .arg("--lib")
-            .arg("--release")
-            .arg("--message-format=json")
-            .arg("--target-dir")
-            .arg(&self.config.target_dir)
-            .arg("--config")
-            .arg(format!(
-                "patch.crates-io.fnrt-sdk.path={}",
-                toml_string(&self.config.sdk_dir.to_string_lossy())
-            ));
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let patch = format!(
+            "patch.crates-io.fnrt-sdk.path={}",
+            toml_string(&self.config.sdk_dir.to_string_lossy())
+        );
+        let timed_out = || {
+            failure(format!(
+                "the build took longer than {} s",
+                self.config.timeout.as_secs()
+            ))
+        };
+        if self.sandbox.is_some() {
+            // Dependencies come first, with the network; the build that runs
+            // the crate's code comes after, without it.
+            let fetch = self.cargo(&src, &["fetch".into(), "--config".into(), patch.clone().into()], true);
+            match tokio::time::timeout_at(deadline, run_quietly(fetch)).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Err(e)) => return Err(failure(format!("starting cargo: {e}"))),
+                Ok(Ok((true, _))) => {}
+                Ok(Ok((false, output))) => {
+                    return Err(BuildFailure {
+                        message: "fetching the crate's dependencies failed".into(),
+                        messages: vec![self.strip_paths(&output, &src)],
+                    });
+                }
+            }
+        }
+        let mut args: Vec<std::ffi::OsString> =
+            ["rustc", "--lib", "--release", "--message-format=json", "--target-dir"]
+                .map(Into::into)
+                .to_vec();
+        args.push(self.config.target_dir.clone().into());
+        args.extend(["--config".into(), patch.into()]);
+        if self.sandbox.is_some() {
+            args.push("--offline".into());
+        }
         match target {
             // Panics must unwind so the SDK can catch them and report where.
-            Target::Native => cmd
-                .args(["--crate-type", "cdylib", "--config", "profile.release.panic=\"unwind\""])
-                .args(["--config", "profile.release.strip=\"debuginfo\""]),
+            Target::Native => args.extend(
+                [
+                    "--crate-type",
+                    "cdylib",
+                    "--config",
+                    "profile.release.panic=\"unwind\"",
+                    "--config",
+                    "profile.release.strip=\"debuginfo\"",
+                ]
+                .map(Into::into),
+            ),
             // The SDK's export! expands to `main` on wasm: a WASI command.
-            Target::Wasm => cmd.args(["--crate-type", "bin", "--target", WASM_TARGET]),
+            Target::Wasm => args.extend(["--crate-type", "bin", "--target", WASM_TARGET].map(Into::into)),
         };
-        cmd.current_dir(&src)
-            .env_clear()
-            .envs(build_env())
-            .env("CARGO_TERM_COLOR", "never")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        die_with_controller(&mut cmd);
+        let mut cmd = self.cargo(&src, &args, false);
         let mut child = cmd
             .spawn()
             .map_err(|e| failure(format!("starting {}: {e}", self.config.cargo)))?;
@@ -278,15 +355,9 @@ impl Builder {
             let status = child.wait().await;
             (diagnostics, built, cargo_output, status)
         };
-        let (diagnostics, built, cargo_output, status) = match tokio::time::timeout(self.config.timeout, reading).await
-        {
+        let (diagnostics, built, cargo_output, status) = match tokio::time::timeout_at(deadline, reading).await {
             Ok(done) => done,
-            Err(_) => {
-                return Err(failure(format!(
-                    "the build took longer than {} s",
-                    self.config.timeout.as_secs()
-                )));
-            }
+            Err(_) => return Err(timed_out()),
         };
         let succeeded = matches!(status, Ok(s) if s.success());
         let built = built.into_iter().find(|p| {
@@ -313,7 +384,7 @@ impl Builder {
                 if messages.is_empty() {
                     // cargo failed before compiling (manifest, resolution):
                     // its own output says why.
-                    messages = vec![strip_paths(&cargo_output, &src, &self.config)];
+                    messages = vec![self.strip_paths(&cargo_output, &src)];
                 }
                 for m in &mut messages {
                     *m = m
@@ -329,6 +400,103 @@ impl Builder {
             }
         }
     }
+}
+
+impl Builder {
+    /// cargo with `args` in `dir`: inside the sandbox when there is one
+    /// (the network only when `network`), with the environment a build gets.
+    fn cargo(&self, dir: &Path, args: &[std::ffi::OsString], network: bool) -> tokio::process::Command {
+        let toolchain_cargo = self.sysroot.as_ref().map(|s| s.join("bin").join("cargo"));
+        let mut cmd = match (&self.sandbox, toolchain_cargo) {
+            (Some(sandbox), Some(toolchain_cargo)) => {
+                // The toolchain's own cargo: rustup's proxies live in a home
+                // the build does not see.
+                let program = match self.config.cargo.as_str() {
+                    "cargo" => toolchain_cargo,
+                    other => PathBuf::from(other),
+                };
+                let (bwrap, wrapped) = sandbox.wrap(&program, args, dir, network);
+                let mut cmd = tokio::process::Command::new(bwrap);
+                cmd.args(wrapped).env_clear().envs(self.sandboxed_env());
+                cmd
+            }
+            _ => {
+                let mut cmd = tokio::process::Command::new(&self.config.cargo);
+                cmd.args(args).current_dir(dir).env_clear().envs(build_env());
+                cmd
+            }
+        };
+        cmd.env("CARGO_TERM_COLOR", "never")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        die_with_controller(&mut cmd);
+        cmd
+    }
+
+    /// The environment inside the sandbox: the toolchain first on `PATH`,
+    /// cargo's home in the work directory, nothing of the controller's.
+    fn sandboxed_env(&self) -> Vec<(String, String)> {
+        let bin = self
+            .sysroot
+            .as_ref()
+            .map(|s| format!("{}:", s.join("bin").display()))
+            .unwrap_or_default();
+        vec![
+            ("PATH".into(), format!("{bin}/usr/local/bin:/usr/bin:/bin")),
+            ("HOME".into(), "/tmp".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            (
+                "CARGO_HOME".into(),
+                self.config.target_dir.join("cargo-home").display().to_string(),
+            ),
+        ]
+    }
+
+    /// cargo's own output without the host paths it names.
+    fn strip_paths(&self, output: &str, src: &Path) -> String {
+        let mut out = output.replace(&*src.to_string_lossy(), ".");
+        out = out.replace(&*self.config.sdk_dir.to_string_lossy(), "fnrt-sdk");
+        out = out.replace(&*self.config.target_dir.to_string_lossy(), "target");
+        if let Some(sysroot) = &self.sysroot {
+            out = out.replace(&*sysroot.to_string_lossy(), "toolchain");
+        }
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("Updating") && !l.trim_start().starts_with("Locking"))
+            .collect();
+        let joined = lines.join("\n");
+        joined.chars().take(MAX_MESSAGE_BYTES).collect()
+    }
+}
+
+/// Runs a command to its end; whether it succeeded, and its stderr.
+async fn run_quietly(mut cmd: tokio::process::Command) -> std::io::Result<(bool, String)> {
+    let child = cmd.spawn()?;
+    let pid = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32));
+    let _group = pid.map(KillGroup);
+    let out = child.wait_with_output().await?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+/// The sysroot of the toolchain `cargo` belongs to (`rustc --print sysroot`
+/// beside it, or on `PATH`).
+fn toolchain_sysroot(cargo: &str) -> Option<PathBuf> {
+    let rustc = Path::new(cargo)
+        .parent()
+        .map(|dir| dir.join("rustc"))
+        .filter(|rustc| rustc.is_file())
+        .unwrap_or_else(|| PathBuf::from("rustc"));
+    let out = std::process::Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    (out.status.success() && sysroot.join("bin").join("cargo").is_file())
+        .then(|| sysroot.canonicalize().ok())
+        .flatten()
 }
 
 /// The target wasm functions are built for.
@@ -368,7 +536,18 @@ async fn ensure_wasm_target(cargo: &str) -> Result<(), String> {
         return Ok(());
     }
     tracing::info!("installing the {WASM_TARGET} target with rustup (once per toolchain)");
-    let added = run("rustup", &["target", "add", WASM_TARGET]).output().await;
+    let mut add = run("rustup", &["target", "add", WASM_TARGET]);
+    // The toolchain is read by builds running as another uid: what rustup
+    // installs must not take the controller's private umask.
+    #[allow(unsafe_code)]
+    // SAFETY: umask is one async-signal-safe system call between fork and exec.
+    unsafe {
+        add.pre_exec(|| {
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+            Ok(())
+        });
+    }
+    let added = add.output().await;
     match added {
         Ok(out) if out.status.success() => {
             tracing::info!("{WASM_TARGET} installed");
@@ -532,19 +711,6 @@ fn build_env() -> Vec<(String, String)> {
 /// A TOML basic string.
 fn toml_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
-}
-
-/// cargo's own output without the host paths it names.
-fn strip_paths(output: &str, src: &Path, config: &BuilderConfig) -> String {
-    let mut out = output.replace(&*src.to_string_lossy(), ".");
-    out = out.replace(&*config.sdk_dir.to_string_lossy(), "fnrt-sdk");
-    out = out.replace(&*config.target_dir.to_string_lossy(), "target");
-    let lines: Vec<&str> = out
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("Updating") && !l.trim_start().starts_with("Locking"))
-        .collect();
-    let joined = lines.join("\n");
-    joined.chars().take(MAX_MESSAGE_BYTES).collect()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 
 pub mod build;
 pub mod process;
+pub mod sandbox;
 pub mod wasm;
 
 use std::path::PathBuf;

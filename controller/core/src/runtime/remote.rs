@@ -139,8 +139,11 @@ impl RemoteInstance {
             ProtocolError::Status { .. } => return InstanceError::Protocol(err.to_string()),
             _ => {}
         }
-        // Give a dying server a moment to be reaped so how it ended is known.
-        match self.handle.exited(Duration::from_millis(500)).await {
+        // A connection that broke mid-call means the server is most likely
+        // dying (out of memory, killed): give it a moment to be reaped, so
+        // the answer says how it ended (a loaded machine needs more than a
+        // fraction of a second to tear down a large process).
+        match self.handle.exited(Duration::from_secs(2)).await {
             Some(exit) => {
                 let message = if exit.out_of_memory() {
                     format!(

@@ -1,0 +1,163 @@
+//! The build sandbox (reliability.md 35): a registered crate's `build.rs`
+//! and a proc macro it uses run inside cargo, as code of whoever holds
+//! `write:functions`. Both try to read the controller's secrets, write
+//! outside their directory and reach the controller and Redis over
+//! loopback; what each attempt gave is compiled into the function, which
+//! the test then runs to read it.
+
+use std::path::Path;
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::functions::call;
+use crate::helpers::spawn_app;
+
+/// Rust source of `attempts()`, shared by the build script and the macro:
+/// tries every read, write and connection and answers a JSON object of
+/// what each gave.
+const ATTEMPTS: &str = r#"
+fn attempts() -> String {
+    use std::io::Read;
+    let mut out = Vec::new();
+    for path in READS {
+        let got = match std::fs::File::open(path) {
+            Ok(mut f) => {
+                let mut bytes = Vec::new();
+                match f.read_to_end(&mut bytes) {
+                    Ok(n) => format!("read {n} bytes"),
+                    Err(e) => format!("error: {e}"),
+                }
+            }
+            Err(e) => format!("error: {e}"),
+        };
+        out.push(format!("{:?}: {:?}", format!("read {path}"), got));
+    }
+    for path in WRITES {
+        let got = match std::fs::write(path, "pwned") {
+            Ok(()) => "wrote".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        out.push(format!("{:?}: {:?}", format!("write {path}"), got));
+    }
+    for addr in CONNECTS {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let got = match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
+            Ok(_) => "connected".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        out.push(format!("{:?}: {:?}", format!("connect {addr}"), got));
+    }
+    format!("{{{}}}", out.join(","))
+}
+"#;
+
+const LIB: &str = r#"
+use fnrt_sdk::{Context, Error, export};
+
+fn snoop(_params: serde_json::Value, _context: Context) -> Result<serde_json::Value, Error> {
+    let build_rs: serde_json::Value =
+        serde_json::from_str(include_str!(concat!(env!("OUT_DIR"), "/attempts.json"))).unwrap();
+    let proc_macro: serde_json::Value = serde_json::from_str(snoop_macro::probe!()).unwrap();
+    Ok(serde_json::json!({ "build_rs": build_rs, "proc_macro": proc_macro }))
+}
+
+export!(snoop);
+"#;
+
+fn rust_strings(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("&[{}]", quoted.join(", "))
+}
+
+fn bwrap_installed() -> bool {
+    ["/usr/bin/bwrap", "/usr/local/bin/bwrap"]
+        .iter()
+        .any(|p| Path::new(p).is_file())
+}
+
+#[tokio::test]
+async fn a_build_script_and_a_proc_macro_read_no_secret_write_nothing_outside_and_reach_no_loopback_service() {
+    if !bwrap_installed() {
+        assert!(std::env::var_os("CI").is_none(), "CI installs bubblewrap (.ci/run)");
+        eprintln!("skipped: builds are walled in by bubblewrap, which is not installed");
+        return;
+    }
+    // Arrange: a controller with a secret file of its own, and a crate
+    // whose build script and proc macro attack what is around them.
+    let app = spawn_app();
+    let data = app.data_dir.path();
+    let secret = data.join("jwt-secret");
+    std::fs::write(&secret, crate::helpers::SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let escape = format!("/var/tmp/fnrt-escape-{}", uuid::Uuid::new_v4());
+    let sdk_file = crate::helpers::repo_dir().join("runtimes/rust/sdk/pwned");
+    let port = app.address.rsplit(':').next().unwrap().to_owned();
+    let reads = [
+        secret.display().to_string(),
+        data.join("controller.db").display().to_string(),
+        format!("/proc/{}/environ", app.controller_pid()),
+        "/etc/shadow".to_owned(),
+    ];
+    let writes = [
+        data.join("pwned").display().to_string(),
+        escape.clone(),
+        sdk_file.display().to_string(),
+    ];
+    let connects = [format!("127.0.0.1:{port}"), "127.0.0.1:6379".to_owned()];
+    let consts = format!(
+        "const READS: &[&str] = {};\nconst WRITES: &[&str] = {};\nconst CONNECTS: &[&str] = {};\n",
+        rust_strings(&reads),
+        rust_strings(&writes),
+        rust_strings(&connects)
+    );
+    let build_rs = format!(
+        "{consts}{ATTEMPTS}\nfn main() {{\n    let out = std::env::var(\"OUT_DIR\").unwrap();\n    \
+         std::fs::write(format!(\"{{out}}/attempts.json\"), attempts()).unwrap();\n}}\n"
+    );
+    let macro_rs = format!(
+        "extern crate proc_macro;\nuse proc_macro::TokenStream;\n{consts}{ATTEMPTS}\n#[proc_macro]\n\
+         pub fn probe(_: TokenStream) -> TokenStream {{\n    format!(\"{{:?}}\", attempts()).parse().unwrap()\n}}\n"
+    );
+    let files = json!({
+        "Cargo.toml": "[package]\nname = \"snoop\"\nversion = \"0.1.0\"\nedition = \"2024\"\nbuild = \"build.rs\"\n\n\
+                       [dependencies]\nfnrt-sdk = \"0.1\"\nserde_json = \"1\"\nsnoop-macro = { path = \"macro\" }\n",
+        "build.rs": build_rs,
+        "src/lib.rs": LIB,
+        "macro/Cargo.toml": "[package]\nname = \"snoop-macro\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\nproc-macro = true\n",
+        "macro/src/lib.rs": macro_rs,
+    });
+
+    // Act: register (the build runs now) and run what it compiled in.
+    let body = json!({"language_title": "rust-snoop", "description": "attacks its build", "files": files});
+    let registered = call(&app, Method::POST, "/api/v1/functions", &app.admin(), Some(body)).await;
+    assert_eq!(
+        registered.status, 201,
+        "the build still reports its result: {:?}",
+        registered.body
+    );
+    assert_eq!(registered.body["build"]["state"], "ready", "{:?}", registered.body);
+    let token = app.admin();
+    let id = app.session(&token, "rust-snoop", json!({})).await;
+    let r = app.execute(&token, &id, json!({})).await;
+
+    // Assert: every attempt failed, in both places, and nothing was written.
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    for place in ["build_rs", "proc_macro"] {
+        let attempts = r.body["result"][place]
+            .as_object()
+            .unwrap_or_else(|| panic!("{place}: {:?}", r.body));
+        assert_eq!(
+            attempts.len(),
+            reads.len() + writes.len() + connects.len(),
+            "{attempts:?}"
+        );
+        for (attempt, got) in attempts {
+            let got = got.as_str().unwrap_or_default();
+            assert!(got.starts_with("error"), "{place}: {attempt} gave {got:?}");
+        }
+    }
+    for path in writes {
+        assert!(!Path::new(&path).exists(), "the build wrote {path}");
+    }
+}
