@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::ServeArgs;
@@ -47,7 +49,12 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     engine: Arc<Engine>,
-    background: Vec<JoinHandle<()>>,
+    /// Stops the background loops (pool upkeep, session sweeps) at shutdown.
+    stop: CancellationToken,
+    /// Stops them too when the application is dropped without being run.
+    _stop_on_drop: DropGuard,
+    /// The background loops, waited for at shutdown.
+    tasks: TaskTracker,
     /// Writes execution records; finishes once the engine (its last sender) is gone.
     record_writer: JoinHandle<()>,
 }
@@ -256,15 +263,21 @@ impl Application {
             None => local_limiter.clone(),
         };
 
-        let mut background = vec![tokio::spawn(pool.clone().maintain())];
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(pool.clone().maintain(stop.clone()));
         let record_writer = tokio::spawn(write_records);
-        background.push(tokio::spawn({
+        tasks.spawn({
             let engine = engine.clone();
             let limiter = local_limiter.clone();
+            let stop = stop.clone();
             async move {
                 let mut tick = tokio::time::interval(SWEEP_EVERY);
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
                     engine.sweep().await;
                     limiter.shrink();
                     // Other replicas may have changed functions in a shared store.
@@ -273,7 +286,7 @@ impl Application {
                     }
                 }
             }
-        }));
+        });
 
         let state = AppState {
             engine: engine.clone(),
@@ -298,7 +311,9 @@ impl Application {
             listener,
             router,
             engine,
-            background,
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
+            tasks,
             record_writer,
         })
     }
@@ -315,11 +330,13 @@ impl Application {
             .with_graceful_shutdown(shutdown)
             .await;
         tracing::info!("shutting down: stopping instances");
-        for task in &self.background {
-            task.abort();
-        }
-        for task in self.background {
-            let _ = task.await;
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("background tasks still running after 10 s");
         }
         self.engine.shutdown().await;
         drop(self.engine);

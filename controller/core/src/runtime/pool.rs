@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::{Instance, InstanceError, RuntimeBackend};
 use crate::function::FunctionVersion;
@@ -279,18 +280,26 @@ impl InstancePool {
         (out, self.busy.load(Ordering::Relaxed))
     }
 
-    /// Runs until shutdown: keeps the warm pool full and reaps idle instances.
-    pub async fn maintain(self: Arc<Self>) {
-        loop {
-            if self.shutting_down.load(Ordering::Relaxed) {
-                return;
+    /// Runs until `stop` is cancelled (or the pool shuts down): keeps the
+    /// warm pool full and reaps idle instances. An instance being started
+    /// when it stops is dropped, which stops it.
+    pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
+        let upkeep = async {
+            loop {
+                if self.shutting_down.load(Ordering::Relaxed) {
+                    return;
+                }
+                self.fill_warm().await;
+                self.reap_idle().await;
+                tokio::select! {
+                    _ = self.refill.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
-            self.fill_warm().await;
-            self.reap_idle().await;
-            tokio::select! {
-                _ = self.refill.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = upkeep => {}
         }
     }
 
