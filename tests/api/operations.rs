@@ -332,3 +332,27 @@ async fn after_sigterm_no_instance_directory_or_process_is_left() {
         "instance processes outlived the controller: {alive:?}"
     );
 }
+
+#[tokio::test]
+async fn invented_http_methods_never_create_new_metric_series() {
+    // Arrange
+    let app = spawn_app();
+
+    // Act: many methods nobody defined, on known and unknown paths.
+    for i in 0..40 {
+        let method = reqwest::Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
+        let path = if i % 2 == 0 { "/health" } else { "/api/v1/no-such-thing" };
+        let r = app.client.request(method, app.url(path)).send().await.unwrap();
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    let metrics = app.metrics().await;
+
+    // Assert: one `other` series, no invented name.
+    assert!(!metrics.contains("INVENTED"), "an invented method became a label");
+    assert!(metrics.contains(r#"method="other""#), "{metrics}");
+    let series = metrics
+        .lines()
+        .filter(|l| l.starts_with("lambda_http_requests_total{"))
+        .count();
+    assert!(series < 10, "{series} series after invented methods:\n{metrics}");
+}

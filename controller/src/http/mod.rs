@@ -170,12 +170,32 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let response = next.run(req).await;
     state
         .metrics
-        .record_http(&route, &method, response.status().as_u16(), started.elapsed());
+        .record_http(&route, method, response.status().as_u16(), started.elapsed());
     response
+}
+
+/// The method as a metric label: the standard ones by name, anything a
+/// client invents as `other`, so invented methods never make new series.
+fn method_label(method: &Method) -> &'static str {
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    KNOWN
+        .iter()
+        .find(|known| *known == method)
+        .map_or("other", |known| known.as_str())
 }
 
 /// Gives answers axum or tower produce on their own (405, 413 from the
