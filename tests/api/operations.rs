@@ -356,3 +356,56 @@ async fn invented_http_methods_never_create_new_metric_series() {
         .count();
     assert!(series < 10, "{series} series after invented methods:\n{metrics}");
 }
+
+#[tokio::test]
+async fn the_served_openapi_document_is_valid_openapi_3_1_and_lists_every_answer() {
+    // Arrange
+    let app = spawn_app();
+
+    // Act
+    let doc = app.get(None, "/api/v1/openapi.json").await.body;
+
+    // Assert: every response is described, and initialize and execute list
+    // the statuses they can answer beyond their own.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            for (status, response) in operation["responses"].as_object().unwrap() {
+                assert!(
+                    response["description"].as_str().is_some_and(|d| !d.is_empty()),
+                    "{method} {path} {status} has no description"
+                );
+            }
+        }
+    }
+    for path in ["/api/v1/initialize", "/api/v1/execute/{request_id}"] {
+        let responses = &doc["paths"][path]["post"]["responses"];
+        for status in ["401", "413", "422", "429", "503"] {
+            assert!(responses.get(status).is_some(), "{path} does not list {status}");
+        }
+    }
+    // And the OpenAPI project's own validator accepts it (PyPI
+    // openapi-spec-validator, which .ci/run installs).
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(&doc).unwrap()).unwrap();
+    let check = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys\nfrom openapi_spec_validator import validate\nvalidate(json.load(open(sys.argv[1])))",
+        ])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    if stderr.contains("No module named 'openapi_spec_validator'") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI installs openapi-spec-validator (.ci/run)"
+        );
+        eprintln!("skipped the validator: pip install openapi-spec-validator");
+        return;
+    }
+    assert!(
+        check.status.success(),
+        "openapi-spec-validator refused the document:\n{stderr}"
+    );
+}

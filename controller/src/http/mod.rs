@@ -96,6 +96,84 @@ async fn openapi_json(State(doc): State<Arc<String>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned())
 }
 
+/// What a status means when a route's annotation does not say more.
+fn status_description(status: &str) -> &'static str {
+    match status {
+        "200" => "Success",
+        "201" => "Created",
+        "204" => "Done; no body",
+        "400" => "Malformed request or params (INVALID_REQUEST, INVALID_PARAMS)",
+        "401" => "Missing or invalid token (UNAUTHORIZED)",
+        "403" => "The token lacks the scope this needs (FORBIDDEN)",
+        "404" => "Not found, expired or another subject's (NOT_FOUND)",
+        "409" => "Conflicts with what exists (CONFLICT)",
+        "413" => "Request body larger than MAX_BODY_BYTES (INVALID_REQUEST)",
+        "422" => "A Rust function's build failed (BUILD_FAILED), with the compiler's messages",
+        "429" => "Rate limited (RATE_LIMITED), with Retry-After",
+        "500" => "The function failed (RUNTIME_ERROR, INITIALIZATION_ERROR) or the controller did (INTERNAL_ERROR)",
+        "503" => "A dependency is unavailable (UNAVAILABLE) or the function is still being built (FUNCTION_NOT_READY)",
+        "504" => "The execution passed its timeout (TIMEOUT)",
+        _ => "See the error body",
+    }
+}
+
+/// Makes the document complete as OpenAPI 3.1 requires and clients expect:
+/// every response has a description, and every status a route can answer
+/// is listed: 413 for any body, 422/503 where a function is specialised,
+/// 429 behind the rate limit.
+fn document_every_answer(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, ResponseBuilder};
+    let error_body = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    utoipa::openapi::ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let specialises = path.starts_with("/api/v1/initialize") || path.starts_with("/api/v1/execute");
+        let guarded = path.starts_with("/api/v1/") && path != "/api/v1/openapi.json";
+        let operations = [
+            (&mut item.get, false),
+            (&mut item.post, true),
+            (&mut item.put, true),
+            (&mut item.delete, false),
+        ];
+        for (operation, has_body) in operations {
+            let Some(operation) = operation else { continue };
+            let responses = &mut operation.responses.responses;
+            let mut wanted: Vec<&str> = Vec::new();
+            if guarded {
+                wanted.extend(["401", "429"]);
+            }
+            if guarded && has_body {
+                wanted.push("413");
+            }
+            if specialises {
+                wanted.extend(["422", "503"]);
+            }
+            for status in wanted {
+                responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| error_body(status_description(status)));
+            }
+            for (status, response) in responses.iter_mut() {
+                if let RefOr::T(response) = response
+                    && response.description.is_empty()
+                {
+                    response.description = status_description(status).to_owned();
+                }
+            }
+        }
+    }
+}
+
 /// The whole application's router.
 pub fn router(state: AppState, settings: &HttpSettings) -> Router {
     let guarded: OpenApiRouter<AppState> = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -110,6 +188,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .split_for_parts();
     doc.merge(openapi_paths);
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    document_every_answer(&mut doc);
     let doc = Arc::new(doc.to_json().expect("the OpenAPI document serialises"));
 
     let request_id = HeaderName::from_static("x-request-id");
