@@ -312,6 +312,7 @@ impl Engine {
             }
         }
         self.core.evict_function(language_title).await;
+        self.metrics.forget_function(language_title);
         self.update_session_gauge().await;
     }
 

@@ -409,3 +409,32 @@ async fn the_served_openapi_document_is_valid_openapi_3_1_and_lists_every_answer
         "openapi-spec-validator refused the document:\n{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_deleted_functions_metric_series_are_gone_from_metrics() {
+    // Arrange: a function that ran, so it has series.
+    let app = spawn_app();
+    let token = app.admin();
+    app.register("nodejs-fleeting", "module.exports.handler = async () => 1;", json!({}))
+        .await;
+    let id = app.session(&token, "nodejs-fleeting", json!({})).await;
+    assert_eq!(app.execute(&token, &id, json!({})).await.status, 200);
+    assert!(app.metrics().await.contains(r#"language_title="nodejs-fleeting""#));
+
+    // Act
+    let r = app
+        .client
+        .delete(app.url("/api/v1/functions/nodejs-fleeting"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+
+    // Assert
+    assert!(r.status().is_success(), "{}", r.status());
+    let metrics = app.metrics().await;
+    assert!(
+        !metrics.contains("nodejs-fleeting"),
+        "series of a deleted function remain:\n{metrics}"
+    );
+}

@@ -66,6 +66,16 @@ pub struct ClassLabels {
     pub class: String,
 }
 
+/// Every outcome an execution is counted under.
+pub const OUTCOMES: [&str; 6] = [
+    "success",
+    "cache_hit",
+    "invalid_params",
+    "runtime_error",
+    "timeout",
+    "error",
+];
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~65 s
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
@@ -199,6 +209,20 @@ impl Metrics {
                 language_title: language_title.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Drops a deleted function's series, so that `/metrics` does not grow
+    /// with every function ever registered.
+    pub fn forget_function(&self, language_title: &str) {
+        for outcome in OUTCOMES {
+            self.executions.remove(&ExecutionLabels {
+                language_title: language_title.to_owned(),
+                outcome: outcome.to_owned(),
+            });
+        }
+        self.execution_duration.remove(&FunctionLabels {
+            language_title: language_title.to_owned(),
+        });
     }
 
     pub fn record_wasm_module(&self, from_disk: bool) {
