@@ -166,7 +166,7 @@ impl Application {
             instance_uid_base: args.instance_uid_base,
             instance_uid_count: args.instance_uid_count,
             max_result_bytes: args.max_result_bytes,
-            rust_runtime: std::env::current_exe().ok(),
+            rust_runtime: args.rust_runtime_bin.clone().or_else(|| std::env::current_exe().ok()),
             builder: builder.clone().ok(),
         })?;
         let wasm = WasmBackend::new(
