@@ -47,6 +47,8 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     engine: Arc<Engine>,
+    /// Stopped with the application: its background builds end with it.
+    builder: Option<Arc<Builder>>,
     background: Vec<JoinHandle<()>>,
     /// Writes execution records; finishes once the engine (its last sender) is gone.
     record_writer: JoinHandle<()>,
@@ -278,7 +280,7 @@ impl Application {
             limiter,
             metrics,
             redis,
-            builder: builder.ok(),
+            builder: builder.clone().ok(),
         };
         let router = http::router(
             state,
@@ -294,6 +296,7 @@ impl Application {
             listener,
             router,
             engine,
+            builder: builder.ok(),
             background,
             record_writer,
         })
@@ -304,7 +307,7 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, lets in-flight requests finish, then
-    /// terminates every instance.
+    /// stops the background builds and terminates every instance.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let service = self.router.into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(self.listener, service)
@@ -316,6 +319,9 @@ impl Application {
         }
         for task in self.background {
             let _ = task.await;
+        }
+        if let Some(builder) = &self.builder {
+            builder.shutdown().await;
         }
         self.engine.shutdown().await;
         drop(self.engine);
