@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, children_of, read, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, children_of, read, spawn_app, spawn_app_with, spawn_binary};
 
 /// The log lines of the request whose span carries `request_id`, each parsed.
 fn request_log_lines(app: &TestApp, request_id: &str) -> Vec<Value> {
@@ -18,10 +18,10 @@ fn request_log_lines(app: &TestApp, request_id: &str) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_method_is_405_with_the_json_error_body_and_an_allow_header() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
 
     for (method, path, allowed) in [
@@ -62,10 +62,10 @@ async fn a_wrong_method_is_405_with_the_json_error_body_and_an_allow_header() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn unknown_paths_are_404_json_and_never_become_metric_labels() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -106,10 +106,10 @@ async fn unknown_paths_are_404_json_and_never_become_metric_labels() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn every_answer_carries_an_x_request_id_generated_when_the_client_sends_none() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let mut seen = Vec::new();
 
     for (method, path) in [
@@ -150,10 +150,10 @@ async fn every_answer_carries_an_x_request_id_generated_when_the_client_sends_no
     assert_eq!(r.headers()["x-request-id"], "client-trace-7");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn log_lines_stay_valid_json_whatever_the_request_carries() {
     // Arrange: values a naive log line would break on; only what HTTP lets through.
-    let app = spawn_app();
+    let app = spawn_binary();
     let token = app.admin();
     let tricky_id = r#"zq"quote\back}{brace'"#;
 
@@ -216,10 +216,10 @@ async fn log_lines_stay_valid_json_whatever_the_request_carries() {
     assert_eq!(tricky[0]["status"], 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn cors_allows_any_origin_by_default_and_answers_simple_requests() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
 
     // Act
     let preflight = app
@@ -262,10 +262,10 @@ async fn cors_allows_any_origin_by_default_and_answers_simple_requests() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_configured_origin_gets_cors_headers_on_simple_requests_and_others_do_not() {
     // Arrange
-    let app = spawn_app_with(&["--cors-allowed-origins", "https://a.example,https://b.example"]);
+    let app = spawn_app_with(&["--cors-allowed-origins", "https://a.example,https://b.example"]).await;
     let get_from = |origin: &'static str| app.client.get(app.url("/health")).header("Origin", origin).send();
 
     // Act
@@ -284,10 +284,10 @@ async fn a_configured_origin_gets_cors_headers_on_simple_requests_and_others_do_
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn after_sigterm_no_instance_directory_or_process_is_left() {
     // Arrange: a retained instance, an idle one and the warm pool.
-    let app = spawn_app();
+    let app = spawn_binary();
     let token = app.admin();
     let retained = app
         .session(&token, "nodejs-counter", json!({"retain_session": true}))
