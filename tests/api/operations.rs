@@ -1,6 +1,7 @@
 //! Operations beyond contract.rs: the 405 body, route labels of unknown
 //! paths, X-Request-ID on every answer, log lines that stay valid JSON, CORS
-//! on simple requests and by default, and nothing left behind after SIGTERM.
+//! on simple requests and by default, and nothing left behind after SIGTERM
+//! (the binary) or a stop (in process).
 
 use std::time::Duration;
 
@@ -331,4 +332,37 @@ async fn after_sigterm_no_instance_directory_or_process_is_left() {
         alive.is_empty(),
         "instance processes outlived the controller: {alive:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_in_process_app_leaves_no_instance_directory_or_process() {
+    // Arrange: a retained instance, an idle one and the warm pool, in process.
+    let mut app = spawn_app().await;
+    let token = app.admin();
+    let retained = app
+        .session(&token, "nodejs-counter", json!({"retain_session": true}))
+        .await;
+    app.execute(&token, &retained, json!({})).await;
+    let one_shot = app.session(&token, "python-calculator", json!({})).await;
+    app.execute(&token, &one_shot, json!({"operation": "add", "values": [1]}))
+        .await;
+    let data = app.data_dir.path().canonicalize().unwrap();
+    let in_data_dir = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|p| std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c.starts_with(&data)))
+            .collect()
+    };
+    assert!(!in_data_dir().is_empty(), "instances run in the data dir");
+    assert!(app.instance_dirs() >= 2, "{} instance dirs", app.instance_dirs());
+
+    // Act: what dropping the app does, as SIGTERM stops the binary.
+    app.stop().await;
+
+    // Assert
+    assert_eq!(app.instance_dirs(), 0, "instance directories left behind");
+    let left = in_data_dir();
+    assert!(left.is_empty(), "instance processes outlived the app: {left:?}");
 }
