@@ -1,11 +1,12 @@
 //! Command line and environment: every setting has a flag and an environment
-//! variable, documented in one table in the README.
+//! variable, documented in one table in the README (one hidden flag,
+//! `--rust-runtime-bin`, is for the in-process tests alone).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(name = "controller", version, about = "Lambda-style function runtime controller")]
@@ -187,9 +188,38 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// The program Rust instances run as `PROGRAM runtime-rust --socket
+    /// PATH`; default the running executable, which is the controller
+    /// unless the application runs inside another program (a test binary).
+    #[arg(long, hide = true)]
+    pub rust_runtime_bin: Option<PathBuf>,
 }
 
 impl ServeArgs {
+    /// Settings from `flags` alone (`["--listen", "127.0.0.1:0", ...]`, no
+    /// program name), as `controller serve` parses them but without reading
+    /// any environment variable: what a program that embeds the application
+    /// (the end-to-end tests) passes is all there is, whatever `DATABASE_URL`
+    /// or `JWT_SECRET` its own environment holds. A flag given twice takes
+    /// its last value.
+    pub fn from_flags<I, T>(flags: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::flags_only_command().try_get_matches_from(
+            std::iter::once(std::ffi::OsString::from("controller")).chain(flags.into_iter().map(Into::into)),
+        )?;
+        Self::from_arg_matches(&matches)
+    }
+
+    /// `serve`'s arguments with their environment variables unset.
+    fn flags_only_command() -> clap::Command {
+        Self::augment_args(clap::Command::new("controller"))
+            .args_override_self(true)
+            .mut_args(|arg| arg.env(None::<&'static str>))
+    }
+
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_secs)
     }
@@ -215,4 +245,56 @@ fn repo_dir(name: &str) -> PathBuf {
         return here.to_path_buf();
     }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn from_flags_reads_no_environment_variable() {
+        let serve = Cli::command();
+        let serve = serve.find_subcommand("serve").unwrap();
+        assert_eq!(
+            serve
+                .get_arguments()
+                .find(|a| a.get_id() == "database_url")
+                .unwrap()
+                .get_env(),
+            Some(std::ffi::OsStr::new("DATABASE_URL")),
+            "the binary reads DATABASE_URL"
+        );
+        let with_env: Vec<_> = ServeArgs::flags_only_command()
+            .get_arguments()
+            .filter(|a| a.get_env().is_some())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(with_env.is_empty(), "{with_env:?}");
+    }
+
+    #[test]
+    fn from_flags_parses_what_serve_parses_and_a_repeated_flag_takes_its_last_value() {
+        use secrecy::ExposeSecret;
+        let args = ServeArgs::from_flags([
+            "--listen",
+            "127.0.0.1:0",
+            "--warm-pool-size",
+            "1",
+            "--warm-pool-size",
+            "3",
+            "--jwt-secret",
+            "s3cret",
+            "--rust-runtime-bin",
+            "/opt/controller",
+        ])
+        .unwrap();
+        assert_eq!(args.listen.port(), 0);
+        assert_eq!(args.warm_pool_size, 3);
+        assert_eq!(args.auth.jwt_secret.as_ref().unwrap().expose_secret(), "s3cret");
+        assert_eq!(args.rust_runtime_bin.as_deref(), Some(Path::new("/opt/controller")));
+        assert!(args.database_url.is_none());
+        assert_eq!(args.session_ttl_secs, 7_200, "defaults apply");
+        assert!(ServeArgs::from_flags(["--no-such-flag"]).is_err());
+    }
 }

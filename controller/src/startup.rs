@@ -55,6 +55,8 @@ pub struct Application {
     _stop_on_drop: DropGuard,
     /// The background loops, waited for at shutdown.
     tasks: TaskTracker,
+    /// Stopped with the application: its background builds end with it.
+    builder: Option<Arc<Builder>>,
     /// Writes execution records; finishes once the engine (its last sender) is gone.
     record_writer: JoinHandle<()>,
 }
@@ -174,7 +176,7 @@ impl Application {
             instance_uid_base: args.instance_uid_base,
             instance_uid_count: args.instance_uid_count,
             max_result_bytes: args.max_result_bytes,
-            rust_runtime: std::env::current_exe().ok(),
+            rust_runtime: args.rust_runtime_bin.clone().or_else(|| std::env::current_exe().ok()),
             builder: builder.clone().ok(),
         })?;
         let wasm = WasmBackend::new(
@@ -295,7 +297,7 @@ impl Application {
             limiter,
             metrics,
             redis,
-            builder: builder.ok(),
+            builder: builder.clone().ok(),
         };
         let router = http::router(
             state,
@@ -314,6 +316,7 @@ impl Application {
             _stop_on_drop: stop.clone().drop_guard(),
             stop,
             tasks,
+            builder: builder.ok(),
             record_writer,
         })
     }
@@ -323,7 +326,7 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, lets in-flight requests finish, then
-    /// terminates every instance.
+    /// stops the background builds and terminates every instance.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let service = self.router.into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(self.listener, service)
@@ -337,6 +340,9 @@ impl Application {
             .is_err()
         {
             tracing::error!("background tasks still running after 10 s");
+        }
+        if let Some(builder) = &self.builder {
+            builder.shutdown().await;
         }
         self.engine.shutdown().await;
         drop(self.engine);

@@ -87,10 +87,10 @@ async fn next_count(app: &TestApp, token: &str, id: &str) -> Value {
     r.body["result"]["count"].clone()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn malformed_authorization_headers_are_401_everywhere_and_run_nothing() {
     // Arrange: the unauthenticated limit would answer 429 before long.
-    let app = spawn_app_with(&["--rate-limit-unauthenticated", "0"]);
+    let app = spawn_app_with(&["--rate-limit-unauthenticated", "0"]).await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-counter", json!({"retain_session": true}))
@@ -120,10 +120,10 @@ async fn malformed_authorization_headers_are_401_everywhere_and_run_nothing() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn tokens_with_claims_of_the_wrong_type_or_algorithm_are_401_and_run_nothing() {
     // Arrange
-    let app = spawn_app_with(&["--rate-limit-unauthenticated", "0"]);
+    let app = spawn_app_with(&["--rate-limit-unauthenticated", "0"]).await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-counter", json!({"retain_session": true}))
@@ -191,10 +191,10 @@ async fn tokens_with_claims_of_the_wrong_type_or_algorithm_are_401_and_run_nothi
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_scope_claim_works_as_an_oauth_string_and_as_an_array() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let exp = now() + 600;
     let as_string = signed(
         Algorithm::HS256,
@@ -225,10 +225,10 @@ async fn a_scope_claim_works_as_an_oauth_string_and_as_an_array() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn execute_nodejs_grants_nodejs_functions_and_nothing_else() {
     // Arrange: carol's python session, started while she held execute:all.
-    let app = spawn_app();
+    let app = spawn_app().await;
     let nodejs_only = app.token("carol", &["execute:nodejs"]);
     let everything = app.token("carol", &["execute:all"]);
     let no_execute = app.token("carol", &["read:functions"]);
@@ -281,10 +281,10 @@ async fn execute_nodejs_grants_nodejs_functions_and_nothing_else() {
     assert_eq!(next_count(&app, &everything, &python_id).await, 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn reading_functions_without_read_functions_is_403() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let executor = app.token("alice", &["execute:all", "write:functions"]);
 
     // Act
@@ -331,10 +331,10 @@ fn private_dir() -> tempfile::TempDir {
         .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_token_subcommand_prints_a_token_that_the_server_accepts() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let dir = private_dir();
 
     // Act
@@ -452,7 +452,7 @@ impl Drop for Unconfigured {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn without_jwt_secret_the_token_subcommand_and_the_server_share_a_generated_secret() {
     use std::os::unix::fs::PermissionsExt;
 
@@ -502,10 +502,10 @@ async fn without_jwt_secret_the_token_subcommand_and_the_server_share_a_generate
     assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_token_is_refused_once_its_exp_and_the_configured_leeway_have_passed() {
     // Arrange: exact expiry, and a token that lives one second.
-    let app = spawn_app_with(&["--jwt-leeway-secs", "0"]);
+    let app = spawn_app_with(&["--jwt-leeway-secs", "0"]).await;
     let token = app.token("brief", &["read:functions"]);
     let short = {
         let claims = json!({"sub": "brief", "scope": "read:functions", "exp": now() + 1});

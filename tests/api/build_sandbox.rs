@@ -76,7 +76,7 @@ fn bwrap_installed() -> bool {
         .any(|p| Path::new(p).is_file())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_build_script_and_a_proc_macro_read_no_secret_write_nothing_outside_and_reach_no_loopback_service() {
     if !bwrap_installed() {
         assert!(std::env::var_os("CI").is_none(), "CI installs bubblewrap (.ci/run)");
@@ -85,7 +85,7 @@ async fn a_build_script_and_a_proc_macro_read_no_secret_write_nothing_outside_an
     }
     // Arrange: a controller with a secret file of its own, and a crate
     // whose build script and proc macro attack what is around them.
-    let app = spawn_app();
+    let app = spawn_app().await;
     let data = app.data_dir.path();
     let secret = data.join("jwt-secret");
     std::fs::write(&secret, crate::helpers::SECRET).unwrap();

@@ -32,7 +32,7 @@ fn code(version: &str) -> String {
 
 /// A fresh controller with the probe function registered at version 1.
 async fn app_with_probe() -> TestApp {
-    let app = spawn_app();
+    let app = spawn_app().await;
     app.register(FUNCTION, &code("v1"), json!({})).await;
     app
 }
@@ -60,7 +60,7 @@ fn ok(r: &Reply) -> &Value {
     &r.body["result"]
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_same_params_in_a_retained_session_are_answered_from_the_cache() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -77,7 +77,7 @@ async fn the_same_params_in_a_retained_session_are_answered_from_the_cache() {
     assert!(second.body["execution_time"].is_u64());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn no_cache_runs_the_function_again_and_answers_uncached() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -99,7 +99,7 @@ async fn no_cache_runs_the_function_again_and_answers_uncached() {
     assert_eq!(ok(&after)["nonce"], ok(&fresh)["nonce"]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn max_age_does_not_serve_an_entry_older_than_it() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -119,7 +119,7 @@ async fn max_age_does_not_serve_an_entry_older_than_it() {
     assert_eq!(ok(&young)["nonce"], ok(&stale)["nonce"]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn max_age_zero_never_stores_a_result() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -137,7 +137,7 @@ async fn max_age_zero_never_stores_a_result() {
     assert_eq!(ok(&second)["runs"], 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_cache_control_header_is_400_invalid_request() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -157,7 +157,7 @@ async fn an_invalid_cache_control_header_is_400_invalid_request() {
     assert_eq!(ok(&r)["runs"], 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_order_of_keys_in_params_does_not_change_the_cache_key() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -171,7 +171,7 @@ async fn the_order_of_keys_in_params_does_not_change_the_cache_key() {
     assert_eq!(ok(&reordered)["nonce"], ok(&first)["nonce"]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn different_params_miss_the_cache() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -191,7 +191,7 @@ async fn different_params_miss_the_cache() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn another_session_of_the_same_subject_with_the_same_context_hits() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -207,7 +207,7 @@ async fn another_session_of_the_same_subject_with_the_same_context_hits() {
     assert_eq!(second.body["request_id"], two.as_str());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_subject_whose_context_differs_misses() {
     let app = app_with_probe().await;
     let alice = app.token("alice", &["execute:all"]);
@@ -227,7 +227,7 @@ async fn a_subject_whose_context_differs_misses() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_new_version_misses_and_sessions_started_before_keep_the_old_code() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -259,7 +259,7 @@ async fn a_new_version_misses_and_sessions_started_before_keep_the_old_code() {
     assert_eq!(ok(&rerun_old)["runs"], 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn runtime_errors_and_invalid_params_from_the_function_are_never_cached() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -283,7 +283,7 @@ async fn runtime_errors_and_invalid_params_from_the_function_are_never_cached() 
     assert_eq!(ok(&r)["runs"], 5, "every failing call ran the function");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn timeouts_are_never_cached() {
     let app = app_with_probe().await;
     let token = app.admin();
@@ -308,7 +308,7 @@ async fn timeouts_are_never_cached() {
     assert_eq!(ok(&r)["runs"], 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn authorization_runs_before_the_cache() {
     let app = app_with_probe().await;
     let token = app.admin();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{SECRET, children_of, eventually, read, spawn_app, spawn_app_with};
+use crate::helpers::{SECRET, children_of, eventually, read, spawn_app, spawn_app_with, spawn_binary};
 
 fn b64(bytes: &[u8]) -> String {
     // base64url without padding, by hand: the tests crate needs no base64 dependency for this.
@@ -57,10 +57,10 @@ fn bad_tokens() -> Vec<(&'static str, String)> {
     ]
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn requests_without_a_valid_token_are_401_and_run_nothing() {
     // The unauthenticated rate limit would answer 429 first after ten requests.
-    let app = spawn_app_with(&["--rate-limit-unauthenticated", "0"]);
+    let app = spawn_app_with(&["--rate-limit-unauthenticated", "0"]).await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-counter", json!({"retain_session": true}))
@@ -97,9 +97,9 @@ async fn requests_without_a_valid_token_are_401_and_run_nothing() {
     assert_eq!(r.body["result"]["count"], 1, "{:?}", r.body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn scopes_are_checked_per_language_and_sessions_are_private_to_their_subject() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let python_only = app.token("bob", &["execute:python"]);
     let r = app.initialize(&python_only, "nodejs-calculator", json!({})).await;
     assert_eq!(r.status, 403, "{:?}", r.body);
@@ -131,9 +131,9 @@ async fn scopes_are_checked_per_language_and_sessions_are_private_to_their_subje
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn over_the_rate_limit_is_429_with_retry_after_and_other_subjects_are_unaffected() {
-    let app = spawn_app_with(&["--rate-limit-execute", "3", "--rate-limit-unauthenticated", "2"]);
+    let app = spawn_app_with(&["--rate-limit-execute", "3", "--rate-limit-unauthenticated", "2"]).await;
     let alice = app.token("alice", &["execute:all"]);
     let id = app
         .session(&alice, "nodejs-calculator", json!({"retain_session": true}))
@@ -174,9 +174,9 @@ async fn over_the_rate_limit_is_429_with_retry_after_and_other_subjects_are_unaf
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn bodies_over_the_limit_are_413_with_and_without_content_length() {
-    let app = spawn_app_with(&["--max-body-bytes", "1024"]);
+    let app = spawn_app_with(&["--max-body-bytes", "1024"]).await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -222,9 +222,9 @@ async fn bodies_over_the_limit_are_413_with_and_without_content_length() {
     assert_eq!(ok.status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_timeout_out_of_range_is_400_naming_the_limit() {
-    let app = spawn_app_with(&["--max-timeout-ms", "5000"]);
+    let app = spawn_app_with(&["--max-timeout-ms", "5000"]).await;
     let token = app.admin();
     for bad in [json!(0), json!(-1), json!(1.5), json!("100"), json!(5001)] {
         let r = app
@@ -243,9 +243,9 @@ async fn a_timeout_out_of_range_is_400_naming_the_limit() {
     assert_eq!(r.status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn initialize_refuses_bad_language_titles_before_touching_anything() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let long = format!("nodejs-{}", "a".repeat(10_000));
     for title in [
@@ -279,9 +279,9 @@ async fn initialize_refuses_bad_language_titles_before_touching_anything() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn initialize_answers_the_contract_shape_and_honours_x_request_id() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let r = app.initialize(&token, "nodejs-calculator", json!({})).await;
     assert_eq!(r.status, 200);
@@ -318,9 +318,9 @@ async fn initialize_answers_the_contract_shape_and_honours_x_request_id() {
     assert_eq!(read(empty).await.status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_session_expires_into_404_and_reports_its_state_until_then() {
-    let app = spawn_app_with(&["--session-ttl-secs", "2"]);
+    let app = spawn_app_with(&["--session-ttl-secs", "2"]).await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -349,9 +349,9 @@ async fn a_session_expires_into_404_and_reports_its_state_until_then() {
     assert_eq!(r.code(), "NOT_FOUND");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn deleting_a_session_releases_its_instance() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-counter", json!({"retain_session": true}))
@@ -375,9 +375,9 @@ async fn deleting_a_session_releases_its_instance() {
     assert!(eventually(Duration::from_secs(5), || app.instance_dirs() < before).await);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn health_metrics_and_openapi_describe_the_service() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -422,9 +422,9 @@ async fn health_metrics_and_openapi_describe_the_service() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn unknown_routes_and_wrong_methods_answer_the_json_error_body() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let r = app.get(None, "/api/v1/nothing-here").await;
     assert_eq!(r.status, 404);
     assert_eq!(r.code(), "NOT_FOUND");
@@ -433,9 +433,9 @@ async fn unknown_routes_and_wrong_methods_answer_the_json_error_body() {
     assert!(!r.code().is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn cors_preflight_allows_the_contract_headers_for_configured_origins() {
-    let app = spawn_app_with(&["--cors-allowed-origins", "https://a.example"]);
+    let app = spawn_app_with(&["--cors-allowed-origins", "https://a.example"]).await;
     let preflight = |origin: &'static str| {
         app.client
             .request(reqwest::Method::OPTIONS, app.url("/api/v1/initialize"))
@@ -466,9 +466,9 @@ async fn cors_preflight_allows_the_contract_headers_for_configured_origins() {
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn each_request_logs_one_line_with_its_request_id() {
-    let app = spawn_app();
+    let app = spawn_binary();
     let r = app
         .client
         .get(app.url("/health"))
@@ -487,9 +487,9 @@ async fn each_request_logs_one_line_with_its_request_id() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_an_execution_finish_then_stops_every_instance_and_exits_0() {
-    let app = spawn_app();
+    let app = spawn_binary();
     let code =
         "module.exports.handler = async () => { await new Promise(r => setTimeout(r, 1500)); return {slept: true}; };";
     app.register("nodejs-sleepy", code, json!({})).await;

@@ -2,9 +2,9 @@ use serde_json::json;
 
 use crate::helpers::spawn_app;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_readme_walkthrough_adds_and_then_answers_from_the_cache() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("alice", &["execute:all", "read:functions"]);
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -28,9 +28,9 @@ async fn the_readme_walkthrough_adds_and_then_answers_from_the_cache() {
     assert_eq!(second.body["result"], json!({"value": 6}));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn python_calculator_computes_every_operation() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app
         .session(&token, "python-calculator", json!({"retain_session": true}))
@@ -49,9 +49,9 @@ async fn python_calculator_computes_every_operation() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_retained_session_keeps_in_memory_state_between_executions() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for lt in ["nodejs-counter", "python-counter"] {
         let id = app.session(&token, lt, json!({"retain_session": true})).await;
@@ -71,9 +71,9 @@ async fn a_retained_session_keeps_in_memory_state_between_executions() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_thrown_error_is_a_runtime_error_with_line_column_and_stack() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for (lt, line) in [("nodejs-error", 8), ("python-error", 20)] {
         let id = app.session(&token, lt, json!({"retain_session": true})).await;
@@ -100,9 +100,9 @@ async fn a_thrown_error_is_a_runtime_error_with_line_column_and_stack() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn division_by_zero_is_invalid_params_and_is_not_cached() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for lt in ["nodejs-calculator", "python-calculator"] {
         let id = app.session(&token, lt, json!({"retain_session": true})).await;
@@ -117,9 +117,9 @@ async fn division_by_zero_is_invalid_params_and_is_not_cached() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn params_are_checked_against_the_schema_before_the_function_runs() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -141,9 +141,9 @@ async fn params_are_checked_against_the_schema_before_the_function_runs() {
     assert_eq!(r.body["result"]["value"], 6);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn malformed_execute_bodies_are_400_in_the_contract_shape() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -173,9 +173,9 @@ async fn malformed_execute_bodies_are_400_in_the_contract_shape() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_one_shot_session_serves_one_execution() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app.session(&token, "nodejs-calculator", json!({})).await;
     let r = app
@@ -192,9 +192,9 @@ async fn a_one_shot_session_serves_one_execution() {
     assert_eq!(s.body["execution_count"], 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn every_answered_execution_is_recorded_durably() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -211,7 +211,7 @@ async fn every_answered_execution_is_recorded_durably() {
 
     // The records are written off the request path; a clean stop flushes them.
     let db = app.data_dir.path().join("controller.db");
-    let app = app.restart();
+    let app = app.restart().await;
     let rows = std::process::Command::new("python3")
         .args(["-c", "import sqlite3,sys,json; c=sqlite3.connect(sys.argv[1]); print(json.dumps(c.execute('select subject, language_title, version, outcome, cached from executions where request_id=? order by rowid', (sys.argv[2],)).fetchall()))"])
         .arg(&db)

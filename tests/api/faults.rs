@@ -150,12 +150,12 @@ fn user_ids(name: &str) -> Option<(u32, u32)> {
     })
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn postgres_down_gives_clean_503s_for_writes_and_every_answered_execution_keeps_its_record() {
     let Some(pg) = PrivatePostgres::start() else { return };
     pg.psql("postgres", "CREATE DATABASE fnrt");
     let url = pg.url("fnrt");
-    let app = spawn_app_with(&["--database-url", &url]);
+    let app = spawn_app_with(&["--database-url", &url]).await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -258,13 +258,13 @@ impl Drop for PrivateRedis {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn redis_going_down_degrades_and_its_return_is_picked_up_automatically() {
     let Some(redis) = PrivateRedis::start_on(free_port()) else {
         return;
     };
     let port = redis.port;
-    let app = spawn_app_with(&["--redis-url", &redis.url()]);
+    let app = spawn_app_with(&["--redis-url", &redis.url()]).await;
     let token = app.admin();
     assert_eq!(app.get(None, "/health").await.body["components"]["redis"], "ok");
 

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Options, Reply, TestApp, controller_env, read, spawn_app_opts, start};
+use crate::helpers::{Options, Reply, TestApp, controller_env, read, spawn_binary_opts, start};
 use crate::rust::session_when_built;
 
 /// The controller the tests run, copied to `dir` as `controller`.
@@ -46,7 +46,7 @@ async fn post(client: &reqwest::Client, url: String, token: &str, title: Option<
     read(request.send().await.unwrap()).await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_readme_run_command_serves_every_language_with_a_relative_data_dir_and_the_binary_under_tmp() {
     // Arrange: the binary where a CARGO_TARGET_DIR under /tmp puts it, and a
     // working directory of its own, as a clone would be.
@@ -211,7 +211,7 @@ fn files_under(dir: &Path, suffix: &str) -> Vec<String> {
     found
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_function_can_neither_list_nor_read_the_data_dir_other_functions_builds_or_the_secret() {
     if !rustix::process::geteuid().is_root() {
         // Instances run as the controller's own user unless it is root.
@@ -226,7 +226,7 @@ async fn a_function_can_neither_list_nor_read_the_data_dir_other_functions_build
         generated_secret: true,
         umask: Some(0o022),
     };
-    let app: TestApp = spawn_app_opts(data_dir, &[], &options);
+    let app: TestApp = spawn_binary_opts(data_dir, &[], &options);
     let token = app.admin();
     let rust = session_when_built(&app, &token, "rust-fibonacci", json!({})).await;
     assert_eq!(app.execute(&token, &rust, json!({"n": 3})).await.status, 200);

@@ -68,9 +68,9 @@ fn contains(actual: &Value, expected: &Value) -> bool {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_listing_shows_the_bundled_functions_with_the_contract_fields() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("reader", &["read:functions"]);
 
     let r = app.get(Some(&token), "/api/v1/functions").await;
@@ -92,9 +92,9 @@ async fn the_listing_shows_the_bundled_functions_with_the_contract_fields() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_listing_filters_by_language() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("reader", &["read:functions"]);
 
     let python = app.get(Some(&token), "/api/v1/functions?language=python").await;
@@ -113,9 +113,9 @@ async fn the_listing_filters_by_language() {
     assert_eq!(titles(&nodejs), ["nodejs-calculator", "nodejs-counter", "nodejs-error"]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_listing_pages_with_the_full_total_and_an_empty_page_past_the_end() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("reader", &["read:functions"]);
 
     let n = BUNDLED.len();
@@ -143,9 +143,9 @@ async fn the_listing_pages_with_the_full_total_and_an_empty_page_past_the_end() 
     assert_eq!(titles(&beyond), Vec::<String>::new());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_listing_queries_are_400_invalid_request() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("reader", &["read:functions"]);
     for query in [
         "per_page=101",
@@ -162,9 +162,9 @@ async fn bad_listing_queries_are_400_invalid_request() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_calculator_detail_has_the_contracts_schema_and_example() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("reader", &["read:functions"]);
 
     let r = app.get(Some(&token), "/api/v1/functions/nodejs-calculator").await;
@@ -203,9 +203,9 @@ async fn the_calculator_detail_has_the_contracts_schema_and_example() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_function_is_404_and_a_malformed_title_is_400() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("reader", &["read:functions"]);
 
     let unknown = app.get(Some(&token), "/api/v1/functions/nodejs-nope").await;
@@ -220,9 +220,9 @@ async fn an_unknown_function_is_404_and_a_malformed_title_is_400() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_registered_function_is_version_1_listed_and_runnable() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
 
     let created = app
@@ -245,9 +245,9 @@ async fn a_registered_function_is_version_1_listed_and_runnable() {
     assert_eq!(r.body["result"], json!({"greeting": "hello v1"}), "{:?}", r.body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn registering_an_existing_function_again_is_409() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     app.register("nodejs-hello", NODE_HELLO, json!({})).await;
     let body = json!({"language_title": "nodejs-hello", "description": "again", "code": NODE_HELLO});
 
@@ -267,9 +267,9 @@ async fn registering_an_existing_function_again_is_409() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn registering_without_the_write_scope_is_403() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("alice", &["execute:all", "read:functions"]);
     let body = json!({"language_title": "nodejs-hello", "description": "d", "code": NODE_HELLO});
 
@@ -292,9 +292,9 @@ async fn registering_without_the_write_scope_is_403() {
     assert_eq!(list.body["total"], BUNDLED.len(), "nothing was registered or deleted");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn invalid_manifests_are_400_naming_the_field() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let base = json!({"language_title": "nodejs-bad", "description": "d", "code": NODE_HELLO});
     let cases: Vec<(Value, &str)> = vec![
@@ -346,9 +346,9 @@ async fn invalid_manifests_are_400_naming_the_field() {
     assert_eq!(detail.status, 404);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn put_registers_version_2_and_sessions_started_before_keep_version_1() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     app.register("nodejs-hello", NODE_HELLO, json!({})).await;
     let before = app
@@ -380,9 +380,9 @@ async fn put_registers_version_2_and_sessions_started_before_keep_version_1() {
     assert_eq!(session.body["version"], 1, "{:?}", session.body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn put_on_an_unknown_function_is_404() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
 
     let r = put_function(
@@ -397,9 +397,9 @@ async fn put_on_an_unknown_function_is_404() {
     assert_eq!(r.code(), "NOT_FOUND");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn put_with_another_language_title_in_the_body_is_400() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     app.register("nodejs-hello", NODE_HELLO, json!({})).await;
 
@@ -418,9 +418,9 @@ async fn put_with_another_language_title_in_the_body_is_400() {
     assert_eq!(detail.body["version"], 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_function_is_gone_for_details_initialize_and_its_open_sessions() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     app.register("nodejs-hello", NODE_HELLO, json!({})).await;
     let open = app
@@ -449,9 +449,9 @@ async fn a_deleted_function_is_gone_for_details_initialize_and_its_open_sessions
     assert!(!titles(&list).contains(&"nodejs-hello".to_owned()));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn code_that_fails_to_load_is_500_initialization_error_with_details() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let cases = [
         (
@@ -503,9 +503,9 @@ async fn code_that_fails_to_load_is_500_initialization_error_with_details() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_registered_function_sees_its_manifest_env() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let cases = [
         (
@@ -528,10 +528,10 @@ async fn a_registered_function_sees_its_manifest_env() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn registered_functions_survive_a_restart() {
     // Arrange: register and update, then restart the controller on its data dir.
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     app.register("nodejs-hello", NODE_HELLO, json!({})).await;
     let updated = put_function(
@@ -544,7 +544,7 @@ async fn registered_functions_survive_a_restart() {
     assert_eq!(updated.status, 200, "{:?}", updated.body);
 
     // Act
-    let app = app.restart();
+    let app = app.restart().await;
     let detail = app.get(Some(&token), "/api/v1/functions/nodejs-hello").await;
 
     // Assert: still there, at its latest version, and it runs.
@@ -556,11 +556,11 @@ async fn registered_functions_survive_a_restart() {
     assert_eq!(exec.body["result"], json!({"greeting": "hello v2"}), "{:?}", exec.body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_function_deleted_and_registered_again_never_runs_its_old_code() {
     // Arrange: the first life of nodejs-hello reaches version 2, and a session
     // on its version 1 executes after the update (so version 1 is looked up).
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     app.register("nodejs-hello", NODE_HELLO, json!({})).await;
     let first_life = app

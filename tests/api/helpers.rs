@@ -1,5 +1,9 @@
-//! `spawn_app()`: starts the real controller binary on port 0 with a fresh
-//! data dir, and typed helpers to drive it over HTTP.
+//! `spawn_app()`: the controller's application (`Application::build`)
+//! started in the test's own process, on port 0 with a fresh data dir;
+//! `spawn_binary()`: the real controller binary started the same way, for
+//! the tests of what only a process shows (its logs, its exit on SIGTERM,
+//! its children, its memory). Both give a [`TestApp`] with typed helpers to
+//! drive it over HTTP.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -8,33 +12,65 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use controller::auth::Authenticator;
+use controller::config::ServeArgs;
+use controller::startup::Application;
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+/// The cargo target directory of every test controller's Rust function
+/// builds, so that dependencies build once.
+const RUST_TARGET_DIR: &str = "/var/tmp/fnrt-test-functions";
+
+/// How long a stopping controller may take before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn repo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A running controller and what a test needs to talk to it.
+/// A running controller and what a test needs to talk to it. Dropping it
+/// stops the controller as SIGTERM does (in-flight requests finish, every
+/// instance is stopped and its directory removed), and waits for that.
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub data_dir: tempfile::TempDir,
-    child: Child,
-    /// Everything the controller logged (JSON lines).
-    logs: Arc<Mutex<Vec<String>>>,
+    server: Server,
     auth: Authenticator,
 }
 
-/// A controller with default settings and a fresh data dir.
-pub fn spawn_app() -> TestApp {
-    spawn_app_with(&[])
+/// Where the controller runs.
+enum Server {
+    /// On the test's runtime, in the test's process.
+    InProcess(InProcess),
+    /// The controller binary as a child process, and everything it logged
+    /// (JSON lines).
+    Binary {
+        child: Child,
+        logs: Arc<Mutex<Vec<String>>>,
+    },
+    /// Already stopped.
+    Stopped,
 }
 
-/// A controller with extra command-line flags and a fresh data dir.
-pub fn spawn_app_with(extra: &[&str]) -> TestApp {
-    spawn_app_in(fresh_data_dir(), extra)
+struct InProcess {
+    /// Resolves `run_until_stopped`'s shutdown future.
+    stop: oneshot::Sender<()>,
+    /// `run_until_stopped`, spawned on the test's runtime.
+    serving: JoinHandle<Result<(), String>>,
+}
+
+/// A controller with default settings and a fresh data dir, in process.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// A controller with extra command-line flags and a fresh data dir, in process.
+pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
+    spawn_app_in(fresh_data_dir(), extra).await
 }
 
 /// Not under /tmp: instances get a private /tmp mounted over it, which would hide the data dir.
@@ -45,12 +81,86 @@ fn fresh_data_dir() -> tempfile::TempDir {
         .expect("temp dir")
 }
 
-/// A controller on an existing data dir.
-pub fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestApp {
-    spawn_app_opts(data_dir, extra, &Options::default())
+/// The flags every test controller starts with, before the test's own.
+fn base_flags(data_dir: &Path) -> Vec<String> {
+    let repo = repo_dir();
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--warm-pool-size".into(),
+        "1".into(),
+        "--data-dir".into(),
+        path(data_dir),
+        "--functions-dir".into(),
+        path(&repo.join("functions")),
+        "--runtimes-dir".into(),
+        path(&repo.join("runtimes")),
+    ]
 }
 
-/// How the test starts a controller, beyond its flags.
+/// A controller on an existing data dir, in process: `Application::build`
+/// on the flags the binary would get (and no environment variable), served
+/// on the test's runtime until the [`TestApp`] is dropped or stopped.
+///
+/// The test must run on a multi-threaded runtime
+/// (`#[tokio::test(flavor = "multi_thread")]`): dropping the app waits for
+/// it to stop, which a current-thread runtime cannot do from inside itself.
+pub async fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestApp {
+    let runtime = tokio::runtime::Handle::current();
+    assert_eq!(
+        runtime.runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::MultiThread,
+        "an in-process app needs #[tokio::test(flavor = \"multi_thread\")]: dropping it waits for it to stop"
+    );
+    let mut flags = base_flags(data_dir.path());
+    flags.extend(
+        [
+            "--jwt-secret",
+            SECRET,
+            "--rust-target-dir",
+            RUST_TARGET_DIR,
+            // Rust instances run `PROGRAM runtime-rust`: the controller, not this test binary.
+            "--rust-runtime-bin",
+            env!("CARGO_BIN_EXE_controller-under-test"),
+        ]
+        .map(str::to_owned),
+    );
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let args = ServeArgs::from_flags(&flags).unwrap_or_else(|e| panic!("flags {flags:?}: {e}"));
+    let app = Application::build(args)
+        .await
+        .unwrap_or_else(|e| panic!("the controller did not start: {e:#}"));
+    let address = format!("http://{}", app.local_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        app.run_until_stopped(async {
+            // A dropped sender stops the app as well.
+            let _ = stopped.await;
+        })
+        .await
+        .map_err(|e| format!("{e:#}"))
+    });
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        data_dir,
+        server: Server::InProcess(InProcess { stop, serving }),
+        auth: Authenticator::new(SECRET.as_bytes(), None, None),
+    }
+}
+
+/// The controller binary with default settings and a fresh data dir.
+pub fn spawn_binary() -> TestApp {
+    spawn_binary_with(&[])
+}
+
+/// The controller binary with extra command-line flags and a fresh data dir.
+pub fn spawn_binary_with(extra: &[&str]) -> TestApp {
+    spawn_binary_opts(fresh_data_dir(), extra, &Options::default())
+}
+
+/// How the test starts a controller binary, beyond its flags.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Start the controller without `JWT_SECRET`, so it generates its own
@@ -60,26 +170,14 @@ pub struct Options {
     pub umask: Option<u32>,
 }
 
-/// A controller on an existing data dir, started as `options` say.
-pub fn spawn_app_opts(data_dir: tempfile::TempDir, extra: &[&str], options: &Options) -> TestApp {
-    let repo = repo_dir();
+/// The controller binary on an existing data dir, started as `options` say,
+/// logging JSON to stderr (see [`TestApp::logs`]).
+pub fn spawn_binary_opts(data_dir: tempfile::TempDir, extra: &[&str], options: &Options) -> TestApp {
     let mut command = Command::new(env!("CARGO_BIN_EXE_controller-under-test"));
     command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--warm-pool-size",
-            "1",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir.path())
-        .arg("--functions-dir")
-        .arg(repo.join("functions"))
-        .arg("--runtimes-dir")
-        .arg(repo.join("runtimes"))
+        .arg("serve")
+        .args(base_flags(data_dir.path()))
+        .args(["--log-format", "json"])
         .args(extra);
     controller_env(&mut command);
     if !options.generated_secret {
@@ -98,8 +196,7 @@ pub fn spawn_app_opts(data_dir: tempfile::TempDir, extra: &[&str], options: &Opt
         address,
         client: reqwest::Client::new(),
         data_dir,
-        child,
-        logs,
+        server: Server::Binary { child, logs },
         auth: Authenticator::new(secret.trim().as_bytes(), None, None),
     }
 }
@@ -116,7 +213,7 @@ pub fn controller_env(command: &mut Command) {
                 .into_iter()
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k, v))),
         )
-        .env("RUST_TARGET_DIR", "/var/tmp/fnrt-test-functions")
+        .env("RUST_TARGET_DIR", RUST_TARGET_DIR)
         .env("RUST_LOG", "info");
 }
 
@@ -179,17 +276,48 @@ fn listening_addr(line: &str) -> Option<String> {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match std::mem::replace(&mut self.server, Server::Stopped) {
+            Server::InProcess(app) => stop_in_process(app),
+            Server::Binary { mut child, .. } => stop_binary(&mut child),
+            Server::Stopped => {}
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    }
+}
+
+/// Stops an in-process app as SIGTERM stops the binary and waits for it,
+/// killing what is left (every instance's process group) if it takes longer
+/// than [`STOP_TIMEOUT`].
+fn stop_in_process(app: InProcess) {
+    let InProcess { stop, mut serving } = app;
+    let _ = stop.send(());
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // Outside any runtime (dropped after the test's runtime): nothing
+        // to wait on; dropping the serving future drops the instances,
+        // which kills them.
+        serving.abort();
+        return;
+    };
+    // On the test's runtime (its flavor was checked at the start), from its
+    // own thread or a worker: leave the runtime to its other threads while
+    // this one waits.
+    tokio::task::block_in_place(|| {
+        runtime.block_on(async {
+            if tokio::time::timeout(STOP_TIMEOUT, &mut serving).await.is_err() {
+                // Dropping the serving future drops the instances, which kills them.
+                serving.abort();
+                let _ = serving.await;
+            }
+        });
+    });
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`].
+fn stop_binary(child: &mut Child) {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    if wait_for(child, STOP_TIMEOUT).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -220,11 +348,50 @@ pub async fn read(response: reqwest::Response) -> Reply {
 }
 
 impl TestApp {
-    /// Stops the controller (SIGTERM) and starts a new one on the same data dir.
-    pub fn restart(mut self) -> TestApp {
+    /// Stops the controller (as SIGTERM does) and starts a new one on the
+    /// same data dir, in process or as a binary as this one was.
+    pub async fn restart(mut self) -> TestApp {
+        let binary = matches!(self.server, Server::Binary { .. });
+        self.stop().await;
         let data_dir = std::mem::replace(&mut self.data_dir, fresh_data_dir());
         drop(self);
-        spawn_app_in(data_dir, &[])
+        if binary {
+            spawn_binary_opts(data_dir, &[], &Options::default())
+        } else {
+            spawn_app_in(data_dir, &[]).await
+        }
+    }
+
+    /// Stops the controller as SIGTERM does and waits until it has stopped,
+    /// asserting that it stopped cleanly (in process: `run_until_stopped`
+    /// returned `Ok`; a binary: exit status 0).
+    pub async fn stop(&mut self) {
+        match std::mem::replace(&mut self.server, Server::Stopped) {
+            Server::InProcess(InProcess { stop, mut serving }) => {
+                let _ = stop.send(());
+                match tokio::time::timeout(STOP_TIMEOUT, &mut serving).await {
+                    Ok(joined) => joined
+                        .expect("the serving task did not panic")
+                        .expect("the app stopped cleanly"),
+                    Err(_) => {
+                        serving.abort();
+                        let _ = serving.await;
+                        panic!("the app did not stop within {STOP_TIMEOUT:?}");
+                    }
+                }
+            }
+            Server::Binary { mut child, logs } => {
+                let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                let Some(status) = wait_for(&mut child, STOP_TIMEOUT) else {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the controller did not stop: {:#?}", logs.lock().unwrap());
+                };
+                assert!(status.success(), "exit status {status}");
+            }
+            Server::Stopped => {}
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -242,8 +409,13 @@ impl TestApp {
         self.token("alice", &["execute:all", "read:functions", "write:functions"])
     }
 
+    /// Everything the controller binary logged so far (JSON lines); an
+    /// in-process app installs no logger, so its tests use `spawn_binary`.
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
+        match &self.server {
+            Server::Binary { logs, .. } => logs.lock().unwrap().clone(),
+            _ => panic!("only a controller binary's logs are collected: start it with spawn_binary"),
+        }
     }
 
     pub async fn initialize(&self, token: &str, language_title: &str, body: Value) -> Reply {
@@ -351,28 +523,54 @@ impl TestApp {
         self.execute(&token, &id, params).await
     }
 
-    /// Processes (pids) running as children of the controller's instances.
+    /// How many instance directories the data dir holds (one per live instance).
     pub fn instance_dirs(&self) -> usize {
         std::fs::read_dir(self.data_dir.path().join("instances"))
             .map(|d| d.count())
             .unwrap_or(0)
     }
 
-    /// Waits for the controller to exit by itself.
+    /// Waits for the controller binary to exit by itself.
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_for(self.child(), timeout)
     }
 
+    /// The controller binary's pid (what SIGTERM goes to, the parent of its
+    /// instances).
     pub fn controller_pid(&self) -> u32 {
-        self.child.id()
+        match &self.server {
+            Server::Binary { child, .. } => child.id(),
+            _ => panic!("an in-process app is no process of its own: start it with spawn_binary"),
+        }
     }
+
+    /// The pid of the process the controller runs in: the binary's, or the
+    /// test's own for an in-process app.
+    pub fn server_pid(&self) -> u32 {
+        match &self.server {
+            Server::Binary { child, .. } => child.id(),
+            _ => std::process::id(),
+        }
+    }
+
+    fn child(&mut self) -> &mut Child {
+        match &mut self.server {
+            Server::Binary { child, .. } => child,
+            _ => panic!("an in-process app is no process of its own: start it with spawn_binary"),
+        }
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit.
+fn wait_for(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 /// Pids whose parent is `parent`.

@@ -9,7 +9,7 @@ use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{TestApp, read, spawn_app};
+use crate::helpers::{TestApp, read, spawn_app, spawn_binary};
 
 fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
@@ -61,10 +61,10 @@ fn data_dir_mentions(dir: &Path, needle: &[u8]) -> Vec<String> {
     found
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn initialize_promises_an_expiry_two_hours_ahead_and_echoes_the_generated_id() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let before = unix_now();
 
     // Act
@@ -98,10 +98,10 @@ async fn initialize_promises_an_expiry_two_hours_ahead_and_echoes_the_generated_
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_x_request_id_is_400_and_starts_no_session() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let too_long = "a".repeat(129);
     let invalid: Vec<HeaderValue> = vec![
@@ -142,10 +142,10 @@ async fn an_invalid_x_request_id_is_400_and_starts_no_session() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn titles_the_header_rules_let_through_are_400_and_never_reach_the_data_dir() {
     // Arrange: every refused title carries a marker to look for afterwards.
-    let app = spawn_app();
+    let app = spawn_app().await;
     let titles: Vec<HeaderValue> = vec![
         HeaderValue::from_static(""),
         HeaderValue::from_static("nodejs-"),
@@ -201,10 +201,10 @@ async fn raw_status(app: &TestApp, head: &[u8]) -> u16 {
         .unwrap_or_else(|| panic!("no HTTP status in {text:?}"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn control_characters_in_language_title_are_refused_before_the_controller_reads_them() {
     // Arrange: what reqwest refuses to send, written on the socket by hand.
-    let app = spawn_app();
+    let app = spawn_binary();
     let token = app.admin();
     let titles: [&[u8]; 3] = [
         b"nodejs-calc\rzqmarker",
@@ -232,10 +232,10 @@ async fn control_characters_in_language_title_are_refused_before_the_controller_
     assert_eq!(app.initialize(&token, "nodejs-calculator", json!({})).await.status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn malformed_initialize_bodies_are_400_in_the_contract_shape() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let cases: [(&str, &str); 10] = [
         ("{not json", "application/json"),
@@ -285,10 +285,10 @@ async fn malformed_initialize_bodies_are_400_in_the_contract_shape() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_empty_body_starts_a_one_shot_session_with_the_functions_defaults() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let detail = app.get(Some(&token), "/api/v1/functions/nodejs-calculator").await;
     let default_timeout = detail.body["limits"]["timeout_ms"].clone();
@@ -324,10 +324,10 @@ async fn an_empty_body_starts_a_one_shot_session_with_the_functions_defaults() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_context_reaches_the_function_without_the_controllers_own_fields() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     app.register(
         "nodejs-context",

@@ -32,10 +32,10 @@ fn client_from(ip: &str) -> reqwest::Client {
         .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_functions_limit_is_per_subject_and_apart_from_the_execute_limit() {
     // Arrange
-    let app = spawn_app_with(&["--rate-limit-functions", "2"]);
+    let app = spawn_app_with(&["--rate-limit-functions", "2"]).await;
     let alice = app.token("alice", &["execute:all", "read:functions"]);
     let bob = app.token("bob", &["read:functions"]);
 
@@ -60,10 +60,10 @@ async fn the_functions_limit_is_per_subject_and_apart_from_the_execute_limit() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn unauthenticated_requests_are_limited_per_client_address_with_a_default_of_ten() {
     // Arrange: default settings; ten requests a minute without a valid token.
-    let app = spawn_app();
+    let app = spawn_app().await;
     let alice = app.admin();
     let id = app
         .session(&alice, "nodejs-calculator", json!({"retain_session": true}))
@@ -114,10 +114,10 @@ async fn unauthenticated_requests_are_limited_per_client_address_with_a_default_
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_body_over_the_limit_on_initialize_is_413_with_and_without_content_length() {
     // Arrange
-    let app = spawn_app_with(&["--max-body-bytes", "1024"]);
+    let app = spawn_app_with(&["--max-body-bytes", "1024"]).await;
     let token = app.admin();
     let big = format!(r#"{{"context": {{"pad": "{}"}}}}"#, "x".repeat(4096));
     // The server closes a connection whose body it refused: a client of its own.
@@ -163,10 +163,10 @@ async fn a_body_over_the_limit_on_initialize_is_413_with_and_without_content_len
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_execute_body_refused_for_its_content_length_still_carries_the_request_id() {
     // Arrange
-    let app = spawn_app_with(&["--max-body-bytes", "1024"]);
+    let app = spawn_app_with(&["--max-body-bytes", "1024"]).await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -198,10 +198,10 @@ async fn an_execute_body_refused_for_its_content_length_still_carries_the_reques
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn timeout_ms_is_accepted_between_1_and_the_maximum_and_refused_otherwise() {
     // Arrange
-    let app = spawn_app_with(&["--max-timeout-ms", "2000"]);
+    let app = spawn_app_with(&["--max-timeout-ms", "2000"]).await;
     let token = app.admin();
     let refused: [Value; 8] = [
         json!(0),

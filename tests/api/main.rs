@@ -1,7 +1,17 @@
 #![allow(unreachable_pub, dead_code)]
 
-//! End-to-end tests: each starts the real controller binary on port 0 with a
-//! fresh data dir (`helpers::spawn_app`) and drives it over HTTP.
+//! End-to-end tests: each starts a controller on port 0 with a fresh data
+//! dir and drives it over HTTP. Most run the application in process
+//! (`helpers::spawn_app`: `Application::build` on the test's runtime, so a
+//! test can reach the core); the tests of what only the real binary shows
+//! start it as a child process (`helpers::spawn_binary`): its log lines
+//! (contract, operations, initialize), its exit on SIGTERM and the children
+//! it leaves (contract, operations), its own memory (sandbox), the command
+//! line and a newcomer's first run (auth, first_run).
+//!
+//! Tests run on a multi-threaded runtime
+//! (`#[tokio::test(flavor = "multi_thread")]`): dropping an in-process app
+//! waits until it has stopped, as SIGTERM stops the binary.
 
 mod helpers;
 

@@ -1,13 +1,14 @@
 //! Operations beyond contract.rs: the 405 body, route labels of unknown
 //! paths, X-Request-ID on every answer, log lines that stay valid JSON, CORS
-//! on simple requests and by default, and nothing left behind after SIGTERM.
+//! on simple requests and by default, and nothing left behind after SIGTERM
+//! (the binary) or a stop (in process).
 
 use std::time::Duration;
 
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, children_of, read, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, children_of, read, spawn_app, spawn_app_with, spawn_binary};
 
 /// The log lines of the request whose span carries `request_id`, each parsed.
 fn request_log_lines(app: &TestApp, request_id: &str) -> Vec<Value> {
@@ -18,10 +19,10 @@ fn request_log_lines(app: &TestApp, request_id: &str) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_method_is_405_with_the_json_error_body_and_an_allow_header() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
 
     for (method, path, allowed) in [
@@ -62,10 +63,10 @@ async fn a_wrong_method_is_405_with_the_json_error_body_and_an_allow_header() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn unknown_paths_are_404_json_and_never_become_metric_labels() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -106,10 +107,10 @@ async fn unknown_paths_are_404_json_and_never_become_metric_labels() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn every_answer_carries_an_x_request_id_generated_when_the_client_sends_none() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let mut seen = Vec::new();
 
     for (method, path) in [
@@ -150,10 +151,10 @@ async fn every_answer_carries_an_x_request_id_generated_when_the_client_sends_no
     assert_eq!(r.headers()["x-request-id"], "client-trace-7");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn log_lines_stay_valid_json_whatever_the_request_carries() {
     // Arrange: values a naive log line would break on; only what HTTP lets through.
-    let app = spawn_app();
+    let app = spawn_binary();
     let token = app.admin();
     let tricky_id = r#"zq"quote\back}{brace'"#;
 
@@ -216,10 +217,10 @@ async fn log_lines_stay_valid_json_whatever_the_request_carries() {
     assert_eq!(tricky[0]["status"], 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn cors_allows_any_origin_by_default_and_answers_simple_requests() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
 
     // Act
     let preflight = app
@@ -262,10 +263,10 @@ async fn cors_allows_any_origin_by_default_and_answers_simple_requests() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_configured_origin_gets_cors_headers_on_simple_requests_and_others_do_not() {
     // Arrange
-    let app = spawn_app_with(&["--cors-allowed-origins", "https://a.example,https://b.example"]);
+    let app = spawn_app_with(&["--cors-allowed-origins", "https://a.example,https://b.example"]).await;
     let get_from = |origin: &'static str| app.client.get(app.url("/health")).header("Origin", origin).send();
 
     // Act
@@ -284,10 +285,10 @@ async fn a_configured_origin_gets_cors_headers_on_simple_requests_and_others_do_
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn after_sigterm_no_instance_directory_or_process_is_left() {
     // Arrange: a retained instance, an idle one and the warm pool.
-    let app = spawn_app();
+    let app = spawn_binary();
     let token = app.admin();
     let retained = app
         .session(&token, "nodejs-counter", json!({"retain_session": true}))
@@ -333,10 +334,10 @@ async fn after_sigterm_no_instance_directory_or_process_is_left() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn invented_http_methods_never_create_new_metric_series() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
 
     // Act: many methods nobody defined, on known and unknown paths.
     for i in 0..40 {
@@ -357,10 +358,10 @@ async fn invented_http_methods_never_create_new_metric_series() {
     assert!(series < 10, "{series} series after invented methods:\n{metrics}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_served_openapi_document_is_valid_openapi_3_1_and_lists_every_answer() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
 
     // Act
     let doc = app.get(None, "/api/v1/openapi.json").await.body;
@@ -410,10 +411,10 @@ async fn the_served_openapi_document_is_valid_openapi_3_1_and_lists_every_answer
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_functions_metric_series_are_gone_from_metrics() {
     // Arrange: a function that ran, so it has series.
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     app.register("nodejs-fleeting", "module.exports.handler = async () => 1;", json!({}))
         .await;
@@ -437,4 +438,37 @@ async fn a_deleted_functions_metric_series_are_gone_from_metrics() {
         !metrics.contains("nodejs-fleeting"),
         "series of a deleted function remain:\n{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_in_process_app_leaves_no_instance_directory_or_process() {
+    // Arrange: a retained instance, an idle one and the warm pool, in process.
+    let mut app = spawn_app().await;
+    let token = app.admin();
+    let retained = app
+        .session(&token, "nodejs-counter", json!({"retain_session": true}))
+        .await;
+    app.execute(&token, &retained, json!({})).await;
+    let one_shot = app.session(&token, "python-calculator", json!({})).await;
+    app.execute(&token, &one_shot, json!({"operation": "add", "values": [1]}))
+        .await;
+    let data = app.data_dir.path().canonicalize().unwrap();
+    let in_data_dir = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|p| std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c.starts_with(&data)))
+            .collect()
+    };
+    assert!(!in_data_dir().is_empty(), "instances run in the data dir");
+    assert!(app.instance_dirs() >= 2, "{} instance dirs", app.instance_dirs());
+
+    // Act: what dropping the app does, as SIGTERM stops the binary.
+    app.stop().await;
+
+    // Assert
+    assert_eq!(app.instance_dirs(), 0, "instance directories left behind");
+    let left = in_data_dir();
+    assert!(left.is_empty(), "instance processes outlived the app: {left:?}");
 }

@@ -22,11 +22,11 @@ pub fn redis_url() -> Option<String> {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_result_computed_on_one_controller_is_a_cache_hit_on_another() {
     let Some(redis) = redis_url() else { return };
-    let a = spawn_app_with(&["--redis-url", &redis]);
-    let b = spawn_app_with(&["--redis-url", &redis]);
+    let a = spawn_app_with(&["--redis-url", &redis]).await;
+    let b = spawn_app_with(&["--redis-url", &redis]).await;
     // Fresh operands: the shared Redis outlives test runs.
     let n = rand_u32();
     let params = json!({"operation": "add", "values": [n, 1]});
@@ -57,10 +57,10 @@ async fn a_result_computed_on_one_controller_is_a_cache_hit_on_another() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn with_redis_unreachable_executions_still_succeed_and_health_says_degraded() {
     // Nothing listens on this port: Redis is "down" from the start.
-    let a = spawn_app_with(&["--redis-url", "redis://127.0.0.1:1/"]);
+    let a = spawn_app_with(&["--redis-url", "redis://127.0.0.1:1/"]).await;
     let token = a.admin();
     let id = a
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -84,12 +84,12 @@ fn rand_u32() -> u32 {
     nanos ^ std::process::id().rotate_left(16)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn two_controllers_on_one_redis_enforce_one_rate_limit_together() {
     let Some(redis) = redis_url() else { return };
     let flags = ["--redis-url", redis.as_str(), "--rate-limit-functions", "4"];
-    let a = spawn_app_with(&flags);
-    let b = spawn_app_with(&flags);
+    let a = spawn_app_with(&flags).await;
+    let b = spawn_app_with(&flags).await;
     // A subject of its own: the shared Redis outlives test runs.
     let sub = format!("limits-{}", rand_u32());
     let token = a.token(&sub, &["read:functions"]);
@@ -104,11 +104,11 @@ async fn two_controllers_on_one_redis_enforce_one_rate_limit_together() {
     assert_eq!(b.get(Some(&other), "/api/v1/functions").await.status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_session_initialized_on_one_controller_executes_on_another_with_a_recreated_instance() {
     let Some(redis) = redis_url() else { return };
-    let a = spawn_app_with(&["--redis-url", &redis]);
-    let b = spawn_app_with(&["--redis-url", &redis]);
+    let a = spawn_app_with(&["--redis-url", &redis]).await;
+    let b = spawn_app_with(&["--redis-url", &redis]).await;
     let token = a.admin();
     let id = a
         .session(&token, "nodejs-counter", json!({"retain_session": true}))
@@ -202,14 +202,14 @@ fn psql(url: &str, sql: &str) {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn replicas_sharing_postgres_and_redis_serve_each_others_functions_and_sessions() {
     let (Some(redis), Some(db)) = (redis_url(), TestDatabase::create()) else {
         return;
     };
     let flags = ["--redis-url", redis.as_str(), "--database-url", db.url.as_str()];
-    let a = spawn_app_with(&flags);
-    let b = spawn_app_with(&flags);
+    let a = spawn_app_with(&flags).await;
+    let b = spawn_app_with(&flags).await;
     let token = a.admin();
 
     // Registered through A, at once runnable through B.
@@ -235,7 +235,7 @@ async fn replicas_sharing_postgres_and_redis_serve_each_others_functions_and_ses
     assert_eq!(health.body["components"]["redis"], "ok");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_database_url_naming_a_database_that_does_not_exist_yet_is_created_at_start_up() {
     let Some(db) = TestDatabase::create() else {
         return;
@@ -244,7 +244,7 @@ async fn a_database_url_naming_a_database_that_does_not_exist_yet_is_created_at_
     psql(&db.server, &format!("DROP DATABASE {}", db.name));
 
     // Act
-    let app = spawn_app_with(&["--database-url", db.url.as_str()]);
+    let app = spawn_app_with(&["--database-url", db.url.as_str()]).await;
 
     // Assert: it starts on PostgreSQL and keeps what is registered there.
     let health = app.get(None, "/health").await;

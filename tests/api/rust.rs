@@ -171,9 +171,9 @@ pub async fn session_when_built(app: &TestApp, token: &str, lt: &str, context: V
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_bundled_rust_fibonacci_is_built_at_start_up_and_answers() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("rustacean", &["execute:rust", "read:functions"]);
     let id = session_when_built(&app, &token, "rust-fibonacci", json!({"retain_session": true})).await;
 
@@ -200,9 +200,9 @@ async fn the_bundled_rust_fibonacci_is_built_at_start_up_and_answers() {
     assert_eq!(health.body["components"]["runtimes"]["wasm"], "ok", "{:?}", health.body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_bundled_wasm_sha256_is_rust_compiled_to_wasm() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("hasher", &["execute:wasm"]);
     let id = session_when_built(&app, &token, "wasm-sha256", json!({"retain_session": true})).await;
     let r = app.execute(&token, &id, json!({"data": "aGVsbG8="})).await;
@@ -221,9 +221,9 @@ async fn the_bundled_wasm_sha256_is_rust_compiled_to_wasm() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_crate_that_does_not_compile_is_refused_with_the_compilers_messages() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     for lt in ["rust-broken", "wasm-broken"] {
         let files = json!({
             "Cargo.toml": PROBE_TOML.replace("\"probe\"", "\"broken\""),
@@ -285,7 +285,7 @@ async fn a_crate_that_does_not_compile_is_refused_with_the_compilers_messages() 
 /// Success, the function's own errors, a panic (20), and the instance going
 /// on afterwards, for one language.
 async fn answers_errors_and_panics(language: &str) {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let lt = format!("{language}-probe");
     register_probe(&app, &lt, json!({})).await;
     let token = app.token("prober", &[&format!("execute:{language}")]);
@@ -320,12 +320,12 @@ async fn answers_errors_and_panics(language: &str) {
     assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn rust_answers_its_own_errors_and_a_panic_with_its_location() {
     answers_errors_and_panics("rust").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn wasm_from_rust_answers_its_own_errors_and_a_panic_with_its_location() {
     answers_errors_and_panics("wasm").await;
 }
@@ -333,7 +333,7 @@ async fn wasm_from_rust_answers_its_own_errors_and_a_panic_with_its_location() {
 /// Infinite loop (10, 11), memory bomb (13), stdout flood and oversized
 /// result (15).
 async fn survives_loops_bombs_and_floods(language: &str) {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let lt = format!("{language}-probe");
     register_probe(&app, &lt, json!({"limits": {"memory_mb": 64}})).await;
     let token = app.admin();
@@ -377,12 +377,12 @@ async fn survives_loops_bombs_and_floods(language: &str) {
     assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn rust_survives_loops_memory_bombs_and_floods() {
     survives_loops_bombs_and_floods("rust").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn wasm_from_rust_survives_loops_memory_bombs_and_floods() {
     survives_loops_bombs_and_floods("wasm").await;
 }
@@ -390,7 +390,7 @@ async fn wasm_from_rust_survives_loops_memory_bombs_and_floods() {
 /// What a function can see and touch (14, 16, 17) and state between
 /// functions and versions (19).
 async fn is_confined(language: &str) {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let lt = format!("{language}-probe");
     register_probe(&app, &lt, json!({"env": {"GREETING": "hi"}})).await;
     let token = app.admin();
@@ -416,7 +416,7 @@ async fn is_confined(language: &str) {
     let data_dir = app.data_dir.path().to_string_lossy().into_owned();
     let paths = [
         "/proc/1/environ".to_owned(),
-        format!("/proc/{}/environ", app.controller_pid()),
+        format!("/proc/{}/environ", app.server_pid()),
         "/etc/shadow".to_owned(),
         format!("{data_dir}/controller.db"),
         format!("{data_dir}/jwt-secret"),
@@ -473,19 +473,19 @@ async fn is_confined(language: &str) {
     assert_eq!(r.body["result"], Value::Null, "{:?}", r.body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn rust_functions_are_confined_to_their_own_instance() {
     is_confined("rust").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn wasm_functions_from_rust_are_confined_to_their_sandbox() {
     is_confined("wasm").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn two_crates_with_the_same_package_name_each_run_their_own_code() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for (lt, word) in [
         ("rust-same-a", "alpha"),
@@ -531,7 +531,7 @@ fn rand_suffix() -> u64 {
         .as_nanos() as u64
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_crate_still_building_is_503_and_a_failed_background_build_is_422_until_a_retry_builds_it() {
     let scratch = tempfile::Builder::new()
         .prefix("fnrt-cargo")
@@ -545,7 +545,8 @@ async fn a_crate_still_building_is_503_and_a_failed_background_build_is_422_unti
         &slow,
         "--rust-target-dir",
         &scratch.path().join("t").to_string_lossy(),
-    ]);
+    ])
+    .await;
     let token = app.admin();
     let started = Instant::now();
     let r = app.initialize(&token, "rust-fibonacci", json!({})).await;
@@ -586,7 +587,7 @@ async fn a_crate_still_building_is_503_and_a_failed_background_build_is_422_unti
             back.display()
         ),
     );
-    let app = crate::helpers::spawn_app_with(&["--cargo-bin", &flaky, "--rust-build-retry-secs", "1"]);
+    let app = crate::helpers::spawn_app_with(&["--cargo-bin", &flaky, "--rust-build-retry-secs", "1"]).await;
     let token = app.admin();
     let deadline = Instant::now() + Duration::from_secs(30);
     let r = loop {
@@ -632,14 +633,14 @@ async fn session_when_built_or_failed(app: &TestApp, token: &str, lt: &str) -> S
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_build_over_its_time_limit_is_stopped_and_refused() {
     let scratch = tempfile::Builder::new()
         .prefix("fnrt-cargo")
         .tempdir_in("/var/tmp")
         .unwrap();
     let slow = fake_cargo(scratch.path(), "sleep 30");
-    let app = crate::helpers::spawn_app_with(&["--cargo-bin", &slow, "--rust-build-timeout-secs", "1"]);
+    let app = crate::helpers::spawn_app_with(&["--cargo-bin", &slow, "--rust-build-timeout-secs", "1"]).await;
     let started = Instant::now();
     let r = register_crate(&app, "rust-slow", probe_files("// slow\n"), json!({})).await;
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());

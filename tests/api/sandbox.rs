@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Reply, TestApp, eventually, spawn_app};
+use crate::helpers::{Reply, TestApp, eventually, spawn_app, spawn_binary};
 
 /// The languages every test runs against.
 const LANGUAGES: [&str; 2] = ["nodejs", "python"];
@@ -225,9 +225,9 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/PID/status")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_infinite_loop_times_out_within_a_second_of_its_deadline_and_its_instance_is_removed() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         // Arrange: a retained session, so its instance can be identified first.
@@ -277,9 +277,9 @@ async fn an_infinite_loop_times_out_within_a_second_of_its_deadline_and_its_inst
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_async_handler_that_never_settles_times_out_too() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         let lt = register_probe(&app, language, "hang", json!({})).await;
@@ -296,9 +296,9 @@ async fn an_async_handler_that_never_settles_times_out_too() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_child_process_the_function_spawned_is_killed_with_its_instance_on_timeout() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         // Arrange: the function starts `sleep <marker>` and returns while it runs.
@@ -333,9 +333,9 @@ fn rand_digits() -> u64 {
     u64::from(uuid::Uuid::new_v4().as_fields().0) % 1_000_000
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_memory_bomb_is_a_clean_runtime_error_five_times_in_a_row() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         let lt = register_probe(&app, language, "bomb", json!({"limits": {"memory_mb": 64}})).await;
@@ -364,9 +364,9 @@ async fn a_memory_bomb_is_a_clean_runtime_error_five_times_in_a_row() {
     assert_eq!(r.body["result"]["value"], 4, "{:?}", r.body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stdout_flood_is_answered_and_the_controller_memory_stays_bounded() {
-    let app = spawn_app();
+    let app = spawn_binary();
     let token = app.admin();
     let controller = app.controller_pid();
     for language in LANGUAGES {
@@ -398,9 +398,9 @@ async fn a_stdout_flood_is_answered_and_the_controller_memory_stays_bounded() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_result_is_refused_at_the_limit_and_the_next_execution_works() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         let lt = register_probe(&app, language, "big", json!({})).await;
@@ -426,9 +426,9 @@ async fn an_oversized_result_is_refused_at_the_limit_and_the_next_execution_work
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_function_sees_only_its_manifest_environment_and_the_runtime_basics() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         // Arrange
@@ -460,9 +460,9 @@ async fn a_function_sees_only_its_manifest_environment_and_the_runtime_basics() 
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_function_cannot_read_the_environment_or_files_of_the_controller() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     // The harness passes JWT_SECRET, so the controller wrote no jwt-secret
     // file; put one where it would be, with the mode it would have.
@@ -471,7 +471,7 @@ async fn a_function_cannot_read_the_environment_or_files_of_the_controller() {
     std::fs::set_permissions(&secret_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let paths = [
         "/proc/1/environ".to_owned(),
-        format!("/proc/{}/environ", app.controller_pid()),
+        format!("/proc/{}/environ", app.server_pid()),
         app.data_dir.path().join("controller.db").display().to_string(),
         secret_file.display().to_string(),
     ];
@@ -494,9 +494,9 @@ async fn a_function_cannot_read_the_environment_or_files_of_the_controller() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_instance_that_exits_mid_execution_is_a_runtime_error_and_the_next_session_works() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         let lt = register_probe(&app, language, "quitter", json!({})).await;
@@ -517,9 +517,9 @@ async fn an_instance_that_exits_mid_execution_is_a_runtime_error_and_the_next_se
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_file_in_one_functions_tmpdir_is_invisible_to_another_function() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         // Arrange: A writes into its TMPDIR and keeps its instance.
@@ -551,9 +551,9 @@ async fn a_file_in_one_functions_tmpdir_is_invisible_to_another_function() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn state_left_by_version_1_is_invisible_to_version_2() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         // Arrange: version 1 leaves a file and module state behind in its
@@ -602,9 +602,9 @@ async fn state_left_by_version_1_is_invisible_to_version_2() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_registered_function_that_throws_is_a_runtime_error_with_its_line_and_stack() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         let lt = register_probe(&app, language, "thrower", json!({})).await;
@@ -641,9 +641,9 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_file_in_tmp_of_one_function_is_invisible_to_another_function() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         // Arrange: A writes a file in /tmp.
@@ -671,9 +671,9 @@ async fn a_file_in_tmp_of_one_function_is_invisible_to_another_function() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_function_cannot_reach_another_functions_instance() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     for language in LANGUAGES {
         // Arrange: A keeps its instance, with a file in its TMPDIR.

@@ -22,10 +22,10 @@ async fn delete(app: &TestApp, token: Option<&str>, id: &str) -> crate::helpers:
     read(request.send().await.unwrap()).await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_retained_session_reports_each_execution_and_its_times() {
     // Arrange
-    let app = spawn_app_with(&["--session-ttl-secs", "600"]);
+    let app = spawn_app_with(&["--session-ttl-secs", "600"]).await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-counter", json!({"retain_session": true}))
@@ -77,10 +77,10 @@ async fn a_retained_session_reports_each_execution_and_its_times() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_session_is_404_everywhere_and_deleting_needs_a_token() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
@@ -110,10 +110,10 @@ async fn a_deleted_session_is_404_everywhere_and_deleting_needs_a_token() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_completed_one_shot_session_can_still_be_read_and_deleted() {
     // Arrange
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let id = app.session(&token, "nodejs-calculator", json!({})).await;
     app.execute(&token, &id, json!({"operation": "add", "values": [1]}))
@@ -156,10 +156,10 @@ fn instances_capped_at(app: &TestApp, mib: u64) -> Vec<std::path::PathBuf> {
     found
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_expired_retained_session_releases_its_instance() {
     // Arrange: a function with a memory cap of its own starts its own instance.
-    let app = spawn_app_with(&["--session-ttl-secs", "1"]);
+    let app = spawn_app_with(&["--session-ttl-secs", "1"]).await;
     let token = app.admin();
     app.register(
         "nodejs-capped",

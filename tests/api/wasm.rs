@@ -31,9 +31,9 @@ const ECHO: &str = r#"
     (i32.store (i32.const 4) (i32.load (i32.const 8)))
     (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))"#;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_bundled_wat_function_answers_through_the_api() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.token("wasm-user", &["execute:wasm"]);
     let id = app.session(&token, "wasm-hello", json!({"retain_session": true})).await;
     let r = app.execute(&token, &id, json!({})).await;
@@ -43,9 +43,9 @@ async fn the_bundled_wat_function_answers_through_the_api() {
     assert_eq!(app.initialize(&token, "nodejs-calculator", json!({})).await.status, 403);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn params_and_context_arrive_as_json_on_stdin() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     app.register("wasm-echo", &module(ECHO), json!({})).await;
     let token = app.admin();
     let id = app
@@ -59,9 +59,9 @@ async fn params_and_context_arrive_as_json_on_stdin() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_trap_an_exit_code_and_bad_output_are_runtime_errors() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let token = app.admin();
     let cases = [
         ("wasm-trap", "(unreachable)", "unreachable"),
@@ -79,9 +79,9 @@ async fn a_trap_an_exit_code_and_bad_output_are_runtime_errors() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_tight_loop_times_out_within_a_second_of_its_deadline_and_the_next_run_works() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     app.register("wasm-spin", &module("(loop $l (br $l))"), json!({})).await;
     let token = app.admin();
     let id = app.session(&token, "wasm-spin", json!({"timeout_ms": 300})).await;
@@ -98,9 +98,9 @@ async fn a_tight_loop_times_out_within_a_second_of_its_deadline_and_the_next_run
     assert_eq!(app.execute(&token, &hello, json!({})).await.status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_memory_bomb_is_a_clean_error_five_times_in_a_row() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     // Grows memory a page at a time until refused, then traps.
     let bomb = module("(loop $l (br_if $l (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))) (unreachable)");
     app.register("wasm-bomb", &bomb, json!({"limits": {"memory_mb": 32}}))
@@ -116,9 +116,9 @@ async fn a_memory_bomb_is_a_clean_error_five_times_in_a_row() {
     assert_eq!(app.execute(&token, &hello, json!({})).await.status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stdout_flood_is_stopped_at_the_output_cap() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let flood = module(
         r#"(i32.store (i32.const 0) (i32.const 0)) (i32.store (i32.const 4) (i32.const 65536))
            (loop $l (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))) (br $l))"#,
@@ -131,9 +131,9 @@ async fn a_stdout_flood_is_stopped_at_the_output_cap() {
     assert_eq!(r.code(), "RUNTIME_ERROR");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_module_that_does_not_compile_is_refused_at_registration() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     let r = call(&app, Method::POST, "/api/v1/functions", &app.admin(), Some(json!({"language_title": "wasm-broken", "description": "d", "code": "(module (func (export \"_start\") (i32.add)))"}))).await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     assert!(
@@ -153,12 +153,12 @@ async fn modules_from(app: &crate::helpers::TestApp, source: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn compiled_modules_are_kept_on_disk_so_a_restart_does_not_recompile() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     app.register("wasm-echo", &module(ECHO), json!({})).await;
     assert!(modules_from(&app, "compiled").await >= 1);
-    let app = app.restart();
+    let app = app.restart().await;
     let token = app.admin();
     let id = app.session(&token, "wasm-echo", json!({})).await;
     let r = app.execute(&token, &id, json!({"x": 1})).await;
@@ -168,9 +168,9 @@ async fn compiled_modules_are_kept_on_disk_so_a_restart_does_not_recompile() {
     assert!(modules_from(&app, "disk_cache").await >= 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_module_over_the_size_limit_is_refused_at_registration() {
-    let app = crate::helpers::spawn_app_with(&["--wasm-max-module-bytes", "2000"]);
+    let app = crate::helpers::spawn_app_with(&["--wasm-max-module-bytes", "2000"]).await;
     let padding = format!("(drop (i32.const 0)) ;; {}", "x".repeat(3000));
     let r = call(
         &app,
@@ -191,9 +191,9 @@ async fn a_module_over_the_size_limit_is_refused_at_registration() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_binary_module_is_base64_whatever_its_file_is_called() {
-    let app = spawn_app();
+    let app = spawn_app().await;
     // The smallest WASI command: `(module (func (export "_start")))`.
     let binary = "AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL";
     for (lt, entrypoint) in [("wasm-named", "module.wasm"), ("wasm-built-name", "function.wasm")] {

@@ -19,7 +19,8 @@
 //! Registration waits for the build ([`Builder::build`]); functions found
 //! another way (bundled, or registered by another replica) are built in the
 //! background ([`Builder::ensure`]) and initialize answers "not ready" until
-//! the artifact exists.
+//! the artifact exists. Background builds end with the application
+//! ([`Builder::shutdown`]), cargo's whole process group with them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
@@ -71,6 +72,9 @@ pub struct Builder {
     /// installed (checked, and installed through rustup when missing, until
     /// it is).
     wasm_target: tokio::sync::Mutex<bool>,
+    /// Background builds under way (finished ones are pruned as new ones
+    /// start); `None` once the builder is shut down.
+    background: Mutex<Option<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -151,6 +155,7 @@ impl Builder {
             wasm_target: tokio::sync::Mutex::new(false),
             states: Mutex::new(HashMap::new()),
             retry_at: Mutex::new(HashMap::new()),
+            background: Mutex::new(Some(Vec::new())),
         }))
     }
 
@@ -198,12 +203,32 @@ impl Builder {
             Some(state) => return state,
             None => {}
         }
+        let mut background = self.background.lock().unwrap();
+        // Shut down: nothing starts any more.
+        let Some(background) = background.as_mut() else {
+            return BuildState::Building;
+        };
+        background.retain(|task| !task.is_finished());
         let this = self.clone();
         let files = files.clone();
-        tokio::spawn(async move {
+        background.push(tokio::spawn(async move {
             let _ = this.build(target, &files).await;
-        });
+        }));
         BuildState::Building
+    }
+
+    /// Stops the background builds under way (dropping a build kills cargo's
+    /// process group) and starts no more: part of the application's stop,
+    /// so that an application embedded in a longer-lived process (the
+    /// tests) leaves no cargo behind, as the controller's exit does.
+    pub async fn shutdown(&self) {
+        let tasks = self.background.lock().unwrap().take().unwrap_or_default();
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 
     /// Builds the crate (or waits for the build already under way) and

@@ -73,7 +73,8 @@ pub struct ProcessConfig {
     /// Largest runtime answer (result included), in bytes.
     pub max_result_bytes: usize,
     /// The program that serves the Rust runtime when given the arguments
-    /// `runtime-rust --socket PATH`: the controller's own executable.
+    /// `runtime-rust --socket PATH`: the controller's own executable (a
+    /// program embedding the application names the controller binary).
     pub rust_runtime: Option<PathBuf>,
     /// Builds Rust functions (the artifact is what `/init` loads).
     pub builder: Option<Arc<Builder>>,
