@@ -103,22 +103,19 @@ impl Builder {
             .sdk_dir
             .canonicalize()
             .map_err(|e| anyhow::anyhow!("the Rust SDK {} is missing: {e}", config.sdk_dir.display()))?;
+        // Builds get a copy of the SDK that stands alone: the original
+        // inherits from this repository's workspace, whose other members a
+        // build must not need to see.
+        let staged = config.builds_dir.with_file_name("sdk");
+        stage_sdk(&config.sdk_dir, &staged)
+            .map_err(|e| anyhow::anyhow!("copying the Rust SDK to {}: {e:#}", staged.display()))?;
+        config.sdk_dir = staged;
         let sysroot = toolchain_sysroot(&config.cargo);
         let uid = rustix::process::geteuid().is_root().then_some(config.build_uid);
         // What a build sees of the host: the toolchain, the SDK, a cargo
         // given by path (with its folder), and its own work directory.
         let mut read_only: Vec<PathBuf> = sysroot.iter().cloned().collect();
         read_only.push(config.sdk_dir.clone());
-        // The SDK inherits its edition and version from its workspace.
-        if let Some(root) = config
-            .sdk_dir
-            .ancestors()
-            .skip(1)
-            .map(|d| d.join("Cargo.toml"))
-            .find(|m| std::fs::read_to_string(m).is_ok_and(|text| text.contains("[workspace]")))
-        {
-            read_only.push(root);
-        }
         if config.cargo.contains('/')
             && let Some(dir) = Path::new(&config.cargo)
                 .canonicalize()
@@ -140,7 +137,11 @@ impl Builder {
         if let (Some(sandbox), Some(uid)) = (&sandbox, sandbox.as_ref().and_then(BuildSandbox::uid)) {
             let _ = sandbox;
             use std::os::unix::fs::MetadataExt;
-            if std::fs::metadata(&config.target_dir)?.uid() != uid {
+            // The crates are written by the controller: their folder must
+            // be the build's too (checked here, so a fresh work dir works).
+            let crates = config.target_dir.join("crates");
+            std::fs::create_dir_all(&crates)?;
+            if std::fs::metadata(&config.target_dir)?.uid() != uid || std::fs::metadata(&crates)?.uid() != uid {
                 chown_tree(&config.target_dir, uid)?;
             }
         }
@@ -504,6 +505,52 @@ async fn run_quietly(mut cmd: tokio::process::Command) -> std::io::Result<(bool,
     let _group = pid.map(KillGroup);
     let out = child.wait_with_output().await?;
     Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+/// Copies the SDK crate (`Cargo.toml` and `src/`) to `dest`, with the
+/// fields it inherits from its workspace (`edition.workspace = true`, ...)
+/// written out, readable by every uid (it is public source).
+fn stage_sdk(sdk: &Path, dest: &Path) -> anyhow::Result<()> {
+    let mut manifest: toml::Table = std::fs::read_to_string(sdk.join("Cargo.toml"))?.parse()?;
+    let workspace = sdk
+        .ancestors()
+        .skip(1)
+        .map(|d| d.join("Cargo.toml"))
+        .filter_map(|m| std::fs::read_to_string(m).ok()?.parse::<toml::Table>().ok())
+        .find_map(|t| t.get("workspace")?.get("package")?.as_table().cloned())
+        .unwrap_or_default();
+    if let Some(toml::Value::Table(package)) = manifest.get_mut("package") {
+        for (key, value) in package.iter_mut() {
+            let inherited = value.get("workspace").and_then(toml::Value::as_bool) == Some(true);
+            if inherited && let Some(from) = workspace.get(key) {
+                *value = from.clone();
+            }
+        }
+    }
+    if dest.exists() {
+        std::fs::remove_dir_all(dest)?;
+    }
+    let readable = |path: &Path, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+    std::fs::create_dir_all(dest)?;
+    readable(dest, 0o755)?;
+    std::fs::write(dest.join("Cargo.toml"), manifest.to_string())?;
+    readable(&dest.join("Cargo.toml"), 0o644)?;
+    let mut pending = vec![PathBuf::from("src")];
+    while let Some(relative) = pending.pop() {
+        std::fs::create_dir_all(dest.join(&relative))?;
+        readable(&dest.join(&relative), 0o755)?;
+        for entry in std::fs::read_dir(sdk.join(&relative))? {
+            let entry = entry?;
+            let name = relative.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                pending.push(name);
+            } else {
+                std::fs::copy(entry.path(), dest.join(&name))?;
+                readable(&dest.join(&name), 0o644)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The sysroot of the toolchain `cargo` belongs to (`rustc --print sysroot`

@@ -44,6 +44,8 @@ use fnrt_core::runtime::protocol::Endpoint;
 use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
 use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend};
 
+/// Where instance directories go when the data dir cannot be passed through.
+const RUN_DIR: &str = "/run/fnrt";
 /// `PATH` inside an instance.
 const INSTANCE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Bytes of stdout/stderr kept per instance for crash reports.
@@ -99,6 +101,17 @@ pub struct ProcessBackend {
     limits: ProcessLimits,
     /// What every instance is given: the result cap, where artifacts are.
     remote: RemoteSettings,
+    /// The directory of its own under `/run/fnrt` when the data dir could
+    /// not be used; removed with the backend (it holds copies of runtimes).
+    own_root: Option<PathBuf>,
+}
+
+impl Drop for ProcessBackend {
+    fn drop(&mut self) {
+        if let Some(root) = &self.own_root {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
 }
 
 impl std::fmt::Debug for ProcessBackend {
@@ -175,12 +188,17 @@ impl ProcessBackend {
             tracing::warn!(language = %Language::Rust, error = %e, "runtime unavailable");
         }
         launchers.insert(Language::Rust, rust);
+        let own_root = instances_dir
+            .starts_with(RUN_DIR)
+            .then(|| instances_dir.parent().map(Path::to_path_buf))
+            .flatten();
         Ok(ProcessBackend {
             instances_dir,
             launchers,
             uids,
             private_tmp,
             limits: config.limits,
+            own_root,
             remote: RemoteSettings {
                 max_result_bytes: config.max_result_bytes,
                 artifacts: config
@@ -312,7 +330,7 @@ fn reachable_instances_dir(wanted: &Path) -> anyhow::Result<PathBuf> {
     }
     let mut h = std::hash::DefaultHasher::new();
     std::hash::Hash::hash(wanted, &mut h);
-    let own = Path::new("/run/fnrt").join(format!("{:016x}", std::hash::Hasher::finish(&h)));
+    let own = Path::new(RUN_DIR).join(format!("{:016x}", std::hash::Hasher::finish(&h)));
     for dir in [own.parent().unwrap_or(&own), &own] {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
