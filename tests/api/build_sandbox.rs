@@ -99,6 +99,9 @@ async fn a_build_script_and_a_proc_macro_read_no_secret_write_nothing_outside_an
         // The controller runs in this test's process.
         format!("/proc/{}/environ", std::process::id()),
         "/etc/shadow".to_owned(),
+        // Builds get a copy of the SDK: nothing of the repository (whose
+        // folder may hold the data dir) is in their root.
+        crate::helpers::repo_dir().join("Cargo.toml").display().to_string(),
     ];
     let writes = [
         data.join("pwned").display().to_string(),

@@ -512,6 +512,38 @@ async fn two_crates_with_the_same_package_name_each_run_their_own_code() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn two_crates_whose_path_dependencies_share_a_name_each_run_their_own_dependency() {
+    // Arrange: the same layout and names, different code in the dependency.
+    let app = spawn_app().await;
+    let token = app.admin();
+    let words = [
+        ("rust-dep-a", format!("one-{}", rand_suffix())),
+        ("rust-dep-b", format!("two-{}", rand_suffix())),
+    ];
+    for (lt, word) in &words {
+        let files = json!({
+            "Cargo.toml": format!("{PROBE_TOML}helper = {{ path = \"helper\" }}\n"),
+            "src/lib.rs": "use fnrt_sdk::{Context, Error, export};\n\
+                           fn h(_p: serde_json::Value, _c: Context) -> Result<&'static str, Error> { Ok(helper::WORD) }\n\
+                           export!(h);\n",
+            "helper/Cargo.toml": "[package]\nname = \"helper\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+            "helper/src/lib.rs": format!("pub const WORD: &str = \"{word}\";\n"),
+        });
+
+        // Act
+        let r = register_crate(&app, lt, files, json!({})).await;
+        assert_eq!(r.status, 201, "{lt}: {:?}", r.body);
+    }
+
+    // Assert: each function runs the dependency it was registered with.
+    for (lt, word) in &words {
+        let id = app.session(&token, lt, json!({})).await;
+        let r = run(&app, &token, &id, json!({})).await;
+        assert_eq!(r.body["result"], word.as_str(), "{lt}: {:?}", r.body);
+    }
+}
+
 /// A stand-in for cargo in the test's data dir: `script` as a shell script.
 /// A "cargo" script in `app_dir`, which is opened to the build user: builds
 /// run as a uid of their own and see the folder of a cargo given by path.

@@ -87,7 +87,7 @@ impl std::fmt::Debug for Builder {
 
 /// Changes whenever the way a crate is laid out for cargo changes, so no
 /// build of an older layout is reused.
-const BUILD_FORMAT: u32 = 2;
+const BUILD_FORMAT: u32 = 3;
 /// Most compiler messages kept from a failed build.
 const MAX_MESSAGES: usize = 20;
 /// Most bytes of one message kept.
@@ -735,7 +735,29 @@ fn write_crate(dir: &Path, key: &str, files: &BTreeMap<String, String>) -> std::
         table
             .entry("workspace")
             .or_insert(toml::Value::Table(Default::default()));
+        rename_path_dependencies(&mut table, "", &member_names(key, files));
         manifest = table.to_string();
+    }
+    // The crate's other packages (path dependencies in its folders) get
+    // names of their own too: cargo keys a workspace member by its path
+    // relative to the workspace, so `macro/` of two crates would otherwise
+    // be one unit in the shared target dir, compiled once for both.
+    let members = member_names(key, files);
+    let mut rewritten: BTreeMap<&str, String> = BTreeMap::new();
+    for (path, text) in files {
+        let Some(member_dir) = path.strip_suffix("/Cargo.toml") else {
+            continue;
+        };
+        let Ok(mut table) = text.parse::<toml::Table>() else {
+            continue;
+        };
+        if let Some(toml::Value::Table(p)) = table.get_mut("package")
+            && let Some(name) = members.get(member_dir)
+        {
+            p.insert("name".into(), toml::Value::String(name.clone()));
+        }
+        rename_path_dependencies(&mut table, member_dir, &members);
+        rewritten.insert(path.as_str(), table.to_string());
     }
     if dir.join("Cargo.toml").is_file() {
         return Ok(package);
@@ -748,13 +770,76 @@ fn write_crate(dir: &Path, key: &str, files: &BTreeMap<String, String>) -> std::
         if let Some(parent) = file.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(file, if path == "Cargo.toml" { &manifest } else { text })?;
+        let text = match (path.as_str(), rewritten.get(path.as_str())) {
+            ("Cargo.toml", _) => &manifest,
+            (_, Some(member)) => member,
+            _ => text,
+        };
+        std::fs::write(file, text)?;
     }
     if std::fs::rename(&tmp, dir).is_err() {
         // Another controller wrote the same crate first.
         std::fs::remove_dir_all(&tmp)?;
     }
     Ok(package)
+}
+
+/// The names the crate's other packages (a `Cargo.toml` in a folder of its
+/// files) build under, by folder.
+fn member_names(key: &str, files: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    files
+        .keys()
+        .filter_map(|path| path.strip_suffix("/Cargo.toml"))
+        .enumerate()
+        .map(|(i, folder)| (folder.to_owned(), format!("{}-dep{i}", unique_name(key))))
+        .collect()
+}
+
+/// Points every path dependency of a manifest (in folder `at` of the crate)
+/// on one of the crate's packages at its build name, keeping the name the
+/// code uses (`package = ...`).
+fn rename_path_dependencies(manifest: &mut toml::Table, at: &str, members: &BTreeMap<String, String>) {
+    fn tables(manifest: &mut toml::Table) -> Vec<&mut toml::Table> {
+        let mut found = Vec::new();
+        let mut targets = Vec::new();
+        for (key, value) in manifest.iter_mut() {
+            match (key.as_str(), value) {
+                ("dependencies" | "dev-dependencies" | "build-dependencies", toml::Value::Table(t)) => found.push(t),
+                ("target", toml::Value::Table(t)) => targets.push(t),
+                _ => {}
+            }
+        }
+        for target in targets {
+            for (_, cfg) in target.iter_mut() {
+                if let toml::Value::Table(cfg) = cfg {
+                    found.extend(tables(cfg));
+                }
+            }
+        }
+        found
+    }
+    for deps in tables(manifest) {
+        for (_, dep) in deps.iter_mut() {
+            let toml::Value::Table(dep) = dep else { continue };
+            let Some(path) = dep.get("path").and_then(toml::Value::as_str) else {
+                continue;
+            };
+            // The folder it names, relative to the crate's root.
+            let mut parts: Vec<&str> = at.split('/').filter(|p| !p.is_empty()).collect();
+            for part in path.split('/') {
+                match part {
+                    "" | "." => {}
+                    ".." => {
+                        parts.pop();
+                    }
+                    other => parts.push(other),
+                }
+            }
+            if let Some(name) = members.get(&parts.join("/")) {
+                dep.insert("package".into(), toml::Value::String(name.clone()));
+            }
+        }
+    }
 }
 
 /// The package name a build uses.
