@@ -134,8 +134,7 @@ impl Builder {
         }
         // The target dir holds every function's sources and builds: its
         // builds' own, and nobody else's.
-        if let (Some(sandbox), Some(uid)) = (&sandbox, sandbox.as_ref().and_then(BuildSandbox::uid)) {
-            let _ = sandbox;
+        if let Some(uid) = sandbox.as_ref().and_then(BuildSandbox::uid) {
             use std::os::unix::fs::MetadataExt;
             // The crates are written by the controller: their folder must
             // be the build's too (checked here, so a fresh work dir works).
@@ -553,15 +552,20 @@ fn stage_sdk(sdk: &Path, dest: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The sysroot of the toolchain `cargo` belongs to (`rustc --print sysroot`
-/// beside it, or on `PATH`).
-fn toolchain_sysroot(cargo: &str) -> Option<PathBuf> {
-    let rustc = Path::new(cargo)
+/// The rustc of the toolchain `cargo` belongs to: the one beside it, else
+/// the one on `PATH` (rustup's proxies pick the same toolchain).
+fn rustc_beside(cargo: &str) -> PathBuf {
+    Path::new(cargo)
         .parent()
         .map(|dir| dir.join("rustc"))
         .filter(|rustc| rustc.is_file())
-        .unwrap_or_else(|| PathBuf::from("rustc"));
-    let out = std::process::Command::new(rustc)
+        .unwrap_or_else(|| PathBuf::from("rustc"))
+}
+
+/// The sysroot of the toolchain `cargo` belongs to (`rustc --print sysroot`
+/// beside it, or on `PATH`).
+fn toolchain_sysroot(cargo: &str) -> Option<PathBuf> {
+    let out = std::process::Command::new(rustc_beside(cargo))
         .args(["--print", "sysroot"])
         .output()
         .ok()?;
@@ -589,13 +593,7 @@ async fn ensure_wasm_target(cargo: &str) -> Result<(), String> {
             .kill_on_drop(true);
         cmd
     };
-    // The rustc next to this cargo (rustup's proxies pick the same toolchain).
-    let rustc = Path::new(cargo)
-        .parent()
-        .map(|dir| dir.join("rustc"))
-        .filter(|rustc| rustc.is_file())
-        .map(|rustc| rustc.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "rustc".to_owned());
+    let rustc = rustc_beside(cargo).to_string_lossy().into_owned();
     let libdir = run(&rustc, &["--print", "target-libdir", "--target", WASM_TARGET])
         .output()
         .await
@@ -714,6 +712,7 @@ async fn read_messages(stdout: Option<tokio::process::ChildStdout>, manifest: &P
 /// artifacts). Returns the crate's own package name.
 fn write_crate(dir: &Path, key: &str, files: &BTreeMap<String, String>) -> std::io::Result<String> {
     let mut package = String::new();
+    let members = member_names(key, files);
     let mut manifest = files.get("Cargo.toml").cloned().unwrap_or_default();
     if let Ok(mut table) = manifest.parse::<toml::Table>() {
         // Crates share the target directory, where cargo tells packages
@@ -735,14 +734,13 @@ fn write_crate(dir: &Path, key: &str, files: &BTreeMap<String, String>) -> std::
         table
             .entry("workspace")
             .or_insert(toml::Value::Table(Default::default()));
-        rename_path_dependencies(&mut table, "", &member_names(key, files));
+        rename_path_dependencies(&mut table, "", &members);
         manifest = table.to_string();
     }
     // The crate's other packages (path dependencies in its folders) get
     // names of their own too: cargo keys a workspace member by its path
     // relative to the workspace, so `macro/` of two crates would otherwise
     // be one unit in the shared target dir, compiled once for both.
-    let members = member_names(key, files);
     let mut rewritten: BTreeMap<&str, String> = BTreeMap::new();
     for (path, text) in files {
         let Some(member_dir) = path.strip_suffix("/Cargo.toml") else {

@@ -396,6 +396,14 @@ impl Sight {
         }
         let dir = self.staging.join(name);
         let copy = dir.join(file.file_name().unwrap_or(std::ffi::OsStr::new("program")));
+        // A copy from an earlier start is kept: the controller binary is
+        // hundreds of MB, and a restart must not copy it again.
+        let current = |(src, dst): (std::fs::Metadata, std::fs::Metadata)| {
+            src.len() == dst.len() && src.modified().ok() <= dst.modified().ok()
+        };
+        if file.metadata().ok().zip(copy.metadata().ok()).is_some_and(current) && self.sees(&copy) {
+            return Ok(copy);
+        }
         let staged = (|| {
             for d in [&self.staging, &dir] {
                 std::fs::create_dir_all(d)?;
