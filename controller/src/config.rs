@@ -153,6 +153,11 @@ pub struct ServeArgs {
     /// Largest file an instance may write, in MiB.
     #[arg(long, env = "INSTANCE_MAX_FILE_MB", default_value_t = 64)]
     pub instance_max_file_mb: u64,
+    /// Size of each private scratch mount of an instance (its home, `/tmp`,
+    /// `/var/tmp`, `/dev/shm`, `/run`), in MiB: a tmpfs, in memory, when
+    /// instances run in bubblewrap.
+    #[arg(long, env = "INSTANCE_SCRATCH_MB", default_value_t = 64)]
+    pub instance_scratch_mb: u64,
     /// First uid of the range instances run as (one uid each) when the
     /// controller runs as root.
     #[arg(long, env = "INSTANCE_UID_BASE", default_value_t = 200_000)]

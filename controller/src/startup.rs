@@ -172,6 +172,7 @@ impl Application {
                 max_processes: args.instance_max_processes,
                 max_open_files: args.instance_max_open_files,
                 max_file_bytes: args.instance_max_file_mb * 1024 * 1024,
+                scratch_bytes: args.instance_scratch_mb * 1024 * 1024,
             },
             instance_uid_base: args.instance_uid_base,
             instance_uid_count: args.instance_uid_count,

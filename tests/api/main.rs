@@ -31,4 +31,5 @@ mod runtimes;
 mod rust;
 mod sandbox;
 mod sessions;
+mod walls;
 mod wasm;

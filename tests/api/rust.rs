@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::functions::call;
-use crate::helpers::{Reply, TestApp, spawn_app};
+use crate::helpers::{Reply, TestApp, spawn_app, spawn_app_with};
 
 const PROBE_TOML: &str = r#"[package]
 name = "probe"
@@ -390,7 +390,9 @@ async fn wasm_from_rust_survives_loops_memory_bombs_and_floods() {
 /// What a function can see and touch (14, 16, 17) and state between
 /// functions and versions (19).
 async fn is_confined(language: &str) {
-    let app = spawn_app().await;
+    // Scratch space larger than the file-size limit (64 MiB), so that the
+    // 80 MiB write meets the latter.
+    let app = spawn_app_with(&["--instance-scratch-mb", "128"]).await;
     let lt = format!("{language}-probe");
     register_probe(&app, &lt, json!({"env": {"GREETING": "hi"}})).await;
     let token = app.admin();

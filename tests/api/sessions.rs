@@ -133,27 +133,37 @@ async fn a_completed_one_shot_session_can_still_be_read_and_deleted() {
 
 /// Instance directories whose runtime process has a data limit of `mib`: a
 /// memory cap of its own tells a function's instances from the warm pool's.
+/// An instance is found by the host directory its command line names (the
+/// one bubblewrap binds, or the runtime's socket in it).
 fn instances_capped_at(app: &TestApp, mib: u64) -> Vec<std::path::PathBuf> {
     let instances = app.data_dir.path().join("instances");
     let limit = (mib * 1024 * 1024).to_string();
-    let mut found = Vec::new();
+    let mut found = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let proc_dir = entry.path();
-        let Ok(cwd) = std::fs::read_link(proc_dir.join("cwd")) else {
+        let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
             continue;
         };
-        if !cwd.starts_with(&instances) {
+        let Some(dir) = cmdline
+            .split(|b| *b == 0)
+            .map(|arg| std::path::PathBuf::from(String::from_utf8_lossy(arg).into_owned()))
+            .find(|arg| arg.starts_with(&instances) && arg != &instances)
+        else {
             continue;
-        }
+        };
+        let dir = match dir.file_name() {
+            Some(name) if name == "rt.sock" => dir.parent().unwrap().to_path_buf(),
+            _ => dir,
+        };
         let limits = std::fs::read_to_string(proc_dir.join("limits")).unwrap_or_default();
         if limits
             .lines()
             .any(|l| l.starts_with("Max data size") && l.split_whitespace().nth(3) == Some(limit.as_str()))
         {
-            found.push(cwd);
+            found.insert(dir);
         }
     }
-    found
+    found.into_iter().collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

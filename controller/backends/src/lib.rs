@@ -6,6 +6,9 @@
 //! - [`process`]: child processes running a language's runtime server
 //!   (Node.js, Python, Rust), each its own uid, limits and private `/tmp`;
 //!   the protocol to them is `fnrt_core::runtime::remote`'s.
+//! - [`sandbox`]: the bubblewrap walls around instances and builds.
+//! - [`uids`]: instance uids, one per instance on the host, and the cgroup
+//!   that counts each one's processes.
 //! - [`wasm`]: wasmtime sandboxes inside the controller, a fresh instance
 //!   per run.
 //! - [`build`]: cargo builds of Rust functions (native libraries, wasm
@@ -17,6 +20,7 @@
 pub mod build;
 pub mod process;
 pub mod sandbox;
+pub mod uids;
 pub mod wasm;
 
 use std::path::PathBuf;

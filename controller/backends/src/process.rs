@@ -4,26 +4,34 @@
 //! executable as `controller runtime-rust`, which loads the function's built
 //! library (sent as base64 in `/init`).
 //!
-//! What an instance gets:
-//! - its own directory `DATA_DIR/instances/{id}` (cwd, `HOME`, `TMPDIR`, the
-//!   Unix socket), removed when the instance ends; as root, its `tmp/` is
-//!   also mounted over `/tmp` in a mount namespace of its own (unless the
-//!   data dir itself lives under `/tmp`);
-//! - a scrubbed environment (`PATH`, `HOME`, `LANG`, `TMPDIR`; the function's
-//!   own variables arrive with `/init`);
-//! - its own process group, killed as a whole, and `PR_SET_PDEATHSIG` so it
-//!   dies with the controller;
+//! What an instance gets, when the controller is root and bubblewrap is
+//! installed (the walls are [`crate::sandbox::Walls`]):
+//! - a uid of its own (`INSTANCE_UID_BASE` + n, no passwd entry needed),
+//!   never another live instance's on this host, and never one whose
+//!   processes still live ([`crate::uids`]);
+//! - its own PID namespace: every process it starts dies with it, however
+//!   it forked; its own network namespace (only its own loopback: neither
+//!   the controller, nor Redis, nor the database, nor anything else);
+//! - its own root: the system read-only, the runtime it runs, a directory
+//!   bound at `/run/runtime` that holds only its socket, and private,
+//!   size-capped tmpfs mounts (`INSTANCE_SCRATCH_MB` each) at its home
+//!   (`/home/function`, also its cwd), `/tmp`, `/var/tmp`, `/dev/shm` and
+//!   `/run`, gone with it; nothing of the data dir;
+//! - the uid's cgroup (v1 `pids`): an instance whose processes grew (a
+//!   process or a zombie left behind) is not handed out again;
+//! - a scrubbed environment (`PATH`, `HOME`, `LANG`, `TMPDIR`; the
+//!   function's own variables arrive with `/init`);
 //! - resource limits: data memory (`RLIMIT_DATA`: counts the heap of both
 //!   V8 and CPython, unlike `RLIMIT_AS`, which V8's large address-space
 //!   reservations exhaust at once), processes, open files, file size, no
-//!   core dumps;
-//! - when the controller runs as root, a uid of its own
-//!   (`INSTANCE_UID_BASE` + n, no passwd entry needed): it cannot read the
-//!   controller's files or `/proc/{controller}/environ`, nor another
-//!   instance's directory, environment or processes, and `RLIMIT_NPROC`
-//!   counts its processes alone;
-//! - `SIGXFSZ` ignored, so a write past the file-size limit fails with
-//!   `EFBIG` inside the function instead of killing the instance.
+//!   core dumps; `SIGXFSZ` ignored, so a write past the file-size limit
+//!   fails with `EFBIG` inside the function instead of killing the instance;
+//! - `PR_SET_PDEATHSIG`, so it dies with the controller.
+//!
+//! As root without bubblewrap, an instance gets its own uid, cgroup, limits
+//! and (mount namespace) `/tmp`, and start-up warns that the network, the
+//! host's files and other scratch space are not walled off. Not as root,
+//! instances run as the controller's user with limits only.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -39,6 +47,8 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use crate::build::Builder;
+use crate::sandbox::Walls;
+use crate::uids::{UidLease, UidPool};
 use fnrt_core::language::Language;
 use fnrt_core::runtime::protocol::Endpoint;
 use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
@@ -50,6 +60,15 @@ const RUN_DIR: &str = "/run/fnrt";
 const INSTANCE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Bytes of stdout/stderr kept per instance for crash reports.
 const OUTPUT_TAIL_BYTES: usize = 4096;
+/// Inside the sandbox: the home and working directory, and where the
+/// instance's socket directory is bound.
+const SANDBOX_HOME: &str = "/home/function";
+const SANDBOX_SOCKET_DIR: &str = "/run/runtime";
+/// Inside the sandbox: where the runtime server (script or program) is shown.
+const SANDBOX_RUNTIME_DIR: &str = "/opt/fnrt";
+/// Processes in a healthy sandboxed instance's cgroup: bubblewrap, its
+/// init in the PID namespace, and the runtime server.
+const SANDBOX_PROCESSES: usize = 3;
 
 /// Limits applied to every instance.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +76,8 @@ pub struct ProcessLimits {
     pub max_processes: u64,
     pub max_open_files: u64,
     pub max_file_bytes: u64,
+    /// Size of each private scratch mount (home, `/tmp`, `/var/tmp`, `/dev/shm`, `/run`).
+    pub scratch_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +108,11 @@ pub struct ProcessConfig {
 struct Launcher {
     program: PathBuf,
     args: Vec<String>,
+    /// The same inside bubblewrap, which shows the runtime (a server
+    /// script, the controller binary) at a place of its own.
+    sandboxed: (PathBuf, Vec<String>),
+    /// What bubblewrap must show, read-only: (host path, path inside).
+    sees: Vec<(PathBuf, PathBuf)>,
 }
 
 pub struct ProcessBackend {
@@ -95,6 +121,8 @@ pub struct ProcessBackend {
     launchers: HashMap<Language, Result<Launcher, String>>,
     /// Uids to drop to, one per instance, when running as root.
     uids: Option<Arc<UidPool>>,
+    /// bubblewrap, when the controller is root and it is installed.
+    bwrap: Option<PathBuf>,
     /// Whether instances get a private `/tmp` (root, and the data dir is not
     /// itself under `/tmp`, which the mount would hide).
     private_tmp: bool,
@@ -126,10 +154,23 @@ impl ProcessBackend {
     /// Prepares the backend: resolves interpreters and the instance user, and
     /// clears instance directories left by an earlier run.
     pub fn new(config: ProcessConfig) -> anyhow::Result<Self> {
-        let uids = rustix::process::geteuid()
-            .is_root()
-            .then(|| Arc::new(UidPool::new(config.instance_uid_base, config.instance_uid_count)));
+        let uids = match rustix::process::geteuid().is_root() {
+            true => Some(UidPool::new(config.instance_uid_base, config.instance_uid_count)?),
+            false => None,
+        };
         let others_only = uids.is_some();
+        let bwrap = others_only.then(crate::sandbox::find_bwrap).flatten();
+        match (others_only, &bwrap) {
+            (true, Some(_)) => tracing::info!("instances run in bubblewrap"),
+            (true, None) => tracing::warn!(
+                "bubblewrap (bwrap) is not installed: instances get their own uid and /tmp, but share the \
+                 host's network (the controller, Redis and the database on 127.0.0.1), files and other scratch \
+                 space (apt-get install bubblewrap)"
+            ),
+            (false, _) => {
+                tracing::warn!("the controller is not root: instances run as its user, with resource limits only")
+            }
+        }
         let instances_dir = if others_only {
             reachable_instances_dir(&config.instances_dir)?
         } else {
@@ -142,7 +183,7 @@ impl ProcessBackend {
         // Instances must reach their own directory through this one.
         std::fs::set_permissions(&instances_dir, std::fs::Permissions::from_mode(0o711))?;
         let instances_dir = instances_dir.canonicalize()?;
-        let private_tmp = others_only && !instances_dir.starts_with("/tmp");
+        let private_tmp = bwrap.is_some() || (others_only && !instances_dir.starts_with("/tmp"));
         if others_only && !private_tmp {
             tracing::warn!("the data dir is under /tmp: instances get a private TMPDIR but share /tmp");
         }
@@ -151,7 +192,8 @@ impl ProcessBackend {
         // hides, is copied beside the instance directories first.
         let sight = Sight {
             others_only,
-            private_tmp,
+            // bubblewrap shows an instance what it runs wherever it lies.
+            private_tmp: private_tmp && bwrap.is_none(),
             staging: instances_dir.with_file_name("bin"),
         };
         let mut launchers = HashMap::new();
@@ -167,9 +209,18 @@ impl ProcessBackend {
                     .canonicalize()
                     .map_err(|e| format!("runtime server {} not found: {e}", server.display()))?;
                 let server = sight.stage(&server, language.as_str())?;
-                let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-                args.push(server.to_string_lossy().into_owned());
-                Ok(Launcher { program, args })
+                let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+                let inside = Path::new(SANDBOX_RUNTIME_DIR).join(server.file_name().unwrap_or_default());
+                let root = install_root(&program);
+                Ok(Launcher {
+                    args: [&flags[..], &[server.to_string_lossy().into_owned()]].concat(),
+                    sandboxed: (
+                        program.clone(),
+                        [&flags[..], &[inside.to_string_lossy().into_owned()]].concat(),
+                    ),
+                    sees: vec![(root.clone(), root), (server, inside)],
+                    program,
+                })
             });
             if let Err(e) = &launcher {
                 tracing::warn!(%language, error = %e, "runtime unavailable");
@@ -177,9 +228,15 @@ impl ProcessBackend {
             launchers.insert(language, launcher);
         }
         let rust = match (&config.rust_runtime, &config.builder) {
-            (Some(program), Some(_)) => sight.stage(program, "rust").map(|program| Launcher {
-                program,
-                args: vec!["runtime-rust".to_owned()],
+            (Some(program), Some(_)) => sight.stage(program, "rust").map(|program| {
+                let args = vec!["runtime-rust".to_owned()];
+                let inside = Path::new(SANDBOX_RUNTIME_DIR).join("controller");
+                Launcher {
+                    sees: vec![(program.clone(), inside.clone())],
+                    sandboxed: (inside, args.clone()),
+                    program,
+                    args,
+                }
             }),
             (None, _) => Err("no Rust runtime program configured".to_owned()),
             (_, None) => Err("Rust functions cannot be built here".to_owned()),
@@ -196,6 +253,7 @@ impl ProcessBackend {
             instances_dir,
             launchers,
             uids,
+            bwrap,
             private_tmp,
             limits: config.limits,
             own_root,
@@ -239,41 +297,75 @@ impl RuntimeBackend for ProcessBackend {
             )));
         }
         let uid = match &self.uids {
-            Some(pool) => Some(
-                pool.allocate()
-                    .ok_or_else(|| unavailable("every instance uid is in use".into()))?,
-            ),
+            Some(pool) => Some(pool.allocate().ok_or_else(|| InstanceError::Exhausted {
+                language,
+                message: "every instance uid is in use".into(),
+            })?),
             None => None,
         };
-        prepare_dir(&dir, uid.as_ref().map(|u| u.0))
+        prepare_dir(&dir, uid.as_ref().map(|u| u.uid))
             .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
 
-        let mut cmd = Command::new(&launcher.program);
-        cmd.args(&launcher.args)
-            .arg("--socket")
-            .arg(&socket)
-            .env_clear()
-            .env("PATH", INSTANCE_PATH)
-            .env("HOME", &dir)
+        let mut cmd = match (&self.bwrap, &uid) {
+            (Some(bwrap), Some(lease)) => {
+                let scratch = Some(self.limits.scratch_bytes);
+                let walls = Walls {
+                    network: false,
+                    read_only: launcher.sees.clone(),
+                    writable: vec![(dir.clone(), PathBuf::from(SANDBOX_SOCKET_DIR))],
+                    scratch: [SANDBOX_HOME, "/tmp", "/var/tmp", "/dev/shm", "/run"]
+                        .into_iter()
+                        .map(|p| (PathBuf::from(p), scratch))
+                        .collect(),
+                    uid: Some(lease.uid),
+                    cwd: PathBuf::from(SANDBOX_HOME),
+                };
+                let (program, args) = &launcher.sandboxed;
+                let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+                args.push("--socket".into());
+                args.push(Path::new(SANDBOX_SOCKET_DIR).join("rt.sock").into());
+                let mut cmd = Command::new(bwrap);
+                cmd.args(walls.args(program, &args))
+                    .env_clear()
+                    .env("HOME", SANDBOX_HOME)
+                    .env("TMPDIR", "/tmp");
+                cmd
+            }
+            _ => {
+                let mut cmd = Command::new(&launcher.program);
+                cmd.args(&launcher.args)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .env_clear()
+                    .env("HOME", &dir)
+                    .env("TMPDIR", dir.join("tmp"))
+                    .current_dir(&dir);
+                cmd
+            }
+        };
+        cmd.env("PATH", INSTANCE_PATH)
             .env("LANG", "C.UTF-8")
-            .env("TMPDIR", dir.join("tmp"))
-            .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
         let sandbox = match &uid {
-            Some(uid) => {
-                let tmp = if self.private_tmp {
-                    // The instance's own tmp/ mounted over /tmp.
+            Some(lease) => {
+                // Without bubblewrap: the instance's own tmp/ mounted over /tmp.
+                let tmp = if self.private_tmp && self.bwrap.is_none() {
                     cmd.env("TMPDIR", "/tmp");
                     let path = dir.join("tmp").into_os_string().into_encoded_bytes();
                     Some(std::ffi::CString::new(path).map_err(|_| unavailable("instance path contains NUL".into()))?)
                 } else {
                     None
                 };
-                Some(Sandbox { uid: uid.0, tmp })
+                Some(Sandbox {
+                    // bubblewrap changes the uid itself, after its mounts.
+                    uid: self.bwrap.is_none().then_some(lease.uid),
+                    tmp,
+                    cgroup: lease.cgroup.as_ref().map(|c| c.procs_path()),
+                })
             }
             None => None,
         };
@@ -306,6 +398,8 @@ impl RuntimeBackend for ProcessBackend {
             dir,
             output,
             terminated: false,
+            expected_processes: if self.bwrap.is_some() { SANDBOX_PROCESSES } else { 1 },
+            seen_tasks: None,
             uid,
         };
         let instance = RemoteInstance::connect(
@@ -434,14 +528,17 @@ fn prepare_dir(dir: &Path, uid: Option<u32>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// What an instance gets when the controller is root: its own uid and,
-/// where possible, its own mount namespace with a private `/tmp`.
+/// What the child does before exec when the controller is root: join its
+/// uid's cgroup and, without bubblewrap, take its uid and a private `/tmp`
+/// in a mount namespace of its own. Prepared before the fork, because the
+/// child may not allocate.
 #[derive(Debug)]
 struct Sandbox {
-    uid: u32,
-    /// The instance's `tmp/` to mount over `/tmp`; prepared here because the
-    /// child may not allocate.
+    uid: Option<u32>,
+    /// The instance's `tmp/` to mount over `/tmp`.
     tmp: Option<std::ffi::CString>,
+    /// The uid cgroup's `cgroup.procs`.
+    cgroup: Option<std::ffi::CString>,
 }
 
 /// Sets up the child between fork and exec: private `/tmp` and own uid (as
@@ -453,7 +550,7 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
         maximum: Some(n),
     };
     // SAFETY: the closure runs in the forked (single-threaded) child before
-    // exec; it only makes raw system calls (unshare, mount, setres[ug]id,
+    // exec; it only makes raw system calls (open/write/close, unshare, mount, setres[ug]id,
     // setgroups, setrlimit, prctl, signal) through rustix and libc on data prepared before the
     // fork, without allocating or taking locks, so it is async-signal-safe.
     // unshare(NEWNS) shares no file descriptors, the hazard of unshare_unsafe.
@@ -462,17 +559,22 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
             if let Some(sandbox) = &sandbox {
                 use rustix::mount::{MountPropagationFlags, mount_bind, mount_change};
                 use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
+                if let Some(procs) = &sandbox.cgroup {
+                    crate::uids::join_cgroup(procs)?;
+                }
                 // Mounts need root, so they come before the uid changes.
                 if let Some(tmp) = &sandbox.tmp {
                     rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)?;
                     mount_change(c"/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)?;
                     mount_bind(tmp.as_c_str(), c"/tmp")?;
                 }
-                let gid = rustix::process::Gid::from_raw(sandbox.uid);
-                let uid = rustix::process::Uid::from_raw(sandbox.uid);
-                set_thread_groups(&[])?;
-                set_thread_res_gid(gid, gid, gid)?;
-                set_thread_res_uid(uid, uid, uid)?;
+                if let Some(id) = sandbox.uid {
+                    let gid = rustix::process::Gid::from_raw(id);
+                    let uid = rustix::process::Uid::from_raw(id);
+                    set_thread_groups(&[])?;
+                    set_thread_res_gid(gid, gid, gid)?;
+                    set_thread_res_uid(uid, uid, uid)?;
+                }
             }
             rustix::process::setrlimit(Resource::Nofile, rl(limits.max_open_files))?;
             rustix::process::setrlimit(Resource::Nproc, rl(limits.max_processes))?;
@@ -536,6 +638,10 @@ pub struct ProcessHandle {
     dir: PathBuf,
     output: Arc<Output>,
     terminated: bool,
+    /// Processes in its cgroup when it is as it started.
+    expected_processes: usize,
+    /// The cgroup's task count when it was last found as it started.
+    seen_tasks: Option<u64>,
     /// The instance's own uid, given back when the instance is gone.
     uid: Option<UidLease>,
 }
@@ -546,8 +652,26 @@ impl InstanceHandle for ProcessHandle {
         &self.id
     }
 
+    /// Also false when the function left a process or a zombie behind: such
+    /// an instance is not handed to the next execution. One read of the
+    /// cgroup's task count when nothing changed since the last look.
     fn is_alive(&mut self) -> bool {
-        !self.terminated && matches!(self.child.try_wait(), Ok(None))
+        if self.terminated || !matches!(self.child.try_wait(), Ok(None)) {
+            return false;
+        }
+        let Some(cgroup) = self.uid.as_ref().and_then(|lease| lease.cgroup.as_ref()) else {
+            return true;
+        };
+        let tasks = cgroup.tasks();
+        if self.seen_tasks == Some(tasks) {
+            return true;
+        }
+        if cgroup.grew(self.expected_processes) {
+            tracing::info!(instance = %self.id, tasks, "the function left processes behind; the instance is not reused");
+            return false;
+        }
+        self.seen_tasks = Some(tasks);
+        true
     }
 
     async fn exited(&mut self, wait: Duration) -> Option<Exit> {
@@ -556,8 +680,15 @@ impl InstanceHandle for ProcessHandle {
             Ok(None) if !wait.is_zero() => tokio::time::timeout(wait, self.child.wait()).await.ok()?.ok()?,
             _ => return None,
         };
+        // bubblewrap ends as its command did, a signal as 128 + its number.
+        let status = match status.code() {
+            Some(code) if self.expected_processes == SANDBOX_PROCESSES && code > 128 => {
+                format!("signal: {}", code - 128)
+            }
+            _ => status.to_string(),
+        };
         Some(Exit {
-            status: status.to_string(),
+            status,
             output_tail: self.output.tail(true),
         })
     }
@@ -566,8 +697,20 @@ impl InstanceHandle for ProcessHandle {
         if self.terminated {
             return;
         }
-        self.kill_group();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        self.kill_instance();
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            self.kill_group();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        }
+        // Its uid is free once no process of it is left.
+        if let Some(cgroup) = self.uid.as_ref().and_then(|lease| lease.cgroup.as_ref())
+            && !cgroup.kill_all(Duration::from_secs(5)).await
+        {
+            tracing::warn!(instance = %self.id, "processes of a stopped instance outlive it; its uid is passed over");
+        }
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         self.terminated = true;
@@ -576,6 +719,29 @@ impl InstanceHandle for ProcessHandle {
 }
 
 impl ProcessHandle {
+    /// Kills what the instance runs. With a cgroup: every process in it
+    /// but the child itself, so that bubblewrap reaps its init (whose
+    /// death ends the PID namespace) and then exits; killing bubblewrap
+    /// first would leave that init to the host's init to reap, holding the
+    /// uid until it does. Without one: the child's process group.
+    fn kill_instance(&mut self) {
+        let child = self.pid.map(|p| p.as_raw_nonzero().get());
+        match self.uid.as_ref().and_then(|lease| lease.cgroup.as_ref()) {
+            Some(cgroup) => {
+                for pid in cgroup.processes().into_iter().filter(|p| Some(*p) != child) {
+                    if let Some(pid) = Pid::from_raw(pid) {
+                        let _ = rustix::process::kill_process(pid, Signal::KILL);
+                    }
+                }
+                // A runtime that is not sandboxed is the child itself.
+                if self.expected_processes != SANDBOX_PROCESSES {
+                    self.kill_group();
+                }
+            }
+            None => self.kill_group(),
+        }
+    }
+
     fn kill_group(&mut self) {
         if let Some(pid) = self.pid {
             // The whole group: the runtime and anything the function forked.
@@ -588,51 +754,10 @@ impl ProcessHandle {
 impl Drop for ProcessHandle {
     fn drop(&mut self) {
         if !self.terminated {
+            self.kill_instance();
             self.kill_group();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-/// The range of uids instances run as, one each. Handed out round-robin so
-/// a uid is reused as late as possible.
-#[derive(Debug)]
-struct UidPool {
-    base: u32,
-    count: u32,
-    state: Mutex<(u32, std::collections::HashSet<u32>)>,
-}
-
-impl UidPool {
-    fn new(base: u32, count: u32) -> Self {
-        UidPool {
-            base,
-            count: count.max(1),
-            state: Mutex::new((0, Default::default())),
-        }
-    }
-
-    fn allocate(self: &Arc<Self>) -> Option<UidLease> {
-        let mut state = self.state.lock().unwrap();
-        for _ in 0..self.count {
-            let uid = self.base + state.0;
-            state.0 = (state.0 + 1) % self.count;
-            if state.1.insert(uid) {
-                return Some(UidLease(uid, self.clone()));
-            }
-        }
-        None
-    }
-}
-
-/// A uid in use by one instance; released when dropped, after the instance's
-/// processes were killed.
-#[derive(Debug)]
-struct UidLease(u32, Arc<UidPool>);
-
-impl Drop for UidLease {
-    fn drop(&mut self) {
-        self.1.state.lock().unwrap().1.remove(&self.0);
     }
 }
 
@@ -654,6 +779,20 @@ fn find_programs(name: &str) -> Vec<PathBuf> {
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
         .collect()
+}
+
+/// What a sandbox must see to run `program`: the installation it belongs
+/// to (`/opt/node` for `/opt/node/bin/node`, for its libraries), or the file
+/// alone.
+fn install_root(program: &Path) -> PathBuf {
+    match program.parent() {
+        Some(bin) if bin.file_name().is_some_and(|n| n == "bin") => bin
+            .parent()
+            .filter(|p| *p != Path::new("/"))
+            .unwrap_or(program)
+            .to_path_buf(),
+        _ => program.to_path_buf(),
+    }
 }
 
 fn ancestors_searchable(path: &Path) -> bool {

@@ -1,85 +1,81 @@
-//! The walls around a build of registered code. A crate's `build.rs`, its
-//! proc macros and those of its dependencies are code of whoever registered
-//! it; cargo runs them, so cargo runs walled in:
+//! The walls around code of others, drawn with bubblewrap (Debian's
+//! `bubblewrap`): registered crates' builds ([`BuildSandbox`]) and the
+//! process backend's instances both run inside a [`Walls`].
 //!
-//! - inside bubblewrap (Debian's `bubblewrap`): its own PID, IPC and UTS
-//!   namespaces and a root of its own in which only the system (`/usr`,
-//!   `/etc`, the libraries), the toolchain, the SDK and the build's work
-//!   directory exist (read-only, but for the work directory). The data dir,
-//!   the database, the JWT secret, `/root` and other functions' artifacts
-//!   are not there, nor the controller's `/proc` entries (a `/proc` of its
-//!   own);
-//! - as a uid of its own (`RUST_BUILD_UID`, when the controller is root),
-//!   with no groups, no capabilities and `no_new_privs`;
-//! - with the network only while dependencies are fetched (`cargo fetch`);
-//!   the build itself (`build.rs`, proc macros, rustc) runs in a network
-//!   namespace of its own, offline;
+//! What every sandbox gets:
+//! - its own PID, IPC and UTS namespaces, and a root of its own in which
+//!   only the system (`/usr`, `/etc`, the libraries, read-only) and what
+//!   the sandbox is given exist: the data dir, the database, the JWT
+//!   secret, `/root` and other functions' files are not there, nor the
+//!   controller's `/proc` entries (a `/proc` of its own);
+//! - a network namespace of its own (only its own loopback) unless it is
+//!   given the network;
+//! - private scratch space: a tmpfs per writable path (`/tmp`, and for
+//!   instances `/var/tmp`, `/dev/shm`, `/run`, the home), size-capped where
+//!   a cap is given, gone when the sandbox ends;
+//! - a uid of its own when the controller is root (through `setpriv`: no
+//!   groups, no capabilities, `no_new_privs`);
 //! - killed as a whole: bubblewrap dies with the controller
 //!   (`PR_SET_PDEATHSIG`), its sandboxed init dies with bubblewrap
-//!   (`--die-with-parent`), and every process of the build dies with that
-//!   init (a PID namespace ends with its init).
+//!   (`--die-with-parent`), and every process inside dies with that init (a
+//!   PID namespace ends with its init), however it forked or `setsid`ed.
 //!
-//! Without bubblewrap (`bwrap` not on `PATH`) builds run as the controller's
-//! user with a scrubbed environment, and start-up says so in a warning.
+//! Builds, in addition, have the network only while dependencies are
+//! fetched (`cargo fetch`); the build itself (`build.rs`, proc macros,
+//! rustc) runs offline. Without bubblewrap (`bwrap` not on `PATH`) builds run
+//! as the controller's user with a scrubbed environment, and start-up says so
+//! in a warning.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-/// How builds are walled in, decided once at start-up.
-#[derive(Debug, Clone)]
-pub struct BuildSandbox {
-    bwrap: PathBuf,
-    /// The uid (and gid) builds run as; `None` when the controller is not
-    /// root (then builds run as its user, inside the same walls).
-    uid: Option<u32>,
-    /// Host paths a build sees, read-only, at the same place.
-    read_only: Vec<PathBuf>,
-    /// Host paths a build may write (its work directory).
-    writable: Vec<PathBuf>,
-}
-
-/// The system a build needs, read-only: programs, libraries, `/etc` (the
-/// resolver and CA certificates for the fetch; `/etc/shadow` stays
-/// unreadable to the build's uid).
+/// The system every sandbox sees, read-only: programs, libraries, `/etc`
+/// (the resolver and CA certificates for a fetch; `/etc/shadow` stays
+/// unreadable to a sandbox's uid).
 const SYSTEM: [&str; 7] = ["/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64"];
 
-impl BuildSandbox {
-    /// bubblewrap, if it is installed; `None` otherwise.
-    pub fn detect(uid: Option<u32>, read_only: Vec<PathBuf>, writable: Vec<PathBuf>) -> Option<Self> {
-        let bwrap = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join("bwrap")).collect::<Vec<_>>())
-            .unwrap_or_default()
-            .into_iter()
-            .chain([PathBuf::from("/usr/bin/bwrap")])
-            .find(|p| p.is_file())?;
-        Some(BuildSandbox {
-            bwrap,
-            uid,
-            read_only,
-            writable,
-        })
-    }
+/// bubblewrap's path, if it is installed.
+pub fn find_bwrap() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("bwrap")).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin/bwrap")])
+        .find(|p| p.is_file())
+}
 
-    /// The uid builds run as, if not the controller's.
-    pub fn uid(&self) -> Option<u32> {
-        self.uid
-    }
+/// One sandbox: what it sees of the host, what it may write, and who it runs as.
+#[derive(Debug, Clone, Default)]
+pub struct Walls {
+    /// Whether it shares the host's network (else only its own loopback).
+    pub network: bool,
+    /// Host paths it sees read-only: (host path, path inside).
+    pub read_only: Vec<(PathBuf, PathBuf)>,
+    /// Host directories it may write: (host path, path inside).
+    pub writable: Vec<(PathBuf, PathBuf)>,
+    /// Private tmpfs mounts (mode 1777): path inside and size cap in bytes.
+    pub scratch: Vec<(PathBuf, Option<u64>)>,
+    /// The uid (and gid) it runs as; `None`: the controller's.
+    pub uid: Option<u32>,
+    /// Its working directory (inside).
+    pub cwd: PathBuf,
+}
 
-    /// The program and arguments that run `program args` inside the walls,
-    /// in `cwd`, with or without the network.
-    pub fn wrap(&self, program: &Path, args: &[OsString], cwd: &Path, network: bool) -> (PathBuf, Vec<OsString>) {
-        let mut a: Vec<OsString> = Vec::new();
-        let mut push = |items: &[&std::ffi::OsStr]| a.extend(items.iter().map(|s| s.to_os_string()));
-        push(&[
-            "--die-with-parent".as_ref(),
-            "--new-session".as_ref(),
-            "--unshare-pid".as_ref(),
-            "--unshare-ipc".as_ref(),
-            "--unshare-uts".as_ref(),
-            "--unshare-cgroup-try".as_ref(),
-        ]);
-        if !network {
-            push(&["--unshare-net".as_ref()]);
+impl Walls {
+    /// bubblewrap's arguments that run `program args` inside these walls.
+    pub fn args(&self, program: &Path, args: &[OsString]) -> Vec<OsString> {
+        let mut a: Vec<OsString> = [
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+        ]
+        .map(OsString::from)
+        .into();
+        if !self.network {
+            a.push("--unshare-net".into());
         }
         for dir in SYSTEM {
             let path = Path::new(dir);
@@ -87,49 +83,47 @@ impl BuildSandbox {
                 // Merged /usr: /bin -> usr/bin and the like.
                 Ok(meta) if meta.is_symlink() => {
                     if let Ok(target) = std::fs::read_link(path) {
-                        push(&["--symlink".as_ref(), target.as_os_str(), path.as_os_str()]);
+                        a.extend(["--symlink".into(), target.into_os_string(), dir.into()]);
                     }
                 }
-                Ok(_) => push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]),
+                Ok(_) => a.extend(["--ro-bind", dir, dir].map(OsString::from)),
                 Err(_) => {}
             }
         }
-        push(&[
-            "--proc".as_ref(),
-            "/proc".as_ref(),
-            "--dev".as_ref(),
-            "/dev".as_ref(),
-            "--tmpfs".as_ref(),
-            "/tmp".as_ref(),
-        ]);
-        // bubblewrap would make the missing parents of a bind 0700, which
-        // the build's uid could not pass: they are made 0755 first.
-        let mut made: Vec<PathBuf> = Vec::new();
-        for (path, flag) in self
+        a.extend(["--proc", "/proc", "--dev", "/dev"].map(OsString::from));
+        // Directories that exist inside: a mount's missing parents are made
+        // 0755 first, since bubblewrap would make them 0700, which the
+        // sandbox's uid could not pass.
+        let mut made: Vec<PathBuf> = ["/", "/dev", "/proc"].map(PathBuf::from).into();
+        for (path, size) in &self.scratch {
+            make_parents(path, &mut made, &mut a);
+            made.push(path.clone());
+            if let Some(size) = size {
+                a.extend(["--size".into(), size.to_string().into()]);
+            }
+            a.extend([
+                "--perms".into(),
+                "1777".into(),
+                "--tmpfs".into(),
+                path.clone().into_os_string(),
+            ]);
+        }
+        let binds = self
             .read_only
             .iter()
-            .map(|p| (p, "--ro-bind"))
-            .chain(self.writable.iter().map(|p| (p, "--bind")))
-        {
-            let mut parents: Vec<&Path> = path.ancestors().skip(1).collect();
-            parents.reverse();
-            for parent in parents {
-                let system = SYSTEM.iter().any(|s| parent.starts_with(s));
-                if parent == Path::new("/") || parent == Path::new("/tmp") || system || made.iter().any(|m| m == parent)
-                {
-                    continue;
-                }
-                push(&[
-                    "--perms".as_ref(),
-                    "0755".as_ref(),
-                    "--dir".as_ref(),
-                    parent.as_os_str(),
-                ]);
-                made.push(parent.to_path_buf());
-            }
-            push(&[flag.as_ref(), path.as_os_str(), path.as_os_str()]);
+            // The system is there already.
+            .filter(|(host, inside)| !(host == inside && is_system(host)))
+            .map(|(host, inside)| (host, inside, "--ro-bind"))
+            .chain(self.writable.iter().map(|(host, inside)| (host, inside, "--bind")));
+        for (host, inside, flag) in binds {
+            make_parents(inside, &mut made, &mut a);
+            a.extend([
+                flag.into(),
+                host.clone().into_os_string(),
+                inside.clone().into_os_string(),
+            ]);
         }
-        push(&["--chdir".as_ref(), cwd.as_os_str(), "--".as_ref()]);
+        a.extend(["--chdir".into(), self.cwd.clone().into_os_string(), "--".into()]);
         if let Some(uid) = self.uid {
             let id = uid.to_string();
             a.extend(
@@ -147,7 +141,75 @@ impl BuildSandbox {
         }
         a.push(program.as_os_str().to_os_string());
         a.extend(args.iter().cloned());
-        (self.bwrap.clone(), a)
+        a
+    }
+}
+
+fn is_system(path: &Path) -> bool {
+    SYSTEM.iter().any(|s| path.starts_with(s))
+}
+
+/// Adds `--dir` (0755) for each parent of `path` not yet `made`.
+fn make_parents(path: &Path, made: &mut Vec<PathBuf>, args: &mut Vec<OsString>) {
+    let mut missing: Vec<PathBuf> = path
+        .ancestors()
+        .skip(1)
+        .take_while(|p| !made.iter().any(|m| m == p) && !is_system(p))
+        .map(Path::to_path_buf)
+        .collect();
+    missing.reverse();
+    for dir in missing {
+        args.extend([
+            "--perms".into(),
+            "0755".into(),
+            "--dir".into(),
+            dir.clone().into_os_string(),
+        ]);
+        made.push(dir);
+    }
+}
+
+/// How builds are walled in, decided once at start-up.
+#[derive(Debug, Clone)]
+pub struct BuildSandbox {
+    bwrap: PathBuf,
+    /// The uid (and gid) builds run as; `None` when the controller is not
+    /// root (then builds run as its user, inside the same walls).
+    uid: Option<u32>,
+    /// Host paths a build sees, read-only, at the same place.
+    read_only: Vec<PathBuf>,
+    /// Host paths a build may write (its work directory).
+    writable: Vec<PathBuf>,
+}
+
+impl BuildSandbox {
+    /// bubblewrap, if it is installed; `None` otherwise.
+    pub fn detect(uid: Option<u32>, read_only: Vec<PathBuf>, writable: Vec<PathBuf>) -> Option<Self> {
+        Some(BuildSandbox {
+            bwrap: find_bwrap()?,
+            uid,
+            read_only,
+            writable,
+        })
+    }
+
+    /// The uid builds run as, if not the controller's.
+    pub fn uid(&self) -> Option<u32> {
+        self.uid
+    }
+
+    /// The program and arguments that run `program args` inside the walls,
+    /// in `cwd`, with or without the network.
+    pub fn wrap(&self, program: &Path, args: &[OsString], cwd: &Path, network: bool) -> (PathBuf, Vec<OsString>) {
+        let walls = Walls {
+            network,
+            read_only: self.read_only.iter().map(|p| (p.clone(), p.clone())).collect(),
+            writable: self.writable.iter().map(|p| (p.clone(), p.clone())).collect(),
+            scratch: vec![(PathBuf::from("/tmp"), None)],
+            uid: self.uid,
+            cwd: cwd.to_path_buf(),
+        };
+        (self.bwrap.clone(), walls.args(program, args))
     }
 }
 

@@ -148,7 +148,9 @@ impl From<InstanceError> for CoreError {
     /// An instance (not the function) failed.
     fn from(e: InstanceError) -> Self {
         match e {
-            InstanceError::Unavailable { .. } => CoreError::Unavailable(e.to_string()),
+            InstanceError::Unavailable { .. } | InstanceError::Exhausted { .. } => {
+                CoreError::Unavailable(e.to_string())
+            }
             InstanceError::Init { message, details } => CoreError::Initialization {
                 message: format!("the function failed to load: {message}"),
                 details,

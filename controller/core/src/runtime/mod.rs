@@ -65,6 +65,10 @@ pub enum RunOutcome {
 pub enum InstanceError {
     #[error("{language} runtime is unavailable: {message}")]
     Unavailable { language: Language, message: String },
+    /// The backend has no room for another instance now (every instance
+    /// uid is in use, say); an idle instance stopped would make room.
+    #[error("{language} runtime is unavailable: {message}")]
+    Exhausted { language: Language, message: String },
     #[error("{message}")]
     Init { message: String, details: Value },
     #[error("instance crashed: {message}")]

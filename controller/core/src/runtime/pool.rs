@@ -147,7 +147,15 @@ impl InstancePool {
             Some(instance) => (instance, StartKind::Warm),
             None => {
                 let started = Instant::now();
-                let instance = self.start(language, memory_mb).await?;
+                let mut result = self.start(language, memory_mb).await;
+                // No room for another instance: the longest idle one makes room.
+                while matches!(result, Err(InstanceError::Exhausted { .. }))
+                    && let Some(mut oldest) = self.take_oldest_idle()
+                {
+                    oldest.terminate().await;
+                    result = self.start(language, memory_mb).await;
+                }
+                let instance = result?;
                 self.metrics.record_cold_start(language, started.elapsed());
                 (instance, StartKind::Cold)
             }
@@ -207,6 +215,22 @@ impl InstancePool {
         for (mut instance, _) in evicted {
             instance.terminate().await;
         }
+    }
+
+    /// The idle instance given back longest ago, of any version.
+    fn take_oldest_idle(&self) -> Option<Box<dyn Instance>> {
+        let mut idle = self.idle.lock().unwrap();
+        let (key, index, _) = idle
+            .iter()
+            .flat_map(|(key, list)| list.iter().enumerate().map(move |(i, (_, at))| (key, i, *at)))
+            .min_by_key(|(_, _, at)| *at)
+            .map(|(key, i, at)| (key.clone(), i, at))?;
+        let list = idle.get_mut(&key)?;
+        let (instance, _) = list.remove(index);
+        if list.is_empty() {
+            idle.remove(&key);
+        }
+        Some(instance)
     }
 
     fn take_idle(&self, key: &VersionKey) -> Option<Box<dyn Instance>> {

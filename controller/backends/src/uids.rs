@@ -1,0 +1,288 @@
+//! The uids instances run as (when the controller is root), and what tells
+//! which processes each one has.
+//!
+//! A uid is one instance's at a time, on the whole host: several
+//! controllers (replicas, test suites) may share a uid range, so a uid is
+//! taken by an exclusive `flock` on `/run/fnrt/uids/{uid}`, which the kernel
+//! drops when its holder dies. And a uid is never handed out while any
+//! process of it lives: every process an instance starts is in the cgroup
+//! of its uid (v1 `pids` controller, `/sys/fs/cgroup/pids/fnrt/{uid}`,
+//! joined before the sandbox starts; a function cannot leave it, since no
+//! cgroup filesystem is mounted in its sandbox), and a uid whose cgroup
+//! still counts a task is passed over.
+//!
+//! The same cgroup tells whether an instance's processes grew: a function
+//! that left a process (or a zombie) behind is not handed to the next
+//! execution ([`Cgroup::grew`]).
+//!
+//! # Layout
+//!
+//! - [`UidPool`] hands out [`UidLease`]s round-robin.
+//! - [`Cgroup`]: one uid's cgroup: join (between fork and exec), count,
+//!   kill, wait until empty.
+
+use std::collections::HashSet;
+use std::ffi::{CStr, CString};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Where the uid locks live.
+const LOCK_DIR: &str = "/run/fnrt/uids";
+/// The cgroup v1 `pids` hierarchy.
+const PIDS_HIERARCHY: &str = "/sys/fs/cgroup/pids";
+
+/// The range of uids instances run as, one each. Handed out round-robin so
+/// a uid is reused as late as possible.
+#[derive(Debug)]
+pub struct UidPool {
+    base: u32,
+    count: u32,
+    /// `fnrt/` in the `pids` hierarchy, when there is one.
+    cgroups: Option<PathBuf>,
+    /// The next offset to try, and the uids this controller holds.
+    state: Mutex<(u32, HashSet<u32>)>,
+}
+
+impl UidPool {
+    pub fn new(base: u32, count: u32) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(LOCK_DIR)?;
+        let cgroups = Path::new(PIDS_HIERARCHY).join("cgroup.procs").exists().then(|| {
+            let dir = Path::new(PIDS_HIERARCHY).join("fnrt");
+            std::fs::create_dir_all(&dir).map(|()| dir)
+        });
+        let cgroups = match cgroups {
+            Some(Ok(dir)) => Some(dir),
+            Some(Err(e)) => anyhow::bail!("creating the instances' cgroup under {PIDS_HIERARCHY}: {e}"),
+            None => {
+                tracing::warn!(
+                    "no cgroup v1 pids hierarchy at {PIDS_HIERARCHY}: instance processes are not counted, \
+                     so a uid is reused without checking that none of its processes lives"
+                );
+                None
+            }
+        };
+        Ok(Arc::new(UidPool {
+            base,
+            count: count.max(1),
+            cgroups,
+            state: Mutex::new((0, HashSet::new())),
+        }))
+    }
+
+    /// A uid no other instance on this host holds and no process runs as.
+    pub fn allocate(self: &Arc<Self>) -> Option<UidLease> {
+        let mut state = self.state.lock().unwrap();
+        for _ in 0..self.count {
+            let uid = self.base + state.0;
+            state.0 = (state.0 + 1) % self.count;
+            if state.1.contains(&uid) {
+                continue;
+            }
+            let Some(lock) = try_lock(uid) else { continue };
+            let cgroup = match &self.cgroups {
+                Some(dir) => match Cgroup::open(dir.join(uid.to_string())) {
+                    Ok(cgroup) if cgroup.tasks() == 0 => Some(cgroup),
+                    // Processes of an earlier instance with this uid are
+                    // still being reaped (or, at worst, live on).
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(uid, error = %e, "cannot create the uid's cgroup; passed over");
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            state.1.insert(uid);
+            return Some(UidLease {
+                uid,
+                cgroup,
+                _lock: lock,
+                pool: self.clone(),
+            });
+        }
+        None
+    }
+}
+
+/// The exclusive lock on `uid`, if no one else holds it.
+fn try_lock(uid: u32) -> Option<OwnedFd> {
+    use rustix::fs::{FlockOperation, Mode, OFlags};
+    let path = Path::new(LOCK_DIR).join(uid.to_string());
+    let fd = rustix::fs::open(
+        &path,
+        OFlags::CREATE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from(0o600),
+    )
+    .ok()?;
+    rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive).ok()?;
+    Some(fd)
+}
+
+/// A uid in use by one instance; given back when dropped.
+#[derive(Debug)]
+pub struct UidLease {
+    pub uid: u32,
+    /// The uid's cgroup, which every process of the instance joins.
+    pub cgroup: Option<Cgroup>,
+    _lock: OwnedFd,
+    pool: Arc<UidPool>,
+}
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        self.pool.state.lock().unwrap().1.remove(&self.uid);
+    }
+}
+
+/// One uid's cgroup in the `pids` hierarchy.
+#[derive(Debug)]
+pub struct Cgroup {
+    dir: PathBuf,
+    /// `cgroup.procs`, ready for [`join_cgroup`] after a fork.
+    procs: CString,
+}
+
+impl Cgroup {
+    fn open(dir: PathBuf) -> std::io::Result<Self> {
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        let procs = CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes())
+            .map_err(|_| std::io::Error::other("cgroup path contains NUL"))?;
+        Ok(Cgroup { dir, procs })
+    }
+
+    /// Its `cgroup.procs`, for [`join_cgroup`] after a fork.
+    pub fn procs_path(&self) -> CString {
+        self.procs.clone()
+    }
+
+    /// Tasks (threads, and zombies not yet reaped) counted in the cgroup.
+    pub fn tasks(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("pids.current"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The live processes in the cgroup.
+    pub fn processes(&self) -> Vec<i32> {
+        read_ids(&self.dir.join("cgroup.procs"))
+    }
+
+    /// Whether the cgroup holds more than `expected` processes, or tasks
+    /// that are not running threads (zombies left unreaped).
+    pub fn grew(&self, expected: usize) -> bool {
+        let tasks = self.tasks();
+        let threads = read_ids(&self.dir.join("tasks")).len() as u64;
+        self.processes().len() > expected || tasks > threads
+    }
+
+    /// Kills every process in the cgroup and waits (at most `wait`) until
+    /// none is counted; whether it emptied.
+    pub async fn kill_all(&self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            for pid in self.processes() {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+            if self.tasks() == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is
+/// `procs`. Async-signal-safe (open, write, close on a path prepared before
+/// the fork): meant for the child between fork and exec, so that it and all
+/// it starts are counted.
+pub fn join_cgroup(procs: &CStr) -> rustix::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(procs, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+    // "0" is the writing process.
+    rustix::io::write(&fd, b"0")?;
+    Ok(())
+}
+
+fn read_ids(path: &Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The walls need root and the cgroup v1 `pids` hierarchy, as in CI.
+    fn walls_available() -> bool {
+        let available = rustix::process::geteuid().is_root() && Path::new(PIDS_HIERARCHY).exists();
+        assert!(available || std::env::var_os("CI").is_none(), "CI runs as root with cgroups");
+        available
+    }
+
+    #[tokio::test]
+    async fn a_uid_is_never_handed_out_while_another_holds_it_or_a_process_of_it_lives() {
+        if !walls_available() {
+            return;
+        }
+        // Arrange: two pools (two controllers) over the same one uid.
+        let a = UidPool::new(260_000, 1).unwrap();
+        let b = UidPool::new(260_000, 1).unwrap();
+        let lease = a.allocate().expect("a free uid");
+
+        // Assert: held by a, it is neither a's again nor b's.
+        assert!(a.allocate().is_none());
+        assert!(b.allocate().is_none());
+
+        // Arrange: a process in the uid's cgroup outlives the lease.
+        let mut straggler = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(lease.cgroup.as_ref().unwrap().dir.join("cgroup.procs"), straggler.id().to_string())
+            .unwrap();
+        drop(lease);
+
+        // Assert: not handed out while the process lives, then free.
+        assert!(b.allocate().is_none(), "handed out while a process of it lives");
+        straggler.kill().unwrap();
+        straggler.wait().unwrap();
+        let lease = b.allocate().expect("free once its last process is gone");
+        assert_eq!(lease.uid, 260_000);
+        assert_eq!(lease.cgroup.as_ref().unwrap().tasks(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_left_a_zombie_or_a_process_grew() {
+        if !walls_available() {
+            return;
+        }
+        let pool = UidPool::new(260_001, 1).unwrap();
+        let lease = pool.allocate().unwrap();
+        let cgroup = lease.cgroup.as_ref().unwrap();
+        let mut a = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(cgroup.dir.join("cgroup.procs"), a.id().to_string()).unwrap();
+        assert!(!cgroup.grew(1), "one process, as expected");
+
+        // A second process, then the same exited but not reaped (a zombie).
+        let mut b = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        std::fs::write(cgroup.dir.join("cgroup.procs"), b.id().to_string()).unwrap();
+        assert!(cgroup.grew(1), "a second process counts");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(cgroup.grew(1), "a zombie counts");
+        b.wait().unwrap();
+        assert!(!cgroup.grew(1), "reaped, it no longer counts");
+
+        a.kill().unwrap();
+        a.wait().unwrap();
+        assert!(cgroup.kill_all(Duration::from_secs(2)).await);
+    }
+}

@@ -1,0 +1,327 @@
+//! The process backend's walls, attacked through the API as a function
+//! written by anyone with `write:functions` would: processes that escape
+//! their instance, zombies left for the next execution, connections to the
+//! host's loopback services, scratch space shared between functions, and a
+//! `/tmp` filled without end. Each test fails when its wall is gone.
+//!
+//! These walls exist when the controller runs as root with bubblewrap, as
+//! CI runs it.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Reply, TestApp, eventually, spawn_app, spawn_app_with};
+use crate::sandbox::{processes_of_uid, processes_with_cmdline};
+
+const ATTACKER: &str = r#"import errno
+import os
+import socket
+
+# Tells one instance from another.
+INSTANCE = os.urandom(8).hex()
+
+
+def _error(e):
+    return errno.errorcode.get(e.errno, str(e.errno))
+
+
+def handler(params, context):
+    mode = params.get("mode")
+    if mode == "whoami":
+        return {"instance": INSTANCE, "uid": os.getuid(), "pid": os.getpid()}
+    if mode == "escape":
+        # Double fork and a new session: the grandchild's parent is gone.
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.execvp("sleep", ["sleep", params["marker"]])
+            os._exit(0)
+        os.waitpid(child, 0)
+        return {"instance": INSTANCE, "uid": os.getuid()}
+    if mode == "zombies":
+        for _ in range(params["n"]):
+            if os.fork() == 0:
+                os._exit(0)
+        return {"instance": INSTANCE}
+    if mode == "processes":
+        return {"pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}
+    if mode == "connect":
+        out = {}
+        for port in params["ports"]:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                out[str(port)] = "connected"
+            except OSError as e:
+                out[str(port)] = _error(e)
+        # The network code works: a server of its own on its own loopback.
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        socket.create_connection(server.getsockname(), timeout=2).close()
+        out["own"] = "connected"
+        return out
+    if mode == "write":
+        out = {}
+        for path in params["paths"]:
+            try:
+                with open(path, "w") as f:
+                    f.write("left by " + INSTANCE)
+                out[path] = "written"
+            except OSError as e:
+                out[path] = _error(e)
+        return out
+    if mode == "read":
+        out = {}
+        for path in params["paths"]:
+            try:
+                with open(path) as f:
+                    out[path] = f.read()
+            except OSError as e:
+                out[path] = _error(e)
+        return out
+    if mode == "fill":
+        chunk = b"x" * (1 << 20)
+        written = 0
+        try:
+            with open(params["path"], "wb") as f:
+                for _ in range(params["mib"]):
+                    f.write(chunk)
+                    f.flush()
+                    written += 1
+            error = None
+        except OSError as e:
+            error = _error(e)
+        finally:
+            try:
+                os.remove(params["path"])
+            except OSError:
+                pass
+        return {"written_mib": written, "error": error}
+    return {"ok": True}
+"#;
+
+async fn register(app: &TestApp, title: &str) -> String {
+    let lt = format!("python-{title}");
+    app.register(&lt, ATTACKER, json!({})).await;
+    lt
+}
+
+/// Executes without the cache, so every call really runs the function.
+async fn run(app: &TestApp, token: &str, id: &str, params: Value) -> Reply {
+    let r = app
+        .execute_with(token, id, json!({ "params": params }), Some("no-cache"))
+        .await;
+    assert_eq!(r.status, 200, "{params}: {:?}", r.body);
+    r
+}
+
+fn marker() -> String {
+    // `sleep` takes it as seconds: long enough to outlive any test.
+    let n = uuid::Uuid::new_v4().as_u128();
+    format!("{}.{}", 5000 + n % 1000, (n >> 64) as u32)
+}
+
+/// An escape from one test's instance, as the host sees it.
+fn escaped(marker: &str) -> Vec<u32> {
+    processes_with_cmdline(&format!("sleep {marker}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_double_forked_process_dies_with_its_instance_however_the_instance_ends() {
+    // A uid range of its own, small enough to be cycled through (idle
+    // instances make room for new ones when it runs out).
+    let mut app = spawn_app_with(&[
+        "--instance-uid-base",
+        "250000",
+        "--instance-uid-count",
+        "8",
+        "--warm-pool-size",
+        "1",
+    ])
+    .await;
+    let token = app.admin();
+    let lt = register(&app, "escape").await;
+
+    // Act 1: a retained session escapes, then is deleted.
+    let id = app.session(&token, &lt, json!({"retain_session": true})).await;
+    let first = marker();
+    let r = run(&app, &token, &id, json!({"mode": "escape", "marker": first})).await;
+    assert!(
+        eventually(Duration::from_secs(5), || !escaped(&first).is_empty()).await,
+        "the escape never ran: {:?}",
+        r.body
+    );
+    let deleted = app
+        .client
+        .delete(app.url(&format!("/api/v1/sessions/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+
+    // Assert 1
+    assert!(
+        eventually(Duration::from_secs(5), || escaped(&first).is_empty()).await,
+        "an escaped process outlived its deleted session"
+    );
+
+    // Act 2: a one-shot session escapes; its instance goes back to the pool.
+    let id = app.session(&token, &lt, json!({})).await;
+    let second = marker();
+    let r = run(&app, &token, &id, json!({"mode": "escape", "marker": second})).await;
+    let uid = r.body["result"]["uid"].as_u64().unwrap();
+
+    // Assert 2: the instance is not kept with a process left in it, so the
+    // process dies, and the next session runs on another instance.
+    assert!(
+        eventually(Duration::from_secs(5), || escaped(&second).is_empty()).await,
+        "an escaped process outlived its one-shot execution"
+    );
+    let next = app.session(&token, &lt, json!({})).await;
+    let who = run(&app, &token, &next, json!({"mode": "whoami"})).await;
+    assert_ne!(who.body["result"]["instance"], r.body["result"]["instance"]);
+
+    // Act 3: more deployments than uids, each looking for other processes.
+    for n in 0..8 {
+        let other = register(&app, &format!("tenant{n}")).await;
+        let id = app.session(&token, &other, json!({})).await;
+        let seen = run(&app, &token, &id, json!({"mode": "processes"})).await;
+        // Assert 3: only its own sandbox's processes (init, the runtime, and
+        // none of the uid's earlier owners).
+        let pids = seen.body["result"]["pids"].as_array().unwrap();
+        assert!(pids.len() <= 2, "{other} sees {pids:?}");
+    }
+    assert!(processes_of_uid(uid).iter().all(|&(pid, _)| {
+        // Whatever runs as that uid now is a later instance, not the escape.
+        !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("sleep"))
+    }));
+
+    // Act 4: a retained session escapes and the controller stops.
+    let id = app.session(&token, &lt, json!({"retain_session": true})).await;
+    let third = marker();
+    run(&app, &token, &id, json!({"mode": "escape", "marker": third})).await;
+    assert!(eventually(Duration::from_secs(5), || !escaped(&third).is_empty()).await);
+    app.stop().await;
+
+    // Assert 4
+    assert!(
+        eventually(Duration::from_secs(5), || escaped(&third).is_empty()).await,
+        "an escaped process outlived the controller"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_left_with_zombies_is_not_handed_to_the_next_session() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    let lt = register(&app, "zombies").await;
+    // Control: an instance that ran cleanly serves the next session.
+    let a = app.session(&token, &lt, json!({})).await;
+    let clean = run(&app, &token, &a, json!({"mode": "whoami"})).await;
+    let b = app.session(&token, &lt, json!({})).await;
+    let reused = run(&app, &token, &b, json!({"mode": "whoami"})).await;
+    assert_eq!(
+        reused.body["result"]["instance"], clean.body["result"]["instance"],
+        "an idle instance is reused"
+    );
+
+    // Act: the function leaves 50 unreaped children behind.
+    let c = app.session(&token, &lt, json!({})).await;
+    let bombed = run(&app, &token, &c, json!({"mode": "zombies", "n": 50})).await;
+    let d = app.session(&token, &lt, json!({})).await;
+    let next = run(&app, &token, &d, json!({"mode": "whoami"})).await;
+
+    // Assert
+    assert_eq!(bombed.body["result"]["instance"], clean.body["result"]["instance"]);
+    assert_ne!(
+        next.body["result"]["instance"], bombed.body["result"]["instance"],
+        "the instance with zombies was handed out again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_reaches_no_service_on_the_hosts_loopback() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    let lt = register(&app, "connect").await;
+    let controller: u16 = app.address.rsplit(':').next().unwrap().parse().unwrap();
+    // The controller, Redis and PostgreSQL; those that listen on the host
+    // make the attempt meaningful (the controller always does).
+    let listening: Vec<u16> = [controller, 6379, 5432]
+        .into_iter()
+        .filter(|port| std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok())
+        .collect();
+    assert!(listening.contains(&controller));
+
+    // Act
+    let id = app.session(&token, &lt, json!({})).await;
+    let r = run(&app, &token, &id, json!({"mode": "connect", "ports": listening})).await;
+
+    // Assert: refused, where the host would have answered; its own loopback works.
+    for port in &listening {
+        assert_eq!(
+            r.body["result"][port.to_string()],
+            "ECONNREFUSED",
+            "port {port}: {:?}",
+            r.body
+        );
+    }
+    assert_eq!(r.body["result"]["own"], "connected");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scratch_space_is_private_to_each_instance_and_never_the_hosts() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    let a = register(&app, "scratch-writer").await;
+    let b = register(&app, "scratch-reader").await;
+    let name = format!("fnrt-left-{}", uuid::Uuid::new_v4());
+    let paths: Vec<String> = ["/tmp", "/var/tmp", "/dev/shm", "/run"]
+        .iter()
+        .map(|dir| format!("{dir}/{name}"))
+        .collect();
+
+    // Act: A writes everywhere it may; B, then a later instance of A, read.
+    let a_id = app.session(&token, &a, json!({"retain_session": true})).await;
+    let wrote = run(&app, &token, &a_id, json!({"mode": "write", "paths": paths})).await;
+    let b_id = app.session(&token, &b, json!({})).await;
+    let b_read = run(&app, &token, &b_id, json!({"mode": "read", "paths": paths})).await;
+    let a_again = app.session(&token, &a, json!({})).await;
+    let a_read = run(&app, &token, &a_again, json!({"mode": "read", "paths": paths})).await;
+
+    // Assert
+    for path in &paths {
+        assert_eq!(wrote.body["result"][path], "written", "{path}: {:?}", wrote.body);
+        assert_eq!(b_read.body["result"][path], "ENOENT", "{path}: B read A's file");
+        assert_eq!(
+            a_read.body["result"][path], "ENOENT",
+            "{path}: another instance read it"
+        );
+        assert!(!std::path::Path::new(path).exists(), "{path} was written on the host");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_tmp_is_enospc_inside_the_function_only() {
+    let app = spawn_app_with(&["--instance-scratch-mb", "8"]).await;
+    let token = app.admin();
+    let lt = register(&app, "filler").await;
+    let id = app.session(&token, &lt, json!({"retain_session": true})).await;
+
+    for dir in ["/tmp", "/home/function", "/dev/shm"] {
+        // Act
+        let path = format!("{dir}/fill");
+        let r = run(&app, &token, &id, json!({"mode": "fill", "path": path, "mib": 64})).await;
+
+        // Assert: the write stops at the cap, inside the function.
+        assert_eq!(r.body["result"]["error"], "ENOSPC", "{dir}: {:?}", r.body);
+        let written = r.body["result"]["written_mib"].as_u64().unwrap();
+        assert!((6..=8).contains(&written), "{dir}: {written} MiB before ENOSPC");
+    }
+    // The instance still serves.
+    let ok = run(&app, &token, &id, json!({})).await;
+    assert_eq!(ok.body["result"], json!({"ok": true}));
+}
