@@ -102,8 +102,8 @@ async fn unknown_paths_are_404_json_and_never_become_metric_labels() {
         "{execute_line}"
     );
     assert!(
-        metrics.contains("# TYPE lambda_http_requests counter"),
-        "Prometheus text format"
+        metrics.contains("# TYPE lambda_http_requests_total counter"),
+        "Prometheus text format 0.0.4"
     );
 }
 
@@ -471,4 +471,80 @@ async fn a_stopped_in_process_app_leaves_no_instance_directory_or_process() {
     assert_eq!(app.instance_dirs(), 0, "instance directories left behind");
     let left = in_data_dir();
     assert!(left.is_empty(), "instance processes outlived the app: {left:?}");
+}
+
+/// promtool (Debian's `prometheus` package; `.ci/run` unpacks it and sets
+/// `PROMTOOL`), if it is here.
+fn promtool() -> Option<std::path::PathBuf> {
+    let named = std::env::var_os("PROMTOOL").map(std::path::PathBuf::from);
+    let found = named.or_else(|| {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("promtool"))
+                .find(|p| p.is_file())
+        })
+    });
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI provides promtool (.ci/run)");
+        eprintln!("skipped: promtool not found (set PROMTOOL)");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_valid_for_promtool_and_openmetrics_is_served_to_who_asks_for_it() {
+    let Some(promtool) = promtool() else { return };
+    // Arrange: traffic that fills every family: executions, a cache hit,
+    // an error, an unknown route.
+    let app = spawn_app().await;
+    let token = app.admin();
+    let id = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+    for _ in 0..2 {
+        let r = app
+            .execute(&token, &id, json!({"operation": "add", "values": [1, 2]}))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    app.execute(&token, &id, json!({"operation": "nope"})).await;
+    app.get(Some(&token), "/api/v1/nothing-here").await;
+
+    // Act
+    let plain = app.client.get(app.url("/metrics")).send().await.unwrap();
+    let plain_type = plain.headers()["content-type"].to_str().unwrap().to_owned();
+    let plain = plain.text().await.unwrap();
+    let open = app
+        .client
+        .get(app.url("/metrics"))
+        .header(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        )
+        .send()
+        .await
+        .unwrap();
+    let open_type = open.headers()["content-type"].to_str().unwrap().to_owned();
+    let open = open.text().await.unwrap();
+
+    // Assert: 0.0.4 by default, clean for promtool; OpenMetrics when asked.
+    assert!(plain_type.starts_with("text/plain; version=0.0.4"), "{plain_type}");
+    assert!(plain.contains("lambda_executions_total{"), "{plain}");
+    let mut check = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), plain.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{plain}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(open_type.starts_with("application/openmetrics-text"), "{open_type}");
+    assert!(open.ends_with("# EOF\n"), "{open}");
 }

@@ -227,7 +227,10 @@ mod tests {
     /// The walls need root and the cgroup v1 `pids` hierarchy, as in CI.
     fn walls_available() -> bool {
         let available = rustix::process::geteuid().is_root() && Path::new(PIDS_HIERARCHY).exists();
-        assert!(available || std::env::var_os("CI").is_none(), "CI runs as root with cgroups");
+        assert!(
+            available || std::env::var_os("CI").is_none(),
+            "CI runs as root with cgroups"
+        );
         available
     }
 
@@ -247,8 +250,11 @@ mod tests {
 
         // Arrange: a process in the uid's cgroup outlives the lease.
         let mut straggler = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        std::fs::write(lease.cgroup.as_ref().unwrap().dir.join("cgroup.procs"), straggler.id().to_string())
-            .unwrap();
+        std::fs::write(
+            lease.cgroup.as_ref().unwrap().dir.join("cgroup.procs"),
+            straggler.id().to_string(),
+        )
+        .unwrap();
         drop(lease);
 
         // Assert: not handed out while the process lives, then free.

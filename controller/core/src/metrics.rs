@@ -283,12 +283,69 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// The text exposition format.
+    /// The OpenMetrics text format (`application/openmetrics-text`).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics");
         }
         out
+    }
+
+    /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`), for
+    /// scrapers and tools that do not ask for OpenMetrics.
+    pub fn encode_text_004(&self) -> String {
+        openmetrics_to_text_004(&self.encode())
+    }
+}
+
+/// Rewrites what prometheus-client writes (OpenMetrics, which it alone
+/// speaks) as text format 0.0.4. They differ, for what is used here, in
+/// three ways: a counter family is named without `_total` in OpenMetrics but
+/// with it in 0.0.4 (its `# HELP` and `# TYPE` must name the samples), and
+/// `# UNIT` and `# EOF` do not exist in 0.0.4. Gauges and histograms are
+/// written alike in both.
+pub fn openmetrics_to_text_004(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let comment = ["# HELP ", "# TYPE "].into_iter().find(|c| line.starts_with(c));
+        match comment {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openmetrics_becomes_text_004_with_counters_named_as_their_samples() {
+        let openmetrics = "# HELP a_requests Requests.\n# TYPE a_requests counter\n\
+            a_requests_total{route=\"/x\"} 3\n# HELP b Busy.\n# TYPE b gauge\n# UNIT b seconds\nb 1\n# EOF\n";
+        assert_eq!(
+            super::openmetrics_to_text_004(openmetrics),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\n\
+             a_requests_total{route=\"/x\"} 3\n# HELP b Busy.\n# TYPE b gauge\nb 1\n"
+        );
     }
 }

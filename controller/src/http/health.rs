@@ -88,9 +88,14 @@ async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
     })
 }
 
-/// Prometheus metrics (OpenMetrics text format).
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "application/openmetrics-text", body = String)))]
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus metrics: OpenMetrics when the `Accept` header asks for
+/// `application/openmetrics-text` (as Prometheus does), else the text
+/// format 0.0.4 (curl, promtool, older scrapers).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "the metrics", content(
+    (String = "text/plain; version=0.0.4"),
+    (String = "application/openmetrics-text; version=1.0.0"),
+))))]
+async fn metrics(State(state): State<AppState>, headers: header::HeaderMap) -> impl IntoResponse {
     let m = &state.metrics;
     let (counts, busy) = state.engine.core.pool().counts();
     for (language, pool_state, n) in counts {
@@ -102,11 +107,22 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             .set(n);
     }
     m.instances_busy.set(busy);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    match openmetrics {
+        true => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            m.encode(),
+        ),
+        false => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            m.encode_text_004(),
+        ),
+    }
 }
