@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 use crate::auth::Subject;
 use crate::error::ApiError;
 use crate::registry::Registry;
-use crate::sessions::{SessionRecord, SessionStatus, SessionStore};
+use crate::sessions::{SessionRecord, SessionStatus, SessionStore, session_key};
 use fnrt_core::invoke::{CacheDirective, Invocation, Invoker, Origin, Retained};
 use fnrt_core::language::LanguageTitle;
 use fnrt_core::metrics::Metrics;
@@ -172,7 +172,7 @@ impl Engine {
             )));
         }
         if record.retain {
-            self.slot(&request_id).lock().await.retained = retained;
+            self.slot(&record.key()).lock().await.retained = retained;
         } else {
             self.core.release(retained).await;
         }
@@ -182,7 +182,8 @@ impl Engine {
 
     /// The caller's session, or 404 (also for another subject's session).
     pub async fn session(&self, subject: &Subject, request_id: &str) -> Result<SessionRecord, ApiError> {
-        match self.sessions.get(request_id).await.map_err(ApiError::Internal)? {
+        let key = session_key(&subject.sub, request_id);
+        match self.sessions.get(&key).await.map_err(ApiError::Internal)? {
             Some(s) if s.owner == subject.sub => Ok(s),
             _ => Err(not_found()),
         }
@@ -190,9 +191,9 @@ impl Engine {
 
     /// Ends a session and releases its instance.
     pub async fn close(&self, subject: &Subject, request_id: &str) -> Result<(), ApiError> {
-        self.session(subject, request_id).await?;
-        self.sessions.remove(request_id).await.map_err(ApiError::Internal)?;
-        self.drop_slot(request_id).await;
+        let key = self.session(subject, request_id).await?.key();
+        self.sessions.remove(&key).await.map_err(ApiError::Internal)?;
+        self.drop_slot(&key).await;
         self.update_session_gauge().await;
         Ok(())
     }
@@ -232,15 +233,16 @@ impl Engine {
         }
         // The session's lock first, then one read of the session under it: a
         // one-shot session may have completed while this request waited.
-        let slot_handle = self.slot(request_id);
+        let key = session_key(&subject.sub, request_id);
+        let slot_handle = self.slot(&key);
         let mut slot = slot_handle.lock().await;
         let session = match self.session(subject, request_id).await {
             Ok(s) => s,
             Err(e) => {
-                // Unknown or foreign IDs must not leave slots behind.
+                // Unknown IDs must not leave slots behind.
                 if slot.retained.is_empty() {
                     drop(slot);
-                    self.forget_idle_slot(request_id, &slot_handle);
+                    self.forget_idle_slot(&key, &slot_handle);
                 }
                 return Err(e);
             }
@@ -284,7 +286,7 @@ impl Engine {
         }
         if let Err(e) = self
             .sessions
-            .record_execution(request_id, timefmt::now(), !session.retain)
+            .record_execution(&key, timefmt::now(), !session.retain)
             .await
         {
             tracing::error!(error = format!("{e:#}"), "recording the execution on the session");
@@ -292,7 +294,7 @@ impl Engine {
         if !session.retain {
             self.update_session_gauge().await;
             drop(slot);
-            self.slots.lock().unwrap().remove(request_id);
+            self.slots.lock().unwrap().remove(&key);
         }
         let invoked = invoked?;
         Ok(Executed {

@@ -204,3 +204,54 @@ async fn an_expired_retained_session_releases_its_instance() {
         dir.display()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_id_another_subject_uses_is_free_and_reveals_nothing() {
+    // Arrange: alice initializes with a client-chosen X-Request-ID.
+    let app = spawn_app().await;
+    let alice = app.admin();
+    let bob = app.token("bob", &["execute:all"]);
+    let id = format!("shared-{}", uuid::Uuid::new_v4());
+    let initialize = |token: String, title: &'static str| {
+        let app = &app;
+        let id = id.clone();
+        async move {
+            let r = app
+                .client
+                .post(app.url("/api/v1/initialize"))
+                .bearer_auth(token)
+                .header("Language-Title", title)
+                .header("X-Request-ID", id)
+                .json(&json!({"context": {"retain_session": true}}))
+                .send()
+                .await
+                .unwrap();
+            read(r).await
+        }
+    };
+    let first = initialize(alice.clone(), "nodejs-calculator").await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+
+    // Act: bob chooses the same ID, for another function.
+    let second = initialize(bob.clone(), "python-calculator").await;
+    let again = initialize(alice.clone(), "nodejs-calculator").await;
+
+    // Assert: bob's initialize answers as for any free ID; each subject's
+    // ID names its own session; alice's own reuse is still a conflict.
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(second.body["request_id"], id.as_str());
+    assert_eq!(again.status, 409, "{:?}", again.body);
+    let params = json!({"operation": "add", "values": [2, 3]});
+    let a = app.execute(&alice, &id, params.clone()).await;
+    let b = app.execute(&bob, &id, params).await;
+    assert_eq!((a.status, b.status), (200, 200), "{:?} {:?}", a.body, b.body);
+    assert_eq!(a.body["language_title"], "nodejs-calculator");
+    assert_eq!(b.body["language_title"], "python-calculator");
+    assert_eq!(delete(&app, Some(&bob), &id).await.status, 204);
+    let still = app.get(Some(&alice), &format!("/api/v1/sessions/{id}")).await;
+    assert_eq!(
+        still.status, 200,
+        "bob's delete ended alice's session: {:?}",
+        still.body
+    );
+}

@@ -18,10 +18,10 @@ impl SessionStore for MemorySessionStore {
     async fn insert(&self, record: SessionRecord) -> anyhow::Result<bool> {
         let mut sessions = self.sessions.lock().unwrap();
         let now = OffsetDateTime::now_utc();
-        match sessions.get(&record.request_id) {
+        match sessions.get(&record.key()) {
             Some(existing) if !existing.is_expired(now) => Ok(false),
             _ => {
-                sessions.insert(record.request_id.clone(), record);
+                sessions.insert(record.key(), record);
                 Ok(true)
             }
         }
@@ -53,7 +53,7 @@ impl SessionStore for MemorySessionStore {
         let expired: Vec<String> = sessions
             .values()
             .filter(|s| s.is_expired(now))
-            .map(|s| s.request_id.clone())
+            .map(SessionRecord::key)
             .collect();
         for id in &expired {
             sessions.remove(id);
@@ -66,7 +66,7 @@ impl SessionStore for MemorySessionStore {
         let ids: Vec<String> = sessions
             .values()
             .filter(|s| s.language_title == language_title)
-            .map(|s| s.request_id.clone())
+            .map(SessionRecord::key)
             .collect();
         for id in &ids {
             sessions.remove(id);

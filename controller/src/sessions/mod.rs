@@ -5,6 +5,7 @@
 //! between replicas (`REDIS_URL`), expiring with the session, behind
 //! [`fallback::FallbackSessionStore`], which keeps new sessions in process
 //! while Redis does not answer. A record is
+//! kept under [`session_key`] (its owner's, then its request ID), and is
 //! plain data: the instance a retained session holds stays with the
 //! controller process that holds it (see [`crate::engine`]).
 
@@ -53,21 +54,37 @@ impl SessionRecord {
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
         self.expires_at <= now
     }
+
+    /// Where the store keeps it: [`session_key`] of its owner and ID.
+    pub fn key(&self) -> String {
+        session_key(&self.owner, &self.request_id)
+    }
 }
 
+/// A session's key in a store: its request ID within its owner's. Request
+/// IDs are scoped per subject, so a client-chosen `X-Request-ID` that another
+/// subject already uses is simply free for this one: no answer tells a
+/// caller that someone else's session exists.
+pub fn session_key(owner: &str, request_id: &str) -> String {
+    use sha2::Digest;
+    let owner = sha2::Sha256::digest(owner.as_bytes());
+    format!("{}.{request_id}", hex::encode(&owner[..16]))
+}
+
+/// Sessions by key ([`SessionRecord::key`]: owner and request ID).
 #[async_trait]
 pub trait SessionStore: Send + Sync {
-    /// Adds a session; false if its ID is taken.
+    /// Adds a session; false if its key is taken.
     async fn insert(&self, record: SessionRecord) -> anyhow::Result<bool>;
     /// A session that has not expired.
-    async fn get(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>>;
+    async fn get(&self, key: &str) -> anyhow::Result<Option<SessionRecord>>;
     /// Counts one execution; with `complete`, the session is done.
-    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()>;
+    async fn record_execution(&self, key: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()>;
     /// Removes a session; the removed record, if it existed.
-    async fn remove(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>>;
-    /// Removes sessions that expired by `now`; their IDs.
+    async fn remove(&self, key: &str) -> anyhow::Result<Option<SessionRecord>>;
+    /// Removes sessions that expired by `now`; their keys.
     async fn remove_expired(&self, now: OffsetDateTime) -> anyhow::Result<Vec<String>>;
-    /// Removes the sessions of a function (it was deleted); their IDs.
+    /// Removes the sessions of a function (it was deleted); their keys.
     async fn remove_function(&self, language_title: &str) -> anyhow::Result<Vec<String>>;
     /// Sessions that can still be executed.
     async fn active_count(&self) -> anyhow::Result<usize>;

@@ -14,14 +14,15 @@ use super::{SessionRecord, SessionStatus, SessionStore};
 use crate::redis_client::RedisClient;
 use fnrt_core::timefmt;
 
-const ALL: &str = "fnrt:sessions:v1";
+// v2: sessions are keyed by owner and request ID (`super::session_key`).
+const ALL: &str = "fnrt:sessions:v2";
 
-fn session_key(id: &str) -> String {
-    format!("fnrt:session:v1:{id}")
+fn session_key(key: &str) -> String {
+    format!("fnrt:session:v2:{key}")
 }
 
 fn function_key(language_title: &str) -> String {
-    format!("fnrt:function-sessions:v1:{language_title}")
+    format!("fnrt:function-sessions:v2:{language_title}")
 }
 
 fn unix_ms(t: OffsetDateTime) -> i64 {
@@ -117,11 +118,11 @@ impl SessionStore for RedisSessionStore {
         let json = serde_json::to_string(&record)?;
         let expires = unix_ms(record.expires_at);
         let keys = [
-            session_key(&record.request_id),
+            session_key(&record.key()),
             ALL.to_owned(),
             function_key(&record.language_title),
         ];
-        let id = record.request_id.clone();
+        let id = record.key();
         let script = &self.insert;
         let inserted: i64 = self
             .redis
@@ -165,7 +166,7 @@ impl SessionStore for RedisSessionStore {
     async fn remove(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {
         let record = self.read(request_id).await?;
         if let Some(r) = &record {
-            let (id, f) = (r.request_id.clone(), function_key(&r.language_title));
+            let (id, f) = (r.key(), function_key(&r.language_title));
             self.unindex(std::slice::from_ref(&id), None).await?;
             self.redis
                 .run(|mut c| async move { redis::cmd("SREM").arg(f).arg(id).query_async::<()>(&mut c).await })
