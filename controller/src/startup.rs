@@ -329,8 +329,10 @@ impl Application {
     /// Serves until `shutdown` resolves, lets in-flight requests finish, then
     /// stops the background builds and terminates every instance.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let service = self.router.into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(self.listener, service)
+        let service = self
+            .router
+            .into_make_service_with_connect_info::<crate::http::conn::ClientAddr>();
+        let served = axum::serve(crate::http::conn::Listener(self.listener), service)
             .with_graceful_shutdown(shutdown)
             .await;
         tracing::info!("shutting down: stopping instances");

@@ -548,3 +548,37 @@ async fn metrics_are_valid_for_promtool_and_openmetrics_is_served_to_who_asks_fo
     assert!(open_type.starts_with("application/openmetrics-text"), "{open_type}");
     assert!(open.ends_with("# EOF\n"), "{open}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_hyper_cannot_parse_is_answered_with_the_json_error_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    for head in [
+        &b"GET /health HTTP/1.1\r\nHost: x\r\nX-Bad: a\rb\r\n\r\n"[..],
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Bad: a\0b\r\n\r\n",
+        b"GET /he alth HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        // Act
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream.write_all(head).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+
+        // Assert
+        let answer = String::from_utf8_lossy(&answer);
+        let (status_and_headers, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        assert!(status_and_headers.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(
+            status_and_headers.contains("content-type: application/json"),
+            "{answer}"
+        );
+        let body: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        assert_eq!(body["error"]["code"], "INVALID_REQUEST", "{answer}");
+    }
+    // The server still serves.
+    assert_eq!(app.get(None, "/health").await.status, 200);
+}

@@ -4,8 +4,6 @@
 //! a request without a valid token is limited per client address and then
 //! refused with 401 by the handler's `Auth` extractor.
 
-use std::net::SocketAddr;
-
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
@@ -32,8 +30,8 @@ pub(super) async fn guard(State(state): State<AppState>, mut req: Request, next:
         Err(_) => {
             let ip = req
                 .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or([0, 0, 0, 0].into(), |c| c.0.ip());
+                .get::<ConnectInfo<super::conn::ClientAddr>>()
+                .map_or([0, 0, 0, 0].into(), |c| c.0.0.ip());
             RateKey::Client(ip)
         }
     };

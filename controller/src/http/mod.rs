@@ -6,8 +6,11 @@
 //! JSON errors for anything answered before a handler (413 from the length
 //! check, unknown route, wrong method), body limit, metrics (by matched
 //! route). The `/api/v1` resource
-//! routes also pass the guard: token check, then the rate limit.
+//! routes also pass the guard: token check, then the rate limit. What no
+//! middleware sees, hyper's answer to a request it cannot parse, gets its
+//! JSON body from the connection itself ([`conn`]).
 
+pub mod conn;
 mod execute;
 pub mod extract;
 mod functions;
