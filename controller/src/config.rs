@@ -131,9 +131,15 @@ pub struct ServeArgs {
     /// Requests per minute per client address without a valid token; 0 disables.
     #[arg(long, env = "RATE_LIMIT_UNAUTHENTICATED", default_value_t = 10)]
     pub rate_limit_unauthenticated: u32,
-    /// Generic warm instances kept ready per language.
+    /// Generic warm instances kept ready per language (and backend).
     #[arg(long, env = "WARM_POOL_SIZE", default_value_t = 2)]
     pub warm_pool_size: usize,
+    /// Which backend runs which functions: `LANGUAGE=BACKEND` (every
+    /// function of the language) or `LANGUAGE-TITLE=BACKEND` (one function);
+    /// repeat the flag, or separate with commas. Backends: `process`,
+    /// `wasm`. Default: each language on the first backend that runs it.
+    #[arg(long, env = "PLACEMENT", value_delimiter = ',')]
+    pub placement: Vec<fnrt_core::runtime::placement::PlacementRule>,
     /// How long an idle specialised instance is kept before it is reaped, in seconds.
     #[arg(long, env = "KEEP_WARM_SECS", default_value_t = 300)]
     pub keep_warm_secs: u64,

@@ -38,6 +38,7 @@ use fnrt_core::cache::memory::MemoryCache;
 use fnrt_core::cache::{Layers, ResultCache};
 use fnrt_core::invoke::{InvokeSettings, Invoker};
 use fnrt_core::metrics::Metrics;
+use fnrt_core::runtime::placement::Placement;
 use fnrt_core::runtime::pool::{InstancePool, PoolConfig};
 
 /// Longest cache TTL a client may ask for with `max-age`.
@@ -190,10 +191,11 @@ impl Application {
             builder.clone().ok(),
             metrics.clone(),
         )?;
-        let backends = Arc::new(Backends::new(
-            vec![Arc::new(backend), Arc::new(WasmRuntime(wasm))],
-            builder.clone(),
-        ));
+        let placement = Placement::new(vec![Arc::new(backend), Arc::new(WasmRuntime(wasm))], &args.placement)
+            .map_err(|e| anyhow::anyhow!("--placement: {e}"))?;
+        tracing::info!(?placement, "placement");
+        let placement = Arc::new(placement);
+        let backends = Arc::new(Backends::new(placement.clone(), builder.clone()));
         let (records, write_records) = ExecutionLog::new(stores.executions.clone());
         let registry = Arc::new(Registry::load(stores.functions.clone(), Some(backends.clone())).await?);
         let functions_dir = args.functions_dir();
@@ -205,7 +207,7 @@ impl Application {
         }
 
         let pool = InstancePool::new(
-            backends,
+            placement,
             PoolConfig {
                 warm_per_language: args.warm_pool_size,
                 warm_memory_mb: fnrt_core::function::manifest::DEFAULT_MEMORY_MB,

@@ -99,6 +99,23 @@ fn base_flags(data_dir: &Path) -> Vec<String> {
     ]
 }
 
+/// Why the controller refuses to start with `extra` flags: the flag parser's
+/// error or `Application::build`'s (panics if it starts).
+pub async fn start_error(extra: &[&str]) -> String {
+    let data_dir = tempfile::Builder::new().prefix("fnrt").tempdir_in("/var/tmp").unwrap();
+    let mut flags = base_flags(data_dir.path());
+    flags.extend(["--jwt-secret", SECRET, "--rust-target-dir", RUST_TARGET_DIR].map(str::to_owned));
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let args = match ServeArgs::from_flags(&flags) {
+        Ok(args) => args,
+        Err(e) => return e.to_string(),
+    };
+    match Application::build(args).await {
+        Ok(_) => panic!("the controller started with {extra:?}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
 /// A controller on an existing data dir, in process: `Application::build`
 /// on the flags the binary would get (and no environment variable), served
 /// on the test's runtime until the [`TestApp`] is dropped or stopped.

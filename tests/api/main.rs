@@ -26,6 +26,7 @@ mod functions;
 mod initialize;
 mod limits;
 mod operations;
+mod placement;
 mod replicas;
 mod runtimes;
 mod rust;

@@ -14,8 +14,9 @@
 //! - [`build`]: cargo builds of Rust functions (native libraries, wasm
 //!   modules), which also say where a version's artifact is
 //!   ([`fnrt_core::runtime::Artifacts`]).
-//! - this module: [`Backends`], which places each language on its backend
-//!   and checks code at registration ([`CodeCheck`]).
+//! - this module: [`Backends`], which checks code at registration
+//!   ([`CodeCheck`]) with the backend the placement gives its language, and
+//!   where crates' artifacts are.
 
 pub mod build;
 pub mod process;
@@ -30,35 +31,28 @@ use async_trait::async_trait;
 use fnrt_core::artifact::{BuildState, Target};
 use fnrt_core::function::{CheckError, Code, CodeCheck, FunctionVersion};
 use fnrt_core::language::Language;
-use fnrt_core::runtime::{Artifacts, Instance, InstanceError, RuntimeBackend};
+use fnrt_core::runtime::placement::Placement;
+use fnrt_core::runtime::{Artifacts, InstanceError};
 
 use crate::build::Builder;
 
-/// Each language's backend, as one [`RuntimeBackend`]; also the registry's
-/// [`CodeCheck`], building Rust crates with the [`Builder`].
+/// The registry's [`CodeCheck`]: checks code with the backend that runs its
+/// language, and builds Rust crates with the [`Builder`].
 pub struct Backends {
-    by_language: std::collections::BTreeMap<Language, Arc<dyn RuntimeBackend>>,
+    placement: Arc<Placement>,
     /// Why Rust crates cannot be built here, when they cannot.
     builder: Result<Arc<Builder>, String>,
 }
 
 impl std::fmt::Debug for Backends {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<_> = self.by_language.iter().map(|(l, b)| (l.as_str(), b.name())).collect();
-        f.debug_struct("Backends").field("by_language", &names).finish()
+        f.debug_struct("Backends").field("placement", &self.placement).finish()
     }
 }
 
 impl Backends {
-    /// Every language of every backend; a later backend wins a language.
-    pub fn new(backends: Vec<Arc<dyn RuntimeBackend>>, builder: Result<Arc<Builder>, String>) -> Self {
-        let mut by_language = std::collections::BTreeMap::new();
-        for backend in backends {
-            for language in backend.languages() {
-                by_language.insert(language, backend.clone());
-            }
-        }
-        Backends { by_language, builder }
+    pub fn new(placement: Arc<Placement>, builder: Result<Arc<Builder>, String>) -> Self {
+        Backends { placement, builder }
     }
 
     fn builder(&self) -> Result<&Arc<Builder>, String> {
@@ -71,7 +65,7 @@ impl Backends {
 #[async_trait]
 impl CodeCheck for Backends {
     async fn check(&self, language: Language, code: Code<'_>, build: bool) -> Result<(), CheckError> {
-        let Some(backend) = self.by_language.get(&language) else {
+        let Some(backend) = self.placement.backend_for_language(language) else {
             return Ok(());
         };
         let files = match code {
@@ -104,37 +98,17 @@ pub async fn built_artifact(builder: &Arc<Builder>, function: &FunctionVersion) 
         .map_err(|e| InstanceError::Protocol(format!("reading the built artifact: {e}")))
 }
 
-#[async_trait]
-impl RuntimeBackend for Backends {
-    fn name(&self) -> &'static str {
-        "backends"
+/// Whether `function` can start now: a source function can; a crate once
+/// its artifact is built (or was already read for an earlier instance).
+pub fn crate_ready(builder: Option<&Arc<Builder>>, function: &FunctionVersion) -> Result<(), InstanceError> {
+    if function.files.is_none() || function.init_payload.initialized() {
+        return Ok(());
     }
-
-    fn languages(&self) -> Vec<Language> {
-        self.by_language.keys().copied().collect()
-    }
-
-    async fn ready(&self, function: &FunctionVersion) -> Result<(), InstanceError> {
-        // Source functions, and crates whose artifact was already read.
-        if function.files.is_none() || function.init_payload.initialized() {
-            return Ok(());
-        }
-        let builder = self.builder().map_err(|message| InstanceError::Unavailable {
-            language: function.language(),
-            message,
-        })?;
-        locate(builder, function).map(drop)
-    }
-
-    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
-        match self.by_language.get(&language) {
-            Some(backend) => backend.start(language, memory_mb).await,
-            None => Err(InstanceError::Unavailable {
-                language,
-                message: "no backend runs this language".into(),
-            }),
-        }
-    }
+    let builder = builder.ok_or_else(|| InstanceError::Unavailable {
+        language: function.language(),
+        message: "Rust functions cannot be built here".into(),
+    })?;
+    locate(builder, function).map(drop)
 }
 
 /// Where the built artifact of a crate function is; `NotReady` or

@@ -129,6 +129,8 @@ pub struct ProcessBackend {
     limits: ProcessLimits,
     /// What every instance is given: the result cap, where artifacts are.
     remote: RemoteSettings,
+    /// Builds Rust functions.
+    builder: Option<Arc<Builder>>,
     /// The directory of its own under `/run/fnrt` when the data dir could
     /// not be used; removed with the backend (it holds copies of runtimes).
     own_root: Option<PathBuf>,
@@ -257,6 +259,7 @@ impl ProcessBackend {
             private_tmp,
             limits: config.limits,
             own_root,
+            builder: config.builder.clone(),
             remote: RemoteSettings {
                 max_result_bytes: config.max_result_bytes,
                 artifacts: config
@@ -277,6 +280,10 @@ impl RuntimeBackend for ProcessBackend {
         let mut languages: Vec<_> = self.launchers.keys().copied().collect();
         languages.sort();
         languages
+    }
+
+    async fn ready(&self, function: &fnrt_core::function::FunctionVersion) -> Result<(), InstanceError> {
+        crate::crate_ready(self.builder.as_ref(), function)
     }
 
     async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {

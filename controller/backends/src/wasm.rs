@@ -236,6 +236,10 @@ impl RuntimeBackend for WasmRuntime {
         vec![Language::Wasm]
     }
 
+    async fn ready(&self, function: &FunctionVersion) -> Result<(), InstanceError> {
+        crate::crate_ready(self.0.builder.as_ref(), function)
+    }
+
     fn check_code(&self, _language: Language, entrypoint: &str, code: &str) -> Result<(), String> {
         self.0.check(WasmBackend::module_bytes(entrypoint, code)?)
     }

@@ -434,6 +434,7 @@ mod tests {
     use crate::function::FunctionSpec;
     use crate::language::Language;
     use crate::runtime::fake::{Counters, FakeBackend};
+    use crate::runtime::placement::Placement;
     use crate::runtime::pool::PoolConfig;
 
     struct Harness {
@@ -463,7 +464,7 @@ mod tests {
             keep_warm: Duration::from_secs(60),
             max_idle_per_version: 8,
         };
-        let pool = InstancePool::new(backend, config, metrics.clone());
+        let pool = InstancePool::new(Arc::new(Placement::single(backend)), config, metrics.clone());
         let cache = Layers::new(vec![Arc::new(MemoryCache::new(1 << 20))], metrics.clone());
         let settings = InvokeSettings {
             cache_ttl: Duration::from_secs(60),

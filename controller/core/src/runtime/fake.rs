@@ -25,15 +25,31 @@ pub(crate) struct Counters {
     pub(crate) overlapped: AtomicBool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct FakeBackend {
+    pub(crate) name: &'static str,
     pub(crate) counters: Arc<Counters>,
+}
+
+impl Default for FakeBackend {
+    fn default() -> Self {
+        FakeBackend::named("fake")
+    }
+}
+
+impl FakeBackend {
+    pub(crate) fn named(name: &'static str) -> Self {
+        FakeBackend {
+            name,
+            counters: Arc::default(),
+        }
+    }
 }
 
 #[async_trait]
 impl RuntimeBackend for FakeBackend {
     fn name(&self) -> &'static str {
-        "fake"
+        self.name
     }
 
     fn languages(&self) -> Vec<Language> {
@@ -43,7 +59,7 @@ impl RuntimeBackend for FakeBackend {
     async fn start(&self, language: Language, _memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
         let n = self.counters.started.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(FakeInstance {
-            id: format!("fake-{n}"),
+            id: format!("{}-{n}", self.name),
             language,
             counters: self.counters.clone(),
             busy: Arc::new(AtomicBool::new(false)),

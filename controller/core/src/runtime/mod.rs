@@ -14,6 +14,7 @@
 //! - [`remote`]: [`remote::RemoteInstance`], the one instance for every
 //!   backend that starts runtime servers, over a backend's
 //!   [`remote::InstanceHandle`].
+//! - [`placement`]: which backend runs which function (`--placement`).
 //! - [`pool`]: warm pool, specialisation, reaping.
 //! - this module: the [`RuntimeBackend`] and [`Instance`] traits, what a run
 //!   is given and answers, [`InstanceError`], and [`init_payload`], what
@@ -21,6 +22,7 @@
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod placement;
 pub mod pool;
 pub mod protocol;
 pub mod remote;

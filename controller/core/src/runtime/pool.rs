@@ -1,12 +1,13 @@
-//! The instance pool: generic warm instances per language, and idle
-//! specialised instances per function version.
+//! The instance pool: generic warm instances per backend, language and
+//! memory class, and idle specialised instances per function version.
 //!
 //! `acquire` prefers, in order: an idle instance already specialised for the
 //! version (no start, no `/init`), a generic warm instance (one `/init`), and
 //! only then a cold start. A background task keeps the warm pool full, reaps
 //! idle instances after the keep-warm period, and records each language's
 //! health. An instance serves one function version for its life: it goes
-//! back to that version's idle list or it is terminated.
+//! back to that version's idle list or it is terminated. Which backend
+//! starts a function's instances is the [`Placement`]'s answer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::placement::Placement;
 use super::{Instance, InstanceError, RuntimeBackend};
 use crate::function::FunctionVersion;
 use crate::language::Language;
@@ -25,9 +27,13 @@ use crate::metrics::Metrics;
 /// A function version, as the pool tells instances apart.
 pub type VersionKey = (String, i64);
 
+/// Generic warm instances are told apart by backend, language and memory
+/// class (today one class: `PoolConfig::warm_memory_mb`).
+type WarmKey = (&'static str, Language, u64);
+
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
-    /// Generic instances kept ready per language.
+    /// Generic instances kept ready per backend and language.
     pub warm_per_language: usize,
     /// Memory cap of the generic warm instances: functions with this cap (the
     /// default) start from the warm pool; others start cold with their own.
@@ -85,13 +91,14 @@ enum LanguageHealth {
 }
 
 pub struct InstancePool {
-    backend: Arc<dyn RuntimeBackend>,
+    placement: Arc<Placement>,
     config: PoolConfig,
-    /// Generic, not yet initialised instances, per language.
-    warm: Mutex<HashMap<Language, Vec<Box<dyn Instance>>>>,
+    /// Generic, not yet initialised instances.
+    warm: Mutex<HashMap<WarmKey, Vec<Box<dyn Instance>>>>,
     /// Specialised instances waiting for their version's next execution.
     idle: Mutex<HashMap<VersionKey, Vec<Idle>>>,
-    health: Mutex<BTreeMap<Language, LanguageHealth>>,
+    /// Per backend and language: the last start's outcome.
+    health: Mutex<BTreeMap<(&'static str, Language), LanguageHealth>>,
     /// Instances handed out and not yet returned.
     busy: AtomicI64,
     /// Wakes the maintenance task when a warm instance was taken.
@@ -109,14 +116,14 @@ impl std::fmt::Debug for InstancePool {
 }
 
 impl InstancePool {
-    pub fn new(backend: Arc<dyn RuntimeBackend>, config: PoolConfig, metrics: Arc<Metrics>) -> Arc<Self> {
-        let health = backend
-            .languages()
+    pub fn new(placement: Arc<Placement>, config: PoolConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let health = placement
+            .targets()
             .into_iter()
-            .map(|l| (l, LanguageHealth::Unknown))
+            .map(|(b, l)| ((b.name(), l), LanguageHealth::Unknown))
             .collect();
         Arc::new(InstancePool {
-            backend,
+            placement,
             config,
             warm: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
@@ -135,25 +142,29 @@ impl InstancePool {
         if let Some(instance) = self.take_idle(&key) {
             return Ok(self.lease(instance, key, StartKind::Reused));
         }
+        let backend = self
+            .placement
+            .backend_for(function)
+            .ok_or_else(|| InstanceError::Unavailable {
+                language,
+                message: "no backend runs this language".into(),
+            })?
+            .clone();
         // Before a warm instance is spent on it: a crate must be built.
-        self.backend.ready(function).await?;
+        backend.ready(function).await?;
         let memory_mb = function.manifest.limits.memory_mb;
-        let warm = if memory_mb == self.config.warm_memory_mb {
-            self.take_warm(language)
-        } else {
-            None
-        };
+        let warm = self.take_warm(&(backend.name(), language, memory_mb));
         let (mut instance, start) = match warm {
             Some(instance) => (instance, StartKind::Warm),
             None => {
                 let started = Instant::now();
-                let mut result = self.start(language, memory_mb).await;
+                let mut result = self.start(&backend, language, memory_mb).await;
                 // No room for another instance: the longest idle one makes room.
                 while matches!(result, Err(InstanceError::Exhausted { .. }))
                     && let Some(mut oldest) = self.take_oldest_idle()
                 {
                     oldest.terminate().await;
-                    result = self.start(language, memory_mb).await;
+                    result = self.start(&backend, language, memory_mb).await;
                 }
                 let instance = result?;
                 self.metrics.record_cold_start(language, started.elapsed());
@@ -245,9 +256,9 @@ impl InstancePool {
         None
     }
 
-    fn take_warm(&self, language: Language) -> Option<Box<dyn Instance>> {
+    fn take_warm(&self, key: &WarmKey) -> Option<Box<dyn Instance>> {
         let mut warm = self.warm.lock().unwrap();
-        let list = warm.get_mut(&language)?;
+        let list = warm.get_mut(key)?;
         while let Some(mut instance) = list.pop() {
             if instance.is_alive() {
                 return Some(instance);
@@ -256,8 +267,13 @@ impl InstancePool {
         None
     }
 
-    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
-        let result = self.backend.start(language, memory_mb).await;
+    async fn start(
+        &self,
+        backend: &Arc<dyn RuntimeBackend>,
+        language: Language,
+        memory_mb: u64,
+    ) -> Result<Box<dyn Instance>, InstanceError> {
+        let result = backend.start(language, memory_mb).await;
         let state = match &result {
             Ok(_) => LanguageHealth::Ok,
             Err(e) => LanguageHealth::Error {
@@ -265,32 +281,37 @@ impl InstancePool {
                 retry_at: Instant::now() + Duration::from_secs(10),
             },
         };
-        self.health.lock().unwrap().insert(language, state);
+        self.health.lock().unwrap().insert((backend.name(), language), state);
         result
     }
 
-    /// `ok`, `error` or `unknown` (not started yet) per language.
+    /// `ok`, `error` or `unknown` (not started yet) per language: an error
+    /// on any of its backends (named in the message) wins, then unknown.
     pub fn health(&self) -> BTreeMap<Language, (&'static str, Option<String>)> {
-        self.health
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(l, h)| {
-                let shown = match h {
-                    LanguageHealth::Unknown => ("unknown", None),
-                    LanguageHealth::Ok => ("ok", None),
-                    LanguageHealth::Error { message, .. } => ("error", Some(message.clone())),
-                };
-                (*l, shown)
-            })
-            .collect()
+        let mut out: BTreeMap<Language, (&'static str, Option<String>)> = BTreeMap::new();
+        for ((backend, language), h) in self.health.lock().unwrap().iter() {
+            let shown = match h {
+                LanguageHealth::Unknown => ("unknown", None),
+                LanguageHealth::Ok => ("ok", None),
+                LanguageHealth::Error { message, .. } => ("error", Some(format!("{backend} backend: {message}"))),
+            };
+            let rank = |s: &str| ["ok", "unknown", "error"].iter().position(|r| *r == s);
+            match out.get(language) {
+                Some(seen) if rank(seen.0) >= rank(shown.0) => {}
+                _ => {
+                    out.insert(*language, shown);
+                }
+            }
+        }
+        out
     }
 
     /// Instance counts by language and state, for `/metrics`.
     pub fn counts(&self) -> (Vec<(Language, &'static str, i64)>, i64) {
         let mut out = Vec::new();
-        for (language, list) in self.warm.lock().unwrap().iter() {
-            out.push((*language, "warm", list.len() as i64));
+        let mut warm: BTreeMap<Language, i64> = BTreeMap::new();
+        for ((_, language, _), list) in self.warm.lock().unwrap().iter() {
+            *warm.entry(*language).or_default() += list.len() as i64;
         }
         let mut idle: BTreeMap<Language, i64> = BTreeMap::new();
         for (key, list) in self.idle.lock().unwrap().iter() {
@@ -298,7 +319,8 @@ impl InstancePool {
                 *idle.entry(lt.language()).or_default() += list.len() as i64;
             }
         }
-        for language in self.backend.languages() {
+        for language in self.placement.languages() {
+            out.push((language, "warm", warm.get(&language).copied().unwrap_or(0)));
             out.push((language, "idle", idle.get(&language).copied().unwrap_or(0)));
         }
         (out, self.busy.load(Ordering::Relaxed))
@@ -328,33 +350,34 @@ impl InstancePool {
     }
 
     async fn fill_warm(&self) {
-        for language in self.backend.languages() {
+        for (backend, language) in self.placement.targets() {
+            let key: WarmKey = (backend.name(), language, self.config.warm_memory_mb);
             loop {
                 if self.shutting_down.load(Ordering::Relaxed) {
                     return;
                 }
-                let have = self.warm.lock().unwrap().get(&language).map_or(0, Vec::len);
+                let have = self.warm.lock().unwrap().get(&key).map_or(0, Vec::len);
                 if have >= self.config.warm_per_language {
                     break;
                 }
                 let backing_off = matches!(
-                    self.health.lock().unwrap().get(&language),
+                    self.health.lock().unwrap().get(&(key.0, language)),
                     Some(LanguageHealth::Error { retry_at, .. }) if *retry_at > Instant::now()
                 );
                 if backing_off {
                     break;
                 }
-                match self.start(language, self.config.warm_memory_mb).await {
+                match self.start(&backend, language, self.config.warm_memory_mb).await {
                     Ok(mut instance) => {
                         if self.shutting_down.load(Ordering::Relaxed) {
                             instance.terminate().await;
                             return;
                         }
                         let mut warm = self.warm.lock().unwrap();
-                        warm.entry(language).or_default().push(instance);
+                        warm.entry(key).or_default().push(instance);
                     }
                     Err(e) => {
-                        tracing::warn!(%language, error = %e, "could not start a warm instance");
+                        tracing::warn!(%language, backend = key.0, error = %e, "could not start a warm instance");
                         break;
                     }
                 }
