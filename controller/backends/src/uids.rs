@@ -142,6 +142,9 @@ pub struct Cgroup {
     dir: PathBuf,
     /// `cgroup.procs`, ready for [`join_cgroup`] after a fork.
     procs: CString,
+    /// `pids.current`, kept open: an instance's check before each hand-out
+    /// is then one `pread`.
+    current: std::fs::File,
 }
 
 impl Cgroup {
@@ -152,7 +155,8 @@ impl Cgroup {
         }
         let procs = CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes())
             .map_err(|_| std::io::Error::other("cgroup path contains NUL"))?;
-        Ok(Cgroup { dir, procs })
+        let current = std::fs::File::open(dir.join("pids.current"))?;
+        Ok(Cgroup { dir, procs, current })
     }
 
     /// Its `cgroup.procs`, for [`join_cgroup`] after a fork.
@@ -162,7 +166,11 @@ impl Cgroup {
 
     /// Tasks (threads, and zombies not yet reaped) counted in the cgroup.
     pub fn tasks(&self) -> u64 {
-        std::fs::read_to_string(self.dir.join("pids.current"))
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 32];
+        // The file is made anew by every read from offset 0.
+        let n = self.current.read_at(&mut buf, 0).unwrap_or(0);
+        std::str::from_utf8(&buf[..n])
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
