@@ -355,3 +355,147 @@ async fn authorization_runs_before_the_cache() {
     assert_eq!(bad.status, 401, "{:?}", bad.body);
     assert!(bad.body.get("result").is_none());
 }
+
+/// Registers the probe as `title` with a `cache` policy; a retained session on it.
+async fn probe_with_policy(app: &TestApp, title: &str, cache: Value) -> String {
+    app.register(title, &code("v1"), json!({ "cache": cache })).await;
+    app.session(&app.admin(), title, json!({"retain_session": true})).await
+}
+
+fn nonce(r: &Reply) -> String {
+    ok(r)["nonce"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_with_caching_disabled_is_never_cached_whatever_the_client_asks() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    let id = probe_with_policy(&app, "nodejs-fresh", json!({"enabled": false})).await;
+    let detail = app.get(Some(&token), "/api/v1/functions/nodejs-fresh").await;
+    assert_eq!(detail.body["cache"]["enabled"], false, "{:?}", detail.body);
+
+    // Act: the same params, plain and with a max-age.
+    let a = execute_cached(&app, &token, &id, json!({"x": 1}), None).await;
+    let b = execute_cached(&app, &token, &id, json!({"x": 1}), None).await;
+    let c = execute_cached(&app, &token, &id, json!({"x": 1}), Some("max-age=60")).await;
+    let d = execute_cached(&app, &token, &id, json!({"x": 1}), Some("max-age=60")).await;
+
+    // Assert
+    for r in [&a, &b, &c, &d] {
+        assert_eq!(r.body["cached"], false, "{:?}", r.body);
+    }
+    let nonces: std::collections::HashSet<String> = [&a, &b, &c, &d].into_iter().map(nonce).collect();
+    assert_eq!(nonces.len(), 4, "every call ran the function");
+    let metrics = app.metrics().await;
+    assert!(
+        !metrics.contains(r#"language_title="nodejs-fresh",result="hit""#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_functions_own_ttl_is_honoured_and_hits_and_misses_are_counted_per_function() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    let id = probe_with_policy(&app, "nodejs-brief", json!({"ttl_secs": 1})).await;
+
+    // Act
+    let first = execute_cached(&app, &token, &id, json!({"x": 1}), None).await;
+    let hit = execute_cached(&app, &token, &id, json!({"x": 1}), None).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let expired = execute_cached(&app, &token, &id, json!({"x": 1}), None).await;
+
+    // Assert
+    assert_eq!((hit.body["cached"].as_bool(), nonce(&hit)), (Some(true), nonce(&first)));
+    assert_eq!(
+        expired.body["cached"], false,
+        "kept past its ttl_secs: {:?}",
+        expired.body
+    );
+    assert_ne!(nonce(&expired), nonce(&first));
+    let metrics = app.metrics().await;
+    for (result, n) in [("hit", 1), ("miss", 2)] {
+        let line =
+            format!(r#"lambda_function_cache_requests_total{{language_title="nodejs-brief",result="{result}"}} {n}"#);
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_policy_that_makes_no_sense_is_refused_at_registration() {
+    let app = spawn_app().await;
+    for (cache, says) in [
+        (
+            json!({"ttl_secs": 60, "l1_ttl_secs": 600}),
+            "'cache.l1_ttl_secs' must not be longer",
+        ),
+        (json!({"ttl_secs": 0}), "'cache.ttl_secs' must be between 1"),
+        (
+            json!({"enabled": false, "ttl_secs": 5}),
+            "mean nothing with 'cache.enabled': false",
+        ),
+        (json!({"ttl": 5}), "unknown field"),
+    ] {
+        let r = app
+            .client
+            .post(app.url("/api/v1/functions"))
+            .bearer_auth(app.admin())
+            .json(&json!({
+                "language_title": "nodejs-odd",
+                "description": "odd cache",
+                "code": code("v1"),
+                "cache": cache,
+            }))
+            .send()
+            .await
+            .unwrap();
+        let r = read(r).await;
+        assert_eq!(r.status, 400, "{cache}: {:?}", r.body);
+        let message = r.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{cache}: {message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn l1_and_l2_keep_a_result_for_their_own_ttls() {
+    let Some(redis) = crate::replicas::redis_url() else {
+        return;
+    };
+    let app = crate::helpers::spawn_app_with(&["--redis-url", &redis]).await;
+    let token = app.admin();
+    let title = format!("nodejs-layered{}", uuid::Uuid::new_v4().simple());
+    let id = probe_with_policy(&app, &title, json!({"ttl_secs": 60, "l1_ttl_secs": 1})).await;
+    let params = json!({"x": uuid::Uuid::new_v4().to_string()});
+
+    // Act: stored in both; L1 forgets it after 1 s, L2 still has it.
+    let first = execute_cached(&app, &token, &id, params.clone(), None).await;
+    let from_l1 = execute_cached(&app, &token, &id, params.clone(), None).await;
+    let before = app.metrics().await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let from_l2 = execute_cached(&app, &token, &id, params.clone(), None).await;
+    let after = app.metrics().await;
+
+    // Assert
+    assert_eq!(nonce(&from_l1), nonce(&first));
+    assert_eq!(
+        (from_l2.body["cached"].as_bool(), nonce(&from_l2)),
+        (Some(true), nonce(&first))
+    );
+    let count = |metrics: &str, layer: &str, result: &str| -> u64 {
+        let prefix = format!(r#"lambda_cache_requests_total{{layer="{layer}",result="{result}"}} "#);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    assert_eq!(
+        count(&after, "l1", "miss") - count(&before, "l1", "miss"),
+        1,
+        "L1 forgot it"
+    );
+    assert_eq!(
+        count(&after, "l2", "hit") - count(&before, "l2", "hit"),
+        1,
+        "L2 served it"
+    );
+}

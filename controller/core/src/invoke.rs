@@ -263,12 +263,17 @@ impl Invoker {
             invocation.params,
             invocation.context,
         );
-        if invocation.cache != CacheDirective::NoCache {
+        let policy = function.manifest.cache;
+        let l1_ttl = policy.l1_ttl_secs.map(Duration::from_secs);
+        let cacheable = policy.enabled && invocation.cache != CacheDirective::NoCache;
+        if cacheable {
             let max_age = match invocation.cache {
                 CacheDirective::MaxAge(max) => Some(max),
                 _ => None,
             };
-            if let Some(entry) = self.cache.get(&key, max_age).await {
+            let found = self.cache.get(&key, max_age, l1_ttl).await;
+            self.metrics.record_function_cache(language_title, found.is_some());
+            if let Some(entry) = found {
                 self.finish(&invocation, started, started_at, "cache_hit", true, false);
                 return Ok(Invoked {
                     result: entry.result,
@@ -286,12 +291,19 @@ impl Invoker {
             Ok(RunOutcome::Failed { message, details }) => Err(CoreError::Runtime { message, details }),
             Err(e) => Err(e),
         };
-        if let Ok(value) = &result {
-            let ttl = match invocation.cache {
-                CacheDirective::MaxAge(ttl) => ttl.min(self.settings.max_cache_ttl),
+        if let Ok(value) = &result
+            && policy.enabled
+        {
+            // The client's max-age, else the function's TTL, else the
+            // controller's; never over the controller's maximum.
+            let ttl = match (invocation.cache, policy.ttl_secs) {
+                (CacheDirective::MaxAge(ttl), _) => ttl,
+                (_, Some(secs)) => Duration::from_secs(secs),
                 _ => self.settings.cache_ttl,
             };
-            self.cache.put(&key, value.clone(), ttl).await;
+            self.cache
+                .put(&key, value.clone(), ttl.min(self.settings.max_cache_ttl), l1_ttl)
+                .await;
         }
         let label = match &result {
             Ok(_) => "success",

@@ -45,6 +45,12 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionCacheLabels {
+    pub language_title: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LanguageLabels {
     pub language: String,
 }
@@ -88,6 +94,7 @@ pub struct Metrics {
     pub executions: Family<ExecutionLabels, Counter>,
     pub execution_duration: Family<FunctionLabels, Histogram, fn() -> Histogram>,
     pub cache: Family<CacheLabels, Counter>,
+    pub function_cache: Family<FunctionCacheLabels, Counter>,
     pub cold_starts: Family<LanguageLabels, Counter>,
     pub cold_start_duration: Family<LanguageLabels, Histogram, fn() -> Histogram>,
     pub init_duration: Family<LanguageLabels, Histogram, fn() -> Histogram>,
@@ -119,6 +126,7 @@ impl Metrics {
             executions: Family::default(),
             execution_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             cache: Family::default(),
+            function_cache: Family::default(),
             cold_starts: Family::default(),
             cold_start_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             init_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
@@ -153,6 +161,11 @@ impl Metrics {
             "cache_requests",
             "Result cache lookups by layer and result (hit, miss)",
             m.cache.clone(),
+        );
+        registry.register(
+            "function_cache_requests",
+            "Result cache lookups by Language-Title and result (hit, miss)",
+            m.function_cache.clone(),
         );
         registry.register(
             "cold_starts",
@@ -223,6 +236,22 @@ impl Metrics {
         self.execution_duration.remove(&FunctionLabels {
             language_title: language_title.to_owned(),
         });
+        for result in ["hit", "miss"] {
+            self.function_cache.remove(&FunctionCacheLabels {
+                language_title: language_title.to_owned(),
+                result: result.to_owned(),
+            });
+        }
+    }
+
+    /// One lookup of a function's result, over every layer.
+    pub fn record_function_cache(&self, language_title: &str, hit: bool) {
+        self.function_cache
+            .get_or_create(&FunctionCacheLabels {
+                language_title: language_title.to_owned(),
+                result: if hit { "hit" } else { "miss" }.to_owned(),
+            })
+            .inc();
     }
 
     pub fn record_wasm_module(&self, from_disk: bool) {

@@ -70,6 +70,8 @@ pub(super) struct FunctionDetail {
     pub code_hash: String,
     /// The version's limits (extension).
     pub limits: fnrt_core::function::manifest::Limits,
+    /// The version's cache policy (extension).
+    pub cache: fnrt_core::function::manifest::CachePolicy,
     /// For a Rust crate (extension): where its build stands on this controller.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub build: Option<BuildInfo>,
@@ -129,6 +131,7 @@ fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>) -> FunctionDetail {
         examples: f.current.manifest.examples.clone(),
         code_hash: f.current.code_hash.clone(),
         limits: f.current.manifest.limits,
+        cache: f.current.manifest.cache,
     }
 }
 
@@ -244,6 +247,9 @@ pub(super) struct RegisterBody {
     pub limits: LimitsSpec,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// How results may be cached (`enabled`, `ttl_secs`, `l1_ttl_secs`).
+    #[serde(default)]
+    pub cache: fnrt_core::function::manifest::CacheSpec,
 }
 
 impl RegisterBody {
@@ -275,6 +281,7 @@ impl RegisterBody {
             examples: self.examples,
             limits: self.limits,
             env: self.env,
+            cache: self.cache,
         };
         Ok((self.language_title, spec, code))
     }

@@ -120,8 +120,14 @@ impl Layers {
     }
 
     /// The first layer's hit no older than `max_age`; a layer that fails
-    /// counts as a miss.
-    pub async fn get(&self, key: &CacheKey, max_age: Option<Duration>) -> Option<CachedResult> {
+    /// counts as a miss. A hit in a slower layer fills the faster ones (the
+    /// first, L1, for at most `l1_ttl`).
+    pub async fn get(
+        &self,
+        key: &CacheKey,
+        max_age: Option<Duration>,
+        l1_ttl: Option<Duration>,
+    ) -> Option<CachedResult> {
         for (i, layer) in self.layers.iter().enumerate() {
             let found = match layer.get(key).await {
                 Ok(found) => found.filter(|e| max_age.is_none_or(|max| e.age() <= max)),
@@ -132,8 +138,8 @@ impl Layers {
             };
             self.metrics.record_cache(layer.layer(), found.is_some());
             if let Some(entry) = found {
-                for faster in &self.layers[..i] {
-                    let _ = faster.put(key, &entry).await;
+                for (j, faster) in self.layers[..i].iter().enumerate() {
+                    let _ = faster.put(key, &Self::for_layer(&entry, j, l1_ttl)).await;
                 }
                 return Some(entry);
             }
@@ -141,16 +147,29 @@ impl Layers {
         None
     }
 
-    /// Stores a fresh result in every layer.
-    pub async fn put(&self, key: &CacheKey, result: Arc<Value>, ttl: Duration) {
+    /// Stores a fresh result in every layer for `ttl` (the first, L1, for
+    /// at most `l1_ttl`).
+    pub async fn put(&self, key: &CacheKey, result: Arc<Value>, ttl: Duration, l1_ttl: Option<Duration>) {
         if ttl.is_zero() {
             return;
         }
         let entry = CachedResult::new(result, ttl);
-        for layer in &self.layers {
-            if let Err(e) = layer.put(key, &entry).await {
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Err(e) = layer.put(key, &Self::for_layer(&entry, i, l1_ttl)).await {
                 tracing::debug!(layer = layer.layer(), error = %e, "cache store failed");
             }
+        }
+    }
+
+    /// `entry` as layer `i` keeps it: the first layer no longer than `l1_ttl`.
+    fn for_layer(entry: &CachedResult, i: usize, l1_ttl: Option<Duration>) -> CachedResult {
+        match l1_ttl {
+            Some(l1) if i == 0 => {
+                let mut capped = entry.clone();
+                capped.ttl = capped.ttl.min(entry.age() + l1);
+                capped
+            }
+            _ => entry.clone(),
         }
     }
 }
@@ -185,13 +204,43 @@ mod tests {
             Arc::new(Metrics::new()),
         );
         let k = CacheKey::new("nodejs-x", "h", &json!({}), &json!({}));
-        layers.put(&k, Arc::new(json!(1)), Duration::from_millis(150)).await;
-        assert!(layers.get(&k, None).await.is_some());
+        layers
+            .put(&k, Arc::new(json!(1)), Duration::from_millis(150), None)
+            .await;
+        assert!(layers.get(&k, None, None).await.is_some());
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(layers.get(&k, Some(Duration::from_millis(10))).await.is_none());
+        assert!(layers.get(&k, Some(Duration::from_millis(10)), None).await.is_none());
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(layers.get(&k, None).await.is_none());
-        layers.put(&k, Arc::new(json!(1)), Duration::ZERO).await;
-        assert!(layers.get(&k, None).await.is_none());
+        assert!(layers.get(&k, None, None).await.is_none());
+        layers.put(&k, Arc::new(json!(1)), Duration::ZERO, None).await;
+        assert!(layers.get(&k, None, None).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_first_layer_keeps_an_entry_no_longer_than_its_own_ttl() {
+        // Two in-memory layers stand for L1 and L2.
+        let (l1, l2) = (
+            Arc::new(memory::MemoryCache::new(1 << 20)),
+            Arc::new(memory::MemoryCache::new(1 << 20)),
+        );
+        let layers = Layers::new(vec![l1.clone(), l2.clone()], Arc::new(Metrics::new()));
+        let k = CacheKey::new("nodejs-x", "h", &json!({}), &json!({}));
+        layers
+            .put(
+                &k,
+                Arc::new(json!(1)),
+                Duration::from_secs(60),
+                Some(Duration::from_millis(100)),
+            )
+            .await;
+        assert!(l1.get(&k).await.unwrap().is_some() && l2.get(&k).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(l1.get(&k).await.unwrap().is_none(), "L1 kept it past its own TTL");
+        // Served from L2, which refills L1 for L1's TTL only.
+        assert!(layers.get(&k, None, Some(Duration::from_millis(100))).await.is_some());
+        assert!(l1.get(&k).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(l1.get(&k).await.unwrap().is_none());
+        assert!(l2.get(&k).await.unwrap().is_some());
     }
 }

@@ -22,6 +22,9 @@ pub const MAX_CODE_BYTES: usize = 512 * 1024;
 /// Hard ceiling on a manifest's default timeout; the controller's own
 /// maximum (`MAX_TIMEOUT_MS`) further bounds it when a session starts.
 pub const MAX_MANIFEST_TIMEOUT_MS: u64 = 3_600_000;
+/// Longest `cache.ttl_secs` a manifest may ask for (the controller's own
+/// maximum still applies).
+pub const MAX_CACHE_TTL_SECS: u64 = 7 * 24 * 3600;
 const MIN_MEMORY_MB: u64 = 32;
 const MAX_MEMORY_MB: u64 = 4096;
 const MAX_EXAMPLES: usize = 32;
@@ -53,6 +56,27 @@ pub struct FunctionSpec {
     /// The environment the function sees; nothing of the host's is visible.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// How its results may be cached.
+    #[serde(default)]
+    pub cache: CacheSpec,
+}
+
+/// `cache` in a manifest, as sent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSpec {
+    /// Whether results are cached at all (default true); false for a
+    /// function whose result is not a function of its params and context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// How long a result is kept, in seconds (default: the controller's
+    /// `CACHE_TTL_SECS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// How long it is kept in the controller's memory (L1) when that
+    /// should be shorter than in Redis (L2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l1_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -89,6 +113,30 @@ pub struct Manifest {
     pub examples: Vec<Value>,
     pub limits: Limits,
     pub env: BTreeMap<String, String>,
+    /// Versions stored before the field existed read as the default.
+    #[serde(default)]
+    pub cache: CachePolicy,
+}
+
+/// A function's cache policy. `X-Cache-Control: max-age` still wins within
+/// the controller's maximum, but never turns a disabled cache on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CachePolicy {
+    pub enabled: bool,
+    /// `None`: the controller's default.
+    pub ttl_secs: Option<u64>,
+    /// `None`: as long as in every other layer.
+    pub l1_ttl_secs: Option<u64>,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        CachePolicy {
+            enabled: true,
+            ttl_secs: None,
+            l1_ttl_secs: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -112,6 +160,30 @@ pub struct ManifestError(pub String);
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ManifestError> {
     Err(ManifestError(msg.into()))
+}
+
+impl CacheSpec {
+    fn normalize(self) -> Result<CachePolicy, ManifestError> {
+        let enabled = self.enabled.unwrap_or(true);
+        if !enabled && (self.ttl_secs.is_some() || self.l1_ttl_secs.is_some()) {
+            return err("'cache.ttl_secs' and 'cache.l1_ttl_secs' mean nothing with 'cache.enabled': false");
+        }
+        for (name, ttl) in [("ttl_secs", self.ttl_secs), ("l1_ttl_secs", self.l1_ttl_secs)] {
+            if ttl.is_some_and(|t| !(1..=MAX_CACHE_TTL_SECS).contains(&t)) {
+                return err(format!("'cache.{name}' must be between 1 and {MAX_CACHE_TTL_SECS}"));
+            }
+        }
+        if let (Some(ttl), Some(l1)) = (self.ttl_secs, self.l1_ttl_secs)
+            && l1 > ttl
+        {
+            return err("'cache.l1_ttl_secs' must not be longer than 'cache.ttl_secs'");
+        }
+        Ok(CachePolicy {
+            enabled,
+            ttl_secs: self.ttl_secs,
+            l1_ttl_secs: self.l1_ttl_secs,
+        })
+    }
 }
 
 impl FunctionSpec {
@@ -186,6 +258,7 @@ impl FunctionSpec {
                 ));
             }
         }
+        let cache = self.cache.normalize()?;
         Ok(Manifest {
             description,
             entrypoint,
@@ -194,6 +267,7 @@ impl FunctionSpec {
             examples: self.examples,
             limits: Limits { timeout_ms, memory_mb },
             env: self.env,
+            cache,
         })
     }
 }
