@@ -582,3 +582,62 @@ async fn a_request_hyper_cannot_parse_is_answered_with_the_json_error_body() {
     // The server still serves.
     assert_eq!(app.get(None, "/health").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_answers_are_compressed_as_the_client_accepts_and_small_ones_are_not() {
+    use std::io::Read;
+    let app = spawn_app().await;
+    let token = app.admin();
+    app.register(
+        "nodejs-bulky",
+        "module.exports.handler = (p) => ({ items: Array.from({ length: p.n }, (_, i) => ({ i, text: 'lorem ipsum' })) });",
+        json!({}),
+    )
+    .await;
+    let id = app
+        .session(&token, "nodejs-bulky", json!({"retain_session": true}))
+        .await;
+    let call = |n: u64, encoding: Option<&'static str>| {
+        let mut req = app
+            .client
+            .post(app.url(&format!("/api/v1/execute/{id}")))
+            .bearer_auth(&token)
+            .json(&json!({"params": {"n": n}}));
+        if let Some(e) = encoding {
+            req = req.header("Accept-Encoding", e);
+        }
+        req.send()
+    };
+
+    // Act
+    let gzip = call(500, Some("gzip")).await.unwrap();
+    let br = call(500, Some("br")).await.unwrap();
+    let plain = call(500, None).await.unwrap();
+    let small = call(1, Some("gzip, br")).await.unwrap();
+
+    // Assert
+    let encoding = |r: &reqwest::Response| {
+        r.headers()
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(encoding(&gzip).as_deref(), Some("gzip"));
+    assert_eq!(encoding(&br).as_deref(), Some("br"));
+    assert_eq!(encoding(&plain), None);
+    assert_eq!(encoding(&small), None, "a body under 1 KiB is sent as is");
+    let plain: Value = plain.json().await.unwrap();
+    let packed = gzip.bytes().await.unwrap();
+    let mut unpacked = String::new();
+    flate2::read::GzDecoder::new(&packed[..])
+        .read_to_string(&mut unpacked)
+        .unwrap();
+    let unpacked: Value = serde_json::from_str(&unpacked).unwrap();
+    assert_eq!(unpacked["result"], plain["result"]);
+    assert_eq!(plain["result"]["items"].as_array().unwrap().len(), 500);
+    assert!(
+        packed.len() * 4 < serde_json::to_vec(&plain).unwrap().len(),
+        "{} bytes",
+        packed.len()
+    );
+    assert!(br.bytes().await.unwrap().len() < packed.len() * 2);
+}

@@ -3,8 +3,9 @@
 //!
 //! Order of the middleware, outermost first: request ID (set, then
 //! propagated to the response), trace (one log line per request), CORS,
-//! JSON errors for anything answered before a handler (413 from the length
-//! check, unknown route, wrong method), body limit, metrics (by matched
+//! compression (gzip, br; bodies over 1 KiB), JSON errors for anything
+//! answered before a handler (413 from the length check, unknown route,
+//! wrong method), body limit, metrics (by matched
 //! route). The `/api/v1` resource
 //! routes also pass the guard: token check, then the rate limit. What no
 //! middleware sees, hyper's answer to a request it cannot parse, gets its
@@ -27,6 +28,8 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use tower_http::compression::Predicate as _;
+use tower_http::compression::predicate::{DefaultPredicate, SizeAbove};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -205,6 +208,14 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .layer(axum::Extension(BodyLimit(settings.max_body_bytes)))
         // Outside the body limit, so its early 413 gets the JSON body too.
         .layer(middleware::from_fn(json_errors))
+        // gzip or br, as the client accepts, for bodies over 1 KiB (error
+        // bodies too: this is outside the layer that writes them).
+        .layer(
+            tower_http::compression::CompressionLayer::new()
+                .gzip(true)
+                .br(true)
+                .compress_when(DefaultPredicate::new().and(SizeAbove::new(1024))),
+        )
         .layer(cors(settings))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
