@@ -186,8 +186,11 @@ impl Authenticator {
 fn describe(e: &jsonwebtoken::errors::Error) -> String {
     use jsonwebtoken::errors::ErrorKind;
     match e.kind() {
-        ErrorKind::ExpiredSignature => "token has expired".into(),
-        ErrorKind::InvalidSignature => "signature does not match".into(),
+        ErrorKind::ExpiredSignature => "token has expired; get a new one (`controller token` issues local ones)".into(),
+        ErrorKind::InvalidSignature => {
+            "signature does not match: the token was signed with another secret than this controller's JWT_SECRET"
+                .into()
+        }
         ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "algorithm not allowed (HS256 only)".into(),
         ErrorKind::MissingRequiredClaim(c) => format!("missing required claim '{c}'"),
         ErrorKind::InvalidIssuer => "wrong issuer".into(),

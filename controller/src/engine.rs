@@ -129,7 +129,21 @@ impl Engine {
             .registry
             .find(language_title.as_str())
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' not found")))?
+            .ok_or_else(|| {
+                // A typo's likely meaning, among the functions the caller may run.
+                let runnable = |name: &str| {
+                    name.parse::<LanguageTitle>()
+                        .is_ok_and(|t| subject.can_execute(t.language()))
+                };
+                match self.registry.closest(language_title.as_str(), runnable) {
+                    Some(near) => {
+                        ApiError::NotFound(format!("function '{language_title}' not found; did you mean '{near}'?"))
+                    }
+                    None => ApiError::NotFound(format!(
+                        "function '{language_title}' not found (GET /api/v1/functions lists them)"
+                    )),
+                }
+            })?
             .current;
         let timeout_ms = match &options.timeout_ms {
             // The function's default, within the controller's maximum.

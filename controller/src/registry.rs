@@ -115,6 +115,20 @@ impl Registry {
         self.functions.read().unwrap().get(language_title).cloned()
     }
 
+    /// The registered Language-Title nearest to `wanted` among those `keep`
+    /// accepts (a typo's likely meaning): at most two edits away, or one
+    /// for short titles.
+    pub fn closest(&self, wanted: &str, keep: impl Fn(&str) -> bool) -> Option<String> {
+        let functions = self.functions.read().unwrap();
+        functions
+            .keys()
+            .filter(|name| keep(name))
+            .map(|name| (strsim::levenshtein(wanted, name), name))
+            .filter(|(d, _)| *d > 0 && *d <= if wanted.len() < 10 { 1 } else { 2 })
+            .min()
+            .map(|(_, name)| name.clone())
+    }
+
     /// Like [`Self::get`], but a function this replica has not seen yet
     /// (registered through another replica) is looked up in the store.
     pub async fn find(&self, language_title: &str) -> Result<Option<FunctionEntry>, RegistryError> {

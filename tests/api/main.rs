@@ -25,6 +25,7 @@ mod first_run;
 mod functions;
 mod initialize;
 mod limits;
+mod newcomer;
 mod operations;
 mod placement;
 mod replicas;

@@ -28,7 +28,9 @@ where
             let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
             let essence = ct.split(';').next().unwrap_or_default().trim();
             if !(essence == "application/json" || essence.ends_with("+json")) {
-                return Err(ApiError::InvalidRequest("Content-Type must be application/json".into()));
+                return Err(ApiError::InvalidRequest(format!(
+                    "Content-Type must be application/json, not '{essence}' (curl: -H 'Content-Type: application/json')"
+                )));
             }
         }
         let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);

@@ -76,7 +76,12 @@ async fn initialize(
 ) -> Result<axum::Json<InitializeResponse>, ApiError> {
     let language_title: LanguageTitle = headers
         .get("language-title")
-        .ok_or_else(|| ApiError::InvalidRequest("missing Language-Title header".into()))?
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(
+                "missing Language-Title header: name the function to run, e.g. 'Language-Title: nodejs-calculator'"
+                    .into(),
+            )
+        })?
         .to_str()
         .map_err(|_| ApiError::InvalidRequest("Language-Title must be ASCII".into()))?
         .parse()
