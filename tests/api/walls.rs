@@ -325,3 +325,29 @@ async fn a_full_tmp_is_enospc_inside_the_function_only() {
     let ok = run(&app, &token, &id, json!({})).await;
     assert_eq!(ok.body["result"], json!({"ok": true}));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_instance_of_every_language_is_reused_by_the_next_session() {
+    // The process-count check must not discard healthy instances: each
+    // runtime's sandbox holds exactly the processes it expects.
+    let app = spawn_app().await;
+    let token = app.admin();
+    for (title, code) in [
+        (
+            "nodejs-same",
+            "const id = require('crypto').randomUUID();\nmodule.exports.handler = () => ({ id });",
+        ),
+        (
+            "python-same",
+            "import uuid\nID = str(uuid.uuid4())\n\ndef handler(params, context):\n    return {\"id\": ID}\n",
+        ),
+    ] {
+        app.register(title, code, json!({})).await;
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let id = app.session(&token, title, json!({})).await;
+            ids.push(run(&app, &token, &id, json!({})).await.body["result"]["id"].clone());
+        }
+        assert!(ids.windows(2).all(|w| w[0] == w[1]), "{title}: {ids:?}");
+    }
+}
