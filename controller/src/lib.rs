@@ -9,6 +9,7 @@
 //! # Layout
 //!
 //! - [`cli`], [`config`]: the binary's command line and settings.
+//! - [`client`]: `fnrt`, the client CLI (the package's second binary).
 //! - [`startup`]: [`startup::Application`] builds everything and serves.
 //! - [`http`]: one module per resource (`initialize`, `execute`, `sessions`,
 //!   `functions`, `health`), the guard (token, rate limit) and extractors.
@@ -41,6 +42,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;

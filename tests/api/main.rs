@@ -18,6 +18,7 @@ mod helpers;
 mod auth;
 mod build_sandbox;
 mod cache;
+mod cli;
 mod contract;
 mod execute;
 mod faults;

@@ -1,0 +1,86 @@
+//! The controller's HTTP API as the CLI calls it.
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+/// Why a call failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The controller could not be reached.
+    Unreachable(String),
+    /// It answered with an error: the status and the contract's error body.
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+        body: Value,
+    },
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Unreachable(why) => write!(f, "cannot reach the controller: {why}"),
+            Failure::Api { code, message, .. } => write!(f, "{code}: {message}"),
+        }
+    }
+}
+
+pub struct Api {
+    client: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl Api {
+    pub fn new(url: &str, token: &str) -> Self {
+        Api {
+            client: reqwest::Client::new(),
+            url: url.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// One call; the answer's body (`null` for an empty one), or why not.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<(Value, reqwest::header::HeaderMap), Failure> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let answer = req.send().await.map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let status = answer.status();
+        let headers = answer.headers().clone();
+        let bytes = answer.bytes().await.map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        if status.is_success() {
+            return Ok((body, headers));
+        }
+        let text = |key: &str| body["error"][key].as_str().map(str::to_owned);
+        Err(Failure::Api {
+            status,
+            code: text("code").unwrap_or_else(|| status.as_str().to_owned()),
+            message: text("message").unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned()),
+            body,
+        })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, Failure> {
+        Ok(self.call(Method::GET, path, &[], None).await?.0)
+    }
+}

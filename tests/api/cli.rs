@@ -1,0 +1,191 @@
+//! `fnrt`, the client CLI, against a real controller: log in, deploy a
+//! folder, invoke, list, describe, remove; `--json` output parsed; the exit
+//! code and message of each kind of failure.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::helpers::spawn_app;
+
+/// What one `fnrt` run printed, and its exit code.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {}", self.stdout))
+    }
+}
+
+async fn fnrt(config: &Path, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fnrt-under-test"))
+        .args(args)
+        .env_clear()
+        .env("FNRT_CONFIG", config)
+        .output()
+        .await
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn write_function(dir: &Path, greeting: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("function.json"),
+        json!({"description": "says hello", "schema": {"params": {"type": "object", "required": ["name"]}}})
+            .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("index.js"),
+        format!(
+            "module.exports.handler = (p) => {{ if (p.name === 'boom') throw new Error('boom'); return {{ text: '{greeting}, ' + p.name }}; }};"
+        ),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_invoke_list_describe_and_remove_a_folder() {
+    // Arrange
+    let app = spawn_app().await;
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("fnrt").join("config.json");
+    let folder = home.path().join("nodejs-clihello");
+    write_function(&folder, "hello");
+
+    // Act + Assert: log in; the token is kept for its owner alone.
+    let login = fnrt(&config, &["login", &app.address, "--token", &app.admin()]).await;
+    assert_eq!(login.code, 0, "{}", login.stderr);
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // Deploy, then deploy a change: version 1, then 2.
+    let first = fnrt(&config, &["deploy", folder.to_str().unwrap()]).await;
+    assert_eq!(
+        (first.code, first.stdout.trim()),
+        (0, "Deployed nodejs-clihello version 1"),
+        "{}",
+        first.stderr
+    );
+    write_function(&folder, "hi");
+    let second = fnrt(&config, &["--json", "deploy", folder.to_str().unwrap()]).await;
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_eq!(second.json()["version"], 2);
+
+    // Invoke, with -p and with -d; human output is the result.
+    let human = fnrt(&config, &["invoke", "nodejs-clihello", "-p", "name=world"]).await;
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    assert_eq!(
+        serde_json::from_str::<Value>(&human.stdout).unwrap(),
+        json!({"text": "hi, world"})
+    );
+    let full = fnrt(
+        &config,
+        &[
+            "--json",
+            "invoke",
+            "nodejs-calculator",
+            "-d",
+            r#"{"operation": "add", "values": [2, 3]}"#,
+        ],
+    )
+    .await;
+    assert_eq!(full.code, 0, "{}", full.stderr);
+    assert_eq!(full.json()["result"], json!({"value": 5}));
+    assert!(full.json()["request_id"].is_string());
+
+    // List and describe.
+    let listed = fnrt(&config, &["--json", "list", "--language", "nodejs"]).await;
+    let titles: Vec<Value> = listed
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["language_title"].clone())
+        .collect();
+    assert!(titles.contains(&json!("nodejs-clihello")) && titles.contains(&json!("nodejs-calculator")));
+    let table = fnrt(&config, &["list"]).await;
+    assert!(table.stdout.starts_with("LANGUAGE-TITLE"), "{}", table.stdout);
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("nodejs-clihello ") && l.contains("says hello"))
+    );
+    let described = fnrt(&config, &["--json", "describe", "nodejs-clihello"]).await;
+    assert_eq!(described.json()["version"], 2);
+
+    // Remove; then it is not found (exit 4).
+    let removed = fnrt(&config, &["rm", "nodejs-clihello"]).await;
+    assert_eq!((removed.code, removed.stdout.trim()), (0, "Removed nodejs-clihello"));
+    let gone = fnrt(&config, &["describe", "nodejs-clihello"]).await;
+    assert_eq!(gone.code, 4, "{}", gone.stderr);
+    assert!(gone.stderr.starts_with("error: NOT_FOUND: "), "{}", gone.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_kind_of_failure_has_its_exit_code_and_the_apis_error() {
+    let app = spawn_app().await;
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("config.json");
+    let folder = home.path().join("nodejs-clifail");
+    write_function(&folder, "hello");
+
+    // Not logged in: 3.
+    let nobody = fnrt(&config, &["list"]).await;
+    assert_eq!(nobody.code, 3, "{}", nobody.stderr);
+    assert!(nobody.stderr.contains("fnrt login"), "{}", nobody.stderr);
+    // A refused token is not saved: 5.
+    let refused = fnrt(&config, &["login", &app.address, "--token", "not-a-token"]).await;
+    assert_eq!(refused.code, 5, "{}", refused.stderr);
+    assert!(!config.exists());
+
+    // A token that may only execute: deploy is refused with 5.
+    let runner = app.token("bob", &["execute:all"]);
+    assert_eq!(
+        fnrt(&config, &["login", &app.address, "--token", &runner]).await.code,
+        0
+    );
+    let denied = fnrt(&config, &["deploy", folder.to_str().unwrap()]).await;
+    assert_eq!(denied.code, 5, "{}", denied.stderr);
+    assert!(denied.stderr.starts_with("error: FORBIDDEN: "), "{}", denied.stderr);
+
+    // The function fails: 1, with its code and message.
+    assert_eq!(
+        fnrt(&config, &["login", &app.address, "--token", &app.admin()])
+            .await
+            .code,
+        0
+    );
+    assert_eq!(fnrt(&config, &["deploy", folder.to_str().unwrap()]).await.code, 0);
+    let threw = fnrt(&config, &["invoke", "nodejs-clifail", "-p", "name=boom"]).await;
+    assert_eq!(threw.code, 1, "{}", threw.stderr);
+    assert!(threw.stderr.starts_with("error: RUNTIME_ERROR: "), "{}", threw.stderr);
+    let schema = fnrt(&config, &["invoke", "nodejs-clifail"]).await;
+    assert_eq!(schema.code, 1, "{}", schema.stderr);
+
+    // Not found, with the suggestion: 4. A bad -d: 2. Unreachable: 3.
+    let typo = fnrt(&config, &["invoke", "nodejs-clifal", "-p", "name=x"]).await;
+    assert_eq!(typo.code, 4, "{}", typo.stderr);
+    assert!(
+        typo.stderr.contains("did you mean 'nodejs-clifail'?"),
+        "{}",
+        typo.stderr
+    );
+    let bad = fnrt(&config, &["invoke", "nodejs-clifail", "-d", "{not json"]).await;
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    let port = app.address.rsplit(':').next().unwrap().to_owned();
+    drop(app);
+    let down = fnrt(&config, &["list"]).await;
+    assert_eq!(down.code, 3, "{} (port {port})", down.stderr);
+}
