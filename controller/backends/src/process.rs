@@ -406,7 +406,6 @@ impl RuntimeBackend for ProcessBackend {
             output,
             terminated: false,
             expected_processes: if self.bwrap.is_some() { SANDBOX_PROCESSES } else { 1 },
-            seen_tasks: None,
             uid,
         };
         let instance = RemoteInstance::connect(
@@ -647,8 +646,6 @@ pub struct ProcessHandle {
     terminated: bool,
     /// Processes in its cgroup when it is as it started.
     expected_processes: usize,
-    /// The cgroup's task count when it was last found as it started.
-    seen_tasks: Option<u64>,
     /// The instance's own uid, given back when the instance is gone.
     uid: Option<UidLease>,
 }
@@ -660,25 +657,19 @@ impl InstanceHandle for ProcessHandle {
     }
 
     /// Also false when the function left a process or a zombie behind: such
-    /// an instance is not handed to the next execution. One read of the
-    /// cgroup's task count when nothing changed since the last look.
+    /// an instance is not handed to the next execution (three reads of its
+    /// cgroup's kept-open files).
     fn is_alive(&mut self) -> bool {
         if self.terminated || !matches!(self.child.try_wait(), Ok(None)) {
             return false;
         }
-        let Some(cgroup) = self.uid.as_ref().and_then(|lease| lease.cgroup.as_ref()) else {
-            return true;
-        };
-        let tasks = cgroup.tasks();
-        if self.seen_tasks == Some(tasks) {
-            return true;
+        match self.uid.as_ref().and_then(|lease| lease.cgroup.as_ref()) {
+            Some(cgroup) if cgroup.grew(self.expected_processes) => {
+                tracing::info!(instance = %self.id, "the function left processes behind; the instance is not reused");
+                false
+            }
+            _ => true,
         }
-        if cgroup.grew(self.expected_processes) {
-            tracing::info!(instance = %self.id, tasks, "the function left processes behind; the instance is not reused");
-            return false;
-        }
-        self.seen_tasks = Some(tasks);
-        true
     }
 
     async fn exited(&mut self, wait: Duration) -> Option<Exit> {
@@ -716,7 +707,11 @@ impl InstanceHandle for ProcessHandle {
         if let Some(cgroup) = self.uid.as_ref().and_then(|lease| lease.cgroup.as_ref())
             && !cgroup.kill_all(Duration::from_secs(5)).await
         {
-            tracing::warn!(instance = %self.id, "processes of a stopped instance outlive it; its uid is passed over");
+            tracing::warn!(
+                instance = %self.id,
+                cgroup = %cgroup.path().display(),
+                "processes of a stopped instance outlive it; its uid is passed over"
+            );
         }
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;

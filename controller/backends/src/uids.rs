@@ -142,9 +142,11 @@ pub struct Cgroup {
     dir: PathBuf,
     /// `cgroup.procs`, ready for [`join_cgroup`] after a fork.
     procs: CString,
-    /// `pids.current`, kept open: an instance's check before each hand-out
-    /// is then one `pread`.
+    /// `pids.current`, `cgroup.procs` and `tasks`, kept open: an
+    /// instance's check before each hand-out is then three `pread`s.
     current: std::fs::File,
+    procs_file: std::fs::File,
+    tasks_file: std::fs::File,
 }
 
 impl Cgroup {
@@ -156,7 +158,20 @@ impl Cgroup {
         let procs = CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes())
             .map_err(|_| std::io::Error::other("cgroup path contains NUL"))?;
         let current = std::fs::File::open(dir.join("pids.current"))?;
-        Ok(Cgroup { dir, procs, current })
+        let procs_file = std::fs::File::open(dir.join("cgroup.procs"))?;
+        let tasks_file = std::fs::File::open(dir.join("tasks"))?;
+        Ok(Cgroup {
+            dir,
+            procs,
+            current,
+            procs_file,
+            tasks_file,
+        })
+    }
+
+    /// Its directory in the `pids` hierarchy.
+    pub fn path(&self) -> &Path {
+        &self.dir
     }
 
     /// Its `cgroup.procs`, for [`join_cgroup`] after a fork.
@@ -166,11 +181,7 @@ impl Cgroup {
 
     /// Tasks (threads, and zombies not yet reaped) counted in the cgroup.
     pub fn tasks(&self) -> u64 {
-        use std::os::unix::fs::FileExt;
-        let mut buf = [0u8; 32];
-        // The file is made anew by every read from offset 0.
-        let n = self.current.read_at(&mut buf, 0).unwrap_or(0);
-        std::str::from_utf8(&buf[..n])
+        std::str::from_utf8(&read_whole(&self.current))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
@@ -178,14 +189,16 @@ impl Cgroup {
 
     /// The live processes in the cgroup.
     pub fn processes(&self) -> Vec<i32> {
-        read_ids(&self.dir.join("cgroup.procs"))
+        parse_ids(&read_whole(&self.procs_file))
     }
 
     /// Whether the cgroup holds more than `expected` processes, or tasks
-    /// that are not running threads (zombies left unreaped).
+    /// that are not running threads (zombies left unreaped). Every count is
+    /// read afresh: a total that stayed the same can hide a thread gone and
+    /// a process come.
     pub fn grew(&self, expected: usize) -> bool {
         let tasks = self.tasks();
-        let threads = read_ids(&self.dir.join("tasks")).len() as u64;
+        let threads = parse_ids(&read_whole(&self.tasks_file)).len() as u64;
         self.processes().len() > expected || tasks > threads
     }
 
@@ -222,10 +235,24 @@ pub fn join_cgroup(procs: &CStr) -> rustix::io::Result<()> {
     Ok(())
 }
 
-fn read_ids(path: &Path) -> Vec<i32> {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
-        .unwrap_or_default()
+/// A cgroup file's whole text: each read from offset 0 makes it anew.
+fn read_whole(file: &std::fs::File) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match file.read_at(&mut buf, out.len() as u64) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn parse_ids(text: &[u8]) -> Vec<i32> {
+    String::from_utf8_lossy(text)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -259,7 +286,7 @@ mod tests {
         // Arrange: a process in the uid's cgroup outlives the lease.
         let mut straggler = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         std::fs::write(
-            lease.cgroup.as_ref().unwrap().dir.join("cgroup.procs"),
+            lease.cgroup.as_ref().unwrap().path().join("cgroup.procs"),
             straggler.id().to_string(),
         )
         .unwrap();
@@ -292,12 +319,12 @@ mod tests {
         let lease = pool.allocate().unwrap();
         let cgroup = lease.cgroup.as_ref().unwrap();
         let mut a = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        std::fs::write(cgroup.dir.join("cgroup.procs"), a.id().to_string()).unwrap();
+        std::fs::write(cgroup.path().join("cgroup.procs"), a.id().to_string()).unwrap();
         assert!(!cgroup.grew(1), "one process, as expected");
 
         // A second process, then the same exited but not reaped (a zombie).
         let mut b = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
-        std::fs::write(cgroup.dir.join("cgroup.procs"), b.id().to_string()).unwrap();
+        std::fs::write(cgroup.path().join("cgroup.procs"), b.id().to_string()).unwrap();
         assert!(cgroup.grew(1), "a second process counts");
         std::thread::sleep(Duration::from_millis(500));
         assert!(cgroup.grew(1), "a zombie counts");
