@@ -40,6 +40,15 @@ fn probe(params: Value, _context: Context) -> Result<Value, Error> {
     let runs = RUNS.fetch_add(1, Ordering::SeqCst) + 1;
     match params["mode"].as_str().unwrap_or("ok") {
         "ok" => Ok(json!({ "echo": params, "runs": runs })),
+        "chatty" => {
+            // Output of the function's own: never part of its answer.
+            println!("chatter {{\"not\": \"the result\"}}");
+            print!("and no newline");
+            if params["fail"] == true {
+                return Err(Error::invalid_params("refused after chatting"));
+            }
+            Ok(json!({ "chatty": true }))
+        }
         "invalid" => Err(Error::invalid_params("the probe refuses these params")),
         "fail" => Err(Error::runtime("the probe failed on purpose")),
         "panic" => {
@@ -684,4 +693,39 @@ async fn a_build_over_its_time_limit_is_stopped_and_refused() {
         "{:?}",
         r.body
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_function_prints_never_spoils_its_answer() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    for language in ["rust", "wasm"] {
+        let lt = format!("{language}-chatty");
+        register_probe(&app, &lt, json!({})).await;
+        let id = app.session(&token, &lt, json!({"retain_session": true})).await;
+
+        // Act
+        let ok = run(&app, &token, &id, json!({"mode": "chatty"})).await;
+        let refused = run(&app, &token, &id, json!({"mode": "chatty", "fail": true})).await;
+
+        // Assert: the answer, and the error with what was printed beside it.
+        assert_eq!(ok.status, 200, "{lt}: {:?}", ok.body);
+        assert_eq!(ok.body["result"], json!({"chatty": true}), "{lt}");
+        assert_eq!(
+            (refused.status, refused.code()),
+            (400, "INVALID_PARAMS"),
+            "{lt}: {:?}",
+            refused.body
+        );
+        assert_eq!(refused.body["error"]["message"], "refused after chatting");
+        if language == "wasm" {
+            let printed = refused.body["error"]["details"]["stdout_tail"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(
+                printed.contains("chatter") && printed.ends_with("and no newline"),
+                "{printed:?}"
+            );
+        }
+    }
 }

@@ -57,6 +57,9 @@ pub struct BuilderConfig {
 
 pub struct Builder {
     config: BuilderConfig,
+    /// sha256 of the SDK as builds see it: part of every build key, so an
+    /// SDK that changed rebuilds every crate against it.
+    sdk_hash: String,
     /// The walls builds run in; `None` without bubblewrap.
     sandbox: Option<BuildSandbox>,
     /// The toolchain `cargo` runs (its `bin/` holds cargo and rustc).
@@ -86,8 +89,9 @@ impl std::fmt::Debug for Builder {
 }
 
 /// Changes whenever the way a crate is laid out for cargo changes, so no
-/// build of an older layout is reused.
-const BUILD_FORMAT: u32 = 3;
+/// build of an older layout is reused (the SDK's own changes are in the key
+/// through its hash).
+const BUILD_FORMAT: u32 = 4;
 /// Most compiler messages kept from a failed build.
 const MAX_MESSAGES: usize = 20;
 /// Most bytes of one message kept.
@@ -107,7 +111,7 @@ impl Builder {
         // inherits from this repository's workspace, whose other members a
         // build must not need to see.
         let staged = config.builds_dir.with_file_name("sdk");
-        stage_sdk(&config.sdk_dir, &staged)
+        let sdk_hash = stage_sdk(&config.sdk_dir, &staged)
             .map_err(|e| anyhow::anyhow!("copying the Rust SDK to {}: {e:#}", staged.display()))?;
         config.sdk_dir = staged;
         let sysroot = toolchain_sysroot(&config.cargo);
@@ -149,6 +153,7 @@ impl Builder {
         }
         Ok(Arc::new(Builder {
             config,
+            sdk_hash,
             sandbox,
             sysroot,
             queue: Semaphore::new(1),
@@ -159,17 +164,9 @@ impl Builder {
         }))
     }
 
-    /// The build key of a crate: its target and every file.
-    pub fn key(target: Target, files: &BTreeMap<String, String>) -> String {
-        let mut h = Sha256::new();
-        h.update(format!("{BUILD_FORMAT}\0{target:?}\0").as_bytes());
-        for (path, text) in files {
-            h.update(path.as_bytes());
-            h.update([0]);
-            h.update(text.len().to_le_bytes());
-            h.update(text.as_bytes());
-        }
-        hex::encode(h.finalize())
+    /// The build key of a crate: the SDK, its target and every file.
+    pub fn key(&self, target: Target, files: &BTreeMap<String, String>) -> String {
+        build_key(&self.sdk_hash, target, files)
     }
 
     fn artifact_path(&self, key: &str, target: Target) -> PathBuf {
@@ -179,7 +176,7 @@ impl Builder {
     /// The build's state here, without starting anything: a finished
     /// artifact on disk counts as ready even after a restart.
     pub fn state(&self, target: Target, files: &BTreeMap<String, String>) -> Option<BuildState> {
-        let key = Self::key(target, files);
+        let key = self.key(target, files);
         if let Some(rx) = self.states.lock().unwrap().get(&key) {
             return Some(rx.borrow().clone());
         }
@@ -192,7 +189,7 @@ impl Builder {
     pub fn ensure(self: &Arc<Self>, target: Target, files: &BTreeMap<String, String>) -> BuildState {
         match self.state(target, files) {
             Some(BuildState::Failed(failure)) => {
-                let key = Self::key(target, files);
+                let key = self.key(target, files);
                 let mut retry_at = self.retry_at.lock().unwrap();
                 match retry_at.get(&key) {
                     Some(at) if Instant::now() < *at => return BuildState::Failed(failure),
@@ -234,7 +231,7 @@ impl Builder {
     /// Builds the crate (or waits for the build already under way) and
     /// returns the artifact.
     pub async fn build(&self, target: Target, files: &BTreeMap<String, String>) -> Result<PathBuf, BuildFailure> {
-        let key = Self::key(target, files);
+        let key = self.key(target, files);
         let artifact = self.artifact_path(&key, target);
         let (mut rx, tx) = {
             let mut states = self.states.lock().unwrap();
@@ -509,7 +506,7 @@ async fn run_quietly(mut cmd: tokio::process::Command) -> std::io::Result<(bool,
 /// Copies the SDK crate (`Cargo.toml` and `src/`) to `dest`, with the
 /// fields it inherits from its workspace (`edition.workspace = true`, ...)
 /// written out, readable by every uid (it is public source).
-fn stage_sdk(sdk: &Path, dest: &Path) -> anyhow::Result<()> {
+fn stage_sdk(sdk: &Path, dest: &Path) -> anyhow::Result<String> {
     let mut manifest: toml::Table = std::fs::read_to_string(sdk.join("Cargo.toml"))?.parse()?;
     let workspace = sdk
         .ancestors()
@@ -532,24 +529,46 @@ fn stage_sdk(sdk: &Path, dest: &Path) -> anyhow::Result<()> {
     let readable = |path: &Path, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
     std::fs::create_dir_all(dest)?;
     readable(dest, 0o755)?;
-    std::fs::write(dest.join("Cargo.toml"), manifest.to_string())?;
+    let manifest = manifest.to_string();
+    let mut hash = Sha256::new();
+    hash.update(manifest.as_bytes());
+    std::fs::write(dest.join("Cargo.toml"), manifest)?;
     readable(&dest.join("Cargo.toml"), 0o644)?;
     let mut pending = vec![PathBuf::from("src")];
     while let Some(relative) = pending.pop() {
         std::fs::create_dir_all(dest.join(&relative))?;
         readable(&dest.join(&relative), 0o755)?;
-        for entry in std::fs::read_dir(sdk.join(&relative))? {
-            let entry = entry?;
+        // In name order, so that the hash is the same for the same files.
+        let mut entries = std::fs::read_dir(sdk.join(&relative))?.collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
             let name = relative.join(entry.file_name());
             if entry.file_type()?.is_dir() {
                 pending.push(name);
             } else {
-                std::fs::copy(entry.path(), dest.join(&name))?;
+                let bytes = std::fs::read(entry.path())?;
+                hash.update(name.to_string_lossy().as_bytes());
+                hash.update(bytes.len().to_le_bytes());
+                hash.update(&bytes);
+                std::fs::write(dest.join(&name), bytes)?;
                 readable(&dest.join(&name), 0o644)?;
             }
         }
     }
-    Ok(())
+    Ok(hex::encode(hash.finalize()))
+}
+
+/// The build key of a crate built against the SDK whose hash is `sdk`.
+fn build_key(sdk: &str, target: Target, files: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("{BUILD_FORMAT}\0{sdk}\0{target:?}\0").as_bytes());
+    for (path, text) in files {
+        h.update(path.as_bytes());
+        h.update([0]);
+        h.update(text.len().to_le_bytes());
+        h.update(text.as_bytes());
+    }
+    hex::encode(h.finalize())
 }
 
 /// The rustc of the toolchain `cargo` belongs to: the one beside it, else
@@ -873,11 +892,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_key_changes_with_any_file_and_the_target() {
+    fn the_key_changes_with_any_file_the_target_and_the_sdk() {
         let mut files = BTreeMap::from([("Cargo.toml".to_owned(), "a".to_owned())]);
-        let a = Builder::key(Target::Native, &files);
-        assert_ne!(a, Builder::key(Target::Wasm, &files));
+        let a = build_key("sdk", Target::Native, &files);
+        assert_ne!(a, build_key("sdk", Target::Wasm, &files));
+        assert_ne!(a, build_key("another sdk", Target::Native, &files));
         files.insert("src/lib.rs".into(), String::new());
-        assert_ne!(a, Builder::key(Target::Native, &files));
+        assert_ne!(a, build_key("sdk", Target::Native, &files));
     }
 }

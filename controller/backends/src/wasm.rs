@@ -1,7 +1,9 @@
 //! The wasm backend: `wasm-*` functions run in wasmtime inside the
 //! controller. A function is a WASI preview 1 command module; it reads
 //! `{"params": …, "context": …}` as JSON on stdin and writes its result as
-//! JSON on stdout.
+//! JSON on stdout: a module built with fnrt-sdk writes it after a marker the
+//! backend gives it per run (`FNRT_RESULT_MARKER`), so what the function
+//! prints itself does not spoil it (and shows in an error's `stdout_tail`).
 //!
 //! - One [`wasmtime::Engine`] (pooling allocator, epoch interruption, async).
 //! - Per function version, the module is compiled once and linked once into
@@ -43,6 +45,10 @@ use crate::build::Builder;
 use fnrt_core::function::FunctionVersion;
 use fnrt_core::language::Language;
 use fnrt_core::metrics::Metrics;
+
+/// The variable that tells a module (built with fnrt-sdk) the marker to
+/// write before its answer on stdout.
+const RESULT_MARKER_ENV: &str = "FNRT_RESULT_MARKER";
 use fnrt_core::runtime::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend};
 
 /// How often the epoch advances.
@@ -331,11 +337,16 @@ impl Instance for WasmInstance {
             .map_err(|e| InstanceError::Protocol(e.to_string()))?;
         let stdout = CappedOutput::new(self.backend.config.max_output_bytes);
         let stderr = CappedOutput::new(STDERR_CAP);
+        // What the module prints before this marker is its own output; its
+        // answer follows the last one (modules not built with fnrt-sdk write
+        // no marker: all of stdout is their answer).
+        let marker = format!("fnrt-result:{}:", hex::encode(rand::random::<[u8; 16]>()));
         let wasi = WasiCtxBuilder::new()
             .stdin(MemoryInputPipe::new(input))
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .envs(env)
+            .env(RESULT_MARKER_ENV, &marker)
             .build_p1();
         let limits = StoreLimitsBuilder::new()
             .memory_size((self.memory_mb as usize) << 20)
@@ -387,9 +398,11 @@ impl Instance for WasmInstance {
                 }
             },
         };
+        let contents = stdout.contents();
+        let (answer, printed) = split_answer(&contents, marker.as_bytes());
         if exit != 0 {
             // A module built with fnrt-sdk reports its error on stdout.
-            if let Some(outcome) = reported_error(&stdout.contents(), &stderr_tail) {
+            if let Some(outcome) = reported_error(answer, printed, &stderr_tail) {
                 return Ok(outcome);
             }
             return Ok(RunOutcome::Failed {
@@ -397,7 +410,7 @@ impl Instance for WasmInstance {
                 details: json!({ "exit_code": exit, "stderr_tail": stderr_tail }),
             });
         }
-        match serde_json::from_slice::<Value>(&stdout.contents()) {
+        match serde_json::from_slice::<Value>(answer) {
             Ok(result) => Ok(RunOutcome::Success(result)),
             Err(e) => Ok(RunOutcome::Failed {
                 message: format!("the module's stdout is not JSON: {e}"),
@@ -507,10 +520,30 @@ impl StdoutStream for CappedOutput {
     }
 }
 
+/// What a module wrote to stdout: its answer (after the `marker`, or all of
+/// it when there is none) and what it printed before. The first marker is
+/// the one: fnrt-sdk hides the marker from the function, which then cannot
+/// print it, while an answer may hold anything.
+fn split_answer<'a>(stdout: &'a [u8], marker: &[u8]) -> (&'a [u8], &'a [u8]) {
+    match stdout.windows(marker.len()).position(|w| w == marker) {
+        Some(at) => {
+            let printed = &stdout[..at];
+            (
+                &stdout[at + marker.len()..],
+                printed.strip_suffix(b"\n").unwrap_or(printed),
+            )
+        }
+        None => (stdout, &[]),
+    }
+}
+
+/// Bytes of what a failed module printed kept in its error's details.
+const STDOUT_TAIL: usize = 4096;
+
 /// `{"error": {"code", "message", "details"}}` on stdout, as fnrt-sdk's
 /// `export!` writes it before exiting with status 1.
-fn reported_error(stdout: &[u8], stderr_tail: &str) -> Option<RunOutcome> {
-    let body: Value = serde_json::from_slice(stdout).ok()?;
+fn reported_error(answer: &[u8], printed: &[u8], stderr_tail: &str) -> Option<RunOutcome> {
+    let body: Value = serde_json::from_slice(answer).ok()?;
     let error = body.get("error")?;
     let message = error.get("message")?.as_str()?.to_owned();
     let mut details = match error.get("details") {
@@ -519,6 +552,10 @@ fn reported_error(stdout: &[u8], stderr_tail: &str) -> Option<RunOutcome> {
     };
     if !stderr_tail.is_empty() {
         details["stderr_tail"] = json!(stderr_tail);
+    }
+    if !printed.is_empty() {
+        let tail = &printed[printed.len().saturating_sub(STDOUT_TAIL)..];
+        details["stdout_tail"] = json!(String::from_utf8_lossy(tail));
     }
     Some(match error.get("code").and_then(Value::as_str) {
         Some("INVALID_PARAMS") => RunOutcome::InvalidParams { message, details },

@@ -32,7 +32,7 @@ const MAX_ENV_VARS: usize = 64;
 const MAX_ENV_VALUE_BYTES: usize = 4096;
 const MAX_DESCRIPTION_CHARS: usize = 1024;
 /// Variables the runtime sets itself; a manifest may not override them.
-const RESERVED_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TMPDIR"];
+const RESERVED_ENV: [&str; 5] = ["PATH", "HOME", "LANG", "TMPDIR", "FNRT_RESULT_MARKER"];
 
 /// A function as its author describes it (`function.json`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

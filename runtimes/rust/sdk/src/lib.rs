@@ -44,7 +44,8 @@
 //!   output a runtime-protocol `/run` answer, `{"result":…}` or `{"error":…}`) and
 //!   `fnrt_free(ptr, len)` for that output. On wasm targets, a `fn main` (the controller builds the
 //!   library as a `bin` for `wasm32-wasip1`) that reads `{"params":…,"context":…}` from stdin and
-//!   writes the result JSON to stdout, or `{"error":…}` and exits with status 1.
+//!   writes the result JSON to stdout, or `{"error":…}` and exits with status 1, after the marker
+//!   the runtime gives in `FNRT_RESULT_MARKER` (so the function's own prints do not spoil it).
 //! - `__private` (hidden): the logic both expansions share, which the macro merely calls.
 //!
 //! Error `details` are always an object with a `type`: `"InvalidParams"` ([`Error::invalid_params`]),
@@ -325,6 +326,10 @@ pub mod __private {
     /// What `fnrt_abi_version` returns; the runtime refuses libraries with another.
     pub const ABI_VERSION: u32 = 1;
 
+    /// On wasm: the variable that holds the marker written before the answer
+    /// on stdout, so that what the function prints does not spoil it.
+    pub const RESULT_MARKER_ENV: &str = "FNRT_RESULT_MARKER";
+
     /// Runs `handler` on `input` (`{"params":…,"context":…}`); on success, the result as JSON text.
     ///
     /// Never unwinds: a panic (in the handler, in deserialising the params or serialising the
@@ -440,15 +445,26 @@ pub mod __private {
         P: DeserializeOwned,
         R: Serialize,
     {
-        let ok = run_stdio(handler, std::io::stdin().lock(), std::io::stdout().lock());
+        // The marker is the runtime's, not the function's: taken out of the
+        // environment before the handler runs, so no answer can contain it.
+        let marker = std::env::var(RESULT_MARKER_ENV).ok();
+        // SAFETY: a wasm module runs on this one thread; nothing else reads
+        // the environment while it changes.
+        unsafe { std::env::remove_var(RESULT_MARKER_ENV) };
+        let ok = run_stdio(
+            handler,
+            std::io::stdin().lock(),
+            std::io::stdout().lock(),
+            marker.as_deref(),
+        );
         if !ok {
             std::process::exit(1);
         }
     }
 
     /// Reads the call from `input`, writes the result JSON (success, `true`) or
-    /// `{"error":…}` (`false`) to `output`.
-    pub fn run_stdio<H, P, R>(handler: &H, mut input: impl Read, mut output: impl Write) -> bool
+    /// `{"error":…}` (`false`) to `output`, after `marker` when there is one.
+    pub fn run_stdio<H, P, R>(handler: &H, mut input: impl Read, mut output: impl Write, marker: Option<&str>) -> bool
     where
         H: Handler<P, R>,
         P: DeserializeOwned,
@@ -463,7 +479,19 @@ pub mod __private {
             Ok(result) => (true, result),
             Err(error) => (false, error_answer(&error)),
         };
-        if let Err(e) = output.write_all(&text).and_then(|()| output.flush()) {
+        // The wasm runtime tells the answer from what the function printed
+        // by a marker of its own (one per run) written just before it.
+        let marked = match marker {
+            Some(m) => output
+                .flush()
+                .and_then(|()| output.write_all(b"\n"))
+                .and_then(|()| output.write_all(m.as_bytes())),
+            None => Ok(()),
+        };
+        if let Err(e) = marked
+            .and_then(|()| output.write_all(&text))
+            .and_then(|()| output.flush())
+        {
             let _ = writeln!(std::io::stderr(), "fnrt-sdk: cannot write the answer to stdout: {e}");
             return false;
         }
@@ -753,13 +781,13 @@ mod tests {
     #[test]
     fn stdio_writes_the_bare_result_or_the_error() {
         let mut out = Vec::new();
-        assert!(run_stdio(&double, &br#"{"params":{"n":4}}"#[..], &mut out));
+        assert!(run_stdio(&double, &br#"{"params":{"n":4}}"#[..], &mut out, None));
         assert_eq!(
             serde_json::from_slice::<Value>(&out).unwrap(),
             json!({"double": 8, "user": null})
         );
         let mut out = Vec::new();
-        assert!(!run_stdio(&double, &br#"{"params":{"n":0}}"#[..], &mut out));
+        assert!(!run_stdio(&double, &br#"{"params":{"n":0}}"#[..], &mut out, None));
         assert_eq!(
             serde_json::from_slice::<Value>(&out).unwrap(),
             json!({"error": {"code": "RUNTIME_ERROR", "message": "zero", "details": {"type": "Error"}}})
