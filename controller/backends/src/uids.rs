@@ -197,9 +197,21 @@ impl Cgroup {
     /// read afresh: a total that stayed the same can hide a thread gone and
     /// a process come.
     pub fn grew(&self, expected: usize) -> bool {
-        let tasks = self.tasks();
-        let threads = parse_ids(&read_whole(&self.tasks_file)).len() as u64;
-        self.processes().len() > expected || tasks > threads
+        if self.processes().len() > expected {
+            return true;
+        }
+        // A thread that just ended has left `tasks` a moment before it is
+        // uncharged from the count (Python's request thread ends right
+        // after its answer): only a surplus that stays is a zombie.
+        for _ in 0..5 {
+            let tasks = self.tasks();
+            let threads = parse_ids(&read_whole(&self.tasks_file)).len() as u64;
+            if tasks <= threads {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        true
     }
 
     /// Kills every process in the cgroup and waits (at most `wait`) until
