@@ -255,7 +255,13 @@ fn read_whole(file: &std::fs::File) -> Vec<u8> {
     loop {
         match file.read_at(&mut buf, out.len() as u64) {
             Ok(0) | Err(_) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                // The kernel hands over what fits at once: a short read is all.
+                if n < buf.len() {
+                    return out;
+                }
+            }
         }
     }
 }
