@@ -142,11 +142,10 @@ pub struct Cgroup {
     dir: PathBuf,
     /// `cgroup.procs`, ready for [`join_cgroup`] after a fork.
     procs: CString,
-    /// `pids.current`, `cgroup.procs` and `tasks`, kept open: an
-    /// instance's check before each hand-out is then three `pread`s.
+    /// `pids.current`, kept open (one `pread` per look). `cgroup.procs`
+    /// and `tasks` are opened afresh for every look: cgroup v1 keeps the
+    /// list an open file read for a second and serves it again, stale.
     current: std::fs::File,
-    procs_file: std::fs::File,
-    tasks_file: std::fs::File,
 }
 
 impl Cgroup {
@@ -158,15 +157,7 @@ impl Cgroup {
         let procs = CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes())
             .map_err(|_| std::io::Error::other("cgroup path contains NUL"))?;
         let current = std::fs::File::open(dir.join("pids.current"))?;
-        let procs_file = std::fs::File::open(dir.join("cgroup.procs"))?;
-        let tasks_file = std::fs::File::open(dir.join("tasks"))?;
-        Ok(Cgroup {
-            dir,
-            procs,
-            current,
-            procs_file,
-            tasks_file,
-        })
+        Ok(Cgroup { dir, procs, current })
     }
 
     /// Its directory in the `pids` hierarchy.
@@ -189,7 +180,14 @@ impl Cgroup {
 
     /// The live processes in the cgroup.
     pub fn processes(&self) -> Vec<i32> {
-        parse_ids(&read_whole(&self.procs_file))
+        self.list("cgroup.procs")
+    }
+
+    /// The ids a list file holds, read from a fresh open.
+    fn list(&self, name: &str) -> Vec<i32> {
+        std::fs::File::open(self.dir.join(name))
+            .map(|f| parse_ids(&read_whole(&f)))
+            .unwrap_or_default()
     }
 
     /// Whether the cgroup holds more than `expected` processes, or tasks
@@ -205,7 +203,7 @@ impl Cgroup {
         // after its answer): only a surplus that stays is a zombie.
         for _ in 0..5 {
             let tasks = self.tasks();
-            let threads = parse_ids(&read_whole(&self.tasks_file)).len() as u64;
+            let threads = self.list("tasks").len() as u64;
             if tasks <= threads {
                 return false;
             }
