@@ -4,8 +4,9 @@
 //! # Layout
 //!
 //! - [`process`]: child processes running a language's runtime server
-//!   (Node.js, Python, Rust), each its own uid, limits and private `/tmp`;
-//!   the protocol to them is `fnrt_core::runtime::remote`'s.
+//!   (Node.js, Python, Rust), each in bubblewrap with its own uid,
+//!   namespaces, cgroup, limits and scratch tmpfs mounts; the protocol to
+//!   them is `fnrt_core::runtime::remote`'s.
 //! - [`sandbox`]: the bubblewrap walls around instances and builds.
 //! - [`uids`]: instance uids, one per instance on the host, and the cgroup
 //!   that counts each one's processes.
