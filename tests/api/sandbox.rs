@@ -198,10 +198,7 @@ fn alive(pid: u64) -> bool {
 /// Live processes whose command line contains `needle`.
 pub(crate) fn processes_with_cmdline(needle: &str) -> Vec<u32> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
+    for pid in crate::helpers::pids() {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             continue;
         };
@@ -221,10 +218,7 @@ pub(crate) type HostProcess = (u32, u64);
 /// real uid is `uid`.
 pub(crate) fn processes_of_uid(uid: u64) -> Vec<HostProcess> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
+    for pid in crate::helpers::pids() {
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };

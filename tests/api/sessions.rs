@@ -14,7 +14,7 @@ fn unix(rfc3339: &str) -> i64 {
         .unix_timestamp()
 }
 
-async fn delete(app: &TestApp, token: Option<&str>, id: &str) -> crate::helpers::Reply {
+pub(crate) async fn delete(app: &TestApp, token: Option<&str>, id: &str) -> crate::helpers::Reply {
     let mut request = app.client.delete(app.url(&format!("/api/v1/sessions/{id}")));
     if let Some(t) = token {
         request = request.bearer_auth(t);
@@ -139,8 +139,8 @@ fn instances_capped_at(app: &TestApp, mib: u64) -> Vec<std::path::PathBuf> {
     let instances = app.data_dir.path().join("instances");
     let limit = (mib * 1024 * 1024).to_string();
     let mut found = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let proc_dir = entry.path();
+    for pid in crate::helpers::pids() {
+        let proc_dir = std::path::Path::new("/proc").join(pid.to_string());
         let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
             continue;
         };

@@ -153,14 +153,8 @@ async fn a_double_forked_process_dies_with_its_instance_however_the_instance_end
         "the escape never ran: {:?}",
         r.body
     );
-    let deleted = app
-        .client
-        .delete(app.url(&format!("/api/v1/sessions/{id}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status(), 204);
+    let deleted = crate::sessions::delete(&app, Some(&token), &id).await;
+    assert_eq!(deleted.status, 204);
 
     // Assert 1
     assert!(

@@ -123,9 +123,10 @@ pub struct ProcessBackend {
     uids: Option<Arc<UidPool>>,
     /// bubblewrap, when the controller is root and it is installed.
     bwrap: Option<PathBuf>,
-    /// Whether instances get a private `/tmp` (root, and the data dir is not
-    /// itself under `/tmp`, which the mount would hide).
-    private_tmp: bool,
+    /// Without bubblewrap: whether instances get their `tmp/` mounted over
+    /// `/tmp` (root, and the data dir is not itself under `/tmp`, which the
+    /// mount would hide).
+    mounted_tmp: bool,
     limits: ProcessLimits,
     /// What every instance is given: the result cap, where artifacts are.
     remote: RemoteSettings,
@@ -185,8 +186,10 @@ impl ProcessBackend {
         // Instances must reach their own directory through this one.
         std::fs::set_permissions(&instances_dir, std::fs::Permissions::from_mode(0o711))?;
         let instances_dir = instances_dir.canonicalize()?;
-        let private_tmp = bwrap.is_some() || (others_only && !instances_dir.starts_with("/tmp"));
-        if others_only && !private_tmp {
+        // Without bubblewrap, a private /tmp is the instance's tmp/ mounted
+        // over it, which a data dir under /tmp would hide.
+        let mounted_tmp = others_only && bwrap.is_none() && !instances_dir.starts_with("/tmp");
+        if others_only && bwrap.is_none() && !mounted_tmp {
             tracing::warn!("the data dir is under /tmp: instances get a private TMPDIR but share /tmp");
         }
         // What an instance runs must be visible from inside its sandbox: a
@@ -195,7 +198,7 @@ impl ProcessBackend {
         let sight = Sight {
             others_only,
             // bubblewrap shows an instance what it runs wherever it lies.
-            private_tmp: private_tmp && bwrap.is_none(),
+            private_tmp: mounted_tmp,
             staging: instances_dir.with_file_name("bin"),
         };
         let mut launchers = HashMap::new();
@@ -256,7 +259,7 @@ impl ProcessBackend {
             launchers,
             uids,
             bwrap,
-            private_tmp,
+            mounted_tmp,
             limits: config.limits,
             own_root,
             builder: config.builder.clone(),
@@ -360,7 +363,7 @@ impl RuntimeBackend for ProcessBackend {
         let sandbox = match &uid {
             Some(lease) => {
                 // Without bubblewrap: the instance's own tmp/ mounted over /tmp.
-                let tmp = if self.private_tmp && self.bwrap.is_none() {
+                let tmp = if self.mounted_tmp {
                     cmd.env("TMPDIR", "/tmp");
                     let path = dir.join("tmp").into_os_string().into_encoded_bytes();
                     Some(std::ffi::CString::new(path).map_err(|_| unavailable("instance path contains NUL".into()))?)
@@ -405,7 +408,7 @@ impl RuntimeBackend for ProcessBackend {
             dir,
             output,
             terminated: false,
-            expected_processes: if self.bwrap.is_some() { SANDBOX_PROCESSES } else { 1 },
+            in_bwrap: self.bwrap.is_some(),
             uid,
         };
         let instance = RemoteInstance::connect(
@@ -644,8 +647,8 @@ pub struct ProcessHandle {
     dir: PathBuf,
     output: Arc<Output>,
     terminated: bool,
-    /// Processes in its cgroup when it is as it started.
-    expected_processes: usize,
+    /// Whether it runs in bubblewrap (the child is bubblewrap, not the runtime).
+    in_bwrap: bool,
     /// The instance's own uid, given back when the instance is gone.
     uid: Option<UidLease>,
 }
@@ -657,14 +660,16 @@ impl InstanceHandle for ProcessHandle {
     }
 
     /// Also false when the function left a process or a zombie behind: such
-    /// an instance is not handed to the next execution (three reads of its
-    /// cgroup's kept-open files).
+    /// an instance is not handed to the next execution ([`crate::uids::Cgroup::grew`]:
+    /// three small reads of its cgroup's files).
     fn is_alive(&mut self) -> bool {
         if self.terminated || !matches!(self.child.try_wait(), Ok(None)) {
             return false;
         }
+        // bubblewrap, its init and the runtime; or the runtime alone.
+        let expected = if self.in_bwrap { SANDBOX_PROCESSES } else { 1 };
         match self.uid.as_ref().and_then(|lease| lease.cgroup.as_ref()) {
-            Some(cgroup) if cgroup.grew(self.expected_processes) => {
+            Some(cgroup) if cgroup.grew(expected) => {
                 tracing::info!(instance = %self.id, "the function left processes behind; the instance is not reused");
                 false
             }
@@ -680,7 +685,7 @@ impl InstanceHandle for ProcessHandle {
         };
         // bubblewrap ends as its command did, a signal as 128 + its number.
         let status = match status.code() {
-            Some(code) if self.expected_processes == SANDBOX_PROCESSES && code > 128 => {
+            Some(code) if self.in_bwrap && code > 128 => {
                 format!("signal: {}", code - 128)
             }
             _ => status.to_string(),
@@ -727,16 +732,11 @@ impl ProcessHandle {
     /// first would leave that init to the host's init to reap, holding the
     /// uid until it does. Without one: the child's process group.
     fn kill_instance(&mut self) {
-        let child = self.pid.map(|p| p.as_raw_nonzero().get());
         match self.uid.as_ref().and_then(|lease| lease.cgroup.as_ref()) {
             Some(cgroup) => {
-                for pid in cgroup.processes().into_iter().filter(|p| Some(*p) != child) {
-                    if let Some(pid) = Pid::from_raw(pid) {
-                        let _ = rustix::process::kill_process(pid, Signal::KILL);
-                    }
-                }
+                cgroup.kill(self.pid);
                 // A runtime that is not sandboxed is the child itself.
-                if self.expected_processes != SANDBOX_PROCESSES {
+                if !self.in_bwrap {
                     self.kill_group();
                 }
             }

@@ -212,16 +212,21 @@ impl Cgroup {
         true
     }
 
+    /// Sends SIGKILL to every process in the cgroup but `spared`.
+    pub fn kill(&self, spared: Option<rustix::process::Pid>) {
+        for pid in self.processes().into_iter().filter_map(rustix::process::Pid::from_raw) {
+            if Some(pid) != spared {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+
     /// Kills every process in the cgroup and waits (at most `wait`) until
     /// none is counted; whether it emptied.
     pub async fn kill_all(&self, wait: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            for pid in self.processes() {
-                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                }
-            }
+            self.kill(None);
             if self.tasks() == 0 {
                 return true;
             }

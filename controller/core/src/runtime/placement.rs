@@ -65,7 +65,7 @@ pub struct Placement {
     /// Index into `backends`, per language (defaults and language rules).
     by_language: BTreeMap<Language, usize>,
     /// Index into `backends`, per Language-Title with a rule of its own.
-    by_title: HashMap<String, usize>,
+    by_title: HashMap<LanguageTitle, usize>,
 }
 
 impl std::fmt::Debug for Placement {
@@ -113,7 +113,7 @@ impl Placement {
             }
             match &rule.scope {
                 Scope::Language(language) => by_language.insert(*language, i),
-                Scope::Function(title) => by_title.insert(title.to_string(), i),
+                Scope::Function(title) => by_title.insert(title.clone(), i),
             };
         }
         Ok(Placement {
@@ -131,7 +131,7 @@ impl Placement {
     /// The backend that runs `function`, if any does.
     pub fn backend_for(&self, function: &FunctionVersion) -> Option<&Arc<dyn RuntimeBackend>> {
         self.by_title
-            .get(function.language_title.as_str())
+            .get(&function.language_title)
             .or_else(|| self.by_language.get(&function.language()))
             .map(|i| &self.backends[*i])
     }
@@ -149,16 +149,11 @@ impl Placement {
     /// Every (backend, language) that a function may run on: the pool keeps
     /// warm instances for each.
     pub fn targets(&self) -> Vec<(Arc<dyn RuntimeBackend>, Language)> {
-        let language_of = |title: &str| title.parse::<LanguageTitle>().ok().map(|t| t.language());
         let pairs: BTreeSet<(usize, Language)> = self
             .by_language
             .iter()
             .map(|(l, i)| (*i, *l))
-            .chain(
-                self.by_title
-                    .iter()
-                    .filter_map(|(t, i)| language_of(t).map(|l| (*i, l))),
-            )
+            .chain(self.by_title.iter().map(|(t, i)| (*i, t.language())))
             .collect();
         pairs.into_iter().map(|(i, l)| (self.backends[i].clone(), l)).collect()
     }
