@@ -146,6 +146,14 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Most files in a multi-file function (a package or an archive).
+    #[arg(long, env = "MAX_PACKAGE_FILES", default_value_t = 256)]
+    pub max_package_files: usize,
+    /// Largest multi-file function, unpacked, in MiB. Registrations
+    /// (`POST`/`PUT /api/v1/functions`) may be as large as that in base64,
+    /// whatever `MAX_BODY_BYTES` says.
+    #[arg(long, env = "MAX_PACKAGE_MB", default_value_t = 50)]
+    pub max_package_mb: u64,
     /// Largest result a function may return, in bytes of JSON.
     #[arg(long, env = "MAX_RESULT_BYTES", default_value_t = 1024 * 1024)]
     pub max_result_bytes: usize,
@@ -207,6 +215,22 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// How large a multi-file function may be.
+    pub fn package_limits(&self) -> fnrt_core::function::PackageLimits {
+        fnrt_core::function::PackageLimits {
+            max_files: self.max_package_files,
+            max_bytes: self.max_package_mb.saturating_mul(1024 * 1024),
+        }
+    }
+
+    /// Largest registration body: a package's bytes in base64, with room
+    /// for JSON and the manifest.
+    pub fn max_registration_bytes(&self) -> usize {
+        let base64 = self.max_package_mb.saturating_mul(1024 * 1024) / 3 * 4;
+        usize::try_from(base64.saturating_add(1024 * 1024))
+            .unwrap_or(usize::MAX)
+            .max(self.max_body_bytes)
+    }
     /// Settings from `flags` alone (`["--listen", "127.0.0.1:0", ...]`, no
     /// program name), as `controller serve` parses them but without reading
     /// any environment variable: what a program that embeds the application

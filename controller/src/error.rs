@@ -24,6 +24,9 @@ pub enum ApiError {
     /// The body is larger than the configured limit.
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// What the body carries is larger than a limit (a package's files).
+    #[error("{0}")]
+    ContentTooLarge(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -62,7 +65,9 @@ impl ApiError {
     /// The contract's error code.
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::InvalidRequest(_) | ApiError::PayloadTooLarge { .. } => "INVALID_REQUEST",
+            ApiError::InvalidRequest(_) | ApiError::PayloadTooLarge { .. } | ApiError::ContentTooLarge(_) => {
+                "INVALID_REQUEST"
+            }
             ApiError::InvalidParams { .. } => "INVALID_PARAMS",
             ApiError::Unauthorized(_) => "UNAUTHORIZED",
             ApiError::Forbidden(_) => "FORBIDDEN",
@@ -82,7 +87,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest(_) | ApiError::InvalidParams { .. } => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::ContentTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -192,6 +197,7 @@ impl From<crate::registry::RegistryError> for ApiError {
         use crate::registry::RegistryError;
         match e {
             RegistryError::Invalid(e) => ApiError::InvalidRequest(e.to_string()),
+            RegistryError::TooLarge(m) => ApiError::ContentTooLarge(m),
             RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
             RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::Unavailable(_) => ApiError::Unavailable(e.to_string()),

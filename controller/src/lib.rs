@@ -40,6 +40,7 @@
 //! -> `invoke` (core) -> `cache` / `runtime::pool` -> `runtime::process`
 //! instance over its Unix socket.
 
+pub mod archive;
 pub mod auth;
 pub mod cli;
 pub mod client;

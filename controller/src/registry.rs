@@ -18,11 +18,12 @@ use anyhow::Context;
 use time::OffsetDateTime;
 
 pub use fnrt_core::function::manifest::{self, CrateFiles, FunctionSpec, Manifest, ManifestError};
-pub use fnrt_core::function::{CheckError, Code, CodeCheck, FunctionVersion};
+use fnrt_core::function::package;
+pub use fnrt_core::function::{CheckError, Code, CodeCheck, FileContent, FunctionVersion, PackageFiles, PackageLimits};
 
 use crate::store::{FunctionStore, NewVersion, Source, StoreError, StoredFunction, StoredVersion};
 use fnrt_core::artifact::BuildFailure;
-use fnrt_core::language::{Language, LanguageTitle};
+use fnrt_core::language::{CRATE_ENTRYPOINT, Language, LanguageTitle};
 
 /// A function and its current version.
 #[derive(Debug, Clone)]
@@ -49,6 +50,9 @@ impl FunctionEntry {
 pub enum RegistryError {
     #[error(transparent)]
     Invalid(#[from] ManifestError),
+    /// A package with more files or bytes than allowed.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("function '{0}' already exists; update it with PUT")]
     Exists(String),
     #[error("function '{0}' not found")]
@@ -71,8 +75,20 @@ impl From<StoreError> for RegistryError {
     }
 }
 
+/// A function's code as registered.
+#[derive(Debug, Clone)]
+pub enum Submission {
+    /// One source file (`code`), or a crate's files in their stored form.
+    Source(String),
+    /// Files (`files`, an archive, a folder): a Rust crate for `rust-*` and
+    /// `wasm-*` functions, a package for Node and Python.
+    Files(PackageFiles),
+}
+
 pub struct Registry {
     store: Arc<dyn FunctionStore>,
+    /// How large a package may be.
+    package_limits: PackageLimits,
     /// Asked before any version is stored.
     checker: Option<Arc<dyn CodeCheck>>,
     /// Current version of every function, sorted by Language-Title for listings.
@@ -104,10 +120,26 @@ impl Registry {
         }
         Ok(Registry {
             store,
+            package_limits: PackageLimits::default(),
             checker,
             functions: RwLock::new(functions),
-            versions: moka::sync::Cache::new(1024),
+            // Weighed by code size: a package may be tens of MB.
+            versions: moka::sync::Cache::builder()
+                .max_capacity(256 * 1024 * 1024)
+                .weigher(|_, v: &Arc<FunctionVersion>| v.code.len().try_into().unwrap_or(u32::MAX))
+                .build(),
         })
+    }
+
+    /// Sets how large a package may be.
+    pub fn with_package_limits(mut self, limits: PackageLimits) -> Self {
+        self.package_limits = limits;
+        self
+    }
+
+    /// How large a package may be.
+    pub fn package_limits(&self) -> PackageLimits {
+        self.package_limits
     }
 
     /// The function and its current version, if registered (memory only).
@@ -218,7 +250,7 @@ impl Registry {
         &self,
         lt: &LanguageTitle,
         spec: FunctionSpec,
-        code: String,
+        code: Submission,
     ) -> Result<FunctionEntry, RegistryError> {
         let new = self.prepare(lt, spec, code, true).await?;
         match self.store.create(new, Source::Api).await {
@@ -233,7 +265,7 @@ impl Registry {
         &self,
         lt: &LanguageTitle,
         spec: FunctionSpec,
-        code: String,
+        code: Submission,
     ) -> Result<FunctionEntry, RegistryError> {
         let new = self.prepare(lt, spec, code, true).await?;
         match self.store.add_version(new, Source::Api).await {
@@ -259,33 +291,67 @@ impl Registry {
     async fn prepare(
         &self,
         lt: &LanguageTitle,
-        spec: FunctionSpec,
-        code: String,
+        mut spec: FunctionSpec,
+        code: Submission,
         build: bool,
     ) -> Result<NewVersion, RegistryError> {
-        let manifest = spec.normalize(lt.language())?;
-        let files = match manifest.is_crate() {
-            true => Some(manifest::crate_files(&code)?),
-            false => {
-                manifest::check_code(&code)?;
-                None
+        let language = lt.language();
+        let invalid = |m: String| RegistryError::Invalid(ManifestError(m));
+        let (manifest, code) = match code {
+            Submission::Source(code) => {
+                let manifest = spec.normalize(language)?;
+                (manifest, code)
+            }
+            // A Rust crate's files (Rust natively, or built to wasm).
+            Submission::Files(files) if matches!(language, Language::Rust | Language::Wasm) => {
+                let mut texts = CrateFiles::new();
+                for (path, content) in files {
+                    match content {
+                        FileContent::Text(text) => texts.insert(path, text),
+                        FileContent::Binary { .. } => {
+                            return Err(invalid(format!("'files.{path}' of a Rust crate must be text")));
+                        }
+                    };
+                }
+                spec.entrypoint.get_or_insert_with(|| CRATE_ENTRYPOINT.to_owned());
+                (spec.normalize(language)?, manifest::crate_code(&texts))
+            }
+            Submission::Files(files) => {
+                let manifest = spec.normalize_as(language, true)?;
+                (manifest, package::package_code(&files))
             }
         };
+        let files = match manifest.is_crate() {
+            true => Some(manifest::crate_files(&code)?),
+            false => None,
+        };
+        let package = match manifest.package {
+            true => Some(
+                package::check_package(&code, language, &manifest.entrypoint, self.package_limits).map_err(
+                    |e| match e {
+                        package::PackageError::Invalid(e) => RegistryError::Invalid(e),
+                        package::PackageError::TooLarge(m) => RegistryError::TooLarge(m),
+                    },
+                )?,
+            ),
+            false => None,
+        };
+        if files.is_none() && package.is_none() {
+            manifest::check_code(&code)?;
+        }
         if let Some(checker) = &self.checker {
-            let checked = match &files {
-                Some(files) => Code::Crate(files),
-                None => Code::File {
+            let checked = match (&files, &package) {
+                (Some(files), _) => Code::Crate(files),
+                (None, Some(package)) => Code::Package(package),
+                (None, None) => Code::File {
                     entrypoint: &manifest.entrypoint,
                     text: &code,
                 },
             };
-            checker
-                .check(lt.language(), checked, build)
-                .await
-                .map_err(|e| match e {
-                    CheckError::Invalid(message) => RegistryError::Invalid(ManifestError(message)),
-                    CheckError::BuildFailed(failure) => RegistryError::BuildFailed(failure),
-                })?;
+            checker.check(language, checked, build).await.map_err(|e| match e {
+                CheckError::Invalid(message) => RegistryError::Invalid(ManifestError(message)),
+                CheckError::BuildFailed(failure) => RegistryError::BuildFailed(failure),
+            })?;
         }
         Ok(NewVersion {
             language_title: lt.to_string(),
@@ -347,11 +413,19 @@ impl Registry {
             .entrypoint
             .clone()
             .unwrap_or_else(|| lt.language().default_entrypoint().to_owned());
-        anyhow::ensure!(manifest::valid_file_name(&entrypoint), "bad entrypoint {entrypoint:?}");
-        let code = if entrypoint == fnrt_core::language::CRATE_ENTRYPOINT {
-            manifest::crate_code(&read_crate(path)?)
+        anyhow::ensure!(
+            package::check_path(&entrypoint).is_ok() && !entrypoint.contains(".."),
+            "bad entrypoint {entrypoint:?}"
+        );
+        let code = if entrypoint == CRATE_ENTRYPOINT {
+            Submission::Source(manifest::crate_code(&read_crate(path)?))
         } else {
-            std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?
+            match package::read_folder(path, &entrypoint, self.package_limits)? {
+                Some(files) => Submission::Files(files),
+                None => Submission::Source(
+                    std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?,
+                ),
+            }
         };
         // Crates are built in the background: start-up does not wait.
         let new = self.prepare(&lt, spec, code, false).await?;

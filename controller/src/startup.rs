@@ -197,7 +197,11 @@ impl Application {
         let placement = Arc::new(placement);
         let backends = Arc::new(Backends::new(placement.clone(), builder.clone()));
         let (records, write_records) = ExecutionLog::new(stores.executions.clone());
-        let registry = Arc::new(Registry::load(stores.functions.clone(), Some(backends.clone())).await?);
+        let registry = Arc::new(
+            Registry::load(stores.functions.clone(), Some(backends.clone()))
+                .await?
+                .with_package_limits(args.package_limits()),
+        );
         let functions_dir = args.functions_dir();
         if functions_dir.is_dir() {
             let n = registry.load_bundled(&functions_dir).await?;
@@ -306,6 +310,7 @@ impl Application {
             state,
             &HttpSettings {
                 max_body_bytes: args.max_body_bytes,
+                max_registration_bytes: args.max_registration_bytes(),
                 cors_allowed_origins: args.cors_allowed_origins.clone(),
             },
         );

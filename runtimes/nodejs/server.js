@@ -78,6 +78,8 @@ const state = {
   /** Absolute paths of ./function/ and the entrypoint in it, used to locate and scrub errors. */
   functionDir: null,
   entryFile: null,
+  /** Where the controller puts a multi-file function's files: `function/` beside the socket. */
+  packageDir: null,
   /** The run in progress, or null; `fail(err)` ends it with an uncaught error. */
   currentRun: null,
 };
@@ -266,7 +268,23 @@ function parseInit(body) {
 
   const entrypoint = body.entrypoint;
   if (typeof entrypoint !== 'string') throw new BadRequest('"entrypoint" must be a string');
-  if (!ENTRYPOINT_RE.test(entrypoint) || entrypoint === '.' || entrypoint === '..') {
+  if (body.package !== undefined && typeof body.package !== 'boolean') {
+    throw new BadRequest('"package" must be a boolean');
+  }
+  const isPackage = body.package === true;
+  if (isPackage) {
+    const parts = entrypoint.split('/');
+    if (!parts.every((p) => ENTRYPOINT_RE.test(p) && p !== '.' && p !== '..')) {
+      throw new BadRequest('"entrypoint" must be a relative path of [A-Za-z0-9_.-] parts');
+    }
+    let placed = false;
+    try {
+      placed = fs.statSync(path.join(state.packageDir, entrypoint)).isFile();
+    } catch {
+      placed = false;
+    }
+    if (!placed) throw new BadRequest(`the package's "${entrypoint}" is not in place`);
+  } else if (!ENTRYPOINT_RE.test(entrypoint) || entrypoint === '.' || entrypoint === '..') {
     throw new BadRequest('"entrypoint" must be a plain file name matching [A-Za-z0-9_.-]{1,64}');
   }
 
@@ -286,7 +304,7 @@ function parseInit(body) {
     }
   }
 
-  return { entrypoint, handler, code: body.code, env };
+  return { entrypoint, handler, code: body.code, env, isPackage };
 }
 
 /** `exports[name]`, except that a name like "toString" must not find a built-in method. */
@@ -316,16 +334,19 @@ function handleInit(body) {
   // From here on the attempt counts: a failed load may leave half-run module
   // code behind, so the instance is never initialised a second time.
   state.phase = 'failed';
-  state.functionDir = path.resolve('function');
+  // A package's files are in place already; one file is written here.
+  state.functionDir = request.isPackage ? state.packageDir : path.resolve('function');
   state.entryFile = path.join(state.functionDir, request.entrypoint);
 
   try {
-    fs.mkdirSync(state.functionDir, { recursive: true });
-    // Pin `.js` to CommonJS so a package.json further up cannot turn it into ESM.
-    if (request.entrypoint !== 'package.json') {
-      fs.writeFileSync(path.join(state.functionDir, 'package.json'), '{"type":"commonjs"}\n');
+    if (!request.isPackage) {
+      fs.mkdirSync(state.functionDir, { recursive: true });
+      // Pin `.js` to CommonJS so a package.json further up cannot turn it into ESM.
+      if (request.entrypoint !== 'package.json') {
+        fs.writeFileSync(path.join(state.functionDir, 'package.json'), '{"type":"commonjs"}\n');
+      }
+      fs.writeFileSync(state.entryFile, request.code);
     }
-    fs.writeFileSync(state.entryFile, request.code);
   } catch (err) {
     return [422, errorBody('INIT_ERROR', `could not write the function's code: ${scrub(err.message)}`)];
   }
@@ -551,6 +572,7 @@ function removeStaleSocket(socketPath) {
 
 function main() {
   const { socketPath } = parseArgs(process.argv.slice(2));
+  state.packageDir = path.join(path.dirname(path.resolve(socketPath)), 'function');
 
   try {
     removeStaleSocket(socketPath);

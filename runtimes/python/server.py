@@ -133,7 +133,7 @@ def _byte_to_char_column(filename, lineno, byte_offset):
 class Runtime:
     """The state of this instance: the one function it serves."""
 
-    def __init__(self, base_env):
+    def __init__(self, base_env, package_dir=None):
         # The runtime's own environment at start-up; only INHERITED_ENV of it
         # reaches the function.
         self.base_env = base_env
@@ -146,6 +146,9 @@ class Runtime:
         self.init_attempted = False
         # The function's handler once /init succeeded; None before.
         self.handler = None
+        # Where the controller puts a multi-file function's files (`function/`
+        # beside the socket) before an /init with "package": true.
+        self.package_dir = package_dir
         instance_dir = os.getcwd()
         # Absolute, so frames of the function's file are recognised by name.
         self.function_dir = os.path.join(instance_dir, FUNCTION_DIR)
@@ -176,11 +179,20 @@ class Runtime:
         code = _field(body, "code", str, "a string", required=True)
         handler_name = _field(body, "handler", str, "a string", default="handler")
         env = _field(body, "env", dict, "an object of strings", default={})
+        package = _field(body, "package", bool, "a boolean", default=False)
         # Informational; checked so a confused caller hears about it.
         _field(body, "language_title", str, "a string")
         _field(body, "version", int, "an integer")
 
-        if not ENTRYPOINT_RE.fullmatch(entrypoint) or entrypoint in (".", ".."):
+        if package:
+            parts = entrypoint.split("/")
+            if not all(ENTRYPOINT_RE.fullmatch(p) and p not in (".", "..") for p in parts):
+                raise RequestError(400, "BAD_REQUEST", "'entrypoint' must be a relative path of [A-Za-z0-9_.-] parts")
+            if not all(p.isidentifier() for p in parts[:-1] + [parts[-1][:-3]]):
+                raise RequestError(400, "BAD_REQUEST", "'entrypoint' must be importable: its directories and name identifiers")
+            if self.package_dir is None or not os.path.isfile(os.path.join(self.package_dir, entrypoint)):
+                raise RequestError(400, "BAD_REQUEST", f"the package's '{entrypoint}' is not in place")
+        elif not ENTRYPOINT_RE.fullmatch(entrypoint) or entrypoint in (".", ".."):
             raise RequestError(400, "BAD_REQUEST", "'entrypoint' must be a plain file name matching [A-Za-z0-9_.-]{1,64}")
         if not entrypoint.endswith(".py"):
             raise RequestError(400, "BAD_REQUEST", "'entrypoint' must end in .py")
@@ -204,7 +216,10 @@ class Runtime:
                 raise RequestError(409, "ALREADY_INITIALIZED", f"this instance already {state}; it loads one function once")
             self.init_attempted = True
             try:
-                self._load(entrypoint, source, handler_name, env)
+                if package:
+                    self._load_package(entrypoint, handler_name, env)
+                else:
+                    self._load(entrypoint, source, handler_name, env)
             finally:
                 _flush_std_streams()
         finally:
@@ -225,13 +240,10 @@ class Runtime:
             raise RequestError(422, "INIT_ERROR", f"cannot write the function's code: {exc.strerror}", {"type": type(exc).__name__}) from None
 
         self._replace_environment(env)
-        # The runtime's own folder (sys.path[0] when started as a script) is not
-        # importable by the function. The function's folder is not put on
-        # sys.path either: an entrypoint named asyncio.py must not shadow the
-        # standard library module the server imports later.
-        if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.realpath(os.path.dirname(SERVER_FILE)):
-            del sys.path[0]
-
+        _forget_server_dir()
+        # The function's folder is not put on sys.path: an entrypoint named
+        # asyncio.py must not shadow the standard library module the server
+        # imports later.
         try:
             spec = importlib.util.spec_from_file_location(MODULE_NAME, self.entry_path)
             module = importlib.util.module_from_spec(spec)
@@ -242,7 +254,26 @@ class Runtime:
             sys.modules.pop(MODULE_NAME, None)
             message, details = self._describe(exc)
             raise RequestError(422, "INIT_ERROR", message, details) from None
+        self._take_handler(module, entrypoint, handler_name)
 
+    def _load_package(self, entrypoint, handler_name, env):
+        """Import a package's entrypoint as a module of the package
+        (`app/main.py` is `app.main`), so its relative imports work."""
+        self.entry_path = os.path.join(self.package_dir, entrypoint)
+        self._path_map = self._build_path_map(os.getcwd(), self.entry_path)
+        self._replace_environment(env)
+        _forget_server_dir()
+        # As in AWS Lambda: the package's root is the first place imports look.
+        sys.path.insert(0, self.package_dir)
+        module_name = entrypoint[: -len(".py")].replace("/", ".")
+        try:
+            module = importlib.import_module(module_name)
+        except BaseException as exc:  # noqa: B036 - SystemExit at top level is the function's failure too
+            message, details = self._describe(exc)
+            raise RequestError(422, "INIT_ERROR", message, details) from None
+        self._take_handler(module, entrypoint, handler_name)
+
+    def _take_handler(self, module, entrypoint, handler_name):
         handler = getattr(module, handler_name, None)
         if handler is None:
             raise RequestError(422, "INIT_ERROR", f"handler '{handler_name}' is not defined in {entrypoint}", {"type": "AttributeError"})
@@ -387,7 +418,16 @@ class Runtime:
             pairs[function_dir + os.sep] = ""
             if entry_path is not None:
                 pairs[os.path.join(function_dir, os.path.basename(entry_path))] = os.path.basename(entry_path)
+        if self.package_dir is not None:
+            pairs[self.package_dir + os.sep] = ""
         return sorted(pairs.items(), key=lambda pair: len(pair[0]), reverse=True)
+
+
+def _forget_server_dir():
+    """The runtime's own folder (sys.path[0] when started as a script) is not
+    importable by the function."""
+    if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.realpath(os.path.dirname(SERVER_FILE)):
+        del sys.path[0]
 
 
 async def _await(awaitable):
@@ -634,7 +674,9 @@ def main(argv=None):
     parser.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
     args = parser.parse_args(argv)
 
-    runtime = Runtime(dict(os.environ))
+    # A multi-file function's files are put beside the socket.
+    package_dir = os.path.join(os.path.dirname(os.path.abspath(args.socket)), FUNCTION_DIR)
+    runtime = Runtime(dict(os.environ), package_dir)
     remove_stale_socket(args.socket)
     try:
         server = ThreadingUnixHTTPServer(args.socket, runtime)

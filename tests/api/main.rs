@@ -28,6 +28,7 @@ mod initialize;
 mod limits;
 mod newcomer;
 mod operations;
+mod packages;
 mod placement;
 mod replicas;
 mod runtimes;

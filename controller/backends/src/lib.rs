@@ -20,6 +20,7 @@
 //!   where crates' artifacts are.
 
 pub mod build;
+pub mod packages;
 pub mod process;
 pub mod sandbox;
 pub mod uids;
@@ -76,6 +77,7 @@ impl CodeCheck for Backends {
                     .map_err(CheckError::Invalid);
             }
             Code::Crate(files) => files,
+            Code::Package(_) => return Ok(()),
         };
         let builder = self.builder().map_err(CheckError::Invalid)?;
         let target = Target::for_language(language);

@@ -47,8 +47,10 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use crate::build::Builder;
+use crate::packages::PackageStore;
 use crate::sandbox::Walls;
 use crate::uids::{UidLease, UidPool};
+use fnrt_core::function::FunctionVersion;
 use fnrt_core::language::Language;
 use fnrt_core::runtime::protocol::Endpoint;
 use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
@@ -132,6 +134,8 @@ pub struct ProcessBackend {
     remote: RemoteSettings,
     /// Builds Rust functions.
     builder: Option<Arc<Builder>>,
+    /// Multi-file functions' files.
+    packages: Arc<PackageStore>,
     /// The directory of its own under `/run/fnrt` when the data dir could
     /// not be used; removed with the backend (it holds copies of runtimes).
     own_root: Option<PathBuf>,
@@ -250,6 +254,11 @@ impl ProcessBackend {
             tracing::warn!(language = %Language::Rust, error = %e, "runtime unavailable");
         }
         launchers.insert(Language::Rust, rust);
+        // Beside the instance directories: the same filesystem, for links.
+        let packages = Arc::new(PackageStore::new(
+            instances_dir.with_file_name("packages"),
+            others_only,
+        )?);
         let own_root = instances_dir
             .starts_with(RUN_DIR)
             .then(|| instances_dir.parent().map(Path::to_path_buf))
@@ -262,6 +271,7 @@ impl ProcessBackend {
             mounted_tmp,
             limits: config.limits,
             own_root,
+            packages,
             builder: config.builder.clone(),
             remote: RemoteSettings {
                 max_result_bytes: config.max_result_bytes,
@@ -410,6 +420,7 @@ impl RuntimeBackend for ProcessBackend {
             terminated: false,
             in_bwrap: self.bwrap.is_some(),
             uid,
+            packages: self.packages.clone(),
         };
         let instance = RemoteInstance::connect(
             Box::new(handle),
@@ -651,6 +662,8 @@ pub struct ProcessHandle {
     in_bwrap: bool,
     /// The instance's own uid, given back when the instance is gone.
     uid: Option<UidLease>,
+    /// Where multi-file functions' files are.
+    packages: Arc<PackageStore>,
 }
 
 #[async_trait]
@@ -722,6 +735,36 @@ impl InstanceHandle for ProcessHandle {
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         self.terminated = true;
         self.uid = None;
+    }
+
+    /// Links the version's files into `function/` of the instance
+    /// directory (`/run/runtime/function` inside bubblewrap).
+    async fn place_package(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
+        let packages = self.packages.clone();
+        let dir = self.dir.clone();
+        let function_owned = function.language_title.to_string();
+        let version = function.version;
+        // The files are written once per version: the code is only copied
+        // for the blocking task when they are not there yet.
+        let package = packages.dir_of(function);
+        let pending = packages.pending(function);
+        let placed = tokio::task::spawn_blocking(move || {
+            if let Some(pending) = pending {
+                packages.write(pending)?;
+            }
+            packages
+                .place(&package, &dir)
+                .map_err(|e| format!("giving the instance its files: {e}"))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("placing the files failed: {e}")));
+        placed.map_err(|message| {
+            tracing::error!(function = %function_owned, version, error = %message, "package not placed");
+            InstanceError::Unavailable {
+                language: function.language(),
+                message,
+            }
+        })
     }
 }
 

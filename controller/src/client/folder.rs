@@ -1,7 +1,8 @@
 //! A function folder, as `fnrt deploy` reads it: `function.json` (the
 //! manifest, docs/function-manifest.md) and the code beside it: the
-//! entrypoint file, or for a Rust crate (entrypoint `Cargo.toml`) every
-//! file of the folder but `function.json`, `target/` and hidden ones. The
+//! entrypoint file alone, or, when the folder holds more (a Node or Python
+//! package, a Rust crate), every file of it but `function.json`, hidden
+//! ones, `target/`, `node_modules/` and `__pycache__/`. The
 //! folder's name is the Language-Title unless one is given.
 
 use std::collections::BTreeMap;
@@ -10,6 +11,8 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::{Map, Value};
 
+use fnrt_core::function::PackageLimits;
+use fnrt_core::function::package::read_folder;
 use fnrt_core::language::{CRATE_ENTRYPOINT, LanguageTitle};
 
 /// Files of a crate folder at most: a registration is one JSON body.
@@ -46,9 +49,21 @@ pub fn registration(dir: &Path, language_title: Option<&str>) -> anyhow::Result<
     if entrypoint == CRATE_ENTRYPOINT {
         body.insert("files".into(), Value::Object(crate_files(dir)?));
     } else {
-        let path = dir.join(&entrypoint);
-        let code = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        body.insert("code".into(), Value::String(code));
+        // The server's limits decide; the walk only stops at absurd sizes.
+        let limits = PackageLimits {
+            max_files: 100_000,
+            max_bytes: 1 << 30,
+        };
+        match read_folder(dir, &entrypoint, limits).with_context(|| format!("reading {}", dir.display()))? {
+            Some(files) => {
+                body.insert("files".into(), serde_json::to_value(files)?);
+            }
+            None => {
+                let path = dir.join(&entrypoint);
+                let code = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                body.insert("code".into(), Value::String(code));
+            }
+        }
     }
     body.insert("language_title".into(), Value::String(lt.to_string()));
     Ok((lt, Value::Object(body)))

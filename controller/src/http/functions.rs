@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
@@ -13,9 +14,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use super::extract::{ApiJson, Auth};
+use crate::archive::{self, ArchiveError};
 use crate::auth::{READ_FUNCTIONS, WRITE_FUNCTIONS};
 use crate::error::{ApiError, ErrorBody};
-use crate::registry::{FunctionEntry, FunctionSpec};
+use crate::registry::{FileContent, FunctionEntry, FunctionSpec, PackageLimits, Submission};
 use fnrt_backends::build::Builder;
 use fnrt_core::artifact::BuildState;
 use fnrt_core::function::manifest::{LimitsSpec, SchemaSpec};
@@ -223,7 +225,8 @@ async fn get_function(
     Ok(axum::Json(detail(&f, state.builder.as_ref())))
 }
 
-/// A function to register: its manifest fields and its code.
+/// A function to register: its manifest fields and its code, as exactly one
+/// of `code`, `files` or `archive`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RegisterBody {
@@ -231,10 +234,13 @@ pub(super) struct RegisterBody {
     pub language_title: Option<String>,
     /// The source of the entrypoint file (Node, Python, WAT, base64 wasm).
     pub code: Option<String>,
-    /// A Rust crate's files, path -> text (`Cargo.toml`, `src/lib.rs`, ...),
-    /// for `rust-*` functions and `wasm-*` ones built from Rust; instead of `code`.
+    /// Several files, relative path -> text or `{"base64": "..."}`: a Node
+    /// or Python package (entrypoint a path among them), or a Rust crate
+    /// (`Cargo.toml`, `src/lib.rs`, ...) for `rust-*` and `wasm-*` functions.
     #[schema(value_type = Option<Object>)]
-    pub files: Option<BTreeMap<String, String>>,
+    pub files: Option<BTreeMap<String, FileContent>>,
+    /// The same files as a `.zip` or `.tar.gz`, base64.
+    pub archive: Option<String>,
     pub description: String,
     pub entrypoint: Option<String>,
     pub handler: Option<String>,
@@ -253,29 +259,35 @@ pub(super) struct RegisterBody {
 }
 
 impl RegisterBody {
-    fn into_parts(self) -> Result<(Option<String>, FunctionSpec, String), ApiError> {
-        let (entrypoint, code) = match (self.code, self.files) {
-            (Some(code), None) => (self.entrypoint, code),
-            // A crate's entrypoint is its Cargo.toml.
-            (None, Some(files)) => (
-                self.entrypoint
-                    .or_else(|| Some(fnrt_core::language::CRATE_ENTRYPOINT.to_owned())),
-                fnrt_core::function::manifest::crate_code(&files),
-            ),
-            (Some(_), Some(_)) => {
+    fn into_parts(self, limits: PackageLimits) -> Result<(Option<String>, FunctionSpec, Submission), ApiError> {
+        let code = match (self.code, self.files, self.archive) {
+            (Some(code), None, None) => Submission::Source(code),
+            (None, Some(files), None) => Submission::Files(files),
+            (None, None, Some(archive)) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(archive.trim())
+                    .map_err(|e| ApiError::InvalidRequest(format!("'archive' is not valid base64: {e}")))?;
+                Submission::Files(archive::unpack(&bytes, limits).map_err(|e| match e {
+                    ArchiveError::Invalid(m) => ApiError::InvalidRequest(m),
+                    ArchiveError::TooLarge(m) => ApiError::ContentTooLarge(m),
+                })?)
+            }
+            (None, None, None) => {
                 return Err(ApiError::InvalidRequest(
-                    "send either 'code' (one file) or 'files' (a Rust crate), not both".into(),
+                    "missing the code: 'code' (one file), 'files' (path -> content) or 'archive' \
+                     (a base64 .zip or .tar.gz)"
+                        .into(),
                 ));
             }
-            (None, None) => {
+            _ => {
                 return Err(ApiError::InvalidRequest(
-                    "missing 'code' (one file) or 'files' (a Rust crate)".into(),
+                    "send only one of 'code', 'files' and 'archive'".into(),
                 ));
             }
         };
         let spec = FunctionSpec {
             description: self.description,
-            entrypoint,
+            entrypoint: self.entrypoint,
             handler: self.handler,
             schema: self.schema,
             examples: self.examples,
@@ -310,7 +322,7 @@ async fn create_function(
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<(StatusCode, axum::Json<FunctionDetail>), ApiError> {
     auth.require(WRITE_FUNCTIONS)?;
-    let (language_title, spec, code) = body.into_parts()?;
+    let (language_title, spec, code) = body.into_parts(state.engine.registry.package_limits())?;
     let lt = parse_title(
         language_title
             .as_deref()
@@ -353,7 +365,7 @@ async fn update_function(
 ) -> Result<axum::Json<FunctionDetail>, ApiError> {
     auth.require(WRITE_FUNCTIONS)?;
     let lt = parse_title(&language_title)?;
-    let (body_title, spec, code) = body.into_parts()?;
+    let (body_title, spec, code) = body.into_parts(state.engine.registry.package_limits())?;
     if body_title.is_some_and(|t| t != lt.as_str()) {
         return Err(ApiError::InvalidRequest(
             "'language_title' does not match the path".into(),

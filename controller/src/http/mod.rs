@@ -62,6 +62,9 @@ pub struct AppState {
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
     pub max_body_bytes: usize,
+    /// Largest body of a registration (`POST /api/v1/functions`, `PUT
+    /// /api/v1/functions/{language_title}`), which may carry a package.
+    pub max_registration_bytes: usize,
     /// `*` means any origin.
     pub cors_allowed_origins: Vec<String>,
 }
@@ -203,9 +206,11 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(api.with_state(state.clone()))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(state, record_metrics))
-        .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(settings.max_body_bytes))
-        .layer(axum::Extension(BodyLimit(settings.max_body_bytes)))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(
+            (settings.max_body_bytes, settings.max_registration_bytes),
+            body_limit,
+        ))
         // Outside the body limit, so its early 413 gets the JSON body too.
         .layer(middleware::from_fn(json_errors))
         // gzip or br, as the client accepts, for bodies over 1 KiB (error
@@ -253,6 +258,27 @@ fn cors(settings: &HttpSettings) -> CorsLayer {
         ])
         .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
         .max_age(Duration::from_secs(86_400))
+}
+
+/// Limits the body's size: `MAX_BODY_BYTES`, or for a registration the
+/// larger limit a package needs. A declared length over it is refused at
+/// once (before the body is read); a body that grows past it fails its
+/// extractor with 413.
+async fn body_limit(State((body, registration)): State<(usize, usize)>, mut req: Request, next: Next) -> Response {
+    let registers = (req.method() == Method::POST && req.uri().path() == "/api/v1/functions")
+        || (req.method() == Method::PUT && req.uri().path().starts_with("/api/v1/functions/"));
+    let limit = if registers { registration } else { body };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        // Bare: `json_errors` gives it the body (an execute's with its request ID).
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    req.extensions_mut().insert(BodyLimit(limit));
+    next.run(req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, limit))))
+        .await
 }
 
 /// Counts requests by matched route (never the raw path: IDs would explode

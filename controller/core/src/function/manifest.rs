@@ -116,6 +116,10 @@ pub struct Manifest {
     /// Versions stored before the field existed read as the default.
     #[serde(default)]
     pub cache: CachePolicy,
+    /// Whether the code is a package of files (`files` or an archive) for
+    /// Node or Python, rather than one source file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub package: bool,
 }
 
 /// A function's cache policy. `X-Cache-Control: max-age` still wins within
@@ -187,8 +191,15 @@ impl CacheSpec {
 }
 
 impl FunctionSpec {
-    /// Checks every field and fills the defaults.
+    /// Checks every field and fills the defaults, for a function that is one
+    /// source file (or a Rust crate).
     pub fn normalize(self, language: Language) -> Result<Manifest, ManifestError> {
+        self.normalize_as(language, false)
+    }
+
+    /// Checks every field and fills the defaults; `package`: the code is a
+    /// package of files (Node, Python), whose entrypoint may be a relative path.
+    pub fn normalize_as(self, language: Language, package: bool) -> Result<Manifest, ManifestError> {
         let description = self.description.trim().to_owned();
         if description.is_empty() {
             return err("'description' must not be empty");
@@ -201,7 +212,14 @@ impl FunctionSpec {
         let entrypoint = self
             .entrypoint
             .unwrap_or_else(|| language.default_entrypoint().to_owned());
-        if !valid_file_name(&entrypoint) {
+        if package && !matches!(language, Language::Nodejs | Language::Python) {
+            return err(format!(
+                "'files' of a {language} function must be a Rust crate (Cargo.toml and src/lib.rs)"
+            ));
+        }
+        if package {
+            super::package::check_path(&entrypoint).map_err(|m| ManifestError(format!("'entrypoint' {m}")))?;
+        } else if !valid_file_name(&entrypoint) {
             return err("'entrypoint' must be a plain file name matching [A-Za-z0-9_.-]{1,64}");
         }
         if !language
@@ -268,6 +286,7 @@ impl FunctionSpec {
             limits: Limits { timeout_ms, memory_mb },
             env: self.env,
             cache,
+            package,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! registered ([`CodeCheck`]).
 
 pub mod manifest;
+pub mod package;
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 pub use manifest::{CrateFiles, FunctionSpec, Manifest, ManifestError};
+pub use package::{FileContent, PackageFiles, PackageLimits};
 
 use crate::artifact::BuildFailure;
 use crate::language::{Language, LanguageTitle};
@@ -111,6 +113,8 @@ pub enum Code<'a> {
     File { entrypoint: &'a str, text: &'a str },
     /// A Rust crate's files.
     Crate(&'a CrateFiles),
+    /// A Node or Python package's files.
+    Package(&'a PackageFiles),
 }
 
 /// Why [`CodeCheck`] refused a function.

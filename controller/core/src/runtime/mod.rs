@@ -131,6 +131,7 @@ pub async fn init_payload(
                     (Target::Native.artifact_name().to_owned(), encoded.into())
                 }
                 (Some(_), None) => return Err(InstanceError::Protocol("no builder for a crate".into())),
+                (None, _) if function.manifest.package => (function.manifest.entrypoint.clone(), "".into()),
                 (None, _) => (function.manifest.entrypoint.clone(), function.code.as_str().into()),
             };
             Ok(std::sync::Arc::new(protocol::InitPayload {
@@ -140,6 +141,7 @@ pub async fn init_payload(
                 handler: function.manifest.handler.clone(),
                 code,
                 env: serde_json::to_value(&function.manifest.env).unwrap_or_default(),
+                package: function.manifest.package,
             }))
         })
         .await

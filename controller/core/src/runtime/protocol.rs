@@ -81,6 +81,10 @@ pub struct InitPayload {
     pub handler: String,
     pub code: std::sync::Arc<str>,
     pub env: Value,
+    /// The function is a package whose files the backend put in
+    /// `function/` beside the instance's socket before `/init`; `code` is
+    /// empty and `entrypoint` a path among those files.
+    pub package: bool,
 }
 
 /// One instance's client.
@@ -121,7 +125,7 @@ impl RuntimeClient {
 
     /// Loads the function; an instance is initialised at most once.
     pub async fn init(&self, payload: &InitPayload) -> Result<(), InitError> {
-        let body = json!({
+        let mut body = json!({
             "language_title": payload.language_title,
             "version": payload.version,
             "entrypoint": payload.entrypoint,
@@ -129,6 +133,9 @@ impl RuntimeClient {
             "code": &*payload.code,
             "env": payload.env,
         });
+        if payload.package {
+            body["package"] = json!(true);
+        }
         let (status, answer) = self
             .call(Method::POST, "/init", Some(&body), MAX_CONTROL_RESPONSE)
             .await?;
@@ -372,6 +379,7 @@ mod tests {
 
     fn payload(code: &str) -> InitPayload {
         InitPayload {
+            package: false,
             language_title: "nodejs-x".into(),
             version: 1,
             entrypoint: "index.js".into(),

@@ -57,6 +57,14 @@ pub trait InstanceHandle: Send + Sync {
     /// Stops the server for good and releases what it holds. Dropping the
     /// handle does the same, best effort.
     async fn terminate(&mut self);
+    /// Puts a package's files where the server reads them (`function/`
+    /// beside its socket), before its `/init`.
+    async fn place_package(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
+        Err(InstanceError::Unavailable {
+            language: function.language(),
+            message: format!("instance {} cannot be given a package of files", self.id()),
+        })
+    }
 }
 
 /// A runtime server, specialised at most once, reached over the protocol.
@@ -183,6 +191,9 @@ impl Instance for RemoteInstance {
             ));
         }
         let payload = init_payload(self.artifacts.as_deref(), function).await?;
+        if payload.package {
+            self.handle.place_package(function).await?;
+        }
         match self.client.init(&payload).await {
             Ok(()) => {
                 self.initialized = true;

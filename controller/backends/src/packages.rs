@@ -1,0 +1,190 @@
+//! Packages on disk: a multi-file function's files, written once per
+//! version, and shown to each of that version's instances only.
+//!
+//! A version's files are written under `packages/{code hash}/` (root's,
+//! mode 0700 at the top, so no instance uid can walk the store) the first
+//! time an instance of it is specialised; each instance then gets them as
+//! hard links in `function/` beside its socket, a root-owned directory
+//! the instance can read but not change. Hard links cost one `link` per
+//! file and no copy; the inodes are root's and read-only to instances, so
+//! one instance cannot change what another runs. Where links cannot be
+//! made (another filesystem), or instances run as the controller's own
+//! user (who could write through a link), files are copied instead.
+//!
+//! # Layout
+//! - [`PackageStore::pending`], [`PackageStore::write`]: the version's
+//!   directory, written on first use (to a staging directory, then renamed
+//!   into place).
+//! - [`PackageStore::place`]: links (or copies) it into an instance.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use fnrt_core::function::FunctionVersion;
+use fnrt_core::function::package::{PackageFiles, PackageLimits, check_package};
+
+/// Where an instance finds its function's files: beside its socket.
+pub const PACKAGE_DIR: &str = "function";
+
+/// A version's files still to be written.
+#[derive(Debug)]
+pub struct Pending {
+    dir: PathBuf,
+    code: String,
+    language: fnrt_core::language::Language,
+    entrypoint: String,
+}
+
+#[derive(Debug)]
+pub struct PackageStore {
+    root: PathBuf,
+    /// Whether instances run as other uids (links are safe to share).
+    link: bool,
+}
+
+impl PackageStore {
+    /// A store under `root`, emptied: it is a cache of what the database holds.
+    pub fn new(root: PathBuf, link: bool) -> std::io::Result<Self> {
+        if root.exists() {
+            std::fs::remove_dir_all(&root)?;
+        }
+        std::fs::create_dir_all(&root)?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
+        Ok(PackageStore { root, link })
+    }
+
+    /// The directory that holds (or will hold) `function`'s files.
+    pub fn dir_of(&self, function: &FunctionVersion) -> PathBuf {
+        self.root.join(&function.code_hash)
+    }
+
+    /// What must still be written for `function`; `None` when its files
+    /// are there already (the code is only copied when they are not).
+    pub fn pending(&self, function: &FunctionVersion) -> Option<Pending> {
+        let dir = self.dir_of(function);
+        (!dir.is_dir()).then(|| Pending {
+            dir,
+            code: function.code.clone(),
+            language: function.language(),
+            entrypoint: function.manifest.entrypoint.clone(),
+        })
+    }
+
+    /// Writes a version's files (blocking): to a staging directory, then
+    /// renamed into place, so an instance never sees half of them.
+    pub fn write(&self, pending: Pending) -> Result<(), String> {
+        // Stored versions were checked at registration; the limits only
+        // matter there, so none are applied again here.
+        let unlimited = PackageLimits {
+            max_files: usize::MAX,
+            max_bytes: u64::MAX,
+        };
+        let files = check_package(&pending.code, pending.language, &pending.entrypoint, unlimited)
+            .map_err(|e| format!("the stored package is unreadable: {e}"))?;
+        let staging = self
+            .root
+            .join(format!(".staging-{}", hex::encode(rand::random::<[u8; 8]>())));
+        let result = write_files(&staging, &files).and_then(|()| std::fs::rename(&staging, &pending.dir));
+        match result {
+            Ok(()) => Ok(()),
+            // Another instance of the same version wrote it first.
+            Err(_) if pending.dir.is_dir() => {
+                let _ = std::fs::remove_dir_all(&staging);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                Err(format!("writing the function's files: {e}"))
+            }
+        }
+    }
+
+    /// Shows `package` (a version's directory) in `instance_dir`'s
+    /// `function/`.
+    pub fn place(&self, package: &Path, instance_dir: &Path) -> std::io::Result<()> {
+        let target = instance_dir.join(PACKAGE_DIR);
+        copy_tree(package, &target, self.link)
+    }
+}
+
+/// Writes `files` under `dir`: directories 0755, files 0644, root's.
+fn write_files(dir: &Path, files: &PackageFiles) -> std::io::Result<()> {
+    make_dir(dir)?;
+    for (path, content) in files {
+        let bytes = content.bytes().map_err(std::io::Error::other)?;
+        let file = dir.join(path);
+        let mut parent = dir.to_path_buf();
+        if let Some((dirs, _)) = path.rsplit_once('/') {
+            for part in dirs.split('/') {
+                parent.push(part);
+                if !parent.is_dir() {
+                    make_dir(&parent)?;
+                }
+            }
+        }
+        std::fs::write(&file, &bytes)?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(())
+}
+
+fn make_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+}
+
+/// Recreates `from` at `to`: directories made, files hard-linked when
+/// `link` (copied when they cannot be, or not `link`).
+fn copy_tree(from: &Path, to: &Path, link: bool) -> std::io::Result<()> {
+    make_dir(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type()?.is_dir() {
+            copy_tree(&src, &dst, link)?;
+        } else if !link || std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use fnrt_core::function::FileContent;
+
+    #[test]
+    fn writes_once_and_links_into_instances() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files: PackageFiles = [
+            ("app/__init__.py".to_owned(), FileContent::Text(String::new())),
+            ("app/main.py".to_owned(), FileContent::Text("x = 1".into())),
+            (
+                "data/blob.bin".to_owned(),
+                FileContent::from_bytes(vec![0, 159, 146, 150]),
+            ),
+        ]
+        .into();
+        let dir = tmp.path().join("pkg");
+        write_files(&dir, &files).unwrap();
+        assert_eq!(std::fs::read(dir.join("data/blob.bin")).unwrap(), [0, 159, 146, 150]);
+        let instance = tmp.path().join("instance");
+        std::fs::create_dir(&instance).unwrap();
+        let store = PackageStore {
+            root: tmp.path().to_path_buf(),
+            link: true,
+        };
+        store.place(&dir, &instance).unwrap();
+        let placed = instance.join(PACKAGE_DIR).join("app/main.py");
+        assert_eq!(std::fs::read_to_string(&placed).unwrap(), "x = 1");
+        // The same inode: nothing was copied.
+        assert_eq!(
+            placed.metadata().unwrap().ino(),
+            dir.join("app/main.py").metadata().unwrap().ino()
+        );
+        assert_eq!(placed.metadata().unwrap().mode() & 0o777, 0o644);
+    }
+}

@@ -1,0 +1,379 @@
+//! Multi-file functions (packages) through the API: a Python package with
+//! relative imports and a template beside its code, a Node function that
+//! requires its own modules, binary files, archives (zip and tar.gz) and
+//! the archives an attacker sends (`..`, links, a compression bomb), and
+//! the wall between one package's files and another function's instances.
+
+use std::io::Write;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::helpers::{Reply, TestApp, read, spawn_app, spawn_app_with};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Posts a registration body as it is, returning the answer.
+async fn post_function(app: &TestApp, body: Value) -> Reply {
+    let r = app
+        .client
+        .post(app.url("/api/v1/functions"))
+        .bearer_auth(app.admin())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    read(r).await
+}
+
+/// Registers `files` as `language_title` and runs it once with `params`.
+async fn run_package(app: &TestApp, language_title: &str, files: Value, extra: Value, params: Value) -> Reply {
+    let mut body = json!({
+        "language_title": language_title,
+        "description": "a package",
+        "files": files,
+    });
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let registered = post_function(app, body).await;
+    assert_eq!(registered.status, 201, "{:?}", registered.body);
+    let token = app.admin();
+    let id = app.session(&token, language_title, json!({})).await;
+    app.execute(&token, &id, params).await
+}
+
+const REPORT_MAIN: &str = r#"import hashlib
+from pathlib import Path
+
+from . import storage
+from .format import title_case
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def handler(params, context):
+    template = (ROOT / "templates" / "page.html").read_text()
+    logo = (ROOT / "static" / "logo.bin").read_bytes()
+    return {
+        "page": template.replace("{{ name }}", title_case(params["name"])),
+        "stored": storage.value(),
+        "logo_sha256": hashlib.sha256(logo).hexdigest(),
+        "module": __name__,
+    }
+"#;
+
+fn report_files() -> Value {
+    json!({
+        "report/__init__.py": "",
+        "report/main.py": REPORT_MAIN,
+        "report/storage.py": "def value():\n    return 42\n",
+        "report/format.py": "def title_case(s):\n    return s.title()\n",
+        "templates/page.html": "<h1>Hello {{ name }}</h1>",
+        "static/logo.bin": { "base64": B64.encode([0u8, 0x89, b'P', b'N', b'G', 0xff]) },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_package_imports_its_modules_and_reads_files_beside_its_code() {
+    let app = spawn_app().await;
+    let r = run_package(
+        &app,
+        "python-report",
+        report_files(),
+        json!({ "entrypoint": "report/main.py" }),
+        json!({ "name": "ada lovelace" }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let result = &r.body["result"];
+    assert_eq!(result["page"], "<h1>Hello Ada Lovelace</h1>");
+    assert_eq!(result["stored"], 42);
+    assert_eq!(result["module"], "report.main");
+    let expected = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest([0u8, 0x89, b'P', b'N', b'G', 0xff]))
+    };
+    assert_eq!(result["logo_sha256"], expected.as_str());
+
+    // The detail says what it is; the same files again are one more version.
+    let detail = app.get(Some(&app.admin()), "/api/v1/functions/python-report").await;
+    assert_eq!(detail.status, 200);
+    assert_eq!(detail.body["version"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_package_requires_its_own_modules() {
+    let app = spawn_app().await;
+    let files = json!({
+        "index.js": "const { greet } = require('./lib/greet');\nmodule.exports.handler = async (p) => ({ text: greet(p.name) });\n",
+        "lib/greet.js": "const fs = require('fs');\nconst path = require('path');\nconst word = fs.readFileSync(path.join(__dirname, 'greeting.txt'), 'utf8').trim();\nmodule.exports.greet = (n) => `${word}, ${n}!`;\n",
+        "lib/greeting.txt": "Bonjour\n",
+    });
+    let r = run_package(&app, "nodejs-greeter", files, json!({}), json!({ "name": "Grace" })).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"]["text"], "Bonjour, Grace!");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_in_a_package_module_names_the_file_not_the_host_path() {
+    let app = spawn_app().await;
+    let files = json!({
+        "main.py": "from helpers import explode\n\ndef handler(params, context):\n    return explode()\n",
+        "helpers.py": "def explode():\n    raise ValueError('boom')\n",
+    });
+    let r = run_package(&app, "python-boom", files, json!({}), json!({})).await;
+    assert_eq!(r.status, 500, "{:?}", r.body);
+    let trace = r.body["error"]["details"]["stack_trace"].as_str().unwrap_or_default();
+    assert!(trace.contains("helpers.py"), "{trace}");
+    assert!(
+        !trace.contains("/run/runtime") && !trace.contains("/instances/"),
+        "{trace}"
+    );
+}
+
+/// A zip of `entries`, deflated.
+fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, data) in entries {
+        out.start_file(*name, options).unwrap();
+        out.write_all(data).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}
+
+/// A tar.gz; `link` adds a symbolic link entry named `evil` to `/etc/shadow`.
+fn tar_gz_of(entries: &[(&str, &[u8])], link: bool) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        builder.append_data(&mut h, name, *data).unwrap();
+    }
+    if link {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        builder.append_link(&mut h, "evil", "/etc/shadow").unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&builder.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn archives_register_packages() {
+    let app = spawn_app().await;
+    let zip = zip_of(&[
+        ("calc/__init__.py", b""),
+        (
+            "calc/main.py",
+            b"from .ops import add\n\ndef handler(p, c):\n    return add(p['a'], p['b'])\n",
+        ),
+        ("calc/ops.py", b"def add(a, b):\n    return a + b\n"),
+    ]);
+    let body = json!({
+        "language_title": "python-zipped", "description": "from a zip",
+        "entrypoint": "calc/main.py", "archive": B64.encode(&zip),
+    });
+    assert_eq!(post_function(&app, body).await.status, 201);
+    let token = app.admin();
+    let id = app.session(&token, "python-zipped", json!({})).await;
+    let r = app.execute(&token, &id, json!({ "a": 2, "b": 40 })).await;
+    assert_eq!(r.body["result"], 42, "{:?}", r.body);
+
+    let tgz = tar_gz_of(
+        &[
+            (
+                "./index.js",
+                b"module.exports.handler = () => require('./data.json');\n",
+            ),
+            ("./data.json", b"{\"from\": \"tar\"}"),
+        ],
+        false,
+    );
+    let body = json!({
+        "language_title": "nodejs-tarred", "description": "from a tar.gz", "archive": B64.encode(&tgz),
+    });
+    assert_eq!(post_function(&app, body).await.status, 201);
+    let id = app.session(&token, "nodejs-tarred", json!({})).await;
+    let r = app.execute(&token, &id, json!({})).await;
+    assert_eq!(r.body["result"], json!({ "from": "tar" }), "{:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_archives_are_refused_naming_the_entry_and_nothing_is_written() {
+    let app = spawn_app().await;
+    let marker = format!("fnrt-escaped-{}", uuid::Uuid::new_v4().simple());
+    let escape = format!("../../../../../../../../tmp/{marker}");
+    let register = |archive: Vec<u8>| json!({ "language_title": "python-hostile", "description": "x", "archive": B64.encode(archive) });
+
+    let r = post_function(&app, register(zip_of(&[("main.py", b""), (&escape, b"pwned")]))).await;
+    assert_eq!((r.status, r.code()), (400, "INVALID_REQUEST"), "{:?}", r.body);
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&marker) && message.contains("'..'"), "{message}");
+
+    let r = post_function(&app, register(tar_gz_of(&[("main.py", b"")], true))).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"evil\"") && message.contains("symbolic link"),
+        "{message}"
+    );
+
+    // 2 x 64 MiB of zeros, about 130 KiB compressed: past the 50 MiB limit.
+    let zeros = vec![0u8; 64 * 1024 * 1024];
+    let bomb = zip_of(&[("main.py", b""), ("a.bin", &zeros), ("b.bin", &zeros)]);
+    assert!(bomb.len() < 1024 * 1024);
+    let r = post_function(&app, register(bomb)).await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("a.bin"),
+        "{:?}",
+        r.body
+    );
+
+    let r = post_function(&app, register(b"not an archive".to_vec())).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+
+    assert!(!std::path::Path::new("/tmp").join(&marker).exists());
+    assert!(!app.data_dir.path().join(&marker).exists());
+    assert_eq!(
+        app.get(Some(&app.admin()), "/api/v1/functions/python-hostile")
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_packages_get_clear_errors() {
+    let app = spawn_app_with(&["--max-package-files", "3"]).await;
+    let cases = [
+        (
+            json!({ "files": { "lib.py": "" } }),
+            "python-noentry",
+            400,
+            "is not one of the package's files",
+        ),
+        (
+            json!({ "files": { "my-app/main.py": "" }, "entrypoint": "my-app/main.py" }),
+            "python-dashed",
+            400,
+            "importable",
+        ),
+        (json!({ "files": { "a/../main.py": "" } }), "python-dots", 400, "'..'"),
+        (
+            json!({ "files": { "main.py": { "base64": "!!" } } }),
+            "python-b64",
+            400,
+            "base64",
+        ),
+        (
+            json!({ "files": { "main.py": "", "a.py": "", "b.py": "", "c.py": "" } }),
+            "python-many",
+            413,
+            "MAX_PACKAGE_FILES",
+        ),
+        (
+            json!({ "files": { "main.py": "" }, "code": "x" }),
+            "python-both",
+            400,
+            "only one of",
+        ),
+        (
+            json!({ "files": { "m.wat": { "base64": "AA==" } } }),
+            "wasm-bin",
+            400,
+            "must be text",
+        ),
+    ];
+    for (extra, name, status, expected) in cases {
+        let mut body = json!({ "language_title": name, "description": "bad" });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let r = post_function(&app, body).await;
+        assert_eq!(r.status, status, "{name}: {:?}", r.body);
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{name}: {message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registrations_may_be_larger_than_other_bodies_up_to_the_package_limit() {
+    let app = spawn_app_with(&["--max-body-bytes", "4096", "--max-package-mb", "1"]).await;
+    // 100 KiB of text: over MAX_BODY_BYTES, within the package limit.
+    let text = "x".repeat(100 * 1024);
+    let files = json!({ "main.py": "def handler(p, c):\n    return len(open(__file__.replace('main.py', 'big.txt')).read())\n", "big.txt": text });
+    let r = run_package(&app, "python-big", files, json!({}), json!({})).await;
+    assert_eq!(r.body["result"], 100 * 1024, "{:?}", r.body);
+    // Other routes keep their limit.
+    let big_params = json!({ "params": { "x": "y".repeat(8192) } });
+    let r = app
+        .client
+        .post(app.url("/api/v1/initialize"))
+        .bearer_auth(app.admin())
+        .header("Language-Title", "python-big")
+        .json(&big_params)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // Past the registration limit: 413 with the limit.
+    let files = json!({ "main.py": "x", "big.txt": "x".repeat(2 * 1024 * 1024) });
+    let r = post_function(
+        &app,
+        json!({ "language_title": "python-huge", "description": "x", "files": files }),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+}
+
+const SNOOP: &str = r##"import os
+
+
+def handler(params, context):
+    here = os.path.dirname(os.path.abspath(__file__))
+    mine = sorted(os.listdir(here))
+    found = []
+    for top in ["/run", "/home", "/tmp", "/opt", "/var", "/srv", "/mnt"]:
+        for root, dirs, files in os.walk(top):
+            found += [os.path.join(root, f) for f in files if params["secret_name"] in f]
+    try:
+        with open(os.path.join(here, "main.py"), "a") as f:
+            f.write("changed")
+        write = "written"
+    except OSError as e:
+        write = type(e).__name__
+    return {"mine": mine, "found": found, "write": write}
+"##;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_sees_only_its_own_package() {
+    let app = spawn_app().await;
+    let secret_name = format!("secret-{}.txt", uuid::Uuid::new_v4().simple());
+    let victim = json!({
+        "main.py": "def handler(p, c):\n    return 'victim'\n",
+        secret_name.clone(): "api-key-of-the-victim",
+    });
+    let r = run_package(&app, "python-victim", victim, json!({}), json!({})).await;
+    assert_eq!(r.body["result"], "victim");
+    // The victim's instance stays warm while the snoop looks around.
+    let snoop = json!({ "main.py": SNOOP, "notes.txt": "mine" });
+    let r = run_package(
+        &app,
+        "python-snoop",
+        snoop,
+        json!({}),
+        json!({ "secret_name": secret_name }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"]["mine"], json!(["main.py", "notes.txt"]));
+    assert_eq!(
+        r.body["result"]["found"],
+        json!([]),
+        "another function's file is visible"
+    );
+    // Its own files are read-only to it.
+    assert_eq!(r.body["result"]["write"], "PermissionError");
+}
