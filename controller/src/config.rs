@@ -146,6 +146,17 @@ pub struct ServeArgs {
     /// Largest request body, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Where installed dependencies of packages are kept, by the hash of
+    /// their `requirements.txt` / `package.json`; may be shared by
+    /// controllers on one host. Default `DATA_DIR/deps`.
+    #[arg(long, env = "DEPS_DIR")]
+    pub deps_dir: Option<PathBuf>,
+    /// Longest a package's dependency install (pip, npm) may take, in seconds.
+    #[arg(long, env = "DEPS_INSTALL_TIMEOUT_SECS", default_value_t = 300)]
+    pub deps_install_timeout_secs: u64,
+    /// Largest installed dependency set, in MiB.
+    #[arg(long, env = "DEPS_MAX_MB", default_value_t = 1024)]
+    pub deps_max_mb: u64,
     /// Most files in a multi-file function (a package or an archive).
     #[arg(long, env = "MAX_PACKAGE_FILES", default_value_t = 256)]
     pub max_package_files: usize,

@@ -342,7 +342,10 @@ impl Registry {
         if let Some(checker) = &self.checker {
             let checked = match (&files, &package) {
                 (Some(files), _) => Code::Crate(files),
-                (None, Some(package)) => Code::Package(package),
+                (None, Some(package)) => Code::Package {
+                    files: package,
+                    scripts: manifest.install.scripts,
+                },
                 (None, None) => Code::File {
                     entrypoint: &manifest.entrypoint,
                     text: &code,

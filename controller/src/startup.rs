@@ -32,11 +32,13 @@ use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use fnrt_backends::Backends;
 use fnrt_backends::build::{Builder, BuilderConfig};
+use fnrt_backends::deps::{Installer, InstallerConfig};
 use fnrt_backends::process::{ProcessBackend, ProcessConfig, ProcessLimits};
 use fnrt_backends::wasm::{WasmBackend, WasmConfig, WasmRuntime};
 use fnrt_core::cache::memory::MemoryCache;
 use fnrt_core::cache::{Layers, ResultCache};
 use fnrt_core::invoke::{InvokeSettings, Invoker};
+use fnrt_core::language::Language;
 use fnrt_core::metrics::Metrics;
 use fnrt_core::runtime::placement::Placement;
 use fnrt_core::runtime::pool::{InstancePool, PoolConfig};
@@ -58,6 +60,8 @@ pub struct Application {
     tasks: TaskTracker,
     /// Stopped with the application: its background builds end with it.
     builder: Option<Arc<Builder>>,
+    /// Stopped with it too: its background dependency installs end with it.
+    installer: Option<Arc<Installer>>,
     /// Writes execution records; finishes once the engine (its last sender) is gone.
     record_writer: JoinHandle<()>,
 }
@@ -164,7 +168,7 @@ impl Application {
         if let Err(e) = &builder {
             tracing::warn!(error = %e, "Rust functions cannot be built");
         }
-        let backend = ProcessBackend::new(ProcessConfig {
+        let mut backend = ProcessBackend::new(ProcessConfig {
             instances_dir: data_dir.join("instances"),
             runtimes_dir: args.runtimes_dir(),
             node_bin: args.node_bin.clone(),
@@ -181,6 +185,27 @@ impl Application {
             rust_runtime: args.rust_runtime_bin.clone().or_else(|| std::env::current_exe().ok()),
             builder: builder.clone().ok(),
         })?;
+        // Dependencies are installed for the interpreters instances run.
+        let installer = match (backend.program(Language::Python), backend.program(Language::Nodejs)) {
+            (Some(python_bin), Some(node_bin)) => Installer::new(
+                InstallerConfig {
+                    deps_dir: args.deps_dir.clone().unwrap_or_else(|| data_dir.join("deps")),
+                    python_bin,
+                    node_bin,
+                    npm_bin: fnrt_backends::process::find_program("npm"),
+                    timeout: Duration::from_secs(args.deps_install_timeout_secs),
+                    max_bytes: args.deps_max_mb.saturating_mul(1024 * 1024),
+                    uid: args.rust_build_uid,
+                },
+                metrics.clone(),
+            )
+            .inspect_err(|e| tracing::warn!(error = format!("{e:#}"), "dependencies cannot be installed"))
+            .ok(),
+            _ => None,
+        };
+        if let Some(installer) = &installer {
+            backend.set_installer(installer.clone());
+        }
         let wasm = WasmBackend::new(
             WasmConfig {
                 max_output_bytes: args.max_result_bytes,
@@ -195,7 +220,7 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("--placement: {e}"))?;
         tracing::info!(?placement, "placement");
         let placement = Arc::new(placement);
-        let backends = Arc::new(Backends::new(placement.clone(), builder.clone()));
+        let backends = Arc::new(Backends::new(placement.clone(), builder.clone(), installer.clone()));
         let (records, write_records) = ExecutionLog::new(stores.executions.clone());
         let registry = Arc::new(
             Registry::load(stores.functions.clone(), Some(backends.clone()))
@@ -305,6 +330,7 @@ impl Application {
             metrics,
             redis,
             builder: builder.clone().ok(),
+            installer: installer.clone(),
         };
         let router = http::router(
             state,
@@ -325,6 +351,7 @@ impl Application {
             stop,
             tasks,
             builder: builder.ok(),
+            installer,
             record_writer,
         })
     }
@@ -350,6 +377,9 @@ impl Application {
             .is_err()
         {
             tracing::error!("background tasks still running after 10 s");
+        }
+        if let Some(installer) = &self.installer {
+            installer.shutdown().await;
         }
         if let Some(builder) = &self.builder {
             builder.shutdown().await;

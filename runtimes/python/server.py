@@ -51,6 +51,9 @@ MODULE_NAME = "function_main"
 # the function's code is written.
 FUNCTION_DIR = "function"
 
+# Beside FUNCTION_DIR: a package's installed dependencies.
+DEPS_DIR = "deps"
+
 # `[A-Za-z0-9_.-]{1,64}`; matched with fullmatch, so no trailing newline slips in.
 ENTRYPOINT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -263,8 +266,13 @@ class Runtime:
         self._path_map = self._build_path_map(os.getcwd(), self.entry_path)
         self._replace_environment(env)
         _forget_server_dir()
-        # As in AWS Lambda: the package's root is the first place imports look.
+        # As in AWS Lambda: the package's root is the first place imports
+        # look, then its installed dependencies (`deps/` beside it, from its
+        # requirements.txt), before the system's own packages.
         sys.path.insert(0, self.package_dir)
+        deps = os.path.join(os.path.dirname(self.package_dir), DEPS_DIR)
+        if os.path.isdir(deps):
+            sys.path.insert(1, deps)
         module_name = entrypoint[: -len(".py")].replace("/", ".")
         try:
             module = importlib.import_module(module_name)
@@ -420,6 +428,7 @@ class Runtime:
                 pairs[os.path.join(function_dir, os.path.basename(entry_path))] = os.path.basename(entry_path)
         if self.package_dir is not None:
             pairs[self.package_dir + os.sep] = ""
+            pairs[os.path.join(os.path.dirname(self.package_dir), DEPS_DIR) + os.sep] = "deps/"
         return sorted(pairs.items(), key=lambda pair: len(pair[0]), reverse=True)
 
 

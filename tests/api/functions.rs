@@ -11,9 +11,12 @@ const BUNDLED: &[&str] = &[
     "nodejs-calculator",
     "nodejs-counter",
     "nodejs-error",
+    "nodejs-greeting-card",
     "python-calculator",
     "python-counter",
     "python-error",
+    "python-report",
+    "python-wordcount",
     "rust-fibonacci",
     "wasm-hello",
     "wasm-sha256",
@@ -101,8 +104,17 @@ async fn the_listing_filters_by_language() {
     let nodejs = app.get(Some(&token), "/api/v1/functions?language=nodejs").await;
 
     assert_eq!(python.status, 200, "{:?}", python.body);
-    assert_eq!(titles(&python), ["python-calculator", "python-counter", "python-error"]);
-    assert_eq!(python.body["total"], 3);
+    assert_eq!(
+        titles(&python),
+        [
+            "python-calculator",
+            "python-counter",
+            "python-error",
+            "python-report",
+            "python-wordcount"
+        ]
+    );
+    assert_eq!(python.body["total"], 5);
     assert!(
         python.body["functions"]
             .as_array()
@@ -110,7 +122,15 @@ async fn the_listing_filters_by_language() {
             .iter()
             .all(|f| f["language"] == "python")
     );
-    assert_eq!(titles(&nodejs), ["nodejs-calculator", "nodejs-counter", "nodejs-error"]);
+    assert_eq!(
+        titles(&nodejs),
+        [
+            "nodejs-calculator",
+            "nodejs-counter",
+            "nodejs-error",
+            "nodejs-greeting-card"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,6 +23,9 @@ pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 /// The cargo target directory of every test controller's Rust function
 /// builds, so that dependencies build once.
 const RUST_TARGET_DIR: &str = "/var/tmp/fnrt-test-functions";
+/// Installed dependencies, shared like the Rust target dir: the bundled
+/// packages' installs run once per machine, not once per test.
+const DEPS_DIR: &str = "/var/tmp/fnrt-test-deps";
 
 /// How long a stopping controller may take before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,6 +140,8 @@ pub async fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestAp
             SECRET,
             "--rust-target-dir",
             RUST_TARGET_DIR,
+            "--deps-dir",
+            DEPS_DIR,
             // Rust instances run `PROGRAM runtime-rust`: the controller, not this test binary.
             "--rust-runtime-bin",
             env!("CARGO_BIN_EXE_controller-under-test"),
@@ -231,6 +236,7 @@ pub fn controller_env(command: &mut Command) {
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k, v))),
         )
         .env("RUST_TARGET_DIR", RUST_TARGET_DIR)
+        .env("DEPS_DIR", DEPS_DIR)
         .env("RUST_LOG", "info");
 }
 

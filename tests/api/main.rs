@@ -20,6 +20,7 @@ mod build_sandbox;
 mod cache;
 mod cli;
 mod contract;
+mod dependencies;
 mod execute;
 mod faults;
 mod first_run;

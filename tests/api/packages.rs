@@ -77,7 +77,7 @@ async fn a_python_package_imports_its_modules_and_reads_files_beside_its_code() 
     let app = spawn_app().await;
     let r = run_package(
         &app,
-        "python-report",
+        "python-pkg-report",
         report_files(),
         json!({ "entrypoint": "report/main.py" }),
         json!({ "name": "ada lovelace" }),
@@ -95,7 +95,7 @@ async fn a_python_package_imports_its_modules_and_reads_files_beside_its_code() 
     assert_eq!(result["logo_sha256"], expected.as_str());
 
     // The detail says what it is; the same files again are one more version.
-    let detail = app.get(Some(&app.admin()), "/api/v1/functions/python-report").await;
+    let detail = app.get(Some(&app.admin()), "/api/v1/functions/python-pkg-report").await;
     assert_eq!(detail.status, 200);
     assert_eq!(detail.body["version"], 1);
 }
@@ -376,4 +376,56 @@ async fn an_instance_sees_only_its_own_package() {
     );
     // Its own files are read-only to it.
     assert_eq!(r.body["result"]["write"], "PermissionError");
+}
+
+/// Initializes `language_title`, waiting while its dependencies install
+/// in the background (503 `FUNCTION_NOT_READY`), at most `patience`.
+async fn initialize_when_ready(app: &TestApp, language_title: &str, patience: std::time::Duration) -> String {
+    let token = app.admin();
+    let started = std::time::Instant::now();
+    loop {
+        let r = app.initialize(&token, language_title, json!({})).await;
+        if r.status == 200 {
+            return r.body["request_id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(
+            (r.status, r.code()),
+            (503, "FUNCTION_NOT_READY"),
+            "{language_title}: {:?}",
+            r.body
+        );
+        assert!(
+            started.elapsed() < patience,
+            "{language_title} not ready after {patience:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bundled_packages_answer_their_examples() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    for name in ["python-report", "python-wordcount", "nodejs-greeting-card"] {
+        let manifest: Value = serde_json::from_slice(
+            &std::fs::read(
+                crate::helpers::repo_dir()
+                    .join("functions")
+                    .join(name)
+                    .join("function.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let id = initialize_when_ready(&app, name, std::time::Duration::from_secs(180)).await;
+        for example in manifest["examples"].as_array().unwrap() {
+            let r = app.execute(&token, &id, example["request"]["params"].clone()).await;
+            assert_eq!(r.status, 200, "{name}: {:?}", r.body);
+            assert_eq!(
+                r.body["result"], example["response"]["result"],
+                "{name}: {}",
+                example["description"]
+            );
+        }
+    }
 }

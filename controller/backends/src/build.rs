@@ -656,7 +656,7 @@ async fn ensure_wasm_target(cargo: &str) -> Result<(), String> {
 /// cargo gets SIGKILL when the controller dies, even by SIGKILL (a stopped
 /// controller kills the whole group itself, see [`KillGroup`]).
 #[allow(unsafe_code)]
-fn die_with_controller(cmd: &mut tokio::process::Command) {
+pub(crate) fn die_with_controller(cmd: &mut tokio::process::Command) {
     // SAFETY: the closure runs in the forked child before exec and makes one
     // raw system call (prctl) through rustix, without allocating or taking
     // locks: async-signal-safe. The signal is tied to the spawning thread,
@@ -673,7 +673,7 @@ fn die_with_controller(cmd: &mut tokio::process::Command) {
 /// removes anything cargo left behind; on a timeout or a shutdown it stops
 /// the build itself. (The dropped guard runs right after cargo was reaped,
 /// so its pid has not been handed out again.)
-struct KillGroup(rustix::process::Pid);
+pub(crate) struct KillGroup(pub(crate) rustix::process::Pid);
 
 impl Drop for KillGroup {
     fn drop(&mut self) {

@@ -20,6 +20,7 @@
 //!   where crates' artifacts are.
 
 pub mod build;
+pub mod deps;
 pub mod packages;
 pub mod process;
 pub mod sandbox;
@@ -37,6 +38,7 @@ use fnrt_core::runtime::placement::Placement;
 use fnrt_core::runtime::{Artifacts, InstanceError};
 
 use crate::build::Builder;
+use crate::deps::{Dependencies, Installer};
 
 /// The registry's [`CodeCheck`]: checks code with the backend that runs its
 /// language, and builds Rust crates with the [`Builder`].
@@ -44,6 +46,8 @@ pub struct Backends {
     placement: Arc<Placement>,
     /// Why Rust crates cannot be built here, when they cannot.
     builder: Result<Arc<Builder>, String>,
+    /// Installs packages' dependencies.
+    installer: Option<Arc<Installer>>,
 }
 
 impl std::fmt::Debug for Backends {
@@ -53,8 +57,16 @@ impl std::fmt::Debug for Backends {
 }
 
 impl Backends {
-    pub fn new(placement: Arc<Placement>, builder: Result<Arc<Builder>, String>) -> Self {
-        Backends { placement, builder }
+    pub fn new(
+        placement: Arc<Placement>,
+        builder: Result<Arc<Builder>, String>,
+        installer: Option<Arc<Installer>>,
+    ) -> Self {
+        Backends {
+            placement,
+            builder,
+            installer,
+        }
     }
 
     fn builder(&self) -> Result<&Arc<Builder>, String> {
@@ -77,7 +89,24 @@ impl CodeCheck for Backends {
                     .map_err(CheckError::Invalid);
             }
             Code::Crate(files) => files,
-            Code::Package(_) => return Ok(()),
+            Code::Package { files, scripts } => {
+                let Some(deps) = Dependencies::of(language, files, scripts) else {
+                    return Ok(());
+                };
+                let installer = self
+                    .installer
+                    .as_ref()
+                    .ok_or_else(|| CheckError::Invalid("dependencies cannot be installed here".into()))?;
+                if !build {
+                    installer.ensure(&deps);
+                    return Ok(());
+                }
+                return installer
+                    .install(&deps)
+                    .await
+                    .map(drop)
+                    .map_err(CheckError::BuildFailed);
+            }
         };
         let builder = self.builder().map_err(CheckError::Invalid)?;
         let target = Target::for_language(language);
@@ -127,6 +156,32 @@ pub fn locate(builder: &Arc<Builder>, function: &FunctionVersion) -> Result<Path
         BuildState::Building => Err(InstanceError::NotReady {
             message: format!(
                 "function '{}' version {} is still being built; retry shortly",
+                function.language_title, function.version
+            ),
+        }),
+        BuildState::Failed(failure) => Err(InstanceError::BuildFailed(failure)),
+    }
+}
+
+/// Where `function`'s installed dependencies are, if it has any;
+/// `NotReady` or `BuildFailed` while there are none. Starts an install this
+/// controller has not seen (a function registered by another replica).
+pub fn dependencies_dir(
+    installer: Option<&Arc<Installer>>,
+    function: &FunctionVersion,
+) -> Result<Option<PathBuf>, InstanceError> {
+    let Some(deps) = &function.dependencies else {
+        return Ok(None);
+    };
+    let installer = installer.ok_or_else(|| InstanceError::Unavailable {
+        language: function.language(),
+        message: "dependencies cannot be installed here".into(),
+    })?;
+    match installer.ensure(deps) {
+        BuildState::Ready(path) => Ok(Some(path)),
+        BuildState::Building => Err(InstanceError::NotReady {
+            message: format!(
+                "the dependencies of function '{}' version {} are still being installed; retry shortly",
                 function.language_title, function.version
             ),
         }),

@@ -22,16 +22,19 @@ use std::path::{Path, PathBuf};
 
 use fnrt_core::function::FunctionVersion;
 use fnrt_core::function::package::{PackageFiles, PackageLimits, check_package};
+use fnrt_core::language::Language;
 
 /// Where an instance finds its function's files: beside its socket.
 pub const PACKAGE_DIR: &str = "function";
+/// Where a Python instance finds its installed dependencies: beside its socket.
+pub const DEPS_DIR: &str = "deps";
 
 /// A version's files still to be written.
 #[derive(Debug)]
 pub struct Pending {
     dir: PathBuf,
     code: String,
-    language: fnrt_core::language::Language,
+    language: Language,
     entrypoint: String,
 }
 
@@ -100,10 +103,25 @@ impl PackageStore {
     }
 
     /// Shows `package` (a version's directory) in `instance_dir`'s
-    /// `function/`.
-    pub fn place(&self, package: &Path, instance_dir: &Path) -> std::io::Result<()> {
+    /// `function/`, and its installed dependencies where its language looks
+    /// for them: Python's in `deps/` beside it, Node's as
+    /// `function/node_modules/`.
+    pub fn place(&self, package: &Path, deps: Option<(&Path, Language)>, instance_dir: &Path) -> std::io::Result<()> {
         let target = instance_dir.join(PACKAGE_DIR);
-        copy_tree(package, &target, self.link)
+        copy_tree(package, &target, self.link)?;
+        match deps {
+            Some((deps, Language::Nodejs)) => {
+                // A node_modules/ of the package's own would be a file map
+                // entry; installed dependencies replace it.
+                let modules = target.join("node_modules");
+                if modules.exists() {
+                    std::fs::remove_dir_all(&modules)?;
+                }
+                copy_tree(deps, &modules, self.link)
+            }
+            Some((deps, _)) => copy_tree(deps, &instance_dir.join(DEPS_DIR), self.link),
+            None => Ok(()),
+        }
     }
 }
 
@@ -142,6 +160,9 @@ fn copy_tree(from: &Path, to: &Path, link: bool) -> std::io::Result<()> {
         let (src, dst) = (entry.path(), to.join(entry.file_name()));
         if entry.file_type()?.is_dir() {
             copy_tree(&src, &dst, link)?;
+        } else if entry.file_type()?.is_symlink() {
+            // Installed packages have a few (npm's .bin/); kept as links.
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
         } else if !link || std::fs::hard_link(&src, &dst).is_err() {
             std::fs::copy(&src, &dst)?;
         }
@@ -177,7 +198,7 @@ mod tests {
             root: tmp.path().to_path_buf(),
             link: true,
         };
-        store.place(&dir, &instance).unwrap();
+        store.place(&dir, None, &instance).unwrap();
         let placed = instance.join(PACKAGE_DIR).join("app/main.py");
         assert_eq!(std::fs::read_to_string(&placed).unwrap(), "x = 1");
         // The same inode: nothing was copied.

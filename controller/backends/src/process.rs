@@ -47,6 +47,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use crate::build::Builder;
+use crate::deps::Installer;
 use crate::packages::PackageStore;
 use crate::sandbox::Walls;
 use crate::uids::{UidLease, UidPool};
@@ -136,6 +137,8 @@ pub struct ProcessBackend {
     builder: Option<Arc<Builder>>,
     /// Multi-file functions' files.
     packages: Arc<PackageStore>,
+    /// Installs packages' dependencies.
+    installer: Option<Arc<Installer>>,
     /// The directory of its own under `/run/fnrt` when the data dir could
     /// not be used; removed with the backend (it holds copies of runtimes).
     own_root: Option<PathBuf>,
@@ -272,6 +275,7 @@ impl ProcessBackend {
             limits: config.limits,
             own_root,
             packages,
+            installer: None,
             builder: config.builder.clone(),
             remote: RemoteSettings {
                 max_result_bytes: config.max_result_bytes,
@@ -281,6 +285,29 @@ impl ProcessBackend {
             },
         })
     }
+}
+
+impl ProcessBackend {
+    /// The interpreter a language's instances run (Node, Python), as
+    /// resolved at start-up: dependencies are installed for it.
+    pub fn program(&self, language: Language) -> Option<PathBuf> {
+        match self.launchers.get(&language) {
+            Some(Ok(launcher)) if matches!(language, Language::Nodejs | Language::Python) => {
+                Some(launcher.program.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Gives the backend the installer of packages' dependencies.
+    pub fn set_installer(&mut self, installer: Arc<Installer>) {
+        self.installer = Some(installer);
+    }
+}
+
+/// The first `name` on `PATH` (or `name` itself, given as a path).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    find_programs(name).into_iter().next()
 }
 
 #[async_trait]
@@ -296,7 +323,8 @@ impl RuntimeBackend for ProcessBackend {
     }
 
     async fn ready(&self, function: &fnrt_core::function::FunctionVersion) -> Result<(), InstanceError> {
-        crate::crate_ready(self.builder.as_ref(), function)
+        crate::crate_ready(self.builder.as_ref(), function)?;
+        crate::dependencies_dir(self.installer.as_ref(), function).map(drop)
     }
 
     async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
@@ -421,6 +449,7 @@ impl RuntimeBackend for ProcessBackend {
             in_bwrap: self.bwrap.is_some(),
             uid,
             packages: self.packages.clone(),
+            installer: self.installer.clone(),
         };
         let instance = RemoteInstance::connect(
             Box::new(handle),
@@ -664,6 +693,8 @@ pub struct ProcessHandle {
     uid: Option<UidLease>,
     /// Where multi-file functions' files are.
     packages: Arc<PackageStore>,
+    /// Where their installed dependencies are.
+    installer: Option<Arc<Installer>>,
 }
 
 #[async_trait]
@@ -748,12 +779,14 @@ impl InstanceHandle for ProcessHandle {
         // for the blocking task when they are not there yet.
         let package = packages.dir_of(function);
         let pending = packages.pending(function);
+        let deps = crate::dependencies_dir(self.installer.as_ref(), function)?;
+        let language = function.language();
         let placed = tokio::task::spawn_blocking(move || {
             if let Some(pending) = pending {
                 packages.write(pending)?;
             }
             packages
-                .place(&package, &dir)
+                .place(&package, deps.as_deref().map(|d| (d, language)), &dir)
                 .map_err(|e| format!("giving the instance its files: {e}"))
         })
         .await

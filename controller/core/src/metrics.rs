@@ -68,6 +68,13 @@ pub struct ModuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstallLabels {
+    pub language: String,
+    /// `installed`, `reused` (found done) or `failed`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
     pub class: String,
 }
@@ -102,6 +109,7 @@ pub struct Metrics {
     pub instances_busy: Gauge,
     pub rate_limited: Family<ClassLabels, Counter>,
     pub wasm_modules: Family<ModuleLabels, Counter>,
+    pub dependency_installs: Family<InstallLabels, Counter>,
     pub active_sessions: Gauge,
 }
 
@@ -134,6 +142,7 @@ impl Metrics {
             instances_busy: Gauge::default(),
             rate_limited: Family::default(),
             wasm_modules: Family::default(),
+            dependency_installs: Family::default(),
             active_sessions: Gauge::default(),
             registry: Registry::default(),
         };
@@ -207,7 +216,21 @@ impl Metrics {
             "Wasm modules made ready to link, by source (compiled, disk_cache)",
             m.wasm_modules.clone(),
         );
+        registry.register(
+            "dependency_installs",
+            "Dependency installs asked for at registration, by language and result (installed, reused, failed)",
+            m.dependency_installs.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    pub fn record_dependency_install(&self, language: &str, result: &str) {
+        self.dependency_installs
+            .get_or_create(&InstallLabels {
+                language: language.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     pub fn record_execution(&self, language_title: &str, outcome: &str, elapsed: Duration) {

@@ -19,6 +19,7 @@ use crate::auth::{READ_FUNCTIONS, WRITE_FUNCTIONS};
 use crate::error::{ApiError, ErrorBody};
 use crate::registry::{FileContent, FunctionEntry, FunctionSpec, PackageLimits, Submission};
 use fnrt_backends::build::Builder;
+use fnrt_backends::deps::Installer;
 use fnrt_core::artifact::BuildState;
 use fnrt_core::function::manifest::{LimitsSpec, SchemaSpec};
 use fnrt_core::language::{Language, LanguageTitle};
@@ -74,7 +75,8 @@ pub(super) struct FunctionDetail {
     pub limits: fnrt_core::function::manifest::Limits,
     /// The version's cache policy (extension).
     pub cache: fnrt_core::function::manifest::CachePolicy,
-    /// For a Rust crate (extension): where its build stands on this controller.
+    /// For a Rust crate, or a package with dependencies to install
+    /// (extension): where its build or install stands on this controller.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub build: Option<BuildInfo>,
 }
@@ -105,10 +107,12 @@ fn summary(f: &FunctionEntry) -> FunctionSummary {
     }
 }
 
-fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>) -> FunctionDetail {
-    let build = f.current.files.as_ref().map(|files| {
-        let target = fnrt_core::artifact::Target::for_language(f.current.language());
-        match builder.and_then(|b| b.state(target, files)) {
+fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>, installer: Option<&Arc<Installer>>) -> FunctionDetail {
+    let install = f
+        .current
+        .dependencies
+        .as_ref()
+        .map(|deps| match installer.and_then(|i| i.state(deps)) {
             Some(BuildState::Failed(failure)) => BuildInfo {
                 state: "failed",
                 message: Some(failure.message),
@@ -124,7 +128,28 @@ fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>) -> FunctionDetail {
                 message: None,
                 messages: vec![],
             },
-        }
+        });
+    let build = install.or_else(|| {
+        f.current.files.as_ref().map(|files| {
+            let target = fnrt_core::artifact::Target::for_language(f.current.language());
+            match builder.and_then(|b| b.state(target, files)) {
+                Some(BuildState::Failed(failure)) => BuildInfo {
+                    state: "failed",
+                    message: Some(failure.message),
+                    messages: failure.messages,
+                },
+                Some(state) => BuildInfo {
+                    state: state.as_str(),
+                    message: None,
+                    messages: vec![],
+                },
+                None => BuildInfo {
+                    state: "not_built",
+                    message: None,
+                    messages: vec![],
+                },
+            }
+        })
     });
     FunctionDetail {
         build,
@@ -222,7 +247,7 @@ async fn get_function(
         .await
         .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::NotFound(format!("function '{lt}' not found")))?;
-    Ok(axum::Json(detail(&f, state.builder.as_ref())))
+    Ok(axum::Json(detail(&f, state.builder.as_ref(), state.installer.as_ref())))
 }
 
 /// A function to register: its manifest fields and its code, as exactly one
@@ -256,6 +281,9 @@ pub(super) struct RegisterBody {
     /// How results may be cached (`enabled`, `ttl_secs`, `l1_ttl_secs`).
     #[serde(default)]
     pub cache: fnrt_core::function::manifest::CacheSpec,
+    /// How a package's dependencies are installed (`scripts`).
+    #[serde(default)]
+    pub install: fnrt_core::function::manifest::InstallSpec,
 }
 
 impl RegisterBody {
@@ -294,6 +322,7 @@ impl RegisterBody {
             limits: self.limits,
             env: self.env,
             cache: self.cache,
+            install: self.install,
         };
         Ok((self.language_title, spec, code))
     }
@@ -335,7 +364,10 @@ async fn create_function(
         .await
         .map_err(ApiError::from)?;
     tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function registered");
-    Ok((StatusCode::CREATED, axum::Json(detail(&f, state.builder.as_ref()))))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(detail(&f, state.builder.as_ref(), state.installer.as_ref())),
+    ))
 }
 
 /// Register a new version of a function (extension; `write:functions`).
@@ -380,7 +412,7 @@ async fn update_function(
     // Idle instances of older versions will not be asked for again.
     state.engine.core.evict_function(lt.as_str()).await;
     tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function updated");
-    Ok(axum::Json(detail(&f, state.builder.as_ref())))
+    Ok(axum::Json(detail(&f, state.builder.as_ref(), state.installer.as_ref())))
 }
 
 /// Delete a function, its versions and its sessions (extension; `write:functions`).

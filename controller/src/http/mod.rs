@@ -56,6 +56,8 @@ pub struct AppState {
     pub redis: Option<crate::redis_client::RedisClient>,
     /// Builds Rust functions; function details report their build.
     pub builder: Option<Arc<fnrt_backends::build::Builder>>,
+    /// Installs packages' dependencies (their state shows in details).
+    pub installer: Option<Arc<fnrt_backends::deps::Installer>>,
 }
 
 /// HTTP settings that are not state.

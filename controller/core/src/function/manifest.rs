@@ -59,6 +59,26 @@ pub struct FunctionSpec {
     /// How its results may be cached.
     #[serde(default)]
     pub cache: CacheSpec,
+    /// How its dependencies (`requirements.txt`, `package.json`) are installed.
+    #[serde(default)]
+    pub install: InstallSpec,
+}
+
+/// `install` in a manifest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstallSpec {
+    /// Whether the dependencies' own install code may run (default false):
+    /// pip may build from source (`setup.py`) instead of taking wheels
+    /// only, and npm runs install scripts (offline, after the download).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scripts: bool,
+}
+
+impl InstallSpec {
+    fn is_default(&self) -> bool {
+        *self == InstallSpec::default()
+    }
 }
 
 /// `cache` in a manifest, as sent.
@@ -120,6 +140,9 @@ pub struct Manifest {
     /// Node or Python, rather than one source file.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub package: bool,
+    /// How a package's dependencies are installed.
+    #[serde(default, skip_serializing_if = "InstallSpec::is_default")]
+    pub install: InstallSpec,
 }
 
 /// A function's cache policy. `X-Cache-Control: max-age` still wins within
@@ -212,6 +235,9 @@ impl FunctionSpec {
         let entrypoint = self
             .entrypoint
             .unwrap_or_else(|| language.default_entrypoint().to_owned());
+        if !package && self.install.scripts {
+            return err("'install' applies to packages (functions registered with 'files' or an 'archive')");
+        }
         if package && !matches!(language, Language::Nodejs | Language::Python) {
             return err(format!(
                 "'files' of a {language} function must be a Rust crate (Cargo.toml and src/lib.rs)"
@@ -287,6 +313,7 @@ impl FunctionSpec {
             env: self.env,
             cache,
             package,
+            install: self.install,
         })
     }
 }
@@ -300,13 +327,17 @@ impl Manifest {
     /// Hash of everything that changes what the function does: its code and
     /// the manifest fields a runtime sees. Part of every cache key.
     pub fn code_hash(&self, code: &str) -> String {
-        let behaviour = json!({
+        let mut behaviour = json!({
             "entrypoint": self.entrypoint,
             "handler": self.handler,
             "env": self.env,
             "limits": self.limits,
             "params": self.schema.params,
         });
+        // Only when set: the hashes of functions without it stay as they were.
+        if self.install.scripts {
+            behaviour["install_scripts"] = json!(true);
+        }
         let mut h = Sha256::new();
         h.update(crate::cache::canonical_json(&behaviour).as_bytes());
         h.update([0]);

@@ -29,6 +29,8 @@ pub struct FunctionVersion {
     pub created_at: OffsetDateTime,
     /// A Rust crate's files (when `manifest.is_crate()`).
     pub files: Option<CrateFiles>,
+    /// What a package asks to install (`requirements.txt`, `package.json`).
+    pub dependencies: Option<package::DependencyFiles>,
     /// `schema.params`, compiled once.
     validator: jsonschema::Validator,
     /// What `/init` sends, resolved at the first specialisation
@@ -62,11 +64,19 @@ impl FunctionVersion {
             true => Some(manifest::crate_files(&code).context("crate files")?),
             false => None,
         };
+        let dependencies = match manifest.package {
+            true => {
+                let files: PackageFiles = serde_json::from_str(&code).context("package files")?;
+                package::DependencyFiles::of(language_title.language(), &files, manifest.install.scripts)
+            }
+            false => None,
+        };
         Ok(FunctionVersion {
             language_title,
             version,
             manifest,
             files,
+            dependencies,
             code,
             code_hash,
             created_at,
@@ -113,8 +123,9 @@ pub enum Code<'a> {
     File { entrypoint: &'a str, text: &'a str },
     /// A Rust crate's files.
     Crate(&'a CrateFiles),
-    /// A Node or Python package's files.
-    Package(&'a PackageFiles),
+    /// A Node or Python package's files, and whether its dependencies'
+    /// install code may run.
+    Package { files: &'a PackageFiles, scripts: bool },
 }
 
 /// Why [`CodeCheck`] refused a function.

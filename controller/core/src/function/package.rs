@@ -12,6 +12,7 @@
 //! - [`PackageLimits`]: how many files and bytes a package may hold.
 //! - [`check_package`]: parses the stored form and checks every path, the
 //!   limits and the entrypoint.
+//! - [`DependencyFiles`]: what a package asks to install, and its key.
 
 use std::collections::BTreeMap;
 
@@ -261,6 +262,75 @@ pub fn read_folder(
     Ok(Some(files))
 }
 
+/// What a package asks to install: a `requirements.txt` at the root of a
+/// Python package with a requirement in it, or a `package.json` with
+/// `dependencies` (and its lock file) at the root of a Node one. Computed
+/// once per version; a backend installs it (`fnrt_backends::deps`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DependencyFiles {
+    pub language: Language,
+    /// (file name, contents), in a fixed order.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Whether the dependencies' own install code may run (`install.scripts`).
+    pub scripts: bool,
+}
+
+impl DependencyFiles {
+    /// What `files` asks to install, if anything.
+    pub fn of(language: Language, files: &PackageFiles, scripts: bool) -> Option<Self> {
+        let read = |name: &str| files.get(name).and_then(|c| c.bytes().ok()).map(|b| b.into_owned());
+        let wanted: Vec<(String, Vec<u8>)> = match language {
+            Language::Python => {
+                let requirements = read("requirements.txt")?;
+                let text = String::from_utf8_lossy(&requirements);
+                let any = text.lines().any(|l| {
+                    let l = l.trim();
+                    !l.is_empty() && !l.starts_with('#')
+                });
+                if !any {
+                    return None;
+                }
+                vec![("requirements.txt".into(), requirements)]
+            }
+            Language::Nodejs => {
+                let manifest = read("package.json")?;
+                let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap_or_default();
+                if parsed["dependencies"].as_object().is_none_or(|d| d.is_empty()) {
+                    return None;
+                }
+                let mut wanted = vec![("package.json".to_owned(), manifest)];
+                for lock in ["package-lock.json", "npm-shrinkwrap.json"] {
+                    if let Some(bytes) = read(lock) {
+                        wanted.push((lock.to_owned(), bytes));
+                    }
+                }
+                wanted
+            }
+            _ => return None,
+        };
+        Some(DependencyFiles {
+            language,
+            files: wanted,
+            scripts,
+        })
+    }
+
+    /// The install's key: the language, the switch and every file; the
+    /// same for every function and version that asks for the same set.
+    pub fn key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!("deps-v1\0{}\0{}\0", self.language, self.scripts));
+        for (name, bytes) in &self.files {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        hex::encode(h.finalize())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +342,38 @@ mod tests {
                 .map(|(p, c)| (p.to_string(), FileContent::Text(c.to_string())))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn asks_for_an_install_only_when_something_is_required() {
+        let pkg = |entries: &[(&str, &str)]| -> PackageFiles {
+            entries
+                .iter()
+                .map(|(p, c)| (p.to_string(), FileContent::Text(c.to_string())))
+                .collect()
+        };
+        let none = pkg(&[("main.py", ""), ("requirements.txt", "# nothing\n\n")]);
+        assert!(DependencyFiles::of(Language::Python, &none, false).is_none());
+        let node_none = pkg(&[("index.js", ""), ("package.json", r#"{"name": "x"}"#)]);
+        assert!(DependencyFiles::of(Language::Nodejs, &node_none, false).is_none());
+
+        let some = pkg(&[("main.py", "x"), ("requirements.txt", "jinja2==3.1.6\n")]);
+        let deps = DependencyFiles::of(Language::Python, &some, false).unwrap();
+        // The key depends on the dependency files only, and on the switch.
+        let other_code = pkg(&[("main.py", "y"), ("requirements.txt", "jinja2==3.1.6\n")]);
+        assert_eq!(
+            deps.key(),
+            DependencyFiles::of(Language::Python, &other_code, false).unwrap().key()
+        );
+        assert_ne!(
+            deps.key(),
+            DependencyFiles::of(Language::Python, &some, true).unwrap().key()
+        );
+        let newer = pkg(&[("main.py", "x"), ("requirements.txt", "jinja2==3.1.5\n")]);
+        assert_ne!(
+            deps.key(),
+            DependencyFiles::of(Language::Python, &newer, false).unwrap().key()
+        );
     }
 
     #[test]

@@ -1,0 +1,496 @@
+//! Third-party dependencies of packages: a Python function's
+//! `requirements.txt` (pip) and a Node function's `package.json` (npm),
+//! installed at registration, once per distinct set.
+//!
+//! An install is keyed by the dependency files' hash (with the language and
+//! the `install.scripts` switch), so every function and version with the
+//! same `requirements.txt` shares one install, and a second registration
+//! does not install again. It runs in the build sandbox ([`BuildSandbox`]:
+//! its own uid, nothing of the data dir, no secrets), with the network (to
+//! reach the package index), a timeout and a size cap. By default no code of
+//! a dependency runs: pip takes wheels only (`--only-binary=:all:`) and npm
+//! skips install scripts (`--ignore-scripts`). With `install.scripts`, pip
+//! may build from source (running `setup.py`, with the network) and npm runs
+//! the scripts afterwards, offline (`npm rebuild`).
+//!
+//! The result lands in `deps/{key}/` (root's, files read-only to
+//! instances), from which each instance of a function gets hard links:
+//! Python's in `deps/` beside its socket (on `sys.path` after the package),
+//! Node's as `function/node_modules/`.
+//!
+//! # Layout
+//! - [`Dependencies`] (the core's `DependencyFiles`): what a package asks
+//!   for, and its key.
+//! - [`Installer`]: installs (or waits for the install under way), knows
+//!   each key's state, and installs in the background for bundled functions.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::sandbox::BuildSandbox;
+use fnrt_core::artifact::{BuildFailure, BuildState};
+use fnrt_core::language::Language;
+
+/// How long a failed install stands before an initialize tries it again
+/// (the failure may have been the network).
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(60);
+
+/// Lines of pip's or npm's output kept in a failure.
+const MAX_MESSAGE_LINES: usize = 40;
+
+pub use fnrt_core::function::package::DependencyFiles as Dependencies;
+
+#[derive(Debug, Clone)]
+pub struct InstallerConfig {
+    /// Finished installs, `{key}/`, and those under way, `.installs/`
+    /// (writable by the install's uid; one directory per install, removed
+    /// when it ends). Several controllers may share it.
+    pub deps_dir: PathBuf,
+    pub python_bin: PathBuf,
+    pub node_bin: PathBuf,
+    pub npm_bin: Option<PathBuf>,
+    /// Longest an install may take.
+    pub timeout: Duration,
+    /// Largest install, in bytes.
+    pub max_bytes: u64,
+    /// The uid installs run as, when the controller is root.
+    pub uid: u32,
+}
+
+/// Installs dependencies, once per key.
+pub struct Installer {
+    config: InstallerConfig,
+    sandbox: Option<BuildSandbox>,
+    states: Mutex<HashMap<String, watch::Receiver<BuildState>>>,
+    /// Background installs (bundled functions), stopped at shutdown.
+    background: Mutex<Option<Vec<tokio::task::JoinHandle<()>>>>,
+    /// One install at a time: each uses the network and the disk heavily.
+    queue: tokio::sync::Semaphore,
+    metrics: Arc<fnrt_core::metrics::Metrics>,
+    /// When each failed install was last tried from [`Installer::ensure`].
+    failed_at: Mutex<HashMap<String, Instant>>,
+}
+
+impl std::fmt::Debug for Installer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Installer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Installer {
+    pub fn new(config: InstallerConfig, metrics: Arc<fnrt_core::metrics::Metrics>) -> anyhow::Result<Arc<Self>> {
+        let uid = rustix::process::geteuid().is_root().then_some(config.uid);
+        let work_dir = config.deps_dir.join(".installs");
+        for dir in [&config.deps_dir, &work_dir] {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        if let Some(uid) = uid {
+            std::os::unix::fs::chown(&work_dir, Some(uid), Some(uid))?;
+        }
+        // What an install sees of the host besides the system: the
+        // interpreters' installations, and its own work directory.
+        let mut read_only = Vec::new();
+        for program in [
+            Some(&config.python_bin),
+            Some(&config.node_bin),
+            config.npm_bin.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Ok(real) = program.canonicalize()
+                && let Some(root) = real.parent().and_then(Path::parent)
+            {
+                read_only.push(root.to_path_buf());
+            }
+        }
+        let sandbox = BuildSandbox::detect(uid, read_only, vec![work_dir.clone()]);
+        if sandbox.is_none() {
+            tracing::warn!("bubblewrap is not installed: dependency installs run as the controller's user, unwalled");
+        }
+        Ok(Arc::new(Installer {
+            config,
+            sandbox,
+            states: Mutex::new(HashMap::new()),
+            background: Mutex::new(Some(Vec::new())),
+            queue: tokio::sync::Semaphore::new(1),
+            metrics,
+            failed_at: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn installed_dir(&self, key: &str) -> PathBuf {
+        self.config.deps_dir.join(key)
+    }
+
+    /// Where the install of `deps` stands here, without starting one: a
+    /// finished one on disk is ready even after a restart.
+    pub fn state(&self, deps: &Dependencies) -> Option<BuildState> {
+        let key = deps.key();
+        if let Some(rx) = self.states.lock().unwrap().get(&key) {
+            return Some(rx.borrow().clone());
+        }
+        let dir = self.installed_dir(&key);
+        dir.is_dir().then_some(BuildState::Ready(dir))
+    }
+
+    /// Starts a background install unless one exists (or failed less than
+    /// [`RETRY_FAILED_AFTER`] ago); returns the state.
+    pub fn ensure(self: &Arc<Self>, deps: &Dependencies) -> BuildState {
+        match self.state(deps) {
+            Some(BuildState::Failed(failure)) => {
+                let mut failed_at = self.failed_at.lock().unwrap();
+                let at = failed_at.entry(deps.key()).or_insert_with(Instant::now);
+                if at.elapsed() < RETRY_FAILED_AFTER {
+                    return BuildState::Failed(failure);
+                }
+                // Once per period, however many initializes ask.
+                *at = Instant::now();
+            }
+            Some(state) => return state,
+            None => {}
+        }
+        let mut background = self.background.lock().unwrap();
+        let Some(background) = background.as_mut() else {
+            return BuildState::Building;
+        };
+        background.retain(|task| !task.is_finished());
+        let this = self.clone();
+        let deps = deps.clone();
+        background.push(tokio::spawn(async move {
+            let _ = this.install(&deps).await;
+        }));
+        BuildState::Building
+    }
+
+    /// Stops background installs (dropping one kills its process group).
+    pub async fn shutdown(&self) {
+        let tasks = self.background.lock().unwrap().take().unwrap_or_default();
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Installs `deps` (or waits for the install under way, or finds it
+    /// done) and returns its directory.
+    pub async fn install(&self, deps: &Dependencies) -> Result<PathBuf, BuildFailure> {
+        let key = deps.key();
+        let dir = self.installed_dir(&key);
+        let (mut rx, tx) = {
+            let mut states = self.states.lock().unwrap();
+            match states.get(&key) {
+                // A failed install is tried again: it may have been the network.
+                Some(rx) if !matches!(*rx.borrow(), BuildState::Failed(_)) => (rx.clone(), None),
+                _ => {
+                    let (tx, rx) = watch::channel(BuildState::Building);
+                    states.insert(key.clone(), rx.clone());
+                    (rx, Some(tx))
+                }
+            }
+        };
+        let language = deps.language.as_str();
+        match tx {
+            Some(tx) => {
+                let state = if dir.is_dir() {
+                    self.metrics.record_dependency_install(language, "reused");
+                    BuildState::Ready(dir.clone())
+                } else {
+                    let _turn = self.queue.acquire().await;
+                    let result = self.run(&key, deps, &dir).await;
+                    let outcome = if result.is_ok() { "installed" } else { "failed" };
+                    self.metrics.record_dependency_install(language, outcome);
+                    match result {
+                        Ok(()) => BuildState::Ready(dir.clone()),
+                        Err(failure) => BuildState::Failed(failure),
+                    }
+                };
+                let _ = tx.send(state);
+            }
+            None => self.metrics.record_dependency_install(language, "reused"),
+        }
+        loop {
+            match &*rx.borrow_and_update() {
+                BuildState::Ready(path) => return Ok(path.clone()),
+                BuildState::Failed(failure) => return Err(failure.clone()),
+                BuildState::Building => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(failure("the install was abandoned".into(), ""));
+            }
+        }
+    }
+
+    /// One install, in a work directory of its own, moved into place when
+    /// it succeeded.
+    async fn run(&self, key: &str, deps: &Dependencies, dir: &Path) -> Result<(), BuildFailure> {
+        let work = self.config.deps_dir.join(".installs").join(format!(
+            "{}-{}",
+            &key[..16],
+            hex::encode(rand::random::<[u8; 4]>())
+        ));
+        let result = self.run_in(&work, deps, dir).await;
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        if let Err(e) = &result {
+            tracing::warn!(language = %deps.language, error = %e.message, "dependency install failed");
+        }
+        result
+    }
+
+    async fn run_in(&self, work: &Path, deps: &Dependencies, dir: &Path) -> Result<(), BuildFailure> {
+        let io = |what: &str, e: std::io::Error| failure(format!("{what}: {e}"), "");
+        std::fs::create_dir(work).map_err(|e| io("preparing the install", e))?;
+        for (name, bytes) in &deps.files {
+            std::fs::write(work.join(name), bytes).map_err(|e| io("preparing the install", e))?;
+        }
+        if let Some(uid) = self.sandbox.as_ref().and_then(BuildSandbox::uid) {
+            crate::sandbox::chown_tree(work, uid).map_err(|e| io("preparing the install", e))?;
+        }
+        let out = match deps.language {
+            Language::Python => {
+                let target = work.join("site-packages");
+                let mut args: Vec<String> = [
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--no-input",
+                    "--no-cache-dir",
+                    "--no-warn-script-location",
+                    "--progress-bar",
+                    "off",
+                ]
+                .map(String::from)
+                .into();
+                if !deps.scripts {
+                    args.push("--only-binary=:all:".into());
+                }
+                args.extend(["--target".into(), target.display().to_string()]);
+                args.extend(["-r".into(), work.join("requirements.txt").display().to_string()]);
+                let python = self.config.python_bin.clone();
+                self.step("pip install", &python, &args, work, true).await?;
+                target
+            }
+            Language::Nodejs => {
+                let npm = self
+                    .config
+                    .npm_bin
+                    .clone()
+                    .ok_or_else(|| failure("npm is not installed on this host".into(), ""))?;
+                let locked = deps.files.iter().any(|(name, _)| name != "package.json");
+                let mut args: Vec<String> = match locked {
+                    true => vec!["ci".into()],
+                    false => vec!["install".into(), "--no-package-lock".into()],
+                };
+                args.extend(
+                    [
+                        "--omit=dev",
+                        "--ignore-scripts",
+                        "--no-audit",
+                        "--no-fund",
+                        "--no-update-notifier",
+                    ]
+                    .map(String::from),
+                );
+                self.step("npm install", &npm, &args, work, true).await?;
+                if deps.scripts {
+                    // The scripts run offline: the packages are all there.
+                    let rebuild = ["rebuild", "--offline"].map(String::from);
+                    self.step("npm rebuild", &npm, &rebuild, work, false).await?;
+                }
+                work.join("node_modules")
+            }
+            other => {
+                return Err(failure(
+                    format!("{other} functions have no dependencies to install"),
+                    "",
+                ));
+            }
+        };
+        if !out.is_dir() {
+            std::fs::create_dir_all(&out).map_err(|e| io("finishing the install", e))?;
+        }
+        let size = tree_size(&out).map_err(|e| io("measuring the install", e))?;
+        if size > self.config.max_bytes {
+            return Err(failure(
+                format!(
+                    "the installed dependencies take {} MiB, more than the {} MiB allowed (DEPS_MAX_MB)",
+                    size / (1024 * 1024),
+                    self.config.max_bytes / (1024 * 1024)
+                ),
+                "",
+            ));
+        }
+        // Root's from here on, read-only to everyone else, so that the
+        // links instances get cannot be changed by them.
+        seal(&out).map_err(|e| io("finishing the install", e))?;
+        match std::fs::rename(&out, dir) {
+            Ok(()) => Ok(()),
+            // The same set installed by another replica meanwhile.
+            Err(_) if dir.is_dir() => Ok(()),
+            Err(e) => Err(io("finishing the install", e)),
+        }
+    }
+
+    /// Runs one step of an install in the sandbox, within the timeout.
+    async fn step(
+        &self,
+        what: &str,
+        program: &Path,
+        args: &[String],
+        work: &Path,
+        network: bool,
+    ) -> Result<(), BuildFailure> {
+        let args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        let mut cmd = match &self.sandbox {
+            Some(sandbox) => {
+                let (bwrap, wrapped) = sandbox.wrap(program, &args, work, network);
+                let mut cmd = tokio::process::Command::new(bwrap);
+                cmd.args(wrapped);
+                cmd
+            }
+            None => {
+                let mut cmd = tokio::process::Command::new(program);
+                cmd.args(&args).current_dir(work);
+                cmd
+            }
+        };
+        cmd.env_clear()
+            .envs(install_env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        crate::build::die_with_controller(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| failure(format!("{what} could not start: {e}"), ""))?;
+        let pid = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32));
+        let _group = pid.map(crate::build::KillGroup);
+        let output = match tokio::time::timeout(self.config.timeout, child.wait_with_output()).await {
+            Ok(Ok(output)) => output,
+            Ok(Err(e)) => return Err(failure(format!("{what} failed: {e}"), "")),
+            Err(_) => {
+                return Err(failure(
+                    format!(
+                        "{what} took longer than {} s (DEPS_INSTALL_TIMEOUT_SECS) and was stopped",
+                        self.config.timeout.as_secs()
+                    ),
+                    "",
+                ));
+            }
+        };
+        if output.status.success() {
+            return Ok(());
+        }
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = text.replace(&*work.to_string_lossy(), ".");
+        Err(failure(format!("{what} failed ({})", output.status), &text))
+    }
+}
+
+fn failure(message: String, output: &str) -> BuildFailure {
+    let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(MAX_MESSAGE_LINES)..].join("\n");
+    BuildFailure {
+        message,
+        messages: if tail.is_empty() { vec![] } else { vec![tail] },
+    }
+}
+
+/// The environment of an install: nothing of the controller's but where
+/// the system's CA certificates and a proxy are (pip and npm fetch over
+/// HTTPS; a host behind a proxy reaches the index through it).
+fn install_env() -> Vec<(String, String)> {
+    const KEEP: [&str; 10] = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "SSL_CERT_FILE",
+        "PIP_CERT",
+        "NODE_EXTRA_CA_CERTS",
+        "REQUESTS_CA_BUNDLE",
+    ];
+    let mut env: Vec<(String, String)> = KEEP
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    // The system's CA bundle, which a host behind a TLS-inspecting proxy
+    // has its CA in: pip and Node otherwise use bundles of their own.
+    let bundle = "/etc/ssl/certs/ca-certificates.crt";
+    for name in ["PIP_CERT", "NODE_EXTRA_CA_CERTS"] {
+        if Path::new(bundle).is_file() && !env.iter().any(|(k, _)| k == name) {
+            env.push((name.into(), bundle.into()));
+        }
+    }
+    env.extend(
+        [
+            ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            ("HOME", "/tmp"),
+            ("LANG", "C.UTF-8"),
+            ("npm_config_cache", "/tmp/npm-cache"),
+            ("npm_config_update_notifier", "false"),
+            ("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    env
+}
+
+/// Bytes of the files under `dir` (links not followed).
+fn tree_size(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            tree_size(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
+}
+
+/// Makes `dir` root's (the controller's), directories 0755 and files 0644
+/// (0755 when they were executable); symbolic links are kept as they are.
+fn seal(dir: &Path) -> std::io::Result<()> {
+    let owner = rustix::process::geteuid().as_raw();
+    std::os::unix::fs::lchown(dir, Some(owner), Some(owner))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            seal(&path)?;
+        } else if kind.is_file() {
+            std::os::unix::fs::lchown(&path, Some(owner), Some(owner))?;
+            let executable = entry.metadata()?.permissions().mode() & 0o111 != 0;
+            let mode = if executable { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        } else {
+            std::os::unix::fs::lchown(&path, Some(owner), Some(owner))?;
+        }
+    }
+    Ok(())
+}

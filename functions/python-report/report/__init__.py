@@ -1,0 +1,1 @@
+"""An HTML report rendered with Jinja2 from a template beside the code."""

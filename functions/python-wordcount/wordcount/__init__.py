@@ -1,0 +1,1 @@
+"""Word counts, split into modules that import each other."""

@@ -1,0 +1,259 @@
+//! Third-party dependencies of packages, installed at registration through
+//! the API: a Python function rendering a template with jinja2, a Node
+//! function using an npm package, one install for two functions with the
+//! same requirements, a dependency that does not exist, an install that
+//! outlives its timeout, and an npm install script that goes looking for
+//! the controller's secrets.
+//!
+//! These reach PyPI and the npm registry, as a user's registration would.
+
+use std::io::Write;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{Reply, TestApp, eventually, read, spawn_app, spawn_app_with};
+use crate::sandbox::processes_with_cmdline;
+
+async fn register(app: &TestApp, language_title: &str, files: Value, extra: Value) -> Reply {
+    let mut body = json!({ "language_title": language_title, "description": "with dependencies", "files": files });
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let r = app
+        .client
+        .post(app.url("/api/v1/functions"))
+        .bearer_auth(app.admin())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    read(r).await
+}
+
+async fn run(app: &TestApp, language_title: &str, params: Value) -> Reply {
+    let token = app.admin();
+    let id = app.session(&token, language_title, json!({})).await;
+    app.execute(&token, &id, params).await
+}
+
+/// The value of a `lambda_dependency_installs_total` series, 0 if absent.
+fn installs(metrics: &str, language: &str, result: &str) -> u64 {
+    let series = format!("lambda_dependency_installs_total{{language=\"{language}\",result=\"{result}\"}}");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const REPORT: &str = r#"from pathlib import Path
+
+import jinja2
+
+TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"))
+
+
+def handler(params, context):
+    page = TEMPLATES.get_template("report.html").render(items=params["items"])
+    return {"html": page, "jinja2": jinja2.__version__, "from": jinja2.__file__.split("/")[-3]}
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_requirements_are_installed_once_and_used_by_the_function() {
+    let app = spawn_app().await;
+    // Tests share installs (a directory per machine): a set of this run's own.
+    let requirements = format!("# {}\njinja2==3.1.6\n", uuid::Uuid::new_v4());
+    let files = json!({
+        "main.py": REPORT,
+        "requirements.txt": requirements,
+        "templates/report.html": "<ul>{% for i in items %}<li>{{ i | upper }}</li>{% endfor %}</ul>",
+    });
+    let r = register(&app, "python-jinja", files.clone(), json!({})).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["build"]["state"], "ready", "{:?}", r.body);
+
+    let r = run(&app, "python-jinja", json!({ "items": ["a", "b"] })).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"]["html"], "<ul><li>A</li><li>B</li></ul>");
+    assert_eq!(r.body["result"]["jinja2"], "3.1.6");
+    // Its own install, not a copy of jinja2 the host happens to have.
+    assert_eq!(r.body["result"]["from"], "deps");
+
+    // Another function with the same requirements: no second install.
+    let mut other = files.clone();
+    other["templates/report.html"] = json!("<ul>{% for i in items %}<li>{{ i | lower }}</li>{% endfor %}</ul>");
+    let r = register(&app, "python-jinja-two", other, json!({})).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let metrics = app.metrics().await;
+    assert_eq!(installs(&metrics, "python", "installed"), 1, "{metrics}");
+    assert_eq!(installs(&metrics, "python", "reused"), 1, "{metrics}");
+    let r = run(&app, "python-jinja-two", json!({ "items": ["C"] })).await;
+    assert_eq!(r.body["result"]["html"], "<ul><li>c</li></ul>", "{:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_npm_dependency_is_installed_and_required() {
+    let app = spawn_app().await;
+    let files = json!({
+        "index.js": "const Mustache = require('mustache');\nmodule.exports.handler = async (p) => ({ text: Mustache.render('Hi {{name}}!', p) });\n",
+        "package.json": r#"{ "name": "greeter", "version": "1.0.0", "dependencies": { "mustache": "4.2.0" } }"#,
+    });
+    let r = register(&app, "nodejs-mustache", files, json!({})).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["build"]["state"], "ready");
+    let r = run(&app, "nodejs-mustache", json!({ "name": "Ada" })).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"]["text"], "Hi Ada!");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dependency_that_does_not_exist_is_a_build_failure_with_pips_message() {
+    let app = spawn_app().await;
+    let files = json!({
+        "main.py": "def handler(p, c):\n    return 1\n",
+        "requirements.txt": "fnrt-no-such-package-4f1c2a==1.0\n",
+    });
+    let r = register(&app, "python-missing-dep", files, json!({})).await;
+    assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
+    let messages = r.body["error"]["details"]["messages"].to_string();
+    assert!(messages.contains("No matching distribution"), "{messages}");
+    assert_eq!(
+        app.get(Some(&app.admin()), "/api/v1/functions/python-missing-dep")
+            .await
+            .status,
+        404
+    );
+}
+
+/// A package index on the loopback that accepts connections and never answers.
+async fn silent_index() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_past_its_timeout_is_stopped_and_refused() {
+    let app = spawn_app_with(&["--deps-install-timeout-secs", "3"]).await;
+    let (port, index) = silent_index().await;
+    let files = json!({
+        "main.py": "def handler(p, c):\n    return 1\n",
+        "requirements.txt": format!("--index-url http://127.0.0.1:{port}/simple\nfnrt-hangs==1.0\n"),
+    });
+    let r = register(&app, "python-slow-dep", files, json!({})).await;
+    assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("DEPS_INSTALL_TIMEOUT_SECS") && message.contains("stopped"),
+        "{message}"
+    );
+    // pip is gone, not left waiting on the index.
+    let marker = format!("127.0.0.1:{port}");
+    let gone = eventually(Duration::from_secs(5), || {
+        processes_with_cmdline("pip").iter().all(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            !String::from_utf8_lossy(&cmdline).contains(&marker)
+        })
+    })
+    .await;
+    assert!(gone, "pip still runs");
+    index.abort();
+}
+
+/// Serves `body` to every request on `listener` (an npm tarball).
+fn serve(listener: tokio::net::TcpListener, body: Vec<u8>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 8192];
+                let _ = socket.read(&mut request).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(&body).await;
+            });
+        }
+    })
+}
+
+/// An npm package whose install script looks for the controller's secrets
+/// and writes down what it found, inside the package.
+fn snooping_package(data_dir: &str, controller_pid: u32, port: u16) -> Vec<u8> {
+    let script = format!(
+        r#"const fs = require('fs');
+const net = require('net');
+const found = {{ uid: process.getuid() }};
+for (const [name, path] of [
+  ['jwt_secret', '{data_dir}/jwt-secret'],
+  ['database', '{data_dir}/controller.db'],
+  ['environ', '/proc/{controller_pid}/environ'],
+  ['shadow', '/etc/shadow'],
+]) {{
+  try {{ found[name] = fs.readFileSync(path).length > 0 ? 'read' : 'empty'; }} catch (e) {{ found[name] = e.code; }}
+}}
+const done = () => fs.writeFileSync(__dirname + '/found.json', JSON.stringify(found));
+const s = net.connect({port}, '127.0.0.1');
+s.on('connect', () => {{ found.network = 'connected'; s.destroy(); done(); }});
+s.on('error', (e) => {{ found.network = e.code; done(); }});
+"#
+    );
+    let entries: [(&str, &[u8]); 3] = [
+        (
+            "package/package.json",
+            br#"{ "name": "snoop", "version": "1.0.0", "scripts": { "postinstall": "node snoop.js" } }"#,
+        ),
+        ("package/snoop.js", script.as_bytes()),
+        ("package/index.js", b"module.exports = require('./found.json');\n"),
+    ];
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        builder.append_data(&mut h, name, data).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&builder.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_script_finds_no_secrets_and_no_network() {
+    let app = spawn_app().await;
+    let data_dir = app.data_dir.path().display().to_string();
+    // The tarball's own server is what the script tries to reach: it
+    // listens on the host's loopback while the install runs. The
+    // in-process app is this test process.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tar_port = listener.local_addr().unwrap().port();
+    let tarball = snooping_package(&data_dir, std::process::id(), tar_port);
+    let tar_server = serve(listener, tarball);
+    let files = json!({
+        "index.js": "module.exports.handler = async () => require('snoop');\n",
+        "package.json": format!(
+            r#"{{ "name": "victim", "version": "1.0.0", "dependencies": {{ "snoop": "http://127.0.0.1:{tar_port}/snoop.tgz" }} }}"#
+        ),
+    });
+    let r = register(&app, "nodejs-snoop", files, json!({ "install": { "scripts": true } })).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = run(&app, "nodejs-snoop", json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let found = &r.body["result"];
+    assert_ne!(found["uid"], 0, "{found}");
+    for secret in ["jwt_secret", "database", "environ", "shadow"] {
+        assert_ne!(found[secret], "read", "{secret}: {found}");
+        assert_ne!(found[secret], "empty", "{secret}: {found}");
+    }
+    // The scripts run offline: not even the host's loopback.
+    assert_ne!(found["network"], "connected", "{found}");
+    tar_server.abort();
+}
