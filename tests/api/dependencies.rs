@@ -3,7 +3,7 @@
 //! function using an npm package, one install for two functions with the
 //! same requirements, a dependency that does not exist, an install that
 //! outlives its timeout, and an npm install script that goes looking for
-//! the controller's secrets.
+//! the controller's secrets, and Pillow resizing an image sent as base64.
 //!
 //! These reach PyPI and the npm registry, as a user's registration would.
 
@@ -256,4 +256,74 @@ async fn an_install_script_finds_no_secrets_and_no_network() {
     // The scripts run offline: not even the host's loopback.
     assert_ne!(found["network"], "connected", "{found}");
     tar_server.abort();
+}
+
+/// A PNG of `width` x `height` RGB pixels, all one colour.
+fn png(width: u32, height: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend(kind);
+        out.extend(data);
+        out.extend(crc.sum().to_be_bytes());
+    }
+    let mut ihdr = Vec::new();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB, no interlace
+    // Each row: filter type 0 (none), then the pixels.
+    let row: Vec<u8> = std::iter::once(0u8)
+        .chain(std::iter::repeat_n([200u8, 30, 30], width as usize).flatten())
+        .collect();
+    let rows = row.repeat(height as usize);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&rows).unwrap();
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(&mut out, b"IDAT", &z.finish().unwrap());
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// The width and height a PNG's header says.
+fn png_size(bytes: &[u8]) -> (u32, u32) {
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let word = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    (word(16), word(20))
+}
+
+const RESIZE: &str = r#"import base64
+import io
+
+from PIL import Image
+
+
+def handler(params, context):
+    image = Image.open(io.BytesIO(base64.b64decode(params["image"])))
+    width = params["width"]
+    height = round(image.height * width / image.width)
+    out = io.BytesIO()
+    image.resize((width, height)).save(out, "PNG")
+    return {"image": base64.b64encode(out.getvalue()).decode()}
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pillow_function_resizes_an_image_sent_as_base64() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let app = spawn_app().await;
+    let files = json!({ "main.py": RESIZE, "requirements.txt": "Pillow>=10,<12\n" });
+    let r = register(&app, "python-resize", files, json!({})).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = run(
+        &app,
+        "python-resize",
+        json!({ "image": b64.encode(png(40, 20)), "width": 10 }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let resized = b64.decode(r.body["result"]["image"].as_str().unwrap()).unwrap();
+    assert_eq!(png_size(&resized), (10, 5));
 }

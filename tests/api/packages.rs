@@ -429,3 +429,71 @@ async fn the_bundled_packages_answer_their_examples() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archive_uploads_as_multipart_form_data_with_its_manifest_beside_it() {
+    let app = spawn_app().await;
+    let zip = zip_of(&[
+        ("shout/__init__.py", b""),
+        (
+            "shout/main.py",
+            b"from .words import loud\n\ndef handler(p, c):\n    return loud(p['text'])\n",
+        ),
+        ("shout/words.py", b"def loud(s):\n    return s.upper() + '!'\n"),
+    ]);
+    let manifest = json!({
+        "description": "Shouts",
+        "entrypoint": "shout/main.py",
+        "schema": { "params": { "type": "object", "required": ["text"] } },
+    });
+    let form = reqwest::multipart::Form::new()
+        .text("language_title", "python-shout")
+        .text("manifest", manifest.to_string())
+        .text("limits", r#"{"timeout_ms": 5000}"#)
+        .part(
+            "archive",
+            reqwest::multipart::Part::bytes(zip)
+                .file_name("shout.zip")
+                .mime_str("application/zip")
+                .unwrap(),
+        );
+    let r = read(
+        app.client
+            .post(app.url("/api/v1/functions"))
+            .bearer_auth(app.admin())
+            .multipart(form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["limits"]["timeout_ms"], 5000);
+    let token = app.admin();
+    let id = app.session(&token, "python-shout", json!({})).await;
+    assert_eq!(
+        app.execute(&token, &id, json!({ "text": "hey" })).await.body["result"],
+        "HEY!"
+    );
+
+    // Without the archive: a clear error.
+    let form = reqwest::multipart::Form::new()
+        .text("language_title", "python-shout-two")
+        .text("description", "x");
+    let r = read(
+        app.client
+            .post(app.url("/api/v1/functions"))
+            .bearer_auth(app.admin())
+            .multipart(form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("'archive'"),
+        "{:?}",
+        r.body
+    );
+}

@@ -286,19 +286,121 @@ pub(super) struct RegisterBody {
     pub install: fnrt_core::function::manifest::InstallSpec,
 }
 
-impl RegisterBody {
+/// A registration: a JSON [`RegisterBody`], or a `multipart/form-data`
+/// upload of an archive (part `archive`) with the manifest beside it (a
+/// part `manifest` holding `function.json`, and/or one part per field:
+/// text, or JSON for `schema`, `examples`, `limits`, `env`, `cache`,
+/// `install`).
+pub(super) struct Registration {
+    body: RegisterBody,
+    /// The uploaded archive's bytes (multipart).
+    archive: Option<Vec<u8>>,
+}
+
+/// Fields of a multipart registration whose parts hold JSON.
+const JSON_FIELDS: [&str; 6] = ["schema", "examples", "limits", "env", "cache", "install"];
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Registration {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let multipart = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("multipart/form-data"));
+        if !multipart {
+            let ApiJson(body) = ApiJson::<RegisterBody>::from_request(req, state).await?;
+            return Ok(Registration { body, archive: None });
+        }
+        let limit = req.extensions().get::<super::extract::BodyLimit>().map_or(0, |l| l.0);
+        let bad = |e: axum::extract::multipart::MultipartError| match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
+            _ => ApiError::InvalidRequest(format!("malformed multipart body: {}", e.body_text())),
+        };
+        let mut form = axum::extract::Multipart::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::InvalidRequest(format!("malformed multipart body: {}", e.body_text())))?;
+        let mut fields = serde_json::Map::new();
+        let mut archive = None;
+        while let Some(part) = form.next_field().await.map_err(bad)? {
+            let name = part.name().unwrap_or_default().to_owned();
+            let bytes = part.bytes().await.map_err(bad)?;
+            let text = || {
+                String::from_utf8(bytes.to_vec())
+                    .map_err(|_| ApiError::InvalidRequest(format!("multipart part '{name}' is not UTF-8 text")))
+            };
+            let json = |text: String| {
+                serde_json::from_str::<Value>(&text)
+                    .map_err(|e| ApiError::InvalidRequest(format!("multipart part '{name}' is not JSON: {e}")))
+            };
+            match name.as_str() {
+                "archive" => archive = Some(bytes.to_vec()),
+                "manifest" => match json(text()?)? {
+                    Value::Object(manifest) => fields.extend(manifest),
+                    _ => {
+                        return Err(ApiError::InvalidRequest(
+                            "multipart part 'manifest' must be a JSON object".into(),
+                        ));
+                    }
+                },
+                n if JSON_FIELDS.contains(&n) => {
+                    fields.insert(name.clone(), json(text()?)?);
+                }
+                _ => {
+                    fields.insert(name.clone(), Value::String(text()?));
+                }
+            }
+        }
+        let Some(archive) = archive else {
+            return Err(ApiError::InvalidRequest(
+                "a multipart registration needs a part 'archive' (a .zip or .tar.gz)".into(),
+            ));
+        };
+        let body: RegisterBody = serde_json::from_value(Value::Object(fields))
+            .map_err(|e| ApiError::InvalidRequest(format!("bad manifest fields: {e}")))?;
+        if body.code.is_some() || body.files.is_some() || body.archive.is_some() {
+            return Err(ApiError::InvalidRequest(
+                "a multipart registration carries its code in the part 'archive' only".into(),
+            ));
+        }
+        Ok(Registration {
+            body,
+            archive: Some(archive),
+        })
+    }
+}
+
+impl Registration {
     fn into_parts(self, limits: PackageLimits) -> Result<(Option<String>, FunctionSpec, Submission), ApiError> {
+        self.body.into_parts(self.archive, limits)
+    }
+}
+
+fn unpack(bytes: &[u8], limits: PackageLimits) -> Result<Submission, ApiError> {
+    Ok(Submission::Files(archive::unpack(bytes, limits).map_err(
+        |e| match e {
+            ArchiveError::Invalid(m) => ApiError::InvalidRequest(m),
+            ArchiveError::TooLarge(m) => ApiError::ContentTooLarge(m),
+        },
+    )?))
+}
+
+impl RegisterBody {
+    fn into_parts(
+        self,
+        uploaded: Option<Vec<u8>>,
+        limits: PackageLimits,
+    ) -> Result<(Option<String>, FunctionSpec, Submission), ApiError> {
         let code = match (self.code, self.files, self.archive) {
+            (None, None, None) if uploaded.is_some() => unpack(&uploaded.unwrap_or_default(), limits)?,
             (Some(code), None, None) => Submission::Source(code),
             (None, Some(files), None) => Submission::Files(files),
             (None, None, Some(archive)) => {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(archive.trim())
                     .map_err(|e| ApiError::InvalidRequest(format!("'archive' is not valid base64: {e}")))?;
-                Submission::Files(archive::unpack(&bytes, limits).map_err(|e| match e {
-                    ArchiveError::Invalid(m) => ApiError::InvalidRequest(m),
-                    ArchiveError::TooLarge(m) => ApiError::ContentTooLarge(m),
-                })?)
+                unpack(&bytes, limits)?
             }
             (None, None, None) => {
                 return Err(ApiError::InvalidRequest(
@@ -333,7 +435,14 @@ impl RegisterBody {
     post,
     path = "/api/v1/functions",
     tag = "functions",
-    request_body(content = RegisterBody, content_type = "application/json"),
+    request_body(
+        description = "JSON, or `multipart/form-data`: a part `archive` (.zip or .tar.gz) beside a part \
+                       `manifest` (function.json) and/or one part per field",
+        content(
+            (RegisterBody = "application/json"),
+            (Object = "multipart/form-data"),
+        )
+    ),
     responses(
         (status = 201, description = "Registered at version 1", body = FunctionDetail),
         (status = 400, body = ErrorBody),
@@ -348,7 +457,7 @@ impl RegisterBody {
 async fn create_function(
     State(state): State<AppState>,
     auth: Auth,
-    ApiJson(body): ApiJson<RegisterBody>,
+    body: Registration,
 ) -> Result<(StatusCode, axum::Json<FunctionDetail>), ApiError> {
     auth.require(WRITE_FUNCTIONS)?;
     let (language_title, spec, code) = body.into_parts(state.engine.registry.package_limits())?;
@@ -377,7 +486,14 @@ async fn create_function(
     path = "/api/v1/functions/{language_title}",
     tag = "functions",
     params(("language_title" = String, Path, description = "e.g. `nodejs-calculator`")),
-    request_body(content = RegisterBody, content_type = "application/json"),
+    request_body(
+        description = "JSON, or `multipart/form-data`: a part `archive` (.zip or .tar.gz) beside a part \
+                       `manifest` (function.json) and/or one part per field",
+        content(
+            (RegisterBody = "application/json"),
+            (Object = "multipart/form-data"),
+        )
+    ),
     responses(
         (status = 200, description = "The new version", body = FunctionDetail),
         (status = 400, body = ErrorBody),
@@ -393,7 +509,7 @@ async fn update_function(
     State(state): State<AppState>,
     auth: Auth,
     Path(language_title): Path<String>,
-    ApiJson(body): ApiJson<RegisterBody>,
+    body: Registration,
 ) -> Result<axum::Json<FunctionDetail>, ApiError> {
     auth.require(WRITE_FUNCTIONS)?;
     let lt = parse_title(&language_title)?;
