@@ -2,8 +2,10 @@
 //! the API: a Python function rendering a template with jinja2, a Node
 //! function using an npm package, one install for two functions with the
 //! same requirements, a dependency that does not exist, an install that
-//! outlives its timeout, and an npm install script that goes looking for
-//! the controller's secrets, and Pillow resizing an image sent as base64.
+//! outlives its timeout, Pillow resizing an image sent as base64, and the
+//! walls of an install: an npm install script and a `setup.py` that go
+//! looking for the controller's secrets and the host's loopback services,
+//! and a download from the host's loopback.
 //!
 //! These reach PyPI and the npm registry, as a user's registration would.
 
@@ -15,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{Reply, TestApp, eventually, read, spawn_app, spawn_app_with};
 use crate::sandbox::processes_with_cmdline;
+use fnrt_core::function::package::DependencyFiles;
 
 async fn register(app: &TestApp, language_title: &str, files: Value, extra: Value) -> Reply {
     let mut body = json!({ "language_title": language_title, "description": "with dependencies", "files": files });
@@ -125,27 +128,20 @@ async fn a_dependency_that_does_not_exist_is_a_build_failure_with_pips_message()
     );
 }
 
-/// A package index on the loopback that accepts connections and never answers.
-async fn silent_index() -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    (port, task)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_install_past_its_timeout_is_stopped_and_refused() {
-    let app = spawn_app_with(&["--deps-install-timeout-secs", "3"]).await;
-    let (port, index) = silent_index().await;
+    // A download of most of a gigabyte: far longer than two seconds.
+    let app = spawn_app_with(&["--deps-install-timeout-secs", "2"]).await;
+    let marker = format!("{}", uuid::Uuid::new_v4().simple());
     let files = json!({
         "main.py": "def handler(p, c):\n    return 1\n",
-        "requirements.txt": format!("--index-url http://127.0.0.1:{port}/simple\nfnrt-hangs==1.0\n"),
+        "requirements.txt": format!("# {marker}\ntorch==2.5.1\n"),
     });
+    // Its install's work directory is named after its key.
+    let package = serde_json::from_value(files.clone()).unwrap();
+    let key = DependencyFiles::of(fnrt_core::language::Language::Python, &package, false)
+        .unwrap()
+        .key();
     let r = register(&app, "python-slow-dep", files, json!({})).await;
     assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
     let message = r.body["error"]["message"].as_str().unwrap();
@@ -153,23 +149,30 @@ async fn an_install_past_its_timeout_is_stopped_and_refused() {
         message.contains("DEPS_INSTALL_TIMEOUT_SECS") && message.contains("stopped"),
         "{message}"
     );
-    // pip is gone, not left waiting on the index.
-    let marker = format!("127.0.0.1:{port}");
+    // pip is gone, not left downloading; so is its work directory.
     let gone = eventually(Duration::from_secs(5), || {
         processes_with_cmdline("pip").iter().all(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            !String::from_utf8_lossy(&cmdline).contains(&marker)
+            !String::from_utf8_lossy(&cmdline).contains(&key[..16])
         })
     })
     .await;
     assert!(gone, "pip still runs");
-    index.abort();
 }
 
-/// Serves `body` to every request on `listener` (an npm tarball).
-fn serve(listener: tokio::net::TcpListener, body: Vec<u8>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// Serves `body` to every request on `listener`, counting connections.
+fn serve(
+    listener: tokio::net::TcpListener,
+    body: Vec<u8>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    let task = tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let body = body.clone();
             tokio::spawn(async move {
                 let mut request = vec![0u8; 8192];
@@ -182,13 +185,29 @@ fn serve(listener: tokio::net::TcpListener, body: Vec<u8>) -> tokio::task::JoinH
                 let _ = socket.write_all(&body).await;
             });
         }
-    })
+    });
+    (seen, task)
 }
 
-/// An npm package whose install script looks for the controller's secrets
-/// and writes down what it found, inside the package.
-fn snooping_package(data_dir: &str, controller_pid: u32, port: u16) -> Vec<u8> {
-    let script = format!(
+/// A gzipped tar of `entries`.
+fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        builder.append_data(&mut h, name, *data).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&builder.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
+
+/// What an install script looks for (JavaScript): the controller's secrets
+/// and database, its environment, `/etc/shadow`, and the host's loopback
+/// (Redis, PostgreSQL, the controller's port).
+fn snoop_js(data_dir: &str, controller_pid: u32, controller_port: u16) -> String {
+    format!(
         r#"const fs = require('fs');
 const net = require('net');
 const found = {{ uid: process.getuid() }};
@@ -200,62 +219,154 @@ for (const [name, path] of [
 ]) {{
   try {{ found[name] = fs.readFileSync(path).length > 0 ? 'read' : 'empty'; }} catch (e) {{ found[name] = e.code; }}
 }}
-const done = () => fs.writeFileSync(__dirname + '/found.json', JSON.stringify(found));
-const s = net.connect({port}, '127.0.0.1');
-s.on('connect', () => {{ found.network = 'connected'; s.destroy(); done(); }});
-s.on('error', (e) => {{ found.network = e.code; done(); }});
+const ports = [6379, 5432, {controller_port}];
+let pending = ports.length;
+for (const port of ports) {{
+  const s = net.connect(port, '127.0.0.1');
+  const end = (result) => {{
+    found['port_' + port] = result;
+    if (--pending === 0) fs.writeFileSync(__dirname + '/found.json', JSON.stringify(found));
+  }};
+  s.on('connect', () => {{ s.destroy(); end('connected'); }});
+  s.on('error', (e) => end(e.code));
+}}
 "#
-    );
-    let entries: [(&str, &[u8]); 3] = [
+    )
+}
+
+/// Asserts that a snoop found nothing: not root, no secret read, no port.
+fn assert_found_nothing(found: &Value, ports: &[u16]) {
+    assert_ne!(found["uid"], 0, "{found}");
+    for secret in ["jwt_secret", "database", "environ", "shadow"] {
+        let result = found[secret].as_str().unwrap_or_default();
+        assert!(
+            result != "read" && result != "empty" && !result.is_empty(),
+            "{secret}: {found}"
+        );
+    }
+    for port in ports {
+        let result = &found[format!("port_{port}")];
+        assert!(result.is_string() && result != "connected", "port {port}: {found}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_npm_install_script_finds_no_secrets_and_no_network() {
+    let app = spawn_app().await;
+    let data_dir = app.data_dir.path().display().to_string();
+    let port = url_port(&app);
+    // The in-process app is this test process.
+    let script = snoop_js(&data_dir, std::process::id(), port);
+    let tarball = tar_gz(&[
         (
             "package/package.json",
             br#"{ "name": "snoop", "version": "1.0.0", "scripts": { "postinstall": "node snoop.js" } }"#,
         ),
         ("package/snoop.js", script.as_bytes()),
         ("package/index.js", b"module.exports = require('./found.json');\n"),
-    ];
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, data) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        builder.append_data(&mut h, name, data).unwrap();
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&builder.into_inner().unwrap()).unwrap();
-    gz.finish().unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn an_install_script_finds_no_secrets_and_no_network() {
-    let app = spawn_app().await;
-    let data_dir = app.data_dir.path().display().to_string();
-    // The tarball's own server is what the script tries to reach: it
-    // listens on the host's loopback while the install runs. The
-    // in-process app is this test process.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tar_port = listener.local_addr().unwrap().port();
-    let tarball = snooping_package(&data_dir, std::process::id(), tar_port);
-    let tar_server = serve(listener, tarball);
+    ]);
+    use base64::Engine as _;
     let files = json!({
         "index.js": "module.exports.handler = async () => require('snoop');\n",
-        "package.json": format!(
-            r#"{{ "name": "victim", "version": "1.0.0", "dependencies": {{ "snoop": "http://127.0.0.1:{tar_port}/snoop.tgz" }} }}"#
-        ),
+        "package.json": r#"{ "name": "victim", "version": "1.0.0", "dependencies": { "snoop": "file:vendor/snoop.tgz" } }"#,
+        "vendor/snoop.tgz": { "base64": base64::engine::general_purpose::STANDARD.encode(&tarball) },
     });
     let r = register(&app, "nodejs-snoop", files, json!({ "install": { "scripts": true } })).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
     let r = run(&app, "nodejs-snoop", json!({})).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let found = &r.body["result"];
-    assert_ne!(found["uid"], 0, "{found}");
-    for secret in ["jwt_secret", "database", "environ", "shadow"] {
-        assert_ne!(found[secret], "read", "{secret}: {found}");
-        assert_ne!(found[secret], "empty", "{secret}: {found}");
-    }
-    // The scripts run offline: not even the host's loopback.
-    assert_ne!(found["network"], "connected", "{found}");
-    tar_server.abort();
+    assert_found_nothing(&r.body["result"], &[6379, 5432, port]);
+}
+
+/// The port the app listens on.
+fn url_port(app: &TestApp) -> u16 {
+    app.url("/")
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_never_reaches_the_hosts_loopback() {
+    let app = spawn_app().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tarball = tar_gz(&[("package/package.json", br#"{ "name": "x", "version": "1.0.0" }"#)]);
+    let (seen, server) = serve(listener, tarball);
+    let files = json!({
+        "index.js": "module.exports.handler = async () => 1;\n",
+        "package.json": format!(r#"{{ "name": "v", "version": "1.0.0", "dependencies": {{ "x": "http://127.0.0.1:{port}/x.tgz" }} }}"#),
+    });
+    let r = register(&app, "nodejs-loopback", files, json!({})).await;
+    assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the install reached the host's loopback"
+    );
+    server.abort();
+}
+
+/// A source distribution whose `setup.py` looks for what the npm snoop
+/// looks for and installs what it found as the module `evil_found`.
+fn evil_sdist(data_dir: &str, controller_pid: u32, controller_port: u16) -> Vec<u8> {
+    let setup = format!(
+        r#"import json, os, socket
+from setuptools import setup
+
+found = {{"uid": os.getuid()}}
+for name, path in [("jwt_secret", "{data_dir}/jwt-secret"), ("database", "{data_dir}/controller.db"),
+                   ("environ", "/proc/{controller_pid}/environ"), ("shadow", "/etc/shadow")]:
+    try:
+        with open(path, "rb") as f:
+            found[name] = "read" if f.read() else "empty"
+    except OSError as e:
+        found[name] = type(e).__name__
+for port in [6379, 5432, {controller_port}]:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        found["port_%d" % port] = "connected"
+    except OSError as e:
+        found["port_%d" % port] = type(e).__name__
+with open("evil_found.py", "w") as f:
+    f.write("FOUND = %r\n" % json.dumps(found))
+setup(name="evil", version="1.0", py_modules=["evil_found"])
+"#
+    );
+    let pkg_info = b"Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n";
+    tar_gz(&[("evil-1.0/setup.py", setup.as_bytes()), ("evil-1.0/PKG-INFO", pkg_info)])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_setup_py_finds_no_secrets_and_not_the_hosts_loopback() {
+    use base64::Engine as _;
+    let app = spawn_app().await;
+    let data_dir = app.data_dir.path().display().to_string();
+    let port = url_port(&app);
+    let sdist = evil_sdist(&data_dir, std::process::id(), port);
+    let files = json!({
+        "main.py": "import json\nimport evil_found\n\ndef handler(p, c):\n    return json.loads(evil_found.FOUND)\n",
+        "requirements.txt": "./vendor/evil-1.0.tar.gz\n",
+        "vendor/evil-1.0.tar.gz": { "base64": base64::engine::general_purpose::STANDARD.encode(&sdist) },
+    });
+    // Without install.scripts, a source distribution is refused.
+    let r = register(&app, "python-evil-refused", files.clone(), json!({})).await;
+    assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("built from source"),
+        "{:?}",
+        r.body
+    );
+    // With it, setup.py runs, walled in.
+    let r = register(&app, "python-evil", files, json!({ "install": { "scripts": true } })).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = run(&app, "python-evil", json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_found_nothing(&r.body["result"], &[6379, 5432, port]);
 }
 
 /// A PNG of `width` x `height` RGB pixels, all one colour.

@@ -35,6 +35,7 @@ use tokio::sync::{Semaphore, watch};
 
 use fnrt_core::artifact::{BuildFailure, BuildState, Target};
 
+use crate::netns::PrivateNetwork;
 use crate::sandbox::{BuildSandbox, chown_tree};
 
 #[derive(Debug, Clone)]
@@ -130,6 +131,11 @@ impl Builder {
         }
         let sandbox = BuildSandbox::detect(uid, read_only, vec![config.target_dir.clone()]);
         match &sandbox {
+            Some(s) if !s.private_network() => tracing::warn!(
+                uid,
+                "Rust builds run in bubblewrap, but slirp4netns is not installed: `cargo fetch` shares the host's \
+                 network, its loopback included (apt-get install slirp4netns)"
+            ),
             Some(_) => tracing::info!(uid, "Rust builds run in bubblewrap"),
             None => tracing::warn!(
                 "bubblewrap (bwrap) is not installed: Rust builds run as the controller's user, unwalled \
@@ -319,8 +325,10 @@ impl Builder {
         if self.sandbox.is_some() {
             // Dependencies come first, with the network; the build that runs
             // the crate's code comes after, without it.
-            let fetch = self.cargo(&src, &["fetch".into(), "--config".into(), patch.clone().into()], true);
-            match tokio::time::timeout_at(deadline, run_quietly(fetch)).await {
+            let (fetch, net) = self
+                .cargo(&src, &["fetch".into(), "--config".into(), patch.clone().into()], true)
+                .map_err(|e| failure(format!("preparing cargo: {e}")))?;
+            match tokio::time::timeout_at(deadline, run_quietly(fetch, net)).await {
                 Err(_) => return Err(timed_out()),
                 Ok(Err(e)) => return Err(failure(format!("starting cargo: {e}"))),
                 Ok(Ok((true, _))) => {}
@@ -357,7 +365,9 @@ impl Builder {
             // The SDK's export! expands to `main` on wasm: a WASI command.
             Target::Wasm => args.extend(["--crate-type", "bin", "--target", WASM_TARGET].map(Into::into)),
         };
-        let mut cmd = self.cargo(&src, &args, false);
+        let (mut cmd, _) = self
+            .cargo(&src, &args, false)
+            .map_err(|e| failure(format!("preparing cargo: {e}")))?;
         let mut child = cmd
             .spawn()
             .map_err(|e| failure(format!("starting {}: {e}", self.config.cargo)))?;
@@ -427,8 +437,16 @@ impl Builder {
 impl Builder {
     /// cargo with `args` in `dir`: inside the sandbox when there is one
     /// (the network only when `network`), with the environment a build gets.
-    fn cargo(&self, dir: &Path, args: &[std::ffi::OsString], network: bool) -> tokio::process::Command {
+    /// With the network and slirp4netns, also its private network, to
+    /// start once cargo is spawned.
+    fn cargo(
+        &self,
+        dir: &Path,
+        args: &[std::ffi::OsString],
+        network: bool,
+    ) -> std::io::Result<(tokio::process::Command, Option<PrivateNetwork>)> {
         let toolchain_cargo = self.sysroot.as_ref().map(|s| s.join("bin").join("cargo"));
+        let mut private = None;
         let mut cmd = match (&self.sandbox, toolchain_cargo) {
             (Some(sandbox), Some(toolchain_cargo)) => {
                 // The toolchain's own cargo: rustup's proxies live in a home
@@ -437,9 +455,13 @@ impl Builder {
                     "cargo" => toolchain_cargo,
                     other => PathBuf::from(other),
                 };
-                let (bwrap, wrapped) = sandbox.wrap(&program, args, dir, network);
+                let (bwrap, wrapped, net) = sandbox.wrap(&program, args, dir, network)?;
                 let mut cmd = tokio::process::Command::new(bwrap);
                 cmd.args(wrapped).env_clear().envs(self.sandboxed_env());
+                if let Some(net) = &net {
+                    net.prepare(&mut cmd);
+                }
+                private = net;
                 cmd
             }
             _ => {
@@ -455,7 +477,7 @@ impl Builder {
             .kill_on_drop(true)
             .process_group(0);
         die_with_controller(&mut cmd);
-        cmd
+        Ok((cmd, private))
     }
 
     /// The environment inside the sandbox: the toolchain first on `PATH`,
@@ -494,11 +516,16 @@ impl Builder {
     }
 }
 
-/// Runs a command to its end; whether it succeeded, and its stderr.
-async fn run_quietly(mut cmd: tokio::process::Command) -> std::io::Result<(bool, String)> {
+/// Runs a command to its end (in its private network, if given); whether
+/// it succeeded, and its stderr.
+async fn run_quietly(mut cmd: tokio::process::Command, net: Option<PrivateNetwork>) -> std::io::Result<(bool, String)> {
     let child = cmd.spawn()?;
     let pid = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32));
     let _group = pid.map(KillGroup);
+    let _slirp = match net {
+        Some(net) => Some(net.start().await?),
+        None => None,
+    };
     let out = child.wait_with_output().await?;
     Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
 }

@@ -114,8 +114,15 @@ impl Installer {
             }
         }
         let sandbox = BuildSandbox::detect(uid, read_only, vec![work_dir.clone()]);
-        if sandbox.is_none() {
-            tracing::warn!("bubblewrap is not installed: dependency installs run as the controller's user, unwalled");
+        match &sandbox {
+            None => tracing::warn!(
+                "bubblewrap is not installed: dependency installs run as the controller's user, unwalled"
+            ),
+            Some(s) if !s.private_network() => tracing::warn!(
+                "slirp4netns is not installed: dependency installs share the host's network, its loopback \
+                 (the controller, Redis, the database) included (apt-get install slirp4netns)"
+            ),
+            Some(_) => {}
         }
         Ok(Arc::new(Installer {
             config,
@@ -252,13 +259,20 @@ impl Installer {
         let io = |what: &str, e: std::io::Error| failure(format!("{what}: {e}"), "");
         std::fs::create_dir(work).map_err(|e| io("preparing the install", e))?;
         for (name, bytes) in &deps.files {
-            std::fs::write(work.join(name), bytes).map_err(|e| io("preparing the install", e))?;
+            let path = work.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| io("preparing the install", e))?;
+            }
+            std::fs::write(path, bytes).map_err(|e| io("preparing the install", e))?;
         }
         if let Some(uid) = self.sandbox.as_ref().and_then(BuildSandbox::uid) {
             crate::sandbox::chown_tree(work, uid).map_err(|e| io("preparing the install", e))?;
         }
         let out = match deps.language {
             Language::Python => {
+                if !deps.scripts {
+                    refuse_source_references(deps)?;
+                }
                 let target = work.join("site-packages");
                 let mut args: Vec<String> = [
                     "-m",
@@ -288,7 +302,10 @@ impl Installer {
                     .npm_bin
                     .clone()
                     .ok_or_else(|| failure("npm is not installed on this host".into(), ""))?;
-                let locked = deps.files.iter().any(|(name, _)| name != "package.json");
+                let locked = deps
+                    .files
+                    .iter()
+                    .any(|(name, _)| name == "package-lock.json" || name == "npm-shrinkwrap.json");
                 let mut args: Vec<String> = match locked {
                     true => vec!["ci".into()],
                     false => vec!["install".into(), "--no-package-lock".into()],
@@ -353,11 +370,18 @@ impl Installer {
         network: bool,
     ) -> Result<(), BuildFailure> {
         let args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        let mut private = None;
         let mut cmd = match &self.sandbox {
             Some(sandbox) => {
-                let (bwrap, wrapped) = sandbox.wrap(program, &args, work, network);
+                let (bwrap, wrapped, net) = sandbox
+                    .wrap(program, &args, work, network)
+                    .map_err(|e| failure(format!("{what} could not be prepared: {e}"), ""))?;
                 let mut cmd = tokio::process::Command::new(bwrap);
                 cmd.args(wrapped);
+                if let Some(net) = &net {
+                    net.prepare(&mut cmd);
+                }
+                private = net;
                 cmd
             }
             None => {
@@ -379,6 +403,15 @@ impl Installer {
             .map_err(|e| failure(format!("{what} could not start: {e}"), ""))?;
         let pid = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32));
         let _group = pid.map(crate::build::KillGroup);
+        // The network comes up before the install runs; it goes with it.
+        let _slirp = match private {
+            Some(net) => Some(
+                net.start()
+                    .await
+                    .map_err(|e| failure(format!("{what}: its network did not come up: {e}"), ""))?,
+            ),
+            None => None,
+        };
         let output = match tokio::time::timeout(self.config.timeout, child.wait_with_output()).await {
             Ok(Ok(output)) => output,
             Ok(Err(e)) => return Err(failure(format!("{what} failed: {e}"), "")),
@@ -403,6 +436,46 @@ impl Installer {
         let text = text.replace(&*work.to_string_lossy(), ".");
         Err(failure(format!("{what} failed ({})", output.status), &text))
     }
+}
+
+/// Without `install.scripts`: a requirement that names a source
+/// distribution, a directory or a VCS checkout directly (pip builds those
+/// whatever `--only-binary` says, running their code) is refused.
+fn refuse_source_references(deps: &Dependencies) -> Result<(), BuildFailure> {
+    let Some((_, requirements)) = deps.files.iter().find(|(name, _)| name == "requirements.txt") else {
+        return Ok(());
+    };
+    for line in String::from_utf8_lossy(requirements).lines() {
+        let line = line.split(" #").next().unwrap_or_default().trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let lower = line.to_ascii_lowercase();
+        let direct = lower.starts_with('.')
+            || lower.starts_with('/')
+            || lower.starts_with("-e")
+            || lower.starts_with("--editable")
+            || lower.contains("://")
+            || lower.contains(" @ ")
+            || lower.starts_with("file:");
+        let source = [
+            "git+", "hg+", "svn+", "bzr+", ".tar.gz", ".tgz", ".tar.bz2", ".zip", ".tar",
+        ]
+        .iter()
+        .any(|s| lower.contains(s));
+        let option = lower.starts_with('-') && !lower.starts_with("-e") && !lower.starts_with("--editable");
+        if !option && (direct || source) && !lower.trim_end().ends_with(".whl") {
+            return Err(failure(
+                format!(
+                    "requirement {:?} is built from source, which runs its code at install; \
+                     give a wheel, or allow it with \"install\": {{\"scripts\": true}}",
+                    line.chars().take(120).collect::<String>()
+                ),
+                "",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn failure(message: String, output: &str) -> BuildFailure {
@@ -449,6 +522,9 @@ fn install_env() -> Vec<(String, String)> {
             ("LANG", "C.UTF-8"),
             ("npm_config_cache", "/tmp/npm-cache"),
             ("npm_config_update_notifier", "false"),
+            // A registry that refuses is retried a few seconds, not a minute.
+            ("npm_config_fetch_retry_mintimeout", "1000"),
+            ("npm_config_fetch_retry_maxtimeout", "4000"),
             ("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),

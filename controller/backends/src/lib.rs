@@ -21,6 +21,7 @@
 
 pub mod build;
 pub mod deps;
+pub mod netns;
 pub mod packages;
 pub mod process;
 pub mod sandbox;

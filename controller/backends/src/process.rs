@@ -359,6 +359,7 @@ impl RuntimeBackend for ProcessBackend {
                 let scratch = Some(self.limits.scratch_bytes);
                 let walls = Walls {
                     network: false,
+                    private_network: None,
                     read_only: launcher.sees.clone(),
                     writable: vec![(dir.clone(), PathBuf::from(SANDBOX_SOCKET_DIR))],
                     scratch: [SANDBOX_HOME, "/tmp", "/var/tmp", "/dev/shm", "/run"]

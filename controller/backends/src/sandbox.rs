@@ -21,13 +21,17 @@
 //!   PID namespace ends with its init), however it forked or `setsid`ed.
 //!
 //! Builds, in addition, have the network only while dependencies are
-//! fetched (`cargo fetch`); the build itself (`build.rs`, proc macros,
-//! rustc) runs offline. Without bubblewrap (`bwrap` not on `PATH`) builds run
+//! fetched (`cargo fetch`, pip, npm); the build itself (`build.rs`, proc
+//! macros, rustc; npm's install scripts) runs offline. That network is one
+//! of its own through slirp4netns when it is installed ([`crate::netns`]):
+//! the internet, but never the host's loopback. Without bubblewrap (`bwrap` not on `PATH`) builds run
 //! as the controller's user with a scrubbed environment, and start-up says so
 //! in a warning.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+
+use crate::netns::PrivateNetwork;
 
 /// The system every sandbox sees, read-only: programs, libraries, `/etc`
 /// (the resolver and CA certificates for a fetch; `/etc/shadow` stays
@@ -49,6 +53,9 @@ pub fn find_bwrap() -> Option<PathBuf> {
 pub struct Walls {
     /// Whether it shares the host's network (else only its own loopback).
     pub network: bool,
+    /// Or a network of its own through slirp4netns: bubblewrap's
+    /// arguments for it ([`crate::netns::PrivateNetwork::bwrap_args`]).
+    pub private_network: Option<Vec<OsString>>,
     /// Host paths it sees read-only: (host path, path inside).
     pub read_only: Vec<(PathBuf, PathBuf)>,
     /// Host directories it may write: (host path, path inside).
@@ -74,8 +81,10 @@ impl Walls {
         ]
         .map(OsString::from)
         .into();
-        if !self.network {
-            a.push("--unshare-net".into());
+        match &self.private_network {
+            Some(args) => a.extend(args.iter().cloned()),
+            None if !self.network => a.push("--unshare-net".into()),
+            None => {}
         }
         for dir in SYSTEM {
             let path = Path::new(dir);
@@ -173,6 +182,9 @@ fn make_parents(path: &Path, made: &mut Vec<PathBuf>, args: &mut Vec<OsString>) 
 #[derive(Debug, Clone)]
 pub struct BuildSandbox {
     bwrap: PathBuf,
+    /// slirp4netns, for a network that never reaches the host's loopback;
+    /// without it, downloads share the host's network.
+    slirp: Option<PathBuf>,
     /// The uid (and gid) builds run as; `None` when the controller is not
     /// root (then builds run as its user, inside the same walls).
     uid: Option<u32>,
@@ -187,6 +199,7 @@ impl BuildSandbox {
     pub fn detect(uid: Option<u32>, read_only: Vec<PathBuf>, writable: Vec<PathBuf>) -> Option<Self> {
         Some(BuildSandbox {
             bwrap: find_bwrap()?,
+            slirp: crate::netns::find_slirp(),
             uid,
             read_only,
             writable,
@@ -198,18 +211,38 @@ impl BuildSandbox {
         self.uid
     }
 
+    /// Whether downloads reach the internet through a network of their own
+    /// (slirp4netns), rather than the host's with its loopback.
+    pub fn private_network(&self) -> bool {
+        self.slirp.is_some()
+    }
+
     /// The program and arguments that run `program args` inside the walls,
-    /// in `cwd`, with or without the network.
-    pub fn wrap(&self, program: &Path, args: &[OsString], cwd: &Path, network: bool) -> (PathBuf, Vec<OsString>) {
+    /// in `cwd`, with or without the network; with it, and slirp4netns
+    /// installed, the network is a private one, whose pipes the caller
+    /// hands to the child ([`PrivateNetwork::prepare`]) and starts once it
+    /// is spawned ([`PrivateNetwork::start`]).
+    pub fn wrap(
+        &self,
+        program: &Path,
+        args: &[OsString],
+        cwd: &Path,
+        network: bool,
+    ) -> std::io::Result<(PathBuf, Vec<OsString>, Option<PrivateNetwork>)> {
+        let private = match (&self.slirp, network) {
+            (Some(slirp), true) => Some(PrivateNetwork::new(slirp.clone())?),
+            _ => None,
+        };
         let walls = Walls {
-            network,
+            network: network && private.is_none(),
+            private_network: private.as_ref().map(PrivateNetwork::bwrap_args),
             read_only: self.read_only.iter().map(|p| (p.clone(), p.clone())).collect(),
             writable: self.writable.iter().map(|p| (p.clone(), p.clone())).collect(),
             scratch: vec![(PathBuf::from("/tmp"), None)],
             uid: self.uid,
             cwd: cwd.to_path_buf(),
         };
-        (self.bwrap.clone(), walls.args(program, args))
+        Ok((self.bwrap.clone(), walls.args(program, args), private))
     }
 }
 

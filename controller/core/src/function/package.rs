@@ -264,8 +264,9 @@ pub fn read_folder(
 
 /// What a package asks to install: a `requirements.txt` at the root of a
 /// Python package with a requirement in it, or a `package.json` with
-/// `dependencies` (and its lock file) at the root of a Node one. Computed
-/// once per version; a backend installs it (`fnrt_backends::deps`).
+/// `dependencies` (and its lock file) at the root of a Node one, with the
+/// files under `vendor/` they may name by path. Computed once per version;
+/// a backend installs it (`fnrt_backends::deps`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DependencyFiles {
     pub language: Language,
@@ -308,6 +309,18 @@ impl DependencyFiles {
             }
             _ => return None,
         };
+        // Vendored packages (wheels, sdists, npm tarballs) the dependency
+        // files may name by path (`./vendor/x.tar.gz`, `file:vendor/x.tgz`).
+        let mut wanted = wanted;
+        for (path, content) in files.range("vendor/".to_owned()..) {
+            if !path.starts_with("vendor/") {
+                break;
+            }
+            wanted.push((
+                path.clone(),
+                content.bytes().map(|b| b.into_owned()).unwrap_or_default(),
+            ));
+        }
         Some(DependencyFiles {
             language,
             files: wanted,

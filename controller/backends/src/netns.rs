@@ -1,0 +1,211 @@
+//! A private network for a sandbox that must download (a build's `cargo
+//! fetch`, a dependency install): a network namespace of its own that
+//! reaches the internet through slirp4netns (Debian's `slirp4netns`, the
+//! user-mode NAT rootless Podman uses), and never the host's loopback or
+//! the host's own addresses (`--disable-host-loopback`): the controller,
+//! Redis and the database on 127.0.0.1 stay out of reach even while the
+//! code of a registered package's install runs.
+//!
+//! bubblewrap creates the namespace and waits (`--block-fd`) until
+//! slirp4netns, started on the sandbox's pid (read from `--info-fd`), has
+//! configured it; the sandbox's `/etc/resolv.conf` names slirp's DNS
+//! forwarder. slirp4netns runs with its own sandbox and seccomp filter, and
+//! stops when the [`SlirpGuard`] is dropped.
+//!
+//! # Layout
+//! - [`find_slirp`]: whether slirp4netns is installed.
+//! - [`PrivateNetwork`]: the pipes, made before the spawn; its
+//!   [`PrivateNetwork::bwrap_args`] go to bubblewrap, [`PrivateNetwork::prepare`]
+//!   lets the child inherit its ends, [`PrivateNetwork::start`] runs slirp
+//!   once the sandbox is spawned.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// slirp's DNS forwarder, inside the namespace.
+const RESOLV_CONF: &[u8] = b"nameserver 10.0.2.3\n";
+
+/// slirp4netns's path, if it is installed.
+pub fn find_slirp() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("slirp4netns"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin/slirp4netns")])
+        .find(|p| p.is_file())
+}
+
+/// The pipes between the controller, bubblewrap and slirp4netns for one
+/// sandbox with a private network.
+#[derive(Debug)]
+pub struct PrivateNetwork {
+    slirp: PathBuf,
+    /// bubblewrap writes the sandbox's pid here.
+    info: OwnedFd,
+    /// bubblewrap waits for a byte here before it runs the command.
+    block: OwnedFd,
+    /// The child's ends (info, block, resolv.conf): inherited, then
+    /// closed here once it is spawned.
+    child_ends: [OwnedFd; 3],
+}
+
+impl PrivateNetwork {
+    pub fn new(slirp: PathBuf) -> std::io::Result<Self> {
+        use rustix::pipe::{PipeFlags, pipe_with};
+        let (info, info_child) = pipe_with(PipeFlags::CLOEXEC)?;
+        let (block_child, block) = pipe_with(PipeFlags::CLOEXEC)?;
+        let (resolv_child, resolv_write) = pipe_with(PipeFlags::CLOEXEC)?;
+        // A few bytes: they fit in the pipe before anyone reads.
+        std::fs::File::from(resolv_write).write_all(RESOLV_CONF)?;
+        Ok(PrivateNetwork {
+            slirp,
+            info,
+            block,
+            child_ends: [info_child, block_child, resolv_child],
+        })
+    }
+
+    /// bubblewrap's arguments for it.
+    pub fn bwrap_args(&self) -> Vec<OsString> {
+        let [info, block, resolv] = self.child_ends.each_ref().map(|fd| fd.as_raw_fd().to_string());
+        let mut args: Vec<OsString> = ["--unshare-net", "--info-fd", &info, "--block-fd", &block]
+            .map(OsString::from)
+            .into();
+        // Over the host's resolver, unless that is a link bubblewrap could
+        // not mount over (then names resolve as the host's file says).
+        if !Path::new("/etc/resolv.conf").is_symlink() {
+            args.extend(["--ro-bind-data".into(), resolv.into(), "/etc/resolv.conf".into()]);
+        }
+        args
+    }
+
+    /// Lets the child inherit its ends of the pipes (they are close-on-exec).
+    #[allow(unsafe_code)]
+    pub fn prepare(&self, cmd: &mut tokio::process::Command) {
+        let fds = self.child_ends.each_ref().map(|fd| fd.as_raw_fd());
+        // SAFETY: runs in the forked child before exec; fcntl through
+        // rustix is one system call per fd, no allocation, no lock. The
+        // fds stay open in the parent until after the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in fds {
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// After the sandbox was spawned: starts slirp4netns on its namespace,
+    /// waits until the network is up, then lets the sandbox run.
+    pub async fn start(self) -> std::io::Result<SlirpGuard> {
+        let PrivateNetwork {
+            slirp,
+            info,
+            block,
+            child_ends,
+        } = self;
+        drop(child_ends);
+        let pid = tokio::task::spawn_blocking(move || read_child_pid(info))
+            .await
+            .map_err(std::io::Error::other)??;
+        let (ready, ready_child) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let (exit_child, exit) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let mut cmd = tokio::process::Command::new(&slirp);
+        cmd.args([
+            "--configure".to_owned(),
+            "--mtu=65520".to_owned(),
+            "--disable-host-loopback".to_owned(),
+            "--enable-sandbox".to_owned(),
+            "--enable-seccomp".to_owned(),
+            format!("--ready-fd={}", ready_child.as_raw_fd()),
+            format!("--exit-fd={}", exit_child.as_raw_fd()),
+            pid.to_string(),
+            "tap0".to_owned(),
+        ])
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+        let inherited = [ready_child.as_raw_fd(), exit_child.as_raw_fd()];
+        inherit(&mut cmd, inherited);
+        let mut child = cmd.spawn()?;
+        drop((ready_child, exit_child));
+        let up = tokio::task::spawn_blocking(move || {
+            let mut byte = [0u8; 1];
+            std::fs::File::from(ready).read(&mut byte)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        if !matches!(up, Ok(1)) {
+            let _ = child.start_kill();
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), err.read_to_string(&mut stderr)).await;
+            }
+            return Err(std::io::Error::other(format!(
+                "slirp4netns did not start: {}",
+                stderr.trim()
+            )));
+        }
+        std::fs::File::from(block).write_all(b"1")?;
+        Ok(SlirpGuard {
+            _child: child,
+            _exit: exit,
+        })
+    }
+}
+
+/// Lets `cmd`'s child inherit `fds` (close-on-exec in the parent).
+#[allow(unsafe_code)]
+fn inherit(cmd: &mut tokio::process::Command, fds: [i32; 2]) {
+    // SAFETY: as in `PrivateNetwork::prepare`.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in fds {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// bubblewrap's `--info-fd` JSON, read until it parses: `{"child-pid": N}`.
+fn read_child_pid(info: OwnedFd) -> std::io::Result<u32> {
+    let mut file = std::fs::File::from(info);
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::other(
+                "bubblewrap ended before it said its sandbox's pid",
+            ));
+        }
+        data.extend_from_slice(&chunk[..n]);
+        if let Ok(info) = serde_json::from_slice::<serde_json::Value>(&data) {
+            return info["child-pid"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .ok_or_else(|| std::io::Error::other("bubblewrap's info has no child-pid"));
+        }
+    }
+}
+
+/// slirp4netns for one sandbox: it stops when this is dropped (its exit
+/// fd closes, and it is killed).
+#[derive(Debug)]
+pub struct SlirpGuard {
+    _child: tokio::process::Child,
+    _exit: OwnedFd,
+}
