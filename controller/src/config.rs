@@ -154,6 +154,16 @@ pub struct ServeArgs {
     /// Longest a package's dependency install (pip, npm) may take, in seconds.
     #[arg(long, env = "DEPS_INSTALL_TIMEOUT_SECS", default_value_t = 300)]
     pub deps_install_timeout_secs: u64,
+    /// pip's package index for dependency installs (a mirror), instead of PyPI.
+    #[arg(long, env = "DEPS_PIP_INDEX_URL")]
+    pub deps_pip_index_url: Option<String>,
+    /// A directory of wheels to install Python dependencies from, offline
+    /// (no index at all): for air-gapped sites.
+    #[arg(long, env = "DEPS_PIP_WHEELS_DIR")]
+    pub deps_pip_wheels_dir: Option<PathBuf>,
+    /// npm's registry for dependency installs (a mirror such as Verdaccio).
+    #[arg(long, env = "DEPS_NPM_REGISTRY")]
+    pub deps_npm_registry: Option<String>,
     /// Largest installed dependency set, in MiB.
     #[arg(long, env = "DEPS_MAX_MB", default_value_t = 1024)]
     pub deps_max_mb: u64,

@@ -196,6 +196,11 @@ impl Application {
                     timeout: Duration::from_secs(args.deps_install_timeout_secs),
                     max_bytes: args.deps_max_mb.saturating_mul(1024 * 1024),
                     uid: args.rust_build_uid,
+                    sources: fnrt_backends::deps::Sources {
+                        pip_index_url: args.deps_pip_index_url.clone(),
+                        pip_wheels_dir: args.deps_pip_wheels_dir.clone(),
+                        npm_registry: args.deps_npm_registry.clone(),
+                    },
                 },
                 metrics.clone(),
             )

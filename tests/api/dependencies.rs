@@ -438,3 +438,86 @@ async fn a_pillow_function_resizes_an_image_sent_as_base64() {
     let resized = b64.decode(r.body["result"]["image"].as_str().unwrap()).unwrap();
     assert_eq!(png_size(&resized), (10, 5));
 }
+
+/// A pure-Python wheel of the module `tinyoffline` (`VALUE = 42`).
+fn tiny_wheel() -> Vec<u8> {
+    let entries: [(&str, &[u8]); 4] = [
+        ("tinyoffline/__init__.py", b"VALUE = 42\n"),
+        ("tinyoffline-1.0.dist-info/METADATA", b"Metadata-Version: 2.1\nName: tinyoffline\nVersion: 1.0\n"),
+        (
+            "tinyoffline-1.0.dist-info/WHEEL",
+            b"Wheel-Version: 1.0\nGenerator: fnrt-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        ),
+        (
+            "tinyoffline-1.0.dist-info/RECORD",
+            b"tinyoffline/__init__.py,,\ntinyoffline-1.0.dist-info/METADATA,,\ntinyoffline-1.0.dist-info/WHEEL,,\ntinyoffline-1.0.dist-info/RECORD,,\n",
+        ),
+    ];
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data) in entries {
+        out.start_file(name, zip::write::SimpleFileOptions::default()).unwrap();
+        out.write_all(data).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_air_gapped_site_installs_from_a_wheel_directory_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let wheels = tempfile::Builder::new()
+        .prefix("fnrt-wheels")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(wheels.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wheel = wheels.path().join("tinyoffline-1.0-py3-none-any.whl");
+    std::fs::write(&wheel, tiny_wheel()).unwrap();
+    std::fs::set_permissions(&wheel, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let dir = wheels.path().display().to_string();
+    let app = spawn_app_with(&["--deps-pip-wheels-dir", &dir]).await;
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+
+    let files = json!({
+        "main.py": "import tinyoffline\n\ndef handler(p, c):\n    return tinyoffline.VALUE\n",
+        "requirements.txt": format!("# {marker}\ntinyoffline==1.0\n"),
+    });
+    let r = register(&app, "python-offline", files, json!({})).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(run(&app, "python-offline", json!({})).await.body["result"], 42);
+
+    // What the directory does not hold is not fetched from anywhere.
+    let files = json!({
+        "main.py": "def handler(p, c):\n    return 1\n",
+        "requirements.txt": format!("# {marker}\njinja2==3.1.6\n"),
+    });
+    let r = register(&app, "python-not-offline", files, json!({})).await;
+    assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
+}
+
+const SHARP_RESIZE: &str = r#"const sharp = require('sharp');
+module.exports.handler = async (p) => {
+  const out = await sharp(Buffer.from(p.image, 'base64')).resize({ width: p.width }).png().toBuffer();
+  return { image: out.toString('base64') };
+};
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_native_npm_package_with_prebuilt_binaries_resizes_an_image() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let app = spawn_app().await;
+    let files = json!({
+        "index.js": SHARP_RESIZE,
+        "package.json": r#"{ "name": "resize", "version": "1.0.0", "dependencies": { "sharp": "0.33.5" } }"#,
+    });
+    let r = register(&app, "nodejs-sharp", files, json!({})).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = run(
+        &app,
+        "nodejs-sharp",
+        json!({ "image": b64.encode(png(40, 20)), "width": 10 }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let resized = b64.decode(r.body["result"]["image"].as_str().unwrap()).unwrap();
+    assert_eq!(png_size(&resized), (10, 5));
+}

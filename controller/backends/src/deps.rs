@@ -61,6 +61,38 @@ pub struct InstallerConfig {
     pub max_bytes: u64,
     /// The uid installs run as, when the controller is root.
     pub uid: u32,
+    /// Where packages come from (default PyPI and the npm registry).
+    pub sources: Sources,
+}
+
+/// Where installs fetch packages, for sites with a mirror or no internet.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// pip's index (`PIP_INDEX_URL`), e.g. a devpi or Artifactory mirror.
+    pub pip_index_url: Option<String>,
+    /// A directory of wheels: pip then installs from it alone, offline
+    /// (`--no-index --find-links`); it is shown read-only to installs.
+    pub pip_wheels_dir: Option<PathBuf>,
+    /// npm's registry (`npm_config_registry`), e.g. a Verdaccio mirror.
+    pub npm_registry: Option<String>,
+}
+
+impl Sources {
+    /// The variables that point pip and npm at them.
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(url) = &self.pip_index_url {
+            env.push(("PIP_INDEX_URL".into(), url.clone()));
+        }
+        if let Some(dir) = &self.pip_wheels_dir {
+            env.push(("PIP_NO_INDEX".into(), "1".into()));
+            env.push(("PIP_FIND_LINKS".into(), dir.display().to_string()));
+        }
+        if let Some(url) = &self.npm_registry {
+            env.push(("npm_config_registry".into(), url.clone()));
+        }
+        env
+    }
 }
 
 /// Installs dependencies, once per key.
@@ -112,6 +144,9 @@ impl Installer {
             {
                 read_only.push(root.to_path_buf());
             }
+        }
+        if let Some(wheels) = &config.sources.pip_wheels_dir {
+            read_only.push(wheels.canonicalize()?);
         }
         let sandbox = BuildSandbox::detect(uid, read_only, vec![work_dir.clone()]);
         match &sandbox {
@@ -293,7 +328,9 @@ impl Installer {
                 args.extend(["--target".into(), target.display().to_string()]);
                 args.extend(["-r".into(), work.join("requirements.txt").display().to_string()]);
                 let python = self.config.python_bin.clone();
-                self.step("pip install", &python, &args, work, true).await?;
+                // From a local wheel directory, no network at all.
+                let online = self.config.sources.pip_wheels_dir.is_none();
+                self.step("pip install", &python, &args, work, online).await?;
                 target
             }
             Language::Nodejs => {
@@ -392,6 +429,7 @@ impl Installer {
         };
         cmd.env_clear()
             .envs(install_env())
+            .envs(self.config.sources.env())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
