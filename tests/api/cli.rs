@@ -189,3 +189,34 @@ async fn each_kind_of_failure_has_its_exit_code_and_the_apis_error() {
     let down = fnrt(&config, &["list"]).await;
     assert_eq!(down.code, 3, "{} (port {port})", down.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_makes_its_own_folder_private_and_leaves_an_existing_one_as_it_was() {
+    let app = spawn_app().await;
+    let home = tempfile::tempdir().unwrap();
+    // A folder of its own: made 0700.
+    let own = home.path().join("new").join("fnrt").join("config.json");
+    assert_eq!(
+        fnrt(&own, &["login", &app.address, "--token", &app.admin()]).await.code,
+        0
+    );
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(own.parent().unwrap()), 0o700);
+    // A file in a shared folder (FNRT_CONFIG=/var/tmp/x.json): the folder keeps its mode.
+    let shared = home.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let config = shared.join("fnrt.json");
+    assert_eq!(
+        fnrt(&config, &["login", &app.address, "--token", &app.admin()])
+            .await
+            .code,
+        0
+    );
+    assert_eq!(
+        mode(&shared),
+        0o1777,
+        "login changed the mode of a folder it did not make"
+    );
+    assert_eq!(mode(&config), 0o600);
+}

@@ -443,11 +443,25 @@ impl Installer {
         let _group = pid.map(crate::build::KillGroup);
         // The network comes up before the install runs; it goes with it.
         let _slirp = match private {
-            Some(net) => Some(
-                net.start()
-                    .await
-                    .map_err(|e| failure(format!("{what}: its network did not come up: {e}"), ""))?,
-            ),
+            Some(net) => match net.start().await {
+                Ok(guard) => Some(guard),
+                Err(e) => {
+                    // Most likely bubblewrap itself stopped: say how.
+                    let ended = tokio::time::timeout(Duration::from_secs(2), child.wait_with_output()).await;
+                    let (status, output) = match ended {
+                        Ok(Ok(out)) => (
+                            out.status.to_string(),
+                            String::from_utf8_lossy(&out.stderr).into_owned(),
+                        ),
+                        _ => ("still running".to_owned(), String::new()),
+                    };
+                    tracing::warn!(%status, stderr = %output.trim(), error = %e, "an install's private network did not come up");
+                    return Err(failure(
+                        format!("{what}: its network did not come up ({e}; the sandbox: {status})"),
+                        &output,
+                    ));
+                }
+            },
             None => None,
         };
         let output = match tokio::time::timeout(self.config.timeout, child.wait_with_output()).await {

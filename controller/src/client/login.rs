@@ -4,6 +4,7 @@
 //! the token is a secret.
 
 use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 
@@ -44,9 +45,14 @@ pub fn load() -> anyhow::Result<Option<Login>> {
 /// Saves `login`, readable by its owner alone; returns the file's path.
 pub fn save(login: &Login) -> anyhow::Result<PathBuf> {
     let path = path()?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    // A folder it makes is its owner's alone; one that exists (FNRT_CONFIG
+    // may name a file in /var/tmp) is left as it is: the file is 0600.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     // Written beside, then renamed: a reader never sees half a file.
     let tmp = path.with_extension("tmp");
