@@ -257,11 +257,20 @@ pub fn set_umask(command: &mut Command, mask: u32) {
 /// Spawns a controller that logs JSON to stderr and waits until it says
 /// where it listens; returns it, its address and its log lines.
 pub fn start(mut command: Command) -> (Child, String, Arc<Mutex<Vec<String>>>) {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the controller binary");
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    // A binary just copied (first_run's copy under /tmp) is "busy" while a
+    // process another test forks at that moment still holds the copy's
+    // write descriptor, until that process execs: try again shortly.
+    let mut attempts = 0;
+    let mut child = loop {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            spawned => break spawned.expect("start the controller binary"),
+        }
+    };
     let stderr = child.stderr.take().unwrap();
     let logs = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel();

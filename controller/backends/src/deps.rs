@@ -41,6 +41,9 @@ use fnrt_core::language::Language;
 /// (the failure may have been the network).
 const RETRY_FAILED_AFTER: Duration = Duration::from_secs(60);
 
+/// How a failure says the install's private network did not come up.
+const NO_NETWORK: &str = "its network did not come up";
+
 /// Lines of pip's or npm's output kept in a failure.
 const MAX_MESSAGE_LINES: usize = 40;
 
@@ -397,8 +400,26 @@ impl Installer {
         }
     }
 
-    /// Runs one step of an install in the sandbox, within the timeout.
+    /// Runs one step of an install in the sandbox, within the timeout; once
+    /// more if its private network did not come up (a race in setting up a
+    /// namespace, not the install's fault).
     async fn step(
+        &self,
+        what: &str,
+        program: &Path,
+        args: &[String],
+        work: &Path,
+        network: bool,
+    ) -> Result<(), BuildFailure> {
+        match self.step_once(what, program, args, work, network).await {
+            Err(failure) if failure.message.contains(NO_NETWORK) => {
+                self.step_once(what, program, args, work, network).await
+            }
+            result => result,
+        }
+    }
+
+    async fn step_once(
         &self,
         what: &str,
         program: &Path,
@@ -457,7 +478,7 @@ impl Installer {
                     };
                     tracing::warn!(%status, stderr = %output.trim(), error = %e, "an install's private network did not come up");
                     return Err(failure(
-                        format!("{what}: its network did not come up ({e}; the sandbox: {status})"),
+                        format!("{what}: {NO_NETWORK} ({e}; the sandbox: {status})"),
                         &output,
                     ));
                 }

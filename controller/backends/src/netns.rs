@@ -116,6 +116,13 @@ impl PrivateNetwork {
         let pid = tokio::task::spawn_blocking(move || read_child_pid(info))
             .await
             .map_err(std::io::Error::other)??;
+        // bubblewrap brings the namespace's loopback up itself, and fails
+        // (`loopback: Failed RTM_NEWADDR`) when slirp configures the
+        // namespace at the same moment: slirp starts once that is done.
+        let started = std::time::Instant::now();
+        while !loopback_up(pid) && started.elapsed() < std::time::Duration::from_secs(2) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         let (ready, ready_child) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let (exit_child, exit) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let mut cmd = tokio::process::Command::new(&slirp);
@@ -178,6 +185,12 @@ fn inherit(cmd: &mut tokio::process::Command, fds: [i32; 2]) {
             Ok(())
         });
     }
+}
+
+/// Whether the network namespace of `pid` has its loopback address (its
+/// local routes list 127.0.0.1 once the address is there and the link up).
+fn loopback_up(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/net/fib_trie")).is_ok_and(|t| t.contains("127.0.0.1"))
 }
 
 /// bubblewrap's `--info-fd` JSON, read until it parses: `{"child-pid": N}`.
