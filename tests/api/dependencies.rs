@@ -15,22 +15,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{Reply, TestApp, eventually, read, spawn_app, spawn_app_with};
+use crate::helpers::{Reply, TestApp, eventually, spawn_app, spawn_app_with, tar_gz_of, zip_of};
 use crate::sandbox::processes_with_cmdline;
 use fnrt_core::function::package::DependencyFiles;
 
 async fn register(app: &TestApp, language_title: &str, files: Value, extra: Value) -> Reply {
     let mut body = json!({ "language_title": language_title, "description": "with dependencies", "files": files });
     body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    let r = app
-        .client
-        .post(app.url("/api/v1/functions"))
-        .bearer_auth(app.admin())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    read(r).await
+    app.post_function(body).await
 }
 
 async fn run(app: &TestApp, language_title: &str, params: Value) -> Reply {
@@ -141,7 +133,8 @@ async fn an_install_past_its_timeout_is_stopped_and_refused() {
     let package = serde_json::from_value(files.clone()).unwrap();
     let key = DependencyFiles::of(fnrt_core::language::Language::Python, &package, false)
         .unwrap()
-        .key();
+        .key()
+        .to_owned();
     let r = register(&app, "python-slow-dep", files, json!({})).await;
     assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
     let message = r.body["error"]["message"].as_str().unwrap();
@@ -187,20 +180,6 @@ fn serve(
         }
     });
     (seen, task)
-}
-
-/// A gzipped tar of `entries`.
-fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, data) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        builder.append_data(&mut h, name, *data).unwrap();
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&builder.into_inner().unwrap()).unwrap();
-    gz.finish().unwrap()
 }
 
 /// What an install script looks for (JavaScript): the controller's secrets
@@ -257,14 +236,17 @@ async fn an_npm_install_script_finds_no_secrets_and_no_network() {
     let port = url_port(&app);
     // The in-process app is this test process.
     let script = snoop_js(&data_dir, std::process::id(), port);
-    let tarball = tar_gz(&[
-        (
-            "package/package.json",
-            br#"{ "name": "snoop", "version": "1.0.0", "scripts": { "postinstall": "node snoop.js" } }"#,
-        ),
-        ("package/snoop.js", script.as_bytes()),
-        ("package/index.js", b"module.exports = require('./found.json');\n"),
-    ]);
+    let tarball = tar_gz_of(
+        &[
+            (
+                "package/package.json",
+                br#"{ "name": "snoop", "version": "1.0.0", "scripts": { "postinstall": "node snoop.js" } }"#,
+            ),
+            ("package/snoop.js", script.as_bytes()),
+            ("package/index.js", b"module.exports = require('./found.json');\n"),
+        ],
+        false,
+    );
     use base64::Engine as _;
     let files = json!({
         "index.js": "module.exports.handler = async () => require('snoop');\n",
@@ -292,7 +274,10 @@ async fn a_download_never_reaches_the_hosts_loopback() {
     let app = spawn_app().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let tarball = tar_gz(&[("package/package.json", br#"{ "name": "x", "version": "1.0.0" }"#)]);
+    let tarball = tar_gz_of(
+        &[("package/package.json", br#"{ "name": "x", "version": "1.0.0" }"#)],
+        false,
+    );
     let (seen, server) = serve(listener, tarball);
     let files = json!({
         "index.js": "module.exports.handler = async () => 1;\n",
@@ -335,7 +320,10 @@ setup(name="evil", version="1.0", py_modules=["evil_found"])
 "#
     );
     let pkg_info = b"Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n";
-    tar_gz(&[("evil-1.0/setup.py", setup.as_bytes()), ("evil-1.0/PKG-INFO", pkg_info)])
+    tar_gz_of(
+        &[("evil-1.0/setup.py", setup.as_bytes()), ("evil-1.0/PKG-INFO", pkg_info)],
+        false,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -453,12 +441,7 @@ fn tiny_wheel() -> Vec<u8> {
             b"tinyoffline/__init__.py,,\ntinyoffline-1.0.dist-info/METADATA,,\ntinyoffline-1.0.dist-info/WHEEL,,\ntinyoffline-1.0.dist-info/RECORD,,\n",
         ),
     ];
-    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for (name, data) in entries {
-        out.start_file(name, zip::write::SimpleFileOptions::default()).unwrap();
-        out.write_all(data).unwrap();
-    }
-    out.finish().unwrap().into_inner()
+    zip_of(&entries)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,6 +5,7 @@
 //! its children, its memory). Both give a [`TestApp`] with typed helpers to
 //! drive it over HTTP.
 
+use std::io::Write;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -547,6 +548,19 @@ impl TestApp {
         reply
     }
 
+    /// Posts a registration body as it is, returning the answer.
+    pub async fn post_function(&self, body: Value) -> Reply {
+        let r = self
+            .client
+            .post(self.url("/api/v1/functions"))
+            .bearer_auth(self.admin())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        read(r).await
+    }
+
     /// Runs `code` once as a fresh function in a fresh session.
     pub async fn run_once(&self, language_title: &str, code: &str, extra: Value, params: Value) -> Reply {
         self.register(language_title, code, extra).await;
@@ -645,4 +659,35 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     check()
+}
+
+/// A zip of `entries`, deflated (registration archives, wheels).
+pub fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, data) in entries {
+        out.start_file(*name, options).unwrap();
+        out.write_all(data).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}
+
+/// A tar.gz; `link` adds a symbolic link entry named `evil` to `/etc/shadow`.
+pub fn tar_gz_of(entries: &[(&str, &[u8])], link: bool) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        builder.append_data(&mut h, name, *data).unwrap();
+    }
+    if link {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        builder.append_link(&mut h, "evil", "/etc/shadow").unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&builder.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
 }

@@ -4,27 +4,12 @@
 //! the archives an attacker sends (`..`, links, a compression bomb), and
 //! the wall between one package's files and another function's instances.
 
-use std::io::Write;
-
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::helpers::{Reply, TestApp, read, spawn_app, spawn_app_with};
+use crate::helpers::{Reply, TestApp, read, spawn_app, spawn_app_with, tar_gz_of, zip_of};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-
-/// Posts a registration body as it is, returning the answer.
-async fn post_function(app: &TestApp, body: Value) -> Reply {
-    let r = app
-        .client
-        .post(app.url("/api/v1/functions"))
-        .bearer_auth(app.admin())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    read(r).await
-}
 
 /// Registers `files` as `language_title` and runs it once with `params`.
 async fn run_package(app: &TestApp, language_title: &str, files: Value, extra: Value, params: Value) -> Reply {
@@ -34,7 +19,7 @@ async fn run_package(app: &TestApp, language_title: &str, files: Value, extra: V
         "files": files,
     });
     body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    let registered = post_function(app, body).await;
+    let registered = app.post_function(body).await;
     assert_eq!(registered.status, 201, "{:?}", registered.body);
     let token = app.admin();
     let id = app.session(&token, language_title, json!({})).await;
@@ -130,37 +115,6 @@ async fn an_error_in_a_package_module_names_the_file_not_the_host_path() {
     );
 }
 
-/// A zip of `entries`, deflated.
-fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
-    for (name, data) in entries {
-        out.start_file(*name, options).unwrap();
-        out.write_all(data).unwrap();
-    }
-    out.finish().unwrap().into_inner()
-}
-
-/// A tar.gz; `link` adds a symbolic link entry named `evil` to `/etc/shadow`.
-fn tar_gz_of(entries: &[(&str, &[u8])], link: bool) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, data) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        builder.append_data(&mut h, name, *data).unwrap();
-    }
-    if link {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        builder.append_link(&mut h, "evil", "/etc/shadow").unwrap();
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&builder.into_inner().unwrap()).unwrap();
-    gz.finish().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn archives_register_packages() {
     let app = spawn_app().await;
@@ -176,7 +130,7 @@ async fn archives_register_packages() {
         "language_title": "python-zipped", "description": "from a zip",
         "entrypoint": "calc/main.py", "archive": B64.encode(&zip),
     });
-    assert_eq!(post_function(&app, body).await.status, 201);
+    assert_eq!(app.post_function(body).await.status, 201);
     let token = app.admin();
     let id = app.session(&token, "python-zipped", json!({})).await;
     let r = app.execute(&token, &id, json!({ "a": 2, "b": 40 })).await;
@@ -195,7 +149,7 @@ async fn archives_register_packages() {
     let body = json!({
         "language_title": "nodejs-tarred", "description": "from a tar.gz", "archive": B64.encode(&tgz),
     });
-    assert_eq!(post_function(&app, body).await.status, 201);
+    assert_eq!(app.post_function(body).await.status, 201);
     let id = app.session(&token, "nodejs-tarred", json!({})).await;
     let r = app.execute(&token, &id, json!({})).await;
     assert_eq!(r.body["result"], json!({ "from": "tar" }), "{:?}", r.body);
@@ -208,12 +162,14 @@ async fn hostile_archives_are_refused_naming_the_entry_and_nothing_is_written() 
     let escape = format!("../../../../../../../../tmp/{marker}");
     let register = |archive: Vec<u8>| json!({ "language_title": "python-hostile", "description": "x", "archive": B64.encode(archive) });
 
-    let r = post_function(&app, register(zip_of(&[("main.py", b""), (&escape, b"pwned")]))).await;
+    let r = app
+        .post_function(register(zip_of(&[("main.py", b""), (&escape, b"pwned")])))
+        .await;
     assert_eq!((r.status, r.code()), (400, "INVALID_REQUEST"), "{:?}", r.body);
     let message = r.body["error"]["message"].as_str().unwrap();
     assert!(message.contains(&marker) && message.contains("'..'"), "{message}");
 
-    let r = post_function(&app, register(tar_gz_of(&[("main.py", b"")], true))).await;
+    let r = app.post_function(register(tar_gz_of(&[("main.py", b"")], true))).await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     let message = r.body["error"]["message"].as_str().unwrap();
     assert!(
@@ -225,7 +181,7 @@ async fn hostile_archives_are_refused_naming_the_entry_and_nothing_is_written() 
     let zeros = vec![0u8; 64 * 1024 * 1024];
     let bomb = zip_of(&[("main.py", b""), ("a.bin", &zeros), ("b.bin", &zeros)]);
     assert!(bomb.len() < 1024 * 1024);
-    let r = post_function(&app, register(bomb)).await;
+    let r = app.post_function(register(bomb)).await;
     assert_eq!(r.status, 413, "{:?}", r.body);
     assert!(
         r.body["error"]["message"].as_str().unwrap().contains("a.bin"),
@@ -233,7 +189,7 @@ async fn hostile_archives_are_refused_naming_the_entry_and_nothing_is_written() 
         r.body
     );
 
-    let r = post_function(&app, register(b"not an archive".to_vec())).await;
+    let r = app.post_function(register(b"not an archive".to_vec())).await;
     assert_eq!(r.status, 400, "{:?}", r.body);
 
     assert!(!std::path::Path::new("/tmp").join(&marker).exists());
@@ -291,7 +247,7 @@ async fn bad_packages_get_clear_errors() {
     for (extra, name, status, expected) in cases {
         let mut body = json!({ "language_title": name, "description": "bad" });
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-        let r = post_function(&app, body).await;
+        let r = app.post_function(body).await;
         assert_eq!(r.status, status, "{name}: {:?}", r.body);
         let message = r.body["error"]["message"].as_str().unwrap();
         assert!(message.contains(expected), "{name}: {message}");
@@ -320,11 +276,9 @@ async fn registrations_may_be_larger_than_other_bodies_up_to_the_package_limit()
     assert_eq!(r.status(), 413);
     // Past the registration limit: 413 with the limit.
     let files = json!({ "main.py": "x", "big.txt": "x".repeat(2 * 1024 * 1024) });
-    let r = post_function(
-        &app,
-        json!({ "language_title": "python-huge", "description": "x", "files": files }),
-    )
-    .await;
+    let r = app
+        .post_function(json!({ "language_title": "python-huge", "description": "x", "files": files }))
+        .await;
     assert_eq!(r.status, 413, "{:?}", r.body);
 }
 

@@ -181,10 +181,10 @@ impl Installer {
     /// finished one on disk is ready even after a restart.
     pub fn state(&self, deps: &Dependencies) -> Option<BuildState> {
         let key = deps.key();
-        if let Some(rx) = self.states.lock().unwrap().get(&key) {
+        if let Some(rx) = self.states.lock().unwrap().get(key) {
             return Some(rx.borrow().clone());
         }
-        let dir = self.installed_dir(&key);
+        let dir = self.installed_dir(key);
         dir.is_dir().then_some(BuildState::Ready(dir))
     }
 
@@ -194,7 +194,7 @@ impl Installer {
         match self.state(deps) {
             Some(BuildState::Failed(failure)) => {
                 let mut failed_at = self.failed_at.lock().unwrap();
-                let at = failed_at.entry(deps.key()).or_insert_with(Instant::now);
+                let at = failed_at.entry(deps.key().to_owned()).or_insert_with(Instant::now);
                 if at.elapsed() < RETRY_FAILED_AFTER {
                     return BuildState::Failed(failure);
                 }
@@ -232,15 +232,15 @@ impl Installer {
     /// done) and returns its directory.
     pub async fn install(&self, deps: &Dependencies) -> Result<PathBuf, BuildFailure> {
         let key = deps.key();
-        let dir = self.installed_dir(&key);
+        let dir = self.installed_dir(key);
         let (mut rx, tx) = {
             let mut states = self.states.lock().unwrap();
-            match states.get(&key) {
+            match states.get(key) {
                 // A failed install is tried again: it may have been the network.
                 Some(rx) if !matches!(*rx.borrow(), BuildState::Failed(_)) => (rx.clone(), None),
                 _ => {
                     let (tx, rx) = watch::channel(BuildState::Building);
-                    states.insert(key.clone(), rx.clone());
+                    states.insert(key.to_owned(), rx.clone());
                     (rx, Some(tx))
                 }
             }
@@ -253,7 +253,7 @@ impl Installer {
                     BuildState::Ready(dir.clone())
                 } else {
                     let _turn = self.queue.acquire().await;
-                    let result = self.run(&key, deps, &dir).await;
+                    let result = self.run(key, deps, &dir).await;
                     let outcome = if result.is_ok() { "installed" } else { "failed" };
                     self.metrics.record_dependency_install(language, outcome);
                     match result {

@@ -86,21 +86,8 @@ impl PrivateNetwork {
     }
 
     /// Lets the child inherit its ends of the pipes (they are close-on-exec).
-    #[allow(unsafe_code)]
     pub fn prepare(&self, cmd: &mut tokio::process::Command) {
-        let fds = self.child_ends.each_ref().map(|fd| fd.as_raw_fd());
-        // SAFETY: runs in the forked child before exec; fcntl through
-        // rustix is one system call per fd, no allocation, no lock. The
-        // fds stay open in the parent until after the spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                for fd in fds {
-                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
-                    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
-                }
-                Ok(())
-            });
-        }
+        inherit(cmd, self.child_ends.each_ref().map(|fd| fd.as_raw_fd()));
     }
 
     /// After the sandbox was spawned: starts slirp4netns on its namespace,
@@ -174,8 +161,10 @@ impl PrivateNetwork {
 
 /// Lets `cmd`'s child inherit `fds` (close-on-exec in the parent).
 #[allow(unsafe_code)]
-fn inherit(cmd: &mut tokio::process::Command, fds: [i32; 2]) {
-    // SAFETY: as in `PrivateNetwork::prepare`.
+fn inherit<const N: usize>(cmd: &mut tokio::process::Command, fds: [i32; N]) {
+    // SAFETY: runs in the forked child before exec; fcntl through rustix is
+    // one system call per fd, no allocation, no lock. The fds stay open in
+    // the parent until after the spawn.
     unsafe {
         cmd.pre_exec(move || {
             for fd in fds {

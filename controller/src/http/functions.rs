@@ -107,48 +107,37 @@ fn summary(f: &FunctionEntry) -> FunctionSummary {
     }
 }
 
+/// Where a build (or an install) stands, as the detail shows it.
+fn build_info(state: Option<BuildState>) -> BuildInfo {
+    match state {
+        Some(BuildState::Failed(failure)) => BuildInfo {
+            state: "failed",
+            message: Some(failure.message),
+            messages: failure.messages,
+        },
+        Some(state) => BuildInfo {
+            state: state.as_str(),
+            message: None,
+            messages: vec![],
+        },
+        None => BuildInfo {
+            state: "not_built",
+            message: None,
+            messages: vec![],
+        },
+    }
+}
+
 fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>, installer: Option<&Arc<Installer>>) -> FunctionDetail {
     let install = f
         .current
         .dependencies
         .as_ref()
-        .map(|deps| match installer.and_then(|i| i.state(deps)) {
-            Some(BuildState::Failed(failure)) => BuildInfo {
-                state: "failed",
-                message: Some(failure.message),
-                messages: failure.messages,
-            },
-            Some(state) => BuildInfo {
-                state: state.as_str(),
-                message: None,
-                messages: vec![],
-            },
-            None => BuildInfo {
-                state: "not_built",
-                message: None,
-                messages: vec![],
-            },
-        });
+        .map(|deps| build_info(installer.and_then(|i| i.state(deps))));
     let build = install.or_else(|| {
         f.current.files.as_ref().map(|files| {
             let target = fnrt_core::artifact::Target::for_language(f.current.language());
-            match builder.and_then(|b| b.state(target, files)) {
-                Some(BuildState::Failed(failure)) => BuildInfo {
-                    state: "failed",
-                    message: Some(failure.message),
-                    messages: failure.messages,
-                },
-                Some(state) => BuildInfo {
-                    state: state.as_str(),
-                    message: None,
-                    messages: vec![],
-                },
-                None => BuildInfo {
-                    state: "not_built",
-                    message: None,
-                    messages: vec![],
-                },
-            }
+            build_info(builder.and_then(|b| b.state(target, files)))
         })
     });
     FunctionDetail {

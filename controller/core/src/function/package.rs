@@ -274,6 +274,8 @@ pub struct DependencyFiles {
     pub files: Vec<(String, Vec<u8>)>,
     /// Whether the dependencies' own install code may run (`install.scripts`).
     pub scripts: bool,
+    /// [`Self::key`], computed once: initializes ask for it.
+    key: String,
 }
 
 impl DependencyFiles {
@@ -321,27 +323,33 @@ impl DependencyFiles {
                 content.bytes().map(|b| b.into_owned()).unwrap_or_default(),
             ));
         }
+        let key = install_key(language, scripts, &wanted);
         Some(DependencyFiles {
             language,
             files: wanted,
             scripts,
+            key,
         })
     }
 
     /// The install's key: the language, the switch and every file; the
     /// same for every function and version that asks for the same set.
-    pub fn key(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(format!("deps-v1\0{}\0{}\0", self.language, self.scripts));
-        for (name, bytes) in &self.files {
-            h.update(name.as_bytes());
-            h.update([0]);
-            h.update((bytes.len() as u64).to_le_bytes());
-            h.update(bytes);
-        }
-        hex::encode(h.finalize())
+    pub fn key(&self) -> &str {
+        &self.key
     }
+}
+
+fn install_key(language: Language, scripts: bool, files: &[(String, Vec<u8>)]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(format!("deps-v1\0{language}\0{scripts}\0"));
+    for (name, bytes) in files {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    hex::encode(h.finalize())
 }
 
 #[cfg(test)]
