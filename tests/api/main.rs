@@ -21,6 +21,7 @@ mod cache;
 mod cli;
 mod contract;
 mod dependencies;
+mod egress;
 mod execute;
 mod faults;
 mod first_run;

@@ -7,7 +7,9 @@
 //!   (Node.js, Python, Rust), each in bubblewrap with its own uid,
 //!   namespaces, cgroup, limits and scratch tmpfs mounts; the protocol to
 //!   them is `fnrt_core::runtime::remote`'s.
-//! - [`sandbox`]: the bubblewrap walls around instances and builds.
+//! - [`sandbox`]: the bubblewrap walls around instances and builds;
+//!   [`netns`]: their private network through slirp4netns; [`egress`]: the
+//!   allow-list of a function with `network.egress` in that network.
 //! - [`uids`]: instance uids, one per instance on the host, and the cgroup
 //!   that counts each one's processes.
 //! - [`wasm`]: wasmtime sandboxes inside the controller, a fresh instance
@@ -21,6 +23,7 @@
 
 pub mod build;
 pub mod deps;
+pub mod egress;
 pub mod netns;
 pub mod packages;
 pub mod process;

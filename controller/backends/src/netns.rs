@@ -12,8 +12,14 @@
 //! forwarder. slirp4netns runs with its own sandbox and seccomp filter, and
 //! stops when the [`SlirpGuard`] is dropped.
 //!
+//! An instance of a function with `network.egress` gets the same network,
+//! narrowed by a ruleset ([`crate::egress`]) loaded into the namespace
+//! after slirp configured it and before bubblewrap lets the function run,
+//! and its own `/etc/hosts`.
+//!
 //! # Layout
 //! - [`find_slirp`]: whether slirp4netns is installed.
+//! - [`Setup`]: what the namespace gets besides the network (files, rules).
 //! - [`PrivateNetwork`]: the pipes, made before the spawn; its
 //!   [`PrivateNetwork::bwrap_args`] go to bubblewrap, [`PrivateNetwork::prepare`]
 //!   lets the child inherit its ends, [`PrivateNetwork::start`] runs slirp
@@ -25,7 +31,30 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// slirp's DNS forwarder, inside the namespace.
-const RESOLV_CONF: &[u8] = b"nameserver 10.0.2.3\n";
+const RESOLV_CONF: &str = "nameserver 10.0.2.3\n";
+
+/// What a private network's sandbox gets besides the network.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Its `/etc/resolv.conf`.
+    pub resolv: String,
+    /// Its `/etc/hosts`; `None`: the host's.
+    pub hosts: Option<String>,
+    /// An nftables ruleset loaded into the namespace before the command
+    /// runs, and nft's path; `None`: the whole internet.
+    pub rules: Option<(PathBuf, String)>,
+}
+
+impl Setup {
+    /// The internet, names resolved by slirp's forwarder (builds, installs).
+    pub fn open() -> Setup {
+        Setup {
+            resolv: RESOLV_CONF.to_owned(),
+            hosts: None,
+            rules: None,
+        }
+    }
+}
 
 /// slirp4netns's path, if it is installed.
 pub fn find_slirp() -> Option<PathBuf> {
@@ -50,44 +79,78 @@ pub struct PrivateNetwork {
     info: OwnedFd,
     /// bubblewrap waits for a byte here before it runs the command.
     block: OwnedFd,
-    /// The child's ends (info, block, resolv.conf): inherited, then
+    /// The child's ends (info, block, then the files'): inherited, then
     /// closed here once it is spawned.
-    child_ends: [OwnedFd; 3],
+    child_ends: Vec<OwnedFd>,
+    /// Where each file after info and block is shown.
+    file_paths: Vec<&'static str>,
+    rules: Option<(PathBuf, String)>,
 }
 
 impl PrivateNetwork {
-    pub fn new(slirp: PathBuf) -> std::io::Result<Self> {
+    pub fn new(slirp: PathBuf, setup: Setup) -> std::io::Result<Self> {
         use rustix::pipe::{PipeFlags, pipe_with};
         let (info, info_child) = pipe_with(PipeFlags::CLOEXEC)?;
         let (block_child, block) = pipe_with(PipeFlags::CLOEXEC)?;
-        let (resolv_child, resolv_write) = pipe_with(PipeFlags::CLOEXEC)?;
-        // A few bytes: they fit in the pipe before anyone reads.
-        std::fs::File::from(resolv_write).write_all(RESOLV_CONF)?;
+        let mut child_ends = vec![info_child, block_child];
+        let mut file_paths = Vec::new();
+        // Over the host's files, unless they are links bubblewrap could
+        // not mount over (then names resolve as the host's files say).
+        let files = [("/etc/resolv.conf", Some(setup.resolv)), ("/etc/hosts", setup.hosts)];
+        for (path, text) in files {
+            let Some(text) = text else { continue };
+            if Path::new(path).is_symlink() {
+                continue;
+            }
+            let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
+            // At most a few KiB (MAX_EGRESS names): they fit in the pipe
+            // before anyone reads.
+            std::fs::File::from(write).write_all(text.as_bytes())?;
+            child_ends.push(read);
+            file_paths.push(path);
+        }
         Ok(PrivateNetwork {
             slirp,
             info,
             block,
-            child_ends: [info_child, block_child, resolv_child],
+            child_ends,
+            file_paths,
+            rules: setup.rules,
         })
     }
 
     /// bubblewrap's arguments for it.
-    pub fn bwrap_args(&self) -> Vec<OsString> {
-        let [info, block, resolv] = self.child_ends.each_ref().map(|fd| fd.as_raw_fd().to_string());
-        let mut args: Vec<OsString> = ["--unshare-net", "--info-fd", &info, "--block-fd", &block]
-            .map(OsString::from)
-            .into();
-        // Over the host's resolver, unless that is a link bubblewrap could
-        // not mount over (then names resolve as the host's file says).
-        if !Path::new("/etc/resolv.conf").is_symlink() {
-            args.extend(["--ro-bind-data".into(), resolv.into(), "/etc/resolv.conf".into()]);
+    /// bubblewrap's arguments for it: namespace options first, then the
+    /// files, which must come after the system's `/etc` is bound (mounts
+    /// are made in argument order).
+    pub fn bwrap_args(&self) -> (Vec<OsString>, Vec<OsString>) {
+        let fd = |i: usize| self.child_ends[i].as_raw_fd().to_string();
+        let namespace = [
+            "--unshare-net".into(),
+            "--info-fd".into(),
+            fd(0),
+            "--block-fd".into(),
+            fd(1),
+        ]
+        .map(OsString::from)
+        .into();
+        let mut files = Vec::new();
+        for (i, path) in self.file_paths.iter().enumerate() {
+            // Readable by the sandbox's uid (bubblewrap's default is 0600).
+            files.extend([
+                "--perms".into(),
+                "0644".into(),
+                "--ro-bind-data".into(),
+                fd(i + 2).into(),
+                OsString::from(path),
+            ]);
         }
-        args
+        (namespace, files)
     }
 
     /// Lets the child inherit its ends of the pipes (they are close-on-exec).
     pub fn prepare(&self, cmd: &mut tokio::process::Command) {
-        inherit(cmd, self.child_ends.each_ref().map(|fd| fd.as_raw_fd()));
+        inherit(cmd, self.child_ends.iter().map(|fd| fd.as_raw_fd()).collect());
     }
 
     /// After the sandbox was spawned: starts slirp4netns on its namespace,
@@ -98,6 +161,8 @@ impl PrivateNetwork {
             info,
             block,
             child_ends,
+            rules,
+            ..
         } = self;
         drop(child_ends);
         let pid = tokio::task::spawn_blocking(move || read_child_pid(info))
@@ -130,7 +195,7 @@ impl PrivateNetwork {
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
         let inherited = [ready_child.as_raw_fd(), exit_child.as_raw_fd()];
-        inherit(&mut cmd, inherited);
+        inherit(&mut cmd, inherited.to_vec());
         let mut child = cmd.spawn()?;
         drop((ready_child, exit_child));
         let up = tokio::task::spawn_blocking(move || {
@@ -146,10 +211,19 @@ impl PrivateNetwork {
                 use tokio::io::AsyncReadExt;
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), err.read_to_string(&mut stderr)).await;
             }
+            kill_sandbox(pid);
             return Err(std::io::Error::other(format!(
                 "slirp4netns did not start: {}",
                 stderr.trim()
             )));
+        }
+        if let Some((nft, ruleset)) = rules
+            && let Err(e) = crate::egress::load(&nft, pid, &ruleset).await
+        {
+            // Before bubblewrap sees the block pipe close, which would let
+            // the command run without its rules.
+            kill_sandbox(pid);
+            return Err(std::io::Error::other(format!("loading the egress rules: {e}")));
         }
         std::fs::File::from(block).write_all(b"1")?;
         Ok(SlirpGuard {
@@ -159,16 +233,24 @@ impl PrivateNetwork {
     }
 }
 
+/// Kills the sandbox's init (bubblewrap then ends), so that the command
+/// never runs.
+fn kill_sandbox(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
 /// Lets `cmd`'s child inherit `fds` (close-on-exec in the parent).
 #[allow(unsafe_code)]
-fn inherit<const N: usize>(cmd: &mut tokio::process::Command, fds: [i32; N]) {
+fn inherit(cmd: &mut tokio::process::Command, fds: Vec<i32>) {
     // SAFETY: runs in the forked child before exec; fcntl through rustix is
     // one system call per fd, no allocation, no lock. The fds stay open in
     // the parent until after the spawn.
     unsafe {
         cmd.pre_exec(move || {
-            for fd in fds {
-                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+            for fd in &fds {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(*fd);
                 rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
             }
             Ok(())

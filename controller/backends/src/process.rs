@@ -11,7 +11,10 @@
 //!   processes still live ([`crate::uids`]);
 //! - its own PID namespace: every process it starts dies with it, however
 //!   it forked; its own network namespace (only its own loopback: neither
-//!   the controller, nor Redis, nor the database, nor anything else);
+//!   the controller, nor Redis, nor the database, nor anything else), or,
+//!   for a function with `network.egress`, one given the internet by
+//!   slirp4netns and narrowed to what the manifest lists
+//!   ([`crate::egress`]);
 //! - its own root: the system read-only, the runtime it runs, a directory
 //!   bound at `/run/runtime` that holds only its socket, and private,
 //!   size-capped tmpfs mounts (`INSTANCE_SCRATCH_MB` each) at its home
@@ -48,6 +51,7 @@ use tokio::process::{Child, Command};
 
 use crate::build::Builder;
 use crate::deps::Installer;
+use crate::netns::{PrivateNetwork, Setup, SlirpGuard};
 use crate::packages::PackageStore;
 use crate::sandbox::Walls;
 use crate::uids::{UidLease, UidPool};
@@ -55,7 +59,7 @@ use fnrt_core::function::FunctionVersion;
 use fnrt_core::language::Language;
 use fnrt_core::runtime::protocol::Endpoint;
 use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
-use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend};
+use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend, Shape};
 
 /// Where instance directories go when the data dir cannot be passed through.
 const RUN_DIR: &str = "/run/fnrt";
@@ -126,6 +130,8 @@ pub struct ProcessBackend {
     uids: Option<Arc<UidPool>>,
     /// bubblewrap, when the controller is root and it is installed.
     bwrap: Option<PathBuf>,
+    /// slirp4netns and nft, for functions with `network.egress`.
+    egress_tools: Result<(PathBuf, PathBuf), String>,
     /// Without bubblewrap: whether instances get their `tmp/` mounted over
     /// `/tmp` (root, and the data dir is not itself under `/tmp`, which the
     /// mount would hide).
@@ -266,11 +272,32 @@ impl ProcessBackend {
             .starts_with(RUN_DIR)
             .then(|| instances_dir.parent().map(Path::to_path_buf))
             .flatten();
+        let egress_tools = match (crate::netns::find_slirp(), crate::egress::find_nft()) {
+            _ if bwrap.is_none() => Err("instances do not run in bubblewrap here".to_owned()),
+            (Some(slirp), Some(nft)) => Ok((slirp, nft)),
+            (slirp, nft) => Err(format!(
+                "{} not installed (apt-get install slirp4netns nftables)",
+                [
+                    slirp.is_none().then_some("slirp4netns"),
+                    nft.is_none().then_some("nftables")
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" and ")
+            )),
+        };
+        if let Err(e) = &egress_tools
+            && bwrap.is_some()
+        {
+            tracing::warn!("functions whose manifest allows egress ('network.egress') cannot start: {e}");
+        }
         Ok(ProcessBackend {
             instances_dir,
             launchers,
             uids,
             bwrap,
+            egress_tools,
             mounted_tmp,
             limits: config.limits,
             own_root,
@@ -327,8 +354,32 @@ impl RuntimeBackend for ProcessBackend {
         crate::dependencies_dir(self.installer.as_ref(), function).map(drop)
     }
 
-    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError> {
         let unavailable = |message: String| InstanceError::Unavailable { language, message };
+        let memory_mb = shape.memory_mb;
+        // A function with egress: a network of its own, narrowed to its list.
+        let egress = match (&self.egress_tools, shape.network.is_empty()) {
+            (_, true) => None,
+            (Ok((slirp, nft)), false) => {
+                let plan = crate::egress::Plan::resolve(&shape.network).await;
+                let setup = Setup {
+                    resolv: plan.resolv,
+                    hosts: Some(plan.hosts),
+                    rules: Some((nft.clone(), plan.ruleset)),
+                };
+                Some(
+                    PrivateNetwork::new(slirp.clone(), setup)
+                        .map_err(|e| unavailable(format!("preparing the instance's network: {e}")))?,
+                )
+            }
+            // Without bubblewrap an instance has the host's network anyway.
+            (Err(_), false) if self.bwrap.is_none() => None,
+            (Err(e), false) => {
+                return Err(unavailable(format!(
+                    "this function's manifest allows egress ('network.egress'), but {e}"
+                )));
+            }
+        };
         let launcher = match self.launchers.get(&language) {
             Some(Ok(l)) => l,
             Some(Err(e)) => return Err(unavailable(e.clone())),
@@ -359,7 +410,7 @@ impl RuntimeBackend for ProcessBackend {
                 let scratch = Some(self.limits.scratch_bytes);
                 let walls = Walls {
                     network: false,
-                    private_network: None,
+                    private_network: egress.as_ref().map(PrivateNetwork::bwrap_args),
                     read_only: launcher.sees.clone(),
                     writable: vec![(dir.clone(), PathBuf::from(SANDBOX_SOCKET_DIR))],
                     scratch: [SANDBOX_HOME, "/tmp", "/var/tmp", "/dev/shm", "/run"]
@@ -419,6 +470,9 @@ impl RuntimeBackend for ProcessBackend {
             None => None,
         };
         limit_child(&mut cmd, self.limits, memory_mb * 1024 * 1024, sandbox);
+        if let Some(network) = &egress {
+            network.prepare(&mut cmd);
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -440,7 +494,7 @@ impl RuntimeBackend for ProcessBackend {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(drain(err, output.clone(), true));
         }
-        let handle = ProcessHandle {
+        let mut handle = ProcessHandle {
             id,
             child,
             pid,
@@ -451,12 +505,22 @@ impl RuntimeBackend for ProcessBackend {
             uid,
             packages: self.packages.clone(),
             installer: self.installer.clone(),
+            slirp: None,
         };
+        if let Some(network) = egress {
+            match network.start().await {
+                Ok(slirp) => handle.slirp = Some(slirp),
+                Err(e) => {
+                    handle.terminate().await;
+                    return Err(unavailable(format!("starting the instance's network: {e}")));
+                }
+            }
+        }
         let instance = RemoteInstance::connect(
             Box::new(handle),
             Endpoint::Unix(socket),
             language,
-            memory_mb,
+            shape.clone(),
             &self.remote,
         )
         .await?;
@@ -696,6 +760,8 @@ pub struct ProcessHandle {
     packages: Arc<PackageStore>,
     /// Where their installed dependencies are.
     installer: Option<Arc<Installer>>,
+    /// The user-mode network of an instance with egress; stops with it.
+    slirp: Option<SlirpGuard>,
 }
 
 #[async_trait]
@@ -763,6 +829,7 @@ impl InstanceHandle for ProcessHandle {
                 "processes of a stopped instance outlive it; its uid is passed over"
             );
         }
+        self.slirp = None;
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         self.terminated = true;

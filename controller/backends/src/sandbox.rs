@@ -54,8 +54,9 @@ pub struct Walls {
     /// Whether it shares the host's network (else only its own loopback).
     pub network: bool,
     /// Or a network of its own through slirp4netns: bubblewrap's
-    /// arguments for it ([`crate::netns::PrivateNetwork::bwrap_args`]).
-    pub private_network: Option<Vec<OsString>>,
+    /// arguments for it ([`crate::netns::PrivateNetwork::bwrap_args`]:
+    /// the namespace's, then the files').
+    pub private_network: Option<(Vec<OsString>, Vec<OsString>)>,
     /// Host paths it sees read-only: (host path, path inside).
     pub read_only: Vec<(PathBuf, PathBuf)>,
     /// Host directories it may write: (host path, path inside).
@@ -82,7 +83,7 @@ impl Walls {
         .map(OsString::from)
         .into();
         match &self.private_network {
-            Some(args) => a.extend(args.iter().cloned()),
+            Some((namespace, _)) => a.extend(namespace.iter().cloned()),
             None if !self.network => a.push("--unshare-net".into()),
             None => {}
         }
@@ -100,6 +101,10 @@ impl Walls {
             }
         }
         a.extend(["--proc", "/proc", "--dev", "/dev"].map(OsString::from));
+        // Over the system's /etc/resolv.conf and /etc/hosts, once it is bound.
+        if let Some((_, files)) = &self.private_network {
+            a.extend(files.iter().cloned());
+        }
         // Directories that exist inside: a mount's missing parents are made
         // 0755 first, since bubblewrap would make them 0700, which the
         // sandbox's uid could not pass.
@@ -230,7 +235,7 @@ impl BuildSandbox {
         network: bool,
     ) -> std::io::Result<(PathBuf, Vec<OsString>, Option<PrivateNetwork>)> {
         let private = match (&self.slirp, network) {
-            (Some(slirp), true) => Some(PrivateNetwork::new(slirp.clone())?),
+            (Some(slirp), true) => Some(PrivateNetwork::new(slirp.clone(), crate::netns::Setup::open())?),
             _ => None,
         };
         let walls = Walls {

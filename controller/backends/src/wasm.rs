@@ -49,7 +49,7 @@ use fnrt_core::metrics::Metrics;
 /// The variable that tells a module (built with fnrt-sdk) the marker to
 /// write before its answer on stdout.
 const RESULT_MARKER_ENV: &str = "FNRT_RESULT_MARKER";
-use fnrt_core::runtime::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend};
+use fnrt_core::runtime::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend, Shape};
 
 /// How often the epoch advances.
 const TICK: Duration = Duration::from_millis(10);
@@ -254,13 +254,20 @@ impl RuntimeBackend for WasmRuntime {
         self.0.check(artifact.to_vec())
     }
 
-    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError> {
         if language != Language::Wasm {
             return Err(InstanceError::Unavailable {
                 language,
                 message: "not served by the wasm backend".into(),
             });
         }
+        if !shape.network.is_empty() {
+            return Err(InstanceError::Unavailable {
+                language,
+                message: "wasm functions have no network ('network.egress' is refused)".into(),
+            });
+        }
+        let memory_mb = shape.memory_mb;
         Ok(Box::new(WasmInstance {
             id: format!("wasm-{}", hex::encode(rand::random::<[u8; 4]>())),
             backend: self.0.clone(),

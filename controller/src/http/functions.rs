@@ -75,6 +75,9 @@ pub(super) struct FunctionDetail {
     pub limits: fnrt_core::function::manifest::Limits,
     /// The version's cache policy (extension).
     pub cache: fnrt_core::function::manifest::CachePolicy,
+    /// Where its instances may connect, when anywhere (extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<fnrt_core::function::manifest::NetworkSpec>,
     /// For a Rust crate, or a package with dependencies to install
     /// (extension): where its build or install stands on this controller.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -148,6 +151,16 @@ fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>, installer: Option<&
         code_hash: f.current.code_hash.clone(),
         limits: f.current.manifest.limits,
         cache: f.current.manifest.cache,
+        network: (!f.current.manifest.network.is_empty()).then(|| fnrt_core::function::manifest::NetworkSpec {
+            egress: f
+                .current
+                .manifest
+                .network
+                .egress
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }),
     }
 }
 
@@ -273,13 +286,16 @@ pub(super) struct RegisterBody {
     /// How a package's dependencies are installed (`scripts`).
     #[serde(default)]
     pub install: fnrt_core::function::manifest::InstallSpec,
+    /// Where its instances may connect (`egress`); none by default.
+    #[serde(default)]
+    pub network: fnrt_core::function::manifest::NetworkSpec,
 }
 
 /// A registration: a JSON [`RegisterBody`], or a `multipart/form-data`
 /// upload of an archive (part `archive`) with the manifest beside it (a
 /// part `manifest` holding `function.json`, and/or one part per field:
 /// text, or JSON for `schema`, `examples`, `limits`, `env`, `cache`,
-/// `install`).
+/// `install`, `network`).
 pub(super) struct Registration {
     body: RegisterBody,
     /// The uploaded archive's bytes (multipart).
@@ -287,7 +303,7 @@ pub(super) struct Registration {
 }
 
 /// Fields of a multipart registration whose parts hold JSON.
-const JSON_FIELDS: [&str; 6] = ["schema", "examples", "limits", "env", "cache", "install"];
+const JSON_FIELDS: [&str; 7] = ["schema", "examples", "limits", "env", "cache", "install", "network"];
 
 impl<S: Send + Sync> axum::extract::FromRequest<S> for Registration {
     type Rejection = ApiError;
@@ -414,6 +430,7 @@ impl RegisterBody {
             env: self.env,
             cache: self.cache,
             install: self.install,
+            network: self.network,
         };
         Ok((self.language_title, spec, code))
     }

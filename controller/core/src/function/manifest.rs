@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
+use super::egress::{Egress, MAX_EGRESS};
 use crate::language::{CRATE_ENTRYPOINT, Language};
 
 /// Default per-execution timeout of a function, in milliseconds.
@@ -62,6 +63,54 @@ pub struct FunctionSpec {
     /// How its dependencies (`requirements.txt`, `package.json`) are installed.
     #[serde(default)]
     pub install: InstallSpec,
+    /// Where its instances may connect (none but their own loopback by default).
+    #[serde(default)]
+    pub network: NetworkSpec,
+}
+
+/// `network` in a manifest.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// Allowed destinations: `host[:port]`, `a.b.c.d[/n][:port]` or `*[:port]`
+    /// (any public address, and DNS). See docs/function-manifest.md.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<String>,
+}
+
+/// A function's network, checked: empty means only its own loopback.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Network {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<Egress>,
+}
+
+impl Network {
+    pub fn is_empty(&self) -> bool {
+        self.egress.is_empty()
+    }
+}
+
+impl NetworkSpec {
+    fn normalize(self, language: Language) -> Result<Network, ManifestError> {
+        if self.egress.is_empty() {
+            return Ok(Network::default());
+        }
+        if language == Language::Wasm {
+            return err("'network.egress': wasm functions have no network (WASI sockets are not granted)");
+        }
+        if self.egress.len() > MAX_EGRESS {
+            return err(format!("'network.egress' has more than {MAX_EGRESS} entries"));
+        }
+        let mut egress = Vec::with_capacity(self.egress.len());
+        for text in &self.egress {
+            let entry = Egress::parse(text).map_err(|m| ManifestError(format!("'network.egress': {m}")))?;
+            if !egress.contains(&entry) {
+                egress.push(entry);
+            }
+        }
+        Ok(Network { egress })
+    }
 }
 
 /// `install` in a manifest.
@@ -143,6 +192,9 @@ pub struct Manifest {
     /// How a package's dependencies are installed.
     #[serde(default, skip_serializing_if = "InstallSpec::is_default")]
     pub install: InstallSpec,
+    /// Where its instances may connect.
+    #[serde(default, skip_serializing_if = "Network::is_empty")]
+    pub network: Network,
 }
 
 /// A function's cache policy. `X-Cache-Control: max-age` still wins within
@@ -303,6 +355,7 @@ impl FunctionSpec {
             }
         }
         let cache = self.cache.normalize()?;
+        let network = self.network.normalize(language)?;
         Ok(Manifest {
             description,
             entrypoint,
@@ -314,6 +367,7 @@ impl FunctionSpec {
             cache,
             package,
             install: self.install,
+            network,
         })
     }
 }
@@ -337,6 +391,9 @@ impl Manifest {
         // Only when set: the hashes of functions without it stay as they were.
         if self.install.scripts {
             behaviour["install_scripts"] = json!(true);
+        }
+        if !self.network.is_empty() {
+            behaviour["network"] = json!(self.network);
         }
         let mut h = Sha256::new();
         h.update(crate::cache::canonical_json(&behaviour).as_bytes());

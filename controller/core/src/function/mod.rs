@@ -1,8 +1,9 @@
 //! Functions as the core runs them: one immutable [`FunctionVersion`]
 //! (manifest, code, compiled params schema), the manifest format
-//! ([`manifest`]), and the check a backend makes of code before it is
+//! ([`manifest`], with [`egress`] for `network.egress`), and the check a backend makes of code before it is
 //! registered ([`CodeCheck`]).
 
+pub mod egress;
 pub mod manifest;
 pub mod package;
 

@@ -35,6 +35,7 @@ use serde_json::Value;
 
 use crate::artifact::{BuildFailure, Target};
 use crate::function::FunctionVersion;
+use crate::function::manifest::Network;
 use crate::language::Language;
 
 /// What a run is given.
@@ -167,7 +168,34 @@ pub trait RuntimeBackend: Send + Sync {
     async fn ready(&self, _function: &FunctionVersion) -> Result<(), InstanceError> {
         Ok(())
     }
-    /// Starts a generic, healthy, not yet initialised instance whose memory
-    /// is capped at `memory_mb` (fixed for the instance's life, so set at start).
-    async fn start(&self, language: Language, memory_mb: u64) -> Result<Box<dyn Instance>, InstanceError>;
+    /// Starts a generic, healthy, not yet initialised instance of `shape`
+    /// (its memory cap and network, fixed for the instance's life).
+    async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError>;
+}
+
+/// What an instance is fixed to when it starts: only a function of the
+/// same shape can use it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub memory_mb: u64,
+    /// Where it may connect (`network.egress`); empty: only its own loopback.
+    pub network: Network,
+}
+
+impl Shape {
+    /// The shape of a warm pool's generic instances: no network.
+    pub fn generic(memory_mb: u64) -> Shape {
+        Shape {
+            memory_mb,
+            network: Network::default(),
+        }
+    }
+
+    /// The shape `function` needs.
+    pub fn of(function: &FunctionVersion) -> Shape {
+        Shape {
+            memory_mb: function.manifest.limits.memory_mb,
+            network: function.manifest.network.clone(),
+        }
+    }
 }

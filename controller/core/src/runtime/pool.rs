@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::placement::Placement;
-use super::{Instance, InstanceError, RuntimeBackend};
+use super::{Instance, InstanceError, RuntimeBackend, Shape};
 use crate::function::FunctionVersion;
 use crate::language::Language;
 use crate::metrics::Metrics;
@@ -152,19 +152,24 @@ impl InstancePool {
             .clone();
         // Before a warm instance is spent on it: a crate must be built.
         backend.ready(function).await?;
-        let memory_mb = function.manifest.limits.memory_mb;
-        let warm = self.take_warm(&(backend.name(), language, memory_mb));
+        let shape = Shape::of(function);
+        // Warm instances have no network: a function with egress starts its own.
+        let warm = if shape.network.is_empty() {
+            self.take_warm(&(backend.name(), language, shape.memory_mb))
+        } else {
+            None
+        };
         let (mut instance, start) = match warm {
             Some(instance) => (instance, StartKind::Warm),
             None => {
                 let started = Instant::now();
-                let mut result = self.start(&backend, language, memory_mb).await;
+                let mut result = self.start(&backend, language, &shape).await;
                 // No room for another instance: the longest idle one makes room.
                 while matches!(result, Err(InstanceError::Exhausted { .. }))
                     && let Some(mut oldest) = self.take_oldest_idle()
                 {
                     oldest.terminate().await;
-                    result = self.start(&backend, language, memory_mb).await;
+                    result = self.start(&backend, language, &shape).await;
                 }
                 let instance = result?;
                 self.metrics.record_cold_start(language, started.elapsed());
@@ -271,9 +276,9 @@ impl InstancePool {
         &self,
         backend: &Arc<dyn RuntimeBackend>,
         language: Language,
-        memory_mb: u64,
+        shape: &Shape,
     ) -> Result<Box<dyn Instance>, InstanceError> {
-        let result = backend.start(language, memory_mb).await;
+        let result = backend.start(language, shape).await;
         let state = match &result {
             Ok(_) => LanguageHealth::Ok,
             Err(e) => LanguageHealth::Error {
@@ -367,7 +372,10 @@ impl InstancePool {
                 if backing_off {
                     break;
                 }
-                match self.start(&backend, language, self.config.warm_memory_mb).await {
+                match self
+                    .start(&backend, language, &Shape::generic(self.config.warm_memory_mb))
+                    .await
+                {
                     Ok(mut instance) => {
                         if self.shutting_down.load(Ordering::Relaxed) {
                             instance.terminate().await;

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::protocol::{Endpoint, InitError, ProtocolError, RuntimeClient};
-use super::{Artifacts, Instance, InstanceError, RunOutcome, RunRequest, init_payload};
+use super::{Artifacts, Instance, InstanceError, RunOutcome, RunRequest, Shape, init_payload};
 use crate::function::FunctionVersion;
 use crate::language::Language;
 
@@ -72,9 +72,9 @@ pub struct RemoteInstance {
     handle: Box<dyn InstanceHandle>,
     client: RuntimeClient,
     language: Language,
-    /// The memory cap it was started with; a function with another cap
-    /// cannot use it.
-    memory_mb: u64,
+    /// The memory cap and network it was started with; a function of
+    /// another shape cannot use it.
+    shape: Shape,
     max_result_bytes: usize,
     initialized: bool,
     /// Where a crate's built library is: its `/init` sends it.
@@ -95,7 +95,7 @@ impl RemoteInstance {
         mut handle: Box<dyn InstanceHandle>,
         endpoint: Endpoint,
         language: Language,
-        memory_mb: u64,
+        shape: Shape,
         settings: &RemoteSettings,
     ) -> Result<Self, InstanceError> {
         let started = Instant::now();
@@ -115,7 +115,7 @@ impl RemoteInstance {
                     handle,
                     client,
                     language,
-                    memory_mb,
+                    shape,
                     max_result_bytes: settings.max_result_bytes,
                     initialized: false,
                     artifacts: settings.artifacts.clone(),
@@ -156,7 +156,7 @@ impl RemoteInstance {
                 let message = if exit.out_of_memory() {
                     format!(
                         "the function ran out of memory (limit {} MiB) and its instance was stopped",
-                        self.memory_mb
+                        self.shape.memory_mb
                     )
                 } else {
                     format!("the instance exited during the run ({})", exit.status)
@@ -185,9 +185,9 @@ impl Instance for RemoteInstance {
         if self.initialized {
             return Err(InstanceError::Protocol("instance is already initialised".into()));
         }
-        if function.manifest.limits.memory_mb != self.memory_mb {
+        if Shape::of(function) != self.shape {
             return Err(InstanceError::Protocol(
-                "instance memory cap differs from the function's".into(),
+                "instance memory cap or network differs from the function's".into(),
             ));
         }
         let payload = init_payload(self.artifacts.as_deref(), function).await?;
