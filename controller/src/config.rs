@@ -113,6 +113,22 @@ pub struct ServeArgs {
     /// How long a session lives after initialize, in seconds.
     #[arg(long, env = "SESSION_TTL_SECS", default_value_t = 7_200)]
     pub session_ttl_secs: u64,
+    /// Asynchronous executions (`POST /api/v1/executions`) this controller
+    /// runs at once; 0: it queues them but leaves running them to others.
+    #[arg(long, env = "EXECUTION_WORKERS", default_value_t = 4)]
+    pub execution_workers: usize,
+    /// How long a replica's claim on an asynchronous execution holds
+    /// without renewal (renewed every second): another replica takes the
+    /// run over this long after its controller died.
+    #[arg(long, env = "EXECUTION_LEASE_SECS", default_value_t = 10)]
+    pub execution_lease_secs: u64,
+    /// Most asynchronous executions of one subject running at once, across
+    /// replicas.
+    #[arg(long, env = "EXECUTION_MAX_PER_SUBJECT", default_value_t = 8)]
+    pub execution_max_per_subject: u32,
+    /// Most asynchronous executions of one function running at once.
+    #[arg(long, env = "EXECUTION_MAX_PER_FUNCTION", default_value_t = 16)]
+    pub execution_max_per_function: u32,
     /// Largest `context.timeout_ms` a client may ask for.
     #[arg(long, env = "MAX_TIMEOUT_MS", default_value_t = 300_000)]
     pub max_timeout_ms: u64,

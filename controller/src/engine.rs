@@ -124,40 +124,8 @@ impl Engine {
         options: InitializeOptions,
         request_id: Option<String>,
     ) -> Result<SessionRecord, ApiError> {
-        require_execute_scope(subject, &language_title)?;
-        let function = self
-            .registry
-            .find(language_title.as_str())
-            .await?
-            .ok_or_else(|| {
-                // A typo's likely meaning, among the functions the caller may run.
-                let runnable = |name: &str| {
-                    name.parse::<LanguageTitle>()
-                        .is_ok_and(|t| subject.can_execute(t.language()))
-                };
-                match self.registry.closest(language_title.as_str(), runnable) {
-                    Some(near) => {
-                        ApiError::NotFound(format!("function '{language_title}' not found; did you mean '{near}'?"))
-                    }
-                    None => ApiError::NotFound(format!(
-                        "function '{language_title}' not found (GET /api/v1/functions lists them)"
-                    )),
-                }
-            })?
-            .current;
-        let timeout_ms = match &options.timeout_ms {
-            // The function's default, within the controller's maximum.
-            None => function.manifest.limits.timeout_ms.min(self.settings.max_timeout_ms),
-            Some(v) => v
-                .as_u64()
-                .filter(|ms| (1..=self.settings.max_timeout_ms).contains(ms))
-                .ok_or_else(|| {
-                    ApiError::InvalidRequest(format!(
-                        "context.timeout_ms must be an integer between 1 and {}",
-                        self.settings.max_timeout_ms
-                    ))
-                })?,
-        };
+        let function = self.runnable(subject, &language_title).await?;
+        let timeout_ms = self.timeout_ms(&function, options.timeout_ms.as_ref())?;
         let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
         let mut retained = Retained::default();
@@ -192,6 +160,58 @@ impl Engine {
         }
         self.update_session_gauge().await;
         Ok(record)
+    }
+
+    /// The current version of a function `subject` may run: 403 without
+    /// the scope, 404 (with the likeliest meant name) when there is none.
+    pub async fn runnable(
+        &self,
+        subject: &Subject,
+        language_title: &LanguageTitle,
+    ) -> Result<Arc<fnrt_core::function::FunctionVersion>, ApiError> {
+        require_execute_scope(subject, language_title)?;
+        Ok(self
+            .registry
+            .find(language_title.as_str())
+            .await?
+            .ok_or_else(|| {
+                // A typo's likely meaning, among the functions the caller may run.
+                let runnable = |name: &str| {
+                    name.parse::<LanguageTitle>()
+                        .is_ok_and(|t| subject.can_execute(t.language()))
+                };
+                match self.registry.closest(language_title.as_str(), runnable) {
+                    Some(near) => {
+                        ApiError::NotFound(format!("function '{language_title}' not found; did you mean '{near}'?"))
+                    }
+                    None => ApiError::NotFound(format!(
+                        "function '{language_title}' not found (GET /api/v1/functions lists them)"
+                    )),
+                }
+            })?
+            .current)
+    }
+
+    /// A run's timeout: `timeout_ms` of the context when given (within
+    /// the controller's maximum), else the function's default.
+    pub fn timeout_ms(
+        &self,
+        function: &fnrt_core::function::FunctionVersion,
+        given: Option<&Value>,
+    ) -> Result<u64, ApiError> {
+        Ok(match given {
+            // The function's default, within the controller's maximum.
+            None => function.manifest.limits.timeout_ms.min(self.settings.max_timeout_ms),
+            Some(v) => v
+                .as_u64()
+                .filter(|ms| (1..=self.settings.max_timeout_ms).contains(ms))
+                .ok_or_else(|| {
+                    ApiError::InvalidRequest(format!(
+                        "context.timeout_ms must be an integer between 1 and {}",
+                        self.settings.max_timeout_ms
+                    ))
+                })?,
+        })
     }
 
     /// The caller's session, or 404 (also for another subject's session).
@@ -291,6 +311,8 @@ impl Engine {
                 request_id,
                 subject: &subject.sub,
             },
+            run_context: None,
+            cancel: None,
         };
         let retained = session.retain.then_some(&mut slot.retained);
         let invoked = self.core.invoke(invocation, retained).await;

@@ -226,7 +226,10 @@ impl From<fnrt_core::invoke::CoreError> for ApiError {
             CoreError::SchemaMismatch { message, details } | CoreError::InvalidParams { message, details } => {
                 ApiError::InvalidParams { message, details }
             }
-            CoreError::Runtime { message, details } => ApiError::Runtime { message, details },
+            CoreError::Runtime { message, details } | CoreError::Crashed { message, details } => {
+                ApiError::Runtime { message, details }
+            }
+            CoreError::Cancelled => ApiError::Conflict("the execution was cancelled".into()),
             CoreError::Timeout { timeout_ms } => ApiError::Timeout { timeout_ms },
             CoreError::Initialization { message, details } => ApiError::Initialization { message, details },
             CoreError::Unavailable(message) => ApiError::Unavailable(message),

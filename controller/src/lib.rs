@@ -17,9 +17,11 @@
 //!   (schema, cache, instance, the deadline, records, metrics); no HTTP in it.
 //! - [`engine`]: the session layer over the core: initialize, execute, close;
 //!   session records, retained instances, one execution per session at a time.
+//! - [`executions`]: asynchronous executions over the core: the durable
+//!   queue's workers (leases, retries, cancellation).
 //! - [`registry`]: functions and versions, in memory over the [`store`];
 //!   the manifest format.
-//! - [`store`]: the `FunctionStore`, `ExecutionStore` and `StoreHealth` traits,
+//! - [`store`]: the `FunctionStore`, `ExecutionStore`, `ExecutionQueue` and `StoreHealth` traits,
 //!   their SQLite and PostgreSQL implementations.
 //! - [`records`]: durable execution records, batched off the request path.
 //! - [`sessions`]: the `SessionStore` trait and its in-memory implementation.
@@ -47,6 +49,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod executions;
 pub mod http;
 pub mod ratelimit;
 pub mod records;

@@ -52,6 +52,8 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     engine: Arc<Engine>,
+    /// Asynchronous executions: its runs are handed back at shutdown.
+    executions: Arc<crate::executions::Executions>,
     /// Stops the background loops (pool upkeep, session sweeps) at shutdown.
     stop: CancellationToken,
     /// Stops them too when the application is dropped without being run.
@@ -327,7 +329,26 @@ impl Application {
             }
         });
 
+        let executions = crate::executions::Executions::new(
+            stores.queue.clone(),
+            engine.clone(),
+            crate::executions::ExecutionSettings {
+                workers: args.execution_workers,
+                lease: Duration::from_secs(args.execution_lease_secs.max(2)),
+                per_subject: args.execution_max_per_subject.max(1),
+                per_function: args.execution_max_per_function.max(1),
+                idempotency_window: Duration::from_secs(24 * 3600),
+                poll: Duration::from_secs(1),
+            },
+        );
+        if args.execution_workers > 0 {
+            tasks.spawn(executions.clone().run(stores.health.kind() == "sqlite"));
+        } else {
+            tracing::info!("EXECUTION_WORKERS is 0: this controller queues asynchronous executions but runs none");
+        }
+
         let state = AppState {
+            executions: executions.clone(),
             engine: engine.clone(),
             database: stores.health,
             auth,
@@ -352,6 +373,7 @@ impl Application {
             listener,
             router,
             engine,
+            executions,
             _stop_on_drop: stop.clone().drop_guard(),
             stop,
             tasks,
@@ -375,6 +397,7 @@ impl Application {
             .with_graceful_shutdown(shutdown)
             .await;
         tracing::info!("shutting down: stopping instances");
+        self.executions.shutdown().await;
         self.stop.cancel();
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
@@ -390,6 +413,8 @@ impl Application {
             builder.shutdown().await;
         }
         self.engine.shutdown().await;
+        // Both hold the engine, whose records' sender must go.
+        drop(self.executions);
         drop(self.engine);
         // The router's state held the engine too; it is gone with `serve`.
         if tokio::time::timeout(Duration::from_secs(10), self.record_writer)

@@ -383,15 +383,20 @@ pub async fn read(response: reqwest::Response) -> Reply {
 impl TestApp {
     /// Stops the controller (as SIGTERM does) and starts a new one on the
     /// same data dir, in process or as a binary as this one was.
-    pub async fn restart(mut self) -> TestApp {
+    pub async fn restart(self) -> TestApp {
+        self.restart_with(&[]).await
+    }
+
+    /// [`TestApp::restart`] with other flags.
+    pub async fn restart_with(mut self, extra: &[&str]) -> TestApp {
         let binary = matches!(self.server, Server::Binary { .. });
         self.stop().await;
         let data_dir = std::mem::replace(&mut self.data_dir, fresh_data_dir());
         drop(self);
         if binary {
-            spawn_binary_opts(data_dir, &[], &Options::default())
+            spawn_binary_opts(data_dir, extra, &Options::default())
         } else {
-            spawn_app_in(data_dir, &[]).await
+            spawn_app_in(data_dir, extra).await
         }
     }
 

@@ -23,6 +23,7 @@ mod contract;
 mod dependencies;
 mod egress;
 mod execute;
+mod executions;
 mod faults;
 mod first_run;
 mod functions;

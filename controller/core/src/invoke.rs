@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::records::{ExecutionRecord, RecordSink};
 use crate::runtime::pool::{InstancePool, Lease};
 use crate::runtime::{InstanceError, RunOutcome, RunRequest};
+use tokio_util::sync::CancellationToken;
 
 /// How the cache may serve and keep one invocation's result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +70,12 @@ pub struct Invocation<'a> {
     pub deadline: Duration,
     pub cache: CacheDirective,
     pub origin: Origin<'a>,
+    /// What the function sees as its context when it differs from
+    /// `context` (an asynchronous execution adds its id and attempt, which
+    /// are not part of the cache key).
+    pub run_context: Option<&'a Value>,
+    /// Stops the run (its instance is killed) when cancelled.
+    pub cancel: Option<&'a CancellationToken>,
 }
 
 /// A session's own instance, kept between its invocations
@@ -106,9 +113,16 @@ pub enum CoreError {
     /// The function refused its params.
     #[error("{message}")]
     InvalidParams { message: String, details: Value },
-    /// The function threw, its instance crashed, or its answer was unusable.
+    /// The function threw.
     #[error("{message}")]
     Runtime { message: String, details: Value },
+    /// Its instance crashed (out of memory, killed) or answered something
+    /// unusable: not the function's own answer, so it may be retried.
+    #[error("{message}")]
+    Crashed { message: String, details: Value },
+    /// The run was cancelled; its instance was stopped.
+    #[error("the execution was cancelled")]
+    Cancelled,
     /// The run passed its deadline; its instance was killed.
     #[error("execution exceeded its timeout of {timeout_ms} ms")]
     Timeout { timeout_ms: u64 },
@@ -137,7 +151,8 @@ impl CoreError {
     fn outcome(&self) -> &'static str {
         match self {
             CoreError::SchemaMismatch { .. } | CoreError::InvalidParams { .. } => "invalid_params",
-            CoreError::Runtime { .. } => "runtime_error",
+            CoreError::Runtime { .. } | CoreError::Crashed { .. } => "runtime_error",
+            CoreError::Cancelled => "cancelled",
             CoreError::Timeout { .. } => "timeout",
             _ => "error",
         }
@@ -155,12 +170,12 @@ impl From<InstanceError> for CoreError {
                 message: format!("the function failed to load: {message}"),
                 details,
             },
-            InstanceError::Crashed { message, details } => CoreError::Runtime { message, details },
+            InstanceError::Crashed { message, details } => CoreError::Crashed { message, details },
             InstanceError::ResultTooLarge { limit } => CoreError::Runtime {
                 message: e.to_string(),
                 details: json!({ "limit_bytes": limit }),
             },
-            InstanceError::Protocol(message) => CoreError::Runtime {
+            InstanceError::Protocol(message) => CoreError::Crashed {
                 message: format!("the runtime misbehaved: {message}"),
                 details: json!({}),
             },
@@ -351,11 +366,26 @@ impl Invoker {
         start.cold = lease.start.is_cold();
         let request = RunRequest {
             params: invocation.params,
-            context: invocation.context,
+            context: invocation.run_context.unwrap_or(invocation.context),
             deadline: invocation.deadline,
         };
         let request_id = invocation.origin.request_id;
-        let result = match tokio::time::timeout(invocation.deadline, lease.instance.run(request)).await {
+        let cancelled = async {
+            match invocation.cancel {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let run = tokio::time::timeout(invocation.deadline, lease.instance.run(request));
+        let ran = tokio::select! {
+            ran = run => ran,
+            () = cancelled => {
+                tracing::info!(request_id, instance = lease.instance.id(), "cancelled; stopping the instance");
+                self.pool.discard(lease).await;
+                return (start, Err(CoreError::Cancelled));
+            }
+        };
+        let result = match ran {
             Err(_elapsed) => {
                 tracing::info!(
                     request_id,
@@ -520,6 +550,8 @@ mod tests {
                 request_id: "test",
                 subject: "tester",
             },
+            run_context: None,
+            cancel: None,
         }
     }
 

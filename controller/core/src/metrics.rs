@@ -75,6 +75,20 @@ pub struct InstallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PriorityLabels {
+    /// `low`, `normal`, `high`.
+    pub priority: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// How an attempt of an asynchronous execution ended: `completed`,
+    /// `retried`, `failed` (dead-lettered), `cancelled`, `lost` (its
+    /// controller stopped), `handed_back` (shutdown).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
     pub class: String,
 }
@@ -111,6 +125,9 @@ pub struct Metrics {
     pub wasm_modules: Family<ModuleLabels, Counter>,
     pub dependency_installs: Family<InstallLabels, Counter>,
     pub active_sessions: Gauge,
+    pub queue_depth: Family<PriorityLabels, Gauge>,
+    pub queue_wait: Histogram,
+    pub async_attempts: Family<AttemptLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -144,6 +161,9 @@ impl Metrics {
             wasm_modules: Family::default(),
             dependency_installs: Family::default(),
             active_sessions: Gauge::default(),
+            queue_depth: Family::default(),
+            queue_wait: latency_histogram(),
+            async_attempts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -221,7 +241,30 @@ impl Metrics {
             "Dependency installs asked for at registration, by language and result (installed, reused, failed)",
             m.dependency_installs.clone(),
         );
+        registry.register(
+            "async_queue_depth",
+            "Asynchronous executions waiting to run, by priority (every replica sees the whole queue)",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "async_queue_wait_seconds",
+            "Time an asynchronous execution waited in the queue before its first attempt",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "async_attempts",
+            "Attempts of asynchronous executions by outcome (completed, retried, failed = dead-lettered, cancelled, lost, handed_back)",
+            m.async_attempts.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    pub fn record_attempt(&self, outcome: &str) {
+        self.async_attempts
+            .get_or_create(&AttemptLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     pub fn record_dependency_install(&self, language: &str, result: &str) {

@@ -75,6 +75,8 @@ pub(super) struct FunctionDetail {
     pub limits: fnrt_core::function::manifest::Limits,
     /// The version's cache policy (extension).
     pub cache: fnrt_core::function::manifest::CachePolicy,
+    /// How its asynchronous executions are retried (extension).
+    pub retry: fnrt_core::function::manifest::RetryPolicy,
     /// Where its instances may connect, when anywhere (extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<fnrt_core::function::manifest::NetworkSpec>,
@@ -151,6 +153,7 @@ fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>, installer: Option<&
         code_hash: f.current.code_hash.clone(),
         limits: f.current.manifest.limits,
         cache: f.current.manifest.cache,
+        retry: f.current.manifest.retry,
         network: (!f.current.manifest.network.is_empty()).then(|| fnrt_core::function::manifest::NetworkSpec {
             egress: f
                 .current
@@ -164,7 +167,7 @@ fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>, installer: Option<&
     }
 }
 
-fn positive(value: Option<&str>, name: &str, default: usize, max: usize) -> Result<usize, ApiError> {
+pub(super) fn positive(value: Option<&str>, name: &str, default: usize, max: usize) -> Result<usize, ApiError> {
     match value {
         None => Ok(default),
         Some(v) => v
@@ -289,13 +292,16 @@ pub(super) struct RegisterBody {
     /// Where its instances may connect (`egress`); none by default.
     #[serde(default)]
     pub network: fnrt_core::function::manifest::NetworkSpec,
+    /// How its asynchronous executions are retried.
+    #[serde(default)]
+    pub retry: fnrt_core::function::manifest::RetrySpec,
 }
 
 /// A registration: a JSON [`RegisterBody`], or a `multipart/form-data`
 /// upload of an archive (part `archive`) with the manifest beside it (a
 /// part `manifest` holding `function.json`, and/or one part per field:
 /// text, or JSON for `schema`, `examples`, `limits`, `env`, `cache`,
-/// `install`, `network`).
+/// `install`, `network`, `retry`).
 pub(super) struct Registration {
     body: RegisterBody,
     /// The uploaded archive's bytes (multipart).
@@ -303,7 +309,9 @@ pub(super) struct Registration {
 }
 
 /// Fields of a multipart registration whose parts hold JSON.
-const JSON_FIELDS: [&str; 7] = ["schema", "examples", "limits", "env", "cache", "install", "network"];
+const JSON_FIELDS: [&str; 8] = [
+    "schema", "examples", "limits", "env", "cache", "install", "network", "retry",
+];
 
 impl<S: Send + Sync> axum::extract::FromRequest<S> for Registration {
     type Rejection = ApiError;
@@ -431,6 +439,7 @@ impl RegisterBody {
             cache: self.cache,
             install: self.install,
             network: self.network,
+            retry: self.retry,
         };
         Ok((self.language_title, spec, code))
     }

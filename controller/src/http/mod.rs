@@ -13,6 +13,7 @@
 
 pub mod conn;
 mod execute;
+mod executions;
 pub mod extract;
 mod functions;
 mod guard;
@@ -47,6 +48,8 @@ use fnrt_core::metrics::Metrics;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
+    /// Asynchronous executions.
+    pub executions: Arc<crate::executions::Executions>,
     /// The database behind the stores; `/health` pings it.
     pub database: Arc<dyn crate::store::StoreHealth>,
     pub auth: Arc<Authenticator>,
@@ -78,6 +81,7 @@ pub struct HttpSettings {
     tags(
         (name = "sessions", description = "initialize, execute, session state"),
         (name = "functions", description = "the function registry"),
+        (name = "executions", description = "asynchronous executions: submit, status, cancel, retry"),
         (name = "operations", description = "health, metrics, this document"),
     )
 )]
@@ -192,6 +196,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(execute::router())
         .merge(sessions::router())
         .merge(functions::router())
+        .merge(executions::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), guard::guard));
     let (api, mut doc) = guarded.merge(health::router()).split_for_parts();
     let (_, openapi_paths) = OpenApiRouter::<Arc<String>>::new()

@@ -3,7 +3,8 @@
 //! One trait per concern, so each caller holds only what it uses:
 //! [`FunctionStore`] (functions and versions, for the
 //! [`crate::registry::Registry`]), [`ExecutionStore`] (execution records, for
-//! [`crate::records::ExecutionLog`]) and [`StoreHealth`] (`/health`). One
+//! [`crate::records::ExecutionLog`]), [`ExecutionQueue`] (asynchronous
+//! executions, for [`crate::executions`]) and [`StoreHealth`] (`/health`). One
 //! database implements them all: SQLite ([`sqlite::SqliteStore`]) is the
 //! embedded default, PostgreSQL ([`postgres::PostgresStore`]) is chosen when
 //! `DATABASE_URL` is set. [`Stores`] hands one open database to each caller
@@ -169,6 +170,131 @@ pub trait ExecutionStore: Send + Sync {
     async fn executions_of(&self, request_id: &str) -> Result<Vec<ExecutionRecord>, StoreError>;
 }
 
+/// One asynchronous execution as stored (an `async_executions` row): the
+/// queue entry and its state. Times are Unix milliseconds.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueuedExecution {
+    pub id: String,
+    pub subject: String,
+    pub language_title: String,
+    pub version: i64,
+    pub params: Value,
+    /// The context the function sees.
+    pub context: Value,
+    pub timeout_ms: i64,
+    /// 0 low, 1 normal, 2 high.
+    pub priority: i32,
+    /// `pending`, `running`, `completed`, `failed`, `cancelled`.
+    pub status: String,
+    pub idempotency_key: Option<String>,
+    pub max_attempts: i32,
+    pub backoff_ms: i64,
+    pub retry_runtime_errors: bool,
+    /// Attempts claimed so far (the one running included).
+    pub attempt: i32,
+    /// Each finished attempt: `number`, `started_at`, `finished_at`,
+    /// `outcome`, `error`.
+    pub attempts: Value,
+    pub result: Option<Value>,
+    pub error: Option<Value>,
+    pub cold_start: bool,
+    pub cancel_requested: bool,
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub run_after_ms: i64,
+    pub lease_owner: Option<String>,
+    pub lease_until_ms: Option<i64>,
+}
+
+/// An execution to queue.
+#[derive(Debug, Clone)]
+pub struct NewExecution {
+    pub id: String,
+    pub subject: String,
+    pub language_title: String,
+    pub version: i64,
+    pub params: Value,
+    pub context: Value,
+    pub timeout_ms: i64,
+    pub priority: i32,
+    pub idempotency_key: Option<String>,
+    pub max_attempts: i32,
+    pub backoff_ms: i64,
+    pub retry_runtime_errors: bool,
+    pub now_ms: i64,
+}
+
+/// Which of a subject's executions to list.
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionFilter {
+    pub status: Option<String>,
+    pub language_title: Option<String>,
+    pub offset: i64,
+    pub limit: i64,
+}
+
+/// A worker's claim on the next execution due.
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    /// The replica that claims (its lease names it).
+    pub owner: &'a str,
+    pub now_ms: i64,
+    pub lease_until_ms: i64,
+    /// Most running executions of one subject, and of one function.
+    pub per_subject: i64,
+    pub per_function: i64,
+}
+
+/// How an attempt ended, written only by the lease's holder.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// `completed`, `failed`, `cancelled`, or `pending` (retried later, or
+    /// handed back at shutdown).
+    pub status: &'static str,
+    pub attempts: Value,
+    pub result: Option<Value>,
+    pub error: Option<Value>,
+    pub cold_start: bool,
+    pub run_after_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// Handed back unrun (shutdown): the attempt does not count.
+    pub uncount: bool,
+}
+
+/// The durable queue of asynchronous executions ([`crate::executions`]).
+/// Every replica's workers claim from it; a claim is a lease that another
+/// replica takes over when its holder stops renewing it.
+#[async_trait]
+pub trait ExecutionQueue: Send + Sync {
+    /// Queues `new`; with an idempotency key already used by the same
+    /// subject since `since_ms`, returns that execution instead (false).
+    async fn submit(&self, new: NewExecution, since_ms: i64) -> Result<(QueuedExecution, bool), StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<QueuedExecution>, StoreError>;
+    /// A subject's executions, newest first, and how many match in all.
+    async fn list(&self, subject: &str, filter: &ExecutionFilter) -> Result<(Vec<QueuedExecution>, i64), StoreError>;
+    /// Claims the next due execution (pending and past its backoff, or
+    /// running under an expired lease), highest priority first, oldest
+    /// first, skipping subjects and functions at their caps.
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<QueuedExecution>, StoreError>;
+    /// Extends a lease; `None` if it is no longer the owner's, else whether
+    /// a cancel was asked for.
+    async fn renew(&self, id: &str, owner: &str, until_ms: i64) -> Result<Option<bool>, StoreError>;
+    /// Ends the owner's attempt; false if the lease was lost meanwhile.
+    async fn finish(&self, id: &str, owner: &str, finish: &Finish) -> Result<bool, StoreError>;
+    /// Cancels a pending execution, or asks its worker to stop a running
+    /// one; the execution as it is afterwards (`None`: not the subject's).
+    async fn cancel(&self, id: &str, subject: &str, now_ms: i64) -> Result<Option<QueuedExecution>, StoreError>;
+    /// Queues a failed or cancelled execution again; false if it is in
+    /// another state, `None` if it is not the subject's.
+    async fn requeue(&self, id: &str, subject: &str, now_ms: i64) -> Result<Option<bool>, StoreError>;
+    /// Ends every lease now (a SQLite controller starting: no other
+    /// process held them).
+    async fn expire_leases(&self) -> Result<u64, StoreError>;
+    /// Pending executions per priority.
+    async fn pending_by_priority(&self) -> Result<Vec<(i32, i64)>, StoreError>;
+}
+
 /// What `/health` asks of the database behind every store.
 #[async_trait]
 pub trait StoreHealth: Send + Sync {
@@ -183,6 +309,7 @@ pub trait StoreHealth: Send + Sync {
 pub struct Stores {
     pub functions: Arc<dyn FunctionStore>,
     pub executions: Arc<dyn ExecutionStore>,
+    pub queue: Arc<dyn ExecutionQueue>,
     pub health: Arc<dyn StoreHealth>,
 }
 
@@ -198,12 +325,13 @@ impl Stores {
     /// Every store of one database that implements them all.
     pub fn of<S>(store: S) -> Stores
     where
-        S: FunctionStore + ExecutionStore + StoreHealth + 'static,
+        S: FunctionStore + ExecutionStore + ExecutionQueue + StoreHealth + 'static,
     {
         let store = Arc::new(store);
         Stores {
             functions: store.clone(),
             executions: store.clone(),
+            queue: store.clone(),
             health: store,
         }
     }

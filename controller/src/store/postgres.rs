@@ -14,6 +14,7 @@ impl Dialect for Postgres {
     /// Timestamps keep microseconds here, so ties are rare; there is no
     /// insertion order to fall back on.
     const TIE_BREAK: &'static str = "id";
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     /// A native `UUID` column.
     type Uuid = uuid::Uuid;
 }

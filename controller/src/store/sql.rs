@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ExecutionRecord, ExecutionStore, FunctionStore, NewVersion, Source, StoreError, StoreHealth, StoredFunction,
-    StoredVersion,
+    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, ExecutionStore, Finish, FunctionStore, NewExecution,
+    NewVersion, QueuedExecution, Source, StoreError, StoreHealth, StoredFunction, StoredVersion,
 };
 use fnrt_core::timefmt;
 
@@ -35,6 +35,9 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     /// The column that orders a session's executions with the same
     /// `started_at`.
     const TIE_BREAK: &'static str;
+    /// Appended to the queue's claim: rows another replica is claiming are
+    /// skipped rather than waited for.
+    const SKIP_LOCKED: &'static str;
     /// How the `executions.id` column keeps a UUID.
     type Uuid: From<Uuid> + Into<Uuid> + for<'q> Encode<'q, Self> + for<'r> Decode<'r, Self> + Type<Self>;
 
@@ -326,5 +329,259 @@ impl<'q, DB: Dialect> Encode<'q, DB> for ExecutionId {
 impl<'r, DB: Dialect> Decode<'r, DB> for ExecutionId {
     fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
         Ok(ExecutionId(DB::Uuid::decode(value)?.into()))
+    }
+}
+
+/// Every column of `async_executions`, as [`QueuedExecution`] reads them.
+const QUEUED_COLUMNS: &str = "id, subject, language_title, version, params, context, timeout_ms, priority, status, \
+     idempotency_key, max_attempts, backoff_ms, retry_runtime_errors, attempt, attempts, result, error, \
+     cold_start, cancel_requested, created_ms, started_ms, finished_ms, run_after_ms, lease_owner, lease_until_ms";
+
+#[async_trait]
+impl<DB> ExecutionQueue for SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'r> QueuedExecution: FromRow<'r, DB::Row>,
+    for<'r> (i32, i64): FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'r> (bool,): FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
+    for<'q> i32: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Type<DB>,
+    for<'q> Value: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<Value>: Encode<'q, DB> + Type<DB>,
+    DB::QueryResult: RowsAffected,
+{
+    async fn submit(&self, new: NewExecution, since_ms: i64) -> Result<(QueuedExecution, bool), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(key) = &new.idempotency_key {
+            let sql =
+                format!("SELECT {QUEUED_COLUMNS} FROM async_executions WHERE subject = $1 AND idempotency_key = $2");
+            let found: Option<QueuedExecution> = sqlx::query_as(AssertSqlSafe(sql))
+                .bind(new.subject.as_str())
+                .bind(key.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            match found {
+                Some(first) if first.created_ms >= since_ms => return Ok((first, false)),
+                // Past its window: the key is free again.
+                Some(old) => {
+                    sqlx::query("UPDATE async_executions SET idempotency_key = NULL WHERE id = $1")
+                        .bind(old.id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                None => {}
+            }
+        }
+        let sql = format!(
+            "INSERT INTO async_executions ({QUEUED_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $14, $7, 'pending', $8, $9, \
+             $10, $11, 0, $12, NULL, NULL, FALSE, FALSE, $13, NULL, NULL, $13, NULL, NULL) \
+             ON CONFLICT DO NOTHING RETURNING {QUEUED_COLUMNS}"
+        );
+        let inserted: Option<QueuedExecution> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(new.id.as_str())
+            .bind(new.subject.as_str())
+            .bind(new.language_title.as_str())
+            .bind(new.version)
+            .bind(&new.params)
+            .bind(&new.context)
+            .bind(new.priority)
+            .bind(new.idempotency_key.as_deref())
+            .bind(new.max_attempts)
+            .bind(new.backoff_ms)
+            .bind(new.retry_runtime_errors)
+            .bind(Value::Array(Vec::new()))
+            .bind(new.now_ms)
+            .bind(new.timeout_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        match inserted {
+            Some(row) => Ok((row, true)),
+            // The same key, submitted at the same moment by the same subject.
+            None => {
+                let sql = format!(
+                    "SELECT {QUEUED_COLUMNS} FROM async_executions WHERE subject = $1 AND idempotency_key = $2"
+                );
+                let first: QueuedExecution = sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(new.subject.as_str())
+                    .bind(new.idempotency_key.as_deref())
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok((first, false))
+            }
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<QueuedExecution>, StoreError> {
+        let sql = format!("SELECT {QUEUED_COLUMNS} FROM async_executions WHERE id = $1");
+        Ok(sqlx::query_as(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn list(&self, subject: &str, filter: &ExecutionFilter) -> Result<(Vec<QueuedExecution>, i64), StoreError> {
+        const MATCH: &str =
+            "WHERE subject = $1 AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR language_title = $3)";
+        let sql = format!(
+            "SELECT {QUEUED_COLUMNS} FROM async_executions {MATCH} ORDER BY created_ms DESC, id LIMIT $4 OFFSET $5"
+        );
+        let rows: Vec<QueuedExecution> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(subject)
+            .bind(filter.status.as_deref())
+            .bind(filter.language_title.as_deref())
+            .bind(filter.limit)
+            .bind(filter.offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let (total,): (i64,) = sqlx::query_as(AssertSqlSafe(format!("SELECT COUNT(*) FROM async_executions {MATCH}")))
+            .bind(subject)
+            .bind(filter.status.as_deref())
+            .bind(filter.language_title.as_deref())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((rows, total))
+    }
+
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<QueuedExecution>, StoreError> {
+        // Running under a live lease: what counts against the caps.
+        let sql = format!(
+            "UPDATE async_executions SET status = 'running', lease_owner = $1, lease_until_ms = $2, \
+             attempt = attempt + 1, started_ms = COALESCE(started_ms, $3) \
+             WHERE id IN (SELECT id FROM async_executions \
+               WHERE ((status = 'pending' AND run_after_ms <= $3) OR (status = 'running' AND lease_until_ms < $3)) \
+               AND subject NOT IN (SELECT subject FROM async_executions \
+                 WHERE status = 'running' AND lease_until_ms >= $3 GROUP BY subject HAVING COUNT(*) >= $4) \
+               AND language_title NOT IN (SELECT language_title FROM async_executions \
+                 WHERE status = 'running' AND lease_until_ms >= $3 GROUP BY language_title HAVING COUNT(*) >= $5) \
+               ORDER BY priority DESC, run_after_ms, created_ms LIMIT 1{}) \
+             RETURNING {QUEUED_COLUMNS}",
+            DB::SKIP_LOCKED
+        );
+        Ok(sqlx::query_as(AssertSqlSafe(sql))
+            .bind(claim.owner)
+            .bind(claim.lease_until_ms)
+            .bind(claim.now_ms)
+            .bind(claim.per_subject)
+            .bind(claim.per_function)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn renew(&self, id: &str, owner: &str, until_ms: i64) -> Result<Option<bool>, StoreError> {
+        let row: Option<(bool,)> = sqlx::query_as(
+            "UPDATE async_executions SET lease_until_ms = $3 \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'running' RETURNING cancel_requested",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(until_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(cancel,)| cancel))
+    }
+
+    async fn finish(&self, id: &str, owner: &str, f: &Finish) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE async_executions SET status = $3, attempts = $4, result = $5, error = $6, \
+             cold_start = (cold_start OR $7), run_after_ms = $8, finished_ms = $9, attempt = attempt - $10, \
+             lease_owner = NULL, lease_until_ms = NULL \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(f.status)
+        .bind(&f.attempts)
+        .bind(f.result.clone())
+        .bind(f.error.clone())
+        .bind(f.cold_start)
+        .bind(f.run_after_ms)
+        .bind(f.finished_ms)
+        .bind(i32::from(f.uncount))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows() == 1)
+    }
+
+    async fn cancel(&self, id: &str, subject: &str, now_ms: i64) -> Result<Option<QueuedExecution>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let pending = sqlx::query(
+            "UPDATE async_executions SET status = 'cancelled', finished_ms = $3, cancel_requested = TRUE \
+             WHERE id = $1 AND subject = $2 AND status = 'pending'",
+        )
+        .bind(id)
+        .bind(subject)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        if pending.rows() == 0 {
+            sqlx::query(
+                "UPDATE async_executions SET cancel_requested = TRUE \
+                 WHERE id = $1 AND subject = $2 AND status = 'running'",
+            )
+            .bind(id)
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(self.get(id).await?.filter(|e| e.subject == subject))
+    }
+
+    async fn requeue(&self, id: &str, subject: &str, now_ms: i64) -> Result<Option<bool>, StoreError> {
+        let done = sqlx::query(
+            "UPDATE async_executions SET status = 'pending', attempt = 0, result = NULL, error = NULL, \
+             finished_ms = NULL, run_after_ms = $3, cancel_requested = FALSE \
+             WHERE id = $1 AND subject = $2 AND status IN ('failed', 'cancelled')",
+        )
+        .bind(id)
+        .bind(subject)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        if done.rows() == 1 {
+            return Ok(Some(true));
+        }
+        Ok(self.get(id).await?.filter(|e| e.subject == subject).map(|_| false))
+    }
+
+    async fn expire_leases(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query("UPDATE async_executions SET lease_until_ms = 0 WHERE status = 'running'")
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows())
+    }
+
+    async fn pending_by_priority(&self) -> Result<Vec<(i32, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as(
+                "SELECT priority, COUNT(*) FROM async_executions WHERE status = 'pending' GROUP BY priority",
+            )
+            .fetch_all(&self.pool)
+            .await?,
+        )
+    }
+}
+
+/// How many rows a statement changed, for either driver.
+pub trait RowsAffected {
+    fn rows(&self) -> u64;
+}
+
+impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
+    fn rows(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+
+impl RowsAffected for sqlx::postgres::PgQueryResult {
+    fn rows(&self) -> u64 {
+        self.rows_affected()
     }
 }

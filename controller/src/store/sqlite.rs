@@ -17,6 +17,8 @@ impl Dialect for Sqlite {
     /// The order rows were written in: timestamps have whole seconds here,
     /// so a session's executions often share one.
     const TIE_BREAK: &'static str = "rowid";
+    /// One writer at a time: a claim never meets another's lock.
+    const SKIP_LOCKED: &'static str = "";
     /// TEXT, hyphenated, as the first migration made the column.
     type Uuid = uuid::fmt::Hyphenated;
 

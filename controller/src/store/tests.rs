@@ -10,7 +10,10 @@ use time::macros::datetime;
 
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
-use super::{ExecutionRecord, NewVersion, Source, StoreError, Stores};
+use super::{
+    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, Finish, NewExecution, NewVersion, Source, StoreError,
+    Stores,
+};
 
 fn new(lt: &str, code: &str) -> NewVersion {
     NewVersion {
@@ -118,11 +121,176 @@ async fn exercise(stores: Stores) {
     assert_eq!(ids, [earlier.id, later.id]);
 }
 
+fn queued(id: &str, subject: &str, lt: &str, priority: i32, key: Option<&str>, now_ms: i64) -> NewExecution {
+    NewExecution {
+        id: id.into(),
+        subject: subject.into(),
+        language_title: lt.into(),
+        version: 1,
+        params: json!({"n": id}),
+        context: json!({}),
+        timeout_ms: 1000,
+        priority,
+        idempotency_key: key.map(Into::into),
+        max_attempts: 3,
+        backoff_ms: 1000,
+        retry_runtime_errors: false,
+        now_ms,
+    }
+}
+
+fn claim(owner: &str, now_ms: i64) -> Claim<'_> {
+    Claim {
+        owner,
+        now_ms,
+        lease_until_ms: now_ms + 10_000,
+        per_subject: 2,
+        per_function: 10,
+    }
+}
+
+/// The queue of asynchronous executions: idempotency, priority order,
+/// caps, leases and their takeover, fenced finishes, cancel and requeue.
+async fn exercise_queue(q: &dyn ExecutionQueue) {
+    let t = 1_000_000;
+    let (first, new) = q
+        .submit(queued("e1", "alice", "python-a", 1, Some("k"), t), 0)
+        .await
+        .unwrap();
+    assert!(new);
+    assert_eq!((first.status.as_str(), first.attempt), ("pending", 0));
+    let (again, new) = q
+        .submit(queued("e1b", "alice", "python-a", 1, Some("k"), t + 1), 0)
+        .await
+        .unwrap();
+    assert_eq!((again.id.as_str(), new), ("e1", false));
+    // Another subject's key is its own; an old key is free again.
+    assert!(
+        q.submit(queued("e2", "bob", "python-a", 0, Some("k"), t), 0)
+            .await
+            .unwrap()
+            .1
+    );
+    let (fresh, new) = q
+        .submit(queued("e3", "alice", "python-a", 2, Some("k"), t + 2), t + 1)
+        .await
+        .unwrap();
+    assert_eq!((fresh.id.as_str(), new), ("e3", true));
+    q.submit(queued("e4", "alice", "python-b", 1, None, t + 3), 0)
+        .await
+        .unwrap();
+
+    // Highest priority first, then the oldest; alice's cap is 2 running.
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        order.push(q.claim(&claim("r1", t + 10)).await.unwrap().unwrap().id);
+    }
+    assert_eq!(order, ["e3", "e1", "e2"]);
+    assert!(
+        q.claim(&claim("r1", t + 10)).await.unwrap().is_none(),
+        "alice is at her cap"
+    );
+
+    // A renewal says whether a cancel was asked for; another owner's fails.
+    assert_eq!(q.renew("e3", "r1", t + 20_000).await.unwrap(), Some(false));
+    assert_eq!(q.renew("e3", "r2", t + 20_000).await.unwrap(), None);
+    let cancelling = q.cancel("e3", "alice", t + 11).await.unwrap().unwrap();
+    assert_eq!(
+        (cancelling.status.as_str(), cancelling.cancel_requested),
+        ("running", true)
+    );
+    assert_eq!(q.renew("e3", "r1", t + 100_000).await.unwrap(), Some(true));
+    assert!(q.cancel("e3", "bob", t + 11).await.unwrap().is_none(), "not bob's");
+
+    // e1's lease (until t + 10_010) expires: r2 takes it over; r1 can no
+    // longer finish it.
+    let taken = q.claim(&claim("r2", t + 10_011)).await.unwrap().unwrap();
+    assert_eq!((taken.id.as_str(), taken.attempt), ("e1", 2));
+    let done = |status: &'static str| Finish {
+        status,
+        attempts: json!([{"number": 1}]),
+        result: Some(json!({"ok": true})),
+        error: None,
+        cold_start: true,
+        run_after_ms: 0,
+        finished_ms: Some(t + 10_020),
+        uncount: false,
+    };
+    assert!(!q.finish("e1", "r1", &done("completed")).await.unwrap());
+    assert!(q.finish("e1", "r2", &done("completed")).await.unwrap());
+    let e1 = q.get("e1").await.unwrap().unwrap();
+    assert_eq!(
+        (e1.status.as_str(), e1.result, e1.cold_start),
+        ("completed", Some(json!({"ok": true})), true)
+    );
+    assert_eq!(e1.attempts, json!([{"number": 1}]));
+
+    // A retry waits for its backoff; a hand-back at shutdown does not count.
+    let retry = Finish {
+        status: "pending",
+        run_after_ms: t + 50_000,
+        finished_ms: None,
+        result: None,
+        ..done("pending")
+    };
+    assert!(q.finish("e2", "r1", &retry).await.unwrap());
+    assert!(
+        q.claim(&claim("r1", t + 49_999))
+            .await
+            .unwrap()
+            .is_some_and(|e| e.id == "e4")
+    );
+    assert!(q.claim(&claim("r1", t + 49_999)).await.unwrap().is_none());
+    let e2 = q.claim(&claim("r1", t + 50_000)).await.unwrap().unwrap();
+    assert_eq!((e2.id.as_str(), e2.attempt), ("e2", 2));
+    let back = Finish {
+        uncount: true,
+        ..retry.clone()
+    };
+    assert!(q.finish("e2", "r1", &back).await.unwrap());
+    assert_eq!(q.get("e2").await.unwrap().unwrap().attempt, 1);
+
+    // Cancel: a pending one at once; requeue: failed or cancelled only.
+    q.submit(queued("e5", "carol", "python-a", 1, None, t), 0)
+        .await
+        .unwrap();
+    let cancelled = q.cancel("e5", "carol", t + 5).await.unwrap().unwrap();
+    assert_eq!(cancelled.status, "cancelled");
+    assert_eq!(q.requeue("e5", "carol", t + 6).await.unwrap(), Some(true));
+    assert_eq!(q.get("e5").await.unwrap().unwrap().status, "pending");
+    assert_eq!(q.requeue("e1", "alice", t + 6).await.unwrap(), Some(false), "completed");
+    assert_eq!(q.requeue("e1", "bob", t + 6).await.unwrap(), None);
+
+    // Listing: the subject's own, filtered, newest first, with the total.
+    let filter = ExecutionFilter {
+        status: None,
+        language_title: Some("python-a".into()),
+        offset: 0,
+        limit: 1,
+    };
+    let (page, total) = q.list("alice", &filter).await.unwrap();
+    assert_eq!((page.len(), total), (1, 2));
+    assert_eq!(page[0].id, "e3");
+    let completed = ExecutionFilter {
+        status: Some("completed".into()),
+        limit: 10,
+        ..filter
+    };
+    let (page, total) = q.list("alice", &completed).await.unwrap();
+    assert_eq!((page[0].id.as_str(), total), ("e1", 1));
+    let mut pending = q.pending_by_priority().await.unwrap();
+    pending.sort();
+    assert_eq!(pending, [(0, 1), (1, 1)]);
+    assert!(q.expire_leases().await.unwrap() >= 1);
+}
+
 #[tokio::test]
 async fn sqlite_store_passes_the_store_suite() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
-    exercise(Stores::of(store)).await;
+    let stores = Stores::of(store);
+    exercise(stores.clone()).await;
+    exercise_queue(stores.queue.as_ref()).await;
 }
 
 #[tokio::test]
@@ -131,6 +299,7 @@ async fn postgres_store_passes_the_store_suite() {
     let store = PostgresStore::connect(&db.url).await.unwrap();
     let stores = Stores::of(store);
     exercise(stores.clone()).await;
+    exercise_queue(stores.queue.as_ref()).await;
     // PostgreSQL keeps what it is given to the microsecond (SQLite: see
     // `sqlite_reads_and_writes_the_text_it_always_had`).
     let precise = ExecutionRecord {

@@ -66,6 +66,67 @@ pub struct FunctionSpec {
     /// Where its instances may connect (none but their own loopback by default).
     #[serde(default)]
     pub network: NetworkSpec,
+    /// How its asynchronous executions are retried.
+    #[serde(default)]
+    pub retry: RetrySpec,
+}
+
+/// `retry` in a manifest (asynchronous executions), or in one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Most attempts, the first included (1 to 10; default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// The wait before the second attempt, doubled for each next one
+    /// (100 to 600000 ms; default 1000), with jitter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
+    /// Whether the function's own errors (`RUNTIME_ERROR`) are retried too
+    /// (default false: only crashes, timeouts and unavailable runtimes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_errors: Option<bool>,
+}
+
+/// How asynchronous executions are retried, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub backoff_ms: u64,
+    pub runtime_errors: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            backoff_ms: 1000,
+            runtime_errors: false,
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn is_default(&self) -> bool {
+        *self == RetryPolicy::default()
+    }
+
+    /// This policy with `spec`'s fields over it (`field` names them in errors).
+    pub fn with(self, spec: RetrySpec, field: &str) -> Result<RetryPolicy, ManifestError> {
+        let max_attempts = spec.max_attempts.unwrap_or(self.max_attempts);
+        if !(1..=10).contains(&max_attempts) {
+            return err(format!("'{field}.max_attempts' must be between 1 and 10"));
+        }
+        let backoff_ms = spec.backoff_ms.unwrap_or(self.backoff_ms);
+        if !(100..=600_000).contains(&backoff_ms) {
+            return err(format!("'{field}.backoff_ms' must be between 100 and 600000"));
+        }
+        Ok(RetryPolicy {
+            max_attempts,
+            backoff_ms,
+            runtime_errors: spec.runtime_errors.unwrap_or(self.runtime_errors),
+        })
+    }
 }
 
 /// `network` in a manifest.
@@ -195,6 +256,9 @@ pub struct Manifest {
     /// Where its instances may connect.
     #[serde(default, skip_serializing_if = "Network::is_empty")]
     pub network: Network,
+    /// How its asynchronous executions are retried.
+    #[serde(default, skip_serializing_if = "RetryPolicy::is_default")]
+    pub retry: RetryPolicy,
 }
 
 /// A function's cache policy. `X-Cache-Control: max-age` still wins within
@@ -356,6 +420,7 @@ impl FunctionSpec {
         }
         let cache = self.cache.normalize()?;
         let network = self.network.normalize(language)?;
+        let retry = RetryPolicy::default().with(self.retry, "retry")?;
         Ok(Manifest {
             description,
             entrypoint,
@@ -368,6 +433,7 @@ impl FunctionSpec {
             package,
             install: self.install,
             network,
+            retry,
         })
     }
 }

@@ -1,0 +1,33 @@
+-- Asynchronous executions (POST /api/v1/executions): the durable queue and
+-- each execution's state. Times are Unix milliseconds, JSON is TEXT, booleans
+-- 0 and 1 (the same table as migrations/postgres/0003).
+CREATE TABLE async_executions (
+    id               TEXT PRIMARY KEY NOT NULL,
+    subject          TEXT NOT NULL,
+    language_title   TEXT NOT NULL,
+    version          INTEGER NOT NULL,            -- pinned at submission
+    params           TEXT NOT NULL,
+    context          TEXT NOT NULL,
+    timeout_ms       INTEGER NOT NULL,
+    priority         INTEGER NOT NULL,           -- 0 low, 1 normal, 2 high
+    status           TEXT NOT NULL,              -- pending, running, completed, failed, cancelled
+    idempotency_key  TEXT,
+    max_attempts     INTEGER NOT NULL,
+    backoff_ms       INTEGER NOT NULL,
+    retry_runtime_errors INTEGER NOT NULL,
+    attempt          INTEGER NOT NULL,           -- attempts claimed so far
+    attempts         TEXT NOT NULL,             -- each finished attempt: number, times, outcome, error
+    result           TEXT,
+    error            TEXT,
+    cold_start       INTEGER NOT NULL,
+    cancel_requested INTEGER NOT NULL,
+    created_ms       INTEGER NOT NULL,
+    started_ms       INTEGER,
+    finished_ms      INTEGER,
+    run_after_ms     INTEGER NOT NULL,            -- not claimed before (backoff)
+    lease_owner      TEXT,                       -- the replica running it
+    lease_until_ms   INTEGER                      -- another replica takes it over after this
+);
+CREATE UNIQUE INDEX async_executions_idempotency ON async_executions (subject, idempotency_key);
+CREATE INDEX async_executions_queue ON async_executions (status, priority DESC, run_after_ms, created_ms);
+CREATE INDEX async_executions_by_subject ON async_executions (subject, created_ms DESC);
