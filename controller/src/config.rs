@@ -129,6 +129,10 @@ pub struct ServeArgs {
     /// Most asynchronous executions of one function running at once.
     #[arg(long, env = "EXECUTION_MAX_PER_FUNCTION", default_value_t = 16)]
     pub execution_max_per_function: u32,
+    /// Networks callbacks may reach although they are not public
+    /// (loopback, private ranges), comma-separated: `10.0.0.0/8,127.0.0.1`.
+    #[arg(long, env = "CALLBACK_ALLOW_NETWORKS", value_delimiter = ',')]
+    pub callback_allow_networks: Vec<String>,
     /// Largest `context.timeout_ms` a client may ask for.
     #[arg(long, env = "MAX_TIMEOUT_MS", default_value_t = 300_000)]
     pub max_timeout_ms: u64,

@@ -332,6 +332,7 @@ impl Application {
         let executions = crate::executions::Executions::new(
             stores.queue.clone(),
             engine.clone(),
+            crate::executions::callbacks::Targets::new(&args.callback_allow_networks)?,
             crate::executions::ExecutionSettings {
                 workers: args.execution_workers,
                 lease: Duration::from_secs(args.execution_lease_secs.max(2)),
@@ -341,6 +342,7 @@ impl Application {
                 poll: Duration::from_secs(1),
             },
         );
+        tasks.spawn(executions.callbacks.clone().run());
         if args.execution_workers > 0 {
             tasks.spawn(executions.clone().run(stores.health.kind() == "sqlite"));
         } else {

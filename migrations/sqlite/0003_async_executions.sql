@@ -26,8 +26,23 @@ CREATE TABLE async_executions (
     finished_ms      INTEGER,
     run_after_ms     INTEGER NOT NULL,            -- not claimed before (backoff)
     lease_owner      TEXT,                       -- the replica running it
-    lease_until_ms   INTEGER                      -- another replica takes it over after this
+    lease_until_ms   INTEGER,                     -- another replica takes it over after this
+    callback_url     TEXT,                       -- POSTed the final state, signed
+    callback_status  TEXT,                       -- pending, delivered, failed (NULL: none yet)
+    callback_attempts INTEGER NOT NULL,
+    callback_next_ms INTEGER,                      -- the next delivery attempt (also a claim's hold)
+    delivery_id      TEXT,                       -- one per final state: receivers drop duplicates by it
+    callback_error   TEXT                        -- why the last delivery attempt failed
 );
 CREATE UNIQUE INDEX async_executions_idempotency ON async_executions (subject, idempotency_key);
 CREATE INDEX async_executions_queue ON async_executions (status, priority DESC, run_after_ms, created_ms);
+CREATE INDEX async_executions_callbacks ON async_executions (callback_status, callback_next_ms);
 CREATE INDEX async_executions_by_subject ON async_executions (subject, created_ms DESC);
+
+-- Per subject: the key that signs its callbacks (HMAC-SHA256); its owner
+-- reads and rotates it.
+CREATE TABLE signing_secrets (
+    subject    TEXT PRIMARY KEY NOT NULL,
+    secret     TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);

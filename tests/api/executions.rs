@@ -456,3 +456,270 @@ async fn executions_accepted_before_a_restart_all_run_once_after_it() {
     assert_eq!(e["attempts"].as_array().unwrap().len(), 1, "{e}");
     assert_eq!(e["result"]["execution"]["attempt"], 1, "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_of_a_killed_replica_completes_once_on_another() {
+    let Some(db) = crate::replicas::TestDatabase::create() else {
+        return;
+    };
+    // Arrange: replica A (a binary, to be killed) holds a long run.
+    let flags = [
+        "--database-url",
+        db.url.as_str(),
+        "--rate-limit-execute",
+        "0",
+        "--execution-lease-secs",
+        "2",
+    ];
+    let mut a = crate::helpers::spawn_binary_with(&flags);
+    a.register(LT, WORKER, json!({})).await;
+    let token = a.token("alice", &["execute:all"]);
+    let body = json!({"language_title": LT, "params": {"mode": "sleep", "seconds": 3}});
+    let id = submit(&a, &token, body, None).await.body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until(&a, &token, &id, Duration::from_secs(30), |e| e["status"] == "running").await;
+    let b = spawn_app_with(&flags).await;
+
+    // Act: A dies mid-run, without a chance to hand the run back.
+    a.kill_hard();
+
+    // Assert: B takes the run over once the lease expires and completes it,
+    // once; the lost attempt is on record.
+    let done = wait_until(&b, &token, &id, Duration::from_secs(60), finished).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let outcomes: Vec<&str> = done["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["lost", "completed"], "{done}");
+    assert_eq!(done["result"]["execution"]["attempt"], 2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = b.get(Some(&token), &format!("/api/v1/executions/{id}")).await;
+    assert_eq!(again.body["attempts"], done["attempts"], "it ran once more");
+}
+
+/// One request a [`Receiver`] got.
+#[derive(Debug, Clone)]
+struct Received {
+    headers: std::collections::HashMap<String, String>,
+    body: Vec<u8>,
+    at: Instant,
+}
+
+/// A callback receiver on 127.0.0.1: answers each request with the next
+/// of `answers` (status, extra header), then 200; records what it got.
+struct Receiver {
+    url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Receiver {
+    async fn start(answers: Vec<(u16, Option<(&'static str, &'static str)>)>) -> Receiver {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = got.clone();
+        let task = tokio::spawn(async move {
+            let mut answers = answers.into_iter();
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut data = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then as much body as Content-Length says.
+                let (headers, body) = loop {
+                    let Ok(n) = stream.read(&mut chunk).await else {
+                        break (None, Vec::new());
+                    };
+                    if n == 0 {
+                        break (None, Vec::new());
+                    }
+                    data.extend_from_slice(&chunk[..n]);
+                    let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&data[..end]).to_string();
+                    let headers: std::collections::HashMap<String, String> = head
+                        .lines()
+                        .skip(1)
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                        .collect();
+                    let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    while data.len() < end + 4 + length {
+                        let Ok(n) = stream.read(&mut chunk).await else { break };
+                        if n == 0 {
+                            break;
+                        }
+                        data.extend_from_slice(&chunk[..n]);
+                    }
+                    break (Some(headers), data[end + 4..].to_vec());
+                };
+                let Some(headers) = headers else { continue };
+                record.lock().unwrap().push(Received {
+                    headers,
+                    body,
+                    at: Instant::now(),
+                });
+                let (status, extra) = answers.next().unwrap_or((200, None));
+                let extra = extra.map_or(String::new(), |(k, v)| format!("{k}: {v}\r\n"));
+                let reply = format!("HTTP/1.1 {status} X\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = stream.write_all(reply.as_bytes()).await;
+            }
+        });
+        Receiver { url, got, task }
+    }
+
+    fn requests(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+fn signature(secret: &str, timestamp: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callback_is_signed_retried_on_5xx_and_delivered_once_logically() {
+    // Arrange: a receiver that fails twice, then accepts.
+    let app = app_with_worker(&["--callback-allow-networks", "127.0.0.1"]).await;
+    let token = app.token("alice", &["execute:all"]);
+    let receiver = Receiver::start(vec![(500, None), (503, None)]).await;
+    let secret = app.get(Some(&token), "/api/v1/signing-secret").await;
+    assert_eq!(secret.status, 200, "{:?}", secret.body);
+    let secret = secret.body["secret"].as_str().unwrap().to_owned();
+
+    // Act
+    let body = json!({"language_title": LT, "params": {"n": 5}, "callback_url": receiver.url});
+    let id = submit(&app, &token, body, None).await.body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let delivered = wait_until(&app, &token, &id, Duration::from_secs(60), |e| {
+        e["callback"]["status"] == "delivered"
+    })
+    .await;
+
+    // Assert: three tries of one delivery, each signed, the last accepted.
+    let got = receiver.requests();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(delivered["callback"]["attempts"], 3);
+    let delivery = &got[0].headers["x-delivery-id"];
+    for (n, r) in got.iter().enumerate() {
+        assert_eq!(
+            &r.headers["x-delivery-id"], delivery,
+            "duplicates share the delivery id"
+        );
+        assert_eq!(r.headers["x-attempt"], (n + 1).to_string());
+        assert_eq!(r.headers["x-execution-id"], id);
+        let expected = signature(&secret, &r.headers["x-timestamp"], &r.body);
+        assert_eq!(r.headers["x-signature"], expected, "signature of try {}", n + 1);
+        let sent: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(sent["status"], "completed");
+        assert_eq!(sent["result"]["n"], 5);
+    }
+    // Backoff between tries: about 1 s, then about 2 s.
+    assert!(
+        got[1].at - got[0].at >= Duration::from_millis(900),
+        "{:?}",
+        got[1].at - got[0].at
+    );
+    assert!(
+        got[2].at - got[1].at >= Duration::from_millis(1800),
+        "{:?}",
+        got[2].at - got[1].at
+    );
+
+    // A rotated secret signs what comes next; the old one no longer does.
+    let rotated = post(&app, &token, "/api/v1/signing-secret/rotate").await;
+    assert_eq!(rotated.status, 200);
+    assert_ne!(rotated.body["secret"], secret.as_str());
+    assert_eq!(
+        app.get(Some(&token), "/api/v1/signing-secret").await.body["secret"],
+        rotated.body["secret"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callback_answered_429_waits_for_retry_after() {
+    // Arrange
+    let app = app_with_worker(&["--callback-allow-networks", "127.0.0.1"]).await;
+    let token = app.token("alice", &["execute:all"]);
+    let receiver = Receiver::start(vec![(429, Some(("Retry-After", "2")))]).await;
+
+    // Act
+    let body = json!({"language_title": LT, "params": {"n": 1}, "callback_url": receiver.url});
+    let id = submit(&app, &token, body, None).await.body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until(&app, &token, &id, Duration::from_secs(60), |e| {
+        e["callback"]["status"] == "delivered"
+    })
+    .await;
+
+    // Assert
+    let got = receiver.requests();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got[1].at - got[0].at >= Duration::from_millis(1900),
+        "{:?}",
+        got[1].at - got[0].at
+    );
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("lambda_async_callbacks_total{outcome=\"delivered\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callbacks_into_the_controllers_own_network_are_refused_unless_allowed() {
+    // Arrange: the default: only public addresses.
+    let app = app_with_worker(&[]).await;
+    let token = app.token("alice", &["execute:all"]);
+    let controller = app.url("/health");
+
+    // Act + Assert
+    for url in [
+        controller.as_str(),
+        "http://127.0.0.1:6379/",
+        "http://10.0.0.1/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:8080/",
+        "http://localhost:8080/",
+        "ftp://example.com/",
+        "https://user:secret@example.com/",
+    ] {
+        let body = json!({"language_title": LT, "params": {}, "callback_url": url});
+        let r = submit(&app, &token, body, None).await;
+        assert_eq!(r.status, 400, "{url}: {:?}", r.body);
+        assert!(
+            r.body["error"]["message"].as_str().unwrap().contains("callback_url"),
+            "{url}: {:?}",
+            r.body
+        );
+    }
+    assert_eq!(
+        app.get(Some(&token), "/api/v1/executions").await.body["total"],
+        0,
+        "nothing was queued"
+    );
+}

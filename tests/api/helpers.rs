@@ -400,6 +400,21 @@ impl TestApp {
         }
     }
 
+    /// Kills the controller binary with SIGKILL (a crash: nothing of its
+    /// shutdown runs) and waits until it is gone.
+    pub fn kill_hard(&mut self) {
+        match std::mem::replace(&mut self.server, Server::Stopped) {
+            Server::Binary { mut child, .. } => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            other => {
+                self.server = other;
+                panic!("kill_hard is for a controller binary");
+            }
+        }
+    }
+
     /// Stops the controller as SIGTERM does and waits until it has stopped,
     /// asserting that it stopped cleanly (in process: `run_until_stopped`
     /// returned `Ok`; a binary: exit status 0).

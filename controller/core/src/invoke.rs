@@ -574,7 +574,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_crash_mid_run_is_a_runtime_error_and_a_retained_session_gets_a_new_instance() {
+    async fn a_crash_mid_run_is_a_crash_and_a_retained_session_gets_a_new_instance() {
         let h = harness().await;
         let f = function("ok");
         let mut retained = Retained::default();
@@ -597,7 +597,7 @@ mod tests {
             .core
             .invoke(invocation(&f, &json!({"crash": true}), 1000), Some(&mut retained))
             .await;
-        assert!(matches!(crashed, Err(CoreError::Runtime { .. })), "{crashed:?}");
+        assert!(matches!(crashed, Err(CoreError::Crashed { .. })), "{crashed:?}");
         assert!(retained.is_empty(), "a crashed instance is not kept");
 
         let after = h

@@ -128,6 +128,7 @@ pub struct Metrics {
     pub queue_depth: Family<PriorityLabels, Gauge>,
     pub queue_wait: Histogram,
     pub async_attempts: Family<AttemptLabels, Counter>,
+    pub callbacks: Family<AttemptLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -164,6 +165,7 @@ impl Metrics {
             queue_depth: Family::default(),
             queue_wait: latency_histogram(),
             async_attempts: Family::default(),
+            callbacks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -256,7 +258,20 @@ impl Metrics {
             "Attempts of asynchronous executions by outcome (completed, retried, failed = dead-lettered, cancelled, lost, handed_back)",
             m.async_attempts.clone(),
         );
+        registry.register(
+            "async_callbacks",
+            "Callback delivery tries by outcome (delivered, retried, failed)",
+            m.callbacks.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    pub fn record_callback(&self, outcome: &str) {
+        self.callbacks
+            .get_or_create(&AttemptLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     pub fn record_attempt(&self, outcome: &str) {

@@ -7,15 +7,16 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use super::extract::{ApiJson, Auth};
 use crate::error::{ApiError, ErrorBody};
+use crate::executions::view::ExecutionView;
 use crate::executions::{Priority, Submission, format_ms};
-use crate::store::{ExecutionFilter, QueuedExecution};
+use crate::store::ExecutionFilter;
 use fnrt_core::function::manifest::RetrySpec;
 use fnrt_core::language::LanguageTitle;
 
@@ -25,6 +26,74 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_execution))
         .routes(routes!(cancel))
         .routes(routes!(requeue))
+        .routes(routes!(signing_secret))
+        .routes(routes!(rotate_signing_secret))
+}
+
+fn require_some_execute(auth: &Auth) -> Result<(), ApiError> {
+    if auth.0.can_execute_something() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("token has no 'execute:*' scope".into()))
+    }
+}
+
+/// The caller's callback signing secret, made on first use (extension).
+#[utoipa::path(
+    get,
+    path = "/api/v1/signing-secret",
+    tag = "executions",
+    responses(
+        (status = 200, body = SigningSecret),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn signing_secret(State(state): State<AppState>, auth: Auth) -> Result<axum::Json<SigningSecret>, ApiError> {
+    require_some_execute(&auth)?;
+    let (secret, created) = state
+        .executions
+        .callbacks
+        .secret(&auth.0.sub)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(axum::Json(SigningSecret {
+        secret,
+        created_at: format_ms(created),
+    }))
+}
+
+/// Replace the caller's signing secret (extension): callbacks sent from
+/// now on are signed with the new one.
+#[utoipa::path(
+    post,
+    path = "/api/v1/signing-secret/rotate",
+    tag = "executions",
+    responses(
+        (status = 200, body = SigningSecret),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn rotate_signing_secret(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<axum::Json<SigningSecret>, ApiError> {
+    require_some_execute(&auth)?;
+    let (secret, created) = state
+        .executions
+        .callbacks
+        .rotate(&auth.0.sub)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(axum::Json(SigningSecret {
+        secret,
+        created_at: format_ms(created),
+    }))
 }
 
 /// An asynchronous run to queue.
@@ -47,6 +116,17 @@ pub(super) struct SubmitBody {
     /// `runtime_errors`).
     #[serde(default)]
     pub retry: RetrySpec,
+    /// Where the final state is POSTed, signed with the caller's signing
+    /// secret (`X-Signature`), at least once (`X-Delivery-Id`).
+    pub callback_url: Option<String>,
+}
+
+/// A subject's callback signing secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct SigningSecret {
+    /// The HMAC-SHA256 key of `X-Signature: sha256=<hex of HMAC over "{X-Timestamp}.{body}">`.
+    pub secret: String,
+    pub created_at: String,
 }
 
 /// What a submission answers.
@@ -62,99 +142,6 @@ pub(super) struct Submitted {
     pub estimated_completion: String,
     /// Where to read it.
     pub location: String,
-}
-
-/// An execution as its owner reads it.
-#[derive(Debug, Serialize, ToSchema)]
-pub(super) struct ExecutionView {
-    pub execution_id: String,
-    pub language_title: String,
-    pub version: i64,
-    /// `pending`, `running`, `completed`, `failed` or `cancelled`.
-    pub status: String,
-    pub priority: Priority,
-    #[schema(value_type = Object)]
-    pub progress: Value,
-    /// One step per function run (a pipeline has one per step).
-    #[schema(value_type = Vec<Object>)]
-    pub steps: Vec<Value>,
-    /// Every attempt: `number`, `started_at`, `finished_at`,
-    /// `duration_ms`, `outcome` (`completed`, `retried`, `failed`,
-    /// `cancelled`, `lost`), `error`.
-    #[schema(value_type = Vec<Object>)]
-    pub attempts: Vec<Value>,
-    pub max_attempts: i32,
-    /// The function's result, once completed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    pub result: Option<Value>,
-    /// The contract's error object, once failed or cancelled.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    pub error: Option<Value>,
-    #[schema(value_type = Vec<Object>)]
-    pub output_files: Vec<Value>,
-    pub created_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub completed_at: Option<String>,
-    /// From submission to the first attempt's start.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub queued_ms: Option<i64>,
-    /// From the first attempt's start to the end.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<i64>,
-    /// Whether an attempt started an instance.
-    pub cold_start: bool,
-    /// The next attempt's earliest start, while a retry waits.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_at: Option<String>,
-}
-
-impl From<QueuedExecution> for ExecutionView {
-    fn from(e: QueuedExecution) -> Self {
-        let done = matches!(e.status.as_str(), "completed" | "failed" | "cancelled");
-        let step_status = match e.status.as_str() {
-            "pending" if e.attempt > 0 => "retrying",
-            s => s,
-        };
-        let mut step = json!({"component_name": e.language_title, "status": step_status});
-        if let Some(s) = e.started_ms {
-            step["started_at"] = json!(format_ms(s));
-        }
-        if let (true, Some(f)) = (done, e.finished_ms) {
-            step["completed_at"] = json!(format_ms(f));
-        }
-        let completed = u8::from(e.status == "completed");
-        let progress = json!({
-            "current_step": (!done).then_some(&e.language_title),
-            "total_steps": 1,
-            "completed_steps": completed,
-            "percentage": f64::from(completed) * 100.0,
-        });
-        ExecutionView {
-            retry_at: (e.status == "pending" && e.attempt > 0).then(|| format_ms(e.run_after_ms)),
-            queued_ms: e.started_ms.map(|s| s - e.created_ms),
-            duration_ms: e.started_ms.zip(e.finished_ms).map(|(s, f)| f - s),
-            started_at: e.started_ms.map(format_ms),
-            completed_at: e.finished_ms.filter(|_| done).map(format_ms),
-            created_at: format_ms(e.created_ms),
-            execution_id: e.id,
-            version: e.version,
-            priority: Priority::from_rank(e.priority),
-            progress,
-            steps: vec![step],
-            attempts: e.attempts.as_array().cloned().unwrap_or_default(),
-            max_attempts: e.max_attempts,
-            result: e.result,
-            error: e.error,
-            output_files: Vec::new(),
-            cold_start: e.cold_start,
-            language_title: e.language_title,
-            status: e.status,
-        }
-    }
 }
 
 fn location(id: &str) -> String {
@@ -244,6 +231,7 @@ async fn submit(
         priority: body.priority,
         retry: body.retry,
         idempotency_key,
+        callback_url: body.callback_url,
     };
     let (row, new) = state.executions.submit(&auth.0, submission).await?;
     let estimated = state.executions.estimate_ms(&row).await;

@@ -205,6 +205,15 @@ pub struct QueuedExecution {
     pub run_after_ms: i64,
     pub lease_owner: Option<String>,
     pub lease_until_ms: Option<i64>,
+    /// Where the final state is POSTed.
+    pub callback_url: Option<String>,
+    /// `pending`, `delivered`, `failed`; `None` before the final state.
+    pub callback_status: Option<String>,
+    pub callback_attempts: i32,
+    pub callback_next_ms: Option<i64>,
+    /// One per final state: the receiver drops duplicates by it.
+    pub delivery_id: Option<String>,
+    pub callback_error: Option<String>,
 }
 
 /// An execution to queue.
@@ -222,6 +231,7 @@ pub struct NewExecution {
     pub max_attempts: i32,
     pub backoff_ms: i64,
     pub retry_runtime_errors: bool,
+    pub callback_url: Option<String>,
     pub now_ms: i64,
 }
 
@@ -260,6 +270,9 @@ pub struct Finish {
     pub finished_ms: Option<i64>,
     /// Handed back unrun (shutdown): the attempt does not count.
     pub uncount: bool,
+    /// For a final state: the id of its callback delivery (used when the
+    /// execution has a callback URL).
+    pub delivery_id: Option<String>,
 }
 
 /// The durable queue of asynchronous executions ([`crate::executions`]).
@@ -293,6 +306,25 @@ pub trait ExecutionQueue: Send + Sync {
     async fn expire_leases(&self) -> Result<u64, StoreError>;
     /// Pending executions per priority.
     async fn pending_by_priority(&self) -> Result<Vec<(i32, i64)>, StoreError>;
+    /// Claims the next callback due (holding it until `hold_until_ms`)
+    /// and counts the delivery attempt.
+    async fn claim_callback(&self, now_ms: i64, hold_until_ms: i64) -> Result<Option<QueuedExecution>, StoreError>;
+    /// Records how a delivery attempt went: `delivered`, `failed`, or
+    /// `pending` again at `next_ms`; false if that delivery is no longer
+    /// the current one.
+    async fn callback_done(
+        &self,
+        id: &str,
+        delivery_id: &str,
+        status: &str,
+        next_ms: i64,
+        error: Option<&str>,
+    ) -> Result<bool, StoreError>;
+    /// The subject's callback signing secret, made from `candidate` the
+    /// first time: (secret, created at).
+    async fn signing_secret(&self, subject: &str, candidate: &str, now_ms: i64) -> Result<(String, i64), StoreError>;
+    /// Replaces it.
+    async fn rotate_signing_secret(&self, subject: &str, secret: &str, now_ms: i64) -> Result<(), StoreError>;
 }
 
 /// What `/health` asks of the database behind every store.

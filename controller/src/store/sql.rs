@@ -335,7 +335,18 @@ impl<'r, DB: Dialect> Decode<'r, DB> for ExecutionId {
 /// Every column of `async_executions`, as [`QueuedExecution`] reads them.
 const QUEUED_COLUMNS: &str = "id, subject, language_title, version, params, context, timeout_ms, priority, status, \
      idempotency_key, max_attempts, backoff_ms, retry_runtime_errors, attempt, attempts, result, error, \
-     cold_start, cancel_requested, created_ms, started_ms, finished_ms, run_after_ms, lease_owner, lease_until_ms";
+     cold_start, cancel_requested, created_ms, started_ms, finished_ms, run_after_ms, lease_owner, lease_until_ms, \
+     callback_url, callback_status, callback_attempts, callback_next_ms, delivery_id, callback_error";
+
+/// Set with a final state: its callback (if it has a URL) is due at `$n`,
+/// as delivery `$n+1`.
+fn callback_due(n: usize) -> String {
+    format!(
+        "callback_status = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END, \
+         callback_attempts = 0, callback_next_ms = ${n}, delivery_id = ${}, callback_error = NULL",
+        n + 1
+    )
+}
 
 #[async_trait]
 impl<DB> ExecutionQueue for SqlStore<DB>
@@ -346,6 +357,7 @@ where
     for<'r> (i32, i64): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (bool,): FromRow<'r, DB::Row>,
+    for<'r> (String, i64): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
@@ -380,7 +392,7 @@ where
         }
         let sql = format!(
             "INSERT INTO async_executions ({QUEUED_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $14, $7, 'pending', $8, $9, \
-             $10, $11, 0, $12, NULL, NULL, FALSE, FALSE, $13, NULL, NULL, $13, NULL, NULL) \
+             $10, $11, 0, $12, NULL, NULL, FALSE, FALSE, $13, NULL, NULL, $13, NULL, NULL, $15, NULL, 0, NULL, NULL, NULL) \
              ON CONFLICT DO NOTHING RETURNING {QUEUED_COLUMNS}"
         );
         let inserted: Option<QueuedExecution> = sqlx::query_as(AssertSqlSafe(sql))
@@ -398,6 +410,7 @@ where
             .bind(Value::Array(Vec::new()))
             .bind(new.now_ms)
             .bind(new.timeout_ms)
+            .bind(new.callback_url.as_deref())
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -488,38 +501,58 @@ where
     }
 
     async fn finish(&self, id: &str, owner: &str, f: &Finish) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+        let last = f.status != "pending";
+        let sql = format!(
             "UPDATE async_executions SET status = $3, attempts = $4, result = $5, error = $6, \
              cold_start = (cold_start OR $7), run_after_ms = $8, finished_ms = $9, attempt = attempt - $10, \
-             lease_owner = NULL, lease_until_ms = NULL \
+             lease_owner = NULL, lease_until_ms = NULL{} \
              WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(f.status)
-        .bind(&f.attempts)
-        .bind(f.result.clone())
-        .bind(f.error.clone())
-        .bind(f.cold_start)
-        .bind(f.run_after_ms)
-        .bind(f.finished_ms)
-        .bind(i32::from(f.uncount))
-        .execute(&self.pool)
-        .await?;
+            if last {
+                format!(", {}", callback_due(11))
+            } else {
+                String::new()
+            }
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(owner)
+            .bind(f.status)
+            .bind(&f.attempts)
+            .bind(f.result.clone())
+            .bind(f.error.clone())
+            .bind(f.cold_start)
+            .bind(f.run_after_ms)
+            .bind(f.finished_ms)
+            .bind(i32::from(f.uncount));
+        if last {
+            query = query
+                .bind(f.finished_ms.unwrap_or_default())
+                .bind(f.delivery_id.as_deref().unwrap_or(id));
+        }
+        let done = query.execute(&self.pool).await?;
         Ok(done.rows() == 1)
     }
 
     async fn cancel(&self, id: &str, subject: &str, now_ms: i64) -> Result<Option<QueuedExecution>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let pending = sqlx::query(
-            "UPDATE async_executions SET status = 'cancelled', finished_ms = $3, cancel_requested = TRUE \
-             WHERE id = $1 AND subject = $2 AND status = 'pending'",
-        )
-        .bind(id)
-        .bind(subject)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
+        let sql = format!(
+            "UPDATE async_executions SET status = 'cancelled', finished_ms = $3, cancel_requested = TRUE, \
+             error = $4, {} WHERE id = $1 AND subject = $2 AND status = 'pending'",
+            callback_due(5)
+        );
+        let cancelled = serde_json::json!({
+            "code": "CANCELLED", "message": "the execution was cancelled by its owner", "details": {},
+        });
+        let delivery = uuid::Uuid::new_v4().to_string();
+        let pending = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(subject)
+            .bind(now_ms)
+            .bind(cancelled)
+            .bind(now_ms)
+            .bind(delivery.as_str())
+            .execute(&mut *tx)
+            .await?;
         if pending.rows() == 0 {
             sqlx::query(
                 "UPDATE async_executions SET cancel_requested = TRUE \
@@ -566,6 +599,74 @@ where
             .fetch_all(&self.pool)
             .await?,
         )
+    }
+
+    async fn claim_callback(&self, now_ms: i64, hold_until_ms: i64) -> Result<Option<QueuedExecution>, StoreError> {
+        let sql = format!(
+            "UPDATE async_executions SET callback_next_ms = $2, callback_attempts = callback_attempts + 1 \
+             WHERE id IN (SELECT id FROM async_executions \
+               WHERE callback_status = 'pending' AND callback_next_ms <= $1 \
+               ORDER BY callback_next_ms LIMIT 1{}) \
+             RETURNING {QUEUED_COLUMNS}",
+            DB::SKIP_LOCKED
+        );
+        Ok(sqlx::query_as(AssertSqlSafe(sql))
+            .bind(now_ms)
+            .bind(hold_until_ms)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn callback_done(
+        &self,
+        id: &str,
+        delivery_id: &str,
+        status: &str,
+        next_ms: i64,
+        error: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE async_executions SET callback_status = $3, callback_next_ms = $4, callback_error = $5 \
+             WHERE id = $1 AND delivery_id = $2 AND callback_status = 'pending'",
+        )
+        .bind(id)
+        .bind(delivery_id)
+        .bind(status)
+        .bind(next_ms)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows() == 1)
+    }
+
+    async fn signing_secret(&self, subject: &str, candidate: &str, now_ms: i64) -> Result<(String, i64), StoreError> {
+        sqlx::query(
+            "INSERT INTO signing_secrets (subject, secret, created_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (subject) DO NOTHING",
+        )
+        .bind(subject)
+        .bind(candidate)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        let row: (String, i64) = sqlx::query_as("SELECT secret, created_ms FROM signing_secrets WHERE subject = $1")
+            .bind(subject)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    async fn rotate_signing_secret(&self, subject: &str, secret: &str, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO signing_secrets (subject, secret, created_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (subject) DO UPDATE SET secret = $2, created_ms = $3",
+        )
+        .bind(subject)
+        .bind(secret)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }
 

@@ -135,6 +135,7 @@ fn queued(id: &str, subject: &str, lt: &str, priority: i32, key: Option<&str>, n
         max_attempts: 3,
         backoff_ms: 1000,
         retry_runtime_errors: false,
+        callback_url: (subject == "carol").then(|| "https://example.com/hook".to_owned()),
         now_ms,
     }
 }
@@ -215,6 +216,7 @@ async fn exercise_queue(q: &dyn ExecutionQueue) {
         run_after_ms: 0,
         finished_ms: Some(t + 10_020),
         uncount: false,
+        delivery_id: Some("d1".into()),
     };
     assert!(!q.finish("e1", "r1", &done("completed")).await.unwrap());
     assert!(q.finish("e1", "r2", &done("completed")).await.unwrap());
@@ -256,6 +258,35 @@ async fn exercise_queue(q: &dyn ExecutionQueue) {
         .unwrap();
     let cancelled = q.cancel("e5", "carol", t + 5).await.unwrap().unwrap();
     assert_eq!(cancelled.status, "cancelled");
+    // Its callback is due: claimed once, held, then recorded.
+    assert_eq!(cancelled.callback_status.as_deref(), Some("pending"));
+    let due = q.claim_callback(t + 5, t + 1000).await.unwrap().unwrap();
+    assert_eq!((due.id.as_str(), due.callback_attempts), ("e5", 1));
+    assert!(q.claim_callback(t + 6, t + 1000).await.unwrap().is_none(), "held");
+    let delivery = due.delivery_id.clone().unwrap();
+    assert!(
+        !q.callback_done("e5", "another", "delivered", t + 7, None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        q.callback_done("e5", &delivery, "delivered", t + 7, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        q.get("e5").await.unwrap().unwrap().callback_status.as_deref(),
+        Some("delivered")
+    );
+    // e1 finished without a callback URL: nothing to deliver.
+    assert_eq!(q.get("e1").await.unwrap().unwrap().callback_status, None);
+    let (secret, _) = q.signing_secret("carol", "s1", t).await.unwrap();
+    assert_eq!(q.signing_secret("carol", "s2", t).await.unwrap().0, secret);
+    q.rotate_signing_secret("carol", "s3", t + 1).await.unwrap();
+    assert_eq!(
+        q.signing_secret("carol", "s4", t).await.unwrap(),
+        ("s3".to_owned(), t + 1)
+    );
     assert_eq!(q.requeue("e5", "carol", t + 6).await.unwrap(), Some(true));
     assert_eq!(q.get("e5").await.unwrap().unwrap().status, "pending");
     assert_eq!(q.requeue("e1", "alice", t + 6).await.unwrap(), Some(false), "completed");

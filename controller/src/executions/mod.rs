@@ -21,12 +21,17 @@
 //!   attempts): nothing accepted with 202 is lost.
 //! - The function sees `context.execution` = `{"id", "attempt"}` beside
 //!   its context; it is not part of the cache key.
+//! - A final state with a `callback_url` is delivered, signed, by
+//!   [`callbacks`].
 //!
 //! # Layout
 //! - [`Executions`]: submit, read, list, cancel, requeue; [`Executions::run`]
 //!   is the dispatcher that claims and spawns attempts.
 //! - [`Submission`], [`Priority`].
-//! - `attempt`: one claimed run, start to finish ([`Executions::attempt`]).
+//! - `Executions::attempt`: one claimed run, start to finish.
+//! - [`view`]: an execution as its owner reads it (and its callback's body).
+//! - [`callbacks`]: signed, retried deliveries of final states; which
+//!   targets are allowed; signing secrets.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +40,9 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+pub mod callbacks;
+pub mod view;
 
 use crate::auth::Subject;
 use crate::engine::Engine;
@@ -109,6 +117,8 @@ pub struct Submission {
     pub priority: Priority,
     pub retry: RetrySpec,
     pub idempotency_key: Option<String>,
+    /// Where the final state is POSTed, signed ([`callbacks`]).
+    pub callback_url: Option<String>,
 }
 
 /// Why a run stopped before it finished.
@@ -137,6 +147,8 @@ impl Running {
 pub struct Executions {
     queue: Arc<dyn ExecutionQueue>,
     engine: Arc<Engine>,
+    /// Delivers callbacks; checks their URLs at submission.
+    pub callbacks: Arc<callbacks::Callbacks>,
     settings: ExecutionSettings,
     /// This replica's name on its leases.
     owner: String,
@@ -170,8 +182,14 @@ fn internal(e: crate::store::StoreError) -> ApiError {
 }
 
 impl Executions {
-    pub fn new(queue: Arc<dyn ExecutionQueue>, engine: Arc<Engine>, settings: ExecutionSettings) -> Arc<Self> {
+    pub fn new(
+        queue: Arc<dyn ExecutionQueue>,
+        engine: Arc<Engine>,
+        targets: callbacks::Targets,
+        settings: ExecutionSettings,
+    ) -> Arc<Self> {
         Arc::new(Executions {
+            callbacks: callbacks::Callbacks::new(queue.clone(), targets, engine.metrics.clone()),
             queue,
             engine,
             settings,
@@ -210,6 +228,14 @@ impl Executions {
             .retry
             .with(s.retry, "retry")
             .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+        if let Some(url) = &s.callback_url {
+            let parsed = self.callbacks.targets.parse(url).map_err(ApiError::InvalidRequest)?;
+            self.callbacks
+                .targets
+                .resolve(&parsed)
+                .await
+                .map_err(ApiError::InvalidRequest)?;
+        }
         let now = now_ms();
         let new = NewExecution {
             id: uuid::Uuid::new_v4().to_string(),
@@ -224,6 +250,7 @@ impl Executions {
             max_attempts: retry.max_attempts as i32,
             backoff_ms: retry.backoff_ms as i64,
             retry_runtime_errors: retry.runtime_errors,
+            callback_url: s.callback_url,
             now_ms: now,
         };
         let since = now - self.settings.idempotency_window.as_millis() as i64;
@@ -279,7 +306,12 @@ impl Executions {
             .map_err(internal)?
             .ok_or_else(|| not_found(id))?;
         match row.status.as_str() {
-            "cancelled" => return Ok(row),
+            "cancelled" => {
+                if row.callback_url.is_some() {
+                    self.callbacks.wake.notify_one();
+                }
+                return Ok(row);
+            }
             "running" => {}
             other => {
                 return Err(ApiError::Conflict(format!(
@@ -324,6 +356,7 @@ impl Executions {
             run.stop(Stop::Shutdown);
         }
         self.shutdown.cancel();
+        self.callbacks.stop();
         // The hand-backs are written by the attempts themselves.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !self.running.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline {
@@ -436,6 +469,7 @@ impl Executions {
             run_after_ms: row.run_after_ms,
             finished_ms: Some(now_ms()),
             uncount: false,
+            delivery_id: Some(uuid::Uuid::new_v4().to_string()),
         };
         if row.cancel_requested {
             self.write(&row, finish("cancelled", Some(cancelled_error()), history))
@@ -586,7 +620,11 @@ impl Executions {
     /// Writes an attempt's end, fenced by the lease.
     async fn write(&self, row: &QueuedExecution, finish: Finish) {
         match self.queue.finish(&row.id, &self.owner, &finish).await {
-            Ok(true) => {}
+            Ok(true) => {
+                if finish.status != "pending" && row.callback_url.is_some() {
+                    self.callbacks.wake.notify_one();
+                }
+            }
             Ok(false) => {
                 tracing::warn!(execution = %row.id, "the lease was lost before the attempt ended; another replica owns it")
             }
