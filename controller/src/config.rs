@@ -133,6 +133,10 @@ pub struct ServeArgs {
     /// (loopback, private ranges), comma-separated: `10.0.0.0/8,127.0.0.1`.
     #[arg(long, env = "CALLBACK_ALLOW_NETWORKS", value_delimiter = ',')]
     pub callback_allow_networks: Vec<String>,
+    /// Live progress streams (SSE, WebSocket) one subject may hold open
+    /// on this controller.
+    #[arg(long, env = "MAX_STREAMS_PER_SUBJECT", default_value_t = 10)]
+    pub max_streams_per_subject: usize,
     /// Largest `context.timeout_ms` a client may ask for.
     #[arg(long, env = "MAX_TIMEOUT_MS", default_value_t = 300_000)]
     pub max_timeout_ms: u64,

@@ -11,7 +11,7 @@
 //! - [`cli`], [`config`]: the binary's command line and settings.
 //! - [`client`]: `fnrt`, the client CLI (the package's second binary).
 //! - [`startup`]: [`startup::Application`] builds everything and serves.
-//! - [`http`]: one module per resource (`initialize`, `execute`, `sessions`,
+//! - [`http`]: one module per resource (`initialize`, `execute`, `sessions`, `executions`, `ws`,
 //!   `functions`, `health`), the guard (token, rate limit) and extractors.
 //! - [`invoke`]: the invocation core: one call runs one function version
 //!   (schema, cache, instance, the deadline, records, metrics); no HTTP in it.

@@ -49,6 +49,11 @@ impl RedisClient {
         })
     }
 
+    /// The client, for what needs a connection of its own (pub/sub).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
         let mut manager = self.manager.lock().await;
         if let Some(m) = manager.as_ref() {

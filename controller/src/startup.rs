@@ -333,6 +333,7 @@ impl Application {
             stores.queue.clone(),
             engine.clone(),
             crate::executions::callbacks::Targets::new(&args.callback_allow_networks)?,
+            crate::executions::events::Events::new(redis.clone(), args.max_streams_per_subject.max(1)),
             crate::executions::ExecutionSettings {
                 workers: args.execution_workers,
                 lease: Duration::from_secs(args.execution_lease_secs.max(2)),
@@ -343,6 +344,7 @@ impl Application {
             },
         );
         tasks.spawn(executions.callbacks.clone().run());
+        tasks.spawn(executions.events.clone().relay(stop.clone()));
         if args.execution_workers > 0 {
             tasks.spawn(executions.clone().run(stores.health.kind() == "sqlite"));
         } else {

@@ -723,3 +723,219 @@ async fn callbacks_into_the_controllers_own_network_are_refused_unless_allowed()
         "nothing was queued"
     );
 }
+
+/// One Server-Sent Event.
+#[derive(Debug)]
+struct Sse {
+    id: u64,
+    event: String,
+    data: Value,
+}
+
+/// Reads an SSE stream to its end (or `limit` events).
+async fn read_events(app: &TestApp, token: &str, id: &str, last: Option<u64>, limit: usize) -> (u16, Vec<Sse>) {
+    use futures::StreamExt;
+    let mut req = app
+        .client
+        .get(app.url(&format!("/api/v1/executions/{id}/events")))
+        .bearer_auth(token);
+    if let Some(last) = last {
+        req = req.header("Last-Event-ID", last.to_string());
+    }
+    let response = req.send().await.unwrap();
+    let status = response.status().as_u16();
+    if status != 200 {
+        return (status, Vec::new());
+    }
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while events.len() < limit {
+        let chunk = match tokio::time::timeout(Duration::from_secs(60), body.next()).await {
+            Ok(Some(Ok(chunk))) => chunk,
+            _ => break,
+        };
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                frame
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                    .map(|v| v.trim().to_owned())
+            };
+            if let (Some(id), Some(event), Some(data)) = (field("id"), field("event"), field("data")) {
+                events.push(Sse {
+                    id: id.parse().unwrap(),
+                    event,
+                    data: serde_json::from_str(&data).unwrap(),
+                });
+            }
+        }
+    }
+    (status, events)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_sent_events_show_every_step_in_order_and_resume_after_last_event_id() {
+    // Arrange: a run that crashes once, then answers.
+    let app = app_with_worker(&["--max-streams-per-subject", "1"]).await;
+    let token = app.token("alice", &["execute:all"]);
+    let body =
+        json!({"language_title": LT, "params": {"mode": "crash_until", "attempt": 2}, "retry": {"backoff_ms": 300}});
+    let id = submit(&app, &token, body, None).await.body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Act
+    let (status, events) = read_events(&app, &token, &id, None, 100).await;
+
+    // Assert
+    assert_eq!(status, 200);
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "progress",
+            "step",
+            "step",
+            "progress",
+            "step",
+            "step",
+            "progress",
+            "completed"
+        ],
+        "{events:#?}"
+    );
+    assert_eq!(
+        events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    assert_eq!(events[1].data["status"], "running");
+    assert_eq!(events[2].data["status"], "retried");
+    assert_eq!(events[2].data["error"]["code"], "RUNTIME_ERROR");
+    assert_eq!(events[5].data["status"], "completed");
+    assert_eq!(events[6].data["percentage"], 100.0);
+    assert_eq!(events[7].data["status"], "completed");
+    assert_eq!(events[7].data["result"]["execution"]["attempt"], 2);
+
+    // Resumed after event 5: only what came after it.
+    let (_, resumed) = read_events(&app, &token, &id, Some(5), 100).await;
+    assert_eq!(resumed.iter().map(|e| e.id).collect::<Vec<_>>(), [6, 7, 8]);
+
+    // Another subject's execution is not there; one stream at a time here.
+    let bob = app.token("bob", &["execute:all"]);
+    assert_eq!(read_events(&app, &bob, &id, None, 1).await.0, 404);
+    let long = json!({"language_title": LT, "params": {"mode": "sleep", "seconds": 5}});
+    let running = submit(&app, &token, long, None).await.body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let first = app
+        .client
+        .get(app.url(&format!("/api/v1/executions/{running}/events")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(read_events(&app, &token, &running, None, 1).await.0, 429);
+    drop(first);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_websocket_speaks_the_seeds_auth_watch_progress_and_error_messages() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    // Arrange
+    let app = app_with_worker(&[]).await;
+    let token = app.token("alice", &["execute:all"]);
+    let ok = submit(
+        &app,
+        &token,
+        json!({"language_title": LT, "params": {"mode": "sleep", "seconds": 1}}),
+        None,
+    )
+    .await
+    .body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let failing =
+        json!({"language_title": LT, "params": {"mode": "crash_until", "attempt": 9}, "retry": {"max_attempts": 1}});
+    let bad = submit(&app, &token, failing, None).await.body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bob = app.token("bob", &["execute:all"]);
+    let bobs = submit(&app, &bob, json!({"language_title": LT, "params": {}}), None)
+        .await
+        .body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ws_url = app.url("/api/v1/ws").replacen("http://", "ws://", 1);
+    let (ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    let (mut sink, mut stream) = ws.split();
+    let mut next = async || -> Value {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), stream.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Message::Text(t) = m {
+                return serde_json::from_str(&t).unwrap();
+            }
+        }
+    };
+    let send = |v: Value| Message::Text(v.to_string().into());
+
+    // Act + Assert: auth first.
+    sink.send(send(json!({"type": "auth", "token": token}))).await.unwrap();
+    assert_eq!(next().await["type"], "authenticated");
+    for id in [&ok, &bad, &bobs] {
+        sink.send(send(json!({"type": "watch", "execution_id": id})))
+            .await
+            .unwrap();
+    }
+    let mut ok_statuses = Vec::new();
+    let mut bad_error = None;
+    let mut refused = None;
+    while ok_statuses.last() != Some(&json!("completed")) || bad_error.is_none() || refused.is_none() {
+        let m = next().await;
+        match (m["type"].as_str().unwrap(), m["execution_id"].as_str()) {
+            ("progress", Some(id)) if id == ok => {
+                ok_statuses.push(m["data"]["status"].clone());
+                assert!(m["data"]["step_details"][0]["component_name"] == LT);
+            }
+            ("progress", Some(id)) if id == bad => {}
+            ("error", Some(id)) if id == bad => bad_error = Some(m["error"]["code"].clone()),
+            ("error", Some(id)) if id == bobs => refused = Some(m["error"]["code"].clone()),
+            other => panic!("unexpected {other:?}: {m}"),
+        }
+    }
+    assert_eq!(bad_error, Some(json!("RUNTIME_ERROR")));
+    assert_eq!(refused, Some(json!("NOT_FOUND")), "another subject's execution");
+    let order = ["pending", "running", "completed"];
+    let positions: Vec<usize> = ok_statuses
+        .iter()
+        .map(|s| order.iter().position(|o| s == o).unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{ok_statuses:?}");
+
+    // A wrong token is refused and the connection closed.
+    let (mut other, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    other
+        .send(send(json!({"type": "auth", "token": "nope"})))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), other.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let refusal: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+    assert_eq!(refusal["error"]["code"], "UNAUTHORIZED");
+}

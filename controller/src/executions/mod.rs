@@ -30,6 +30,7 @@
 //! - [`Submission`], [`Priority`].
 //! - `Executions::attempt`: one claimed run, start to finish.
 //! - [`view`]: an execution as its owner reads it (and its callback's body).
+//! - [`events`]: its live progress (SSE, WebSocket), across replicas.
 //! - [`callbacks`]: signed, retried deliveries of final states; which
 //!   targets are allowed; signing secrets.
 
@@ -42,6 +43,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 pub mod callbacks;
+pub mod events;
 pub mod view;
 
 use crate::auth::Subject;
@@ -149,6 +151,8 @@ pub struct Executions {
     engine: Arc<Engine>,
     /// Delivers callbacks; checks their URLs at submission.
     pub callbacks: Arc<callbacks::Callbacks>,
+    /// Wakes live progress streams.
+    pub events: Arc<events::Events>,
     settings: ExecutionSettings,
     /// This replica's name on its leases.
     owner: String,
@@ -186,9 +190,11 @@ impl Executions {
         queue: Arc<dyn ExecutionQueue>,
         engine: Arc<Engine>,
         targets: callbacks::Targets,
+        events: Arc<events::Events>,
         settings: ExecutionSettings,
     ) -> Arc<Self> {
         Arc::new(Executions {
+            events,
             callbacks: callbacks::Callbacks::new(queue.clone(), targets, engine.metrics.clone()),
             queue,
             engine,
@@ -257,6 +263,7 @@ impl Executions {
         let (row, new) = self.queue.submit(new, since).await.map_err(internal)?;
         if new {
             self.wake.notify_one();
+            self.events.changed(&row.id);
         }
         Ok((row, new))
     }
@@ -287,6 +294,12 @@ impl Executions {
         }
     }
 
+    /// One execution as stored, whoever owns it (for a stream already
+    /// checked); `None` if it is gone or unreadable.
+    pub async fn row(&self, id: &str) -> Option<QueuedExecution> {
+        self.queue.get(id).await.ok().flatten()
+    }
+
     pub async fn list(
         &self,
         subject: &Subject,
@@ -307,6 +320,7 @@ impl Executions {
             .ok_or_else(|| not_found(id))?;
         match row.status.as_str() {
             "cancelled" => {
+                self.events.changed(id);
                 if row.callback_url.is_some() {
                     self.callbacks.wake.notify_one();
                 }
@@ -344,6 +358,7 @@ impl Executions {
             ))),
             Some(true) => {
                 self.wake.notify_one();
+                self.events.changed(id);
                 self.get(subject, id).await
             }
         }
@@ -443,6 +458,7 @@ impl Executions {
 
     /// One claimed run, start to finish.
     async fn attempt(self: &Arc<Self>, row: QueuedExecution) {
+        self.events.changed(&row.id);
         let metrics = self.engine.metrics.clone();
         let mut history = row.attempts.as_array().cloned().unwrap_or_default();
         let started_ms = now_ms();
@@ -621,6 +637,7 @@ impl Executions {
     async fn write(&self, row: &QueuedExecution, finish: Finish) {
         match self.queue.finish(&row.id, &self.owner, &finish).await {
             Ok(true) => {
+                self.events.changed(&row.id);
                 if finish.status != "pending" && row.callback_url.is_some() {
                     self.callbacks.wake.notify_one();
                 }

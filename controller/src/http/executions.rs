@@ -24,6 +24,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(submit, list))
         .routes(routes!(get_execution))
+        .routes(routes!(events))
         .routes(routes!(cancel))
         .routes(routes!(requeue))
         .routes(routes!(signing_secret))
@@ -346,6 +347,107 @@ async fn list(
         per_page,
         executions: rows.into_iter().map(Into::into).collect(),
     }))
+}
+
+/// What an SSE stream carries between wake-ups.
+struct Streaming {
+    state: AppState,
+    id: String,
+    /// The last event sent.
+    last: u64,
+    /// Events to send, oldest first.
+    ready: std::collections::VecDeque<crate::executions::events::Event>,
+    changes: tokio::sync::broadcast::Receiver<String>,
+    done: bool,
+    _guard: crate::executions::events::StreamGuard,
+}
+
+/// An execution's live progress as Server-Sent Events (extension):
+/// `progress`, `step` (an attempt started or ended), then one `completed`,
+/// `failed` or `cancelled` carrying the execution, after which the stream
+/// ends. Reconnect with `Last-Event-ID` to get only what was missed.
+#[utoipa::path(
+    get,
+    path = "/api/v1/executions/{execution_id}/events",
+    tag = "executions",
+    params(
+        ("execution_id" = String, Path),
+        ("Last-Event-ID" = Option<String>, Header, description = "The last event received; the stream resumes after it"),
+    ),
+    responses(
+        (status = 200, description = "text/event-stream", content_type = "text/event-stream", body = String),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 429, description = "Too many open streams, or rate limited", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn events(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<
+    axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>,
+    ApiError,
+> {
+    use crate::executions::events::{REREAD, events_of};
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    // Subscribed before the first read: no change slips in between.
+    let changes = state.executions.events.subscribe();
+    state.executions.get(&auth.0, &id).await?;
+    let guard = state.executions.events.open(&auth.0.sub)?;
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let start = Streaming {
+        state,
+        id,
+        last,
+        ready: Default::default(),
+        changes,
+        done: false,
+        _guard: guard,
+    };
+    let stream = futures::stream::unfold(start, |mut s| async move {
+        loop {
+            if let Some(event) = s.ready.pop_front() {
+                s.last = event.id;
+                s.done = event.is_final();
+                let sse = Event::default()
+                    .id(event.id.to_string())
+                    .event(event.kind)
+                    .json_data(&event.data)
+                    .unwrap_or_default();
+                return Some((Ok(sse), s));
+            }
+            if s.done {
+                return None;
+            }
+            match s.state.executions.row(&s.id).await {
+                Some(row) => s.ready.extend(events_of(&row).into_iter().filter(|e| e.id > s.last)),
+                None => return None,
+            }
+            if !s.ready.is_empty() {
+                continue;
+            }
+            // Until this execution changes, or a while has passed.
+            let wait = async {
+                loop {
+                    match s.changes.recv().await {
+                        Ok(changed) if changed == s.id => return,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(REREAD, wait).await;
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 /// Cancel an execution (extension): a pending one never runs; a running

@@ -20,6 +20,7 @@ mod guard;
 mod health;
 mod initialize;
 mod sessions;
+mod ws;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -210,6 +211,8 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     Router::new()
         .route("/api/v1/openapi.json", axum::routing::get(openapi_json).with_state(doc))
+        // Its token comes in its first message, not through the guard.
+        .route("/api/v1/ws", axum::routing::get(ws::upgrade).with_state(state.clone()))
         .merge(api.with_state(state.clone()))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(state, record_metrics))
