@@ -459,11 +459,13 @@ async fn executions_accepted_before_a_restart_all_run_once_after_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_of_a_killed_replica_completes_once_on_another() {
-    let Some(db) = crate::replicas::TestDatabase::create() else {
+    let (Some(redis), Some(db)) = (crate::replicas::redis_url(), crate::replicas::TestDatabase::create()) else {
         return;
     };
     // Arrange: replica A (a binary, to be killed) holds a long run.
     let flags = [
+        "--redis-url",
+        redis.as_str(),
         "--database-url",
         db.url.as_str(),
         "--rate-limit-execute",
@@ -938,4 +940,89 @@ async fn the_websocket_speaks_the_seeds_auth_watch_progress_and_error_messages()
         .unwrap();
     let refusal: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
     assert_eq!(refusal["error"]["code"], "UNAUTHORIZED");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_made_on_one_replica_streams_from_another() {
+    let (Some(redis), Some(db)) = (crate::replicas::redis_url(), crate::replicas::TestDatabase::create()) else {
+        return;
+    };
+    // Arrange: A runs executions; B only queues them and streams.
+    let shared = [
+        "--redis-url",
+        redis.as_str(),
+        "--database-url",
+        db.url.as_str(),
+        "--rate-limit-execute",
+        "0",
+    ];
+    let a = spawn_app_with(&shared).await;
+    let mut only_queues = shared.to_vec();
+    only_queues.extend(["--execution-workers", "0"]);
+    let b = spawn_app_with(&only_queues).await;
+    a.register(LT, WORKER, json!({})).await;
+    let token = b.token("alice", &["execute:all"]);
+
+    // Act
+    let body = json!({"language_title": LT, "params": {"mode": "sleep", "seconds": 1}});
+    let id = submit(&b, &token, body, None).await.body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, events) = read_events(&b, &token, &id, None, 100).await;
+
+    // Assert
+    assert_eq!(status, 200);
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["progress", "step", "step", "progress", "completed"],
+        "{events:#?}"
+    );
+    assert_eq!(events[4].data["result"]["execution"]["attempt"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_subject_at_its_cap_does_not_starve_another() {
+    // Arrange: four workers, but one running execution per subject.
+    let app = app_with_worker(&["--execution-max-per-subject", "1"]).await;
+    let alice = app.token("alice", &["execute:all"]);
+    let bob = app.token("bob", &["execute:all"]);
+    let sleep = |n: u32| json!({"language_title": LT, "params": {"mode": "sleep", "seconds": 1, "n": n}});
+
+    // Act: alice queues three, then bob one.
+    let mut alices = Vec::new();
+    for n in 0..3 {
+        alices.push(
+            submit(&app, &alice, sleep(n), None).await.body["execution_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let bobs = submit(&app, &bob, sleep(9), None).await.body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Assert: alice's ran one after another; bob's ran beside her first.
+    let span = |e: &Value| {
+        let t = |f: &str| {
+            time::OffsetDateTime::parse(e[f].as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap()
+        };
+        (t("started_at"), t("completed_at"))
+    };
+    let mut spans = Vec::new();
+    for id in &alices {
+        let e = wait_until(&app, &alice, id, Duration::from_secs(60), finished).await;
+        assert_eq!(e["status"], "completed", "{e}");
+        spans.push(span(&e));
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "alice ran two at once: {spans:?}");
+    }
+    let b = wait_until(&app, &bob, &bobs, Duration::from_secs(60), finished).await;
+    let (b_start, _) = span(&b);
+    assert!(b_start < spans[0].1, "bob waited for alice: {b_start} vs {spans:?}");
 }

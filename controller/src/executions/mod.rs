@@ -270,7 +270,9 @@ impl Executions {
 
     /// When a run submitted now is likely done: the queue ahead of it
     /// shared by this replica's workers, at the function's recent pace.
-    pub async fn estimate_ms(&self, row: &QueuedExecution) -> i64 {
+    /// No query: the queue's depth is the one the dispatcher last read
+    /// (every 5 s), so a submission stays one transaction.
+    pub fn estimate_ms(&self, row: &QueuedExecution) -> i64 {
         let each = self
             .durations
             .lock()
@@ -278,10 +280,19 @@ impl Executions {
             .get(&row.language_title)
             .copied()
             .unwrap_or(1000.0);
-        let ahead: i64 = match self.queue.pending_by_priority().await {
-            Ok(counts) => counts.iter().filter(|(p, _)| *p >= row.priority).map(|(_, n)| n).sum(),
-            Err(_) => 0,
-        };
+        let ahead: i64 = [Priority::Low, Priority::Normal, Priority::High]
+            .into_iter()
+            .filter(|p| p.rank() >= row.priority)
+            .map(|p| {
+                self.engine
+                    .metrics
+                    .queue_depth
+                    .get_or_create(&fnrt_core::metrics::PriorityLabels {
+                        priority: p.as_str().to_owned(),
+                    })
+                    .get()
+            })
+            .sum();
         let rounds = 1 + ahead / self.settings.workers.max(1) as i64;
         row.created_ms + rounds * each as i64
     }

@@ -235,7 +235,7 @@ async fn submit(
         callback_url: body.callback_url,
     };
     let (row, new) = state.executions.submit(&auth.0, submission).await?;
-    let estimated = state.executions.estimate_ms(&row).await;
+    let estimated = state.executions.estimate_ms(&row);
     let at = location(&row.id);
     let mut response = (
         StatusCode::ACCEPTED,
