@@ -220,3 +220,60 @@ async fn login_makes_its_own_folder_private_and_leaves_an_existing_one_as_it_was
     );
     assert_eq!(mode(&config), 0o600);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invoke_async_watches_an_execution_to_its_end_and_executions_lists_it() {
+    // Arrange
+    let app = spawn_app().await;
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("config.json");
+    let folder = home.path().join("nodejs-cliasync");
+    write_function(&folder, "later");
+    assert_eq!(
+        fnrt(&config, &["login", &app.address, "--token", &app.admin()])
+            .await
+            .code,
+        0
+    );
+    assert_eq!(fnrt(&config, &["deploy", folder.to_str().unwrap()]).await.code, 0);
+
+    // Act
+    let watched = fnrt(
+        &config,
+        &["invoke", "nodejs-cliasync", "-p", "name=you", "--async", "--watch"],
+    )
+    .await;
+    let queued = fnrt(
+        &config,
+        &["--json", "invoke", "nodejs-cliasync", "-p", "name=boom", "--async"],
+    )
+    .await;
+
+    // Assert: the id, each attempt on stderr, then the result.
+    assert_eq!(watched.code, 0, "{}", watched.stderr);
+    let mut lines = watched.stdout.lines();
+    let id = lines.next().unwrap().trim().to_owned();
+    assert_eq!(id.len(), 36, "{}", watched.stdout);
+    let result: Value = serde_json::from_str(&lines.collect::<Vec<_>>().join("\n")).unwrap();
+    assert_eq!(result, json!({"text": "later, you"}));
+    assert!(watched.stderr.contains("attempt 1 completed"), "{}", watched.stderr);
+    assert_eq!(queued.code, 0, "{}", queued.stderr);
+    let failing = queued.json()["execution_id"].as_str().unwrap().to_owned();
+    let followed = fnrt(&config, &["executions", &failing, "--watch"]).await;
+    assert_eq!(followed.code, 1, "a failed execution exits 1: {}", followed.stderr);
+    assert!(followed.stderr.contains("RUNTIME_ERROR: boom"), "{}", followed.stderr);
+    let listed = fnrt(&config, &["--json", "executions", "--status", "failed"]).await;
+    let failed: Vec<Value> = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["execution_id"], failing.as_str());
+    let table = fnrt(&config, &["executions"]).await;
+    assert!(table.stdout.starts_with("EXECUTION"), "{}", table.stdout);
+    assert_eq!(table.stdout.lines().count(), 3, "{}", table.stdout);
+    let gone = fnrt(&config, &["cancel", &id]).await;
+    assert_eq!(
+        gone.code, 6,
+        "a finished execution cannot be cancelled: {}",
+        gone.stderr
+    );
+    assert_eq!(fnrt(&config, &["executions", "no-such-id"]).await.code, 4);
+}

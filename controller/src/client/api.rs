@@ -83,4 +83,64 @@ impl Api {
     pub async fn get(&self, path: &str) -> Result<Value, Failure> {
         Ok(self.call(Method::GET, path, &[], None).await?.0)
     }
+
+    /// A Server-Sent Events stream.
+    pub async fn events(&self, path: &str) -> Result<Events, Failure> {
+        let answer = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        if !answer.status().is_success() {
+            let status = answer.status();
+            let body: Value = answer.json().await.unwrap_or_default();
+            let text = |key: &str| body["error"][key].as_str().map(str::to_owned);
+            return Err(Failure::Api {
+                status,
+                code: text("code").unwrap_or_else(|| status.as_str().to_owned()),
+                message: text("message").unwrap_or_default(),
+                body,
+            });
+        }
+        Ok(Events {
+            answer,
+            buffer: String::new(),
+        })
+    }
+}
+
+/// Events read off an SSE answer: (event, data).
+pub struct Events {
+    answer: reqwest::Response,
+    buffer: String,
+}
+
+impl Events {
+    /// The next event, or `None` when the stream ends.
+    pub async fn next(&mut self) -> Result<Option<(String, Value)>, Failure> {
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let frame: String = self.buffer.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    frame
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
+                        .map(|v| v.trim().to_owned())
+                };
+                if let (Some(event), Some(data)) = (field("event"), field("data")) {
+                    return Ok(Some((
+                        event,
+                        serde_json::from_str(&data).unwrap_or(Value::String(data)),
+                    )));
+                }
+            }
+            match self.answer.chunk().await {
+                Ok(Some(chunk)) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(Failure::Unreachable(e.to_string())),
+            }
+        }
+    }
 }

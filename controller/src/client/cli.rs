@@ -8,12 +8,12 @@
 //! | code | meaning |
 //! |---|---|
 //! | 0 | done |
-//! | 1 | the function failed (`RUNTIME_ERROR`, `TIMEOUT`, `INVALID_PARAMS`, ...) |
+//! | 1 | the function failed (`RUNTIME_ERROR`, `TIMEOUT`, `INVALID_PARAMS`, ...), or an asynchronous execution ended `failed` |
 //! | 2 | the command line or a local file is wrong |
 //! | 3 | the controller cannot be reached, or there is no login |
-//! | 4 | not found (function, session) |
+//! | 4 | not found (function, session, execution) |
 //! | 5 | the token was refused or lacks a scope |
-//! | 6 | any other refusal (a conflict, a failed build, a limit, 5xx) |
+//! | 6 | any other refusal (a conflict, a failed build, a limit, 5xx), or an execution `cancelled` |
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -74,7 +74,32 @@ pub enum Command {
         /// The execution's deadline, in milliseconds.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Queue it as an asynchronous execution and print its id.
+        #[arg(long = "async")]
+        run_async: bool,
+        /// With --async: follow its progress until it ends, then print its result.
+        #[arg(long, requires = "run_async")]
+        watch: bool,
+        /// With --async: low, normal or high.
+        #[arg(long, requires = "run_async")]
+        priority: Option<String>,
     },
+    /// List your asynchronous executions, or show one.
+    Executions {
+        /// One execution's id: show it (with --watch, follow it).
+        id: Option<String>,
+        /// Only this status (pending, running, completed, failed, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Follow the execution until it ends.
+        #[arg(long, requires = "id")]
+        watch: bool,
+    },
+    /// Cancel an asynchronous execution.
+    Cancel { id: String },
     /// List the functions.
     List {
         /// Only this language (nodejs, python, rust, wasm).
@@ -180,9 +205,56 @@ async fn run(cli: &Cli) -> Result<(), Stop> {
             param,
             no_cache,
             timeout_ms,
+            run_async,
+            watch,
+            priority,
         } => {
             let params = params(data.as_deref(), param)?;
+            if *run_async {
+                let id = submit(
+                    &api,
+                    language_title,
+                    params,
+                    *timeout_ms,
+                    priority.as_deref(),
+                    cli.json && !watch,
+                )
+                .await?;
+                return match watch {
+                    true => follow(&api, &id, cli.json).await,
+                    false => Ok(()),
+                };
+            }
             invoke(&api, language_title, params, *no_cache, *timeout_ms, cli.json).await
+        }
+        Command::Executions {
+            id: Some(id),
+            watch: true,
+            ..
+        } => follow(&api, id, cli.json).await,
+        Command::Executions { id: Some(id), .. } => {
+            let e = api.get(&format!("/api/v1/executions/{id}")).await?;
+            match cli.json {
+                true => print_json(&e),
+                false => show_execution(&e),
+            }
+            finished_ok(&e)
+        }
+        Command::Executions {
+            id: None,
+            status,
+            function,
+            ..
+        } => executions(&api, status.as_deref(), function.as_deref(), cli.json).await,
+        Command::Cancel { id } => {
+            let (e, _) = api
+                .call(Method::POST, &format!("/api/v1/executions/{id}/cancel"), &[], None)
+                .await?;
+            match cli.json {
+                true => print_json(&e),
+                false => out!("{id} {}", e["status"].as_str().unwrap_or_default()),
+            }
+            Ok(())
         }
         Command::List { language } => list(&api, language.as_deref(), cli.json).await,
         Command::Describe { language_title } => {
@@ -336,6 +408,147 @@ async fn invoke(
         true => print_json(&answer),
         false => print_json(&answer["result"]),
     }
+    Ok(())
+}
+
+/// Queues an asynchronous execution; its id.
+async fn submit(
+    api: &Api,
+    language_title: &str,
+    params: Value,
+    timeout_ms: Option<u64>,
+    priority: Option<&str>,
+    as_json: bool,
+) -> Result<String, Stop> {
+    let mut body = json!({ "language_title": language_title, "params": params });
+    if let Some(ms) = timeout_ms {
+        body["context"] = json!({ "timeout_ms": ms });
+    }
+    if let Some(p) = priority {
+        body["priority"] = json!(p);
+    }
+    let (answer, _) = api.call(Method::POST, "/api/v1/executions", &[], Some(&body)).await?;
+    let id = answer["execution_id"].as_str().unwrap_or_default().to_owned();
+    match as_json {
+        true => print_json(&answer),
+        false => out!("{id}"),
+    }
+    Ok(id)
+}
+
+/// Follows an execution's events (SSE) until it ends: a line per step
+/// (`--json`: each event's data), then its result; the exit code says how
+/// it ended.
+async fn follow(api: &Api, id: &str, as_json: bool) -> Result<(), Stop> {
+    let mut events = api.events(&format!("/api/v1/executions/{id}/events")).await?;
+    let stderr = std::io::stderr().is_terminal();
+    let mut last = None;
+    while let Some((kind, data)) = events.next().await? {
+        if as_json {
+            out!("{}", json!({"event": kind, "data": data}));
+        } else if kind == "step" {
+            let error = data["error"]["message"]
+                .as_str()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            eprintln!(
+                "{}attempt {} {}{}{error}",
+                bold(stderr),
+                data["attempt"],
+                data["status"].as_str().unwrap_or_default(),
+                reset(stderr)
+            );
+        }
+        if matches!(kind.as_str(), "completed" | "failed" | "cancelled") {
+            last = Some(data);
+            break;
+        }
+    }
+    let Some(execution) = last else {
+        return Err(Stop(
+            exit::UNREACHABLE,
+            "the event stream ended early; try again".into(),
+        ));
+    };
+    if !as_json && execution["status"] == "completed" {
+        print_json(&execution["result"]);
+    }
+    finished_ok(&execution)
+}
+
+/// Exit code of a finished execution: 0 completed, 1 failed, 6 cancelled.
+fn finished_ok(execution: &Value) -> Result<(), Stop> {
+    let error = |e: &Value| {
+        format!(
+            "{}: {}",
+            e["code"].as_str().unwrap_or("ERROR"),
+            e["message"].as_str().unwrap_or_default()
+        )
+    };
+    match execution["status"].as_str() {
+        Some("failed") => Err(Stop(exit::FUNCTION_FAILED, error(&execution["error"]))),
+        Some("cancelled") => Err(Stop(exit::REFUSED, error(&execution["error"]))),
+        _ => Ok(()),
+    }
+}
+
+fn show_execution(e: &Value) {
+    let field = |key: &str| match &e[key] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    out!("{}", field("execution_id"));
+    out!(
+        "  function     {} (version {})",
+        field("language_title"),
+        field("version")
+    );
+    out!("  status       {} ({} priority)", field("status"), field("priority"));
+    out!("  created      {}", field("created_at"));
+    for a in e["attempts"].as_array().into_iter().flatten() {
+        let error = a["error"]["message"]
+            .as_str()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        out!(
+            "  attempt {}    {}{error}",
+            a["number"],
+            a["outcome"].as_str().unwrap_or_default()
+        );
+    }
+    if !e["result"].is_null() {
+        out!("  result       {}", e["result"]);
+    }
+}
+
+async fn executions(api: &Api, status: Option<&str>, function: Option<&str>, as_json: bool) -> Result<(), Stop> {
+    let mut path = "/api/v1/executions?per_page=100".to_owned();
+    if let Some(s) = status {
+        path.push_str(&format!("&status={s}"));
+    }
+    if let Some(f) = function {
+        path.push_str(&format!("&language_title={f}"));
+    }
+    let answer = api.get(&path).await?;
+    let items = answer["executions"].as_array().cloned().unwrap_or_default();
+    if as_json {
+        print_json(&Value::Array(items));
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = items
+        .iter()
+        .map(|e| {
+            [
+                e["execution_id"].as_str().unwrap_or_default().to_owned(),
+                e["language_title"].as_str().unwrap_or_default().to_owned(),
+                e["status"].as_str().unwrap_or_default().to_owned(),
+                e["attempts"].as_array().map_or(0, Vec::len).to_string(),
+                e["created_at"].as_str().unwrap_or_default().to_owned(),
+            ]
+        })
+        .collect();
+    table(["EXECUTION", "FUNCTION", "STATUS", "ATTEMPTS", "CREATED"], &rows);
     Ok(())
 }
 
