@@ -511,11 +511,10 @@ fn show_execution(e: &Value) {
             .as_str()
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
-        out!(
-            "  attempt {}    {}{error}",
-            a["number"],
-            a["outcome"].as_str().unwrap_or_default()
-        );
+        match a["number"].as_i64() {
+            Some(n) => out!("  attempt {n}    {}{error}", a["outcome"].as_str().unwrap_or_default()),
+            None => out!("  queued again {}", a["at"].as_str().unwrap_or_default()),
+        }
     }
     if !e["result"].is_null() {
         out!("  result       {}", e["result"]);

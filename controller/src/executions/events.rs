@@ -191,6 +191,10 @@ pub fn events_of(row: &QueuedExecution) -> Vec<Event> {
     push("progress", progress(0, "pending", Some(&row.language_title)));
     let history = row.attempts.as_array().cloned().unwrap_or_default();
     for attempt in &history {
+        if attempt["outcome"] == "requeued" {
+            push("progress", progress(0, "pending", Some(&row.language_title)));
+            continue;
+        }
         let number = &attempt["number"];
         if attempt["outcome"] != "lost" {
             push(
@@ -217,7 +221,12 @@ pub fn events_of(row: &QueuedExecution) -> Vec<Event> {
             progress(done, status, (done == 0).then_some(row.language_title.as_str())),
         );
     }
-    let recorded = history.iter().filter(|a| a["outcome"] != "lost").count() as i32;
+    let recorded = history
+        .iter()
+        .rev()
+        .take_while(|a| a["outcome"] != "requeued")
+        .filter(|a| a["outcome"] != "lost")
+        .count() as i32;
     if row.status == "running" && row.attempt > recorded {
         push(
             "step",

@@ -362,7 +362,17 @@ impl Executions {
     /// Queues a failed or cancelled run again (its attempts start over;
     /// the earlier ones stay in its history). 409 in another state.
     pub async fn requeue(&self, subject: &Subject, id: &str) -> Result<QueuedExecution, ApiError> {
-        match self.queue.requeue(id, &subject.sub, now_ms()).await.map_err(internal)? {
+        let row = self.get(subject, id).await?;
+        // A marker in the history: attempts after it are the new round's.
+        let now = now_ms();
+        let mut history = row.attempts.as_array().cloned().unwrap_or_default();
+        history.push(json!({"outcome": "requeued", "at": format_ms(now)}));
+        match self
+            .queue
+            .requeue(id, &subject.sub, now, &Value::Array(history))
+            .await
+            .map_err(internal)?
+        {
             None => Err(not_found(id)),
             Some(false) => Err(ApiError::Conflict(format!(
                 "execution {id} is not failed or cancelled; only those are queued again"
@@ -479,7 +489,7 @@ impl Executions {
                 .observe((started_ms - row.created_ms).max(0) as f64 / 1000.0);
         }
         // An earlier claim whose controller stopped before it finished.
-        if (history.len() as i32) < row.attempt - 1 {
+        if (this_round(&history) as i32) < row.attempt - 1 {
             metrics.record_attempt("lost");
             history.push(json!({
                 "number": row.attempt - 1,
@@ -686,6 +696,11 @@ async fn renew(this: Arc<Executions>, id: String, run: Running) {
     }
 }
 
+/// Attempts recorded since the execution was last queued again.
+fn this_round(history: &[Value]) -> usize {
+    history.iter().rev().take_while(|a| a["outcome"] != "requeued").count()
+}
+
 /// The wait before attempt `attempt + 1`: `base`, doubled per attempt,
 /// ±20 % jitter so that retries of many runs spread out.
 pub fn backoff_ms(base: i64, attempt: i32) -> i64 {
@@ -724,12 +739,13 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// A Unix-millisecond time as the API shows times (RFC 3339, UTC).
+/// Always three decimals, so such times also sort as text.
 pub fn format_ms(ms: i64) -> String {
+    let shape =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-        })
+        .ok()
+        .and_then(|t| t.format(&shape).ok())
         .unwrap_or_default()
 }
 
@@ -743,6 +759,13 @@ mod tests {
             let wait = backoff_ms(1000, attempt) as f64;
             assert!((0.8 * base..=1.2 * base).contains(&wait), "attempt {attempt}: {wait}");
         }
+    }
+
+    #[test]
+    fn times_have_three_decimals_and_sort_as_text() {
+        assert_eq!(format_ms(1_764_748_800_000), "2025-12-03T08:00:00.000Z");
+        assert_eq!(format_ms(1_764_748_800_850), "2025-12-03T08:00:00.850Z");
+        assert!(format_ms(1_764_748_800_850) < format_ms(1_764_748_801_000));
     }
 
     #[test]

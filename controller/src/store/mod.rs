@@ -298,9 +298,11 @@ pub trait ExecutionQueue: Send + Sync {
     /// Cancels a pending execution, or asks its worker to stop a running
     /// one; the execution as it is afterwards (`None`: not the subject's).
     async fn cancel(&self, id: &str, subject: &str, now_ms: i64) -> Result<Option<QueuedExecution>, StoreError>;
-    /// Queues a failed or cancelled execution again; false if it is in
-    /// another state, `None` if it is not the subject's.
-    async fn requeue(&self, id: &str, subject: &str, now_ms: i64) -> Result<Option<bool>, StoreError>;
+    /// Queues a failed or cancelled execution again, its attempt history
+    /// replaced by `attempts`; false if it is in another state (or its
+    /// history changed meanwhile), `None` if it is not the subject's.
+    async fn requeue(&self, id: &str, subject: &str, now_ms: i64, attempts: &Value)
+    -> Result<Option<bool>, StoreError>;
     /// Ends every lease now (a SQLite controller starting: no other
     /// process held them).
     async fn expire_leases(&self) -> Result<u64, StoreError>;

@@ -567,15 +567,22 @@ where
         Ok(self.get(id).await?.filter(|e| e.subject == subject))
     }
 
-    async fn requeue(&self, id: &str, subject: &str, now_ms: i64) -> Result<Option<bool>, StoreError> {
+    async fn requeue(
+        &self,
+        id: &str,
+        subject: &str,
+        now_ms: i64,
+        attempts: &Value,
+    ) -> Result<Option<bool>, StoreError> {
         let done = sqlx::query(
             "UPDATE async_executions SET status = 'pending', attempt = 0, result = NULL, error = NULL, \
-             finished_ms = NULL, run_after_ms = $3, cancel_requested = FALSE \
+             finished_ms = NULL, run_after_ms = $3, cancel_requested = FALSE, attempts = $4 \
              WHERE id = $1 AND subject = $2 AND status IN ('failed', 'cancelled')",
         )
         .bind(id)
         .bind(subject)
         .bind(now_ms)
+        .bind(attempts)
         .execute(&self.pool)
         .await?;
         if done.rows() == 1 {

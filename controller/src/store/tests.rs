@@ -287,10 +287,16 @@ async fn exercise_queue(q: &dyn ExecutionQueue) {
         q.signing_secret("carol", "s4", t).await.unwrap(),
         ("s3".to_owned(), t + 1)
     );
-    assert_eq!(q.requeue("e5", "carol", t + 6).await.unwrap(), Some(true));
-    assert_eq!(q.get("e5").await.unwrap().unwrap().status, "pending");
-    assert_eq!(q.requeue("e1", "alice", t + 6).await.unwrap(), Some(false), "completed");
-    assert_eq!(q.requeue("e1", "bob", t + 6).await.unwrap(), None);
+    let marked = json!([{"outcome": "requeued"}]);
+    assert_eq!(q.requeue("e5", "carol", t + 6, &marked).await.unwrap(), Some(true));
+    let e5 = q.get("e5").await.unwrap().unwrap();
+    assert_eq!((e5.status.as_str(), e5.attempts), ("pending", marked.clone()));
+    assert_eq!(
+        q.requeue("e1", "alice", t + 6, &marked).await.unwrap(),
+        Some(false),
+        "completed"
+    );
+    assert_eq!(q.requeue("e1", "bob", t + 6, &marked).await.unwrap(), None);
 
     // Listing: the subject's own, filtered, newest first, with the total.
     let filter = ExecutionFilter {
