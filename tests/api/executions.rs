@@ -27,6 +27,10 @@ def handler(params, context):
 
 const LT: &str = "python-async-worker";
 
+/// Every run really runs: results are not cached (the shared Redis of
+/// the replica tests outlives a test run).
+static NO_CACHE: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| json!({"cache": {"enabled": false}}));
+
 async fn submit(app: &TestApp, token: &str, body: Value, key: Option<&str>) -> Reply {
     let mut req = app
         .client
@@ -69,7 +73,7 @@ async fn app_with_worker(extra: &[&str]) -> TestApp {
     let mut flags = vec!["--rate-limit-execute", "0"];
     flags.extend(extra);
     let app = spawn_app_with(&flags).await;
-    app.register(LT, WORKER, json!({})).await;
+    app.register(LT, WORKER, NO_CACHE.clone()).await;
     app
 }
 
@@ -481,7 +485,7 @@ async fn a_run_of_a_killed_replica_completes_once_on_another() {
         "2",
     ];
     let mut a = crate::helpers::spawn_binary_with(&flags);
-    a.register(LT, WORKER, json!({})).await;
+    a.register(LT, WORKER, NO_CACHE.clone()).await;
     let token = a.token("alice", &["execute:all"]);
     let body = json!({"language_title": LT, "params": {"mode": "sleep", "seconds": 3}});
     let id = submit(&a, &token, body, None).await.body["execution_id"]
@@ -967,7 +971,7 @@ async fn progress_made_on_one_replica_streams_from_another() {
     let mut only_queues = shared.to_vec();
     only_queues.extend(["--execution-workers", "0"]);
     let b = spawn_app_with(&only_queues).await;
-    a.register(LT, WORKER, json!({})).await;
+    a.register(LT, WORKER, NO_CACHE.clone()).await;
     let token = b.token("alice", &["execute:all"]);
 
     // Act
