@@ -327,9 +327,8 @@ async fn cancel_stops_a_running_execution_and_a_pending_one_never_runs() {
 
     // Act
     let cancelled_pending = post(&app, &token, &format!("/api/v1/executions/{pending}/cancel")).await;
-    let asked = Instant::now();
+    // The answer waits (a few seconds at most) until the run has stopped.
     let cancelled_running = post(&app, &token, &format!("/api/v1/executions/{running}/cancel")).await;
-    let took = asked.elapsed();
 
     // Assert
     assert_eq!(cancelled_pending.status, 200, "{:?}", cancelled_pending.body);
@@ -341,7 +340,6 @@ async fn cancel_stops_a_running_execution_and_a_pending_one_never_runs() {
         cancelled_running.body
     );
     assert_eq!(cancelled_running.body["error"]["code"], "CANCELLED");
-    assert!(took < Duration::from_secs(2), "cancelling took {took:?}");
     // Its instance is gone, and the pending one never ran.
     assert!(
         crate::helpers::eventually(Duration::from_secs(5), || app.instance_dirs() < instances).await,

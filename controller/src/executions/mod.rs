@@ -54,6 +54,10 @@ use fnrt_core::function::manifest::RetrySpec;
 use fnrt_core::invoke::{CacheDirective, CoreError, Invocation, Origin};
 use fnrt_core::language::LanguageTitle;
 
+/// How long a run whose function is still being built waits before it
+/// looks again.
+const NOT_READY_WAIT: Duration = Duration::from_secs(5);
+
 /// How executions are queued and run.
 #[derive(Debug, Clone, Copy)]
 pub struct ExecutionSettings {
@@ -541,6 +545,8 @@ impl Executions {
                     Finish {
                         uncount: true,
                         finished_ms: None,
+                        // Not at once: the database may need a moment.
+                        run_after_ms: now_ms() + 1000,
                         ..finish("pending", None, history)
                     },
                 )
@@ -621,12 +627,20 @@ impl Executions {
                     finish("cancelled", Some(error), history)
                 }
             },
+            // A Rust crate still building: wait for it without spending
+            // an attempt (a failed build ends it as BUILD_FAILED).
+            Err(CoreError::NotReady { .. }) => {
+                metrics.record_attempt("handed_back");
+                Finish {
+                    uncount: true,
+                    finished_ms: None,
+                    run_after_ms: now_ms() + NOT_READY_WAIT.as_millis() as i64,
+                    ..finish("pending", None, history)
+                }
+            }
             Err(e) => {
                 let retryable = match &e {
-                    CoreError::Timeout { .. }
-                    | CoreError::Unavailable(_)
-                    | CoreError::NotReady { .. }
-                    | CoreError::Crashed { .. } => true,
+                    CoreError::Timeout { .. } | CoreError::Unavailable(_) | CoreError::Crashed { .. } => true,
                     CoreError::Runtime { .. } => row.retry_runtime_errors,
                     _ => false,
                 };
