@@ -12,6 +12,7 @@ CREATE TABLE async_executions (
     priority         INTEGER NOT NULL,           -- 0 low, 1 normal, 2 high
     status           TEXT NOT NULL,              -- pending, running, completed, failed, cancelled
     idempotency_key  TEXT,
+    cache            TEXT,                       -- X-Cache-Control of the submission (NULL: the default)
     max_attempts     INTEGER NOT NULL,
     backoff_ms       BIGINT NOT NULL,
     retry_runtime_errors BOOLEAN NOT NULL,

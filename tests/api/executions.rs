@@ -1036,3 +1036,52 @@ async fn one_subject_at_its_cap_does_not_starve_another() {
     let (b_start, _) = span(&b);
     assert!(b_start < spans[0].1, "bob waited for alice: {b_start} vs {spans:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn results_are_cached_as_executes_are_unless_the_submission_says_no_cache() {
+    // Arrange: the same function with the result cache on.
+    let app = spawn_app_with(&["--rate-limit-execute", "0"]).await;
+    let lt = "python-async-cached";
+    app.register(lt, WORKER, json!({})).await;
+    let token = app.token("alice", &["execute:all"]);
+    let body = json!({"language_title": lt, "params": {"n": 1}});
+    let run = |cache: Option<&'static str>| {
+        let mut req = app
+            .client
+            .post(app.url("/api/v1/executions"))
+            .bearer_auth(&token)
+            .json(&body);
+        if let Some(c) = cache {
+            req = req.header("X-Cache-Control", c);
+        }
+        async move {
+            read(req.send().await.unwrap()).await.body["execution_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+
+    // Act
+    let first = run(None).await;
+    let first_done = wait_until(&app, &token, &first, Duration::from_secs(30), finished).await;
+    let cached = run(None).await;
+    let cached_done = wait_until(&app, &token, &cached, Duration::from_secs(30), finished).await;
+    let fresh = run(Some("no-cache")).await;
+    let fresh_done = wait_until(&app, &token, &fresh, Duration::from_secs(30), finished).await;
+
+    // Assert: the second is the first's result; the third ran itself.
+    assert_eq!(first_done["result"]["execution"]["id"], first.as_str());
+    assert_eq!(cached_done["result"], first_done["result"], "{cached_done}");
+    assert_eq!(fresh_done["result"]["execution"]["id"], fresh.as_str(), "{fresh_done}");
+    let bad = app
+        .client
+        .post(app.url("/api/v1/executions"))
+        .bearer_auth(&token)
+        .header("X-Cache-Control", "sometimes")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}

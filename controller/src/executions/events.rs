@@ -264,6 +264,7 @@ mod tests {
             priority: 1,
             status: status.into(),
             idempotency_key: None,
+            cache: None,
             max_attempts: 3,
             backoff_ms: 1000,
             retry_runtime_errors: false,

@@ -123,6 +123,8 @@ pub struct Submission {
     pub priority: Priority,
     pub retry: RetrySpec,
     pub idempotency_key: Option<String>,
+    /// How the result cache may serve and keep it (`X-Cache-Control`).
+    pub cache: CacheDirective,
     /// Where the final state is POSTed, signed ([`callbacks`]).
     pub callback_url: Option<String>,
 }
@@ -257,6 +259,11 @@ impl Executions {
             timeout_ms: timeout_ms as i64,
             priority: s.priority.rank(),
             idempotency_key: s.idempotency_key,
+            cache: match s.cache {
+                CacheDirective::Default => None,
+                CacheDirective::NoCache => Some("no-cache".to_owned()),
+                CacheDirective::MaxAge(age) => Some(format!("max-age={}", age.as_secs())),
+            },
             max_attempts: retry.max_attempts as i32,
             backoff_ms: retry.backoff_ms as i64,
             retry_runtime_errors: retry.runtime_errors,
@@ -573,7 +580,16 @@ impl Executions {
             params: &row.params,
             context: &row.context,
             deadline: Duration::from_millis(row.timeout_ms as u64),
-            cache: CacheDirective::Default,
+            cache: match row.cache.as_deref() {
+                Some("no-cache") => CacheDirective::NoCache,
+                Some(age) => age
+                    .strip_prefix("max-age=")
+                    .and_then(|s| s.parse().ok())
+                    .map_or(CacheDirective::Default, |s| {
+                        CacheDirective::MaxAge(Duration::from_secs(s))
+                    }),
+                None => CacheDirective::Default,
+            },
             origin: Origin {
                 request_id: &row.id,
                 subject: &row.subject,

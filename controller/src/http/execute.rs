@@ -99,7 +99,7 @@ async fn execute(
     }))
 }
 
-fn cache_directive(headers: &HeaderMap) -> Result<CacheDirective, ApiError> {
+pub(super) fn cache_directive(headers: &HeaderMap) -> Result<CacheDirective, ApiError> {
     let Some(value) = headers.get("x-cache-control") else {
         return Ok(CacheDirective::Default);
     };

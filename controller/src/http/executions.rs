@@ -161,6 +161,7 @@ fn location(id: &str) -> String {
     params(
         ("Language-Title" = Option<String>, Header, description = "The function, unless the body names it"),
         ("Idempotency-Key" = Option<String>, Header, description = "Up to 255 visible ASCII characters"),
+        ("X-Cache-Control" = Option<String>, Header, description = "As execute's: `no-cache` runs it whatever is cached; `max-age={seconds}`"),
     ),
     request_body(content = SubmitBody, content_type = "application/json"),
     responses(
@@ -232,6 +233,7 @@ async fn submit(
         priority: body.priority,
         retry: body.retry,
         idempotency_key,
+        cache: super::execute::cache_directive(&headers)?,
         callback_url: body.callback_url,
     };
     let (row, new) = state.executions.submit(&auth.0, submission).await?;

@@ -187,6 +187,8 @@ pub struct QueuedExecution {
     /// `pending`, `running`, `completed`, `failed`, `cancelled`.
     pub status: String,
     pub idempotency_key: Option<String>,
+    /// The submission's `X-Cache-Control` (`no-cache`, `max-age=N`).
+    pub cache: Option<String>,
     pub max_attempts: i32,
     pub backoff_ms: i64,
     pub retry_runtime_errors: bool,
@@ -228,6 +230,7 @@ pub struct NewExecution {
     pub timeout_ms: i64,
     pub priority: i32,
     pub idempotency_key: Option<String>,
+    pub cache: Option<String>,
     pub max_attempts: i32,
     pub backoff_ms: i64,
     pub retry_runtime_errors: bool,

@@ -334,7 +334,7 @@ impl<'r, DB: Dialect> Decode<'r, DB> for ExecutionId {
 
 /// Every column of `async_executions`, as [`QueuedExecution`] reads them.
 const QUEUED_COLUMNS: &str = "id, subject, language_title, version, params, context, timeout_ms, priority, status, \
-     idempotency_key, max_attempts, backoff_ms, retry_runtime_errors, attempt, attempts, result, error, \
+     idempotency_key, cache, max_attempts, backoff_ms, retry_runtime_errors, attempt, attempts, result, error, \
      cold_start, cancel_requested, created_ms, started_ms, finished_ms, run_after_ms, lease_owner, lease_until_ms, \
      callback_url, callback_status, callback_attempts, callback_next_ms, delivery_id, callback_error";
 
@@ -391,7 +391,7 @@ where
             }
         }
         let sql = format!(
-            "INSERT INTO async_executions ({QUEUED_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $14, $7, 'pending', $8, $9, \
+            "INSERT INTO async_executions ({QUEUED_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $14, $7, 'pending', $8, $16, $9, \
              $10, $11, 0, $12, NULL, NULL, FALSE, FALSE, $13, NULL, NULL, $13, NULL, NULL, $15, NULL, 0, NULL, NULL, NULL) \
              ON CONFLICT DO NOTHING RETURNING {QUEUED_COLUMNS}"
         );
@@ -411,6 +411,7 @@ where
             .bind(new.now_ms)
             .bind(new.timeout_ms)
             .bind(new.callback_url.as_deref())
+            .bind(new.cache.as_deref())
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;

@@ -132,6 +132,7 @@ fn queued(id: &str, subject: &str, lt: &str, priority: i32, key: Option<&str>, n
         timeout_ms: 1000,
         priority,
         idempotency_key: key.map(Into::into),
+        cache: None,
         max_attempts: 3,
         backoff_ms: 1000,
         retry_runtime_errors: false,
