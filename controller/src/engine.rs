@@ -262,9 +262,7 @@ impl Engine {
         directive: CacheDirective,
     ) -> Result<Executed, ApiError> {
         let started = std::time::Instant::now();
-        if !subject.can_execute_something() {
-            return Err(ApiError::Forbidden("token has no 'execute:*' scope".into()));
-        }
+        require_some_execute_scope(subject)?;
         // The session's lock first, then one read of the session under it: a
         // one-shot session may have completed while this request waited.
         let key = session_key(&subject.sub, request_id);
@@ -389,6 +387,15 @@ impl Engine {
             self.core.discard(retained).await;
         }
         self.core.shutdown().await;
+    }
+}
+
+/// 403 unless the token may execute some language.
+pub fn require_some_execute_scope(subject: &Subject) -> Result<(), ApiError> {
+    if subject.can_execute_something() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden("token has no 'execute:*' scope".into()))
     }
 }
 

@@ -209,10 +209,7 @@ pub fn host_addresses() -> Vec<Ipv4Addr> {
 
 /// nft's path, if nftables is installed.
 pub fn find_nft() -> Option<PathBuf> {
-    ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
+    crate::find_tool("nft")
 }
 
 /// Loads `ruleset` into the network namespace of `pid` (as root: nsenter

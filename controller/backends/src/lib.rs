@@ -31,7 +31,7 @@ pub mod sandbox;
 pub mod uids;
 pub mod wasm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -43,6 +43,18 @@ use fnrt_core::runtime::{Artifacts, InstanceError};
 
 use crate::build::Builder;
 use crate::deps::{Dependencies, Installer};
+
+/// A system tool's path (`bwrap`, `slirp4netns`, `nft`): on `PATH`, else
+/// where Debian installs it (root's tools are in `/usr/sbin`, which a
+/// service's `PATH` may lack).
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/bin", "/usr/sbin"].map(|d| Path::new(d).join(name)))
+        .find(|p| p.is_file())
+}
 
 /// The registry's [`CodeCheck`]: checks code with the backend that runs its
 /// language, and builds Rust crates with the [`Builder`].

@@ -58,16 +58,7 @@ impl Setup {
 
 /// slirp4netns's path, if it is installed.
 pub fn find_slirp() -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("slirp4netns"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default()
-        .into_iter()
-        .chain([PathBuf::from("/usr/bin/slirp4netns")])
-        .find(|p| p.is_file())
+    crate::find_tool("slirp4netns")
 }
 
 /// The pipes between the controller, bubblewrap and slirp4netns for one

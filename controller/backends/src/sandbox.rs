@@ -40,12 +40,7 @@ const SYSTEM: [&str; 7] = ["/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/
 
 /// bubblewrap's path, if it is installed.
 pub fn find_bwrap() -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("bwrap")).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain([PathBuf::from("/usr/bin/bwrap")])
-        .find(|p| p.is_file())
+    crate::find_tool("bwrap")
 }
 
 /// One sandbox: what it sees of the host, what it may write, and who it runs as.

@@ -1,5 +1,6 @@
 //! RFC 3339 UTC timestamps with whole seconds, as the contract shows them
-//! (`2025-05-13T12:28:22Z`).
+//! (`2025-05-13T12:28:22Z`), and with milliseconds where a finer time
+//! matters (asynchronous executions: [`format_ms`], [`now_ms`]).
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -23,6 +24,21 @@ pub fn parse(s: &str) -> Result<OffsetDateTime, time::error::Parse> {
 pub fn now() -> OffsetDateTime {
     let t = OffsetDateTime::now_utc();
     t.replace_nanosecond(0).unwrap_or(t)
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// A Unix-millisecond time as `YYYY-MM-DDTHH:MM:SS.mmmZ`: always three
+/// decimals, so such times also sort as text.
+pub fn format_ms(ms: i64) -> String {
+    let fmt = format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_default()
 }
 
 /// `serde(with = "crate::timefmt::rfc3339")` for `OffsetDateTime` fields.

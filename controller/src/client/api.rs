@@ -26,6 +26,19 @@ impl std::fmt::Display for Failure {
     }
 }
 
+impl Failure {
+    /// An error answer: the contract's code and message from its body.
+    fn from_answer(status: StatusCode, body: Value) -> Failure {
+        let text = |key: &str| body["error"][key].as_str().map(str::to_owned);
+        Failure::Api {
+            status,
+            code: text("code").unwrap_or_else(|| status.as_str().to_owned()),
+            message: text("message").unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned()),
+            body,
+        }
+    }
+}
+
 pub struct Api {
     client: reqwest::Client,
     url: String,
@@ -71,13 +84,7 @@ impl Api {
         if status.is_success() {
             return Ok((body, headers));
         }
-        let text = |key: &str| body["error"][key].as_str().map(str::to_owned);
-        Err(Failure::Api {
-            status,
-            code: text("code").unwrap_or_else(|| status.as_str().to_owned()),
-            message: text("message").unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned()),
-            body,
-        })
+        Err(Failure::from_answer(status, body))
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, Failure> {
@@ -95,14 +102,7 @@ impl Api {
             .map_err(|e| Failure::Unreachable(e.to_string()))?;
         if !answer.status().is_success() {
             let status = answer.status();
-            let body: Value = answer.json().await.unwrap_or_default();
-            let text = |key: &str| body["error"][key].as_str().map(str::to_owned);
-            return Err(Failure::Api {
-                status,
-                code: text("code").unwrap_or_else(|| status.as_str().to_owned()),
-                message: text("message").unwrap_or_default(),
-                body,
-            });
+            return Err(Failure::from_answer(status, answer.json().await.unwrap_or_default()));
         }
         Ok(Events {
             answer,

@@ -53,6 +53,7 @@ use crate::store::{Claim, ExecutionFilter, ExecutionQueue, Finish, NewExecution,
 use fnrt_core::function::manifest::RetrySpec;
 use fnrt_core::invoke::{CacheDirective, CoreError, Invocation, Origin};
 use fnrt_core::language::LanguageTitle;
+pub use fnrt_core::timefmt::{format_ms, now_ms};
 
 /// How long a run whose function is still being built waits before it
 /// looks again.
@@ -177,10 +178,6 @@ impl std::fmt::Debug for Executions {
             .field("owner", &self.owner)
             .finish_non_exhaustive()
     }
-}
-
-pub fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 fn internal(e: crate::store::StoreError) -> ApiError {
@@ -768,17 +765,6 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("execution '{id}' not found"))
 }
 
-/// A Unix-millisecond time as the API shows times (RFC 3339, UTC).
-/// Always three decimals, so such times also sort as text.
-pub fn format_ms(ms: i64) -> String {
-    let shape =
-        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&shape).ok())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,13 +775,6 @@ mod tests {
             let wait = backoff_ms(1000, attempt) as f64;
             assert!((0.8 * base..=1.2 * base).contains(&wait), "attempt {attempt}: {wait}");
         }
-    }
-
-    #[test]
-    fn times_have_three_decimals_and_sort_as_text() {
-        assert_eq!(format_ms(1_764_748_800_000), "2025-12-03T08:00:00.000Z");
-        assert_eq!(format_ms(1_764_748_800_850), "2025-12-03T08:00:00.850Z");
-        assert!(format_ms(1_764_748_800_850) < format_ms(1_764_748_801_000));
     }
 
     #[test]

@@ -31,12 +31,13 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(rotate_signing_secret))
 }
 
-fn require_some_execute(auth: &Auth) -> Result<(), ApiError> {
-    if auth.0.can_execute_something() {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden("token has no 'execute:*' scope".into()))
-    }
+/// A signing secret as the API shows it.
+fn secret_view(found: Result<(String, i64), crate::store::StoreError>) -> Result<axum::Json<SigningSecret>, ApiError> {
+    let (secret, created) = found.map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(axum::Json(SigningSecret {
+        secret,
+        created_at: format_ms(created),
+    }))
 }
 
 /// The caller's callback signing secret, made on first use (extension).
@@ -53,17 +54,8 @@ fn require_some_execute(auth: &Auth) -> Result<(), ApiError> {
     security(("bearer" = []))
 )]
 async fn signing_secret(State(state): State<AppState>, auth: Auth) -> Result<axum::Json<SigningSecret>, ApiError> {
-    require_some_execute(&auth)?;
-    let (secret, created) = state
-        .executions
-        .callbacks
-        .secret(&auth.0.sub)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    Ok(axum::Json(SigningSecret {
-        secret,
-        created_at: format_ms(created),
-    }))
+    crate::engine::require_some_execute_scope(&auth.0)?;
+    secret_view(state.executions.callbacks.secret(&auth.0.sub).await)
 }
 
 /// Replace the caller's signing secret (extension): callbacks sent from
@@ -84,17 +76,8 @@ async fn rotate_signing_secret(
     State(state): State<AppState>,
     auth: Auth,
 ) -> Result<axum::Json<SigningSecret>, ApiError> {
-    require_some_execute(&auth)?;
-    let (secret, created) = state
-        .executions
-        .callbacks
-        .rotate(&auth.0.sub)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    Ok(axum::Json(SigningSecret {
-        secret,
-        created_at: format_ms(created),
-    }))
+    crate::engine::require_some_execute_scope(&auth.0)?;
+    secret_view(state.executions.callbacks.rotate(&auth.0.sub).await)
 }
 
 /// An asynchronous run to queue.
