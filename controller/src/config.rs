@@ -199,6 +199,13 @@ pub struct ServeArgs {
     /// whatever `MAX_BODY_BYTES` says.
     #[arg(long, env = "MAX_PACKAGE_MB", default_value_t = 50)]
     pub max_package_mb: u64,
+    /// Bytes of what one execution writes to stdout and stderr kept as its
+    /// logs (the first ones; the rest is counted as dropped).
+    #[arg(long, env = "LOG_LIMIT_BYTES", default_value_t = 64 * 1024)]
+    pub log_limit_bytes: usize,
+    /// How long function logs are kept, in hours.
+    #[arg(long, env = "LOG_RETENTION_HOURS", default_value_t = 168)]
+    pub log_retention_hours: u64,
     /// Largest result a function may return, in bytes of JSON.
     #[arg(long, env = "MAX_RESULT_BYTES", default_value_t = 1024 * 1024)]
     pub max_result_bytes: usize,

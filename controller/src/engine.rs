@@ -45,6 +45,8 @@ pub struct InitializeOptions {
 
 #[derive(Debug)]
 pub struct Executed {
+    /// The execution's id: its logs are at `/api/v1/executions/{id}/logs`.
+    pub execution_id: uuid::Uuid,
     pub language_title: String,
     pub execution_time_ms: u64,
     pub cached: bool,
@@ -253,14 +255,34 @@ impl Engine {
         }
     }
 
-    /// Runs the session's function with `params`.
+    /// Runs the session's function with `params`. A failure of a run
+    /// that happened names its execution (its logs tell why).
     pub async fn execute(
         &self,
         subject: &Subject,
         request_id: &str,
         params: Value,
         directive: CacheDirective,
-    ) -> Result<Executed, ApiError> {
+    ) -> Result<Executed, (ApiError, Option<uuid::Uuid>)> {
+        let execution_id = uuid::Uuid::new_v4();
+        match self
+            .execute_as(subject, request_id, params, directive, execution_id)
+            .await
+        {
+            Err(refused) => Err((refused, None)),
+            Ok(ran) => ran.map_err(|failed| (failed, Some(execution_id))),
+        }
+    }
+
+    /// Err: refused before anything ran; Ok: how the run went.
+    async fn execute_as(
+        &self,
+        subject: &Subject,
+        request_id: &str,
+        params: Value,
+        directive: CacheDirective,
+        execution_id: uuid::Uuid,
+    ) -> Result<Result<Executed, ApiError>, ApiError> {
         let started = std::time::Instant::now();
         require_some_execute_scope(subject)?;
         // The session's lock first, then one read of the session under it: a
@@ -309,6 +331,7 @@ impl Engine {
                 request_id,
                 subject: &subject.sub,
             },
+            execution_id,
             run_context: None,
             cancel: None,
         };
@@ -330,14 +353,14 @@ impl Engine {
             drop(slot);
             self.slots.lock().unwrap().remove(&key);
         }
-        let invoked = invoked?;
-        Ok(Executed {
+        Ok(invoked.map_err(ApiError::from).map(|invoked| Executed {
+            execution_id,
             language_title: session.language_title,
             execution_time_ms: started.elapsed().as_millis() as u64,
             cached: invoked.cached,
             result: invoked.result,
             instance_recreated: invoked.instance_recreated,
-        })
+        }))
     }
 
     /// Forgets a deleted function's sessions and idle instances.

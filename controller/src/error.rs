@@ -164,6 +164,10 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ExecuteErrorBody {
     pub request_id: String,
+    /// The execution that failed, when the function ran (extension): its
+    /// logs are at `/api/v1/executions/{execution_id}/logs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub execution_id: Option<String>,
     pub error: ErrorObject,
 }
 
@@ -182,15 +186,60 @@ pub struct WithRequestId(pub String, pub ApiError);
 impl IntoResponse for WithRequestId {
     fn into_response(self) -> Response {
         let WithRequestId(request_id, err) = self;
+        FailedExecution {
+            request_id,
+            execution_id: None,
+            error: err,
+        }
+        .into_response()
+    }
+}
+
+/// An execute that failed, with the execution when the function ran
+/// (the body carries it, and `X-Execution-Id`).
+#[derive(Debug)]
+pub struct FailedExecution {
+    pub request_id: String,
+    pub execution_id: Option<uuid::Uuid>,
+    pub error: ApiError,
+}
+
+impl From<WithRequestId> for FailedExecution {
+    fn from(WithRequestId(request_id, error): WithRequestId) -> Self {
+        FailedExecution {
+            request_id,
+            execution_id: None,
+            error,
+        }
+    }
+}
+
+impl IntoResponse for FailedExecution {
+    fn into_response(self) -> Response {
+        let FailedExecution {
+            request_id,
+            execution_id,
+            error,
+        } = self;
         let body = ExecuteErrorBody {
             request_id,
-            error: err.body(),
+            execution_id: execution_id.map(|id| id.to_string()),
+            error: error.body(),
         };
-        let mut response = (err.status(), axum::Json(body)).into_response();
-        err.headers(&mut response);
+        let mut response = (error.status(), axum::Json(body)).into_response();
+        error.headers(&mut response);
+        if let Some(id) = execution_id {
+            response.headers_mut().insert(
+                EXECUTION_ID_HEADER,
+                axum::http::HeaderValue::from_str(&id.to_string()).expect("a uuid is a header value"),
+            );
+        }
         response
     }
 }
+
+/// The header that names an execution on execute's answers.
+pub const EXECUTION_ID_HEADER: &str = "x-execution-id";
 
 impl From<crate::registry::RegistryError> for ApiError {
     fn from(e: crate::registry::RegistryError) -> Self {

@@ -12,7 +12,7 @@
 //! - [`client`]: `fnrt`, the client CLI (the package's second binary).
 //! - [`startup`]: [`startup::Application`] builds everything and serves.
 //! - [`http`]: one module per resource (`initialize`, `execute`, `sessions`, `executions`, `ws`,
-//!   `functions`, `health`), the guard (token, rate limit) and extractors.
+//!   `functions`, `logs`, `health`), the guard (token, rate limit) and extractors.
 //! - [`invoke`]: the invocation core: one call runs one function version
 //!   (schema, cache, instance, the deadline, records, metrics); no HTTP in it.
 //! - [`engine`]: the session layer over the core: initialize, execute, close;
@@ -24,6 +24,8 @@
 //! - [`store`]: the `FunctionStore`, `ExecutionStore`, `ExecutionQueue` and `StoreHealth` traits,
 //!   their SQLite and PostgreSQL implementations.
 //! - [`records`]: durable execution records, batched off the request path.
+//! - [`logs`]: function logs as users read them (per execution, per
+//!   function live), the recent ones and the retention sweep.
 //! - [`sessions`]: the `SessionStore` trait and its in-memory implementation.
 //! - [`cache`]: the `ResultCache` trait, the cache key, the moka L1, the
 //!   Redis L2, and `Layers` that chains them.
@@ -51,6 +53,7 @@ pub mod engine;
 pub mod error;
 pub mod executions;
 pub mod http;
+pub mod logs;
 pub mod ratelimit;
 pub mod records;
 pub mod redis_cache;

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use fnrt_core::records::{ExecutionRecord, RecordSink};
 
+use crate::logs::Recent;
 use crate::store::ExecutionStore;
 
 /// Records waiting to be written, at most.
@@ -27,16 +28,22 @@ const BATCH: usize = 256;
 pub struct ExecutionLog {
     tx: mpsc::Sender<ExecutionRecord>,
     dropped: Arc<AtomicU64>,
+    /// Records (and their function logs) readable before they are written.
+    recent: Arc<Recent>,
 }
 
 impl ExecutionLog {
     /// The log and its writer task (run it until the log's senders are dropped).
-    pub fn new(store: Arc<dyn ExecutionStore>) -> (Self, impl Future<Output = ()> + Send + 'static) {
+    pub fn new(
+        store: Arc<dyn ExecutionStore>,
+        recent: Arc<Recent>,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::channel(QUEUE);
         (
             ExecutionLog {
                 tx,
                 dropped: Arc::new(AtomicU64::new(0)),
+                recent,
             },
             write_all(store, rx),
         )
@@ -51,6 +58,10 @@ impl ExecutionLog {
 impl RecordSink for ExecutionLog {
     /// Queues the record; never waits.
     fn record(&self, record: ExecutionRecord) {
+        // Cache hits run nothing: there is nothing to read before the write.
+        if !record.cached {
+            self.recent.remember(&record);
+        }
         if self.tx.try_send(record).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {

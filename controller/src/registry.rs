@@ -29,6 +29,9 @@ use fnrt_core::language::{CRATE_ENTRYPOINT, Language, LanguageTitle};
 #[derive(Debug, Clone)]
 pub struct FunctionEntry {
     pub source: Source,
+    /// The subject that registered it (None: bundled): it reads every
+    /// execution's logs.
+    pub owner: Option<String>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     pub current: Arc<FunctionVersion>,
@@ -38,6 +41,7 @@ impl FunctionEntry {
     fn from_stored(f: StoredFunction) -> anyhow::Result<Self> {
         Ok(FunctionEntry {
             source: f.source,
+            owner: f.owner,
             created_at: f.created_at,
             updated_at: f.updated_at,
             current: Arc::new(version_from_stored(f.current)?),
@@ -245,14 +249,16 @@ impl Registry {
         Ok(Some(v))
     }
 
-    /// Registers a new function at version 1.
+    /// Registers a new function at version 1, owned by `owner`.
     pub async fn create(
         &self,
         lt: &LanguageTitle,
         spec: FunctionSpec,
         code: Submission,
+        owner: &str,
     ) -> Result<FunctionEntry, RegistryError> {
-        let new = self.prepare(lt, spec, code, true).await?;
+        let mut new = self.prepare(lt, spec, code, true).await?;
+        new.owner = Some(owner.to_owned());
         match self.store.create(new, Source::Api).await {
             Ok(f) => self.remember(f),
             Err(StoreError::Conflict) => Err(RegistryError::Exists(lt.to_string())),
@@ -364,6 +370,7 @@ impl Registry {
             code_hash: manifest.code_hash(&code),
             manifest: serde_json::to_value(&manifest).map_err(|e| RegistryError::Store(e.into()))?,
             code,
+            owner: None,
         })
     }
 

@@ -47,6 +47,8 @@ use fnrt_core::runtime::pool::{InstancePool, PoolConfig};
 const MAX_CACHE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often expired sessions and idle rate-limit keys are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Sweeps between two deletions of logs past their retention (5 minutes).
+const LOG_SWEEP_TICKS: u64 = 60;
 
 pub struct Application {
     listener: TcpListener,
@@ -228,7 +230,14 @@ impl Application {
         tracing::info!(?placement, "placement");
         let placement = Arc::new(placement);
         let backends = Arc::new(Backends::new(placement.clone(), builder.clone(), installer.clone()));
-        let (records, write_records) = ExecutionLog::new(stores.executions.clone());
+        let logs = Arc::new(crate::logs::Logs {
+            store: stores.logs.clone(),
+            recent: Arc::default(),
+            hub: Arc::default(),
+            limit_bytes: args.log_limit_bytes,
+            retention: Duration::from_secs(args.log_retention_hours.max(1) * 3600),
+        });
+        let (records, write_records) = ExecutionLog::new(stores.executions.clone(), logs.recent.clone());
         let registry = Arc::new(
             Registry::load(stores.functions.clone(), Some(backends.clone()))
                 .await?
@@ -271,16 +280,20 @@ impl Application {
             Some(redis) => Arc::new(FallbackSessionStore::new(RedisSessionStore::new(redis.clone()))),
             None => Arc::new(MemorySessionStore::default()),
         };
-        let core = Arc::new(Invoker::new(
-            cache,
-            pool.clone(),
-            metrics.clone(),
-            Arc::new(records),
-            InvokeSettings {
-                cache_ttl: Duration::from_secs(args.cache_ttl_secs),
-                max_cache_ttl: MAX_CACHE_TTL,
-            },
-        ));
+        let core = Arc::new(
+            Invoker::new(
+                cache,
+                pool.clone(),
+                metrics.clone(),
+                Arc::new(records),
+                InvokeSettings {
+                    cache_ttl: Duration::from_secs(args.cache_ttl_secs),
+                    max_cache_ttl: MAX_CACHE_TTL,
+                    log_limit_bytes: args.log_limit_bytes,
+                },
+            )
+            .with_followers(logs.hub.clone()),
+        );
         let engine = Arc::new(Engine::new(
             registry,
             sessions,
@@ -311,9 +324,12 @@ impl Application {
         tasks.spawn({
             let engine = engine.clone();
             let limiter = local_limiter.clone();
+            let logs = logs.clone();
             let stop = stop.clone();
             async move {
                 let mut tick = tokio::time::interval(SWEEP_EVERY);
+                // Old function logs are deleted at start-up, then every few minutes.
+                let mut ticks: u64 = 0;
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -321,6 +337,10 @@ impl Application {
                     }
                     engine.sweep().await;
                     limiter.shrink();
+                    if ticks.is_multiple_of(LOG_SWEEP_TICKS) {
+                        logs.sweep().await;
+                    }
+                    ticks += 1;
                     // Other replicas may have changed functions in a shared store.
                     if let Err(e) = engine.registry.refresh().await {
                         tracing::debug!(error = format!("{e:#}"), "refreshing the registry");
@@ -361,6 +381,7 @@ impl Application {
             redis,
             builder: builder.clone().ok(),
             installer: installer.clone(),
+            logs,
         };
         let router = http::router(
             state,

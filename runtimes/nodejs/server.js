@@ -16,12 +16,13 @@
  *   - HTTP plumbing           bounded JSON bodies, JSON responses, routing
  *
  * stdout and stderr belong to the function; the server itself writes only
- * short diagnostics to stderr.
+ * short diagnostics to stderr, and a run's `log_marker` to both when it ends.
  */
 
 const fs = require('fs');
 const http = require('http');
 const path = require('path');
+const { setTimeout: sleep } = require('timers/promises');
 const { pathToFileURL } = require('url');
 const util = require('util');
 
@@ -31,6 +32,8 @@ const MAX_BODY_BYTES = 16 * 1024 * 1024;
 const ENTRYPOINT_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 /** The only variables of the original environment the function keeps. */
 const KEPT_ENV = ['PATH', 'HOME', 'LANG', 'TMPDIR'];
+/** A /run's `log_marker`, written on both streams when the run ends. */
+const LOG_MARKER_RE = /^[A-Za-z0-9_-]{16,64}$/;
 
 // Deep call chains in user code would otherwise push the frame we report
 // (the innermost one in the entrypoint file) out of the default 10 frames.
@@ -80,8 +83,13 @@ const state = {
   entryFile: null,
   /** Where the controller puts a multi-file function's files: `function/` beside the socket. */
   packageDir: null,
-  /** The run in progress, or null; `fail(err)` ends it with an uncaught error. */
+  /**
+   * The run in progress (until its logs are ended), or null; `fail(err)` ends it
+   * with an uncaught error, and is null once its outcome is decided.
+   */
   currentRun: null,
+  /** process.stdout and process.stderr as they were at start-up (a function may replace them). */
+  stdio: null,
 };
 
 // An error thrown or a promise rejected outside the handler's own promise chain
@@ -90,7 +98,7 @@ const state = {
 // logged. A stray error from an earlier run that surfaces during a later one is
 // attributed to the later one; there is no way to tell them apart.
 function onStrayError(err, kind) {
-  if (state.currentRun !== null) {
+  if (state.currentRun !== null && state.currentRun.fail !== null) {
     state.currentRun.fail(err);
   } else {
     log(`${kind} outside a run: ${safeInspect(err)}`);
@@ -390,7 +398,11 @@ function parseRun(body) {
   if (deadline !== undefined && deadline !== null && !(typeof deadline === 'number' && deadline >= 0)) {
     throw new BadRequest('"deadline_ms" must be a non-negative number');
   }
-  return { params, context };
+  const logMarker = body.log_marker;
+  if (logMarker !== undefined && !(typeof logMarker === 'string' && LOG_MARKER_RE.test(logMarker))) {
+    throw new BadRequest('"log_marker" must be a string of 16 to 64 characters from [A-Za-z0-9_-]');
+  }
+  return { params, context, logMarker };
 }
 
 /** Serialises the handler's result: {json}, or {error} when JSON cannot represent it. */
@@ -435,16 +447,23 @@ async function handleRun(body) {
     run.fail = (err) => resolve({ thrown: err });
   });
   state.currentRun = run;
-  let outcome;
   try {
     const called = (async () => ({
       value: await Reflect.apply(state.handler, state.exports, [request.params, request.context]),
     }))().catch((err) => ({ thrown: err }));
-    outcome = await Promise.race([called, strayError]);
+    const outcome = await Promise.race([called, strayError]);
+    // Decided: a stray error from here on is only logged.
+    run.fail = null;
+    // Made inside the run: serialising may call the function's toJSON, which may print.
+    return runAnswer(outcome);
   } finally {
+    // Still busy meanwhile, so the next run's output cannot come before the markers.
+    if (request.logMarker !== undefined) await endLogs(request.logMarker);
     state.currentRun = null;
   }
+}
 
+function runAnswer(outcome) {
   if ('thrown' in outcome) {
     const { code, message, details } = describeThrown(outcome.thrown, 'RUNTIME_ERROR');
     return [200, errorBody(code, message, details)];
@@ -456,6 +475,36 @@ async function handleRun(body) {
   }
   // Spliced in as text: the result has been serialised once already.
   return [200, `{"result":${serialised.json}}`];
+}
+
+/**
+ * Ends a run's logs: once what the function wrote has reached the pipes,
+ * writes `marker\n` to fd 1, then to fd 2, past process.stdout (which the
+ * function may have replaced or patched). No newline goes before it: the
+ * controller takes a line ending in the marker as the end.
+ */
+async function endLogs(marker) {
+  // Node makes a pipe non-blocking: what it could not take at once waits in
+  // the stream, and must come first.
+  for (const stream of state.stdio) {
+    while (stream.writableLength > 0 && !stream.destroyed) await sleep(1);
+  }
+  const line = Buffer.from(`${marker}\n`);
+  await writeFully(1, line);
+  await writeFully(2, line);
+}
+
+/** Writes all of `buffer` to `fd`, waiting while a full pipe says EAGAIN; gives up on other errors. */
+async function writeFully(fd, buffer) {
+  let offset = 0;
+  while (offset < buffer.length) {
+    try {
+      offset += fs.writeSync(fd, buffer, offset);
+    } catch (err) {
+      if (err.code !== 'EAGAIN') return; // a closed pipe: nobody reads it any more
+      await sleep(1);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -572,6 +621,7 @@ function removeStaleSocket(socketPath) {
 
 function main() {
   const { socketPath } = parseArgs(process.argv.slice(2));
+  state.stdio = [process.stdout, process.stderr];
   state.packageDir = path.join(path.dirname(path.resolve(socketPath)), 'function');
 
   try {

@@ -21,7 +21,8 @@ Connections are served by one thread each, so `GET /health` answers while a
 run is in progress and a second, concurrent `POST /run` gets 409 BUSY.
 
 stdout and stderr belong to the function (`print`); the server itself writes
-nothing to stdout and only real problems to stderr.
+nothing to stdout and only real problems to stderr, besides a run's
+`log_marker` on both when the run ends.
 """
 
 import argparse
@@ -56,6 +57,9 @@ DEPS_DIR = "deps"
 
 # `[A-Za-z0-9_.-]{1,64}`; matched with fullmatch, so no trailing newline slips in.
 ENTRYPOINT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+# A /run's `log_marker`, written on both streams when the run ends; fullmatch too.
+LOG_MARKER_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 # The only variables of the runtime's own environment the function keeps.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
@@ -308,6 +312,10 @@ class Runtime:
         deadline = _field(body, "deadline_ms", (int, float), "a number")
         if deadline is not None and deadline < 0:
             raise RequestError(400, "BAD_REQUEST", "'deadline_ms' must not be negative")
+        marker_rule = "a string of 16 to 64 characters from [A-Za-z0-9_-]"
+        marker = _field(body, "log_marker", str, marker_rule)
+        if marker is not None and not LOG_MARKER_RE.fullmatch(marker):
+            raise RequestError(400, "BAD_REQUEST", f"'log_marker' must be {marker_rule}")
 
         if not self.initialized:
             raise RequestError(409, "NOT_INITIALIZED", "POST /init must succeed before /run")
@@ -327,6 +335,9 @@ class Runtime:
                 details = {"type": type(exc).__name__}
                 return encode_json(error_body("RUNTIME_ERROR", clean_text(self._sanitize(message)), details))
         finally:
+            # Before the answer, and still holding the lock, so the next run's output comes after it.
+            if marker is not None:
+                _end_logs(marker)
             self._run_lock.release()
 
     def _call(self, params, context):
@@ -458,13 +469,30 @@ def _message(exc):
 
 
 def _flush_std_streams():
-    # stdout is block-buffered on a pipe; flush so the controller's tail of the
-    # function's output is complete even if the instance is killed next.
-    for stream in (sys.stdout, sys.stderr):
+    # A partial line stays buffered; flush so the controller has all the
+    # function's output even if the instance is killed next. The function may
+    # have replaced sys.stdout/sys.stderr: flush those and the real ones.
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()
         except Exception:
             pass
+
+
+def _end_logs(marker):
+    """End a run's logs: once the function's output is flushed, `marker` and a
+    newline go straight to fds 1 and 2 (past a replaced sys.stdout). No newline
+    before it: the controller takes a line ending in the marker as the end."""
+    _flush_std_streams()
+    line = (marker + "\n").encode("ascii")
+    for fd in (1, 2):
+        data = line
+        try:
+            while data:
+                written = os.write(fd, data)
+                data = data[written:]
+        except OSError:
+            pass  # a closed pipe: nobody reads it any more
 
 
 # Status -> error code for the answers http.server produces by itself.
@@ -682,6 +710,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Python runtime server (see docs/runtime-protocol.md).")
     parser.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
     args = parser.parse_args(argv)
+
+    # A pipe makes stdout block-buffered; line by line, the controller gets
+    # each line while the run goes on (live logs).
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except Exception:
+        pass
 
     # A multi-file function's files are put beside the socket.
     package_dir = os.path.join(os.path.dirname(os.path.abspath(args.socket)), FUNCTION_DIR)

@@ -538,6 +538,121 @@ class Http(RuntimeTestCase):
         self.assertEqual(self.rt.stderr_text(), "")
 
 
+class LogMarker(RuntimeTestCase):
+    MARKER = "fnrt-log-end-0123456789abcdef"
+
+    def run_marked(self, params=None, marker=MARKER):
+        return self.rt.request("POST", "/run", {"params": params or {}, "context": {}, "deadline_ms": 30000, "log_marker": marker})
+
+    def test_a_marker_ends_the_runs_output_on_stdout_and_stderr(self):
+        code = "import sys\ndef handler(p, c):\n    print('a')\n    sys.stdout.write('partial')\n    print('b', file=sys.stderr)\n    return 1\n"
+        self.rt.init(code)
+        self.assertEqual(self.run_marked(), (200, {"result": 1}))
+        # No newline of the runtime's before the marker: "partial" is the run's last, unterminated line.
+        self.assertEqual(self.rt.stdout_text(), f"a\npartial{self.MARKER}\n")
+        self.assertEqual(self.rt.stderr_text(), f"b\n{self.MARKER}\n")
+
+    def test_a_print_without_newline_comes_before_the_marker(self):
+        self.rt.init("def handler(p, c):\n    print('x')\n    print('no newline', end='', flush=False)\n")
+        self.assertEqual(self.run_marked(), (200, {"result": None}))
+        self.assertEqual(self.rt.stdout_text(), f"x\nno newline{self.MARKER}\n")
+
+    def test_every_outcome_ends_with_the_marker(self):
+        code = (
+            "class Bad(Exception):\n"
+            "    code = 'INVALID_PARAMS'\n"
+            "def handler(p, c):\n"
+            "    print('out', p['kind'], end='')\n"
+            "    if p['kind'] == 'raise':\n"
+            "        raise ValueError('bad')\n"
+            "    if p['kind'] == 'invalid':\n"
+            "        raise Bad('no')\n"
+            "    if p['kind'] == 'exit':\n"
+            "        raise SystemExit(3)\n"
+            "    if p['kind'] == 'set':\n"
+            "        return {1, 2}\n"
+            "    return p['kind']\n"
+        )
+        self.rt.init(code)
+        cases = {"value": None, "raise": "RUNTIME_ERROR", "invalid": "INVALID_PARAMS", "exit": "RUNTIME_ERROR", "set": "RUNTIME_ERROR"}
+        for kind, error_code in cases.items():
+            with self.subTest(kind=kind):
+                marker = f"marker-{kind}-".ljust(24, "x")
+                status, body = self.run_marked({"kind": kind}, marker)
+                self.assertEqual(status, 200)
+                if error_code is None:
+                    self.assertEqual(body, {"result": kind})
+                else:
+                    self.assertEqual(body["error"]["code"], error_code)
+                self.assertTrue(self.rt.stdout_text().endswith(f"out {kind}{marker}\n"), self.rt.stdout_text())
+                self.assertTrue(self.rt.stderr_text().endswith(f"{marker}\n"), self.rt.stderr_text())
+                self.assertEqual(self.rt.stdout_text().count(marker), 1)
+                self.assertEqual(self.rt.stderr_text().count(marker), 1)
+
+    def test_the_marker_gets_past_replaced_sys_stdout_and_sys_stderr(self):
+        code = (
+            "import io, sys\n"
+            "def handler(p, c):\n"
+            "    print('real', end='')\n"
+            "    sys.stdout, sys.stderr = io.StringIO(), io.StringIO()\n"
+            "    print('swallowed')\n"
+            "    print('swallowed', file=sys.stderr)\n"
+        )
+        self.rt.init(code)
+        self.assertEqual(self.run_marked(), (200, {"result": None}))
+        # The real stdout's buffer is flushed too.
+        self.assertEqual(self.rt.stdout_text(), f"real{self.MARKER}\n")
+        self.assertEqual(self.rt.stderr_text(), f"{self.MARKER}\n")
+
+    def test_lines_reach_stdout_while_the_run_goes_on(self):
+        code = (
+            "import os, time\n"
+            "def handler(p, c):\n"
+            "    print('started')\n"
+            "    release = os.path.join(os.environ['TMPDIR'], 'release')\n"
+            "    deadline = time.monotonic() + 5\n"
+            "    while not os.path.exists(release) and time.monotonic() < deadline:\n"
+            "        time.sleep(0.01)\n"
+            "    return os.path.exists(release)\n"
+        )
+        self.rt.init(code)
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(self.run_marked()))
+        thread.start()
+        stdout_path = os.path.join(self.rt.instance_dir, "stdout.log")
+        deadline = time.monotonic() + 5
+        seen = b""
+        while time.monotonic() < deadline and b"started\n" not in seen:
+            with open(stdout_path, "rb") as f:
+                seen = f.read()
+            time.sleep(0.01)
+        # The line is there before the run ends: no flush of the function's, no marker yet.
+        self.assertEqual(seen, b"started\n")
+        open(os.path.join(self.rt.instance_dir, "tmp", "release"), "w").close()
+        thread.join(10)
+        self.assertEqual(answers, [(200, {"result": True})])
+        self.assertEqual(self.rt.stdout_text(), f"started\n{self.MARKER}\n")
+
+    def test_a_malformed_marker_is_refused_with_400_and_runs_nothing(self):
+        self.rt.init("def handler(p, c):\n    print('ran')\n    return 1\n")
+        for marker in ["a" * 15, "a" * 65, "a" * 16 + "\n", "a" * 16 + "!", "é" * 16, "", 42, None, True, ["a" * 16]]:
+            with self.subTest(marker=marker):
+                error = self.assertError(self.run_marked(marker=marker), 400, "BAD_REQUEST")
+                self.assertIn("'log_marker' must be a string of 16 to 64 characters", error["message"])
+        self.assertEqual(self.rt.stdout_text(), "")
+        # The bounds themselves are fine.
+        for marker in ["a" * 16, "Z9_-" * 16]:
+            self.assertEqual(self.run_marked(marker=marker), (200, {"result": 1}))
+        self.assertEqual(self.rt.stdout_text(), f"ran\n{'a' * 16}\nran\n{'Z9_-' * 16}\n")
+
+    def test_without_a_marker_nothing_is_added(self):
+        self.rt.init("import sys\ndef handler(p, c):\n    print('no newline', end='')\n    print('err', file=sys.stderr)\n")
+        self.rt.run()
+        self.rt.run()
+        self.assertEqual(self.rt.stdout_text(), "no newlineno newline")
+        self.assertEqual(self.rt.stderr_text(), "err\nerr\n")
+
+
 class CommandLine(unittest.TestCase):
     python = sys.executable
 

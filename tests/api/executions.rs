@@ -48,7 +48,13 @@ async fn post(app: &TestApp, token: &str, path: &str) -> Reply {
 }
 
 /// Polls an execution until `done` holds for it.
-async fn wait_until(app: &TestApp, token: &str, id: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_until(
+    app: &TestApp,
+    token: &str,
+    id: &str,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let started = Instant::now();
     loop {
         let r = app.get(Some(token), &format!("/api/v1/executions/{id}")).await;

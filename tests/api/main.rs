@@ -29,6 +29,7 @@ mod first_run;
 mod functions;
 mod initialize;
 mod limits;
+mod logs;
 mod newcomer;
 mod operations;
 mod packages;

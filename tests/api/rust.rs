@@ -44,6 +44,7 @@ fn probe(params: Value, _context: Context) -> Result<Value, Error> {
             // Output of the function's own: never part of its answer.
             println!("chatter {{\"not\": \"the result\"}}");
             print!("and no newline");
+            eprintln!("chatter on stderr");
             if params["fail"] == true {
                 return Err(Error::invalid_params("refused after chatting"));
             }
@@ -718,6 +719,29 @@ async fn what_a_function_prints_never_spoils_its_answer() {
             refused.body
         );
         assert_eq!(refused.body["error"]["message"], "refused after chatting");
+        // Both runs' output is their logs, each its own.
+        for r in [&ok, &refused] {
+            let execution_id = r.body["execution_id"].as_str().expect("execution_id");
+            let logs = app
+                .get(Some(&token), &format!("/api/v1/executions/{execution_id}/logs"))
+                .await;
+            let of = |stream: &str| -> Vec<String> {
+                logs.body["lines"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{lt}: {:?}", logs.body))
+                    .iter()
+                    .filter(|l| l["stream"] == stream)
+                    .map(|l| l["text"].as_str().unwrap().to_owned())
+                    .collect()
+            };
+            assert_eq!(
+                of("stdout"),
+                [r#"chatter {"not": "the result"}"#, "and no newline"],
+                "{lt}: {:?}",
+                logs.body
+            );
+            assert_eq!(of("stderr"), ["chatter on stderr"], "{lt}: {:?}", logs.body);
+        }
         if language == "wasm" {
             let printed = refused.body["error"]["details"]["stdout_tail"]
                 .as_str()

@@ -57,6 +57,7 @@ use crate::sandbox::Walls;
 use crate::uids::{UidLease, UidPool};
 use fnrt_core::function::FunctionVersion;
 use fnrt_core::language::Language;
+use fnrt_core::logs::{OutputTap, Stream};
 use fnrt_core::runtime::protocol::Endpoint;
 use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
 use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend, Shape};
@@ -489,10 +490,10 @@ impl RuntimeBackend for ProcessBackend {
         let pid = child.id().and_then(|p| Pid::from_raw(p as i32));
         let output = Arc::new(Output::default());
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(drain(out, output.clone(), false));
+            tokio::spawn(drain(out, output.clone(), Stream::Stdout));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(drain(err, output.clone(), true));
+            tokio::spawn(drain(err, output.clone(), Stream::Stderr));
         }
         let mut handle = ProcessHandle {
             id,
@@ -707,33 +708,39 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
     }
 }
 
-/// The last bytes of an instance's stdout and stderr.
+/// An instance's stdout and stderr: each run's lines go to its logs
+/// through the tap; the last bytes are kept for crash reports.
 #[derive(Debug, Default)]
 struct Output {
+    tap: Arc<OutputTap>,
     stdout: Mutex<VecDeque<u8>>,
     stderr: Mutex<VecDeque<u8>>,
 }
 
 impl Output {
-    fn tail(&self, stderr: bool) -> String {
-        let buf = if stderr { &self.stderr } else { &self.stdout };
+    fn tail(&self, stream: Stream) -> String {
+        let buf = match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        };
         let buf = buf.lock().unwrap();
         let (a, b) = buf.as_slices();
         String::from_utf8_lossy(&[a, b].concat()).into_owned()
     }
 }
 
-/// Reads a pipe to its end, keeping only the tail: a flood costs CPU, never memory.
-async fn drain(mut pipe: impl tokio::io::AsyncRead + Unpin, output: Arc<Output>, stderr: bool) {
+/// Reads a pipe to its end: a run's lines to its logs (capped), the tail
+/// for crash reports; a flood costs CPU, never memory.
+async fn drain(mut pipe: impl tokio::io::AsyncRead + Unpin, output: Arc<Output>, stream: Stream) {
     let mut chunk = vec![0u8; 8192];
     loop {
         match pipe.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                let mut buf = if stderr {
-                    output.stderr.lock().unwrap()
-                } else {
-                    output.stdout.lock().unwrap()
+                output.tap.feed(stream, &chunk[..n]);
+                let mut buf = match stream {
+                    Stream::Stdout => output.stdout.lock().unwrap(),
+                    Stream::Stderr => output.stderr.lock().unwrap(),
                 };
                 buf.extend(&chunk[..n]);
                 let excess = buf.len().saturating_sub(OUTPUT_TAIL_BYTES);
@@ -770,6 +777,10 @@ impl InstanceHandle for ProcessHandle {
         &self.id
     }
 
+    fn output(&self) -> Option<Arc<OutputTap>> {
+        Some(self.output.tap.clone())
+    }
+
     /// Also false when the function left a process or a zombie behind: such
     /// an instance is not handed to the next execution ([`crate::uids::Cgroup::grew`]:
     /// three small reads of its cgroup's files).
@@ -803,7 +814,7 @@ impl InstanceHandle for ProcessHandle {
         };
         Some(Exit {
             status,
-            output_tail: self.output.tail(true),
+            output_tail: self.output.tail(Stream::Stderr),
         })
     }
 

@@ -44,6 +44,7 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use crate::build::Builder;
 use fnrt_core::function::FunctionVersion;
 use fnrt_core::language::Language;
+use fnrt_core::logs::{OutputTap, Stream};
 use fnrt_core::metrics::Metrics;
 
 /// The variable that tells a module (built with fnrt-sdk) the marker to
@@ -343,7 +344,13 @@ impl Instance for WasmInstance {
         let input = serde_json::to_vec(&json!({ "params": request.params, "context": request.context }))
             .map_err(|e| InstanceError::Protocol(e.to_string()))?;
         let stdout = CappedOutput::new(self.backend.config.max_output_bytes);
-        let stderr = CappedOutput::new(STDERR_CAP);
+        // stderr lines go to the run's logs as they come; stdout's, which
+        // share the pipe with the answer, once the run is over.
+        let tap = OutputTap::new();
+        if let Some(logs) = request.logs {
+            tap.open(logs.clone(), "");
+        }
+        let stderr = CappedOutput::logged(STDERR_CAP, tap.clone());
         // What the module prints before this marker is its own output; its
         // answer follows the last one (modules not built with fnrt-sdk write
         // no marker: all of stdout is their answer).
@@ -379,6 +386,16 @@ impl Instance for WasmInstance {
             start.call_async(&mut store, ()).await
         }
         .await;
+        tap.close(Duration::ZERO).await;
+        if let Some(logs) = request.logs {
+            let contents = stdout.contents();
+            let (_, printed) = split_answer(&contents, marker.as_bytes());
+            if !printed.is_empty() {
+                for line in printed.split(|&b| b == b'\n') {
+                    logs.push(Stream::Stdout, line);
+                }
+            }
+        }
         let stderr_tail = tail(&stderr.contents());
         let exit = match outcome {
             Ok(()) => 0,
@@ -465,6 +482,10 @@ struct CappedOutput {
     buffer: Arc<Mutex<Vec<u8>>>,
     capacity: usize,
     overflowed: Arc<std::sync::atomic::AtomicBool>,
+    /// Where what is written also goes, line by line, as the run's logs
+    /// (stderr); writes past the capacity then succeed and are dropped
+    /// here, so a chatty module is not failed by its own logging.
+    tap: Option<Arc<OutputTap>>,
 }
 
 impl CappedOutput {
@@ -473,6 +494,14 @@ impl CappedOutput {
             buffer: Arc::new(Mutex::new(Vec::new())),
             capacity,
             overflowed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            tap: None,
+        }
+    }
+
+    fn logged(capacity: usize, tap: Arc<OutputTap>) -> Self {
+        CappedOutput {
+            tap: Some(tap),
+            ..CappedOutput::new(capacity)
         }
     }
 
@@ -491,8 +520,15 @@ impl tokio::io::AsyncWrite for CappedOutput {
         _cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(tap) = &self.tap {
+            tap.feed(Stream::Stderr, buf);
+        }
         let mut buffer = self.buffer.lock().unwrap();
         if buffer.len() + buf.len() > self.capacity {
+            if self.tap.is_some() {
+                // Only the crash report's copy is capped.
+                return std::task::Poll::Ready(Ok(buf.len()));
+            }
             self.overflowed.store(true, std::sync::atomic::Ordering::Relaxed);
             return std::task::Poll::Ready(Err(std::io::Error::other("output limit exceeded")));
         }

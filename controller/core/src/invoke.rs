@@ -24,6 +24,7 @@ use time::OffsetDateTime;
 use crate::artifact::BuildFailure;
 use crate::cache::{CacheKey, Layers};
 use crate::function::FunctionVersion;
+use crate::logs::{Captured, LogFollowers, RunLogs};
 use crate::metrics::Metrics;
 use crate::records::{ExecutionRecord, RecordSink};
 use crate::runtime::pool::{InstancePool, Lease};
@@ -48,6 +49,8 @@ pub struct InvokeSettings {
     pub cache_ttl: Duration,
     /// Longest TTL a `MaxAge` directive may ask for.
     pub max_cache_ttl: Duration,
+    /// Bytes of an execution's stdout and stderr kept as its logs.
+    pub log_limit_bytes: usize,
 }
 
 /// On whose behalf an invocation runs: what its execution record names.
@@ -70,6 +73,9 @@ pub struct Invocation<'a> {
     pub deadline: Duration,
     pub cache: CacheDirective,
     pub origin: Origin<'a>,
+    /// The execution's id: its record's, and its logs'. The caller chooses
+    /// it so that it can name the execution whatever the outcome.
+    pub execution_id: uuid::Uuid,
     /// What the function sees as its context when it differs from
     /// `context` (an asynchronous execution adds its id and attempt, which
     /// are not part of the cache key).
@@ -192,6 +198,8 @@ pub struct Invoker {
     metrics: Arc<Metrics>,
     /// Where answered invocations are recorded, off the request path.
     records: Arc<dyn RecordSink>,
+    /// Where log lines go live as they are captured.
+    followers: Option<Arc<dyn LogFollowers>>,
     settings: InvokeSettings,
 }
 
@@ -216,8 +224,15 @@ impl Invoker {
             pool,
             metrics,
             records,
+            followers: None,
             settings,
         }
+    }
+
+    /// Also hands every captured log line to `followers` as it comes.
+    pub fn with_followers(mut self, followers: Arc<dyn LogFollowers>) -> Self {
+        self.followers = Some(followers);
+        self
     }
 
     pub fn pool(&self) -> &Arc<InstancePool> {
@@ -289,7 +304,7 @@ impl Invoker {
             let found = self.cache.get(&key, max_age, l1_ttl).await;
             self.metrics.record_function_cache(language_title, found.is_some());
             if let Some(entry) = found {
-                self.finish(&invocation, started, started_at, "cache_hit", true, false);
+                self.finish(&invocation, started, started_at, "cache_hit", true, false, None);
                 return Ok(Invoked {
                     result: entry.result,
                     cached: true,
@@ -299,7 +314,12 @@ impl Invoker {
             }
         }
 
-        let (start, outcome) = self.run(&invocation, retained).await;
+        let mut logs = RunLogs::new(self.settings.log_limit_bytes);
+        if let Some(followers) = &self.followers {
+            logs = logs.followed(followers.clone(), language_title, &invocation.execution_id.to_string());
+        }
+        let logs = Arc::new(logs);
+        let (start, outcome) = self.run(&invocation, retained, &logs).await;
         let result = match outcome {
             Ok(RunOutcome::Success(value)) => Ok(Arc::new(value)),
             Ok(RunOutcome::InvalidParams { message, details }) => Err(CoreError::InvalidParams { message, details }),
@@ -324,7 +344,9 @@ impl Invoker {
             Ok(_) => "success",
             Err(e) => e.outcome(),
         };
-        self.finish(&invocation, started, started_at, label, false, start.cold);
+        let captured = logs.take();
+        let captured = (!captured.is_empty()).then_some(captured);
+        self.finish(&invocation, started, started_at, label, false, start.cold, captured);
         result.map(|result| Invoked {
             result,
             cached: false,
@@ -339,6 +361,7 @@ impl Invoker {
         &self,
         invocation: &Invocation<'_>,
         mut retained: Option<&mut Retained>,
+        logs: &Arc<RunLogs>,
     ) -> (InstanceStart, Result<RunOutcome, CoreError>) {
         let kept = match retained.as_mut().and_then(|slot| slot.0.take()) {
             Some(mut lease) => {
@@ -368,6 +391,7 @@ impl Invoker {
             params: invocation.params,
             context: invocation.run_context.unwrap_or(invocation.context),
             deadline: invocation.deadline,
+            logs: Some(logs),
         };
         let request_id = invocation.origin.request_id;
         let cancelled = async {
@@ -414,6 +438,7 @@ impl Invoker {
     }
 
     /// Metrics and the durable record of one answered invocation.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
         invocation: &Invocation<'_>,
@@ -422,13 +447,14 @@ impl Invoker {
         outcome: &'static str,
         cached: bool,
         cold_start: bool,
+        logs: Option<Captured>,
     ) {
         let elapsed = started.elapsed();
         let function = invocation.function;
         self.metrics
             .record_execution(function.language_title.as_str(), outcome, elapsed);
         self.records.record(ExecutionRecord {
-            id: uuid::Uuid::new_v4(),
+            id: invocation.execution_id,
             request_id: invocation.origin.request_id.to_owned(),
             subject: invocation.origin.subject.to_owned(),
             language_title: function.language_title.to_string(),
@@ -438,6 +464,7 @@ impl Invoker {
             outcome: outcome.to_owned(),
             cached,
             cold_start,
+            logs,
         });
     }
 
@@ -511,6 +538,7 @@ mod tests {
         let settings = InvokeSettings {
             cache_ttl: Duration::from_secs(60),
             max_cache_ttl: Duration::from_secs(600),
+            log_limit_bytes: 64 * 1024,
         };
         Harness {
             core: Arc::new(Invoker::new(cache, pool, metrics, records.clone(), settings)),
@@ -550,6 +578,7 @@ mod tests {
                 request_id: "test",
                 subject: "tester",
             },
+            execution_id: uuid::Uuid::new_v4(),
             run_context: None,
             cancel: None,
         }

@@ -17,6 +17,8 @@
 //!   the [`function::CodeCheck`] a backend makes at registration.
 //! - [`cache`]: the [`cache::ResultCache`] trait, the key, the in-process L1
 //!   and [`cache::Layers`], which chains layers.
+//! - [`logs`]: function logs: one execution's captured stdout/stderr
+//!   ([`logs::RunLogs`]) and an instance's output split per run ([`logs::OutputTap`]).
 //! - [`records`]: the execution record and the [`records::RecordSink`] it goes to.
 //! - [`artifact`]: build targets, states and failures of Rust functions.
 //! - [`metrics`]: the Prometheus metrics (`lambda_*`).
@@ -30,6 +32,7 @@ pub mod cache;
 pub mod function;
 pub mod invoke;
 pub mod language;
+pub mod logs;
 pub mod metrics;
 pub mod records;
 pub mod runtime;

@@ -19,6 +19,8 @@ pub struct ExecutionRecord {
     pub outcome: String,
     pub cached: bool,
     pub cold_start: bool,
+    /// What the function wrote, when it wrote anything.
+    pub logs: Option<crate::logs::Captured>,
 }
 
 /// Where the core hands its records.

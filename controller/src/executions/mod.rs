@@ -591,6 +591,7 @@ impl Executions {
                 request_id: &row.id,
                 subject: &row.subject,
             },
+            execution_id: uuid::Uuid::new_v4(),
             run_context: Some(&run_context),
             cancel: Some(&token),
         };

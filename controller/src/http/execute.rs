@@ -12,7 +12,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use super::extract::{ApiJson, Auth};
-use crate::error::{ApiError, ExecuteErrorBody, WithRequestId};
+use crate::error::{ApiError, EXECUTION_ID_HEADER, ExecuteErrorBody, FailedExecution, WithRequestId};
 use fnrt_core::invoke::CacheDirective;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
@@ -29,6 +29,9 @@ pub(super) struct ExecuteBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct ExecuteResponse {
     pub request_id: String,
+    /// This execution (extension): its logs are at
+    /// `/api/v1/executions/{execution_id}/logs`; also in `X-Execution-Id`.
+    pub execution_id: String,
     #[schema(example = "nodejs-calculator")]
     pub language_title: String,
     /// Milliseconds spent serving this execution.
@@ -75,7 +78,7 @@ async fn execute(
     auth: Result<Auth, ApiError>,
     headers: HeaderMap,
     body: Result<ApiJson<ExecuteBody>, ApiError>,
-) -> Result<axum::Json<ExecuteResponse>, WithRequestId> {
+) -> Result<([(&'static str, String); 1], axum::Json<ExecuteResponse>), FailedExecution> {
     let with_id = |e: ApiError| WithRequestId(request_id.clone(), e);
     let Auth(subject) = auth.map_err(with_id)?;
     let ApiJson(body) = body.map_err(with_id)?;
@@ -88,15 +91,25 @@ async fn execute(
         .engine
         .execute(&subject, &request_id, params, directive)
         .await
-        .map_err(with_id)?;
-    Ok(axum::Json(ExecuteResponse {
-        request_id,
-        language_title: executed.language_title,
-        execution_time: executed.execution_time_ms,
-        cached: executed.cached,
-        result: executed.result,
-        instance_recreated: executed.instance_recreated,
-    }))
+        .map_err(|(error, execution_id)| FailedExecution {
+            request_id: request_id.clone(),
+            execution_id,
+            error,
+        })?;
+    let execution_id = executed.execution_id.to_string();
+    let header = [(EXECUTION_ID_HEADER, execution_id.clone())];
+    Ok((
+        header,
+        axum::Json(ExecuteResponse {
+            request_id,
+            execution_id,
+            language_title: executed.language_title,
+            execution_time: executed.execution_time_ms,
+            cached: executed.cached,
+            result: executed.result,
+            instance_recreated: executed.instance_recreated,
+        }),
+    ))
 }
 
 pub(super) fn cache_directive(headers: &HeaderMap) -> Result<CacheDirective, ApiError> {

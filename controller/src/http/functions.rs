@@ -71,6 +71,10 @@ pub(super) struct FunctionDetail {
     pub examples: Vec<Value>,
     /// sha256 of the version's code and behaviour (extension).
     pub code_hash: String,
+    /// The subject that registered it; absent for a bundled function
+    /// (extension). The owner reads every execution's logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// The version's limits (extension).
     pub limits: fnrt_core::function::manifest::Limits,
     /// The version's cache policy (extension).
@@ -151,6 +155,7 @@ fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>, installer: Option<&
         schema: f.current.manifest.schema.clone(),
         examples: f.current.manifest.examples.clone(),
         code_hash: f.current.code_hash.clone(),
+        owner: f.owner.clone(),
         limits: f.current.manifest.limits,
         cache: f.current.manifest.cache,
         retry: f.current.manifest.retry,
@@ -484,7 +489,7 @@ async fn create_function(
     let f = state
         .engine
         .registry
-        .create(&lt, spec, code)
+        .create(&lt, spec, code, &auth.0.sub)
         .await
         .map_err(ApiError::from)?;
     tracing::info!(language_title = %lt, version = f.current.version, sub = %auth.0.sub, "function registered");

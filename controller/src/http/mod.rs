@@ -19,6 +19,7 @@ mod functions;
 mod guard;
 mod health;
 mod initialize;
+mod logs;
 mod sessions;
 mod ws;
 
@@ -62,6 +63,8 @@ pub struct AppState {
     pub builder: Option<Arc<fnrt_backends::build::Builder>>,
     /// Installs packages' dependencies (their state shows in details).
     pub installer: Option<Arc<fnrt_backends::deps::Installer>>,
+    /// Function logs: per execution, per function live.
+    pub logs: Arc<crate::logs::Logs>,
 }
 
 /// HTTP settings that are not state.
@@ -198,6 +201,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(sessions::router())
         .merge(functions::router())
         .merge(executions::router())
+        .merge(logs::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), guard::guard));
     let (api, mut doc) = guarded.merge(health::router()).split_for_parts();
     let (_, openapi_paths) = OpenApiRouter::<Arc<String>>::new()
@@ -364,7 +368,15 @@ async fn json_errors(req: Request, next: Next) -> Response {
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     let mut fresh = match request_id {
-        Some(request_id) => (status, axum::Json(ExecuteErrorBody { request_id, error })).into_response(),
+        Some(request_id) => (
+            status,
+            axum::Json(ExecuteErrorBody {
+                request_id,
+                execution_id: None,
+                error,
+            }),
+        )
+            .into_response(),
         None => (status, axum::Json(ErrorBody { error })).into_response(),
     };
     for (name, value) in parts.headers.iter() {

@@ -92,6 +92,8 @@ pub struct StoredFunction {
     pub language_title: String,
     #[sqlx(try_from = "String")]
     pub source: Source,
+    /// The subject that registered it (None: bundled).
+    pub owner: Option<String>,
     #[sqlx(rename = "function_created_at")]
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
@@ -109,6 +111,8 @@ pub struct NewVersion {
     pub manifest: Value,
     pub code: String,
     pub code_hash: String,
+    /// Who registers it; kept only when the function is created.
+    pub owner: Option<String>,
 }
 
 pub use fnrt_core::records::ExecutionRecord;
@@ -168,6 +172,34 @@ pub trait ExecutionStore: Send + Sync {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError>;
     /// The records of one session, oldest first (operations and tests).
     async fn executions_of(&self, request_id: &str) -> Result<Vec<ExecutionRecord>, StoreError>;
+}
+
+/// One execution's logs as stored.
+#[derive(Debug, Clone)]
+pub struct StoredLogs {
+    pub execution_id: String,
+    /// Its session or asynchronous execution.
+    pub request_id: String,
+    pub subject: String,
+    pub language_title: String,
+    /// When the execution started, Unix milliseconds.
+    pub created_ms: i64,
+    pub captured: fnrt_core::logs::Captured,
+}
+
+/// What functions wrote (`execution_logs`), written with the execution
+/// records and read by the logs endpoints.
+#[async_trait]
+pub trait LogStore: Send + Sync {
+    /// The logs of execution `id`, or of every execution of the session or
+    /// asynchronous execution `id`, oldest first.
+    async fn logs_of(&self, id: &str) -> Result<Vec<StoredLogs>, StoreError>;
+    /// An execution's record (an execution that wrote nothing has no logs row).
+    async fn execution(&self, id: uuid::Uuid) -> Result<Option<ExecutionRecord>, StoreError>;
+    /// The logs of a function's last `limit` executions that wrote anything, oldest first.
+    async fn function_logs(&self, language_title: &str, limit: i64) -> Result<Vec<StoredLogs>, StoreError>;
+    /// Deletes logs of executions started before `before_ms`; how many.
+    async fn purge_logs(&self, before_ms: i64) -> Result<u64, StoreError>;
 }
 
 /// One asynchronous execution as stored (an `async_executions` row): the
@@ -347,6 +379,7 @@ pub struct Stores {
     pub functions: Arc<dyn FunctionStore>,
     pub executions: Arc<dyn ExecutionStore>,
     pub queue: Arc<dyn ExecutionQueue>,
+    pub logs: Arc<dyn LogStore>,
     pub health: Arc<dyn StoreHealth>,
 }
 
@@ -362,13 +395,14 @@ impl Stores {
     /// Every store of one database that implements them all.
     pub fn of<S>(store: S) -> Stores
     where
-        S: FunctionStore + ExecutionStore + ExecutionQueue + StoreHealth + 'static,
+        S: FunctionStore + ExecutionStore + ExecutionQueue + LogStore + StoreHealth + 'static,
     {
         let store = Arc::new(store);
         Stores {
             functions: store.clone(),
             executions: store.clone(),
             queue: store.clone(),
+            logs: store.clone(),
             health: store,
         }
     }

@@ -19,9 +19,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, ExecutionStore, Finish, FunctionStore, NewExecution,
-    NewVersion, QueuedExecution, Source, StoreError, StoreHealth, StoredFunction, StoredVersion,
+    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, ExecutionStore, Finish, FunctionStore, LogStore,
+    NewExecution, NewVersion, QueuedExecution, Source, StoreError, StoreHealth, StoredFunction, StoredLogs,
+    StoredVersion,
 };
+use fnrt_core::logs::{Captured, LogLine, Stream};
 use fnrt_core::timefmt;
 
 /// What differs between SQLite and PostgreSQL, each named once; the
@@ -66,7 +68,7 @@ impl<DB: sqlx::Database> SqlStore<DB> {
 /// string.
 macro_rules! select_function {
     () => {
-        "SELECT f.language_title, f.source, f.created_at AS function_created_at, f.updated_at, \
+        "SELECT f.language_title, f.source, f.owner, f.created_at AS function_created_at, f.updated_at, \
          v.version, v.manifest, v.code, v.code_hash, v.created_at \
          FROM functions f JOIN function_versions v \
          ON v.language_title = f.language_title AND v.version = f.current_version"
@@ -83,6 +85,7 @@ where
     for<'r> (String, i64): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'q> Value: Encode<'q, DB> + Type<DB>,
@@ -125,8 +128,8 @@ where
         let now = DB::timestamp(timefmt::now());
         let mut tx = self.pool.begin().await?;
         let created: Option<(i64,)> = sqlx::query_as(
-            "INSERT INTO functions (language_title, language, title, description, source, current_version, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 1, $6, $6) ON CONFLICT (language_title) DO NOTHING \
+            "INSERT INTO functions (language_title, language, title, description, source, current_version, created_at, updated_at, owner) \
+             VALUES ($1, $2, $3, $4, $5, 1, $6, $6, $7) ON CONFLICT (language_title) DO NOTHING \
              RETURNING current_version",
         )
         .bind(new.language_title.as_str())
@@ -135,6 +138,7 @@ where
         .bind(new.description.as_str())
         .bind(source.as_str())
         .bind(now)
+        .bind(new.owner.as_deref())
         .fetch_optional(&mut *tx)
         .await?;
         let (version,) = created.ok_or(StoreError::Conflict)?;
@@ -229,6 +233,24 @@ where
             .bind(r.cold_start)
             .execute(&mut *tx)
             .await?;
+            if let Some(logs) = &r.logs {
+                let id = r.id.to_string();
+                let lines = encode_lines(&logs.lines);
+                sqlx::query(
+                    "INSERT INTO execution_logs (execution_id, request_id, subject, language_title, created_ms, lines, bytes, dropped_bytes) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (execution_id) DO NOTHING",
+                )
+                .bind(id.as_str())
+                .bind(r.request_id.as_str())
+                .bind(r.subject.as_str())
+                .bind(r.language_title.as_str())
+                .bind((r.started_at.unix_timestamp_nanos() / 1_000_000) as i64)
+                .bind(lines.as_str())
+                .bind(logs.bytes as i64)
+                .bind(logs.dropped_bytes as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -246,6 +268,111 @@ where
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(ExecutionRecord::from).collect())
+    }
+}
+
+/// Log lines as the `lines` column keeps them: `[[ts_ms, stream, text], ...]`.
+fn encode_lines(lines: &[LogLine]) -> String {
+    let rows: Vec<(i64, &str, &str)> = lines
+        .iter()
+        .map(|l| (l.ts_ms, l.stream.as_str(), l.text.as_str()))
+        .collect();
+    serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into())
+}
+
+fn decode_lines(column: &str) -> Vec<LogLine> {
+    let rows: Vec<(i64, Stream, String)> = serde_json::from_str(column).unwrap_or_default();
+    rows.into_iter()
+        .map(|(ts_ms, stream, text)| LogLine { ts_ms, stream, text })
+        .collect()
+}
+
+/// An `execution_logs` row as read.
+#[derive(Debug, sqlx::FromRow)]
+pub struct LogsRow {
+    execution_id: String,
+    request_id: String,
+    subject: String,
+    language_title: String,
+    created_ms: i64,
+    lines: String,
+    bytes: i64,
+    dropped_bytes: i64,
+}
+
+impl From<LogsRow> for StoredLogs {
+    fn from(r: LogsRow) -> Self {
+        StoredLogs {
+            execution_id: r.execution_id,
+            request_id: r.request_id,
+            subject: r.subject,
+            language_title: r.language_title,
+            created_ms: r.created_ms,
+            captured: Captured {
+                lines: decode_lines(&r.lines),
+                bytes: r.bytes as usize,
+                dropped_bytes: r.dropped_bytes as usize,
+            },
+        }
+    }
+}
+
+const LOGS_COLUMNS: &str = "execution_id, request_id, subject, language_title, created_ms, lines, bytes, dropped_bytes";
+
+#[async_trait]
+impl<DB> LogStore for SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'r> LogsRow: FromRow<'r, DB::Row>,
+    for<'r> ExecutionRow: FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    DB::QueryResult: RowsAffected,
+{
+    async fn logs_of(&self, id: &str) -> Result<Vec<StoredLogs>, StoreError> {
+        let sql = format!(
+            "SELECT {LOGS_COLUMNS} FROM execution_logs WHERE execution_id = $1 OR request_id = $1 \
+             ORDER BY created_ms, execution_id"
+        );
+        let rows: Vec<LogsRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(StoredLogs::from).collect())
+    }
+
+    async fn execution(&self, id: Uuid) -> Result<Option<ExecutionRecord>, StoreError> {
+        let row: Option<ExecutionRow> = sqlx::query_as(
+            "SELECT id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start \
+             FROM executions WHERE id = $1",
+        )
+        .bind(ExecutionId(id))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(ExecutionRecord::from))
+    }
+
+    async fn function_logs(&self, language_title: &str, limit: i64) -> Result<Vec<StoredLogs>, StoreError> {
+        let sql = format!(
+            "SELECT {LOGS_COLUMNS} FROM execution_logs WHERE language_title = $1 \
+             ORDER BY created_ms DESC, execution_id DESC LIMIT $2"
+        );
+        let mut rows: Vec<LogsRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(language_title)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.reverse();
+        Ok(rows.into_iter().map(StoredLogs::from).collect())
+    }
+
+    async fn purge_logs(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM execution_logs WHERE created_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows())
     }
 }
 
@@ -279,6 +406,7 @@ impl From<ExecutionRow> for ExecutionRecord {
             outcome: r.outcome,
             cached: r.cached,
             cold_start: r.cold_start,
+            logs: None,
         }
     }
 }

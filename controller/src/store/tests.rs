@@ -24,18 +24,20 @@ fn new(lt: &str, code: &str) -> NewVersion {
         manifest: json!({"entrypoint": "index.js", "nested": {"b": 2, "a": [1, 2]}}),
         code: code.into(),
         code_hash: format!("hash-{code}"),
+        owner: Some("alice".into()),
     }
 }
 
 /// The assertions every database's stores must pass.
 async fn exercise(stores: Stores) {
     stores.health.ping().await.unwrap();
-    let store = stores.functions;
+    let store = stores.functions.clone();
     assert!(store.functions().await.unwrap().is_empty());
 
     let f = store.create(new("nodejs-a", "v1"), Source::Api).await.unwrap();
     assert_eq!(f.current.version, 1);
     assert_eq!(f.source, Source::Api);
+    assert_eq!(f.owner.as_deref(), Some("alice"));
     assert_eq!(f.current.manifest["nested"]["a"], json!([1, 2]));
     assert!(matches!(
         store.create(new("nodejs-a", "again"), Source::Api).await,
@@ -84,7 +86,9 @@ async fn exercise(stores: Stores) {
         outcome: outcome.into(),
         cached,
         cold_start: !cached,
+        logs: None,
     };
+    exercise_logs(&stores, &record("success", false)).await;
     let store = stores.executions;
     let batch = vec![record("success", false), record("cache_hit", true)];
     store.record_executions(&batch).await.unwrap();
@@ -153,6 +157,84 @@ fn claim(owner: &str, now_ms: i64) -> Claim<'_> {
 
 /// The queue of asynchronous executions: idempotency, priority order,
 /// caps, leases and their takeover, fenced finishes, cancel and requeue.
+/// Logs are written with their record, read by execution, by session and
+/// by function, and deleted past their retention.
+async fn exercise_logs(stores: &Stores, template: &ExecutionRecord) {
+    use fnrt_core::logs::{Captured, LogLine, Stream};
+    let request = format!("session-{}", uuid::Uuid::new_v4());
+    let function = format!("nodejs-logs{}", uuid::Uuid::new_v4().simple());
+    let line = |ts_ms, stream, text: &str| LogLine {
+        ts_ms,
+        stream,
+        text: text.into(),
+    };
+    let now = fnrt_core::timefmt::now();
+    let first = ExecutionRecord {
+        id: uuid::Uuid::new_v4(),
+        request_id: request.clone(),
+        language_title: function.clone(),
+        started_at: now - time::Duration::days(10),
+        logs: Some(Captured {
+            lines: vec![line(1, Stream::Stdout, "héllo \"quoted\""), line(2, Stream::Stderr, "")],
+            bytes: 18,
+            dropped_bytes: 7,
+        }),
+        ..template.clone()
+    };
+    let quiet = ExecutionRecord {
+        id: uuid::Uuid::new_v4(),
+        started_at: now,
+        logs: None,
+        ..first.clone()
+    };
+    let second = ExecutionRecord {
+        id: uuid::Uuid::new_v4(),
+        started_at: now,
+        logs: Some(Captured {
+            lines: vec![line(3, Stream::Stdout, "again")],
+            bytes: 6,
+            dropped_bytes: 0,
+        }),
+        ..first.clone()
+    };
+    let batch = [first.clone(), quiet.clone(), second.clone()];
+    stores.executions.record_executions(&batch).await.unwrap();
+    stores.executions.record_executions(&batch).await.unwrap();
+
+    let one = stores.logs.logs_of(&first.id.to_string()).await.unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(Some(&one[0].captured), first.logs.as_ref());
+    assert_eq!(
+        (one[0].subject.as_str(), one[0].request_id.as_str()),
+        ("alice", request.as_str())
+    );
+    let session: Vec<_> = stores.logs.logs_of(&request).await.unwrap();
+    let ids: Vec<_> = session.iter().map(|l| l.execution_id.clone()).collect();
+    assert_eq!(ids, [first.id.to_string(), second.id.to_string()]);
+    // An execution that wrote nothing has a record and no logs.
+    assert!(stores.logs.logs_of(&quiet.id.to_string()).await.unwrap().is_empty());
+    assert_eq!(
+        stores.logs.execution(quiet.id).await.unwrap().unwrap().request_id,
+        request
+    );
+    assert!(stores.logs.execution(uuid::Uuid::new_v4()).await.unwrap().is_none());
+    let last = stores.logs.function_logs(&function, 1).await.unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].execution_id, second.id.to_string());
+
+    let before = fnrt_core::timefmt::now_ms() - 24 * 3600 * 1000;
+    assert!(stores.logs.purge_logs(before).await.unwrap() >= 1);
+    let ids: Vec<_> = stores
+        .logs
+        .logs_of(&request)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.execution_id)
+        .collect();
+    assert_eq!(ids, [second.id.to_string()]);
+}
+
 async fn exercise_queue(q: &dyn ExecutionQueue) {
     let t = 1_000_000;
     let (first, new) = q
@@ -351,6 +433,7 @@ async fn postgres_store_passes_the_store_suite() {
         outcome: "success".into(),
         cached: false,
         cold_start: false,
+        logs: None,
     };
     stores
         .executions
@@ -389,7 +472,7 @@ async fn sqlite_reads_and_writes_the_text_it_always_had() {
     let raw = sqlx::SqlitePool::connect_with(options).await.unwrap();
     sqlx::raw_sql(
         "INSERT INTO functions VALUES ('nodejs-old', 'nodejs', 'old', 'd', 'bundled', 2, \
-           '2025-05-13T12:28:22Z', '2025-05-14T08:00:05Z'); \
+           '2025-05-13T12:28:22Z', '2025-05-14T08:00:05Z', NULL); \
          INSERT INTO function_versions VALUES \
            ('nodejs-old', 1, '{\"entrypoint\":\"index.js\"}', 'v1', 'hash-v1', '2025-05-13T12:28:22Z'), \
            ('nodejs-old', 2, '{\"entrypoint\":\"main.js\",\"nested\":{\"a\":[1,2]}}', 'v2', 'hash-v2', \

@@ -81,11 +81,15 @@ async function startServer(t) {
   });
   let output = '';
   let stdout = '';
+  let stderr = '';
   child.stdout.on('data', (c) => {
     output += c;
     stdout += c;
   });
-  child.stderr.on('data', (c) => (output += c));
+  child.stderr.on('data', (c) => {
+    output += c;
+    stderr += c;
+  });
   const exited = new Promise((resolve) => child.on('exit', (code) => resolve(code)));
 
   // One keep-alive connection, as the controller uses.
@@ -118,6 +122,7 @@ async function startServer(t) {
     child,
     output: () => output,
     stdout: () => stdout,
+    stderr: () => stderr,
     call,
     init: (code, extra = {}) => call('POST', '/init', { language_title: 'nodejs-test', version: 1, entrypoint: 'index.js', handler: 'handler', code, env: {}, ...extra }),
     run: (params = {}, context = {}, options = {}) => call('POST', '/run', { params, context, deadline_ms: 30000 }, options),
@@ -554,4 +559,123 @@ test('the server writes nothing to stdout and the function owns it', async (t) =
   await server.run();
   await new Promise((r) => setTimeout(r, 50));
   assert.equal(server.stdout(), 'from the function\n');
+});
+
+// ---------------------------------------------------------------------------
+// log_marker
+
+const MARKER = 'fnrt-log-end-0123456789abcdef';
+
+/** A run with `log_marker`; waits until the marker has come through both pipes. */
+async function runMarked(server, params = {}, marker = MARKER) {
+  const res = await server.call('POST', '/run', { params, context: {}, deadline_ms: 30000, log_marker: marker });
+  await waitFor(() => server.stdout().endsWith(`${marker}\n`) && server.stderr().endsWith(`${marker}\n`));
+  return res;
+}
+
+function count(text, needle) {
+  return text.split(needle).length - 1;
+}
+
+test('a run with a log_marker ends with it on stdout and stderr, after all the function wrote', async (t) => {
+  const server = await startServer(t);
+  const code = "module.exports.handler = () => { console.log('a'); process.stdout.write('partial'); console.error('b'); return 1; };";
+  assert.equal((await server.init(code)).status, 200);
+  const res = await runMarked(server);
+  assert.deepEqual(res.body, { result: 1 });
+  // No newline of the runtime's before the marker: "partial" is the run's last, unterminated line.
+  assert.ok(server.stdout().endsWith(`a\npartial${MARKER}\n`), JSON.stringify(server.stdout()));
+  assert.ok(server.stderr().endsWith(`b\n${MARKER}\n`), JSON.stringify(server.stderr()));
+});
+
+test('every outcome of a run ends its logs with the marker', async (t) => {
+  const server = await startServer(t);
+  const code = [
+    'module.exports.handler = ({ kind }) => {',
+    '  console.log(`out ${kind}`);',
+    "  if (kind === 'throw') throw new TypeError('bad');",
+    "  if (kind === 'invalid') throw Object.assign(new Error('no'), { code: 'INVALID_PARAMS' });",
+    "  if (kind === 'bigint') return 10n;",
+    "  if (kind === 'stray') { setImmediate(() => { throw new Error('stray'); }); return new Promise(() => {}); }",
+    "  if (kind === 'tojson') return { toJSON() { console.log('in toJSON'); return 'j'; } };",
+    '  return kind;',
+    '};',
+  ].join('\n');
+  assert.equal((await server.init(code)).status, 200);
+  const expected = {
+    value: [{ result: 'value' }],
+    throw: ['RUNTIME_ERROR', 'bad'],
+    invalid: ['INVALID_PARAMS', 'no'],
+    bigint: ['RUNTIME_ERROR', /not JSON-serialisable/],
+    stray: ['RUNTIME_ERROR', 'stray'],
+    tojson: [{ result: 'j' }],
+  };
+  for (const [kind, want] of Object.entries(expected)) {
+    const marker = `marker-${kind}-`.padEnd(24, 'x');
+    const res = await runMarked(server, { kind }, marker);
+    assert.equal(res.status, 200, kind);
+    if (want.length === 1) {
+      assert.deepEqual(res.body, want[0], kind);
+    } else {
+      assert.equal(res.body.error.code, want[0], kind);
+      if (want[1] instanceof RegExp) assert.match(res.body.error.message, want[1], kind);
+      else assert.equal(res.body.error.message, want[1], kind);
+    }
+    const tail = kind === 'tojson' ? `out ${kind}\nin toJSON\n${marker}\n` : `out ${kind}\n${marker}\n`;
+    assert.ok(server.stdout().endsWith(tail), `${kind}: ${JSON.stringify(server.stdout())}`);
+    assert.equal(count(server.stdout(), marker), 1, kind);
+    assert.equal(count(server.stderr(), marker), 1, kind);
+  }
+});
+
+test('the marker gets past a replaced process.stdout.write and process.stderr.write', async (t) => {
+  const server = await startServer(t);
+  const code = [
+    'module.exports.handler = () => {',
+    '  process.stdout.write = () => true;',
+    '  process.stderr.write = () => true;',
+    "  console.log('swallowed');",
+    '  return null;',
+    '};',
+  ].join('\n');
+  assert.equal((await server.init(code)).status, 200);
+  await runMarked(server);
+  assert.equal(server.stdout(), `${MARKER}\n`);
+  assert.ok(!server.output().includes('swallowed'));
+});
+
+test('output a full pipe made Node queue comes before the marker', async (t) => {
+  const server = await startServer(t);
+  // Far more than a pipe holds: most of it waits in process.stdout when the handler returns.
+  const code = "module.exports.handler = () => { process.stdout.write('x'.repeat(1 << 20) + '\\n'); return 1; };";
+  assert.equal((await server.init(code)).status, 200);
+  await runMarked(server);
+  assert.equal(server.stdout(), `${'x'.repeat(1 << 20)}\n${MARKER}\n`);
+});
+
+test('a malformed log_marker is 400 BAD_REQUEST and runs nothing', async (t) => {
+  const server = await startServer(t);
+  assert.equal((await server.init("module.exports.handler = () => { console.log('ran'); return 1; };")).status, 200);
+  for (const marker of ['a'.repeat(15), 'a'.repeat(65), `${'a'.repeat(16)}\n`, `${'a'.repeat(16)}!`, 'é'.repeat(16), 42, null, ['a'.repeat(16)]]) {
+    const res = await server.call('POST', '/run', { params: {}, log_marker: marker });
+    assert.equal(res.status, 400, JSON.stringify(marker));
+    assert.equal(res.body.error.code, 'BAD_REQUEST');
+    assert.match(res.body.error.message, /"log_marker" must be a string of 16 to 64 characters/);
+  }
+  // The bounds themselves are fine.
+  for (const marker of ['a'.repeat(16), `${'Z9_-'.repeat(16)}`]) {
+    assert.deepEqual((await runMarked(server, {}, marker)).body, { result: 1 });
+  }
+  assert.equal(count(server.stdout(), 'ran\n'), 2);
+});
+
+test('without a log_marker nothing is written besides the function\'s output', async (t) => {
+  const server = await startServer(t);
+  const code = "module.exports.handler = () => { process.stdout.write('no newline'); console.error('err'); return 1; };";
+  assert.equal((await server.init(code)).status, 200);
+  await server.run();
+  await server.run();
+  await new Promise((r) => setTimeout(r, 50));
+  assert.equal(server.stdout(), 'no newlineno newline');
+  assert.ok(server.stderr().endsWith('err\nerr\n'), JSON.stringify(server.stderr()));
 });

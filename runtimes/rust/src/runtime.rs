@@ -5,10 +5,13 @@
 //! the body and the instance's state and answer at once when they refuse (so a refusal never waits
 //! behind a run); what they hand back, an [`Init`] or a [`Run`], runs the function's code
 //! ([`Init::load`], [`Run::call`]) and is meant for the function thread (see `server`).
+//!
+//! A /run with a `log_marker` ends with it on stdout and stderr, before its answer: the controller
+//! reads both pipes line by line and ends the run's logs there.
 
 use std::ffi::OsString;
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -121,6 +124,16 @@ struct InitRequest {
     env: Vec<(String, String)>,
 }
 
+/// What a /run's `log_marker` must be.
+const LOG_MARKER_RULE: &str = "a string of 16 to 64 characters from [A-Za-z0-9_-]";
+
+fn valid_log_marker(marker: &str) -> bool {
+    (16..=64).contains(&marker.len())
+        && marker
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
 fn valid_entrypoint(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c))
@@ -216,6 +229,8 @@ pub(crate) struct Run {
     function: Function,
     /// `{"params":…,"context":…}`.
     input: Vec<u8>,
+    /// Written on stdout and stderr when the run ends.
+    log_marker: Option<String>,
     _running: Running,
 }
 
@@ -223,7 +238,7 @@ impl Run {
     /// Calls the function (for as long as it runs): the /run answer.
     pub(crate) fn call(self) -> Answer {
         let answer = self.function.call(&self.input);
-        if is_answer(&answer) {
+        let answer = if is_answer(&answer) {
             Answer {
                 status: 200,
                 body: answer,
@@ -232,8 +247,24 @@ impl Run {
         } else {
             let message = "the function returned a malformed answer".to_owned();
             error(200, "RUNTIME_ERROR", message, Some(json!({"type": "ProtocolError"})))
+        };
+        if let Some(marker) = &self.log_marker {
+            // After all the function wrote: fnrt-sdk flushes the library's own stdout (its std is
+            // not ours) after every call.
+            end_logs(marker, &mut io::stdout().lock(), &mut io::stderr().lock());
         }
+        // `self._running` drops here: the next run starts after the markers.
+        answer
     }
+}
+
+/// Writes `marker` and a newline to `stdout`, then to `stderr`. No newline before it: the
+/// controller takes a line that ends with the marker as the end. Errors are ignored: a closed pipe
+/// has nobody to tell.
+fn end_logs(marker: &str, stdout: &mut dyn Write, stderr: &mut dyn Write) {
+    let line = format!("{marker}\n");
+    let _ = stdout.write_all(line.as_bytes()).and_then(|()| stdout.flush());
+    let _ = stderr.write_all(line.as_bytes()).and_then(|()| stderr.flush());
 }
 
 impl Runtime {
@@ -359,6 +390,14 @@ impl Runtime {
             |v| v.as_f64().is_some_and(|d| d >= 0.0),
             "a non-negative number",
         )?;
+        let log_marker = field(
+            &body,
+            "log_marker",
+            |v| v.as_str().is_some_and(valid_log_marker),
+            LOG_MARKER_RULE,
+        )?
+        .and_then(Value::as_str)
+        .map(str::to_owned);
 
         let Some(&function) = self.function.get() else {
             return Err(error(
@@ -390,6 +429,7 @@ impl Runtime {
         Ok(Run {
             function,
             input: serde_json::to_vec(&call).unwrap_or_default(),
+            log_marker,
             _running: running,
         })
     }
@@ -455,6 +495,37 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "../x", "a b", "a\n", "é", &"x".repeat(65)] {
             assert!(!valid_entrypoint(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn log_markers() {
+        for ok in [
+            "a".repeat(16),
+            "fnrt-log-end-0123456789abcdef".to_owned(),
+            "Z9_-".repeat(16),
+        ] {
+            assert!(valid_log_marker(&ok), "{ok}");
+        }
+        let bad = [
+            "a".repeat(15),
+            "a".repeat(65),
+            format!("{}\n", "a".repeat(16)),
+            format!("{}!", "a".repeat(16)),
+            format!("{} ", "a".repeat(16)),
+            "é".repeat(16),
+            String::new(),
+        ];
+        for bad in bad {
+            assert!(!valid_log_marker(&bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_end_of_a_runs_logs() {
+        let (mut stdout, mut stderr) = (b"partial".to_vec(), Vec::new());
+        end_logs("fnrt-log-end-0123456789abcdef", &mut stdout, &mut stderr);
+        assert_eq!(stdout, b"partialfnrt-log-end-0123456789abcdef\n");
+        assert_eq!(stderr, b"fnrt-log-end-0123456789abcdef\n");
     }
 
     #[test]
@@ -573,6 +644,20 @@ mod tests {
                 r#"{"deadline_ms": null}"#,
                 "'deadline_ms' must be a non-negative number",
             ),
+            (
+                r#"{"log_marker": "short"}"#,
+                "'log_marker' must be a string of 16 to 64",
+            ),
+            (r#"{"log_marker": 1234567890123456}"#, "'log_marker' must be a string"),
+            (r#"{"log_marker": null}"#, "'log_marker' must be a string"),
+            (
+                r#"{"log_marker": "fnrt-log-end-0123456789abcdef\n"}"#,
+                "'log_marker' must be a string",
+            ),
+            (
+                r#"{"log_marker": "fnrt-log-end-01234567/9abcdef"}"#,
+                "'log_marker' must be a string",
+            ),
         ] {
             let response = run(&runtime, body.as_bytes());
             assert_eq!(response.status, 400, "{body}");
@@ -580,6 +665,8 @@ mod tests {
             assert!(text.starts_with(message), "{body}: {text}");
         }
         let response = run(&runtime, br#"{"params": {}, "context": {}, "deadline_ms": 1.5}"#);
+        assert_eq!(response.status, 409);
+        let response = run(&runtime, br#"{"log_marker": "fnrt-log-end-0123456789abcdef"}"#);
         assert_eq!(response.status, 409);
     }
 

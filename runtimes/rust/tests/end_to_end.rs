@@ -46,6 +46,12 @@ fn handler(params: Params, context: Context) -> Result<Value, Error> {
             "leaked": std::env::var("LEAKED").ok(),
             "home": std::env::var("HOME").ok(),
         })),
+        "log" => {
+            println!("a");
+            print!("partial");
+            eprintln!("b");
+            Ok(Value::Null)
+        }
         other => Err(Error::invalid_params(format!("unknown op {other}"))),
     }
 }
@@ -87,7 +93,23 @@ fn build_function(dir: &Path) -> PathBuf {
 struct Server {
     child: Child,
     socket: PathBuf,
-    stderr: Arc<Mutex<String>>,
+    /// All the process wrote on each stream so far (stderr after its `ready` line).
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+/// All that `from` yields, gathered as it comes by a thread of its own. Not by lines: a run's last
+/// line may be unterminated.
+fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let into = Arc::new(Mutex::new(Vec::new()));
+    let all = Arc::clone(&into);
+    std::thread::spawn(move || {
+        let mut buffer = [0; 8192];
+        while let Ok(n @ 1..) = from.read(&mut buffer) {
+            all.lock().unwrap().extend_from_slice(&buffer[..n]);
+        }
+    });
+    into
 }
 
 impl Drop for Server {
@@ -111,27 +133,23 @@ impl Server {
             .env("HOME", instance)
             .env("LANG", "C.UTF-8")
             .env("LEAKED", "secret")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut lines = BufReader::new(child.stderr.take().unwrap());
+        let stdout = collect(child.stdout.take().unwrap());
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        let ready = stderr.read_line(&mut first);
+        // Before asserting: the child is killed (on drop) if it was not ready.
         let server = Server {
             child,
             socket,
-            stderr: Arc::clone(&stderr),
+            stdout,
+            stderr: collect(stderr),
         };
-        let mut first = String::new();
-        lines.read_line(&mut first).unwrap();
+        ready.unwrap();
         assert_eq!(first, "ready\n");
-        std::thread::spawn(move || {
-            for line in lines.lines().map_while(Result::ok) {
-                let mut all = stderr.lock().unwrap();
-                all.push_str(&line);
-                all.push('\n');
-            }
-        });
         server
     }
 
@@ -142,15 +160,33 @@ impl Server {
     }
 
     fn stderr_contains(&self, text: &str) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.stderr.lock().unwrap().contains(text) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
+        wait_for(&self.stderr, |all| all.contains(text)).is_some()
     }
+
+    /// All of stdout once it ends with `line` and a newline (or fails after 5 s).
+    fn stdout_ending_with(&self, line: &str) -> String {
+        let end = format!("{line}\n");
+        wait_for(&self.stdout, |all| all.ends_with(&end)).unwrap_or_else(|| panic!("stdout does not end with {end:?}"))
+    }
+
+    /// All of stderr once it ends with `line` and a newline (or fails after 5 s).
+    fn stderr_ending_with(&self, line: &str) -> String {
+        let end = format!("{line}\n");
+        wait_for(&self.stderr, |all| all.ends_with(&end)).unwrap_or_else(|| panic!("stderr does not end with {end:?}"))
+    }
+}
+
+/// The text of `output` once `done` holds for it, for up to 5 s.
+fn wait_for(output: &Mutex<Vec<u8>>, done: impl Fn(&str) -> bool) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let text = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+        if done(&text) {
+            return Some(text);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
 }
 
 /// A minimal HTTP/1.1 client on one kept-alive connection.
@@ -263,6 +299,40 @@ fn a_real_function_end_to_end() {
 
     // The instance keeps serving after a panic.
     assert_eq!(client.post("/run", &run).1["result"]["sum"], 6);
+
+    // A run with a log_marker ends with it on stdout and stderr, after all the function wrote: its
+    // unterminated last line too, which the SDK flushes from the library's own stdout.
+    let marker = "fnrt-log-end-0123456789abcdef";
+    let (status, answer) = client.post("/run", &json!({"params": {"op": "log"}, "log_marker": marker}));
+    assert_eq!((status, answer), (200, json!({"result": null})));
+    assert_eq!(server.stdout_ending_with(marker), format!("a\npartial{marker}\n"));
+    assert!(server.stderr_ending_with(marker).ends_with(&format!("\nb\n{marker}\n")));
+    // Whatever the outcome.
+    let panicked = "fnrt-log-end-panicked-0000";
+    let (_, answer) = client.post("/run", &json!({"params": {"op": "panic"}, "log_marker": panicked}));
+    assert_eq!(answer["error"]["details"]["type"], "panic");
+    let stderr = server.stderr_ending_with(panicked);
+    assert!(
+        stderr.ends_with(&format!("panicked at src/lib.rs:13:20: boom\n{panicked}\n")),
+        "{stderr}"
+    );
+    // Without one nothing is added: the unterminated "partial" runs into the next run's marker.
+    assert_eq!(client.post("/run", &json!({"params": {"op": "log"}})).0, 200);
+    let last = "fnrt-log-end-after-a-plain-run";
+    let (status, _) = client.post("/run", &json!({"params": {"op": "add"}, "log_marker": last}));
+    assert_eq!(status, 200);
+    assert_eq!(
+        server.stdout_ending_with(last),
+        format!("a\npartial{marker}\n{panicked}\na\npartial{last}\n")
+    );
+    let (status, answer) = client.post("/run", &json!({"params": {"op": "log"}, "log_marker": "short"}));
+    assert_eq!(
+        (status, answer["error"]["message"].clone()),
+        (
+            400,
+            json!("'log_marker' must be a string of 16 to 64 characters from [A-Za-z0-9_-]")
+        )
+    );
 
     let (status, answer) = client.post("/init", &init_body(&library));
     assert_eq!(

@@ -44,6 +44,8 @@ pub struct RunRequest<'a> {
     pub params: &'a Value,
     pub context: &'a Value,
     pub deadline: Duration,
+    /// Where what the function writes during the run goes.
+    pub logs: Option<&'a std::sync::Arc<crate::logs::RunLogs>>,
 }
 
 /// How a function answered a run.

@@ -150,12 +150,22 @@ impl RuntimeClient {
     }
 
     /// Runs the function once; reads at most `max_response` bytes of the answer.
-    pub async fn run(&self, request: RunRequest<'_>, max_response: usize) -> Result<RunOutcome, ProtocolError> {
-        let body = json!({
+    /// Runs once; with `log_marker`, the runtime writes it on stdout and
+    /// stderr when the run ends, before it answers.
+    pub async fn run(
+        &self,
+        request: RunRequest<'_>,
+        log_marker: Option<&str>,
+        max_response: usize,
+    ) -> Result<RunOutcome, ProtocolError> {
+        let mut body = json!({
             "params": request.params,
             "context": request.context,
             "deadline_ms": request.deadline.as_millis() as u64,
         });
+        if let Some(marker) = log_marker {
+            body["log_marker"] = json!(marker);
+        }
         let (status, mut answer) = self.call(Method::POST, "/run", Some(&body), max_response).await?;
         if status != StatusCode::OK {
             return Err(unexpected("/run", status, &answer));
@@ -395,6 +405,7 @@ mod tests {
             params,
             context: &CONTEXT,
             deadline: std::time::Duration::from_millis(1500),
+            logs: None,
         }
     }
 
@@ -415,23 +426,23 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let params = json!({"n": 1});
-        match client.run(request(&params), 1 << 20).await.unwrap() {
+        match client.run(request(&params), None, 1 << 20).await.unwrap() {
             RunOutcome::Success(v) => assert_eq!(v, json!({"echo": {"n": 1}, "deadline_ms": 1500})),
             other => panic!("{other:?}"),
         }
         let invalid = json!({"mode": "invalid"});
         assert!(matches!(
-            client.run(request(&invalid), 1 << 20).await.unwrap(),
+            client.run(request(&invalid), None, 1 << 20).await.unwrap(),
             RunOutcome::InvalidParams { .. }
         ));
         let fail = json!({"mode": "fail"});
-        match client.run(request(&fail), 1 << 20).await.unwrap() {
+        match client.run(request(&fail), None, 1 << 20).await.unwrap() {
             RunOutcome::Failed { message, details } => assert_eq!((message.as_str(), details), ("boom", json!({}))),
             other => panic!("{other:?}"),
         }
         let big = json!({"mode": "big"});
         assert!(matches!(
-            client.run(request(&big), 1024).await,
+            client.run(request(&big), None, 1024).await,
             Err(ProtocolError::TooLarge(1024))
         ));
         // The connection survives an oversized answer: the next call works.

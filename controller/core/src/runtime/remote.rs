@@ -17,6 +17,11 @@ use super::protocol::{Endpoint, InitError, ProtocolError, RuntimeClient};
 use super::{Artifacts, Instance, InstanceError, RunOutcome, RunRequest, Shape, init_payload};
 use crate::function::FunctionVersion;
 use crate::language::Language;
+use crate::logs::OutputTap;
+
+/// How long a run's answer waits for its log markers behind output still
+/// in the pipes (a marker that does not come only cuts that run's logs).
+const LOG_MARKER_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a runtime server may take to answer its first `/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -57,6 +62,11 @@ pub trait InstanceHandle: Send + Sync {
     /// Stops the server for good and releases what it holds. Dropping the
     /// handle does the same, best effort.
     async fn terminate(&mut self);
+    /// The tap the backend feeds the server's stdout and stderr into; a
+    /// handle without one captures no function logs.
+    fn output(&self) -> Option<Arc<OutputTap>> {
+        None
+    }
     /// Puts a package's files where the server reads them (`function/`
     /// beside its socket), before its `/init`.
     async fn place_package(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
@@ -171,6 +181,12 @@ impl RemoteInstance {
     }
 }
 
+/// 16 random bytes for a run's log marker: unguessable, so a function
+/// cannot end its run's logs early by printing one ahead of time.
+fn rand_bytes() -> [u8; 16] {
+    uuid::Uuid::new_v4().into_bytes()
+}
+
 #[async_trait]
 impl Instance for RemoteInstance {
     fn id(&self) -> &str {
@@ -205,7 +221,28 @@ impl Instance for RemoteInstance {
     }
 
     async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError> {
-        match self.client.run(request, self.max_result_bytes).await {
+        let tap = request.logs.and_then(|logs| Some((logs, self.handle.output()?)));
+        let marker = tap.as_ref().map(|(logs, tap)| {
+            let marker = format!("fnrt-log-end-{}", hex::encode(rand_bytes()));
+            tap.open(Arc::clone(logs), &marker);
+            marker
+        });
+        let ran = self.client.run(request, marker.as_deref(), self.max_result_bytes).await;
+        if let Some((_, tap)) = &tap {
+            // A crashed server's last words are already in the pipes.
+            let wait = if ran.is_ok() {
+                LOG_MARKER_WAIT
+            } else {
+                Duration::from_millis(200)
+            };
+            if !tap.close(wait).await && ran.is_ok() {
+                tracing::debug!(
+                    instance = self.handle.id(),
+                    "a run's log markers did not come; its logs may be cut"
+                );
+            }
+        }
+        match ran {
             Ok(outcome) => Ok(outcome),
             Err(e) => Err(self.failure(e).await),
         }

@@ -1,0 +1,354 @@
+//! Function logs: what a function writes to stdout and stderr during one
+//! execution, as timestamped lines, bounded, and shown live to followers.
+//!
+//! A runtime server's stdout and stderr are pipes that live as long as its
+//! instance, which serves one run at a time. The backend reads them and
+//! feeds an [`OutputTap`]; the instance opens a window on the tap for each
+//! run, and the runtime writes a marker that is new for every run on both
+//! streams when the run ends (docs/runtime-protocol.md, `log_marker`).
+//! Lines between the window's opening and each stream's marker are the
+//! run's; output between runs belongs to no execution and is dropped. The
+//! wasm backend feeds its per-run WASI pipes the same way.
+//!
+//! # Layout
+//!
+//! - [`RunLogs`]: one execution's capture: the byte cap (head kept,
+//!   truncation counted), and the live feed to [`LogFollowers`].
+//! - [`OutputTap`]: splits raw output into lines and routes them to the run
+//!   in progress until its marker.
+//! - [`LogLine`], [`Stream`], [`Captured`]: what is kept.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::timefmt::now_ms;
+
+/// Longest line kept as one; a longer one is cut into lines of this size
+/// (a flood without newlines costs no more memory than this).
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Which of a function's output streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One line a function wrote, without its newline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When the controller read it, Unix milliseconds.
+    pub ts_ms: i64,
+    pub stream: Stream,
+    pub text: String,
+}
+
+/// What one execution's capture kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Captured {
+    pub lines: Vec<LogLine>,
+    /// Bytes kept (each line counts its newline).
+    pub bytes: usize,
+    /// Bytes written past the cap and not kept.
+    pub dropped_bytes: usize,
+}
+
+impl Captured {
+    pub fn truncated(&self) -> bool {
+        self.dropped_bytes > 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty() && self.dropped_bytes == 0
+    }
+}
+
+/// Where lines go live, as they are captured (the controller's
+/// `GET /api/v1/functions/{language_title}/logs?follow=true`).
+pub trait LogFollowers: Send + Sync {
+    /// A line of execution `execution_id` of `language_title`.
+    fn line(&self, language_title: &str, execution_id: &str, line: &LogLine);
+}
+
+struct Live {
+    followers: Arc<dyn LogFollowers>,
+    language_title: String,
+    execution_id: String,
+}
+
+/// One execution's output as it is captured: the first `limit` bytes are
+/// kept, the rest only counted.
+pub struct RunLogs {
+    limit: usize,
+    live: Option<Live>,
+    captured: Mutex<Captured>,
+}
+
+impl std::fmt::Debug for RunLogs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunLogs")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunLogs {
+    pub fn new(limit: usize) -> Self {
+        RunLogs {
+            limit,
+            live: None,
+            captured: Mutex::new(Captured::default()),
+        }
+    }
+
+    /// Also hands every kept line to `followers` as it comes.
+    pub fn followed(mut self, followers: Arc<dyn LogFollowers>, language_title: &str, execution_id: &str) -> Self {
+        self.live = Some(Live {
+            followers,
+            language_title: language_title.to_owned(),
+            execution_id: execution_id.to_owned(),
+        });
+        self
+    }
+
+    /// Keeps one line (`text` without its newline) unless the cap is
+    /// reached; after the first line that does not fit, nothing more is
+    /// kept, so what is kept is a true head of the output.
+    pub fn push(&self, stream: Stream, text: &[u8]) {
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        let cost = text.len() + 1;
+        let line = {
+            let mut captured = self.captured.lock().unwrap();
+            if captured.dropped_bytes > 0 || captured.bytes + cost > self.limit {
+                captured.dropped_bytes += cost;
+                return;
+            }
+            captured.bytes += cost;
+            let line = LogLine {
+                ts_ms: now_ms(),
+                stream,
+                text: String::from_utf8_lossy(text).into_owned(),
+            };
+            if self.live.is_none() {
+                captured.lines.push(line);
+                return;
+            }
+            captured.lines.push(line.clone());
+            line
+        };
+        if let Some(live) = &self.live {
+            live.followers.line(&live.language_title, &live.execution_id, &line);
+        }
+    }
+
+    /// Everything kept so far; the capture starts over empty.
+    pub fn take(&self) -> Captured {
+        std::mem::take(&mut *self.captured.lock().unwrap())
+    }
+}
+
+/// The run an instance's output currently belongs to.
+struct Window {
+    logs: Arc<RunLogs>,
+    marker: Vec<u8>,
+    /// Per stream: its marker has come, the rest is not the run's.
+    ended: [bool; 2],
+}
+
+#[derive(Default)]
+struct TapState {
+    window: Option<Window>,
+    /// Per stream: the start of a line not yet ended.
+    pending: [Vec<u8>; 2],
+}
+
+/// An instance's stdout and stderr, split into lines and routed to the run
+/// in progress. The backend calls [`OutputTap::feed`] with whatever it
+/// reads; the instance calls [`OutputTap::open`] before a run and
+/// [`OutputTap::close`] after it.
+#[derive(Default)]
+pub struct OutputTap {
+    state: Mutex<TapState>,
+    ended: Notify,
+}
+
+impl std::fmt::Debug for OutputTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputTap").finish_non_exhaustive()
+    }
+}
+
+impl OutputTap {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Output read from `stream`, in any pieces.
+    pub fn feed(&self, stream: Stream, bytes: &[u8]) {
+        let mut state = self.state.lock().unwrap();
+        let TapState { window, pending } = &mut *state;
+        // Between runs the output is no execution's.
+        let Some(window) = window.as_mut() else { return };
+        let i = stream.index();
+        if window.ended[i] {
+            return;
+        }
+        let pending = &mut pending[i];
+        pending.extend_from_slice(bytes);
+        let marker = (!window.marker.is_empty())
+            .then(|| pending.windows(window.marker.len()).position(|w| w == window.marker))
+            .flatten();
+        let end = marker.unwrap_or(pending.len());
+        let mut start = 0;
+        while let Some(newline) = pending[start..end].iter().position(|&b| b == b'\n') {
+            window.logs.push(stream, &pending[start..start + newline]);
+            start += newline + 1;
+        }
+        if let Some(at) = marker {
+            // Text before the marker on its line is the run's last line.
+            if at > start {
+                window.logs.push(stream, &pending[start..at]);
+            }
+            pending.clear();
+            window.ended[i] = true;
+            self.ended.notify_one();
+            return;
+        }
+        // A line too long to wait for (kept back: what could be the start
+        // of a marker).
+        let keep = window.marker.len();
+        while pending.len() - start > MAX_LINE_BYTES + keep {
+            window.logs.push(stream, &pending[start..start + MAX_LINE_BYTES]);
+            start += MAX_LINE_BYTES;
+        }
+        pending.drain(..start);
+    }
+
+    /// Output from now on is `logs`' run's, until `marker` on each stream.
+    pub fn open(&self, logs: Arc<RunLogs>, marker: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.pending = Default::default();
+        state.window = Some(Window {
+            logs,
+            marker: marker.as_bytes().to_vec(),
+            ended: [false; 2],
+        });
+    }
+
+    /// Ends the run's window once both markers came or `wait` passed (a
+    /// stream the run left a partial line on keeps it as its last line).
+    /// Whether both markers came.
+    pub async fn close(&self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.ended.notified();
+            if self.both_ended() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        let mut state = self.state.lock().unwrap();
+        let Some(window) = state.window.take() else {
+            return false;
+        };
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let pending = std::mem::take(&mut state.pending[stream.index()]);
+            if !window.ended[stream.index()] && !pending.is_empty() {
+                window.logs.push(stream, &pending);
+            }
+        }
+        window.ended == [true; 2]
+    }
+
+    fn both_ended(&self) -> bool {
+        let state = self.state.lock().unwrap();
+        state.window.as_ref().is_none_or(|w| w.ended == [true; 2])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(captured: &Captured) -> Vec<(Stream, &str)> {
+        captured.lines.iter().map(|l| (l.stream, l.text.as_str())).collect()
+    }
+
+    #[tokio::test]
+    async fn a_run_gets_the_lines_between_its_window_and_its_markers() {
+        let tap = OutputTap::new();
+        tap.feed(Stream::Stdout, b"before any run\n");
+        let logs = Arc::new(RunLogs::new(1024));
+        tap.open(logs.clone(), "MARK1234");
+        tap.feed(Stream::Stdout, b"one\ntw");
+        tap.feed(Stream::Stderr, b"oops\r\n");
+        tap.feed(Stream::Stdout, b"o\npartialMARK");
+        tap.feed(Stream::Stdout, b"1234\nafter the marker\n");
+        tap.feed(Stream::Stderr, b"MARK1234\n");
+        assert!(tap.close(Duration::from_secs(5)).await);
+        tap.feed(Stream::Stdout, b"between runs\n");
+        let captured = logs.take();
+        assert_eq!(
+            texts(&captured),
+            vec![
+                (Stream::Stdout, "one"),
+                (Stream::Stderr, "oops"),
+                (Stream::Stdout, "two"),
+                (Stream::Stdout, "partial"),
+            ]
+        );
+        assert_eq!(captured.bytes, 4 + 5 + 4 + 8);
+    }
+
+    #[tokio::test]
+    async fn a_missing_marker_ends_the_window_after_the_wait_keeping_a_partial_line() {
+        let tap = OutputTap::new();
+        let logs = Arc::new(RunLogs::new(1024));
+        tap.open(logs.clone(), "MARK1234");
+        tap.feed(Stream::Stdout, b"no newline");
+        assert!(!tap.close(Duration::from_millis(10)).await);
+        assert_eq!(texts(&logs.take()), vec![(Stream::Stdout, "no newline")]);
+    }
+
+    #[test]
+    fn the_cap_keeps_the_head_and_counts_the_rest() {
+        let logs = RunLogs::new(10);
+        logs.push(Stream::Stdout, b"12345");
+        logs.push(Stream::Stdout, b"123456");
+        logs.push(Stream::Stdout, b"1");
+        let captured = logs.take();
+        assert_eq!(texts(&captured), vec![(Stream::Stdout, "12345")]);
+        assert_eq!((captured.bytes, captured.dropped_bytes), (6, 9));
+        assert!(captured.truncated());
+    }
+
+    #[test]
+    fn a_line_without_newline_is_cut_at_the_line_limit() {
+        let tap = OutputTap::new();
+        let logs = Arc::new(RunLogs::new(1 << 20));
+        tap.open(logs.clone(), "MARK1234");
+        tap.feed(Stream::Stdout, &vec![b'x'; MAX_LINE_BYTES * 2 + 100]);
+        let captured = logs.take();
+        assert_eq!(captured.lines.len(), 2);
+        assert!(captured.lines.iter().all(|l| l.text.len() == MAX_LINE_BYTES));
+    }
+}

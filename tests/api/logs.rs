@@ -1,0 +1,342 @@
+//! Function logs through the API: what Node and Python functions write
+//! to stdout and stderr during an execution, read back by the execution's
+//! id (its caller and the function's owner only), capped, kept for failed
+//! and timed-out runs, and followed live per function by its owner.
+//! (Rust native and wasm logs: `rust.rs`, the chatty probe.)
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::helpers::{Reply, TestApp, spawn_app, spawn_app_with};
+
+const NODE_CHATTY: &str = r#"
+exports.handler = async (params) => {
+  console.log("nodejs says", params.word);
+  console.error("nodejs warns");
+  process.stdout.write("no newline at the end");
+  return { ok: true };
+};
+"#;
+
+const PYTHON_CHATTY: &str = r#"import sys
+
+
+def handler(params, context):
+    print("python says", params["word"])
+    print("python warns", file=sys.stderr)
+    if params.get("fail"):
+        raise ValueError("failing after printing")
+    return {"ok": True}
+"#;
+
+/// Every run really runs (the shared Redis of other tests outlives a run).
+fn no_cache() -> Value {
+    json!({"cache": {"enabled": false}})
+}
+
+async fn logs(app: &TestApp, token: &str, id: &str) -> Reply {
+    app.get(Some(token), &format!("/api/v1/executions/{id}/logs")).await
+}
+
+/// (stream, text) of each line.
+fn lines(reply: &Reply) -> Vec<(String, String)> {
+    reply.body["lines"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no lines: {:?}", reply.body))
+        .iter()
+        .map(|l| {
+            (
+                l["stream"].as_str().unwrap().to_owned(),
+                l["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn stream_of(reply: &Reply, stream: &str) -> Vec<String> {
+    lines(reply)
+        .into_iter()
+        .filter(|(s, _)| s == stream)
+        .map(|(_, t)| t)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execution_s_output_is_its_logs_for_its_caller_and_the_function_owner_only() {
+    // Arrange: alice registers both functions; carol runs them.
+    let app = spawn_app().await;
+    app.register("nodejs-chatty", NODE_CHATTY, no_cache()).await;
+    app.register("python-chatty", PYTHON_CHATTY, no_cache()).await;
+    let carol = app.token("carol", &["execute:all"]);
+    let bob = app.token("bob", &["execute:all", "write:functions"]);
+
+    for lt in ["nodejs-chatty", "python-chatty"] {
+        let language = lt.split('-').next().unwrap();
+        let id = app.session(&carol, lt, json!({"retain_session": true})).await;
+
+        // Act
+        let r = app.execute(&carol, &id, json!({"word": "hello"})).await;
+
+        // Assert: the execution is named in the body and the header.
+        assert_eq!(r.status, 200, "{lt}: {:?}", r.body);
+        let execution_id = r.body["execution_id"].as_str().expect("execution_id").to_owned();
+        assert_eq!(r.headers["x-execution-id"].to_str().unwrap(), execution_id);
+        let mine = logs(&app, &carol, &execution_id).await;
+        assert_eq!(mine.status, 200, "{lt}: {:?}", mine.body);
+        let mut stdout = vec![format!("{language} says hello")];
+        if language == "nodejs" {
+            stdout.push("no newline at the end".into());
+        }
+        assert_eq!(stream_of(&mine, "stdout"), stdout, "{lt}: {:?}", mine.body);
+        assert_eq!(stream_of(&mine, "stderr"), [format!("{language} warns")], "{lt}");
+        assert_eq!(mine.body["truncated"], false);
+        assert_eq!(mine.body["executions"], json!([execution_id]));
+        assert!(mine.body["lines"][0]["ts"].as_str().unwrap().ends_with('Z'));
+
+        // The function's owner reads them too; another subject does not
+        // learn that the execution exists.
+        let owner = logs(&app, &app.admin(), &execution_id).await;
+        assert_eq!(lines(&owner), lines(&mine));
+        let other = logs(&app, &bob, &execution_id).await;
+        assert_eq!((other.status, other.code()), (404, "NOT_FOUND"), "{:?}", other.body);
+
+        // A second run's logs are its own, not the first's again.
+        let again = app.execute(&carol, &id, json!({"word": "again"})).await;
+        let again_id = again.body["execution_id"].as_str().unwrap();
+        assert_ne!(again_id, execution_id);
+        let second = logs(&app, &carol, again_id).await;
+        assert_eq!(stream_of(&second, "stdout")[0], format!("{language} says again"));
+        assert_eq!(lines(&second).len(), lines(&mine).len(), "{:?}", second.body);
+
+        // The session's id gives every execution of it, in order.
+        let session = logs(&app, &carol, &id).await;
+        assert_eq!(session.body["executions"], json!([execution_id, again_id]));
+    }
+    let unknown = logs(&app, &carol, &uuid::Uuid::new_v4().to_string()).await;
+    assert_eq!(unknown.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_or_timed_out_execution_names_itself_and_keeps_what_it_wrote() {
+    let app = spawn_app().await;
+    app.register("python-chatty", PYTHON_CHATTY, no_cache()).await;
+    app.register(
+        "nodejs-stuck",
+        r#"exports.handler = async () => { console.log("about to hang"); await new Promise(() => {}); };"#,
+        no_cache(),
+    )
+    .await;
+    let token = app.admin();
+
+    // A function that raises.
+    let id = app.session(&token, "python-chatty", json!({})).await;
+    let r = app.execute(&token, &id, json!({"word": "x", "fail": true})).await;
+    assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{:?}", r.body);
+    let execution_id = r.body["execution_id"].as_str().expect("execution_id on an error");
+    assert_eq!(r.headers["x-execution-id"].to_str().unwrap(), execution_id);
+    let failed = logs(&app, &token, execution_id).await;
+    assert_eq!(stream_of(&failed, "stdout"), ["python says x"], "{:?}", failed.body);
+
+    // A function killed at its deadline.
+    let id = app.session(&token, "nodejs-stuck", json!({"timeout_ms": 1000})).await;
+    let r = app.execute(&token, &id, json!({})).await;
+    assert_eq!((r.status, r.code()), (504, "TIMEOUT"), "{:?}", r.body);
+    let timed_out = logs(&app, &token, r.body["execution_id"].as_str().unwrap()).await;
+    assert_eq!(
+        stream_of(&timed_out, "stdout"),
+        ["about to hang"],
+        "{:?}",
+        timed_out.body
+    );
+
+    // Refused before it ran: no execution to name.
+    let id = app.session(&token, "python-chatty", json!({})).await;
+    let r = app
+        .execute_with(&token, &id, json!({"params": "not an object"}), None)
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.body.get("execution_id").is_none(), "{:?}", r.body);
+    assert!(r.headers.get("x-execution-id").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_is_cut_at_the_cap_keeping_its_first_lines() {
+    // Arrange: 1 KiB of logs per execution; the function writes ~100 KiB.
+    let app = spawn_app_with(&["--log-limit-bytes", "1024"]).await;
+    app.register(
+        "nodejs-flood",
+        r#"exports.handler = async () => {
+             for (let i = 0; i < 1000; i++) console.log(`line ${i} ` + "x".repeat(90));
+             return { done: true };
+           };"#,
+        no_cache(),
+    )
+    .await;
+    let token = app.admin();
+    let id = app.session(&token, "nodejs-flood", json!({})).await;
+
+    // Act
+    let r = app.execute(&token, &id, json!({})).await;
+
+    // Assert: the answer is intact; the logs are the head, marked.
+    assert_eq!(r.body["result"], json!({"done": true}), "{:?}", r.body);
+    let flood = logs(&app, &token, r.body["execution_id"].as_str().unwrap()).await;
+    let kept = stream_of(&flood, "stdout");
+    assert!(!kept.is_empty() && kept.len() < 20, "{} lines kept", kept.len());
+    assert!(kept[0].starts_with("line 0 "), "{:?}", kept[0]);
+    assert!(
+        kept.iter()
+            .enumerate()
+            .all(|(i, l)| l.starts_with(&format!("line {i} ")))
+    );
+    assert_eq!(flood.body["truncated"], true);
+    assert_eq!(flood.body["limit_bytes"], 1024);
+    let kept_bytes: usize = kept.iter().map(|l| l.len() + 1).sum();
+    assert!(kept_bytes <= 1024);
+    assert_eq!(
+        flood.body["dropped_bytes"].as_u64().unwrap() as usize + kept_bytes,
+        (0..1000).map(|i| format!("line {i} ").len() + 90 + 1).sum::<usize>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_owner_follows_a_function_s_lines_while_an_execution_is_still_running() {
+    // Arrange: the function writes a line, then sleeps until it is
+    // cancelled: its line can only be seen live.
+    let app = spawn_app().await;
+    app.register(
+        "python-slow",
+        r#"import time
+
+
+def handler(params, context):
+    print("started", params["n"])
+    time.sleep(600)
+"#,
+        no_cache(),
+    )
+    .await;
+    let carol = app.token("carol", &["execute:all"]);
+    let owner = app.admin();
+
+    // Only the owner may follow.
+    let refused = app
+        .get(Some(&carol), "/api/v1/functions/python-slow/logs?follow=true")
+        .await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (403, "FORBIDDEN"),
+        "{:?}",
+        refused.body
+    );
+
+    let response = app
+        .client
+        .get(app.url("/api/v1/functions/python-slow/logs?follow=true"))
+        .bearer_auth(&owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut events = response.bytes_stream();
+
+    // Act: carol starts it.
+    let submitted = submit(
+        &app,
+        &carol,
+        "python-slow",
+        json!({"params": {"n": 7}, "context": {"timeout_ms": 120000}}),
+    )
+    .await;
+    let id = submitted.body["execution_id"].as_str().unwrap().to_owned();
+    let mut seen = String::new();
+    let started = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(chunk) = events.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if seen.contains("started 7") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+
+    // Assert: the line came while the execution was still running.
+    assert_eq!(started, Ok(true), "{seen}");
+    assert!(seen.contains("event: log"), "{seen}");
+    let running = app.get(Some(&carol), &format!("/api/v1/executions/{id}")).await;
+    assert_eq!(running.body["status"], "running", "{:?}", running.body);
+    let cancel = crate::helpers::read(
+        app.client
+            .post(app.url(&format!("/api/v1/executions/{id}/cancel")))
+            .bearer_auth(&carol)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(cancel.status < 300, "{:?}", cancel.body);
+    crate::executions::wait_until(&app, &carol, &id, Duration::from_secs(60), |e| {
+        e["status"] == "cancelled"
+    })
+    .await;
+    let kept = logs(&app, &carol, &id).await;
+    assert_eq!(stream_of(&kept, "stdout"), ["started 7"], "{:?}", kept.body);
+    let attempt = kept.body["executions"][0].as_str().unwrap();
+    assert!(seen.contains(attempt), "{seen}");
+
+    // Without follow: the function's last lines.
+    let last = app
+        .get(Some(&owner), "/api/v1/functions/python-slow/logs?lines=1")
+        .await;
+    assert_eq!(last.status, 200, "{:?}", last.body);
+    assert_eq!(last.body["lines"].as_array().unwrap().len(), 1);
+    assert_eq!(last.body["lines"][0]["text"], "started 7");
+    let bad = app
+        .get(Some(&owner), "/api/v1/functions/python-slow/logs?follow=yes")
+        .await;
+    assert_eq!((bad.status, bad.code()), (400, "INVALID_REQUEST"));
+    let missing = app.get(Some(&owner), "/api/v1/functions/python-nope/logs").await;
+    assert_eq!(missing.status, 404);
+}
+
+async fn submit(app: &TestApp, token: &str, language_title: &str, body: Value) -> Reply {
+    crate::helpers::read(
+        app.client
+            .post(app.url("/api/v1/executions"))
+            .bearer_auth(token)
+            .header("Language-Title", language_title)
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_asynchronous_execution_s_logs_hold_each_of_its_attempts() {
+    let app = spawn_app().await;
+    app.register("python-chatty", PYTHON_CHATTY, no_cache()).await;
+    let token = app.admin();
+    let submitted = submit(&app, &token, "python-chatty", json!({"params": {"word": "later"}})).await;
+    assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+    let id = submitted.body["execution_id"].as_str().unwrap().to_owned();
+    let done = crate::executions::wait_until(&app, &token, &id, Duration::from_secs(60), |e| {
+        e["status"] != "pending" && e["status"] != "running"
+    })
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let r = logs(&app, &token, &id).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(stream_of(&r, "stdout"), ["python says later"], "{:?}", r.body);
+    assert_eq!(r.body["executions"].as_array().unwrap().len(), 1);
+}
