@@ -36,11 +36,12 @@ const RECENT_PER_REQUEST: usize = 64;
 /// Lines a follower may fall behind before it misses some (it is told).
 const FOLLOW_BUFFER: usize = 1024;
 
-/// The executions recorded lately, by their id and by their session's or
-/// asynchronous execution's id.
+/// The executions recorded lately, by their id, by their session's or
+/// asynchronous execution's id, and by function.
 pub struct Recent {
     by_id: moka::sync::Cache<String, Arc<StoredLogs>>,
     by_request: moka::sync::Cache<String, Arc<Mutex<Vec<Arc<StoredLogs>>>>>,
+    by_function: moka::sync::Cache<String, Arc<Mutex<Vec<Arc<StoredLogs>>>>>,
 }
 
 impl Default for Recent {
@@ -51,6 +52,10 @@ impl Default for Recent {
                 .time_to_live(RECENT_TTL)
                 .build(),
             by_request: moka::sync::Cache::builder()
+                .max_capacity(RECENT_MAX)
+                .time_to_live(RECENT_TTL)
+                .build(),
+            by_function: moka::sync::Cache::builder()
                 .max_capacity(RECENT_MAX)
                 .time_to_live(RECENT_TTL)
                 .build(),
@@ -69,12 +74,24 @@ impl Recent {
     pub fn remember(&self, record: &ExecutionRecord) {
         let logs = Arc::new(stored(record));
         self.by_id.insert(logs.execution_id.clone(), logs.clone());
-        let list = self.by_request.get_with(record.request_id.clone(), Default::default);
-        let mut list = list.lock().unwrap();
-        if list.len() >= RECENT_PER_REQUEST {
-            list.remove(0);
+        for (index, key) in [
+            (&self.by_request, &record.request_id),
+            (&self.by_function, &record.language_title),
+        ] {
+            let list = index.get_with(key.clone(), Default::default);
+            let mut list = list.lock().unwrap();
+            if list.len() >= RECENT_PER_REQUEST {
+                list.remove(0);
+            }
+            list.push(logs.clone());
         }
-        list.push(logs);
+    }
+
+    fn of_function(&self, language_title: &str) -> Vec<Arc<StoredLogs>> {
+        self.by_function
+            .get(language_title)
+            .map(|list| list.lock().unwrap().clone())
+            .unwrap_or_default()
     }
 
     fn get(&self, id: &str) -> Vec<Arc<StoredLogs>> {
@@ -98,6 +115,11 @@ fn stored(record: &ExecutionRecord) -> StoredLogs {
         created_ms: (record.started_at.unix_timestamp_nanos() / 1_000_000) as i64,
         captured: record.logs.clone().unwrap_or_default(),
     }
+}
+
+/// Oldest first (then by id, so the order is stable).
+fn sort(executions: &mut [Arc<StoredLogs>]) {
+    executions.sort_by(|a, b| (a.created_ms, &a.execution_id).cmp(&(b.created_ms, &b.execution_id)));
 }
 
 /// One line as a follower receives it.
@@ -190,8 +212,27 @@ impl Logs {
             // Recorded, and wrote nothing.
             executions.push(Arc::new(stored(&record)));
         }
-        executions.sort_by(|a, b| (a.created_ms, &a.execution_id).cmp(&(b.created_ms, &b.execution_id)));
+        sort(&mut executions);
         Ok(Found { executions })
+    }
+
+    /// The last `limit` executions of a function that wrote anything, oldest first.
+    pub async fn of_function(&self, language_title: &str, limit: usize) -> Result<Vec<Arc<StoredLogs>>, StoreError> {
+        let mut executions: Vec<Arc<StoredLogs>> = self
+            .store
+            .function_logs(language_title, limit as i64)
+            .await?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        for recent in self.recent.of_function(language_title) {
+            if !recent.captured.is_empty() && !executions.iter().any(|e| e.execution_id == recent.execution_id) {
+                executions.push(recent);
+            }
+        }
+        sort(&mut executions);
+        executions.drain(..executions.len().saturating_sub(limit));
+        Ok(executions)
     }
 
     /// Deletes logs past the retention; run periodically.

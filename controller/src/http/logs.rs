@@ -172,7 +172,7 @@ pub(super) struct FunctionLogsView {
 }
 
 /// Executions read for a function's last lines.
-const RECENT_EXECUTIONS: i64 = 200;
+const RECENT_EXECUTIONS: usize = 200;
 
 /// A function's logs, every caller's (extension; its owner's only).
 ///
@@ -227,8 +227,7 @@ async fn function_logs(
     let limit = super::functions::positive(query.lines.as_deref(), "lines", 200, 10_000)?;
     let executions = state
         .logs
-        .store
-        .function_logs(&language_title, RECENT_EXECUTIONS)
+        .of_function(&language_title, RECENT_EXECUTIONS)
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
     let mut lines: Vec<LineView> = executions

@@ -86,6 +86,7 @@ pub struct HttpSettings {
         (name = "sessions", description = "initialize, execute, session state"),
         (name = "functions", description = "the function registry"),
         (name = "executions", description = "asynchronous executions: submit, status, cancel, retry"),
+        (name = "logs", description = "what functions write to stdout and stderr, per execution and per function"),
         (name = "operations", description = "health, metrics, this document"),
     )
 )]
@@ -270,7 +271,11 @@ fn cors(settings: &HttpSettings) -> CorsLayer {
             HeaderName::from_static("x-request-id"),
             HeaderName::from_static("x-cache-control"),
         ])
-        .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
+        .expose_headers([
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static(crate::error::EXECUTION_ID_HEADER),
+            header::RETRY_AFTER,
+        ])
         .max_age(Duration::from_secs(86_400))
 }
 
