@@ -225,6 +225,31 @@ impl Engine {
         }
     }
 
+    /// The caller's unexpired sessions that match the filters, newest first,
+    /// one page of them (`page` from 1), and how many match in all.
+    pub async fn sessions(
+        &self,
+        subject: &Subject,
+        status: Option<SessionStatus>,
+        language_title: Option<&str>,
+        page: usize,
+        per_page: usize,
+    ) -> Result<(usize, Vec<SessionRecord>), ApiError> {
+        let mut sessions = self.sessions.list(&subject.sub).await.map_err(ApiError::Internal)?;
+        sessions.retain(|s| {
+            status.is_none_or(|st| s.status == st) && language_title.is_none_or(|lt| s.language_title == lt)
+        });
+        // Times are whole seconds: the request ID breaks ties, so pages stay put.
+        sessions.sort_by(|a, b| (b.created_at, &b.request_id).cmp(&(a.created_at, &a.request_id)));
+        let total = sessions.len();
+        let page = sessions
+            .into_iter()
+            .skip(page.saturating_sub(1).saturating_mul(per_page))
+            .take(per_page)
+            .collect();
+        Ok((total, page))
+    }
+
     /// Ends a session and releases its instance.
     pub async fn close(&self, subject: &Subject, request_id: &str) -> Result<(), ApiError> {
         let key = self.session(subject, request_id).await?.key();

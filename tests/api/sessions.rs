@@ -1,6 +1,7 @@
 //! `GET` / `DELETE /api/v1/sessions/{request_id}` beyond contract.rs: the
 //! whole shape across executions, what a deleted session answers everywhere,
-//! and instances released when a session expires.
+//! and instances released when a session expires; `GET /api/v1/sessions`,
+//! the caller's, filtered and paged, in process and shared through Redis.
 
 use std::time::Duration;
 
@@ -254,4 +255,184 @@ async fn a_request_id_another_subject_uses_is_free_and_reveals_nothing() {
         "bob's delete ended alice's session: {:?}",
         still.body
     );
+}
+
+/// The request IDs and statuses of a session list, in its order.
+fn listed(r: &crate::helpers::Reply) -> Vec<(String, String)> {
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["sessions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sessions array: {:?}", r.body))
+        .iter()
+        .map(|s| {
+            (
+                s["request_id"].as_str().unwrap().to_owned(),
+                s["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn pair(id: &str, status: &str) -> (String, String) {
+    (id.to_owned(), status.to_owned())
+}
+
+/// Sessions' `created_at` are whole seconds: wait into the next one, so
+/// the next session is strictly newer.
+async fn next_second() {
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_sessions_shows_the_callers_own_newest_first_filtered_and_paged() {
+    // Arrange: alice has three sessions, the one-shot one completed; bob one.
+    let app = spawn_app().await;
+    let alice = app.token("alice", &["execute:all"]);
+    let bob = app.token("bob", &["execute:all"]);
+    let params = json!({"operation": "add", "values": [1, 2]});
+    let first = app
+        .session(&alice, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+    next_second().await;
+    let one_shot = app.session(&alice, "nodejs-calculator", json!({})).await;
+    let ran = app.execute(&alice, &one_shot, params.clone()).await;
+    assert_eq!(ran.status, 200, "{:?}", ran.body);
+    next_second().await;
+    let newest = app
+        .session(&alice, "nodejs-counter", json!({"retain_session": true}))
+        .await;
+    let bobs = app
+        .session(&bob, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+
+    // Act
+    let all = app.get(Some(&alice), "/api/v1/sessions").await;
+    let active = app.get(Some(&alice), "/api/v1/sessions?status=active").await;
+    let completed = app.get(Some(&alice), "/api/v1/sessions?status=completed").await;
+    let page_2 = app.get(Some(&alice), "/api/v1/sessions?per_page=2&page=2").await;
+    let counter = app
+        .get(Some(&alice), "/api/v1/sessions?language_title=nodejs-counter")
+        .await;
+    let bob_all = app.get(Some(&bob), "/api/v1/sessions").await;
+    let carol = app.get(Some(&app.token("carol", &[])), "/api/v1/sessions").await;
+    let bad_status = app.get(Some(&alice), "/api/v1/sessions?status=running").await;
+    let bad_page = app.get(Some(&alice), "/api/v1/sessions?per_page=101").await;
+    let anonymous = app.get(None, "/api/v1/sessions").await;
+
+    // Assert: exactly alice's, newest first, each in the session view.
+    assert_eq!(
+        listed(&all),
+        [
+            pair(&newest, "active"),
+            pair(&one_shot, "completed"),
+            pair(&first, "active")
+        ]
+    );
+    assert_eq!(
+        (&all.body["total"], &all.body["page"], &all.body["per_page"]),
+        (&json!(3), &json!(1), &json!(20))
+    );
+    let mut keys: Vec<&str> = all.body.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["page", "per_page", "sessions", "total"]);
+    let completed_one = &all.body["sessions"][1];
+    assert_eq!(completed_one["language_title"], "nodejs-calculator");
+    assert_eq!(completed_one["execution_count"], 1);
+    assert!(completed_one["last_executed_at"].is_string(), "{completed_one:?}");
+    assert_eq!(completed_one["retain_session"], false);
+    assert_eq!(all.body["sessions"][0]["language_title"], "nodejs-counter");
+    let single = app.get(Some(&alice), &format!("/api/v1/sessions/{first}")).await;
+    assert_eq!(all.body["sessions"][2], single.body, "the list shows the session view");
+    let created: Vec<i64> = all.body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| unix(s["created_at"].as_str().unwrap()))
+        .collect();
+    assert!(created[0] > created[1] && created[1] > created[2], "{created:?}");
+
+    // Filters and pages.
+    assert_eq!(listed(&active), [pair(&newest, "active"), pair(&first, "active")]);
+    assert_eq!(active.body["total"], 2);
+    assert_eq!(listed(&completed), [pair(&one_shot, "completed")]);
+    assert_eq!(listed(&page_2), [pair(&first, "active")]);
+    assert_eq!(
+        (&page_2.body["total"], &page_2.body["page"], &page_2.body["per_page"]),
+        (&json!(3), &json!(2), &json!(2))
+    );
+    assert_eq!(listed(&counter), [pair(&newest, "active")]);
+
+    // Nobody sees anyone else's; any valid token may ask.
+    assert_eq!(listed(&bob_all), [pair(&bobs, "active")]);
+    assert_eq!(bob_all.body["total"], 1);
+    assert_eq!(listed(&carol), []);
+    assert_eq!(carol.body["total"], 0);
+
+    // Refusals.
+    assert_eq!(bad_status.status, 400, "{:?}", bad_status.body);
+    assert_eq!(bad_status.code(), "INVALID_REQUEST");
+    let message = bad_status.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("active") && message.contains("completed"), "{message}");
+    assert_eq!(bad_page.status, 400, "{:?}", bad_page.body);
+    assert_eq!(bad_page.code(), "INVALID_REQUEST");
+    assert_eq!(anonymous.status, 401, "{:?}", anonymous.body);
+    assert_eq!(anonymous.code(), "UNAUTHORIZED");
+
+    // A session ended is no longer listed.
+    assert_eq!(delete(&app, Some(&alice), &first).await.status, 204);
+    let after = app.get(Some(&alice), "/api/v1/sessions").await;
+    assert_eq!(listed(&after), [pair(&newest, "active"), pair(&one_shot, "completed")]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_sessions_are_never_listed() {
+    // Arrange
+    let app = spawn_app_with(&["--session-ttl-secs", "1"]).await;
+    let token = app.admin();
+    let id = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+
+    // Act: the session ends within two seconds (times are whole seconds).
+    let fresh = app.get(Some(&token), "/api/v1/sessions").await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let later = app.get(Some(&token), "/api/v1/sessions").await;
+
+    // Assert
+    assert_eq!(listed(&fresh), [pair(&id, "active")]);
+    assert_eq!(listed(&later), []);
+    assert_eq!(later.body["total"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn controllers_sharing_redis_list_each_others_sessions() {
+    let Some(redis) = crate::replicas::redis_url() else {
+        return;
+    };
+    let a = spawn_app_with(&["--redis-url", &redis]).await;
+    let b = spawn_app_with(&["--redis-url", &redis]).await;
+    // A subject of its own: the shared Redis outlives test runs.
+    let sub = format!("lister-{}", uuid::Uuid::new_v4());
+    let token = a.token(&sub, &["execute:all"]);
+    let other = a.token(&format!("{sub}-other"), &["execute:all"]);
+
+    let on_a = a
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+    next_second().await;
+    let on_b = b.session(&token, "nodejs-calculator", json!({})).await;
+    let ran = b
+        .execute(&token, &on_b, json!({"operation": "add", "values": [1, 2]}))
+        .await;
+    assert_eq!(ran.status, 200, "{:?}", ran.body);
+    a.session(&other, "nodejs-calculator", json!({})).await;
+
+    let from_a = a.get(Some(&token), "/api/v1/sessions").await;
+    let from_b = b.get(Some(&token), "/api/v1/sessions?status=active").await;
+    assert_eq!(listed(&from_a), [pair(&on_b, "completed"), pair(&on_a, "active")]);
+    assert_eq!(listed(&from_b), [pair(&on_a, "active")]);
+
+    assert_eq!(delete(&b, Some(&token), &on_a).await.status, 204);
+    let after = a.get(Some(&token), "/api/v1/sessions").await;
+    assert_eq!(listed(&after), [pair(&on_b, "completed")]);
 }

@@ -1,9 +1,10 @@
-//! `GET` and `DELETE /api/v1/sessions/{request_id}`.
+//! `GET /api/v1/sessions` (the caller's), `GET` and
+//! `DELETE /api/v1/sessions/{request_id}`.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
@@ -13,7 +14,9 @@ use crate::sessions::{SessionRecord, SessionStatus};
 use fnrt_core::timefmt;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(get_session, delete_session))
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(get_session, delete_session))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -53,6 +56,76 @@ impl From<SessionRecord> for SessionResponse {
             timeout_ms: s.timeout_ms,
         }
     }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ListQuery {
+    /// Only this status: `active` or `completed`.
+    status: Option<String>,
+    /// Only this function.
+    language_title: Option<String>,
+    /// Page number, from 1.
+    page: Option<String>,
+    /// Items per page, 1 to 100 (default 20).
+    per_page: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct SessionList {
+    /// How many sessions match, on all pages.
+    pub total: usize,
+    pub page: usize,
+    pub per_page: usize,
+    pub sessions: Vec<SessionResponse>,
+}
+
+/// The caller's sessions, newest first (extension).
+///
+/// Any valid token may ask; each subject sees only its own sessions.
+/// Expired sessions are never listed; a one-shot session that ran is
+/// listed as `completed` until it expires.
+#[utoipa::path(
+    get,
+    path = "/api/v1/sessions",
+    tag = "sessions",
+    params(ListQuery),
+    responses(
+        (status = 200, body = SessionList),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<SessionList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(format!("bad query: {}", e.body_text())))?;
+    let status = match query.status.as_deref() {
+        None => None,
+        Some("active") => Some(SessionStatus::Active),
+        Some("completed") => Some(SessionStatus::Completed),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "'status' must be one of active, completed".into(),
+            ));
+        }
+    };
+    let page = super::functions::positive(query.page.as_deref(), "page", 1, 1_000_000)?;
+    let per_page = super::functions::positive(query.per_page.as_deref(), "per_page", 20, 100)?;
+    let (total, sessions) = state
+        .engine
+        .sessions(&auth.0, status, query.language_title.as_deref(), page, per_page)
+        .await?;
+    Ok(axum::Json(SessionList {
+        total,
+        page,
+        per_page,
+        sessions: sessions.into_iter().map(Into::into).collect(),
+    }))
 }
 
 /// A session's state.

@@ -43,6 +43,15 @@ impl SessionStore for FallbackSessionStore {
         Ok(self.shared.get(request_id).await.unwrap_or(None))
     }
 
+    async fn list(&self, owner: &str) -> anyhow::Result<Vec<SessionRecord>> {
+        // As `get`: the local copy of a key wins, and Redis down lists only the local ones.
+        let mut sessions = self.local.list(owner).await?;
+        let local: std::collections::HashSet<String> = sessions.iter().map(SessionRecord::key).collect();
+        let shared = self.shared.list(owner).await.unwrap_or_default();
+        sessions.extend(shared.into_iter().filter(|s| !local.contains(&s.key())));
+        Ok(sessions)
+    }
+
     async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
         if self.local.get(request_id).await?.is_some() {
             return self.local.record_execution(request_id, at, complete).await;

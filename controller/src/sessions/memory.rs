@@ -33,6 +33,16 @@ impl SessionStore for MemorySessionStore {
         Ok(sessions.get(request_id).filter(|s| !s.is_expired(now)).cloned())
     }
 
+    async fn list(&self, owner: &str) -> anyhow::Result<Vec<SessionRecord>> {
+        let sessions = self.sessions.lock().unwrap();
+        let now = OffsetDateTime::now_utc();
+        Ok(sessions
+            .values()
+            .filter(|s| s.owner == owner && !s.is_expired(now))
+            .cloned()
+            .collect())
+    }
+
     async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
         if let Some(s) = self.sessions.lock().unwrap().get_mut(request_id) {
             s.execution_count += 1;

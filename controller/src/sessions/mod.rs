@@ -8,10 +8,15 @@
 //! kept under [`session_key`] (its owner's, then its request ID), and is
 //! plain data: the instance a retained session holds stays with the
 //! controller process that holds it (see [`crate::engine`]).
+//!
+//! `tests.rs`: the suite every store passes (Redis when `TEST_REDIS_URL`
+//! is set).
 
 pub mod fallback;
 pub mod memory;
 pub mod redis;
+#[cfg(test)]
+mod tests;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -66,9 +71,20 @@ impl SessionRecord {
 /// subject already uses is simply free for this one: no answer tells a
 /// caller that someone else's session exists.
 pub fn session_key(owner: &str, request_id: &str) -> String {
+    format!("{}.{request_id}", owner_hash(owner))
+}
+
+/// The owner's part of its [`session_key`]s: hex, so without a '.'.
+pub fn owner_hash(owner: &str) -> String {
     use sha2::Digest;
     let owner = sha2::Sha256::digest(owner.as_bytes());
-    format!("{}.{request_id}", hex::encode(&owner[..16]))
+    hex::encode(&owner[..16])
+}
+
+/// The [`owner_hash`] a [`session_key`] starts with (request IDs may hold
+/// a '.' themselves; the hash never does).
+pub fn key_owner_hash(key: &str) -> &str {
+    key.split_once('.').map_or(key, |(owner, _)| owner)
 }
 
 /// Sessions by key ([`SessionRecord::key`]: owner and request ID).
@@ -78,6 +94,8 @@ pub trait SessionStore: Send + Sync {
     async fn insert(&self, record: SessionRecord) -> anyhow::Result<bool>;
     /// A session that has not expired.
     async fn get(&self, key: &str) -> anyhow::Result<Option<SessionRecord>>;
+    /// The sessions of `owner` (a `sub`) that have not expired, in no set order.
+    async fn list(&self, owner: &str) -> anyhow::Result<Vec<SessionRecord>>;
     /// Counts one execution; with `complete`, the session is done.
     async fn record_execution(&self, key: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()>;
     /// Removes a session; the removed record, if it existed.

@@ -1,16 +1,22 @@
 //! Sessions in Redis, shared by every controller on it.
 //!
-//! - `fnrt:session:v1:{id}`: a hash (`record`: the record as JSON; `count`,
+//! An ID is a session's key ([`super::session_key`]: owner hash, '.',
+//! request ID).
+//!
+//! - `fnrt:session:v2:{id}`: a hash (`record`: the record as JSON; `count`,
 //!   `last`, `status`: what executions change), expiring at `expires_at`.
-//! - `fnrt:sessions:v1`: sorted set of IDs by expiry, for the active count.
-//! - `fnrt:function-sessions:v1:{language_title}`: set of IDs, for deletes.
+//! - `fnrt:sessions:v2`: sorted set of IDs by expiry, for the active count.
+//! - `fnrt:function-sessions:v2:{language_title}`: set of IDs, for deletes.
+//! - `fnrt:owner-sessions:v2:{owner hash}`: set of an owner's IDs, for
+//!   listing them without scanning; it expires no sooner than the owner's
+//!   last session, and a listing drops the IDs whose hash is gone.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use super::{SessionRecord, SessionStatus, SessionStore};
+use super::{SessionRecord, SessionStatus, SessionStore, key_owner_hash, owner_hash};
 use crate::redis_client::RedisClient;
 use fnrt_core::timefmt;
 
@@ -25,6 +31,11 @@ fn function_key(language_title: &str) -> String {
     format!("fnrt:function-sessions:v2:{language_title}")
 }
 
+/// The owner index of the owner whose [`super::owner_hash`] this is.
+fn owner_key(owner_hash: &str) -> String {
+    format!("fnrt:owner-sessions:v2:{owner_hash}")
+}
+
 fn unix_ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -36,6 +47,12 @@ redis.call('HSET', KEYS[1], 'record', ARGV[1], 'count', 0, 'last', '', 'status',
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[3])
+-- The owner index outlives each of its sessions: extend it, never shorten it.
+local ttl = redis.call('PTTL', KEYS[4])
+local now = redis.call('TIME')
+local ends = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ttl
+if ttl < 0 or ends < tonumber(ARGV[2]) then redis.call('PEXPIREAT', KEYS[4], ARGV[2]) end
 return 1
 ";
 
@@ -60,6 +77,23 @@ impl std::fmt::Debug for RedisSessionStore {
     }
 }
 
+/// A session's hash as a record; `None` when it is gone (an empty hash).
+fn parse(fields: &HashMap<String, String>) -> anyhow::Result<Option<SessionRecord>> {
+    let Some(record) = fields.get("record") else {
+        return Ok(None);
+    };
+    let mut record: SessionRecord = serde_json::from_str(record)?;
+    record.execution_count = fields.get("count").and_then(|c| c.parse().ok()).unwrap_or(0);
+    record.last_executed_at = fields
+        .get("last")
+        .filter(|l| !l.is_empty())
+        .and_then(|l| timefmt::parse(l).ok());
+    if fields.get("status").is_some_and(|s| s == "completed") {
+        record.status = SessionStatus::Completed;
+    }
+    Ok(Some(record))
+}
+
 impl RedisSessionStore {
     pub fn new(redis: RedisClient) -> Self {
         RedisSessionStore {
@@ -75,19 +109,7 @@ impl RedisSessionStore {
             .redis
             .run(|mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await })
             .await?;
-        let Some(record) = fields.get("record") else {
-            return Ok(None);
-        };
-        let mut record: SessionRecord = serde_json::from_str(record)?;
-        record.execution_count = fields.get("count").and_then(|c| c.parse().ok()).unwrap_or(0);
-        record.last_executed_at = fields
-            .get("last")
-            .filter(|l| !l.is_empty())
-            .and_then(|l| timefmt::parse(l).ok());
-        if fields.get("status").is_some_and(|s| s == "completed") {
-            record.status = SessionStatus::Completed;
-        }
-        Ok(Some(record))
+        parse(&fields)
     }
 
     async fn unindex(&self, ids: &[String], language_title: Option<&str>) -> anyhow::Result<()> {
@@ -102,6 +124,7 @@ impl RedisSessionStore {
                 for id in &ids {
                     pipe.del(session_key(id)).ignore();
                     pipe.zrem(ALL, id).ignore();
+                    pipe.srem(owner_key(key_owner_hash(id)), id).ignore();
                 }
                 if let Some(f) = &function {
                     pipe.del(f).ignore();
@@ -121,6 +144,7 @@ impl SessionStore for RedisSessionStore {
             session_key(&record.key()),
             ALL.to_owned(),
             function_key(&record.language_title),
+            owner_key(&owner_hash(&record.owner)),
         ];
         let id = record.key();
         let script = &self.insert;
@@ -131,6 +155,7 @@ impl SessionStore for RedisSessionStore {
                     .key(&keys[0])
                     .key(&keys[1])
                     .key(&keys[2])
+                    .key(&keys[3])
                     .arg(json)
                     .arg(expires)
                     .arg(id)
@@ -144,6 +169,53 @@ impl SessionStore for RedisSessionStore {
     async fn get(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {
         let now = OffsetDateTime::now_utc();
         Ok(self.read(request_id).await?.filter(|s| !s.is_expired(now)))
+    }
+
+    async fn list(&self, owner: &str) -> anyhow::Result<Vec<SessionRecord>> {
+        let index = owner_key(&owner_hash(owner));
+        let ids: Vec<String> = {
+            let index = index.clone();
+            self.redis
+                .run(|mut c| async move { redis::cmd("SMEMBERS").arg(index).query_async(&mut c).await })
+                .await?
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hashes: Vec<HashMap<String, String>> = {
+            let ids = ids.clone();
+            self.redis
+                .run(|mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for id in &ids {
+                        pipe.hgetall(session_key(id));
+                    }
+                    pipe.query_async(&mut c).await
+                })
+                .await?
+        };
+        let now = OffsetDateTime::now_utc();
+        let mut sessions = Vec::new();
+        let mut gone = Vec::new();
+        for (id, fields) in ids.into_iter().zip(&hashes) {
+            match parse(fields)? {
+                // The owner check guards against the (128-bit) hash colliding.
+                Some(s) if !s.is_expired(now) && s.owner == owner => sessions.push(s),
+                Some(_) => {}
+                None => gone.push(id),
+            }
+        }
+        // Hashes gone (expired, evicted): forget their IDs. Best effort, as
+        // the listing itself is done: the next one tries again.
+        if !gone.is_empty()
+            && let Err(e) = self
+                .redis
+                .run(|mut c| async move { redis::cmd("SREM").arg(index).arg(gone).query_async::<()>(&mut c).await })
+                .await
+        {
+            tracing::debug!(error = %e, "could not prune an owner's session index");
+        }
+        Ok(sessions)
     }
 
     async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
@@ -176,7 +248,7 @@ impl SessionStore for RedisSessionStore {
     }
 
     async fn remove_expired(&self, now: OffsetDateTime) -> anyhow::Result<Vec<String>> {
-        // The hashes expire by themselves; only the index needs pruning.
+        // The hashes expire by themselves; only the indexes need pruning.
         let cutoff = unix_ms(now);
         let ids: Vec<String> = self
             .redis
@@ -195,6 +267,18 @@ impl SessionStore for RedisSessionStore {
                 Ok(ids)
             })
             .await?;
+        if !ids.is_empty() {
+            let owned = ids.clone();
+            self.redis
+                .run(|mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for id in &owned {
+                        pipe.srem(owner_key(key_owner_hash(id)), id).ignore();
+                    }
+                    pipe.query_async::<()>(&mut c).await
+                })
+                .await?;
+        }
         Ok(ids)
     }
 
