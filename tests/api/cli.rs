@@ -277,3 +277,142 @@ async fn invoke_async_watches_an_execution_to_its_end_and_executions_lists_it() 
     );
     assert_eq!(fnrt(&config, &["executions", "no-such-id"]).await.code, 4);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_show_an_execution_s_output_and_follow_a_function_and_sessions_lists_them() {
+    // Arrange: a function that writes to both streams, deployed and invoked.
+    let app = spawn_app().await;
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("config.json");
+    let folder = home.path().join("nodejs-clilogs");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("function.json"),
+        json!({"description": "chatty", "cache": {"enabled": false}}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("index.js"),
+        "module.exports.handler = (p) => { console.log('hello ' + p.name); console.error('careful'); \
+         if (p.name === 'boom') throw new Error('boom'); return {ok: true}; };",
+    )
+    .unwrap();
+    assert_eq!(
+        fnrt(&config, &["login", &app.address, "--token", &app.admin()])
+            .await
+            .code,
+        0
+    );
+    assert_eq!(fnrt(&config, &["deploy", folder.to_str().unwrap()]).await.code, 0);
+
+    // Act + Assert: an execution's logs, human and --json.
+    let invoked = fnrt(&config, &["--json", "invoke", "nodejs-clilogs", "-p", "name=ann"]).await;
+    assert_eq!(invoked.code, 0, "{}", invoked.stderr);
+    let id = invoked.json()["execution_id"].as_str().unwrap().to_owned();
+    let human = fnrt(&config, &["logs", &id]).await;
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    let shown: Vec<(String, String)> = human
+        .stdout
+        .lines()
+        .map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            let ts = parts.next().unwrap();
+            assert!(ts.ends_with('Z'), "{l}");
+            (
+                parts.next().unwrap().to_owned(),
+                parts.next().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        shown.contains(&("stdout".into(), "hello ann".into())),
+        "{}",
+        human.stdout
+    );
+    assert!(shown.contains(&("stderr".into(), "careful".into())), "{}", human.stdout);
+    let as_json = fnrt(&config, &["--json", "logs", &id]).await;
+    assert_eq!(as_json.json()["executions"], json!([id]));
+
+    // A failed run names its logs in the error; they hold its output.
+    let failed = fnrt(&config, &["invoke", "nodejs-clilogs", "-p", "name=boom"]).await;
+    assert_eq!(failed.code, 1, "{}", failed.stderr);
+    let failed_id = failed
+        .stderr
+        .split("fnrt logs ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no logs hint: {}", failed.stderr));
+    let failed_logs = fnrt(&config, &["logs", failed_id]).await;
+    assert!(
+        failed_logs.stdout.contains(" stdout hello boom"),
+        "{}",
+        failed_logs.stdout
+    );
+
+    // A function's last lines name their executions (the lines of one
+    // execution keep their order within a stream only).
+    let last = fnrt(&config, &["logs", "nodejs-clilogs", "--lines", "2"]).await;
+    assert_eq!(last.code, 0, "{}", last.stderr);
+    assert_eq!(last.stdout.lines().count(), 2, "{}", last.stdout);
+    for line in [" stdout hello boom", " stderr careful"] {
+        let expected = format!(" {}{line}", &failed_id[..8]);
+        assert!(last.stdout.contains(&expected), "{expected} not in {}", last.stdout);
+    }
+
+    // Mistakes: -f on an id (usage), an unknown execution (not found).
+    assert_eq!(fnrt(&config, &["logs", "-f", &id]).await.code, 2);
+    let unknown = fnrt(&config, &["logs", &uuid::Uuid::new_v4().to_string()]).await;
+    assert_eq!(unknown.code, 4, "{}", unknown.stderr);
+
+    // Following: a line written by a run started after the follow began.
+    let mut follower = tokio::process::Command::new(env!("CARGO_BIN_EXE_fnrt-under-test"))
+        .args(["logs", "-f", "nodejs-clilogs"])
+        .env_clear()
+        .env("FNRT_CONFIG", &config)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(follower.stdout.take().unwrap()));
+    let followed = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        // Until the follow is surely open: invoke again while nothing came.
+        loop {
+            assert_eq!(
+                fnrt(&config, &["invoke", "nodejs-clilogs", "-p", "name=live"])
+                    .await
+                    .code,
+                0
+            );
+            if let Ok(Ok(Some(line))) = tokio::time::timeout(std::time::Duration::from_secs(2), lines.next_line()).await
+            {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("no followed line");
+    assert!(
+        followed.contains("hello live") || followed.contains("careful"),
+        "{followed}"
+    );
+    follower.kill().await.unwrap();
+
+    // Sessions: every invoke was a one-shot session, now completed.
+    let sessions = fnrt(&config, &["--json", "sessions", "--function", "nodejs-clilogs"]).await;
+    assert_eq!(sessions.code, 0, "{}", sessions.stderr);
+    let listed = sessions.json();
+    let listed = listed.as_array().unwrap();
+    assert!(listed.len() >= 3, "{listed:?}");
+    assert!(
+        listed
+            .iter()
+            .all(|s| s["status"] == "completed" && s["language_title"] == "nodejs-clilogs")
+    );
+    let table = fnrt(&config, &["sessions"]).await;
+    assert!(table.stdout.starts_with("REQUEST_ID"), "{}", table.stdout);
+    let one = listed[0]["request_id"].as_str().unwrap();
+    let shown = fnrt(&config, &["sessions", one]).await;
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    assert!(shown.stdout.starts_with(one), "{}", shown.stdout);
+    assert_eq!(fnrt(&config, &["sessions", "no-such-session"]).await.code, 4);
+}

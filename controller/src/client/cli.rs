@@ -100,6 +100,30 @@ pub enum Command {
     },
     /// Cancel an asynchronous execution.
     Cancel { id: String },
+    /// What functions wrote to stdout and stderr: one execution's (its id,
+    /// an asynchronous execution's, or a session's request_id), or a
+    /// function's last lines; -f follows a function as it runs.
+    Logs {
+        /// An execution id, a session's request_id, or a Language-Title.
+        target: String,
+        /// Follow the function's lines as executions write them (until interrupted).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Of a function: its last N lines (default 200).
+        #[arg(long)]
+        lines: Option<usize>,
+    },
+    /// List your sessions, or show one.
+    Sessions {
+        /// One session's request_id: show it.
+        request_id: Option<String>,
+        /// Only active or completed sessions.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this function's.
+        #[arg(long)]
+        function: Option<String>,
+    },
     /// List the functions.
     List {
         /// Only this language (nodejs, python, rust, wasm).
@@ -157,7 +181,15 @@ impl From<Failure> for Stop {
             }
             Failure::Api { .. } => exit::REFUSED,
         };
-        Stop(code, f.to_string())
+        // A run that failed: where to read what it wrote.
+        let hint = match &f {
+            Failure::Api { body, .. } => body["execution_id"]
+                .as_str()
+                .map(|id| format!(" (its output: fnrt logs {id})"))
+                .unwrap_or_default(),
+            Failure::Unreachable(_) => String::new(),
+        };
+        Stop(code, format!("{f}{hint}"))
     }
 }
 
@@ -256,6 +288,22 @@ async fn run(cli: &Cli) -> Result<(), Stop> {
             }
             Ok(())
         }
+        Command::Logs { target, follow, lines } => logs(&api, target, *follow, *lines, cli.json).await,
+        Command::Sessions {
+            request_id: Some(id), ..
+        } => {
+            let s = api.get(&format!("/api/v1/sessions/{id}")).await?;
+            match cli.json {
+                true => print_json(&s),
+                false => show_session(&s),
+            }
+            Ok(())
+        }
+        Command::Sessions {
+            request_id: None,
+            status,
+            function,
+        } => sessions(&api, status.as_deref(), function.as_deref(), cli.json).await,
         Command::List { language } => list(&api, language.as_deref(), cli.json).await,
         Command::Describe { language_title } => {
             let detail = api.get(&format!("/api/v1/functions/{language_title}")).await?;
@@ -549,6 +597,129 @@ async fn executions(api: &Api, status: Option<&str>, function: Option<&str>, as_
         .collect();
     table(["EXECUTION", "FUNCTION", "STATUS", "ATTEMPTS", "CREATED"], &rows);
     Ok(())
+}
+
+/// Logs of an execution (or session), or of a function: a Language-Title
+/// is a function, anything else an id.
+async fn logs(api: &Api, target: &str, follow: bool, lines: Option<usize>, as_json: bool) -> Result<(), Stop> {
+    let function = target.parse::<fnrt_core::language::LanguageTitle>().is_ok();
+    if follow && !function {
+        return Err(usage(
+            "-f follows a function: fnrt logs -f LANGUAGE-TITLE (an execution's logs are complete once it ends)",
+        ));
+    }
+    let tty = std::io::stdout().is_terminal();
+    if follow {
+        let mut events = api
+            .events(&format!("/api/v1/functions/{target}/logs?follow=true"))
+            .await?;
+        while let Some((kind, data)) = events.next().await? {
+            match (kind.as_str(), as_json) {
+                ("log", true) => out!("{data}"),
+                ("log", false) => print_line(&data, true, tty),
+                ("lagged", _) => eprintln!(
+                    "({} lines were missed: the output was faster than this terminal)",
+                    data["missed"]
+                ),
+                _ => {}
+            }
+        }
+        return Err(Stop(exit::UNREACHABLE, "the controller ended the stream".into()));
+    }
+    let path = match function {
+        true => format!("/api/v1/functions/{target}/logs?lines={}", lines.unwrap_or(200)),
+        false => format!("/api/v1/executions/{target}/logs"),
+    };
+    let answer = api.get(&path).await?;
+    if as_json {
+        print_json(&answer);
+        return Ok(());
+    }
+    for line in answer["lines"].as_array().into_iter().flatten() {
+        print_line(line, function, tty);
+    }
+    if answer["truncated"] == true {
+        eprintln!(
+            "(truncated: {} more bytes were written than the {} kept per execution)",
+            answer["dropped_bytes"], answer["limit_bytes"]
+        );
+    }
+    Ok(())
+}
+
+/// `TIME [EXECUTION] STREAM TEXT`, stderr in red on a terminal.
+fn print_line(line: &Value, with_execution: bool, tty: bool) {
+    let text = |key: &str| line[key].as_str().unwrap_or_default();
+    let execution = match with_execution {
+        true => format!("{} ", text("execution_id").get(..8).unwrap_or_default()),
+        false => String::new(),
+    };
+    let stream = match text("stream") {
+        "stderr" => format!("{}stderr{}", red(tty), reset(tty)),
+        other => other.to_owned(),
+    };
+    out!("{} {execution}{stream} {}", text("ts"), text("text"));
+}
+
+async fn sessions(api: &Api, status: Option<&str>, function: Option<&str>, as_json: bool) -> Result<(), Stop> {
+    let mut all = Vec::new();
+    for page in 1.. {
+        let mut path = format!("/api/v1/sessions?per_page=100&page={page}");
+        if let Some(s) = status {
+            path.push_str(&format!("&status={s}"));
+        }
+        if let Some(f) = function {
+            path.push_str(&format!("&language_title={f}"));
+        }
+        let answer = api.get(&path).await?;
+        let items = answer["sessions"].as_array().cloned().unwrap_or_default();
+        let done = items.len() < 100;
+        all.extend(items);
+        if done {
+            break;
+        }
+    }
+    if as_json {
+        print_json(&Value::Array(all));
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = all
+        .iter()
+        .map(|s| {
+            [
+                s["request_id"].as_str().unwrap_or_default().to_owned(),
+                s["language_title"].as_str().unwrap_or_default().to_owned(),
+                s["status"].as_str().unwrap_or_default().to_owned(),
+                s["execution_count"].to_string(),
+                s["expires_at"].as_str().unwrap_or_default().to_owned(),
+            ]
+        })
+        .collect();
+    table(["REQUEST_ID", "FUNCTION", "STATUS", "EXECUTIONS", "EXPIRES"], &rows);
+    Ok(())
+}
+
+fn show_session(s: &Value) {
+    let field = |key: &str| match &s[key] {
+        Value::String(v) => v.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    out!("{}", field("request_id"));
+    out!(
+        "  function     {} (version {})",
+        field("language_title"),
+        field("version")
+    );
+    out!(
+        "  status       {} ({} executions, last {})",
+        field("status"),
+        field("execution_count"),
+        field("last_executed_at")
+    );
+    out!("  retained     {}", field("retain_session"));
+    out!("  created      {}", field("created_at"));
+    out!("  expires      {}", field("expires_at"));
 }
 
 async fn list(api: &Api, language: Option<&str>, as_json: bool) -> Result<(), Stop> {
