@@ -17,8 +17,12 @@
  *
  * stdout and stderr belong to the function; the server itself writes only
  * short diagnostics to stderr, and a run's `log_marker` to both when it ends.
+ * A write the function's code makes for a run that is no longer the one in
+ * progress (a timer or a promise an earlier run left behind) is dropped: see
+ * "Late writes" below.
  */
 
+const { AsyncLocalStorage } = require('async_hooks');
 const fs = require('fs');
 const http = require('http');
 const path = require('path');
@@ -90,7 +94,49 @@ const state = {
   currentRun: null,
   /** process.stdout and process.stderr as they were at start-up (a function may replace them). */
   stdio: null,
+  /** How many runs have started: each run's sequence number, the value of its `runStore`. */
+  runCount: 0,
 };
+
+// ---------------------------------------------------------------------------
+// Late writes
+//
+// A run's logs are what reaches stdout/stderr between its start and its
+// marker. Work the function leaves running past a run (a setTimeout, an
+// unawaited promise) would otherwise write into a later run's logs, which may
+// be another user's execution. Each handler call therefore runs inside
+// `runStore` holding its run's sequence number, which Node carries into every
+// timer, promise and callback made from it; a write whose store names a run
+// other than the one in progress (or names a run while none is) is dropped.
+// Writes with no store at all (code at module top level and the timers it
+// sets) carry no run's data and pass. Writes that do not go through
+// process.stdout/stderr.write (fs.writeSync(1), a child process's inherited
+// stdio) are not seen here.
+
+const runStore = new AsyncLocalStorage();
+
+/** True when the calling code belongs to a run other than the one in progress. */
+function isLateWrite() {
+  const owner = runStore.getStore();
+  if (owner === undefined) return false;
+  return state.currentRun === null || owner !== state.currentRun.seq;
+}
+
+/**
+ * Wraps `stream.write` (console.log and console.error go through it) so that a
+ * late write is dropped as if written: true, and its callback still called.
+ * A function that replaces the method later replaces this too: its business.
+ */
+function dropLateWrites(stream) {
+  const realWrite = stream.write;
+  stream.write = function write(...args) {
+    if (!isLateWrite()) return Reflect.apply(realWrite, this, args);
+    // write(chunk, callback) or write(chunk, encoding, callback)
+    const callback = typeof args[1] === 'function' ? args[1] : args[2];
+    if (typeof callback === 'function') process.nextTick(callback, null);
+    return true;
+  };
+}
 
 // An error thrown or a promise rejected outside the handler's own promise chain
 // (a stray setTimeout, a forgotten promise) must not kill the instance: during a
@@ -442,22 +488,26 @@ async function handleRun(body) {
 
   // The run ends at whichever comes first: the handler settles, or an uncaught
   // error/rejection is routed here by onStrayError.
-  const run = {};
+  const run = { seq: ++state.runCount };
   const strayError = new Promise((resolve) => {
     run.fail = (err) => resolve({ thrown: err });
   });
   state.currentRun = run;
   try {
-    const called = (async () => ({
-      value: await Reflect.apply(state.handler, state.exports, [request.params, request.context]),
-    }))().catch((err) => ({ thrown: err }));
+    // Inside runStore: everything the handler starts is known to be this run's.
+    const called = runStore
+      .run(run.seq, async () => ({
+        value: await Reflect.apply(state.handler, state.exports, [request.params, request.context]),
+      }))
+      .catch((err) => ({ thrown: err }));
     const outcome = await Promise.race([called, strayError]);
     // Decided: a stray error from here on is only logged.
     run.fail = null;
     // Made inside the run: serialising may call the function's toJSON, which may print.
     return runAnswer(outcome);
   } finally {
-    // Still busy meanwhile, so the next run's output cannot come before the markers.
+    // Still busy meanwhile, so the next run's output cannot come before the
+    // markers; until they are written, this run's late work may still log.
     if (request.logMarker !== undefined) await endLogs(request.logMarker);
     state.currentRun = null;
   }
@@ -622,6 +672,8 @@ function removeStaleSocket(socketPath) {
 function main() {
   const { socketPath } = parseArgs(process.argv.slice(2));
   state.stdio = [process.stdout, process.stderr];
+  // Before /init, so the function's module sees the wrapped methods from its first line.
+  for (const stream of state.stdio) dropLateWrites(stream);
   state.packageDir = path.join(path.dirname(path.resolve(socketPath)), 'function');
 
   try {

@@ -22,11 +22,15 @@ run is in progress and a second, concurrent `POST /run` gets 409 BUSY.
 
 stdout and stderr belong to the function (`print`); the server itself writes
 nothing to stdout and only real problems to stderr, besides a run's
-`log_marker` on both when the run ends.
+`log_marker` on both when the run ends. What a run's leftover threads or tasks
+write while a later run is in progress is dropped (see "Late writes").
 """
 
 import argparse
 import collections.abc
+import concurrent.futures.thread
+import contextvars
+import functools
 import gc
 import http.server
 import importlib.util
@@ -148,6 +152,8 @@ class Runtime:
         self._init_lock = threading.Lock()
         # Held for the whole of a /run: one run at a time (409 BUSY).
         self._run_lock = threading.Lock()
+        # How many runs have started: each run's sequence number (see _RUN).
+        self._run_count = 0
         # An /init that got past validation consumes the instance's one init,
         # even if the code then failed to load (its top level may have run).
         self.init_attempted = False
@@ -306,6 +312,7 @@ class Runtime:
 
     def run(self, body):
         """Call the handler; return the response body as bytes (always 200)."""
+        global _active_run
         params = _field(body, "params", dict, "an object", default={})
         context = _field(body, "context", dict, "an object", default={})
         # Informational: the controller enforces the deadline by killing us.
@@ -321,9 +328,12 @@ class Runtime:
             raise RequestError(409, "NOT_INITIALIZED", "POST /init must succeed before /run")
         if not self._run_lock.acquire(blocking=False):
             raise RequestError(409, "BUSY", "a run is already in progress on this instance")
+        self._run_count += 1
+        _active_run = self._run_count
         try:
             try:
-                result = self._call(params, context)
+                # In a context of its own, where _RUN says which run this is.
+                result = contextvars.copy_context().run(self._call_as_run, self._run_count, params, context)
             except BaseException as exc:  # noqa: B036 - SystemExit/KeyboardInterrupt from the function must not stop us
                 return self._run_error(exc)
             finally:
@@ -338,7 +348,12 @@ class Runtime:
             # Before the answer, and still holding the lock, so the next run's output comes after it.
             if marker is not None:
                 _end_logs(marker)
+            _active_run = None
             self._run_lock.release()
+
+    def _call_as_run(self, run, params, context):
+        _RUN.set(run)
+        return self._call(params, context)
 
     def _call(self, params, context):
         result = self.handler(params, context)
@@ -448,6 +463,107 @@ def _forget_server_dir():
     importable by the function."""
     if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.realpath(os.path.dirname(SERVER_FILE)):
         del sys.path[0]
+
+
+# --- Late writes ---------------------------------------------------------------
+#
+# A run's logs are what reaches stdout/stderr between its start and its marker.
+# A thread or task a run leaves behind would otherwise write into a later run's
+# logs, which may be another user's execution. So the handler is called with
+# _RUN set to its run's number in a context of its own; asyncio tasks inherit
+# it, and the wrappers below make threads and thread-pool work inherit it from
+# the code that starts or submits them. sys.stdout and sys.stderr drop what is
+# written for a run other than the one in progress. Code with no run (the
+# module's top level and the threads it starts, the server) writes freely.
+# Not covered: writes that bypass sys.stdout/sys.stderr (os.write(1, ...),
+# sys.__stdout__, child processes, threads from _thread.start_new_thread).
+
+# The run the running code belongs to (its number), or None.
+_RUN = contextvars.ContextVar("fnrt_run", default=None)
+
+# The number of the run in progress, until its markers are written; or None.
+_active_run = None
+
+
+def _is_late():
+    run = _RUN.get()
+    return run is not None and run != _active_run
+
+
+class _RunStream:
+    """A real stream (text, or its binary buffer) whose write() drops what is
+    written for a run other than the one in progress; the rest is delegated."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        inner = getattr(stream, "buffer", None)
+        self._buffer = _RunStream(inner) if inner is not None else None
+
+    def write(self, data):
+        if _is_late():
+            return len(data)
+        return self._stream.write(data)
+
+    def writelines(self, lines):
+        if not _is_late():
+            self._stream.writelines(lines)
+
+    @property
+    def buffer(self):
+        if self._buffer is None:
+            return self._stream.buffer  # raises AttributeError, as the real one does
+        return self._buffer
+
+    def __getattr__(self, name):
+        if name == "_stream":  # not set yet (a copy made without __init__)
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+    def __repr__(self):
+        return repr(self._stream)
+
+
+def _thread_start_in_context(start):
+    @functools.wraps(start)
+    def start_in_context(self):
+        # As asyncio.to_thread does: the thread runs in a copy of its starter's context.
+        context = contextvars.copy_context()
+        own = self.__dict__.get("run")
+        run = self.run
+
+        def run_in_context():
+            try:
+                context.run(run)
+            finally:
+                if own is None:
+                    self.__dict__.pop("run", None)
+                else:
+                    self.run = own
+
+        self.run = run_in_context
+        return start(self)
+
+    return start_in_context
+
+
+def _submit_in_context(submit):
+    @functools.wraps(submit)
+    def submit_in_context(self, fn, /, *args, **kwargs):
+        # A pool's threads outlive the run that made them: the work is the submitter's.
+        return submit(self, contextvars.copy_context().run, fn, *args, **kwargs)
+
+    return submit_in_context
+
+
+def _attribute_writes_to_runs():
+    """Install the late-write filter and the context inheritance (once, at start-up)."""
+    threading.Thread.start = _thread_start_in_context(threading.Thread.start)
+    pool = concurrent.futures.thread.ThreadPoolExecutor
+    pool.submit = _submit_in_context(pool.submit)
+    if sys.stdout is not None:
+        sys.stdout = _RunStream(sys.stdout)
+    if sys.stderr is not None:
+        sys.stderr = _RunStream(sys.stderr)
 
 
 async def _await(awaitable):
@@ -717,6 +833,7 @@ def main(argv=None):
         sys.stdout.reconfigure(line_buffering=True)
     except Exception:
         pass
+    _attribute_writes_to_runs()
 
     # A multi-file function's files are put beside the socket.
     package_dir = os.path.join(os.path.dirname(os.path.abspath(args.socket)), FUNCTION_DIR)

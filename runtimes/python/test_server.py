@@ -645,6 +645,96 @@ class LogMarker(RuntimeTestCase):
             self.assertEqual(self.run_marked(marker=marker), (200, {"result": 1}))
         self.assertEqual(self.rt.stdout_text(), f"ran\n{'a' * 16}\nran\n{'Z9_-' * 16}\n")
 
+    def test_what_an_earlier_runs_threads_and_tasks_write_is_dropped_from_a_later_run(self):
+        code = (
+            "import asyncio, concurrent.futures, sys, threading, time\n"
+            "\n"
+            "# Started at import, outside any run: what they write carries no run's data.\n"
+            "loop = asyncio.new_event_loop()\n"
+            "threading.Thread(target=loop.run_forever, daemon=True).start()\n"
+            "wake = threading.Event()\n"
+            "def at_import():\n"
+            "    wake.wait()\n"
+            "    print('from the import thread')\n"
+            "threading.Thread(target=at_import, daemon=True).start()\n"
+            "pool = None\n"
+            "first_worker = None\n"
+            "\n"
+            "def late(who):\n"
+            "    time.sleep(0.2)\n"
+            "    print('late thread from', who)\n"
+            "    print('late stderr from', who, file=sys.stderr)\n"
+            "    sys.stdout.buffer.write(b'late bytes from ' + who.encode() + b'\\n')\n"
+            "\n"
+            "async def late_task(who):\n"
+            "    await asyncio.sleep(0.2)\n"
+            "    print('late task from', who)\n"
+            "\n"
+            "def late_pool_work(who):\n"
+            "    time.sleep(0.2)\n"
+            "    print('late pool work from', who)\n"
+            "\n"
+            "def pool_work():\n"
+            "    print('pool work in run 2')\n"
+            "    return threading.get_ident()\n"
+            "\n"
+            "async def second():\n"
+            "    wake.set()\n"
+            "    # The worker made in run 1 is still busy with run 1's work: this waits for it.\n"
+            "    worker = await asyncio.get_running_loop().run_in_executor(pool, pool_work)\n"
+            "    await asyncio.sleep(0.6)\n"
+            "    print('second')\n"
+            "    return worker == first_worker\n"
+            "\n"
+            "def handler(p, c):\n"
+            "    global pool, first_worker\n"
+            "    if p['run'] == 2:\n"
+            "        return second()\n"
+            "    joined = threading.Thread(target=print, args=('joined thread in run 1',))\n"
+            "    joined.start()\n"
+            "    joined.join()\n"
+            "    threading.Thread(target=late, args=(p['who'],)).start()\n"
+            "    asyncio.run_coroutine_threadsafe(late_task(p['who']), loop)\n"
+            "    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)\n"
+            "    first_worker = pool.submit(threading.get_ident).result()\n"
+            "    pool.submit(late_pool_work, p['who'])\n"
+            "    print('first')\n"
+            "    return 'first'\n"
+        )
+        self.assertEqual(self.rt.init(code), (200, {"status": "initialized"}))
+        first, second = "fnrt-log-end-run-one-00000000", "fnrt-log-end-run-two-00000000"
+        self.assertEqual(self.run_marked({"run": 1, "who": "alice"}, first), (200, {"result": "first"}))
+        # Run 2 starts as soon as run 1 has answered; run 1's leftovers write while it is in progress.
+        # True: run 2's pool work ran on the worker thread run 1 made.
+        self.assertEqual(self.run_marked({"run": 2}, second), (200, {"result": True}))
+
+        stdout, stderr = self.rt.stdout_text(), self.rt.stderr_text()
+        self.assertEqual(stdout.split(f"{first}\n")[0], "joined thread in run 1\nfirst\n")
+        window = stdout.split(f"{first}\n")[1].split(second)[0]
+        self.assertIn("pool work in run 2\n", window)
+        self.assertIn("from the import thread\n", window)
+        self.assertTrue(window.endswith("second\n"), window)
+        self.assertNotIn("late", window)
+        self.assertNotIn("late", stderr.split(f"{first}\n")[1].split(second)[0])
+        self.assertNotIn("alice", stdout + stderr)
+
+    def test_the_wrapped_streams_behave_like_the_real_ones(self):
+        code = (
+            "import sys\n"
+            "def handler(p, c):\n"
+            "    print('flushed', flush=True)\n"
+            "    sys.stdout.buffer.write(b'bytes\\n')\n"
+            "    sys.stdout.buffer.flush()\n"
+            "    sys.stdout.writelines(['lines\\n'])\n"
+            "    print('err', file=sys.stderr, flush=True)\n"
+            "    out = sys.stdout\n"
+            "    return [out.fileno(), sys.stderr.fileno(), out.buffer.fileno(), out.isatty(), out.encoding, out.line_buffering, out.closed]\n"
+        )
+        self.rt.init(code)
+        self.assertEqual(self.run_marked(), (200, {"result": [1, 2, 1, False, "utf-8", True, False]}))
+        self.assertEqual(self.rt.stdout_text(), f"flushed\nbytes\nlines\n{self.MARKER}\n")
+        self.assertEqual(self.rt.stderr_text(), f"err\n{self.MARKER}\n")
+
     def test_without_a_marker_nothing_is_added(self):
         self.rt.init("import sys\ndef handler(p, c):\n    print('no newline', end='')\n    print('err', file=sys.stderr)\n")
         self.rt.run()

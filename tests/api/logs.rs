@@ -340,3 +340,50 @@ async fn an_asynchronous_execution_s_logs_hold_each_of_its_attempts() {
     assert_eq!(stream_of(&r, "stdout"), ["python says later"], "{:?}", r.body);
     assert_eq!(r.body["executions"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_an_earlier_execution_leaves_behind_never_lands_in_another_subject_s_logs() {
+    // Arrange: alice's run leaves timers that write her secret later;
+    // bob's run on the same instance is still going when they fire.
+    let app = spawn_app().await;
+    app.register(
+        "nodejs-leaky",
+        r#"exports.handler = async (p) => {
+             if (p.secret) {
+               setTimeout(() => console.log("late " + p.secret), 300);
+               setTimeout(() => console.error("late " + p.secret), 300);
+             }
+             if (p.wait) await new Promise((r) => setTimeout(r, p.wait));
+             console.log("run of " + p.who);
+             return { pid: process.pid };
+           };"#,
+        no_cache(),
+    )
+    .await;
+    let alice = app.token("alice", &["execute:all"]);
+    let bob = app.token("bob", &["execute:all"]);
+
+    // Act
+    let id = app.session(&alice, "nodejs-leaky", json!({})).await;
+    let first = app
+        .execute(&alice, &id, json!({"who": "alice", "secret": "s3cret"}))
+        .await;
+    let id = app.session(&bob, "nodejs-leaky", json!({})).await;
+    let second = app.execute(&bob, &id, json!({"who": "bob", "wait": 1000})).await;
+
+    // Assert: the same instance served both (so the timers fired during
+    // bob's run), and bob's logs hold only his run's line.
+    assert_eq!(
+        first.body["result"]["pid"], second.body["result"]["pid"],
+        "{first:?} {second:?}"
+    );
+    let bobs = logs(&app, &bob, second.body["execution_id"].as_str().unwrap()).await;
+    assert_eq!(
+        lines(&bobs),
+        [("stdout".to_owned(), "run of bob".to_owned())],
+        "{:?}",
+        bobs.body
+    );
+    let alices = logs(&app, &alice, first.body["execution_id"].as_str().unwrap()).await;
+    assert_eq!(stream_of(&alices, "stdout"), ["run of alice"]);
+}

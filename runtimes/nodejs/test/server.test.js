@@ -679,3 +679,47 @@ test('without a log_marker nothing is written besides the function\'s output', a
   assert.equal(server.stdout(), 'no newlineno newline');
   assert.ok(server.stderr().endsWith('err\nerr\n'), JSON.stringify(server.stderr()));
 });
+
+test('a write left behind by an earlier run is dropped from a later run\'s logs', async (t) => {
+  const server = await startServer(t);
+  const code = [
+    "const { setTimeout: sleep } = require('node:timers/promises');",
+    // Set at /init, outside any run: what it writes carries no run's data and passes.
+    'let fromModule = false;',
+    "setInterval(() => { if (fromModule) { fromModule = false; console.log('from module load'); } }, 20).unref();",
+    'const late = { called: false, returned: null };',
+    'module.exports.handler = async (params) => {',
+    '  if (params.run === 1) {',
+    "    console.log('first');",
+    "    setTimeout(() => console.log('late from ' + params.who), 200);",
+    "    setTimeout(() => console.error('late stderr from ' + params.who), 200);",
+    '    setTimeout(() => {',
+    "      late.returned = process.stdout.write('late write from ' + params.who + '\\n', () => { late.called = true; });",
+    '    }, 200);',
+    "    sleep(200).then(() => console.log('late promise from ' + params.who));",
+    "    return 'first';",
+    '  }',
+    '  fromModule = true;',
+    '  await sleep(600);',
+    "  console.log('second');",
+    '  return late;',
+    '};',
+  ].join('\n');
+  assert.equal((await server.init(code)).status, 200);
+  const first = 'fnrt-log-end-run-one-00000000';
+  const second = 'fnrt-log-end-run-two-00000000';
+  assert.deepEqual((await runMarked(server, { run: 1, who: 'alice' }, first)).body, { result: 'first' });
+  // Run 2 starts as soon as run 1 has answered; run 1's timers fire while it is in progress.
+  const res = await runMarked(server, { run: 2, who: 'bob' }, second);
+  // Dropped as if written: true, and the callback was called.
+  assert.deepEqual(res.body, { result: { called: true, returned: true } });
+
+  const window = (text) => text.split(`${first}\n`)[1].split(second)[0];
+  assert.ok(server.stdout().startsWith(`first\n${first}\n`), JSON.stringify(server.stdout()));
+  const out = window(server.stdout());
+  assert.ok(out.includes('second\n'), JSON.stringify(out));
+  assert.ok(out.includes('from module load\n'), JSON.stringify(out));
+  assert.ok(!out.includes('late'), JSON.stringify(out));
+  assert.ok(!window(server.stderr()).includes('late'), JSON.stringify(server.stderr()));
+  assert.ok(!server.output().includes('alice'), JSON.stringify(server.output()));
+});
