@@ -19,7 +19,8 @@
  * short diagnostics to stderr, and a run's `log_marker` to both when it ends.
  * A write the function's code makes for a run that is no longer the one in
  * progress (a timer or a promise an earlier run left behind) is dropped: see
- * "Late writes" below.
+ * "Late writes" below. So is an uncaught error or unhandled rejection of such
+ * a run: see onStrayError.
  */
 
 const { AsyncLocalStorage } = require('async_hooks');
@@ -139,11 +140,20 @@ function dropLateWrites(stream) {
 }
 
 // An error thrown or a promise rejected outside the handler's own promise chain
-// (a stray setTimeout, a forgotten promise) must not kill the instance: during a
-// run it becomes that run's error (the most likely culprit); otherwise it is only
-// logged. A stray error from an earlier run that surfaces during a later one is
-// attributed to the later one; there is no way to tell them apart.
+// (a stray setTimeout, a forgotten promise) must not kill the instance. Node
+// calls these handlers in the async context of the code that threw (for a
+// rejection, of the code that made the promise), so `runStore` tells whose it
+// is, as it does for late writes:
+//   - of another run (an earlier run's timer firing during a later run, or after
+//     its own run is over): dropped. Its message may hold the earlier run's data
+//     and must reach neither the answer nor the logs of a later run, perhaps
+//     another user's; the earlier run has answered already, so nobody hears of it.
+//   - of the run in progress: that run's error; once its answer is decided, only
+//     logged (in its own logs: its marker is not written yet).
+//   - of no run (module top level and the timers it sets): the run in progress's
+//     error, as the most likely culprit; outside a run it is only logged.
 function onStrayError(err, kind) {
+  if (isLateWrite()) return;
   if (state.currentRun !== null && state.currentRun.fail !== null) {
     state.currentRun.fail(err);
   } else {

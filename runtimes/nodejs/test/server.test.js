@@ -543,6 +543,76 @@ test('an uncaught exception outside a run is logged and the server keeps serving
   assert.ok(!server.output().includes(server.dir), 'no host path in the log');
 });
 
+test('a stray error of no run during a run becomes that run\'s error', async (t) => {
+  const server = await startServer(t);
+  // Set at /init, outside any run: the run in progress is the most likely culprit.
+  const code = [
+    "setTimeout(() => { throw new Error('module timer'); }, 300);",
+    'module.exports.handler = () => new Promise(() => {});',
+  ].join('\n');
+  assert.equal((await server.init(code)).status, 200);
+  const res = await server.run();
+  assert.equal(res.body.error.code, 'RUNTIME_ERROR');
+  assert.equal(res.body.error.message, 'module timer');
+});
+
+test('a stray error left behind by an earlier run is not answered to a later run', async (t) => {
+  const server = await startServer(t);
+  const code = [
+    "const { setTimeout: sleep } = require('node:timers/promises');",
+    'const fired = [];',
+    'let firedDuringRun2 = null;',
+    'module.exports.handler = async (params) => {',
+    '  if (params.run === 1) {',
+    "    setTimeout(() => { fired.push('throw'); throw new Error('secret of run 1'); }, 200);",
+    "    setTimeout(() => { fired.push('reject'); return Promise.reject(new Error('rejected secret of run 1')); }, 200);",
+    "    return 'first';",
+    '  }',
+    '  if (params.run === 2) {',
+    '    await sleep(600);',
+    '    firedDuringRun2 = fired.slice();',
+    '    return { ok: true };',
+    '  }',
+    '  return firedDuringRun2;',
+    '};',
+  ].join('\n');
+  assert.equal((await server.init(code)).status, 200);
+  const first = 'fnrt-log-end-run-one-00000000';
+  const second = 'fnrt-log-end-run-two-00000000';
+  assert.deepEqual((await runMarked(server, { run: 1 }, first)).body, { result: 'first' });
+  // Run 2 starts as soon as run 1 has answered; run 1's timers fire while it is in progress.
+  const res = await runMarked(server, { run: 2 }, second);
+  assert.deepEqual(res.body, { result: { ok: true } });
+  assert.ok(!JSON.stringify(res.body).includes('secret'), JSON.stringify(res.body));
+  // Both did go off during run 2, so the answer above is not vacuous.
+  assert.deepEqual((await server.run({ run: 3 })).body, { result: ['throw', 'reject'] });
+
+  const window = (text) => text.split(`${first}\n`)[1].split(second)[0];
+  assert.ok(!window(server.stdout()).includes('secret'), JSON.stringify(server.stdout()));
+  assert.ok(!window(server.stderr()).includes('secret'), JSON.stringify(server.stderr()));
+  assert.ok(!server.output().includes('secret'), JSON.stringify(server.output()));
+});
+
+test('a stray error of an earlier run while no run is in progress is dropped', async (t) => {
+  const server = await startServer(t);
+  const code = [
+    "const fs = require('node:fs');",
+    'module.exports.handler = (params) => {',
+    '  if (params.run === 1) {',
+    "    setTimeout(() => { fs.writeFileSync('threw', ''); throw new Error('secret of run 1'); }, 100);",
+    "    setTimeout(() => { fs.writeFileSync('rejected', ''); return Promise.reject(new Error('rejected secret of run 1')); }, 100);",
+    '  }',
+    '  return params.run;',
+    '};',
+  ].join('\n');
+  assert.equal((await server.init(code)).status, 200);
+  assert.deepEqual((await server.run({ run: 1 })).body, { result: 1 });
+  await waitFor(() => fs.existsSync(path.join(server.dir, 'threw')) && fs.existsSync(path.join(server.dir, 'rejected')));
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual((await server.run({ run: 2 })).body, { result: 2 });
+  assert.ok(!server.output().includes('secret'), JSON.stringify(server.output()));
+});
+
 test('module state survives between runs (the counter function)', async (t) => {
   const server = await startServer(t);
   assert.equal((await server.init(functionCode('nodejs-counter'))).status, 200);
