@@ -32,6 +32,8 @@ FNRT_GID=65532
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 die() { echo "images.sh: $*" >&2; exit 1; }
+work=""
+trap '[ -z "$work" ] || rm -rf "$work"' EXIT
 
 mode=""
 langs=()
@@ -118,7 +120,7 @@ build_registry() { # LANG NAME
 }
 
 build_offline() { # LANG NAME
-  local lang="$1" name="$2" payload file command tmp rootfs hash old m mounts=()
+  local lang="$1" name="$2" payload file command rootfs hash old old_id new_id m mounts=()
   case "$lang" in
     nodejs)
       payload="$root/runtimes/nodejs/server.js"
@@ -175,29 +177,39 @@ nogroup:x:65534:"
     sha256sum <"${BASH_SOURCE[0]}"
   } | sha256sum | cut -c1-32)"
   old="$(label_of "$name" io.fnrt.content)"
+  old_id="$("$cli" image inspect --format '{{.Id}}' "$name" 2>/dev/null || true)"
   if [ "$old" = "$hash" ]; then
     echo "== $name: up to date (io.fnrt.content=$hash)"
     return
   fi
 
-  tmp="$(mktemp -d)"
-  rootfs="$tmp/rootfs"
+  [ -n "$work" ] || work="$(mktemp -d)"
+  rootfs="$work/$lang"
   mkdir -p "$rootfs"/{opt/fnrt,etc,usr,lib,lib64,run/runtime,home/function,proc,dev,sys}
   install -d -m 1777 "$rootfs/tmp"
   install -m "$([ "$lang" = rust ] && echo 0755 || echo 0644)" "$payload" "$rootfs/opt/fnrt/$file"
   printf '%s\n' "$passwd" >"$rootfs/etc/passwd"
   printf '%s\n' "$group" >"$rootfs/etc/group"
   chmod 0644 "$rootfs/etc/passwd" "$rootfs/etc/group"
-  chown "$FNRT_UID:$FNRT_GID" "$rootfs/home/function"
+  # The home is a mount point for a tmpfs, the runtime's cwd; runc gives a
+  # tmpfs without mode= the mode of the directory it covers, and Podman 4.3
+  # refuses uid=/gid= there: 1777 lets uid 65532 write to it.
+  chmod 1777 "$rootfs/home/function"
 
-  local args=()
+  local args=() c
+  [ "$cli" = docker ] || args+=(-q)
   for c in "${changes[@]}" "LABEL io.fnrt.content=$hash"; do
     args+=(--change "$c")
   done
   echo "== $name: importing (${cmd_json}, host mounts $mounts_csv)"
-  tar -C "$rootfs" --sort=name --mtime=@0 --numeric-owner -c . |
+  tar -C "$rootfs" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -c . |
     "$cli" import "${args[@]}" - "$name" >/dev/null
-  rm -rf "$tmp"
+  rm -rf "$rootfs"
+  # The image this one replaces, unless a container still uses it.
+  new_id="$("$cli" image inspect --format '{{.Id}}' "$name")"
+  if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+    "$cli" rmi "$old_id" >/dev/null 2>&1 || true
+  fi
   echo "== $name: built (io.fnrt.content=$hash)"
 }
 

@@ -199,6 +199,20 @@ pub struct ServeArgs {
     /// whatever `MAX_BODY_BYTES` says.
     #[arg(long, env = "MAX_PACKAGE_MB", default_value_t = 50)]
     pub max_package_mb: u64,
+    /// The Docker Engine API (Docker or Podman) of the docker backend, a
+    /// `unix://` socket. Default: Docker's socket, else Podman's as root.
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Runtime image of the docker backend per language (`{language}` is
+    /// replaced); `runtimes/images.sh` builds them.
+    #[arg(long, env = "DOCKER_IMAGE", default_value = "fnrt-runtime-{language}:0.1")]
+    pub docker_image: String,
+    /// CPUs one container may use.
+    #[arg(long, env = "DOCKER_CPUS", default_value_t = 1.0)]
+    pub docker_cpus: f64,
+    /// The uid (and gid) runtimes run as inside containers.
+    #[arg(long, env = "DOCKER_UID", default_value_t = 65532)]
+    pub docker_uid: u32,
     /// Bytes of what one execution writes to stdout and stderr kept as its
     /// logs (the first ones; the rest is counted as dropped).
     #[arg(long, env = "LOG_LIMIT_BYTES", default_value_t = 64 * 1024)]

@@ -33,6 +33,7 @@ use crate::store::sqlite::SqliteStore;
 use fnrt_backends::Backends;
 use fnrt_backends::build::{Builder, BuilderConfig};
 use fnrt_backends::deps::{Installer, InstallerConfig};
+use fnrt_backends::docker::{DockerBackend, DockerConfig};
 use fnrt_backends::process::{ProcessBackend, ProcessConfig, ProcessLimits};
 use fnrt_backends::wasm::{WasmBackend, WasmConfig, WasmRuntime};
 use fnrt_core::cache::memory::MemoryCache;
@@ -225,8 +226,21 @@ impl Application {
             builder.clone().ok(),
             metrics.clone(),
         )?;
-        let placement = Placement::new(vec![Arc::new(backend), Arc::new(WasmRuntime(wasm))], &args.placement)
-            .map_err(|e| anyhow::anyhow!("--placement: {e}"))?;
+        let docker = Arc::new(docker_backend(
+            &args,
+            data_dir,
+            &backend,
+            builder.clone().ok(),
+            installer.clone(),
+        )?);
+        let placement = Placement::new(
+            vec![Arc::new(backend), Arc::new(WasmRuntime(wasm)), docker.clone()],
+            &args.placement,
+        )
+        .map_err(|e| anyhow::anyhow!("--placement: {e}"))?;
+        if placement.targets().iter().any(|(b, _)| b.name() == "docker") {
+            prepare_docker(&docker).await?;
+        }
         tracing::info!(?placement, "placement");
         let placement = Arc::new(placement);
         let backends = Arc::new(Backends::new(placement.clone(), builder.clone(), installer.clone()));
@@ -450,4 +464,65 @@ impl Application {
         }
         served.context("serving HTTP")
     }
+}
+
+/// The docker backend over the engine at `DOCKER_HOST`: it runs only what
+/// `--placement` gives it.
+fn docker_backend(
+    args: &ServeArgs,
+    data_dir: &std::path::Path,
+    process: &ProcessBackend,
+    builder: Option<Arc<fnrt_backends::build::Builder>>,
+    installer: Option<Arc<Installer>>,
+) -> anyhow::Result<DockerBackend> {
+    use sha2::Digest;
+    let (packages, instances) = process.packages();
+    let images = [Language::Nodejs, Language::Python, Language::Rust]
+        .into_iter()
+        .map(|l| (l, args.docker_image.replace("{language}", &l.to_string())))
+        .collect();
+    // Stable across restarts, so leftovers of an earlier run are known.
+    let place = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let controller_id = hex::encode(&sha2::Sha256::digest(place.as_os_str().as_encoded_bytes())[..8]);
+    DockerBackend::new(DockerConfig {
+        host: args
+            .docker_host
+            .clone()
+            .unwrap_or_else(fnrt_backends::docker::default_host),
+        images,
+        instances_dir: instances.with_file_name("containers"),
+        controller_id,
+        uid: args.docker_uid,
+        scratch_bytes: args.instance_scratch_mb * 1024 * 1024,
+        max_processes: args.instance_max_processes,
+        max_open_files: args.instance_max_open_files,
+        cpus: args.docker_cpus,
+        remote: process.remote_settings(),
+        builder,
+        packages,
+        installer,
+    })
+}
+
+/// Start-up of a docker backend that functions are placed on: leftovers of
+/// an earlier run removed, and every image there (a missing one stops the
+/// start with how to build it). An engine that does not answer only makes
+/// those functions unavailable until it does.
+async fn prepare_docker(docker: &DockerBackend) -> anyhow::Result<()> {
+    match docker.health().await {
+        Err(e) => {
+            tracing::error!(error = %e, "docker-placed functions are unavailable until the container engine answers");
+            return Ok(());
+        }
+        Ok(version) => tracing::info!(%version, "container engine"),
+    }
+    match docker.remove_leftovers().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(containers = n, "containers left by an earlier run removed"),
+        Err(e) => tracing::warn!(error = %e, "removing containers left by an earlier run"),
+    }
+    docker
+        .check_images()
+        .await
+        .map_err(|e| anyhow::anyhow!("the docker backend's runtime images: {e}"))
 }

@@ -23,6 +23,7 @@
 
 pub mod build;
 pub mod deps;
+pub mod docker;
 pub mod egress;
 pub mod netns;
 pub mod packages;

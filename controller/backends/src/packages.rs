@@ -19,10 +19,12 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fnrt_core::function::FunctionVersion;
 use fnrt_core::function::package::{PackageFiles, PackageLimits, check_package};
 use fnrt_core::language::Language;
+use fnrt_core::runtime::InstanceError;
 
 /// Where an instance finds its function's files: beside its socket.
 pub const PACKAGE_DIR: &str = "function";
@@ -168,6 +170,39 @@ fn copy_tree(from: &Path, to: &Path, link: bool) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Links `function`'s files (and its installed dependencies) into
+/// `function/` of an instance directory, writing them first when this is
+/// the version's first instance: what an instance's `place_package` does.
+pub async fn place_for(
+    packages: &Arc<PackageStore>,
+    installer: Option<&Arc<crate::deps::Installer>>,
+    function: &FunctionVersion,
+    instance_dir: &Path,
+) -> Result<(), InstanceError> {
+    let packages = packages.clone();
+    let dir = instance_dir.to_path_buf();
+    // The files are written once per version: the code is only copied for
+    // the blocking task when they are not there yet.
+    let package = packages.dir_of(function);
+    let pending = packages.pending(function);
+    let deps = crate::dependencies_dir(installer, function)?;
+    let language = function.language();
+    let placed = tokio::task::spawn_blocking(move || {
+        if let Some(pending) = pending {
+            packages.write(pending)?;
+        }
+        packages
+            .place(&package, deps.as_deref().map(|d| (d, language)), &dir)
+            .map_err(|e| format!("giving the instance its files: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("placing the files failed: {e}")));
+    placed.map_err(|message| {
+        tracing::error!(function = %function.language_title, version = function.version, error = %message, "package not placed");
+        InstanceError::Unavailable { language, message }
+    })
 }
 
 #[cfg(test)]

@@ -316,6 +316,18 @@ impl ProcessBackend {
 }
 
 impl ProcessBackend {
+    /// Multi-file functions' files, which other backends' instances are
+    /// given too; and where instance directories are (links from the store
+    /// need the same filesystem).
+    pub fn packages(&self) -> (Arc<PackageStore>, &Path) {
+        (self.packages.clone(), &self.instances_dir)
+    }
+
+    /// What every instance of a runtime server is given.
+    pub fn remote_settings(&self) -> RemoteSettings {
+        self.remote.clone()
+    }
+
     /// The interpreter a language's instances run (Node, Python), as
     /// resolved at start-up: dependencies are installed for it.
     pub fn program(&self, language: Language) -> Option<PathBuf> {
@@ -815,6 +827,7 @@ impl InstanceHandle for ProcessHandle {
         Some(Exit {
             status,
             output_tail: self.output.tail(Stream::Stderr),
+            oom_killed: false,
         })
     }
 
@@ -850,33 +863,7 @@ impl InstanceHandle for ProcessHandle {
     /// Links the version's files into `function/` of the instance
     /// directory (`/run/runtime/function` inside bubblewrap).
     async fn place_package(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
-        let packages = self.packages.clone();
-        let dir = self.dir.clone();
-        let function_owned = function.language_title.to_string();
-        let version = function.version;
-        // The files are written once per version: the code is only copied
-        // for the blocking task when they are not there yet.
-        let package = packages.dir_of(function);
-        let pending = packages.pending(function);
-        let deps = crate::dependencies_dir(self.installer.as_ref(), function)?;
-        let language = function.language();
-        let placed = tokio::task::spawn_blocking(move || {
-            if let Some(pending) = pending {
-                packages.write(pending)?;
-            }
-            packages
-                .place(&package, deps.as_deref().map(|d| (d, language)), &dir)
-                .map_err(|e| format!("giving the instance its files: {e}"))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("placing the files failed: {e}")));
-        placed.map_err(|message| {
-            tracing::error!(function = %function_owned, version, error = %message, "package not placed");
-            InstanceError::Unavailable {
-                language: function.language(),
-                message,
-            }
-        })
+        crate::packages::place_for(&self.packages, self.installer.as_ref(), function, &self.dir).await
     }
 }
 

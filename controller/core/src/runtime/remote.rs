@@ -33,14 +33,18 @@ pub struct Exit {
     pub status: String,
     /// The last of what it wrote to stderr.
     pub output_tail: String,
+    /// The kernel killed it for want of memory (as a container engine reports).
+    pub oom_killed: bool,
 }
 
 impl Exit {
-    /// Whether it died for want of memory (each runtime says so in its own words).
+    /// Whether it died for want of memory (each runtime says so in its own
+    /// words; a container engine says so itself).
     fn out_of_memory(&self) -> bool {
-        ["out of memory", "MemoryError", "memory allocation of"]
-            .iter()
-            .any(|sign| self.output_tail.contains(sign))
+        self.oom_killed
+            || ["out of memory", "MemoryError", "memory allocation of"]
+                .iter()
+                .any(|sign| self.output_tail.contains(sign))
     }
 }
 

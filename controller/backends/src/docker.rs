@@ -1,0 +1,567 @@
+//! The docker backend: each instance is a container running a language's
+//! runtime server, created through the Docker Engine API (bollard), which
+//! Docker and Podman both serve.
+//!
+//! A container is reached over a Unix socket in a directory of its own,
+//! bind-mounted at `/run/runtime`, so the controller needs no network to
+//! it. The runtime server and protocol are the process backend's
+//! ([`fnrt_core::runtime::remote`]); what differs is the walls, which the
+//! container engine builds:
+//! - no network at all (`network_mode: none`);
+//! - a read-only root; size-capped tmpfs mounts at `/tmp` and at the
+//!   function's home (`/home/function`, its cwd), and `/dev/shm` of the
+//!   same size;
+//! - memory (no swap), CPU and pids limits, open-file limits;
+//! - every capability dropped, `no-new-privileges`, a non-root uid;
+//! - an environment of `PATH`, `HOME`, `LANG` and `TMPDIR` (the function's
+//!   own variables arrive with `/init`);
+//! - no host path but its socket directory (with a package's files, placed
+//!   read-only) and, for images built offline, the host's `/usr`, `/lib`,
+//!   `/lib64` read-only (the image's `io.fnrt.host-mounts` label).
+//!
+//! Every container carries the labels `io.fnrt.managed` and
+//! `io.fnrt.controller` (this controller's data dir, hashed): leftovers of
+//! an earlier run are removed at start-up. A container that ends (killed,
+//! out of memory) answers its run with a crash (the engine's `OOMKilled`
+//! says out of memory) and is replaced by the pool.
+//!
+//! # Layout
+//!
+//! - [`DockerBackend`]: the images per language, the container spec, start,
+//!   removal of leftovers, the engine's health.
+//! - [`ContainerHandle`]: one container: its output (to the run's logs and a
+//!   tail for crash reports), how it ended, its removal.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, ResourcesUlimits};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder,
+};
+use futures::StreamExt;
+
+use crate::build::Builder;
+use crate::deps::Installer;
+use crate::packages::PackageStore;
+use fnrt_core::function::FunctionVersion;
+use fnrt_core::language::Language;
+use fnrt_core::logs::{OutputTap, Stream};
+use fnrt_core::runtime::protocol::Endpoint;
+use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
+use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend, Shape};
+
+/// Every container this project creates.
+pub const LABEL_MANAGED: &str = "io.fnrt.managed";
+/// Which controller (data dir) created it.
+pub const LABEL_CONTROLLER: &str = "io.fnrt.controller";
+/// On an image: the server's command, a JSON array (else its entrypoint).
+const LABEL_COMMAND: &str = "io.fnrt.command";
+/// On an image: host paths to bind read-only (`/usr,/lib,/lib64`).
+const LABEL_HOST_MOUNTS: &str = "io.fnrt.host-mounts";
+/// Inside a container: the socket's directory, and the function's home.
+const SOCKET_DIR: &str = "/run/runtime";
+const HOME: &str = "/home/function";
+const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Bytes of stderr kept for crash reports.
+const TAIL_BYTES: usize = 4096;
+/// How long an engine call may take before the backend gives up on it.
+const API_TIMEOUT_SECS: u64 = 30;
+
+/// What the docker backend is given.
+#[derive(Clone)]
+pub struct DockerConfig {
+    /// The engine's socket: `unix:///run/podman/podman.sock` (`DOCKER_HOST`).
+    pub host: String,
+    /// The runtime image of each language it runs.
+    pub images: HashMap<Language, String>,
+    /// Parent of the per-container socket directories.
+    pub instances_dir: PathBuf,
+    /// This controller, in the `io.fnrt.controller` label.
+    pub controller_id: String,
+    /// The uid (and gid) the runtime runs as inside.
+    pub uid: u32,
+    /// Size of `/tmp`, the home and `/dev/shm`.
+    pub scratch_bytes: u64,
+    pub max_processes: u64,
+    pub max_open_files: u64,
+    /// CPUs a container may use.
+    pub cpus: f64,
+    /// The result cap and where crates' artifacts are.
+    pub remote: RemoteSettings,
+    pub builder: Option<Arc<Builder>>,
+    pub packages: Arc<PackageStore>,
+    pub installer: Option<Arc<Installer>>,
+}
+
+/// What an image says about how to run it.
+#[derive(Debug, Clone)]
+struct ImageFacts {
+    /// The image's id: engines resolve short names differently (Podman
+    /// would look `fnrt-runtime-nodejs` up on docker.io), never an id.
+    id: String,
+    /// The server's command (`--socket PATH` is added), when the image's
+    /// entrypoint is not it.
+    command: Option<Vec<String>>,
+    host_mounts: Vec<String>,
+}
+
+pub struct DockerBackend {
+    config: DockerConfig,
+    /// Connected on first use, so that an engine down at start-up only
+    /// makes docker-placed functions unavailable.
+    client: Mutex<Option<Docker>>,
+    facts: Mutex<HashMap<Language, ImageFacts>>,
+}
+
+impl std::fmt::Debug for DockerBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerBackend")
+            .field("host", &self.config.host)
+            .field("images", &self.config.images)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The engine's socket when `DOCKER_HOST` does not name one: Docker's,
+/// else Podman's as root.
+pub fn default_host() -> String {
+    ["/var/run/docker.sock", "/run/podman/podman.sock"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .map_or_else(|| "unix:///var/run/docker.sock".to_owned(), |p| format!("unix://{p}"))
+}
+
+impl DockerBackend {
+    pub fn new(config: DockerConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.instances_dir)?;
+        std::fs::set_permissions(&config.instances_dir, std::fs::Permissions::from_mode(0o711))?;
+        Ok(DockerBackend {
+            config,
+            client: Mutex::new(None),
+            facts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn client(&self) -> Result<Docker, String> {
+        let mut client = self.client.lock().unwrap();
+        if let Some(docker) = client.as_ref() {
+            return Ok(docker.clone());
+        }
+        let path = self.config.host.strip_prefix("unix://").unwrap_or(&self.config.host);
+        let docker = Docker::connect_with_unix(path, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| format!("the container engine at {} cannot be reached: {e}", self.config.host))?;
+        *client = Some(docker.clone());
+        Ok(docker)
+    }
+
+    /// Whether the engine answers, and its version.
+    pub async fn health(&self) -> Result<String, String> {
+        let docker = self.client()?;
+        let version = docker
+            .version()
+            .await
+            .map_err(|e| format!("the container engine at {} does not answer: {e}", self.config.host))?;
+        Ok(version.version.unwrap_or_default())
+    }
+
+    /// Every image the backend needs, or what is missing and how to build it.
+    pub async fn check_images(&self) -> Result<(), String> {
+        let mut missing = Vec::new();
+        for (language, image) in &self.config.images {
+            if let Err(e) = self.image_facts(*language).await {
+                missing.push(format!("{image}: {e}"));
+            }
+        }
+        match missing.is_empty() {
+            true => Ok(()),
+            false => Err(missing.join("; ")),
+        }
+    }
+
+    /// Removes the containers an earlier run of this controller left.
+    pub async fn remove_leftovers(&self) -> Result<usize, String> {
+        let docker = self.client()?;
+        let filters = HashMap::from([(
+            "label",
+            vec![format!("{LABEL_CONTROLLER}={}", self.config.controller_id)],
+        )]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let found = docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| format!("listing containers: {e}"))?;
+        let mut removed = 0;
+        for container in found {
+            if let Some(id) = container.id {
+                remove(&docker, &id).await;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn image_facts(&self, language: Language) -> Result<ImageFacts, String> {
+        if let Some(facts) = self.facts.lock().unwrap().get(&language) {
+            return Ok(facts.clone());
+        }
+        let image = self
+            .config
+            .images
+            .get(&language)
+            .ok_or_else(|| format!("no runtime image is configured for {language}"))?;
+        let docker = self.client()?;
+        let inspected = docker.inspect_image(image).await.map_err(|e| match e {
+            bollard::errors::Error::DockerResponseServerError { status_code: 404, .. } => {
+                format!("the image {image} is missing: build it with `runtimes/images.sh` (docs/containers.md)")
+            }
+            e => format!("inspecting the image {image}: {e}"),
+        })?;
+        let labels = inspected
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
+        let command = match labels.get(LABEL_COMMAND) {
+            Some(json) => Some(
+                serde_json::from_str::<Vec<String>>(json)
+                    .map_err(|e| format!("the image {image}'s {LABEL_COMMAND} label is not a JSON array: {e}"))?,
+            ),
+            None => None,
+        };
+        let host_mounts = labels
+            .get(LABEL_HOST_MOUNTS)
+            .map(|m| {
+                m.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let id = inspected.id.ok_or_else(|| format!("the image {image} has no id"))?;
+        let facts = ImageFacts {
+            id,
+            command,
+            host_mounts,
+        };
+        self.facts.lock().unwrap().insert(language, facts.clone());
+        Ok(facts)
+    }
+
+    /// The container of one instance.
+    fn spec(&self, facts: &ImageFacts, language: Language, dir: &Path, memory_mb: u64) -> ContainerCreateBody {
+        let config = &self.config;
+        let socket = format!("{SOCKET_DIR}/rt.sock");
+        let mut binds = vec![format!("{}:{SOCKET_DIR}:rw", dir.display())];
+        binds.extend(
+            facts
+                .host_mounts
+                .iter()
+                .filter(|p| Path::new(p).exists())
+                .map(|p| format!("{p}:{p}:ro")),
+        );
+        let scratch = config.scratch_bytes;
+        let owner = config.uid;
+        // 1777 rather than owned by the uid: Podman takes no uid= option.
+        let tmpfs = HashMap::from([
+            ("/tmp".to_owned(), format!("rw,nosuid,nodev,size={scratch},mode=1777")),
+            // exec: a Rust function's library is written here and loaded.
+            (
+                HOME.to_owned(),
+                format!("rw,nosuid,nodev,exec,size={scratch},mode=1777"),
+            ),
+        ]);
+        let memory = (memory_mb * 1024 * 1024) as i64;
+        let limit = |name: &str, n: u64| ResourcesUlimits {
+            name: Some(name.to_owned()),
+            soft: Some(n as i64),
+            hard: Some(n as i64),
+        };
+        let mut command = facts.command.clone();
+        if let Some(c) = command.as_mut() {
+            c.extend(["--socket".to_owned(), socket.clone()]);
+        }
+        ContainerCreateBody {
+            image: Some(facts.id.clone()),
+            entrypoint: command,
+            cmd: facts.command.is_none().then(|| vec!["--socket".to_owned(), socket]),
+            user: Some(format!("{owner}:{owner}")),
+            working_dir: Some(HOME.to_owned()),
+            env: Some(vec![
+                format!("PATH={PATH}"),
+                format!("HOME={HOME}"),
+                "LANG=C.UTF-8".to_owned(),
+                "TMPDIR=/tmp".to_owned(),
+            ]),
+            labels: Some(HashMap::from([
+                (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                (LABEL_CONTROLLER.to_owned(), config.controller_id.clone()),
+                ("io.fnrt.language".to_owned(), language.to_string()),
+            ])),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                binds: Some(binds),
+                network_mode: Some("none".to_owned()),
+                readonly_rootfs: Some(true),
+                tmpfs: Some(tmpfs),
+                shm_size: Some(scratch as i64),
+                memory: Some(memory),
+                memory_swap: Some(memory),
+                nano_cpus: Some((config.cpus * 1e9) as i64),
+                pids_limit: Some(config.max_processes as i64),
+                // No nproc: it counts every process of the uid on the host,
+                // and every container shares it; pids_limit is per container.
+                ulimits: Some(vec![limit("nofile", config.max_open_files), limit("core", 0)]),
+                cap_drop: Some(vec!["ALL".to_owned()]),
+                security_opt: Some(vec!["no-new-privileges".to_owned()]),
+                privileged: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// Removes a container, killing it first; best effort.
+async fn remove(docker: &Docker, id: &str) {
+    let options = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+    if let Err(e) = docker.remove_container(id, Some(options)).await
+        && !matches!(
+            e,
+            bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }
+        )
+    {
+        tracing::warn!(container = id, error = %e, "removing a container failed");
+    }
+}
+
+#[async_trait]
+impl RuntimeBackend for DockerBackend {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn languages(&self) -> Vec<Language> {
+        let mut languages: Vec<_> = self.config.images.keys().copied().collect();
+        languages.sort();
+        languages
+    }
+
+    async fn ready(&self, function: &FunctionVersion) -> Result<(), InstanceError> {
+        crate::crate_ready(self.config.builder.as_ref(), function)?;
+        crate::dependencies_dir(self.config.installer.as_ref(), function).map(drop)
+    }
+
+    async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError> {
+        let unavailable = |message: String| InstanceError::Unavailable { language, message };
+        if !shape.network.is_empty() {
+            return Err(unavailable(
+                "this function's manifest allows egress ('network.egress'), which the docker backend does not \
+                 give yet: place it on the process backend"
+                    .into(),
+            ));
+        }
+        let image = self
+            .config
+            .images
+            .get(&language)
+            .ok_or_else(|| unavailable("not served by the docker backend".into()))?
+            .clone();
+        let docker = self.client().map_err(unavailable)?;
+        let facts = self.image_facts(language).await.map_err(unavailable)?;
+        let id = hex::encode(rand::random::<[u8; 6]>());
+        let dir = self.config.instances_dir.join(&id);
+        let uid = self.config.uid;
+        std::fs::create_dir(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
+            .and_then(|()| std::os::unix::fs::chown(&dir, Some(uid), Some(uid)))
+            .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
+        let name = format!(
+            "fnrt-{}-{id}",
+            &self.config.controller_id[..8.min(self.config.controller_id.len())]
+        );
+        let spec = self.spec(&facts, language, &dir, shape.memory_mb);
+        let created = docker
+            .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), spec)
+            .await;
+        let container = match created {
+            Ok(c) => c.id,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(unavailable(format!("creating a container from {image}: {e}")));
+            }
+        };
+        let mut handle = ContainerHandle {
+            id: id.clone(),
+            container: container.clone(),
+            docker: docker.clone(),
+            dir: dir.clone(),
+            output: Arc::new(Output::default()),
+            ended: Arc::new(AtomicBool::new(false)),
+            terminated: false,
+            packages: self.config.packages.clone(),
+            installer: self.config.installer.clone(),
+        };
+        // Attached before it starts, so that nothing it writes is missed.
+        let attach = AttachContainerOptionsBuilder::default()
+            .stream(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        match docker.attach_container(&container, Some(attach)).await {
+            Ok(attached) => {
+                tokio::spawn(drain(attached.output, handle.output.clone(), handle.ended.clone()));
+            }
+            Err(e) => {
+                handle.terminate().await;
+                return Err(unavailable(format!("attaching to the container: {e}")));
+            }
+        }
+        if let Err(e) = docker.start_container(&container, None).await {
+            handle.terminate().await;
+            return Err(unavailable(format!("starting a container from {image}: {e}")));
+        }
+        let instance = RemoteInstance::connect(
+            Box::new(handle),
+            Endpoint::Unix(dir.join("rt.sock")),
+            language,
+            shape.clone(),
+            &self.config.remote,
+        )
+        .await?;
+        Ok(Box::new(instance))
+    }
+}
+
+/// A container's output: each run's lines through the tap, and the tail
+/// of stderr for crash reports.
+#[derive(Default)]
+struct Output {
+    tap: Arc<OutputTap>,
+    stderr: Mutex<VecDeque<u8>>,
+}
+
+/// Reads a container's attached output until it ends (the container
+/// stopped), then says so.
+async fn drain(
+    mut stream: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<bollard::container::LogOutput, bollard::errors::Error>> + Send>,
+    >,
+    output: Arc<Output>,
+    ended: Arc<AtomicBool>,
+) {
+    use bollard::container::LogOutput;
+    while let Some(Ok(chunk)) = stream.next().await {
+        match chunk {
+            LogOutput::StdOut { message } | LogOutput::Console { message } => output.tap.feed(Stream::Stdout, &message),
+            LogOutput::StdErr { message } => {
+                output.tap.feed(Stream::Stderr, &message);
+                let mut tail = output.stderr.lock().unwrap();
+                tail.extend(message.iter());
+                let excess = tail.len().saturating_sub(TAIL_BYTES);
+                tail.drain(..excess);
+            }
+            LogOutput::StdIn { .. } => {}
+        }
+    }
+    ended.store(true, Ordering::SeqCst);
+}
+
+/// One container the backend started.
+pub struct ContainerHandle {
+    id: String,
+    container: String,
+    docker: Docker,
+    /// Its socket directory on the host.
+    dir: PathBuf,
+    output: Arc<Output>,
+    /// Its output ended: it stopped.
+    ended: Arc<AtomicBool>,
+    terminated: bool,
+    packages: Arc<PackageStore>,
+    installer: Option<Arc<Installer>>,
+}
+
+impl Drop for ContainerHandle {
+    fn drop(&mut self) {
+        if self.terminated {
+            return;
+        }
+        let (docker, container, dir) = (self.docker.clone(), self.container.clone(), self.dir.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                remove(&docker, &container).await;
+                let _ = std::fs::remove_dir_all(dir);
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl InstanceHandle for ContainerHandle {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn output(&self) -> Option<Arc<OutputTap>> {
+        Some(self.output.tap.clone())
+    }
+
+    fn is_alive(&mut self) -> bool {
+        !self.terminated && !self.ended.load(Ordering::SeqCst)
+    }
+
+    async fn exited(&mut self, wait: Duration) -> Option<Exit> {
+        let deadline = tokio::time::Instant::now() + wait;
+        while !self.ended.load(Ordering::SeqCst) {
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let state = self
+            .docker
+            .inspect_container(&self.container, None)
+            .await
+            .ok()
+            .and_then(|c| c.state);
+        let oom_killed = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
+        let status = match state.and_then(|s| s.exit_code) {
+            Some(code) if code > 128 => format!("signal: {}", code - 128),
+            Some(code) => format!("exit status: {code}"),
+            None => "ended".into(),
+        };
+        let tail = self.output.stderr.lock().unwrap();
+        let (a, b) = tail.as_slices();
+        Some(Exit {
+            status,
+            output_tail: String::from_utf8_lossy(&[a, b].concat()).into_owned(),
+            oom_killed,
+        })
+    }
+
+    async fn terminate(&mut self) {
+        if self.terminated {
+            return;
+        }
+        self.terminated = true;
+        remove(&self.docker, &self.container).await;
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+    }
+
+    async fn place_package(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
+        crate::packages::place_for(&self.packages, self.installer.as_ref(), function, &self.dir).await
+    }
+}
