@@ -161,7 +161,7 @@ pub struct ServeArgs {
     /// Which backend runs which functions: `LANGUAGE=BACKEND` (every
     /// function of the language) or `LANGUAGE-TITLE=BACKEND` (one function);
     /// repeat the flag, or separate with commas. Backends: `process`,
-    /// `wasm`. Default: each language on the first backend that runs it.
+    /// `wasm`, `docker`. Default: each language on the first backend that runs it.
     #[arg(long, env = "PLACEMENT", value_delimiter = ',')]
     pub placement: Vec<fnrt_core::runtime::placement::PlacementRule>,
     /// How long an idle specialised instance is kept before it is reaped, in seconds.

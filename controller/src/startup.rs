@@ -475,15 +475,11 @@ fn docker_backend(
     builder: Option<Arc<fnrt_backends::build::Builder>>,
     installer: Option<Arc<Installer>>,
 ) -> anyhow::Result<DockerBackend> {
-    use sha2::Digest;
     let (packages, instances) = process.packages();
     let images = [Language::Nodejs, Language::Python, Language::Rust]
         .into_iter()
         .map(|l| (l, args.docker_image.replace("{language}", &l.to_string())))
         .collect();
-    // Stable across restarts, so leftovers of an earlier run are known.
-    let place = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
-    let controller_id = hex::encode(&sha2::Sha256::digest(place.as_os_str().as_encoded_bytes())[..8]);
     DockerBackend::new(DockerConfig {
         host: args
             .docker_host
@@ -491,7 +487,8 @@ fn docker_backend(
             .unwrap_or_else(fnrt_backends::docker::default_host),
         images,
         instances_dir: instances.with_file_name("containers"),
-        controller_id,
+        controller_id: fnrt_backends::docker::controller_id(data_dir),
+        uids: process.uids(),
         uid: args.docker_uid,
         scratch_bytes: args.instance_scratch_mb * 1024 * 1024,
         max_processes: args.instance_max_processes,

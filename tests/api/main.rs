@@ -19,6 +19,7 @@ mod auth;
 mod build_sandbox;
 mod cache;
 mod cli;
+mod containers;
 mod contract;
 mod dependencies;
 mod egress;

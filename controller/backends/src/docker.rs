@@ -51,6 +51,7 @@ use futures::StreamExt;
 use crate::build::Builder;
 use crate::deps::Installer;
 use crate::packages::PackageStore;
+use crate::uids::{UidLease, UidPool};
 use fnrt_core::function::FunctionVersion;
 use fnrt_core::language::Language;
 use fnrt_core::logs::{OutputTap, Stream};
@@ -86,7 +87,10 @@ pub struct DockerConfig {
     pub instances_dir: PathBuf,
     /// This controller, in the `io.fnrt.controller` label.
     pub controller_id: String,
-    /// The uid (and gid) the runtime runs as inside.
+    /// Instance uids (as root): each container runs as one of its own,
+    /// which also makes the process limit (per uid) the container's.
+    pub uids: Option<Arc<UidPool>>,
+    /// The uid (and gid) runtimes run as inside without a uid pool.
     pub uid: u32,
     /// Size of `/tmp`, the home and `/dev/shm`.
     pub scratch_bytes: u64,
@@ -119,6 +123,8 @@ pub struct DockerBackend {
     /// makes docker-placed functions unavailable.
     client: Mutex<Option<Docker>>,
     facts: Mutex<HashMap<Language, ImageFacts>>,
+    /// A container was created: shutdown looks for what is left.
+    used: AtomicBool,
 }
 
 impl std::fmt::Debug for DockerBackend {
@@ -139,6 +145,14 @@ pub fn default_host() -> String {
         .map_or_else(|| "unix:///var/run/docker.sock".to_owned(), |p| format!("unix://{p}"))
 }
 
+/// The `io.fnrt.controller` label of the controller whose data dir is
+/// `data_dir`: stable across its restarts, so that its leftovers are known.
+pub fn controller_id(data_dir: &Path) -> String {
+    use sha2::Digest;
+    let place = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    hex::encode(&sha2::Sha256::digest(place.as_os_str().as_encoded_bytes())[..8])
+}
+
 impl DockerBackend {
     pub fn new(config: DockerConfig) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.instances_dir)?;
@@ -147,6 +161,7 @@ impl DockerBackend {
             config,
             client: Mutex::new(None),
             facts: Mutex::new(HashMap::new()),
+            used: AtomicBool::new(false),
         })
     }
 
@@ -260,7 +275,14 @@ impl DockerBackend {
     }
 
     /// The container of one instance.
-    fn spec(&self, facts: &ImageFacts, language: Language, dir: &Path, memory_mb: u64) -> ContainerCreateBody {
+    fn spec(
+        &self,
+        facts: &ImageFacts,
+        language: Language,
+        dir: &Path,
+        memory_mb: u64,
+        owner: u32,
+    ) -> ContainerCreateBody {
         let config = &self.config;
         let socket = format!("{SOCKET_DIR}/rt.sock");
         let mut binds = vec![format!("{}:{SOCKET_DIR}:rw", dir.display())];
@@ -272,7 +294,6 @@ impl DockerBackend {
                 .map(|p| format!("{p}:{p}:ro")),
         );
         let scratch = config.scratch_bytes;
-        let owner = config.uid;
         // 1777 rather than owned by the uid: Podman takes no uid= option.
         let tmpfs = HashMap::from([
             ("/tmp".to_owned(), format!("rw,nosuid,nodev,size={scratch},mode=1777")),
@@ -320,9 +341,16 @@ impl DockerBackend {
                 memory_swap: Some(memory),
                 nano_cpus: Some((config.cpus * 1e9) as i64),
                 pids_limit: Some(config.max_processes as i64),
-                // No nproc: it counts every process of the uid on the host,
-                // and every container shares it; pids_limit is per container.
-                ulimits: Some(vec![limit("nofile", config.max_open_files), limit("core", 0)]),
+                // nproc counts the uid's processes on the host: only a uid
+                // of the container's own makes it the container's. (Podman
+                // refuses other limits without an nproc it can set.)
+                ulimits: config.uids.is_some().then(|| {
+                    vec![
+                        limit("nofile", config.max_open_files),
+                        limit("nproc", config.max_processes),
+                        limit("core", 0),
+                    ]
+                }),
                 cap_drop: Some(vec!["ALL".to_owned()]),
                 security_opt: Some(vec!["no-new-privileges".to_owned()]),
                 privileged: Some(false),
@@ -380,9 +408,16 @@ impl RuntimeBackend for DockerBackend {
             .clone();
         let docker = self.client().map_err(unavailable)?;
         let facts = self.image_facts(language).await.map_err(unavailable)?;
+        let lease = match &self.config.uids {
+            Some(pool) => Some(pool.allocate().ok_or_else(|| InstanceError::Exhausted {
+                language,
+                message: "every instance uid is in use".into(),
+            })?),
+            None => None,
+        };
+        let uid = lease.as_ref().map_or(self.config.uid, |l| l.uid);
         let id = hex::encode(rand::random::<[u8; 6]>());
         let dir = self.config.instances_dir.join(&id);
-        let uid = self.config.uid;
         std::fs::create_dir(&dir)
             .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
             .and_then(|()| std::os::unix::fs::chown(&dir, Some(uid), Some(uid)))
@@ -391,7 +426,8 @@ impl RuntimeBackend for DockerBackend {
             "fnrt-{}-{id}",
             &self.config.controller_id[..8.min(self.config.controller_id.len())]
         );
-        let spec = self.spec(&facts, language, &dir, shape.memory_mb);
+        let spec = self.spec(&facts, language, &dir, shape.memory_mb, uid);
+        self.used.store(true, Ordering::SeqCst);
         let created = docker
             .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), spec)
             .await;
@@ -409,9 +445,11 @@ impl RuntimeBackend for DockerBackend {
             dir: dir.clone(),
             output: Arc::new(Output::default()),
             ended: Arc::new(AtomicBool::new(false)),
+            oom: Arc::new(AtomicBool::new(false)),
             terminated: false,
             packages: self.config.packages.clone(),
             installer: self.config.installer.clone(),
+            uid: lease,
         };
         // Attached before it starts, so that nothing it writes is missed.
         let attach = AttachContainerOptionsBuilder::default()
@@ -432,6 +470,7 @@ impl RuntimeBackend for DockerBackend {
             handle.terminate().await;
             return Err(unavailable(format!("starting a container from {image}: {e}")));
         }
+        watch_oom(&container, handle.oom.clone());
         let instance = RemoteInstance::connect(
             Box::new(handle),
             Endpoint::Unix(dir.join("rt.sock")),
@@ -442,6 +481,109 @@ impl RuntimeBackend for DockerBackend {
         .await?;
         Ok(Box::new(instance))
     }
+
+    /// Removes containers whose start was cut short by the shutdown (their
+    /// handles never existed).
+    async fn shutdown(&self) {
+        if !self.used.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.remove_leftovers().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(containers = n, "containers of cut-short starts removed"),
+            Err(e) => tracing::warn!(error = %e, "removing this controller's containers at shutdown"),
+        }
+    }
+}
+
+/// Where engines put a container's memory cgroup (v1, cgroupfs or systemd).
+fn memory_cgroup(container: &str) -> Option<PathBuf> {
+    let base = Path::new("/sys/fs/cgroup/memory");
+    [
+        format!("libpod_parent/libpod-{container}"),
+        format!("machine.slice/libpod-{container}.scope"),
+        format!("docker/{container}"),
+        format!("system.slice/docker-{container}.scope"),
+    ]
+    .into_iter()
+    .map(|c| base.join(c))
+    .find(|d| d.join("memory.oom_control").exists())
+}
+
+/// The `oom_kill` count of a v1 memory cgroup, while it exists.
+fn oom_kills(cgroup: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(cgroup.join("memory.oom_control")).ok()?;
+    let mut words = text.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "oom_kill" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// Sets `flag` when the kernel kills a process of `container` for want of
+/// memory. Engines report it as `OOMKilled`, except where they do not
+/// (Podman with runc on cgroup v1 says false): there, the kernel's OOM
+/// notification of the container's memory cgroup (an eventfd registered in
+/// `cgroup.event_control`) is awaited, and the cgroup's `oom_kill` count
+/// read while it still exists. Nothing is watched on cgroup v2, where
+/// engines report it.
+fn watch_oom(container: &str, flag: Arc<AtomicBool>) {
+    use rustix::event::{EventfdFlags, eventfd};
+    use std::io::Write as _;
+    use std::os::fd::AsRawFd;
+    let Some(cgroup) = memory_cgroup(container) else {
+        tracing::debug!(
+            container,
+            "no v1 memory cgroup found: out-of-memory kills are the engine's to report"
+        );
+        return;
+    };
+    let Ok(control) = std::fs::File::open(cgroup.join("memory.oom_control")) else {
+        return;
+    };
+    let Ok(event) = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK) else {
+        return;
+    };
+    let registered = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.event_control"))
+        // One write: the kernel takes the line whole or not at all.
+        .and_then(|mut f| f.write_all(format!("{} {}", event.as_raw_fd(), control.as_raw_fd()).as_bytes()));
+    if let Err(e) = registered {
+        tracing::debug!(container, error = %e, "watching for out-of-memory kills");
+        return;
+    }
+    // The AsyncFd owns the descriptor, so it cannot be closed while
+    // registered (what `new`'s deprecation guards against).
+    #[allow(deprecated)]
+    let Ok(event) = tokio::io::unix::AsyncFd::new(event) else {
+        return;
+    };
+    tokio::spawn(async move {
+        // Woken by an OOM, and by the cgroup's removal (when the count
+        // can no longer be read: not an OOM).
+        let _control = control;
+        while let Ok(mut ready) = event.readable().await {
+            let mut count = [0u8; 8];
+            let read = rustix::io::read(event.get_ref(), &mut count);
+            ready.clear_ready();
+            if read != Ok(8) {
+                continue;
+            }
+            for _ in 0..20 {
+                match oom_kills(&cgroup) {
+                    Some(0) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    Some(_) => {
+                        flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        }
+    });
 }
 
 /// A container's output: each run's lines through the tap, and the tail
@@ -488,9 +630,13 @@ pub struct ContainerHandle {
     output: Arc<Output>,
     /// Its output ended: it stopped.
     ended: Arc<AtomicBool>,
+    /// The kernel killed a process of it for want of memory ([`watch_oom`]).
+    oom: Arc<AtomicBool>,
     terminated: bool,
     packages: Arc<PackageStore>,
     installer: Option<Arc<Installer>>,
+    /// Its uid, free again once the container is gone.
+    uid: Option<UidLease>,
 }
 
 impl Drop for ContainerHandle {
@@ -499,10 +645,13 @@ impl Drop for ContainerHandle {
             return;
         }
         let (docker, container, dir) = (self.docker.clone(), self.container.clone(), self.dir.clone());
+        // The uid is free only once the container is gone.
+        let uid = self.uid.take();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 remove(&docker, &container).await;
                 let _ = std::fs::remove_dir_all(dir);
+                drop(uid);
             });
         }
     }
@@ -536,7 +685,7 @@ impl InstanceHandle for ContainerHandle {
             .await
             .ok()
             .and_then(|c| c.state);
-        let oom_killed = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
+        let oom_killed = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false) || self.oom.load(Ordering::SeqCst);
         let status = match state.and_then(|s| s.exit_code) {
             Some(code) if code > 128 => format!("signal: {}", code - 128),
             Some(code) => format!("exit status: {code}"),
@@ -559,6 +708,7 @@ impl InstanceHandle for ContainerHandle {
         remove(&self.docker, &self.container).await;
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        self.uid = None;
     }
 
     async fn place_package(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {

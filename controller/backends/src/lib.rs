@@ -7,6 +7,9 @@
 //!   (Node.js, Python, Rust), each in bubblewrap with its own uid,
 //!   namespaces, cgroup, limits and scratch tmpfs mounts; the protocol to
 //!   them is `fnrt_core::runtime::remote`'s.
+//! - [`docker`]: containers through the Docker Engine API (Docker or
+//!   Podman), placed by `--placement LANGUAGE=docker`; the same runtime
+//!   servers and protocol behind the engine's walls.
 //! - [`sandbox`]: the bubblewrap walls around instances and builds;
 //!   [`netns`]: their private network through slirp4netns; [`egress`]: the
 //!   allow-list of a function with `network.egress` in that network.

@@ -323,6 +323,12 @@ impl ProcessBackend {
         (self.packages.clone(), &self.instances_dir)
     }
 
+    /// The instance uids (as root): containers take theirs from the same
+    /// range, so that no two instances on the host share one.
+    pub fn uids(&self) -> Option<Arc<UidPool>> {
+        self.uids.clone()
+    }
+
     /// What every instance of a runtime server is given.
     pub fn remote_settings(&self) -> RemoteSettings {
         self.remote.clone()

@@ -15,7 +15,7 @@ use fnrt_core::timefmt;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list))
+        .routes(routes!(list_sessions))
         .routes(routes!(get_session, delete_session))
 }
 
@@ -98,7 +98,7 @@ pub(super) struct SessionList {
     ),
     security(("bearer" = []))
 )]
-async fn list(
+async fn list_sessions(
     State(state): State<AppState>,
     auth: Auth,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,

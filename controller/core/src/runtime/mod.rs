@@ -173,6 +173,9 @@ pub trait RuntimeBackend: Send + Sync {
     /// Starts a generic, healthy, not yet initialised instance of `shape`
     /// (its memory cap and network, fixed for the instance's life).
     async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError>;
+    /// At shutdown, after every instance was terminated: releases what is
+    /// left (a container whose start was cut short).
+    async fn shutdown(&self) {}
 }
 
 /// What an instance is fixed to when it starts: only a function of the

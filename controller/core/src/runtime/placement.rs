@@ -148,6 +148,11 @@ impl Placement {
 
     /// Every (backend, language) that a function may run on: the pool keeps
     /// warm instances for each.
+    /// Every backend, placed on or not.
+    pub fn backends(&self) -> &[Arc<dyn RuntimeBackend>] {
+        &self.backends
+    }
+
     pub fn targets(&self) -> Vec<(Arc<dyn RuntimeBackend>, Language)> {
         let pairs: BTreeSet<(usize, Language)> = self
             .by_language

@@ -427,5 +427,8 @@ impl InstancePool {
         for mut instance in warm.into_iter().chain(idle) {
             instance.terminate().await;
         }
+        for backend in self.placement.backends() {
+            backend.shutdown().await;
+        }
     }
 }

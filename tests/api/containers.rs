@@ -1,0 +1,410 @@
+//! The docker backend through the API, against the engine at `DOCKER_HOST`
+//! (Podman here; `.ci/run` starts it and builds the images with
+//! `runtimes/images.sh`): Node, Python and Rust functions placed on it,
+//! retained sessions, logs, the walls of a container attacked from inside
+//! a function, a container killed or out of memory mid-execution, an engine
+//! that does not answer, and no container left after shutdown.
+//!
+//! Without an engine these tests say so and pass, unless `CI=true`, where
+//! they fail: run them with `DOCKER_HOST=unix:///run/podman/podman.sock`
+//! and the images built (docs/containers.md).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::query_parameters::{KillContainerOptionsBuilder, ListContainersOptionsBuilder};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, spawn_app_with};
+
+/// The engine's socket, when one answers.
+fn engine() -> Option<String> {
+    let host = std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|h| h.starts_with("unix://"))
+        .unwrap_or_else(|| "unix:///run/podman/podman.sock".into());
+    let path = host.trim_start_matches("unix://").to_owned();
+    match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(_) => Some(host),
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("no container engine at {host} ({e}): .ci/run starts Podman's API service")
+        }
+        Err(e) => {
+            eprintln!(
+                "skipped: no container engine at {host} ({e}); start one (docs/containers.md) and set DOCKER_HOST"
+            );
+            None
+        }
+    }
+}
+
+/// A controller whose `placement` runs on the docker backend at `host`.
+async fn app_on(host: &str, placement: &str, extra: &[&str]) -> TestApp {
+    let mut flags = vec!["--docker-host", host, "--placement", placement];
+    flags.extend_from_slice(extra);
+    spawn_app_with(&flags).await
+}
+
+fn docker(host: &str) -> Docker {
+    Docker::connect_with_unix(host.trim_start_matches("unix://"), 30, bollard::API_DEFAULT_VERSION).unwrap()
+}
+
+/// The ids of the containers of `app`'s controller.
+async fn containers_of(host: &str, app: &TestApp) -> Vec<String> {
+    let label = format!(
+        "io.fnrt.controller={}",
+        fnrt_backends::docker::controller_id(app.data_dir.path())
+    );
+    let filters = HashMap::from([("label", vec![label])]);
+    let options = ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    docker(host)
+        .list_containers(Some(options))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect()
+}
+
+/// Stops the controller; then none of its containers may be left (and
+/// any that are, are removed, so a failure leaves nothing behind).
+async fn stop_leaving_nothing(host: &str, mut app: TestApp) {
+    app.stop().await;
+    let left = containers_of(host, &app).await;
+    for id in &left {
+        let options = bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .build();
+        let _ = docker(host).remove_container(id, Some(options)).await;
+    }
+    assert_eq!(left, Vec::<String>::new(), "containers left after shutdown");
+}
+
+async fn run(app: &TestApp, token: &str, lt: &str, context: Value, params: Value) -> crate::helpers::Reply {
+    let id = app.session(token, lt, context).await;
+    app.execute(token, &id, params).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_and_python_functions_run_in_containers_keep_session_state_and_log() {
+    let Some(host) = engine() else { return };
+    let app = app_on(&host, "nodejs=docker,python=docker", &[]).await;
+    let token = app.admin();
+
+    // The bundled calculators answer from containers.
+    for lt in ["nodejs-calculator", "python-calculator"] {
+        let r = run(
+            &app,
+            &token,
+            lt,
+            json!({}),
+            json!({"operation": "add", "values": [1, 2, 3]}),
+        )
+        .await;
+        assert_eq!(r.body["result"], json!({"value": 6}), "{lt}: {:?}", r.body);
+    }
+    assert!(!containers_of(&host, &app).await.is_empty());
+
+    // A retained session keeps its container's state.
+    let id = app
+        .session(&token, "nodejs-counter", json!({"retain_session": true}))
+        .await;
+    let first = app
+        .execute_with(&token, &id, json!({"params": {}}), Some("no-cache"))
+        .await;
+    let second = app
+        .execute_with(&token, &id, json!({"params": {}}), Some("no-cache"))
+        .await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_ne!(
+        first.body["result"], second.body["result"],
+        "state did not survive: {:?}",
+        second.body
+    );
+
+    // What the function prints is the execution's logs.
+    app.register(
+        "python-says",
+        "def handler(params, context):\n    print('from a container', params['n'])\n    return {}\n",
+        json!({"cache": {"enabled": false}}),
+    )
+    .await;
+    let r = run(&app, &token, "python-says", json!({}), json!({"n": 5})).await;
+    let logs = app
+        .get(
+            Some(&token),
+            &format!("/api/v1/executions/{}/logs", r.body["execution_id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(logs.body["lines"][0]["text"], "from a container 5", "{:?}", logs.body);
+    stop_leaving_nothing(&host, app).await;
+}
+
+/// Probes what a function can reach from inside its container.
+const PROBE: &str = r#"import os
+import socket
+
+
+def attempt(f):
+    try:
+        return f()
+    except OSError as e:
+        return type(e).__name__ + ":" + (os.strerror(e.errno) if e.errno else str(e))
+
+
+def write(path):
+    with open(path, "w") as f:
+        f.write("x")
+    return "written"
+
+
+def connect(host, port):
+    with socket.create_connection((host, port), timeout=2):
+        return "connected"
+
+
+def fill(path):
+    written = 0
+    chunk = b"x" * (1 << 20)
+    try:
+        with open(path, "wb") as f:
+            for _ in range(512):
+                f.write(chunk)
+                f.flush()
+                written += 1
+    except OSError as e:
+        return "ENOSPC" if e.errno == 28 else str(e)
+    return f"wrote {written} MiB"
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(l.split(":", 1)[1].strip() for l in f if l.startswith(field + ":"))
+
+
+def handler(params, context):
+    port = params["port"]
+    return {
+        "uid": os.getuid(),
+        "root_write": attempt(lambda: write("/usr/fnrt-was-here")),
+        "etc_write": attempt(lambda: write("/etc/fnrt-was-here")),
+        "tmp": attempt(lambda: fill("/tmp/fill")),
+        "controller": attempt(lambda: connect("127.0.0.1", port)),
+        "outside": attempt(lambda: connect("1.1.1.1", 80)),
+        "shadow": attempt(lambda: open("/etc/shadow").read()),
+        "docker_socket": os.path.exists("/var/run/docker.sock") or os.path.exists("/run/podman/podman.sock"),
+        "data_dir": os.path.exists(params["data_dir"]),
+        "environ": sorted(os.environ),
+        "caps": status("CapEff"),
+        "no_new_privs": status("NoNewPrivs"),
+        "pid1": open("/proc/1/cmdline").read().split("\0")[0],
+    }
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_in_a_container_finds_every_wall_in_place() {
+    let Some(host) = engine() else { return };
+    let app = app_on(&host, "python=docker", &[]).await;
+    app.register(
+        "python-probe",
+        PROBE,
+        json!({"cache": {"enabled": false}, "env": {"GREETING": "hi"}}),
+    )
+    .await;
+    let port: u16 = app
+        .address
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let data_dir = app.data_dir.path().to_str().unwrap().to_owned();
+    let r = run(
+        &app,
+        &app.admin(),
+        "python-probe",
+        json!({}),
+        json!({"port": port, "data_dir": data_dir}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let seen = &r.body["result"];
+    assert_ne!(seen["uid"], 0, "{seen}");
+    assert!(
+        seen["root_write"].as_str().unwrap().starts_with("OSError:Read-only"),
+        "{seen}"
+    );
+    assert!(seen["etc_write"].as_str().unwrap().contains("Read-only"), "{seen}");
+    assert_eq!(seen["tmp"], "ENOSPC", "{seen}");
+    assert!(seen["controller"].as_str().unwrap().contains("refused"), "{seen}");
+    assert!(seen["outside"].as_str().unwrap().contains("unreachable"), "{seen}");
+    assert!(seen["shadow"].as_str().unwrap().contains("No such file"), "{seen}");
+    assert_eq!(seen["docker_socket"], false, "{seen}");
+    assert_eq!(seen["data_dir"], false, "{seen}");
+    assert_eq!(
+        seen["environ"],
+        json!(["GREETING", "HOME", "LANG", "PATH", "TMPDIR"]),
+        "{seen}"
+    );
+    assert_eq!(seen["caps"], "0000000000000000", "{seen}");
+    assert_eq!(seen["no_new_privs"], "1", "{seen}");
+    assert!(seen["pid1"].as_str().unwrap().contains("python"), "{seen}");
+    stop_leaving_nothing(&host, app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fork_bomb_or_a_memory_bomb_stays_in_its_container_which_is_replaced() {
+    let Some(host) = engine() else { return };
+    let app = app_on(&host, "python=docker", &["--instance-max-processes", "32"]).await;
+    let token = app.admin();
+    app.register(
+        "python-bombs",
+        r#"import os
+
+
+def handler(params, context):
+    if params["bomb"] == "fork":
+        children = 0
+        try:
+            for _ in range(200):
+                if os.fork() == 0:
+                    import time
+                    time.sleep(30)
+                    os._exit(0)
+                children += 1
+        except OSError as e:
+            return {"children": children, "error": e.strerror}
+        return {"children": children}
+    hoard = []
+    while True:
+        hoard.append(bytearray(16 << 20))
+"#,
+        json!({"cache": {"enabled": false}, "limits": {"memory_mb": 96}}),
+    )
+    .await;
+
+    let forked = run(&app, &token, "python-bombs", json!({}), json!({"bomb": "fork"})).await;
+    assert_eq!(forked.status, 200, "{:?}", forked.body);
+    let children = forked.body["result"]["children"].as_u64().unwrap();
+    assert!(children < 32, "{:?}", forked.body);
+
+    let bombed = run(&app, &token, "python-bombs", json!({}), json!({"bomb": "memory"})).await;
+    assert_eq!(
+        (bombed.status, bombed.code()),
+        (500, "RUNTIME_ERROR"),
+        "{:?}",
+        bombed.body
+    );
+    let message = bombed.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("out of memory"), "{message}");
+
+    // The next execution gets a healthy container.
+    let after = run(
+        &app,
+        &token,
+        "python-calculator",
+        json!({}),
+        json!({"operation": "add", "values": [2, 2]}),
+    )
+    .await;
+    assert_eq!(after.body["result"], json!({"value": 4}), "{:?}", after.body);
+    stop_leaving_nothing(&host, app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_killed_mid_execution_answers_a_clean_error_and_shutdown_leaves_none() {
+    let Some(host) = engine() else { return };
+    let app = app_on(&host, "nodejs=docker", &["--warm-pool-size", "0"]).await;
+    let token = app.admin();
+    app.register(
+        "nodejs-sleeper",
+        "exports.handler = async () => { await new Promise((r) => setTimeout(r, 60000)); return {}; };",
+        json!({"cache": {"enabled": false}}),
+    )
+    .await;
+    let id = app
+        .session(&token, "nodejs-sleeper", json!({"timeout_ms": 90000}))
+        .await;
+    let url = app.url(&format!("/api/v1/execute/{id}"));
+    let (client, t) = (app.client.clone(), token.clone());
+    let pending = tokio::spawn(async move {
+        crate::helpers::read(
+            client
+                .post(url)
+                .bearer_auth(t)
+                .json(&json!({"params": {}}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    });
+    // The one container there is the sleeper's (no warm pool).
+    let mut victims = Vec::new();
+    for _ in 0..100 {
+        victims = containers_of(&host, &app).await;
+        if !victims.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(victims.len(), 1, "{victims:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    docker(&host)
+        .kill_container(
+            &victims[0],
+            Some(KillContainerOptionsBuilder::default().signal("KILL").build()),
+        )
+        .await
+        .unwrap();
+
+    let r = pending.await.unwrap();
+    assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("exited"),
+        "{:?}",
+        r.body
+    );
+
+    // Another function still runs; after shutdown no container is left.
+    let ok = run(
+        &app,
+        &token,
+        "nodejs-calculator",
+        json!({}),
+        json!({"operation": "add", "values": [1]}),
+    )
+    .await;
+    assert_eq!(ok.body["result"], json!({"value": 1}), "{:?}", ok.body);
+    stop_leaving_nothing(&host, app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_engine_that_does_not_answer_makes_only_its_functions_unavailable() {
+    let app = app_on("unix:///var/tmp/fnrt-no-engine.sock", "nodejs=docker", &[]).await;
+    let token = app.admin();
+    let r = app.initialize(&token, "nodejs-calculator", json!({})).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fnrt-no-engine.sock"),
+        "{:?}",
+        r.body
+    );
+    let other = run(
+        &app,
+        &token,
+        "python-calculator",
+        json!({}),
+        json!({"operation": "add", "values": [3]}),
+    )
+    .await;
+    assert_eq!(other.body["result"], json!({"value": 3}), "{:?}", other.body);
+}
