@@ -238,9 +238,13 @@ impl Application {
             &args.placement,
         )
         .map_err(|e| anyhow::anyhow!("--placement: {e}"))?;
-        if placement.targets().iter().any(|(b, _)| b.name() == "docker") {
-            prepare_docker(&docker).await?;
-        }
+        let docker = match placement.targets().iter().any(|(b, _)| b.name() == "docker") {
+            true => {
+                prepare_docker(&docker).await?;
+                Some(docker)
+            }
+            false => None,
+        };
         tracing::info!(?placement, "placement");
         let placement = Arc::new(placement);
         let backends = Arc::new(Backends::new(placement.clone(), builder.clone(), installer.clone()));
@@ -396,6 +400,7 @@ impl Application {
             builder: builder.clone().ok(),
             installer: installer.clone(),
             logs,
+            docker,
         };
         let router = http::router(
             state,

@@ -141,6 +141,23 @@ async fn node_and_python_functions_run_in_containers_keep_session_state_and_log(
         )
         .await;
     assert_eq!(logs.body["lines"][0]["text"], "from a container 5", "{:?}", logs.body);
+
+    // /health shows the backend and its pool; /metrics its containers.
+    let health = app.get(None, "/health").await;
+    assert_eq!(health.body["components"]["docker"], "ok", "{:?}", health.body);
+    let pool = &health.body["components"]["docker_pool"];
+    assert!(
+        pool["nodejs"]["warm"].is_i64() && pool["python"]["idle"].is_i64(),
+        "{pool}"
+    );
+    let metrics = app.metrics().await;
+    for family in [
+        r#"lambda_instance_start_seconds_count{backend="docker",language="nodejs"}"#,
+        r#"lambda_pool_acquires_total{backend="docker",language="python",result="#,
+        r#"lambda_backend_instances{backend="docker",language="nodejs",state="warm"}"#,
+    ] {
+        assert!(metrics.contains(family), "{family} not in {metrics}");
+    }
     stop_leaving_nothing(&host, app).await;
 }
 
@@ -302,6 +319,11 @@ def handler(params, context):
     );
     let message = bombed.body["error"]["message"].as_str().unwrap();
     assert!(message.contains("out of memory"), "{message}");
+    assert!(
+        app.metrics()
+            .await
+            .contains(r#"lambda_oom_kills_total{language="python"} 1"#)
+    );
 
     // The next execution gets a healthy container.
     let after = run(
@@ -407,4 +429,35 @@ async fn an_engine_that_does_not_answer_makes_only_its_functions_unavailable() {
     )
     .await;
     assert_eq!(other.body["result"], json!({"value": 3}), "{:?}", other.body);
+    let health = app.get(None, "/health").await;
+    assert_eq!(health.body["status"], "degraded", "{:?}", health.body);
+    assert_eq!(health.body["components"]["docker"], "error");
+    assert!(
+        health.body["components"]["docker_error"]
+            .as_str()
+            .unwrap()
+            .contains("fnrt-no-engine.sock")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rust_function_s_library_runs_in_a_container() {
+    let Some(host) = engine() else { return };
+    let app = app_on(&host, "rust=docker", &[]).await;
+    let token = app.admin();
+    // The bundled crate builds in the background at start-up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let id = loop {
+        let r = app.initialize(&token, "rust-fibonacci", json!({})).await;
+        if r.status == 200 {
+            break r.body["request_id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(r.code(), "FUNCTION_NOT_READY", "{:?}", r.body);
+        assert!(std::time::Instant::now() < deadline, "rust-fibonacci was not built");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let r = app.execute(&token, &id, json!({"n": 10})).await;
+    assert_eq!(r.body["result"]["value"], 55, "{:?}", r.body);
+    assert!(!containers_of(&host, &app).await.is_empty());
+    stop_leaving_nothing(&host, app).await;
 }

@@ -423,6 +423,11 @@ impl Invoker {
             }
             Ok(Err(e)) => {
                 tracing::warn!(request_id, instance = lease.instance.id(), error = %e, "instance failed");
+                if let InstanceError::Crashed { details, .. } = &e
+                    && details["out_of_memory"] == true
+                {
+                    self.metrics.record_oom_kill(invocation.function.language());
+                }
                 self.pool.discard(lease).await;
                 Err(e.into())
             }

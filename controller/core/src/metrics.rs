@@ -62,6 +62,30 @@ pub struct InstanceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// `process`, `docker`, `wasm`.
+    pub backend: String,
+    pub language: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcquireLabels {
+    pub backend: String,
+    pub language: String,
+    /// `reused` (an idle specialised instance), `warm` (from the warm
+    /// pool: a hit) or `cold` (started for it: a miss).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendInstanceLabels {
+    pub backend: String,
+    pub language: String,
+    /// `warm` or `idle`.
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModuleLabels {
     /// `compiled` or `disk_cache`.
     pub source: String,
@@ -120,6 +144,12 @@ pub struct Metrics {
     pub cold_start_duration: Family<LanguageLabels, Histogram, fn() -> Histogram>,
     pub init_duration: Family<LanguageLabels, Histogram, fn() -> Histogram>,
     pub instances: Family<InstanceLabels, Gauge>,
+    /// Instances per backend (containers for `docker`), by state.
+    pub backend_instances: Family<BackendInstanceLabels, Gauge>,
+    /// Time from asking a backend for an instance to its server answering.
+    pub instance_start: Family<BackendLabels, Histogram, fn() -> Histogram>,
+    pub pool_acquires: Family<AcquireLabels, Counter>,
+    pub oom_kills: Family<LanguageLabels, Counter>,
     pub instances_busy: Gauge,
     pub rate_limited: Family<ClassLabels, Counter>,
     pub wasm_modules: Family<ModuleLabels, Counter>,
@@ -157,6 +187,10 @@ impl Metrics {
             cold_start_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             init_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             instances: Family::default(),
+            backend_instances: Family::default(),
+            instance_start: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            pool_acquires: Family::default(),
+            oom_kills: Family::default(),
             instances_busy: Gauge::default(),
             rate_limited: Family::default(),
             wasm_modules: Family::default(),
@@ -197,6 +231,26 @@ impl Metrics {
             "function_cache_requests",
             "Result cache lookups by Language-Title and result (hit, miss)",
             m.function_cache.clone(),
+        );
+        registry.register(
+            "backend_instances",
+            "Instances (containers on the docker backend) by backend, language and state (warm, idle)",
+            m.backend_instances.clone(),
+        );
+        registry.register(
+            "instance_start_seconds",
+            "Time to start an instance (a container on the docker backend) until its server answers",
+            m.instance_start.clone(),
+        );
+        registry.register(
+            "pool_acquires",
+            "Instances handed out, by backend, language and where from (reused, warm: pool hits; cold: misses)",
+            m.pool_acquires.clone(),
+        );
+        registry.register(
+            "oom_kills",
+            "Instances killed for want of memory during a run",
+            m.oom_kills.clone(),
         );
         registry.register(
             "cold_starts",
@@ -348,6 +402,33 @@ impl Metrics {
             .get_or_create(&CacheLabels {
                 layer: layer.to_owned(),
                 result: if hit { "hit" } else { "miss" }.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn record_instance_start(&self, backend: &str, language: Language, elapsed: Duration) {
+        self.instance_start
+            .get_or_create(&BackendLabels {
+                backend: backend.to_owned(),
+                language: language.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_acquire(&self, backend: &str, language: Language, result: &str) {
+        self.pool_acquires
+            .get_or_create(&AcquireLabels {
+                backend: backend.to_owned(),
+                language: language.to_string(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn record_oom_kill(&self, language: Language) {
+        self.oom_kills
+            .get_or_create(&LanguageLabels {
+                language: language.to_string(),
             })
             .inc();
     }

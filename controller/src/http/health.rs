@@ -45,6 +45,22 @@ pub(super) struct Components {
     /// Why a runtime is not ok (extension), when known.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub runtime_errors: BTreeMap<String, String>,
+    /// The docker backend (extension): `ok`, `error` (its engine does not
+    /// answer), or `disabled` when no function is placed on it.
+    pub docker: &'static str,
+    /// Why the docker backend is in error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_error: Option<String>,
+    /// Its containers per language: warm (generic, ready) and idle
+    /// (specialised, waiting for their function).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub docker_pool: BTreeMap<String, PoolSize>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct PoolSize {
+    pub warm: i64,
+    pub idle: i64,
 }
 
 /// Liveness and component status.
@@ -72,7 +88,30 @@ async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
         Some(r) if r.ping().await => "ok",
         Some(_) => "degraded",
     };
-    let degraded = database != "ok" || redis == "degraded" || runtimes.values().any(|s| *s == "error");
+    let (docker, docker_error) = match &state.docker {
+        None => ("disabled", None),
+        Some(backend) => match tokio::time::timeout(Duration::from_secs(2), backend.health()).await {
+            Ok(Ok(_)) => ("ok", None),
+            Ok(Err(e)) => ("error", Some(e)),
+            Err(_) => (
+                "error",
+                Some("the container engine did not answer within 2 s".to_owned()),
+            ),
+        },
+    };
+    let docker_pool = match &state.docker {
+        None => BTreeMap::new(),
+        Some(_) => state
+            .engine
+            .core
+            .pool()
+            .sizes_of("docker")
+            .into_iter()
+            .map(|(language, (warm, idle))| (language.to_string(), PoolSize { warm, idle }))
+            .collect(),
+    };
+    let degraded =
+        database != "ok" || redis == "degraded" || docker == "error" || runtimes.values().any(|s| *s == "error");
     axum::Json(HealthResponse {
         status: if degraded { "degraded" } else { "ok" },
         version: env!("CARGO_PKG_VERSION"),
@@ -84,6 +123,9 @@ async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
             sqlite,
             runtimes,
             runtime_errors,
+            docker,
+            docker_error,
+            docker_pool,
         },
     })
 }
@@ -97,6 +139,20 @@ async fn health(State(state): State<AppState>) -> axum::Json<HealthResponse> {
 ))))]
 async fn metrics(State(state): State<AppState>, headers: header::HeaderMap) -> impl IntoResponse {
     let m = &state.metrics;
+    let pool = state.engine.core.pool();
+    for backend in pool.backend_names() {
+        for (language, (warm, idle)) in pool.sizes_of(backend) {
+            for (pool_state, n) in [("warm", warm), ("idle", idle)] {
+                m.backend_instances
+                    .get_or_create(&fnrt_core::metrics::BackendInstanceLabels {
+                        backend: backend.to_owned(),
+                        language: language.to_string(),
+                        state: pool_state.to_owned(),
+                    })
+                    .set(n);
+            }
+        }
+    }
     let (counts, busy) = state.engine.core.pool().counts();
     for (language, pool_state, n) in counts {
         m.instances

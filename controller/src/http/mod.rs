@@ -65,6 +65,8 @@ pub struct AppState {
     pub installer: Option<Arc<fnrt_backends::deps::Installer>>,
     /// Function logs: per execution, per function live.
     pub logs: Arc<crate::logs::Logs>,
+    /// The docker backend, when functions are placed on it (`/health`).
+    pub docker: Option<Arc<fnrt_backends::docker::DockerBackend>>,
 }
 
 /// HTTP settings that are not state.

@@ -130,9 +130,14 @@ impl Placement {
 
     /// The backend that runs `function`, if any does.
     pub fn backend_for(&self, function: &FunctionVersion) -> Option<&Arc<dyn RuntimeBackend>> {
+        self.backend_for_title(&function.language_title)
+    }
+
+    /// The backend that runs the function `language_title`, if any does.
+    pub fn backend_for_title(&self, language_title: &LanguageTitle) -> Option<&Arc<dyn RuntimeBackend>> {
         self.by_title
-            .get(&function.language_title)
-            .or_else(|| self.by_language.get(&function.language()))
+            .get(language_title)
+            .or_else(|| self.by_language.get(&language_title.language()))
             .map(|i| &self.backends[*i])
     }
 

@@ -139,9 +139,6 @@ impl InstancePool {
     pub async fn acquire(&self, function: &FunctionVersion) -> Result<Lease, InstanceError> {
         let key: VersionKey = (function.language_title.to_string(), function.version);
         let language = function.language();
-        if let Some(instance) = self.take_idle(&key) {
-            return Ok(self.lease(instance, key, StartKind::Reused));
-        }
         let backend = self
             .placement
             .backend_for(function)
@@ -150,6 +147,10 @@ impl InstancePool {
                 message: "no backend runs this language".into(),
             })?
             .clone();
+        if let Some(instance) = self.take_idle(&key) {
+            self.metrics.record_acquire(backend.name(), language, "reused");
+            return Ok(self.lease(instance, key, StartKind::Reused));
+        }
         // Before a warm instance is spent on it: a crate must be built.
         backend.ready(function).await?;
         let shape = Shape::of(function);
@@ -177,6 +178,8 @@ impl InstancePool {
             }
         };
         self.refill.notify_one();
+        let result = if start == StartKind::Warm { "warm" } else { "cold" };
+        self.metrics.record_acquire(backend.name(), language, result);
         let started = Instant::now();
         if let Err(e) = instance.init(function).await {
             instance.terminate().await;
@@ -278,7 +281,12 @@ impl InstancePool {
         language: Language,
         shape: &Shape,
     ) -> Result<Box<dyn Instance>, InstanceError> {
+        let started = Instant::now();
         let result = backend.start(language, shape).await;
+        if result.is_ok() {
+            self.metrics
+                .record_instance_start(backend.name(), language, started.elapsed());
+        }
         let state = match &result {
             Ok(_) => LanguageHealth::Ok,
             Err(e) => LanguageHealth::Error {
@@ -309,6 +317,38 @@ impl InstancePool {
             }
         }
         out
+    }
+
+    /// Warm and idle instances of one backend, per language (`/health`
+    /// shows the docker backend's pool).
+    pub fn sizes_of(&self, backend: &str) -> BTreeMap<Language, (i64, i64)> {
+        let mut out: BTreeMap<Language, (i64, i64)> = BTreeMap::new();
+        for ((name, language, _), list) in self.warm.lock().unwrap().iter() {
+            if *name == backend {
+                out.entry(*language).or_default().0 += list.len() as i64;
+            }
+        }
+        for (key, list) in self.idle.lock().unwrap().iter() {
+            if let Ok(lt) = key.0.parse::<crate::language::LanguageTitle>()
+                && self
+                    .placement
+                    .backend_for_title(&lt)
+                    .is_some_and(|b| b.name() == backend)
+            {
+                out.entry(lt.language()).or_default().1 += list.len() as i64;
+            }
+        }
+        for (b, language) in self.placement.targets() {
+            if b.name() == backend {
+                out.entry(language).or_default();
+            }
+        }
+        out
+    }
+
+    /// Every backend's name, for `/metrics`.
+    pub fn backend_names(&self) -> Vec<&'static str> {
+        self.placement.backends().iter().map(|b| b.name()).collect()
     }
 
     /// Instance counts by language and state, for `/metrics`.

@@ -177,7 +177,11 @@ impl RemoteInstance {
                 };
                 InstanceError::Crashed {
                     message,
-                    details: json!({ "exit_status": exit.status, "stderr_tail": last_lines(&exit.output_tail, 20) }),
+                    details: json!({
+                        "exit_status": exit.status,
+                        "out_of_memory": exit.out_of_memory(),
+                        "stderr_tail": last_lines(&exit.output_tail, 20),
+                    }),
                 }
             }
             None => InstanceError::Protocol(err.to_string()),
