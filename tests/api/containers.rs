@@ -461,3 +461,150 @@ async fn a_rust_function_s_library_runs_in_a_container() {
     assert!(!containers_of(&host, &app).await.is_empty());
     stop_leaving_nothing(&host, app).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn floods_file_descriptors_and_scratch_stay_inside_one_container_and_one_function() {
+    let Some(host) = engine() else { return };
+    let app = app_on(&host, "python=docker", &["--log-limit-bytes", "4096"]).await;
+    let token = app.admin();
+    app.register(
+        "python-noisy",
+        r#"import os
+
+
+def handler(params, context):
+    seen = {"tmp_files": sorted(os.listdir("/tmp")), "environ_of_pid1": open("/proc/1/environ").read().split("\0")}
+    if params.get("flood"):
+        line = "y" * 1023
+        for _ in range(50 * 1024):
+            print(line)
+        seen["flooded_mb"] = 50
+    files = []
+    try:
+        for i in range(5000):
+            files.append(open("/dev/null"))
+    except OSError as e:
+        seen["files_error"] = e.strerror
+    seen["files"] = len(files)
+    for f in files:
+        f.close()
+    with open("/tmp/left-by-noisy", "w") as f:
+        f.write(params.get("secret", ""))
+    return seen
+"#,
+        json!({"cache": {"enabled": false}}),
+    )
+    .await;
+    app.register(
+        "python-neighbour",
+        "import os\n\ndef handler(params, context):\n    return {'tmp_files': sorted(os.listdir('/tmp'))}\n",
+        json!({"cache": {"enabled": false}}),
+    )
+    .await;
+
+    // A 50 MiB stdout flood: the answer is intact, the logs cut at the cap.
+    let flooded = run(
+        &app,
+        &token,
+        "python-noisy",
+        json!({}),
+        json!({"flood": true, "secret": "s"}),
+    )
+    .await;
+    assert_eq!(flooded.status, 200, "{:?}", flooded.body);
+    let seen = &flooded.body["result"];
+    assert_eq!(seen["flooded_mb"], 50);
+    // EMFILE inside the function.
+    assert_eq!(seen["files_error"], "Too many open files", "{seen}");
+    assert!(seen["files"].as_u64().unwrap() < 5000);
+    // The runtime's own environment holds nothing of the controller's
+    // (the engine adds TERM, HOSTNAME and `container`).
+    for variable in seen["environ_of_pid1"].as_array().unwrap() {
+        let name = variable.as_str().unwrap().split('=').next().unwrap();
+        assert!(
+            ["", "PATH", "HOME", "LANG", "TMPDIR", "TERM", "HOSTNAME", "container"].contains(&name),
+            "{seen}"
+        );
+    }
+    let logs = app
+        .get(
+            Some(&token),
+            &format!(
+                "/api/v1/executions/{}/logs",
+                flooded.body["execution_id"].as_str().unwrap()
+            ),
+        )
+        .await;
+    assert_eq!(logs.body["truncated"], true, "{:?}", logs.body);
+
+    // What it left in /tmp is not another function's to see.
+    let neighbour = run(&app, &token, "python-neighbour", json!({}), json!({})).await;
+    assert_eq!(neighbour.body["result"]["tmp_files"], json!([]), "{:?}", neighbour.body);
+    stop_leaving_nothing(&host, app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_memory_bombs_in_a_row_each_answer_out_of_memory() {
+    let Some(host) = engine() else { return };
+    let app = app_on(&host, "nodejs=docker", &[]).await;
+    let token = app.admin();
+    app.register(
+        "nodejs-hoarder",
+        "exports.handler = async () => { const h = []; for (;;) h.push(Buffer.alloc(8 << 20, 1)); };",
+        json!({"cache": {"enabled": false}, "limits": {"memory_mb": 128}}),
+    )
+    .await;
+    for round in 0..5 {
+        let r = run(&app, &token, "nodejs-hoarder", json!({}), json!({})).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (500, "RUNTIME_ERROR"),
+            "round {round}: {:?}",
+            r.body
+        );
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("out of memory"), "round {round}: {message}");
+    }
+    stop_leaving_nothing(&host, app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_finishes_what_runs_and_leaves_no_container() {
+    let Some(host) = engine() else { return };
+    let app = crate::helpers::spawn_binary_with(&["--docker-host", &host, "--placement", "nodejs=docker"]);
+    app.register(
+        "nodejs-slowish",
+        "exports.handler = async (p) => { await new Promise((r) => setTimeout(r, 1500)); return {n: p.n}; };",
+        json!({"cache": {"enabled": false}}),
+    )
+    .await;
+    let token = app.admin();
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(app.session(&token, "nodejs-slowish", json!({})).await);
+    }
+    let runs = futures::future::join_all(
+        sessions
+            .iter()
+            .enumerate()
+            .map(|(n, id)| app.execute(&token, id, json!({"n": n}))),
+    );
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(app.controller_pid() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+    };
+    let (answers, ()) = tokio::join!(runs, stop);
+    for (n, r) in answers.iter().enumerate() {
+        assert_eq!(r.body["result"], json!({"n": n}), "{:?}", r.body);
+    }
+    let mut app = app;
+    let status = app
+        .wait_for_exit(Duration::from_secs(30))
+        .expect("the controller exits");
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(containers_of(&host, &app).await, Vec::<String>::new());
+}

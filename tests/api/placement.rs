@@ -9,9 +9,10 @@ use crate::helpers::{spawn_app_with, start_error};
 async fn a_placement_that_cannot_run_is_refused_at_start_up_saying_why() {
     for (flag, says) in [
         (
-            "nodejs=docker",
-            "there is no backend 'docker' (backends here: process, wasm)",
+            "nodejs=kubernetes",
+            "there is no backend 'kubernetes' (backends here: process, wasm, docker)",
         ),
+        ("wasm=docker", "the docker backend does not run wasm"),
         ("nodejs=wasm", "the wasm backend does not run nodejs"),
         (
             "python-resize=wasm",
