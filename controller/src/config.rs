@@ -210,6 +210,10 @@ pub struct ServeArgs {
     /// CPUs one container may use.
     #[arg(long, env = "DOCKER_CPUS", default_value_t = 1.0)]
     pub docker_cpus: f64,
+    /// Most containers the docker backend keeps at once (warm, idle, busy):
+    /// a start beyond waits for one to be free.
+    #[arg(long, env = "DOCKER_MAX_CONTAINERS", default_value_t = 64)]
+    pub docker_max_containers: usize,
     /// The uid (and gid) runtimes run as inside containers.
     #[arg(long, env = "DOCKER_UID", default_value_t = 65532)]
     pub docker_uid: u32,

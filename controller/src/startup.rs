@@ -499,6 +499,7 @@ fn docker_backend(
         max_processes: args.instance_max_processes,
         max_open_files: args.instance_max_open_files,
         cpus: args.docker_cpus,
+        max_containers: args.docker_max_containers,
         remote: process.remote_settings(),
         builder,
         packages,

@@ -608,3 +608,39 @@ async fn sigterm_under_load_finishes_what_runs_and_leaves_no_container() {
     assert!(status.success(), "exit status {status}");
     assert_eq!(containers_of(&host, &app).await, Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_larger_than_the_container_cap_waits_for_a_container_and_never_fails() {
+    let Some(host) = engine() else { return };
+    let app = app_on(
+        &host,
+        "nodejs=docker",
+        &["--docker-max-containers", "2", "--warm-pool-size", "0"],
+    )
+    .await;
+    app.register(
+        "nodejs-busy",
+        "exports.handler = async (p) => { await new Promise((r) => setTimeout(r, 700)); return {n: p.n}; };",
+        json!({"cache": {"enabled": false}}),
+    )
+    .await;
+    let token = app.admin();
+    let mut sessions = Vec::new();
+    for _ in 0..5 {
+        // Initialize readies an instance: with two containers at most, the
+        // later ones wait until an earlier one is idle, then reuse it.
+        sessions.push(app.session(&token, "nodejs-busy", json!({})).await);
+    }
+    let answers = futures::future::join_all(
+        sessions
+            .iter()
+            .enumerate()
+            .map(|(n, id)| app.execute(&token, id, json!({"n": n}))),
+    )
+    .await;
+    for (n, r) in answers.iter().enumerate() {
+        assert_eq!(r.body["result"], json!({"n": n}), "{:?}", r.body);
+    }
+    assert!(containers_of(&host, &app).await.len() <= 2);
+    stop_leaving_nothing(&host, app).await;
+}

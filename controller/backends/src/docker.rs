@@ -98,6 +98,8 @@ pub struct DockerConfig {
     pub max_open_files: u64,
     /// CPUs a container may use.
     pub cpus: f64,
+    /// Most containers at once (warm, idle and busy); a start beyond waits.
+    pub max_containers: usize,
     /// The result cap and where crates' artifacts are.
     pub remote: RemoteSettings,
     pub builder: Option<Arc<Builder>>,
@@ -125,6 +127,8 @@ pub struct DockerBackend {
     facts: Mutex<HashMap<Language, ImageFacts>>,
     /// A container was created: shutdown looks for what is left.
     used: AtomicBool,
+    /// One permit per container that exists (`max_containers`).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for DockerBackend {
@@ -157,11 +161,13 @@ impl DockerBackend {
     pub fn new(config: DockerConfig) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.instances_dir)?;
         std::fs::set_permissions(&config.instances_dir, std::fs::Permissions::from_mode(0o711))?;
+        let max_containers = config.max_containers.max(1);
         Ok(DockerBackend {
             config,
             client: Mutex::new(None),
             facts: Mutex::new(HashMap::new()),
             used: AtomicBool::new(false),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_containers)),
         })
     }
 
@@ -408,6 +414,18 @@ impl RuntimeBackend for DockerBackend {
             .clone();
         let docker = self.client().map_err(unavailable)?;
         let facts = self.image_facts(language).await.map_err(unavailable)?;
+        // The pool makes room (an idle container) or waits for one.
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| InstanceError::Exhausted {
+                language,
+                message: format!(
+                    "all {} containers (DOCKER_MAX_CONTAINERS) are in use",
+                    self.config.max_containers
+                ),
+            })?;
         let lease = match &self.config.uids {
             Some(pool) => Some(pool.allocate().ok_or_else(|| InstanceError::Exhausted {
                 language,
@@ -450,6 +468,7 @@ impl RuntimeBackend for DockerBackend {
             packages: self.config.packages.clone(),
             installer: self.config.installer.clone(),
             uid: lease,
+            slot: Some(slot),
         };
         // Attached before it starts, so that nothing it writes is missed.
         let attach = AttachContainerOptionsBuilder::default()
@@ -637,6 +656,8 @@ pub struct ContainerHandle {
     installer: Option<Arc<Installer>>,
     /// Its uid, free again once the container is gone.
     uid: Option<UidLease>,
+    /// Its place among `DOCKER_MAX_CONTAINERS`, free again likewise.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for ContainerHandle {
@@ -646,12 +667,12 @@ impl Drop for ContainerHandle {
         }
         let (docker, container, dir) = (self.docker.clone(), self.container.clone(), self.dir.clone());
         // The uid is free only once the container is gone.
-        let uid = self.uid.take();
+        let held = (self.uid.take(), self.slot.take());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 remove(&docker, &container).await;
                 let _ = std::fs::remove_dir_all(dir);
-                drop(uid);
+                drop(held);
             });
         }
     }
@@ -709,6 +730,7 @@ impl InstanceHandle for ContainerHandle {
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         self.uid = None;
+        self.slot = None;
     }
 
     async fn place_package(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {

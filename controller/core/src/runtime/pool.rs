@@ -24,6 +24,10 @@ use crate::function::FunctionVersion;
 use crate::language::Language;
 use crate::metrics::Metrics;
 
+/// How long a start waits for room (an instance uid, a container slot)
+/// before it fails.
+const ROOM_WAIT: Duration = Duration::from_secs(30);
+
 /// A function version, as the pool tells instances apart.
 pub type VersionKey = (String, i64);
 
@@ -165,11 +169,23 @@ impl InstancePool {
             None => {
                 let started = Instant::now();
                 let mut result = self.start(&backend, language, &shape).await;
-                // No room for another instance: the longest idle one makes room.
-                while matches!(result, Err(InstanceError::Exhausted { .. }))
-                    && let Some(mut oldest) = self.take_oldest_idle()
-                {
-                    oldest.terminate().await;
+                // No room for another instance: the longest idle one makes
+                // room; with none idle, the start waits (a while) for a busy
+                // one to come back rather than failing a burst.
+                let mut pause = Duration::from_millis(20);
+                while matches!(result, Err(InstanceError::Exhausted { .. })) && started.elapsed() < ROOM_WAIT {
+                    // One of this version's came back meanwhile: it serves.
+                    if let Some(instance) = self.take_idle(&key) {
+                        self.metrics.record_acquire(backend.name(), language, "reused");
+                        return Ok(self.lease(instance, key, StartKind::Reused));
+                    }
+                    match self.take_oldest_idle() {
+                        Some(mut oldest) => oldest.terminate().await,
+                        None => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_millis(500));
+                        }
+                    }
                     result = self.start(&backend, language, &shape).await;
                 }
                 let instance = result?;
@@ -289,6 +305,8 @@ impl InstancePool {
         }
         let state = match &result {
             Ok(_) => LanguageHealth::Ok,
+            // No room is busy, not broken.
+            Err(InstanceError::Exhausted { .. }) => return result,
             Err(e) => LanguageHealth::Error {
                 message: e.to_string(),
                 retry_at: Instant::now() + Duration::from_secs(10),
@@ -424,6 +442,8 @@ impl InstancePool {
                         let mut warm = self.warm.lock().unwrap();
                         warm.entry(key).or_default().push(instance);
                     }
+                    // At its cap the backend keeps no more warm ones.
+                    Err(InstanceError::Exhausted { .. }) => break,
                     Err(e) => {
                         tracing::warn!(%language, backend = key.0, error = %e, "could not start a warm instance");
                         break;
