@@ -644,3 +644,11 @@ async fn a_burst_larger_than_the_container_cap_waits_for_a_container_and_never_f
     assert!(containers_of(&host, &app).await.len() <= 2);
     stop_leaving_nothing(&host, app).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_reaches_what_its_manifest_lists_and_nothing_else() {
+    let Some(host) = engine() else { return };
+    let app = app_on(&host, "python=docker", &[]).await;
+    crate::egress::reaches_only_what_it_lists(&app).await;
+    stop_leaving_nothing(&host, app).await;
+}

@@ -72,8 +72,13 @@ fn port_of(app: &TestApp) -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_function_reaches_what_its_manifest_lists_and_nothing_else() {
-    // Arrange: the same probe with a narrow list, with `*`, and with none.
-    let app = spawn_app().await;
+    reaches_only_what_it_lists(&spawn_app().await).await;
+}
+
+/// The same probe with a narrow list, with `*`, and with none, on whatever
+/// backend `app` places Python on (containers.rs: the docker backend).
+pub(crate) async fn reaches_only_what_it_lists(app: &TestApp) {
+    // Arrange
     let listed = "python-egress-listed";
     let anywhere = "python-egress-anywhere";
     let nowhere = "python-egress-none";
@@ -88,10 +93,10 @@ async fn a_function_reaches_what_its_manifest_lists_and_nothing_else() {
         .find(|a| a.is_ipv4())
         .unwrap()
         .ip();
-    let controller = format!("127.0.0.1:{}", port_of(&app));
+    let controller = format!("127.0.0.1:{}", port_of(app));
     let host_services = [controller.as_str(), "127.0.0.1:6379", "127.0.0.1:5432"];
     // slirp's gateway is the host; 169.254.169.254 is a cloud's metadata.
-    let gateway = format!("10.0.2.2:{}", port_of(&app));
+    let gateway = format!("10.0.2.2:{}", port_of(app));
     let other_port = format!("{pypi}:80");
     let mut targets = vec![
         "pypi.org:443",
@@ -103,9 +108,9 @@ async fn a_function_reaches_what_its_manifest_lists_and_nothing_else() {
     targets.extend(host_services);
 
     // Act
-    let narrow = probe(&app, listed, json!({"targets": targets, "unwall": true})).await;
-    let open = probe(&app, anywhere, json!({"targets": targets})).await;
-    let closed = probe(&app, nowhere, json!({"targets": [format!("{pypi}:443")]})).await;
+    let narrow = probe(app, listed, json!({"targets": targets, "unwall": true})).await;
+    let open = probe(app, anywhere, json!({"targets": targets})).await;
+    let closed = probe(app, nowhere, json!({"targets": [format!("{pypi}:443")]})).await;
 
     // Assert: the listed destination only; the function could not drop its
     // rules; another port of the same address, open to `*`, stays closed.

@@ -7,7 +7,11 @@
 //! it. The runtime server and protocol are the process backend's
 //! ([`fnrt_core::runtime::remote`]); what differs is the walls, which the
 //! container engine builds:
-//! - no network at all (`network_mode: none`);
+//! - no network at all (`network_mode: none`), or, for a function with
+//!   `network.egress`, the process backend's: slirp4netns gives the
+//!   container's namespace the internet (never the host's loopback) and an
+//!   nftables ruleset narrows it to the list ([`crate::egress`]), both in
+//!   place before `/init` loads the function, with its own `/etc/hosts`;
 //! - a read-only root; size-capped tmpfs mounts at `/tmp` and at the
 //!   function's home (`/home/function`, its cwd), and `/dev/shm` of the
 //!   same size;
@@ -71,6 +75,8 @@ const LABEL_HOST_MOUNTS: &str = "io.fnrt.host-mounts";
 const SOCKET_DIR: &str = "/run/runtime";
 const HOME: &str = "/home/function";
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// A container with egress looks names up in its own `/etc/hosts` first.
+const NSSWITCH: &str = "passwd: files\ngroup: files\nhosts: files dns\n";
 /// Bytes of stderr kept for crash reports.
 const TAIL_BYTES: usize = 4096;
 /// How long an engine call may take before the backend gives up on it.
@@ -129,6 +135,8 @@ pub struct DockerBackend {
     used: AtomicBool,
     /// One permit per container that exists (`max_containers`).
     slots: Arc<tokio::sync::Semaphore>,
+    /// slirp4netns and nft, for functions with `network.egress`.
+    egress_tools: Result<(PathBuf, PathBuf), String>,
 }
 
 impl std::fmt::Debug for DockerBackend {
@@ -168,6 +176,10 @@ impl DockerBackend {
             facts: Mutex::new(HashMap::new()),
             used: AtomicBool::new(false),
             slots: Arc::new(tokio::sync::Semaphore::new(max_containers)),
+            egress_tools: match (crate::netns::find_slirp(), crate::egress::find_nft()) {
+                (Some(slirp), Some(nft)) => Ok((slirp, nft)),
+                _ => Err("slirp4netns and nftables are not installed (apt-get install slirp4netns nftables)".into()),
+            },
         })
     }
 
@@ -399,13 +411,20 @@ impl RuntimeBackend for DockerBackend {
 
     async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError> {
         let unavailable = |message: String| InstanceError::Unavailable { language, message };
-        if !shape.network.is_empty() {
-            return Err(unavailable(
-                "this function's manifest allows egress ('network.egress'), which the docker backend does not \
-                 give yet: place it on the process backend"
-                    .into(),
-            ));
-        }
+        // A function with egress: its names resolved now, its rules ready.
+        let egress = match (&self.egress_tools, shape.network.is_empty()) {
+            (_, true) => None,
+            (Ok((slirp, nft)), false) => Some((
+                slirp.clone(),
+                nft.clone(),
+                crate::egress::Plan::resolve(&shape.network).await,
+            )),
+            (Err(e), false) => {
+                return Err(unavailable(format!(
+                    "this function's manifest allows egress ('network.egress'), but {e}"
+                )));
+            }
+        };
         let image = self
             .config
             .images
@@ -444,7 +463,35 @@ impl RuntimeBackend for DockerBackend {
             "fnrt-{}-{id}",
             &self.config.controller_id[..8.min(self.config.controller_id.len())]
         );
-        let spec = self.spec(&facts, language, &dir, shape.memory_mb, uid);
+        let mut spec = self.spec(&facts, language, &dir, shape.memory_mb, uid);
+        if let Some((_, _, plan)) = &egress {
+            // Its own names and slirp's resolver, read-only, beside (not in)
+            // the directory it may write.
+            let etc = self.config.instances_dir.join(format!("{id}.etc"));
+            let written = std::fs::create_dir(&etc)
+                .and_then(|()| std::fs::write(etc.join("hosts"), &plan.hosts))
+                .and_then(|()| std::fs::write(etc.join("resolv.conf"), &plan.resolv))
+                // Names from that file first: without an nsswitch.conf glibc
+                // asks DNS first, which only `*` may reach.
+                .and_then(|()| std::fs::write(etc.join("nsswitch.conf"), NSSWITCH))
+                .and_then(|()| {
+                    // Readable by the container's uid, whatever the umask.
+                    for file in ["hosts", "resolv.conf", "nsswitch.conf"] {
+                        std::fs::set_permissions(etc.join(file), std::fs::Permissions::from_mode(0o644))?;
+                    }
+                    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o755))
+                });
+            if let Err(e) = written {
+                let _ = std::fs::remove_dir_all(&etc);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(unavailable(format!("writing the container's /etc/hosts: {e}")));
+            }
+            if let Some(binds) = spec.host_config.as_mut().and_then(|h| h.binds.as_mut()) {
+                binds.push(format!("{}:/etc/hosts:ro", etc.join("hosts").display()));
+                binds.push(format!("{}:/etc/resolv.conf:ro", etc.join("resolv.conf").display()));
+                binds.push(format!("{}:/etc/nsswitch.conf:ro", etc.join("nsswitch.conf").display()));
+            }
+        }
         self.used.store(true, Ordering::SeqCst);
         let created = docker
             .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), spec)
@@ -469,6 +516,7 @@ impl RuntimeBackend for DockerBackend {
             installer: self.config.installer.clone(),
             uid: lease,
             slot: Some(slot),
+            network: None,
         };
         // Attached before it starts, so that nothing it writes is missed.
         let attach = AttachContainerOptionsBuilder::default()
@@ -490,6 +538,28 @@ impl RuntimeBackend for DockerBackend {
             return Err(unavailable(format!("starting a container from {image}: {e}")));
         }
         watch_oom(&container, handle.oom.clone());
+        if let Some((slirp, nft, plan)) = egress {
+            let pid = docker
+                .inspect_container(&container, None)
+                .await
+                .ok()
+                .and_then(|c| c.state)
+                .and_then(|s| s.pid)
+                .filter(|p| *p > 0);
+            let network = match pid {
+                Some(pid) => crate::netns::attach(&slirp, pid as u32, Some((nft, plan.ruleset)))
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err("the container's process is gone".into()),
+            };
+            match network {
+                Ok(guard) => handle.network = Some(guard),
+                Err(e) => {
+                    handle.terminate().await;
+                    return Err(unavailable(format!("starting the container's network: {e}")));
+                }
+            }
+        }
         let instance = RemoteInstance::connect(
             Box::new(handle),
             Endpoint::Unix(dir.join("rt.sock")),
@@ -513,6 +583,13 @@ impl RuntimeBackend for DockerBackend {
             Err(e) => tracing::warn!(error = %e, "removing this controller's containers at shutdown"),
         }
     }
+}
+
+/// Where a container's own `/etc/hosts` and `resolv.conf` are (egress).
+fn etc_of(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".etc");
+    dir.with_file_name(name)
 }
 
 /// Where engines put a container's memory cgroup (v1, cgroupfs or systemd).
@@ -658,6 +735,8 @@ pub struct ContainerHandle {
     uid: Option<UidLease>,
     /// Its place among `DOCKER_MAX_CONTAINERS`, free again likewise.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The user-mode network of a function with egress; stops with it.
+    network: Option<crate::netns::SlirpGuard>,
 }
 
 impl Drop for ContainerHandle {
@@ -666,12 +745,14 @@ impl Drop for ContainerHandle {
             return;
         }
         let (docker, container, dir) = (self.docker.clone(), self.container.clone(), self.dir.clone());
+        let etc = etc_of(&dir);
         // The uid is free only once the container is gone.
         let held = (self.uid.take(), self.slot.take());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 remove(&docker, &container).await;
                 let _ = std::fs::remove_dir_all(dir);
+                let _ = std::fs::remove_dir_all(etc);
                 drop(held);
             });
         }
@@ -728,7 +809,12 @@ impl InstanceHandle for ContainerHandle {
         self.terminated = true;
         remove(&self.docker, &self.container).await;
         let dir = self.dir.clone();
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(etc_of(&dir));
+            std::fs::remove_dir_all(dir)
+        })
+        .await;
+        self.network = None;
         self.uid = None;
         self.slot = None;
     }

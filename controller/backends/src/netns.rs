@@ -166,62 +166,76 @@ impl PrivateNetwork {
         while !loopback_up(pid) && started.elapsed() < std::time::Duration::from_secs(2) {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        let (ready, ready_child) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        let (exit_child, exit) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        let mut cmd = tokio::process::Command::new(&slirp);
-        cmd.args([
-            "--configure".to_owned(),
-            "--mtu=65520".to_owned(),
-            "--disable-host-loopback".to_owned(),
-            "--enable-sandbox".to_owned(),
-            "--enable-seccomp".to_owned(),
-            format!("--ready-fd={}", ready_child.as_raw_fd()),
-            format!("--exit-fd={}", exit_child.as_raw_fd()),
-            pid.to_string(),
-            "tap0".to_owned(),
-        ])
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-        let inherited = [ready_child.as_raw_fd(), exit_child.as_raw_fd()];
-        inherit(&mut cmd, inherited.to_vec());
-        let mut child = cmd.spawn()?;
-        drop((ready_child, exit_child));
-        let up = tokio::task::spawn_blocking(move || {
-            let mut byte = [0u8; 1];
-            std::fs::File::from(ready).read(&mut byte)
-        })
-        .await
-        .map_err(std::io::Error::other)?;
-        if !matches!(up, Ok(1)) {
-            let _ = child.start_kill();
-            let mut stderr = String::new();
-            if let Some(mut err) = child.stderr.take() {
-                use tokio::io::AsyncReadExt;
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), err.read_to_string(&mut stderr)).await;
+        match attach(&slirp, pid, rules).await {
+            Ok(guard) => {
+                std::fs::File::from(block).write_all(b"1")?;
+                Ok(guard)
             }
-            kill_sandbox(pid);
-            return Err(std::io::Error::other(format!(
-                "slirp4netns did not start: {}",
-                stderr.trim()
-            )));
+            Err(e) => {
+                // Before bubblewrap sees the block pipe close, which would
+                // let the command run without its network or its rules.
+                kill_sandbox(pid);
+                Err(e)
+            }
         }
-        if let Some((nft, ruleset)) = rules
-            && let Err(e) = crate::egress::load(&nft, pid, &ruleset).await
-        {
-            // Before bubblewrap sees the block pipe close, which would let
-            // the command run without its rules.
-            kill_sandbox(pid);
-            return Err(std::io::Error::other(format!("loading the egress rules: {e}")));
-        }
-        std::fs::File::from(block).write_all(b"1")?;
-        Ok(SlirpGuard {
-            _child: child,
-            _exit: exit,
-        })
     }
+}
+
+/// Gives the network namespace of `pid` the internet through slirp4netns
+/// (never the host's loopback), then loads `rules` into it: for a
+/// bubblewrap sandbox ([`PrivateNetwork::start`]) and for a container
+/// (`crate::docker`), before the code it is for runs.
+pub async fn attach(slirp: &Path, pid: u32, rules: Option<(PathBuf, String)>) -> std::io::Result<SlirpGuard> {
+    let (ready, ready_child) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let (exit_child, exit) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let mut cmd = tokio::process::Command::new(slirp);
+    cmd.args([
+        "--configure".to_owned(),
+        "--mtu=65520".to_owned(),
+        "--disable-host-loopback".to_owned(),
+        "--enable-sandbox".to_owned(),
+        "--enable-seccomp".to_owned(),
+        format!("--ready-fd={}", ready_child.as_raw_fd()),
+        format!("--exit-fd={}", exit_child.as_raw_fd()),
+        pid.to_string(),
+        "tap0".to_owned(),
+    ])
+    .env_clear()
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .kill_on_drop(true);
+    let inherited = [ready_child.as_raw_fd(), exit_child.as_raw_fd()];
+    inherit(&mut cmd, inherited.to_vec());
+    let mut child = cmd.spawn()?;
+    drop((ready_child, exit_child));
+    let up = tokio::task::spawn_blocking(move || {
+        let mut byte = [0u8; 1];
+        std::fs::File::from(ready).read(&mut byte)
+    })
+    .await
+    .map_err(std::io::Error::other)?;
+    if !matches!(up, Ok(1)) {
+        let _ = child.start_kill();
+        let mut stderr = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            use tokio::io::AsyncReadExt;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), err.read_to_string(&mut stderr)).await;
+        }
+        return Err(std::io::Error::other(format!(
+            "slirp4netns did not start: {}",
+            stderr.trim()
+        )));
+    }
+    if let Some((nft, ruleset)) = rules
+        && let Err(e) = crate::egress::load(&nft, pid, &ruleset).await
+    {
+        return Err(std::io::Error::other(format!("loading the egress rules: {e}")));
+    }
+    Ok(SlirpGuard {
+        _child: child,
+        _exit: exit,
+    })
 }
 
 /// Kills the sandbox's init (bubblewrap then ends), so that the command
