@@ -652,3 +652,60 @@ async fn a_container_reaches_what_its_manifest_lists_and_nothing_else() {
     crate::egress::reaches_only_what_it_lists(&app).await;
     stop_leaving_nothing(&host, app).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_image_stops_the_start_naming_it_and_how_to_build_it() {
+    let Some(host) = engine() else { return };
+    let says = crate::helpers::start_error(&[
+        "--docker-host",
+        &host,
+        "--placement",
+        "python=docker",
+        "--docker-image",
+        "fnrt-nothing-{language}:0",
+    ])
+    .await;
+    assert!(says.contains("fnrt-nothing-python:0"), "{says}");
+    assert!(says.contains("runtimes/images.sh"), "{says}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endless_loop_is_stopped_at_its_deadline_and_a_new_version_starts_clean() {
+    let Some(host) = engine() else { return };
+    let app = app_on(&host, "nodejs=docker", &[]).await;
+    let token = app.admin();
+    let v1 = r#"const fs = require("fs");
+exports.handler = async (p) => {
+  if (p.spin) for (;;) {}
+  const seen = fs.readdirSync("/tmp");
+  fs.writeFileSync("/tmp/v1-was-here", "secret");
+  return { seen };
+};"#;
+    app.register("nodejs-spinner", v1, json!({"cache": {"enabled": false}}))
+        .await;
+    let r = run(
+        &app,
+        &token,
+        "nodejs-spinner",
+        json!({"timeout_ms": 1000}),
+        json!({"spin": true}),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (504, "TIMEOUT"), "{:?}", r.body);
+    // The killed container is replaced; version 1 leaves a file behind.
+    let first = run(&app, &token, "nodejs-spinner", json!({}), json!({})).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    // Version 2 runs in containers of its own: nothing of version 1's.
+    let v2 = v1.replace("v1-was-here", "v2-was-here");
+    let updated = crate::functions::put_function(
+        &app,
+        &token,
+        "nodejs-spinner",
+        json!({"description": "v2", "code": v2, "cache": {"enabled": false}}),
+    )
+    .await;
+    assert_eq!(updated.status, 200, "{:?}", updated.body);
+    let second = run(&app, &token, "nodejs-spinner", json!({}), json!({})).await;
+    assert_eq!(second.body["result"]["seen"], json!([]), "{:?}", second.body);
+    stop_leaving_nothing(&host, app).await;
+}
