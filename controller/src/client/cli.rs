@@ -369,7 +369,14 @@ async fn deploy(api: &Api, dir: &std::path::Path, name: Option<&str>, as_json: b
     // build: a spinner meanwhile, on a terminal.
     let spinner = (!as_json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_message(format!("deploying {lt} (a Rust crate builds first)"));
+        // The registration answers once a crate is built or a package's
+        // dependencies installed: the time so far is the progress there is.
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+            bar.set_style(style);
+        }
+        bar.set_message(format!(
+            "deploying {lt} (a Rust crate builds, a package's dependencies install first)"
+        ));
         bar.enable_steady_tick(Duration::from_millis(120));
         bar
     });
