@@ -16,7 +16,8 @@
 //!   function's home (`/home/function`, its cwd), and `/dev/shm` of the
 //!   same size;
 //! - memory (no swap), CPU and pids limits, open-file limits;
-//! - every capability dropped, `no-new-privileges`, a non-root uid;
+//! - every capability dropped, `no-new-privileges`, a non-root uid of its
+//!   own (as root, from the instance uid range: [`crate::uids`]);
 //! - an environment of `PATH`, `HOME`, `LANG` and `TMPDIR` (the function's
 //!   own variables arrive with `/init`);
 //! - no host path but its socket directory (with a package's files, placed
@@ -25,14 +26,17 @@
 //!
 //! Every container carries the labels `io.fnrt.managed` and
 //! `io.fnrt.controller` (this controller's data dir, hashed): leftovers of
-//! an earlier run are removed at start-up. A container that ends (killed,
-//! out of memory) answers its run with a crash (the engine's `OOMKilled`
-//! says out of memory) and is replaced by the pool.
+//! an earlier run are removed at start-up, and what is left at shutdown.
+//! A container that ends (killed, out of memory) answers its run with a
+//! crash (out of memory says so: the engine's `OOMKilled`, or the memory
+//! cgroup's own count where the engine does not report it, `watch_oom`)
+//! and is replaced by the pool. At most `DOCKER_MAX_CONTAINERS` exist.
 //!
 //! # Layout
 //!
 //! - [`DockerBackend`]: the images per language, the container spec, start,
-//!   removal of leftovers, the engine's health.
+//!   removal of leftovers, the engine's health, the container cap.
+//! - `watch_oom`: out-of-memory kills on cgroup v1.
 //! - [`ContainerHandle`]: one container: its output (to the run's logs and a
 //!   tail for crash reports), how it ended, its removal.
 
