@@ -218,6 +218,7 @@ def handler(params, context):
         "environ": sorted(os.environ),
         "caps": status("CapEff"),
         "no_new_privs": status("NoNewPrivs"),
+        "seccomp": status("Seccomp"),
         "pid1": open("/proc/1/cmdline").read().split("\0")[0],
     }
 "#;
@@ -270,6 +271,8 @@ async fn a_function_in_a_container_finds_every_wall_in_place() {
     );
     assert_eq!(seen["caps"], "0000000000000000", "{seen}");
     assert_eq!(seen["no_new_privs"], "1", "{seen}");
+    // The engine's default system-call filter.
+    assert_eq!(seen["seccomp"], "2", "{seen}");
     assert!(seen["pid1"].as_str().unwrap().contains("python"), "{seen}");
     stop_leaving_nothing(&host, app).await;
 }
