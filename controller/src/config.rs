@@ -224,6 +224,13 @@ pub struct ServeArgs {
     /// How long function logs are kept, in hours.
     #[arg(long, env = "LOG_RETENTION_HOURS", default_value_t = 168)]
     pub log_retention_hours: u64,
+    /// Largest uploaded file (`POST /api/v1/files`), in MiB; a file
+    /// upload may be that large whatever `MAX_BODY_BYTES` says.
+    #[arg(long, env = "MAX_FILE_MB", default_value_t = 64)]
+    pub max_file_mb: u64,
+    /// How long an uploaded file is kept, in hours (at least 1).
+    #[arg(long, env = "FILE_RETENTION_HOURS", default_value_t = 24)]
+    pub file_retention_hours: u64,
     /// Largest result a function may return, in bytes of JSON.
     #[arg(long, env = "MAX_RESULT_BYTES", default_value_t = 1024 * 1024)]
     pub max_result_bytes: usize,
@@ -301,6 +308,20 @@ impl ServeArgs {
             .unwrap_or(usize::MAX)
             .max(self.max_body_bytes)
     }
+
+    /// Largest uploaded file, in bytes.
+    pub fn max_file_bytes(&self) -> u64 {
+        self.max_file_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// Largest body of a file upload: the file, with room for a
+    /// multipart envelope (as much as any other body may be).
+    pub fn max_upload_bytes(&self) -> usize {
+        usize::try_from(self.max_file_bytes())
+            .unwrap_or(usize::MAX)
+            .saturating_add(self.max_body_bytes)
+    }
+
     /// Settings from `flags` alone (`["--listen", "127.0.0.1:0", ...]`, no
     /// program name), as `controller serve` parses them but without reading
     /// any environment variable: what a program that embeds the application

@@ -256,6 +256,22 @@ impl From<crate::registry::RegistryError> for ApiError {
     }
 }
 
+impl From<crate::files::FileError> for ApiError {
+    fn from(e: crate::files::FileError) -> Self {
+        use crate::files::FileError;
+        match e {
+            FileError::TooLarge { .. } => ApiError::ContentTooLarge(e.to_string()),
+            FileError::Body(message) => ApiError::InvalidRequest(format!("could not read the upload: {message}")),
+            FileError::NotFound => ApiError::NotFound("no such file".into()),
+            FileError::Store(e) if e.is_unavailable() => {
+                ApiError::Unavailable("the database is unavailable; retry shortly".into())
+            }
+            FileError::Store(e) => ApiError::Internal(e.into()),
+            FileError::Io(e) => ApiError::Internal(anyhow::Error::new(e).context("the file store")),
+        }
+    }
+}
+
 impl ApiError {
     pub fn build_failed(failure: fnrt_core::artifact::BuildFailure) -> Self {
         ApiError::BuildFailed {

@@ -12,7 +12,7 @@
 //! - [`client`]: `fnrt`, the client CLI (the package's second binary).
 //! - [`startup`]: [`startup::Application`] builds everything and serves.
 //! - [`http`]: one module per resource (`initialize`, `execute`, `sessions`, `executions`, `ws`,
-//!   `functions`, `logs`, `health`), the guard (token, rate limit) and extractors.
+//!   `functions`, `logs`, `files`, `health`), the guard (token, rate limit) and extractors.
 //! - [`invoke`]: the invocation core: one call runs one function version
 //!   (schema, cache, instance, the deadline, records, metrics); no HTTP in it.
 //! - [`engine`]: the session layer over the core: initialize, execute, close;
@@ -21,9 +21,12 @@
 //!   queue's workers (leases, retries, cancellation).
 //! - [`registry`]: functions and versions, in memory over the [`store`];
 //!   the manifest format.
-//! - [`store`]: the `FunctionStore`, `ExecutionStore`, `ExecutionQueue` and `StoreHealth` traits,
-//!   their SQLite and PostgreSQL implementations.
+//! - [`store`]: the `FunctionStore`, `ExecutionStore`, `ExecutionQueue`,
+//!   `LogStore`, `FileRecords` and `StoreHealth` traits, their SQLite and
+//!   PostgreSQL implementations.
 //! - [`records`]: durable execution records, batched off the request path.
+//! - [`files`]: uploaded files: the `FileStore` trait (the bytes, by sha256),
+//!   its local-directory implementation, uploads, reads and the expiry sweep.
 //! - [`logs`]: function logs as users read them (per execution, per
 //!   function live), the recent ones and the retention sweep.
 //! - [`sessions`]: the `SessionStore` trait and its in-memory implementation.
@@ -52,6 +55,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod executions;
+pub mod files;
 pub mod http;
 pub mod logs;
 pub mod ratelimit;

@@ -50,6 +50,8 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Sweeps between two deletions of logs past their retention (5 minutes).
 const LOG_SWEEP_TICKS: u64 = 60;
+/// Sweeps between two deletions of expired files (a minute).
+const FILE_SWEEP_TICKS: u64 = 12;
 
 pub struct Application {
     listener: TcpListener,
@@ -92,14 +94,23 @@ fn prepare_data_dir(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf>
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
     for entry in std::fs::read_dir(&dir)? {
         let entry = entry?;
-        let meta = entry.metadata()?;
+        // An entry may go between the listing and this look: the `-wal` and
+        // `-shm` files of an earlier controller's SQLite, closing on its own
+        // thread as this one starts on the same dir.
+        let meta = match entry.metadata() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            meta => meta?,
+        };
         // instances/ and bin/ are set up by the process backend itself.
         if meta.is_symlink() || matches!(entry.file_name().to_str(), Some("instances" | "bin")) {
             continue;
         }
         let private = if meta.is_dir() { 0o700 } else { 0o600 };
         if meta.permissions().mode() & 0o7777 != private {
-            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(private))?;
+            match std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(private)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                done => done?,
+            }
         }
     }
     Ok(dir)
@@ -255,6 +266,14 @@ impl Application {
             limit_bytes: args.log_limit_bytes,
             retention: Duration::from_secs(args.log_retention_hours.max(1) * 3600),
         });
+        let file_store = crate::files::local::LocalFileStore::open(&data_dir.join("files"))
+            .with_context(|| format!("opening the file store in {}", data_dir.join("files").display()))?;
+        let files = Arc::new(crate::files::Files::new(
+            Arc::new(file_store),
+            stores.files.clone(),
+            args.max_file_bytes(),
+            Duration::from_secs(args.file_retention_hours.max(1) * 3600),
+        ));
         let (records, write_records) = ExecutionLog::new(stores.executions.clone(), logs.recent.clone());
         let registry = Arc::new(
             Registry::load(stores.functions.clone(), Some(backends.clone()))
@@ -343,10 +362,12 @@ impl Application {
             let engine = engine.clone();
             let limiter = local_limiter.clone();
             let logs = logs.clone();
+            let files = files.clone();
             let stop = stop.clone();
             async move {
                 let mut tick = tokio::time::interval(SWEEP_EVERY);
-                // Old function logs are deleted at start-up, then every few minutes.
+                // Old function logs and expired files are deleted at
+                // start-up, then every few minutes (files: every minute).
                 let mut ticks: u64 = 0;
                 loop {
                     tokio::select! {
@@ -357,6 +378,9 @@ impl Application {
                     limiter.shrink();
                     if ticks.is_multiple_of(LOG_SWEEP_TICKS) {
                         logs.sweep().await;
+                    }
+                    if ticks.is_multiple_of(FILE_SWEEP_TICKS) {
+                        files.sweep().await;
                     }
                     ticks += 1;
                     // Other replicas may have changed functions in a shared store.
@@ -401,12 +425,14 @@ impl Application {
             installer: installer.clone(),
             logs,
             docker,
+            files,
         };
         let router = http::router(
             state,
             &HttpSettings {
                 max_body_bytes: args.max_body_bytes,
                 max_registration_bytes: args.max_registration_bytes(),
+                max_upload_bytes: args.max_upload_bytes(),
                 cors_allowed_origins: args.cors_allowed_origins.clone(),
             },
         );

@@ -26,6 +26,7 @@ mod egress;
 mod execute;
 mod executions;
 mod faults;
+mod files;
 mod first_run;
 mod functions;
 mod initialize;

@@ -3,9 +3,9 @@
 //!
 //! Order of the middleware, outermost first: request ID (set, then
 //! propagated to the response), trace (one log line per request), CORS,
-//! compression (gzip, br; bodies over 1 KiB), JSON errors for anything
-//! answered before a handler (413 from the length check, unknown route,
-//! wrong method), body limit, metrics (by matched
+//! compression (gzip, br; bodies over 1 KiB, never a file download), JSON
+//! errors for anything answered before a handler (413 from the length
+//! check, unknown route, wrong method), body limit, metrics (by matched
 //! route). The `/api/v1` resource
 //! routes also pass the guard: token check, then the rate limit. What no
 //! middleware sees, hyper's answer to a request it cannot parse, gets its
@@ -15,6 +15,7 @@ pub mod conn;
 mod execute;
 mod executions;
 pub mod extract;
+mod files;
 mod functions;
 mod guard;
 mod health;
@@ -67,6 +68,8 @@ pub struct AppState {
     pub logs: Arc<crate::logs::Logs>,
     /// The docker backend, when functions are placed on it (`/health`).
     pub docker: Option<Arc<fnrt_backends::docker::DockerBackend>>,
+    /// Uploaded files.
+    pub files: Arc<crate::files::Files>,
 }
 
 /// HTTP settings that are not state.
@@ -76,6 +79,10 @@ pub struct HttpSettings {
     /// Largest body of a registration (`POST /api/v1/functions`, `PUT
     /// /api/v1/functions/{language_title}`), which may carry a package.
     pub max_registration_bytes: usize,
+    /// Largest body of a file upload (`POST /api/v1/files`): the file
+    /// (`MAX_FILE_MB`, counted exactly as it streams) with room for a
+    /// multipart envelope.
+    pub max_upload_bytes: usize,
     /// `*` means any origin.
     pub cors_allowed_origins: Vec<String>,
 }
@@ -89,6 +96,7 @@ pub struct HttpSettings {
         (name = "functions", description = "the function registry"),
         (name = "executions", description = "asynchronous executions: submit, status, cancel, retry"),
         (name = "logs", description = "what functions write to stdout and stderr, per execution and per function"),
+        (name = "files", description = "uploaded files, passed to functions by reference"),
         (name = "operations", description = "health, metrics, this document"),
     )
 )]
@@ -205,6 +213,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(functions::router())
         .merge(executions::router())
         .merge(logs::router())
+        .merge(files::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), guard::guard));
     let (api, mut doc) = guarded.merge(health::router()).split_for_parts();
     let (_, openapi_paths) = OpenApiRouter::<Arc<String>>::new()
@@ -225,18 +234,30 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .layer(middleware::from_fn_with_state(state, record_metrics))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(
-            (settings.max_body_bytes, settings.max_registration_bytes),
+            BodyLimits {
+                body: settings.max_body_bytes,
+                registration: settings.max_registration_bytes,
+                upload: settings.max_upload_bytes,
+            },
             body_limit,
         ))
         // Outside the body limit, so its early 413 gets the JSON body too.
         .layer(middleware::from_fn(json_errors))
         // gzip or br, as the client accepts, for bodies over 1 KiB (error
-        // bodies too: this is outside the layer that writes them).
+        // bodies too: this is outside the layer that writes them). File
+        // downloads go as stored: their ETag and length name those bytes.
         .layer(
             tower_http::compression::CompressionLayer::new()
                 .gzip(true)
                 .br(true)
-                .compress_when(DefaultPredicate::new().and(SizeAbove::new(1024))),
+                .compress_when(DefaultPredicate::new().and(SizeAbove::new(1024)).and(
+                    |_: StatusCode,
+                     _: axum::http::Version,
+                     headers: &axum::http::HeaderMap,
+                     _: &axum::http::Extensions| {
+                        !headers.contains_key(header::CONTENT_DISPOSITION)
+                    },
+                )),
         )
         .layer(cors(settings))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -272,23 +293,42 @@ fn cors(settings: &HttpSettings) -> CorsLayer {
             HeaderName::from_static("language-title"),
             HeaderName::from_static("x-request-id"),
             HeaderName::from_static("x-cache-control"),
+            header::IF_NONE_MATCH,
         ])
         .expose_headers([
             HeaderName::from_static("x-request-id"),
             HeaderName::from_static(crate::error::EXECUTION_ID_HEADER),
             header::RETRY_AFTER,
+            header::CONTENT_DISPOSITION,
+            header::ETAG,
+            header::LOCATION,
         ])
         .max_age(Duration::from_secs(86_400))
 }
 
+/// The body limits of [`body_limit`], in bytes.
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    body: usize,
+    registration: usize,
+    upload: usize,
+}
+
 /// Limits the body's size: `MAX_BODY_BYTES`, or for a registration the
-/// larger limit a package needs. A declared length over it is refused at
+/// larger limit a package needs, or for a file upload `MAX_FILE_MB` and
+/// room for its envelope. A declared length over it is refused at
 /// once (before the body is read); a body that grows past it fails its
 /// extractor with 413.
-async fn body_limit(State((body, registration)): State<(usize, usize)>, mut req: Request, next: Next) -> Response {
-    let registers = (req.method() == Method::POST && req.uri().path() == "/api/v1/functions")
-        || (req.method() == Method::PUT && req.uri().path().starts_with("/api/v1/functions/"));
-    let limit = if registers { registration } else { body };
+async fn body_limit(State(limits): State<BodyLimits>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let registers = (req.method() == Method::POST && path == "/api/v1/functions")
+        || (req.method() == Method::PUT && path.starts_with("/api/v1/functions/"));
+    let uploads = req.method() == Method::POST && path == "/api/v1/files";
+    let limit = match (registers, uploads) {
+        (true, _) => limits.registration,
+        (_, true) => limits.upload,
+        _ => limits.body,
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -4,7 +4,8 @@
 //! [`FunctionStore`] (functions and versions, for the
 //! [`crate::registry::Registry`]), [`ExecutionStore`] (execution records, for
 //! [`crate::records::ExecutionLog`]), [`ExecutionQueue`] (asynchronous
-//! executions, for [`crate::executions`]) and [`StoreHealth`] (`/health`). One
+//! executions, for [`crate::executions`]), [`LogStore`] (function logs),
+//! [`FileRecords`] (uploaded files, for [`crate::files`]) and [`StoreHealth`] (`/health`). One
 //! database implements them all: SQLite ([`sqlite::SqliteStore`]) is the
 //! embedded default, PostgreSQL ([`postgres::PostgresStore`]) is chosen when
 //! `DATABASE_URL` is set. [`Stores`] hands one open database to each caller
@@ -364,6 +365,41 @@ pub trait ExecutionQueue: Send + Sync {
     async fn rotate_signing_secret(&self, subject: &str, secret: &str, now_ms: i64) -> Result<(), StoreError>;
 }
 
+/// One uploaded file (a `files` row); its bytes are the blob its `sha256`
+/// names in the [`crate::files::FileStore`]. Times are Unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredFile {
+    /// The `file_id`, a UUID.
+    pub id: String,
+    /// The subject that uploaded it: the only one who reads it.
+    pub owner: String,
+    pub name: String,
+    pub size: i64,
+    pub content_type: String,
+    /// Hex.
+    pub sha256: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// The records of uploaded files ([`crate::files::Files`]). Several records
+/// may name one blob: the blob goes when [`FileRecords::blob_refs`] says
+/// no record names it any more.
+#[async_trait]
+pub trait FileRecords: Send + Sync {
+    async fn insert_file(&self, file: &StoredFile) -> Result<(), StoreError>;
+    /// A file by its id, expired or not.
+    async fn file(&self, id: &str) -> Result<Option<StoredFile>, StoreError>;
+    /// Deletes `owner`'s file `id`; the record deleted (`None`: no such
+    /// file of theirs).
+    async fn delete_file(&self, id: &str, owner: &str) -> Result<Option<StoredFile>, StoreError>;
+    /// How many records name the blob `sha256`.
+    async fn blob_refs(&self, sha256: &str) -> Result<i64, StoreError>;
+    /// Deletes up to `limit` files that expired at or before `now_ms`; the
+    /// records deleted.
+    async fn purge_files(&self, now_ms: i64, limit: i64) -> Result<Vec<StoredFile>, StoreError>;
+}
+
 /// What `/health` asks of the database behind every store.
 #[async_trait]
 pub trait StoreHealth: Send + Sync {
@@ -380,6 +416,7 @@ pub struct Stores {
     pub executions: Arc<dyn ExecutionStore>,
     pub queue: Arc<dyn ExecutionQueue>,
     pub logs: Arc<dyn LogStore>,
+    pub files: Arc<dyn FileRecords>,
     pub health: Arc<dyn StoreHealth>,
 }
 
@@ -395,7 +432,7 @@ impl Stores {
     /// Every store of one database that implements them all.
     pub fn of<S>(store: S) -> Stores
     where
-        S: FunctionStore + ExecutionStore + ExecutionQueue + LogStore + StoreHealth + 'static,
+        S: FunctionStore + ExecutionStore + ExecutionQueue + LogStore + FileRecords + StoreHealth + 'static,
     {
         let store = Arc::new(store);
         Stores {
@@ -403,6 +440,7 @@ impl Stores {
             executions: store.clone(),
             queue: store.clone(),
             logs: store.clone(),
+            files: store.clone(),
             health: store,
         }
     }

@@ -19,9 +19,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, ExecutionStore, Finish, FunctionStore, LogStore,
-    NewExecution, NewVersion, QueuedExecution, Source, StoreError, StoreHealth, StoredFunction, StoredLogs,
-    StoredVersion,
+    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, ExecutionStore, FileRecords, Finish, FunctionStore,
+    LogStore, NewExecution, NewVersion, QueuedExecution, Source, StoreError, StoreHealth, StoredFile, StoredFunction,
+    StoredLogs, StoredVersion,
 };
 use fnrt_core::logs::{Captured, LogLine, Stream};
 use fnrt_core::timefmt;
@@ -803,6 +803,73 @@ where
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+}
+
+/// Every column of `files`, as [`StoredFile`] reads them.
+const FILE_COLUMNS: &str = "id, owner, name, size, content_type, sha256, created_ms, expires_ms";
+
+#[async_trait]
+impl<DB> FileRecords for SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'r> StoredFile: FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+{
+    async fn insert_file(&self, file: &StoredFile) -> Result<(), StoreError> {
+        let sql = format!("INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(file.id.as_str())
+            .bind(file.owner.as_str())
+            .bind(file.name.as_str())
+            .bind(file.size)
+            .bind(file.content_type.as_str())
+            .bind(file.sha256.as_str())
+            .bind(file.created_ms)
+            .bind(file.expires_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn file(&self, id: &str) -> Result<Option<StoredFile>, StoreError> {
+        let sql = format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1");
+        Ok(sqlx::query_as(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn delete_file(&self, id: &str, owner: &str) -> Result<Option<StoredFile>, StoreError> {
+        let sql = format!("DELETE FROM files WHERE id = $1 AND owner = $2 RETURNING {FILE_COLUMNS}");
+        Ok(sqlx::query_as(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(owner)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn blob_refs(&self, sha256: &str) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM files WHERE sha256 = $1")
+            .bind(sha256)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
+    async fn purge_files(&self, now_ms: i64, limit: i64) -> Result<Vec<StoredFile>, StoreError> {
+        let sql = format!(
+            "DELETE FROM files WHERE id IN (SELECT id FROM files WHERE expires_ms <= $1 ORDER BY expires_ms LIMIT $2) \
+             RETURNING {FILE_COLUMNS}"
+        );
+        Ok(sqlx::query_as(AssertSqlSafe(sql))
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
     }
 }
 

@@ -11,8 +11,8 @@ use time::macros::datetime;
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
-    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, Finish, NewExecution, NewVersion, Source, StoreError,
-    Stores,
+    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, FileRecords, Finish, NewExecution, NewVersion, Source,
+    StoreError, StoredFile, Stores,
 };
 
 fn new(lt: &str, code: &str) -> NewVersion {
@@ -404,6 +404,82 @@ async fn exercise_queue(q: &dyn ExecutionQueue) {
     assert!(q.expire_leases().await.unwrap() >= 1);
 }
 
+/// File records: one per upload, several naming one blob and counted by
+/// it, deleted only by their owner, purged once expired (oldest first, a
+/// batch at a time).
+async fn exercise_files(files: &dyn FileRecords) {
+    let now = 1_000_000;
+    let (one, other) = ("a".repeat(64), "b".repeat(64));
+    let file = |id: &str, owner: &str, sha256: &str, expires_ms: i64| StoredFile {
+        id: id.into(),
+        owner: owner.into(),
+        name: format!("{id} \"quoted\" é.png"),
+        // Past 32 bits.
+        size: 20 * 1024 * 1024 * 1024,
+        content_type: "image/png".into(),
+        sha256: sha256.into(),
+        created_ms: now - 5_000,
+        expires_ms,
+    };
+    let live = file("f-live", "alice", &one, now + 1);
+    let expired = file("f-expired", "alice", &one, now - 1);
+    let due = file("f-due", "bob", &other, now);
+    for f in [&live, &expired, &due] {
+        files.insert_file(f).await.unwrap();
+    }
+    assert!(files.insert_file(&live).await.is_err(), "an id is one file");
+    assert_eq!(files.file("f-live").await.unwrap().as_ref(), Some(&live));
+    assert_eq!(
+        files.file("f-expired").await.unwrap().as_ref(),
+        Some(&expired),
+        "read back until swept"
+    );
+    assert!(files.file("f-none").await.unwrap().is_none());
+    assert_eq!(files.blob_refs(&one).await.unwrap(), 2);
+    assert_eq!(files.blob_refs(&other).await.unwrap(), 1);
+    assert_eq!(files.blob_refs(&"c".repeat(64)).await.unwrap(), 0);
+
+    // Only the owner deletes.
+    assert!(files.delete_file("f-live", "bob").await.unwrap().is_none());
+    assert!(files.file("f-live").await.unwrap().is_some());
+
+    let mut purged: Vec<_> = files
+        .purge_files(now, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.id)
+        .collect();
+    purged.sort();
+    assert_eq!(purged, ["f-due", "f-expired"], "expired at or before now");
+    assert!(files.file("f-expired").await.unwrap().is_none());
+    assert_eq!(files.blob_refs(&one).await.unwrap(), 1);
+    assert_eq!(files.blob_refs(&other).await.unwrap(), 0);
+    assert!(files.purge_files(now, 100).await.unwrap().is_empty());
+
+    // A batch at a time, the longest expired first.
+    for (i, expires_ms) in [now - 3, now - 1, now - 2].into_iter().enumerate() {
+        files
+            .insert_file(&file(&format!("f-old-{i}"), "carol", &other, expires_ms))
+            .await
+            .unwrap();
+    }
+    let first: Vec<_> = files
+        .purge_files(now, 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.id)
+        .collect();
+    assert_eq!(first.len(), 2);
+    assert!(first.contains(&"f-old-0".to_owned()) && first.contains(&"f-old-2".to_owned()));
+    assert_eq!(files.purge_files(now, 2).await.unwrap().len(), 1);
+
+    assert_eq!(files.delete_file("f-live", "alice").await.unwrap(), Some(live));
+    assert!(files.delete_file("f-live", "alice").await.unwrap().is_none());
+    assert_eq!(files.blob_refs(&one).await.unwrap(), 0);
+}
+
 #[tokio::test]
 async fn sqlite_store_passes_the_store_suite() {
     let dir = tempfile::tempdir().unwrap();
@@ -411,6 +487,7 @@ async fn sqlite_store_passes_the_store_suite() {
     let stores = Stores::of(store);
     exercise(stores.clone()).await;
     exercise_queue(stores.queue.as_ref()).await;
+    exercise_files(stores.files.as_ref()).await;
 }
 
 #[tokio::test]
@@ -420,6 +497,7 @@ async fn postgres_store_passes_the_store_suite() {
     let stores = Stores::of(store);
     exercise(stores.clone()).await;
     exercise_queue(stores.queue.as_ref()).await;
+    exercise_files(stores.files.as_ref()).await;
     // PostgreSQL keeps what it is given to the microsecond (SQLite: see
     // `sqlite_reads_and_writes_the_text_it_always_had`).
     let precise = ExecutionRecord {
