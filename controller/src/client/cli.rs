@@ -669,23 +669,14 @@ fn print_line(line: &Value, with_execution: bool, tty: bool) {
 }
 
 async fn sessions(api: &Api, status: Option<&str>, function: Option<&str>, as_json: bool) -> Result<(), Stop> {
-    let mut all = Vec::new();
-    for page in 1.. {
-        let mut path = format!("/api/v1/sessions?per_page=100&page={page}");
-        if let Some(s) = status {
-            path.push_str(&format!("&status={s}"));
-        }
-        if let Some(f) = function {
-            path.push_str(&format!("&language_title={f}"));
-        }
-        let answer = api.get(&path).await?;
-        let items = answer["sessions"].as_array().cloned().unwrap_or_default();
-        let done = items.len() < 100;
-        all.extend(items);
-        if done {
-            break;
-        }
+    let mut path = "/api/v1/sessions?per_page=100".to_owned();
+    if let Some(s) = status {
+        path.push_str(&format!("&status={s}"));
     }
+    if let Some(f) = function {
+        path.push_str(&format!("&language_title={f}"));
+    }
+    let all = every_page(api, &path, "sessions").await?;
     if as_json {
         print_json(&Value::Array(all));
         return Ok(());
@@ -729,21 +720,27 @@ fn show_session(s: &Value) {
     out!("  expires      {}", field("expires_at"));
 }
 
-async fn list(api: &Api, language: Option<&str>, as_json: bool) -> Result<(), Stop> {
+/// Every item of a paged list (`path` asks 100 per page), `field` of each page.
+async fn every_page(api: &Api, path: &str, field: &str) -> Result<Vec<Value>, Stop> {
     let mut all = Vec::new();
     for page in 1.. {
-        let mut path = format!("/api/v1/functions?per_page=100&page={page}");
-        if let Some(l) = language {
-            path.push_str(&format!("&language={l}"));
-        }
-        let answer = api.get(&path).await?;
-        let items = answer["functions"].as_array().cloned().unwrap_or_default();
+        let answer = api.get(&format!("{path}&page={page}")).await?;
+        let items = answer[field].as_array().cloned().unwrap_or_default();
         let done = items.len() < 100;
         all.extend(items);
         if done {
             break;
         }
     }
+    Ok(all)
+}
+
+async fn list(api: &Api, language: Option<&str>, as_json: bool) -> Result<(), Stop> {
+    let mut path = "/api/v1/functions?per_page=100".to_owned();
+    if let Some(l) = language {
+        path.push_str(&format!("&language={l}"));
+    }
+    let all = every_page(api, &path, "functions").await?;
     if as_json {
         print_json(&Value::Array(all));
         return Ok(());
