@@ -684,9 +684,10 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
     };
     // SAFETY: the closure runs in the forked (single-threaded) child before
     // exec; it only makes raw system calls (open/write/close, unshare, mount, setres[ug]id,
-    // setgroups, setrlimit, prctl, signal) through rustix and libc on data prepared before the
+    // setgroups, setrlimit, prctl, signal, getppid) through rustix and libc on data prepared before the
     // fork, without allocating or taking locks, so it is async-signal-safe.
     // unshare(NEWNS) shares no file descriptors, the hazard of unshare_unsafe.
+    let controller = rustix::process::getpid();
     unsafe {
         cmd.pre_exec(move || {
             if let Some(sandbox) = &sandbox {
@@ -721,6 +722,11 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
             // Killed with the controller, even by SIGKILL. The signal is tied
             // to the spawning thread: tokio spawns from its long-lived workers.
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            // A controller that died between the fork and that line sends
+            // no signal: the child is init's already, and must not run.
+            if rustix::process::getppid() != Some(controller) {
+                return Err(std::io::Error::other("the controller is gone"));
+            }
             Ok(())
         });
     }
