@@ -74,10 +74,15 @@ impl Recent {
     pub fn remember(&self, record: &ExecutionRecord) {
         let logs = Arc::new(stored(record));
         self.by_id.insert(logs.execution_id.clone(), logs.clone());
-        for (index, key) in [
-            (&self.by_request, &record.request_id),
-            (&self.by_function, &record.language_title),
-        ] {
+        // A function's last lines are only those of executions that wrote.
+        let indexes = [
+            Some((&self.by_request, &record.request_id)),
+            record
+                .logs
+                .is_some()
+                .then_some((&self.by_function, &record.language_title)),
+        ];
+        for (index, key) in indexes.into_iter().flatten() {
             let list = index.get_with(key.clone(), Default::default);
             let mut list = list.lock().unwrap();
             if list.len() >= RECENT_PER_REQUEST {

@@ -170,9 +170,9 @@ pub fn controller_id(data_dir: &Path) -> String {
 }
 
 impl DockerBackend {
+    /// Touches nothing: a controller that places nothing on it never
+    /// connects or creates its directory.
     pub fn new(config: DockerConfig) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.instances_dir)?;
-        std::fs::set_permissions(&config.instances_dir, std::fs::Permissions::from_mode(0o711))?;
         let max_containers = config.max_containers.max(1);
         Ok(DockerBackend {
             config,
@@ -459,6 +459,9 @@ impl RuntimeBackend for DockerBackend {
         let uid = lease.as_ref().map_or(self.config.uid, |l| l.uid);
         let id = hex::encode(rand::random::<[u8; 6]>());
         let dir = self.config.instances_dir.join(&id);
+        std::fs::create_dir_all(&self.config.instances_dir)
+            .and_then(|()| std::fs::set_permissions(&self.config.instances_dir, std::fs::Permissions::from_mode(0o711)))
+            .map_err(|e| unavailable(format!("creating {}: {e}", self.config.instances_dir.display())))?;
         std::fs::create_dir(&dir)
             .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
             .and_then(|()| std::os::unix::fs::chown(&dir, Some(uid), Some(uid)))

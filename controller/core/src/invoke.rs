@@ -345,7 +345,7 @@ impl Invoker {
             Err(e) => e.outcome(),
         };
         let captured = logs.take();
-        let captured = (!captured.is_empty()).then_some(captured);
+        let captured = (!captured.is_empty()).then(|| Arc::new(captured));
         self.finish(&invocation, started, started_at, label, false, start.cold, captured);
         result.map(|result| Invoked {
             result,
@@ -452,7 +452,7 @@ impl Invoker {
         outcome: &'static str,
         cached: bool,
         cold_start: bool,
-        logs: Option<Captured>,
+        logs: Option<Arc<Captured>>,
     ) {
         let elapsed = started.elapsed();
         let function = invocation.function;

@@ -19,8 +19,9 @@ pub struct ExecutionRecord {
     pub outcome: String,
     pub cached: bool,
     pub cold_start: bool,
-    /// What the function wrote, when it wrote anything.
-    pub logs: Option<crate::logs::Captured>,
+    /// What the function wrote, when it wrote anything (shared: the
+    /// controller keeps it for reads until the record is written).
+    pub logs: Option<std::sync::Arc<crate::logs::Captured>>,
 }
 
 /// Where the core hands its records.

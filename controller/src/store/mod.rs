@@ -185,7 +185,7 @@ pub struct StoredLogs {
     pub language_title: String,
     /// When the execution started, Unix milliseconds.
     pub created_ms: i64,
-    pub captured: fnrt_core::logs::Captured,
+    pub captured: std::sync::Arc<fnrt_core::logs::Captured>,
 }
 
 /// What functions wrote (`execution_logs`), written with the execution

@@ -308,11 +308,11 @@ impl From<LogsRow> for StoredLogs {
             subject: r.subject,
             language_title: r.language_title,
             created_ms: r.created_ms,
-            captured: Captured {
+            captured: std::sync::Arc::new(Captured {
                 lines: decode_lines(&r.lines),
                 bytes: r.bytes as usize,
                 dropped_bytes: r.dropped_bytes as usize,
-            },
+            }),
         }
     }
 }

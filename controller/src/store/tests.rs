@@ -174,11 +174,11 @@ async fn exercise_logs(stores: &Stores, template: &ExecutionRecord) {
         request_id: request.clone(),
         language_title: function.clone(),
         started_at: now - time::Duration::days(10),
-        logs: Some(Captured {
+        logs: Some(std::sync::Arc::new(Captured {
             lines: vec![line(1, Stream::Stdout, "héllo \"quoted\""), line(2, Stream::Stderr, "")],
             bytes: 18,
             dropped_bytes: 7,
-        }),
+        })),
         ..template.clone()
     };
     let quiet = ExecutionRecord {
@@ -190,11 +190,11 @@ async fn exercise_logs(stores: &Stores, template: &ExecutionRecord) {
     let second = ExecutionRecord {
         id: uuid::Uuid::new_v4(),
         started_at: now,
-        logs: Some(Captured {
+        logs: Some(std::sync::Arc::new(Captured {
             lines: vec![line(3, Stream::Stdout, "again")],
             bytes: 6,
             dropped_bytes: 0,
-        }),
+        })),
         ..first.clone()
     };
     let batch = [first.clone(), quiet.clone(), second.clone()];
