@@ -11,6 +11,10 @@
 //! execute:    session lock -> session (owner) -> scope -> core.invoke
 //!             (with the session's retained instance) -> session stats
 //! ```
+//!
+//! A pipeline's session runs [`crate::pipelines`] instead of one invocation:
+//! the caller needs the scope of every step's language too, nothing is
+//! retained, and the session shows the running steps (`progress`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,9 +25,11 @@ use time::OffsetDateTime;
 
 use crate::auth::Subject;
 use crate::error::ApiError;
+use crate::pipelines::{Pipelines, Progress, StepReport};
 use crate::registry::Registry;
 use crate::sessions::{SessionRecord, SessionStatus, SessionStore, session_key};
-use fnrt_core::invoke::{CacheDirective, Invocation, Invoker, Origin, Retained};
+use fnrt_core::function::FunctionVersion;
+use fnrt_core::invoke::{CacheDirective, CoreError, Invocation, Invoker, Origin, Retained};
 use fnrt_core::language::LanguageTitle;
 use fnrt_core::metrics::Metrics;
 use fnrt_core::timefmt;
@@ -55,6 +61,29 @@ pub struct Executed {
     /// another controller, or its instance crashed or timed out), so a fresh
     /// one was specialised: in-memory state started over.
     pub instance_recreated: bool,
+    /// A pipeline's steps.
+    pub steps: Option<Vec<StepReport>>,
+}
+
+/// How one run (a function's invocation or a pipeline's) went.
+#[derive(Debug)]
+pub struct Outcome {
+    pub result: Arc<Value>,
+    pub cached: bool,
+    pub cold_start: bool,
+    pub instance_recreated: bool,
+    /// A pipeline's steps.
+    pub steps: Option<Vec<StepReport>>,
+}
+
+/// A running pipeline's steps, as its session shows them.
+#[derive(Default)]
+struct Live(Mutex<Vec<StepReport>>);
+
+impl Progress for Live {
+    fn changed(&self, steps: &[StepReport]) {
+        *self.0.lock().unwrap() = steps.to_vec();
+    }
 }
 
 /// One session's serialisation point and, when retained, its instance.
@@ -73,6 +102,9 @@ pub struct Engine {
     /// Per session of this process: its lock and retained instance. Executions
     /// of one session run one at a time.
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    pub pipelines: Pipelines,
+    /// The steps of each session's pipeline while it runs here.
+    live: Mutex<HashMap<String, Arc<Live>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -98,10 +130,12 @@ impl Engine {
         Engine {
             registry,
             sessions,
+            pipelines: Pipelines::new(core.clone(), metrics.clone()),
             core,
             metrics,
             settings,
             slots: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
         }
     }
 
@@ -131,7 +165,13 @@ impl Engine {
         let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
         let mut retained = Retained::default();
-        self.core.prepare(&function, Some(&mut retained)).await?;
+        if function.pipeline().is_some() {
+            // Each step's instance readied; a pipeline keeps none.
+            let steps = self.pipeline_steps(subject, &function).await?;
+            self.prepare_steps(&function, &steps).await?;
+        } else {
+            self.core.prepare(&function, Some(&mut retained)).await?;
+        }
         let now = timefmt::now();
         let record = SessionRecord {
             request_id: request_id.clone(),
@@ -192,6 +232,109 @@ impl Engine {
                 }
             })?
             .current)
+    }
+
+    /// The current versions of a pipeline's steps, once the caller may run
+    /// each (403 naming the step otherwise; 404 when one is gone).
+    pub async fn pipeline_steps(
+        &self,
+        subject: &Subject,
+        function: &FunctionVersion,
+    ) -> Result<Vec<Arc<FunctionVersion>>, ApiError> {
+        let Some(pipeline) = function.pipeline() else {
+            return Ok(Vec::new());
+        };
+        for step in &pipeline.steps {
+            let language = step.function.split('-').next().unwrap_or_default();
+            if !language.parse().is_ok_and(|l| subject.can_execute(l)) {
+                return Err(ApiError::Forbidden(format!(
+                    "token lacks scope 'execute:{language}' (or 'execute:all'), which step '{}' ({}) needs",
+                    step.name, step.function
+                )));
+            }
+        }
+        let mut found = Vec::with_capacity(pipeline.steps.len());
+        for step in &pipeline.steps {
+            let entry = self.registry.find(&step.function).await?.ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "step '{}' of '{}': function '{}' no longer exists",
+                    step.name, function.language_title, step.function
+                ))
+            })?;
+            found.push(entry.current);
+        }
+        Ok(found)
+    }
+
+    /// Readies an instance of each step's function (at most once each), so
+    /// that the first execute does not wait for cold starts.
+    async fn prepare_steps(&self, pipeline: &FunctionVersion, steps: &[Arc<FunctionVersion>]) -> Result<(), ApiError> {
+        let names = pipeline.pipeline().map(|p| p.steps.as_slice()).unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        let prepared = futures::future::join_all(
+            steps
+                .iter()
+                .zip(names)
+                .filter(|(f, _)| seen.insert(f.language_title.clone()))
+                .map(|(f, step)| async move { (step, self.core.prepare(f, None).await) }),
+        )
+        .await;
+        for (step, result) in prepared {
+            if let Err(e) = result {
+                return Err(ApiError::from(CoreError::Step {
+                    step: step.name.clone(),
+                    function: step.function.clone(),
+                    execution_id: None,
+                    source: Box::new(e),
+                    steps: Value::Null,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `invocation`: a pipeline through its `steps`, anything else
+    /// through the core (on the retained instance when given).
+    pub async fn run(
+        &self,
+        invocation: Invocation<'_>,
+        retained: Option<&mut Retained>,
+        steps: &[Arc<FunctionVersion>],
+        progress: Option<&dyn Progress>,
+    ) -> Result<Outcome, CoreError> {
+        if invocation.function.pipeline().is_some() {
+            let ran = self.pipelines.run(invocation, steps, progress).await?;
+            return Ok(Outcome {
+                result: ran.output,
+                cached: false,
+                cold_start: ran.cold_start,
+                instance_recreated: false,
+                steps: Some(ran.steps),
+            });
+        }
+        let invoked = self.core.invoke(invocation, retained).await?;
+        Ok(Outcome {
+            result: invoked.result,
+            cached: invoked.cached,
+            cold_start: invoked.cold_start,
+            instance_recreated: invoked.instance_recreated,
+            steps: None,
+        })
+    }
+
+    /// A session's pipeline run in progress here: `progress` and `steps`.
+    pub fn live_progress(&self, subject: &Subject, request_id: &str) -> Option<Value> {
+        let live = self
+            .live
+            .lock()
+            .unwrap()
+            .get(&session_key(&subject.sub, request_id))
+            .cloned()?;
+        let steps = live.0.lock().unwrap().clone();
+        Some(serde_json::json!({
+            "progress": crate::pipelines::progress(&steps),
+            "steps": steps,
+        }))
     }
 
     /// A run's timeout: `timeout_ms` of the context when given (within
@@ -345,6 +488,7 @@ impl Engine {
         if !params.is_object() {
             return Err(ApiError::InvalidRequest("'params' must be a JSON object".into()));
         }
+        let steps = self.pipeline_steps(subject, &function).await?;
 
         let invocation = Invocation {
             function: &function,
@@ -359,9 +503,25 @@ impl Engine {
             execution_id,
             run_context: None,
             cancel: None,
+            parent: None,
         };
         let retained = session.retain.then_some(&mut slot.retained);
-        let invoked = self.core.invoke(invocation, retained).await;
+        let live = function.pipeline().map(|_| {
+            let live = Arc::new(Live::default());
+            self.live.lock().unwrap().insert(key.clone(), live.clone());
+            live
+        });
+        let invoked = self
+            .run(
+                invocation,
+                retained,
+                &steps,
+                live.as_deref().map(|l| l as &dyn Progress),
+            )
+            .await;
+        if live.is_some() {
+            self.live.lock().unwrap().remove(&key);
+        }
         if invoked.as_ref().is_err_and(|e| !e.ran()) {
             // Refused before it ran: the session is not spent.
             return Err(invoked.unwrap_err().into());
@@ -385,6 +545,7 @@ impl Engine {
             cached: invoked.cached,
             result: invoked.result,
             instance_recreated: invoked.instance_recreated,
+            steps: invoked.steps,
         }))
     }
 

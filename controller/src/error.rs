@@ -59,6 +59,16 @@ pub enum ApiError {
     /// A bug or an unexpected failure inside the controller.
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
+    /// A pipeline's step failed (extension): the step's own error, with
+    /// the step named in the message and in `details.step`.
+    #[error("step '{step}' ({function}) failed: {inner}")]
+    Step {
+        step: String,
+        function: String,
+        execution_id: Option<uuid::Uuid>,
+        inner: Box<ApiError>,
+        steps: Value,
+    },
 }
 
 impl ApiError {
@@ -81,6 +91,7 @@ impl ApiError {
             ApiError::BuildFailed { .. } => "BUILD_FAILED",
             ApiError::NotReady { .. } => "FUNCTION_NOT_READY",
             ApiError::Internal(_) => "INTERNAL_ERROR",
+            ApiError::Step { inner, .. } => inner.code(),
         }
     }
 
@@ -99,6 +110,7 @@ impl ApiError {
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BuildFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Step { inner, .. } => inner.status(),
         }
     }
 
@@ -116,6 +128,25 @@ impl ApiError {
                 json!({ "retry_after_secs": retry_after_secs })
             }
             ApiError::Timeout { timeout_ms } => json!({ "timeout_ms": timeout_ms }),
+            ApiError::Step {
+                step,
+                function,
+                execution_id,
+                inner,
+                steps,
+            } => {
+                let mut details = match inner.details() {
+                    Value::Object(map) => map,
+                    _ => serde_json::Map::new(),
+                };
+                details.insert("step".into(), json!(step));
+                details.insert("language_title".into(), json!(function));
+                if let Some(id) = execution_id {
+                    details.insert("execution_id".into(), json!(id.to_string()));
+                }
+                details.insert("steps".into(), steps.clone());
+                Value::Object(details)
+            }
             _ => json!({}),
         }
     }
@@ -134,6 +165,9 @@ impl ApiError {
     }
 
     fn headers(&self, response: &mut Response) {
+        if let ApiError::Step { inner, .. } = self {
+            return inner.headers(response);
+        }
         if let ApiError::RateLimited { retry_after_secs } | ApiError::NotReady { retry_after_secs, .. } = self {
             response
                 .headers_mut()
@@ -303,6 +337,19 @@ impl From<fnrt_core::invoke::CoreError> for ApiError {
                 retry_after_secs: 5,
             },
             CoreError::BuildFailed(failure) => ApiError::build_failed(failure),
+            CoreError::Step {
+                step,
+                function,
+                execution_id,
+                source,
+                steps,
+            } => ApiError::Step {
+                step,
+                function,
+                execution_id,
+                inner: Box::new(ApiError::from(*source)),
+                steps,
+            },
         }
     }
 }

@@ -19,6 +19,9 @@
 //!   session records, retained instances, one execution per session at a time.
 //! - [`executions`]: asynchronous executions over the core: the durable
 //!   queue's workers (leases, retries, cancellation).
+//! - [`pipelines`]: pipelines over the core: a `pipeline-*` function's
+//!   steps run as executions of their own (mappings, DAG, retries,
+//!   `on_error`, the pipeline's deadline, progress).
 //! - [`registry`]: functions and versions, in memory over the [`store`];
 //!   the manifest format.
 //! - [`store`]: the `FunctionStore`, `ExecutionStore`, `ExecutionQueue`,
@@ -58,6 +61,7 @@ pub mod executions;
 pub mod files;
 pub mod http;
 pub mod logs;
+pub mod pipelines;
 pub mod ratelimit;
 pub mod records;
 pub mod redis_cache;

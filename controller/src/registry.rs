@@ -93,6 +93,8 @@ pub struct Registry {
     store: Arc<dyn FunctionStore>,
     /// How large a package may be.
     package_limits: PackageLimits,
+    /// Most steps of a pipeline.
+    pipeline_max_steps: usize,
     /// Asked before any version is stored.
     checker: Option<Arc<dyn CodeCheck>>,
     /// Current version of every function, sorted by Language-Title for listings.
@@ -125,6 +127,7 @@ impl Registry {
         Ok(Registry {
             store,
             package_limits: PackageLimits::default(),
+            pipeline_max_steps: fnrt_core::function::pipeline::DEFAULT_MAX_STEPS,
             checker,
             functions: RwLock::new(functions),
             // Weighed by code size: a package may be tens of MB.
@@ -133,6 +136,12 @@ impl Registry {
                 .weigher(|_, v: &Arc<FunctionVersion>| v.code.len().try_into().unwrap_or(u32::MAX))
                 .build(),
         })
+    }
+
+    /// Sets how many steps a pipeline may have.
+    pub fn with_pipeline_max_steps(mut self, max: usize) -> Self {
+        self.pipeline_max_steps = max;
+        self
     }
 
     /// Sets how large a package may be.
@@ -303,6 +312,25 @@ impl Registry {
     ) -> Result<NewVersion, RegistryError> {
         let language = lt.language();
         let invalid = |m: String| RegistryError::Invalid(ManifestError(m));
+        if language == Language::Pipeline {
+            if !matches!(&code, Submission::Source(c) if c.is_empty()) {
+                return Err(invalid(
+                    "a pipeline has no code ('code', 'files', 'archive'): its manifest lists its 'steps'".into(),
+                ));
+            }
+            let manifest = spec.normalize_pipeline(self.pipeline_max_steps)?;
+            self.check_steps(&manifest)?;
+            return Ok(NewVersion {
+                language_title: lt.to_string(),
+                language: language.to_string(),
+                title: lt.title().to_owned(),
+                description: manifest.description.clone(),
+                code_hash: manifest.code_hash(""),
+                manifest: serde_json::to_value(&manifest).map_err(|e| RegistryError::Store(e.into()))?,
+                code: String::new(),
+                owner: None,
+            });
+        }
         let (manifest, code) = match code {
             Submission::Source(code) => {
                 let manifest = spec.normalize(language)?;
@@ -374,6 +402,39 @@ impl Registry {
         })
     }
 
+    /// A pipeline's steps against the functions registered now: each
+    /// exists, and a step whose params are an object gives every property
+    /// its function's schema requires.
+    fn check_steps(&self, manifest: &Manifest) -> Result<(), RegistryError> {
+        let Some(pipeline) = &manifest.pipeline else {
+            return Ok(());
+        };
+        for step in &pipeline.steps {
+            let Some(function) = self.get(&step.function) else {
+                let hint = self
+                    .closest(&step.function, |_| true)
+                    .map(|near| format!("; did you mean '{near}'?"))
+                    .unwrap_or_default();
+                return Err(RegistryError::Invalid(ManifestError(format!(
+                    "step '{}': function '{}' not found{hint}",
+                    step.name, step.function
+                ))));
+            };
+            if let Some(serde_json::Value::Object(given)) = &step.params {
+                let required = function.current.manifest.schema.params["required"].as_array().cloned();
+                for name in required.unwrap_or_default().iter().filter_map(|v| v.as_str()) {
+                    if !given.contains_key(name) {
+                        return Err(RegistryError::Invalid(ManifestError(format!(
+                            "step '{}': 'params' lacks '{name}', which {} requires",
+                            step.name, step.function
+                        ))));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn remember(&self, stored: StoredFunction) -> Result<FunctionEntry, RegistryError> {
         let entry = FunctionEntry::from_stored(stored).map_err(RegistryError::Store)?;
         let mut functions = self.functions.write().unwrap();
@@ -399,7 +460,8 @@ impl Registry {
             .filter_map(Result::ok)
             .filter(|e| e.path().join("function.json").is_file())
             .collect();
-        entries.sort_by_key(|e| e.file_name());
+        // Pipelines last: their steps must exist when they are checked.
+        entries.sort_by_key(|e| (e.file_name().to_string_lossy().starts_with("pipeline-"), e.file_name()));
         for entry in entries {
             let path = entry.path();
             match self.load_folder(&path).await {
@@ -423,19 +485,10 @@ impl Registry {
             .entrypoint
             .clone()
             .unwrap_or_else(|| lt.language().default_entrypoint().to_owned());
-        anyhow::ensure!(
-            package::check_path(&entrypoint).is_ok() && !entrypoint.contains(".."),
-            "bad entrypoint {entrypoint:?}"
-        );
-        let code = if entrypoint == CRATE_ENTRYPOINT {
-            Submission::Source(manifest::crate_code(&read_crate(path)?))
+        let code = if lt.language() == Language::Pipeline {
+            Submission::Source(String::new())
         } else {
-            match package::read_folder(path, &entrypoint, self.package_limits)? {
-                Some(files) => Submission::Files(files),
-                None => Submission::Source(
-                    std::fs::read_to_string(path.join(&entrypoint)).with_context(|| format!("reading {entrypoint}"))?,
-                ),
-            }
+            self.read_code(path, &entrypoint)?
         };
         // Crates are built in the background: start-up does not wait.
         let new = self.prepare(&lt, spec, code, false).await?;
@@ -453,6 +506,25 @@ impl Registry {
         };
         self.remember(stored)?;
         Ok(true)
+    }
+
+    /// A bundled folder's code: a crate, a package or one file.
+    fn read_code(&self, path: &Path, entrypoint: &str) -> anyhow::Result<Submission> {
+        anyhow::ensure!(
+            package::check_path(entrypoint).is_ok() && !entrypoint.contains(".."),
+            "bad entrypoint {entrypoint:?}"
+        );
+        let code = if entrypoint == CRATE_ENTRYPOINT {
+            Submission::Source(manifest::crate_code(&read_crate(path)?))
+        } else {
+            match package::read_folder(path, entrypoint, self.package_limits)? {
+                Some(files) => Submission::Files(files),
+                None => Submission::Source(
+                    std::fs::read_to_string(path.join(entrypoint)).with_context(|| format!("reading {entrypoint}"))?,
+                ),
+            }
+        };
+        Ok(code)
     }
 }
 

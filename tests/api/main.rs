@@ -35,6 +35,7 @@ mod logs;
 mod newcomer;
 mod operations;
 mod packages;
+mod pipelines;
 mod placement;
 mod replicas;
 mod runtimes;

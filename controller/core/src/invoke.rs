@@ -82,6 +82,8 @@ pub struct Invocation<'a> {
     pub run_context: Option<&'a Value>,
     /// Stops the run (its instance is killed) when cancelled.
     pub cancel: Option<&'a CancellationToken>,
+    /// The pipeline execution this invocation is a step of.
+    pub parent: Option<uuid::Uuid>,
 }
 
 /// A session's own instance, kept between its invocations
@@ -111,7 +113,7 @@ pub struct Invoked {
 
 /// Why an invocation gave no result. [`CoreError::ran`] says whether it got
 /// as far as running (or looking up) anything.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CoreError {
     /// The params do not match the function's schema: refused before anything ran.
     #[error("{message}")]
@@ -144,6 +146,17 @@ pub enum CoreError {
     /// The function's build failed.
     #[error("{}", .0.message)]
     BuildFailed(BuildFailure),
+    /// A pipeline's step failed, and so the pipeline: `source` says how.
+    #[error("step '{step}' ({function}) failed: {source}")]
+    Step {
+        step: String,
+        function: String,
+        /// The step's last attempt, when it ran.
+        execution_id: Option<uuid::Uuid>,
+        source: Box<CoreError>,
+        /// Every step's report, as the pipeline left them.
+        steps: Value,
+    },
 }
 
 impl CoreError {
@@ -153,9 +166,18 @@ impl CoreError {
         !matches!(self, CoreError::SchemaMismatch { .. })
     }
 
-    /// The outcome label of metrics and execution records.
-    fn outcome(&self) -> &'static str {
+    /// What went wrong at the bottom: a failed step's own error.
+    pub fn root(&self) -> &CoreError {
         match self {
+            CoreError::Step { source, .. } => source.root(),
+            e => e,
+        }
+    }
+
+    /// The outcome label of metrics and execution records.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            CoreError::Step { source, .. } => source.outcome(),
             CoreError::SchemaMismatch { .. } | CoreError::InvalidParams { .. } => "invalid_params",
             CoreError::Runtime { .. } | CoreError::Crashed { .. } => "runtime_error",
             CoreError::Cancelled => "cancelled",
@@ -304,7 +326,7 @@ impl Invoker {
             let found = self.cache.get(&key, max_age, l1_ttl).await;
             self.metrics.record_function_cache(language_title, found.is_some());
             if let Some(entry) = found {
-                self.finish(&invocation, started, started_at, "cache_hit", true, false, None);
+                self.record(&invocation, started, started_at, "cache_hit", true, false, None);
                 return Ok(Invoked {
                     result: entry.result,
                     cached: true,
@@ -346,7 +368,7 @@ impl Invoker {
         };
         let captured = logs.take();
         let captured = (!captured.is_empty()).then(|| Arc::new(captured));
-        self.finish(&invocation, started, started_at, label, false, start.cold, captured);
+        self.record(&invocation, started, started_at, label, false, start.cold, captured);
         result.map(|result| Invoked {
             result,
             cached: false,
@@ -442,9 +464,10 @@ impl Invoker {
         (start, result)
     }
 
-    /// Metrics and the durable record of one answered invocation.
+    /// Metrics and the durable record of one answered invocation (also
+    /// of one an adapter ran itself: a pipeline's).
     #[allow(clippy::too_many_arguments)]
-    fn finish(
+    pub fn record(
         &self,
         invocation: &Invocation<'_>,
         started: Instant,
@@ -469,6 +492,7 @@ impl Invoker {
             outcome: outcome.to_owned(),
             cached,
             cold_start,
+            parent_id: invocation.parent,
             logs,
         });
     }
@@ -586,6 +610,7 @@ mod tests {
             execution_id: uuid::Uuid::new_v4(),
             run_context: None,
             cancel: None,
+            parent: None,
         }
     }
 

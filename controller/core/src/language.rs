@@ -23,11 +23,19 @@ pub enum Language {
     Python,
     Rust,
     Wasm,
+    /// A function whose body is other functions (`function::pipeline`).
+    Pipeline,
 }
 
 impl Language {
     /// Every language, in the order `/health` reports them.
-    pub const ALL: [Language; 4] = [Language::Nodejs, Language::Python, Language::Rust, Language::Wasm];
+    pub const ALL: [Language; 5] = [
+        Language::Nodejs,
+        Language::Python,
+        Language::Rust,
+        Language::Wasm,
+        Language::Pipeline,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -35,6 +43,7 @@ impl Language {
             Language::Python => "python",
             Language::Rust => "rust",
             Language::Wasm => "wasm",
+            Language::Pipeline => "pipeline",
         }
     }
 
@@ -45,6 +54,8 @@ impl Language {
             Language::Python => "main.py",
             Language::Rust => CRATE_ENTRYPOINT,
             Language::Wasm => "module.wat",
+            // A pipeline has no code: its manifest lists its steps.
+            Language::Pipeline => "",
         }
     }
 
@@ -57,6 +68,7 @@ impl Language {
             // WAT text, a binary module as base64, or a Rust crate built
             // for wasm32-wasip1.
             Language::Wasm => &[".wat", ".wasm", CRATE_ENTRYPOINT],
+            Language::Pipeline => &[],
         }
     }
 }
@@ -84,7 +96,7 @@ impl FromStr for Language {
 pub enum TitleError {
     #[error("Language-Title must look like '{{language}}-{{title}}', e.g. 'nodejs-calculator'")]
     Shape,
-    #[error("unknown language '{0}'; known languages: nodejs, python, rust, wasm")]
+    #[error("unknown language '{0}'; known languages: nodejs, python, rust, wasm, pipeline")]
     UnknownLanguage(String),
     #[error("title must match [a-z0-9][a-z0-9-]{{0,62}}")]
     Title,

@@ -34,6 +34,13 @@ pub struct ExecutionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub pipeline: String,
+    pub step: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FunctionLabels {
     pub language_title: String,
 }
@@ -159,6 +166,7 @@ pub struct Metrics {
     pub queue_wait: Histogram,
     pub async_attempts: Family<AttemptLabels, Counter>,
     pub callbacks: Family<AttemptLabels, Counter>,
+    pub pipeline_steps: Family<StepLabels, Histogram, fn() -> Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -200,6 +208,7 @@ impl Metrics {
             queue_wait: latency_histogram(),
             async_attempts: Family::default(),
             callbacks: Family::default(),
+            pipeline_steps: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             registry: Registry::default(),
         };
         registry.register(
@@ -283,6 +292,12 @@ impl Metrics {
             m.rate_limited.clone(),
         );
         registry.register(
+            "pipeline_step_duration_seconds",
+            "Pipeline steps by pipeline, step and outcome (success, failed, continued, cancelled, skipped), \
+             every attempt included",
+            m.pipeline_steps.clone(),
+        );
+        registry.register(
             "active_sessions",
             "Sessions that can still be executed",
             m.active_sessions.clone(),
@@ -326,6 +341,16 @@ impl Metrics {
                 outcome: outcome.to_owned(),
             })
             .inc();
+    }
+
+    pub fn record_step(&self, pipeline: &str, step: &str, outcome: &str, elapsed: std::time::Duration) {
+        self.pipeline_steps
+            .get_or_create(&StepLabels {
+                pipeline: pipeline.to_owned(),
+                step: step.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn record_attempt(&self, outcome: &str) {

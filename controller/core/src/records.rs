@@ -19,6 +19,8 @@ pub struct ExecutionRecord {
     pub outcome: String,
     pub cached: bool,
     pub cold_start: bool,
+    /// The pipeline execution this is a step of.
+    pub parent_id: Option<uuid::Uuid>,
     /// What the function wrote, when it wrote anything (shared: the
     /// controller keeps it for reads until the record is written).
     pub logs: Option<std::sync::Arc<crate::logs::Captured>>,

@@ -594,6 +594,7 @@ impl Executions {
             execution_id: uuid::Uuid::new_v4(),
             run_context: Some(&run_context),
             cancel: Some(&token),
+            parent: None,
         };
         let invoked = self.engine.core.invoke(invocation, None).await;
         renewal.abort();
@@ -653,7 +654,8 @@ impl Executions {
                 }
             }
             Err(e) => {
-                let retryable = match &e {
+                // A pipeline's failed step: as that step's own error would be.
+                let retryable = match e.root() {
                     CoreError::Timeout { .. } | CoreError::Unavailable(_) | CoreError::Crashed { .. } => true,
                     CoreError::Runtime { .. } => row.retry_runtime_errors,
                     _ => false,

@@ -45,6 +45,10 @@ pub(super) struct ExecuteResponse {
     /// out): in-memory state started over (extension).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub instance_recreated: bool,
+    /// A pipeline's steps, in its order: each one's status, output,
+    /// timing and execution (extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<crate::pipelines::StepReport>>,
 }
 
 /// Run the session's function with parameters.
@@ -108,6 +112,7 @@ async fn execute(
             cached: executed.cached,
             result: executed.result,
             instance_recreated: executed.instance_recreated,
+            steps: executed.steps,
         }),
     ))
 }

@@ -84,6 +84,13 @@ pub(super) struct FunctionDetail {
     /// Where its instances may connect, when anywhere (extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<fnrt_core::function::manifest::NetworkSpec>,
+    /// A pipeline's steps (extension), `after` spelled out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<fnrt_core::function::pipeline::StepSpec>>,
+    /// A pipeline's output mapping, when it has one (extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
     /// For a Rust crate, or a package with dependencies to install
     /// (extension): where its build or install stands on this controller.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -149,7 +156,10 @@ fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>, installer: Option<&
             build_info(builder.and_then(|b| b.state(target, files)))
         })
     });
+    let pipeline = f.current.pipeline();
     FunctionDetail {
+        steps: pipeline.map(|p| p.specs()),
+        output: pipeline.and_then(|p| p.output.clone()),
         build,
         summary: summary(f),
         schema: f.current.manifest.schema.clone(),
@@ -300,6 +310,13 @@ pub(super) struct RegisterBody {
     /// How its asynchronous executions are retried.
     #[serde(default)]
     pub retry: fnrt_core::function::manifest::RetrySpec,
+    /// A pipeline's steps, instead of code (`pipeline-*`; docs/pipelines.md).
+    #[serde(default)]
+    pub steps: Vec<fnrt_core::function::pipeline::StepSpec>,
+    /// A pipeline's output mapping (default: its last step's output).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
 }
 
 /// A registration: a JSON [`RegisterBody`], or a `multipart/form-data`
@@ -412,6 +429,8 @@ impl RegisterBody {
     ) -> Result<(Option<String>, FunctionSpec, Submission), ApiError> {
         let code = match (self.code, self.files, self.archive) {
             (None, None, None) if uploaded.is_some() => unpack(&uploaded.unwrap_or_default(), limits)?,
+            // A pipeline: its steps are its body.
+            (None, None, None) if !self.steps.is_empty() => Submission::Source(String::new()),
             (Some(code), None, None) => Submission::Source(code),
             (None, Some(files), None) => Submission::Files(files),
             (None, None, Some(archive)) => {
@@ -423,7 +442,7 @@ impl RegisterBody {
             (None, None, None) => {
                 return Err(ApiError::InvalidRequest(
                     "missing the code: 'code' (one file), 'files' (path -> content) or 'archive' \
-                     (a base64 .zip or .tar.gz)"
+                     (a base64 .zip or .tar.gz); a pipeline lists its 'steps' instead"
                         .into(),
                 ));
             }
@@ -445,6 +464,8 @@ impl RegisterBody {
             install: self.install,
             network: self.network,
             retry: self.retry,
+            steps: self.steps,
+            output: self.output,
         };
         Ok((self.language_title, spec, code))
     }

@@ -39,6 +39,16 @@ pub(super) struct SessionResponse {
     pub retain_session: bool,
     /// Per-execution timeout (extension).
     pub timeout_ms: u64,
+    /// While a pipeline's execution runs on the controller that answers:
+    /// `total_steps`, `completed_steps`, `current_step`, `running_steps`,
+    /// `percentage` (extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub progress: Option<serde_json::Value>,
+    /// With `progress`: every step's status so far (extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub steps: Option<serde_json::Value>,
 }
 
 impl From<SessionRecord> for SessionResponse {
@@ -54,6 +64,8 @@ impl From<SessionRecord> for SessionResponse {
             version: s.version,
             retain_session: s.retain,
             timeout_ms: s.timeout_ms,
+            progress: None,
+            steps: None,
         }
     }
 }
@@ -148,7 +160,12 @@ async fn get_session(
     auth: Auth,
 ) -> Result<axum::Json<SessionResponse>, ApiError> {
     let session = state.engine.session(&auth.0, &request_id).await?;
-    Ok(axum::Json(session.into()))
+    let mut response = SessionResponse::from(session);
+    if let Some(mut live) = state.engine.live_progress(&auth.0, &request_id) {
+        response.progress = Some(live["progress"].take());
+        response.steps = Some(live["steps"].take());
+    }
+    Ok(axum::Json(response))
 }
 
 /// End a session and release its instance (extension).

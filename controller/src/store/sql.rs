@@ -213,13 +213,14 @@ where
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> bool: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
 {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for r in records {
             sqlx::query(
-                "INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start, parent_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
             )
             .bind(ExecutionId(r.id))
             .bind(r.request_id.as_str())
@@ -231,6 +232,7 @@ where
             .bind(r.outcome.as_str())
             .bind(r.cached)
             .bind(r.cold_start)
+            .bind(r.parent_id.map(|p| p.to_string()))
             .execute(&mut *tx)
             .await?;
             if let Some(logs) = &r.logs {
@@ -259,7 +261,7 @@ where
     async fn executions_of(&self, request_id: &str) -> Result<Vec<ExecutionRecord>, StoreError> {
         // Not user input: the dialect's column name.
         let sql = format!(
-            "SELECT id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start \
+            "SELECT id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start, parent_id \
              FROM executions WHERE request_id = $1 ORDER BY started_at, {}",
             DB::TIE_BREAK
         );
@@ -344,7 +346,7 @@ where
 
     async fn execution(&self, id: Uuid) -> Result<Option<ExecutionRecord>, StoreError> {
         let row: Option<ExecutionRow> = sqlx::query_as(
-            "SELECT id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start \
+            "SELECT id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start, parent_id \
              FROM executions WHERE id = $1",
         )
         .bind(ExecutionId(id))
@@ -391,6 +393,7 @@ pub struct ExecutionRow {
     outcome: String,
     cached: bool,
     cold_start: bool,
+    parent_id: Option<String>,
 }
 
 impl From<ExecutionRow> for ExecutionRecord {
@@ -406,6 +409,7 @@ impl From<ExecutionRow> for ExecutionRecord {
             outcome: r.outcome,
             cached: r.cached,
             cold_start: r.cold_start,
+            parent_id: r.parent_id.and_then(|p| p.parse().ok()),
             logs: None,
         }
     }

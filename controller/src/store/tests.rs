@@ -86,16 +86,25 @@ async fn exercise(stores: Stores) {
         outcome: outcome.into(),
         cached,
         cold_start: !cached,
+        parent_id: None,
         logs: None,
     };
     exercise_logs(&stores, &record("success", false)).await;
     let store = stores.executions;
-    let batch = vec![record("success", false), record("cache_hit", true)];
+    let mut step = record("success", false);
+    let pipeline = uuid::Uuid::new_v4();
+    step.parent_id = Some(pipeline);
+    let batch = vec![record("success", false), record("cache_hit", true), step];
     store.record_executions(&batch).await.unwrap();
     // A retried batch does not duplicate rows.
     store.record_executions(&batch).await.unwrap();
     let stored = store.executions_of("session-1").await.unwrap();
-    assert_eq!(stored.len(), 2);
+    assert_eq!(stored.len(), 3);
+    // A pipeline's step names the pipeline's execution; nothing else does.
+    assert_eq!(
+        stored.iter().filter_map(|r| r.parent_id).collect::<Vec<_>>(),
+        [pipeline]
+    );
     let first = stored.iter().find(|r| r.id == batch[0].id).unwrap();
     assert_eq!(first.outcome, "success");
     assert_eq!(first.subject, "alice");
@@ -511,6 +520,7 @@ async fn postgres_store_passes_the_store_suite() {
         outcome: "success".into(),
         cached: false,
         cold_start: false,
+        parent_id: None,
         logs: None,
     };
     stores
@@ -555,7 +565,8 @@ async fn sqlite_reads_and_writes_the_text_it_always_had() {
            ('nodejs-old', 1, '{\"entrypoint\":\"index.js\"}', 'v1', 'hash-v1', '2025-05-13T12:28:22Z'), \
            ('nodejs-old', 2, '{\"entrypoint\":\"main.js\",\"nested\":{\"a\":[1,2]}}', 'v2', 'hash-v2', \
             '2025-05-14T08:00:05Z'); \
-         INSERT INTO executions VALUES ('67e55044-10b1-426f-9247-bb680e5fe0c8', 'session-old', 'alice', \
+         INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, \
+           outcome, cached, cold_start) VALUES ('67e55044-10b1-426f-9247-bb680e5fe0c8', 'session-old', 'alice', \
            'nodejs-old', 2, '2025-05-14T08:00:07Z', 12, 'success', 0, 1);",
     )
     .execute(&raw)
@@ -591,6 +602,7 @@ async fn sqlite_reads_and_writes_the_text_it_always_had() {
         started_at,
         cached: true,
         cold_start: false,
+        parent_id: None,
         ..old.clone()
     };
     let before = record(datetime!(2025-05-14 10:00:06.75 +2));

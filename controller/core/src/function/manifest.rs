@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::egress::{Egress, MAX_EGRESS};
+use super::pipeline::{DEFAULT_MAX_STEPS, Pipeline, PipelineSpec, StepSpec};
 use crate::language::{CRATE_ENTRYPOINT, Language};
 
 /// Default per-execution timeout of a function, in milliseconds.
@@ -69,6 +70,14 @@ pub struct FunctionSpec {
     /// How its asynchronous executions are retried.
     #[serde(default)]
     pub retry: RetrySpec,
+    /// A pipeline's steps (`pipeline-*` functions only; docs/pipelines.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepSpec>,
+    /// A pipeline's output: a mapping over its params and steps' outputs
+    /// (default: the last step's output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
 }
 
 /// `retry` in a manifest (asynchronous executions), or in one request.
@@ -259,6 +268,9 @@ pub struct Manifest {
     /// How its asynchronous executions are retried.
     #[serde(default, skip_serializing_if = "RetryPolicy::is_default")]
     pub retry: RetryPolicy,
+    /// A pipeline's checked steps (language `pipeline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Pipeline>,
 }
 
 /// A function's cache policy. `X-Cache-Control: max-age` still wins within
@@ -339,6 +351,15 @@ impl FunctionSpec {
     /// Checks every field and fills the defaults; `package`: the code is a
     /// package of files (Node, Python), whose entrypoint may be a relative path.
     pub fn normalize_as(self, language: Language, package: bool) -> Result<Manifest, ManifestError> {
+        if language == Language::Pipeline {
+            if package {
+                return err("a pipeline has no code: its manifest lists its 'steps'");
+            }
+            return self.normalize_pipeline(DEFAULT_MAX_STEPS);
+        }
+        if !self.steps.is_empty() || self.output.is_some() {
+            return err("'steps' and 'output' belong to pipelines (pipeline-* functions)");
+        }
         let description = self.description.trim().to_owned();
         if description.is_empty() {
             return err("'description' must not be empty");
@@ -434,7 +455,48 @@ impl FunctionSpec {
             install: self.install,
             network,
             retry,
+            pipeline: None,
         })
+    }
+
+    /// Checks a pipeline's manifest (at most `max_steps` steps): its steps'
+    /// structure, and the fields a pipeline has (description, schema,
+    /// examples, `limits.timeout_ms` for the whole run, `cache.enabled` for
+    /// its steps, `retry` for asynchronous runs). Fields about code and
+    /// instances are refused, since a pipeline has neither.
+    pub fn normalize_pipeline(mut self, max_steps: usize) -> Result<Manifest, ManifestError> {
+        let refused = [
+            ("entrypoint", self.entrypoint.is_some()),
+            ("handler", self.handler.is_some()),
+            ("limits.memory_mb", self.limits.memory_mb.is_some()),
+            ("env", !self.env.is_empty()),
+            ("install", !self.install.is_default()),
+            ("network", !self.network.egress.is_empty()),
+            (
+                "cache.ttl_secs",
+                self.cache.ttl_secs.is_some() || self.cache.l1_ttl_secs.is_some(),
+            ),
+        ];
+        if let Some((field, _)) = refused.iter().find(|(_, set)| *set) {
+            return err(format!(
+                "'{field}' does not apply to a pipeline (each step's function has its own)"
+            ));
+        }
+        let pipeline = PipelineSpec {
+            steps: std::mem::take(&mut self.steps),
+            output: self.output.take(),
+        }
+        .normalize(max_steps)?;
+        // Checked like any function's, with nothing of code to check.
+        let mut manifest = FunctionSpec {
+            entrypoint: Some("pipeline.js".into()),
+            ..self
+        }
+        .normalize_as(Language::Nodejs, false)?;
+        manifest.entrypoint = String::new();
+        manifest.handler = String::new();
+        manifest.pipeline = Some(pipeline);
+        Ok(manifest)
     }
 }
 
@@ -460,6 +522,10 @@ impl Manifest {
         }
         if !self.network.is_empty() {
             behaviour["network"] = json!(self.network);
+        }
+        if let Some(pipeline) = &self.pipeline {
+            behaviour["pipeline"] = json!(pipeline);
+            behaviour["cache"] = json!(self.cache.enabled);
         }
         let mut h = Sha256::new();
         h.update(crate::cache::canonical_json(&behaviour).as_bytes());

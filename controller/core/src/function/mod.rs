@@ -6,6 +6,7 @@
 pub mod egress;
 pub mod manifest;
 pub mod package;
+pub mod pipeline;
 
 use std::sync::Arc;
 
@@ -88,6 +89,11 @@ impl FunctionVersion {
 
     pub fn language(&self) -> Language {
         self.language_title.language()
+    }
+
+    /// A pipeline's steps, for a `pipeline-*` function.
+    pub fn pipeline(&self) -> Option<&pipeline::Pipeline> {
+        self.manifest.pipeline.as_ref()
     }
 
     /// Checks `params` against `schema.params`; the error lists every problem
