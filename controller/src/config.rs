@@ -228,6 +228,10 @@ pub struct ServeArgs {
     /// upload may be that large whatever `MAX_BODY_BYTES` says.
     #[arg(long, env = "MAX_FILE_MB", default_value_t = 64)]
     pub max_file_mb: u64,
+    /// Most steps a pipeline may have (1 to 1000).
+    #[arg(long, env = "PIPELINE_MAX_STEPS", default_value_t = 50,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub pipeline_max_steps: u16,
     /// How long an uploaded file is kept, in hours (at least 1).
     #[arg(long, env = "FILE_RETENTION_HOURS", default_value_t = 24)]
     pub file_retention_hours: u64,

@@ -253,6 +253,15 @@ impl Engine {
                 )));
             }
         }
+        self.pipeline_functions(function).await
+    }
+
+    /// The current versions of a pipeline's steps (none for a function);
+    /// 404 when one is gone.
+    pub async fn pipeline_functions(&self, function: &FunctionVersion) -> Result<Vec<Arc<FunctionVersion>>, ApiError> {
+        let Some(pipeline) = function.pipeline() else {
+            return Ok(Vec::new());
+        };
         let mut found = Vec::with_capacity(pipeline.steps.len());
         for step in &pipeline.steps {
             let entry = self.registry.find(&step.function).await?.ok_or_else(|| {
@@ -332,7 +341,7 @@ impl Engine {
             .cloned()?;
         let steps = live.0.lock().unwrap().clone();
         Some(serde_json::json!({
-            "progress": crate::pipelines::progress(&steps),
+            "progress": crate::pipelines::progress_of(&steps),
             "steps": steps,
         }))
     }

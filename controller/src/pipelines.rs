@@ -69,20 +69,19 @@ pub struct StepReport {
     pub error: Option<Value>,
 }
 
-impl StepReport {
-    fn finished(&self) -> bool {
-        matches!(self.status, "completed" | "failed" | "cancelled" | "skipped")
-    }
-}
-
-/// The `progress` object of a pipeline run (the seed's shape).
-pub fn progress(steps: &[StepReport]) -> Value {
+/// The `progress` object of a pipeline run (the seed's shape), from its
+/// steps' names and statuses.
+pub fn progress<'a>(steps: impl IntoIterator<Item = (&'a str, &'a str)>) -> Value {
+    let steps: Vec<(&str, &str)> = steps.into_iter().collect();
     let total = steps.len();
-    let completed = steps.iter().filter(|s| s.finished()).count();
+    let completed = steps
+        .iter()
+        .filter(|(_, status)| matches!(*status, "completed" | "failed" | "cancelled" | "skipped"))
+        .count();
     let current: Vec<&str> = steps
         .iter()
-        .filter(|s| matches!(s.status, "running" | "retrying"))
-        .map(|s| s.name.as_str())
+        .filter(|(_, status)| matches!(*status, "running" | "retrying"))
+        .map(|(name, _)| *name)
         .collect();
     json!({
         "current_step": current.first(),
@@ -91,6 +90,11 @@ pub fn progress(steps: &[StepReport]) -> Value {
         "completed_steps": completed,
         "percentage": (completed * 1000).checked_div(total).map_or(0.0, |p| p as f64 / 10.0),
     })
+}
+
+/// [`progress`] of reports.
+pub fn progress_of(steps: &[StepReport]) -> Value {
+    progress(steps.iter().map(|s| (s.name.as_str(), s.status)))
 }
 
 /// Told of every change of a run's steps.

@@ -278,7 +278,8 @@ impl Application {
         let registry = Arc::new(
             Registry::load(stores.functions.clone(), Some(backends.clone()))
                 .await?
-                .with_package_limits(args.package_limits()),
+                .with_package_limits(args.package_limits())
+                .with_pipeline_max_steps(args.pipeline_max_steps.into()),
         );
         let functions_dir = args.functions_dir();
         if functions_dir.is_dir() {

@@ -31,7 +31,7 @@ const LT: &str = "python-async-worker";
 /// the replica tests outlives a test run).
 static NO_CACHE: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| json!({"cache": {"enabled": false}}));
 
-async fn submit(app: &TestApp, token: &str, body: Value, key: Option<&str>) -> Reply {
+pub(crate) async fn submit(app: &TestApp, token: &str, body: Value, key: Option<&str>) -> Reply {
     let mut req = app
         .client
         .post(app.url("/api/v1/executions"))
@@ -43,7 +43,7 @@ async fn submit(app: &TestApp, token: &str, body: Value, key: Option<&str>) -> R
     read(req.send().await.unwrap()).await
 }
 
-async fn post(app: &TestApp, token: &str, path: &str) -> Reply {
+pub(crate) async fn post(app: &TestApp, token: &str, path: &str) -> Reply {
     read(app.client.post(app.url(path)).bearer_auth(token).send().await.unwrap()).await
 }
 

@@ -433,3 +433,101 @@ async fn the_session_shows_each_step_while_the_pipeline_runs() {
     let s = app.get(Some(&token), &format!("/api/v1/sessions/{id}")).await;
     assert!(s.body.get("progress").is_none(), "{:?}", s.body);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_asynchronous_pipeline_shows_its_steps_and_is_cancelled_during_one() {
+    use crate::executions::{post, submit, wait_until};
+    let app = spawn_app().await;
+    let token = app.admin();
+    app.register("nodejs-sleeper", NODE_SLEEPER, no_cache()).await;
+    app.register("nodejs-counter-late", NODE_COUNTER, no_cache()).await;
+    let r = register_pipeline(
+        &app,
+        "pipeline-async",
+        json!({"steps": [
+            {"name": "quick", "function": "nodejs-calculator", "params": {"operation": "add", "values": [1, 2]}},
+            {"name": "slow", "function": "nodejs-sleeper", "params": {"ms": "$.params.ms", "label": "slow"}},
+            {"name": "late", "function": "nodejs-counter-late", "params": {"token": "late"}},
+        ]}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+
+    // Completed: every step's report, and the output.
+    let done = submit(
+        &app,
+        &token,
+        json!({"language_title": "pipeline-async", "params": {"ms": 10}}),
+        None,
+    )
+    .await;
+    assert_eq!(done.status, 202, "{:?}", done.body);
+    let id = done.body["execution_id"].as_str().unwrap().to_owned();
+    let view = wait_until(&app, &token, &id, Duration::from_secs(60), |e| {
+        e["status"] == "completed"
+    })
+    .await;
+    assert_eq!(view["result"]["input"]["token"], "late", "{view}");
+    assert_eq!(view["progress"]["completed_steps"], 3, "{view}");
+    assert_eq!(view["progress"]["total_steps"], 3);
+    let statuses: Vec<&str> = view["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["completed", "completed", "completed"]);
+
+    // Cancelled while the slow step runs: it stops, the last never starts.
+    let slow = submit(
+        &app,
+        &token,
+        json!({"language_title": "pipeline-async", "params": {"ms": 20000}}),
+        None,
+    )
+    .await;
+    let id = slow.body["execution_id"].as_str().unwrap().to_owned();
+    let running = wait_until(&app, &token, &id, Duration::from_secs(30), |e| {
+        e["progress"]["current_step"] == "slow"
+    })
+    .await;
+    assert_eq!(running["steps"][0]["status"], "completed", "{running}");
+    assert_eq!(running["progress"]["completed_steps"], 1);
+    let cancelled = post(&app, &token, &format!("/api/v1/executions/{id}/cancel")).await;
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    let view = wait_until(&app, &token, &id, Duration::from_secs(10), |e| {
+        e["status"] == "cancelled"
+    })
+    .await;
+    assert_eq!(view["error"]["code"], "CANCELLED", "{view}");
+    let statuses: Vec<&str> = view["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["completed", "cancelled", "skipped"], "{view}");
+
+    assert_eq!(view["steps"][2]["attempts"], 0);
+    assert!(view["steps"][2].get("execution_id").is_none());
+    assert!(view.get("result").is_none());
+
+    // A token without a step's language cannot submit it: 403, nothing queued.
+    let r = register_pipeline(
+        &app,
+        "pipeline-async-python",
+        json!({"steps": [{"function": "python-calculator", "params": {"operation": "add", "values": [1]}}]}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let partial = app.token("bob", &["execute:pipeline", "execute:nodejs"]);
+    let r = submit(
+        &app,
+        &partial,
+        json!({"language_title": "pipeline-async-python", "params": {}}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("execute:python"));
+}

@@ -286,6 +286,7 @@ mod tests {
             callback_next_ms: None,
             delivery_id: None,
             callback_error: None,
+            steps: None,
         }
     }
 

@@ -214,6 +214,8 @@ impl Executions {
     /// 403 at once). False when an idempotency key returned the first run.
     pub async fn submit(&self, subject: &Subject, s: Submission) -> Result<(QueuedExecution, bool), ApiError> {
         let function = self.engine.runnable(subject, &s.language_title).await?;
+        // A pipeline: the scope of every step's language too, now.
+        self.engine.pipeline_steps(subject, &function).await?;
         if !s.params.is_object() {
             return Err(ApiError::InvalidRequest("'params' must be a JSON object".into()));
         }
@@ -559,6 +561,43 @@ impl Executions {
             }
         };
 
+        let steps = match self.engine.pipeline_functions(&function).await {
+            Ok(steps) => steps,
+            Err(e) => {
+                let error = error_value(&e);
+                metrics.record_attempt("failed");
+                history.push(attempt_entry(row.attempt, started_ms, "failed", Some(&error), false));
+                self.write(&row, finish("failed", Some(error), history)).await;
+                return;
+            }
+        };
+        // A pipeline's step reports go to its row as they change (the
+        // latest wins), for reads and live progress on any replica.
+        let (reports, mut latest) = tokio::sync::watch::channel(None::<Value>);
+        let reporter = tokio::spawn({
+            let this = self.clone();
+            let id = row.id.clone();
+            async move {
+                let mut written = None;
+                loop {
+                    let open = latest.changed().await.is_ok();
+                    let steps = latest.borrow_and_update().clone();
+                    if steps.is_some()
+                        && steps != written
+                        && let Some(value) = &steps
+                        && let Ok(true) = this.queue.set_steps(&id, &this.owner, value).await
+                    {
+                        this.events.changed(&id);
+                        written = steps;
+                    }
+                    if !open {
+                        break;
+                    }
+                }
+            }
+        });
+        let progress = StepsToRow(reports);
+
         // Runs until it finishes or is stopped; the lease is renewed meanwhile.
         let token = CancellationToken::new();
         let why = Arc::new(Mutex::new(None));
@@ -596,7 +635,10 @@ impl Executions {
             cancel: Some(&token),
             parent: None,
         };
-        let invoked = self.engine.core.invoke(invocation, None).await;
+        let invoked = self.engine.run(invocation, None, &steps, Some(&progress)).await;
+        drop(progress);
+        // Its last report is written before the attempt's end.
+        let _ = reporter.await;
         renewal.abort();
         self.running.lock().unwrap().remove(&row.id);
         let stop = *why.lock().unwrap();
@@ -700,6 +742,15 @@ impl Executions {
                 tracing::error!(execution = %row.id, error = %e, "recording an attempt's end; the lease will expire and another attempt run")
             }
         }
+    }
+}
+
+/// Hands a running pipeline's step reports to the task that writes them.
+struct StepsToRow(tokio::sync::watch::Sender<Option<Value>>);
+
+impl crate::pipelines::Progress for StepsToRow {
+    fn changed(&self, steps: &[crate::pipelines::StepReport]) {
+        self.0.send_replace(serde_json::to_value(steps).ok());
     }
 }
 

@@ -77,12 +77,25 @@ impl From<QueuedExecution> for ExecutionView {
             step["completed_at"] = json!(format_ms(f));
         }
         let completed = u8::from(e.status == "completed");
-        let progress = json!({
+        let mut progress = json!({
             "current_step": (!done).then_some(&e.language_title),
             "total_steps": 1,
             "completed_steps": completed,
             "percentage": f64::from(completed) * 100.0,
         });
+        // A pipeline: its steps as its attempt reported them.
+        let steps = match e.steps.as_ref().and_then(Value::as_array) {
+            Some(reports) => {
+                progress = crate::pipelines::progress(reports.iter().map(|r| {
+                    (
+                        r["name"].as_str().unwrap_or_default(),
+                        r["status"].as_str().unwrap_or_default(),
+                    )
+                }));
+                reports.clone()
+            }
+            None => vec![step],
+        };
         let callback = e.callback_url.as_ref().map(|url| {
             json!({
                 "url": url,
@@ -104,7 +117,7 @@ impl From<QueuedExecution> for ExecutionView {
             version: e.version,
             priority: Priority::from_rank(e.priority),
             progress,
-            steps: vec![step],
+            steps,
             attempts: e.attempts.as_array().cloned().unwrap_or_default(),
             max_attempts: e.max_attempts,
             result: e.result,

@@ -249,6 +249,8 @@ pub struct QueuedExecution {
     /// One per final state: the receiver drops duplicates by it.
     pub delivery_id: Option<String>,
     pub callback_error: Option<String>,
+    /// A pipeline's steps as its running attempt last reported them.
+    pub steps: Option<Value>,
 }
 
 /// An execution to queue.
@@ -334,6 +336,8 @@ pub trait ExecutionQueue: Send + Sync {
     /// Cancels a pending execution, or asks its worker to stop a running
     /// one; the execution as it is afterwards (`None`: not the subject's).
     async fn cancel(&self, id: &str, subject: &str, now_ms: i64) -> Result<Option<QueuedExecution>, StoreError>;
+    /// Writes a running pipeline's step reports; false if `owner` no longer runs it.
+    async fn set_steps(&self, id: &str, owner: &str, steps: &Value) -> Result<bool, StoreError>;
     /// Queues a failed or cancelled execution again, its attempt history
     /// replaced by `attempts`; false if it is in another state (or its
     /// history changed meanwhile), `None` if it is not the subject's.

@@ -468,7 +468,7 @@ impl<'r, DB: Dialect> Decode<'r, DB> for ExecutionId {
 const QUEUED_COLUMNS: &str = "id, subject, language_title, version, params, context, timeout_ms, priority, status, \
      idempotency_key, cache, max_attempts, backoff_ms, retry_runtime_errors, attempt, attempts, result, error, \
      cold_start, cancel_requested, created_ms, started_ms, finished_ms, run_after_ms, lease_owner, lease_until_ms, \
-     callback_url, callback_status, callback_attempts, callback_next_ms, delivery_id, callback_error";
+     callback_url, callback_status, callback_attempts, callback_next_ms, delivery_id, callback_error, steps";
 
 /// Set with a final state: its callback (if it has a URL) is due at `$n`,
 /// as delivery `$n+1`.
@@ -524,7 +524,7 @@ where
         }
         let sql = format!(
             "INSERT INTO async_executions ({QUEUED_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $14, $7, 'pending', $8, $16, $9, \
-             $10, $11, 0, $12, NULL, NULL, FALSE, FALSE, $13, NULL, NULL, $13, NULL, NULL, $15, NULL, 0, NULL, NULL, NULL) \
+             $10, $11, 0, $12, NULL, NULL, FALSE, FALSE, $13, NULL, NULL, $13, NULL, NULL, $15, NULL, 0, NULL, NULL, NULL, NULL) \
              ON CONFLICT DO NOTHING RETURNING {QUEUED_COLUMNS}"
         );
         let inserted: Option<QueuedExecution> = sqlx::query_as(AssertSqlSafe(sql))
@@ -620,6 +620,18 @@ where
             .await?)
     }
 
+    async fn set_steps(&self, id: &str, owner: &str, steps: &Value) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE async_executions SET steps = $3 WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(steps)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows() == 1)
+    }
+
     async fn renew(&self, id: &str, owner: &str, until_ms: i64) -> Result<Option<bool>, StoreError> {
         let row: Option<(bool,)> = sqlx::query_as(
             "UPDATE async_executions SET lease_until_ms = $3 \
@@ -709,7 +721,7 @@ where
     ) -> Result<Option<bool>, StoreError> {
         let done = sqlx::query(
             "UPDATE async_executions SET status = 'pending', attempt = 0, result = NULL, error = NULL, \
-             finished_ms = NULL, run_after_ms = $3, cancel_requested = FALSE, attempts = $4 \
+             finished_ms = NULL, run_after_ms = $3, cancel_requested = FALSE, attempts = $4, steps = NULL \
              WHERE id = $1 AND subject = $2 AND status IN ('failed', 'cancelled')",
         )
         .bind(id)

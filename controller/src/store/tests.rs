@@ -287,6 +287,11 @@ async fn exercise_queue(q: &dyn ExecutionQueue) {
     // A renewal says whether a cancel was asked for; another owner's fails.
     assert_eq!(q.renew("e3", "r1", t + 20_000).await.unwrap(), Some(false));
     assert_eq!(q.renew("e3", "r2", t + 20_000).await.unwrap(), None);
+    // A pipeline's step reports: written by the lease's owner only.
+    let steps = json!([{"name": "a", "status": "running"}]);
+    assert!(q.set_steps("e3", "r1", &steps).await.unwrap());
+    assert!(!q.set_steps("e3", "r2", &json!([])).await.unwrap());
+    assert_eq!(q.get("e3").await.unwrap().unwrap().steps, Some(steps));
     let cancelling = q.cancel("e3", "alice", t + 11).await.unwrap().unwrap();
     assert_eq!(
         (cancelling.status.as_str(), cancelling.cancel_requested),
