@@ -531,3 +531,36 @@ async fn an_asynchronous_pipeline_shows_its_steps_and_is_cancelled_during_one() 
     assert_eq!(r.status, 403, "{:?}", r.body);
     assert!(r.body["error"]["message"].as_str().unwrap().contains("execute:python"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn components_are_the_functions_usable_as_steps_with_their_schemas() {
+    let app = spawn_app().await;
+    let r = register_pipeline(&app, "pipeline-one", json!({"steps": [{"function": "wasm-hello"}]})).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let reader = app.token("carol", &["read:functions", "execute:nodejs"]);
+    let r = app.get(Some(&reader), "/api/v1/components?per_page=100").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let components = r.body["components"].as_array().unwrap();
+    assert_eq!(r.body["total"], components.len());
+    assert!(components.iter().all(|c| c["language"] != "pipeline"), "{components:?}");
+    let calculator = components
+        .iter()
+        .find(|c| c["component_id"] == "nodejs-calculator")
+        .expect("nodejs-calculator is a component");
+    assert_eq!(calculator["input_schema"]["required"], json!(["operation", "values"]));
+    assert_eq!(calculator["output_schema"]["required"], json!(["value"]));
+    assert_eq!(calculator["executable"], true);
+    let python = components
+        .iter()
+        .find(|c| c["component_id"] == "python-calculator")
+        .unwrap();
+    assert_eq!(python["executable"], false, "carol has no execute:python");
+
+    let one = app.get(Some(&reader), "/api/v1/components/python-calculator").await;
+    assert_eq!(one.status, 200, "{:?}", one.body);
+    assert_eq!(one.body["language"], "python");
+    let r = app.get(Some(&reader), "/api/v1/components/pipeline-one").await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let no_scope = app.token("carol", &["execute:nodejs"]);
+    assert_eq!(app.get(Some(&no_scope), "/api/v1/components").await.status, 403);
+}

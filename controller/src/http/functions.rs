@@ -35,11 +35,11 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
     /// Only this language, e.g. `nodejs`.
-    language: Option<String>,
+    pub language: Option<String>,
     /// Page number, from 1.
-    page: Option<String>,
+    pub page: Option<String>,
     /// Items per page, 1 to 100 (default 20).
-    per_page: Option<String>,
+    pub per_page: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -11,6 +11,7 @@
 //! middleware sees, hyper's answer to a request it cannot parse, gets its
 //! JSON body from the connection itself ([`conn`]).
 
+mod components;
 pub mod conn;
 mod execute;
 mod executions;
@@ -96,6 +97,7 @@ pub struct HttpSettings {
         (name = "functions", description = "the function registry"),
         (name = "executions", description = "asynchronous executions: submit, status, cancel, retry"),
         (name = "logs", description = "what functions write to stdout and stderr, per execution and per function"),
+        (name = "pipelines", description = "functions usable as pipeline steps (pipelines themselves are functions)"),
         (name = "files", description = "uploaded files, passed to functions by reference"),
         (name = "operations", description = "health, metrics, this document"),
     )
@@ -211,6 +213,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(execute::router())
         .merge(sessions::router())
         .merge(functions::router())
+        .merge(components::router())
         .merge(executions::router())
         .merge(logs::router())
         .merge(files::router())
