@@ -168,6 +168,9 @@ impl Application {
 
         let stores = open_stores(&args).await?;
         let metrics = Arc::new(Metrics::new());
+        // Functions reach their caller's files here, with their run's key.
+        let (files_listener, files_socket) = crate::files::keys::bind_socket(data_dir)?;
+        let run_keys = Arc::new(crate::files::keys::RunKeys::default());
         let builder = Builder::new(BuilderConfig {
             cargo: args.cargo_bin.clone(),
             sdk_dir: args.runtimes_dir().join("rust").join("sdk"),
@@ -199,6 +202,7 @@ impl Application {
             instance_uid_count: args.instance_uid_count,
             max_result_bytes: args.max_result_bytes,
             rust_runtime: args.rust_runtime_bin.clone().or_else(|| std::env::current_exe().ok()),
+            files_socket: Some(files_socket.clone()),
             builder: builder.clone().ok(),
         })?;
         // Dependencies are installed for the interpreters instances run.
@@ -243,6 +247,7 @@ impl Application {
             &backend,
             builder.clone().ok(),
             installer.clone(),
+            &files_socket,
         )?);
         let placement = Placement::new(
             vec![Arc::new(backend), Arc::new(WasmRuntime(wasm)), docker.clone()],
@@ -330,7 +335,8 @@ impl Application {
                     log_limit_bytes: args.log_limit_bytes,
                 },
             )
-            .with_followers(logs.hub.clone()),
+            .with_followers(logs.hub.clone())
+            .with_file_grants(run_keys.clone()),
         );
         let engine = Arc::new(Engine::new(
             registry,
@@ -428,6 +434,18 @@ impl Application {
             docker,
             files,
         };
+        tasks.spawn({
+            let router = http::files_socket_router(state.clone(), run_keys);
+            let stop = stop.clone();
+            async move {
+                let served = axum::serve(files_listener, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "serving the files socket");
+                }
+            }
+        });
         let router = http::router(
             state,
             &HttpSettings {
@@ -506,6 +524,7 @@ fn docker_backend(
     process: &ProcessBackend,
     builder: Option<Arc<fnrt_backends::build::Builder>>,
     installer: Option<Arc<Installer>>,
+    files_socket: &std::path::Path,
 ) -> anyhow::Result<DockerBackend> {
     let (packages, instances) = process.packages();
     let images = [Language::Nodejs, Language::Python, Language::Rust]
@@ -531,6 +550,7 @@ fn docker_backend(
         builder,
         packages,
         installer,
+        files_socket: Some(files_socket.to_owned()),
     })
 }
 

@@ -39,6 +39,8 @@ const ENTRYPOINT_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const KEPT_ENV = ['PATH', 'HOME', 'LANG', 'TMPDIR'];
 /** A /run's `log_marker`, written on both streams when the run ends. */
 const LOG_MARKER_RE = /^[A-Za-z0-9_-]{16,64}$/;
+/** A /run's `files_token`: the run's key to its caller's files. */
+const FILES_TOKEN_RE = /^[0-9a-f]{64}$/;
 
 // Deep call chains in user code would otherwise push the frame we report
 // (the innermost one in the entrypoint file) out of the default 10 frames.
@@ -97,6 +99,8 @@ const state = {
   stdio: null,
   /** How many runs have started: each run's sequence number, the value of its `runStore`. */
   runCount: 0,
+  /** The controller's files socket: `files.sock` beside ours. */
+  filesSocket: null,
 };
 
 // ---------------------------------------------------------------------------
@@ -441,6 +445,99 @@ function handleInit(body) {
 }
 
 // ---------------------------------------------------------------------------
+// require('fnrt'): the function's helpers
+//
+// `files.read(fileId)` -> Buffer, `files.info(fileId)` -> {file_id, name, size,
+// content_type, sha256, ...}, `files.write(data, {name})` -> the new file's
+// info: the caller's files, through the controller's files socket, with the
+// key the controller gave this run. Outside a run (module top level, a timer
+// left behind by an earlier run) they throw: a key opens its own run's files
+// only, and only while that run lasts.
+
+class FilesError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = 'FilesError';
+    this.code = code;
+  }
+}
+
+function runFilesToken() {
+  const run = state.currentRun;
+  if (run === null || runStore.getStore() !== run.seq) {
+    throw new FilesError('NO_RUN', 'fnrt.files is usable only while the function runs, from its own run');
+  }
+  if (!run.filesToken) throw new FilesError('UNAVAILABLE', 'files are not available to this run');
+  return run.filesToken;
+}
+
+function filesCall(method, urlPath, body) {
+  const token = runFilesToken();
+  return new Promise((resolve, reject) => {
+    const headers = { Authorization: `Bearer ${token}` };
+    if (body !== undefined) headers['Content-Length'] = body.length;
+    const req = http.request({ socketPath: state.filesSocket, path: urlPath, method, headers }, (res) => {
+      const chunks = [];
+      res.on('data', (c) => chunks.push(c));
+      res.on('end', () => {
+        const data = Buffer.concat(chunks);
+        if (res.statusCode >= 200 && res.statusCode < 300) return resolve(data);
+        let error = { code: 'UNAVAILABLE', message: `files answered ${res.statusCode}` };
+        try {
+          error = JSON.parse(data.toString('utf8')).error || error;
+        } catch (_) {
+          // not the contract's body: keep the status
+        }
+        reject(new FilesError(error.code, error.message));
+      });
+      res.on('error', reject);
+    });
+    req.on('error', (err) => reject(new FilesError('UNAVAILABLE', `the files socket: ${err.code || err.message}`)));
+    req.end(body);
+  });
+}
+
+function checkedId(fileId) {
+  if (typeof fileId !== 'string' || !/^[0-9a-fA-F-]{1,64}$/.test(fileId)) {
+    throw new FilesError('INVALID_REQUEST', 'a file id is a string like "9b2f…" (from an upload or an earlier write)');
+  }
+  return fileId;
+}
+
+const fnrtModule = {
+  files: {
+    async read(fileId) {
+      return filesCall('GET', `/api/v1/files/${checkedId(fileId)}`);
+    },
+    async info(fileId) {
+      return JSON.parse((await filesCall('GET', `/api/v1/files/${checkedId(fileId)}/meta`)).toString('utf8'));
+    },
+    async write(data, options = {}) {
+      const bytes = typeof data === 'string' ? Buffer.from(data, 'utf8') : Buffer.from(data);
+      const name = typeof options.name === 'string' ? options.name : '';
+      const answer = await filesCall('POST', `/api/v1/files?name=${encodeURIComponent(name)}`, bytes);
+      return JSON.parse(answer.toString('utf8'));
+    },
+  },
+};
+
+/** Makes `require('fnrt')` give the helpers, from any of the function's files. */
+function installFnrtModule() {
+  const Module = require('module');
+  const id = path.join(__dirname, 'fnrt.builtin.js');
+  const builtin = new Module(id);
+  builtin.filename = id;
+  builtin.exports = fnrtModule;
+  builtin.loaded = true;
+  Module._cache[id] = builtin;
+  const resolve = Module._resolveFilename;
+  Module._resolveFilename = function resolveFnrt(request, ...rest) {
+    if (request === 'fnrt') return id;
+    return Reflect.apply(resolve, this, [request, ...rest]);
+  };
+}
+
+// ---------------------------------------------------------------------------
 // POST /run
 
 function parseRun(body) {
@@ -458,7 +555,11 @@ function parseRun(body) {
   if (logMarker !== undefined && !(typeof logMarker === 'string' && LOG_MARKER_RE.test(logMarker))) {
     throw new BadRequest('"log_marker" must be a string of 16 to 64 characters from [A-Za-z0-9_-]');
   }
-  return { params, context, logMarker };
+  const filesToken = body.files_token;
+  if (filesToken !== undefined && !(typeof filesToken === 'string' && FILES_TOKEN_RE.test(filesToken))) {
+    throw new BadRequest('"files_token" must be 64 lowercase hex characters');
+  }
+  return { params, context, logMarker, filesToken };
 }
 
 /** Serialises the handler's result: {json}, or {error} when JSON cannot represent it. */
@@ -498,7 +599,7 @@ async function handleRun(body) {
 
   // The run ends at whichever comes first: the handler settles, or an uncaught
   // error/rejection is routed here by onStrayError.
-  const run = { seq: ++state.runCount };
+  const run = { seq: ++state.runCount, filesToken: request.filesToken };
   const strayError = new Promise((resolve) => {
     run.fail = (err) => resolve({ thrown: err });
   });
@@ -685,6 +786,8 @@ function main() {
   // Before /init, so the function's module sees the wrapped methods from its first line.
   for (const stream of state.stdio) dropLateWrites(stream);
   state.packageDir = path.join(path.dirname(path.resolve(socketPath)), 'function');
+  state.filesSocket = path.join(path.dirname(path.resolve(socketPath)), 'files.sock');
+  installFnrtModule();
 
   try {
     removeStaleSocket(socketPath);

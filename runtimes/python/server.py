@@ -32,6 +32,7 @@ import concurrent.futures.thread
 import contextvars
 import functools
 import gc
+import http.client
 import http.server
 import importlib.util
 import json
@@ -39,11 +40,14 @@ import linecache
 import os
 import platform
 import re
+import socket
 import socketserver
 import stat
 import sys
 import threading
 import traceback
+import types
+import urllib.parse
 
 # Request bodies larger than this are refused before they are read.
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -323,6 +327,9 @@ class Runtime:
         marker = _field(body, "log_marker", str, marker_rule)
         if marker is not None and not LOG_MARKER_RE.fullmatch(marker):
             raise RequestError(400, "BAD_REQUEST", f"'log_marker' must be {marker_rule}")
+        files_token = _field(body, "files_token", str, "64 lowercase hex characters")
+        if files_token is not None and not FILES_TOKEN_RE.fullmatch(files_token):
+            raise RequestError(400, "BAD_REQUEST", "'files_token' must be 64 lowercase hex characters")
 
         if not self.initialized:
             raise RequestError(409, "NOT_INITIALIZED", "POST /init must succeed before /run")
@@ -330,6 +337,7 @@ class Runtime:
             raise RequestError(409, "BUSY", "a run is already in progress on this instance")
         self._run_count += 1
         _active_run = self._run_count
+        _files.token = files_token
         try:
             try:
                 # In a context of its own, where _RUN says which run this is.
@@ -349,6 +357,7 @@ class Runtime:
             if marker is not None:
                 _end_logs(marker)
             _active_run = None
+            _files.token = None
             self._run_lock.release()
 
     def _call_as_run(self, run, params, context):
@@ -822,6 +831,105 @@ def remove_stale_socket(path):
     os.unlink(path)
 
 
+# --- import fnrt: the function's helpers ------------------------------------
+#
+# fnrt.files.read(file_id) -> bytes, fnrt.files.info(file_id) -> dict,
+# fnrt.files.write(data, name="") -> the new file's info: the caller's files,
+# through the controller's files socket (files.sock beside ours), with the key
+# the controller gave this run. Outside the run in progress (module top level,
+# a thread an earlier run left behind) they raise FilesError: a key opens its
+# own run's files only, and only while that run lasts.
+
+FILES_TOKEN_RE = re.compile(r"[0-9a-f]{64}")
+FILE_ID_RE = re.compile(r"[0-9A-Fa-f-]{1,64}")
+
+
+class FilesError(Exception):
+    """A files call failed; `code` is the contract's code (NOT_FOUND, ...)."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class _Files:
+    def __init__(self):
+        self.socket = None
+        self.token = None
+
+    def _key(self):
+        if _RUN.get() is None or _RUN.get() != _active_run:
+            raise FilesError("NO_RUN", "fnrt.files is usable only while the function runs, from its own run")
+        if not self.token:
+            raise FilesError("UNAVAILABLE", "files are not available to this run")
+        return self.token
+
+    def _call(self, method, path, body=None):
+        key = self._key()
+        conn = _UnixConnection(self.socket, timeout=600)
+        try:
+            try:
+                conn.request(method, path, body=body, headers={"Authorization": "Bearer " + key})
+                answer = conn.getresponse()
+                data = answer.read()
+            except OSError as exc:
+                raise FilesError("UNAVAILABLE", f"the files socket: {exc.strerror or exc}") from None
+        finally:
+            conn.close()
+        if 200 <= answer.status < 300:
+            return data
+        try:
+            error = json.loads(data)["error"]
+        except (ValueError, KeyError, TypeError):
+            error = {"code": "UNAVAILABLE", "message": f"files answered {answer.status}"}
+        raise FilesError(error.get("code"), error.get("message"))
+
+    @staticmethod
+    def _id(file_id):
+        if not isinstance(file_id, str) or not FILE_ID_RE.fullmatch(file_id):
+            raise FilesError("INVALID_REQUEST", "a file id is a string (from an upload or an earlier write)")
+        return file_id
+
+    def read(self, file_id):
+        """The file's bytes."""
+        return self._call("GET", f"/api/v1/files/{self._id(file_id)}")
+
+    def info(self, file_id):
+        """The file's name, size, content type, sha256 and times."""
+        return json.loads(self._call("GET", f"/api/v1/files/{self._id(file_id)}/meta"))
+
+    def write(self, data, name=""):
+        """Stores `data` (bytes or str) as a new file of the caller's; its info."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        query = urllib.parse.urlencode({"name": name})
+        return json.loads(self._call("POST", f"/api/v1/files?{query}", bytes(data)))
+
+
+_files = _Files()
+
+
+def _install_fnrt_module(socket_path):
+    """Makes `import fnrt` give the helpers."""
+    _files.socket = os.path.join(os.path.dirname(os.path.abspath(socket_path)), "files.sock")
+    module = types.ModuleType("fnrt", "The function runtime's helpers: fnrt.files (read, info, write).")
+    module.files = _files
+    module.FilesError = FilesError
+    sys.modules["fnrt"] = module
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Python runtime server (see docs/runtime-protocol.md).")
     parser.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
@@ -837,6 +945,7 @@ def main(argv=None):
 
     # A multi-file function's files are put beside the socket.
     package_dir = os.path.join(os.path.dirname(os.path.abspath(args.socket)), FUNCTION_DIR)
+    _install_fnrt_module(args.socket)
     runtime = Runtime(dict(os.environ), package_dir)
     remove_stale_socket(args.socket)
     try:

@@ -47,7 +47,7 @@ fn blobs(app: &TestApp) -> usize {
 }
 
 /// Uploads `bytes` as the raw body, named `name` (if any).
-async fn upload(app: &TestApp, token: &str, bytes: Vec<u8>, name: Option<&str>) -> Reply {
+pub(crate) async fn upload(app: &TestApp, token: &str, bytes: Vec<u8>, name: Option<&str>) -> Reply {
     let mut url = reqwest::Url::parse(&app.url("/api/v1/files")).unwrap();
     if let Some(name) = name {
         url.query_pairs_mut().append_pair("name", name);

@@ -28,6 +28,7 @@ mod executions;
 mod faults;
 mod files;
 mod first_run;
+mod function_files;
 mod functions;
 mod initialize;
 mod limits;

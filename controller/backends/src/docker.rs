@@ -115,6 +115,8 @@ pub struct DockerConfig {
     pub builder: Option<Arc<Builder>>,
     pub packages: Arc<PackageStore>,
     pub installer: Option<Arc<Installer>>,
+    /// The controller's files socket, linked into every container's directory.
+    pub files_socket: Option<PathBuf>,
 }
 
 /// What an image says about how to run it.
@@ -466,6 +468,7 @@ impl RuntimeBackend for DockerBackend {
             .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
             .and_then(|()| std::os::unix::fs::chown(&dir, Some(uid), Some(uid)))
             .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
+        crate::link_files_socket(self.config.files_socket.as_deref(), &dir);
         let name = format!(
             "fnrt-{}-{id}",
             &self.config.controller_id[..8.min(self.config.controller_id.len())]

@@ -48,6 +48,22 @@ use fnrt_core::runtime::{Artifacts, InstanceError};
 use crate::build::Builder;
 use crate::deps::{Dependencies, Installer};
 
+/// The name of the controller's files socket in an instance's directory
+/// (beside the runtime's own socket): the runtimes' file helpers connect to it.
+pub const FILES_SOCKET: &str = "files.sock";
+
+/// Puts the controller's files socket into an instance's directory as a
+/// hard link, which reaches it from inside any sandbox or container the
+/// directory is mounted in. Without it the function's file helpers say
+/// files are unavailable; the instance still runs.
+pub fn link_files_socket(socket: Option<&std::path::Path>, dir: &std::path::Path) {
+    if let Some(socket) = socket
+        && let Err(e) = std::fs::hard_link(socket, dir.join(FILES_SOCKET))
+    {
+        tracing::warn!(error = %e, socket = %socket.display(), "linking the files socket into an instance");
+    }
+}
+
 /// A system tool's path (`bwrap`, `slirp4netns`, `nft`): on `PATH`, else
 /// where Debian installs it (root's tools are in `/usr/sbin`, which a
 /// service's `PATH` may lack).

@@ -109,6 +109,8 @@ pub struct ProcessConfig {
     pub rust_runtime: Option<PathBuf>,
     /// Builds Rust functions (the artifact is what `/init` loads).
     pub builder: Option<Arc<Builder>>,
+    /// The controller's files socket, linked into every instance's directory.
+    pub files_socket: Option<PathBuf>,
 }
 
 /// How to start one language's runtime server.
@@ -146,6 +148,8 @@ pub struct ProcessBackend {
     packages: Arc<PackageStore>,
     /// Installs packages' dependencies.
     installer: Option<Arc<Installer>>,
+    /// The controller's files socket, linked into instances' directories.
+    files_socket: Option<PathBuf>,
     /// The directory of its own under `/run/fnrt` when the data dir could
     /// not be used; removed with the backend (it holds copies of runtimes).
     own_root: Option<PathBuf>,
@@ -304,6 +308,7 @@ impl ProcessBackend {
             own_root,
             packages,
             installer: None,
+            files_socket: config.files_socket.clone(),
             builder: config.builder.clone(),
             remote: RemoteSettings {
                 max_result_bytes: config.max_result_bytes,
@@ -423,6 +428,7 @@ impl RuntimeBackend for ProcessBackend {
         };
         prepare_dir(&dir, uid.as_ref().map(|u| u.uid))
             .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
+        crate::link_files_socket(self.files_socket.as_deref(), &dir);
 
         let mut cmd = match (&self.bwrap, &uid) {
             (Some(bwrap), Some(lease)) => {

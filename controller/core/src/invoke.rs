@@ -28,7 +28,7 @@ use crate::logs::{Captured, LogFollowers, RunLogs};
 use crate::metrics::Metrics;
 use crate::records::{ExecutionRecord, RecordSink};
 use crate::runtime::pool::{InstancePool, Lease};
-use crate::runtime::{InstanceError, RunOutcome, RunRequest};
+use crate::runtime::{FileGrants, InstanceError, RunOutcome, RunRequest};
 use tokio_util::sync::CancellationToken;
 
 /// How the cache may serve and keep one invocation's result.
@@ -213,6 +213,18 @@ impl From<InstanceError> for CoreError {
     }
 }
 
+/// A run's key to its caller's files, revoked when dropped.
+struct Grant {
+    token: String,
+    grants: Arc<dyn FileGrants>,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.grants.revoke(&self.token);
+    }
+}
+
 /// Runs function versions: the one path every execution takes.
 pub struct Invoker {
     cache: Layers,
@@ -222,6 +234,8 @@ pub struct Invoker {
     records: Arc<dyn RecordSink>,
     /// Where log lines go live as they are captured.
     followers: Option<Arc<dyn LogFollowers>>,
+    /// Issues each run its key to the caller's files.
+    grants: Option<Arc<dyn FileGrants>>,
     settings: InvokeSettings,
 }
 
@@ -247,6 +261,7 @@ impl Invoker {
             metrics,
             records,
             followers: None,
+            grants: None,
             settings,
         }
     }
@@ -254,6 +269,12 @@ impl Invoker {
     /// Also hands every captured log line to `followers` as it comes.
     pub fn with_followers(mut self, followers: Arc<dyn LogFollowers>) -> Self {
         self.followers = Some(followers);
+        self
+    }
+
+    /// Gives every run a key to its caller's files.
+    pub fn with_file_grants(mut self, grants: Arc<dyn FileGrants>) -> Self {
+        self.grants = Some(grants);
         self
     }
 
@@ -409,7 +430,13 @@ impl Invoker {
             },
         };
         start.cold = lease.start.is_cold();
+        // Ends with the run, however it ends (a cancelled run is dropped).
+        let grant = self.grants.as_ref().map(|grants| Grant {
+            token: grants.grant(invocation.origin.subject),
+            grants: grants.clone(),
+        });
         let request = RunRequest {
+            files_token: grant.as_ref().map(|g| g.token.as_str()),
             params: invocation.params,
             context: invocation.run_context.unwrap_or(invocation.context),
             deadline: invocation.deadline,

@@ -17,7 +17,10 @@
 //!   remove), [`Files`] (upload, read, delete, the expiry sweep, over a
 //!   store and the records), [`sniff`].
 //! - [`local`]: [`local::LocalFileStore`], blobs in `DATA_DIR/files/`.
+//! - [`keys`]: per-run keys and the socket through which functions read
+//!   and write their caller's files.
 
+pub mod keys;
 pub mod local;
 
 use std::any::Any;

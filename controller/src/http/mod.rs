@@ -206,6 +206,38 @@ fn document_every_answer(doc: &mut utoipa::openapi::OpenApi) {
     }
 }
 
+/// The files socket's router (`DATA_DIR/run/files.sock`): `/api/v1/files`
+/// for functions, a run's key (`Authorization: Bearer`) standing for that
+/// run's caller (see [`crate::files::keys`]).
+pub fn files_socket_router(state: AppState, keys: Arc<crate::files::keys::RunKeys>) -> Router {
+    let (api, _) = files::router().split_for_parts();
+    api.with_state(state)
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn(
+            move |mut req: axum::extract::Request, next: middleware::Next| {
+                let keys = keys.clone();
+                async move {
+                    let subject = req
+                        .headers()
+                        .get(axum::http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .and_then(|key| keys.subject(key));
+                    let authenticated = match subject {
+                        Some(sub) => Ok(crate::auth::Subject {
+                            sub,
+                            scopes: Vec::new(),
+                        }),
+                        None => Err("this run's files key is missing, or its run has ended".to_owned()),
+                    };
+                    req.extensions_mut().insert(extract::Authenticated(authenticated));
+                    next.run(req).await
+                }
+            },
+        ))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
 /// The whole application's router.
 pub fn router(state: AppState, settings: &HttpSettings) -> Router {
     let guarded: OpenApiRouter<AppState> = OpenApiRouter::with_openapi(ApiDoc::openapi())

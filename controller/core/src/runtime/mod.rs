@@ -46,6 +46,18 @@ pub struct RunRequest<'a> {
     pub deadline: Duration,
     /// Where what the function writes during the run goes.
     pub logs: Option<&'a std::sync::Arc<crate::logs::RunLogs>>,
+    /// The run's key to its caller's files (`files.sock` beside the
+    /// runtime's socket), valid until the run ends.
+    pub files_token: Option<&'a str>,
+}
+
+/// Keys to the caller's files, one per run (the controller's files socket
+/// checks them): what a function's file helpers present.
+pub trait FileGrants: Send + Sync {
+    /// A new key to `subject`'s files.
+    fn grant(&self, subject: &str) -> String;
+    /// Ends a key.
+    fn revoke(&self, token: &str);
 }
 
 /// How a function answered a run.

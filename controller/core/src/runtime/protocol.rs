@@ -166,6 +166,9 @@ impl RuntimeClient {
         if let Some(marker) = log_marker {
             body["log_marker"] = json!(marker);
         }
+        if let Some(token) = request.files_token {
+            body["files_token"] = json!(token);
+        }
         let (status, mut answer) = self.call(Method::POST, "/run", Some(&body), max_response).await?;
         if status != StatusCode::OK {
             return Err(unexpected("/run", status, &answer));
@@ -406,6 +409,7 @@ mod tests {
             context: &CONTEXT,
             deadline: std::time::Duration::from_millis(1500),
             logs: None,
+            files_token: None,
         }
     }
 
