@@ -168,8 +168,6 @@ impl Application {
 
         let stores = open_stores(&args).await?;
         let metrics = Arc::new(Metrics::new());
-        // Functions reach their caller's files here, with their run's key.
-        let (files_listener, files_socket) = crate::files::keys::bind_socket(data_dir)?;
         let run_keys = Arc::new(crate::files::keys::RunKeys::default());
         let builder = Builder::new(BuilderConfig {
             cargo: args.cargo_bin.clone(),
@@ -202,9 +200,14 @@ impl Application {
             instance_uid_count: args.instance_uid_count,
             max_result_bytes: args.max_result_bytes,
             rust_runtime: args.rust_runtime_bin.clone().or_else(|| std::env::current_exe().ok()),
-            files_socket: Some(files_socket.clone()),
             builder: builder.clone().ok(),
         })?;
+        // Functions reach their caller's files here, with their run's key:
+        // beside the instances' directories, on their filesystem, so that
+        // each instance gets a hard link to it.
+        let root = backend.packages().1.parent().unwrap_or(data_dir).to_owned();
+        let (files_listener, files_socket) = crate::files::keys::bind_socket(&root)?;
+        backend.set_files_socket(files_socket.clone());
         // Dependencies are installed for the interpreters instances run.
         let installer = match (backend.program(Language::Python), backend.program(Language::Nodejs)) {
             (Some(python_bin), Some(node_bin)) => Installer::new(

@@ -109,8 +109,6 @@ pub struct ProcessConfig {
     pub rust_runtime: Option<PathBuf>,
     /// Builds Rust functions (the artifact is what `/init` loads).
     pub builder: Option<Arc<Builder>>,
-    /// The controller's files socket, linked into every instance's directory.
-    pub files_socket: Option<PathBuf>,
 }
 
 /// How to start one language's runtime server.
@@ -308,7 +306,7 @@ impl ProcessBackend {
             own_root,
             packages,
             installer: None,
-            files_socket: config.files_socket.clone(),
+            files_socket: None,
             builder: config.builder.clone(),
             remote: RemoteSettings {
                 max_result_bytes: config.max_result_bytes,
@@ -324,6 +322,12 @@ impl ProcessBackend {
     /// Multi-file functions' files, which other backends' instances are
     /// given too; and where instance directories are (links from the store
     /// need the same filesystem).
+    /// Links the controller's files socket into every instance's directory
+    /// (it must be on the instances' filesystem).
+    pub fn set_files_socket(&mut self, socket: PathBuf) {
+        self.files_socket = Some(socket);
+    }
+
     pub fn packages(&self) -> (Arc<PackageStore>, &Path) {
         (self.packages.clone(), &self.instances_dir)
     }

@@ -293,7 +293,7 @@ impl Metrics {
         );
         registry.register(
             "pipeline_step_duration_seconds",
-            "Pipeline steps by pipeline, step and outcome (success, failed, continued, cancelled, skipped), \
+            "Pipeline steps by pipeline, step and outcome (success, retried, failed, continued, cancelled), \
              every attempt included",
             m.pipeline_steps.clone(),
         );

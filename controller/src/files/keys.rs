@@ -42,11 +42,12 @@ impl FileGrants for RunKeys {
     }
 }
 
-/// Binds the files socket at `DATA_DIR/run/files.sock`: any uid may
-/// connect (instances run as uids of their own); the key is the check.
-pub fn bind_socket(data_dir: &Path) -> anyhow::Result<(tokio::net::UnixListener, PathBuf)> {
+/// Binds the files socket at `ROOT/run/files.sock` (`ROOT` holds the
+/// instances' directories: the data dir, or its stand-in under `/run/fnrt`):
+/// any uid may connect (instances run as uids of their own); the key is the check.
+pub fn bind_socket(root: &Path) -> anyhow::Result<(tokio::net::UnixListener, PathBuf)> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = data_dir.join("run");
+    let dir = root.join("run");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     let path = dir.join(fnrt_backends::FILES_SOCKET);

@@ -206,7 +206,7 @@ fn document_every_answer(doc: &mut utoipa::openapi::OpenApi) {
     }
 }
 
-/// The files socket's router (`DATA_DIR/run/files.sock`): `/api/v1/files`
+/// The files socket's router (`DATA_DIR/run/files.sock`, see [`crate::files::keys`]): `/api/v1/files`
 /// for functions, a run's key (`Authorization: Bearer`) standing for that
 /// run's caller (see [`crate::files::keys`]).
 pub fn files_socket_router(state: AppState, keys: Arc<crate::files::keys::RunKeys>) -> Router {
