@@ -12,9 +12,13 @@ const BUNDLED: &[&str] = &[
     "nodejs-counter",
     "nodejs-error",
     "nodejs-greeting-card",
+    "pipeline-resize-detect-annotate",
     "python-calculator",
     "python-counter",
     "python-error",
+    "python-image-annotate",
+    "python-image-detect",
+    "python-image-resize",
     "python-report",
     "python-wordcount",
     "rust-fibonacci",
@@ -110,11 +114,14 @@ async fn the_listing_filters_by_language() {
             "python-calculator",
             "python-counter",
             "python-error",
+            "python-image-annotate",
+            "python-image-detect",
+            "python-image-resize",
             "python-report",
             "python-wordcount"
         ]
     );
-    assert_eq!(python.body["total"], 5);
+    assert_eq!(python.body["total"], 8);
     assert!(
         python.body["functions"]
             .as_array()

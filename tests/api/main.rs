@@ -30,6 +30,7 @@ mod files;
 mod first_run;
 mod function_files;
 mod functions;
+mod images;
 mod initialize;
 mod limits;
 mod logs;
