@@ -170,3 +170,70 @@ async fn a_run_opens_only_its_callers_files_and_only_while_it_lasts() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["result"]["with_old_key"], 401, "{:?}", r.body);
 }
+
+/// Copies a file (reading it whole) and answers the copy's sha256.
+const NODE_COPY: &str = r#"
+const crypto = require('crypto');
+const { files } = require('fnrt');
+exports.handler = async (params) => {
+  const data = await files.read(params.file_id);
+  const written = await files.write(data, { name: 'copy.bin' });
+  return { file_id: written.file_id, sha256: crypto.createHash('sha256').update(data).digest('hex'), size: data.length };
+};
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_20_mb_file_goes_through_steps_by_reference_and_the_controller_never_holds_it() {
+    use sha2::{Digest, Sha256};
+    let app = crate::helpers::spawn_binary();
+    let token = app.admin();
+    app.register("nodejs-copy", NODE_COPY, no_cache()).await;
+    let r = app
+        .post_function(json!({
+            "language_title": "pipeline-copy-twice",
+            "description": "copies a file, then copies the copy",
+            "steps": [
+                {"name": "first", "function": "nodejs-copy", "params": {"file_id": "$.params.file_id"}},
+                {"name": "second", "function": "nodejs-copy", "params": {"file_id": "$.steps.first.output.file_id"}},
+            ],
+        }))
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // Warm: instances started, the controller's buffers allocated.
+    let small = upload(&app, &token, b"warm".to_vec(), None).await;
+    let r = call(&app, &token, "pipeline-copy-twice", json!({"file_id": small.body["file_id"]})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    let controller = app.controller_pid();
+    let before = crate::sandbox::vm_rss_kib(controller);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(crate::sandbox::vm_rss_kib(controller));
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            peak
+        }
+    });
+    let big: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let digest = hex::encode(Sha256::digest(&big));
+    let up = upload(&app, &token, big, Some("big.bin")).await;
+    assert_eq!(up.status, 201, "{:?}", up.body);
+    let r = call(&app, &token, "pipeline-copy-twice", json!({"file_id": up.body["file_id"]})).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.await.unwrap();
+
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    for step in r.body["steps"].as_array().unwrap() {
+        assert_eq!(step["output"]["sha256"], digest.as_str(), "{step}");
+        assert_eq!(step["output"]["size"], 20 * 1024 * 1024);
+    }
+    // 60 MiB went in and out of the controller (the upload, two reads, two
+    // writes); it never held as much as one file.
+    let grew = peak.saturating_sub(before);
+    eprintln!("controller RSS {before} KiB, peak {peak} KiB while moving 20 MiB");
+    assert!(grew < 16 * 1024, "the controller grew by {grew} KiB (from {before} KiB) while moving a 20 MiB file");
+}

@@ -261,7 +261,7 @@ fn instance_dir_of_uid(app: &TestApp, uid: u64) -> Option<std::path::PathBuf> {
 }
 
 /// The controller's resident memory, in KiB.
-fn vm_rss_kib(pid: u32) -> u64 {
+pub(crate) fn vm_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
