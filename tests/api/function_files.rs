@@ -135,6 +135,58 @@ async fn node_and_python_functions_read_and_write_their_callers_files() {
     assert_eq!(download(&app, &token, out).await, b"SELIF OLLEH");
 }
 
+const RUST_TOML: &str = r#"[package]
+name = "reverse"
+version = "0.1.0"
+edition = "2024"
+
+[dependencies]
+fnrt-sdk = "0.1"
+serde_json = "1"
+"#;
+
+/// Reads a file, writes it reversed; a missing file is its error's code.
+const RUST_REVERSE: &str = r#"
+use fnrt_sdk::{Context, Error, export};
+use serde_json::{Value, json};
+
+fn reverse(params: Value, ctx: Context) -> Result<Value, Error> {
+    let files = ctx.files()?;
+    let id = params["file_id"].as_str().unwrap_or_default();
+    let mut data = match files.read(id) {
+        Ok(data) => data,
+        Err(e) => return Ok(json!({"error": e.details()["files_code"]})),
+    };
+    let name = files.info(id)?["name"].as_str().unwrap_or_default().to_owned();
+    data.reverse();
+    let written = files.write(&data, &format!("reversed {name}"))?;
+    Ok(json!({"file_id": written["file_id"], "name": written["name"]}))
+}
+
+export!(reverse);
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rust_function_reads_and_writes_its_callers_files() {
+    let app = spawn_app().await;
+    let r = app
+        .post_function(json!({"language_title": "rust-reverse", "description": "reverses a file",
+                              "files": {"Cargo.toml": RUST_TOML, "src/lib.rs": RUST_REVERSE}, "cache": {"enabled": false}}))
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let alice = app.token("alice", &["execute:all"]);
+    let up = upload(&app, &alice, b"abc".to_vec(), Some("x y.txt")).await;
+    let id = up.body["file_id"].as_str().unwrap().to_owned();
+    let r = call(&app, &alice, "rust-reverse", json!({"file_id": id})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"]["name"], "reversed x y.txt");
+    let out = r.body["result"]["file_id"].as_str().unwrap();
+    assert_eq!(download(&app, &alice, out).await, b"cba");
+    let bob = app.token("bob", &["execute:all"]);
+    let r = call(&app, &bob, "rust-reverse", json!({"file_id": id})).await;
+    assert_eq!(r.body["result"], json!({"error": "NOT_FOUND"}), "{:?}", r.body);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_opens_only_its_callers_files_and_only_while_it_lasts() {
     let app = spawn_app().await;
@@ -201,7 +253,13 @@ async fn a_20_mb_file_goes_through_steps_by_reference_and_the_controller_never_h
     assert_eq!(r.status, 201, "{:?}", r.body);
     // Warm: instances started, the controller's buffers allocated.
     let small = upload(&app, &token, b"warm".to_vec(), None).await;
-    let r = call(&app, &token, "pipeline-copy-twice", json!({"file_id": small.body["file_id"]})).await;
+    let r = call(
+        &app,
+        &token,
+        "pipeline-copy-twice",
+        json!({"file_id": small.body["file_id"]}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
 
     let controller = app.controller_pid();
@@ -218,11 +276,19 @@ async fn a_20_mb_file_goes_through_steps_by_reference_and_the_controller_never_h
             peak
         }
     });
-    let big: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let big: Vec<u8> = (0..20 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let digest = hex::encode(Sha256::digest(&big));
     let up = upload(&app, &token, big, Some("big.bin")).await;
     assert_eq!(up.status, 201, "{:?}", up.body);
-    let r = call(&app, &token, "pipeline-copy-twice", json!({"file_id": up.body["file_id"]})).await;
+    let r = call(
+        &app,
+        &token,
+        "pipeline-copy-twice",
+        json!({"file_id": up.body["file_id"]}),
+    )
+    .await;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.await.unwrap();
 
@@ -235,5 +301,8 @@ async fn a_20_mb_file_goes_through_steps_by_reference_and_the_controller_never_h
     // writes); it never held as much as one file.
     let grew = peak.saturating_sub(before);
     eprintln!("controller RSS {before} KiB, peak {peak} KiB while moving 20 MiB");
-    assert!(grew < 16 * 1024, "the controller grew by {grew} KiB (from {before} KiB) while moving a 20 MiB file");
+    assert!(
+        grew < 16 * 1024,
+        "the controller grew by {grew} KiB (from {before} KiB) while moving a 20 MiB file"
+    );
 }

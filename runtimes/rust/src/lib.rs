@@ -77,7 +77,15 @@ pub fn main_with_args(args: impl IntoIterator<Item = String>) -> ExitCode {
         .iter()
         .filter_map(|name| std::env::var_os(name).map(|value| (OsString::from(name), value)))
         .collect();
-    let runtime = Arc::new(Runtime::new(PathBuf::from("."), inherited));
+    // The controller's files socket is linked beside ours.
+    let files_socket = std::path::absolute(&socket)
+        .ok()
+        .and_then(|s| s.parent().map(|dir| dir.join("files.sock")));
+    let mut runtime = Runtime::new(PathBuf::from("."), inherited);
+    if let Some(files_socket) = files_socket {
+        runtime = runtime.with_files_socket(files_socket);
+    }
+    let runtime = Arc::new(runtime);
 
     let server = match Server::start(runtime) {
         Ok(server) => server,

@@ -60,6 +60,9 @@ pub(crate) struct Runtime {
     function: OnceLock<Function>,
     /// True during a run: one at a time.
     running: AtomicBool,
+    /// The controller's files socket (`files.sock` beside ours), handed to
+    /// the function with a run's `files_token`.
+    files_socket: Option<PathBuf>,
 }
 
 /// A field of a request body that is not what the protocol says: 400 BAD_REQUEST.
@@ -276,7 +279,14 @@ impl Runtime {
             init_state: AtomicU8::new(INIT_NONE),
             function: OnceLock::new(),
             running: AtomicBool::new(false),
+            files_socket: None,
         }
+    }
+
+    /// Hands runs' files keys to the function with this socket.
+    pub(crate) fn with_files_socket(mut self, socket: PathBuf) -> Runtime {
+        self.files_socket = Some(socket);
+        self
     }
 
     /// An initialised instance (tests stand in for a library with raw entry points).
@@ -390,6 +400,18 @@ impl Runtime {
             |v| v.as_f64().is_some_and(|d| d >= 0.0),
             "a non-negative number",
         )?;
+        let files_token = field(
+            &body,
+            "files_token",
+            |v| {
+                v.as_str().is_some_and(|t| {
+                    t.len() == 64 && t.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                })
+            },
+            "64 lowercase hex characters",
+        )?
+        .and_then(Value::as_str)
+        .map(str::to_owned);
         let log_marker = field(
             &body,
             "log_marker",
@@ -425,6 +447,13 @@ impl Runtime {
         for name in ["params", "context"] {
             let value = body.remove(name).unwrap_or_else(|| Value::Object(Map::new()));
             call.insert(name.to_owned(), value);
+        }
+        // The SDK's `Context::files` (docs/runtime-protocol.md, "Files").
+        if let (Some(token), Some(socket)) = (files_token, &self.files_socket) {
+            call.insert(
+                "files".to_owned(),
+                json!({"socket": socket.to_string_lossy(), "token": token}),
+            );
         }
         Ok(Run {
             function,

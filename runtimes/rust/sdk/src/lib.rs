@@ -68,12 +68,20 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Context {
     value: Value,
+    files: Option<Files>,
 }
 
 impl Context {
     /// Wraps a context value (normally a JSON object).
     pub fn new(value: Value) -> Self {
-        Context { value }
+        Context { value, files: None }
+    }
+
+    /// The caller's files, by id (native Rust functions; see [`Files`]).
+    pub fn files(&self) -> Result<&Files, Error> {
+        self.files
+            .as_ref()
+            .ok_or_else(|| Error::runtime("files are not available to this call").with_type("FilesError"))
     }
 
     /// The member `key` of the context object, if there is one.
@@ -90,6 +98,108 @@ impl Context {
     pub fn into_value(self) -> Value {
         self.value
     }
+}
+
+/// The caller's files, for this call only: [`Files::read`], [`Files::info`] and
+/// [`Files::write`] go to the controller's files socket with the call's own key, which ends
+/// with the call. Native functions only (a wasm module has no sockets).
+#[derive(Clone, PartialEq)]
+pub struct Files {
+    socket: String,
+    token: String,
+}
+
+impl fmt::Debug for Files {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key stays out of debug output.
+        f.debug_struct("Files")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Files {
+    /// The file's bytes.
+    pub fn read(&self, file_id: &str) -> Result<Vec<u8>, Error> {
+        self.call("GET", &format!("/api/v1/files/{}", checked_id(file_id)?), &[])
+    }
+
+    /// The file's `name`, `size`, `content_type`, `sha256` and times.
+    pub fn info(&self, file_id: &str) -> Result<Value, Error> {
+        let body = self.call("GET", &format!("/api/v1/files/{}/meta", checked_id(file_id)?), &[])?;
+        serde_json::from_slice(&body).map_err(|e| files_error("UNAVAILABLE", &e.to_string()))
+    }
+
+    /// Stores `data` as a new file of the caller's named `name`: its info, with `file_id`.
+    pub fn write(&self, data: &[u8], name: &str) -> Result<Value, Error> {
+        let mut query = String::new();
+        for b in name.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' => query.push(char::from(b)),
+                _ => query.push_str(&format!("%{b:02X}")),
+            }
+        }
+        let body = self.call("POST", &format!("/api/v1/files?name={query}"), data)?;
+        serde_json::from_slice(&body).map_err(|e| files_error("UNAVAILABLE", &e.to_string()))
+    }
+
+    /// One HTTP/1.0 exchange on the socket (the answer ends where the connection does).
+    #[cfg(unix)]
+    fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
+        use std::io::{Read, Write};
+        let io = |e: std::io::Error| files_error("UNAVAILABLE", &format!("the files socket: {e}"));
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).map_err(io)?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+            self.token,
+            body.len()
+        )
+        .and_then(|()| stream.write_all(body))
+        .map_err(io)?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).map_err(io)?;
+        let split = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| files_error("UNAVAILABLE", "a malformed answer"))?;
+        let status: u16 = std::str::from_utf8(&answer[..split])
+            .ok()
+            .and_then(|head| head.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| files_error("UNAVAILABLE", "a malformed status line"))?;
+        let body = answer.split_off(split + 4);
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let error: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let code = error["error"]["code"].as_str().unwrap_or("UNAVAILABLE");
+        let message = error["error"]["message"]
+            .as_str()
+            .unwrap_or("the files socket refused the call");
+        Err(files_error(code, message))
+    }
+
+    #[cfg(not(unix))]
+    fn call(&self, _method: &str, _path: &str, _body: &[u8]) -> Result<Vec<u8>, Error> {
+        Err(files_error("UNAVAILABLE", "files are not available to wasm functions"))
+    }
+}
+
+fn checked_id(id: &str) -> Result<&str, Error> {
+    if (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        Ok(id)
+    } else {
+        Err(files_error("INVALID_REQUEST", "a file id is a string like \"9b2f…\""))
+    }
+}
+
+/// A files failure: a runtime error whose `details.files_code` is the contract's code
+/// (`NOT_FOUND`, `UNAUTHORIZED`, …).
+fn files_error(code: &str, message: &str) -> Error {
+    Error::runtime(format!("files: {message}"))
+        .with_type("FilesError")
+        .with_details(serde_json::json!({ "files_code": code }))
 }
 
 impl Default for Context {
@@ -342,10 +452,17 @@ pub mod __private {
     {
         install_panic_hook();
         let run = || -> Result<Vec<u8>, Error> {
-            let (params, context) = split_input(input)?;
+            let (params, context, files) = split_input(input)?;
             let params: P =
                 serde_json::from_value(params).map_err(|e| Error::invalid_params(e.to_string()).with_type("serde"))?;
-            let result = handler.call(params, Context::new(context))?;
+            let mut context = Context::new(context);
+            context.files = files.and_then(|f| {
+                Some(crate::Files {
+                    socket: f.get("socket")?.as_str()?.to_owned(),
+                    token: f.get("token")?.as_str()?.to_owned(),
+                })
+            });
+            let result = handler.call(params, context)?;
             serde_json::to_vec(&result)
                 .map_err(|e| Error::runtime(format!("result is not JSON-serialisable: {e}")).with_type("serde"))
         };
@@ -502,7 +619,7 @@ pub mod __private {
     }
 
     /// `{"params": P, "context": C}` → `(P, C)`; a missing member is `{}`.
-    fn split_input(input: &[u8]) -> Result<(Value, Value), Error> {
+    fn split_input(input: &[u8]) -> Result<(Value, Value, Option<Value>), Error> {
         let malformed = |why: String| {
             Error::runtime(format!("the runtime sent a malformed call: {why}")).with_type("ProtocolError")
         };
@@ -513,7 +630,7 @@ pub mod __private {
         };
         let params = call.remove("params").unwrap_or_else(|| Value::Object(Map::new()));
         let context = call.remove("context").unwrap_or_else(|| Value::Object(Map::new()));
-        Ok((params, context))
+        Ok((params, context, call.remove("files")))
     }
 
     // --- panics -------------------------------------------------------------------------------
