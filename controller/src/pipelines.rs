@@ -67,6 +67,12 @@ pub struct StepReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub error: Option<Value>,
+    /// When it started and ended among the run's step starts and ends
+    /// (1, 2, …): their order, which times in milliseconds cannot always tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_seq: Option<u64>,
 }
 
 /// The `progress` object of a pipeline run (the seed's shape), from its
@@ -126,6 +132,8 @@ pub struct Pipelines {
 /// The reports of one run, shared by its steps.
 struct Board<'a> {
     steps: Mutex<Vec<StepReport>>,
+    /// The last start or end numbered (`started_seq`, `ended_seq`).
+    seq: std::sync::atomic::AtomicU64,
     progress: Option<&'a dyn Progress>,
 }
 
@@ -136,6 +144,10 @@ impl Board<'_> {
         if let Some(p) = self.progress {
             p.changed(&steps);
         }
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
     }
 
     fn snapshot(&self) -> Vec<StepReport> {
@@ -209,10 +221,13 @@ impl Pipelines {
                         cached: false,
                         output: None,
                         error: None,
+                        started_seq: None,
+                        ended_seq: None,
                     })
                     .collect(),
             ),
             progress,
+            seq: std::sync::atomic::AtomicU64::new(0),
         };
         if let Some(p) = progress {
             p.changed(&board.snapshot());
@@ -384,12 +399,14 @@ impl Pipelines {
         board.update(i, |r| {
             r.status = "running";
             r.started_at = Some(timefmt::format_ms(timefmt::now_ms()));
+            r.started_seq = Some(board.next_seq());
         });
         let finish = |status: &'static str, error: Option<Value>| {
             board.update(i, |r| {
                 r.status = status;
                 r.error = error;
                 r.completed_at = Some(timefmt::format_ms(timefmt::now_ms()));
+                r.ended_seq = Some(board.next_seq());
                 r.duration_ms = Some(first_start.elapsed().as_millis() as u64);
             });
         };

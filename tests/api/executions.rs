@@ -743,14 +743,20 @@ async fn callbacks_into_the_controllers_own_network_are_refused_unless_allowed()
 
 /// One Server-Sent Event.
 #[derive(Debug)]
-struct Sse {
-    id: u64,
-    event: String,
-    data: Value,
+pub(crate) struct Sse {
+    pub(crate) id: u64,
+    pub(crate) event: String,
+    pub(crate) data: Value,
 }
 
 /// Reads an SSE stream to its end (or `limit` events).
-async fn read_events(app: &TestApp, token: &str, id: &str, last: Option<u64>, limit: usize) -> (u16, Vec<Sse>) {
+pub(crate) async fn read_events(
+    app: &TestApp,
+    token: &str,
+    id: &str,
+    last: Option<u64>,
+    limit: usize,
+) -> (u16, Vec<Sse>) {
     use futures::StreamExt;
     let mut req = app
         .client

@@ -477,6 +477,31 @@ async fn an_asynchronous_pipeline_shows_its_steps_and_is_cancelled_during_one() 
         .map(|s| s["status"].as_str().unwrap())
         .collect();
     assert_eq!(statuses, ["completed", "completed", "completed"]);
+    // Its events: each step's start and end, in order, before the final one.
+    let (status, events) = crate::executions::read_events(&app, &token, &id, None, 100).await;
+    assert_eq!(status, 200);
+    let steps: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.event == "pipeline_step")
+        .map(|e| {
+            (
+                e.data["step"].as_str().unwrap().to_owned(),
+                e.data["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = ["quick", "slow", "late"]
+        .iter()
+        .flat_map(|s| {
+            [
+                (s.to_string(), "running".to_owned()),
+                (s.to_string(), "completed".to_owned()),
+            ]
+        })
+        .collect();
+    assert_eq!(steps, expected);
+    assert_eq!(events.last().unwrap().event, "completed");
+    assert!(events.windows(2).all(|w| w[0].id + 1 == w[1].id));
 
     // Cancelled while the slow step runs: it stops, the last never starts.
     let slow = submit(

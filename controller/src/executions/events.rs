@@ -3,7 +3,9 @@
 //!
 //! An execution's events are a pure function of its row ([`events_of`]):
 //! `progress` when it is queued, a `step` when an attempt starts and when
-//! it ends, `progress` after each step, and one final `completed`,
+//! it ends (for a pipeline, a `pipeline_step` for each of its steps' starts
+//! and ends in between, in the order the run numbered them),
+//! `progress` after each step, and one final `completed`,
 //! `failed` or `cancelled`. The list only grows as the row moves on, so an
 //! event's number is stable: a client that reconnects with `Last-Event-ID`
 //! gets exactly what it missed, from any replica.
@@ -202,6 +204,11 @@ pub fn events_of(row: &QueuedExecution) -> Vec<Event> {
                 json!({"execution_id": row.id, "component_name": row.language_title, "attempt": number,
                        "status": "running", "started_at": attempt["started_at"]}),
             );
+            if number.as_i64() == Some(i64::from(row.attempt)) {
+                for (kind, data) in pipeline_step_events(row) {
+                    push(kind, data);
+                }
+            }
         }
         let mut ended = json!({"execution_id": row.id, "component_name": row.language_title, "attempt": number,
                                "status": attempt["outcome"], "completed_at": attempt["finished_at"]});
@@ -233,6 +240,9 @@ pub fn events_of(row: &QueuedExecution) -> Vec<Event> {
             json!({"execution_id": row.id, "component_name": row.language_title, "attempt": row.attempt,
                    "status": "running", "started_at": row.started_ms.map(format_ms)}),
         );
+        for (kind, data) in pipeline_step_events(row) {
+            push(kind, data);
+        }
     }
     if matches!(row.status.as_str(), "completed" | "failed" | "cancelled") {
         let kind = match row.status.as_str() {
@@ -246,6 +256,40 @@ pub fn events_of(row: &QueuedExecution) -> Vec<Event> {
         );
     }
     events
+}
+
+/// A pipeline's steps as events of its latest attempt, in the order they
+/// happened (a `pipeline_step` when a step starts and when it ends), so the
+/// list only grows while the attempt runs.
+fn pipeline_step_events(row: &QueuedExecution) -> Vec<(&'static str, Value)> {
+    let Some(steps) = row.steps.as_ref().and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let mut timeline: Vec<(u64, Value)> = Vec::new();
+    for step in steps {
+        let base = |status: &Value| {
+            json!({"execution_id": row.id, "attempt": row.attempt, "step": step["name"],
+                   "component_name": step["language_title"], "status": status})
+        };
+        if let Some(seq) = step["started_seq"].as_u64() {
+            let mut data = base(&json!("running"));
+            data["started_at"] = step["started_at"].clone();
+            timeline.push((seq, data));
+        }
+        if let (Some(seq), Some(at)) = (step["ended_seq"].as_u64(), step["completed_at"].as_str()) {
+            let mut data = base(&step["status"]);
+            data["completed_at"] = json!(at);
+            for field in ["duration_ms", "attempts", "execution_id", "error"] {
+                if let Some(v) = step.get(field) {
+                    data[field] = v.clone();
+                }
+            }
+            timeline.push((seq, data));
+        }
+    }
+    // In the order the run numbered them.
+    timeline.sort_by_key(|(seq, _)| *seq);
+    timeline.into_iter().map(|(_, data)| ("pipeline_step", data)).collect()
 }
 
 #[cfg(test)]

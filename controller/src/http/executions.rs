@@ -348,7 +348,8 @@ struct Streaming {
 }
 
 /// An execution's live progress as Server-Sent Events (extension):
-/// `progress`, `step` (an attempt started or ended), then one `completed`,
+/// `progress`, `step` (an attempt started or ended; for a pipeline,
+/// `pipeline_step` as each of its steps starts and ends), then one `completed`,
 /// `failed` or `cancelled` carrying the execution, after which the stream
 /// ends. Reconnect with `Last-Event-ID` to get only what was missed.
 #[utoipa::path(
