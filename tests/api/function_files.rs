@@ -81,7 +81,7 @@ async fn call(app: &TestApp, token: &str, language_title: &str, params: Value) -
     app.execute(token, &id, params).await
 }
 
-async fn download(app: &TestApp, token: &str, file_id: &str) -> Vec<u8> {
+pub(crate) async fn download(app: &TestApp, token: &str, file_id: &str) -> Vec<u8> {
     let r = app
         .client
         .get(app.url(&format!("/api/v1/files/{file_id}")))

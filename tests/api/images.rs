@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::files::upload;
+use crate::function_files::download;
 use crate::helpers::{TestApp, repo_dir, spawn_app};
 
 const PIPELINE: &str = "pipeline-resize-detect-annotate";
@@ -29,18 +30,6 @@ async fn session_when_ready(app: &TestApp, token: &str, language_title: &str) ->
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-async fn download(app: &TestApp, token: &str, file_id: &str) -> Vec<u8> {
-    let r = app
-        .client
-        .get(app.url(&format!("/api/v1/files/{file_id}")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.bytes().await.unwrap().to_vec()
 }
 
 /// A JPEG's width and height, from its first start-of-frame segment.

@@ -10,7 +10,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use super::extract::Auth;
-use super::functions::{ListQuery, positive};
+use super::functions::ListQuery;
 use crate::auth::READ_FUNCTIONS;
 use crate::error::{ApiError, ErrorBody};
 use crate::registry::FunctionEntry;
@@ -84,15 +84,7 @@ async fn list_components(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::Json<ComponentList>, ApiError> {
     auth.require(READ_FUNCTIONS)?;
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(format!("bad query: {}", e.body_text())))?;
-    let language = query
-        .language
-        .as_deref()
-        .map(|l| l.parse::<Language>())
-        .transpose()
-        .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
-    let page = positive(query.page.as_deref(), "page", 1, usize::MAX / 128)?;
-    let per_page = positive(query.per_page.as_deref(), "per_page", 20, 100)?;
+    let (language, page, per_page) = ListQuery::checked(query)?;
     let (_, all) = state.engine.registry.list(language, 1, usize::MAX);
     let usable: Vec<&FunctionEntry> = all.iter().filter(|f| f.current.pipeline().is_none()).collect();
     Ok(axum::Json(ComponentList {

@@ -42,6 +42,24 @@ pub(super) struct ListQuery {
     pub per_page: Option<String>,
 }
 
+impl ListQuery {
+    /// The language, page and page size asked for (400 for a bad one).
+    pub(super) fn checked(
+        query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ) -> Result<(Option<Language>, usize, usize), ApiError> {
+        let Query(query) = query.map_err(|e| ApiError::InvalidRequest(format!("bad query: {}", e.body_text())))?;
+        let language = query
+            .language
+            .as_deref()
+            .map(|l| l.parse::<Language>())
+            .transpose()
+            .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+        let page = positive(query.page.as_deref(), "page", 1, usize::MAX / 128)?;
+        let per_page = positive(query.per_page.as_deref(), "per_page", 20, 100)?;
+        Ok((language, page, per_page))
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct FunctionSummary {
     pub language: Language,
@@ -214,15 +232,7 @@ async fn list_functions(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::Json<FunctionList>, ApiError> {
     auth.require(READ_FUNCTIONS)?;
-    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(format!("bad query: {}", e.body_text())))?;
-    let language = query
-        .language
-        .as_deref()
-        .map(|l| l.parse::<Language>())
-        .transpose()
-        .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
-    let page = positive(query.page.as_deref(), "page", 1, usize::MAX / 128)?;
-    let per_page = positive(query.per_page.as_deref(), "per_page", 20, 100)?;
+    let (language, page, per_page) = ListQuery::checked(query)?;
     let (total, items) = state.engine.registry.list(language, page, per_page);
     Ok(axum::Json(FunctionList {
         total,
