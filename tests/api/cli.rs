@@ -82,6 +82,23 @@ async fn deploy_invoke_list_describe_and_remove_a_folder() {
     assert_eq!(second.code, 0, "{}", second.stderr);
     assert_eq!(second.json()["version"], 2);
 
+    // A pipeline's folder is its manifest alone.
+    let pipeline = home.path().join("pipeline-clihello");
+    std::fs::create_dir_all(&pipeline).unwrap();
+    std::fs::write(
+        pipeline.join("function.json"),
+        r#"{"description": "greets twice", "steps": [{"name": "one", "function": "nodejs-clihello"}]}"#,
+    )
+    .unwrap();
+    let deployed = fnrt(&config, &["deploy", pipeline.to_str().unwrap()]).await;
+    assert_eq!(deployed.code, 0, "{}", deployed.stderr);
+    let piped = fnrt(&config, &["invoke", "pipeline-clihello", "-p", "name=pipes"]).await;
+    assert_eq!(piped.code, 0, "{}", piped.stderr);
+    assert_eq!(
+        serde_json::from_str::<Value>(&piped.stdout).unwrap(),
+        json!({"text": "hi, pipes"})
+    );
+
     // Invoke, with -p and with -d; human output is the result.
     let human = fnrt(&config, &["invoke", "nodejs-clihello", "-p", "name=world"]).await;
     assert_eq!(human.code, 0, "{}", human.stderr);

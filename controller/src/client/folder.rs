@@ -46,7 +46,9 @@ pub fn registration(dir: &Path, language_title: Option<&str>) -> anyhow::Result<
         .and_then(Value::as_str)
         .unwrap_or(lt.language().default_entrypoint())
         .to_owned();
-    if entrypoint == CRATE_ENTRYPOINT {
+    if lt.language() == fnrt_core::language::Language::Pipeline {
+        // Its steps are its body: the manifest is all there is to send.
+    } else if entrypoint == CRATE_ENTRYPOINT {
         body.insert("files".into(), Value::Object(crate_files(dir)?));
     } else {
         // The server's limits decide; the walk only stops at absurd sizes.
