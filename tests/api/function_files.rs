@@ -135,16 +135,6 @@ async fn node_and_python_functions_read_and_write_their_callers_files() {
     assert_eq!(download(&app, &token, out).await, b"SELIF OLLEH");
 }
 
-const RUST_TOML: &str = r#"[package]
-name = "reverse"
-version = "0.1.0"
-edition = "2024"
-
-[dependencies]
-fnrt-sdk = "0.1"
-serde_json = "1"
-"#;
-
 /// Reads a file, writes it reversed; a missing file is its error's code.
 const RUST_REVERSE: &str = r#"
 use fnrt_sdk::{Context, Error, export};
@@ -171,7 +161,7 @@ async fn a_rust_function_reads_and_writes_its_callers_files() {
     let app = spawn_app().await;
     let r = app
         .post_function(json!({"language_title": "rust-reverse", "description": "reverses a file",
-                              "files": {"Cargo.toml": RUST_TOML, "src/lib.rs": RUST_REVERSE}, "cache": {"enabled": false}}))
+                              "files": {"Cargo.toml": crate::rust::PROBE_TOML.replace("\"probe\"", "\"reverse\""), "src/lib.rs": RUST_REVERSE}, "cache": {"enabled": false}}))
         .await;
     assert_eq!(r.status, 201, "{:?}", r.body);
     let alice = app.token("alice", &["execute:all"]);
@@ -264,33 +254,22 @@ async fn a_20_mb_file_goes_through_steps_by_reference_and_the_controller_never_h
 
     let controller = app.controller_pid();
     let before = crate::sandbox::vm_rss_kib(controller);
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = tokio::spawn({
-        let done = done.clone();
-        async move {
-            let mut peak = 0;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(crate::sandbox::vm_rss_kib(controller));
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            peak
-        }
-    });
     let big: Vec<u8> = (0..20 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     let digest = hex::encode(Sha256::digest(&big));
-    let up = upload(&app, &token, big, Some("big.bin")).await;
-    assert_eq!(up.status, 201, "{:?}", up.body);
-    let r = call(
-        &app,
-        &token,
-        "pipeline-copy-twice",
-        json!({"file_id": up.body["file_id"]}),
-    )
+    let (r, peak) = crate::sandbox::peak_rss_during(controller, async {
+        let up = upload(&app, &token, big, Some("big.bin")).await;
+        assert_eq!(up.status, 201, "{:?}", up.body);
+        call(
+            &app,
+            &token,
+            "pipeline-copy-twice",
+            json!({"file_id": up.body["file_id"]}),
+        )
+        .await
+    })
     .await;
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak = sampler.await.unwrap();
 
     assert_eq!(r.status, 200, "{:?}", r.body);
     for step in r.body["steps"].as_array().unwrap() {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::functions::call;
 use crate::helpers::{Reply, TestApp, spawn_app, spawn_app_with};
 
-const PROBE_TOML: &str = r#"[package]
+pub(crate) const PROBE_TOML: &str = r#"[package]
 name = "probe"
 version = "0.1.0"
 edition = "2024"

@@ -271,6 +271,26 @@ pub(crate) fn vm_rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc/PID/status")
 }
 
+/// `work`'s output, and the highest resident memory (KiB) of process `pid`
+/// sampled while it ran.
+pub(crate) async fn peak_rss_during<T>(pid: u32, work: impl std::future::Future<Output = T>) -> (T, u64) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(vm_rss_kib(pid));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            peak
+        }
+    });
+    let output = work.await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    (output, sampler.await.unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_infinite_loop_times_out_within_a_second_of_its_deadline_and_its_instance_is_removed() {
     let app = spawn_app().await;
@@ -412,23 +432,9 @@ async fn a_stdout_flood_is_answered_and_the_controller_memory_stays_bounded() {
         // Arrange: sample the controller's memory while the function floods its stdout.
         let lt = register_probe(&app, language, "flood", json!({})).await;
         let id = app.session(&token, &lt, json!({})).await;
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sampler = tokio::spawn({
-            let done = done.clone();
-            async move {
-                let mut peak = 0;
-                while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                    peak = peak.max(vm_rss_kib(controller));
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                peak
-            }
-        });
-
         // Act: 50 MiB of output.
-        let r = run(&app, &token, &id, json!({"mode": "flood", "mb": 50})).await;
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        let peak_kib = sampler.await.unwrap();
+        let (r, peak_kib) =
+            peak_rss_during(controller, run(&app, &token, &id, json!({"mode": "flood", "mb": 50}))).await;
 
         // Assert
         assert_eq!(r.status, 200, "{lt}: {:?}", r.body);

@@ -571,32 +571,8 @@ impl Executions {
                 return;
             }
         };
-        // A pipeline's step reports go to its row as they change (the
-        // latest wins), for reads and live progress on any replica.
-        let (reports, mut latest) = tokio::sync::watch::channel(None::<Value>);
-        let reporter = tokio::spawn({
-            let this = self.clone();
-            let id = row.id.clone();
-            async move {
-                let mut written = None;
-                loop {
-                    let open = latest.changed().await.is_ok();
-                    let steps = latest.borrow_and_update().clone();
-                    if steps.is_some()
-                        && steps != written
-                        && let Some(value) = &steps
-                        && let Ok(true) = this.queue.set_steps(&id, &this.owner, value).await
-                    {
-                        this.events.changed(&id);
-                        written = steps;
-                    }
-                    if !open {
-                        break;
-                    }
-                }
-            }
-        });
-        let progress = StepsToRow(reports);
+        // A pipeline's step reports go to its row as they change.
+        let reporter = function.pipeline().map(|_| self.step_reporter(&row.id));
 
         // Runs until it finishes or is stopped; the lease is renewed meanwhile.
         let token = CancellationToken::new();
@@ -635,10 +611,13 @@ impl Executions {
             cancel: Some(&token),
             parent: None,
         };
-        let invoked = self.engine.run(invocation, None, &steps, Some(&progress)).await;
-        drop(progress);
-        // Its last report is written before the attempt's end.
-        let _ = reporter.await;
+        let progress = reporter.as_ref().map(|(p, _)| p as &dyn crate::pipelines::Progress);
+        let invoked = self.engine.run(invocation, None, &steps, progress).await;
+        if let Some((progress, writer)) = reporter {
+            // Its last report is written before the attempt's end.
+            drop(progress);
+            let _ = writer.await;
+        }
         renewal.abort();
         self.running.lock().unwrap().remove(&row.id);
         let stop = *why.lock().unwrap();
@@ -724,6 +703,34 @@ impl Executions {
         if retry_later {
             self.wake.notify_one();
         }
+    }
+
+    /// Where a running pipeline's step reports go, and the task that
+    /// writes them to its row (the latest wins; it ends, after writing the
+    /// last, when the reports are dropped), for reads and live progress on
+    /// any replica.
+    fn step_reporter(self: &Arc<Self>, id: &str) -> (StepsToRow, tokio::task::JoinHandle<()>) {
+        let (reports, mut latest) = tokio::sync::watch::channel(None::<Value>);
+        let this = self.clone();
+        let id = id.to_owned();
+        let writer = tokio::spawn(async move {
+            let mut written = None;
+            loop {
+                let open = latest.changed().await.is_ok();
+                let steps = latest.borrow_and_update().clone();
+                if steps != written
+                    && let Some(value) = &steps
+                    && let Ok(true) = this.queue.set_steps(&id, &this.owner, value).await
+                {
+                    this.events.changed(&id);
+                    written = steps;
+                }
+                if !open {
+                    break;
+                }
+            }
+        });
+        (StepsToRow(reports), writer)
     }
 
     /// Writes an attempt's end, fenced by the lease.
