@@ -232,6 +232,12 @@ pub struct ServeArgs {
     #[arg(long, env = "PIPELINE_MAX_STEPS", default_value_t = 50,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub pipeline_max_steps: u16,
+    /// Where uploaded files' bytes are kept: `local` (`DATA_DIR/files/`)
+    /// or `s3://BUCKET[/PREFIX]` (S3-compatible storage, shared by
+    /// controllers on one database; endpoint and credentials from the
+    /// `AWS_*` variables).
+    #[arg(long, env = "FILE_STORE", default_value = "local")]
+    pub file_store: String,
     /// How long an uploaded file is kept, in hours (at least 1).
     #[arg(long, env = "FILE_RETENTION_HOURS", default_value_t = 24)]
     pub file_retention_hours: u64,

@@ -274,10 +274,20 @@ impl Application {
             limit_bytes: args.log_limit_bytes,
             retention: Duration::from_secs(args.log_retention_hours.max(1) * 3600),
         });
-        let file_store = crate::files::local::LocalFileStore::open(&data_dir.join("files"))
-            .with_context(|| format!("opening the file store in {}", data_dir.join("files").display()))?;
+        let file_store: Arc<dyn crate::files::FileStore> = match args.file_store.as_str() {
+            "local" => Arc::new(
+                crate::files::local::LocalFileStore::open(&data_dir.join("files"))
+                    .with_context(|| format!("opening the file store in {}", data_dir.join("files").display()))?,
+            ),
+            url => Arc::new(
+                crate::files::s3::S3FileStore::open(url, &data_dir.join("files/staging"))
+                    .await
+                    .context("opening the file store (FILE_STORE)")?,
+            ),
+        };
+        tracing::info!(store = %args.file_store, "file store");
         let files = Arc::new(crate::files::Files::new(
-            Arc::new(file_store),
+            file_store,
             stores.files.clone(),
             args.max_file_bytes(),
             Duration::from_secs(args.file_retention_hours.max(1) * 3600),

@@ -225,6 +225,7 @@ async fn a_function_can_neither_list_nor_read_the_data_dir_other_functions_build
     let options = Options {
         generated_secret: true,
         umask: Some(0o022),
+        ..Options::default()
     };
     let app: TestApp = spawn_binary_opts(data_dir, &[], &options);
     let token = app.admin();

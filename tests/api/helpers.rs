@@ -191,6 +191,8 @@ pub struct Options {
     pub generated_secret: bool,
     /// The umask the controller starts with (the test's own when `None`).
     pub umask: Option<u32>,
+    /// Environment variables beyond [`controller_env`]'s.
+    pub env: Vec<(String, String)>,
 }
 
 /// The controller binary on an existing data dir, started as `options` say,
@@ -203,6 +205,7 @@ pub fn spawn_binary_opts(data_dir: tempfile::TempDir, extra: &[&str], options: &
         .args(["--log-format", "json"])
         .args(extra);
     controller_env(&mut command);
+    command.envs(options.env.iter().map(|(k, v)| (k, v)));
     if !options.generated_secret {
         command.env("JWT_SECRET", SECRET);
     }

@@ -42,6 +42,7 @@ mod placement;
 mod replicas;
 mod runtimes;
 mod rust;
+mod s3_files;
 mod sandbox;
 mod sessions;
 mod walls;

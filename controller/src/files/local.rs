@@ -31,7 +31,7 @@ pub struct LocalFileStore {
 }
 
 /// Creates `dir` (and its parents) private, or makes it private.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
@@ -44,15 +44,10 @@ impl LocalFileStore {
             blobs: root.join("blobs"),
             staging: root.join("staging"),
         };
-        for dir in [root, &store.blobs, &store.staging] {
+        for dir in [root, &store.blobs] {
             private_dir(dir)?;
         }
-        for entry in std::fs::read_dir(&store.staging)? {
-            let path = entry?.path();
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "removing an unfinished upload");
-            }
-        }
+        open_staging(&store.staging)?;
         Ok(store)
     }
 
@@ -66,24 +61,45 @@ impl LocalFileStore {
     }
 }
 
+/// Writes `body` to a private temp file in `staging`, hashing it as it
+/// goes; the [`Staged`] upload holds the file's [`tempfile::TempPath`],
+/// which removes it when dropped. The S3 store stages here too: an upload
+/// is whole and hashed before it is named by its hash anywhere.
+pub async fn stage_in(staging: &Path, mut body: ByteStream<'_>, max_bytes: u64) -> Result<Staged, FileError> {
+    // Created 0600; removed when `path` is dropped, unless kept.
+    let temp = tempfile::Builder::new().prefix("upload-").tempfile_in(staging)?;
+    let (file, path) = temp.into_parts();
+    let mut out = tokio::io::BufWriter::with_capacity(IO_BUFFER, tokio::fs::File::from_std(file));
+    let mut hasher = Hasher::new(max_bytes);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        hasher.update(&chunk)?;
+        out.write_all(&chunk).await?;
+    }
+    out.flush().await?;
+    // On disk before it is named by its hash: a crash must not leave a
+    // blob whose bytes are not the ones its name promises.
+    out.into_inner().sync_all().await?;
+    Ok(Staged::new(hasher.finish(), path))
+}
+
+/// Creates `staging` private and empties it: what is there was left by a
+/// controller that stopped mid-upload.
+pub fn open_staging(staging: &Path) -> std::io::Result<()> {
+    private_dir(staging)?;
+    for entry in std::fs::read_dir(staging)? {
+        let path = entry?.path();
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "removing an unfinished upload");
+        }
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl FileStore for LocalFileStore {
-    async fn stage(&self, mut body: ByteStream<'_>, max_bytes: u64) -> Result<Staged, FileError> {
-        // Created 0600; removed when `path` is dropped, unless kept.
-        let temp = tempfile::Builder::new().prefix("upload-").tempfile_in(&self.staging)?;
-        let (file, path) = temp.into_parts();
-        let mut out = tokio::io::BufWriter::with_capacity(IO_BUFFER, tokio::fs::File::from_std(file));
-        let mut hasher = Hasher::new(max_bytes);
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            hasher.update(&chunk)?;
-            out.write_all(&chunk).await?;
-        }
-        out.flush().await?;
-        // On disk before it is named by its hash: a crash must not leave a
-        // blob whose bytes are not the ones its name promises.
-        out.into_inner().sync_all().await?;
-        Ok(Staged::new(hasher.finish(), path))
+    async fn stage(&self, body: ByteStream<'_>, max_bytes: u64) -> Result<Staged, FileError> {
+        stage_in(&self.staging, body, max_bytes).await
     }
 
     async fn keep(&self, staged: Staged) -> Result<(), FileError> {

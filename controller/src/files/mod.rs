@@ -16,12 +16,16 @@
 //! - `mod.rs`: the [`FileStore`] trait (stage while hashing, keep, open,
 //!   remove), [`Files`] (upload, read, delete, the expiry sweep, over a
 //!   store and the records), [`sniff`].
-//! - [`local`]: [`local::LocalFileStore`], blobs in `DATA_DIR/files/`.
+//! - [`local`]: [`local::LocalFileStore`], blobs in `DATA_DIR/files/`
+//!   (the default).
+//! - [`s3`]: [`s3::S3FileStore`], blobs in S3-compatible object storage
+//!   (`FILE_STORE=s3://…`), for several controllers on one database.
 //! - [`keys`]: per-run keys and the socket through which functions read
 //!   and write their caller's files.
 
 pub mod keys;
 pub mod local;
+pub mod s3;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -123,6 +127,24 @@ pub trait FileStore: Send + Sync {
     async fn open(&self, sha256: &str) -> Result<Option<Blob>, FileError>;
     /// Removes the blob `sha256`; false if there was none.
     async fn remove(&self, sha256: &str) -> Result<bool, FileError>;
+
+    /// Whether other controllers use this store too. A shared store's
+    /// blob is not removed when its last file goes (another controller
+    /// may be giving it a new one that very moment) but by the sweep,
+    /// once it is old ([`Self::written_before`]) and still unnamed.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// The blobs last written before `cutoff_ms` (only a shared store is
+    /// asked).
+    async fn written_before(&self, _cutoff_ms: i64) -> Result<Vec<String>, FileError> {
+        Ok(Vec::new())
+    }
+    /// Removes the blob `sha256` if it was last written before
+    /// `cutoff_ms`, as [`Self::remove`] (only a shared store is asked).
+    async fn remove_if_written_before(&self, sha256: &str, _cutoff_ms: i64) -> Result<bool, FileError> {
+        self.remove(sha256).await
+    }
 }
 
 /// What hashing an upload found.
@@ -246,6 +268,10 @@ pub struct Files {
     /// that an upload reusing a blob never meets its removal halfway (one
     /// controller owns its directory; both steps are short).
     blobs: tokio::sync::Mutex<()>,
+    /// When a shared store's bucket was last listed for unnamed blobs
+    /// (ms): a listing costs a request per thousand blobs, so it is done
+    /// every half [`s3::GRACE`], not at every sweep.
+    listed_ms: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for Files {
@@ -265,6 +291,7 @@ impl Files {
             max_bytes,
             retention,
             blobs: tokio::sync::Mutex::new(()),
+            listed_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         }
     }
 
@@ -350,9 +377,10 @@ impl Files {
         self.release_held(sha256).await
     }
 
-    /// [`Self::release`] with the lock held.
+    /// [`Self::release`] with the lock held. A shared store's blobs are
+    /// left to the sweep ([`FileStore::shared`]).
     async fn release_held(&self, sha256: &str) -> Result<(), FileError> {
-        if self.records.blob_refs(sha256).await? == 0 {
+        if !self.store.shared() && self.records.blob_refs(sha256).await? == 0 {
             self.store.remove(sha256).await?;
         }
         Ok(())
@@ -372,9 +400,34 @@ impl Files {
                 self.release(sha256).await?;
             }
             if (batch.len() as i64) < SWEEP_BATCH {
-                return Ok(deleted);
+                break;
             }
         }
+        let half_grace = i64::try_from(s3::GRACE.as_millis() / 2).unwrap_or(i64::MAX);
+        let listed = self.listed_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if self.store.shared() && now_ms.saturating_sub(listed) >= half_grace {
+            self.listed_ms.store(now_ms, std::sync::atomic::Ordering::Relaxed);
+            self.sweep_unnamed(now_ms).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Removes a shared store's blobs that no file names and that were
+    /// last written more than [`s3::GRACE`] before `now_ms`; how many.
+    async fn sweep_unnamed(&self, now_ms: i64) -> Result<usize, FileError> {
+        let cutoff = now_ms.saturating_sub(i64::try_from(s3::GRACE.as_millis()).unwrap_or(i64::MAX));
+        let mut removed = 0;
+        for sha256 in self.store.written_before(cutoff).await? {
+            if self.records.blob_refs(&sha256).await? == 0
+                && self.store.remove_if_written_before(&sha256, cutoff).await?
+            {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(blobs = removed, "unnamed blobs removed from the shared file store");
+        }
+        Ok(removed)
     }
 
     /// The periodic sweep: expired files deleted, and logged.
