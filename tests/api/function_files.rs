@@ -213,6 +213,61 @@ async fn a_run_opens_only_its_callers_files_and_only_while_it_lasts() {
     assert_eq!(r.body["result"]["with_old_key"], 401, "{:?}", r.body);
 }
 
+/// Asks the files socket what no helper asks: a made-up key, no key, a
+/// route of the public API that the socket does not serve, a path of
+/// nothing.
+const NODE_PROBE_SOCKET: &str = r#"
+const http = require('http');
+const fs = require('fs');
+const path = require('path');
+function raw(p, auth) {
+  return new Promise((resolve) => {
+    const socketPath = ['/run/runtime/files.sock', path.join(process.cwd(), 'files.sock')].find((f) => fs.existsSync(f));
+    const req = http.request({ socketPath, path: p, headers: auth ? { Authorization: auth } : {} }, (res) => {
+      let body = '';
+      res.on('data', (c) => (body += c));
+      res.on('end', () => {
+        let code = null;
+        try { code = JSON.parse(body).error.code; } catch (e) { code = 'not JSON: ' + body.slice(0, 80); }
+        resolve({ status: res.statusCode, code });
+      });
+    });
+    req.on('error', (e) => resolve({ status: 'error ' + e.code }));
+    req.end();
+  });
+}
+exports.handler = async (params) => ({
+  made_up: await raw('/api/v1/files/' + params.file_id, 'Bearer ' + 'f'.repeat(64)),
+  malformed: await raw('/api/v1/files/' + params.file_id, 'Bearer not a key at all'),
+  none: await raw('/api/v1/files/' + params.file_id, null),
+  functions: await raw('/api/v1/functions', null),
+  nothing: await raw('/no/such/route', null),
+});
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_files_socket_answers_bad_keys_and_other_routes_with_the_contracts_errors() {
+    let app = spawn_app().await;
+    app.register("nodejs-probe-socket", NODE_PROBE_SOCKET, no_cache()).await;
+    let token = app.admin();
+    let up = upload(&app, &token, b"private".to_vec(), Some("p.txt")).await;
+    let file_id = up.body["file_id"].as_str().unwrap().to_owned();
+
+    let r = call(&app, &token, "nodejs-probe-socket", json!({"file_id": file_id})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let seen = &r.body["result"];
+    for key in ["made_up", "malformed", "none"] {
+        assert_eq!(seen[key]["status"], 401, "{key}: {seen}");
+        assert_eq!(seen[key]["code"], "UNAUTHORIZED", "{key}: {seen}");
+    }
+    // Only the files routes are on the socket: a run's key (or none)
+    // reaches nothing else of the API.
+    for key in ["functions", "nothing"] {
+        assert_eq!(seen[key]["status"], 404, "{key}: {seen}");
+        assert_eq!(seen[key]["code"], "NOT_FOUND", "{key}: {seen}");
+    }
+}
+
 /// Copies a file (reading it whole) and answers the copy's sha256.
 const NODE_COPY: &str = r#"
 const crypto = require('crypto');

@@ -220,6 +220,30 @@ async fn a_failing_step_stops_the_pipeline_and_is_named() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_step_whose_params_mapping_gives_no_object_is_a_400_naming_it() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    let r = register_pipeline(
+        &app,
+        "pipeline-scalar-params",
+        json!({"steps": [{"name": "only", "function": "nodejs-calculator", "params": "$.params.n"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = run(&app, &token, "pipeline-scalar-params", json!({"n": 5})).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.code(), "INVALID_PARAMS");
+    let error = &r.body["error"];
+    assert!(error["message"].as_str().unwrap().contains("step 'only'"), "{error}");
+    assert_eq!(error["details"]["step"], "only");
+    assert_eq!(error["details"]["steps"][0]["status"], "failed");
+    assert_eq!(
+        error["details"]["steps"][0]["attempts"], 0,
+        "never sent to the function"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_flaky_step_is_retried_and_a_tolerated_failure_uses_its_fallback() {
     let app = spawn_app().await;
     let token = app.admin();
