@@ -2,7 +2,8 @@
 //!
 //! The engine hands each answered execution to [`ExecutionLog::record`],
 //! which never waits: the record goes into a bounded queue, and one
-//! background task writes batches to the [`ExecutionStore`]. When the database is
+//! background task writes batches to the [`ExecutionStore`] (what arrives
+//! within a few milliseconds of a record shares its transaction). When the database is
 //! down the task keeps its batch and retries with backoff, so a record of an
 //! execution answered before or during an outage is written once the
 //! database is back (up to the queue's capacity; beyond it records are
@@ -23,6 +24,11 @@ use crate::store::ExecutionStore;
 const QUEUE: usize = 65_536;
 /// Records per write.
 const BATCH: usize = 256;
+/// How long the writer waits after a record for more to share its write:
+/// one transaction (and one wake of the database's thread) per batch
+/// rather than per execution, which under load is most of what a cache
+/// hit costs (docs/benchmarks.md).
+const LINGER: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone)]
 pub struct ExecutionLog {
@@ -74,6 +80,14 @@ impl RecordSink for ExecutionLog {
 async fn write_all(store: Arc<dyn ExecutionStore>, mut rx: mpsc::Receiver<ExecutionRecord>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
+        if batch.len() < BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < BATCH
+                && let Ok(record) = rx.try_recv()
+            {
+                batch.push(record);
+            }
+        }
         let mut pause = Duration::from_millis(100);
         loop {
             match store.record_executions(&batch).await {

@@ -257,7 +257,10 @@ impl OutputTap {
     /// Whether both markers came.
     pub async fn close(&self, wait: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
+        // Without a wait there is no timer to arm: tokio's timers tick in
+        // milliseconds, so even an elapsed deadline would hold this run
+        // until the next tick (a wasm run's whole cost, several times over).
+        while !wait.is_zero() {
             let notified = self.ended.notified();
             if self.both_ended() {
                 break;
