@@ -153,12 +153,12 @@ impl Report {
                 let f = r.floor.as_ref().unwrap();
                 [
                     (format!("{} (c{})", r.path, r.concurrency), r.stats, false),
-                    (format!("  floor: {}", f.name), f.stats, true),
+                    (format!("  vs {}", f.name), f.stats, true),
                 ]
             })
             .collect();
         let (left, width, bar, gap) = (330.0, 560.0, 6.0, 10.0);
-        let height = 60.0 + rows.len() as f64 * (3.0 * bar + gap);
+        let height = 76.0 + rows.len() as f64 * (3.0 * bar + gap);
         let max = rows
             .iter()
             .map(|(_, s, _)| s.p99_us.max(s.p50_us))
@@ -173,8 +173,13 @@ impl Report {
         );
         let _ = writeln!(
             svg,
-            r#"<text x="10" y="16" font-size="13">Latency p50 / p95 / p99 (µs, log scale), each path above its floor: {} {}</text>"#,
+            r#"<text x="10" y="16" font-size="13">Latency p50 / p95 / p99 (µs, log scale), each path (orange) above its floor or peer (blue): {} {}</text>"#,
             self.date, self.commit
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="10" y="{:.1}">Bars from light to dark: p50, p95, p99. fnrt-bench, docs/benchmarks.md</text>"#,
+            height - 4.0
         );
         let mut decade = 1.0;
         while decade <= max * 1.0001 {
@@ -182,7 +187,7 @@ impl Report {
             let _ = writeln!(
                 svg,
                 r##"<line x1="{xd:.1}" y1="28" x2="{xd:.1}" y2="{:.1}" stroke="#ddd"/><text x="{xd:.1}" y="40" text-anchor="middle">{}</text>"##,
-                height - 10.0,
+                height - 20.0,
                 num(decade)
             );
             decade *= 10.0;
@@ -292,7 +297,7 @@ mod tests {
             "{md}"
         );
         let svg = r.svg();
-        assert!(svg.starts_with("<svg") && svg.contains("floor: axum echo") && svg.matches("<rect").count() == 6);
+        assert!(svg.starts_with("<svg") && svg.contains("vs axum echo") && svg.matches("<rect").count() == 6);
     }
 
     #[test]
