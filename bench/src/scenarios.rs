@@ -12,10 +12,17 @@ use crate::load::{self, Oha, Stats, Target};
 use crate::procs;
 use crate::report::{Floor, Report, Row, num};
 use crate::setup::{self, Controller};
+use anyhow::Context as _;
 
 /// The trivial function of the warm paths, as this project's functions.
 const NODE_FN: &str = "exports.handler = async (params) => ({ greeting: 'hello ' + params.name });\n";
 const PYTHON_FN: &str = "def handler(params, context):\n    return {\"greeting\": \"hello \" + params[\"name\"]}\n";
+const RUST_CARGO: &str = "[package]\nname = \"rust-bench\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+[dependencies]\nfnrt-sdk = \"0.1\"\nserde = { version = \"1\", features = [\"derive\"] }\nserde_json = \"1\"\n";
+const RUST_FN: &str = "use fnrt_sdk::{Context, Error, export};\n\n\
+#[derive(serde::Deserialize)]\nstruct Params { name: String }\n\n\
+fn hello(params: Params, _context: Context) -> Result<serde_json::Value, Error> {\n    \
+Ok(serde_json::json!({ \"greeting\": format!(\"hello {}\", params.name) }))\n}\n\nexport!(hello);\n";
 
 /// How the run is sized.
 #[derive(Debug, Clone)]
@@ -94,6 +101,27 @@ fn execute_target(controller: &Controller, id: &str, params: &Value) -> Target {
     .bearer(&controller.token)
 }
 
+/// The most recently modified file called `name` below `dir`.
+fn newest_file(dir: &std::path::Path, name: &str) -> Option<PathBuf> {
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if entry.file_name() == name
+                && let Ok(modified) = meta.modified()
+                && best.as_ref().is_none_or(|(t, _)| modified > *t)
+            {
+                best = Some((modified, path));
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
 /// Runs every measurement; the report.
 pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&plan.tools)?;
@@ -124,7 +152,16 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     // The controller on its embedded defaults (PostgreSQL when DATABASE_URL is set).
     // Idle instances reaped after a few seconds, so that what the load
     // leaves can be counted once it is over.
-    let mut flags = vec!["--warm-pool-size", "2", "--keep-warm-secs", "3"];
+    // Rust functions build in a target directory kept between runs.
+    let rust_target = bench.plan.tools.join("rust-target").to_string_lossy().into_owned();
+    let mut flags = vec![
+        "--warm-pool-size",
+        "2",
+        "--keep-warm-secs",
+        "3",
+        "--rust-target-dir",
+        &rust_target,
+    ];
     let db = bench.plan.database_url.clone();
     if let Some(url) = &db {
         flags.extend(["--database-url", url.as_str()]);
@@ -134,6 +171,8 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     main.register("nodejs-bench-cached", NODE_FN, json!({})).await?;
     main.register("nodejs-bench", NODE_FN, no_cache.clone()).await?;
     main.register("python-bench", PYTHON_FN, no_cache.clone()).await?;
+    let rust_files = json!({"files": {"Cargo.toml": RUST_CARGO, "src/lib.rs": RUST_FN}});
+    main.register_with("rust-bench", rust_files, no_cache.clone()).await?;
     let wat = std::fs::read_to_string(setup::repo_dir().join("functions/wasm-hello/module.wat"))?;
     main.register(
         "wasm-bench",
@@ -205,7 +244,19 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     // Warm execute per runtime, beside the bare runtime on its socket.
     let runtimes = setup::repo_dir().join("runtimes");
     let mut warm_ids: Vec<(String, Vec<String>)> = Vec::new();
+    // The Rust runtime is the controller's own `runtime-rust`, given the
+    // library the controller built.
+    let library = newest_file(main.data_dir(), "function.so").context("the built Rust function")?;
+    let library = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, std::fs::read(&library)?);
     for (lt, label, program, args, entrypoint, code) in [
+        (
+            "rust-bench",
+            "Rust",
+            bin.to_str().context("the controller's path")?,
+            vec![PathBuf::from("runtime-rust")],
+            "function.so",
+            library.as_str(),
+        ),
         (
             "nodejs-bench",
             "Node",
@@ -297,7 +348,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     // Idle warm instances, per language: the runtime processes of the
     // retained sessions.
     let below = procs::descendants(main.pid());
-    for (label, marker) in [("Node", "server.js"), ("Python", "server.py")] {
+    for (label, marker) in [("Node", "server.js"), ("Python", "server.py"), ("Rust", "runtime-rust")] {
         let mut rss: Vec<u64> = below
             .iter()
             .filter(|(_, cmd)| cmd.contains(marker) && !cmd.contains("bwrap"))

@@ -118,6 +118,11 @@ impl Controller {
         self.proc.pid()
     }
 
+    /// The controller's data directory.
+    pub(crate) fn data_dir(&self) -> &Path {
+        self._data.path()
+    }
+
     pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
@@ -144,7 +149,23 @@ impl Controller {
 
     /// Registers a function (the manifest's fields beside `code`).
     pub(crate) async fn register(&self, language_title: &str, code: &str, manifest: Value) -> anyhow::Result<()> {
-        let mut body = json!({"language_title": language_title, "description": "benchmark function", "code": code});
+        self.register_with(language_title, json!({"code": code}), manifest)
+            .await
+    }
+
+    /// Registers a function whose code is `source` (`{"code": …}` or
+    /// `{"files": …}`), the manifest's fields beside it; a crate is built
+    /// before this answers.
+    pub(crate) async fn register_with(
+        &self,
+        language_title: &str,
+        source: Value,
+        manifest: Value,
+    ) -> anyhow::Result<()> {
+        let mut body = json!({"language_title": language_title, "description": "benchmark function"});
+        if let (Some(b), Some(c)) = (body.as_object_mut(), source.as_object()) {
+            b.extend(c.clone());
+        }
         if let (Some(b), Some(m)) = (body.as_object_mut(), manifest.as_object()) {
             b.extend(m.clone());
         }
