@@ -187,7 +187,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     let before_fds = procs::fds(main.pid());
     let before_procs = procs::descendants(main.pid()).len();
     bench.report.memory.push((
-        "controller, idle (4 functions registered, warm pool full)".into(),
+        "controller, idle (the benchmark's functions registered, warm pool full)".into(),
         idle_rss as f64 / 1024.0,
     ));
 
