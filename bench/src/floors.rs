@@ -132,21 +132,12 @@ pub(crate) async fn unix_request(
 /// its input on stdin and its answer read from stdout, as the wasm backend
 /// runs one (same engine settings: pooling allocator, epoch interruption).
 pub(crate) fn wasm_rate(wat: &str, input: &Value, threads: usize, duration: Duration) -> anyhow::Result<Stats> {
-    use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store};
+    use wasmtime::{Engine, Linker, Module, Store};
     use wasmtime_wasi::WasiCtxBuilder;
     use wasmtime_wasi::p1::WasiP1Ctx;
     use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 
-    let mut pool = PoolingAllocationConfig::new();
-    pool.total_core_instances(256)
-        .total_memories(256)
-        .total_tables(256)
-        .max_memory_size(4 << 30);
-    let mut config = Config::new();
-    config
-        .epoch_interruption(true)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    let engine = Engine::new(&config)?;
+    let engine = Engine::new(&fnrt_backends::wasm::engine_config())?;
     let module = Module::new(&engine, wat).map_err(|e| anyhow::anyhow!("compiling the module: {e:#}"))?;
     let mut linker: Linker<WasiP1Ctx> = Linker::new(&engine);
     wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s| s)?;

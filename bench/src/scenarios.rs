@@ -87,10 +87,15 @@ impl Bench {
     }
 }
 
-/// `…/execute/(id1|id2|…)` for oha's `--rand-regex-url`: each request on
-/// one of the sessions (oha takes a dot literally there).
-fn sessions_regex(controller: &Controller, ids: &[String]) -> String {
-    format!("{}/api/v1/execute/({})", controller.url, ids.join("|"))
+/// Executes spread over several sessions: oha's `--rand-regex-url` draws
+/// each request's URL from `…/execute/(id1|id2|…)` (it takes a dot
+/// literally there).
+fn sessions_target(controller: &Controller, ids: &[String], params: &Value) -> Target {
+    Target {
+        url: format!("{}/api/v1/execute/({})", controller.url, ids.join("|")),
+        url_regex: true,
+        ..execute_target(controller, &ids[0], params)
+    }
 }
 
 fn execute_target(controller: &Controller, id: &str, params: &Value) -> Target {
@@ -307,14 +312,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     let (peers, missing) = setup::start_peers(&bench.plan.tools).await;
     bench.report.notes.extend(missing);
     for (label, ids) in &warm_ids {
-        let target = Target {
-            url_regex: true,
-            ..execute_target(&main, "x", &params)
-        };
-        let target = Target {
-            url: sessions_regex(&main, ids),
-            ..target
-        };
+        let target = sessions_target(&main, ids, &params);
         let peer = peers.iter().find(|p| p.name.contains(label.as_str()));
         let warm_high = bench.plan.warm_high;
         let name = format!("warm execute, {label}, {} sessions", ids.len());
@@ -391,11 +389,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
         wasm_c1,
         Some(("bare wasmtime, all cores", wasm_floor)),
     );
-    let wasm_target = Target {
-        url: sessions_regex(&main, &wasm_ids),
-        url_regex: true,
-        ..execute_target(&main, "x", &params)
-    };
+    let wasm_target = sessions_target(&main, &wasm_ids, &params);
     let wasm = tokio::task::block_in_place(|| bench.oha.run(&wasm_target, high, bench.plan.duration))?;
     bench.add(
         &format!("warm execute, wasm, {} sessions", wasm_ids.len()),

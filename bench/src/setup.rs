@@ -64,7 +64,7 @@ pub(crate) struct Controller {
     pub(crate) proc: Proc,
     pub(crate) client: reqwest::Client,
     pub(crate) token: String,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
     _functions: tempfile::TempDir,
 }
 
@@ -109,7 +109,7 @@ impl Controller {
             proc,
             client: reqwest::Client::new(),
             token,
-            _data: data,
+            data,
             _functions: functions,
         })
     }
@@ -120,7 +120,7 @@ impl Controller {
 
     /// The controller's data directory.
     pub(crate) fn data_dir(&self) -> &Path {
-        self._data.path()
+        self.data.path()
     }
 
     pub(crate) fn url(&self, path: &str) -> String {

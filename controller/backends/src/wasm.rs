@@ -97,19 +97,25 @@ impl std::fmt::Debug for WasmBackend {
     }
 }
 
+/// The engine's settings: a pooling allocator and epoch interruption (the
+/// benchmark's bare-wasmtime floor runs with the same).
+pub fn engine_config() -> Config {
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_core_instances(256)
+        .total_memories(256)
+        .total_tables(256)
+        .max_memory_size(4 << 30);
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
+}
+
 impl WasmBackend {
     /// Builds the engine and starts its epoch ticker.
     pub fn new(config: WasmConfig, builder: Option<Arc<Builder>>, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
-        let mut pool = PoolingAllocationConfig::new();
-        pool.total_core_instances(256)
-            .total_memories(256)
-            .total_tables(256)
-            .max_memory_size(4 << 30);
-        let mut engine_config = Config::new();
-        engine_config
-            .epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&engine_config)?;
+        let engine = Engine::new(&engine_config())?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut State| &mut s.wasi)?;
         // The ticker is a thread of its own, not a task: a guest that never

@@ -140,6 +140,15 @@ impl S3FileStore {
         Ok(self.path(sha256))
     }
 
+    /// Deletes the object at `path`; false if it was not there.
+    async fn delete(&self, path: &Path) -> Result<bool, FileError> {
+        match self.store.delete(path).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
     /// When the blob `sha256` was last written, in ms since the epoch.
     async fn written_ms(&self, path: &Path) -> Result<Option<i64>, FileError> {
         match self.store.head(path).await {
@@ -210,11 +219,7 @@ impl FileStore for S3FileStore {
         if self.written_ms(&path).await?.is_none() {
             return Ok(false);
         }
-        match self.store.delete(&path).await {
-            Ok(()) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(store_error(e)),
-        }
+        self.delete(&path).await
     }
 
     async fn written_before(&self, cutoff_ms: i64) -> Result<Vec<String>, FileError> {
@@ -235,7 +240,8 @@ impl FileStore for S3FileStore {
     async fn remove_if_written_before(&self, sha256: &str, cutoff_ms: i64) -> Result<bool, FileError> {
         let path = self.checked_path(sha256)?;
         match self.written_ms(&path).await? {
-            Some(written) if written < cutoff_ms => self.remove(sha256).await,
+            // Looked at just now: no need to ask again.
+            Some(written) if written < cutoff_ms => self.delete(&path).await,
             _ => Ok(false),
         }
     }
