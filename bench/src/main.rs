@@ -11,7 +11,7 @@
 //! ```text
 //! cargo run --release -p bench                 # full run, results in target/bench/
 //! cargo run --release -p bench -- --write-docs # and into docs/benchmarks.md
-//! cargo run -p bench -- --smoke --debug        # seconds; what CI runs
+//! cargo run -p bench -- --smoke --debug        # 1 s per measurement; what CI runs
 //! ```
 //!
 //! # Layout
@@ -49,7 +49,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
-    /// Seconds, not minutes: one short round of each measurement.
+    /// One round of 1 s per measurement and fewer samples: checks that
+    /// every path works (setup, such as the Rust build, takes longer).
     #[arg(long)]
     smoke: bool,
     /// Measure the dev build of the controller (CI's smoke run reuses the
