@@ -193,11 +193,15 @@ impl InstancePool {
                 (instance, StartKind::Cold)
             }
         };
-        self.refill.notify_one();
         let result = if start == StartKind::Warm { "warm" } else { "cold" };
         self.metrics.record_acquire(backend.name(), language, result);
         let started = Instant::now();
-        if let Err(e) = instance.init(function).await {
+        let initialized = instance.init(function).await;
+        // The refill starts only now: a runtime starting up takes a core or
+        // two for tens of milliseconds, which the `/init` it would replace
+        // must not wait behind.
+        self.refill.notify_one();
+        if let Err(e) = initialized {
             instance.terminate().await;
             return Err(e);
         }

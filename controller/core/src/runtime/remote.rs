@@ -26,6 +26,12 @@ const LOG_MARKER_WAIT: Duration = Duration::from_secs(2);
 /// How long a runtime server may take to answer its first `/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long `/health` is asked every millisecond while a server starts
+/// (a refused connect costs microseconds): a start usually takes tens of
+/// milliseconds, and a poll backing off from there would add as much again
+/// to every cold start. Past it, the pause doubles up to 50 ms.
+const FAST_POLL: Duration = Duration::from_millis(300);
+
 /// How an instance's server ended, as far as its backend can tell.
 #[derive(Debug, Clone)]
 pub struct Exit {
@@ -114,7 +120,7 @@ impl RemoteInstance {
     ) -> Result<Self, InstanceError> {
         let started = Instant::now();
         let client = RuntimeClient::new(endpoint);
-        let mut pause = Duration::from_millis(2);
+        let mut pause = Duration::from_millis(1);
         let failed = loop {
             if let Some(exit) = handle.exited(Duration::ZERO).await {
                 break format!(
@@ -139,7 +145,9 @@ impl RemoteInstance {
                 break format!("runtime server did not answer within {START_TIMEOUT:?}");
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            if started.elapsed() > FAST_POLL {
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
         };
         handle.terminate().await;
         Err(InstanceError::Unavailable {
