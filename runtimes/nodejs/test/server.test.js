@@ -141,6 +141,17 @@ test('health answers before init with initialized false', async (t) => {
   assert.deepEqual(res.body, { status: 'ok', language: 'nodejs', runtime_version: process.version, initialized: false });
 });
 
+test('the start-up warm-up leaves nothing behind and the instance stays fresh', async (t) => {
+  const server = await startServer(t);
+  await waitFor(() => server.stderr().includes('ready'));
+  // Its throwaway module's directory is gone, and its refused /init counted for nothing.
+  assert.deepEqual(fs.readdirSync(path.join(server.dir, 'tmp')), []);
+  assert.equal(fs.existsSync(path.join(server.dir, 'function')), false);
+  assert.equal((await server.call('GET', '/health')).body.initialized, false);
+  assert.equal((await server.init('exports.handler = async () => "warm";')).status, 200);
+  assert.deepEqual((await server.run()).body, { result: 'warm' });
+});
+
 test('unknown flags exit with code 2', async () => {
   const child = spawn(process.execPath, [SERVER, '--socket', '/tmp/unused.sock', '--port', '8080'], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
