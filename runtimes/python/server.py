@@ -930,10 +930,26 @@ def _install_fnrt_module(socket_path):
     sys.modules["fnrt"] = module
 
 
+def _add_system_site_packages():
+    """Started with -S (the controller does: site would run every `.pth`
+    file of the host's site-packages at each instance's start, tens of
+    milliseconds of code nobody asked for), the system's site-packages
+    directories still go on sys.path, where site puts them, without their
+    `.pth` files."""
+    if not sys.flags.no_site:
+        return
+    import site  # with -S, importing it runs nothing
+
+    for directory in site.getsitepackages():
+        if os.path.isdir(directory) and directory not in sys.path:
+            sys.path.append(directory)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Python runtime server (see docs/runtime-protocol.md).")
     parser.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
     args = parser.parse_args(argv)
+    _add_system_site_packages()
 
     # A pipe makes stdout block-buffered; line by line, the controller gets
     # each line while the run goes on (live logs).

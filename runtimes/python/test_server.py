@@ -59,7 +59,7 @@ def line_of(code, marker):
 class RuntimeProcess:
     """A running server.py in its own instance directory."""
 
-    def __init__(self, python=sys.executable, env=None, user=None, instance_dir=None):
+    def __init__(self, python=sys.executable, env=None, user=None, instance_dir=None, flags=()):
         self.instance_dir = instance_dir or tempfile.mkdtemp(prefix="pyrt-")
         self.socket_path = os.path.join(self.instance_dir, "runtime.sock")
         tmp = os.path.join(self.instance_dir, "tmp")
@@ -70,7 +70,7 @@ class RuntimeProcess:
         self.stdout = open(os.path.join(self.instance_dir, "stdout.log"), "w+b")
         self.stderr = open(os.path.join(self.instance_dir, "stderr.log"), "w+b")
         self.process = subprocess.Popen(
-            [python, str(SERVER), "--socket", self.socket_path],
+            [python, *flags, str(SERVER), "--socket", self.socket_path],
             cwd=self.instance_dir,
             env=env,
             stdout=self.stdout,
@@ -446,6 +446,19 @@ class Environment(RuntimeTestCase):
         self.rt.init("import subprocess\ndef handler(p, c):\n    return subprocess.run(['env'], capture_output=True, text=True).stdout\n", env={"A": "1"})
         names = sorted(line.split("=", 1)[0] for line in self.rt.run()[1]["result"].splitlines())
         self.assertEqual(names, ["A", "HOME", "LANG", "PATH", "TMPDIR"])
+
+    def test_started_as_the_controller_starts_it_the_system_site_packages_stay_importable(self):
+        # -S skips site's `.pth` hooks; the server puts the directories back.
+        import site
+
+        rt = self.start(flags=["-I", "-S"])
+        rt.init("import sys\ndef handler(p, c):\n    return [sys.flags.no_site, sys.path]\n")
+        no_site, path = rt.run()[1]["result"]
+        self.assertEqual(no_site, 1)
+        expected = [d for d in site.getsitepackages() if os.path.isdir(d)]
+        self.assertTrue(expected)
+        for directory in expected:
+            self.assertIn(directory, path)
 
     def test_the_server_cannot_be_imported_by_the_function(self):
         self.rt.init("def handler(p, c):\n    import server\n")

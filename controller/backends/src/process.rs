@@ -220,8 +220,10 @@ impl ProcessBackend {
         let mut launchers = HashMap::new();
         let runtimes: [(Language, &str, &str, &[&str]); 2] = [
             (Language::Nodejs, &config.node_bin, "nodejs/server.js", &[]),
-            // -I: ignore PYTHON* variables and the user site directory.
-            (Language::Python, &config.python_bin, "python/server.py", &["-I"]),
+            // -I: ignore PYTHON* variables and the user site directory; -S:
+            // no `.pth` hooks of the host at every start (the server puts
+            // the system's site-packages on sys.path itself).
+            (Language::Python, &config.python_bin, "python/server.py", &["-I", "-S"]),
         ];
         for (language, bin, server, flags) in runtimes {
             let launcher = sight.program(bin).and_then(|program| {
