@@ -216,43 +216,58 @@ where
     for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
 {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
+        // A statement per chunk of rows rather than per row: each statement
+        // is a round trip to the driver (SQLite's is a thread of its own).
         let mut tx = self.pool.begin().await?;
-        for r in records {
-            sqlx::query(
+        for chunk in row_chunks(records) {
+            let sql = format!(
                 "INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start, parent_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(ExecutionId(r.id))
-            .bind(r.request_id.as_str())
-            .bind(r.subject.as_str())
-            .bind(r.language_title.as_str())
-            .bind(r.version)
-            .bind(DB::timestamp(r.started_at))
-            .bind(r.duration_ms)
-            .bind(r.outcome.as_str())
-            .bind(r.cached)
-            .bind(r.cold_start)
-            .bind(r.parent_id.map(|p| p.to_string()))
-            .execute(&mut *tx)
-            .await?;
-            if let Some(logs) = &r.logs {
-                let id = r.id.to_string();
-                let lines = encode_lines(&logs.lines);
-                sqlx::query(
-                    "INSERT INTO execution_logs (execution_id, request_id, subject, language_title, created_ms, lines, bytes, dropped_bytes) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (execution_id) DO NOTHING",
-                )
-                .bind(id.as_str())
-                .bind(r.request_id.as_str())
-                .bind(r.subject.as_str())
-                .bind(r.language_title.as_str())
-                .bind((r.started_at.unix_timestamp_nanos() / 1_000_000) as i64)
-                .bind(lines.as_str())
-                .bind(logs.bytes as i64)
-                .bind(logs.dropped_bytes as i64)
-                .execute(&mut *tx)
-                .await?;
+                 VALUES {} ON CONFLICT (id) DO NOTHING",
+                placeholders(chunk.len(), 11)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for r in chunk {
+                query = query
+                    .bind(ExecutionId(r.id))
+                    .bind(r.request_id.as_str())
+                    .bind(r.subject.as_str())
+                    .bind(r.language_title.as_str())
+                    .bind(r.version)
+                    .bind(DB::timestamp(r.started_at))
+                    .bind(r.duration_ms)
+                    .bind(r.outcome.as_str())
+                    .bind(r.cached)
+                    .bind(r.cold_start)
+                    .bind(r.parent_id.map(|p| p.to_string()));
             }
+            query.execute(&mut *tx).await?;
+        }
+        let logged: Vec<(&ExecutionRecord, &Captured, String, String)> = records
+            .iter()
+            .filter_map(|r| {
+                let logs = r.logs.as_deref()?;
+                Some((r, logs, r.id.to_string(), encode_lines(&logs.lines)))
+            })
+            .collect();
+        for chunk in row_chunks(&logged) {
+            let sql = format!(
+                "INSERT INTO execution_logs (execution_id, request_id, subject, language_title, created_ms, lines, bytes, dropped_bytes) \
+                 VALUES {} ON CONFLICT (execution_id) DO NOTHING",
+                placeholders(chunk.len(), 8)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for (r, logs, id, lines) in chunk {
+                query = query
+                    .bind(id.as_str())
+                    .bind(r.request_id.as_str())
+                    .bind(r.subject.as_str())
+                    .bind(r.language_title.as_str())
+                    .bind((r.started_at.unix_timestamp_nanos() / 1_000_000) as i64)
+                    .bind(lines.as_str())
+                    .bind(logs.bytes as i64)
+                    .bind(logs.dropped_bytes as i64);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -274,6 +289,26 @@ where
 }
 
 /// Log lines as the `lines` column keeps them: `[[ts_ms, stream, text], ...]`.
+/// `rows` in chunks of 64, 16, 4 and 1 rows: few statements per batch, and
+/// few statement shapes for the drivers to prepare and keep.
+fn row_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        let size = [64, 16, 4, 1].into_iter().find(|&n| n <= rows.len())?;
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        Some(chunk)
+    })
+}
+
+/// `($1, $2), ($3, $4)` for 2 rows of 2 columns.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let row = |r: usize| {
+        let cells: Vec<String> = (1..=columns).map(|c| format!("${}", r * columns + c)).collect();
+        format!("({})", cells.join(", "))
+    };
+    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+}
+
 fn encode_lines(lines: &[LogLine]) -> String {
     let rows: Vec<(i64, &str, &str)> = lines
         .iter()
@@ -903,5 +938,20 @@ impl RowsAffected for sqlx::sqlite::SqliteQueryResult {
 impl RowsAffected for sqlx::postgres::PgQueryResult {
     fn rows(&self) -> u64 {
         self.rows_affected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_go_in_few_chunks_of_few_sizes() {
+        let rows: Vec<usize> = (0..87).collect();
+        let sizes: Vec<usize> = row_chunks(&rows).map(<[usize]>::len).collect();
+        assert_eq!(sizes, [64, 16, 4, 1, 1, 1]);
+        assert_eq!(row_chunks(&rows).flatten().copied().collect::<Vec<_>>(), rows);
+        assert_eq!(row_chunks::<usize>(&[]).count(), 0);
+        assert_eq!(placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
     }
 }

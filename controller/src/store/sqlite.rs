@@ -5,7 +5,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use sqlx::Sqlite;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use time::OffsetDateTime;
 
 use super::sql::{Dialect, SqlStore};
@@ -39,6 +39,11 @@ impl SqlStore<Sqlite> {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
+            // In WAL mode: a commit survives the controller's crash or
+            // restart, and only a power loss or an OS crash may undo the
+            // last ones (never corrupting the file); it is not waited on
+            // with fsync (a commit per batch of execution records).
+            .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)

@@ -112,6 +112,48 @@ async fn exercise(stores: Stores) {
     assert!(first.cold_start && !first.cached);
     assert!(store.executions_of("session-2").await.unwrap().is_empty());
 
+    // A batch of every chunk size the writer uses (64 + 16 + 4 + 1 + 1 + 1
+    // rows), every third with logs: each row and its logs are written once.
+    use fnrt_core::logs::{Captured, LogLine, Stream};
+    let big_session = format!("session-{}", uuid::Uuid::new_v4());
+    let big: Vec<ExecutionRecord> = (0..87)
+        .map(|i| ExecutionRecord {
+            id: uuid::Uuid::new_v4(),
+            request_id: big_session.clone(),
+            duration_ms: i,
+            logs: (i % 3 == 0).then(|| {
+                std::sync::Arc::new(Captured {
+                    lines: vec![LogLine {
+                        ts_ms: i,
+                        stream: Stream::Stdout,
+                        text: format!("row {i}"),
+                    }],
+                    bytes: 6,
+                    dropped_bytes: 0,
+                })
+            }),
+            ..record("success", false)
+        })
+        .collect();
+    store.record_executions(&big).await.unwrap();
+    store.record_executions(&big).await.unwrap();
+    let mut durations: Vec<i64> = store
+        .executions_of(&big_session)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.duration_ms)
+        .collect();
+    durations.sort();
+    assert_eq!(durations, (0..87).collect::<Vec<i64>>());
+    let logged = stores.logs.logs_of(&big_session).await.unwrap();
+    assert_eq!(logged.len(), 29);
+    let row_30 = logged
+        .iter()
+        .find(|l| l.execution_id == big[30].id.to_string())
+        .unwrap();
+    assert_eq!(Some(&row_30.captured), big[30].logs.as_ref());
+
     // Oldest first, whatever order they were written in.
     let at = |started_at| ExecutionRecord {
         request_id: "session-3".into(),
