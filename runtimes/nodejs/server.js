@@ -82,6 +82,8 @@ function parseArgs(argv) {
 const state = {
   /** 'fresh' until /init is attempted, then 'initialized' or 'failed' (never re-initialised). */
   phase: 'fresh',
+  /** True until the start-up warm-up (see warmUp) is over: /health says 503 STARTING meanwhile. */
+  warming: true,
   /** The loaded module's exports and the handler taken from them. */
   exports: null,
   handler: null,
@@ -727,6 +729,7 @@ const ROUTES = {
   '/health': {
     GET: async (req) => {
       req.resume(); // a body on GET is ignored, but must be consumed for keep-alive
+      if (state.warming) return [503, errorBody('STARTING', 'the runtime is warming up')];
       return [200, { status: 'ok', language: 'nodejs', runtime_version: process.version, initialized: state.phase === 'initialized' }];
     },
   },
@@ -822,6 +825,7 @@ function main() {
   });
   server.listen(socketPath, () => {
     warmUp(socketPath).finally(() => {
+      state.warming = false;
       // Not the path: stderr ends up in crash reports, which must not show host paths.
       log(`ready (node ${process.version}, pid ${process.pid})`);
     });
@@ -835,7 +839,9 @@ function main() {
  * and the module loader's (4 of its 6 ms, measured; initializing from the
  * warm pool is what a caller waits for). A POST /init that its checks
  * refuse (400, nothing changes) and a throwaway module written and loaded
- * as /init's are, in a directory of its own that is removed again.
+ * as /init's are, in a directory of its own that is removed again. Until
+ * it is done, /health answers 503 STARTING: the controller counts the
+ * instance as started only after it.
  */
 async function warmUp(socketPath) {
   let dir;
