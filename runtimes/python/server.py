@@ -26,7 +26,6 @@ nothing to stdout and only real problems to stderr, besides a run's
 write while a later run is in progress is dropped (see "Late writes").
 """
 
-import argparse
 import collections.abc
 import concurrent.futures.thread
 import contextvars
@@ -38,7 +37,6 @@ import importlib.util
 import json
 import linecache
 import os
-import platform
 import re
 import socket
 import socketserver
@@ -185,7 +183,7 @@ class Runtime:
         return {
             "status": "ok",
             "language": "python",
-            "runtime_version": platform.python_version(),
+            "runtime_version": "{}.{}.{}".format(*sys.version_info[:3]),
             "initialized": self.initialized,
         }
 
@@ -945,10 +943,35 @@ def _add_system_site_packages():
             sys.path.append(directory)
 
 
+def _usage_error(message):
+    sys.stderr.write(f"server.py: {message}\nusage: python3 server.py --socket PATH\n")
+    raise SystemExit(2)
+
+
+def _parse_args(argv):
+    """`--socket PATH` (or `--socket=PATH`), as the Node runtime takes it;
+    anything else exits 2. Not argparse: importing it is a few milliseconds
+    of every instance's start."""
+    socket_path = None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--socket":
+            socket_path = next(args, "")
+            if socket_path == "":
+                _usage_error("--socket needs a path")
+        elif arg.startswith("--socket="):
+            socket_path = arg[len("--socket=") :]
+            if socket_path == "":
+                _usage_error("--socket needs a path")
+        else:
+            _usage_error(f"unknown argument: {arg}")
+    if socket_path is None:
+        _usage_error("--socket is required")
+    return types.SimpleNamespace(socket=socket_path)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Python runtime server (see docs/runtime-protocol.md).")
-    parser.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
-    args = parser.parse_args(argv)
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
     _add_system_site_packages()
 
     # A pipe makes stdout block-buffered; line by line, the controller gets

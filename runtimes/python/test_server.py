@@ -763,9 +763,14 @@ class CommandLine(unittest.TestCase):
         result = subprocess.run([self.python, str(SERVER), "--socket", "/tmp/x.sock", "--port", "1"], capture_output=True)
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stdout, b"")
+        self.assertIn(b"unknown argument: --port", result.stderr)
 
     def test_a_missing_socket_flag_exits_with_2(self):
         self.assertEqual(subprocess.run([self.python, str(SERVER)], capture_output=True).returncode, 2)
+        for empty in (["--socket"], ["--socket="]):
+            result = subprocess.run([self.python, str(SERVER), *empty], capture_output=True)
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(b"--socket needs a path", result.stderr)
 
     def test_a_stale_socket_file_is_replaced(self):
         instance_dir = tempfile.mkdtemp(prefix="pyrt-")
