@@ -106,25 +106,19 @@ fn execute_target(controller: &Controller, id: &str, params: &Value) -> Target {
     .bearer(&controller.token)
 }
 
-/// The most recently modified file called `name` below `dir`.
-fn newest_file(dir: &std::path::Path, name: &str) -> Option<PathBuf> {
-    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if entry.file_name() == name
-                && let Ok(modified) = meta.modified()
-                && best.as_ref().is_none_or(|(t, _)| modified > *t)
-            {
-                best = Some((modified, path));
-            }
-        }
+/// The library the controller built for the benchmark's one Rust function:
+/// its builder keeps each build at `DATA_DIR/builds/KEY/function.so`.
+fn built_library(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let built: Vec<PathBuf> = std::fs::read_dir(data_dir.join("builds"))
+        .context("the controller's builds")?
+        .flatten()
+        .map(|entry| entry.path().join("function.so"))
+        .filter(|library| library.is_file())
+        .collect();
+    match built.as_slice() {
+        [library] => Ok(library.clone()),
+        _ => anyhow::bail!("{} built Rust libraries, expected one", built.len()),
     }
-    best.map(|(_, p)| p)
 }
 
 /// Runs every measurement; the report.
@@ -251,7 +245,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     let mut warm_ids: Vec<(String, Vec<String>)> = Vec::new();
     // The Rust runtime is the controller's own `runtime-rust`, given the
     // library the controller built.
-    let library = newest_file(main.data_dir(), "function.so").context("the built Rust function")?;
+    let library = built_library(main.data_dir())?;
     let library = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, std::fs::read(&library)?);
     for (lt, label, program, args, entrypoint, code) in [
         (

@@ -26,6 +26,7 @@
 const { AsyncLocalStorage } = require('async_hooks');
 const fs = require('fs');
 const http = require('http');
+const os = require('os');
 const path = require('path');
 const { setTimeout: sleep } = require('timers/promises');
 const { pathToFileURL } = require('url');
@@ -846,7 +847,7 @@ function main() {
 async function warmUp(socketPath) {
   let dir;
   try {
-    dir = fs.mkdtempSync(path.join(require('os').tmpdir(), 'fnrt-warm-up-'));
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fnrt-warm-up-'));
     fs.writeFileSync(path.join(dir, 'package.json'), '{"type":"commonjs"}\n');
     const file = path.join(dir, 'index.js');
     fs.writeFileSync(file, 'exports.handler = async (params) => ({ params });\n');

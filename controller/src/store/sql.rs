@@ -288,7 +288,6 @@ where
     }
 }
 
-/// Log lines as the `lines` column keeps them: `[[ts_ms, stream, text], ...]`.
 /// `rows` in chunks of 64, 16, 4 and 1 rows: few statements per batch, and
 /// few statement shapes for the drivers to prepare and keep.
 fn row_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
@@ -309,6 +308,7 @@ fn placeholders(rows: usize, columns: usize) -> String {
     (0..rows).map(row).collect::<Vec<_>>().join(", ")
 }
 
+/// Log lines as the `lines` column keeps them: `[[ts_ms, stream, text], ...]`.
 fn encode_lines(lines: &[LogLine]) -> String {
     let rows: Vec<(i64, &str, &str)> = lines
         .iter()
