@@ -4,7 +4,7 @@ The controller starts this file as a child process (or as a container's
 entrypoint), specialises it with one function's code through `POST /init`,
 then calls that function through `POST /run`. The wire protocol is
 docs/runtime-protocol.md; this file implements it with the standard library
-only (`http.server` over a Unix socket), so it starts with nothing installed.
+only (`socketserver` over a Unix socket), so it starts with nothing installed.
 
     python3 server.py --socket /DATA/instances/ID/runtime.sock
 
@@ -14,7 +14,7 @@ Layout:
   one-init rule, the one-run-at-a-time lock, and the mapping of a Python
   exception to the protocol's error body (type, line, column, stack trace).
 - `Handler` speaks HTTP/1.1 (keep-alive, bounded bodies, JSON everywhere,
-  including http.server's own error pages) and routes to `Runtime`.
+  including its own error pages) and routes to `Runtime`.
 - `main` parses `--socket`, removes a stale socket file and serves forever.
 
 Connections are served by one thread each, so `GET /health` answers while a
@@ -27,12 +27,9 @@ write while a later run is in progress is dropped (see "Late writes").
 """
 
 import collections.abc
-import concurrent.futures.thread
 import contextvars
 import functools
 import gc
-import http.client
-import http.server
 import importlib.util
 import json
 import linecache
@@ -45,7 +42,6 @@ import sys
 import threading
 import traceback
 import types
-import urllib.parse
 
 # Request bodies larger than this are refused before they are read.
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -562,11 +558,37 @@ def _submit_in_context(submit):
     return submit_in_context
 
 
+class _PatchPoolsOnImport:
+    """On `sys.meta_path` until `concurrent.futures.thread` is imported,
+    then patches its `ThreadPoolExecutor.submit` as it loads. Importing it
+    at start-up (and `logging` with it) would cost every instance's start
+    for the functions that use a pool."""
+
+    MODULE = "concurrent.futures.thread"
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != cls.MODULE:
+            return None
+        sys.meta_path.remove(cls)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            pool = module.ThreadPoolExecutor
+            pool.submit = _submit_in_context(pool.submit)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
 def _attribute_writes_to_runs():
     """Install the late-write filter and the context inheritance (once, at start-up)."""
     threading.Thread.start = _thread_start_in_context(threading.Thread.start)
-    pool = concurrent.futures.thread.ThreadPoolExecutor
-    pool.submit = _submit_in_context(pool.submit)
+    sys.meta_path.insert(0, _PatchPoolsOnImport)
     if sys.stdout is not None:
         sys.stdout = _RunStream(sys.stdout)
     if sys.stderr is not None:
@@ -618,12 +640,11 @@ def _end_logs(marker):
             pass  # a closed pipe: nobody reads it any more
 
 
-# Status -> error code for the answers http.server produces by itself.
+# Status -> error code for the answers the HTTP layer produces by itself.
 _STATUS_CODES = {
     400: "BAD_REQUEST",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
-    408: "REQUEST_TIMEOUT",
     414: "BAD_REQUEST",
     431: "BAD_REQUEST",
     500: "INTERNAL_ERROR",
@@ -631,24 +652,108 @@ _STATUS_CODES = {
     505: "BAD_REQUEST",
 }
 
+# Reason phrases of the statuses this server sends.
+_REASONS = {
+    100: "Continue",
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    414: "Request-URI Too Long",
+    422: "Unprocessable Entity",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    505: "HTTP Version Not Supported",
+}
+
 _ROUTES = {"/health": "GET", "/init": "POST", "/run": "POST"}
 
+# Longest request or header line, and most header fields, of one request.
+MAX_LINE_BYTES = 65536
+MAX_HEADERS = 100
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1 front of the runtime: routing, bounded bodies, JSON answers."""
 
-    # HTTP/1.1 keeps the connection open: the controller reuses one per instance.
-    protocol_version = "HTTP/1.1"
-    server_version = "python-runtime"
+class Handler(socketserver.StreamRequestHandler):
+    """HTTP/1.1 front of the runtime: keep-alive, routing, bounded bodies,
+    JSON answers (its own errors too). Not `http.server`: importing it (and
+    `http.client`, `email` with it) was a third of the runtime's start, and
+    the runtime needs a small part of it."""
 
-    def version_string(self):
-        return self.server_version
+    def handle(self):
+        self.close_connection = True
+        self._handle_one_request()
+        while not self.close_connection:
+            self._handle_one_request()
 
-    def do_GET(self):
-        self._dispatch("GET")
+    def _handle_one_request(self):
+        self.close_connection = True
+        self.command = None
+        self.headers = {}
+        line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES:
+            self.send_error(414)
+            return
+        words = line.decode("iso-8859-1").rstrip("\r\n").split()
+        if not words:
+            return
+        if len(words) != 3:
+            self.send_error(400, f"Bad request syntax ({line.decode('iso-8859-1').rstrip()!r})")
+            return
+        command, path, version = words
+        version_number = _http_version(version)
+        if version_number is None:
+            self.send_error(400, f"Bad request version ({version!r})")
+            return
+        if version_number >= (2, 0):
+            self.send_error(505, f"Invalid HTTP version ({version})")
+            return
+        self.command, self.path = command, path
+        if not self._read_headers():
+            return
+        connection = self._header("connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive" or version_number >= (1, 1):
+            self.close_connection = False
+        if (
+            self._header("expect", "").lower() == "100-continue"
+            and version_number >= (1, 1)
+            and not self._continue()
+        ):
+            return
+        if command in ("GET", "POST"):
+            self._dispatch(command)
+        else:
+            self.send_error(501, f"Unsupported method ({command!r})")
 
-    def do_POST(self):
-        self._dispatch("POST")
+    def _read_headers(self):
+        """Header fields into self.headers (lower-case name -> values); False
+        once an error was sent."""
+        count = 0
+        while True:
+            line = self.rfile.readline(MAX_LINE_BYTES + 1)
+            if len(line) > MAX_LINE_BYTES:
+                self.send_error(431, "Line too long")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                return True
+            count += 1
+            if count > MAX_HEADERS:
+                self.send_error(431, "Too many headers")
+                return False
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or name[:1] in (" ", "\t"):
+                self.send_error(400, "Bad header line")
+                return False
+            self.headers.setdefault(name.strip().lower(), []).append(value.strip())
+
+    def _header(self, name, default=None):
+        values = self.headers.get(name)
+        return values[0] if values else default
 
     def _dispatch(self, method):
         runtime = self.server.runtime
@@ -684,7 +789,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_body(self):
         """Read the request body, at most MAX_BODY_BYTES, or raise BAD_REQUEST."""
-        transfer_encoding = self.headers.get("Transfer-Encoding")
+        transfer_encoding = self._header("transfer-encoding")
         if transfer_encoding is not None:
             if transfer_encoding.strip().lower() != "chunked":
                 self.close_connection = True
@@ -704,13 +809,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return data
 
     def _content_length(self):
-        values = self.headers.get_all("Content-Length") or []
+        values = self.headers.get("content-length") or []
         if not values:
             return None
-        if len(set(v.strip() for v in values)) != 1 or not values[0].strip().isdigit():
+        if len(set(values)) != 1 or not (values[0].isascii() and values[0].isdigit()):
             self.close_connection = True
             raise RequestError(400, "BAD_REQUEST", "invalid Content-Length")
-        return int(values[0].strip())
+        return int(values[0])
 
     def _read_chunked(self):
         chunks = []
@@ -751,8 +856,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except RequestError:
             pass
 
-    def handle_expect_100(self):
-        # Refuse an oversized body before the client sends it.
+    def _continue(self):
+        """Answers `Expect: 100-continue`: refuses an oversized body before
+        the client sends it (False), else lets it come."""
         try:
             length = self._content_length()
         except RequestError:
@@ -761,44 +867,41 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self._reply(400, encode_json(error_body("BAD_REQUEST", f"body is larger than {MAX_BODY_BYTES} bytes")))
             return False
-        return super().handle_expect_100()
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
     # --- answers ------------------------------------------------------------
 
     def _reply(self, status, payload):
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+        """One write: status line, headers and body."""
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+            "Server: python-runtime\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n"
+            + ("Connection: close\r\n" if self.close_connection else "")
+            + "\r\n"
+        )
+        self.wfile.write(head.encode("latin-1") + payload)
 
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, unknown method) as JSON."""
+    def send_error(self, code, message=None):
+        """The HTTP layer's own errors (bad request line, unknown method) as JSON."""
         self.close_connection = True
-        text = message or self.responses.get(code, ("error",))[0]
-        payload = encode_json(error_body(_STATUS_CODES.get(code, "BAD_REQUEST"), text))
+        text = message or _REASONS.get(code, "error")
         try:
-            self.send_response(code, message)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-                self.wfile.write(payload)
+            self._reply(code, encode_json(error_body(_STATUS_CODES.get(code, "BAD_REQUEST"), text)))
         except OSError:
             pass
 
-    def log_request(self, code="-", size="-"):
-        # No per-request logging: stderr belongs to the function.
-        pass
 
-    def log_message(self, format, *args):
-        # Only http.server's error reports get here (log_request is silenced).
-        # The default would also index client_address, which is '' on AF_UNIX.
-        sys.stderr.write("python-runtime: " + (format % args) + "\n")
+def _http_version(text):
+    """(major, minor) of `HTTP/1.1`, or None when it is not a version."""
+    if not text.startswith("HTTP/"):
+        return None
+    major, dot, minor = text[5:].partition(".")
+    if not dot or not major.isdigit() or not minor.isdigit() or len(major) > 10 or len(minor) > 10:
+        return None
+    return int(major), int(minor)
 
 
 class ThreadingUnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -850,16 +953,19 @@ class FilesError(Exception):
         self.code = code
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+def _unix_connection(path, timeout):
+    """An HTTP connection to the files socket. `http.client` is imported
+    here, on a function's first files call, not at every instance's start."""
+    import http.client
 
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(path)
+            self.sock = sock
+
+    return UnixConnection("localhost", timeout=timeout)
 
 
 class _Files:
@@ -876,7 +982,7 @@ class _Files:
 
     def _call(self, method, path, body=None):
         key = self._key()
-        conn = _UnixConnection(self.socket, timeout=600)
+        conn = _unix_connection(self.socket, timeout=600)
         try:
             try:
                 conn.request(method, path, body=body, headers={"Authorization": "Bearer " + key})
@@ -912,6 +1018,8 @@ class _Files:
         """Stores `data` (bytes or str) as a new file of the caller's; its info."""
         if isinstance(data, str):
             data = data.encode("utf-8")
+        import urllib.parse
+
         query = urllib.parse.urlencode({"name": name})
         return json.loads(self._call("POST", f"/api/v1/files?{query}", bytes(data)))
 

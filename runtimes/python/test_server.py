@@ -534,6 +534,86 @@ class Http(RuntimeTestCase):
         self.assertEqual(len(body), 16 * 1024 * 1024)
         self.assertEqual(self.rt.request("POST", "/run", body), (200, {"result": padding}))
 
+    def raw(self, data):
+        """Sends `data` as is on a new connection; everything the server
+        answers until it closes the connection (or goes quiet for a second)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(1)
+        sock.connect(self.rt.socket_path)
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            answer += b"<open>"
+        return answer
+
+    def assertRawError(self, answer, status, code):
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), answer)
+        self.assertIn(b"\r\nConnection: close", head)
+        self.assertIn(b"\r\nContent-Type: application/json", head)
+        self.assertEqual(json.loads(body)["error"]["code"], code)
+
+    def test_malformed_requests_get_json_errors_and_the_connection_closes(self):
+        cases = [
+            (b"GET /health\r\n\r\n", 400, "BAD_REQUEST"),
+            (b"GET /health FOO/1.1\r\n\r\n", 400, "BAD_REQUEST"),
+            (b"GET /health HTTP/1.x\r\n\r\n", 400, "BAD_REQUEST"),
+            (b"GET /health HTTP/2.0\r\n\r\n", 505, "BAD_REQUEST"),
+            (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, "BAD_REQUEST"),
+            (b"GET /health HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431, "BAD_REQUEST"),
+            (b"GET /health HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n", 431, "BAD_REQUEST"),
+            (b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n", 400, "BAD_REQUEST"),
+            (b"GET /health HTTP/1.1\r\nX-A: b\r\n folded\r\n\r\n", 400, "BAD_REQUEST"),
+            (b"POST /init HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400, "BAD_REQUEST"),
+            (b"POST /init HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400, "BAD_REQUEST"),
+            (b"HEAD /health HTTP/1.1\r\n\r\n", 501, "NOT_IMPLEMENTED"),
+        ]
+        for request, status, code in cases:
+            with self.subTest(request=request[:40]):
+                self.assertRawError(self.raw(request), status, code)
+        # The server is still there.
+        self.assertEqual(self.rt.request("GET", "/health")[0], 200)
+
+    def test_pipelined_requests_are_answered_in_order_on_one_connection(self):
+        health = b"GET /health HTTP/1.1\r\n\r\n"
+        answer = self.raw(health + b"GET /nope HTTP/1.1\r\n\r\n" + health)
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK\r\n"), 2, answer)
+        self.assertLess(answer.index(b"HTTP/1.1 404 Not Found\r\n"), answer.rindex(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(answer.endswith(b"<open>"), answer)
+
+    def test_http_1_0_closes_unless_asked_to_keep_alive(self):
+        answer = self.raw(b"GET /health HTTP/1.0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+        self.assertNotIn(b"<open>", answer)
+        answer = self.raw(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        self.assertTrue(answer.endswith(b"<open>"), answer)
+        answer = self.raw(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.assertIn(b"\r\nConnection: close\r\n", answer)
+        self.assertNotIn(b"<open>", answer)
+
+    def test_expect_100_continue_is_answered_before_the_body(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(5)
+        sock.connect(self.rt.socket_path)
+        body = json.dumps({"entrypoint": "main.py", "code": "def handler(p, c):\n    return 1\n"}).encode()
+        sock.sendall(b"POST /init HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = b""
+        while not answer.endswith(b'{"status":"initialized"}'):
+            chunk = sock.recv(4096)
+            self.assertTrue(chunk, answer)
+            answer += chunk
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+        # Too big: refused before the client sends it.
+        too_big = b"POST /init HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (16 * 1024 * 1024 + 1)
+        self.assertRawError(self.raw(too_big), 400, "BAD_REQUEST")
+
     def test_unknown_routes_and_methods_answer_json(self):
         self.assertError(self.rt.request("GET", "/nope"), 404, "NOT_FOUND")
         self.assertError(self.rt.request("GET", "/run"), 405, "METHOD_NOT_ALLOWED")
