@@ -441,7 +441,7 @@ impl Engine {
         params: Value,
         directive: CacheDirective,
     ) -> Result<Executed, (ApiError, Option<uuid::Uuid>)> {
-        let execution_id = uuid::Uuid::new_v4();
+        let execution_id = fnrt_core::records::new_execution_id();
         match self
             .execute_as(subject, request_id, params, directive, execution_id)
             .await

@@ -427,7 +427,7 @@ impl Pipelines {
             attempt += 1;
             let left = ends.saturating_duration_since(Instant::now());
             let own = Duration::from_millis(step.timeout_ms.unwrap_or(function.manifest.limits.timeout_ms));
-            let execution_id = uuid::Uuid::new_v4();
+            let execution_id = fnrt_core::records::new_execution_id();
             board.update(i, |r| {
                 r.attempts = attempt;
                 r.execution_id = Some(execution_id.to_string());

@@ -433,7 +433,7 @@ impl Application {
             tracing::info!("EXECUTION_WORKERS is 0: this controller queues asynchronous executions but runs none");
         }
 
-        let state = AppState {
+        let state = AppState::new(http::Shared {
             executions: executions.clone(),
             engine: engine.clone(),
             database: stores.health,
@@ -446,7 +446,7 @@ impl Application {
             logs,
             docker,
             files,
-        };
+        });
         tasks.spawn({
             let router = http::files_socket_router(state.clone(), run_keys);
             let stop = stop.clone();

@@ -66,8 +66,9 @@ LOG_MARKER_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 # The only variables of the runtime's own environment the function keeps.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
 
-# Frames of this file are trimmed from the tracebacks shown to clients.
-SERVER_FILE = os.path.abspath(__file__)
+# Frames of this file are trimmed from the tracebacks shown to clients. Its
+# code's own name for it: run from bytecode (server.pyc), __file__ names that.
+SERVER_FILE = os.path.abspath(sys._getframe(0).f_code.co_filename)
 
 
 class RequestError(Exception):

@@ -231,7 +231,20 @@ impl ProcessBackend {
                 let server = server
                     .canonicalize()
                     .map_err(|e| format!("runtime server {} not found: {e}", server.display()))?;
-                let server = sight.stage(&server, language.as_str())?;
+                let mut server = sight.stage(&server, language.as_str())?;
+                if language == Language::Python {
+                    // Run as a script, server.py would be compiled at every
+                    // start (a script's bytecode is never cached): an
+                    // instance runs its bytecode, compiled here once.
+                    let compiled = precompile_python(&program, &server, &sight.staging.join("python"));
+                    match compiled.and_then(|c| match sight.sees(&c) {
+                        true => Ok(c),
+                        false => Err(format!("{} is not visible from inside an instance", c.display())),
+                    }) {
+                        Ok(compiled) => server = compiled,
+                        Err(e) => tracing::warn!(error = %e, "the Python runtime runs from source (slower starts)"),
+                    }
+                }
                 let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
                 let inside = Path::new(SANDBOX_RUNTIME_DIR).join(server.file_name().unwrap_or_default());
                 let root = install_root(&program);
@@ -661,6 +674,39 @@ impl Sight {
     }
 }
 
+/// Compiles the Python runtime `server` with `python` (the interpreter
+/// instances run: its bytecode format) into `dir`/server.pyc, which
+/// `python server.pyc` runs as it would the script. Its frames name the
+/// source where a sandboxed instance sees it, not the host's path.
+fn precompile_python(python: &Path, server: &Path, dir: &Path) -> Result<PathBuf, String> {
+    const COMPILE: &str = "import py_compile, sys; \
+        py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile=sys.argv[3], doraise=True)";
+    let compiled = dir.join("server.pyc");
+    let made = (|| {
+        std::fs::create_dir_all(dir)?;
+        for d in [dir.parent().unwrap_or(dir), dir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
+        }
+        let out = std::process::Command::new(python)
+            .args(["-I", "-S", "-c", COMPILE])
+            .arg(server)
+            .arg(&compiled)
+            .arg(Path::new(SANDBOX_RUNTIME_DIR).join("server.py"))
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+        // As every staged file: what an instance runs is readable and
+        // executable by others (`Sight::sees`).
+        std::fs::set_permissions(&compiled, std::fs::Permissions::from_mode(0o755))
+    })();
+    made.map_err(|e| format!("compiling {} to {}: {e}", server.display(), compiled.display()))?;
+    Ok(compiled)
+}
+
 /// The instance directory, with `tmp/`, owned by the instance user.
 fn prepare_dir(dir: &Path, uid: Option<u32>) -> std::io::Result<()> {
     std::fs::create_dir(dir)?;
@@ -821,7 +867,7 @@ impl InstanceHandle for ProcessHandle {
     /// an instance is not handed to the next execution ([`crate::uids::Cgroup::grew`]:
     /// three small reads of its cgroup's files).
     fn is_alive(&mut self) -> bool {
-        if self.terminated || !matches!(self.child.try_wait(), Ok(None)) {
+        if !self.is_running() {
             return false;
         }
         // bubblewrap, its init and the runtime; or the runtime alone.
@@ -833,6 +879,11 @@ impl InstanceHandle for ProcessHandle {
             }
             _ => true,
         }
+    }
+
+    /// Without the three reads of its cgroup that [`Self::is_alive`] makes.
+    fn is_running(&mut self) -> bool {
+        !self.terminated && matches!(self.child.try_wait(), Ok(None))
     }
 
     async fn exited(&mut self, wait: Duration) -> Option<Exit> {

@@ -408,7 +408,7 @@ impl Invoker {
     ) -> (InstanceStart, Result<RunOutcome, CoreError>) {
         let kept = match retained.as_mut().and_then(|slot| slot.0.take()) {
             Some(mut lease) => {
-                if lease.instance.is_alive() {
+                if lease.instance.is_running() {
                     Some(lease)
                 } else {
                     self.pool.discard(lease).await;

@@ -4,6 +4,14 @@
 
 use time::OffsetDateTime;
 
+/// A new execution's id: a UUIDv7 (its first 48 bits the time, then 74
+/// random ones), so ids come in time order and each record lands at the end
+/// of the database's primary-key index; a random (v4) id put every record
+/// on a page of its own, one page written per execution.
+pub fn new_execution_id() -> uuid::Uuid {
+    uuid::Uuid::now_v7()
+}
+
 /// One answered invocation, for the durable record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExecutionRecord {

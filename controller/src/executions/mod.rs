@@ -606,7 +606,7 @@ impl Executions {
                 request_id: &row.id,
                 subject: &row.subject,
             },
-            execution_id: uuid::Uuid::new_v4(),
+            execution_id: fnrt_core::records::new_execution_id(),
             run_context: Some(&run_context),
             cancel: Some(&token),
             parent: None,

@@ -48,9 +48,28 @@ use crate::ratelimit::RateLimiter;
 use extract::BodyLimit;
 use fnrt_core::metrics::Metrics;
 
-/// Everything a handler can reach.
+/// Everything a handler can reach: one `Arc`, because axum clones the state
+/// for every middleware and extractor of every request (a struct of a dozen
+/// `Arc`s was a dozen contended atomic increments and decrements each time).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct Shared {
     pub engine: Arc<Engine>,
     /// Asynchronous executions.
     pub executions: Arc<crate::executions::Executions>,

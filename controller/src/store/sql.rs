@@ -5,7 +5,9 @@
 //! encodings of `&str`, `i64`, `bool`, `time::OffsetDateTime` and
 //! `serde_json::Value` (JSON), and rows read into the store's types with
 //! `#[derive(sqlx::FromRow)]`. Both drivers take the numbered `$N`
-//! placeholders (SQLite as named parameters, which sqlx binds by number).
+//! placeholders (SQLite as named parameters, which sqlx binds by number),
+//! except the multi-row inserts built at run time, whose placeholders are
+//! [`Dialect::param`]'s.
 //! Each impl states only the bounds it uses: Rust would not carry such
 //! bounds (on `&str`, `i64`, ... rather than on the driver) from a trait
 //! like [`Dialect`] to its users, so they cannot be said once there.
@@ -46,6 +48,10 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     /// A timestamp as it is written.
     fn timestamp(t: OffsetDateTime) -> OffsetDateTime {
         t
+    }
+    /// Bind parameter `n` (from 1) of a statement built at run time.
+    fn param(n: usize) -> String {
+        format!("${n}")
     }
 }
 
@@ -223,7 +229,7 @@ where
             let sql = format!(
                 "INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start, parent_id) \
                  VALUES {} ON CONFLICT (id) DO NOTHING",
-                placeholders(chunk.len(), 11)
+                placeholders::<DB>(chunk.len(), 11)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for r in chunk {
@@ -253,7 +259,7 @@ where
             let sql = format!(
                 "INSERT INTO execution_logs (execution_id, request_id, subject, language_title, created_ms, lines, bytes, dropped_bytes) \
                  VALUES {} ON CONFLICT (execution_id) DO NOTHING",
-                placeholders(chunk.len(), 8)
+                placeholders::<DB>(chunk.len(), 8)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for (r, logs, id, lines) in chunk {
@@ -299,10 +305,10 @@ fn row_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
-/// `($1, $2), ($3, $4)` for 2 rows of 2 columns.
-fn placeholders(rows: usize, columns: usize) -> String {
+/// `($1, $2), ($3, $4)` for 2 rows of 2 columns (in `DB`'s words).
+fn placeholders<DB: Dialect>(rows: usize, columns: usize) -> String {
     let row = |r: usize| {
-        let cells: Vec<String> = (1..=columns).map(|c| format!("${}", r * columns + c)).collect();
+        let cells: Vec<String> = (1..=columns).map(|c| DB::param(r * columns + c)).collect();
         format!("({})", cells.join(", "))
     };
     (0..rows).map(row).collect::<Vec<_>>().join(", ")
@@ -952,6 +958,7 @@ mod tests {
         assert_eq!(sizes, [64, 16, 4, 1, 1, 1]);
         assert_eq!(row_chunks(&rows).flatten().copied().collect::<Vec<_>>(), rows);
         assert_eq!(row_chunks::<usize>(&[]).count(), 0);
-        assert_eq!(placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders::<sqlx::Postgres>(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders::<sqlx::Sqlite>(2, 2), "(?, ?), (?, ?)");
     }
 }

@@ -111,8 +111,15 @@ pub trait Instance: Send + Sync {
     /// Runs the function once. The caller enforces the deadline by dropping
     /// this future and calling [`Instance::terminate`].
     async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError>;
-    /// Whether the instance is still able to serve.
+    /// Whether the instance is still able to serve another session (it
+    /// runs, and its function left nothing behind in it).
     fn is_alive(&mut self) -> bool;
+    /// Whether the instance still runs: what a retained session asks before
+    /// each of its runs (it keeps its instance whatever its own function
+    /// left in it, so the backend's costlier checks are not needed).
+    fn is_running(&mut self) -> bool {
+        self.is_alive()
+    }
     /// Stops the instance for good and releases what it holds. Dropping an
     /// instance does the same, best effort.
     async fn terminate(&mut self);

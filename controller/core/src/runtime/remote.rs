@@ -64,8 +64,12 @@ fn last_lines(s: &str, n: usize) -> String {
 pub trait InstanceHandle: Send + Sync {
     /// Short unique ID, for logs.
     fn id(&self) -> &str;
-    /// Whether the server still runs.
+    /// Whether the server still runs, with nothing left behind beside it.
     fn is_alive(&mut self) -> bool;
+    /// Whether the server still runs (see [`Instance::is_running`]).
+    fn is_running(&mut self) -> bool {
+        self.is_alive()
+    }
     /// Whether the server has ended, waiting at most `wait` for it to be
     /// reaped; if so, how (exit status, the tail of its output).
     async fn exited(&mut self, wait: Duration) -> Option<Exit>;
@@ -266,6 +270,10 @@ impl Instance for RemoteInstance {
 
     fn is_alive(&mut self) -> bool {
         self.handle.is_alive()
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.handle.is_running()
     }
 
     async fn terminate(&mut self) {
