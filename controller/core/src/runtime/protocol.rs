@@ -4,24 +4,26 @@
 //! servers (process today; containers and pods later) reaches them through
 //! this one client; a backend only says where an instance listens.
 //!
-//! The transport is hyper-util's client, whose pool keeps the connection to
-//! an instance alive between calls, over a [`Connector`] that dials either a
-//! Unix socket or a TCP address on loopback. Over TCP every request carries
-//! the instance's own token (`Authorization: Bearer`), so that a runtime
-//! published on a port answers only its controller.
+//! The transport is one HTTP/1.1 connection per instance (hyper's
+//! connection-level client), kept between calls and driven by the call
+//! itself rather than by a task of its own: an instance serves one call at
+//! a time, and a connection task and a pool were two more hand-offs per
+//! call. It dials either a Unix socket or a TCP address on loopback. Over
+//! TCP every request carries the instance's own token (`Authorization:
+//! Bearer`), so that a runtime published on a port answers only its
+//! controller.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::client::conn::http1;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -88,11 +90,19 @@ pub struct InitPayload {
 }
 
 /// One instance's client.
-#[derive(Clone)]
 pub struct RuntimeClient {
-    client: Client<Connector, Full<Bytes>>,
+    endpoint: Endpoint,
+    /// The connection kept between calls (taken out during one).
+    idle: Mutex<Option<Connection>>,
     /// Sent with every request over TCP.
     token: Option<SecretString>,
+}
+
+/// One HTTP/1.1 connection to an instance: the handle requests go through,
+/// and the connection's own future, which moves its bytes when polled.
+struct Connection {
+    sender: http1::SendRequest<Full<Bytes>>,
+    driver: Pin<Box<http1::Connection<TokioIo<Stream>, Full<Bytes>>>>,
 }
 
 impl std::fmt::Debug for RuntimeClient {
@@ -107,11 +117,35 @@ impl RuntimeClient {
             Endpoint::Tcp { token, .. } => Some(token.clone()),
             Endpoint::Unix(_) => None,
         };
-        let client = Client::builder(TokioExecutor::new())
-            // One run at a time per instance: one connection is all it needs.
-            .pool_max_idle_per_host(1)
-            .build(Connector(endpoint));
-        RuntimeClient { client, token }
+        RuntimeClient {
+            endpoint,
+            idle: Mutex::new(None),
+            token,
+        }
+    }
+
+    /// The kept connection when it is still open, else a new one.
+    async fn connection(&self) -> Result<Connection, ProtocolError> {
+        let kept = self.idle.lock().unwrap().take();
+        if let Some(conn) = kept.filter(|c| !c.sender.is_closed()) {
+            return Ok(conn);
+        }
+        let connect = |e: std::io::Error| ProtocolError::Connect(e.to_string());
+        let stream = match &self.endpoint {
+            Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).await.map_err(connect)?),
+            Endpoint::Tcp { addr, .. } => {
+                let stream = TcpStream::connect(addr).await.map_err(connect)?;
+                stream.set_nodelay(true).map_err(connect)?;
+                Stream::Tcp(stream)
+            }
+        };
+        let (sender, driver) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProtocolError::Connect(error_chain(&e)))?;
+        Ok(Connection {
+            sender,
+            driver: Box::pin(driver),
+        })
     }
 
     /// Whether the runtime server is up and answering.
@@ -198,8 +232,10 @@ impl RuntimeClient {
         };
         let mut request = Request::builder()
             .method(method)
-            // The connector ignores the host: each client reaches one instance.
-            .uri(format!("http://runtime{path}"))
+            .uri(path)
+            // HTTP/1.1 requires one (Node's server refuses a request
+            // without); the connection reaches one instance whatever it says.
+            .header(hyper::header::HOST, "runtime")
             .header(hyper::header::CONTENT_TYPE, "application/json");
         if let Some(token) = &self.token {
             request = request.header(
@@ -208,22 +244,38 @@ impl RuntimeClient {
             );
         }
         let request = request.body(Full::new(bytes)).expect("static request parts are valid");
-        let response = self.client.request(request).await.map_err(|e| {
-            if e.is_connect() {
-                ProtocolError::Connect(error_chain(&e))
-            } else {
-                ProtocolError::Http(error_chain(&e))
+        let mut conn = self.connection().await?;
+        let (exchanged, open) = {
+            let Connection { sender, driver } = &mut conn;
+            let exchange = async {
+                sender.ready().await.map_err(|e| ProtocolError::Http(error_chain(&e)))?;
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .map_err(|e| ProtocolError::Http(error_chain(&e)))?;
+                let status = response.status();
+                let body = Limited::new(response.into_body(), max_response)
+                    .collect()
+                    .await
+                    .map_err(|e| match e.downcast::<hyper::Error>() {
+                        Ok(e) => ProtocolError::Http(e.to_string()),
+                        Err(_) => ProtocolError::TooLarge(max_response),
+                    })?
+                    .to_bytes();
+                Ok::<_, ProtocolError>((status, body))
+            };
+            let mut exchange = std::pin::pin!(exchange);
+            // The exchange moves only while the connection is polled beside it.
+            tokio::select! {
+                biased;
+                exchanged = &mut exchange => (exchanged, true),
+                _ended = driver.as_mut() => (exchange.await, false),
             }
-        })?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), max_response)
-            .collect()
-            .await
-            .map_err(|e| match e.downcast::<hyper::Error>() {
-                Ok(e) => ProtocolError::Http(e.to_string()),
-                Err(_) => ProtocolError::TooLarge(max_response),
-            })?
-            .to_bytes();
+        };
+        let (status, body) = exchanged?;
+        if open {
+            *self.idle.lock().unwrap() = Some(conn);
+        }
         let value = serde_json::from_slice(&body).map_err(|e| ProtocolError::BadBody(e.to_string()))?;
         Ok((status, value))
     }
@@ -259,46 +311,11 @@ fn error_parts(body: &Value) -> (String, String, Value) {
     (code, message, details)
 }
 
-/// Dials the instance's endpoint, whatever the request's URI says.
-#[derive(Clone, Debug)]
-struct Connector(Endpoint);
-
-impl tower::Service<Uri> for Connector {
-    type Response = TokioIo<Stream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let endpoint = self.0.clone();
-        Box::pin(async move {
-            let stream = match endpoint {
-                Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
-                Endpoint::Tcp { addr, .. } => {
-                    let stream = TcpStream::connect(addr).await?;
-                    stream.set_nodelay(true)?;
-                    Stream::Tcp(stream)
-                }
-            };
-            Ok(TokioIo::new(stream))
-        })
-    }
-}
-
 /// A connection to an instance over either transport.
 #[derive(Debug)]
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
-}
-
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
 }
 
 impl AsyncRead for Stream {
@@ -339,6 +356,8 @@ mod tests {
     //! socket path is exercised end to end by every process-backend test).
 
     use super::*;
+    use std::sync::Arc;
+
     use axum::Json;
     use axum::http::HeaderMap;
     use axum::routing::{get, post};
@@ -355,6 +374,10 @@ mod tests {
                 "/health",
                 get(|h: HeaderMap| async move {
                     match authorized(&h) {
+                        // As Node's server, which refuses HTTP/1.1 without a Host.
+                        true if !h.contains_key("host") => {
+                            (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "no host"}})))
+                        }
                         true => (StatusCode::OK, Json(json!({"status": "ok"}))),
                         false => (StatusCode::UNAUTHORIZED, Json(json!({"error": {"message": "bad token"}}))),
                     }
@@ -477,5 +500,38 @@ mod tests {
         assert!(matches!(nobody.health().await, Err(ProtocolError::Connect(_))));
         let missing = RuntimeClient::new(Endpoint::Unix("/nonexistent/fnrt.sock".into()));
         assert!(matches!(missing.health().await, Err(ProtocolError::Connect(_))));
+    }
+
+    #[tokio::test]
+    async fn calls_share_one_connection_and_without_one_a_call_dials_anew() {
+        use axum::extract::ConnectInfo;
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let seen = peers.clone();
+        let app = axum::Router::new().route(
+            "/health",
+            get(move |ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                seen.lock().unwrap().push(peer.port());
+                Json(json!({"status": "ok"}))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            async move { axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await },
+        );
+        let client = RuntimeClient::new(Endpoint::Tcp {
+            addr,
+            token: SecretString::from(TOKEN),
+        });
+        for _ in 0..5 {
+            client.health().await.unwrap();
+        }
+        // No connection kept (as after a call that was cut off): a new one.
+        drop(client.idle.lock().unwrap().take());
+        client.health().await.unwrap();
+        let ports = peers.lock().unwrap().clone();
+        assert_eq!(ports.len(), 6);
+        assert!(ports[..5].iter().all(|&p| p == ports[0]), "{ports:?}");
+        assert_ne!(ports[5], ports[0]);
     }
 }
