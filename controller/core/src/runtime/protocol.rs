@@ -13,6 +13,7 @@
 //! Bearer`), so that a runtime published on a port answers only its
 //! controller.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -127,8 +128,14 @@ impl RuntimeClient {
     /// The kept connection when it is still open, else a new one.
     async fn connection(&self) -> Result<Connection, ProtocolError> {
         let kept = self.idle.lock().unwrap().take();
-        if let Some(conn) = kept.filter(|c| !c.sender.is_closed()) {
-            return Ok(conn);
+        if let Some(mut conn) = kept {
+            // Nothing polls a kept connection between calls: one poll now
+            // reads the end of one the server has closed since (it ends).
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let ended = conn.sender.is_closed() || conn.driver.as_mut().poll(&mut cx).is_ready();
+            if !ended {
+                return Ok(conn);
+            }
         }
         let connect = |e: std::io::Error| ProtocolError::Connect(e.to_string());
         let stream = match &self.endpoint {
@@ -269,7 +276,15 @@ impl RuntimeClient {
             tokio::select! {
                 biased;
                 exchanged = &mut exchange => (exchanged, true),
-                _ended = driver.as_mut() => (exchange.await, false),
+                // Its end: what it read is in the exchange's channels, and a
+                // request it never sent would wait for it forever.
+                _ended = driver.as_mut() => {
+                    let mut cx = Context::from_waker(std::task::Waker::noop());
+                    match exchange.as_mut().poll(&mut cx) {
+                        Poll::Ready(exchanged) => (exchanged, false),
+                        Poll::Pending => (Err(ProtocolError::Http("the instance closed the connection".into())), false),
+                    }
+                }
             }
         };
         let (status, body) = exchanged?;
@@ -533,5 +548,43 @@ mod tests {
         assert_eq!(ports.len(), 6);
         assert!(ports[..5].iter().all(|&p| p == ports[0]), "{ports:?}");
         assert_ne!(ports[5], ports[0]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_between_calls_is_replaced() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A server that answers one request per connection, then closes it
+        // without saying so (no `Connection: close`).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = r#"{"status":"ok"}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+                // Closed after the client has read its answer, while idle.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+        let client = RuntimeClient::new(Endpoint::Tcp {
+            addr,
+            token: SecretString::from(TOKEN),
+        });
+        for _ in 0..3 {
+            client.health().await.unwrap();
+            // Let the server's close reach this side before the next call.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 }
