@@ -434,16 +434,22 @@ impl Engine {
 
     /// Runs the session's function with `params`. A failure of a run
     /// that happened names its execution (its logs tell why).
+    ///
+    /// `prefetched`: the session as read a moment ago, beside the rate limit
+    /// (see [`crate::http`]'s guard); used when it is retained, whose record
+    /// does not change but for its counts. Otherwise the session is read
+    /// under its lock.
     pub async fn execute(
         &self,
         subject: &Subject,
         request_id: &str,
         params: Value,
         directive: CacheDirective,
+        prefetched: Option<SessionRecord>,
     ) -> Result<Executed, (ApiError, Option<uuid::Uuid>)> {
         let execution_id = fnrt_core::records::new_execution_id();
         match self
-            .execute_as(subject, request_id, params, directive, execution_id)
+            .execute_as(subject, request_id, params, directive, execution_id, prefetched)
             .await
         {
             Err(refused) => Err((refused, None)),
@@ -459,15 +465,25 @@ impl Engine {
         params: Value,
         directive: CacheDirective,
         execution_id: uuid::Uuid,
+        prefetched: Option<SessionRecord>,
     ) -> Result<Result<Executed, ApiError>, ApiError> {
         let started = std::time::Instant::now();
         require_some_execute_scope(subject)?;
         // The session's lock first, then one read of the session under it: a
-        // one-shot session may have completed while this request waited.
+        // one-shot session may have completed while this request waited. A
+        // retained session's record stays as it was created (its counts
+        // aside), so one read before the lock does.
         let key = session_key(&subject.sub, request_id);
         let slot_handle = self.slot(&key);
         let mut slot = slot_handle.lock().await;
-        let session = match self.session(subject, request_id).await {
+        let prefetched = prefetched.filter(|s| {
+            s.retain && s.request_id == request_id && s.owner == subject.sub && !s.is_expired(OffsetDateTime::now_utc())
+        });
+        let session = match prefetched {
+            Some(s) => Ok(s),
+            None => self.session(subject, request_id).await,
+        };
+        let session = match session {
             Ok(s) => s,
             Err(e) => {
                 // Unknown IDs must not leave slots behind.
@@ -520,14 +536,25 @@ impl Engine {
             self.live.lock().unwrap().insert(key.clone(), live.clone());
             live
         });
-        let invoked = self
-            .run(
+        // A retained session's count is kept while the function runs (with
+        // Redis, a round trip off the answer's path), once it is sure to run:
+        // params its schema refuses do not count. A one-shot session is
+        // completed after its run, which may still be refused.
+        let record_early = session.retain && function.accepts(&params);
+        let record = async {
+            if record_early {
+                self.record_execution(&key, false).await;
+            }
+        };
+        let (invoked, ()) = tokio::join!(
+            self.run(
                 invocation,
                 retained,
                 &steps,
                 live.as_deref().map(|l| l as &dyn Progress),
-            )
-            .await;
+            ),
+            record
+        );
         if live.is_some() {
             self.live.lock().unwrap().remove(&key);
         }
@@ -535,12 +562,8 @@ impl Engine {
             // Refused before it ran: the session is not spent.
             return Err(invoked.unwrap_err().into());
         }
-        if let Err(e) = self
-            .sessions
-            .record_execution(&key, timefmt::now(), !session.retain)
-            .await
-        {
-            tracing::error!(error = format!("{e:#}"), "recording the execution on the session");
+        if !record_early {
+            self.record_execution(&key, !session.retain).await;
         }
         if !session.retain {
             self.update_session_gauge().await;
@@ -556,6 +579,14 @@ impl Engine {
             instance_recreated: invoked.instance_recreated,
             steps: invoked.steps,
         }))
+    }
+
+    /// Counts an execution on the session; `complete` ends a one-shot one.
+    /// A failure is logged: the execution happened either way.
+    async fn record_execution(&self, key: &str, complete: bool) {
+        if let Err(e) = self.sessions.record_execution(key, timefmt::now(), complete).await {
+            tracing::error!(error = format!("{e:#}"), "recording the execution on the session");
+        }
     }
 
     /// Forgets a deleted function's sessions and idle instances.

@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_readme_walkthrough_adds_and_then_answers_from_the_cache() {
@@ -119,11 +119,29 @@ async fn division_by_zero_is_invalid_params_and_is_not_cached() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn params_are_checked_against_the_schema_before_the_function_runs() {
-    let app = spawn_app().await;
+    params_refused_by_the_schema_run_nothing_and_count_nothing(&spawn_app().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn params_refused_by_the_schema_count_nothing_on_sessions_in_redis() {
+    let Some(redis) = crate::replicas::redis_url() else {
+        return;
+    };
+    params_refused_by_the_schema_run_nothing_and_count_nothing(&spawn_app_with(&["--redis-url", &redis]).await).await;
+}
+
+/// A retained session counts what ran (its count is kept while the
+/// function runs), never what its schema refused.
+async fn params_refused_by_the_schema_run_nothing_and_count_nothing(app: &crate::helpers::TestApp) {
     let token = app.admin();
     let id = app
         .session(&token, "nodejs-calculator", json!({"retain_session": true}))
         .await;
+    let count = || async {
+        let s = app.get(Some(&token), &format!("/api/v1/sessions/{id}")).await;
+        assert_eq!(s.status, 200, "{:?}", s.body);
+        s.body["execution_count"].as_u64().unwrap()
+    };
     for params in [
         json!({"operation": "power", "values": [1]}),
         json!({"operation": "add"}),
@@ -134,11 +152,19 @@ async fn params_are_checked_against_the_schema_before_the_function_runs() {
         assert_eq!(r.code(), "INVALID_PARAMS");
         assert!(!r.body["error"]["details"]["errors"].as_array().unwrap().is_empty());
     }
+    assert_eq!(count().await, 0, "nothing ran");
     // The session is still usable.
     let r = app
         .execute(&token, &id, json!({"operation": "multiply", "values": [2, 3]}))
         .await;
     assert_eq!(r.body["result"]["value"], 6);
+    assert_eq!(count().await, 1);
+    // Refused by the function itself: it ran, so it counts.
+    let r = app
+        .execute(&token, &id, json!({"operation": "divide", "values": [1, 0]}))
+        .await;
+    assert_eq!(r.code(), "INVALID_PARAMS", "{:?}", r.body);
+    assert_eq!(count().await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use super::extract::{ApiJson, Auth};
+use super::guard::Prefetched;
 use crate::error::{ApiError, EXECUTION_ID_HEADER, ExecuteErrorBody, FailedExecution, WithRequestId};
 use fnrt_core::invoke::CacheDirective;
 
@@ -80,6 +82,7 @@ async fn execute(
     State(state): State<AppState>,
     Path(request_id): Path<String>,
     auth: Result<Auth, ApiError>,
+    prefetched: Option<Extension<Prefetched>>,
     headers: HeaderMap,
     body: Result<ApiJson<ExecuteBody>, ApiError>,
 ) -> Result<([(&'static str, String); 1], axum::Json<ExecuteResponse>), FailedExecution> {
@@ -93,7 +96,13 @@ async fn execute(
     let directive = cache_directive(&headers).map_err(with_id)?;
     let executed = state
         .engine
-        .execute(&subject, &request_id, params, directive)
+        .execute(
+            &subject,
+            &request_id,
+            params,
+            directive,
+            prefetched.and_then(|Extension(Prefetched(s))| s),
+        )
         .await
         .map_err(|(error, execution_id)| FailedExecution {
             request_id: request_id.clone(),

@@ -3,9 +3,13 @@
 //! effect: a request over the limit is refused with 429 whatever its token;
 //! a request without a valid token is limited per client address and then
 //! refused with 401 by the handler's `Auth` extractor.
+//!
+//! An execute request's session is read while its limit is counted (with
+//! Redis, two round trips at once instead of one after the other); the
+//! handler gets it as [`Prefetched`].
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header;
+use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -13,6 +17,12 @@ use super::AppState;
 use super::extract::Authenticated;
 use crate::error::{ApiError, WithRequestId};
 use crate::ratelimit::{LimitClass, RateKey};
+use crate::sessions::SessionRecord;
+
+/// The session an execute request names, as read beside its rate limit;
+/// `None` when there is none (or no valid token).
+#[derive(Debug, Clone)]
+pub(super) struct Prefetched(pub Option<SessionRecord>);
 
 pub(super) async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
@@ -35,7 +45,15 @@ pub(super) async fn guard(State(state): State<AppState>, mut req: Request, next:
             RateKey::Client(ip)
         }
     };
-    if let Err(retry_after_secs) = state.limiter.check(class, &key).await {
+    let executes = req.method() == Method::POST;
+    let prefetch = async {
+        match (&execute_id, &verified) {
+            (Some(id), Ok(subject)) if executes => Some(state.engine.session(subject, id).await.ok()),
+            _ => None,
+        }
+    };
+    let (limited, prefetched) = tokio::join!(state.limiter.check(class, &key), prefetch);
+    if let Err(retry_after_secs) = limited {
         state.metrics.record_rate_limited(class.as_str());
         let err = ApiError::RateLimited { retry_after_secs };
         return match execute_id {
@@ -44,5 +62,8 @@ pub(super) async fn guard(State(state): State<AppState>, mut req: Request, next:
         };
     }
     req.extensions_mut().insert(Authenticated(verified));
+    if let Some(session) = prefetched {
+        req.extensions_mut().insert(Prefetched(session));
+    }
     next.run(req).await
 }

@@ -96,6 +96,12 @@ impl FunctionVersion {
         self.manifest.pipeline.as_ref()
     }
 
+    /// Whether `params` satisfy `schema.params` (what [`Self::validate_params`]
+    /// checks, without building the error).
+    pub fn accepts(&self, params: &Value) -> bool {
+        self.validator.is_valid(params)
+    }
+
     /// Checks `params` against `schema.params`; the error lists every problem
     /// with its JSON pointer.
     pub fn validate_params(&self, params: &Value) -> Result<(), Value> {
