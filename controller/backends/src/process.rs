@@ -532,11 +532,11 @@ impl RuntimeBackend for ProcessBackend {
         };
         let pid = child.id().and_then(|p| Pid::from_raw(p as i32));
         let output = Arc::new(Output::default());
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(drain(out, output.clone(), Stream::Stdout));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(drain(err, output.clone(), Stream::Stderr));
+        // One task for both pipes: a run's markers come on both at once, so
+        // it is one wake per run instead of two.
+        if let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) {
+            let (o, e) = (output.clone(), output.clone());
+            tokio::spawn(async move { tokio::join!(drain(out, o, Stream::Stdout), drain(err, e, Stream::Stderr)) });
         }
         let mut handle = ProcessHandle {
             id,
