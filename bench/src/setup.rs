@@ -222,6 +222,11 @@ impl Controller {
         Ok(())
     }
 
+    /// `/health`, as JSON.
+    pub(crate) async fn health(&self) -> anyhow::Result<Value> {
+        Ok(self.client.get(self.url("/health")).send().await?.json().await?)
+    }
+
     /// `/metrics`, as text.
     pub(crate) async fn metrics(&self) -> anyhow::Result<String> {
         Ok(self.client.get(self.url("/metrics")).send().await?.text().await?)
@@ -409,6 +414,21 @@ async fn python_peer(tools: &Path) -> anyhow::Result<Peer> {
         url,
         _proc: proc,
     })
+}
+
+/// The Docker API of the container backend, when one answers: `DOCKER_HOST`
+/// (a `unix://` socket), else Docker's or Podman's socket.
+pub(crate) fn docker_host() -> Option<String> {
+    let candidates = match std::env::var("DOCKER_HOST") {
+        Ok(host) if host.starts_with("unix://") => vec![host],
+        _ => vec![
+            "unix:///var/run/docker.sock".to_owned(),
+            "unix:///run/podman/podman.sock".to_owned(),
+        ],
+    };
+    candidates
+        .into_iter()
+        .find(|host| std::os::unix::net::UnixStream::connect(host.trim_start_matches("unix://")).is_ok())
 }
 
 #[cfg(test)]
