@@ -13,9 +13,13 @@ use crate::startup::Application;
 pub fn main() -> ExitCode {
     // The process backend starts Rust runtime instances as
     // `controller runtime-rust --socket PATH` (hidden: not for people).
+    // The wasm backend compiles modules in `controller compile-wasm OUT`
+    // (hidden too), so Cranelift runs in a process of its own.
     let mut args = std::env::args().skip(1);
-    if args.next().as_deref() == Some("runtime-rust") {
-        return fnrt_runtime_rust::main_with_args(args);
+    match args.next().as_deref() {
+        Some("runtime-rust") => return fnrt_runtime_rust::main_with_args(args),
+        Some("compile-wasm") => return fnrt_backends::wasm::compile_main(args),
+        _ => {}
     }
     let cli = Cli::parse();
     match cli.command {

@@ -1,6 +1,6 @@
 //! Command line and environment: every setting has a flag and an environment
 //! variable, documented in one table in the README (one hidden flag,
-//! `--rust-runtime-bin`, is for the in-process tests alone).
+//! `--controller-bin`, is for the in-process tests alone).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -294,11 +294,13 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// The program Rust instances run as `PROGRAM runtime-rust --socket
-    /// PATH`; default the running executable, which is the controller
-    /// unless the application runs inside another program (a test binary).
+    /// The controller's own program: Rust instances run it as `PROGRAM
+    /// runtime-rust --socket PATH`, and wasm modules are compiled by
+    /// `PROGRAM compile-wasm OUT`; default the running executable, which is
+    /// the controller unless the application runs inside another program
+    /// (a test binary).
     #[arg(long, hide = true)]
-    pub rust_runtime_bin: Option<PathBuf>,
+    pub controller_bin: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -421,14 +423,14 @@ mod tests {
             "3",
             "--jwt-secret",
             "s3cret",
-            "--rust-runtime-bin",
+            "--controller-bin",
             "/opt/controller",
         ])
         .unwrap();
         assert_eq!(args.listen.port(), 0);
         assert_eq!(args.warm_pool_size, 3);
         assert_eq!(args.auth.jwt_secret.as_ref().unwrap().expose_secret(), "s3cret");
-        assert_eq!(args.rust_runtime_bin.as_deref(), Some(Path::new("/opt/controller")));
+        assert_eq!(args.controller_bin.as_deref(), Some(Path::new("/opt/controller")));
         assert!(args.database_url.is_none());
         assert_eq!(args.session_ttl_secs, 7_200, "defaults apply");
         assert!(ServeArgs::from_flags(["--no-such-flag"]).is_err());

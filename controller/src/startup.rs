@@ -185,6 +185,7 @@ impl Application {
         if let Err(e) = &builder {
             tracing::warn!(error = %e, "Rust functions cannot be built");
         }
+        let controller_bin = args.controller_bin.clone().or_else(|| std::env::current_exe().ok());
         let mut backend = ProcessBackend::new(ProcessConfig {
             instances_dir: data_dir.join("instances"),
             runtimes_dir: args.runtimes_dir(),
@@ -199,7 +200,7 @@ impl Application {
             instance_uid_base: args.instance_uid_base,
             instance_uid_count: args.instance_uid_count,
             max_result_bytes: args.max_result_bytes,
-            rust_runtime: args.rust_runtime_bin.clone().or_else(|| std::env::current_exe().ok()),
+            rust_runtime: controller_bin.clone(),
             builder: builder.clone().ok(),
         })?;
         // Functions reach their caller's files here, with their run's key:
@@ -240,6 +241,7 @@ impl Application {
                 max_module_bytes: args.wasm_max_module_bytes,
                 compile_budget: Duration::from_secs(args.wasm_compile_budget_secs),
                 cache_dir: data_dir.join("wasm-cache"),
+                compiler: controller_bin.clone(),
             },
             builder.clone().ok(),
             metrics.clone(),

@@ -143,8 +143,9 @@ pub async fn spawn_app_in(data_dir: tempfile::TempDir, extra: &[&str]) -> TestAp
             RUST_TARGET_DIR,
             "--deps-dir",
             DEPS_DIR,
-            // Rust instances run `PROGRAM runtime-rust`: the controller, not this test binary.
-            "--rust-runtime-bin",
+            // Rust instances run `PROGRAM runtime-rust`, wasm compiles in
+            // `PROGRAM compile-wasm`: the controller, not this test binary.
+            "--controller-bin",
             env!("CARGO_BIN_EXE_controller-under-test"),
         ]
         .map(str::to_owned),

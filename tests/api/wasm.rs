@@ -143,6 +143,121 @@ async fn a_module_that_does_not_compile_is_refused_at_registration() {
     );
 }
 
+/// A binary module Cranelift takes long over (tens of seconds in a debug
+/// build): one function keeping `LOCALS` locals, loaded from memory so that
+/// nothing folds away, live across `n` multiplications, then stored.
+fn slow_to_compile(n: usize) -> Vec<u8> {
+    const LOCALS: usize = 500;
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                return out.push(byte);
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn section(id: u8, payload: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(payload.len(), out);
+        out.extend_from_slice(payload);
+    }
+    let mut body = Vec::new();
+    leb(1, &mut body);
+    leb(LOCALS, &mut body);
+    body.push(0x7e); // i64
+    for k in 0..LOCALS {
+        body.extend([0x41, 0x00, 0x29, 0x03]); // i32.const 0, i64.load align=8
+        leb(k * 8, &mut body);
+        body.push(0x21); // local.set
+        leb(k, &mut body);
+    }
+    for i in 0..n {
+        let (a, b) = (i % LOCALS, (i * 7 + 3) % LOCALS);
+        body.push(0x20);
+        leb(a, &mut body);
+        body.push(0x20);
+        leb(b, &mut body);
+        body.push(0x7e); // i64.mul
+        body.push(0x21);
+        leb(a, &mut body);
+    }
+    for k in 0..LOCALS {
+        body.extend([0x41, 0x00, 0x20]); // i32.const 0, local.get
+        leb(k, &mut body);
+        body.extend([0x37, 0x03]); // i64.store align=8
+        leb(k * 8, &mut body);
+    }
+    body.push(0x0b);
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut module);
+    section(3, &[1, 0], &mut module);
+    section(5, &[1, 0, 1], &mut module);
+    let mut exports = vec![2, 6];
+    exports.extend(b"memory\x02\x00\x06_start\x00\x00");
+    section(7, &exports, &mut module);
+    let mut code = vec![1];
+    leb(body.len(), &mut code);
+    code.extend(body);
+    section(10, &code, &mut module);
+    module
+}
+
+/// Processes whose command line holds `needle`.
+fn processes_with(needle: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_slower_to_compile_than_the_budget_is_refused_and_its_compiler_stopped() {
+    use sha2::Digest as _;
+    let app = crate::helpers::spawn_app_with(&["--wasm-compile-budget-secs", "1"]).await;
+    let slow = slow_to_compile(38_000);
+    // The compiler writes the disk cache's file, named by the module's hash.
+    let hash = hex::encode(sha2::Sha256::digest(&slow));
+    let code = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &slow);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, hash) = (stop.clone(), hash.clone());
+        std::thread::spawn(move || {
+            let mut seen = false;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seen |= processes_with(&hash) > 0;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        })
+    };
+    let r = call(
+        &app,
+        Method::POST,
+        "/api/v1/functions",
+        &app.admin(),
+        Some(json!({"language_title": "wasm-slow", "description": "slow to compile", "entrypoint": "module.wasm", "code": code})),
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not compile within 1 s"),
+        "{:?}",
+        r.body
+    );
+    assert!(seen, "the module was compiled in a process of its own");
+    assert_eq!(processes_with(&hash), 0, "its compiler was stopped at the budget");
+    // A module that compiles still does.
+    app.register("wasm-echo", &module(ECHO), json!({})).await;
+}
+
 /// `lambda_wasm_modules_total{source="…"}`, 0 when absent.
 async fn modules_from(app: &crate::helpers::TestApp, source: &str) -> u64 {
     let text = app.metrics().await;

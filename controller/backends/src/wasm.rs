@@ -12,6 +12,11 @@
 //!   so a restart loads instead of recompiling; a module larger than
 //!   `WASM_MAX_MODULE_BYTES` or slower to compile than
 //!   `WASM_COMPILE_BUDGET_SECS` is refused at registration.
+//! - Compiling happens in a process of its own (`controller compile-wasm
+//!   OUT`, [`compile_main`]), which writes the disk cache's file: a module
+//!   that makes Cranelift spin or grow is killed at the budget instead of
+//!   holding a thread of the controller, and the controller itself never
+//!   runs (or keeps in memory) the compiler: it loads compiled code.
 //! - A function is WAT text (`.wat`), a binary module as base64 (`.wasm`),
 //!   or a Rust crate (`Cargo.toml`) that [`crate::build`] compiled for
 //!   `wasm32-wasip1`.
@@ -76,6 +81,9 @@ pub struct WasmConfig {
     pub compile_budget: Duration,
     /// `DATA_DIR/wasm-cache`.
     pub cache_dir: PathBuf,
+    /// The controller's program, run as `PROGRAM compile-wasm OUT` to
+    /// compile a module; `None` compiles in this process.
+    pub compiler: Option<PathBuf>,
 }
 
 pub struct WasmBackend {
@@ -184,17 +192,77 @@ impl WasmBackend {
                 }
             }
         }
-        let module = Module::new(&self.engine, bytes).map_err(|e| format!("the module does not compile: {e:#}"))?;
+        let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
+        let module = match &self.config.compiler {
+            Some(program) => {
+                let compiled = self.compile_apart(program, bytes, &tmp);
+                let module = compiled
+                    .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| format!("keeping compiled code: {e}")))
+                    .and_then(|()| {
+                        deserialize(&self.engine, &path).map_err(|e| format!("loading compiled code: {e:#}"))
+                    });
+                let _ = std::fs::remove_file(&tmp);
+                module?
+            }
+            None => {
+                let module =
+                    Module::new(&self.engine, bytes).map_err(|e| format!("the module does not compile: {e:#}"))?;
+                if let Err(e) = module.serialize().and_then(|compiled| {
+                    std::fs::write(&tmp, compiled)?;
+                    std::fs::rename(&tmp, &path)?;
+                    Ok(())
+                }) {
+                    tracing::warn!(error = %e, "could not keep the compiled module on disk");
+                }
+                module
+            }
+        };
         self.metrics.record_wasm_module(false);
-        if let Err(e) = module.serialize().and_then(|compiled| {
-            let tmp = path.with_extension(format!("tmp{}", rand::random::<u32>()));
-            std::fs::write(&tmp, compiled)?;
-            std::fs::rename(&tmp, &path)?;
-            Ok(())
-        }) {
-            tracing::warn!(error = %e, "could not keep the compiled module on disk");
-        }
         Ok(module)
+    }
+
+    /// Compiles `bytes` in `program compile-wasm out`, within the compile
+    /// budget (killed past it).
+    fn compile_apart(&self, program: &Path, bytes: &[u8], out: &Path) -> Result<(), String> {
+        use std::io::{Read as _, Write as _};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(program)
+            .arg("compile-wasm")
+            .arg(out)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting the wasm compiler ({}): {e}", program.display()))?;
+        // The child reads all of its input before it writes anything.
+        let written = child.stdin.take().map(|mut stdin| stdin.write_all(bytes));
+        let deadline = Instant::now() + self.config.compile_budget;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "the module did not compile within {} s",
+                        self.config.compile_budget.as_secs()
+                    ));
+                }
+            }
+        };
+        if status.success() {
+            return match written {
+                Some(Ok(())) => Ok(()),
+                _ => Err("the wasm compiler did not take the module".into()),
+            };
+        }
+        let mut said = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            let _ = stderr.by_ref().take(16 * 1024).read_to_string(&mut said);
+        }
+        Err(format!("the module does not compile: {}", said.trim()))
     }
 
     /// Compiles and links a module (refused at registration when it does
@@ -210,7 +278,13 @@ impl WasmBackend {
                 .and_then(|m| this.linker.instantiate_pre(&m).map_err(link_error));
             let _ = tx.send(linked.map(drop));
         });
-        match rx.recv_timeout(self.config.compile_budget) {
+        // Compiling apart stops at the budget by itself (and stops the
+        // compiler): its answer comes; in process, nothing stops Cranelift.
+        let wait = match self.config.compiler {
+            Some(_) => self.config.compile_budget + Duration::from_secs(5),
+            None => self.config.compile_budget,
+        };
+        match rx.recv_timeout(wait) {
             Ok(result) => result,
             Err(_) => Err(format!(
                 "the module did not compile within {} s",
@@ -224,14 +298,40 @@ fn link_error(e: wasmtime::Error) -> String {
     format!("the module cannot be linked (a WASI preview 1 command module is expected): {e:#}")
 }
 
+/// `controller compile-wasm OUT`: compiles the module on standard input
+/// with the backend's engine settings and writes its compiled code to OUT
+/// (which the backend then loads). Errors go to standard error.
+pub fn compile_main(mut args: impl Iterator<Item = String>) -> std::process::ExitCode {
+    use std::io::Read as _;
+    let Some(out) = args.next() else {
+        eprintln!("usage: controller compile-wasm OUT < MODULE");
+        return std::process::ExitCode::from(2);
+    };
+    let compiled = (|| -> wasmtime::Result<()> {
+        let mut bytes = Vec::new();
+        std::io::stdin().read_to_end(&mut bytes)?;
+        let engine = Engine::new(&engine_config())?;
+        std::fs::write(&out, Module::new(&engine, &bytes)?.serialize()?)?;
+        Ok(())
+    })();
+    match compiled {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Loads compiled code this controller wrote.
 #[allow(unsafe_code)]
 fn deserialize(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
     // SAFETY: wasmtime trusts serialized code; this file was written by
     // `Module::serialize` of an engine with the same compatibility hash (the
-    // directory's name), into the data dir that only the controller's user
+    // directory's name; this controller or its `compile-wasm` child, with
+    // `engine_config`), into the data dir that only the controller's user
     // can write (0700), and is replaced atomically. wasmtime still checks
-    // the header and version before using it.
+    // the header, version and settings before using it.
     unsafe { Module::deserialize_file(engine, path) }
 }
 
