@@ -258,6 +258,40 @@ async fn a_module_slower_to_compile_than_the_budget_is_refused_and_its_compiler_
     app.register("wasm-echo", &module(ECHO), json!({})).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_controller_killed_while_a_module_compiles_takes_the_compiler_with_it() {
+    use sha2::Digest as _;
+    let mut app = crate::helpers::spawn_binary();
+    let slow = slow_to_compile(38_000);
+    let hash = hex::encode(sha2::Sha256::digest(&slow));
+    let code = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &slow);
+    let body = json!({"language_title": "wasm-slow", "description": "slow to compile", "entrypoint": "module.wasm", "code": code});
+    let registering = {
+        let (client, url, token) = (app.client.clone(), app.url("/api/v1/functions"), app.admin());
+        tokio::spawn(async move { client.post(url).bearer_auth(token).json(&body).send().await })
+    };
+    let mut compiling = false;
+    for _ in 0..1000 {
+        compiling = processes_with(&hash) > 0;
+        if compiling {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(compiling, "the module is being compiled");
+    app.kill_hard();
+    let _ = registering.await;
+    let mut left = processes_with(&hash);
+    for _ in 0..200 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        left = processes_with(&hash);
+    }
+    assert_eq!(left, 0, "the compiler outlived its controller");
+}
+
 /// `lambda_wasm_modules_total{source="…"}`, 0 when absent.
 async fn modules_from(app: &crate::helpers::TestApp, source: &str) -> u64 {
     let text = app.metrics().await;

@@ -476,7 +476,7 @@ impl Builder {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        die_with_controller(&mut cmd);
+        die_with_controller(cmd.as_std_mut());
         Ok((cmd, private))
     }
 
@@ -680,17 +680,25 @@ async fn ensure_wasm_target(cargo: &str) -> Result<(), String> {
     }
 }
 
-/// cargo gets SIGKILL when the controller dies, even by SIGKILL (a stopped
-/// controller kills the whole group itself, see [`KillGroup`]).
+/// The child (cargo, pip, npm, the wasm compiler) gets SIGKILL when the
+/// controller dies, even by SIGKILL (a stopped controller kills a build's
+/// whole group itself, see [`KillGroup`]). The signal is tied to the
+/// spawning thread: a long-lived tokio worker, or a thread that waits for
+/// the child.
 #[allow(unsafe_code)]
-pub(crate) fn die_with_controller(cmd: &mut tokio::process::Command) {
-    // SAFETY: the closure runs in the forked child before exec and makes one
-    // raw system call (prctl) through rustix, without allocating or taking
-    // locks: async-signal-safe. The signal is tied to the spawning thread,
-    // a long-lived tokio worker.
+pub(crate) fn die_with_controller(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    let controller = rustix::process::getpid();
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // two raw system calls (prctl, getppid) through rustix, without
+    // allocating or taking locks: async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // A controller that died before that line sends no signal.
+            if rustix::process::getppid() != Some(controller) {
+                return Err(std::io::Error::other("the controller is gone"));
+            }
             Ok(())
         });
     }

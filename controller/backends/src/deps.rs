@@ -456,7 +456,7 @@ impl Installer {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        crate::build::die_with_controller(&mut cmd);
+        crate::build::die_with_controller(cmd.as_std_mut());
         let child = cmd
             .spawn()
             .map_err(|e| failure(format!("{what} could not start: {e}"), ""))?;

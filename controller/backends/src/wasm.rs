@@ -226,13 +226,16 @@ impl WasmBackend {
     fn compile_apart(&self, program: &Path, bytes: &[u8], out: &Path) -> Result<(), String> {
         use std::io::{Read as _, Write as _};
         use std::process::{Command, Stdio};
-        let mut child = Command::new(program)
-            .arg("compile-wasm")
+        let mut cmd = Command::new(program);
+        cmd.arg("compile-wasm")
             .arg(out)
             .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        // This thread waits for the child, so the signal's tie holds.
+        crate::build::die_with_controller(&mut cmd);
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("starting the wasm compiler ({}): {e}", program.display()))?;
         // The child reads all of its input before it writes anything.
