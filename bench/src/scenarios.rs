@@ -348,7 +348,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     // A function with a third-party dependency, beside the same function
     // without one (its files are linked into the instance at initialize;
     // a warm run should cost the same).
-    let mut dep_ids = Vec::new();
+    let mut dep_id = None;
     let dep_files = json!({"files": {"index.js": NODE_DEP_FN, "package.json": NODE_DEP_PACKAGE}});
     match main
         .register_with("nodejs-bench-dep", dep_files, no_cache.clone())
@@ -372,7 +372,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
                 p,
                 Some(("warm execute, Node", f)),
             );
-            dep_ids.push(id);
+            dep_id = Some(id);
         }
         // Installing needs the npm registry: its absence is no failure of
         // the controller's.
@@ -450,14 +450,9 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
 
     // Pipelines: one step of wasm-bench, and PIPELINE_STEPS of them one
     // after another; the difference is what each further step costs.
-    let step = json!({"function": "wasm-bench", "params": "$.params"});
     let steps = |n: usize| -> Vec<Value> {
         (0..n)
-            .map(|i| {
-                let mut s = step.clone();
-                s["name"] = json!(format!("s{i}"));
-                s
-            })
+            .map(|i| json!({"name": format!("s{i}"), "function": "wasm-bench", "params": "$.params"}))
             .collect()
     };
     let long = format!("pipeline-bench-{PIPELINE_STEPS}");
@@ -619,21 +614,20 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
 
     // Cold starts: a controller without a pool; initialize + first execute.
     // As processes, and as containers when a Docker API answers.
-    let mut backends = vec![("process", 60_000.0, vec!["--warm-pool-size".to_owned(), "0".to_owned()])];
-    match setup::docker_host() {
+    let docker = setup::docker_host();
+    let mut backends = vec![("process", 60_000.0, vec!["--warm-pool-size", "0"])];
+    match &docker {
         Some(host) => backends.push((
             "container",
             300_000.0,
-            [
+            vec![
                 "--warm-pool-size",
                 "0",
                 "--docker-host",
-                &host,
+                host,
                 "--placement",
                 "nodejs=docker,python=docker",
-            ]
-            .map(str::to_owned)
-            .to_vec(),
+            ],
         )),
         None => bench
             .report
@@ -641,7 +635,6 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
             .push("cold starts in containers not measured: no Docker API answers (DOCKER_HOST)".into()),
     }
     for (backend, goal_us, flags) in backends {
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let cold = Controller::start(&bin, &flags).await?;
         if backend == "container"
             && let Err(e) = cold
@@ -717,7 +710,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
             main.end_session(id).await?;
         }
     }
-    for id in wasm_ids.iter().chain(&dep_ids).chain([&one, &many]) {
+    for id in wasm_ids.iter().chain(&dep_id).chain([&one, &many]) {
         main.end_session(id).await?;
     }
     main.end_session(&cached).await?;

@@ -416,19 +416,16 @@ async fn python_peer(tools: &Path) -> anyhow::Result<Peer> {
     })
 }
 
-/// The Docker API of the container backend, when one answers: `DOCKER_HOST`
-/// (a `unix://` socket), else Docker's or Podman's socket.
+/// The Docker API the container backend would use (`DOCKER_HOST`, a
+/// `unix://` socket, else the controller's default), when it answers.
 pub(crate) fn docker_host() -> Option<String> {
-    let candidates = match std::env::var("DOCKER_HOST") {
-        Ok(host) if host.starts_with("unix://") => vec![host],
-        _ => vec![
-            "unix:///var/run/docker.sock".to_owned(),
-            "unix:///run/podman/podman.sock".to_owned(),
-        ],
-    };
-    candidates
-        .into_iter()
-        .find(|host| std::os::unix::net::UnixStream::connect(host.trim_start_matches("unix://")).is_ok())
+    let host = std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|h| h.starts_with("unix://"))
+        .unwrap_or_else(fnrt_backends::docker::default_host);
+    std::os::unix::net::UnixStream::connect(host.trim_start_matches("unix://"))
+        .is_ok()
+        .then_some(host)
 }
 
 #[cfg(test)]

@@ -288,7 +288,8 @@ pub struct ServeArgs {
     /// Largest wasm module accepted, in bytes.
     #[arg(long, env = "WASM_MAX_MODULE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub wasm_max_module_bytes: usize,
-    /// Longest a wasm module may take to compile at registration, in seconds.
+    /// Longest a wasm module may take to compile, in seconds (its compiler
+    /// is killed past it).
     #[arg(long, env = "WASM_COMPILE_BUDGET_SECS", default_value_t = 30)]
     pub wasm_compile_budget_secs: u64,
     /// Log format.

@@ -204,6 +204,17 @@ fn slow_to_compile(n: usize) -> Vec<u8> {
     module
 }
 
+/// The registration of a module slow to compile, and the hash its
+/// compiler's output file is named by (the disk cache's name for it).
+fn slow_registration() -> (serde_json::Value, String) {
+    use sha2::Digest as _;
+    let slow = slow_to_compile(38_000);
+    let hash = hex::encode(sha2::Sha256::digest(&slow));
+    let code = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &slow);
+    let body = json!({"language_title": "wasm-slow", "description": "slow to compile", "entrypoint": "module.wasm", "code": code});
+    (body, hash)
+}
+
 /// Processes whose command line holds `needle`.
 fn processes_with(needle: &str) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
@@ -215,12 +226,8 @@ fn processes_with(needle: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_module_slower_to_compile_than_the_budget_is_refused_and_its_compiler_stopped() {
-    use sha2::Digest as _;
     let app = crate::helpers::spawn_app_with(&["--wasm-compile-budget-secs", "1"]).await;
-    let slow = slow_to_compile(38_000);
-    // The compiler writes the disk cache's file, named by the module's hash.
-    let hash = hex::encode(sha2::Sha256::digest(&slow));
-    let code = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &slow);
+    let (body, hash) = slow_registration();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
         let (stop, hash) = (stop.clone(), hash.clone());
@@ -233,14 +240,7 @@ async fn a_module_slower_to_compile_than_the_budget_is_refused_and_its_compiler_
             seen
         })
     };
-    let r = call(
-        &app,
-        Method::POST,
-        "/api/v1/functions",
-        &app.admin(),
-        Some(json!({"language_title": "wasm-slow", "description": "slow to compile", "entrypoint": "module.wasm", "code": code})),
-    )
-    .await;
+    let r = call(&app, Method::POST, "/api/v1/functions", &app.admin(), Some(body)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = watcher.join().unwrap();
     assert_eq!(r.status, 400, "{:?}", r.body);
@@ -260,12 +260,8 @@ async fn a_module_slower_to_compile_than_the_budget_is_refused_and_its_compiler_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_controller_killed_while_a_module_compiles_takes_the_compiler_with_it() {
-    use sha2::Digest as _;
     let mut app = crate::helpers::spawn_binary();
-    let slow = slow_to_compile(38_000);
-    let hash = hex::encode(sha2::Sha256::digest(&slow));
-    let code = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &slow);
-    let body = json!({"language_title": "wasm-slow", "description": "slow to compile", "entrypoint": "module.wasm", "code": code});
+    let (body, hash) = slow_registration();
     let registering = {
         let (client, url, token) = (app.client.clone(), app.url("/api/v1/functions"), app.admin());
         tokio::spawn(async move { client.post(url).bearer_auth(token).json(&body).send().await })

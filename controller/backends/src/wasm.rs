@@ -77,7 +77,8 @@ pub struct WasmConfig {
     pub max_output_bytes: usize,
     /// Largest module accepted, in bytes (binary, WAT text or built).
     pub max_module_bytes: usize,
-    /// Longest a module may take to compile at registration.
+    /// Longest a module may take to compile (at registration, or when the
+    /// disk cache lacks it); the compiler is killed past it.
     pub compile_budget: Duration,
     /// `DATA_DIR/wasm-cache`.
     pub cache_dir: PathBuf,
