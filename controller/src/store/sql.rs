@@ -222,32 +222,6 @@ where
     for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
 {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
-        // A statement per chunk of rows rather than per row: each statement
-        // is a round trip to the driver (SQLite's is a thread of its own).
-        let mut tx = self.pool.begin().await?;
-        for chunk in row_chunks(records) {
-            let sql = format!(
-                "INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start, parent_id) \
-                 VALUES {} ON CONFLICT (id) DO NOTHING",
-                placeholders::<DB>(chunk.len(), 11)
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for r in chunk {
-                query = query
-                    .bind(ExecutionId(r.id))
-                    .bind(r.request_id.as_str())
-                    .bind(r.subject.as_str())
-                    .bind(r.language_title.as_str())
-                    .bind(r.version)
-                    .bind(DB::timestamp(r.started_at))
-                    .bind(r.duration_ms)
-                    .bind(r.outcome.as_str())
-                    .bind(r.cached)
-                    .bind(r.cold_start)
-                    .bind(r.parent_id.map(|p| p.to_string()));
-            }
-            query.execute(&mut *tx).await?;
-        }
         let logged: Vec<(&ExecutionRecord, &Captured, String, String)> = records
             .iter()
             .filter_map(|r| {
@@ -255,27 +229,18 @@ where
                 Some((r, logs, r.id.to_string(), encode_lines(&logs.lines)))
             })
             .collect();
-        for chunk in row_chunks(&logged) {
-            let sql = format!(
-                "INSERT INTO execution_logs (execution_id, request_id, subject, language_title, created_ms, lines, bytes, dropped_bytes) \
-                 VALUES {} ON CONFLICT (execution_id) DO NOTHING",
-                placeholders::<DB>(chunk.len(), 8)
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for (r, logs, id, lines) in chunk {
-                query = query
-                    .bind(id.as_str())
-                    .bind(r.request_id.as_str())
-                    .bind(r.subject.as_str())
-                    .bind(r.language_title.as_str())
-                    .bind((r.started_at.unix_timestamp_nanos() / 1_000_000) as i64)
-                    .bind(lines.as_str())
-                    .bind(logs.bytes as i64)
-                    .bind(logs.dropped_bytes as i64);
-            }
-            query.execute(&mut *tx).await?;
+        let mut conn = self.pool.acquire().await?;
+        // One statement is atomic on its own; more share a transaction.
+        // (BEGIN and COMMIT are round trips to the driver as well, and the
+        // inserts ignore rows already written, so a retry after a failure
+        // part-way is harmless either way.)
+        if row_chunks(records).count() + row_chunks(&logged).count() > 1 {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            insert_records::<DB>(&mut tx, records, &logged).await?;
+            tx.commit().await?;
+        } else {
+            insert_records::<DB>(&mut conn, records, &logged).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -292,6 +257,69 @@ where
             .await?;
         Ok(rows.into_iter().map(ExecutionRecord::from).collect())
     }
+}
+
+/// The rows of [`ExecutionStore::record_executions`]: a statement per chunk
+/// of rows rather than per row, as each statement is a round trip to the
+/// driver (SQLite's is a thread of its own).
+async fn insert_records<DB>(
+    conn: &mut DB::Connection,
+    records: &[ExecutionRecord],
+    logged: &[(&ExecutionRecord, &Captured, String, String)],
+) -> Result<(), StoreError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Type<DB>,
+    for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
+{
+    for chunk in row_chunks(records) {
+        let sql = format!(
+            "INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start, parent_id) \
+             VALUES {} ON CONFLICT (id) DO NOTHING",
+            placeholders::<DB>(chunk.len(), 11)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for r in chunk {
+            query = query
+                .bind(ExecutionId(r.id))
+                .bind(r.request_id.as_str())
+                .bind(r.subject.as_str())
+                .bind(r.language_title.as_str())
+                .bind(r.version)
+                .bind(DB::timestamp(r.started_at))
+                .bind(r.duration_ms)
+                .bind(r.outcome.as_str())
+                .bind(r.cached)
+                .bind(r.cold_start)
+                .bind(r.parent_id.map(|p| p.to_string()));
+        }
+        query.execute(&mut *conn).await?;
+    }
+    for chunk in row_chunks(logged) {
+        let sql = format!(
+            "INSERT INTO execution_logs (execution_id, request_id, subject, language_title, created_ms, lines, bytes, dropped_bytes) \
+             VALUES {} ON CONFLICT (execution_id) DO NOTHING",
+            placeholders::<DB>(chunk.len(), 8)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for (r, logs, id, lines) in chunk {
+            query = query
+                .bind(id.as_str())
+                .bind(r.request_id.as_str())
+                .bind(r.subject.as_str())
+                .bind(r.language_title.as_str())
+                .bind((r.started_at.unix_timestamp_nanos() / 1_000_000) as i64)
+                .bind(lines.as_str())
+                .bind(logs.bytes as i64)
+                .bind(logs.dropped_bytes as i64);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// `rows` in chunks of 64, 16, 4 and 1 rows: few statements per batch, and

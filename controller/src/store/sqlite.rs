@@ -53,6 +53,9 @@ impl SqlStore<Sqlite> {
             .busy_timeout(std::time::Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // A file's connection does not go stale; the check would be a
+            // round trip to its thread before every query.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
