@@ -14,6 +14,8 @@
 //! - [`remote`]: [`remote::RemoteInstance`], the one instance for every
 //!   backend that starts runtime servers, over a backend's
 //!   [`remote::InstanceHandle`].
+//! - `wakes`: polls the protocol client's call without the wakes it makes
+//!   of its own task (each cost a context switch).
 //! - [`placement`]: which backend runs which function (`--placement`).
 //! - [`pool`]: warm pool, specialisation, reaping.
 //! - this module: the [`RuntimeBackend`] and [`Instance`] traits, what a run
@@ -26,6 +28,7 @@ pub mod placement;
 pub mod pool;
 pub mod protocol;
 pub mod remote;
+mod wakes;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -30,6 +30,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+use super::wakes::without_self_wakes;
 use super::{RunOutcome, RunRequest};
 
 /// Largest `/health` or `/init` answer read.
@@ -252,7 +253,9 @@ impl RuntimeClient {
         }
         let request = request.body(Full::new(bytes)).expect("static request parts are valid");
         let mut conn = self.connection().await?;
-        let (exchanged, open) = {
+        // Handing the request over and the answer back wake this task while
+        // it polls them (see `wakes`).
+        let (exchanged, open) = without_self_wakes(async {
             let Connection { sender, driver } = &mut conn;
             let exchange = async {
                 sender.ready().await.map_err(|e| ProtocolError::Http(error_chain(&e)))?;
@@ -286,7 +289,8 @@ impl RuntimeClient {
                     }
                 }
             }
-        };
+        })
+        .await;
         let (status, body) = exchanged?;
         if open {
             *self.idle.lock().unwrap() = Some(conn);

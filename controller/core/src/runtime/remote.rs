@@ -81,6 +81,16 @@ pub trait InstanceHandle: Send + Sync {
     fn output(&self) -> Option<Arc<OutputTap>> {
         None
     }
+    /// Reads the server's output into the tap from the task that polls
+    /// this, until it is dropped: polled beside a run's call, so that the
+    /// call's task reads the run's logs (a runtime writes a run's markers
+    /// just before its answer, and the answer and the markers then wake
+    /// one task). Dropping it reads what is left and gives the output back
+    /// to the backend's own reader. A handle without its own pipes never
+    /// reads here.
+    async fn follow_output(&self) -> std::convert::Infallible {
+        std::future::pending().await
+    }
     /// Puts a package's files where the server reads them (`function/`
     /// beside its socket), before its `/init`.
     async fn place_package(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
@@ -247,7 +257,17 @@ impl Instance for RemoteInstance {
             tap.open(Arc::clone(logs), &marker);
             marker
         });
-        let ran = self.client.run(request, marker.as_deref(), self.max_result_bytes).await;
+        let call = self.client.run(request, marker.as_deref(), self.max_result_bytes);
+        let ran = if tap.is_some() {
+            // The output is followed until the call ends (then handed back).
+            tokio::select! {
+                biased;
+                ran = call => ran,
+                never = self.handle.follow_output() => match never {},
+            }
+        } else {
+            call.await
+        };
         if let Some((_, tap)) = &tap {
             // A crashed server's last words are already in the pipes.
             let wait = if ran.is_ok() {
