@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::helpers::{Reply, TestApp, spawn_app, spawn_app_with};
+use crate::helpers::{Reply, TestApp, eventually, spawn_app, spawn_app_with, spawn_binary};
 
 const NODE_CHATTY: &str = r#"
 exports.handler = async (params) => {
@@ -386,4 +386,48 @@ async fn output_an_earlier_execution_leaves_behind_never_lands_in_another_subjec
     );
     let alices = logs(&app, &alice, first.body["execution_id"].as_str().unwrap()).await;
     assert_eq!(stream_of(&alices, "stdout"), ["run of alice"]);
+}
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// An instance that dies mid-run: its last words are its run's logs, and
+/// nothing of it stays open in the controller. (A run reads its instance's
+/// pipes while it waits for the answer and hands them back after; a pipe
+/// whose end the run saw must still end its reader, or each dead instance
+/// would keep its two pipes open.)
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_that_die_mid_run_keep_their_last_words_and_leave_nothing_open() {
+    let app = spawn_binary();
+    app.register(
+        "python-dier",
+        "import os, sys\n\n\ndef handler(params, context):\n    print(\"last words\", flush=True)\n    print(\"and on stderr\", file=sys.stderr, flush=True)\n    os._exit(1)\n",
+        no_cache(),
+    )
+    .await;
+    let token = app.admin();
+    let pid = app.controller_pid();
+    let die = || async {
+        let id = app.session(&token, "python-dier", json!({})).await;
+        let r = app.execute(&token, &id, json!({})).await;
+        assert_eq!(r.status, 500, "{:?}", r.body);
+        r.body["execution_id"].as_str().unwrap().to_owned()
+    };
+    // The first death sets up what stays (the pool's refill, connections).
+    die().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = open_fds(pid);
+
+    let mut last = String::new();
+    for _ in 0..8 {
+        last = die().await;
+    }
+    let dead = logs(&app, &token, &last).await;
+    assert_eq!(stream_of(&dead, "stdout"), ["last words"], "{:?}", dead.body);
+    assert_eq!(stream_of(&dead, "stderr"), ["and on stderr"], "{:?}", dead.body);
+    // Eight dead instances, two pipes each, would be 16 more.
+    let closed = eventually(Duration::from_secs(10), || open_fds(pid) <= before + 4).await;
+    assert!(closed, "open descriptors went from {before} to {}", open_fds(pid));
 }

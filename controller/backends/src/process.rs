@@ -917,8 +917,11 @@ impl Output {
                     let drain = self.0.drains[Output::index(stream)].lock().unwrap().clone();
                     if let Some(waker) = drain {
                         // Reads what is there and leaves the drain task's
-                        // waker with the pipe, without waking it.
-                        let _ = self.0.poll_read(stream, &mut Context::from_waker(&waker));
+                        // waker with the pipe, without waking it; a pipe
+                        // that ended wakes it, to end (and close the pipe).
+                        if self.0.poll_read(stream, &mut Context::from_waker(&waker)).is_ready() {
+                            waker.wake();
+                        }
                     }
                 }
             }
@@ -1142,4 +1145,41 @@ fn ancestors_searchable(path: &Path) -> bool {
             .map(|m| m.permissions().mode() & 0o001 != 0)
             .unwrap_or(false)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run reads the pipes while it waits; the server ends meanwhile and
+    /// the run sees its pipes end. Handed back, they must still end their
+    /// drain tasks (which hold them open), though nothing will wake those
+    /// tasks again.
+    #[tokio::test]
+    async fn pipes_that_end_while_a_run_reads_them_still_end_their_drain_tasks() {
+        let (out_tx, out_rx) = pipe::pipe().unwrap();
+        let (err_tx, err_rx) = pipe::pipe().unwrap();
+        let output = Arc::new(Output::new(Some([out_rx, err_rx])));
+        let (o, e) = (output.clone(), output.clone());
+        let drains = tokio::spawn(async move { tokio::join!(drain(o, Stream::Stdout), drain(e, Stream::Stderr)) });
+        for _ in 0..100 {
+            if output.drains.iter().all(|d| d.lock().unwrap().is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        {
+            let mut follow = std::pin::pin!(output.follow());
+            assert!(futures::poll!(follow.as_mut()).is_pending());
+            out_tx.try_write(b"last words\n").unwrap();
+            drop((out_tx, err_tx));
+            // The event loop sees the pipes end (and wakes the run's task).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::timeout(Duration::from_secs(5), drains)
+            .await
+            .expect("a drain task did not end: its pipe stays open")
+            .unwrap();
+        assert_eq!(output.tail(Stream::Stdout), "last words\n");
+    }
 }
