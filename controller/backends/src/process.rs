@@ -537,9 +537,12 @@ impl RuntimeBackend for ProcessBackend {
             (Some(out), Some(err)) => Output::pipes(out, err),
             _ => Err(std::io::Error::other("its stdout and stderr were not piped")),
         };
-        let output = Arc::new(Output::new(pipes.map_err(|e| {
-            tracing::warn!(instance = %id, error = %e, "an instance's output cannot be read; its runs keep no logs");
-        }).ok()));
+        let pipes = pipes
+            .inspect_err(|e| {
+                tracing::warn!(instance = %id, error = %e, "an instance's output cannot be read; its runs keep no logs");
+            })
+            .ok();
+        let output = Arc::new(Output::new(pipes));
         // One task for both pipes: a run's markers come on both at once, so
         // it is one wake per run instead of two.
         if output.pipes.is_some() {
@@ -849,15 +852,8 @@ impl Output {
         ])
     }
 
-    fn index(stream: Stream) -> usize {
-        match stream {
-            Stream::Stdout => 0,
-            Stream::Stderr => 1,
-        }
-    }
-
     fn tail(&self, stream: Stream) -> String {
-        let buf = self.tails[Self::index(stream)].lock().unwrap();
+        let buf = self.tails[stream.index()].lock().unwrap();
         let (a, b) = buf.as_slices();
         String::from_utf8_lossy(&[a, b].concat()).into_owned()
     }
@@ -865,7 +861,7 @@ impl Output {
     /// Reads what `stream`'s pipe holds now, without waiting: to the tap,
     /// and to the tail.
     fn read_now(&self, pipe: &pipe::Receiver, stream: Stream) -> Read {
-        let mut tail = self.tails[Self::index(stream)].lock().unwrap();
+        let mut tail = self.tails[stream.index()].lock().unwrap();
         let mut chunk = [0u8; 8192];
         for _ in 0..READS_PER_TURN {
             match pipe.try_read(&mut chunk) {
@@ -890,7 +886,7 @@ impl Output {
         let Some(pipes) = &self.pipes else {
             return Poll::Ready(());
         };
-        let pipe = &pipes[Self::index(stream)];
+        let pipe = &pipes[stream.index()];
         loop {
             match pipe.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -914,7 +910,7 @@ impl Output {
         impl Drop for HandBack<'_> {
             fn drop(&mut self) {
                 for stream in [Stream::Stdout, Stream::Stderr] {
-                    let drain = self.0.drains[Output::index(stream)].lock().unwrap().clone();
+                    let drain = self.0.drains[stream.index()].lock().unwrap().clone();
                     if let Some(waker) = drain {
                         // Reads what is there and leaves the drain task's
                         // waker with the pipe, without waking it; a pipe
@@ -943,7 +939,7 @@ impl Output {
 async fn drain(output: Arc<Output>, stream: Stream) {
     std::future::poll_fn(|cx| {
         {
-            let mut drain = output.drains[Output::index(stream)].lock().unwrap();
+            let mut drain = output.drains[stream.index()].lock().unwrap();
             if !drain.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 *drain = Some(cx.waker().clone());
             }

@@ -46,7 +46,8 @@ impl Stream {
         }
     }
 
-    fn index(self) -> usize {
+    /// 0 for stdout, 1 for stderr: where a per-stream pair keeps it.
+    pub fn index(self) -> usize {
         self as usize
     }
 }
