@@ -9,7 +9,7 @@
  * Node's standard library only, so a runtime starts with nothing installed.
  *
  * Layout of this file:
- *   - command line            `--socket PATH`, anything else exits 2
+ *   - command line            `--socket PATH [--no-warm-up]`, anything else exits 2
  *   - instance state          fresh -> initialized | failed; the run in progress
  *   - error reporting         thrown value -> {code, message, details}, host paths scrubbed
  *   - /init and /run          the two operations
@@ -55,15 +55,18 @@ function log(message) {
 // Command line
 
 function usageError(message) {
-  process.stderr.write(`server.js: ${message}\nusage: node server.js --socket PATH\n`);
+  process.stderr.write(`server.js: ${message}\nusage: node server.js --socket PATH [--no-warm-up]\n`);
   process.exit(2);
 }
 
 function parseArgs(argv) {
   let socketPath = null;
+  let warmUp = true;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
-    if (arg === '--socket') {
+    if (arg === '--no-warm-up') {
+      warmUp = false;
+    } else if (arg === '--socket') {
       if (i + 1 >= argv.length || argv[i + 1] === '') usageError('--socket needs a path');
       socketPath = argv[++i];
     } else if (arg.startsWith('--socket=')) {
@@ -74,7 +77,7 @@ function parseArgs(argv) {
     }
   }
   if (socketPath === null) usageError('--socket is required');
-  return { socketPath };
+  return { socketPath, warmUp };
 }
 
 // ---------------------------------------------------------------------------
@@ -785,7 +788,9 @@ function removeStaleSocket(socketPath) {
 }
 
 function main() {
-  const { socketPath } = parseArgs(process.argv.slice(2));
+  const { socketPath, warmUp: warm } = parseArgs(process.argv.slice(2));
+  // Started to be /init-ed at once (a cold start): a warm-up would only delay it.
+  state.warming = warm;
   state.stdio = [process.stdout, process.stderr];
   // Before /init, so the function's module sees the wrapped methods from its first line.
   for (const stream of state.stdio) dropLateWrites(stream);
@@ -825,7 +830,7 @@ function main() {
     }
   });
   server.listen(socketPath, () => {
-    warmUp(socketPath).finally(() => {
+    (warm ? warmUp(socketPath) : Promise.resolve()).finally(() => {
       state.warming = false;
       // Not the path: stderr ends up in crash reports, which must not show host paths.
       log(`ready (node ${process.version}, pid ${process.pid})`);
@@ -842,7 +847,9 @@ function main() {
  * refuse (400, nothing changes) and a throwaway module written and loaded
  * as /init's are, in a directory of its own that is removed again. Until
  * it is done, /health answers 503 STARTING: the controller counts the
- * instance as started only after it.
+ * instance as started only after it. `--no-warm-up` (a cold start, whose
+ * `/init` follows at once) skips it: the first `/init` compiles that code
+ * anyway, and the warm-up's own client request and files would come first.
  */
 async function warmUp(socketPath) {
   let dir;

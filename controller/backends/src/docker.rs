@@ -65,7 +65,7 @@ use fnrt_core::language::Language;
 use fnrt_core::logs::{OutputTap, Stream};
 use fnrt_core::runtime::protocol::Endpoint;
 use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
-use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend, Shape};
+use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend, Shape, StartFor};
 
 /// Every container this project creates.
 pub const LABEL_MANAGED: &str = "io.fnrt.managed";
@@ -415,7 +415,12 @@ impl RuntimeBackend for DockerBackend {
         crate::dependencies_dir(self.config.installer.as_ref(), function).map(drop)
     }
 
-    async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(
+        &self,
+        language: Language,
+        shape: &Shape,
+        _purpose: StartFor,
+    ) -> Result<Box<dyn Instance>, InstanceError> {
         let unavailable = |message: String| InstanceError::Unavailable { language, message };
         // A function with egress: its names resolved now, its rules ready.
         let egress = match (&self.egress_tools, shape.network.is_empty()) {

@@ -62,7 +62,7 @@ use fnrt_core::language::Language;
 use fnrt_core::logs::{OutputTap, Stream};
 use fnrt_core::runtime::protocol::Endpoint;
 use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
-use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend, Shape};
+use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend, Shape, StartFor};
 
 /// Where instance directories go when the data dir cannot be passed through.
 const RUN_DIR: &str = "/run/fnrt";
@@ -123,6 +123,10 @@ struct Launcher {
     sandboxed: (PathBuf, Vec<String>),
     /// What bubblewrap must show, read-only: (host path, path inside).
     sees: Vec<(PathBuf, PathBuf)>,
+    /// Added after `--socket` when the instance is `/init`ed right away (a
+    /// cold start): the Node runtime's `--no-warm-up`, since its start-up
+    /// warm-up only pays off for an instance that waits in the pool.
+    init_now_args: Vec<String>,
 }
 
 pub struct ProcessBackend {
@@ -258,6 +262,10 @@ impl ProcessBackend {
                     ),
                     sees: vec![(root.clone(), root), (server, inside)],
                     program,
+                    init_now_args: match language {
+                        Language::Nodejs => vec!["--no-warm-up".to_owned()],
+                        _ => Vec::new(),
+                    },
                 })
             });
             if let Err(e) = &launcher {
@@ -274,6 +282,7 @@ impl ProcessBackend {
                     sandboxed: (inside, args.clone()),
                     program,
                     args,
+                    init_now_args: Vec::new(),
                 }
             }),
             (None, _) => Err("no Rust runtime program configured".to_owned()),
@@ -399,7 +408,12 @@ impl RuntimeBackend for ProcessBackend {
         crate::dependencies_dir(self.installer.as_ref(), function).map(drop)
     }
 
-    async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(
+        &self,
+        language: Language,
+        shape: &Shape,
+        purpose: StartFor,
+    ) -> Result<Box<dyn Instance>, InstanceError> {
         let unavailable = |message: String| InstanceError::Unavailable { language, message };
         let memory_mb = shape.memory_mb;
         // A function with egress: a network of its own, narrowed to its list.
@@ -470,6 +484,9 @@ impl RuntimeBackend for ProcessBackend {
                 let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
                 args.push("--socket".into());
                 args.push(Path::new(SANDBOX_SOCKET_DIR).join("rt.sock").into());
+                if purpose == StartFor::Init {
+                    args.extend(launcher.init_now_args.iter().map(Into::into));
+                }
                 let mut cmd = Command::new(bwrap);
                 cmd.args(walls.args(program, &args))
                     .env_clear()
@@ -482,6 +499,10 @@ impl RuntimeBackend for ProcessBackend {
                 cmd.args(&launcher.args)
                     .arg("--socket")
                     .arg(&socket)
+                    .args(match purpose {
+                        StartFor::Init => &launcher.init_now_args[..],
+                        StartFor::Pool => &[],
+                    })
                     .env_clear()
                     .env("HOME", &dir)
                     .env("TMPDIR", dir.join("tmp"))
@@ -510,7 +531,7 @@ impl RuntimeBackend for ProcessBackend {
                     // bubblewrap changes the uid itself, after its mounts.
                     uid: self.bwrap.is_none().then_some(lease.uid),
                     tmp,
-                    cgroup: lease.cgroup.as_ref().map(|c| c.procs_path()),
+                    cgroup: lease.cgroup.as_ref().map(|c| c.join_path()),
                 })
             }
             None => None,
@@ -739,7 +760,7 @@ struct Sandbox {
     uid: Option<u32>,
     /// The instance's `tmp/` to mount over `/tmp`.
     tmp: Option<std::ffi::CString>,
-    /// The uid cgroup's `cgroup.procs`.
+    /// The uid cgroup's `tasks`, joined by the child.
     cgroup: Option<std::ffi::CString>,
 }
 
@@ -762,8 +783,8 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
             if let Some(sandbox) = &sandbox {
                 use rustix::mount::{MountPropagationFlags, mount_bind, mount_change};
                 use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
-                if let Some(procs) = &sandbox.cgroup {
-                    crate::uids::join_cgroup(procs)?;
+                if let Some(tasks) = &sandbox.cgroup {
+                    crate::uids::join_cgroup(tasks)?;
                 }
                 // Mounts need root, so they come before the uid changes.
                 if let Some(tmp) = &sandbox.tmp {

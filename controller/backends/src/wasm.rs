@@ -55,7 +55,7 @@ use fnrt_core::metrics::Metrics;
 /// The variable that tells a module (built with fnrt-sdk) the marker to
 /// write before its answer on stdout.
 const RESULT_MARKER_ENV: &str = "FNRT_RESULT_MARKER";
-use fnrt_core::runtime::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend, Shape};
+use fnrt_core::runtime::{Instance, InstanceError, RunOutcome, RunRequest, RuntimeBackend, Shape, StartFor};
 
 /// How often the epoch advances.
 const TICK: Duration = Duration::from_millis(10);
@@ -365,7 +365,12 @@ impl RuntimeBackend for WasmRuntime {
         self.0.check(artifact.to_vec())
     }
 
-    async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(
+        &self,
+        language: Language,
+        shape: &Shape,
+        _purpose: StartFor,
+    ) -> Result<Box<dyn Instance>, InstanceError> {
         if language != Language::Wasm {
             return Err(InstanceError::Unavailable {
                 language,

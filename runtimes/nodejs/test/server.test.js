@@ -152,6 +152,39 @@ test('the start-up warm-up leaves nothing behind and the instance stays fresh', 
   assert.deepEqual((await server.run()).body, { result: 'warm' });
 });
 
+test('with --no-warm-up (a cold start) the first /health already answers 200, and /init works', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nodejs-runtime-test-'));
+  fs.mkdirSync(path.join(dir, 'tmp'));
+  const socketPath = path.join(dir, 'runtime.sock');
+  const child = spawn(process.execPath, [SERVER, '--socket', socketPath, '--no-warm-up'], {
+    cwd: dir,
+    env: { PATH: process.env.PATH, HOME: dir, LANG: 'C.UTF-8', TMPDIR: path.join(dir, 'tmp') },
+    stdio: 'ignore',
+  });
+  t.after(() => {
+    child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  // Asked as soon as it accepts: a warm-up would still be running then (503 STARTING).
+  let first;
+  for (let i = 0; i < 5000 && first === undefined; i++) {
+    first = await request(socketPath, 'GET', '/health', undefined, { agent: false }).catch(() => undefined);
+    if (first === undefined) await new Promise((r) => setTimeout(r, 1));
+  }
+  assert.equal(first?.status, 200, JSON.stringify(first?.body));
+  const init = await request(socketPath, 'POST', '/init', {
+    language_title: 'nodejs-test',
+    version: 1,
+    entrypoint: 'index.js',
+    handler: 'handler',
+    code: 'exports.handler = async (p) => p.n + 1;',
+    env: {},
+  });
+  assert.equal(init.status, 200);
+  const run = await request(socketPath, 'POST', '/run', { params: { n: 41 }, context: {}, deadline_ms: 30000 });
+  assert.deepEqual(run.body, { result: 42 });
+});
+
 test('unknown flags exit with code 2', async () => {
   const child = spawn(process.execPath, [SERVER, '--socket', '/tmp/unused.sock', '--port', '8080'], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';

@@ -56,7 +56,12 @@ impl RuntimeBackend for FakeBackend {
         vec![Language::Nodejs]
     }
 
-    async fn start(&self, language: Language, _shape: &super::Shape) -> Result<Box<dyn Instance>, InstanceError> {
+    async fn start(
+        &self,
+        language: Language,
+        _shape: &super::Shape,
+        _purpose: super::StartFor,
+    ) -> Result<Box<dyn Instance>, InstanceError> {
         let n = self.counters.started.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(FakeInstance {
             id: format!("{}-{n}", self.name),

@@ -194,10 +194,28 @@ pub trait RuntimeBackend: Send + Sync {
     }
     /// Starts a generic, healthy, not yet initialised instance of `shape`
     /// (its memory cap and network, fixed for the instance's life).
-    async fn start(&self, language: Language, shape: &Shape) -> Result<Box<dyn Instance>, InstanceError>;
+    async fn start(
+        &self,
+        language: Language,
+        shape: &Shape,
+        purpose: StartFor,
+    ) -> Result<Box<dyn Instance>, InstanceError>;
     /// At shutdown, after every instance was terminated: releases what is
     /// left (a container whose start was cut short).
     async fn shutdown(&self) {}
+}
+
+/// What an instance is started for, which decides what its start is worth:
+/// a pooled one waits for a function, so its runtime may first go through
+/// what `/init` runs (the Node runtime's warm-up: the caller waits for
+/// `/init`, not for the start); a cold start is `/init`ed at once, and a
+/// warm-up would only delay it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFor {
+    /// The warm pool.
+    Pool,
+    /// A function's `/init`, right after (a cold start).
+    Init,
 }
 
 /// What an instance is fixed to when it starts: only a function of the

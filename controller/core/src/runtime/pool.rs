@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::placement::Placement;
-use super::{Instance, InstanceError, RuntimeBackend, Shape};
+use super::{Instance, InstanceError, RuntimeBackend, Shape, StartFor};
 use crate::function::FunctionVersion;
 use crate::language::Language;
 use crate::metrics::Metrics;
@@ -168,7 +168,7 @@ impl InstancePool {
             Some(instance) => (instance, StartKind::Warm),
             None => {
                 let started = Instant::now();
-                let mut result = self.start(&backend, language, &shape).await;
+                let mut result = self.start(&backend, language, &shape, StartFor::Init).await;
                 // No room for another instance: the longest idle one makes
                 // room; with none idle, the start waits (a while) for a busy
                 // one to come back rather than failing a burst.
@@ -186,7 +186,7 @@ impl InstancePool {
                             pause = (pause * 2).min(Duration::from_millis(500));
                         }
                     }
-                    result = self.start(&backend, language, &shape).await;
+                    result = self.start(&backend, language, &shape, StartFor::Init).await;
                 }
                 let instance = result?;
                 self.metrics.record_cold_start(language, started.elapsed());
@@ -300,9 +300,10 @@ impl InstancePool {
         backend: &Arc<dyn RuntimeBackend>,
         language: Language,
         shape: &Shape,
+        purpose: StartFor,
     ) -> Result<Box<dyn Instance>, InstanceError> {
         let started = Instant::now();
-        let result = backend.start(language, shape).await;
+        let result = backend.start(language, shape, purpose).await;
         if result.is_ok() {
             self.metrics
                 .record_instance_start(backend.name(), language, started.elapsed());
@@ -435,7 +436,12 @@ impl InstancePool {
                     break;
                 }
                 match self
-                    .start(&backend, language, &Shape::generic(self.config.warm_memory_mb))
+                    .start(
+                        &backend,
+                        language,
+                        &Shape::generic(self.config.warm_memory_mb),
+                        StartFor::Pool,
+                    )
                     .await
                 {
                     Ok(mut instance) => {
