@@ -465,6 +465,11 @@ impl RuntimeBackend for ProcessBackend {
             .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
         crate::link_files_socket(self.files_socket.as_deref(), &dir);
 
+        // Given after `--socket`, inside bubblewrap or not.
+        let extra: &[String] = match purpose {
+            StartFor::Init => &launcher.init_now_args,
+            StartFor::Pool => &[],
+        };
         let mut cmd = match (&self.bwrap, &uid) {
             (Some(bwrap), Some(lease)) => {
                 let scratch = Some(self.limits.scratch_bytes);
@@ -484,9 +489,7 @@ impl RuntimeBackend for ProcessBackend {
                 let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
                 args.push("--socket".into());
                 args.push(Path::new(SANDBOX_SOCKET_DIR).join("rt.sock").into());
-                if purpose == StartFor::Init {
-                    args.extend(launcher.init_now_args.iter().map(Into::into));
-                }
+                args.extend(extra.iter().map(Into::into));
                 let mut cmd = Command::new(bwrap);
                 cmd.args(walls.args(program, &args))
                     .env_clear()
@@ -499,10 +502,7 @@ impl RuntimeBackend for ProcessBackend {
                 cmd.args(&launcher.args)
                     .arg("--socket")
                     .arg(&socket)
-                    .args(match purpose {
-                        StartFor::Init => &launcher.init_now_args[..],
-                        StartFor::Pool => &[],
-                    })
+                    .args(extra)
                     .env_clear()
                     .env("HOME", &dir)
                     .env("TMPDIR", dir.join("tmp"))
