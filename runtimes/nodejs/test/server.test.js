@@ -144,12 +144,19 @@ test('health answers before init with initialized false', async (t) => {
 test('the start-up warm-up leaves nothing behind and the instance stays fresh', async (t) => {
   // Ready (/health 200) only once the warm-up is over.
   const server = await startServer(t);
-  // Its throwaway module's directory is gone, and its refused /init counted for nothing.
+  // Its throwaway function's directory is gone, and its /init and /run (the
+  // throwaway's, then a refused one) counted for nothing.
   assert.deepEqual(fs.readdirSync(path.join(server.dir, 'tmp')), []);
   assert.equal(fs.existsSync(path.join(server.dir, 'function')), false);
   assert.equal((await server.call('GET', '/health')).body.initialized, false);
-  assert.equal((await server.init('exports.handler = async () => "warm";')).status, 200);
-  assert.deepEqual((await server.run()).body, { result: 'warm' });
+  assert.equal((await server.run()).status, 409);
+  const code = `exports.handler = async () => ({
+    env: Object.keys(process.env).filter((k) => !['PATH', 'HOME', 'LANG', 'TMPDIR'].includes(k)),
+    modules: Object.keys(require.cache).filter((k) => k.includes('warm-up')),
+  });`;
+  assert.equal((await server.init(code, { env: { ONLY_MINE: 'yes' } })).status, 200);
+  // The function sees its own environment only, and no module of the warm-up's.
+  assert.deepEqual((await server.run()).body, { result: { env: ['ONLY_MINE'], modules: [] } });
 });
 
 test('with --no-warm-up (a cold start) the first /health already answers 200, and /init works', async (t) => {
