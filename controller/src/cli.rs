@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::auth::Authenticator;
 use crate::config::{Cli, Command, LogFormat, ServeArgs, TokenArgs};
+use crate::logbuffer;
 use crate::startup::Application;
 
 pub fn main() -> ExitCode {
@@ -42,21 +43,32 @@ fn token(args: TokenArgs) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr through [`logbuffer`]; what is buffered is written when
+/// the guard drops.
+fn init_logging(format: LogFormat) -> std::io::Result<logbuffer::FlushGuard<std::io::Stderr>> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let (writer, guard) = logbuffer::install(std::io::stderr())?;
     // Colours only for a terminal: a file or a journal would keep the escapes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => builder.init(),
     }
+    Ok(guard)
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    init_logging(args.log_format);
+    // Declared first, dropped last: the final lines are written.
+    let _log_guard = match init_logging(args.log_format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: starting the log writer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -9,6 +9,7 @@
 //! # Layout
 //!
 //! - [`cli`], [`config`]: the binary's command line and settings.
+//! - [`logbuffer`]: the controller's own log lines, buffered on their way to stderr.
 //! - [`client`]: `fnrt`, the client CLI (the package's second binary).
 //! - [`startup`]: [`startup::Application`] builds everything and serves.
 //! - [`http`]: one module per resource (`initialize`, `execute`, `sessions`, `executions`, `ws`,
@@ -60,6 +61,7 @@ pub mod error;
 pub mod executions;
 pub mod files;
 pub mod http;
+pub mod logbuffer;
 pub mod logs;
 pub mod pipelines;
 pub mod ratelimit;
