@@ -9,7 +9,7 @@ use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{TestApp, read, spawn_app, spawn_binary};
+use crate::helpers::{TestApp, read, spawn_app, spawn_app_with, spawn_binary};
 
 fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
@@ -352,4 +352,75 @@ async fn the_context_reaches_the_function_without_the_controllers_own_fields() {
     assert_eq!(seen["environment"], "production", "{seen}");
     assert_eq!(seen["user_id"], "user-123", "{seen}");
     assert!(seen.get("retain_session").is_none(), "{seen}");
+}
+
+/// The value of `lambda_instances{language="nodejs",state="warm"}`.
+async fn warm_node_instances(app: &TestApp) -> i64 {
+    let metrics = app.metrics().await;
+    metrics
+        .lines()
+        .find(|l| l.starts_with(r#"lambda_instances{language="nodejs",state="warm"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no warm nodejs gauge in {metrics}"))
+}
+
+/// Polls the warm gauge until it is `want`; false after `timeout`.
+async fn warm_becomes(app: &TestApp, want: i64, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if warm_node_instances(app).await == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn initialize_takes_a_warm_instance_and_the_pool_fills_again_after_each_hand_out() {
+    // Arrange: a pool of two Node instances. A hand-out that leaves one
+    // behind refills after a short wait; one that leaves none, at once.
+    let app = spawn_app_with(&["--warm-pool-size", "2"]).await;
+    let token = app.admin();
+    assert!(
+        warm_becomes(&app, 2, Duration::from_secs(30)).await,
+        "the pool never filled"
+    );
+
+    for round in 0..2 {
+        // Act: two sessions, each on a warm instance (two hand-outs, the
+        // first leaving one behind, the second none).
+        let first = app
+            .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+            .await;
+        let second = app
+            .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+            .await;
+
+        // Assert: both ran on instances from the pool, which fills again.
+        for id in [&first, &second] {
+            let r = app
+                .execute(&token, id, json!({"operation": "add", "values": [2, round]}))
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(r.body["result"], json!({"value": 2 + round}), "{:?}", r.body);
+        }
+        let metrics = app.metrics().await;
+        let warm_hits = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("lambda_pool_acquires_total")
+                    && l.contains(r#"language="nodejs""#)
+                    && l.contains(r#"result="warm""#)
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        assert_eq!(warm_hits, Some(2.0 * (round as f64 + 1.0)), "{metrics}");
+        assert!(
+            warm_becomes(&app, 2, Duration::from_secs(30)).await,
+            "the pool did not fill again"
+        );
+        for id in [first, second] {
+            assert_eq!(crate::sessions::delete(&app, Some(&token), &id).await.status, 204);
+        }
+    }
 }

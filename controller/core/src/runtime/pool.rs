@@ -28,6 +28,10 @@ use crate::metrics::Metrics;
 /// before it fails.
 const ROOM_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a refill waits after a warm instance was handed out while the
+/// pool still holds others (see `maintain`).
+const REFILL_DELAY: Duration = Duration::from_millis(50);
+
 /// A function version, as the pool tells instances apart.
 pub type VersionKey = (String, i64);
 
@@ -406,7 +410,20 @@ impl InstancePool {
                 self.fill_warm().await;
                 self.reap_idle().await;
                 tokio::select! {
-                    _ = self.refill.notified() => {}
+                    _ = self.refill.notified() => {
+                        // A warm instance was just handed out, and its first
+                        // run likely follows at once: a runtime starting up
+                        // beside it takes a core for tens of milliseconds.
+                        // The refill waits a little, unless the pool ran dry
+                        // (the next initialize would start cold) or another
+                        // hand-out comes meanwhile (a burst).
+                        if !self.any_warm_list_empty() {
+                            tokio::select! {
+                                _ = tokio::time::sleep(REFILL_DELAY) => {}
+                                _ = self.refill.notified() => {}
+                            }
+                        }
+                    }
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
@@ -415,6 +432,15 @@ impl InstancePool {
             _ = stop.cancelled() => {}
             _ = upkeep => {}
         }
+    }
+
+    /// Whether some backend and language the pool keeps warm has none left.
+    fn any_warm_list_empty(&self) -> bool {
+        let warm = self.warm.lock().unwrap();
+        self.placement.targets().into_iter().any(|(backend, language)| {
+            warm.get(&(backend.name(), language, self.config.warm_memory_mb))
+                .is_none_or(Vec::is_empty)
+        })
     }
 
     async fn fill_warm(&self) {
