@@ -591,6 +591,40 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
         init.p50_us <= 2000.0,
     );
 
+    // The first execute after such an initialize, as a client makes it at
+    // once: the instance's first run (and the pool's refill beside it).
+    for i in 0..n {
+        main.register(&format!("nodejs-first-{i}"), NODE_FN, no_cache.clone())
+            .await?;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let session = std::sync::Mutex::new(None::<String>);
+    let first = load::sequential(
+        n,
+        async || {
+            main.until(Duration::from_secs(30), "a warm Node instance", async || {
+                Ok(main
+                    .metric("lambda_instances", &[("language", "nodejs"), ("state", "warm")])
+                    .await?
+                    >= 1.0)
+            })
+            .await?;
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let id = main.initialize(&format!("nodejs-first-{i}"), false).await?;
+            *session.lock().unwrap() = Some(id);
+            Ok(())
+        },
+        async || {
+            let id = session.lock().unwrap().take().context("no session")?;
+            main.execute(&id, &params).await?;
+            Ok(())
+        },
+    )
+    .await?;
+    let hits = warm_hits().await? - hits_before;
+    anyhow::ensure!(hits as usize == 2 * n, "{hits} warm pool hits for {} initializations", 2 * n);
+    bench.add("first execute after an initialize from the warm pool, Node", 1, first, None);
+
     // The sequential loop measures what oha measures: both on the echo floor.
     let client = reqwest::Client::new();
     let looped = load::sequential(
