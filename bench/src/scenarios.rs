@@ -622,8 +622,17 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     )
     .await?;
     let hits = warm_hits().await? - hits_before;
-    anyhow::ensure!(hits as usize == 2 * n, "{hits} warm pool hits for {} initializations", 2 * n);
-    bench.add("first execute after an initialize from the warm pool, Node", 1, first, None);
+    anyhow::ensure!(
+        hits as usize == 2 * n,
+        "{hits} warm pool hits for {} initializations",
+        2 * n
+    );
+    bench.add(
+        "first execute after an initialize from the warm pool, Node",
+        1,
+        first,
+        None,
+    );
 
     // The sequential loop measures what oha measures: both on the echo floor.
     let client = reqwest::Client::new();
