@@ -24,14 +24,16 @@
 //!   executions or subjects. The store gets a memory cap (`memory_mb`),
 //!   stdout/stderr pipes with caps, stdin with the input, only the manifest's
 //!   environment, no preopened directories and no sockets.
-//! - A ticker advances the epoch every 10 ms; a running guest yields at each
-//!   tick, so the engine's deadline can drop it, and traps past the deadline
-//!   as a backstop.
+//! - A ticker advances the epoch every 10 ms while a run is in progress (it
+//!   sleeps otherwise: no wake-ups of an idle controller); a running guest
+//!   yields at each tick, so the engine's deadline can drop it, and traps
+//!   past the deadline as a backstop.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,6 +100,46 @@ pub struct WasmBackend {
     /// Builds `Cargo.toml` functions.
     builder: Option<Arc<Builder>>,
     metrics: Arc<Metrics>,
+    ticker: Ticker,
+}
+
+/// The epoch ticker's thread, and what it shares with the backend.
+struct Ticker {
+    shared: Arc<TickerShared>,
+    thread: std::thread::Thread,
+}
+
+#[derive(Default)]
+struct TickerShared {
+    /// Runs in progress: it ticks while there are any.
+    runs: AtomicUsize,
+    /// The backend is gone: the thread ends.
+    stopped: AtomicBool,
+}
+
+/// A run in progress, for the ticker: it ticks until the last one drops.
+struct Ticking(Arc<TickerShared>);
+
+impl Ticker {
+    fn start_run(&self) -> Ticking {
+        if self.shared.runs.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.thread.unpark();
+        }
+        Ticking(self.shared.clone())
+    }
+}
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        self.0.runs.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
 }
 
 impl std::fmt::Debug for WasmBackend {
@@ -130,14 +172,27 @@ impl WasmBackend {
         // The ticker is a thread of its own, not a task: a guest that never
         // yields holds its tokio worker, and a ticker task queued behind it
         // on that worker would never advance the epoch that stops it.
-        let ticker = engine.weak();
-        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
-            while let Some(engine) = ticker.upgrade() {
+        // With no run in progress it parks: a run's start unparks it, and
+        // so does the backend's end.
+        let weak = engine.weak();
+        let shared = Arc::new(TickerShared::default());
+        let seen = shared.clone();
+        let thread = std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
+            while !seen.stopped.load(Ordering::Acquire) {
+                if seen.runs.load(Ordering::Acquire) == 0 {
+                    std::thread::park();
+                    continue;
+                }
+                let Some(engine) = weak.upgrade() else { return };
                 engine.increment_epoch();
                 drop(engine);
                 std::thread::sleep(TICK);
             }
         })?;
+        let ticker = Ticker {
+            shared,
+            thread: thread.thread().clone(),
+        };
         // Code compiled by another wasmtime version or configuration is
         // never loaded: it lives under another directory.
         let mut compat = std::hash::DefaultHasher::new();
@@ -153,6 +208,7 @@ impl WasmBackend {
             cache_dir,
             builder,
             metrics,
+            ticker,
         }))
     }
 
@@ -481,6 +537,7 @@ impl Instance for WasmInstance {
             .memory_size((self.memory_mb as usize) << 20)
             .instances(1)
             .build();
+        let _ticking = self.backend.ticker.start_run();
         let mut store = Store::new(&self.backend.engine, State { wasi, limits });
         store.limiter(|s| &mut s.limits);
         let backstop = Instant::now() + request.deadline + BACKSTOP;
