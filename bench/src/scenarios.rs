@@ -551,6 +551,15 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
         main.register(&format!("nodejs-init-{i}"), NODE_FN, no_cache.clone())
             .await?;
     }
+    let a_warm_node = async || {
+        main.until(Duration::from_secs(30), "a warm Node instance", async || {
+            Ok(main
+                .metric("lambda_instances", &[("language", "nodejs"), ("state", "warm")])
+                .await?
+                >= 1.0)
+        })
+        .await
+    };
     let hits_before = warm_hits().await?;
     let next = std::sync::atomic::AtomicUsize::new(0);
     let last = std::sync::Mutex::new(None::<String>);
@@ -561,13 +570,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
             if let Some(id) = taken {
                 main.end_session(&id).await?;
             }
-            main.until(Duration::from_secs(30), "a warm Node instance", async || {
-                Ok(main
-                    .metric("lambda_instances", &[("language", "nodejs"), ("state", "warm")])
-                    .await?
-                    >= 1.0)
-            })
-            .await
+            a_warm_node().await
         },
         async || {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -592,7 +595,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     );
 
     // The first execute after such an initialize, as a client makes it at
-    // once: the instance's first run (and the pool's refill beside it).
+    // once: the instance's first run (the pool's refill waits 50 ms, past it).
     for i in 0..n {
         main.register(&format!("nodejs-first-{i}"), NODE_FN, no_cache.clone())
             .await?;
@@ -602,13 +605,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     let first = load::sequential(
         n,
         async || {
-            main.until(Duration::from_secs(30), "a warm Node instance", async || {
-                Ok(main
-                    .metric("lambda_instances", &[("language", "nodejs"), ("state", "warm")])
-                    .await?
-                    >= 1.0)
-            })
-            .await?;
+            a_warm_node().await?;
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let id = main.initialize(&format!("nodejs-first-{i}"), false).await?;
             *session.lock().unwrap() = Some(id);

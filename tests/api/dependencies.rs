@@ -34,11 +34,7 @@ async fn run(app: &TestApp, language_title: &str, params: Value) -> Reply {
 /// The value of a `lambda_dependency_installs_total` series, 0 if absent.
 fn installs(metrics: &str, language: &str, result: &str) -> u64 {
     let series = format!("lambda_dependency_installs_total{{language=\"{language}\",result=\"{result}\"}}");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    crate::helpers::sample(metrics, &series).map_or(0, |v| v as u64)
 }
 
 const REPORT: &str = r#"from pathlib import Path

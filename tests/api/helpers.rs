@@ -673,6 +673,15 @@ pub fn children_of(parent: u32) -> Vec<u32> {
     out
 }
 
+/// The value of one series (`name{labels}` exactly as `/metrics` writes
+/// it) in a `/metrics` text; None when it is not there.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Polls `check` until it is true or `timeout` passes.
 pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

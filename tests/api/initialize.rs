@@ -9,7 +9,7 @@ use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{TestApp, read, spawn_app, spawn_app_with, spawn_binary};
+use crate::helpers::{TestApp, read, sample, spawn_app, spawn_app_with, spawn_binary};
 
 fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
@@ -357,11 +357,8 @@ async fn the_context_reaches_the_function_without_the_controllers_own_fields() {
 /// The value of `lambda_instances{language="nodejs",state="warm"}`.
 async fn warm_node_instances(app: &TestApp) -> i64 {
     let metrics = app.metrics().await;
-    metrics
-        .lines()
-        .find(|l| l.starts_with(r#"lambda_instances{language="nodejs",state="warm"}"#))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no warm nodejs gauge in {metrics}"))
+    sample(&metrics, r#"lambda_instances{language="nodejs",state="warm"}"#)
+        .unwrap_or_else(|| panic!("no warm nodejs gauge in {metrics}")) as i64
 }
 
 /// Polls the warm gauge until it is `want`; false after `timeout`.
@@ -406,14 +403,10 @@ async fn initialize_takes_a_warm_instance_and_the_pool_fills_again_after_each_ha
             assert_eq!(r.body["result"], json!({"value": 2 + round}), "{:?}", r.body);
         }
         let metrics = app.metrics().await;
-        let warm_hits = metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("lambda_pool_acquires_total")
-                    && l.contains(r#"language="nodejs""#)
-                    && l.contains(r#"result="warm""#)
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        let warm_hits = sample(
+            &metrics,
+            r#"lambda_pool_acquires_total{backend="process",language="nodejs",result="warm"}"#,
+        );
         assert_eq!(warm_hits, Some(2.0 * (round as f64 + 1.0)), "{metrics}");
         assert!(
             warm_becomes(&app, 2, Duration::from_secs(30)).await,

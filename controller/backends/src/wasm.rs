@@ -173,7 +173,9 @@ impl WasmBackend {
         // yields holds its tokio worker, and a ticker task queued behind it
         // on that worker would never advance the epoch that stops it.
         // With no run in progress it parks: a run's start unparks it, and
-        // so does the backend's end.
+        // so does the backend's end. It sleeps before it ticks, so the run
+        // that woke it gets its first tick a whole TICK later, as it would
+        // have from a ticker that never stopped (a tick makes a run yield).
         let weak = engine.weak();
         let shared = Arc::new(TickerShared::default());
         let seen = shared.clone();
@@ -183,10 +185,9 @@ impl WasmBackend {
                     std::thread::park();
                     continue;
                 }
+                std::thread::sleep(TICK);
                 let Some(engine) = weak.upgrade() else { return };
                 engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(TICK);
             }
         })?;
         let ticker = Ticker {
