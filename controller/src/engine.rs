@@ -200,7 +200,6 @@ impl Engine {
         } else {
             self.core.release(retained).await;
         }
-        self.update_session_gauge().await;
         Ok(record)
     }
 
@@ -407,7 +406,6 @@ impl Engine {
         let key = self.session(subject, request_id).await?.key();
         self.sessions.remove(&key).await.map_err(ApiError::Internal)?;
         self.drop_slot(&key).await;
-        self.update_session_gauge().await;
         Ok(())
     }
 
@@ -566,7 +564,6 @@ impl Engine {
             self.record_execution(&key, !session.retain).await;
         }
         if !session.retain {
-            self.update_session_gauge().await;
             drop(slot);
             self.slots.lock().unwrap().remove(&key);
         }
@@ -598,7 +595,6 @@ impl Engine {
         }
         self.core.evict_function(language_title).await;
         self.metrics.forget_function(language_title);
-        self.update_session_gauge().await;
     }
 
     /// Removes expired sessions and their instances; run periodically. Also
@@ -619,10 +615,13 @@ impl Engine {
                 self.drop_slot(&id).await;
             }
         }
-        self.update_session_gauge().await;
     }
 
-    async fn update_session_gauge(&self) {
+    /// Sets the active-sessions gauge from the session store. Called when
+    /// `/metrics` is scraped, not per request: counting is a Redis round
+    /// trip (or a walk over every session in memory), which initialize and
+    /// every one-shot execute used to pay for.
+    pub async fn update_session_gauge(&self) {
         if let Ok(n) = self.sessions.active_count().await {
             self.metrics.active_sessions.set(n as i64);
         }

@@ -132,6 +132,33 @@ async fn a_completed_one_shot_session_can_still_be_read_and_deleted() {
     assert_eq!(gone.status, 404);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_active_sessions_gauge_follows_sessions_at_each_scrape() {
+    // Arrange
+    let app = spawn_app().await;
+    let token = app.admin();
+    let active = |metrics: &str| crate::helpers::sample(metrics, "lambda_active_sessions");
+    let before = active(&app.metrics().await);
+    let kept = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+    let one_shot = app.session(&token, "nodejs-calculator", json!({})).await;
+
+    // Act
+    let opened = active(&app.metrics().await);
+    app.execute(&token, &one_shot, json!({"operation": "add", "values": [1]}))
+        .await;
+    let one_shot_done = active(&app.metrics().await);
+    assert_eq!(delete(&app, Some(&token), &kept).await.status, 204);
+    let kept_deleted = active(&app.metrics().await);
+
+    // Assert
+    assert_eq!(before, Some(0.0));
+    assert_eq!(opened, Some(2.0), "two sessions opened");
+    assert_eq!(one_shot_done, Some(1.0), "a one-shot session is spent by its execute");
+    assert_eq!(kept_deleted, Some(0.0), "a deleted session no longer counts");
+}
+
 /// Instance directories whose runtime process has a data limit of `mib`: a
 /// memory cap of its own tells a function's instances from the warm pool's.
 /// An instance is found by the host directory its command line names (the

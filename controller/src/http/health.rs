@@ -163,6 +163,7 @@ async fn metrics(State(state): State<AppState>, headers: header::HeaderMap) -> i
             .set(n);
     }
     m.instances_busy.set(busy);
+    state.engine.update_session_gauge().await;
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
