@@ -26,6 +26,7 @@
 const { AsyncLocalStorage } = require('async_hooks');
 const fs = require('fs');
 const http = require('http');
+const Module = require('module');
 const os = require('os');
 const path = require('path');
 const { setTimeout: sleep } = require('timers/promises');
@@ -94,6 +95,8 @@ const state = {
   /** Absolute paths of ./function/ and the entrypoint in it, used to locate and scrub errors. */
   functionDir: null,
   entryFile: null,
+  /** ./function/, when the start-up warm-up made it ready for a single-file function. */
+  preparedDir: null,
   /** Where the controller puts a multi-file function's files: `function/` beside the socket. */
   packageDir: null,
   /**
@@ -418,11 +421,10 @@ function handleInit(body, functionDir = path.resolve('function')) {
 
   try {
     if (!request.isPackage) {
-      fs.mkdirSync(state.functionDir, { recursive: true });
-      // Pin `.js` to CommonJS so a package.json further up cannot turn it into ESM.
-      if (request.entrypoint !== 'package.json') {
-        fs.writeFileSync(path.join(state.functionDir, 'package.json'), '{"type":"commonjs"}\n');
-      }
+      // A pooled instance's warm-up made the directory already.
+      if (state.preparedDir !== state.functionDir) prepareFunctionDir(state.functionDir);
+      // Written even though a CommonJS entrypoint is compiled from memory:
+      // a function may read its own file.
       fs.writeFileSync(state.entryFile, request.code);
     }
   } catch (err) {
@@ -434,7 +436,10 @@ function handleInit(body, functionDir = path.resolve('function')) {
 
   let exported;
   try {
-    exported = require(state.entryFile);
+    exported =
+      !request.isPackage && COMPILED_ENTRY_RE.test(request.entrypoint)
+        ? compileEntry(state.entryFile, request.code)
+        : require(state.entryFile);
   } catch (err) {
     const { message, details } = describeThrown(err, 'INIT_ERROR');
     return [422, errorBody('INIT_ERROR', message, details)];
@@ -452,6 +457,45 @@ function handleInit(body, functionDir = path.resolve('function')) {
   state.handler = fn;
   state.phase = 'initialized';
   return [200, { status: 'initialized' }];
+}
+
+/**
+ * Makes a single-file function's directory: `package.json` in it pins `.js`
+ * to CommonJS, so that a package.json further up cannot turn it into ESM.
+ */
+function prepareFunctionDir(dir) {
+  try {
+    fs.mkdirSync(dir);
+  } catch (err) {
+    if (err.code !== 'EEXIST') throw err;
+  }
+  fs.writeFileSync(path.join(dir, 'package.json'), '{"type":"commonjs"}\n');
+}
+
+/** Entrypoints whose source is CommonJS for certain (see prepareFunctionDir). */
+const COMPILED_ENTRY_RE = /\.c?js$/;
+
+/**
+ * What `require(filename)` does for a CommonJS file whose source is at
+ * hand, without resolving the path and reading the file back: the module
+ * registered under its path (so that requiring it again finds it), given
+ * the same lookup paths, compiled and run. A pooled instance's `/init` is
+ * what a caller waits for, and on these machines the resolution and the
+ * read were a third of its handler (0.45 against 0.30 ms, on the socket).
+ */
+function compileEntry(filename, source) {
+  const entry = new Module(filename, module);
+  entry.filename = filename;
+  entry.paths = Module._nodeModulePaths(path.dirname(filename));
+  Module._cache[filename] = entry;
+  try {
+    entry._compile(source, filename);
+  } catch (err) {
+    delete Module._cache[filename];
+    throw err;
+  }
+  entry.loaded = true;
+  return entry.exports;
 }
 
 // ---------------------------------------------------------------------------
@@ -533,7 +577,6 @@ const fnrtModule = {
 
 /** Makes `require('fnrt')` give the helpers, from any of the function's files. */
 function installFnrtModule() {
-  const Module = require('module');
   const id = path.join(__dirname, 'fnrt.builtin.js');
   const builtin = new Module(id);
   builtin.filename = id;
@@ -866,6 +909,15 @@ async function warmUp(socketPath) {
     // Only an optimisation: a read-only or missing temp dir changes nothing.
   } finally {
     if (dir !== undefined) fs.rmSync(dir, { recursive: true, force: true });
+  }
+  // The real function's directory, made now rather than in its /init.
+  // (A package's files are placed elsewhere: state.packageDir.)
+  try {
+    const functionDir = path.resolve('function');
+    prepareFunctionDir(functionDir);
+    state.preparedDir = functionDir;
+  } catch {
+    // /init makes it then.
   }
   await new Promise((resolve) => {
     const body = JSON.stringify({ warm_up: true });

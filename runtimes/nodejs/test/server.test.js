@@ -70,11 +70,11 @@ function request(socketPath, method, urlPath, body, { agent, raw } = {}) {
  * Starts the server in a fresh instance directory with a scrubbed
  * environment plus one variable the function must never see.
  */
-async function startServer(t) {
+async function startServer(t, flags = []) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nodejs-runtime-test-'));
   fs.mkdirSync(path.join(dir, 'tmp'));
   const socketPath = path.join(dir, 'runtime.sock');
-  const child = spawn(process.execPath, [SERVER, '--socket', socketPath], {
+  const child = spawn(process.execPath, [SERVER, '--socket', socketPath, ...flags], {
     cwd: dir,
     env: { PATH: process.env.PATH, HOME: dir, LANG: 'C.UTF-8', TMPDIR: path.join(dir, 'tmp'), CONTROLLER_SECRET: 'do-not-leak' },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -145,9 +145,10 @@ test('the start-up warm-up leaves nothing behind and the instance stays fresh', 
   // Ready (/health 200) only once the warm-up is over.
   const server = await startServer(t);
   // Its throwaway function's directory is gone, and its /init and /run (the
-  // throwaway's, then a refused one) counted for nothing.
+  // throwaway's, then a refused one) counted for nothing. The real
+  // function's directory is made, holding only the CommonJS pin.
   assert.deepEqual(fs.readdirSync(path.join(server.dir, 'tmp')), []);
-  assert.equal(fs.existsSync(path.join(server.dir, 'function')), false);
+  assert.deepEqual(fs.readdirSync(path.join(server.dir, 'function')), ['package.json']);
   assert.equal((await server.call('GET', '/health')).body.initialized, false);
   assert.equal((await server.run()).status, 409);
   const code = `exports.handler = async () => ({
@@ -157,6 +158,25 @@ test('the start-up warm-up leaves nothing behind and the instance stays fresh', 
   assert.equal((await server.init(code, { env: { ONLY_MINE: 'yes' } })).status, 200);
   // The function sees its own environment only, and no module of the warm-up's.
   assert.deepEqual((await server.run()).body, { result: { env: ['ONLY_MINE'], modules: [] } });
+});
+
+test('a function compiled from its /init body is a module like a required one, and its file is there', async (t) => {
+  for (const flags of [[], ['--no-warm-up']]) {
+    const server = await startServer(t, flags);
+    const code = `const fs = require('fs');
+const self = fs.readFileSync(__filename, 'utf8');
+exports.handler = async () => ({
+  readsItself: self.startsWith('const fs'),
+  file: require('path').relative(process.cwd(), __filename),
+  sameModule: require(__filename) === module.exports && require.cache[__filename] === module,
+  loaded: module.loaded,
+  pin: JSON.parse(fs.readFileSync(require('path').join(__dirname, 'package.json'), 'utf8')).type,
+});`;
+    assert.equal((await server.init(code)).status, 200, flags.join(' '));
+    assert.deepEqual((await server.run()).body, {
+      result: { readsItself: true, file: 'function/index.js', sameModule: true, loaded: true, pin: 'commonjs' },
+    });
+  }
 });
 
 test('with --no-warm-up (a cold start) the first /health already answers 200, and /init works', async (t) => {
