@@ -59,7 +59,7 @@ def line_of(code, marker):
 class RuntimeProcess:
     """A running server.py in its own instance directory."""
 
-    def __init__(self, python=sys.executable, env=None, user=None, instance_dir=None, flags=()):
+    def __init__(self, python=sys.executable, env=None, user=None, instance_dir=None, flags=(), args=()):
         self.instance_dir = instance_dir or tempfile.mkdtemp(prefix="pyrt-")
         self.socket_path = os.path.join(self.instance_dir, "runtime.sock")
         tmp = os.path.join(self.instance_dir, "tmp")
@@ -70,7 +70,7 @@ class RuntimeProcess:
         self.stdout = open(os.path.join(self.instance_dir, "stdout.log"), "w+b")
         self.stderr = open(os.path.join(self.instance_dir, "stderr.log"), "w+b")
         self.process = subprocess.Popen(
-            [python, *flags, str(SERVER), "--socket", self.socket_path],
+            [python, *flags, str(SERVER), "--socket", self.socket_path, *args],
             cwd=self.instance_dir,
             env=env,
             stdout=self.stdout,
@@ -844,6 +844,14 @@ class CommandLine(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertEqual(result.stdout, b"")
         self.assertIn(b"unknown argument: --port", result.stderr)
+
+    def test_with_or_without_the_warm_up_a_function_loads_and_runs(self):
+        for args in ((), ("--no-warm-up",)):
+            runtime = RuntimeProcess(python=self.python, args=args)
+            self.addCleanup(runtime.stop)
+            status, body = runtime.request("POST", "/init", {"entrypoint": "main.py", "code": "def handler(p, c):\n    return p['n'] + 1\n"})
+            self.assertEqual((status, body), (200, {"status": "initialized"}), args)
+            self.assertEqual(runtime.request("POST", "/run", {"params": {"n": 41}, "context": {}}), (200, {"result": 42}), args)
 
     def test_a_missing_socket_flag_exits_with_2(self):
         self.assertEqual(subprocess.run([self.python, str(SERVER)], capture_output=True).returncode, 2)

@@ -124,8 +124,8 @@ struct Launcher {
     /// What bubblewrap must show, read-only: (host path, path inside).
     sees: Vec<(PathBuf, PathBuf)>,
     /// Added after `--socket` when the instance is `/init`ed right away (a
-    /// cold start): the Node runtime's `--no-warm-up`, since its start-up
-    /// warm-up only pays off for an instance that waits in the pool.
+    /// cold start): the Node and Python runtimes' `--no-warm-up`, since a
+    /// start-up warm-up only pays off for an instance that waits in the pool.
     init_now_args: Vec<String>,
 }
 
@@ -263,7 +263,7 @@ impl ProcessBackend {
                     sees: vec![(root.clone(), root), (server, inside)],
                     program,
                     init_now_args: match language {
-                        Language::Nodejs => vec!["--no-warm-up".to_owned()],
+                        Language::Nodejs | Language::Python => vec!["--no-warm-up".to_owned()],
                         _ => Vec::new(),
                     },
                 })
