@@ -5,7 +5,9 @@
 //!
 //! - `fnrt:session:v2:{id}`: a hash (`record`: the record as JSON; `count`,
 //!   `last`, `status`: what executions change), expiring at `expires_at`.
-//! - `fnrt:sessions:v2`: sorted set of IDs by expiry, for the active count.
+//! - `fnrt:sessions:v2`: sorted set of IDs by expiry, for the sweep and the
+//!   active count; a one-shot session leaves it once its execution
+//!   completes it (it can no longer be executed).
 //! - `fnrt:function-sessions:v2:{language_title}`: set of IDs, for deletes.
 //! - `fnrt:owner-sessions:v2:{owner hash}`: set of an owner's IDs, for
 //!   listing them without scanning; it expires no sooner than the owner's
@@ -56,12 +58,16 @@ if ttl < 0 or ends < tonumber(ARGV[2]) then redis.call('PEXPIREAT', KEYS[4], ARG
 return 1
 ";
 
-/// Counts an execution on a session that still exists.
+/// Counts an execution on a session that still exists; a completing one
+/// leaves the active index.
 const RECORD: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'count', 1)
 redis.call('HSET', KEYS[1], 'last', ARGV[1])
-if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'status', 'completed') end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'completed')
+  redis.call('ZREM', KEYS[2], ARGV[3])
+end
 return 1
 ";
 
@@ -226,8 +232,10 @@ impl SessionStore for RedisSessionStore {
             .run(|mut c| async move {
                 script
                     .key(key)
+                    .key(ALL)
                     .arg(at)
                     .arg(if complete { "1" } else { "0" })
+                    .arg(request_id)
                     .invoke_async::<i64>(&mut c)
                     .await
             })
@@ -293,7 +301,7 @@ impl SessionStore for RedisSessionStore {
     }
 
     async fn active_count(&self) -> anyhow::Result<usize> {
-        // Sessions not yet expired (one-shot sessions that completed included).
+        // Sessions not yet expired and not completed.
         let now = unix_ms(OffsetDateTime::now_utc());
         let n: usize = self
             .redis

@@ -230,6 +230,47 @@ async fn redis_owner_index_follows_the_owners_sessions() {
     assert!(members().await.is_empty());
 }
 
+/// A one-shot session that completed can no longer be executed: it leaves
+/// the index the active count is taken from (other tests share the server,
+/// so its own IDs are looked for, not the count).
+#[tokio::test]
+async fn redis_active_index_drops_a_completed_session() {
+    let Some(redis) = test_redis().await else { return };
+    let store = RedisSessionStore::new(redis.clone());
+    let owner = subject("counted");
+    let lt = subject("nodejs-calc");
+    let indexed = |id: String| {
+        let redis = redis.clone();
+        async move {
+            redis
+                .run(|mut c| async move {
+                    redis::cmd("ZSCORE")
+                        .arg("fnrt:sessions:v2")
+                        .arg(id)
+                        .query_async::<Option<f64>>(&mut c)
+                        .await
+                })
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    let retained = record(&owner, "retained", &lt, time::Duration::hours(1));
+    let one_shot = record(&owner, "one-shot", &lt, time::Duration::hours(1));
+    assert!(store.insert(retained.clone()).await.unwrap());
+    assert!(store.insert(one_shot.clone()).await.unwrap());
+
+    let now = OffsetDateTime::now_utc();
+    store.record_execution(&retained.key(), now, false).await.unwrap();
+    store.record_execution(&one_shot.key(), now, true).await.unwrap();
+
+    assert!(indexed(retained.key()).await, "a session still executable stays");
+    assert!(!indexed(one_shot.key()).await, "a completed session left the index");
+    let completed = store.get(&one_shot.key()).await.unwrap().unwrap();
+    assert_eq!(completed.status, SessionStatus::Completed, "and can still be read");
+    store.remove_function(&lt).await.unwrap();
+}
+
 /// The test server, or `None` (skipped) without `TEST_REDIS_URL`.
 async fn test_redis() -> Option<RedisClient> {
     let ci = std::env::var("CI").as_deref() == Ok("true");
