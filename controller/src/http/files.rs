@@ -9,7 +9,7 @@
 //! file in a part `file` (its filename is the name unless `?name=` is
 //! given; other parts are skipped). It may be `MAX_FILE_MB` large: the
 //! route has a body limit of its own above `MAX_BODY_BYTES`
-//! ([`super::body_limit`]), and the file itself is counted as it streams
+//! ([`super::Envelope`]), and the file itself is counted as it streams
 //! to the store.
 
 use axum::body::Body;
