@@ -330,21 +330,25 @@ impl Invoker {
                 details,
             });
         }
-        let key = CacheKey::new(
-            language_title,
-            &function.code_hash,
-            invocation.params,
-            invocation.context,
-        );
         let policy = function.manifest.cache;
+        // Hashing the params and context is for the cache only.
+        let key = policy.enabled.then(|| {
+            CacheKey::new(
+                language_title,
+                &function.code_hash,
+                invocation.params,
+                invocation.context,
+            )
+        });
         let l1_ttl = policy.l1_ttl_secs.map(Duration::from_secs);
-        let cacheable = policy.enabled && invocation.cache != CacheDirective::NoCache;
-        if cacheable {
+        if let Some(key) = &key
+            && invocation.cache != CacheDirective::NoCache
+        {
             let max_age = match invocation.cache {
                 CacheDirective::MaxAge(max) => Some(max),
                 _ => None,
             };
-            let found = self.cache.get(&key, max_age, l1_ttl).await;
+            let found = self.cache.get(key, max_age, l1_ttl).await;
             self.metrics.record_function_cache(language_title, found.is_some());
             if let Some(entry) = found {
                 self.record(&invocation, started, started_at, "cache_hit", true, false, None);
@@ -370,7 +374,7 @@ impl Invoker {
             Err(e) => Err(e),
         };
         if let Ok(value) = &result
-            && policy.enabled
+            && let Some(key) = &key
         {
             // The client's max-age, else the function's TTL, else the
             // controller's; never over the controller's maximum.
@@ -380,7 +384,7 @@ impl Invoker {
                 _ => self.settings.cache_ttl,
             };
             self.cache
-                .put(&key, value.clone(), ttl.min(self.settings.max_cache_ttl), l1_ttl)
+                .put(key, value.clone(), ttl.min(self.settings.max_cache_ttl), l1_ttl)
                 .await;
         }
         let label = match &result {
