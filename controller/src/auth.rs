@@ -85,8 +85,9 @@ pub enum AuthError {
     Invalid(String),
 }
 
-/// Tokens verified lately, at most.
-const VERIFIED_TOKENS: u64 = 4096;
+/// Bytes of the tokens verified lately, at most (weighed by their text:
+/// a token's claims may be large, so the whole is bounded, not a count).
+const VERIFIED_BYTES: u64 = 4 << 20;
 
 /// Verifies and issues tokens with one secret.
 pub struct Authenticator {
@@ -144,7 +145,11 @@ impl Authenticator {
             validation,
             issuer,
             audience,
-            verified: moka::sync::Cache::new(VERIFIED_TOKENS),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_BYTES)
+                .weigher(|token: &String, _| u32::try_from(token.len()).unwrap_or(u32::MAX))
+                .initial_capacity(64)
+                .build(),
         }
     }
 
