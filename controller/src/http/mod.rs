@@ -286,13 +286,18 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(api.with_state(state.clone()))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::extract::DefaultBodyLimit::disable())
-        .layer(EnvelopeLayer {
-            metrics: state.metrics.clone(),
-            limits: BodyLimits {
+        .layer({
+            let metrics = state.metrics.clone();
+            let limits = BodyLimits {
                 body: settings.max_body_bytes,
                 registration: settings.max_registration_bytes,
                 upload: settings.max_upload_bytes,
-            },
+            };
+            tower::layer::layer_fn(move |inner| Envelope {
+                inner,
+                metrics: metrics.clone(),
+                limits,
+            })
         })
         // gzip or br, as the client accepts, for bodies over 1 KiB (error
         // bodies too: this is outside the layer that writes them). File
@@ -355,26 +360,6 @@ fn cors(settings: &HttpSettings) -> CorsLayer {
             header::LOCATION,
         ])
         .max_age(Duration::from_secs(86_400))
-}
-
-/// Every request's envelope ([`Envelope`]): what it needs, the metrics
-/// it counts in and the body limits.
-#[derive(Clone)]
-struct EnvelopeLayer {
-    metrics: Arc<Metrics>,
-    limits: BodyLimits,
-}
-
-impl<S> tower::Layer<S> for EnvelopeLayer {
-    type Service = Envelope<S>;
-
-    fn layer(&self, inner: S) -> Envelope<S> {
-        Envelope {
-            inner,
-            metrics: self.metrics.clone(),
-            limits: self.limits,
-        }
-    }
 }
 
 /// Every request's envelope, one service written out rather than
