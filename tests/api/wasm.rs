@@ -116,6 +116,55 @@ async fn a_memory_bomb_is_a_clean_error_five_times_in_a_row() {
     assert_eq!(app.execute(&token, &hello, json!({})).await.status, 200);
 }
 
+/// Reports whether anything of an earlier run is left (a mutable global, a
+/// byte in the first page, one in memory it grew), then leaves its own
+/// input in all three.
+const LEFTOVERS: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $ran (mut i32) (i32.const 0))
+  (data (i32.const 100) "{\"left\":false}")
+  (data (i32.const 200) "{\"left\":true}")
+  (func (export "_start")
+    (local $left i32)
+    (drop (memory.grow (i32.const 47)))
+    (local.set $left (i32.or (global.get $ran)
+      (i32.or (i32.load8_u (i32.const 32768)) (i32.load8_u (i32.const 2097152)))))
+    (i32.store (i32.const 0) (i32.const 32768))
+    (i32.store (i32.const 4) (i32.const 1000))
+    (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (memory.copy (i32.const 2097152) (i32.const 32768) (i32.const 1000))
+    (global.set $ran (i32.const 1))
+    (if (local.get $left)
+      (then (i32.store (i32.const 0) (i32.const 200)) (i32.store (i32.const 4) (i32.const 13)))
+      (else (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 14))))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+/// The engine reuses a pooled slot's memory in place (what a run dirtied is
+/// reset, not given back to the kernel): nothing of one caller's run may
+/// reach the next run, another caller's, in the same slot or any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_of_a_run_reaches_the_next_one_in_memory_or_globals() {
+    let app = spawn_app().await;
+    app.register("wasm-leftovers", LEFTOVERS, json!({"cache": {"enabled": false}}))
+        .await;
+    let alice = app.token("alice", &["execute:wasm"]);
+    let mallory = app.token("mallory", &["execute:wasm"]);
+    let a = app
+        .session(&alice, "wasm-leftovers", json!({"retain_session": true}))
+        .await;
+    let m = app
+        .session(&mallory, "wasm-leftovers", json!({"retain_session": true}))
+        .await;
+    for round in 0..6 {
+        let (token, id) = if round % 2 == 0 { (&alice, &a) } else { (&mallory, &m) };
+        let r = app.execute(token, id, json!({"secret": format!("card-{round}")})).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.body["result"], json!({"left": false}), "round {round}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stdout_flood_is_stopped_at_the_output_cap() {
     let app = spawn_app().await;
