@@ -56,6 +56,7 @@ const FILE_SWEEP_TICKS: u64 = 12;
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
+    http: HttpSettings,
     engine: Arc<Engine>,
     /// Asynchronous executions: its runs are handed back at shutdown.
     executions: Arc<crate::executions::Executions>,
@@ -461,21 +462,20 @@ impl Application {
                 }
             }
         });
-        let router = http::router(
-            state,
-            &HttpSettings {
-                max_body_bytes: args.max_body_bytes,
-                max_registration_bytes: args.max_registration_bytes(),
-                max_upload_bytes: args.max_upload_bytes(),
-                cors_allowed_origins: args.cors_allowed_origins.clone(),
-            },
-        );
+        let http = HttpSettings {
+            max_body_bytes: args.max_body_bytes,
+            max_registration_bytes: args.max_registration_bytes(),
+            max_upload_bytes: args.max_upload_bytes(),
+            cors_allowed_origins: args.cors_allowed_origins.clone(),
+        };
+        let router = http::router(state, &http);
         let listener = TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         Ok(Application {
             listener,
             router,
+            http,
             engine,
             executions,
             _stop_on_drop: stop.clone().drop_guard(),
@@ -494,9 +494,9 @@ impl Application {
     /// Serves until `shutdown` resolves, lets in-flight requests finish, then
     /// stops the background builds and terminates every instance.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let service = self
-            .router
-            .into_make_service_with_connect_info::<crate::http::conn::ClientAddr>();
+        let service = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+            crate::http::conn::ClientAddr,
+        >(http::app(self.router, &self.http));
         let served = axum::serve(crate::http::conn::Listener(self.listener), service)
             .with_graceful_shutdown(shutdown)
             .await;

@@ -257,7 +257,8 @@ pub fn files_socket_router(state: AppState, keys: Arc<crate::files::keys::RunKey
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
-/// The whole application's router.
+/// The application's routes, with what must see the matched route (the
+/// envelope); [`app`] wraps it in the rest.
 pub fn router(state: AppState, settings: &HttpSettings) -> Router {
     let guarded: OpenApiRouter<AppState> = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(initialize::router())
@@ -278,7 +279,6 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
     document_every_answer(&mut doc);
     let doc = Arc::new(doc.to_json().expect("the OpenAPI document serialises"));
 
-    let request_id = HeaderName::from_static("x-request-id");
     Router::new()
         .route("/api/v1/openapi.json", axum::routing::get(openapi_json).with_state(doc))
         // Its token comes in its first message, not through the guard.
@@ -286,6 +286,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(api.with_state(state.clone()))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::extract::DefaultBodyLimit::disable())
+        // Inside the router: it counts requests by their matched route.
         .layer({
             let metrics = state.metrics.clone();
             let limits = BodyLimits {
@@ -299,6 +300,40 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
                 limits,
             })
         })
+}
+
+/// The [`router`] inside the layers that do not need the matched route,
+/// outermost first: the request ID, the access log, CORS, compression.
+/// They wrap the router as one service rather than going through
+/// `Router::layer`, which wraps every route in each layer and boxes the
+/// result again: every request then cloned one box per layer and boxed
+/// one future per layer (about a tenth of a cached hit's allocations).
+pub fn app(
+    router: Router,
+    settings: &HttpSettings,
+) -> impl tower::Service<Request, Response = Response, Error = std::convert::Infallible, Future: Send + 'static>
++ Clone
++ Send
++ 'static {
+    let request_id = HeaderName::from_static("x-request-id");
+    tower::ServiceBuilder::new()
+        .map_response(|response: axum::http::Response<_>| response.map(axum::body::Body::new))
+        .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                })
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id))
+        .layer(cors(settings))
         // gzip or br, as the client accepts, for bodies over 1 KiB (error
         // bodies too: this is outside the layer that writes them). File
         // downloads go as stored: their ETag and length name those bytes.
@@ -315,22 +350,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
                     },
                 )),
         )
-        .layer(cors(settings))
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let id = req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-                })
-                .on_request(())
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
-        )
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .service(router)
 }
 
 fn cors(settings: &HttpSettings) -> CorsLayer {
