@@ -49,9 +49,10 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     fn timestamp(t: OffsetDateTime) -> OffsetDateTime {
         t
     }
-    /// Bind parameter `n` (from 1) of a statement built at run time.
-    fn param(n: usize) -> String {
-        format!("${n}")
+    /// Writes bind parameter `n` (from 1) of a statement built at run time.
+    fn push_param(sql: &mut String, n: usize) {
+        use std::fmt::Write as _;
+        let _ = write!(sql, "${n}");
     }
 }
 
@@ -334,12 +335,21 @@ fn row_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
 }
 
 /// `($1, $2), ($3, $4)` for 2 rows of 2 columns (in `DB`'s words).
+/// Written into one string: a batch of records writes this for every
+/// chunk, and a string per parameter was most of its allocations.
 fn placeholders<DB: Dialect>(rows: usize, columns: usize) -> String {
-    let row = |r: usize| {
-        let cells: Vec<String> = (1..=columns).map(|c| DB::param(r * columns + c)).collect();
-        format!("({})", cells.join(", "))
-    };
-    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 1..=columns {
+            if c > 1 {
+                sql.push_str(", ");
+            }
+            DB::push_param(&mut sql, r * columns + c);
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 /// Log lines as the `lines` column keeps them: `[[ts_ms, stream, text], ...]`.
