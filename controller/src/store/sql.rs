@@ -92,6 +92,7 @@ where
     for<'r> (String, i64): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
@@ -194,6 +195,7 @@ fn insert_version<DB>(new: &NewVersion, version: i64, now: OffsetDateTime) -> sq
 where
     DB: Dialect,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'q> Value: Encode<'q, DB> + Type<DB>,
@@ -217,6 +219,7 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'r> ExecutionRow: FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> bool: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
@@ -272,6 +275,7 @@ where
     DB: Dialect,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> bool: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
@@ -287,13 +291,13 @@ where
         for r in chunk {
             query = query
                 .bind(ExecutionId(r.id))
-                .bind(r.request_id.as_str())
-                .bind(r.subject.as_str())
-                .bind(r.language_title.as_str())
+                .bind(r.request_id.clone())
+                .bind(r.subject.clone())
+                .bind(r.language_title.clone())
                 .bind(r.version)
                 .bind(DB::timestamp(r.started_at))
                 .bind(r.duration_ms)
-                .bind(r.outcome.as_str())
+                .bind(r.outcome.clone())
                 .bind(r.cached)
                 .bind(r.cold_start)
                 .bind(r.parent_id.map(|p| p.to_string()));
@@ -310,9 +314,9 @@ where
         for (r, logs, id, lines) in chunk {
             query = query
                 .bind(id.as_str())
-                .bind(r.request_id.as_str())
-                .bind(r.subject.as_str())
-                .bind(r.language_title.as_str())
+                .bind(r.request_id.clone())
+                .bind(r.subject.clone())
+                .bind(r.language_title.clone())
                 .bind((r.started_at.unix_timestamp_nanos() / 1_000_000) as i64)
                 .bind(lines.as_str())
                 .bind(logs.bytes as i64)
@@ -408,6 +412,7 @@ where
     for<'r> LogsRow: FromRow<'r, DB::Row>,
     for<'r> ExecutionRow: FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     DB::QueryResult: RowsAffected,
 {
@@ -479,13 +484,13 @@ impl From<ExecutionRow> for ExecutionRecord {
     fn from(r: ExecutionRow) -> Self {
         ExecutionRecord {
             id: r.id,
-            request_id: r.request_id,
-            subject: r.subject,
-            language_title: r.language_title,
+            request_id: r.request_id.into(),
+            subject: r.subject.into(),
+            language_title: r.language_title.into(),
             version: r.version,
             started_at: r.started_at,
             duration_ms: r.duration_ms,
-            outcome: r.outcome,
+            outcome: r.outcome.into(),
             cached: r.cached,
             cold_start: r.cold_start,
             parent_id: r.parent_id.and_then(|p| p.parse().ok()),
@@ -570,6 +575,7 @@ where
     for<'r> (bool,): FromRow<'r, DB::Row>,
     for<'r> (String, i64): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
@@ -912,6 +918,7 @@ where
     for<'r> StoredFile: FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
     async fn insert_file(&self, file: &StoredFile) -> Result<(), StoreError> {
