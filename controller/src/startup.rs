@@ -56,7 +56,7 @@ const FILE_SWEEP_TICKS: u64 = 12;
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
-    http: HttpSettings,
+    http_settings: HttpSettings,
     engine: Arc<Engine>,
     /// Asynchronous executions: its runs are handed back at shutdown.
     executions: Arc<crate::executions::Executions>,
@@ -462,20 +462,20 @@ impl Application {
                 }
             }
         });
-        let http = HttpSettings {
+        let http_settings = HttpSettings {
             max_body_bytes: args.max_body_bytes,
             max_registration_bytes: args.max_registration_bytes(),
             max_upload_bytes: args.max_upload_bytes(),
             cors_allowed_origins: args.cors_allowed_origins.clone(),
         };
-        let router = http::router(state, &http);
+        let router = http::router(state, &http_settings);
         let listener = TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         Ok(Application {
             listener,
             router,
-            http,
+            http_settings,
             engine,
             executions,
             _stop_on_drop: stop.clone().drop_guard(),
@@ -496,7 +496,7 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let service = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
             crate::http::conn::ClientAddr,
-        >(http::app(self.router, &self.http));
+        >(http::app(self.router, &self.http_settings));
         let served = axum::serve(crate::http::conn::Listener(self.listener), service)
             .with_graceful_shutdown(shutdown)
             .await;

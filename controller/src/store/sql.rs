@@ -92,7 +92,6 @@ where
     for<'r> (String, i64): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
@@ -195,7 +194,6 @@ fn insert_version<DB>(new: &NewVersion, version: i64, now: OffsetDateTime) -> sq
 where
     DB: Dialect,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
     for<'q> Value: Encode<'q, DB> + Type<DB>,
@@ -412,7 +410,6 @@ where
     for<'r> LogsRow: FromRow<'r, DB::Row>,
     for<'r> ExecutionRow: FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     DB::QueryResult: RowsAffected,
 {
@@ -575,7 +572,6 @@ where
     for<'r> (bool,): FromRow<'r, DB::Row>,
     for<'r> (String, i64): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
@@ -918,7 +914,6 @@ where
     for<'r> StoredFile: FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
     async fn insert_file(&self, file: &StoredFile) -> Result<(), StoreError> {
