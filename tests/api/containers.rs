@@ -9,11 +9,10 @@
 //! they fail: run them with `DOCKER_HOST=unix:///run/podman/podman.sock`
 //! and the images built (docs/containers.md).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::query_parameters::{KillContainerOptionsBuilder, ListContainersOptionsBuilder};
+use bollard::query_parameters::KillContainerOptionsBuilder;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, spawn_app_with};
@@ -52,22 +51,8 @@ fn docker(host: &str) -> Docker {
 
 /// The ids of the containers of `app`'s controller.
 async fn containers_of(host: &str, app: &TestApp) -> Vec<String> {
-    let label = format!(
-        "io.fnrt.controller={}",
-        fnrt_backends::docker::controller_id(app.data_dir.path())
-    );
-    let filters = HashMap::from([("label", vec![label])]);
-    let options = ListContainersOptionsBuilder::default()
-        .all(true)
-        .filters(&filters)
-        .build();
-    docker(host)
-        .list_containers(Some(options))
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|c| c.id)
-        .collect()
+    let controller = fnrt_backends::docker::controller_id(app.data_dir.path());
+    fnrt_backends::docker::container_ids(host, &controller).await.unwrap()
 }
 
 /// Stops the controller; then none of its containers may be left (and
@@ -618,6 +603,55 @@ async fn sigterm_under_load_finishes_what_runs_and_leaves_no_container() {
         .expect("the controller exits");
     assert!(status.success(), "exit status {status}");
     assert_eq!(containers_of(&host, &app).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_a_crashed_controller_left_are_removed_at_the_next_start_whatever_their_state() {
+    let Some(host) = engine() else { return };
+    let flags = ["--docker-host", host.as_str(), "--placement", "nodejs=docker"];
+    let mut app = crate::helpers::spawn_binary_with(&flags);
+    let token = app.admin();
+    for _ in 0..2 {
+        let id = app
+            .session(&token, "nodejs-counter", json!({"retain_session": true}))
+            .await;
+        let r = app.execute(&token, &id, json!({})).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let left = containers_of(&host, &app).await;
+    assert!(left.len() >= 2, "{left:?}");
+
+    // A crash: nothing of the shutdown runs, and the containers stay. One
+    // of them ends too, so the next start finds one running and one that
+    // has exited (Podman says `stopped` until it has cleaned it up).
+    app.kill_hard();
+    assert_eq!(containers_of(&host, &app).await.len(), left.len());
+    docker(&host)
+        .kill_container(
+            &left[0],
+            Some(KillContainerOptionsBuilder::default().signal("KILL").build()),
+        )
+        .await
+        .unwrap();
+
+    let app = app
+        .restart_with(&[&flags[..], &["--warm-pool-size", "0"]].concat())
+        .await;
+    let now = containers_of(&host, &app).await;
+    assert!(
+        left.iter().all(|id| !now.contains(id)),
+        "left by the crashed run: {left:?}; there now: {now:?}"
+    );
+    let r = run(
+        &app,
+        &token,
+        "nodejs-calculator",
+        json!({}),
+        json!({"operation": "add", "values": [2]}),
+    )
+    .await;
+    assert_eq!(r.body["result"], json!({"value": 2}), "{:?}", r.body);
+    stop_leaving_nothing(&host, app).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

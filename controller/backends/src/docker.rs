@@ -51,8 +51,7 @@ use async_trait::async_trait;
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig, ResourcesUlimits};
 use bollard::query_parameters::{
-    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures::StreamExt;
 
@@ -85,6 +84,8 @@ const NSSWITCH: &str = "passwd: files\ngroup: files\nhosts: files dns\n";
 const TAIL_BYTES: usize = 4096;
 /// How long an engine call may take before the backend gives up on it.
 const API_TIMEOUT_SECS: u64 = 30;
+/// How long a shutdown waits for this controller's containers to be gone.
+const SHUTDOWN_SWEEP: Duration = Duration::from_secs(10);
 
 /// What the docker backend is given.
 #[derive(Clone)]
@@ -228,26 +229,11 @@ impl DockerBackend {
     /// Removes the containers an earlier run of this controller left.
     pub async fn remove_leftovers(&self) -> Result<usize, String> {
         let docker = self.client()?;
-        let filters = HashMap::from([(
-            "label",
-            vec![format!("{LABEL_CONTROLLER}={}", self.config.controller_id)],
-        )]);
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let found = docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| format!("listing containers: {e}"))?;
-        let mut removed = 0;
-        for container in found {
-            if let Some(id) = container.id {
-                remove(&docker, &id).await;
-                removed += 1;
-            }
+        let found = container_ids(&self.config.host, &self.config.controller_id).await?;
+        for id in &found {
+            remove(&docker, id).await;
         }
-        Ok(removed)
+        Ok(found.len())
     }
 
     async fn image_facts(&self, language: Language) -> Result<ImageFacts, String> {
@@ -395,6 +381,56 @@ async fn remove(docker: &Docker, id: &str) {
         )
     {
         tracing::warn!(container = id, error = %e, "removing a container failed");
+    }
+}
+
+/// The ids of the containers of the controller `controller_id`, in any
+/// state, from the engine at `host` (`unix://` or a socket path).
+///
+/// A plain `GET /containers/json` rather than bollard's typed list, which
+/// rejects the whole answer when one container is in a state Docker does
+/// not have: Podman reports `stopped` between a container's exit and its
+/// cleanup, just when a shutdown sweeps. Only the ids are needed.
+pub async fn container_ids(host: &str, controller_id: &str) -> Result<Vec<String>, String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+
+    let path = host.strip_prefix("unix://").unwrap_or(host);
+    let filters = serde_json::json!({ "label": [format!("{LABEL_CONTROLLER}={controller_id}")] });
+    let query = serde_urlencoded::to_string([("all", "true"), ("filters", &filters.to_string())])
+        .map_err(|e| format!("listing containers: {e}"))?;
+    let list = async {
+        let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| e.to_string())?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(format!("/containers/json?{query}"))
+            .header(hyper::header::HOST, "docker")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("{status}: {}", String::from_utf8_lossy(&body).trim()));
+        }
+        let listed: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        Ok(listed
+            .iter()
+            .filter_map(|c| c.get("Id")?.as_str().map(str::to_owned))
+            .collect())
+    };
+    match tokio::time::timeout(Duration::from_secs(API_TIMEOUT_SECS), list).await {
+        Ok(listed) => listed.map_err(|e| format!("listing containers at {host}: {e}")),
+        Err(_) => Err(format!(
+            "listing containers at {host}: no answer in {API_TIMEOUT_SECS} s"
+        )),
     }
 }
 
@@ -587,15 +623,31 @@ impl RuntimeBackend for DockerBackend {
     }
 
     /// Removes containers whose start was cut short by the shutdown (their
-    /// handles never existed).
+    /// handles never existed), and waits for removals already under way
+    /// (a dropped handle's) to finish: the controller leaves nothing.
     async fn shutdown(&self) {
         if !self.used.load(Ordering::SeqCst) {
             return;
         }
-        match self.remove_leftovers().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(containers = n, "containers of cut-short starts removed"),
-            Err(e) => tracing::warn!(error = %e, "removing this controller's containers at shutdown"),
+        let mut first = None;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_SWEEP;
+        loop {
+            match self.remove_leftovers().await {
+                Ok(0) => break,
+                Ok(n) => _ = first.get_or_insert(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, "removing this controller's containers at shutdown");
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("containers of this controller are still being removed at shutdown");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Some(n) = first {
+            tracing::info!(containers = n, "containers of cut-short starts removed");
         }
     }
 }
