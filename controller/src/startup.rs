@@ -494,12 +494,8 @@ impl Application {
     /// Serves until `shutdown` resolves, lets in-flight requests finish, then
     /// stops the background builds and terminates every instance.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let service = axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
-            crate::http::conn::ClientAddr,
-        >(http::app(self.router, &self.http_settings));
-        let served = axum::serve(crate::http::conn::Listener(self.listener), service)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let app = http::app(self.router, &self.http_settings);
+        crate::http::conn::serve(crate::http::conn::Listener(self.listener), app, shutdown).await;
         tracing::info!("shutting down: stopping instances");
         self.executions.shutdown().await;
         self.stop.cancel();
@@ -527,7 +523,7 @@ impl Application {
         {
             tracing::error!("execution records still unwritten after 10 s; giving up");
         }
-        served.context("serving HTTP")
+        Ok(())
     }
 }
 

@@ -23,6 +23,8 @@
 //! - [`artifact`]: build targets, states and failures of Rust functions.
 //! - [`metrics`]: the Prometheus metrics (`lambda_*`).
 //! - [`language`], [`timefmt`]: Language-Titles; contract timestamps.
+//! - [`wakes`]: [`wakes::without_self_wakes`], which polls a future that
+//!   woke its own task again at once (hyper's connections do, on both sides).
 //!
 //! Backends (processes, wasmtime) live in `fnrt-backends`; the HTTP API,
 //! sessions, auth and stores in `controller`.
@@ -37,3 +39,4 @@ pub mod metrics;
 pub mod records;
 pub mod runtime;
 pub mod timefmt;
+pub mod wakes;

@@ -1,5 +1,13 @@
-//! The connections the server accepts: TCP, with the contract's JSON body
-//! on the one answer no handler writes.
+//! The connections the server accepts, and how they are served: TCP, one
+//! task per connection, with the contract's JSON body on the one answer no
+//! handler writes.
+//!
+//! [`serve`] is axum's `serve` with two differences: each connection's
+//! task absorbs the wakes it makes of itself ([`without_self_wakes`]:
+//! hyper's connection wakes its own task once per request with a body,
+//! which cost a cross-thread wake-up and a task migration each time), and
+//! each request gets the client's address ([`ClientAddr`]) for the rate
+//! limits.
 //!
 //! hyper answers a request head it cannot parse (a bare CR or a NUL in a
 //! header, an invalid URI, a head too large) by itself, before any handler
@@ -10,25 +18,32 @@
 //! we write has a JSON body) and writes the same status and headers with
 //! the contract's body instead.
 
+use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll, ready};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
+use axum::response::Response;
+use fnrt_core::wakes::without_self_wakes;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::{Service, ServiceExt as _};
 
 /// The server's listener: a [`TcpListener`] handing out [`Conn`]s.
 #[derive(Debug)]
 pub struct Listener(pub TcpListener);
 
-impl axum::serve::Listener for Listener {
-    type Io = Conn;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl Listener {
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        // axum's accept: it waits out errors (a full descriptor table) and
+        // tries again.
         let (stream, addr) = axum::serve::Listener::accept(&mut self.0).await;
         (
             Conn {
@@ -38,20 +53,56 @@ impl axum::serve::Listener for Listener {
             addr,
         )
     }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.0.local_addr()
-    }
 }
 
 /// The client's address, for the rate limits of requests without a token.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
-impl Connected<IncomingStream<'_, Listener>> for ClientAddr {
-    fn connect_info(stream: IncomingStream<'_, Listener>) -> Self {
-        ClientAddr(*stream.remote_addr())
+/// Serves `app` on `listener` until `shutdown` resolves; then accepts no
+/// more, tells every connection to close after the request it is serving,
+/// and returns once all have closed.
+pub async fn serve<S>(mut listener: Listener, app: S, shutdown: impl Future<Output = ()>)
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let connections = TaskTracker::new();
+    let closing = CancellationToken::new();
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let (io, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let closing = closing.clone();
+        connections.spawn(without_self_wakes(async move {
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(ClientAddr(addr)));
+                app.clone().oneshot(request.map(Body::new))
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            let mut connection = pin!(connection);
+            let served = tokio::select! {
+                biased;
+                served = connection.as_mut() => served,
+                () = closing.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                tracing::trace!(error = %e, "serving a connection");
+            }
+        }));
     }
+    drop(listener);
+    closing.cancel();
+    connections.close();
+    connections.wait().await;
 }
 
 /// One accepted connection.

@@ -28,7 +28,6 @@ pub mod placement;
 pub mod pool;
 pub mod protocol;
 pub mod remote;
-mod wakes;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -30,8 +30,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::wakes::without_self_wakes;
 use super::{RunOutcome, RunRequest};
+use crate::wakes::without_self_wakes;
 
 /// Largest `/health` or `/init` answer read.
 const MAX_CONTROL_RESPONSE: usize = 256 * 1024;
@@ -254,7 +254,7 @@ impl RuntimeClient {
         let request = request.body(Full::new(bytes)).expect("static request parts are valid");
         let mut conn = self.connection().await?;
         // Handing the request over and the answer back wake this task while
-        // it polls them (see `wakes`).
+        // it polls them (see [`crate::wakes`]).
         let (exchanged, open) = without_self_wakes(async {
             let Connection { sender, driver } = &mut conn;
             let exchange = async {

@@ -1,15 +1,20 @@
 //! Wakes a future makes of its own task while it is being polled, absorbed.
 //!
-//! A runtime call drives its HTTP/1.1 connection inside the call (see
-//! [`super::protocol`]): handing the request to the connection wakes the
-//! connection, and the connection handing the answer back wakes the call,
-//! and both are polled by the same task at that moment. Tokio then polls
-//! the task again later, as a task that yielded, and a yield wakes the
-//! other worker thread to share the work: a futex wake and a context
-//! switch per wake (on these machines tens of microseconds each), twice per
-//! call, for nothing that could run in parallel. [`without_self_wakes`]
-//! polls the future again at once instead, and passes on only the wakes
-//! that come while it waits.
+//! hyper's HTTP/1.1 connections wake their own task, on both sides:
+//! - A runtime call drives its connection inside the call (see
+//!   [`crate::runtime::protocol`]): handing the request to the connection
+//!   wakes the connection, and the connection handing the answer back wakes
+//!   the call, and both are polled by the same task at that moment.
+//! - The server's connection task polls the handler: a handler that reads
+//!   the request's body takes it from hyper's channel, which wakes the
+//!   channel's sender, the connection, polled by that same task.
+//!
+//! Tokio then polls the task again later, as a task that yielded, and a
+//! yield wakes the other worker thread to share the work (which steals the
+//! task): a futex wake and a context switch per wake (on these machines
+//! tens of microseconds each), for nothing that could run in parallel.
+//! [`without_self_wakes`] polls the future again at once instead, and
+//! passes on only the wakes that come while it waits.
 //!
 //! # Layout
 //!
@@ -61,7 +66,7 @@ impl Wake for Relay {
 
 /// `future`, with the wakes it makes of its own task while polled turned
 /// into an immediate poll (see the module's documentation).
-pub(crate) async fn without_self_wakes<F: Future>(future: F) -> F::Output {
+pub async fn without_self_wakes<F: Future>(future: F) -> F::Output {
     let mut future = std::pin::pin!(future);
     let relay = Arc::new(Relay::default());
     let waker = Waker::from(relay.clone());
