@@ -400,38 +400,40 @@ impl InstancePool {
 
     /// Runs until `stop` is cancelled (or the pool shuts down): keeps the
     /// warm pool full and reaps idle instances. An instance being started
-    /// when it stops is dropped, which stops it.
+    /// when it stops is let finish its start and then terminated: dropped
+    /// mid-start, it was only sent a kill, and the controller could exit
+    /// before it was gone.
     pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
-        let upkeep = async {
-            loop {
-                if self.shutting_down.load(Ordering::Relaxed) {
-                    return;
-                }
-                self.fill_warm().await;
-                self.reap_idle().await;
-                tokio::select! {
-                    _ = self.refill.notified() => {
-                        // A warm instance was just handed out, and its first
-                        // run likely follows at once: a runtime starting up
-                        // beside it takes a core for tens of milliseconds.
-                        // The refill waits a little, unless the pool ran dry
-                        // (the next initialize would start cold) or another
-                        // hand-out comes meanwhile (a burst).
-                        if !self.any_warm_list_empty() {
-                            tokio::select! {
-                                _ = tokio::time::sleep(REFILL_DELAY) => {}
-                                _ = self.refill.notified() => {}
-                            }
+        loop {
+            if self.stopping(&stop) {
+                return;
+            }
+            self.fill_warm(&stop).await;
+            self.reap_idle().await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.refill.notified() => {
+                    // A warm instance was just handed out, and its first
+                    // run likely follows at once: a runtime starting up
+                    // beside it takes a core for tens of milliseconds.
+                    // The refill waits a little, unless the pool ran dry
+                    // (the next initialize would start cold) or another
+                    // hand-out comes meanwhile (a burst).
+                    if !self.any_warm_list_empty() {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(REFILL_DELAY) => {}
+                            _ = self.refill.notified() => {}
                         }
                     }
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = upkeep => {}
         }
+    }
+
+    fn stopping(&self, stop: &CancellationToken) -> bool {
+        self.shutting_down.load(Ordering::Relaxed) || stop.is_cancelled()
     }
 
     /// Whether some backend and language the pool keeps warm has none left.
@@ -443,11 +445,11 @@ impl InstancePool {
         })
     }
 
-    async fn fill_warm(&self) {
+    async fn fill_warm(&self, stop: &CancellationToken) {
         for (backend, language) in self.placement.targets() {
             let key: WarmKey = (backend.name(), language, self.config.warm_memory_mb);
             loop {
-                if self.shutting_down.load(Ordering::Relaxed) {
+                if self.stopping(stop) {
                     return;
                 }
                 let have = self.warm.lock().unwrap().get(&key).map_or(0, Vec::len);
@@ -471,7 +473,7 @@ impl InstancePool {
                     .await
                 {
                     Ok(mut instance) => {
-                        if self.shutting_down.load(Ordering::Relaxed) {
+                        if self.stopping(stop) {
                             instance.terminate().await;
                             return;
                         }
