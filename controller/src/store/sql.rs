@@ -6,8 +6,8 @@
 //! `serde_json::Value` (JSON), and rows read into the store's types with
 //! `#[derive(sqlx::FromRow)]`. Both drivers take the numbered `$N`
 //! placeholders (SQLite as named parameters, which sqlx binds by number),
-//! except the multi-row inserts built at run time, whose placeholders are
-//! [`Dialect::param`]'s.
+//! except the batch inserts, one JSON parameter each
+//! ([`Dialect::select_json_rows`]).
 //! Each impl states only the bounds it uses: Rust would not carry such
 //! bounds (on `&str`, `i64`, ... rather than on the driver) from a trait
 //! like [`Dialect`] to its users, so they cannot be said once there.
@@ -49,10 +49,18 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     fn timestamp(t: OffsetDateTime) -> OffsetDateTime {
         t
     }
-    /// Writes bind parameter `n` (from 1) of a statement built at run time.
-    fn push_param(sql: &mut String, n: usize) {
-        use std::fmt::Write as _;
-        let _ = write!(sql, "${n}");
+    /// A `SELECT` of `columns` (name, PostgreSQL type) from a JSON array of
+    /// objects bound as the statement's one parameter: a batch of rows of
+    /// any size is one statement, of one shape (PostgreSQL's
+    /// `jsonb_to_recordset` here).
+    fn select_json_rows(columns: &[(&str, &str)]) -> String {
+        let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+        let typed: Vec<String> = columns.iter().map(|(name, ty)| format!("{name} {ty}")).collect();
+        format!(
+            "SELECT {} FROM jsonb_to_recordset($1::jsonb) AS r({})",
+            names.join(", "),
+            typed.join(", ")
+        )
     }
 }
 
@@ -217,32 +225,45 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'r> ExecutionRow: FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'q> bool: Encode<'q, DB> + Type<DB>,
-    for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
-    for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
 {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
-        let logged: Vec<(&ExecutionRecord, &Captured, String, String)> = records
-            .iter()
-            .filter_map(|r| {
-                let logs = r.logs.as_deref()?;
-                Some((r, logs, r.id.to_string(), encode_lines(&logs.lines)))
-            })
-            .collect();
+        let rows = serde_json::to_string(&records.iter().map(RecordRow::new::<DB>).collect::<Vec<_>>())
+            .map_err(|e| StoreError::Other(e.into()))?;
+        let logged: Vec<LogRow> = records.iter().filter_map(LogRow::new).collect();
+        let records_sql = format!(
+            "INSERT INTO executions ({}) {} ON CONFLICT (id) DO NOTHING",
+            column_names(RECORD_COLUMNS),
+            DB::select_json_rows(RECORD_COLUMNS)
+        );
         let mut conn = self.pool.acquire().await?;
-        // One statement is atomic on its own; more share a transaction.
-        // (BEGIN and COMMIT are round trips to the driver as well, and the
-        // inserts ignore rows already written, so a retry after a failure
-        // part-way is harmless either way.)
-        if row_chunks(records).count() + row_chunks(&logged).count() > 1 {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-            insert_records::<DB>(&mut tx, records, &logged).await?;
-            tx.commit().await?;
-        } else {
-            insert_records::<DB>(&mut conn, records, &logged).await?;
+        if logged.is_empty() {
+            // One statement is atomic on its own (BEGIN and COMMIT are round
+            // trips to the driver as well).
+            sqlx::query(AssertSqlSafe(records_sql))
+                .bind(rows)
+                .execute(&mut *conn)
+                .await?;
+            return Ok(());
         }
+        let logs = serde_json::to_string(&logged).map_err(|e| StoreError::Other(e.into()))?;
+        let logs_sql = format!(
+            "INSERT INTO execution_logs ({}) {} ON CONFLICT (execution_id) DO NOTHING",
+            column_names(LOG_COLUMNS),
+            DB::select_json_rows(LOG_COLUMNS)
+        );
+        // The inserts ignore rows already written, so a retry after a
+        // failure part-way would be harmless; they share a transaction anyway.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query(AssertSqlSafe(records_sql))
+            .bind(rows)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(AssertSqlSafe(logs_sql))
+            .bind(logs)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -261,100 +282,111 @@ where
     }
 }
 
-/// The rows of [`ExecutionStore::record_executions`]: a statement per chunk
-/// of rows rather than per row, as each statement is a round trip to the
-/// driver (SQLite's is a thread of its own).
-async fn insert_records<DB>(
-    conn: &mut DB::Connection,
-    records: &[ExecutionRecord],
-    logged: &[(&ExecutionRecord, &Captured, String, String)],
-) -> Result<(), StoreError>
-where
-    DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> std::sync::Arc<str>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'q> bool: Encode<'q, DB> + Type<DB>,
-    for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
-    for<'q> Option<String>: Encode<'q, DB> + Type<DB>,
-{
-    for chunk in row_chunks(records) {
-        let sql = format!(
-            "INSERT INTO executions (id, request_id, subject, language_title, version, started_at, duration_ms, outcome, cached, cold_start, parent_id) \
-             VALUES {} ON CONFLICT (id) DO NOTHING",
-            placeholders::<DB>(chunk.len(), 11)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for r in chunk {
-            query = query
-                .bind(ExecutionId(r.id))
-                .bind(r.request_id.clone())
-                .bind(r.subject.clone())
-                .bind(r.language_title.clone())
-                .bind(r.version)
-                .bind(DB::timestamp(r.started_at))
-                .bind(r.duration_ms)
-                .bind(r.outcome.clone())
-                .bind(r.cached)
-                .bind(r.cold_start)
-                .bind(r.parent_id.map(|p| p.to_string()));
-        }
-        query.execute(&mut *conn).await?;
-    }
-    for chunk in row_chunks(logged) {
-        let sql = format!(
-            "INSERT INTO execution_logs (execution_id, request_id, subject, language_title, created_ms, lines, bytes, dropped_bytes) \
-             VALUES {} ON CONFLICT (execution_id) DO NOTHING",
-            placeholders::<DB>(chunk.len(), 8)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for (r, logs, id, lines) in chunk {
-            query = query
-                .bind(id.as_str())
-                .bind(r.request_id.clone())
-                .bind(r.subject.clone())
-                .bind(r.language_title.clone())
-                .bind((r.started_at.unix_timestamp_nanos() / 1_000_000) as i64)
-                .bind(lines.as_str())
-                .bind(logs.bytes as i64)
-                .bind(logs.dropped_bytes as i64);
-        }
-        query.execute(&mut *conn).await?;
-    }
-    Ok(())
+/// `executions`' columns as a batch of records writes them, each with its
+/// PostgreSQL type (see [`Dialect::select_json_rows`]).
+const RECORD_COLUMNS: &[(&str, &str)] = &[
+    ("id", "uuid"),
+    ("request_id", "text"),
+    ("subject", "text"),
+    ("language_title", "text"),
+    ("version", "bigint"),
+    ("started_at", "timestamptz"),
+    ("duration_ms", "bigint"),
+    ("outcome", "text"),
+    ("cached", "boolean"),
+    ("cold_start", "boolean"),
+    ("parent_id", "text"),
+];
+
+/// `execution_logs`' columns, likewise.
+const LOG_COLUMNS: &[(&str, &str)] = &[
+    ("execution_id", "text"),
+    ("request_id", "text"),
+    ("subject", "text"),
+    ("language_title", "text"),
+    ("created_ms", "bigint"),
+    ("lines", "text"),
+    ("bytes", "bigint"),
+    ("dropped_bytes", "bigint"),
+];
+
+fn column_names(columns: &[(&str, &str)]) -> String {
+    columns.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
 }
 
-/// `rows` in chunks of 64, 16, 4 and 1 rows: few statements per batch, and
-/// few statement shapes for the drivers to prepare and keep.
-fn row_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
-    std::iter::from_fn(move || {
-        let size = [64, 16, 4, 1].into_iter().find(|&n| n <= rows.len())?;
-        let (chunk, rest) = rows.split_at(size);
-        rows = rest;
-        Some(chunk)
-    })
+/// One record as a row of [`RECORD_COLUMNS`] in a batch's JSON: a batch is
+/// one statement whatever its size, where a statement per chunk of rows
+/// was a round trip to the driver each (SQLite's is a thread of its own:
+/// about eight per batch at concurrency 1).
+#[derive(serde::Serialize)]
+struct RecordRow<'a> {
+    id: String,
+    request_id: &'a str,
+    subject: &'a str,
+    language_title: &'a str,
+    version: i64,
+    /// RFC 3339, as the drivers write a timestamp (microseconds at most,
+    /// truncated, as PostgreSQL keeps them; SQLite's in whole seconds).
+    started_at: String,
+    duration_ms: i64,
+    outcome: &'a str,
+    cached: bool,
+    cold_start: bool,
+    parent_id: Option<String>,
 }
 
-/// `($1, $2), ($3, $4)` for 2 rows of 2 columns (in `DB`'s words).
-/// Written into one string: a batch of records writes this for every
-/// chunk, and a string per parameter was most of its allocations.
-fn placeholders<DB: Dialect>(rows: usize, columns: usize) -> String {
-    let mut sql = String::with_capacity(rows * columns * 5);
-    for r in 0..rows {
-        sql.push_str(if r == 0 { "(" } else { ", (" });
-        for c in 1..=columns {
-            if c > 1 {
-                sql.push_str(", ");
-            }
-            DB::push_param(&mut sql, r * columns + c);
+impl<'a> RecordRow<'a> {
+    fn new<DB: Dialect>(r: &'a ExecutionRecord) -> Self {
+        let t = DB::timestamp(r.started_at);
+        let t = t.replace_nanosecond(t.nanosecond() / 1000 * 1000).unwrap_or(t);
+        RecordRow {
+            id: r.id.to_string(),
+            request_id: &r.request_id,
+            subject: &r.subject,
+            language_title: &r.language_title,
+            version: r.version,
+            started_at: t
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            duration_ms: r.duration_ms,
+            outcome: &r.outcome,
+            cached: r.cached,
+            cold_start: r.cold_start,
+            parent_id: r.parent_id.map(|p| p.to_string()),
         }
-        sql.push(')');
     }
-    sql
 }
 
-/// Log lines as the `lines` column keeps them: `[[ts_ms, stream, text], ...]`.
+/// One record's logs as a row of [`LOG_COLUMNS`] (records whose function
+/// wrote nothing have none).
+#[derive(serde::Serialize)]
+struct LogRow<'a> {
+    execution_id: String,
+    request_id: &'a str,
+    subject: &'a str,
+    language_title: &'a str,
+    created_ms: i64,
+    lines: String,
+    bytes: i64,
+    dropped_bytes: i64,
+}
+
+impl<'a> LogRow<'a> {
+    fn new(r: &'a ExecutionRecord) -> Option<Self> {
+        let logs = r.logs.as_deref()?;
+        Some(LogRow {
+            execution_id: r.id.to_string(),
+            request_id: &r.request_id,
+            subject: &r.subject,
+            language_title: &r.language_title,
+            created_ms: (r.started_at.unix_timestamp_nanos() / 1_000_000) as i64,
+            lines: encode_lines(&logs.lines),
+            bytes: logs.bytes as i64,
+            dropped_bytes: logs.dropped_bytes as i64,
+        })
+    }
+}
+
 fn encode_lines(lines: &[LogLine]) -> String {
     let rows: Vec<(i64, &str, &str)> = lines
         .iter()
@@ -992,13 +1024,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_go_in_few_chunks_of_few_sizes() {
-        let rows: Vec<usize> = (0..87).collect();
-        let sizes: Vec<usize> = row_chunks(&rows).map(<[usize]>::len).collect();
-        assert_eq!(sizes, [64, 16, 4, 1, 1, 1]);
-        assert_eq!(row_chunks(&rows).flatten().copied().collect::<Vec<_>>(), rows);
-        assert_eq!(row_chunks::<usize>(&[]).count(), 0);
-        assert_eq!(placeholders::<sqlx::Postgres>(2, 3), "($1, $2, $3), ($4, $5, $6)");
-        assert_eq!(placeholders::<sqlx::Sqlite>(2, 2), "(?, ?), (?, ?)");
+    fn a_batch_selects_its_rows_from_one_json_parameter() {
+        assert_eq!(
+            <sqlx::Postgres as Dialect>::select_json_rows(&[("id", "uuid"), ("n", "bigint")]),
+            "SELECT id, n FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, n bigint)"
+        );
+        assert_eq!(
+            <sqlx::Sqlite as Dialect>::select_json_rows(&[("id", "uuid"), ("n", "bigint")]),
+            "SELECT value ->> 'id', value ->> 'n' FROM json_each(?) WHERE true"
+        );
     }
 }

@@ -22,11 +22,12 @@ impl Dialect for Sqlite {
     /// TEXT, hyphenated, as the first migration made the column.
     type Uuid = uuid::fmt::Hyphenated;
 
-    /// Anonymous, bound in order: sqlx looks a numbered one's name up in a
-    /// list for every parameter, which made a 64-row insert (704 of them)
-    /// the costliest part of recording executions.
-    fn push_param(sql: &mut String, _: usize) {
-        sql.push('?');
+    /// SQLite's `json_each`; `WHERE true` because an `INSERT ... SELECT`
+    /// with `ON CONFLICT` is ambiguous to SQLite's parser without one. The
+    /// values keep their JSON types (text, integer; `true` is 1).
+    fn select_json_rows(columns: &[(&str, &str)]) -> String {
+        let values: Vec<String> = columns.iter().map(|(name, _)| format!("value ->> '{name}'")).collect();
+        format!("SELECT {} FROM json_each(?) WHERE true", values.join(", "))
     }
     /// Timestamps are RFC 3339 TEXT and compared as text, so each is written
     /// in the one shape `timefmt` gives (UTC, whole seconds): they sort in
