@@ -83,7 +83,7 @@ impl Recent {
                 .then_some((&self.by_function, &record.language_title)),
         ];
         for (index, key) in indexes.into_iter().flatten() {
-            let list = index.get_with(key.to_string(), Default::default);
+            let list = index.get_with(key.clone(), Default::default);
             let mut list = list.lock().unwrap();
             if list.len() >= RECENT_PER_REQUEST {
                 list.remove(0);
@@ -114,9 +114,9 @@ impl Recent {
 fn stored(record: &ExecutionRecord) -> StoredLogs {
     StoredLogs {
         execution_id: record.id.to_string(),
-        request_id: record.request_id.to_string(),
-        subject: record.subject.to_string(),
-        language_title: record.language_title.to_string(),
+        request_id: record.request_id.clone(),
+        subject: record.subject.clone(),
+        language_title: record.language_title.clone(),
         created_ms: (record.started_at.unix_timestamp_nanos() / 1_000_000) as i64,
         captured: record.logs.clone().unwrap_or_default(),
     }

@@ -69,6 +69,15 @@ async fn stop_leaving_nothing(host: &str, mut app: TestApp) {
     assert_eq!(left, Vec::<String>::new(), "containers left after shutdown");
 }
 
+/// Kills a container's process with SIGKILL, as the kernel's OOM killer or
+/// a crash would.
+async fn kill(host: &str, id: &str) {
+    docker(host)
+        .kill_container(id, Some(KillContainerOptionsBuilder::default().signal("KILL").build()))
+        .await
+        .unwrap();
+}
+
 async fn run(app: &TestApp, token: &str, lt: &str, context: Value, params: Value) -> crate::helpers::Reply {
     let id = app.session(token, lt, context).await;
     app.execute(token, &id, params).await
@@ -373,13 +382,7 @@ async fn a_container_killed_mid_execution_answers_a_clean_error_and_shutdown_lea
     }
     assert_eq!(victims.len(), 1, "{victims:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    docker(&host)
-        .kill_container(
-            &victims[0],
-            Some(KillContainerOptionsBuilder::default().signal("KILL").build()),
-        )
-        .await
-        .unwrap();
+    kill(&host, &victims[0]).await;
 
     let r = pending.await.unwrap();
     assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{:?}", r.body);
@@ -623,16 +626,10 @@ async fn containers_a_crashed_controller_left_are_removed_at_the_next_start_what
 
     // A crash: nothing of the shutdown runs, and the containers stay. One
     // of them ends too, so the next start finds one running and one that
-    // has exited (Podman says `stopped` until it has cleaned it up).
+    // has exited.
     app.kill_hard();
     assert_eq!(containers_of(&host, &app).await.len(), left.len());
-    docker(&host)
-        .kill_container(
-            &left[0],
-            Some(KillContainerOptionsBuilder::default().signal("KILL").build()),
-        )
-        .await
-        .unwrap();
+    kill(&host, &left[0]).await;
 
     let app = app
         .restart_with(&[&flags[..], &["--warm-pool-size", "0"]].concat())

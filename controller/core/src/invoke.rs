@@ -514,13 +514,13 @@ impl Invoker {
             .record_execution(function.language_title.as_str(), outcome, elapsed);
         self.records.record(ExecutionRecord {
             id: invocation.execution_id,
-            request_id: invocation.origin.request_id.into(),
-            subject: invocation.origin.subject.into(),
-            language_title: function.language_title.as_str().into(),
+            request_id: invocation.origin.request_id.to_owned(),
+            subject: invocation.origin.subject.to_owned(),
+            language_title: function.language_title.to_string(),
             version: function.version,
             started_at,
             duration_ms: elapsed.as_millis() as i64,
-            outcome: outcome.into(),
+            outcome: outcome.to_owned(),
             cached,
             cold_start,
             parent_id: invocation.parent,
@@ -778,7 +778,7 @@ mod tests {
         ];
         assert_eq!(
             outcomes,
-            expected.map(|(o, c)| (std::sync::Arc::<str>::from(o), c)),
+            expected.map(|(o, c)| (o.to_owned(), c)),
             "one record per answered invocation"
         );
     }

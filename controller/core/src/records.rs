@@ -2,8 +2,6 @@
 //! [`RecordSink`] that must never make the invocation wait (the controller's
 //! sink queues them and writes batches to the database).
 
-use std::sync::Arc;
-
 use time::OffsetDateTime;
 
 /// A new execution's id: a UUIDv7 (its first 48 bits the time, then 74
@@ -14,27 +12,26 @@ pub fn new_execution_id() -> uuid::Uuid {
     uuid::Uuid::now_v7()
 }
 
-/// One answered invocation, for the durable record. Its text is shared
-/// (`Arc<str>`): the database driver binds it without a copy.
+/// One answered invocation, for the durable record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExecutionRecord {
     pub id: uuid::Uuid,
     /// The session (or asynchronous execution) it belongs to.
-    pub request_id: Arc<str>,
-    pub subject: Arc<str>,
-    pub language_title: Arc<str>,
+    pub request_id: String,
+    pub subject: String,
+    pub language_title: String,
     pub version: i64,
     pub started_at: OffsetDateTime,
     pub duration_ms: i64,
     /// `success`, `cache_hit`, `invalid_params`, `runtime_error`, `timeout`, `error`.
-    pub outcome: Arc<str>,
+    pub outcome: String,
     pub cached: bool,
     pub cold_start: bool,
     /// The pipeline execution this is a step of.
     pub parent_id: Option<uuid::Uuid>,
     /// What the function wrote, when it wrote anything (shared: the
     /// controller keeps it for reads until the record is written).
-    pub logs: Option<Arc<crate::logs::Captured>>,
+    pub logs: Option<std::sync::Arc<crate::logs::Captured>>,
 }
 
 /// Where the core hands its records.

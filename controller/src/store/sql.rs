@@ -513,13 +513,13 @@ impl From<ExecutionRow> for ExecutionRecord {
     fn from(r: ExecutionRow) -> Self {
         ExecutionRecord {
             id: r.id,
-            request_id: r.request_id.into(),
-            subject: r.subject.into(),
-            language_title: r.language_title.into(),
+            request_id: r.request_id,
+            subject: r.subject,
+            language_title: r.language_title,
             version: r.version,
             started_at: r.started_at,
             duration_ms: r.duration_ms,
-            outcome: r.outcome.into(),
+            outcome: r.outcome,
             cached: r.cached,
             cold_start: r.cold_start,
             parent_id: r.parent_id.and_then(|p| p.parse().ok()),

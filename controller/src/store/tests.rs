@@ -106,8 +106,8 @@ async fn exercise(stores: Stores) {
         [pipeline]
     );
     let first = stored.iter().find(|r| r.id == batch[0].id).unwrap();
-    assert_eq!(&*first.outcome, "success");
-    assert_eq!(&*first.subject, "alice");
+    assert_eq!(first.outcome, "success");
+    assert_eq!(first.subject, "alice");
     assert_eq!(first.started_at, batch[0].started_at);
     assert!(first.cold_start && !first.cached);
     assert!(store.executions_of("session-2").await.unwrap().is_empty());
@@ -119,7 +119,7 @@ async fn exercise(stores: Stores) {
     let big: Vec<ExecutionRecord> = (0..87)
         .map(|i| ExecutionRecord {
             id: uuid::Uuid::new_v4(),
-            request_id: big_session.as_str().into(),
+            request_id: big_session.clone(),
             duration_ms: i,
             logs: (i % 3 == 0).then(|| {
                 std::sync::Arc::new(Captured {
@@ -222,8 +222,8 @@ async fn exercise_logs(stores: &Stores, template: &ExecutionRecord) {
     let now = fnrt_core::timefmt::now();
     let first = ExecutionRecord {
         id: uuid::Uuid::new_v4(),
-        request_id: request.as_str().into(),
-        language_title: function.as_str().into(),
+        request_id: request.clone(),
+        language_title: function.clone(),
         started_at: now - time::Duration::days(10),
         logs: Some(std::sync::Arc::new(Captured {
             lines: vec![line(1, Stream::Stdout, "héllo \"quoted\""), line(2, Stream::Stderr, "")],
@@ -265,7 +265,7 @@ async fn exercise_logs(stores: &Stores, template: &ExecutionRecord) {
     // An execution that wrote nothing has a record and no logs.
     assert!(stores.logs.logs_of(&quiet.id.to_string()).await.unwrap().is_empty());
     assert_eq!(
-        &*stores.logs.execution(quiet.id).await.unwrap().unwrap().request_id,
+        stores.logs.execution(quiet.id).await.unwrap().unwrap().request_id,
         request
     );
     assert!(stores.logs.execution(uuid::Uuid::new_v4()).await.unwrap().is_none());
