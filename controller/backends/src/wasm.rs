@@ -49,6 +49,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
 use crate::build::Builder;
 use fnrt_core::function::FunctionVersion;
@@ -703,12 +704,10 @@ impl CappedOutput {
     }
 }
 
-impl tokio::io::AsyncWrite for CappedOutput {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+impl CappedOutput {
+    /// Keeps `buf`, or refuses it past the cap (stdout: the run is then
+    /// over; stderr: it is dropped, only the tap sees it).
+    fn put(&self, buf: &[u8]) -> std::io::Result<()> {
         if let Some(tap) = &self.tap {
             tap.feed(Stream::Stderr, buf);
         }
@@ -716,13 +715,50 @@ impl tokio::io::AsyncWrite for CappedOutput {
         if buffer.len() + buf.len() > self.capacity {
             if self.tap.is_some() {
                 // Only the crash report's copy is capped.
-                return std::task::Poll::Ready(Ok(buf.len()));
+                return Ok(());
             }
             self.overflowed.store(true, std::sync::atomic::Ordering::Relaxed);
-            return std::task::Poll::Ready(Err(std::io::Error::other("output limit exceeded")));
+            return Err(std::io::Error::other("output limit exceeded"));
         }
         buffer.extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
+        Ok(())
+    }
+}
+
+/// The stream the guest's `fd_write` reaches. Writing to memory never
+/// waits, so it is done in the call: wasmtime's default adapter for an
+/// `AsyncWrite` spawns a task per stream and hands every write to it
+/// (two spawns per run and a wake per write, measured in the thirteenth
+/// pass of docs/benchmarks.md).
+#[async_trait]
+impl OutputStream for CappedOutput {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.put(&bytes).map_err(|e| StreamError::LastOperationFailed(e.into()))
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        // What does not fit is refused by `write` (as the error it is, not
+        // as "nothing may be written", which WASI's write loop retries).
+        Ok(usize::MAX)
+    }
+}
+
+#[async_trait]
+impl Pollable for CappedOutput {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for CappedOutput {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(self.put(buf).map(|()| buf.len()))
     }
 
     fn poll_flush(
@@ -748,6 +784,10 @@ impl IsTerminal for CappedOutput {
 
 impl StdoutStream for CappedOutput {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
         Box::new(self.clone())
     }
 }
