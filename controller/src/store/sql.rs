@@ -53,6 +53,12 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     /// objects bound as the statement's one parameter: a batch of rows of
     /// any size is one statement, of one shape (PostgreSQL's
     /// `jsonb_to_recordset` here).
+    /// A `SELECT` of `rows` rows of `columns` bound one value per
+    /// parameter, rows that are all NULL left out; `None` where a batch
+    /// goes as JSON ([`Dialect::select_json_rows`]), as on PostgreSQL.
+    fn select_bound_rows(_columns: &[(&str, &str)], _rows: usize) -> Option<String> {
+        None
+    }
     fn select_json_rows(columns: &[(&str, &str)]) -> String {
         let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
         let typed: Vec<String> = columns.iter().map(|(name, ty)| format!("{name} {ty}")).collect();
@@ -226,43 +232,35 @@ where
     for<'r> ExecutionRow: FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
 {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
-        let rows = serde_json::to_string(&records.iter().map(RecordRow::new::<DB>).collect::<Vec<_>>())
-            .map_err(|e| StoreError::Other(e.into()))?;
-        let logged: Vec<LogRow> = records.iter().filter_map(LogRow::new).collect();
-        let records_sql = format!(
-            "INSERT INTO executions ({}) {} ON CONFLICT (id) DO NOTHING",
-            column_names(RECORD_COLUMNS),
-            DB::select_json_rows(RECORD_COLUMNS)
-        );
+        let record_rows: Vec<RecordRow> = records.iter().map(RecordRow::new::<DB>).collect();
+        let log_rows: Vec<LogRow> = records.iter().filter_map(LogRow::new).collect();
+        let mut statements = batch_inserts::<DB, _>("executions", RECORD_COLUMNS, "id", &record_rows)?;
+        statements.extend(batch_inserts::<DB, _>(
+            "execution_logs",
+            LOG_COLUMNS,
+            "execution_id",
+            &log_rows,
+        )?);
         let mut conn = self.pool.acquire().await?;
-        if logged.is_empty() {
+        if statements.len() == 1 {
             // One statement is atomic on its own (BEGIN and COMMIT are round
             // trips to the driver as well).
-            sqlx::query(AssertSqlSafe(records_sql))
-                .bind(rows)
-                .execute(&mut *conn)
-                .await?;
+            for statement in statements {
+                statement.execute(&mut *conn).await?;
+            }
             return Ok(());
         }
-        let logs = serde_json::to_string(&logged).map_err(|e| StoreError::Other(e.into()))?;
-        let logs_sql = format!(
-            "INSERT INTO execution_logs ({}) {} ON CONFLICT (execution_id) DO NOTHING",
-            column_names(LOG_COLUMNS),
-            DB::select_json_rows(LOG_COLUMNS)
-        );
         // The inserts ignore rows already written, so a retry after a
         // failure part-way would be harmless; they share a transaction anyway.
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        sqlx::query(AssertSqlSafe(records_sql))
-            .bind(rows)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(AssertSqlSafe(logs_sql))
-            .bind(logs)
-            .execute(&mut *tx)
-            .await?;
+        for statement in statements {
+            statement.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -314,6 +312,75 @@ fn column_names(columns: &[(&str, &str)]) -> String {
     columns.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
 }
 
+/// Rows per statement where a batch is bound value by value
+/// ([`Dialect::select_bound_rows`]): the smallest that holds what is left
+/// of the batch, padded with NULL rows, so that few shapes of statement
+/// are ever prepared (SQLite allows 32,766 parameters).
+const BOUND_BATCH_ROWS: [usize; 4] = [4, 16, 64, 256];
+
+type Statement<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>;
+
+/// A row of a batch insert, bound value by value in its columns' order.
+trait BatchRow: serde::Serialize {
+    fn bind<'q, DB: Dialect>(&'q self, statement: Statement<'q, DB>) -> Statement<'q, DB>
+    where
+        &'q str: Encode<'q, DB> + Type<DB>,
+        i64: Encode<'q, DB> + Type<DB>,
+        bool: Encode<'q, DB> + Type<DB>,
+        Option<&'q str>: Encode<'q, DB> + Type<DB>;
+}
+
+/// The statements that insert `rows` into `table` (none for no rows),
+/// skipping those whose `conflict` column is taken: one JSON parameter
+/// where the dialect reads rows from JSON, else rows bound value by value,
+/// up to the largest of [`BOUND_BATCH_ROWS`] per statement. (SQLite's JSON
+/// functions cost several times the insert itself: each column read
+/// re-parses its row.)
+fn batch_inserts<'q, DB, R>(
+    table: &str,
+    columns: &[(&str, &str)],
+    conflict: &str,
+    rows: &'q [R],
+) -> Result<Vec<Statement<'q, DB>>, StoreError>
+where
+    DB: Dialect,
+    R: BatchRow,
+    &'q str: Encode<'q, DB> + Type<DB>,
+    String: Encode<'q, DB> + Type<DB>,
+    i64: Encode<'q, DB> + Type<DB>,
+    bool: Encode<'q, DB> + Type<DB>,
+    Option<&'q str>: Encode<'q, DB> + Type<DB>,
+{
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let insert = format!("INSERT INTO {table} ({})", column_names(columns));
+    let on_conflict = format!("ON CONFLICT ({conflict}) DO NOTHING");
+    let largest = BOUND_BATCH_ROWS[BOUND_BATCH_ROWS.len() - 1];
+    if DB::select_bound_rows(columns, 1).is_none() {
+        let json = serde_json::to_string(rows).map_err(|e| StoreError::Other(e.into()))?;
+        let sql = format!("{insert} {} {on_conflict}", DB::select_json_rows(columns));
+        return Ok(vec![sqlx::query(AssertSqlSafe(sql)).bind(json)]);
+    }
+    let mut statements = Vec::new();
+    for chunk in rows.chunks(largest) {
+        let size = BOUND_BATCH_ROWS
+            .into_iter()
+            .find(|&n| n >= chunk.len())
+            .unwrap_or(largest);
+        let select = DB::select_bound_rows(columns, size).unwrap_or_default();
+        let mut statement = sqlx::query(AssertSqlSafe(format!("{insert} {select} {on_conflict}")));
+        for row in chunk {
+            statement = row.bind(statement);
+        }
+        for _ in chunk.len() * columns.len()..size * columns.len() {
+            statement = statement.bind(None::<&str>);
+        }
+        statements.push(statement);
+    }
+    Ok(statements)
+}
+
 /// One record as a row of [`RECORD_COLUMNS`] in a batch's JSON: a batch is
 /// one statement whatever its size, where a statement per chunk of rows
 /// was a round trip to the driver each (SQLite's is a thread of its own:
@@ -357,6 +424,30 @@ impl<'a> RecordRow<'a> {
     }
 }
 
+impl BatchRow for RecordRow<'_> {
+    fn bind<'q, DB: Dialect>(&'q self, statement: Statement<'q, DB>) -> Statement<'q, DB>
+    where
+        &'q str: Encode<'q, DB> + Type<DB>,
+        i64: Encode<'q, DB> + Type<DB>,
+        bool: Encode<'q, DB> + Type<DB>,
+        Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    {
+        // RECORD_COLUMNS' order.
+        statement
+            .bind(self.id.as_str())
+            .bind(self.request_id)
+            .bind(self.subject)
+            .bind(self.language_title)
+            .bind(self.version)
+            .bind(self.started_at.as_str())
+            .bind(self.duration_ms)
+            .bind(self.outcome)
+            .bind(self.cached)
+            .bind(self.cold_start)
+            .bind(self.parent_id.as_deref())
+    }
+}
+
 /// One record's logs as a row of [`LOG_COLUMNS`] (records whose function
 /// wrote nothing have none).
 #[derive(serde::Serialize)]
@@ -384,6 +475,27 @@ impl<'a> LogRow<'a> {
             bytes: logs.bytes as i64,
             dropped_bytes: logs.dropped_bytes as i64,
         })
+    }
+}
+
+impl BatchRow for LogRow<'_> {
+    fn bind<'q, DB: Dialect>(&'q self, statement: Statement<'q, DB>) -> Statement<'q, DB>
+    where
+        &'q str: Encode<'q, DB> + Type<DB>,
+        i64: Encode<'q, DB> + Type<DB>,
+        bool: Encode<'q, DB> + Type<DB>,
+        Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    {
+        // LOG_COLUMNS' order.
+        statement
+            .bind(self.execution_id.as_str())
+            .bind(self.request_id)
+            .bind(self.subject)
+            .bind(self.language_title)
+            .bind(self.created_ms)
+            .bind(self.lines.as_str())
+            .bind(self.bytes)
+            .bind(self.dropped_bytes)
     }
 }
 
@@ -1024,14 +1136,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_batch_selects_its_rows_from_one_json_parameter() {
+    fn postgres_selects_a_batch_from_one_json_parameter() {
         assert_eq!(
             <sqlx::Postgres as Dialect>::select_json_rows(&[("id", "uuid"), ("n", "bigint")]),
             "SELECT id, n FROM jsonb_to_recordset($1::jsonb) AS r(id uuid, n bigint)"
         );
         assert_eq!(
-            <sqlx::Sqlite as Dialect>::select_json_rows(&[("id", "uuid"), ("n", "bigint")]),
-            "SELECT value ->> 'id', value ->> 'n' FROM json_each(?) WHERE true"
+            <sqlx::Postgres as Dialect>::select_bound_rows(&[("id", "uuid")], 2),
+            None
+        );
+    }
+
+    #[test]
+    fn sqlite_binds_a_batch_value_by_value_and_leaves_the_padding_out() {
+        assert_eq!(
+            <sqlx::Sqlite as Dialect>::select_bound_rows(&[("id", "uuid"), ("n", "bigint")], 2).as_deref(),
+            Some("SELECT * FROM (VALUES (?, ?), (?, ?)) WHERE column1 IS NOT NULL")
         );
     }
 }

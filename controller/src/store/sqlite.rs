@@ -22,12 +22,15 @@ impl Dialect for Sqlite {
     /// TEXT, hyphenated, as the first migration made the column.
     type Uuid = uuid::fmt::Hyphenated;
 
-    /// SQLite's `json_each`; `WHERE true` because an `INSERT ... SELECT`
-    /// with `ON CONFLICT` is ambiguous to SQLite's parser without one. The
-    /// values keep their JSON types (text, integer; `true` is 1).
-    fn select_json_rows(columns: &[(&str, &str)]) -> String {
-        let values: Vec<String> = columns.iter().map(|(name, _)| format!("value ->> '{name}'")).collect();
-        format!("SELECT {} FROM json_each(?) WHERE true", values.join(", "))
+    /// `VALUES` rows (SQLite names their columns `column1`, …); the first
+    /// column of a real row is never NULL. The `WHERE` is also what SQLite's
+    /// parser needs to read an `INSERT ... SELECT` with `ON CONFLICT`.
+    fn select_bound_rows(columns: &[(&str, &str)], rows: usize) -> Option<String> {
+        let row = format!("({})", vec!["?"; columns.len()].join(", "));
+        Some(format!(
+            "SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
+            vec![row; rows].join(", ")
+        ))
     }
     /// Timestamps are RFC 3339 TEXT and compared as text, so each is written
     /// in the one shape `timefmt` gives (UTC, whole seconds): they sort in

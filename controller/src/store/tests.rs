@@ -112,11 +112,12 @@ async fn exercise(stores: Stores) {
     assert!(first.cold_start && !first.cached);
     assert!(store.executions_of("session-2").await.unwrap().is_empty());
 
-    // A batch of every chunk size the writer uses (64 + 16 + 4 + 1 + 1 + 1
-    // rows), every third with logs: each row and its logs are written once.
+    // A batch larger than one statement takes (SQLite: 256 rows, then 44
+    // padded to 64), every third with logs: each row and its logs are
+    // written once.
     use fnrt_core::logs::{Captured, LogLine, Stream};
     let big_session = format!("session-{}", uuid::Uuid::new_v4());
-    let big: Vec<ExecutionRecord> = (0..87)
+    let big: Vec<ExecutionRecord> = (0..300)
         .map(|i| ExecutionRecord {
             id: uuid::Uuid::new_v4(),
             request_id: big_session.clone(),
@@ -145,14 +146,13 @@ async fn exercise(stores: Stores) {
         .map(|r| r.duration_ms)
         .collect();
     durations.sort();
-    assert_eq!(durations, (0..87).collect::<Vec<i64>>());
+    assert_eq!(durations, (0..300).collect::<Vec<i64>>());
     let logged = stores.logs.logs_of(&big_session).await.unwrap();
-    assert_eq!(logged.len(), 29);
-    let row_30 = logged
-        .iter()
-        .find(|l| l.execution_id == big[30].id.to_string())
-        .unwrap();
-    assert_eq!(Some(&row_30.captured), big[30].logs.as_ref());
+    assert_eq!(logged.len(), 100);
+    for i in [30, 297] {
+        let row = logged.iter().find(|l| l.execution_id == big[i].id.to_string()).unwrap();
+        assert_eq!(Some(&row.captured), big[i].logs.as_ref());
+    }
 
     // Oldest first, whatever order they were written in.
     let at = |started_at| ExecutionRecord {
