@@ -6,7 +6,8 @@
 //! `serde_json::Value` (JSON), and rows read into the store's types with
 //! `#[derive(sqlx::FromRow)]`. Both drivers take the numbered `$N`
 //! placeholders (SQLite as named parameters, which sqlx binds by number),
-//! except the batch inserts, one JSON parameter each
+//! except the batch inserts: `?` per value on SQLite
+//! ([`Dialect::select_bound_rows`]), one JSON parameter on PostgreSQL
 //! ([`Dialect::select_json_rows`]).
 //! Each impl states only the bounds it uses: Rust would not carry such
 //! bounds (on `&str`, `i64`, ... rather than on the driver) from a trait
@@ -49,16 +50,16 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     fn timestamp(t: OffsetDateTime) -> OffsetDateTime {
         t
     }
-    /// A `SELECT` of `columns` (name, PostgreSQL type) from a JSON array of
-    /// objects bound as the statement's one parameter: a batch of rows of
-    /// any size is one statement, of one shape (PostgreSQL's
-    /// `jsonb_to_recordset` here).
     /// A `SELECT` of `rows` rows of `columns` bound one value per
     /// parameter, rows that are all NULL left out; `None` where a batch
     /// goes as JSON ([`Dialect::select_json_rows`]), as on PostgreSQL.
     fn select_bound_rows(_columns: &[(&str, &str)], _rows: usize) -> Option<String> {
         None
     }
+    /// A `SELECT` of `columns` (name, PostgreSQL type) from a JSON array of
+    /// objects bound as the statement's one parameter: a batch of rows of
+    /// any size is one statement, of one shape (PostgreSQL's
+    /// `jsonb_to_recordset` here).
     fn select_json_rows(columns: &[(&str, &str)]) -> String {
         let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
         let typed: Vec<String> = columns.iter().map(|(name, ty)| format!("{name} {ty}")).collect();
@@ -246,13 +247,14 @@ where
             "execution_id",
             &log_rows,
         )?);
+        if statements.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.pool.acquire().await?;
         if statements.len() == 1 {
             // One statement is atomic on its own (BEGIN and COMMIT are round
             // trips to the driver as well).
-            for statement in statements {
-                statement.execute(&mut *conn).await?;
-            }
+            statements.remove(0).execute(&mut *conn).await?;
             return Ok(());
         }
         // The inserts ignore rows already written, so a retry after a
@@ -357,6 +359,7 @@ where
     let insert = format!("INSERT INTO {table} ({})", column_names(columns));
     let on_conflict = format!("ON CONFLICT ({conflict}) DO NOTHING");
     let largest = BOUND_BATCH_ROWS[BOUND_BATCH_ROWS.len() - 1];
+    // The dialect says once, for any size, which way it takes a batch.
     if DB::select_bound_rows(columns, 1).is_none() {
         let json = serde_json::to_string(rows).map_err(|e| StoreError::Other(e.into()))?;
         let sql = format!("{insert} {} {on_conflict}", DB::select_json_rows(columns));
