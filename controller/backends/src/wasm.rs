@@ -702,9 +702,7 @@ impl CappedOutput {
     fn overflowed(&self) -> bool {
         self.overflowed.load(std::sync::atomic::Ordering::Relaxed)
     }
-}
 
-impl CappedOutput {
     /// Keeps `buf`, or refuses it past the cap (stdout: the run is then
     /// over; stderr: it is dropped, only the tap sees it).
     fn put(&self, buf: &[u8]) -> std::io::Result<()> {

@@ -322,14 +322,17 @@ const BOUND_BATCH_ROWS: [usize; 4] = [4, 16, 64, 256];
 
 type Statement<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>;
 
-/// A row of a batch insert, bound value by value in its columns' order.
+/// One value of a batch row, as it is bound.
+enum BatchValue<'a> {
+    Text(&'a str),
+    Int(i64),
+    Bool(bool),
+    Null,
+}
+
+/// A row of a batch insert: its values in its columns' order.
 trait BatchRow: serde::Serialize {
-    fn bind<'q, DB: Dialect>(&'q self, statement: Statement<'q, DB>) -> Statement<'q, DB>
-    where
-        &'q str: Encode<'q, DB> + Type<DB>,
-        i64: Encode<'q, DB> + Type<DB>,
-        bool: Encode<'q, DB> + Type<DB>,
-        Option<&'q str>: Encode<'q, DB> + Type<DB>;
+    fn values(&self) -> Vec<BatchValue<'_>>;
 }
 
 /// The statements that insert `rows` into `table` (none for no rows),
@@ -373,11 +376,14 @@ where
             .unwrap_or(largest);
         let select = DB::select_bound_rows(columns, size).unwrap_or_default();
         let mut statement = sqlx::query(AssertSqlSafe(format!("{insert} {select} {on_conflict}")));
-        for row in chunk {
-            statement = row.bind(statement);
-        }
-        for _ in chunk.len() * columns.len()..size * columns.len() {
-            statement = statement.bind(None::<&str>);
+        let padding = (chunk.len()..size).flat_map(|_| columns.iter().map(|_| BatchValue::Null));
+        for value in chunk.iter().flat_map(BatchRow::values).chain(padding) {
+            statement = match value {
+                BatchValue::Text(text) => statement.bind(text),
+                BatchValue::Int(n) => statement.bind(n),
+                BatchValue::Bool(b) => statement.bind(b),
+                BatchValue::Null => statement.bind(None::<&str>),
+            };
         }
         statements.push(statement);
     }
@@ -428,26 +434,22 @@ impl<'a> RecordRow<'a> {
 }
 
 impl BatchRow for RecordRow<'_> {
-    fn bind<'q, DB: Dialect>(&'q self, statement: Statement<'q, DB>) -> Statement<'q, DB>
-    where
-        &'q str: Encode<'q, DB> + Type<DB>,
-        i64: Encode<'q, DB> + Type<DB>,
-        bool: Encode<'q, DB> + Type<DB>,
-        Option<&'q str>: Encode<'q, DB> + Type<DB>,
-    {
+    fn values(&self) -> Vec<BatchValue<'_>> {
+        use BatchValue::*;
         // RECORD_COLUMNS' order.
-        statement
-            .bind(self.id.as_str())
-            .bind(self.request_id)
-            .bind(self.subject)
-            .bind(self.language_title)
-            .bind(self.version)
-            .bind(self.started_at.as_str())
-            .bind(self.duration_ms)
-            .bind(self.outcome)
-            .bind(self.cached)
-            .bind(self.cold_start)
-            .bind(self.parent_id.as_deref())
+        vec![
+            Text(&self.id),
+            Text(self.request_id),
+            Text(self.subject),
+            Text(self.language_title),
+            Int(self.version),
+            Text(&self.started_at),
+            Int(self.duration_ms),
+            Text(self.outcome),
+            Bool(self.cached),
+            Bool(self.cold_start),
+            self.parent_id.as_deref().map_or(Null, Text),
+        ]
     }
 }
 
@@ -482,23 +484,19 @@ impl<'a> LogRow<'a> {
 }
 
 impl BatchRow for LogRow<'_> {
-    fn bind<'q, DB: Dialect>(&'q self, statement: Statement<'q, DB>) -> Statement<'q, DB>
-    where
-        &'q str: Encode<'q, DB> + Type<DB>,
-        i64: Encode<'q, DB> + Type<DB>,
-        bool: Encode<'q, DB> + Type<DB>,
-        Option<&'q str>: Encode<'q, DB> + Type<DB>,
-    {
+    fn values(&self) -> Vec<BatchValue<'_>> {
+        use BatchValue::*;
         // LOG_COLUMNS' order.
-        statement
-            .bind(self.execution_id.as_str())
-            .bind(self.request_id)
-            .bind(self.subject)
-            .bind(self.language_title)
-            .bind(self.created_ms)
-            .bind(self.lines.as_str())
-            .bind(self.bytes)
-            .bind(self.dropped_bytes)
+        vec![
+            Text(&self.execution_id),
+            Text(self.request_id),
+            Text(self.subject),
+            Text(self.language_title),
+            Int(self.created_ms),
+            Text(&self.lines),
+            Int(self.bytes),
+            Int(self.dropped_bytes),
+        ]
     }
 }
 
