@@ -399,6 +399,7 @@ impl Application {
                     }
                     engine.sweep().await;
                     limiter.shrink();
+                    logs.recent.expire();
                     if ticks.is_multiple_of(LOG_SWEEP_TICKS) {
                         logs.sweep().await;
                     }
