@@ -634,6 +634,20 @@ async fn large_answers_are_compressed_as_the_client_accepts_and_small_ones_are_n
     assert_eq!(encoding(&gzip).as_deref(), Some("gzip"));
     assert_eq!(encoding(&br).as_deref(), Some("br"));
     assert_eq!(encoding(&plain), None);
+    // Both say that the body depends on Accept-Encoding, asked or not (a
+    // cache between must not hand one client's gzip to another).
+    let vary = |r: &reqwest::Response| {
+        r.headers()
+            .get_all("vary")
+            .iter()
+            .any(|v| v.to_str().unwrap().to_ascii_lowercase().contains("accept-encoding"))
+    };
+    assert!(
+        vary(&gzip) && vary(&plain),
+        "{:?} / {:?}",
+        gzip.headers(),
+        plain.headers()
+    );
     assert_eq!(encoding(&small), None, "a body under 1 KiB is sent as is");
     let plain: Value = plain.json().await.unwrap();
     let packed = gzip.bytes().await.unwrap();

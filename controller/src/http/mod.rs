@@ -3,7 +3,8 @@
 //!
 //! Order of the middleware, outermost first: request ID (set, then
 //! propagated to the response), trace (one log line per request), CORS,
-//! compression (gzip, br; bodies over 1 KiB, never a file download), then
+//! compression (gzip, br; bodies over 1 KiB, never a file download; only
+//! for a request that sends `Accept-Encoding`), then
 //! the envelope ([`Envelope`]): the body limit, metrics by matched route,
 //! and JSON errors for anything answered before a handler (413 from the
 //! length check, unknown route, wrong method). The `/api/v1` resource
@@ -33,8 +34,9 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use tower_http::compression::Predicate as _;
-use tower_http::compression::predicate::{DefaultPredicate, SizeAbove};
+use tower::Layer as _;
+use tower_http::compression::predicate::{And, DefaultPredicate, SizeAbove};
+use tower_http::compression::{Compression, CompressionLayer, Predicate as _};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -334,23 +336,99 @@ pub fn app(
         )
         .layer(PropagateRequestIdLayer::new(request_id))
         .layer(cors(settings))
-        // gzip or br, as the client accepts, for bodies over 1 KiB (error
-        // bodies too: this is outside the layer that writes them). File
-        // downloads go as stored: their ETag and length name those bytes.
-        .layer(
-            tower_http::compression::CompressionLayer::new()
-                .gzip(true)
-                .br(true)
-                .compress_when(DefaultPredicate::new().and(SizeAbove::new(1024)).and(
-                    |_: StatusCode,
-                     _: axum::http::Version,
-                     headers: &axum::http::HeaderMap,
-                     _: &axum::http::Extensions| {
-                        !headers.contains_key(header::CONTENT_DISPOSITION)
-                    },
-                )),
-        )
+        .layer(tower::layer::layer_fn(CompressWhenAsked::new))
         .service(router)
+}
+
+/// The predicate of [`CompressWhenAsked`]: over 1 KiB, not a file download.
+type CompressPredicate = And<And<DefaultPredicate, SizeAbove>, NotADownload>;
+type NotADownload = fn(StatusCode, axum::http::Version, &axum::http::HeaderMap, &axum::http::Extensions) -> bool;
+
+fn compress_predicate() -> CompressPredicate {
+    let not_a_download: NotADownload = |_, _, headers, _| !headers.contains_key(header::CONTENT_DISPOSITION);
+    DefaultPredicate::new().and(SizeAbove::new(1024)).and(not_a_download)
+}
+
+/// gzip or br, as the client accepts, for bodies over 1 KiB (error bodies
+/// too: this is outside the layer that writes them). File downloads go as
+/// stored: their ETag and length name those bytes.
+///
+/// A request without `Accept-Encoding` goes around the compression layer:
+/// its answer is the body as it is either way, and the layer would still
+/// work out the client's preferred encoding and wrap the body (about 1.5 %
+/// of the controller's CPU for cached hits at c32, docs/benchmarks.md).
+/// Such an answer still names `Accept-Encoding` in `Vary` when the layer
+/// would have, so a cache between keeps the two apart.
+#[derive(Clone)]
+struct CompressWhenAsked<S> {
+    plain: S,
+    compressed: Compression<S, CompressPredicate>,
+}
+
+impl<S: Clone> CompressWhenAsked<S> {
+    fn new(inner: S) -> Self {
+        let compression = CompressionLayer::new()
+            .gzip(true)
+            .br(true)
+            .compress_when(compress_predicate());
+        CompressWhenAsked {
+            compressed: compression.layer(inner.clone()),
+            plain: inner,
+        }
+    }
+}
+
+/// What the compression layer does to the headers of an answer it would
+/// compress for a client that asked, but did not ask here.
+fn vary_if_compressible(mut response: Response) -> Response {
+    let headers = response.headers();
+    let compressible = !headers.contains_key(header::CONTENT_ENCODING)
+        && !headers.contains_key(header::CONTENT_RANGE)
+        && compress_predicate().should_compress(&response);
+    let named = || {
+        response.headers().get_all(header::VARY).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|h| h.trim().eq_ignore_ascii_case("accept-encoding")))
+        })
+    };
+    if compressible && !named() {
+        response
+            .headers_mut()
+            .append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    response
+}
+
+type CompressedBody = tower_http::compression::CompressionBody<axum::body::Body>;
+type Boxed = fn(axum::http::Response<CompressedBody>) -> Response;
+type Varied = fn(Response) -> Response;
+
+impl<S> tower::Service<Request> for CompressWhenAsked<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible> + Clone,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Either<
+        futures::future::MapOk<S::Future, Varied>,
+        futures::future::MapOk<tower_http::compression::ResponseFuture<S::Future, CompressPredicate>, Boxed>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        // Either may take the request: both are asked.
+        std::task::ready!(self.plain.poll_ready(cx))?;
+        self.compressed.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        use futures::TryFutureExt as _;
+        if req.headers().contains_key(header::ACCEPT_ENCODING) {
+            let boxed: Boxed = |r| r.map(axum::body::Body::new);
+            futures::future::Either::Right(self.compressed.call(req).map_ok(boxed))
+        } else {
+            futures::future::Either::Left(self.plain.call(req).map_ok(vary_if_compressible as Varied))
+        }
+    }
 }
 
 fn cors(settings: &HttpSettings) -> CorsLayer {
