@@ -44,23 +44,28 @@ fn token(args: TokenArgs) -> ExitCode {
 }
 
 /// Logs to stderr through [`logbuffer`]; what is buffered is written when
-/// the guard drops.
+/// the guard drops. JSON lines come from json-subscriber: tracing-subscriber's
+/// own JSON format parses a span's fields again for every line written in
+/// it (the access log's line, once per request: a cached hit at c32 took
+/// about a fifth more CPU with it, docs/benchmarks.md); the output has the
+/// same fields.
 fn init_logging(format: LogFormat) -> std::io::Result<logbuffer::FlushGuard<std::io::Stderr>> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let (writer, guard) = logbuffer::install(std::io::stderr())?;
-    // Colours only for a terminal: a file or a journal would keep the escapes.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(writer);
     match format {
-        LogFormat::Json => builder
-            .json()
+        LogFormat::Json => json_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .init(),
-        LogFormat::Text => builder.init(),
+        // Colours only for a terminal: a file or a journal would keep the escapes.
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(writer)
+            .init(),
     }
     Ok(guard)
 }
