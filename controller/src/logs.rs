@@ -43,7 +43,7 @@ const FOLLOW_BUFFER: usize = 1024;
 /// Two generations of plain maps under one lock: new executions go into the
 /// current one; when it is [`RECENT_TTL`]/2 old or holds [`RECENT_MAX`]/2
 /// executions it becomes the previous one, and the previous one is dropped
-/// whole. Every execution is remembered on its request's path, and this is
+/// whole ([`free`]). Every execution is remembered on its request's path, and this is
 /// one short lock and a map insert, where a TTL cache (moka, three of them)
 /// was about 6 % of the controller's CPU under warm wasm at c32
 /// (docs/benchmarks.md); nothing here needs a per-entry expiry.
@@ -89,6 +89,16 @@ impl Generations {
         }
         let current = std::mem::replace(&mut self.current, Generation::new());
         Some(std::mem::replace(&mut self.previous, current))
+    }
+}
+
+/// Frees a generation off the request's path: up to [`RECENT_MAX`]/2
+/// executions, tens of thousands of small allocations (about a millisecond),
+/// go on a blocking thread rather than delaying the request that turned it.
+fn free(old: Generation) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(old))),
+        Err(_) => drop(old),
     }
 }
 
@@ -150,15 +160,18 @@ impl Recent {
             }
             dropped
         };
-        // The oldest generation is freed outside the lock.
-        drop(dropped);
+        if let Some(old) = dropped {
+            free(old);
+        }
     }
 
     /// Forgets what is past its time when nothing new arrives (run
     /// periodically: `remember` only turns a generation when it adds one).
     pub fn expire(&self) {
         let dropped = self.generations.lock().unwrap().turn(Instant::now());
-        drop(dropped);
+        if let Some(old) = dropped {
+            free(old);
+        }
     }
 
     fn of_function(&self, language_title: &str) -> Vec<Arc<StoredLogs>> {
