@@ -1,10 +1,13 @@
 //! The `controller` binary's entry point: parse the command line, set up
 //! logging, then serve or print a token.
 
+use std::borrow::Cow;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::auth::Authenticator;
 use crate::config::{Cli, Command, LogFormat, ServeArgs, TokenArgs};
@@ -53,13 +56,16 @@ fn init_logging(format: LogFormat) -> std::io::Result<logbuffer::FlushGuard<std:
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let (writer, guard) = logbuffer::install(std::io::stderr())?;
     match format {
-        LogFormat::Json => json_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(writer)
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
+        LogFormat::Json => {
+            let mut layer = json_subscriber::JsonLayer::new(writer);
+            layer
+                .with_timer("timestamp", tracing_subscriber::fmt::time::SystemTime)
+                .with_level("level")
+                .with_flattened_event()
+                .with_current_span("span");
+            layer.add_dynamic_field("target", |event, _| Some(line_target(event)));
+            tracing_subscriber::registry().with(layer).with(filter).init();
+        }
         // Colours only for a terminal: a file or a journal would keep the escapes.
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -68,6 +74,29 @@ fn init_logging(format: LogFormat) -> std::io::Result<logbuffer::FlushGuard<std:
             .init(),
     }
     Ok(guard)
+}
+
+/// The target a JSON line is filed under. A line of the `log` crate
+/// (wasmtime's, rustls') comes through tracing-log's bridge with the target
+/// `log` and its own in a `log.target` field; tracing-subscriber's formats
+/// show the latter, and so does this.
+fn line_target(event: &tracing::Event<'_>) -> Cow<'static, str> {
+    struct LogTarget(Option<String>);
+    impl tracing::field::Visit for LogTarget {
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            if field.name() == "log.target" {
+                self.0 = Some(value.to_owned());
+            }
+        }
+        fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+    }
+    let target = event.metadata().target();
+    if target != "log" {
+        return Cow::Borrowed(target);
+    }
+    let mut visitor = LogTarget(None);
+    event.record(&mut visitor);
+    visitor.0.map_or(Cow::Borrowed(target), Cow::Owned)
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
@@ -116,4 +145,33 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::layer::{Context, SubscriberExt as _};
+
+    /// Collects what [`super::line_target`] makes of each event.
+    struct Targets(Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Targets {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            self.0.lock().unwrap().push(super::line_target(event).into_owned());
+        }
+    }
+
+    #[test]
+    fn a_line_of_the_log_crate_is_filed_under_its_own_target() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(Targets(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            // What tracing-log's bridge makes of `log::debug!` in wasmtime.
+            tracing::info!(target: "log", { log.target = "wasmtime::pool" }, "bridged");
+            tracing::info!(target: "log", "no target field");
+            tracing::info!(target: "controller::startup", "native");
+        });
+        assert_eq!(*seen.lock().unwrap(), ["wasmtime::pool", "log", "controller::startup"]);
+    }
 }
