@@ -43,10 +43,10 @@ const FOLLOW_BUFFER: usize = 1024;
 /// Two generations of plain maps under one lock: new executions go into the
 /// current one; when it is [`RECENT_TTL`]/2 old or holds [`RECENT_MAX`]/2
 /// executions it becomes the previous one, and the previous one is dropped
-/// whole ([`free`]). Every execution is remembered on its request's path, and this is
-/// one short lock and a map insert, where a TTL cache (moka, three of them)
-/// was about 6 % of the controller's CPU under warm wasm at c32
-/// (docs/benchmarks.md); nothing here needs a per-entry expiry.
+/// whole ([`free`]). Every execution is remembered on its request's path,
+/// and this is one short lock and a map insert, where a TTL cache (moka,
+/// three of them) was about 6 % of the controller's CPU under warm wasm at
+/// c32 (docs/benchmarks.md); nothing here needs a per-entry expiry.
 pub struct Recent {
     generations: Mutex<Generations>,
 }
@@ -93,8 +93,8 @@ impl Generations {
 }
 
 /// Frees a generation off the request's path: up to [`RECENT_MAX`]/2
-/// executions, tens of thousands of small allocations (about a millisecond),
-/// go on a blocking thread rather than delaying the request that turned it.
+/// executions, several small allocations each, are freed on a blocking
+/// thread rather than delaying the request that turned the generation.
 fn free(old: Generation) {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => drop(runtime.spawn_blocking(move || drop(old))),

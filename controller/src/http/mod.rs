@@ -355,8 +355,8 @@ fn compress_predicate() -> CompressPredicate {
 ///
 /// A request without `Accept-Encoding` goes around the compression layer:
 /// its answer is the body as it is either way, and the layer would still
-/// work out the client's preferred encoding and wrap the body (about 1.5 %
-/// of the controller's CPU for cached hits at c32, docs/benchmarks.md).
+/// work out the client's preferred encoding (over 1 % of the controller's
+/// CPU for cached hits at c32, docs/benchmarks.md) and wrap the body.
 /// Such an answer still names `Accept-Encoding` in `Vary` when the layer
 /// would have, so a cache between keeps the two apart.
 #[derive(Clone)]
