@@ -75,6 +75,11 @@ impl Bench {
         Ok((Stats::median(&f), Stats::median(&p)))
     }
 
+    /// One load run whose numbers are thrown away.
+    fn warm_up(&self, target: &Target, concurrency: u32) -> anyhow::Result<()> {
+        tokio::task::block_in_place(|| self.oha.run(target, concurrency, self.plan.duration)).map(drop)
+    }
+
     fn add(&mut self, path: &str, concurrency: u32, stats: Stats, floor: Option<(&str, Stats)>) {
         println!(
             "{path} (c{concurrency}): p50 {} µs, p99 {} µs, {} req/s{}",
@@ -322,6 +327,11 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
         let peer = peers.iter().find(|p| p.name.contains(label.as_str()));
         let warm_high = bench.plan.warm_high;
         let name = format!("warm execute, {label}, {} sessions", ids.len());
+        // A warm-up at the high concurrency, not counted: the sessions past
+        // the first have run once, and V8's and CPython's caches warm over
+        // thousands of calls (each instance gets an eighth of the load; the
+        // peer, one process, has had the c1 runs).
+        bench.warm_up(&target, warm_high)?;
         match peer {
             Some(peer) => {
                 let peer_target = Target::post_json(peer.url.clone(), &params);
@@ -332,6 +342,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
                     p1,
                     Some((peer.name, f1)),
                 );
+                bench.warm_up(&peer_target, warm_high)?;
                 let (f, p) = bench.pair((&peer_target, warm_high), (&target, warm_high))?;
                 bench.add(&name, warm_high, p, Some((peer.name, f)));
                 bench.report.goal(
