@@ -51,8 +51,9 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
         t
     }
     /// A `SELECT` of `rows` rows of `columns` bound one value per
-    /// parameter, rows that are all NULL left out; `None` where a batch
-    /// goes as JSON ([`Dialect::select_json_rows`]), as on PostgreSQL.
+    /// parameter, rows whose first value is NULL (the padding) left out;
+    /// `None` where a batch goes as JSON ([`Dialect::select_json_rows`]),
+    /// as on PostgreSQL.
     fn select_bound_rows(_columns: &[(&str, &str)], _rows: usize) -> Option<String> {
         None
     }
@@ -390,10 +391,8 @@ where
     Ok(statements)
 }
 
-/// One record as a row of [`RECORD_COLUMNS`] in a batch's JSON: a batch is
-/// one statement whatever its size, where a statement per chunk of rows
-/// was a round trip to the driver each (SQLite's is a thread of its own:
-/// about eight per batch at concurrency 1).
+/// One record as a row of [`RECORD_COLUMNS`] in a batch ([`batch_inserts`]:
+/// an object of the JSON parameter on PostgreSQL, bound values on SQLite).
 #[derive(serde::Serialize)]
 struct RecordRow<'a> {
     id: String,
