@@ -313,6 +313,11 @@ pub struct Limits {
 #[error("{0}")]
 pub struct ManifestError(pub String);
 
+/// `schema.params` when a manifest gives none: any object.
+pub fn default_params_schema() -> Value {
+    json!({ "type": "object" })
+}
+
 fn err<T>(msg: impl Into<String>) -> Result<T, ManifestError> {
     Err(ManifestError(msg.into()))
 }
@@ -400,8 +405,10 @@ impl FunctionSpec {
         if !valid_identifier(&handler) {
             return err("'handler' must be an identifier matching [A-Za-z_][A-Za-z0-9_]{0,63}");
         }
-        let params = self.schema.params.unwrap_or_else(|| json!({ "type": "object" }));
-        if let Err(e) = jsonschema::validator_for(&params) {
+        let params = self.schema.params.unwrap_or_else(default_params_schema);
+        if params != default_params_schema()
+            && let Err(e) = jsonschema::validator_for(&params)
+        {
             return err(format!("'schema.params' is not a valid JSON Schema: {e}"));
         }
         let result = self.schema.result.unwrap_or_else(|| json!({}));

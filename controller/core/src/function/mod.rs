@@ -8,7 +8,7 @@ pub mod manifest;
 pub mod package;
 pub mod pipeline;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use anyhow::Context;
 use serde_json::{Value, json};
@@ -34,7 +34,7 @@ pub struct FunctionVersion {
     /// What a package asks to install (`requirements.txt`, `package.json`).
     pub dependencies: Option<package::DependencyFiles>,
     /// `schema.params`, compiled once.
-    validator: jsonschema::Validator,
+    params: ParamsSchema,
     /// What `/init` sends, resolved at the first specialisation
     /// ([`crate::runtime::init_payload`]) and kept for the version's life.
     pub init_payload: tokio::sync::OnceCell<Arc<crate::runtime::protocol::InitPayload>>,
@@ -60,8 +60,7 @@ impl FunctionVersion {
         code_hash: String,
         created_at: OffsetDateTime,
     ) -> anyhow::Result<Self> {
-        let validator =
-            jsonschema::validator_for(&manifest.schema.params).map_err(|e| anyhow::anyhow!("params schema: {e}"))?;
+        let params = ParamsSchema::compile(&manifest.schema.params)?;
         let files = match manifest.is_crate() {
             true => Some(manifest::crate_files(&code).context("crate files")?),
             false => None,
@@ -82,7 +81,7 @@ impl FunctionVersion {
             code,
             code_hash,
             created_at,
-            validator,
+            params,
             init_payload: tokio::sync::OnceCell::new(),
         })
     }
@@ -99,14 +98,21 @@ impl FunctionVersion {
     /// Whether `params` satisfy `schema.params` (what [`Self::validate_params`]
     /// checks, without building the error).
     pub fn accepts(&self, params: &Value) -> bool {
-        self.validator.is_valid(params)
+        match &self.params {
+            ParamsSchema::AnyObject => params.is_object(),
+            ParamsSchema::Compiled(v) => v.is_valid(params),
+        }
     }
 
     /// Checks `params` against `schema.params`; the error lists every problem
     /// with its JSON pointer.
     pub fn validate_params(&self, params: &Value) -> Result<(), Value> {
-        let errors: Vec<Value> = self
-            .validator
+        let validator = match &self.params {
+            ParamsSchema::AnyObject if params.is_object() => return Ok(()),
+            ParamsSchema::AnyObject => &*ANY_OBJECT,
+            ParamsSchema::Compiled(v) => v,
+        };
+        let errors: Vec<Value> = validator
             .iter_errors(params)
             .take(20)
             .map(|e| json!({ "path": e.instance_path().to_string(), "message": e.to_string() }))
@@ -116,6 +122,31 @@ impl FunctionVersion {
         } else {
             Err(json!({ "errors": errors }))
         }
+    }
+}
+
+/// A function's `schema.params`. Most functions keep the default, any
+/// object, which needs no validator: such a function never compiles one
+/// (a compile validates the schema against its draft's meta-schema, code
+/// that would otherwise stay in the controller's memory after every
+/// registration and start-up).
+enum ParamsSchema {
+    AnyObject,
+    Compiled(jsonschema::Validator),
+}
+
+/// The default schema, compiled once in the process for the errors of
+/// params that are not an object.
+static ANY_OBJECT: LazyLock<jsonschema::Validator> =
+    LazyLock::new(|| jsonschema::validator_for(&manifest::default_params_schema()).expect("a valid schema"));
+
+impl ParamsSchema {
+    fn compile(schema: &Value) -> anyhow::Result<Self> {
+        if *schema == manifest::default_params_schema() {
+            return Ok(ParamsSchema::AnyObject);
+        }
+        let validator = jsonschema::validator_for(schema).map_err(|e| anyhow::anyhow!("params schema: {e}"))?;
+        Ok(ParamsSchema::Compiled(validator))
     }
 }
 
@@ -148,4 +179,43 @@ pub enum CheckError {
     Invalid(String),
     #[error("{}", .0.message)]
     BuildFailed(BuildFailure),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(spec: Value) -> FunctionVersion {
+        let spec: FunctionSpec = serde_json::from_value(spec).unwrap();
+        let manifest = spec.normalize(Language::Nodejs).unwrap();
+        let title = "nodejs-params".parse().unwrap();
+        FunctionVersion::new(title, 1, manifest, "ok".into(), "h".into(), OffsetDateTime::now_utc()).unwrap()
+    }
+
+    #[test]
+    fn a_function_without_a_params_schema_takes_any_object_and_names_what_else_it_got() {
+        let f = version(json!({"description": "untyped"}));
+        assert!(matches!(f.params, ParamsSchema::AnyObject));
+        assert!(f.accepts(&json!({"n": 1})));
+        assert_eq!(f.validate_params(&json!({})), Ok(()));
+        assert!(!f.accepts(&json!([1])));
+        let errors = f.validate_params(&json!([1])).unwrap_err();
+        assert_eq!(errors["errors"][0]["path"], "");
+        let message = errors["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains("object"), "{message}");
+    }
+
+    #[test]
+    fn a_params_schema_of_its_own_is_compiled_and_checked() {
+        let f = version(json!({
+            "description": "typed",
+            "schema": {"params": {"type": "object", "required": ["n"]}}
+        }));
+        assert!(matches!(f.params, ParamsSchema::Compiled(_)));
+        assert!(f.accepts(&json!({"n": 1})));
+        assert!(!f.accepts(&json!({})));
+        let errors = f.validate_params(&json!({})).unwrap_err();
+        let message = errors["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains("\"n\""), "{message}");
+    }
 }
