@@ -33,7 +33,7 @@ pub struct FunctionVersion {
     pub files: Option<CrateFiles>,
     /// What a package asks to install (`requirements.txt`, `package.json`).
     pub dependencies: Option<package::DependencyFiles>,
-    /// `schema.params`, compiled once.
+    /// `schema.params`, compiled once (the default needs no compile).
     params: ParamsSchema,
     /// What `/init` sends, resolved at the first specialisation
     /// ([`crate::runtime::init_payload`]) and kept for the version's life.
