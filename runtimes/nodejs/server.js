@@ -17,6 +17,7 @@
  *
  * stdout and stderr belong to the function; the server itself writes only
  * short diagnostics to stderr, and a run's `log_marker` to both when it ends.
+ * Everything a run wrote is in the pipes before its answer.
  * A write the function's code makes for a run that is no longer the one in
  * progress (a timer or a promise an earlier run left behind) is dropped: see
  * "Late writes" below. So is an uncaught error or unhandled rejection of such
@@ -673,7 +674,10 @@ async function handleRun(body) {
   } finally {
     // Still busy meanwhile, so the next run's output cannot come before the
     // markers; until they are written, this run's late work may still log.
+    // Without a marker, what the run wrote is in the pipes before the answer:
+    // the controller reads them dry once it has the answer.
     if (request.logMarker !== undefined) await endLogs(request.logMarker);
+    else if (outputQueued()) await writtenOut();
     state.currentRun = null;
   }
 }
@@ -699,14 +703,26 @@ function runAnswer(outcome) {
  * controller takes a line ending in the marker as the end.
  */
 async function endLogs(marker) {
-  // Node makes a pipe non-blocking: what it could not take at once waits in
-  // the stream, and must come first.
-  for (const stream of state.stdio) {
-    while (stream.writableLength > 0 && !stream.destroyed) await sleep(1);
-  }
+  await writtenOut();
   const line = Buffer.from(`${marker}\n`);
   await writeFully(1, line);
   await writeFully(2, line);
+}
+
+/** Whether process.stdout or process.stderr holds output a full pipe did not take yet. */
+function outputQueued() {
+  return state.stdio.some((stream) => stream.writableLength > 0 && !stream.destroyed);
+}
+
+/**
+ * Waits until process.stdout and process.stderr have written what they queued:
+ * Node makes a pipe non-blocking, and what it could not take at once waits in
+ * the stream.
+ */
+async function writtenOut() {
+  for (const stream of state.stdio) {
+    while (stream.writableLength > 0 && !stream.destroyed) await sleep(1);
+  }
 }
 
 /** Writes all of `buffer` to `fd`, waiting while a full pipe says EAGAIN; gives up on other errors. */

@@ -22,8 +22,9 @@ run is in progress and a second, concurrent `POST /run` gets 409 BUSY.
 
 stdout and stderr belong to the function (`print`); the server itself writes
 nothing to stdout and only real problems to stderr, besides a run's
-`log_marker` on both when the run ends. What a run's leftover threads or tasks
-write while a later run is in progress is dropped (see "Late writes").
+`log_marker` on both when the run ends. All a run wrote is in the pipes before
+its answer. What a run's leftover threads or tasks write while a later run is in
+progress is dropped (see "Late writes").
 """
 
 import collections.abc
@@ -339,8 +340,6 @@ class Runtime:
                 result = contextvars.copy_context().run(self._call_as_run, self._run_count, params, context)
             except BaseException as exc:  # noqa: B036 - SystemExit/KeyboardInterrupt from the function must not stop us
                 return self._run_error(exc)
-            finally:
-                _flush_std_streams()
             try:
                 return encode_json({"result": result})
             except Exception as exc:  # TypeError, ValueError (NaN, cycles), UnicodeEncodeError, RecursionError
@@ -348,9 +347,12 @@ class Runtime:
                 details = {"type": type(exc).__name__}
                 return encode_json(error_body("RUNTIME_ERROR", clean_text(self._sanitize(message)), details))
         finally:
-            # Before the answer, and still holding the lock, so the next run's output comes after it.
+            # Before the answer, and still holding the lock, so the next run's output comes after it:
+            # all the run wrote is in the pipes when the controller reads its answer.
             if marker is not None:
                 _end_logs(marker)
+            else:
+                _flush_std_streams()
             _active_run = None
             _files.token = None
             self._run_lock.release()
@@ -471,7 +473,8 @@ def _forget_server_dir():
 
 # --- Late writes ---------------------------------------------------------------
 #
-# A run's logs are what reaches stdout/stderr between its start and its marker.
+# A run's logs are what reaches stdout/stderr between its start and its answer
+# (or its marker).
 # A thread or task a run leaves behind would otherwise write into a later run's
 # logs, which may be another user's execution. So the handler is called with
 # _RUN set to its run's number in a context of its own; asyncio tasks inherit

@@ -828,9 +828,12 @@ class LogMarker(RuntimeTestCase):
         self.assertEqual(self.rt.stdout_text(), f"flushed\nbytes\nlines\n{self.MARKER}\n")
         self.assertEqual(self.rt.stderr_text(), f"err\n{self.MARKER}\n")
 
-    def test_without_a_marker_nothing_is_added(self):
+    def test_without_a_marker_all_the_run_wrote_is_out_before_its_answer_and_nothing_is_added(self):
+        # The process backend reads the pipes dry after the answer: a partial line still buffered
+        # would land in the next run's logs.
         self.rt.init("import sys\ndef handler(p, c):\n    print('no newline', end='')\n    print('err', file=sys.stderr)\n")
         self.rt.run()
+        self.assertEqual(self.rt.stdout_text(), "no newline")
         self.rt.run()
         self.assertEqual(self.rt.stdout_text(), "no newlineno newline")
         self.assertEqual(self.rt.stderr_text(), "err\nerr\n")

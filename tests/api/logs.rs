@@ -431,3 +431,51 @@ async fn instances_that_die_mid_run_keep_their_last_words_and_leave_nothing_open
     let closed = eventually(Duration::from_secs(10), || open_fds(pid) <= before + 4).await;
     assert!(closed, "open descriptors went from {before} to {}", open_fds(pid));
 }
+
+/// All a run wrote before its answer is its logs, to the last byte: a
+/// megabyte Node has to queue because the pipe is full, a last line without
+/// a newline, Python's buffered text. (The process backend asks for no end
+/// marker: it reads the pipes dry once the answer has come.)
+#[tokio::test(flavor = "multi_thread")]
+async fn all_a_run_wrote_before_its_answer_is_its_logs_to_the_last_byte() {
+    // Arrange
+    let app = spawn_app_with(&["--log-limit-bytes", "4194304"]).await;
+    app.register(
+        "nodejs-megabyte",
+        r#"exports.handler = async (p) => {
+             process.stdout.write("x".repeat(1 << 20) + "\nend of " + p.run);
+             console.error("err " + p.run);
+             return { ok: true };
+           };"#,
+        no_cache(),
+    )
+    .await;
+    app.register(
+        "python-megabyte",
+        "import sys\n\n\ndef handler(p, c):\n    sys.stdout.write(\"x\" * (1 << 20) + \"\\n\")\n    sys.stdout.write(\"end of \" + p[\"run\"])\n    print(\"err \" + p[\"run\"], file=sys.stderr)\n    return {\"ok\": True}\n",
+        no_cache(),
+    )
+    .await;
+    let token = app.admin();
+
+    for lt in ["nodejs-megabyte", "python-megabyte"] {
+        // The same instance, run after run: nothing spills into the next.
+        let id = app.session(&token, lt, json!({"retain_session": true})).await;
+        for run in ["one", "two", "three"] {
+            // Act
+            let r = app.execute(&token, &id, json!({"run": run})).await;
+            assert_eq!(r.body["result"], json!({"ok": true}), "{lt}: {:?}", r.body);
+            let got = logs(&app, &token, r.body["execution_id"].as_str().unwrap()).await;
+
+            // Assert: the megabyte (in lines of at most 16 KiB), then the
+            // unterminated last line; stderr's line.
+            assert_eq!(got.body["truncated"], false, "{lt} {run}");
+            let stdout = stream_of(&got, "stdout");
+            let (last, megabyte) = stdout.split_last().expect("stdout lines");
+            assert_eq!(last, &format!("end of {run}"), "{lt} {run}");
+            assert!(megabyte.iter().all(|l| l.bytes().all(|b| b == b'x')), "{lt} {run}");
+            assert_eq!(megabyte.iter().map(String::len).sum::<usize>(), 1 << 20, "{lt} {run}");
+            assert_eq!(stream_of(&got, "stderr"), [format!("err {run}")], "{lt} {run}");
+        }
+    }
+}

@@ -564,8 +564,8 @@ impl RuntimeBackend for ProcessBackend {
             })
             .ok();
         let output = Arc::new(Output::new(pipes));
-        // One task for both pipes: a run's markers come on both at once, so
-        // it is one wake per run instead of two.
+        // One task for both pipes: output on both at once (a crash's last
+        // words) is one wake instead of two.
         if output.pipes.is_some() {
             let (o, e) = (output.clone(), output.clone());
             tokio::spawn(async move { tokio::join!(drain(o, Stream::Stdout), drain(e, Stream::Stderr)) });
@@ -827,11 +827,13 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
 ///
 /// Between runs the drain task reads the pipes. While a run waits for its
 /// answer, the run's own task reads them ([`Output::follow`]): a pipe wakes
-/// only the latest task that asked it (tokio's `poll_read_ready`), so the
-/// run's answer and its log markers, which a runtime writes together, wake
-/// one task instead of two (the second woke the other worker thread: a
-/// context switch, and on these machines one costs tens of microseconds).
-/// When the run has its answer the pipes go back to the drain task.
+/// only the latest task that asked it (tokio's `poll_read_ready`), so a
+/// run's output and its answer wake one task instead of two (the second
+/// woke the other worker thread: a context switch, and on these machines
+/// one costs tens of microseconds). When the run has its answer the pipes
+/// are read dry, which takes all the run wrote (a runtime writes it out
+/// before it answers: no log marker is needed), and go back to the drain
+/// task.
 #[derive(Debug)]
 struct Output {
     tap: Arc<OutputTap>,
@@ -844,6 +846,12 @@ struct Output {
 
 /// Reads from a pipe at once, at most, before letting other tasks run.
 const READS_PER_TURN: usize = 16;
+
+/// Rounds of [`READS_PER_TURN`] reads a run's pipes get after its answer:
+/// 1 MiB, what the largest pipe an unprivileged process can ask for holds
+/// (`/proc/sys/fs/pipe-max-size`). More is a flood from something the run
+/// left running, and is the drain task's.
+const HAND_BACK_READS: usize = 8;
 
 /// How a read of whatever a pipe holds ended.
 enum Read {
@@ -880,12 +888,19 @@ impl Output {
     }
 
     /// Reads what `stream`'s pipe holds now, without waiting: to the tap,
-    /// and to the tail.
-    fn read_now(&self, pipe: &pipe::Receiver, stream: Stream) -> Read {
+    /// and to the tail. `past_readiness`: asks the pipe itself, not tokio's
+    /// last word on it (which is news from the event loop, and may not have
+    /// heard yet of bytes that are there).
+    fn read_now(&self, pipe: &pipe::Receiver, stream: Stream, past_readiness: bool) -> Read {
         let mut tail = self.tails[stream.index()].lock().unwrap();
         let mut chunk = [0u8; 8192];
         for _ in 0..READS_PER_TURN {
-            match pipe.try_read(&mut chunk) {
+            let read = if past_readiness {
+                rustix::io::read(pipe, &mut chunk).map_err(std::io::Error::from)
+            } else {
+                pipe.try_read(&mut chunk)
+            };
+            match read {
                 Ok(0) => return Read::Ended,
                 Ok(n) => {
                     self.tap.feed(stream, &chunk[..n]);
@@ -912,7 +927,7 @@ impl Output {
             match pipe.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(())) => match self.read_now(pipe, stream) {
+                Poll::Ready(Ok(())) => match self.read_now(pipe, stream, false) {
                     Read::Drained => {}
                     Read::Ended => return Poll::Ready(()),
                     Read::More => {
@@ -924,13 +939,27 @@ impl Output {
         }
     }
 
+    /// Reads what `stream`'s pipe holds now, up to [`HAND_BACK_READS`]
+    /// rounds, whatever the event loop has seen of it.
+    fn read_dry(&self, stream: Stream) {
+        let Some(pipes) = &self.pipes else { return };
+        for _ in 0..HAND_BACK_READS {
+            if !matches!(self.read_now(&pipes[stream.index()], stream, true), Read::More) {
+                return;
+            }
+        }
+    }
+
     /// The run in progress reads both pipes until this is dropped; then
-    /// whatever they hold is read and they go back to the drain task.
+    /// they are read dry (a runtime has written out all of a run's output
+    /// before it answers: this read has it all) and go back to the drain
+    /// task.
     async fn follow(&self) -> Infallible {
         struct HandBack<'a>(&'a Output);
         impl Drop for HandBack<'_> {
             fn drop(&mut self) {
                 for stream in [Stream::Stdout, Stream::Stderr] {
+                    self.0.read_dry(stream);
                     let drain = self.0.drains[stream.index()].lock().unwrap().clone();
                     if let Some(waker) = drain {
                         // Reads what is there and leaves the drain task's
@@ -1003,6 +1032,11 @@ impl InstanceHandle for ProcessHandle {
 
     async fn follow_output(&self) -> Infallible {
         self.output.follow().await
+    }
+
+    /// Its pipes are read dry when a run's answer has come.
+    fn output_complete_at_answer(&self) -> bool {
+        self.output.pipes.is_some()
     }
 
     /// Also false when the function left a process or a zombie behind: such
@@ -1198,5 +1232,27 @@ mod tests {
             .expect("a drain task did not end: its pipe stays open")
             .unwrap();
         assert_eq!(output.tail(Stream::Stdout), "last words\n");
+    }
+
+    /// What a runtime wrote before its answer is in the pipe when the
+    /// answer comes, but the event loop may not have heard of it yet: the
+    /// hand-back reads the pipe itself, so the run gets all of it.
+    #[tokio::test]
+    async fn a_run_handed_back_has_read_what_the_event_loop_has_not_seen() {
+        let (out_tx, out_rx) = pipe::pipe().unwrap();
+        let (_err_tx, err_rx) = pipe::pipe().unwrap();
+        let output = Arc::new(Output::new(Some([out_rx, err_rx])));
+        let logs = Arc::new(fnrt_core::logs::RunLogs::new(1024));
+        output.tap.open(logs.clone(), None);
+        {
+            let mut follow = std::pin::pin!(output.follow());
+            assert!(futures::poll!(follow.as_mut()).is_pending());
+            // Written, and the answer "came": no await in between, so the
+            // event loop has had no turn to see the pipe readable.
+            rustix::io::write(&out_tx, b"one\nlast, no newline").unwrap();
+        }
+        assert!(output.tap.close(Duration::ZERO).await);
+        let lines: Vec<String> = logs.take().lines.into_iter().map(|l| l.text).collect();
+        assert_eq!(lines, ["one", "last, no newline"]);
     }
 }

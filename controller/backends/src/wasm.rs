@@ -537,7 +537,7 @@ impl Instance for WasmInstance {
         // share the pipe with the answer, once the run is over.
         let tap = OutputTap::new();
         if let Some(logs) = request.logs {
-            tap.open(logs.clone(), "");
+            tap.open(logs.clone(), None);
         }
         let stderr = CappedOutput::logged(STDERR_CAP, tap.clone());
         // What the module prints before this marker is its own output; its

@@ -4,18 +4,22 @@
 //! A runtime server's stdout and stderr are pipes that live as long as its
 //! instance, which serves one run at a time. The backend reads them and
 //! feeds an [`OutputTap`]; the instance opens a window on the tap for each
-//! run, and the runtime writes a marker that is new for every run on both
-//! streams when the run ends (docs/runtime-protocol.md, `log_marker`).
-//! Lines between the window's opening and each stream's marker are the
-//! run's; output between runs belongs to no execution and is dropped. The
-//! wasm backend feeds its per-run WASI pipes the same way.
+//! run and closes it when the run has answered. A runtime writes out all a
+//! run wrote before it answers, so a backend that reads the pipes itself
+//! has it all once it has read them dry after the answer. A backend whose
+//! output comes another way (a container engine's log stream, later than
+//! the answer) asks for a marker that is new for every run, which the
+//! runtime writes on both streams when the run ends
+//! (docs/runtime-protocol.md, `log_marker`): lines up to each stream's
+//! marker are the run's. Output between runs belongs to no execution and
+//! is dropped. The wasm backend feeds its per-run WASI pipes the same way.
 //!
 //! # Layout
 //!
 //! - [`RunLogs`]: one execution's capture: the byte cap (head kept,
 //!   truncation counted), and the live feed to [`LogFollowers`].
 //! - [`OutputTap`]: splits raw output into lines and routes them to the run
-//!   in progress until its marker.
+//!   in progress until it closes (or until its marker).
 //! - [`LogLine`], [`Stream`], [`Captured`]: what is kept.
 
 use std::sync::{Arc, Mutex};
@@ -168,6 +172,7 @@ impl RunLogs {
 /// The run an instance's output currently belongs to.
 struct Window {
     logs: Arc<RunLogs>,
+    /// Empty for a window that ends when it is closed.
     marker: Vec<u8>,
     /// Per stream: its marker has come, the rest is not the run's.
     ended: [bool; 2],
@@ -242,20 +247,22 @@ impl OutputTap {
         pending.drain(..start);
     }
 
-    /// Output from now on is `logs`' run's, until `marker` on each stream.
-    pub fn open(&self, logs: Arc<RunLogs>, marker: &str) {
+    /// Output from now on is `logs`' run's, until it is closed, or with a
+    /// `marker`, until the marker on each stream.
+    pub fn open(&self, logs: Arc<RunLogs>, marker: Option<&str>) {
         let mut state = self.state.lock().unwrap();
         state.pending = Default::default();
         state.window = Some(Window {
             logs,
-            marker: marker.as_bytes().to_vec(),
+            marker: marker.unwrap_or_default().as_bytes().to_vec(),
             ended: [false; 2],
         });
     }
 
-    /// Ends the run's window once both markers came or `wait` passed (a
-    /// stream the run left a partial line on keeps it as its last line).
-    /// Whether both markers came.
+    /// Ends the run's window; one with a marker once both markers came or
+    /// `wait` passed (a stream the run left a partial line on keeps it as
+    /// its last line). Whether the run's output is all there: for a window
+    /// with a marker, whether both markers came.
     pub async fn close(&self, wait: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
         // Without a wait there is no timer to arm: tokio's timers tick in
@@ -280,12 +287,15 @@ impl OutputTap {
                 window.logs.push(stream, &pending);
             }
         }
-        window.ended == [true; 2]
+        window.marker.is_empty() || window.ended == [true; 2]
     }
 
     fn both_ended(&self) -> bool {
         let state = self.state.lock().unwrap();
-        state.window.as_ref().is_none_or(|w| w.ended == [true; 2])
+        state
+            .window
+            .as_ref()
+            .is_none_or(|w| w.marker.is_empty() || w.ended == [true; 2])
     }
 }
 
@@ -302,7 +312,7 @@ mod tests {
         let tap = OutputTap::new();
         tap.feed(Stream::Stdout, b"before any run\n");
         let logs = Arc::new(RunLogs::new(1024));
-        tap.open(logs.clone(), "MARK1234");
+        tap.open(logs.clone(), Some("MARK1234"));
         tap.feed(Stream::Stdout, b"one\ntw");
         tap.feed(Stream::Stderr, b"oops\r\n");
         tap.feed(Stream::Stdout, b"o\npartialMARK");
@@ -324,10 +334,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_window_without_a_marker_takes_everything_until_it_closes() {
+        let tap = OutputTap::new();
+        let logs = Arc::new(RunLogs::new(1024));
+        tap.open(logs.clone(), None);
+        tap.feed(Stream::Stdout, b"one\nMARK1234 is only text\n");
+        tap.feed(Stream::Stderr, b"last, without newline");
+        assert!(tap.close(Duration::ZERO).await);
+        tap.feed(Stream::Stdout, b"between runs\n");
+        assert_eq!(
+            texts(&logs.take()),
+            vec![
+                (Stream::Stdout, "one"),
+                (Stream::Stdout, "MARK1234 is only text"),
+                (Stream::Stderr, "last, without newline"),
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn a_missing_marker_ends_the_window_after_the_wait_keeping_a_partial_line() {
         let tap = OutputTap::new();
         let logs = Arc::new(RunLogs::new(1024));
-        tap.open(logs.clone(), "MARK1234");
+        tap.open(logs.clone(), Some("MARK1234"));
         tap.feed(Stream::Stdout, b"no newline");
         assert!(!tap.close(Duration::from_millis(10)).await);
         assert_eq!(texts(&logs.take()), vec![(Stream::Stdout, "no newline")]);
@@ -349,7 +378,7 @@ mod tests {
     fn a_line_without_newline_is_cut_at_the_line_limit() {
         let tap = OutputTap::new();
         let logs = Arc::new(RunLogs::new(1 << 20));
-        tap.open(logs.clone(), "MARK1234");
+        tap.open(logs.clone(), Some("MARK1234"));
         tap.feed(Stream::Stdout, &vec![b'x'; MAX_LINE_BYTES * 2 + 100]);
         let captured = logs.take();
         assert_eq!(captured.lines.len(), 2);

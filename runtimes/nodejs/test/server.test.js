@@ -826,6 +826,25 @@ test('without a log_marker nothing is written besides the function\'s output', a
   assert.ok(server.stderr().endsWith('err\nerr\n'), JSON.stringify(server.stderr()));
 });
 
+test('without a log_marker, output a full pipe made Node queue is written out before the answer', async (t) => {
+  const server = await startServer(t);
+  // Far more than a pipe holds, and nobody reads the pipe for a while.
+  const code = "module.exports.handler = () => { process.stdout.write('x'.repeat(1 << 20) + '\\n'); return 1; };";
+  assert.equal((await server.init(code)).status, 200);
+  server.child.stdout.pause();
+  let answered = false;
+  const run = server.run().then((res) => {
+    answered = true;
+    return res;
+  });
+  await new Promise((r) => setTimeout(r, 300));
+  // The controller reads the pipes dry once it has the answer: an answer now would cut the output.
+  assert.equal(answered, false, 'answered while its output still waited in process.stdout');
+  server.child.stdout.resume();
+  assert.deepEqual((await run).body, { result: 1 });
+  await waitFor(() => server.stdout().length === (1 << 20) + 1);
+});
+
 test('a write left behind by an earlier run is dropped from a later run\'s logs', async (t) => {
   const server = await startServer(t);
   const code = [

@@ -6,8 +6,9 @@
 //! behind a run); what they hand back, an [`Init`] or a [`Run`], runs the function's code
 //! ([`Init::load`], [`Run::call`]) and is meant for the function thread (see `server`).
 //!
-//! A /run with a `log_marker` ends with it on stdout and stderr, before its answer: the controller
-//! reads both pipes line by line and ends the run's logs there.
+//! Everything a run wrote is in the pipes before its answer. A /run with a `log_marker` ends with
+//! it on stdout and stderr, before its answer: the controller reads both line by line and ends the
+//! run's logs there.
 
 use std::ffi::OsString;
 use std::fs;
@@ -251,10 +252,13 @@ impl Run {
             let message = "the function returned a malformed answer".to_owned();
             error(200, "RUNTIME_ERROR", message, Some(json!({"type": "ProtocolError"})))
         };
-        if let Some(marker) = &self.log_marker {
-            // After all the function wrote: fnrt-sdk flushes the library's own stdout (its std is
-            // not ours) after every call.
-            end_logs(marker, &mut io::stdout().lock(), &mut io::stderr().lock());
+        // After all the function wrote: fnrt-sdk flushes the library's own stdout (its std is not
+        // ours) after every call. Without a marker, all of it is in the pipes before the answer.
+        match &self.log_marker {
+            Some(marker) => end_logs(marker, &mut io::stdout().lock(), &mut io::stderr().lock()),
+            None => {
+                let _ = io::stdout().flush();
+            }
         }
         // `self._running` drops here: the next run starts after the markers.
         answer

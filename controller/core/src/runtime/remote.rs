@@ -20,7 +20,7 @@ use crate::language::Language;
 use crate::logs::OutputTap;
 
 /// How long a run's answer waits for its log markers behind output still
-/// in the pipes (a marker that does not come only cuts that run's logs).
+/// on its way (a marker that does not come only cuts that run's logs).
 const LOG_MARKER_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a runtime server may take to answer its first `/health`.
@@ -83,13 +83,18 @@ pub trait InstanceHandle: Send + Sync {
     }
     /// Reads the server's output into the tap from the task that polls
     /// this, until it is dropped: polled beside a run's call, so that the
-    /// call's task reads the run's logs (a runtime writes a run's markers
-    /// just before its answer, and the answer and the markers then wake
-    /// one task). Dropping it reads what is left and gives the output back
-    /// to the backend's own reader. A handle without its own pipes never
-    /// reads here.
+    /// call's task reads the run's logs as they come. Dropping it reads what
+    /// is left and gives the output back to the backend's own reader. A
+    /// handle without its own pipes never reads here.
     async fn follow_output(&self) -> std::convert::Infallible {
         std::future::pending().await
+    }
+    /// Whether dropping [`Self::follow_output`] has read everything the
+    /// server wrote before it answered (its pipes, read dry), so that a run
+    /// needs no log marker. Output that comes another way (a container
+    /// engine's log stream, behind the answer) needs one.
+    fn output_complete_at_answer(&self) -> bool {
+        false
     }
     /// Puts a package's files where the server reads them (`function/`
     /// beside its socket), before its `/init`.
@@ -252,11 +257,16 @@ impl Instance for RemoteInstance {
 
     async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError> {
         let tap = request.logs.and_then(|logs| Some((logs, self.handle.output()?)));
-        let marker = tap.as_ref().map(|(logs, tap)| {
-            let marker = format!("fnrt-log-end-{}", hex::encode(rand_bytes()));
-            tap.open(Arc::clone(logs), &marker);
-            marker
-        });
+        // Without a marker the run's window ends when its output has been
+        // read after the answer: two writes and two wakes fewer per run.
+        let marker = match &tap {
+            Some(_) if self.handle.output_complete_at_answer() => None,
+            Some(_) => Some(format!("fnrt-log-end-{}", hex::encode(rand_bytes()))),
+            None => None,
+        };
+        if let Some((logs, tap)) = &tap {
+            tap.open(Arc::clone(logs), marker.as_deref());
+        }
         let call = self.client.run(request, marker.as_deref(), self.max_result_bytes);
         let ran = if tap.is_some() {
             // The output is followed until the call ends (then handed back).
@@ -270,10 +280,10 @@ impl Instance for RemoteInstance {
         };
         if let Some((_, tap)) = &tap {
             // A crashed server's last words are already in the pipes.
-            let wait = if ran.is_ok() {
-                LOG_MARKER_WAIT
-            } else {
-                Duration::from_millis(200)
+            let wait = match (&marker, &ran) {
+                (None, _) => Duration::ZERO,
+                (Some(_), Ok(_)) => LOG_MARKER_WAIT,
+                (Some(_), Err(_)) => Duration::from_millis(200),
             };
             if !tap.close(wait).await && ran.is_ok() {
                 tracing::debug!(

@@ -475,8 +475,8 @@ pub mod __private {
             Err(payload) => Err(panic_error(payload)),
         };
         // The function's `print!`s are in this library's own stdout buffer; the host cannot flush it.
-        // Done on every call, native and wasm, so the runtime's end-of-run log marker comes after
-        // them; stderr too (unbuffered in std, but the marker must not overtake it if that changes).
+        // Done on every call, native and wasm, so they are in the pipe before the runtime answers
+        // (and before its end-of-run log marker); stderr too (unbuffered in std, but the marker must not overtake it if that changes).
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
         outcome
