@@ -258,7 +258,7 @@ impl Instance for RemoteInstance {
     async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError> {
         let tap = request.logs.and_then(|logs| Some((logs, self.handle.output()?)));
         // Without a marker the run's window ends when its output has been
-        // read after the answer: two writes and two wakes fewer per run.
+        // read after the answer, without waiting for anything more.
         let marker = match &tap {
             Some(_) if self.handle.output_complete_at_answer() => None,
             Some(_) => Some(format!("fnrt-log-end-{}", hex::encode(rand_bytes()))),
