@@ -720,9 +720,7 @@ function outputQueued() {
  * the stream.
  */
 async function writtenOut() {
-  for (const stream of state.stdio) {
-    while (stream.writableLength > 0 && !stream.destroyed) await sleep(1);
-  }
+  while (outputQueued()) await sleep(1);
 }
 
 /** Writes all of `buffer` to `fd`, waiting while a full pipe says EAGAIN; gives up on other errors. */

@@ -259,11 +259,8 @@ impl Instance for RemoteInstance {
         let tap = request.logs.and_then(|logs| Some((logs, self.handle.output()?)));
         // Without a marker the run's window ends when its output has been
         // read after the answer, without waiting for anything more.
-        let marker = match &tap {
-            Some(_) if self.handle.output_complete_at_answer() => None,
-            Some(_) => Some(format!("fnrt-log-end-{}", hex::encode(rand_bytes()))),
-            None => None,
-        };
+        let marker = (tap.is_some() && !self.handle.output_complete_at_answer())
+            .then(|| format!("fnrt-log-end-{}", hex::encode(rand_bytes())));
         if let Some((logs, tap)) = &tap {
             tap.open(Arc::clone(logs), marker.as_deref());
         }

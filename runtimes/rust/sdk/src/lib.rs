@@ -476,7 +476,8 @@ pub mod __private {
         };
         // The function's `print!`s are in this library's own stdout buffer; the host cannot flush it.
         // Done on every call, native and wasm, so they are in the pipe before the runtime answers
-        // (and before its end-of-run log marker); stderr too (unbuffered in std, but the marker must not overtake it if that changes).
+        // (and before its end-of-run log marker); stderr too (unbuffered in std, but the marker
+        // must not overtake it if that changes).
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
         outcome
