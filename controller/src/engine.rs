@@ -23,13 +23,14 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+use crate::admission::{Admitted, Gate, SessionCheck};
 use crate::auth::Subject;
 use crate::error::ApiError;
 use crate::pipelines::{Pipelines, Progress, StepReport};
 use crate::registry::Registry;
 use crate::sessions::{SessionRecord, SessionStatus, SessionStore, session_key};
 use fnrt_core::function::FunctionVersion;
-use fnrt_core::invoke::{CacheDirective, CoreError, Invocation, Invoker, Origin, Retained};
+use fnrt_core::invoke::{CacheDirective, CoreError, Invocation, Invoker, Lookup, Origin, Retained};
 use fnrt_core::language::LanguageTitle;
 use fnrt_core::metrics::Metrics;
 use fnrt_core::timefmt;
@@ -90,6 +91,10 @@ impl Progress for Live {
 #[derive(Default)]
 struct Slot {
     retained: Retained,
+    /// A retained session's record, as initialize wrote it or as read here
+    /// once: it does not change but for its counts, so an execute needs no
+    /// read of it (its admission checks that the session still exists).
+    record: Option<Arc<SessionRecord>>,
 }
 
 pub struct Engine {
@@ -196,7 +201,10 @@ impl Engine {
             )));
         }
         if record.retain {
-            self.slot(&record.key()).lock().await.retained = retained;
+            let slot = self.slot(&record.key());
+            let mut slot = slot.lock().await;
+            slot.retained = retained;
+            slot.record = Some(Arc::new(record.clone()));
         } else {
             self.core.release(retained).await;
         }
@@ -302,13 +310,15 @@ impl Engine {
     }
 
     /// Runs `invocation`: a pipeline through its `steps`, anything else
-    /// through the core (on the retained instance when given).
+    /// through the core (on the retained instance when given; after
+    /// `lookup` when the cache was asked already).
     pub async fn run(
         &self,
         invocation: Invocation<'_>,
         retained: Option<&mut Retained>,
         steps: &[Arc<FunctionVersion>],
         progress: Option<&dyn Progress>,
+        lookup: Option<Lookup>,
     ) -> Result<Outcome, CoreError> {
         if invocation.function.pipeline().is_some() {
             let ran = self.pipelines.run(invocation, steps, progress).await?;
@@ -320,7 +330,10 @@ impl Engine {
                 steps: Some(ran.steps),
             });
         }
-        let invoked = self.core.invoke(invocation, retained).await?;
+        let invoked = match lookup {
+            Some(lookup) => self.core.invoke_looked_up(invocation, retained, lookup).await?,
+            None => self.core.invoke(invocation, retained).await?,
+        };
         Ok(Outcome {
             result: invoked.result,
             cached: invoked.cached,
@@ -433,29 +446,35 @@ impl Engine {
     /// Runs the session's function with `params`. A failure of a run
     /// that happened names its execution (its logs tell why).
     ///
-    /// `prefetched`: the session as read a moment ago, beside the rate limit
-    /// (see [`crate::http`]'s guard); used when it is retained, whose record
-    /// does not change but for its counts. Otherwise the session is read
-    /// under its lock.
+    /// `gate`: the request's admission (its rate limit), passed here once:
+    /// beside the cache lookup, with the session's count, for a retained
+    /// session whose record this controller keeps; beside the session's
+    /// read otherwise; before any refusal (429 comes first).
     pub async fn execute(
         &self,
         subject: &Subject,
         request_id: &str,
         params: Value,
         directive: CacheDirective,
-        prefetched: Option<SessionRecord>,
+        gate: Gate<'_>,
     ) -> Result<Executed, (ApiError, Option<uuid::Uuid>)> {
         let execution_id = fnrt_core::records::new_execution_id();
-        match self
-            .execute_as(subject, request_id, params, directive, execution_id, prefetched)
-            .await
-        {
-            Err(refused) => Err((refused, None)),
-            Ok(ran) => ran.map_err(|failed| (failed, Some(execution_id))),
+        let mut gate = Some(gate);
+        let ran = self
+            .execute_as(subject, request_id, params, directive, execution_id, &mut gate)
+            .await;
+        match (ran, gate) {
+            (Err(refused), Some(gate)) => Err((gate.refuse(refused).await, None)),
+            (Err(refused), None) => Err((refused, None)),
+            (Ok(ran), gate) => {
+                debug_assert!(gate.is_none(), "an execute ran without passing its gate");
+                ran.map_err(|failed| (failed, Some(execution_id)))
+            }
         }
     }
 
-    /// Err: refused before anything ran; Ok: how the run went.
+    /// Err: refused before anything ran; Ok: how the run went (`gate` was
+    /// passed).
     async fn execute_as(
         &self,
         subject: &Subject,
@@ -463,23 +482,35 @@ impl Engine {
         params: Value,
         directive: CacheDirective,
         execution_id: uuid::Uuid,
-        prefetched: Option<SessionRecord>,
+        gate: &mut Option<Gate<'_>>,
     ) -> Result<Result<Executed, ApiError>, ApiError> {
         let started = std::time::Instant::now();
         require_some_execute_scope(subject)?;
-        // The session's lock first, then one read of the session under it: a
-        // one-shot session may have completed while this request waited. A
-        // retained session's record stays as it was created (its counts
-        // aside), so one read before the lock does.
+        // The session's lock first, then the session: a one-shot session may
+        // have completed while this request waited. A retained session's
+        // record this controller keeps needs no read (see `Slot::record`);
+        // any other is read beside the request's limit.
         let key = session_key(&subject.sub, request_id);
         let slot_handle = self.slot(&key);
         let mut slot = slot_handle.lock().await;
-        let prefetched = prefetched.filter(|s| {
-            s.retain && s.request_id == request_id && s.owner == subject.sub && !s.is_expired(OffsetDateTime::now_utc())
-        });
-        let session = match prefetched {
+        let kept = slot
+            .record
+            .clone()
+            .filter(|s| s.owner == subject.sub && !s.is_expired(OffsetDateTime::now_utc()));
+        let session = match kept {
             Some(s) => Ok(s),
-            None => self.session(subject, request_id).await,
+            None => {
+                let admitted = async {
+                    match gate.take() {
+                        Some(gate) => gate.pass(None).await,
+                        None => Admitted::Yes,
+                    }
+                };
+                match tokio::join!(admitted, self.session(subject, request_id)) {
+                    (Admitted::Limited(retry_after_secs), _) => Err(ApiError::RateLimited { retry_after_secs }),
+                    (_, session) => session.map(Arc::new),
+                }
+            }
         };
         let session = match session {
             Ok(s) => s,
@@ -492,6 +523,9 @@ impl Engine {
                 return Err(e);
             }
         };
+        if session.retain && slot.record.is_none() {
+            slot.record = Some(session.clone());
+        }
         if session.status != SessionStatus::Active {
             return Err(ApiError::NotFound(
                 "session has completed its execution (retain_session was false); initialize a new one".into(),
@@ -528,17 +562,51 @@ impl Engine {
             cancel: None,
             parent: None,
         };
+        // A retained session counts what its schema accepts: what runs (or
+        // is served from the cache), not what is refused.
+        let counts = session.retain && function.accepts(&params);
+        // Not admitted yet (the session was kept here): the limit and the
+        // count go together, beside the cache lookup (with Redis, one round
+        // trip for a cached result).
+        let mut lookup = None;
+        let counted = match gate.take() {
+            Some(gate) => {
+                let check = SessionCheck {
+                    key: &key,
+                    count: counts,
+                };
+                let looking = async {
+                    match function.pipeline() {
+                        Some(_) => None,
+                        None => Some(self.core.look_up(&invocation).await),
+                    }
+                };
+                let (admitted, looked) = tokio::join!(gate.pass(Some(check)), looking);
+                match admitted {
+                    Admitted::Yes => {}
+                    Admitted::Limited(retry_after_secs) => return Err(ApiError::RateLimited { retry_after_secs }),
+                    Admitted::SessionGone => {
+                        // Closed, expired or deleted elsewhere: forget it here too.
+                        drop(slot);
+                        self.drop_slot(&key).await;
+                        return Err(not_found());
+                    }
+                }
+                lookup = looked.transpose()?;
+                counts
+            }
+            None => false,
+        };
         let retained = session.retain.then_some(&mut slot.retained);
         let live = function.pipeline().map(|_| {
             let live = Arc::new(Live::default());
             self.live.lock().unwrap().insert(key.clone(), live.clone());
             live
         });
-        // A retained session's count is kept while the function runs (with
-        // Redis, a round trip off the answer's path), once it is sure to run:
-        // params its schema refuses do not count. A one-shot session is
-        // completed after its run, which may still be refused.
-        let record_early = session.retain && function.accepts(&params);
+        // Otherwise a retained session's count is kept while the function
+        // runs (with Redis, a round trip off the answer's path). A one-shot
+        // session is completed after its run, which may still be refused.
+        let record_early = counts && !counted;
         let record = async {
             if record_early {
                 self.record_execution(&key, false).await;
@@ -550,6 +618,7 @@ impl Engine {
                 retained,
                 &steps,
                 live.as_deref().map(|l| l as &dyn Progress),
+                lookup,
             ),
             record
         );
@@ -560,7 +629,7 @@ impl Engine {
             // Refused before it ran: the session is not spent.
             return Err(invoked.unwrap_err().into());
         }
-        if !record_early {
+        if !record_early && !counted {
             self.record_execution(&key, !session.retain).await;
         }
         if !session.retain {
@@ -569,7 +638,7 @@ impl Engine {
         }
         Ok(invoked.map_err(ApiError::from).map(|invoked| Executed {
             execution_id,
-            language_title: session.language_title,
+            language_title: session.language_title.clone(),
             execution_time_ms: started.elapsed().as_millis() as u64,
             cached: invoked.cached,
             result: invoked.result,

@@ -38,6 +38,8 @@
 //!   Redis L2, and `Layers` that chains them.
 //! - [`redis_client`]: the shared, reconnecting, time-bounded Redis connection.
 //! - [`ratelimit`]: the `RateLimiter` trait and its governor implementation.
+//! - [`admission`]: an execute's limit and its session's count decided in
+//!   one step (one Redis script, sent beside the L2 lookup).
 //! - [`runtime`]: the `RuntimeBackend` and `Instance` traits, the runtime
 //!   protocol client, the process and wasm backends and the instance pool.
 //! - [`build`]: builds Rust functions (native libraries, wasm modules) with cargo.
@@ -47,10 +49,12 @@
 //! - [`language`], [`timefmt`]: Language-Titles; contract timestamps.
 //!
 //! A request flows: `http` (request ID, trace, CORS, body limit, metrics)
-//! -> `http::guard` (token, rate limit) -> handler -> `engine` (session)
+//! -> `http::guard` (token, rate limit; an execute's limit is left to its
+//! handler, for [`admission`]) -> handler -> `engine` (session)
 //! -> `invoke` (core) -> `cache` / `runtime::pool` -> `runtime::process`
 //! instance over its Unix socket.
 
+pub mod admission;
 pub mod archive;
 pub mod auth;
 pub mod cli;

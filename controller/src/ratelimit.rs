@@ -119,25 +119,35 @@ impl RateLimiter for LocalRateLimiter {
     }
 }
 
-/// GCRA (the algorithm governor implements) on Redis. KEYS[1]: the key;
-/// ARGV[1]: emission interval in ms (a minute / limit); ARGV[2]: the limit
-/// (burst). Answers 0 when allowed, else the ms to wait. Redis `TIME` is the
-/// clock, so replicas with skewed clocks still agree.
-const GCRA: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allowed_at = new_tat - interval * burst
-if now < allowed_at then
-  return allowed_at - now
+/// GCRA (the algorithm governor implements) on Redis, as a Lua function
+/// (so that [`crate::admission`]'s script limits the same way): `key`, the
+/// emission interval in ms (a minute / limit) and the limit (burst).
+/// Answers 0 when allowed, else the ms to wait. Redis `TIME` is the clock,
+/// so replicas with skewed clocks still agree.
+pub(crate) const GCRA_FN: &str = r"
+local function gcra(key, interval, burst)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allowed_at = new_tat - interval * burst
+  if now < allowed_at then
+    return allowed_at - now
+  end
+  redis.call('SET', key, new_tat, 'PX', new_tat - now)
+  return 0
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
-return 0
 ";
+
+/// A request's limit in Redis: its key, the emission interval in ms and the
+/// burst.
+#[derive(Debug)]
+pub(crate) struct Gcra {
+    pub key: String,
+    pub interval_ms: u64,
+    pub burst: u32,
+}
 
 /// Limits shared by every controller on one Redis.
 pub struct RedisRateLimiter {
@@ -163,16 +173,19 @@ impl RedisRateLimiter {
     ) -> Self {
         RedisRateLimiter {
             redis,
-            script: redis::Script::new(GCRA),
+            script: redis::Script::new(&format!(
+                "{GCRA_FN}return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
+            )),
             limits,
             fallback,
         }
     }
 }
 
-#[async_trait]
-impl RateLimiter for RedisRateLimiter {
-    async fn check(&self, class: LimitClass, key: &RateKey) -> Result<(), u64> {
+impl RedisRateLimiter {
+    /// The limit `key` is counted against in `class`; `None` when that
+    /// limit is off.
+    pub(crate) fn gcra(&self, class: LimitClass, key: &RateKey) -> Option<Gcra> {
         let (limit, who) = match key {
             RateKey::Subject(sub) => (
                 match class {
@@ -183,11 +196,30 @@ impl RateLimiter for RedisRateLimiter {
             ),
             RateKey::Client(ip) => (self.limits.unauthenticated, format!("ip:{ip}")),
         };
-        if limit == 0 {
+        (limit != 0).then(|| Gcra {
+            key: format!("fnrt:rl:v1:{}:{who}", class.as_str()),
+            interval_ms: 60_000u64.div_ceil(u64::from(limit)),
+            burst: limit,
+        })
+    }
+}
+
+/// The seconds to wait before a retry, from GCRA's milliseconds.
+pub(crate) fn retry_after_secs(wait_ms: u64) -> u64 {
+    wait_ms.div_ceil(1000).max(1)
+}
+
+#[async_trait]
+impl RateLimiter for RedisRateLimiter {
+    async fn check(&self, class: LimitClass, key: &RateKey) -> Result<(), u64> {
+        let Some(Gcra {
+            key: redis_key,
+            interval_ms,
+            burst,
+        }) = self.gcra(class, key)
+        else {
             return Ok(());
-        }
-        let redis_key = format!("fnrt:rl:v1:{}:{who}", class.as_str());
-        let interval_ms = 60_000u64.div_ceil(u64::from(limit));
+        };
         let script = &self.script;
         let answer = self
             .redis
@@ -195,14 +227,14 @@ impl RateLimiter for RedisRateLimiter {
                 script
                     .key(redis_key)
                     .arg(interval_ms)
-                    .arg(limit)
+                    .arg(burst)
                     .invoke_async::<u64>(&mut c)
                     .await
             })
             .await;
         match answer {
             Ok(0) => Ok(()),
-            Ok(wait_ms) => Err(wait_ms.div_ceil(1000).max(1)),
+            Ok(wait_ms) => Err(retry_after_secs(wait_ms)),
             Err(_) => self.fallback.check(class, key).await,
         }
     }

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, InProcess, RedisAdmission};
 use crate::auth::Authenticator;
 use crate::config::ServeArgs;
 use crate::engine::{Engine, EngineSettings};
@@ -335,8 +336,11 @@ impl Application {
             layers.push(Arc::new(RedisCache::new(redis.clone())));
         }
         let cache = Layers::new(layers, metrics.clone());
-        let sessions: Arc<dyn SessionStore> = match &redis {
-            Some(redis) => Arc::new(FallbackSessionStore::new(RedisSessionStore::new(redis.clone()))),
+        let shared_sessions = redis
+            .as_ref()
+            .map(|redis| Arc::new(FallbackSessionStore::new(RedisSessionStore::new(redis.clone()))));
+        let sessions: Arc<dyn SessionStore> = match &shared_sessions {
+            Some(shared) => shared.clone(),
             None => Arc::new(MemorySessionStore::default()),
         };
         let core = Arc::new(
@@ -356,7 +360,7 @@ impl Application {
         );
         let engine = Arc::new(Engine::new(
             registry,
-            sessions,
+            sessions.clone(),
             core,
             metrics.clone(),
             EngineSettings {
@@ -372,9 +376,16 @@ impl Application {
         // The local limiter is the whole story without Redis, and the
         // fallback while Redis does not answer.
         let local_limiter = Arc::new(LocalRateLimiter::new(limits));
-        let limiter: Arc<dyn RateLimiter> = match &redis {
-            Some(redis) => Arc::new(RedisRateLimiter::new(redis.clone(), limits, local_limiter.clone())),
-            None => local_limiter.clone(),
+        let (limiter, admission): (Arc<dyn RateLimiter>, Arc<dyn Admission>) = match (&redis, shared_sessions) {
+            (Some(redis), Some(shared_sessions)) => {
+                let limiter = Arc::new(RedisRateLimiter::new(redis.clone(), limits, local_limiter.clone()));
+                let admission = RedisAdmission::new(redis.clone(), limiter.clone(), shared_sessions);
+                (limiter, Arc::new(admission))
+            }
+            _ => {
+                let limiter: Arc<dyn RateLimiter> = local_limiter.clone();
+                (limiter.clone(), Arc::new(InProcess::new(limiter, sessions)))
+            }
         };
 
         let stop = CancellationToken::new();
@@ -443,6 +454,7 @@ impl Application {
             database: stores.health,
             auth,
             limiter,
+            admission,
             metrics,
             redis,
             builder: builder.clone().ok(),

@@ -254,3 +254,38 @@ async fn a_database_url_naming_a_database_that_does_not_exist_yet_is_created_at_
     let listed = app.get(Some(&app.admin()), "/api/v1/functions/nodejs-first").await;
     assert_eq!(listed.status, 200, "{:?}", listed.body);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retained_session_deleted_on_another_controller_is_gone_where_its_instance_was() {
+    let Some(redis) = redis_url() else { return };
+    let a = spawn_app_with(&["--redis-url", &redis]).await;
+    let b = spawn_app_with(&["--redis-url", &redis]).await;
+    // A memory cap of its own tells its instance from the pool's.
+    a.register(
+        "nodejs-kept",
+        "let n = 0; module.exports.handler = () => ({ count: ++n });",
+        json!({"cache": {"enabled": false}, "limits": {"memory_mb": 128}}),
+    )
+    .await;
+    let token = a.token(&format!("closer-{}", rand_u32()), &["execute:all"]);
+    let id = a.session(&token, "nodejs-kept", json!({"retain_session": true})).await;
+    for n in 1..=2 {
+        let ran = a.execute(&token, &id, json!({})).await;
+        assert_eq!(ran.status, 200, "{:?}", ran.body);
+        assert_eq!(ran.body["result"]["count"], n);
+    }
+    assert_eq!(crate::sessions::instances_capped_at(&a, 128).len(), 1);
+
+    // B deletes it; A, which keeps its record and its instance, finds it gone.
+    assert_eq!(crate::sessions::delete(&b, Some(&token), &id).await.status, 204);
+    let after = a.execute(&token, &id, json!({})).await;
+    assert_eq!((after.status, after.code()), (404, "NOT_FOUND"), "{:?}", after.body);
+    assert!(
+        crate::helpers::eventually(std::time::Duration::from_secs(10), || {
+            crate::sessions::instances_capped_at(&a, 128).is_empty()
+        })
+        .await,
+        "the deleted session's instance is still running"
+    );
+    assert_eq!(a.get(Some(&token), &format!("/api/v1/sessions/{id}")).await.status, 404);
+}

@@ -163,7 +163,7 @@ async fn the_active_sessions_gauge_follows_sessions_at_each_scrape() {
 /// memory cap of its own tells a function's instances from the warm pool's.
 /// An instance is found by the host directory its command line names (the
 /// one bubblewrap binds, or the runtime's socket in it).
-fn instances_capped_at(app: &TestApp, mib: u64) -> Vec<std::path::PathBuf> {
+pub(crate) fn instances_capped_at(app: &TestApp, mib: u64) -> Vec<std::path::PathBuf> {
     let instances = app.data_dir.path().join("instances");
     let limit = (mib * 1024 * 1024).to_string();
     let mut found = std::collections::BTreeSet::new();
@@ -462,4 +462,85 @@ async fn controllers_sharing_redis_list_each_others_sessions() {
     assert_eq!(delete(&b, Some(&token), &on_a).await.status, 204);
     let after = a.get(Some(&token), "/api/v1/sessions").await;
     assert_eq!(listed(&after), [pair(&on_b, "completed")]);
+}
+
+/// Runs executes of a retained session until the rate limit refuses three,
+/// among them malformed and schema-refused ones; then, once the limit lets
+/// the caller in again, the session has counted exactly the executions
+/// that were answered 200. Over the limit, a malformed request is 429 too.
+async fn only_admitted_executions_count_on_a_retained_session(app: &TestApp, sub: &str) {
+    let token = app.token(sub, &["execute:all"]);
+    let id = app
+        .session(&token, "nodejs-calculator", json!({"retain_session": true}))
+        .await;
+    let url = app.url(&format!("/api/v1/execute/{id}"));
+    let malformed = || async {
+        let sent = app
+            .client
+            .post(&url)
+            .bearer_auth(&token)
+            .header("Content-Type", "application/json")
+            .body("{\"params\": ")
+            .send()
+            .await
+            .unwrap();
+        read(sent).await
+    };
+    let (mut answered, mut limited) = (0u64, 0);
+    for i in 0..400 {
+        let reply = match i % 4 {
+            0 => malformed().await,
+            1 => app.execute(&token, &id, json!({"operation": "add"})).await,
+            _ => {
+                app.execute(&token, &id, json!({"operation": "add", "values": [1, 2]}))
+                    .await
+            }
+        };
+        match (reply.status, i % 4) {
+            (200, 2 | 3) => answered += 1,
+            (400, 0 | 1) => {}
+            (429, _) => {
+                assert_eq!(reply.code(), "RATE_LIMITED", "{:?}", reply.body);
+                assert_eq!(reply.body["request_id"], id.as_str());
+                limited += 1;
+                if limited == 3 {
+                    break;
+                }
+            }
+            other => panic!("request {i}: {other:?} {:?}", reply.body),
+        }
+    }
+    assert_eq!(limited, 3, "the limit never refused");
+    assert!(answered > 0);
+    // Over the limit still (its interval is two seconds): 429 before 400.
+    let over = malformed().await;
+    assert_eq!((over.status, over.code()), (429, "RATE_LIMITED"), "{:?}", over.body);
+
+    let mut status = app.get(Some(&token), &format!("/api/v1/sessions/{id}")).await;
+    for _ in 0..50 {
+        if status.status != 429 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = app.get(Some(&token), &format!("/api/v1/sessions/{id}")).await;
+    }
+    assert_eq!(status.status, 200, "{:?}", status.body);
+    assert_eq!(status.body["execution_count"], answered, "{:?}", status.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn executes_over_the_rate_limit_count_nothing_on_their_session() {
+    let app = spawn_app_with(&["--rate-limit-execute", "30"]).await;
+    only_admitted_executions_count_on_a_retained_session(&app, "counted").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn executes_over_the_shared_rate_limit_count_nothing_on_their_session() {
+    let Some(redis) = crate::replicas::redis_url() else {
+        return;
+    };
+    let app = spawn_app_with(&["--redis-url", &redis, "--rate-limit-execute", "30"]).await;
+    // A subject of its own: the shared Redis outlives test runs.
+    let sub = format!("counted-{}", uuid::Uuid::new_v4());
+    only_admitted_executions_count_on_a_retained_session(&app, &sub).await;
 }

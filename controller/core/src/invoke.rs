@@ -10,7 +10,8 @@
 //! it, and the HTTP layer maps [`CoreError`] to the contract's codes.
 //!
 //! ```text
-//! invoke: schema -> cache (L1, L2) --hit--> output (cached)
+//! invoke: look_up: schema -> cache (L1, L2)
+//!         invoke_looked_up: --hit--> output (cached)
 //!         -> instance (retained, idle, warm, cold) -> /run within the deadline
 //!         -> cache the success -> record + metrics -> output
 //! ```
@@ -22,7 +23,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::artifact::BuildFailure;
-use crate::cache::{CacheKey, Layers};
+use crate::cache::{CacheKey, CachedResult, Layers};
 use crate::function::FunctionVersion;
 use crate::logs::{Captured, LogFollowers, RunLogs};
 use crate::metrics::Metrics;
@@ -96,6 +97,18 @@ impl Retained {
     pub fn is_empty(&self) -> bool {
         self.0.is_none()
     }
+}
+
+/// An invocation whose params passed its function's schema, and what the
+/// cache had for it ([`Invoker::look_up`]).
+#[derive(Debug)]
+pub struct Lookup {
+    started: Instant,
+    started_at: OffsetDateTime,
+    /// `None` when the function's results are not cached.
+    key: Option<CacheKey>,
+    /// What the cache answered; `None` when it was not asked (`no-cache`).
+    found: Option<Option<CachedResult>>,
 }
 
 /// What an invocation answered.
@@ -318,29 +331,37 @@ impl Invoker {
         invocation: Invocation<'_>,
         retained: Option<&mut Retained>,
     ) -> Result<Invoked, CoreError> {
+        let lookup = self.look_up(&invocation).await?;
+        self.invoke_looked_up(invocation, retained, lookup).await
+    }
+
+    /// The first half of [`Invoker::invoke`]: checks the params against the
+    /// function's schema and asks the cache for the result. A caller may do
+    /// something else meanwhile (the session layer counts the request
+    /// against its rate limit in the same round trip to Redis), then
+    /// finish with [`Invoker::invoke_looked_up`].
+    pub async fn look_up(&self, invocation: &Invocation<'_>) -> Result<Lookup, CoreError> {
         let started = Instant::now();
         let started_at = OffsetDateTime::now_utc();
         let function = invocation.function;
-        let language_title = function.language_title.as_str();
         if let Err(details) = function.validate_params(invocation.params) {
             self.metrics
-                .record_execution(language_title, "invalid_params", started.elapsed());
+                .record_execution(function.language_title.as_str(), "invalid_params", started.elapsed());
             return Err(CoreError::SchemaMismatch {
                 message: "params do not match the function's schema".into(),
                 details,
             });
         }
-        let policy = function.manifest.cache;
         // Hashing the params and context is for the cache only.
-        let key = policy.enabled.then(|| {
+        let key = function.manifest.cache.enabled.then(|| {
             CacheKey::new(
-                language_title,
+                function.language_title.as_str(),
                 &function.code_hash,
                 invocation.params,
                 invocation.context,
             )
         });
-        let l1_ttl = policy.l1_ttl_secs.map(Duration::from_secs);
+        let mut found = None;
         if let Some(key) = &key
             && invocation.cache != CacheDirective::NoCache
         {
@@ -348,7 +369,36 @@ impl Invoker {
                 CacheDirective::MaxAge(max) => Some(max),
                 _ => None,
             };
-            let found = self.cache.get(key, max_age, l1_ttl).await;
+            let l1_ttl = function.manifest.cache.l1_ttl_secs.map(Duration::from_secs);
+            found = Some(self.cache.get(key, max_age, l1_ttl).await);
+        }
+        Ok(Lookup {
+            started,
+            started_at,
+            key,
+            found,
+        })
+    }
+
+    /// The second half of [`Invoker::invoke`]: the cached result when
+    /// `lookup` found one, else a run (whose success is cached).
+    pub async fn invoke_looked_up(
+        &self,
+        invocation: Invocation<'_>,
+        retained: Option<&mut Retained>,
+        lookup: Lookup,
+    ) -> Result<Invoked, CoreError> {
+        let Lookup {
+            started,
+            started_at,
+            key,
+            found,
+        } = lookup;
+        let function = invocation.function;
+        let language_title = function.language_title.as_str();
+        let policy = function.manifest.cache;
+        let l1_ttl = policy.l1_ttl_secs.map(Duration::from_secs);
+        if let Some(found) = found {
             self.metrics.record_function_cache(language_title, found.is_some());
             if let Some(entry) = found {
                 self.record(&invocation, started, started_at, "cache_hit", true, false, None);

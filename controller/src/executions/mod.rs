@@ -612,7 +612,7 @@ impl Executions {
             parent: None,
         };
         let progress = reporter.as_ref().map(|(p, _)| p as &dyn crate::pipelines::Progress);
-        let invoked = self.engine.run(invocation, None, &steps, progress).await;
+        let invoked = self.engine.run(invocation, None, &steps, progress, None).await;
         if let Some((progress, writer)) = reporter {
             // Its last report is written before the attempt's end.
             drop(progress);

@@ -13,7 +13,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use super::extract::{ApiJson, Auth};
-use super::guard::Prefetched;
+use super::guard::Unadmitted;
 use crate::error::{ApiError, EXECUTION_ID_HEADER, ExecuteErrorBody, FailedExecution, WithRequestId};
 use fnrt_core::invoke::CacheDirective;
 
@@ -82,27 +82,34 @@ async fn execute(
     State(state): State<AppState>,
     Path(request_id): Path<String>,
     auth: Result<Auth, ApiError>,
-    prefetched: Option<Extension<Prefetched>>,
+    unadmitted: Option<Extension<Unadmitted>>,
     headers: HeaderMap,
     body: Result<ApiJson<ExecuteBody>, ApiError>,
 ) -> Result<([(&'static str, String); 1], axum::Json<ExecuteResponse>), FailedExecution> {
     let with_id = |e: ApiError| WithRequestId(request_id.clone(), e);
-    let Auth(subject) = auth.map_err(with_id)?;
-    let ApiJson(body) = body.map_err(with_id)?;
-    let params = body
-        .params
-        .ok_or_else(|| ApiError::InvalidRequest("missing 'params'".into()))
-        .map_err(with_id)?;
-    let directive = cache_directive(&headers).map_err(with_id)?;
+    let Some(Extension(unadmitted)) = unadmitted else {
+        return Err(with_id(ApiError::Internal(anyhow::anyhow!(
+            "execute was routed around the guard"
+        )))
+        .into());
+    };
+    // The request's limit is counted once, whatever refuses it (429 first).
+    let gate = unadmitted.gate(&state);
+    let prepared = (|| {
+        let Auth(subject) = auth?;
+        let ApiJson(body) = body?;
+        let params = body
+            .params
+            .ok_or_else(|| ApiError::InvalidRequest("missing 'params'".into()))?;
+        Ok((subject, params, cache_directive(&headers)?))
+    })();
+    let (subject, params, directive) = match prepared {
+        Ok(prepared) => prepared,
+        Err(refused) => return Err(with_id(gate.refuse(refused).await).into()),
+    };
     let executed = state
         .engine
-        .execute(
-            &subject,
-            &request_id,
-            params,
-            directive,
-            prefetched.and_then(|Extension(Prefetched(s))| s),
-        )
+        .execute(&subject, &request_id, params, directive, gate)
         .await
         .map_err(|(error, execution_id)| FailedExecution {
             request_id: request_id.clone(),

@@ -4,9 +4,10 @@
 //! a request without a valid token is limited per client address and then
 //! refused with 401 by the handler's `Auth` extractor.
 //!
-//! An execute request's session is read while its limit is counted (with
-//! Redis, two round trips at once instead of one after the other); the
-//! handler gets it as [`Prefetched`].
+//! An execute request's limit is left to its handler, as [`Unadmitted`]:
+//! the session layer counts it together with what else the execute needs
+//! from Redis (the session, the cached result), in one round trip (see
+//! [`crate::admission`]).
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{Method, header};
@@ -15,14 +16,20 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use super::extract::Authenticated;
+use crate::admission::Gate;
 use crate::error::{ApiError, WithRequestId};
 use crate::ratelimit::{LimitClass, RateKey};
-use crate::sessions::SessionRecord;
 
-/// The session an execute request names, as read beside its rate limit;
-/// `None` when there is none (or no valid token).
+/// An execute request's limit, not counted yet: its handler makes it a
+/// [`Gate`] and passes it before it answers.
 #[derive(Debug, Clone)]
-pub(super) struct Prefetched(pub Option<SessionRecord>);
+pub(super) struct Unadmitted(RateKey);
+
+impl Unadmitted {
+    pub(super) fn gate(self, state: &AppState) -> Gate<'_> {
+        Gate::new(&*state.admission, &state.metrics, LimitClass::Execute, self.0)
+    }
+}
 
 pub(super) async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
@@ -45,25 +52,18 @@ pub(super) async fn guard(State(state): State<AppState>, mut req: Request, next:
             RateKey::Client(ip)
         }
     };
-    let executes = req.method() == Method::POST;
-    let prefetch = async {
-        match (&execute_id, &verified) {
-            (Some(id), Ok(subject)) if executes => Some(state.engine.session(subject, id).await.ok()),
-            _ => None,
-        }
-    };
-    let (limited, prefetched) = tokio::join!(state.limiter.check(class, &key), prefetch);
-    if let Err(retry_after_secs) = limited {
+    req.extensions_mut().insert(Authenticated(verified));
+    if execute_id.is_some() && req.method() == Method::POST {
+        req.extensions_mut().insert(Unadmitted(key));
+        return next.run(req).await;
+    }
+    if let Err(retry_after_secs) = state.limiter.check(class, &key).await {
         state.metrics.record_rate_limited(class.as_str());
         let err = ApiError::RateLimited { retry_after_secs };
         return match execute_id {
             Some(id) => WithRequestId(id, err).into_response(),
             None => err.into_response(),
         };
-    }
-    req.extensions_mut().insert(Authenticated(verified));
-    if let Some(session) = prefetched {
-        req.extensions_mut().insert(Prefetched(session));
     }
     next.run(req).await
 }

@@ -79,6 +79,8 @@ pub struct Shared {
     pub database: Arc<dyn crate::store::StoreHealth>,
     pub auth: Arc<Authenticator>,
     pub limiter: Arc<dyn RateLimiter>,
+    /// An execute's limit and its session's count ([`crate::admission`]).
+    pub admission: Arc<dyn crate::admission::Admission>,
     pub metrics: Arc<Metrics>,
     /// Set when `REDIS_URL` is; `/health` reports it.
     pub redis: Option<crate::redis_client::RedisClient>,

@@ -22,6 +22,12 @@ impl FallbackSessionStore {
             local: MemorySessionStore::default(),
         }
     }
+
+    /// Whether the session lives in this controller only (it was created
+    /// while Redis did not answer).
+    pub fn holds_locally(&self, key: &str) -> bool {
+        self.local.contains(key)
+    }
 }
 
 #[async_trait]
@@ -52,8 +58,8 @@ impl SessionStore for FallbackSessionStore {
         Ok(sessions)
     }
 
-    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
-        if self.local.get(request_id).await?.is_some() {
+    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<bool> {
+        if self.holds_locally(request_id) {
             return self.local.record_execution(request_id, at, complete).await;
         }
         self.shared.record_execution(request_id, at, complete).await

@@ -13,6 +13,18 @@ pub struct MemorySessionStore {
     sessions: Mutex<HashMap<String, SessionRecord>>,
 }
 
+impl MemorySessionStore {
+    /// Whether a session that has not expired is here (`get` without the copy).
+    pub fn contains(&self, key: &str) -> bool {
+        let now = OffsetDateTime::now_utc();
+        self.sessions
+            .lock()
+            .unwrap()
+            .get(key)
+            .is_some_and(|s| !s.is_expired(now))
+    }
+}
+
 #[async_trait]
 impl SessionStore for MemorySessionStore {
     async fn insert(&self, record: SessionRecord) -> anyhow::Result<bool> {
@@ -43,15 +55,18 @@ impl SessionStore for MemorySessionStore {
             .collect())
     }
 
-    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
-        if let Some(s) = self.sessions.lock().unwrap().get_mut(request_id) {
-            s.execution_count += 1;
-            s.last_executed_at = Some(at);
-            if complete {
-                s.status = SessionStatus::Completed;
-            }
+    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<bool> {
+        let mut sessions = self.sessions.lock().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let Some(s) = sessions.get_mut(request_id).filter(|s| !s.is_expired(now)) else {
+            return Ok(false);
+        };
+        s.execution_count += 1;
+        s.last_executed_at = Some(at);
+        if complete {
+            s.status = SessionStatus::Completed;
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn remove(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {

@@ -96,8 +96,9 @@ pub trait SessionStore: Send + Sync {
     async fn get(&self, key: &str) -> anyhow::Result<Option<SessionRecord>>;
     /// The sessions of `owner` (a `sub`) that have not expired, in no set order.
     async fn list(&self, owner: &str) -> anyhow::Result<Vec<SessionRecord>>;
-    /// Counts one execution; with `complete`, the session is done.
-    async fn record_execution(&self, key: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()>;
+    /// Counts one execution; with `complete`, the session is done. False
+    /// (nothing counted) when the session no longer exists.
+    async fn record_execution(&self, key: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<bool>;
     /// Removes a session; the removed record, if it existed.
     async fn remove(&self, key: &str) -> anyhow::Result<Option<SessionRecord>>;
     /// Removes sessions that expired by `now`; their keys.

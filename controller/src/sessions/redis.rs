@@ -23,9 +23,9 @@ use crate::redis_client::RedisClient;
 use fnrt_core::timefmt;
 
 // v2: sessions are keyed by owner and request ID (`super::session_key`).
-const ALL: &str = "fnrt:sessions:v2";
+pub(crate) const ALL: &str = "fnrt:sessions:v2";
 
-fn session_key(key: &str) -> String {
+pub(crate) fn hash_key(key: &str) -> String {
     format!("fnrt:session:v2:{key}")
 }
 
@@ -58,17 +58,20 @@ if ttl < 0 or ends < tonumber(ARGV[2]) then redis.call('PEXPIREAT', KEYS[4], ARG
 return 1
 ";
 
-/// Counts an execution on a session that still exists; a completing one
-/// leaves the active index.
-const RECORD: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 'count', 1)
-redis.call('HSET', KEYS[1], 'last', ARGV[1])
-if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[1], 'status', 'completed')
-  redis.call('ZREM', KEYS[2], ARGV[3])
+/// Counts an execution on a session that still exists (0 when it does not);
+/// a completing one leaves the active index. A Lua function, so that
+/// [`crate::admission`]'s script counts the same way.
+pub(crate) const RECORD_FN: &str = r"
+local function record(key, all, at, complete, id)
+  if redis.call('EXISTS', key) == 0 then return 0 end
+  redis.call('HINCRBY', key, 'count', 1)
+  redis.call('HSET', key, 'last', at)
+  if complete == '1' then
+    redis.call('HSET', key, 'status', 'completed')
+    redis.call('ZREM', all, id)
+  end
+  return 1
 end
-return 1
 ";
 
 pub struct RedisSessionStore {
@@ -105,12 +108,14 @@ impl RedisSessionStore {
         RedisSessionStore {
             redis,
             insert: redis::Script::new(INSERT),
-            record: redis::Script::new(RECORD),
+            record: redis::Script::new(&format!(
+                "{RECORD_FN}return record(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
+            )),
         }
     }
 
     async fn read(&self, id: &str) -> anyhow::Result<Option<SessionRecord>> {
-        let key = session_key(id);
+        let key = hash_key(id);
         let fields: HashMap<String, String> = self
             .redis
             .run(|mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await })
@@ -128,7 +133,7 @@ impl RedisSessionStore {
             .run(|mut c| async move {
                 let mut pipe = redis::pipe();
                 for id in &ids {
-                    pipe.del(session_key(id)).ignore();
+                    pipe.del(hash_key(id)).ignore();
                     pipe.zrem(ALL, id).ignore();
                     pipe.srem(owner_key(key_owner_hash(id)), id).ignore();
                 }
@@ -147,7 +152,7 @@ impl SessionStore for RedisSessionStore {
         let json = serde_json::to_string(&record)?;
         let expires = unix_ms(record.expires_at);
         let keys = [
-            session_key(&record.key()),
+            hash_key(&record.key()),
             ALL.to_owned(),
             function_key(&record.language_title),
             owner_key(&owner_hash(&record.owner)),
@@ -194,7 +199,7 @@ impl SessionStore for RedisSessionStore {
                 .run(|mut c| async move {
                     let mut pipe = redis::pipe();
                     for id in &ids {
-                        pipe.hgetall(session_key(id));
+                        pipe.hgetall(hash_key(id));
                     }
                     pipe.query_async(&mut c).await
                 })
@@ -224,8 +229,8 @@ impl SessionStore for RedisSessionStore {
         Ok(sessions)
     }
 
-    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<()> {
-        let key = session_key(request_id);
+    async fn record_execution(&self, request_id: &str, at: OffsetDateTime, complete: bool) -> anyhow::Result<bool> {
+        let key = hash_key(request_id);
         let at = timefmt::format(at);
         let script = &self.record;
         self.redis
@@ -239,8 +244,8 @@ impl SessionStore for RedisSessionStore {
                     .invoke_async::<i64>(&mut c)
                     .await
             })
-            .await?;
-        Ok(())
+            .await
+            .map(|counted| counted == 1)
     }
 
     async fn remove(&self, request_id: &str) -> anyhow::Result<Option<SessionRecord>> {

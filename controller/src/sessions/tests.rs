@@ -90,10 +90,22 @@ async fn exercise(store: &dyn SessionStore) {
 
     // A completed one is listed as completed, with its execution.
     let a2 = session_key(&alice, "a2");
-    store
-        .record_execution(&a2, OffsetDateTime::now_utc(), true)
-        .await
-        .unwrap();
+    assert!(
+        store
+            .record_execution(&a2, OffsetDateTime::now_utc(), true)
+            .await
+            .unwrap()
+    );
+    // Counting on a session that is not there (or expired) counts nothing and says so.
+    for missing in [session_key(&subject("carol"), "a2"), session_key(&alice, "expired")] {
+        assert!(
+            !store
+                .record_execution(&missing, OffsetDateTime::now_utc(), false)
+                .await
+                .unwrap(),
+            "{missing}"
+        );
+    }
     let lists = store.list(&alice).await.unwrap();
     let a2 = lists.iter().find(|s| s.request_id == "a2").unwrap();
     assert_eq!(a2.status, SessionStatus::Completed);
