@@ -196,6 +196,7 @@ impl Admission for RedisAdmission {
         };
         let (limit_key, interval_ms, burst) = match self.limiter.gcra(class, key) {
             Some(g) => (g.key, g.interval_ms, g.burst),
+            // A burst of 0 tells the script there is no limit; the key is unused.
             None => (String::from("fnrt:rl:v1:off"), 0, 0),
         };
         let script = &self.script;

@@ -8,8 +8,11 @@
 //! initialize: scope -> registry (current version) -> core.prepare (/init)
 //!             -> session record; the instance is kept by the session
 //!             (retain_session) or goes back to the version's idle list
-//! execute:    session lock -> session (owner) -> scope -> core.invoke
-//!             (with the session's retained instance) -> session stats
+//! execute:    session lock -> session (owner; a retained one's record is
+//!             kept here, any other read beside the rate limit) -> scope
+//!             -> admission (limit + count) beside core.look_up (schema,
+//!             cache) -> core.invoke_looked_up (with the session's retained
+//!             instance)
 //! ```
 //!
 //! A pipeline's session runs [`crate::pipelines`] instead of one invocation:

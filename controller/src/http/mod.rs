@@ -8,7 +8,9 @@
 //! the envelope ([`Envelope`]): the body limit, metrics by matched route,
 //! and JSON errors for anything answered before a handler (413 from the
 //! length check, unknown route, wrong method). The `/api/v1` resource
-//! routes also pass the guard: token check, then the rate limit. What no
+//! routes also pass the guard: token check, then the rate limit (an
+//! execute's is counted by its handler, with its session's count:
+//! [`crate::admission`]). What no
 //! middleware sees, hyper's answer to a request it cannot parse, gets its
 //! JSON body from the connection itself ([`conn`]).
 
