@@ -288,4 +288,20 @@ async fn a_retained_session_deleted_on_another_controller_is_gone_where_its_inst
         "the deleted session's instance is still running"
     );
     assert_eq!(a.get(Some(&token), &format!("/api/v1/sessions/{id}")).await.status, 404);
+
+    // A session B initialized: A reads it once, keeps it, and finds it gone too.
+    b.register(
+        "nodejs-kept",
+        "module.exports.handler = () => ({ ok: true });",
+        json!({}),
+    )
+    .await;
+    let from_b = b.session(&token, "nodejs-kept", json!({"retain_session": true})).await;
+    for _ in 0..2 {
+        let ran = a.execute(&token, &from_b, json!({})).await;
+        assert_eq!(ran.status, 200, "{:?}", ran.body);
+    }
+    assert_eq!(crate::sessions::delete(&b, Some(&token), &from_b).await.status, 204);
+    let after = a.execute(&token, &from_b, json!({})).await;
+    assert_eq!((after.status, after.code()), (404, "NOT_FOUND"), "{:?}", after.body);
 }
