@@ -362,8 +362,10 @@ async fn logs_show_an_execution_s_output_and_follow_a_function_and_sessions_list
     let failed_logs = fnrt(&config, &["logs", failed_id]).await;
     assert!(
         failed_logs.stdout.contains(" stdout hello boom"),
-        "{}",
-        failed_logs.stdout
+        "exit {}, stdout {:?}, stderr {:?}",
+        failed_logs.code,
+        failed_logs.stdout,
+        failed_logs.stderr
     );
 
     // A function's last lines name their executions (the lines of one
