@@ -345,3 +345,57 @@ async fn a_clean_instance_of_every_language_is_reused_by_the_next_session() {
         assert!(ids.windows(2).all(|w| w[0] == w[1]), "{title}: {ids:?}");
     }
 }
+
+/// What an instance's process holds open beyond what its runtime opened:
+/// a descriptor left open across `exec` reaches into the controller (a
+/// file, a directory to `openat` out of the sandbox from). Past the
+/// standard streams a function finds no file or directory open: only its
+/// runtime's sockets, pipes, event descriptors and `/dev/null`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_finds_no_descriptor_it_did_not_open_itself() {
+    let app = spawn_app().await;
+    let python = "import os\n\
+def handler(params, context):\n    \
+    fds = {}\n    \
+    for fd in os.listdir('/proc/self/fd'):\n        \
+        try:\n            \
+            fds[fd] = os.readlink('/proc/self/fd/' + fd)\n        \
+        except FileNotFoundError:\n            \
+            pass  # the listing's own descriptor, closed by now\n    \
+    return {'fds': fds}\n";
+    let node = "const fs = require('fs');\n\
+module.exports.handler = () => {\n  \
+  const fds = {};\n  \
+  for (const fd of fs.readdirSync('/proc/self/fd')) {\n    \
+    try { fds[fd] = fs.readlinkSync('/proc/self/fd/' + fd); } catch (e) { if (e.code !== 'ENOENT') throw e; }\n  \
+  }\n  \
+  return { fds };\n\
+};\n";
+    for (title, code) in [("python-fds", python), ("nodejs-fds", node)] {
+        let r = app
+            .run_once(title, code, json!({"cache": {"enabled": false}}), json!({}))
+            .await;
+        assert_eq!(r.status, 200, "{title}: {:?}", r.body);
+        let fds = r.body["result"]["fds"].as_object().expect("fds");
+        for (fd, target) in fds {
+            let target = target.as_str().unwrap_or_default();
+            let allowed = match fd.parse::<u32>() {
+                // The standard streams: /dev/null and the instance's pipes.
+                Ok(0..=2) => target == "/dev/null" || target.starts_with("pipe:"),
+                // Past them, what the runtime opened: sockets, pipes, event
+                // descriptors, /dev/null (Node opens one); no other file or
+                // directory (the listing's own /proc/self/fd aside).
+                Ok(_) => {
+                    !target.starts_with('/')
+                        || target == "/dev/null"
+                        || (target.starts_with("/proc/") && target.ends_with("/fd"))
+                }
+                Err(_) => false,
+            };
+            assert!(
+                allowed,
+                "{title}: fd {fd} -> {target} was left open for the function: {fds:?}"
+            );
+        }
+    }
+}
