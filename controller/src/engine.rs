@@ -578,10 +578,13 @@ impl Engine {
                     key: &key,
                     count: counts,
                 };
+                // Params the schema refuses are looked at after the verdict
+                // (in the run below): a request over the limit records no
+                // execution of any outcome.
                 let looking = async {
                     match function.pipeline() {
-                        Some(_) => None,
-                        None => Some(self.core.look_up(&invocation).await),
+                        None if counts => Some(self.core.look_up(&invocation).await),
+                        _ => None,
                     }
                 };
                 let (admitted, looked) = tokio::join!(gate.pass(Some(check)), looking);
