@@ -15,7 +15,7 @@ use crate::helpers::spawn_app;
 
 /// Rust source of `attempts()`, shared by the build script and the macro:
 /// tries every read, write and connection and answers a JSON object of
-/// what each gave.
+/// what each gave, and of the descriptors it finds open (`"fd N"`).
 const ATTEMPTS: &str = r#"
 fn attempts() -> String {
     use std::io::Read;
@@ -47,6 +47,13 @@ fn attempts() -> String {
             Err(e) => format!("error: {e}"),
         };
         out.push(format!("{:?}: {:?}", format!("connect {addr}"), got));
+    }
+    // What it holds open, each as `"fd N": target`.
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            let fd = format!("fd {}", entry.file_name().to_string_lossy());
+            out.push(format!("{:?}: {:?}", fd, target.display().to_string()));
+        }
     }
     format!("{{{}}}", out.join(","))
 }
@@ -148,9 +155,10 @@ async fn a_build_script_and_a_proc_macro_read_no_secret_write_nothing_outside_an
     // Assert: every attempt failed, in both places, and nothing was written.
     assert_eq!(r.status, 200, "{:?}", r.body);
     for place in ["build_rs", "proc_macro"] {
-        let attempts = r.body["result"][place]
+        let found = r.body["result"][place]
             .as_object()
             .unwrap_or_else(|| panic!("{place}: {:?}", r.body));
+        let (fds, attempts): (Vec<_>, Vec<_>) = found.iter().partition(|(k, _)| k.starts_with("fd "));
         assert_eq!(
             attempts.len(),
             reads.len() + writes.len() + connects.len(),
@@ -160,6 +168,13 @@ async fn a_build_script_and_a_proc_macro_read_no_secret_write_nothing_outside_an
             let got = got.as_str().unwrap_or_default();
             assert!(got.starts_with("error"), "{place}: {attempt} gave {got:?}");
         }
+        // The build inherited nothing the controller holds open.
+        assert!(!fds.is_empty(), "{place}: no descriptor listed: {found:?}");
+        let inherited = crate::helpers::descriptors_not_its_own(
+            fds.iter()
+                .map(|(k, t)| (&k["fd ".len()..], t.as_str().unwrap_or_default())),
+        );
+        assert!(inherited.is_empty(), "{place}: inherited {inherited:?} of {fds:?}");
     }
     for path in writes {
         assert!(!Path::new(&path).exists(), "the build wrote {path}");

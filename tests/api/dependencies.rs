@@ -194,6 +194,10 @@ for (const [name, path] of [
 ]) {{
   try {{ found[name] = fs.readFileSync(path).length > 0 ? 'read' : 'empty'; }} catch (e) {{ found[name] = e.code; }}
 }}
+found.fds = {{}};
+for (const fd of fs.readdirSync('/proc/self/fd')) {{
+  try {{ found.fds[fd] = fs.readlinkSync('/proc/self/fd/' + fd); }} catch (e) {{}}
+}}
 const ports = [6379, 5432, {controller_port}];
 let pending = ports.length;
 for (const port of ports) {{
@@ -209,9 +213,15 @@ for (const port of ports) {{
     )
 }
 
-/// Asserts that a snoop found nothing: not root, no secret read, no port.
+/// Asserts that a snoop found nothing: not root, no secret read, no port,
+/// no descriptor of the controller's.
 fn assert_found_nothing(found: &Value, ports: &[u16]) {
     assert_ne!(found["uid"], 0, "{found}");
+    let fds = found["fds"].as_object().expect("the descriptors it listed");
+    let inherited = crate::helpers::descriptors_not_its_own(
+        fds.iter().map(|(fd, t)| (fd.as_str(), t.as_str().unwrap_or_default())),
+    );
+    assert!(inherited.is_empty(), "inherited {inherited:?} of {fds:?}");
     for secret in ["jwt_secret", "database", "environ", "shadow"] {
         let result = found[secret].as_str().unwrap_or_default();
         assert!(
@@ -304,6 +314,12 @@ for name, path in [("jwt_secret", "{data_dir}/jwt-secret"), ("database", "{data_
             found[name] = "read" if f.read() else "empty"
     except OSError as e:
         found[name] = type(e).__name__
+found["fds"] = {{}}
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        found["fds"][fd] = os.readlink("/proc/self/fd/" + fd)
+    except OSError:
+        pass
 for port in [6379, 5432, {controller_port}]:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -673,6 +673,34 @@ pub fn children_of(parent: u32) -> Vec<u32> {
     out
 }
 
+/// Which of the descriptors that code in a sandbox found open (`fd`
+/// number to what `/proc/self/fd/N` links to, as the code read them) it did
+/// not open itself, past the standard streams: a file or directory (but
+/// `/dev/null`, and the listing's own `/proc/N/fd`), or a pipe or socket
+/// also open in this process, the in-process controller (a descriptor
+/// leaked across `exec` is the same pipe or socket on both sides).
+/// Anonymous inodes have one name for all and are not told apart.
+pub fn descriptors_not_its_own<'a>(found: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<String> {
+    let controllers: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.display().to_string())
+        .collect();
+    found
+        .into_iter()
+        .filter(|(fd, target)| {
+            let past_stdio = fd.parse::<u32>().is_ok_and(|n| n > 2);
+            let file = target.starts_with('/')
+                && *target != "/dev/null"
+                && !(target.starts_with("/proc/") && target.ends_with("/fd"));
+            let shared = *target != "/dev/null" && !target.starts_with("anon_inode:") && controllers.contains(*target);
+            past_stdio && (file || shared)
+        })
+        .map(|(fd, target)| format!("fd {fd} -> {target}"))
+        .collect()
+}
+
 /// The value of one series (`name{labels}` exactly as `/metrics` writes
 /// it) in a `/metrics` text; None when it is not there.
 pub fn sample(metrics: &str, series: &str) -> Option<f64> {

@@ -377,25 +377,22 @@ module.exports.handler = () => {\n  \
             .await;
         assert_eq!(r.status, 200, "{title}: {:?}", r.body);
         let fds = r.body["result"]["fds"].as_object().expect("fds");
-        for (fd, target) in fds {
-            let target = target.as_str().unwrap_or_default();
-            let allowed = match fd.parse::<u32>() {
-                // The standard streams: /dev/null and the instance's pipes.
-                Ok(0..=2) => target == "/dev/null" || target.starts_with("pipe:"),
-                // Past them, what the runtime opened: sockets, pipes, event
-                // descriptors, /dev/null (Node opens one); no other file or
-                // directory (the listing's own /proc/self/fd aside).
-                Ok(_) => {
-                    !target.starts_with('/')
-                        || target == "/dev/null"
-                        || (target.starts_with("/proc/") && target.ends_with("/fd"))
-                }
-                Err(_) => false,
-            };
+        // The standard streams: /dev/null and the instance's pipes.
+        for fd in ["0", "1", "2"] {
+            let target = fds[fd].as_str().unwrap_or_default();
             assert!(
-                allowed,
-                "{title}: fd {fd} -> {target} was left open for the function: {fds:?}"
+                target == "/dev/null" || target.starts_with("pipe:"),
+                "{title}: fd {fd} -> {target}: {fds:?}"
             );
         }
+        // Past them, only what the runtime opened: its sockets, pipes, event
+        // descriptors, /dev/null (Node opens one).
+        let inherited = crate::helpers::descriptors_not_its_own(
+            fds.iter().map(|(fd, t)| (fd.as_str(), t.as_str().unwrap_or_default())),
+        );
+        assert!(
+            inherited.is_empty(),
+            "{title}: left open for the function: {inherited:?} of {fds:?}"
+        );
     }
 }

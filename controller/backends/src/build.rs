@@ -458,9 +458,6 @@ impl Builder {
                 let (bwrap, wrapped, net) = sandbox.wrap(&program, args, dir, network)?;
                 let mut cmd = tokio::process::Command::new(bwrap);
                 cmd.args(wrapped).env_clear().envs(self.sandboxed_env());
-                if let Some(net) = &net {
-                    net.prepare(&mut cmd);
-                }
                 private = net;
                 cmd
             }
@@ -477,6 +474,9 @@ impl Builder {
             .kill_on_drop(true)
             .process_group(0);
         die_with_controller(cmd.as_std_mut());
+        if let Some(net) = &private {
+            net.prepare(&mut cmd);
+        }
         Ok((cmd, private))
     }
 
@@ -685,13 +685,18 @@ async fn ensure_wasm_target(cargo: &str) -> Result<(), String> {
 /// whole group itself, see [`KillGroup`]). The signal is tied to the
 /// spawning thread: a long-lived tokio worker, or a thread that waits for
 /// the child.
+///
+/// It inherits no descriptor of the controller's past its standard streams
+/// ([`crate::sandbox::close_inherited_on_exec`]). A private network's
+/// `pre_exec` hands bubblewrap its own ends again, so it is registered
+/// after this one.
 #[allow(unsafe_code)]
 pub(crate) fn die_with_controller(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt as _;
     let controller = rustix::process::getpid();
     // SAFETY: the closure runs in the forked child before exec and makes
-    // two raw system calls (prctl, getppid) through rustix, without
-    // allocating or taking locks: async-signal-safe.
+    // three raw system calls (prctl, getppid, close_range) through rustix
+    // and libc, without allocating or taking locks: async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
@@ -699,7 +704,7 @@ pub(crate) fn die_with_controller(cmd: &mut std::process::Command) {
             if rustix::process::getppid() != Some(controller) {
                 return Err(std::io::Error::other("the controller is gone"));
             }
-            Ok(())
+            crate::sandbox::close_inherited_on_exec()
         });
     }
 }

@@ -436,9 +436,6 @@ impl Installer {
                     .map_err(|e| failure(format!("{what} could not be prepared: {e}"), ""))?;
                 let mut cmd = tokio::process::Command::new(bwrap);
                 cmd.args(wrapped);
-                if let Some(net) = &net {
-                    net.prepare(&mut cmd);
-                }
                 private = net;
                 cmd
             }
@@ -457,6 +454,9 @@ impl Installer {
             .kill_on_drop(true)
             .process_group(0);
         crate::build::die_with_controller(cmd.as_std_mut());
+        if let Some(net) = &private {
+            net.prepare(&mut cmd);
+        }
         let child = cmd
             .spawn()
             .map_err(|e| failure(format!("{what} could not start: {e}"), ""))?;

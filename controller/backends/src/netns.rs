@@ -246,14 +246,16 @@ fn kill_sandbox(pid: u32) {
     }
 }
 
-/// Lets `cmd`'s child inherit `fds` (close-on-exec in the parent).
+/// Lets `cmd`'s child inherit `fds` (close-on-exec in the parent), and no
+/// other descriptor past its standard streams.
 #[allow(unsafe_code)]
 fn inherit(cmd: &mut tokio::process::Command, fds: Vec<i32>) {
-    // SAFETY: runs in the forked child before exec; fcntl through rustix is
-    // one system call per fd, no allocation, no lock. The fds stay open in
-    // the parent until after the spawn.
+    // SAFETY: runs in the forked child before exec; close_range, then fcntl
+    // through rustix, one system call per fd, no allocation, no lock. The
+    // fds stay open in the parent until after the spawn.
     unsafe {
         cmd.pre_exec(move || {
+            crate::sandbox::close_inherited_on_exec()?;
             for fd in &fds {
                 let fd = std::os::fd::BorrowedFd::borrow_raw(*fd);
                 rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;

@@ -773,8 +773,9 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
         maximum: Some(n),
     };
     // SAFETY: the closure runs in the forked (single-threaded) child before
-    // exec; it only makes raw system calls (open/write/close, unshare, mount, setres[ug]id,
-    // setgroups, setrlimit, prctl, signal, getppid, close_range) through rustix and libc on data prepared before the
+    // exec; it only makes raw system calls (open/write/close, unshare,
+    // mount, setres[ug]id, setgroups, setrlimit, prctl, signal, getppid,
+    // close_range) through rustix and libc on data prepared before the
     // fork, without allocating or taking locks, so it is async-signal-safe.
     // unshare(NEWNS) shares no file descriptors, the hazard of unshare_unsafe.
     let controller = rustix::process::getpid();
@@ -817,15 +818,8 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
             if rustix::process::getppid() != Some(controller) {
                 return Err(std::io::Error::other("the controller is gone"));
             }
-            // Nothing the controller holds open reaches the instance: every
-            // descriptor past the standard streams closes at exec, also one
-            // a library left without close-on-exec (wasmtime re-opens its
-            // `/proc/self/pagemap` in every forked child with `dup2`, which
-            // clears the flag). Marked rather than closed: std's own pipe
-            // reports a failed exec.
-            if libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            // Nothing the controller holds open reaches the instance.
+            crate::sandbox::close_inherited_on_exec()?;
             Ok(())
         });
     }

@@ -33,6 +33,24 @@ use std::path::{Path, PathBuf};
 
 use crate::netns::PrivateNetwork;
 
+/// Marks every descriptor past the standard streams close-on-exec, so that
+/// nothing the controller holds open reaches code of others (a child's
+/// `pre_exec`), also one a library left without the flag: wasmtime re-opens
+/// its `/proc/self/pagemap` in every forked child with `dup2`, which clears
+/// it. Marked rather than closed: std's own pipe reports a failed exec, and
+/// a later `pre_exec` step may hand a child its own ends again.
+///
+/// One system call, no allocation, no lock: async-signal-safe.
+#[allow(unsafe_code)]
+pub(crate) fn close_inherited_on_exec() -> std::io::Result<()> {
+    // SAFETY: close_range only changes descriptor flags; the range past 2
+    // holds no descriptor this process's Rust code owns across exec.
+    if unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The system every sandbox sees, read-only: programs, libraries, `/etc`
 /// (the resolver and CA certificates for a fetch; `/etc/shadow` stays
 /// unreadable to a sandbox's uid).
