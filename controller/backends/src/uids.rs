@@ -9,7 +9,10 @@
 //! of its uid (v1 `pids` controller, `/sys/fs/cgroup/pids/fnrt/{uid}`,
 //! joined before the sandbox starts; a function cannot leave it, since no
 //! cgroup filesystem is mounted in its sandbox), and a uid whose cgroup
-//! still counts a task is passed over.
+//! still counts a task is passed over. Those tasks belong to no instance
+//! (the uid's lock is free), so they are killed then, and when a pool
+//! starts ([`UidPool::new`] sweeps its range): nothing of a controller that
+//! died without stopping its instances outlives the next one to start.
 //!
 //! The same cgroup tells whether an instance's processes grew: a function
 //! that left a process (or a zombie) behind is not handed to the next
@@ -64,12 +67,37 @@ impl UidPool {
                 None
             }
         };
-        Ok(Arc::new(UidPool {
+        let pool = Arc::new(UidPool {
             base,
             count: count.max(1),
             cgroups,
             state: Mutex::new((0, HashSet::new())),
-        }))
+        });
+        pool.sweep();
+        Ok(pool)
+    }
+
+    /// Kills what instances of a controller that died without stopping them
+    /// left behind in this range: processes of a uid whose lock no one
+    /// holds. (A sandbox dies with its controller; this is the net under
+    /// that, for any way it did not.)
+    fn sweep(&self) {
+        let Some(dir) = &self.cgroups else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let Some(uid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !(self.base..self.base + self.count).contains(&uid) {
+                continue;
+            }
+            if let Some(_lock) = try_lock(uid)
+                && let Ok(cgroup) = Cgroup::open(entry.path())
+                && cgroup.tasks() > 0
+            {
+                kill_orphans(uid, &cgroup);
+            }
+        }
     }
 
     /// A uid no other instance on this host holds and no process runs as.
@@ -86,8 +114,13 @@ impl UidPool {
                 Some(dir) => match Cgroup::open(dir.join(uid.to_string())) {
                     Ok(cgroup) if cgroup.tasks() == 0 => Some(cgroup),
                     // Processes of an earlier instance with this uid are
-                    // still being reaped (or, at worst, live on).
-                    Ok(_) => continue,
+                    // still being reaped, or live on with no one to stop
+                    // them: killed either way (whoever held the uid let it
+                    // go), and the uid passed over until they are gone.
+                    Ok(cgroup) => {
+                        kill_orphans(uid, &cgroup);
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(uid, error = %e, "cannot create the uid's cgroup; passed over");
                         continue;
@@ -105,6 +138,26 @@ impl UidPool {
         }
         None
     }
+}
+
+/// Kills the processes in the cgroup of `uid`, whose lock the caller
+/// holds: no instance owns them. Says which they were, since a sandbox
+/// that outlived its controller is a fault worth finding.
+fn kill_orphans(uid: u32, cgroup: &Cgroup) {
+    let processes = cgroup.processes();
+    if processes.is_empty() {
+        return;
+    }
+    let commands: Vec<String> = processes
+        .iter()
+        .map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            format!("{pid}: {}", cmdline.trim())
+        })
+        .collect();
+    tracing::warn!(uid, processes = ?commands, "killing processes of a uid no instance holds (left by a controller that is gone)");
+    cgroup.kill(None);
 }
 
 /// The exclusive lock on `uid`, if no one else holds it.
@@ -319,10 +372,15 @@ mod tests {
         .unwrap();
         drop(lease);
 
-        // Assert: not handed out while the process lives, then free.
+        // Assert: not handed out while the process lives; no one holds the
+        // uid, so the process is killed; then the uid is free.
         assert!(b.allocate().is_none(), "handed out while a process of it lives");
-        straggler.kill().unwrap();
-        straggler.wait().unwrap();
+        let status = straggler.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status}"
+        );
         // The kernel may uncharge a reaped task a moment later.
         let mut lease = None;
         for _ in 0..200 {
@@ -335,6 +393,48 @@ mod tests {
         let lease = lease.expect("free once its last process is gone");
         assert_eq!(lease.uid, 260_000);
         assert_eq!(lease.cgroup.as_ref().unwrap().tasks(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_pool_that_starts_kills_what_a_dead_controllers_instances_left_in_its_range() {
+        if !walls_available() {
+            return;
+        }
+        // Arrange: a controller (pool) whose instance's process outlives
+        // it: the pool and the lease are gone, the process is not.
+        let dead = UidPool::new(260_003, 1).unwrap();
+        let lease = dead.allocate().unwrap();
+        let mut left = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(
+            lease.cgroup.as_ref().unwrap().path().join("cgroup.procs"),
+            left.id().to_string(),
+        )
+        .unwrap();
+        drop((lease, dead));
+        // A uid another pool holds is not touched, whatever runs in it.
+        let holder = UidPool::new(260_004, 1).unwrap();
+        let held = holder.allocate().unwrap();
+        let mut running = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(
+            held.cgroup.as_ref().unwrap().path().join("cgroup.procs"),
+            running.id().to_string(),
+        )
+        .unwrap();
+
+        // Act: the next controller starts over the whole range.
+        let _next = UidPool::new(260_003, 2).unwrap();
+
+        // Assert: the left process was killed, the held one lives.
+        let status = left.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status}"
+        );
+        assert!(running.try_wait().unwrap().is_none(), "a held uid's process was killed");
+        running.kill().unwrap();
+        running.wait().unwrap();
+        assert!(held.cgroup.as_ref().unwrap().kill_all(Duration::from_secs(2)).await);
     }
 
     #[tokio::test]
