@@ -190,3 +190,46 @@ async fn egress_entries_are_checked_at_registration_and_shown_in_the_detail() {
         .await;
     assert!(plain.body.get("network").is_none(), "{:?}", plain.body);
 }
+
+/// slirp4netns runs as the controller's user and parses the function's
+/// packets: it holds no descriptor of the controller's but the two pipes
+/// it is given (`--ready-fd`, `--exit-fd`) and its own (`/dev/net/tun`).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_user_mode_network_holds_no_descriptor_of_the_controllers() {
+    let app = spawn_app().await;
+    let lt = "python-egress-fds";
+    app.register(lt, PROBE, json!({"network": {"egress": ["pypi.org:443"]}}))
+        .await;
+    let token = app.admin();
+    let id = app.session(&token, lt, json!({"retain_session": true})).await;
+    let r = app.execute(&token, &id, json!({"targets": []})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // This test's process is the controller: its slirp4netns are its children.
+    let slirps: Vec<u32> = crate::helpers::children_of(std::process::id())
+        .into_iter()
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "slirp4netns"))
+        .collect();
+    assert!(!slirps.is_empty(), "no slirp4netns beside a function with egress");
+    for pid in slirps {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let given: Vec<String> = String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .filter_map(|a| a.strip_prefix("--ready-fd=").or_else(|| a.strip_prefix("--exit-fd=")))
+            .map(str::to_owned)
+            .collect();
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue; // it ended meanwhile (another test's)
+        };
+        let fds: Vec<(String, String)> = dir
+            .flatten()
+            .filter_map(|e| {
+                let target = std::fs::read_link(e.path()).ok()?.display().to_string();
+                Some((e.file_name().to_string_lossy().into_owned(), target))
+            })
+            .filter(|(fd, target)| !given.contains(fd) && target != "/dev/net/tun")
+            .collect();
+        let inherited = crate::helpers::descriptors_not_its_own(fds.iter().map(|(fd, t)| (fd.as_str(), t.as_str())));
+        assert!(inherited.is_empty(), "slirp4netns {pid}: {inherited:?} of {fds:?}");
+    }
+}
