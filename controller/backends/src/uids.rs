@@ -156,7 +156,7 @@ fn kill_orphans(uid: u32, cgroup: &Cgroup) {
             format!("{pid}: {}", cmdline.trim())
         })
         .collect();
-    tracing::warn!(uid, processes = ?commands, "killing processes of a uid no instance holds (left by a controller that is gone)");
+    tracing::warn!(uid, processes = ?commands, "killing processes of a uid no instance holds (left by a controller that is gone, or still dying)");
     cgroup.kill(None);
 }
 
@@ -349,6 +349,23 @@ mod tests {
         available
     }
 
+    /// `sleep secs`, moved into `cgroup` (a process an instance left).
+    fn sleep_in(cgroup: &Cgroup, secs: &str) -> std::process::Child {
+        let child = std::process::Command::new("sleep").arg(secs).spawn().unwrap();
+        std::fs::write(cgroup.path().join("cgroup.procs"), child.id().to_string()).unwrap();
+        child
+    }
+
+    /// Waits for `child`, which must have been killed with SIGKILL.
+    fn assert_killed(mut child: std::process::Child) {
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status}"
+        );
+    }
+
     #[tokio::test]
     async fn a_uid_is_never_handed_out_while_another_holds_it_or_a_process_of_it_lives() {
         if !walls_available() {
@@ -364,23 +381,13 @@ mod tests {
         assert!(b.allocate().is_none());
 
         // Arrange: a process in the uid's cgroup outlives the lease.
-        let mut straggler = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        std::fs::write(
-            lease.cgroup.as_ref().unwrap().path().join("cgroup.procs"),
-            straggler.id().to_string(),
-        )
-        .unwrap();
+        let straggler = sleep_in(lease.cgroup.as_ref().unwrap(), "30");
         drop(lease);
 
         // Assert: not handed out while the process lives; no one holds the
         // uid, so the process is killed; then the uid is free.
         assert!(b.allocate().is_none(), "handed out while a process of it lives");
-        let status = straggler.wait().unwrap();
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(libc::SIGKILL),
-            "{status}"
-        );
+        assert_killed(straggler);
         // The kernel may uncharge a reaped task a moment later.
         let mut lease = None;
         for _ in 0..200 {
@@ -404,33 +411,18 @@ mod tests {
         // it: the pool and the lease are gone, the process is not.
         let dead = UidPool::new(260_003, 1).unwrap();
         let lease = dead.allocate().unwrap();
-        let mut left = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        std::fs::write(
-            lease.cgroup.as_ref().unwrap().path().join("cgroup.procs"),
-            left.id().to_string(),
-        )
-        .unwrap();
+        let left = sleep_in(lease.cgroup.as_ref().unwrap(), "30");
         drop((lease, dead));
         // A uid another pool holds is not touched, whatever runs in it.
         let holder = UidPool::new(260_004, 1).unwrap();
         let held = holder.allocate().unwrap();
-        let mut running = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        std::fs::write(
-            held.cgroup.as_ref().unwrap().path().join("cgroup.procs"),
-            running.id().to_string(),
-        )
-        .unwrap();
+        let mut running = sleep_in(held.cgroup.as_ref().unwrap(), "30");
 
         // Act: the next controller starts over the whole range.
         let _next = UidPool::new(260_003, 2).unwrap();
 
         // Assert: the left process was killed, the held one lives.
-        let status = left.wait().unwrap();
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(libc::SIGKILL),
-            "{status}"
-        );
+        assert_killed(left);
         assert!(running.try_wait().unwrap().is_none(), "a held uid's process was killed");
         running.kill().unwrap();
         running.wait().unwrap();
@@ -445,13 +437,11 @@ mod tests {
         let pool = UidPool::new(260_001, 1).unwrap();
         let lease = pool.allocate().unwrap();
         let cgroup = lease.cgroup.as_ref().unwrap();
-        let mut a = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        std::fs::write(cgroup.path().join("cgroup.procs"), a.id().to_string()).unwrap();
+        let mut a = sleep_in(cgroup, "30");
         assert!(!cgroup.grew(1), "one process, as expected");
 
         // A second process, then the same exited but not reaped (a zombie).
-        let mut b = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
-        std::fs::write(cgroup.path().join("cgroup.procs"), b.id().to_string()).unwrap();
+        let mut b = sleep_in(cgroup, "0.2");
         assert!(cgroup.grew(1), "a second process counts");
         std::thread::sleep(Duration::from_millis(500));
         assert!(cgroup.grew(1), "a zombie counts");
