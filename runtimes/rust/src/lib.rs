@@ -10,11 +10,13 @@
 //!
 //! - [`main_with_args`] parses `--socket`, starts the server (below), removes a stale socket
 //!   file, binds and serves forever on the calling thread.
-//! - `server`: two threads. The calling (main) thread serves HTTP/1.1 with hyper on a
-//!   current-thread tokio runtime: every connection, routing, bodies bounded to 64 MiB,
+//! - `server`: two threads, each serving HTTP/1.1 with hyper on a current-thread tokio runtime.
+//!   The calling (main) thread accepts every connection: routing, bodies bounded to 64 MiB,
 //!   400/404/405 answers. The function thread, started once, runs the function's code: /init's
-//!   loading and each /run's call, so `GET /health` answers during a run and a concurrent
-//!   `POST /run` gets 409 BUSY at once.
+//!   loading and each /run's call. It serves the first connection itself (the controller's one
+//!   kept connection: its runs cost no hand-off); the main thread serves any other and hands its
+//!   /init and /run over, so `GET /health` answers during a run and a concurrent `POST /run` gets
+//!   409 BUSY at once.
 //! - `runtime`: the instance's state (one init, one run at a time) and the `/health`, `/init`,
 //!   `/run` answers, each of the last two in two steps: checks on the main thread, the function's
 //!   code on the function thread; `/init` writes the library to `./function/{entrypoint}` and
@@ -36,7 +38,7 @@
 //!   a JSON error: it never reaches this crate's code. Every request that does (malformed or oversized
 //!   bodies, bad JSON, unknown routes) gets JSON.
 //! - tokio, whose threads would matter for `Runtime::replace_environment` (setenv is unsound
-//!   while another thread reads the environment). Hence a current-thread runtime, which adds no
+//!   while another thread reads the environment). Hence current-thread runtimes, which add no
 //!   thread, no `spawn_blocking`, and one function thread spawned at start-up with an explicit
 //!   stack size: after start-up the process has exactly two threads of ours, and the main one
 //!   never reads the environment. No thread is created per connection or per run either, so a
@@ -428,6 +430,8 @@ mod tests {
     // blocks until released when asked.
     static RELEASE: AtomicBool = AtomicBool::new(false);
     static BLOCKED: AtomicBool = AtomicBool::new(false);
+    /// The thread of every call.
+    static CALLED_ON: std::sync::Mutex<Vec<std::thread::ThreadId>> = std::sync::Mutex::new(Vec::new());
 
     #[allow(unsafe_code)]
     mod fake {
@@ -437,6 +441,7 @@ mod tests {
             // SAFETY: the runtime passes `len` readable bytes at `input`.
             let input = unsafe { std::slice::from_raw_parts(input, len) };
             let text = String::from_utf8_lossy(input);
+            CALLED_ON.lock().unwrap().push(std::thread::current().id());
             if text.contains("block") {
                 BLOCKED.store(true, Ordering::SeqCst);
                 while !RELEASE.load(Ordering::SeqCst) {
@@ -480,27 +485,36 @@ mod tests {
             (409, json!("ALREADY_INITIALIZED"))
         );
 
-        // A run in progress: /health still answers, another /run is BUSY.
-        let blocked_socket = socket.clone();
+        // A run in progress on the first connection (served by the function thread): /health
+        // still answers on another connection, and another /run there is BUSY.
         let blocked = std::thread::spawn(move || {
-            let mut s = connect(&blocked_socket);
             s.get_mut()
                 .write_all(&post("/run", r#"{"params": {"block": true}}"#))
                 .unwrap();
-            // Done sending: the answer comes all the same.
-            s.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
-            read_answer(&mut s).0
+            let status = read_answer(&mut s).0;
+            (status, s)
         });
         while !BLOCKED.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let (status, _, body) = exchange(&mut s, b"GET /health HTTP/1.1\r\n\r\n");
+        let mut other = connect(&socket);
+        let (status, _, body) = exchange(&mut other, b"GET /health HTTP/1.1\r\n\r\n");
         assert_eq!((status, json_of(&body)["initialized"].clone()), (200, json!(true)));
-        let (status, _, body) = exchange(&mut s, &post("/run", "{}"));
+        let (status, _, body) = exchange(&mut other, &post("/run", "{}"));
         assert_eq!((status, json_of(&body)["error"]["code"].clone()), (409, json!("BUSY")));
         RELEASE.store(true, Ordering::SeqCst);
-        assert_eq!(blocked.join().unwrap(), 200);
-        let (status, _, _) = exchange(&mut s, &post("/run", "{}"));
+        let (status, mut s) = blocked.join().unwrap();
         assert_eq!(status, 200);
+
+        // Runs on either connection, each answered, all on the one function thread.
+        for first in [true, false, true] {
+            let stream = if first { &mut s } else { &mut other };
+            let (status, _, _) = exchange(stream, &post("/run", "{}"));
+            assert_eq!(status, 200, "on the first connection: {first}");
+        }
+        let threads = CALLED_ON.lock().unwrap();
+        assert_eq!(threads.len(), 6, "{threads:?}");
+        assert!(threads.iter().all(|t| *t == threads[0]), "{threads:?}");
+        assert_ne!(threads[0], std::thread::current().id());
     }
 }

@@ -365,10 +365,11 @@ impl Runtime {
         // reads or writes the environment. This runs for the instance's one /init (`begin_init`
         // lets one through), on the function thread, before the function's library is loaded
         // (none of its code has run, none of its threads exist) and before the function is set (no
-        // /run can start). The process has one other thread, the main thread, which serves HTTP:
+        // /run can start). The function thread's own tokio runtime and hyper are not polled while
+        // this runs on it. The process has one other thread, the main thread, which serves HTTP:
         // a current-thread tokio runtime (epoll, a timer) and hyper, plus serde_json, none of
-        // which reads the environment. tokio read its own variables (TOKIO_*) when the runtime was
-        // built, at start-up, and starts no thread of its own: a current-thread runtime's only
+        // which reads the environment. tokio read its own variables (TOKIO_*) when the runtimes
+        // were built, at start-up, and starts no thread of its own: a current-thread runtime's only
         // extra threads would be its blocking pool's, and nothing here calls `spawn_blocking` or
         // tokio's file or DNS functions. No thread is spawned after start-up, and the function
         // thread was spawned with an explicit stack size, so std::thread never read

@@ -1,14 +1,23 @@
-//! The server: HTTP/1.1 by hyper on a current-thread tokio runtime (the main thread), and the
-//! function thread, where the function's code runs. Routing, bounded bodies and the answers' HTTP
-//! form are here; hyper does the protocol (request heads, `Content-Length` and chunked bodies,
-//! `Expect: 100-continue`, keep-alive, `HEAD`).
+//! The server: HTTP/1.1 by hyper on two current-thread tokio runtimes, one on the main thread and
+//! one on the function thread, where the function's code runs. Routing, bounded bodies and the
+//! answers' HTTP form are here; hyper does the protocol (request heads, `Content-Length` and
+//! chunked bodies, `Expect: 100-continue`, keep-alive, `HEAD`).
+//!
+//! The main thread accepts every connection. The first one (while it lasts) goes to the function
+//! thread, which serves it and runs its `/init` and `/run` right there: the controller keeps one
+//! connection per instance, so a run costs no hand-off between threads (two wake-ups, each a
+//! context switch on a machine whose cores the controller shares). Any other connection stays on
+//! the main thread, which answers its `/health` and refusals (`409 BUSY`) at once, also during a
+//! run, and hands its `/init` and `/run` to the function thread. While such a handed-over run is
+//! in progress, the function thread's own connection waits for it.
 
 use std::convert::Infallible;
 use std::io::{self, Write};
-use std::os::unix::net::UnixListener as StdUnixListener;
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -19,8 +28,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixListener;
-use tokio::sync::oneshot;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::runtime::{Answer, Runtime, error};
 
@@ -41,32 +50,63 @@ pub(crate) fn log(message: &str) {
     let _ = writeln!(io::stderr(), "fnrt-runtime-rust: {message}");
 }
 
-/// What the function thread runs: an /init's loading or a /run's call, answer included.
+/// An /init's loading or a /run's call, answer included, handed to the function thread.
 type Job = Box<dyn FnOnce() + Send>;
+
+/// What the main thread hands the function thread.
+enum Work {
+    /// A connection to serve there, its runs on the spot.
+    Connection(StdUnixStream),
+    /// The function's code for a request read on the main thread.
+    Job(Job),
+}
 
 /// The one thread the function's code runs on, for the life of the process: /init's loading (the
 /// library's initialisers) and every /run's call, one after the other. Started with the server, so
 /// serving never needs a new thread, whatever the function does with RLIMIT_NPROC.
 #[derive(Debug, Clone)]
 struct FunctionThread {
-    jobs: mpsc::Sender<Job>,
+    work: mpsc::UnboundedSender<Work>,
+    /// Whether it serves a connection (it serves at most one).
+    serving: Arc<AtomicBool>,
 }
 
 impl FunctionThread {
-    fn start() -> io::Result<FunctionThread> {
-        let (jobs, queue) = mpsc::channel::<Job>();
+    /// Starts the thread, with a tokio runtime of its own for the connection it is handed.
+    fn start(runtime: Arc<Runtime>) -> io::Result<FunctionThread> {
+        let (work, mut queue) = mpsc::unbounded_channel::<Work>();
+        let serving = Arc::new(AtomicBool::new(false));
+        let tokio = current_thread_runtime()?;
+        let function_thread = FunctionThread { work, serving };
+        let served = Arc::clone(&function_thread.serving);
         thread::Builder::new()
             .name("function".to_owned())
             .stack_size(STACK_SIZE)
             .spawn(move || {
-                for job in queue {
-                    // Only a bug of the runtime's can panic here (the SDK keeps the function from
-                    // unwinding): that request gets a 500 (its answer's sender is dropped), the
-                    // thread carries on.
-                    let _ = panic::catch_unwind(AssertUnwindSafe(job));
-                }
+                tokio.block_on(async move {
+                    while let Some(work) = queue.recv().await {
+                        match work {
+                            // Only a bug of the runtime's can panic here (the SDK keeps the
+                            // function from unwinding): that request gets a 500 (its answer's
+                            // sender is dropped), the thread carries on.
+                            Work::Job(job) => drop(panic::catch_unwind(AssertUnwindSafe(job))),
+                            Work::Connection(stream) => {
+                                let (served, runtime) = (Arc::clone(&served), Arc::clone(&runtime));
+                                match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
+                                    Ok(stream) => {
+                                        tokio::spawn(async move {
+                                            serve_connection(stream, runtime, Place::Here).await;
+                                            served.store(false, Ordering::Release);
+                                        });
+                                    }
+                                    Err(_) => served.store(false, Ordering::Release),
+                                }
+                            }
+                        }
+                    }
+                });
             })?;
-        Ok(FunctionThread { jobs })
+        Ok(function_thread)
     }
 
     /// Runs `work` on the function thread; waits for its answer without blocking the server.
@@ -78,16 +118,65 @@ impl FunctionThread {
         });
         // Sending never blocks; if the thread is gone the job comes back and is dropped, and with
         // it the `Init`/`Run`, which ends its claim on the instance.
-        if self.jobs.send(job).is_err() {
+        if self.work.send(Work::Job(job)).is_err() {
             return internal_error();
         }
         answered.await.unwrap_or_else(|_| internal_error())
+    }
+
+    /// Hands `stream` to the function thread if it serves none; else gives it back.
+    fn take(&self, stream: UnixStream) -> Option<UnixStream> {
+        if self.serving.swap(true, Ordering::AcqRel) {
+            return Some(stream);
+        }
+        let given = stream
+            .into_std()
+            .map_err(|e| log(&format!("cannot hand a connection over: {e}")))
+            .ok()?;
+        match self.work.send(Work::Connection(given)) {
+            Ok(()) => None,
+            // The thread is gone: serve it here, where its runs will be refused.
+            Err(mpsc::error::SendError(Work::Connection(back))) => {
+                self.serving.store(false, Ordering::Release);
+                back.set_nonblocking(true)
+                    .and_then(|()| UnixStream::from_std(back))
+                    .ok()
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// Where a connection's `/init` and `/run` run.
+#[derive(Debug, Clone)]
+enum Place {
+    /// On this thread: the function thread's own connection.
+    Here,
+    /// Handed to the function thread: a connection of the main thread's.
+    There(FunctionThread),
+}
+
+impl Place {
+    async fn run(&self, work: impl FnOnce() -> Answer + Send + 'static) -> Answer {
+        match self {
+            Place::Here => panic::catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|_| internal_error()),
+            Place::There(function_thread) => function_thread.run(work).await,
+        }
     }
 }
 
 fn internal_error() -> Answer {
     let message = "the runtime failed while running the function".to_owned();
     error(500, "INTERNAL_ERROR", message, None)
+}
+
+/// A current-thread tokio runtime: no thread of its own, and none later (nothing here calls
+/// `spawn_blocking`).
+fn current_thread_runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
 }
 
 /// The server, ready to serve: the function thread and the tokio runtime that serves HTTP on the
@@ -100,15 +189,11 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    /// Starts the function thread and builds the tokio runtime: the only threads, ever, besides
-    /// the caller's (a current-thread runtime, which never starts blocking-pool threads here since
-    /// nothing calls `spawn_blocking`).
+    /// Starts the function thread and builds the main thread's tokio runtime: the only threads,
+    /// ever, besides the caller's.
     pub(crate) fn start(runtime: Arc<Runtime>) -> io::Result<Server> {
-        let function_thread = FunctionThread::start()?;
-        let tokio = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()?;
+        let function_thread = FunctionThread::start(Arc::clone(&runtime))?;
+        let tokio = current_thread_runtime()?;
         Ok(Server {
             runtime,
             function_thread,
@@ -143,23 +228,10 @@ async fn accept_loop(listener: UnixListener, runtime: Arc<Runtime>, function_thr
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let runtime = Arc::clone(&runtime);
-                let function_thread = function_thread.clone();
-                let service = service_fn(move |request| handle(request, Arc::clone(&runtime), function_thread.clone()));
-                tokio::spawn(async move {
-                    // An error is a peer that went away or a request hyper could not parse (it
-                    // answered that one itself, 400 and close): nothing left to do either way.
-                    let _ = http1::Builder::new()
-                        // A client that shuts down its sending side still gets its answer (else
-                        // hyper drops a request in progress when it reads the end of the stream).
-                        .half_close(true)
-                        // No timer is set, so hyper times nothing out; said here too: a kept-alive
-                        // connection may wait for its next request (the controller's next call)
-                        // for as long as the instance lives.
-                        .header_read_timeout(None)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                if let Some(stream) = function_thread.take(stream) {
+                    let place = Place::There(function_thread.clone());
+                    tokio::spawn(serve_connection(stream, Arc::clone(&runtime), place));
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -169,6 +241,23 @@ async fn accept_loop(listener: UnixListener, runtime: Arc<Runtime>, function_thr
             }
         }
     }
+}
+
+/// Serves one connection until it closes, its `/init` and `/run` run at `place`.
+async fn serve_connection(stream: UnixStream, runtime: Arc<Runtime>, place: Place) {
+    let service = service_fn(move |request| handle(request, Arc::clone(&runtime), place.clone()));
+    // An error is a peer that went away or a request hyper could not parse (it answered that one
+    // itself, 400 and close): nothing left to do either way.
+    let _ = http1::Builder::new()
+        // A client that shuts down its sending side still gets its answer (else hyper drops a
+        // request in progress when it reads the end of the stream).
+        .half_close(true)
+        // No timer is set, so hyper times nothing out; said here too: a kept-alive connection may
+        // wait for its next request (the controller's next call) for as long as the instance
+        // lives.
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// The routes: path → method.
@@ -183,7 +272,7 @@ fn route(path: &str) -> Option<&'static str> {
 async fn handle(
     request: Request<Incoming>,
     runtime: Arc<Runtime>,
-    function_thread: FunctionThread,
+    place: Place,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (head, body) = request.into_parts();
     // The body is read even for a request we refuse, so that a kept-alive connection carries on.
@@ -201,11 +290,11 @@ async fn handle(
         (_, "/health") => runtime.health(),
         // The checks answer here at once; the function's code runs on its thread.
         (_, "/init") => match runtime.begin_init(&body) {
-            Ok(init) => function_thread.run(move || init.load()).await,
+            Ok(init) => place.run(move || init.load()).await,
             Err(answer) => answer,
         },
         _ => match runtime.begin_run(&body) {
-            Ok(run) => function_thread.run(move || run.call()).await,
+            Ok(run) => place.run(move || run.call()).await,
             Err(answer) => answer,
         },
     };
