@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::helpers::{SECRET, children_of, eventually, read, spawn_app, spawn_app_with, spawn_binary};
 
@@ -220,6 +221,149 @@ async fn bodies_over_the_limit_are_413_with_and_without_content_length() {
         .execute(&token, &id, json!({"operation": "add", "values": [1, 2]}))
         .await;
     assert_eq!(ok.status, 200);
+}
+
+/// Most clients send their whole body before they read the answer. One
+/// answered before its body was read (refused for its declared length,
+/// past the upload limit mid-stream, or for its token) still has that body
+/// read, so the client is not cut off with a reset while it sends, sees its
+/// answer, and keeps its connection. 32 MiB is far more than the loopback's
+/// socket buffers hold: without that reading, the writes fail.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_still_sending_a_refused_body_gets_its_answer_and_keeps_its_connection() {
+    // Arrange
+    let app = spawn_app_with(&["--max-file-mb", "8"]).await;
+    let token = app.admin();
+    let addr = app.address.trim_start_matches("http://").to_owned();
+    let size = 32 << 20;
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let cases = [
+        (
+            "initialize, declared length",
+            format!(
+                "POST /api/v1/initialize HTTP/1.1\r\n{auth}Language-Title: nodejs-calculator\r\nContent-Type: application/json\r\n"
+            ),
+            false,
+            413,
+            "INVALID_REQUEST",
+        ),
+        (
+            "upload, past the limit while read",
+            format!("POST /api/v1/files HTTP/1.1\r\n{auth}"),
+            true,
+            413,
+            "INVALID_REQUEST",
+        ),
+        (
+            "upload without a token",
+            "POST /api/v1/files HTTP/1.1\r\n".to_owned(),
+            true,
+            401,
+            "UNAUTHORIZED",
+        ),
+    ];
+
+    for (case, head, chunked, status, code) in cases {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+
+        // Act: the head, then every byte of the body, then read.
+        let framing = if chunked {
+            "Transfer-Encoding: chunked".to_owned()
+        } else {
+            format!("Content-Length: {size}")
+        };
+        let head = format!("{head}Host: localhost\r\n{framing}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let sent = write_body(&mut stream, size, chunked).await;
+
+        // Assert
+        assert!(sent.is_ok(), "{case}: the server stopped reading the body: {sent:?}");
+        let (answered, body) = read_answer(&mut stream).await;
+        assert_eq!(
+            (answered, body["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{case}: {body}"
+        );
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let (health, body) = read_answer(&mut stream).await;
+        assert_eq!(
+            health, 200,
+            "{case}: the same connection serves the next request: {body}"
+        );
+    }
+
+    // A client that asked to be told to send is told no, never "continue", and its connection
+    // closes: it will not send the body, so nothing waits for it.
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/files HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {size}\r\nExpect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (answered, body) = read_answer(&mut stream).await;
+    assert_eq!(
+        (answered, body["error"]["code"].as_str()),
+        (413, Some("INVALID_REQUEST")),
+        "{body}"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+}
+
+/// Writes `size` bytes of body, in 1 MiB chunks, chunk-encoded or not.
+async fn write_body(stream: &mut tokio::net::TcpStream, size: usize, chunked: bool) -> std::io::Result<()> {
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..size / chunk.len() {
+        if chunked {
+            stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await?;
+        }
+        stream.write_all(&chunk).await?;
+        if chunked {
+            stream.write_all(b"\r\n").await?;
+        }
+    }
+    if chunked {
+        stream.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(())
+}
+
+/// Reads one answer: its status and JSON body (a final answer: an interim
+/// `100 Continue` fails the parse). Needs `Content-Length`, which every
+/// answer of the controller's to these requests has.
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> (u16, Value) {
+    let mut buffer = Vec::new();
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut more = [0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut more))
+            .await
+            .expect("an answer within 30 s")
+            .expect("an answer, not a reset");
+        assert!(
+            n > 0,
+            "the connection closed before an answer: {:?}",
+            String::from_utf8_lossy(&buffer)
+        );
+        buffer.extend_from_slice(&more[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no content-length in {head:?}"));
+    let mut body = vec![0; length];
+    let already = (buffer.len() - head_end).min(length);
+    body[..already].copy_from_slice(&buffer[head_end..head_end + already]);
+    stream.read_exact(&mut body[already..]).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,7 +7,8 @@
 //! hyper's connection wakes its own task once per request with a body,
 //! which cost a cross-thread wake-up and a task migration each time), and
 //! each request gets the client's address ([`ClientAddr`]) for the rate
-//! limits.
+//! limits. Each request's body is a [`Lingering`]: what its handler leaves
+//! unread is read after the answer, so a client still sending sees it.
 //!
 //! hyper answers a request head it cannot parse (a bare CR or a NUL in a
 //! header, an invalid URI, a head too large) by itself, before any handler
@@ -35,6 +36,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt as _};
+
+use super::linger::Lingering;
 
 /// The server's listener: a [`TcpListener`] handing out [`Conn`]s.
 #[derive(Debug)]
@@ -78,9 +81,12 @@ where
         let app = app.clone();
         let closing = closing.clone();
         connections.spawn(without_self_wakes(async move {
+            let lingering = closing.clone();
             let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(ClientAddr(addr)));
-                app.clone().oneshot(request.map(Body::new))
+                let (parts, body) = request.into_parts();
+                let body = Body::new(Lingering::new(body, &parts.headers, &lingering));
+                app.clone().oneshot(Request::from_parts(parts, body))
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(io), service)

@@ -24,6 +24,7 @@ mod functions;
 mod guard;
 mod health;
 mod initialize;
+pub mod linger;
 mod logs;
 mod sessions;
 mod ws;
