@@ -129,10 +129,15 @@ impl FunctionThread {
         if self.serving.swap(true, Ordering::AcqRel) {
             return Some(stream);
         }
-        let given = stream
-            .into_std()
-            .map_err(|e| log(&format!("cannot hand a connection over: {e}")))
-            .ok()?;
+        let given = match stream.into_std() {
+            Ok(given) => given,
+            Err(e) => {
+                // The connection is lost (closed); the next one is handed over instead.
+                self.serving.store(false, Ordering::Release);
+                log(&format!("cannot hand a connection over: {e}"));
+                return None;
+            }
+        };
         match self.work.send(Work::Connection(given)) {
             Ok(()) => None,
             // The thread is gone: serve it here, where its runs will be refused.
