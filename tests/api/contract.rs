@@ -202,6 +202,20 @@ async fn bodies_over_the_limit_are_413_with_and_without_content_length() {
     let sized = read(sized).await;
     assert_eq!(sized.status, 413, "{:?}", sized.body);
     assert_eq!(sized.code(), "INVALID_REQUEST");
+    // Refused for its length before it is read, and said as a body that grew past the limit is.
+    assert_eq!(
+        (
+            &sized.body["error"]["details"]["limit_bytes"],
+            &sized.body["request_id"]
+        ),
+        (&json!(1024), &json!(id)),
+        "{:?}",
+        sized.body
+    );
+    assert_eq!(
+        sized.body["error"]["message"],
+        "request body is larger than the limit of 1024 bytes"
+    );
 
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.as_bytes().chunks(512).map(|c| Ok(c.to_vec())).collect();
     let chunked = refused

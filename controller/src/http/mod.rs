@@ -48,7 +48,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::Authenticator;
 use crate::engine::Engine;
-use crate::error::{ApiError, ErrorBody, ErrorObject, ExecuteErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorObject, ExecuteErrorBody, WithRequestId};
 use crate::ratelimit::RateLimiter;
 use extract::BodyLimit;
 use fnrt_core::metrics::Metrics;
@@ -515,7 +515,13 @@ where
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let answered = if declared.is_some_and(|n| n > limit as u64) {
-            Err(StatusCode::PAYLOAD_TOO_LARGE.into_response())
+            // The same answer as a body that grows past the limit: the limit in its message and
+            // details, and an execute's session.
+            let refused = ApiError::PayloadTooLarge { limit };
+            Err(match &execute_id {
+                Some(id) => WithRequestId(id.clone(), refused).into_response(),
+                None => refused.into_response(),
+            })
         } else {
             let mut req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, limit)));
             req.extensions_mut().insert(BodyLimit(limit));
