@@ -92,7 +92,7 @@ impl FunctionThread {
                             Work::Job(job) => drop(panic::catch_unwind(AssertUnwindSafe(job))),
                             Work::Connection(stream) => {
                                 let (served, runtime) = (Arc::clone(&served), Arc::clone(&runtime));
-                                match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
+                                match into_tokio(stream) {
                                     Ok(stream) => {
                                         tokio::spawn(async move {
                                             serve_connection(stream, runtime, Place::Here).await;
@@ -138,17 +138,12 @@ impl FunctionThread {
                 return None;
             }
         };
-        match self.work.send(Work::Connection(given)) {
-            Ok(()) => None,
-            // The thread is gone: serve it here, where its runs will be refused.
-            Err(mpsc::error::SendError(Work::Connection(back))) => {
-                self.serving.store(false, Ordering::Release);
-                back.set_nonblocking(true)
-                    .and_then(|()| UnixStream::from_std(back))
-                    .ok()
-            }
-            Err(_) => None,
-        }
+        let Err(mpsc::error::SendError(Work::Connection(back))) = self.work.send(Work::Connection(given)) else {
+            return None; // handed over
+        };
+        // The thread is gone: serve it here, where its runs will be refused.
+        self.serving.store(false, Ordering::Release);
+        into_tokio(back).ok()
     }
 }
 
@@ -173,6 +168,12 @@ impl Place {
 fn internal_error() -> Answer {
     let message = "the runtime failed while running the function".to_owned();
     error(500, "INTERNAL_ERROR", message, None)
+}
+
+/// A connection the main thread accepted, for the tokio runtime of the thread calling this.
+fn into_tokio(stream: StdUnixStream) -> io::Result<UnixStream> {
+    stream.set_nonblocking(true)?;
+    UnixStream::from_std(stream)
 }
 
 /// A current-thread tokio runtime: no thread of its own, and none later (nothing here calls
