@@ -356,6 +356,19 @@ mod tests {
         child
     }
 
+    /// Calls `look` until `child` has exited (at most 5 s): a look may find a
+    /// free uid's lock held for a moment by a child another test forked
+    /// (it holds every descriptor until its exec), and pass the uid over.
+    fn look_until_gone(child: &mut std::process::Child, mut look: impl FnMut()) {
+        for _ in 0..500 {
+            look();
+            if child.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for `child`, which must have been killed with SIGKILL.
     fn assert_killed(mut child: std::process::Child) {
         let status = child.wait().unwrap();
@@ -385,18 +398,10 @@ mod tests {
         drop(lease);
 
         // Assert: not handed out while the process lives; no one holds the
-        // uid, so the process is killed; then the uid is free. A look may
-        // find the lock still held a moment: a child another test forks
-        // holds a copy of every descriptor until its exec closes them (the
-        // lock's file description with them), and then passes the uid over
-        // without killing. So b looks again until the straggler is gone.
-        for _ in 0..500 {
+        // uid, so the process is killed; then the uid is free.
+        look_until_gone(&mut straggler, || {
             assert!(b.allocate().is_none(), "handed out while a process of it lives");
-            if straggler.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        });
         assert_killed(straggler);
         // The kernel may uncharge a reaped task a moment later.
         let mut lease = None;
@@ -428,17 +433,9 @@ mod tests {
         let held = holder.allocate().unwrap();
         let mut running = sleep_in(held.cgroup.as_ref().unwrap(), "30");
 
-        // Act: the next controller starts over the whole range. (Started
-        // again while the left process lives: a child another test forks
-        // may hold the free uid's lock for a moment, and a start passes a
-        // locked uid over.)
-        for _ in 0..100 {
-            let _next = UidPool::new(260_003, 2).unwrap();
-            if left.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // Act: the next controller starts over the whole range (again,
+        // while the left process lives).
+        look_until_gone(&mut left, || drop(UidPool::new(260_003, 2).unwrap()));
 
         // Assert: the left process was killed, the held one lives.
         assert_killed(left);
