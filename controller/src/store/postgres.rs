@@ -28,6 +28,6 @@ impl SqlStore<Postgres> {
             .connect(url)
             .await?;
         sqlx::migrate!("../migrations/postgres").run(&pool).await?;
-        Ok(SqlStore::new(pool))
+        Ok(SqlStore::new(pool.clone(), pool))
     }
 }

@@ -77,12 +77,16 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
 #[derive(Debug)]
 pub struct SqlStore<DB: sqlx::Database> {
     pool: Pool<DB>,
+    /// Where execution records are written: SQLite's own connection for
+    /// them (see `sqlite.rs`), else `pool`.
+    records: Pool<DB>,
 }
 
 impl<DB: sqlx::Database> SqlStore<DB> {
-    /// A store over a pool whose migrations have been applied.
-    pub(super) fn new(pool: Pool<DB>) -> Self {
-        SqlStore { pool }
+    /// A store over a pool whose migrations have been applied; `records`
+    /// writes the execution records (the same pool, or one of its own).
+    pub(super) fn new(pool: Pool<DB>, records: Pool<DB>) -> Self {
+        SqlStore { pool, records }
     }
 }
 
@@ -251,7 +255,7 @@ where
         if statements.is_empty() {
             return Ok(());
         }
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.records.acquire().await?;
         if statements.len() == 1 {
             // One statement is atomic on its own (BEGIN and COMMIT are round
             // trips to the driver as well).

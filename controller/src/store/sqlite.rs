@@ -60,9 +60,23 @@ impl SqlStore<Sqlite> {
             // A file's connection does not go stale; the check would be a
             // round trip to its thread before every query.
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("../migrations/sqlite").run(&pool).await?;
-        Ok(SqlStore::new(pool))
+        // Execution records, the one write under load, go through one
+        // connection of their own that is never closed. A connection drops
+        // its whole page cache when another has written since its last
+        // transaction, so batches taken in turn by the pool's connections
+        // read the table's and indexes' pages again from the file each
+        // time (about one `pread` per record); this one keeps them.
+        let records = SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
+        Ok(SqlStore::new(pool, records))
     }
 }
