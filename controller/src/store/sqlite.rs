@@ -68,7 +68,8 @@ impl SqlStore<Sqlite> {
         // its whole page cache when another has written since its last
         // transaction, so batches taken in turn by the pool's connections
         // read the table's and indexes' pages again from the file each
-        // time (about one `pread` per record); this one keeps them.
+        // time (0.6 reads per cached hit at c1, docs/benchmarks.md); this
+        // one keeps them.
         let records = SqlitePoolOptions::new()
             .min_connections(1)
             .max_connections(1)
