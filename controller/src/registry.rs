@@ -21,6 +21,7 @@ pub use fnrt_core::function::manifest::{self, CrateFiles, FunctionSpec, Manifest
 use fnrt_core::function::package;
 pub use fnrt_core::function::{CheckError, Code, CodeCheck, FileContent, FunctionVersion, PackageFiles, PackageLimits};
 
+use crate::auth::{Subject, WRITE_FUNCTIONS};
 use crate::store::{FunctionStore, NewVersion, Source, StoreError, StoredFunction, StoredVersion};
 use fnrt_core::artifact::BuildFailure;
 use fnrt_core::language::{CRATE_ENTRYPOINT, Language, LanguageTitle};
@@ -38,6 +39,16 @@ pub struct FunctionEntry {
 }
 
 impl FunctionEntry {
+    /// Whether `subject` manages this function (updates it, deletes it,
+    /// reads every caller's logs): it registered it, or the function is
+    /// bundled (no owner) and the subject holds `write:functions`.
+    pub fn managed_by(&self, subject: &Subject) -> bool {
+        match &self.owner {
+            Some(owner) => *owner == subject.sub,
+            None => subject.has(WRITE_FUNCTIONS),
+        }
+    }
+
     fn from_stored(f: StoredFunction) -> anyhow::Result<Self> {
         Ok(FunctionEntry {
             source: f.source,
@@ -61,6 +72,8 @@ pub enum RegistryError {
     Exists(String),
     #[error("function '{0}' not found")]
     NotFound(String),
+    #[error("function '{0}' was registered by another subject: only that subject updates or deletes it")]
+    NotOwner(String),
     #[error("{}", .0.message)]
     BuildFailed(BuildFailure),
     #[error("the function store is unavailable; try again")]
@@ -275,25 +288,36 @@ impl Registry {
         }
     }
 
-    /// Registers the next version of an existing function.
+    /// Registers the next version of an existing function, for a subject
+    /// that manages it ([`FunctionEntry::managed_by`]).
     pub async fn update(
         &self,
         lt: &LanguageTitle,
         spec: FunctionSpec,
         code: Submission,
+        subject: &Subject,
     ) -> Result<FunctionEntry, RegistryError> {
+        // Refused before anything is built or installed for it; the store
+        // checks again where it writes.
+        self.check_manager(lt, subject)?;
         let new = self.prepare(lt, spec, code, true).await?;
-        match self.store.add_version(new, Source::Api).await {
+        match self.store.add_version(new, Source::Api, Some(&subject.sub)).await {
             Ok(f) => self.remember(f),
             Err(StoreError::NotFound) => Err(RegistryError::NotFound(lt.to_string())),
+            Err(StoreError::NotOwner) => Err(RegistryError::NotOwner(lt.to_string())),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Deletes a function and all its versions.
-    pub async fn delete(&self, lt: &LanguageTitle) -> Result<(), RegistryError> {
-        if !self.store.delete(lt.as_str()).await? {
-            return Err(RegistryError::NotFound(lt.to_string()));
+    /// Deletes a function and all its versions, for a subject that manages
+    /// it.
+    pub async fn delete(&self, lt: &LanguageTitle, subject: &Subject) -> Result<(), RegistryError> {
+        self.check_manager(lt, subject)?;
+        match self.store.delete(lt.as_str(), Some(&subject.sub)).await {
+            Ok(true) => {}
+            Ok(false) => return Err(RegistryError::NotFound(lt.to_string())),
+            Err(StoreError::NotOwner) => return Err(RegistryError::NotOwner(lt.to_string())),
+            Err(e) => return Err(e.into()),
         }
         self.functions.write().unwrap().remove(lt.as_str());
         // Deletes are rare: forgetting every cached old version is simpler
@@ -301,6 +325,15 @@ impl Registry {
         // never find its deleted versions here.
         self.versions.invalidate_all();
         Ok(())
+    }
+
+    /// [`RegistryError::NotOwner`] when this replica knows `lt` as a
+    /// function `subject` does not manage.
+    fn check_manager(&self, lt: &LanguageTitle, subject: &Subject) -> Result<(), RegistryError> {
+        match self.get(lt.as_str()) {
+            Some(f) if !f.managed_by(subject) => Err(RegistryError::NotOwner(lt.to_string())),
+            _ => Ok(()),
+        }
     }
 
     async fn prepare(
@@ -500,7 +533,7 @@ impl Registry {
                 Err(e) => return Err(e.into()),
             },
             Some(f) if f.source == Source::Bundled && changed(&f.current, &new) => {
-                self.store.add_version(new, Source::Bundled).await?
+                self.store.add_version(new, Source::Bundled, None).await?
             }
             Some(_) => return Ok(false),
         };

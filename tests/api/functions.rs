@@ -407,6 +407,70 @@ async fn put_registers_version_2_and_sessions_started_before_keep_version_1() {
     assert_eq!(session.body["version"], 1, "{:?}", session.body);
 }
 
+/// A function is its registering subject's: another holder of
+/// `write:functions` can neither put code of its own in it (which would
+/// see the owner's callers' params) nor delete it. Bundled functions stay
+/// any writer's.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_writer_can_neither_replace_nor_delete_a_function_it_did_not_register() {
+    let app = spawn_app().await;
+    let alice = app.admin();
+    let mallory = app.token("mallory", &["execute:all", "read:functions", "write:functions"]);
+    app.register("nodejs-hello", NODE_HELLO, json!({})).await;
+    let listening = "module.exports.handler = async (params) => ({ greeting: 'hello v1', heard: params });\n";
+
+    // Act
+    let update = put_function(
+        &app,
+        &mallory,
+        "nodejs-hello",
+        json!({"description": "mine now", "code": listening}),
+    )
+    .await;
+    let delete = call(&app, Method::DELETE, "/api/v1/functions/nodejs-hello", &mallory, None).await;
+
+    // Assert: refused, and nothing of it took effect.
+    for r in [&update, &delete] {
+        assert_eq!(r.status, 403, "{:?}", r.body);
+        assert_eq!(r.code(), "FORBIDDEN");
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("another subject"), "{message}");
+    }
+    let detail = app.get(Some(&alice), "/api/v1/functions/nodejs-hello").await;
+    assert_eq!(
+        (detail.body["version"].clone(), detail.body["owner"].clone()),
+        (json!(1), json!("alice"))
+    );
+    let id = app.session(&alice, "nodejs-hello", json!({})).await;
+    let r = app.execute(&alice, &id, json!({"secret": "s3cr3t"})).await;
+    assert_eq!(r.body["result"], json!({"greeting": "hello v1"}), "{:?}", r.body);
+    // The owner still updates and deletes it; a bundled function is any
+    // writer's.
+    let mine = put_function(
+        &app,
+        &alice,
+        "nodejs-hello",
+        json!({"description": "d", "code": NODE_HELLO_V2}),
+    )
+    .await;
+    assert_eq!(
+        (mine.status, mine.body["version"].clone()),
+        (200, json!(2)),
+        "{:?}",
+        mine.body
+    );
+    let bundled = put_function(
+        &app,
+        &mallory,
+        "nodejs-counter",
+        json!({"description": "d", "code": NODE_HELLO_V2}),
+    )
+    .await;
+    assert_eq!(bundled.status, 200, "{:?}", bundled.body);
+    let gone = call(&app, Method::DELETE, "/api/v1/functions/nodejs-hello", &alice, None).await;
+    assert_eq!(gone.status, 204, "{:?}", gone.body);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn put_on_an_unknown_function_is_404() {
     let app = spawn_app().await;

@@ -90,7 +90,8 @@ pub(super) struct FunctionDetail {
     /// sha256 of the version's code and behaviour (extension).
     pub code_hash: String,
     /// The subject that registered it; absent for a bundled function
-    /// (extension). The owner reads every execution's logs.
+    /// (extension). The owner reads every execution's logs, and alone
+    /// updates or deletes it (a bundled one: any holder of `write:functions`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
     /// The version's limits (extension).
@@ -530,8 +531,9 @@ async fn create_function(
     ))
 }
 
-/// Register a new version of a function (extension; `write:functions`).
-/// Sessions started before keep their version.
+/// Register a new version of a function (extension; `write:functions`,
+/// and the function's owner: the subject that registered it; a bundled
+/// function any writer's). Sessions started before keep their version.
 #[utoipa::path(
     put,
     path = "/api/v1/functions/{language_title}",
@@ -549,7 +551,7 @@ async fn create_function(
         (status = 200, description = "The new version", body = FunctionDetail),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+        (status = 403, description = "Token lacks write:functions, or the function is another subject's", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 429, body = ErrorBody),
@@ -573,7 +575,7 @@ async fn update_function(
     let f = state
         .engine
         .registry
-        .update(&lt, spec, code)
+        .update(&lt, spec, code, &auth.0)
         .await
         .map_err(ApiError::from)?;
     // Idle instances of older versions will not be asked for again.
@@ -582,7 +584,8 @@ async fn update_function(
     Ok(axum::Json(detail(&f, state.builder.as_ref(), state.installer.as_ref())))
 }
 
-/// Delete a function, its versions and its sessions (extension; `write:functions`).
+/// Delete a function, its versions and its sessions (extension;
+/// `write:functions`, and the function's owner as for an update).
 #[utoipa::path(
     delete,
     path = "/api/v1/functions/{language_title}",
@@ -592,7 +595,7 @@ async fn update_function(
         (status = 204, description = "Deleted"),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+        (status = 403, description = "Token lacks write:functions, or the function is another subject's", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 429, body = ErrorBody),
     ),
@@ -605,7 +608,12 @@ async fn delete_function(
 ) -> Result<StatusCode, ApiError> {
     auth.require(WRITE_FUNCTIONS)?;
     let lt = parse_title(&language_title)?;
-    state.engine.registry.delete(&lt).await.map_err(ApiError::from)?;
+    state
+        .engine
+        .registry
+        .delete(&lt, &auth.0)
+        .await
+        .map_err(ApiError::from)?;
     state.engine.function_removed(lt.as_str()).await;
     tracing::info!(language_title = %lt, sub = %auth.0.sub, "function deleted");
     Ok(StatusCode::NO_CONTENT)

@@ -147,11 +147,7 @@ async fn execution_logs(
 /// Whether `subject` owns `function`: registered it, or may manage a
 /// bundled one.
 fn owns(subject: &Subject, function: Option<&FunctionEntry>) -> bool {
-    match function.map(|f| f.owner.as_deref()) {
-        Some(Some(owner)) => owner == subject.sub,
-        Some(None) => subject.has(WRITE_FUNCTIONS),
-        None => false,
-    }
+    function.is_some_and(|f| f.managed_by(subject))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

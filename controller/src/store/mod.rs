@@ -124,6 +124,10 @@ pub enum StoreError {
     Conflict,
     #[error("function not found")]
     NotFound,
+    /// The function is another subject's: only the subject that registered
+    /// it writes its versions or deletes it.
+    #[error("function owned by another subject")]
+    NotOwner,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
@@ -158,10 +162,24 @@ pub trait FunctionStore: Send + Sync {
     async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError>;
     /// Creates a function at version 1; [`StoreError::Conflict`] if it exists.
     async fn create(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError>;
-    /// Adds the next version; [`StoreError::NotFound`] if the function does not exist.
-    async fn add_version(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError>;
+    /// Adds the next version, written by `writer` (see [`delete`]);
+    /// [`StoreError::NotFound`] if the function does not exist.
+    ///
+    /// [`delete`]: FunctionStore::delete
+    async fn add_version(
+        &self,
+        new: NewVersion,
+        source: Source,
+        writer: Option<&str>,
+    ) -> Result<StoredFunction, StoreError>;
     /// Deletes a function and its versions; false if it did not exist.
-    async fn delete(&self, language_title: &str) -> Result<bool, StoreError>;
+    ///
+    /// `writer` is the subject asking (`None`: the controller itself). A
+    /// function with an owner is written by its owner only, one without
+    /// (bundled) by anyone: [`StoreError::NotOwner`] otherwise. Checked in
+    /// the statement that writes, so a function deleted and registered
+    /// again by someone else meanwhile is not written.
+    async fn delete(&self, language_title: &str, writer: Option<&str>) -> Result<bool, StoreError>;
 }
 
 /// The durable record of answered executions, written in batches by

@@ -174,38 +174,78 @@ where
         self.function(&new.language_title).await?.ok_or(StoreError::NotFound)
     }
 
-    async fn add_version(&self, new: NewVersion, source: Source) -> Result<StoredFunction, StoreError> {
+    async fn add_version(
+        &self,
+        new: NewVersion,
+        source: Source,
+        writer: Option<&str>,
+    ) -> Result<StoredFunction, StoreError> {
         let now = DB::timestamp(timefmt::now());
         let mut tx = self.pool.begin().await?;
+        // `owner = NULL` is never true: the controller (no writer) writes
+        // only functions no one owns.
         let updated: Option<(i64,)> = sqlx::query_as(
             "UPDATE functions SET current_version = current_version + 1, description = $1, source = $2, updated_at = $3 \
-             WHERE language_title = $4 RETURNING current_version",
+             WHERE language_title = $4 AND (owner IS NULL OR owner = $5) RETURNING current_version",
         )
         .bind(new.description.as_str())
         .bind(source.as_str())
         .bind(now)
         .bind(new.language_title.as_str())
+        .bind(writer)
         .fetch_optional(&mut *tx)
         .await?;
-        let (version,) = updated.ok_or(StoreError::NotFound)?;
+        let Some((version,)) = updated else {
+            return Err(refused(&mut tx, &new.language_title).await);
+        };
         insert_version(&new, version, now).execute(&mut *tx).await?;
         tx.commit().await?;
         self.function(&new.language_title).await?.ok_or(StoreError::NotFound)
     }
 
-    async fn delete(&self, language_title: &str) -> Result<bool, StoreError> {
+    async fn delete(&self, language_title: &str, writer: Option<&str>) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let deleted: Option<(i64,)> =
-            sqlx::query_as("DELETE FROM functions WHERE language_title = $1 RETURNING current_version")
-                .bind(language_title)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let deleted: Option<(i64,)> = sqlx::query_as(
+            "DELETE FROM functions WHERE language_title = $1 AND (owner IS NULL OR owner = $2) \
+             RETURNING current_version",
+        )
+        .bind(language_title)
+        .bind(writer)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if deleted.is_none() {
+            return match refused(&mut tx, language_title).await {
+                StoreError::NotFound => Ok(false),
+                e => Err(e),
+            };
+        }
         sqlx::query("DELETE FROM function_versions WHERE language_title = $1")
             .bind(language_title)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(deleted.is_some())
+        Ok(true)
+    }
+}
+
+/// Why a write of `language_title` guarded by its owner matched no row:
+/// the function is not there, or it is another subject's.
+async fn refused<DB>(tx: &mut sqlx::Transaction<'_, DB>, language_title: &str) -> StoreError
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+{
+    let exists: Result<Option<(i64,)>, sqlx::Error> =
+        sqlx::query_as("SELECT current_version FROM functions WHERE language_title = $1")
+            .bind(language_title)
+            .fetch_optional(&mut **tx)
+            .await;
+    match exists {
+        Ok(Some(_)) => StoreError::NotOwner,
+        Ok(None) => StoreError::NotFound,
+        Err(e) => e.into(),
     }
 }
 

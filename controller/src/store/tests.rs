@@ -44,7 +44,24 @@ async fn exercise(stores: Stores) {
         Err(StoreError::Conflict)
     ));
 
-    let f2 = store.add_version(new("nodejs-a", "v2"), Source::Bundled).await.unwrap();
+    // Only its owner writes an owned function: not another subject, not
+    // the controller's bundled folder; and the refusal writes nothing.
+    for writer in [Some("bob"), None] {
+        assert!(matches!(
+            store.add_version(new("nodejs-a", "theirs"), Source::Api, writer).await,
+            Err(StoreError::NotOwner)
+        ));
+        assert!(matches!(
+            store.delete("nodejs-a", writer).await,
+            Err(StoreError::NotOwner)
+        ));
+    }
+    assert_eq!(store.function("nodejs-a").await.unwrap().unwrap().current.code, "v1");
+    assert!(store.version("nodejs-a", 2).await.unwrap().is_none());
+    let f2 = store
+        .add_version(new("nodejs-a", "v2"), Source::Bundled, Some("alice"))
+        .await
+        .unwrap();
     assert_eq!(f2.current.version, 2);
     assert_eq!(f2.current.code, "v2");
     assert_eq!(f2.source, Source::Bundled);
@@ -54,9 +71,30 @@ async fn exercise(stores: Stores) {
     assert_eq!((v1.code.as_str(), v1.code_hash.as_str()), ("v1", "hash-v1"));
     assert!(store.version("nodejs-a", 3).await.unwrap().is_none());
     assert!(matches!(
-        store.add_version(new("nodejs-b", "x"), Source::Api).await,
+        store
+            .add_version(new("nodejs-b", "x"), Source::Api, Some("alice"))
+            .await,
         Err(StoreError::NotFound)
     ));
+    // A function no one owns (bundled) is written by any subject and by
+    // the controller.
+    let bundled = |code: &str| NewVersion {
+        owner: None,
+        ..new("nodejs-bundled", code)
+    };
+    store.create(bundled("b1"), Source::Bundled).await.unwrap();
+    let b2 = store.add_version(bundled("b2"), Source::Bundled, None).await.unwrap();
+    assert_eq!((b2.current.version, b2.owner.as_deref()), (2, None));
+    let b3 = store
+        .add_version(bundled("b3"), Source::Api, Some("bob"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (b3.current.version, b3.owner.as_deref()),
+        (3, None),
+        "an update does not take it over"
+    );
+    assert!(store.delete("nodejs-bundled", Some("bob")).await.unwrap());
 
     assert_eq!(store.function("nodejs-a").await.unwrap().unwrap().current.code, "v2");
     assert!(store.function("nodejs-zzz").await.unwrap().is_none());
@@ -69,8 +107,8 @@ async fn exercise(stores: Stores) {
     assert_eq!(names, ["nodejs-0", "nodejs-a"], "sorted by Language-Title");
     assert_eq!(all[1].current.version, 2, "listed with the current version");
 
-    assert!(store.delete("nodejs-a").await.unwrap());
-    assert!(!store.delete("nodejs-a").await.unwrap());
+    assert!(store.delete("nodejs-a", Some("alice")).await.unwrap());
+    assert!(!store.delete("nodejs-a", Some("alice")).await.unwrap());
     assert!(store.version("nodejs-a", 1).await.unwrap().is_none());
     let again = store.create(new("nodejs-a", "reborn"), Source::Api).await.unwrap();
     assert_eq!(again.current.version, 1);
@@ -640,7 +678,7 @@ async fn sqlite_reads_and_writes_the_text_it_always_had() {
     // an offset and fractions of a second.
     let f3 = stores
         .functions
-        .add_version(new("nodejs-old", "v3"), Source::Api)
+        .add_version(new("nodejs-old", "v3"), Source::Api, Some("alice"))
         .await
         .unwrap();
     assert_eq!(f3.created_at, f.created_at);
