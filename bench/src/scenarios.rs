@@ -187,7 +187,8 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     main.register("nodejs-bench", NODE_FN, no_cache.clone()).await?;
     main.register("python-bench", PYTHON_FN, no_cache.clone()).await?;
     let rust_files = json!({"files": {"Cargo.toml": RUST_CARGO, "src/lib.rs": RUST_FN}});
-    main.register_with("rust-bench", rust_files, no_cache.clone()).await?;
+    main.register_with("rust-bench", rust_files.clone(), no_cache.clone())
+        .await?;
     let wat = std::fs::read_to_string(setup::repo_dir().join("functions/wasm-hello/module.wat"))?;
     main.register(
         "wasm-bench",
@@ -680,7 +681,13 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
     // Cold starts: a controller without a pool; initialize + first execute.
     // As processes, and as containers when a Docker API answers.
     let docker = setup::docker_host();
-    let mut backends = vec![("process", 60_000.0, vec!["--warm-pool-size", "0"])];
+    // Rust functions build in the main controller's target directory: the
+    // crate is the same, so each cold controller builds it once, quickly.
+    let mut backends = vec![(
+        "process",
+        60_000.0,
+        vec!["--warm-pool-size", "0", "--rust-target-dir", &rust_target],
+    )];
     match &docker {
         Some(host) => backends.push((
             "container",
@@ -688,10 +695,12 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
             vec![
                 "--warm-pool-size",
                 "0",
+                "--rust-target-dir",
+                &rust_target,
                 "--docker-host",
                 host,
                 "--placement",
-                "nodejs=docker,python=docker",
+                "nodejs=docker,python=docker,rust=docker",
             ],
         )),
         None => bench
@@ -714,14 +723,16 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
                 .push(format!("cold starts in containers not measured: {e:#}"));
             continue;
         }
-        for (prefix, language, label, code) in [
-            ("nodejs", "nodejs", "Node", NODE_FN),
-            ("python", "python", "Python", PYTHON_FN),
+        for (language, label, source) in [
+            ("nodejs", "Node", json!({"code": NODE_FN})),
+            ("python", "Python", json!({"code": PYTHON_FN})),
+            ("rust", "Rust", rust_files.clone()),
         ] {
             // A function of its own per sample: an ended session's instance
-            // stays idle for its function, and would be reused.
+            // stays idle for its function, and would be reused. (A crate is
+            // built once however many functions share it.)
             for i in 0..n {
-                cold.register(&format!("{prefix}-cold-{i}"), code, no_cache.clone())
+                cold.register_with(&format!("{language}-cold-{i}"), source.clone(), no_cache.clone())
                     .await?;
             }
             let colds = async || {
@@ -745,7 +756,7 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
                 },
                 async || {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let id = cold.initialize(&format!("{prefix}-cold-{i}"), false).await?;
+                    let id = cold.initialize(&format!("{language}-cold-{i}"), false).await?;
                     cold.execute(&id, &params).await?;
                     *last.lock().unwrap() = Some(id);
                     Ok(())
@@ -760,12 +771,16 @@ pub(crate) async fn run(plan: Plan, date: String, commit: String) -> anyhow::Res
             anyhow::ensure!(started as usize == n, "{label}: {started} cold starts for {n} samples");
             let name = format!("cold start (no pool), {label}, {backend}: initialize + first execute");
             bench.add(&name, 1, stats, None);
-            bench.report.goal(
-                &format!("cold start, {label}, {backend}"),
-                &format!("≤ {:.0} ms", goal_us / 1000.0),
-                format!("{} ms", num(stats.p50_us / 1000.0)),
-                stats.p50_us <= goal_us,
-            );
+            // The issue sets the process goal for Node and Python; the
+            // container goal for every language.
+            if backend == "container" || language != "rust" {
+                bench.report.goal(
+                    &format!("cold start, {label}, {backend}"),
+                    &format!("≤ {:.0} ms", goal_us / 1000.0),
+                    format!("{} ms", num(stats.p50_us / 1000.0)),
+                    stats.p50_us <= goal_us,
+                );
+            }
         }
     }
 
