@@ -14,7 +14,11 @@ use crate::procs::Proc;
 
 /// The repository (the bench crate's parent).
 pub(crate) fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    // `cargo run` names the package it runs from; the path compiled in is
+    // the checkout that built this binary, which a target directory shared
+    // by two checkouts may hand to the other.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    Path::new(&manifest).parent().unwrap_or(Path::new(".")).to_owned()
 }
 
 /// Builds the controller binary (`release` or the dev profile) with cargo

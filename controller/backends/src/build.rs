@@ -9,8 +9,12 @@
 //!   The crate's files go to `{target dir}/crates/{key}/`, a path that
 //!   depends on the files only, so cargo finds its earlier work there.
 //! - Builds run one at a time (cargo locks its target directory anyway) in a
-//!   target directory shared by every function, so the dependencies of the
-//!   second build of anything are already compiled.
+//!   work directory per tenant ([`Tenant`]: the subject that registered the
+//!   function, or the bundled functions), shared by the tenant's functions,
+//!   so the dependencies of its second build of anything are already
+//!   compiled. A build's code (build scripts, proc macros) sees its tenant's
+//!   directory only: no other tenant's sources, compiled dependencies or
+//!   downloaded crates, which it could read or tamper with.
 //! - `fnrt-sdk = "0.1"` in a function's `Cargo.toml` is patched to this
 //!   repository's `runtimes/rust/sdk`.
 //! - cargo runs with a scrubbed environment: a build script never sees the
@@ -43,7 +47,8 @@ pub struct BuilderConfig {
     pub cargo: String,
     /// `runtimes/rust/sdk`.
     pub sdk_dir: PathBuf,
-    /// Shared cargo target directory.
+    /// The builds' work directories (`tenants/{tenant}/` each: the
+    /// crates, cargo's target directory, cargo's home).
     pub target_dir: PathBuf,
     /// `DATA_DIR/builds`.
     pub builds_dir: PathBuf,
@@ -92,7 +97,7 @@ impl std::fmt::Debug for Builder {
 /// Changes whenever the way a crate is laid out for cargo changes, so no
 /// build of an older layout is reused (the SDK's own changes are in the key
 /// through its hash).
-const BUILD_FORMAT: u32 = 4;
+const BUILD_FORMAT: u32 = 5;
 /// Most compiler messages kept from a failed build.
 const MAX_MESSAGES: usize = 20;
 /// Most bytes of one message kept.
@@ -129,7 +134,8 @@ impl Builder {
         {
             read_only.push(dir);
         }
-        let sandbox = BuildSandbox::detect(uid, read_only, vec![config.target_dir.clone()]);
+        // Each build is given its tenant's directory to write ([`Builder::cargo`]).
+        let sandbox = BuildSandbox::detect(uid, read_only, Vec::new());
         match &sandbox {
             Some(s) if !s.private_network() => tracing::warn!(
                 uid,
@@ -142,18 +148,7 @@ impl Builder {
                  (apt-get install bubblewrap)"
             ),
         }
-        // The target dir holds every function's sources and builds: its
-        // builds' own, and nobody else's.
-        if let Some(uid) = sandbox.as_ref().and_then(BuildSandbox::uid) {
-            use std::os::unix::fs::MetadataExt;
-            // The crates are written by the controller: their folder must
-            // be the build's too (checked here, so a fresh work dir works).
-            let crates = config.target_dir.join("crates");
-            std::fs::create_dir_all(&crates)?;
-            if std::fs::metadata(&config.target_dir)?.uid() != uid || std::fs::metadata(&crates)?.uid() != uid {
-                chown_tree(&config.target_dir, uid)?;
-            }
-        }
+        std::fs::create_dir_all(config.target_dir.join("tenants"))?;
         for dir in [&config.builds_dir, &config.target_dir] {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
@@ -170,9 +165,27 @@ impl Builder {
         }))
     }
 
-    /// The build key of a crate: the SDK, its target and every file.
-    pub fn key(&self, target: Target, files: &BTreeMap<String, String>) -> String {
-        build_key(&self.sdk_hash, target, files)
+    /// The build key of a crate: the SDK, its target, its tenant and every
+    /// file (the same files of two tenants are two builds: each in its own
+    /// work directory).
+    pub fn key(&self, target: Target, tenant: &Tenant, files: &BTreeMap<String, String>) -> String {
+        build_key(&self.sdk_hash, target, tenant, files)
+    }
+
+    /// A tenant's work directory, made (and given to the builds' uid) on
+    /// its first build.
+    fn work_dir(&self, tenant: &Tenant) -> std::io::Result<PathBuf> {
+        let dir = self.config.target_dir.join("tenants").join(tenant.dir_name());
+        std::fs::create_dir_all(dir.join("crates"))?;
+        if let Some(uid) = self.sandbox.as_ref().and_then(BuildSandbox::uid) {
+            use std::os::unix::fs::MetadataExt;
+            // Left by a run with another build uid: the whole tree, once.
+            if std::fs::metadata(&dir)?.uid() != uid || std::fs::metadata(dir.join("crates"))?.uid() != uid {
+                chown_tree(&dir, uid)?;
+            }
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        Ok(dir)
     }
 
     fn artifact_path(&self, key: &str, target: Target) -> PathBuf {
@@ -181,8 +194,8 @@ impl Builder {
 
     /// The build's state here, without starting anything: a finished
     /// artifact on disk counts as ready even after a restart.
-    pub fn state(&self, target: Target, files: &BTreeMap<String, String>) -> Option<BuildState> {
-        let key = self.key(target, files);
+    pub fn state(&self, target: Target, tenant: &Tenant, files: &BTreeMap<String, String>) -> Option<BuildState> {
+        let key = self.key(target, tenant, files);
         if let Some(rx) = self.states.lock().unwrap().get(&key) {
             return Some(rx.borrow().clone());
         }
@@ -192,10 +205,10 @@ impl Builder {
 
     /// Starts a background build unless one exists (or failed only a short
     /// while ago); returns the state.
-    pub fn ensure(self: &Arc<Self>, target: Target, files: &BTreeMap<String, String>) -> BuildState {
-        match self.state(target, files) {
+    pub fn ensure(self: &Arc<Self>, target: Target, tenant: &Tenant, files: &BTreeMap<String, String>) -> BuildState {
+        match self.state(target, tenant, files) {
             Some(BuildState::Failed(failure)) => {
-                let key = self.key(target, files);
+                let key = self.key(target, tenant, files);
                 let mut retry_at = self.retry_at.lock().unwrap();
                 match retry_at.get(&key) {
                     Some(at) if Instant::now() < *at => return BuildState::Failed(failure),
@@ -214,8 +227,9 @@ impl Builder {
         background.retain(|task| !task.is_finished());
         let this = self.clone();
         let files = files.clone();
+        let tenant = tenant.clone();
         background.push(tokio::spawn(async move {
-            let _ = this.build(target, &files).await;
+            let _ = this.build(target, &tenant, &files).await;
         }));
         BuildState::Building
     }
@@ -236,8 +250,13 @@ impl Builder {
 
     /// Builds the crate (or waits for the build already under way) and
     /// returns the artifact.
-    pub async fn build(&self, target: Target, files: &BTreeMap<String, String>) -> Result<PathBuf, BuildFailure> {
-        let key = self.key(target, files);
+    pub async fn build(
+        &self,
+        target: Target,
+        tenant: &Tenant,
+        files: &BTreeMap<String, String>,
+    ) -> Result<PathBuf, BuildFailure> {
+        let key = self.key(target, tenant, files);
         let artifact = self.artifact_path(&key, target);
         let (mut rx, tx) = {
             let mut states = self.states.lock().unwrap();
@@ -257,7 +276,7 @@ impl Builder {
                 BuildState::Ready(artifact.clone())
             } else {
                 let _turn = self.queue.acquire().await;
-                match self.run_cargo(&key, target, files, &artifact).await {
+                match self.run_cargo(&key, target, tenant, files, &artifact).await {
                     Ok(()) => BuildState::Ready(artifact.clone()),
                     Err(failure) => {
                         let retry = Instant::now() + self.config.retry_failed_after;
@@ -287,6 +306,7 @@ impl Builder {
         &self,
         key: &str,
         target: Target,
+        tenant: &Tenant,
         files: &BTreeMap<String, String>,
         artifact: &Path,
     ) -> Result<(), BuildFailure> {
@@ -295,7 +315,10 @@ impl Builder {
             messages: vec![],
         };
         let dir = self.config.builds_dir.join(key);
-        let src = self.config.target_dir.join("crates").join(key);
+        let work = self
+            .work_dir(tenant)
+            .map_err(|e| failure(format!("preparing the work directory: {e}")))?;
+        let src = work.join("crates").join(key);
         let package = std::fs::create_dir_all(&dir)
             .and_then(|_| write_crate(&src, key, files))
             .map_err(|e| failure(format!("writing the crate: {e}")))?;
@@ -326,7 +349,12 @@ impl Builder {
             // Dependencies come first, with the network; the build that runs
             // the crate's code comes after, without it.
             let (fetch, net) = self
-                .cargo(&src, &["fetch".into(), "--config".into(), patch.clone().into()], true)
+                .cargo(
+                    &work,
+                    &src,
+                    &["fetch".into(), "--config".into(), patch.clone().into()],
+                    true,
+                )
                 .map_err(|e| failure(format!("preparing cargo: {e}")))?;
             match tokio::time::timeout_at(deadline, run_quietly(fetch, net)).await {
                 Err(_) => return Err(timed_out()),
@@ -335,7 +363,7 @@ impl Builder {
                 Ok(Ok((false, output))) => {
                     return Err(BuildFailure {
                         message: "fetching the crate's dependencies failed".into(),
-                        messages: vec![self.strip_paths(&output, &src)],
+                        messages: vec![self.strip_paths(&output, &src, &work)],
                     });
                 }
             }
@@ -344,7 +372,7 @@ impl Builder {
             ["rustc", "--lib", "--release", "--message-format=json", "--target-dir"]
                 .map(Into::into)
                 .to_vec();
-        args.push(self.config.target_dir.clone().into());
+        args.push(work.clone().into());
         args.extend(["--config".into(), patch.into()]);
         if self.sandbox.is_some() {
             args.push("--offline".into());
@@ -366,7 +394,7 @@ impl Builder {
             Target::Wasm => args.extend(["--crate-type", "bin", "--target", WASM_TARGET].map(Into::into)),
         };
         let (mut cmd, _) = self
-            .cargo(&src, &args, false)
+            .cargo(&work, &src, &args, false)
             .map_err(|e| failure(format!("preparing cargo: {e}")))?;
         let mut child = cmd
             .spawn()
@@ -416,7 +444,7 @@ impl Builder {
                 if messages.is_empty() {
                     // cargo failed before compiling (manifest, resolution):
                     // its own output says why.
-                    messages = vec![self.strip_paths(&cargo_output, &src)];
+                    messages = vec![self.strip_paths(&cargo_output, &src, &work)];
                 }
                 for m in &mut messages {
                     *m = m
@@ -435,12 +463,14 @@ impl Builder {
 }
 
 impl Builder {
-    /// cargo with `args` in `dir`: inside the sandbox when there is one
-    /// (the network only when `network`), with the environment a build gets.
-    /// With the network and slirp4netns, also its private network, to
-    /// start once cargo is spawned.
+    /// cargo with `args` in `dir`: inside the sandbox when there is one,
+    /// which may write the tenant's work directory `work` and nothing else
+    /// of the host (the network only when `network`), with the environment
+    /// a build gets. With the network and slirp4netns, also its private
+    /// network, to start once cargo is spawned.
     fn cargo(
         &self,
+        work: &Path,
         dir: &Path,
         args: &[std::ffi::OsString],
         network: bool,
@@ -455,14 +485,18 @@ impl Builder {
                     "cargo" => toolchain_cargo,
                     other => PathBuf::from(other),
                 };
-                let (bwrap, wrapped, net) = sandbox.wrap(&program, args, dir, network)?;
+                let (bwrap, wrapped, net) = sandbox
+                    .writing(vec![work.to_path_buf()])
+                    .wrap(&program, args, dir, network)?;
                 let mut cmd = tokio::process::Command::new(bwrap);
-                cmd.args(wrapped).env_clear().envs(self.sandboxed_env());
+                cmd.args(wrapped).env_clear().envs(self.sandboxed_env(work));
                 private = net;
                 cmd
             }
             _ => {
                 let mut cmd = tokio::process::Command::new(&self.config.cargo);
+                // Unwalled (no bubblewrap): writers are trusted, and the
+                // user's cargo home is used as it is.
                 cmd.args(args).current_dir(dir).env_clear().envs(build_env());
                 cmd
             }
@@ -482,7 +516,7 @@ impl Builder {
 
     /// The environment inside the sandbox: the toolchain first on `PATH`,
     /// cargo's home in the work directory, nothing of the controller's.
-    fn sandboxed_env(&self) -> Vec<(String, String)> {
+    fn sandboxed_env(&self, work: &Path) -> Vec<(String, String)> {
         let bin = self
             .sysroot
             .as_ref()
@@ -492,18 +526,15 @@ impl Builder {
             ("PATH".into(), format!("{bin}/usr/local/bin:/usr/bin:/bin")),
             ("HOME".into(), "/tmp".into()),
             ("LANG".into(), "C.UTF-8".into()),
-            (
-                "CARGO_HOME".into(),
-                self.config.target_dir.join("cargo-home").display().to_string(),
-            ),
+            ("CARGO_HOME".into(), work.join("cargo-home").display().to_string()),
         ]
     }
 
     /// cargo's own output without the host paths it names.
-    fn strip_paths(&self, output: &str, src: &Path) -> String {
+    fn strip_paths(&self, output: &str, src: &Path, work: &Path) -> String {
         let mut out = output.replace(&*src.to_string_lossy(), ".");
         out = out.replace(&*self.config.sdk_dir.to_string_lossy(), "fnrt-sdk");
-        out = out.replace(&*self.config.target_dir.to_string_lossy(), "target");
+        out = out.replace(&*work.to_string_lossy(), "target");
         if let Some(sysroot) = &self.sysroot {
             out = out.replace(&*sysroot.to_string_lossy(), "toolchain");
         }
@@ -586,9 +617,38 @@ fn stage_sdk(sdk: &Path, dest: &Path) -> anyhow::Result<String> {
 }
 
 /// The build key of a crate built against the SDK whose hash is `sdk`.
-fn build_key(sdk: &str, target: Target, files: &BTreeMap<String, String>) -> String {
+/// Whose build it is: builds of one tenant share a work directory, and
+/// never see another's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Tenant {
+    /// Functions with no owner: the bundled ones (any writer manages them).
+    Bundled,
+    /// The functions a subject registered.
+    Owner(String),
+}
+
+impl Tenant {
+    /// The tenant of a function owned by `owner` (`None`: bundled).
+    pub fn of(owner: Option<&str>) -> Self {
+        owner.map_or(Tenant::Bundled, |o| Tenant::Owner(o.to_owned()))
+    }
+
+    /// Its work directory's name: a subject's name is anything a token
+    /// says, so it is hashed into a name that is always a plain one.
+    pub fn dir_name(&self) -> String {
+        match self {
+            Tenant::Bundled => "bundled".into(),
+            Tenant::Owner(sub) => {
+                let digest = Sha256::digest(format!("owner\0{sub}").as_bytes());
+                format!("owner-{}", &hex::encode(digest)[..32])
+            }
+        }
+    }
+}
+
+fn build_key(sdk: &str, target: Target, tenant: &Tenant, files: &BTreeMap<String, String>) -> String {
     let mut h = Sha256::new();
-    h.update(format!("{BUILD_FORMAT}\0{sdk}\0{target:?}\0").as_bytes());
+    h.update(format!("{BUILD_FORMAT}\0{sdk}\0{target:?}\0{}\0", tenant.dir_name()).as_bytes());
     for (path, text) in files {
         h.update(path.as_bytes());
         h.update([0]);
@@ -932,12 +992,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_key_changes_with_any_file_the_target_and_the_sdk() {
+    fn the_key_changes_with_any_file_the_target_the_tenant_and_the_sdk() {
         let mut files = BTreeMap::from([("Cargo.toml".to_owned(), "a".to_owned())]);
-        let a = build_key("sdk", Target::Native, &files);
-        assert_ne!(a, build_key("sdk", Target::Wasm, &files));
-        assert_ne!(a, build_key("another sdk", Target::Native, &files));
+        let alice = Tenant::of(Some("alice"));
+        let a = build_key("sdk", Target::Native, &alice, &files);
+        assert_eq!(a, build_key("sdk", Target::Native, &Tenant::of(Some("alice")), &files));
+        assert_ne!(a, build_key("sdk", Target::Wasm, &alice, &files));
+        assert_ne!(a, build_key("another sdk", Target::Native, &alice, &files));
+        assert_ne!(a, build_key("sdk", Target::Native, &Tenant::of(Some("bob")), &files));
+        assert_ne!(a, build_key("sdk", Target::Native, &Tenant::Bundled, &files));
         files.insert("src/lib.rs".into(), String::new());
-        assert_ne!(a, build_key("sdk", Target::Native, &files));
+        assert_ne!(a, build_key("sdk", Target::Native, &alice, &files));
+    }
+
+    #[test]
+    fn a_tenants_directory_is_a_plain_name_of_its_own() {
+        let odd = Tenant::of(Some("../../etc/x"));
+        let name = odd.dir_name();
+        assert!(name.starts_with("owner-") && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        assert_ne!(name, Tenant::of(Some("alice")).dir_name());
+        assert_ne!(Tenant::of(Some("bundled")).dir_name(), Tenant::Bundled.dir_name());
     }
 }
