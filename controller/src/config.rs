@@ -269,8 +269,10 @@ pub struct ServeArgs {
     /// cargo, for building Rust functions.
     #[arg(long, env = "CARGO_BIN", default_value = "cargo")]
     pub cargo_bin: String,
-    /// cargo target directory shared by every Rust function build (so
-    /// dependencies compile once); default `DATA_DIR/rust-target`.
+    /// The Rust function builds' work directories, one per tenant (the
+    /// subject that registered the function, or the bundled ones) under
+    /// `tenants/`, shared by the tenant's builds (so its dependencies
+    /// compile once); default `DATA_DIR/rust-target`.
     #[arg(long, env = "RUST_TARGET_DIR")]
     pub rust_target_dir: Option<PathBuf>,
     /// The uid Rust function builds run as (in bubblewrap) when the

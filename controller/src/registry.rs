@@ -43,19 +43,16 @@ impl FunctionEntry {
     /// reads every caller's logs): it registered it, or the function is
     /// bundled (no owner) and the subject holds `write:functions`.
     pub fn managed_by(&self, subject: &Subject) -> bool {
-        match &self.owner {
-            Some(owner) => *owner == subject.sub,
-            None => subject.has(WRITE_FUNCTIONS),
-        }
+        manages(subject, self.owner.as_deref())
     }
 
     fn from_stored(f: StoredFunction) -> anyhow::Result<Self> {
         Ok(FunctionEntry {
+            current: Arc::new(version_from_stored(f.current, f.owner.clone())?),
             source: f.source,
             owner: f.owner,
             created_at: f.created_at,
             updated_at: f.updated_at,
-            current: Arc::new(version_from_stored(f.current)?),
         })
     }
 }
@@ -266,7 +263,13 @@ impl Registry {
         let Some(stored) = self.store.version(language_title, version).await? else {
             return Ok(None);
         };
-        let v = Arc::new(version_from_stored(stored)?);
+        // An older version's owner is the function's: deleting a function
+        // deletes its versions.
+        let owner = match self.get(language_title) {
+            Some(f) => f.owner,
+            None => self.store.function(language_title).await?.and_then(|f| f.owner),
+        };
+        let v = Arc::new(version_from_stored(stored, owner)?);
         self.versions.insert(key, v.clone());
         Ok(Some(v))
     }
@@ -279,8 +282,7 @@ impl Registry {
         code: Submission,
         owner: &str,
     ) -> Result<FunctionEntry, RegistryError> {
-        let mut new = self.prepare(lt, spec, code, true).await?;
-        new.owner = Some(owner.to_owned());
+        let new = self.prepare(lt, spec, code, true, Some(owner)).await?;
         match self.store.create(new, Source::Api).await {
             Ok(f) => self.remember(f),
             Err(StoreError::Conflict) => Err(RegistryError::Exists(lt.to_string())),
@@ -299,8 +301,8 @@ impl Registry {
     ) -> Result<FunctionEntry, RegistryError> {
         // Refused before anything is built or installed for it; the store
         // checks again where it writes.
-        self.check_manager(lt, subject)?;
-        let new = self.prepare(lt, spec, code, true).await?;
+        let owner = self.manager_check(lt, subject).await?;
+        let new = self.prepare(lt, spec, code, true, owner.as_deref()).await?;
         match self.store.add_version(new, Source::Api, Some(&subject.sub)).await {
             Ok(f) => self.remember(f),
             Err(StoreError::NotFound) => Err(RegistryError::NotFound(lt.to_string())),
@@ -312,7 +314,7 @@ impl Registry {
     /// Deletes a function and all its versions, for a subject that manages
     /// it.
     pub async fn delete(&self, lt: &LanguageTitle, subject: &Subject) -> Result<(), RegistryError> {
-        self.check_manager(lt, subject)?;
+        self.manager_check(lt, subject).await?;
         match self.store.delete(lt.as_str(), Some(&subject.sub)).await {
             Ok(true) => {}
             Ok(false) => return Err(RegistryError::NotFound(lt.to_string())),
@@ -327,21 +329,32 @@ impl Registry {
         Ok(())
     }
 
-    /// [`RegistryError::NotOwner`] when this replica knows `lt` as a
-    /// function `subject` does not manage.
-    fn check_manager(&self, lt: &LanguageTitle, subject: &Subject) -> Result<(), RegistryError> {
-        match self.get(lt.as_str()) {
-            Some(f) if !f.managed_by(subject) => Err(RegistryError::NotOwner(lt.to_string())),
-            _ => Ok(()),
+    /// The owner of `lt` (`None`: bundled), once `subject` is known to
+    /// manage it: [`RegistryError::NotOwner`] or `NotFound` otherwise. A
+    /// function this replica has not seen yet is read from the store.
+    async fn manager_check(&self, lt: &LanguageTitle, subject: &Subject) -> Result<Option<String>, RegistryError> {
+        let owner = match self.get(lt.as_str()) {
+            Some(f) => f.owner,
+            None => match self.store.function(lt.as_str()).await? {
+                Some(f) => f.owner,
+                None => return Err(RegistryError::NotFound(lt.to_string())),
+            },
+        };
+        match manages(subject, owner.as_deref()) {
+            true => Ok(owner),
+            false => Err(RegistryError::NotOwner(lt.to_string())),
         }
     }
 
+    /// A version checked (built, installed) and ready to store, for a
+    /// function owned by `owner` (`None`: bundled).
     async fn prepare(
         &self,
         lt: &LanguageTitle,
         mut spec: FunctionSpec,
         code: Submission,
         build: bool,
+        owner: Option<&str>,
     ) -> Result<NewVersion, RegistryError> {
         let language = lt.language();
         let invalid = |m: String| RegistryError::Invalid(ManifestError(m));
@@ -361,7 +374,7 @@ impl Registry {
                 code_hash: manifest.code_hash(""),
                 manifest: serde_json::to_value(&manifest).map_err(|e| RegistryError::Store(e.into()))?,
                 code: String::new(),
-                owner: None,
+                owner: owner.map(str::to_owned),
             });
         }
         let (manifest, code) = match code {
@@ -408,7 +421,7 @@ impl Registry {
         }
         if let Some(checker) = &self.checker {
             let checked = match (&files, &package) {
-                (Some(files), _) => Code::Crate(files),
+                (Some(files), _) => Code::Crate { files, owner },
                 (None, Some(package)) => Code::Package {
                     files: package,
                     scripts: manifest.install.scripts,
@@ -431,7 +444,7 @@ impl Registry {
             code_hash: manifest.code_hash(&code),
             manifest: serde_json::to_value(&manifest).map_err(|e| RegistryError::Store(e.into()))?,
             code,
-            owner: None,
+            owner: owner.map(str::to_owned),
         })
     }
 
@@ -524,7 +537,7 @@ impl Registry {
             self.read_code(path, &entrypoint)?
         };
         // Crates are built in the background: start-up does not wait.
-        let new = self.prepare(&lt, spec, code, false).await?;
+        let new = self.prepare(&lt, spec, code, false, None).await?;
         let stored = match self.get(lt.as_str()) {
             None => match self.store.create(new, Source::Bundled).await {
                 Ok(stored) => stored,
@@ -586,13 +599,23 @@ fn read_crate(folder: &Path) -> anyhow::Result<CrateFiles> {
 }
 
 /// A stored version, ready to run.
-fn version_from_stored(v: StoredVersion) -> anyhow::Result<FunctionVersion> {
+/// Whether `subject` manages a function owned by `owner` (`None`: bundled).
+fn manages(subject: &Subject, owner: Option<&str>) -> bool {
+    match owner {
+        Some(owner) => owner == subject.sub,
+        None => subject.has(WRITE_FUNCTIONS),
+    }
+}
+
+fn version_from_stored(v: StoredVersion, owner: Option<String>) -> anyhow::Result<FunctionVersion> {
     let language_title: LanguageTitle = v
         .language_title
         .parse()
         .with_context(|| format!("stored Language-Title {:?}", v.language_title))?;
     let manifest: Manifest = serde_json::from_value(v.manifest).context("stored manifest")?;
-    FunctionVersion::new(language_title, v.version, manifest, v.code, v.code_hash, v.created_at)
+    let mut version = FunctionVersion::new(language_title, v.version, manifest, v.code, v.code_hash, v.created_at)?;
+    version.owner = owner;
+    Ok(version)
 }
 
 /// Whether a bundled folder differs from the stored version (code or any

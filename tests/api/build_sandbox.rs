@@ -180,3 +180,78 @@ async fn a_build_script_and_a_proc_macro_read_no_secret_write_nothing_outside_an
         assert!(!Path::new(&path).exists(), "the build wrote {path}");
     }
 }
+
+/// What the tenant probe's build script did: it lists the builds' work
+/// directories it can see and tries to write into another tenant's.
+const TENANT_PROBE_LIB: &str = r#"
+use fnrt_sdk::{Context, Error, export};
+
+fn probe(_params: serde_json::Value, _context: Context) -> Result<serde_json::Value, Error> {
+    Ok(serde_json::from_str(include_str!(concat!(env!("OUT_DIR"), "/seen.json"))).unwrap())
+}
+
+export!(probe);
+"#;
+
+/// Builds of one subject's functions never see another's: their sources,
+/// compiled dependencies and downloaded crates are in a work directory of
+/// that subject's, which a build script of someone else cannot read or
+/// change (it would otherwise put its code into the other's next build).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_sees_its_own_subjects_work_directory_and_no_other() {
+    if !bwrap_installed() {
+        assert!(std::env::var_os("CI").is_none(), "CI installs bubblewrap (.ci/run)");
+        eprintln!("skipped: builds are walled in by bubblewrap, which is not installed");
+        return;
+    }
+    // Arrange: alice has built a crate, so her work directory exists.
+    let app = spawn_app().await;
+    let tenants = Path::new(crate::helpers::RUST_TARGET_DIR).join("tenants");
+    let dir_of = |sub: &str| fnrt_backends::build::Tenant::of(Some(sub)).dir_name();
+    let alice_files = json!({
+        "Cargo.toml": "[package]\nname = \"plain\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n\
+                       [dependencies]\nfnrt-sdk = \"0.1\"\nserde_json = \"1\"\n",
+        "src/lib.rs": "use fnrt_sdk::{Context, Error, export};\n\
+                       fn plain(_p: serde_json::Value, _c: Context) -> Result<serde_json::Value, Error> {\n    \
+                       Ok(serde_json::json!(\"alice's\"))\n}\nexport!(plain);\n",
+    });
+    let body = json!({"language_title": "rust-alices", "description": "d", "files": alice_files});
+    let alices = call(&app, Method::POST, "/api/v1/functions", &app.admin(), Some(body)).await;
+    assert_eq!(alices.status, 201, "{:?}", alices.body);
+    let alice_dir = tenants.join(dir_of("alice"));
+    assert!(alice_dir.join("crates").is_dir(), "{} missing", alice_dir.display());
+    let planted = alice_dir.join("crates").join("planted-by-mallory");
+    // A crate of its own each run, so that its script runs again rather
+    // than cargo reusing what it wrote in an earlier run.
+    let build_rs = format!(
+        "// run {run}\nfn main() {{\n    let out = std::env::var(\"OUT_DIR\").unwrap();\n    \
+         let seen: Vec<String> = match std::fs::read_dir({tenants:?}) {{\n        \
+         Ok(d) => d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),\n        \
+         Err(e) => vec![format!(\"error: {{e}}\")],\n    }};\n    \
+         let wrote = std::fs::write({planted:?}, \"x\").is_ok();\n    \
+         std::fs::write(format!(\"{{out}}/seen.json\"), format!(\"{{{{\\\"seen\\\": {{seen:?}}, \\\"wrote\\\": {{wrote}}}}}}\")).unwrap();\n}}\n",
+        tenants = tenants.display().to_string(),
+        planted = planted.display().to_string(),
+        run = uuid::Uuid::new_v4(),
+    );
+    let files = json!({
+        "Cargo.toml": "[package]\nname = \"tenant-probe\"\nversion = \"0.1.0\"\nedition = \"2024\"\nbuild = \"build.rs\"\n\n\
+                       [dependencies]\nfnrt-sdk = \"0.1\"\nserde_json = \"1\"\n",
+        "build.rs": build_rs,
+        "src/lib.rs": TENANT_PROBE_LIB,
+    });
+    let mallory = app.token("mallory", &["execute:all", "read:functions", "write:functions"]);
+
+    // Act: mallory's crate builds (its script runs now), then runs.
+    let body = json!({"language_title": "rust-tenant-probe", "description": "d", "files": files});
+    let registered = call(&app, Method::POST, "/api/v1/functions", &mallory, Some(body)).await;
+    assert_eq!(registered.status, 201, "{:?}", registered.body);
+    let id = app.session(&mallory, "rust-tenant-probe", json!({})).await;
+    let r = app.execute(&mallory, &id, json!({})).await;
+
+    // Assert: it saw its own directory alone, and wrote nothing in alice's.
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["result"]["seen"], json!([dir_of("mallory")]), "{:?}", r.body);
+    assert_eq!(r.body["result"]["wrote"], false, "{:?}", r.body);
+    assert!(!planted.exists(), "mallory's build wrote {}", planted.display());
+}

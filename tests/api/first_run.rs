@@ -236,7 +236,10 @@ async fn a_function_can_neither_list_nor_read_the_data_dir_other_functions_build
     let data = app.data_dir.path().to_path_buf();
     let artifacts = files_under(&data.join("builds"), "function.so");
     let compiled = files_under(&data.join("wasm-cache"), ".cwasm");
-    let sources = files_under(Path::new("/var/tmp/fnrt-test-functions/crates"), "lib.rs");
+    let sources = files_under(
+        Path::new("/var/tmp/fnrt-test-functions/tenants/bundled/crates"),
+        "lib.rs",
+    );
     assert!(!artifacts.is_empty() && !compiled.is_empty() && !sources.is_empty());
     app.register("python-snoop", SNOOP, json!({})).await;
 

@@ -23,7 +23,7 @@ pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 
 /// The cargo target directory of every test controller's Rust function
 /// builds, so that dependencies build once.
-const RUST_TARGET_DIR: &str = "/var/tmp/fnrt-test-functions";
+pub const RUST_TARGET_DIR: &str = "/var/tmp/fnrt-test-functions";
 /// Installed dependencies, shared like the Rust target dir: the bundled
 /// packages' installs run once per machine, not once per test.
 const DEPS_DIR: &str = "/var/tmp/fnrt-test-deps";

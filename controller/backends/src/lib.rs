@@ -45,7 +45,7 @@ use fnrt_core::language::Language;
 use fnrt_core::runtime::placement::Placement;
 use fnrt_core::runtime::{Artifacts, InstanceError};
 
-use crate::build::Builder;
+use crate::build::{Builder, Tenant};
 use crate::deps::{Dependencies, Installer};
 
 /// The name of the controller's files socket in an instance's directory
@@ -118,13 +118,13 @@ impl CodeCheck for Backends {
         let Some(backend) = self.placement.backend_for_language(language) else {
             return Ok(());
         };
-        let files = match code {
+        let (files, tenant) = match code {
             Code::File { entrypoint, text } => {
                 return backend
                     .check_code(language, entrypoint, text)
                     .map_err(CheckError::Invalid);
             }
-            Code::Crate(files) => files,
+            Code::Crate { files, owner } => (files, Tenant::of(owner)),
             Code::Package { files, scripts } => {
                 let Some(deps) = Dependencies::of(language, files, scripts) else {
                     return Ok(());
@@ -147,10 +147,13 @@ impl CodeCheck for Backends {
         let builder = self.builder().map_err(CheckError::Invalid)?;
         let target = Target::for_language(language);
         if !build {
-            builder.ensure(target, files);
+            builder.ensure(target, &tenant, files);
             return Ok(());
         }
-        let artifact = builder.build(target, files).await.map_err(CheckError::BuildFailed)?;
+        let artifact = builder
+            .build(target, &tenant, files)
+            .await
+            .map_err(CheckError::BuildFailed)?;
         let bytes = tokio::fs::read(&artifact)
             .await
             .map_err(|e| CheckError::Invalid(format!("reading the built artifact: {e}")))?;
@@ -187,7 +190,8 @@ pub fn locate(builder: &Arc<Builder>, function: &FunctionVersion) -> Result<Path
     let Some(files) = &function.files else {
         return Err(InstanceError::Protocol("the function is not a crate".into()));
     };
-    match builder.ensure(Target::for_language(function.language()), files) {
+    let tenant = Tenant::of(function.owner.as_deref());
+    match builder.ensure(Target::for_language(function.language()), &tenant, files) {
         BuildState::Ready(path) => Ok(path),
         BuildState::Building => Err(InstanceError::NotReady {
             message: format!(

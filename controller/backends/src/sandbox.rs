@@ -224,6 +224,15 @@ impl BuildSandbox {
         })
     }
 
+    /// The same walls, with `writable` the host paths the sandbox may
+    /// write (in place of those given at [`BuildSandbox::detect`]).
+    pub fn writing(&self, writable: Vec<PathBuf>) -> Self {
+        BuildSandbox {
+            writable,
+            ..self.clone()
+        }
+    }
+
     /// The uid builds run as, if not the controller's.
     pub fn uid(&self) -> Option<u32> {
         self.uid

@@ -18,7 +18,7 @@ use crate::archive::{self, ArchiveError};
 use crate::auth::{READ_FUNCTIONS, WRITE_FUNCTIONS};
 use crate::error::{ApiError, ErrorBody};
 use crate::registry::{FileContent, FunctionEntry, FunctionSpec, PackageLimits, Submission};
-use fnrt_backends::build::Builder;
+use fnrt_backends::build::{Builder, Tenant};
 use fnrt_backends::deps::Installer;
 use fnrt_core::artifact::BuildState;
 use fnrt_core::function::manifest::{LimitsSpec, SchemaSpec};
@@ -172,7 +172,8 @@ fn detail(f: &FunctionEntry, builder: Option<&Arc<Builder>>, installer: Option<&
     let build = install.or_else(|| {
         f.current.files.as_ref().map(|files| {
             let target = fnrt_core::artifact::Target::for_language(f.current.language());
-            build_info(builder.and_then(|b| b.state(target, files)))
+            let tenant = Tenant::of(f.owner.as_deref());
+            build_info(builder.and_then(|b| b.state(target, &tenant, files)))
         })
     });
     let pipeline = f.current.pipeline();

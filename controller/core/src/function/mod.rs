@@ -33,6 +33,9 @@ pub struct FunctionVersion {
     pub files: Option<CrateFiles>,
     /// What a package asks to install (`requirements.txt`, `package.json`).
     pub dependencies: Option<package::DependencyFiles>,
+    /// The subject that registered the function (`None`: bundled): a
+    /// crate builds in its owner's work directory.
+    pub owner: Option<String>,
     /// `schema.params`, compiled once (the default needs no compile).
     params: ParamsSchema,
     /// What `/init` sends, resolved at the first specialisation
@@ -78,6 +81,7 @@ impl FunctionVersion {
             manifest,
             files,
             dependencies,
+            owner: None,
             code,
             code_hash,
             created_at,
@@ -165,8 +169,12 @@ pub trait CodeCheck: Send + Sync {
 pub enum Code<'a> {
     /// One source file: the entrypoint's name and its text.
     File { entrypoint: &'a str, text: &'a str },
-    /// A Rust crate's files.
-    Crate(&'a CrateFiles),
+    /// A Rust crate's files, and the subject that owns the function
+    /// (`None`: bundled), whose work directory builds it.
+    Crate {
+        files: &'a CrateFiles,
+        owner: Option<&'a str>,
+    },
     /// A Node or Python package's files, and whether its dependencies'
     /// install code may run.
     Package { files: &'a PackageFiles, scripts: bool },
