@@ -341,13 +341,13 @@ async fn logs_show_an_execution_s_output_and_follow_a_function_and_sessions_list
             )
         })
         .collect();
-    assert!(
-        shown.contains(&("stdout".into(), "hello ann".into())),
-        "{}",
-        human.stdout
-    );
-    assert!(shown.contains(&("stderr".into(), "careful".into())), "{}", human.stdout);
     let as_json = fnrt(&config, &["--json", "logs", &id]).await;
+    // A rare failure here (an execution found with no lines) was seen in
+    // CI and not reproduced: the invoke's answer (cached? cold?) and the
+    // logs as the API gave them say more than the lines alone.
+    let seen = format!("invoke answered {}; logs {}", invoked.stdout, as_json.stdout);
+    assert!(shown.contains(&("stdout".into(), "hello ann".into())), "{seen}");
+    assert!(shown.contains(&("stderr".into(), "careful".into())), "{seen}");
     assert_eq!(as_json.json()["executions"], json!([id]));
 
     // A failed run names its logs in the error; they hold its output.
