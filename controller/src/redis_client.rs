@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::Mutex;
+use tokio::sync::OnceCell;
 
 /// How long one command may take before the caller gives up on Redis.
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(250);
@@ -23,8 +23,10 @@ const BACKOFF: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct RedisClient {
     client: redis::Client,
-    /// Connected lazily, so the controller starts (degraded) while Redis is down.
-    manager: Arc<Mutex<Option<ConnectionManager>>>,
+    /// Connected lazily, so the controller starts (degraded) while Redis is
+    /// down; once made, it reconnects by itself. Read without a lock: every
+    /// command takes it, and at high concurrency a mutex here queued them.
+    manager: Arc<OnceCell<ConnectionManager>>,
     healthy: Arc<AtomicBool>,
     /// When the last failure happened, in ms since `epoch`.
     failed_at_ms: Arc<AtomicU64>,
@@ -42,7 +44,7 @@ impl RedisClient {
     pub fn new(url: &str) -> anyhow::Result<Self> {
         Ok(RedisClient {
             client: redis::Client::open(url)?,
-            manager: Arc::new(Mutex::new(None)),
+            manager: Arc::new(OnceCell::new()),
             healthy: Arc::new(AtomicBool::new(false)),
             failed_at_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
@@ -55,17 +57,19 @@ impl RedisClient {
     }
 
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        let mut manager = self.manager.lock().await;
-        if let Some(m) = manager.as_ref() {
-            return Ok(m.clone());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1);
-        let m = ConnectionManager::new_with_config(self.client.clone(), config).await?;
-        *manager = Some(m.clone());
-        Ok(m)
+        // A failed first connection leaves the cell empty: the next command
+        // tries again.
+        let manager = self
+            .manager
+            .get_or_try_init(|| {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(self.client.clone(), config)
+            })
+            .await?;
+        Ok(manager.clone())
     }
 
     /// Runs one command (or pipeline/script invocation) within the timeout.
