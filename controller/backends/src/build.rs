@@ -1005,6 +1005,51 @@ mod tests {
         assert_ne!(a, build_key("sdk", Target::Native, &alice, &files));
     }
 
+    #[tokio::test]
+    async fn a_work_directory_that_cannot_be_made_fails_the_build_with_its_reason() {
+        // Arrange: a builder whose tenant's work directory is blocked by a file.
+        let root = tempfile::tempdir().unwrap();
+        let builder = Builder::new(BuilderConfig {
+            cargo: "cargo".into(),
+            sdk_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../runtimes/rust/sdk"),
+            target_dir: root.path().join("target"),
+            builds_dir: root.path().join("data/builds"),
+            timeout: Duration::from_secs(60),
+            retry_failed_after: Duration::from_secs(60),
+            build_uid: 65_000,
+        })
+        .unwrap();
+        let tenant = Tenant::of(Some("alice"));
+        let blocked = root.path().join("target/tenants").join(tenant.dir_name());
+        std::fs::write(&blocked, "not a directory").unwrap();
+        let files = BTreeMap::from([("Cargo.toml".to_owned(), "[package]\nname = \"f\"\n".to_owned())]);
+
+        // Act
+        let failed = builder.build(Target::Native, &tenant, &files).await.unwrap_err();
+
+        // Assert: the reason, no artifact, and the failure is the build's state.
+        assert!(
+            failed.message.starts_with("preparing the work directory: "),
+            "{}",
+            failed.message
+        );
+        // A registering client reads this message: no host path in it.
+        assert!(
+            !failed.message.contains(root.path().to_str().unwrap()),
+            "{}",
+            failed.message
+        );
+        assert!(matches!(
+            builder.state(Target::Native, &tenant, &files),
+            Some(BuildState::Failed(_))
+        ));
+        assert_eq!(
+            std::fs::read_to_string(&blocked).unwrap(),
+            "not a directory",
+            "the file was left as it was"
+        );
+    }
+
     #[test]
     fn a_tenants_directory_is_a_plain_name_of_its_own() {
         let odd = Tenant::of(Some("../../etc/x"));
