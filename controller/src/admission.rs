@@ -14,9 +14,10 @@
 //! Admissions that come while a script call is on its way wait for it to
 //! return and then go together, in one call that decides each in turn as
 //! its own call would have (a group commit): alone, a request is sent at
-//! once; under load, one call serves many. Per request, Redis spent about
-//! twice the CPU of its share of a call of 16, and the controller a round
-//! trip's wake-ups each.
+//! once; under load, one call serves many. Each call costs Redis its
+//! reading, parsing and answering, and the controller a round trip's
+//! wake-ups (`redis-benchmark`: 11.9 µs of Redis's CPU per admission sent
+//! alone, 5.8 in calls of 16).
 //!
 //! The guard ([`crate::http`]) leaves an execute's limit to the handler as
 //! an unpassed [`Gate`]: whatever refuses the request passes it first.
