@@ -437,41 +437,40 @@ mod tests {
         exercise(&admission, &*sessions).await;
     }
 
-    #[tokio::test]
-    async fn one_redis_script_counts_only_what_the_limit_admits() {
+    /// The Redis admission over `TEST_REDIS_URL` (`None`, with a message,
+    /// when it is not set; a failure under `CI=true`).
+    fn on_redis() -> Option<(RedisClient, RedisAdmission, Arc<FallbackSessionStore>)> {
         let Ok(url) = std::env::var("TEST_REDIS_URL") else {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "CI=true but TEST_REDIS_URL is not set"
             );
             eprintln!("skipped: set TEST_REDIS_URL=redis://127.0.0.1:6379/ to run the Redis admission test");
-            return;
+            return None;
         };
         let redis = RedisClient::new(&url).unwrap();
         let local = Arc::new(LocalRateLimiter::new(LIMITS));
         let limiter = Arc::new(RedisRateLimiter::new(redis.clone(), LIMITS, local));
         let sessions = Arc::new(FallbackSessionStore::new(RedisSessionStore::new(redis.clone())));
         let admission = RedisAdmission::new(redis.clone(), limiter, sessions.clone());
+        Some((redis, admission, sessions))
+    }
+
+    #[tokio::test]
+    async fn one_redis_script_counts_only_what_the_limit_admits() {
+        let Some((redis, admission, sessions)) = on_redis() else {
+            return;
+        };
         exercise(&admission, &*sessions).await;
         assert!(redis.is_healthy(), "the script failed and the fallback answered");
     }
 
     #[tokio::test]
     async fn admissions_that_come_together_go_in_one_call_each_decided_as_if_alone() {
-        let Ok(url) = std::env::var("TEST_REDIS_URL") else {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but TEST_REDIS_URL is not set"
-            );
-            eprintln!("skipped: set TEST_REDIS_URL=redis://127.0.0.1:6379/ to run the Redis admission test");
+        // Arrange: a retained session, and a subject allowed 3 a minute.
+        let Some((redis, admission, sessions)) = on_redis() else {
             return;
         };
-        // Arrange: a retained session, and a subject allowed 3 a minute.
-        let redis = RedisClient::new(&url).unwrap();
-        let local = Arc::new(LocalRateLimiter::new(LIMITS));
-        let limiter = Arc::new(RedisRateLimiter::new(redis.clone(), LIMITS, local));
-        let sessions = Arc::new(FallbackSessionStore::new(RedisSessionStore::new(redis.clone())));
-        let admission = RedisAdmission::new(redis.clone(), limiter, sessions.clone());
         let owner = format!("together-{}", hex::encode(rand::random::<[u8; 6]>()));
         let record = retained(&owner);
         assert!(sessions.insert(record.clone()).await.unwrap());
