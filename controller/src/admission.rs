@@ -14,7 +14,8 @@
 //! Admissions that come while a script call is on its way wait for it to
 //! return and then go together, in one call that decides each in turn as
 //! its own call would have (a group commit): alone, a request is sent at
-//! once; under load, one call serves many. Each call costs Redis its
+//! once; under load, one call serves many. An execute without a retained
+//! session goes the same way, with only its limit to count. Each call costs Redis its
 //! reading, parsing and answering, and the controller a round trip's
 //! wake-ups (`redis-benchmark`: 11.9 µs of Redis's CPU per admission sent
 //! alone, 5.8 in calls of 16).
@@ -161,8 +162,10 @@ impl Admission for InProcess {
 /// count. ARGV[1]: the time of the executions. Per admission, three KEYS
 /// (the limit's key, the session's hash, the active-sessions index) and
 /// four ARGV (the limit's interval in ms and its burst, 0 for no limit;
-/// whether to count the execution, '1'; the session's key). Answers, per
-/// admission, {ms to wait, whether the session exists}, one flat list.
+/// what to do with the session: '1' count an execution, '0' check that it
+/// exists, '-' nothing, there is none, and its two keys are unused; the
+/// session's key). Answers, per admission, {ms to wait, whether the
+/// session exists (1 when there is none)}, one flat list.
 const ADMIT: &str = r"
 local out = {}
 for i = 0, #KEYS / 3 - 1 do
@@ -172,10 +175,13 @@ for i = 0, #KEYS / 3 - 1 do
   if burst > 0 then wait = gcra(KEYS[k + 1], tonumber(ARGV[a + 1]), burst) end
   local exists = 0
   if wait == 0 then
-    if ARGV[a + 3] == '1' then
+    local session = ARGV[a + 3]
+    if session == '1' then
       exists = record(KEYS[k + 2], KEYS[k + 3], ARGV[1], '0', ARGV[a + 4])
-    else
+    elseif session == '0' then
       exists = redis.call('EXISTS', KEYS[k + 2])
+    else
+      exists = 1
     end
   end
   out[#out + 1] = wait
@@ -192,9 +198,9 @@ struct Entry {
     limit_key: String,
     interval_ms: u64,
     burst: u32,
-    count: bool,
-    /// The session's key ([`crate::sessions::session_key`]).
-    session: String,
+    /// The session's key ([`crate::sessions::session_key`]) and whether to
+    /// count an execution on it; `None` for a request without one.
+    session: Option<(String, bool)>,
 }
 
 /// An admission waiting for its call; its answer is {ms to wait, whether
@@ -292,14 +298,24 @@ impl Batcher {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(timefmt::format(timefmt::now()));
         for Waiting { entry, .. } in batch {
-            invocation
-                .key(&entry.limit_key)
-                .key(hash_key(&entry.session))
-                .key(ALL)
-                .arg(entry.interval_ms)
-                .arg(entry.burst)
-                .arg(if entry.count { "1" } else { "0" })
-                .arg(&entry.session);
+            invocation.key(&entry.limit_key);
+            match &entry.session {
+                Some((session, count)) => invocation
+                    .key(hash_key(session))
+                    .key(ALL)
+                    .arg(entry.interval_ms)
+                    .arg(entry.burst)
+                    .arg(if *count { "1" } else { "0" })
+                    .arg(session),
+                // The script reads neither key of an entry without a session.
+                None => invocation
+                    .key(ALL)
+                    .key(ALL)
+                    .arg(entry.interval_ms)
+                    .arg(entry.burst)
+                    .arg("-")
+                    .arg(""),
+            };
         }
         let flat: Vec<i64> = self
             .redis
@@ -323,7 +339,7 @@ pub struct RedisAdmission {
     limiter: Arc<RedisRateLimiter>,
     sessions: Arc<FallbackSessionStore>,
     batcher: Arc<Batcher>,
-    /// Without a session to count, and while Redis does not answer.
+    /// For a session held in this process only, and while Redis does not answer.
     in_process: InProcess,
 }
 
@@ -341,12 +357,16 @@ impl RedisAdmission {
 #[async_trait]
 impl Admission for RedisAdmission {
     async fn admit(&self, class: LimitClass, key: &RateKey, session: Option<SessionCheck<'_>>) -> Admitted {
-        // The limit alone is one script already; a session created while
-        // Redis did not answer is in this process only.
-        let Some(check) = session.filter(|s| !self.sessions.holds_locally(s.key)) else {
+        // A session created while Redis did not answer is in this process only.
+        if session.is_some_and(|s| self.sessions.holds_locally(s.key)) {
             return self.in_process.admit(class, key, session).await;
-        };
-        let (limit_key, interval_ms, burst) = match self.limiter.gcra(class, key) {
+        }
+        let gcra = self.limiter.gcra(class, key);
+        if gcra.is_none() && session.is_none() {
+            // No limit and no session: nothing to ask.
+            return Admitted::Yes;
+        }
+        let (limit_key, interval_ms, burst) = match gcra {
             Some(g) => (g.key, g.interval_ms, g.burst),
             // A burst of 0 tells the script there is no limit; the key is unused.
             None => (String::from("fnrt:rl:v1:off"), 0, 0),
@@ -355,8 +375,7 @@ impl Admission for RedisAdmission {
             limit_key,
             interval_ms,
             burst,
-            count: check.count,
-            session: check.key.to_owned(),
+            session: session.map(|s| (s.key.to_owned(), s.count)),
         };
         match self.batcher.admit(entry).await {
             Some((0, 1)) => Admitted::Yes,
@@ -479,8 +498,11 @@ mod tests {
         // Another subject's, on a session that is gone: its own limit, its own verdict.
         let other = RateKey::Subject(format!("{owner}-other"));
         let gone = session_key(&owner, "never-initialized");
+        // A third subject's one-shot executes (no session): only the limit.
+        let one_shot = RateKey::Subject(format!("{owner}-one-shot"));
 
-        // Act: six at once on the session, and one on the gone session.
+        // Act: six at once on the session, one on the gone session, and
+        // four without a session.
         let on_session = (0..6).map(|_| {
             admission.admit(
                 LimitClass::Execute,
@@ -499,7 +521,12 @@ mod tests {
                 count: true,
             }),
         );
-        let (verdicts, gone_verdict) = tokio::join!(futures::future::join_all(on_session), on_gone);
+        let sessionless = (0..4).map(|_| admission.admit(LimitClass::Execute, &one_shot, None));
+        let (verdicts, gone_verdict, one_shot_verdicts) = tokio::join!(
+            futures::future::join_all(on_session),
+            on_gone,
+            futures::future::join_all(sessionless)
+        );
 
         // Assert: one call; three admitted and counted, three over the limit.
         assert_eq!(
@@ -514,6 +541,21 @@ mod tests {
             .count();
         assert_eq!((admitted, limited), (3, 3), "{verdicts:?}");
         assert_eq!(gone_verdict, Admitted::SessionGone);
+        assert_eq!(
+            one_shot_verdicts.iter().filter(|v| **v == Admitted::Yes).count(),
+            3,
+            "{one_shot_verdicts:?}"
+        );
+        assert!(
+            matches!(one_shot_verdicts[3], Admitted::Limited(1..=60)),
+            "{one_shot_verdicts:?}"
+        );
+        // One more, alone: its own call, still over the limit.
+        assert!(matches!(
+            admission.admit(LimitClass::Execute, &one_shot, None).await,
+            Admitted::Limited(1..=60)
+        ));
+        assert_eq!(admission.batcher.calls.load(std::sync::atomic::Ordering::Relaxed), 2);
         let after = sessions.get(&session).await.unwrap().unwrap();
         assert_eq!(after.execution_count, 3, "only the admitted ones counted");
         assert!(redis.is_healthy(), "the script failed and the fallback answered");
@@ -528,8 +570,7 @@ mod tests {
             limit_key: "fnrt:rl:v1:off".into(),
             interval_ms: 0,
             burst: 0,
-            count: true,
-            session: "nobody:none".into(),
+            session: Some(("nobody:none".into(), true)),
         };
         for round in 0..2 {
             let answers = tokio::time::timeout(
