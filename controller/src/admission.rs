@@ -14,8 +14,9 @@
 //! Admissions that come while a script call is on its way wait for it to
 //! return and then go together, in one call that decides each in turn as
 //! its own call would have (a group commit): alone, a request is sent at
-//! once; under load, one call serves many. An execute without a retained
-//! session goes the same way, with only its limit to count. Each call costs Redis its
+//! once, from its own task; under load, one call serves many, sent by a
+//! task of their own. An execute without a retained session goes the same
+//! way, with only its limit to count. Each call costs Redis its
 //! reading, parsing and answering, and the controller a round trip's
 //! wake-ups (`redis-benchmark`: 11.9 µs of Redis's CPU per admission sent
 //! alone, 5.8 in calls of 16).
@@ -31,7 +32,9 @@
 //! - [`InProcess`]: the limiter, then the session store.
 //! - [`RedisAdmission`]: one Lua script (the limiter's GCRA and the
 //!   session store's count), [`InProcess`] while Redis does not answer.
-//! - [`Batcher`]: the admissions waiting for the script, sent together.
+//! - [`Batcher`]: the admissions waiting for the script, sent together;
+//!   `Detachable`, the lone request's call, which goes on in a task should
+//!   the request go away.
 
 use std::sync::{Arc, Mutex};
 
@@ -242,53 +245,70 @@ impl Batcher {
     /// The script's answer for `entry`; `None` when Redis did not answer.
     async fn admit(self: &Arc<Self>, entry: Entry) -> Option<(u64, i64)> {
         let (answer, answered) = oneshot::channel();
-        let start = {
+        let lead = {
             let mut queue = self.queue.lock().unwrap();
             queue.waiting.push(Waiting { entry, answer });
             !std::mem::replace(&mut queue.sending, true)
         };
-        if start {
-            // A task of its own: a request that is dropped (its client gone)
-            // must not take the others' answers with it.
-            tokio::spawn(self.clone().send_all());
+        if lead {
+            // The first call goes from this request's own task. A task
+            // spawned for it was ready beside the Redis connection's, and
+            // tokio wakes an idle worker when a second task is ready: two
+            // threads woke each other twice per lone request. Should this
+            // request go away mid-call, the call goes on in a task, so that
+            // the others in it still hear their answers.
+            Detachable(Some(self.clone().send(true))).await;
         }
         answered.await.ok().flatten()
     }
 
-    /// Sends what waits, call after call, until nothing does.
-    async fn send_all(self: Arc<Self>) {
-        /// Should this task end early (a panic, the runtime shutting down),
-        /// the next admission starts another, and those left waiting fall
-        /// back rather than wait for nobody.
-        struct Early<'a>(Option<&'a Mutex<Queue>>);
-        impl Drop for Early<'_> {
-            fn drop(&mut self) {
-                if let Some(queue) = self.0 {
-                    let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
-                    queue.sending = false;
-                    queue.waiting.clear();
+    /// Sends what waits, call after call, until nothing does. `first_only`:
+    /// in the task of the request that found no call on its way, which
+    /// sends one call and leaves what came meanwhile to a task of its own
+    /// (its client is waiting). Boxed: it spawns itself.
+    fn send(self: Arc<Self>, first_only: bool) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            /// Should this end early (a panic, the runtime shutting down), the
+            /// next admission starts again, and those left waiting fall back
+            /// rather than wait for nobody.
+            struct Early<'a>(Option<&'a Mutex<Queue>>);
+            impl Drop for Early<'_> {
+                fn drop(&mut self) {
+                    if let Some(queue) = self.0 {
+                        let mut queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+                        queue.sending = false;
+                        queue.waiting.clear();
+                    }
                 }
             }
-        }
-        let mut early = Early(Some(&self.queue));
-        loop {
-            let batch: Vec<Waiting> = {
-                let mut queue = self.queue.lock().unwrap();
-                if queue.waiting.is_empty() {
-                    // Under the lock: an admission that comes next starts a task.
-                    queue.sending = false;
-                    early.0 = None;
-                    return;
+            let mut early = Early(Some(&self.queue));
+            let mut sent = false;
+            loop {
+                let batch: Vec<Waiting> = {
+                    let mut queue = self.queue.lock().unwrap();
+                    if queue.waiting.is_empty() {
+                        // Under the lock: an admission that comes next leads.
+                        queue.sending = false;
+                        early.0 = None;
+                        return;
+                    }
+                    if sent && first_only {
+                        early.0 = None;
+                        drop(queue);
+                        tokio::spawn(self.clone().send(false));
+                        return;
+                    }
+                    let n = queue.waiting.len().min(MAX_BATCH);
+                    queue.waiting.drain(..n).collect()
+                };
+                let answers = self.call(&batch).await;
+                for (i, waiting) in batch.into_iter().enumerate() {
+                    // A request that went away meanwhile hears nothing.
+                    let _ = waiting.answer.send(answers.as_ref().map(|a| a[i]));
                 }
-                let n = queue.waiting.len().min(MAX_BATCH);
-                queue.waiting.drain(..n).collect()
-            };
-            let answers = self.call(&batch).await;
-            for (i, waiting) in batch.into_iter().enumerate() {
-                // A request that went away meanwhile hears nothing.
-                let _ = waiting.answer.send(answers.as_ref().map(|a| a[i]));
+                sent = true;
             }
-        }
+        })
     }
 
     /// One script call for `batch`: an answer per admission, in order.
@@ -331,6 +351,33 @@ impl Batcher {
             return None;
         }
         Some(flat.chunks(2).map(|p| (p[0].max(0) as u64, p[1])).collect())
+    }
+}
+
+/// A future polled in place that, dropped before it ends, goes on in a task
+/// (when there is a runtime to run it).
+struct Detachable(Option<futures::future::BoxFuture<'static, ()>>);
+
+impl Future for Detachable {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let Some(future) = self.0.as_mut() else {
+            return std::task::Poll::Ready(());
+        };
+        std::task::ready!(future.as_mut().poll(cx));
+        self.0 = None;
+        std::task::Poll::Ready(())
+    }
+}
+
+impl Drop for Detachable {
+    fn drop(&mut self) {
+        if let Some(future) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(future);
+        }
     }
 }
 
@@ -528,10 +575,12 @@ mod tests {
             futures::future::join_all(sessionless)
         );
 
-        // Assert: one call; three admitted and counted, three over the limit.
+        // Assert: two calls (the first admission at once, alone; the ten that
+        // came while it was on its way together); three admitted and
+        // counted, three over the limit.
         assert_eq!(
             admission.batcher.calls.load(std::sync::atomic::Ordering::Relaxed),
-            1,
+            2,
             "admissions that came together were sent apart"
         );
         let admitted = verdicts.iter().filter(|v| **v == Admitted::Yes).count();
@@ -555,10 +604,55 @@ mod tests {
             admission.admit(LimitClass::Execute, &one_shot, None).await,
             Admitted::Limited(1..=60)
         ));
-        assert_eq!(admission.batcher.calls.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(admission.batcher.calls.load(std::sync::atomic::Ordering::Relaxed), 3);
         let after = sessions.get(&session).await.unwrap().unwrap();
         assert_eq!(after.execution_count, 3, "only the admitted ones counted");
         assert!(redis.is_healthy(), "the script failed and the fallback answered");
+        sessions.remove(&session).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_that_goes_away_mid_call_leaves_the_others_their_answers() {
+        // Arrange: a session on Redis.
+        let Some((redis, admission, sessions)) = on_redis() else {
+            return;
+        };
+        let owner = format!("away-{}", hex::encode(rand::random::<[u8; 6]>()));
+        let record = retained(&owner);
+        assert!(sessions.insert(record.clone()).await.unwrap());
+        let session = record.key();
+        let entry = || Entry {
+            limit_key: "fnrt:rl:v1:off".into(),
+            interval_ms: 0,
+            burst: 0,
+            session: Some((session.clone(), true)),
+        };
+        let batcher = &admission.batcher;
+
+        // Act: the first admission starts its call and goes away (its client
+        // gone) while the second waits for the next call.
+        let mut first = Box::pin(batcher.admit(entry()));
+        assert!(futures::poll!(&mut first).is_pending(), "answered without a round trip");
+        let mut second = Box::pin(batcher.admit(entry()));
+        assert!(
+            futures::poll!(&mut second).is_pending(),
+            "not waiting for the call on its way"
+        );
+        drop(first);
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), second)
+            .await
+            .expect("the second admission waited for a call that never came");
+
+        // Assert: the second was answered by Redis, and both were counted
+        // (the first one's call went on without it).
+        assert_eq!(answer, Some((0, 1)));
+        let after = sessions.get(&session).await.unwrap().unwrap();
+        assert_eq!(after.execution_count, 2);
+        assert!(
+            !batcher.queue.lock().unwrap().sending,
+            "nothing sends, yet a call is said to be on its way"
+        );
+        assert!(redis.is_healthy());
         sessions.remove(&session).await.unwrap();
     }
 
