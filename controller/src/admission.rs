@@ -196,6 +196,9 @@ return out
 /// Most admissions in one script call.
 const MAX_BATCH: usize = 64;
 
+/// The limit key of an entry whose limit is off (its burst is 0): unread.
+const NO_LIMIT_KEY: &str = "fnrt:rl:v1:off";
+
 /// One admission, as the script takes it.
 struct Entry {
     limit_key: String,
@@ -204,6 +207,19 @@ struct Entry {
     /// The session's key ([`crate::sessions::session_key`]) and whether to
     /// count an execution on it; `None` for a request without one.
     session: Option<(String, bool)>,
+}
+
+impl Entry {
+    /// Counts an execution on `session`, with no limit.
+    #[cfg(test)]
+    fn counting(session: &str) -> Self {
+        Entry {
+            limit_key: NO_LIMIT_KEY.into(),
+            interval_ms: 0,
+            burst: 0,
+            session: Some((session.to_owned(), true)),
+        }
+    }
 }
 
 /// An admission waiting for its call; its answer is {ms to wait, whether
@@ -416,7 +432,7 @@ impl Admission for RedisAdmission {
         let (limit_key, interval_ms, burst) = match gcra {
             Some(g) => (g.key, g.interval_ms, g.burst),
             // A burst of 0 tells the script there is no limit; the key is unused.
-            None => (String::from("fnrt:rl:v1:off"), 0, 0),
+            None => (String::from(NO_LIMIT_KEY), 0, 0),
         };
         let entry = Entry {
             limit_key,
@@ -469,10 +485,21 @@ mod tests {
         }
     }
 
-    async fn exercise(admission: &dyn Admission, sessions: &dyn SessionStore) {
-        let owner = format!("admitted-{}", hex::encode(rand::random::<[u8; 6]>()));
-        let record = retained(&owner);
+    /// A retained session of a new owner (`prefix` and random), stored.
+    async fn stored(sessions: &dyn SessionStore, prefix: &str) -> SessionRecord {
+        let record = retained(&format!("{prefix}-{}", hex::encode(rand::random::<[u8; 6]>())));
         assert!(sessions.insert(record.clone()).await.unwrap());
+        record
+    }
+
+    /// Script calls the batcher has made.
+    fn calls(batcher: &Batcher) -> usize {
+        batcher.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn exercise(admission: &dyn Admission, sessions: &dyn SessionStore) {
+        let record = stored(sessions, "admitted").await;
+        let owner = record.owner.clone();
         let key = RateKey::Subject(owner.clone());
         let session = record.key();
         let count = |count| Some(SessionCheck { key: &session, count });
@@ -537,9 +564,8 @@ mod tests {
         let Some((redis, admission, sessions)) = on_redis() else {
             return;
         };
-        let owner = format!("together-{}", hex::encode(rand::random::<[u8; 6]>()));
-        let record = retained(&owner);
-        assert!(sessions.insert(record.clone()).await.unwrap());
+        let record = stored(&*sessions, "together").await;
+        let owner = record.owner.clone();
         let session = record.key();
         let key = RateKey::Subject(owner.clone());
         // Another subject's, on a session that is gone: its own limit, its own verdict.
@@ -579,7 +605,7 @@ mod tests {
         // came while it was on its way together); three admitted and
         // counted, three over the limit.
         assert_eq!(
-            admission.batcher.calls.load(std::sync::atomic::Ordering::Relaxed),
+            calls(&admission.batcher),
             2,
             "admissions that came together were sent apart"
         );
@@ -604,7 +630,7 @@ mod tests {
             admission.admit(LimitClass::Execute, &one_shot, None).await,
             Admitted::Limited(1..=60)
         ));
-        assert_eq!(admission.batcher.calls.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(calls(&admission.batcher), 3);
         let after = sessions.get(&session).await.unwrap().unwrap();
         assert_eq!(after.execution_count, 3, "only the admitted ones counted");
         assert!(redis.is_healthy(), "the script failed and the fallback answered");
@@ -617,16 +643,8 @@ mod tests {
         let Some((redis, admission, sessions)) = on_redis() else {
             return;
         };
-        let owner = format!("away-{}", hex::encode(rand::random::<[u8; 6]>()));
-        let record = retained(&owner);
-        assert!(sessions.insert(record.clone()).await.unwrap());
-        let session = record.key();
-        let entry = || Entry {
-            limit_key: "fnrt:rl:v1:off".into(),
-            interval_ms: 0,
-            burst: 0,
-            session: Some((session.clone(), true)),
-        };
+        let session = stored(&*sessions, "away").await.key();
+        let entry = || Entry::counting(&session);
         let batcher = &admission.batcher;
 
         // Act: the first admission starts its call and goes away (its client
@@ -660,12 +678,7 @@ mod tests {
     async fn when_redis_does_not_answer_waiting_admissions_hear_so_and_later_ones_are_sent_again() {
         // Nothing listens on port 1: every call fails at once.
         let batcher = Batcher::new(RedisClient::new("redis://127.0.0.1:1/").unwrap());
-        let entry = || Entry {
-            limit_key: "fnrt:rl:v1:off".into(),
-            interval_ms: 0,
-            burst: 0,
-            session: Some(("nobody:none".into(), true)),
-        };
+        let entry = || Entry::counting("nobody:none");
         for round in 0..2 {
             let answers = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
