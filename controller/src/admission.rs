@@ -675,6 +675,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_dropped_where_no_runtime_can_take_it_over_lets_the_next_admission_lead() {
+        // Arrange: a session on Redis.
+        let Some((redis, admission, sessions)) = on_redis() else {
+            return;
+        };
+        let session = stored(&*sessions, "orphaned").await.key();
+        let entry = || Entry::counting(&session);
+        let batcher = &admission.batcher;
+
+        // Act: the first admission starts its call; the second waits for
+        // the next one; the first is dropped on a thread with no runtime,
+        // so its call cannot go on in a task.
+        let mut first = Box::pin(batcher.admit(entry()));
+        assert!(futures::poll!(&mut first).is_pending(), "answered without a round trip");
+        let mut second = Box::pin(batcher.admit(entry()));
+        assert!(futures::poll!(&mut second).is_pending());
+        std::thread::scope(|s| {
+            s.spawn(move || drop(first));
+        });
+        let waiting = tokio::time::timeout(std::time::Duration::from_secs(10), second)
+            .await
+            .expect("the second admission waited for a call that had ended");
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), batcher.admit(entry()))
+            .await
+            .expect("the next admission waited for a call said to be on its way");
+
+        // Assert: the one left waiting heard that nothing answered (and
+        // falls back); the next one led a call of its own, answered.
+        assert_eq!(waiting, None);
+        assert_eq!(next, Some((0, 1)));
+        assert!(!batcher.queue.lock().unwrap().sending);
+        assert!(redis.is_healthy());
+        sessions.remove(&session).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn when_redis_does_not_answer_waiting_admissions_hear_so_and_later_ones_are_sent_again() {
         // Nothing listens on port 1: every call fails at once.
         let batcher = Batcher::new(RedisClient::new("redis://127.0.0.1:1/").unwrap());
