@@ -20,6 +20,11 @@ use fnrt_core::language::Language;
 pub const READ_FUNCTIONS: &str = "read:functions";
 /// Scope that registers, updates and deletes functions (an extension).
 pub const WRITE_FUNCTIONS: &str = "write:functions";
+/// Scope that manages the bundled functions (an extension): with
+/// `write:functions` it updates and deletes them, and it reads their logs.
+/// A bundled function serves every caller, so an ordinary writer must not
+/// put code of its own in front of them or read what they send.
+pub const ADMIN_FUNCTIONS: &str = "admin:functions";
 /// Scope that executes every language.
 pub const EXECUTE_ALL: &str = "execute:all";
 

@@ -283,7 +283,7 @@ impl From<crate::registry::RegistryError> for ApiError {
             RegistryError::TooLarge(m) => ApiError::ContentTooLarge(m),
             RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
             RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            RegistryError::NotOwner(_) => ApiError::Forbidden(e.to_string()),
+            RegistryError::NotOwner(_) | RegistryError::Bundled(_) => ApiError::Forbidden(e.to_string()),
             RegistryError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
             RegistryError::BuildFailed(failure) => ApiError::build_failed(failure),
             RegistryError::Store(e) => ApiError::Internal(e),

@@ -21,7 +21,7 @@ pub use fnrt_core::function::manifest::{self, CrateFiles, FunctionSpec, Manifest
 use fnrt_core::function::package;
 pub use fnrt_core::function::{CheckError, Code, CodeCheck, FileContent, FunctionVersion, PackageFiles, PackageLimits};
 
-use crate::auth::{Subject, WRITE_FUNCTIONS};
+use crate::auth::{ADMIN_FUNCTIONS, Subject};
 use crate::store::{FunctionStore, NewVersion, Source, StoreError, StoredFunction, StoredVersion};
 use fnrt_core::artifact::BuildFailure;
 use fnrt_core::language::{CRATE_ENTRYPOINT, Language, LanguageTitle};
@@ -41,7 +41,7 @@ pub struct FunctionEntry {
 impl FunctionEntry {
     /// Whether `subject` manages this function (updates it, deletes it,
     /// reads every caller's logs): it registered it, or the function is
-    /// bundled (no owner) and the subject holds `write:functions`.
+    /// bundled (no owner) and the subject holds `admin:functions`.
     pub fn managed_by(&self, subject: &Subject) -> bool {
         manages(subject, self.owner.as_deref())
     }
@@ -71,6 +71,8 @@ pub enum RegistryError {
     NotFound(String),
     #[error("function '{0}' was registered by another subject: only that subject updates or deletes it")]
     NotOwner(String),
+    #[error("function '{0}' is bundled with the controller: updating or deleting it needs scope '{ADMIN_FUNCTIONS}'")]
+    Bundled(String),
     #[error("{}", .0.message)]
     BuildFailed(BuildFailure),
     #[error("the function store is unavailable; try again")]
@@ -330,7 +332,8 @@ impl Registry {
     }
 
     /// The owner of `lt` (`None`: bundled), once `subject` is known to
-    /// manage it: [`RegistryError::NotOwner`] or `NotFound` otherwise. A
+    /// manage it: [`RegistryError::NotOwner`], `Bundled` or `NotFound`
+    /// otherwise. A
     /// function this replica has not seen yet is read from the store.
     async fn manager_check(&self, lt: &LanguageTitle, subject: &Subject) -> Result<Option<String>, RegistryError> {
         let owner = match self.get(lt.as_str()) {
@@ -340,9 +343,10 @@ impl Registry {
                 None => return Err(RegistryError::NotFound(lt.to_string())),
             },
         };
-        match manages(subject, owner.as_deref()) {
-            true => Ok(owner),
-            false => Err(RegistryError::NotOwner(lt.to_string())),
+        match (manages(subject, owner.as_deref()), &owner) {
+            (true, _) => Ok(owner),
+            (false, Some(_)) => Err(RegistryError::NotOwner(lt.to_string())),
+            (false, None) => Err(RegistryError::Bundled(lt.to_string())),
         }
     }
 
@@ -598,15 +602,15 @@ fn read_crate(folder: &Path) -> anyhow::Result<CrateFiles> {
     Ok(files)
 }
 
-/// A stored version, ready to run.
 /// Whether `subject` manages a function owned by `owner` (`None`: bundled).
 fn manages(subject: &Subject, owner: Option<&str>) -> bool {
     match owner {
         Some(owner) => owner == subject.sub,
-        None => subject.has(WRITE_FUNCTIONS),
+        None => subject.has(ADMIN_FUNCTIONS),
     }
 }
 
+/// A stored version, ready to run.
 fn version_from_stored(v: StoredVersion, owner: Option<String>) -> anyhow::Result<FunctionVersion> {
     let language_title: LanguageTitle = v
         .language_title

@@ -409,8 +409,7 @@ async fn put_registers_version_2_and_sessions_started_before_keep_version_1() {
 
 /// A function is its registering subject's: another holder of
 /// `write:functions` can neither put code of its own in it (which would
-/// see the owner's callers' params) nor delete it. Bundled functions stay
-/// any writer's.
+/// see the owner's callers' params) nor delete it.
 #[tokio::test(flavor = "multi_thread")]
 async fn another_writer_can_neither_replace_nor_delete_a_function_it_did_not_register() {
     let app = spawn_app().await;
@@ -444,8 +443,7 @@ async fn another_writer_can_neither_replace_nor_delete_a_function_it_did_not_reg
     let id = app.session(&alice, "nodejs-hello", json!({})).await;
     let r = app.execute(&alice, &id, json!({"secret": "s3cr3t"})).await;
     assert_eq!(r.body["result"], json!({"greeting": "hello v1"}), "{:?}", r.body);
-    // The owner still updates and deletes it; a bundled function is any
-    // writer's.
+    // The owner still updates and deletes it.
     let mine = put_function(
         &app,
         &alice,
@@ -459,15 +457,91 @@ async fn another_writer_can_neither_replace_nor_delete_a_function_it_did_not_reg
         "{:?}",
         mine.body
     );
-    let bundled = put_function(
+    let gone = call(&app, Method::DELETE, "/api/v1/functions/nodejs-hello", &alice, None).await;
+    assert_eq!(gone.status, 204, "{:?}", gone.body);
+}
+
+/// A bundled function has no owner and serves every caller: a holder of
+/// `write:functions` can neither put code in front of them, nor delete it,
+/// nor read what they send through its logs. That takes `admin:functions`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundled_function_is_managed_only_with_the_admin_scope() {
+    let app = spawn_app().await;
+    let alice = app.admin();
+    let mallory = app.token("mallory", &["execute:all", "read:functions", "write:functions"]);
+    let operator = app.token("ops", &["read:functions", "write:functions", "admin:functions"]);
+    let listening =
+        "module.exports.handler = async (params) => { console.log(JSON.stringify(params)); return { value: 0 }; };\n";
+    let id = app.session(&alice, "nodejs-calculator", json!({})).await;
+    let sum = app
+        .execute(&alice, &id, json!({"operation": "add", "values": [1, 2]}))
+        .await;
+    assert_eq!(sum.status, 200, "{:?}", sum.body);
+    let execution = sum.body["execution_id"].as_str().unwrap().to_owned();
+
+    // Act
+    let update = put_function(
         &app,
         &mallory,
-        "nodejs-counter",
+        "nodejs-calculator",
+        json!({"description": "mine now", "code": listening}),
+    )
+    .await;
+    let delete = call(
+        &app,
+        Method::DELETE,
+        "/api/v1/functions/nodejs-calculator",
+        &mallory,
+        None,
+    )
+    .await;
+    let function_logs = app
+        .get(Some(&mallory), "/api/v1/functions/nodejs-calculator/logs")
+        .await;
+    let execution_logs = app
+        .get(Some(&mallory), &format!("/api/v1/executions/{execution}/logs"))
+        .await;
+
+    // Assert: refused, naming the scope, and nothing of it took effect.
+    for r in [&update, &delete, &function_logs] {
+        assert_eq!((r.status, r.code()), (403, "FORBIDDEN"), "{:?}", r.body);
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("admin:functions"), "{message}");
+    }
+    assert_eq!(execution_logs.status, 404, "{:?}", execution_logs.body);
+    let detail = app.get(Some(&alice), "/api/v1/functions/nodejs-calculator").await;
+    assert_eq!(detail.body["version"], 1, "{:?}", detail.body);
+    let id = app.session(&alice, "nodejs-calculator", json!({})).await;
+    let r = app
+        .execute(&alice, &id, json!({"operation": "add", "values": [2, 3]}))
+        .await;
+    assert_eq!(r.body["result"], json!({"value": 5}), "{:?}", r.body);
+    // The operator manages it and reads its logs.
+    let logs = app
+        .get(Some(&operator), "/api/v1/functions/nodejs-calculator/logs")
+        .await;
+    assert_eq!(logs.status, 200, "{:?}", logs.body);
+    let updated = put_function(
+        &app,
+        &operator,
+        "nodejs-calculator",
         json!({"description": "d", "code": NODE_HELLO_V2}),
     )
     .await;
-    assert_eq!(bundled.status, 200, "{:?}", bundled.body);
-    let gone = call(&app, Method::DELETE, "/api/v1/functions/nodejs-hello", &alice, None).await;
+    assert_eq!(
+        (updated.status, updated.body["version"].clone()),
+        (200, json!(2)),
+        "{:?}",
+        updated.body
+    );
+    let gone = call(
+        &app,
+        Method::DELETE,
+        "/api/v1/functions/nodejs-calculator",
+        &operator,
+        None,
+    )
+    .await;
     assert_eq!(gone.status, 204, "{:?}", gone.body);
 }
 

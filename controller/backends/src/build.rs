@@ -621,7 +621,8 @@ fn stage_sdk(sdk: &Path, dest: &Path) -> anyhow::Result<String> {
 /// never see another's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Tenant {
-    /// Functions with no owner: the bundled ones (any writer manages them).
+    /// Functions with no owner: the bundled ones (managed by holders of
+    /// `admin:functions`).
     Bundled,
     /// The functions a subject registered.
     Owner(String),

@@ -2,8 +2,8 @@
 //! `GET /api/v1/functions/{language_title}/logs[?follow=true]`.
 //!
 //! An execution's logs are its caller's, and its function owner's: the
-//! subject that registered the function (for a bundled function, any
-//! holder of `write:functions`). A function's logs, all callers' together,
+//! subject that registered the function (for a bundled function, a holder
+//! of `admin:functions`). A function's logs, all callers' together,
 //! are its owner's only. Anyone else gets 404 for an execution (whether it
 //! exists is not told) and 403 for a function.
 
@@ -20,7 +20,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use super::extract::Auth;
-use crate::auth::{Subject, WRITE_FUNCTIONS};
+use crate::auth::{ADMIN_FUNCTIONS, Subject};
 use crate::error::{ApiError, ErrorBody};
 use crate::registry::FunctionEntry;
 use crate::store::StoredLogs;
@@ -205,7 +205,7 @@ async fn function_logs(
     if !owns(&auth.0, Some(&function)) {
         return Err(ApiError::Forbidden(match &function.owner {
             Some(_) => format!("only the subject that registered '{language_title}' reads its logs"),
-            None => format!("reading the logs of '{language_title}' needs scope '{WRITE_FUNCTIONS}'"),
+            None => format!("reading the logs of '{language_title}' needs scope '{ADMIN_FUNCTIONS}'"),
         }));
     }
     let follow = match query.follow.as_deref() {
