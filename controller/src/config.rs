@@ -69,7 +69,7 @@ pub struct TokenArgs {
     #[arg(long)]
     pub sub: String,
     /// A scope to grant; repeat for several (`execute:all`, `execute:nodejs`,
-    /// `read:functions`, `write:functions`, ...).
+    /// `read:functions`, `write:functions`, `admin:functions`, ...).
     #[arg(long = "scope", required = true)]
     pub scopes: Vec<String>,
     /// Lifetime in seconds.
