@@ -61,7 +61,7 @@ use fnrt_core::function::FunctionVersion;
 use fnrt_core::language::Language;
 use fnrt_core::logs::{OutputTap, Stream};
 use fnrt_core::runtime::protocol::Endpoint;
-use fnrt_core::runtime::remote::{Exit, InstanceHandle, RemoteInstance, RemoteSettings};
+use fnrt_core::runtime::remote::{Exit, Following, InstanceHandle, RemoteInstance, RemoteSettings};
 use fnrt_core::runtime::{Instance, InstanceError, RuntimeBackend, Shape, StartFor};
 
 /// Where instance directories go when the data dir cannot be passed through.
@@ -956,8 +956,13 @@ impl Output {
     /// The run in progress reads both pipes until this is dropped; then
     /// they are read dry (a runtime has written out all of a run's output
     /// before it answers: this read has it all) and go back to the drain
-    /// task.
-    async fn follow(&self) -> Infallible {
+    /// task. Also when it was never polled: a run's call can end at its
+    /// first poll (the runtime answered while the controller's thread was
+    /// off the core between sending the request and reading), before this
+    /// is first polled, and the output must still be the run's, not left
+    /// to the drain task after the run's window has closed (the next run's
+    /// logs, or none).
+    fn follow(&self) -> impl Future<Output = Infallible> + Send + '_ {
         struct HandBack<'a>(&'a Output);
         impl Drop for HandBack<'_> {
             fn drop(&mut self) {
@@ -975,15 +980,19 @@ impl Output {
                 }
             }
         }
-        let _hand_back = HandBack(self);
-        std::future::poll_fn(|cx| {
+        // Armed now, not at the first poll: the closure owns it (whole:
+        // it names the variable, not its field, which alone would be copied
+        // and leave the guard to drop here), and a future dropped unpolled
+        // still drops what it owns.
+        let hand_back = HandBack(self);
+        std::future::poll_fn(move |cx| {
+            let HandBack(output) = &hand_back;
             for stream in [Stream::Stdout, Stream::Stderr] {
                 // An ended pipe stays ended; the run's answer says the rest.
-                let _ = self.poll_read(stream, cx);
+                let _ = output.poll_read(stream, cx);
             }
             Poll::Pending
         })
-        .await
     }
 }
 
@@ -1033,8 +1042,8 @@ impl InstanceHandle for ProcessHandle {
         Some(self.output.tap.clone())
     }
 
-    async fn follow_output(&self) -> Infallible {
-        self.output.follow().await
+    fn follow_output(&self) -> Following<'_> {
+        Box::pin(self.output.follow())
     }
 
     /// Its pipes are read dry when a run's answer has come.
@@ -1257,5 +1266,36 @@ mod tests {
         assert!(output.tap.close(Duration::ZERO).await);
         let lines: Vec<String> = logs.take().lines.into_iter().map(|l| l.text).collect();
         assert_eq!(lines, ["one", "last, no newline"]);
+    }
+
+    /// A run's call can end at its first poll (the runtime answered while
+    /// the controller's thread was off the core), before the following
+    /// beside it is polled at all. The run's output is still read into its
+    /// window, not left for the drain task to find after the window has
+    /// closed (under load, 1 run in 100 went without its logs, or into the
+    /// next run's).
+    #[tokio::test]
+    async fn a_run_whose_answer_came_before_its_output_was_followed_still_gets_its_output() {
+        let (out_tx, out_rx) = pipe::pipe().unwrap();
+        let (err_tx, err_rx) = pipe::pipe().unwrap();
+        let output = Arc::new(Output::new(Some([out_rx, err_rx])));
+        let logs = Arc::new(fnrt_core::logs::RunLogs::new(1024));
+        output.tap.open(logs.clone(), None);
+
+        // Followed (never polled), written, answered: the following dropped.
+        let following = output.follow();
+        rustix::io::write(&out_tx, b"hello ann\n").unwrap();
+        rustix::io::write(&err_tx, b"careful\n").unwrap();
+        drop(following);
+
+        assert!(output.tap.close(Duration::ZERO).await);
+        let lines: Vec<(Stream, String)> = logs.take().lines.into_iter().map(|l| (l.stream, l.text)).collect();
+        assert_eq!(
+            lines,
+            [
+                (Stream::Stdout, "hello ann".to_owned()),
+                (Stream::Stderr, "careful".to_owned())
+            ]
+        );
     }
 }

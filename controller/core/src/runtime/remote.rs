@@ -60,6 +60,9 @@ fn last_lines(s: &str, n: usize) -> String {
 }
 
 /// A backend's hold on one runtime server it started.
+/// [`InstanceHandle::follow_output`]: reads the server's output until dropped.
+pub type Following<'a> = std::pin::Pin<Box<dyn Future<Output = std::convert::Infallible> + Send + 'a>>;
+
 #[async_trait]
 pub trait InstanceHandle: Send + Sync {
     /// Short unique ID, for logs.
@@ -84,10 +87,12 @@ pub trait InstanceHandle: Send + Sync {
     /// Reads the server's output into the tap from the task that polls
     /// this, until it is dropped: polled beside a run's call, so that the
     /// call's task reads the run's logs as they come. Dropping it reads what
-    /// is left and gives the output back to the backend's own reader. A
-    /// handle without its own pipes never reads here.
-    async fn follow_output(&self) -> std::convert::Infallible {
-        std::future::pending().await
+    /// is left and gives the output back to the backend's own reader, also
+    /// when it was never polled (a call can end at its first poll, when the
+    /// answer is there by the time it reads). A handle without its own
+    /// pipes never reads here.
+    fn follow_output(&self) -> Following<'_> {
+        Box::pin(std::future::pending())
     }
     /// Whether dropping [`Self::follow_output`] has read everything the
     /// server wrote before it answered (its pipes, read dry), so that a run
