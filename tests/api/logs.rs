@@ -63,6 +63,55 @@ fn stream_of(reply: &Reply, stream: &str) -> Vec<String> {
         .collect()
 }
 
+/// Many runs at once on one function's instances, by two callers: each
+/// execution's logs are its own lines, all of them and nothing else. (A
+/// run whose answer was there at its call's first poll, as happens under
+/// load, kept none of its output or gave it to the next run on its
+/// instance, maybe the other caller's: 12 to 32 runs of these 400, in
+/// each of three tries, before that was mended.)
+#[tokio::test(flavor = "multi_thread")]
+async fn executions_at_once_each_get_exactly_their_own_output() {
+    let app = spawn_app_with(&["--rate-limit-execute", "100000"]).await;
+    let echoes =
+        "exports.handler = (p) => { console.log('says ' + p.word); console.error('warns ' + p.word); return {}; };\n";
+    app.register("nodejs-echoes", echoes, no_cache()).await;
+    let callers = [
+        app.token("carol", &["execute:all"]),
+        app.token("dave", &["execute:all"]),
+    ];
+
+    // Act: 400 one-shot executions, 16 at a time.
+    let runs: Vec<(String, Vec<(String, String)>)> = futures::stream::iter(0..400)
+        .map(|i| {
+            let (app, token) = (&app, &callers[i % 2]);
+            async move {
+                let word = format!("w{i}");
+                let id = app.session(token, "nodejs-echoes", json!({})).await;
+                let r = app.execute(token, &id, json!({"word": word})).await;
+                assert_eq!(r.status, 200, "{:?}", r.body);
+                let mut kept = lines(&logs(app, token, r.body["execution_id"].as_str().unwrap()).await);
+                kept.sort();
+                (word, kept)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+
+    // Assert
+    let wrong: Vec<_> = runs
+        .iter()
+        .filter(|(word, kept)| {
+            *kept
+                != [
+                    ("stderr".to_owned(), format!("warns {word}")),
+                    ("stdout".to_owned(), format!("says {word}")),
+                ]
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{} of {} runs: {wrong:?}", wrong.len(), runs.len());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_execution_s_output_is_its_logs_for_its_caller_and_the_function_owner_only() {
     // Arrange: alice registers both functions; carol runs them.
