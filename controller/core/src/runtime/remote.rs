@@ -59,10 +59,10 @@ fn last_lines(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A backend's hold on one runtime server it started.
 /// [`InstanceHandle::follow_output`]: reads the server's output until dropped.
 pub type Following<'a> = std::pin::Pin<Box<dyn Future<Output = std::convert::Infallible> + Send + 'a>>;
 
+/// A backend's hold on one runtime server it started.
 #[async_trait]
 pub trait InstanceHandle: Send + Sync {
     /// Short unique ID, for logs.
