@@ -183,6 +183,20 @@ struct TapState {
     window: Option<Window>,
     /// Per stream: the start of a line not yet ended.
     pending: [Vec<u8>; 2],
+    /// Per stream: a closed run's marker that had not come. What comes up
+    /// to it is that run's, late (a log stream lagging behind the answer):
+    /// dropped, never the next run's, which may be another caller's. Should
+    /// it never come, the next run's own marker ends the wait, and that
+    /// run's lines before it are dropped too (whose they are is unknown).
+    stale: [Option<Stale>; 2],
+}
+
+/// A closed run's marker line still to come on a stream.
+struct Stale {
+    /// The marker and its newline, as the runtime writes them.
+    line: Vec<u8>,
+    /// The last bytes seen, which may be the start of it.
+    seen: Vec<u8>,
 }
 
 /// An instance's stdout and stderr, split into lines and routed to the run
@@ -209,10 +223,38 @@ impl OutputTap {
     /// Output read from `stream`, in any pieces.
     pub fn feed(&self, stream: Stream, bytes: &[u8]) {
         let mut state = self.state.lock().unwrap();
-        let TapState { window, pending } = &mut *state;
+        let TapState { window, pending, stale } = &mut *state;
+        let i = stream.index();
+        let after_stale;
+        let bytes = match stale[i].as_mut() {
+            None => bytes,
+            Some(late) => {
+                let mut seen = std::mem::take(&mut late.seen);
+                seen.extend_from_slice(bytes);
+                let late_end = find(&seen, &late.line).map(|at| at + late.line.len());
+                // The open window's own marker before the late one: that one
+                // is not coming; what came before it is nobody's for sure.
+                let own = window
+                    .as_ref()
+                    .filter(|w| !w.marker.is_empty())
+                    .and_then(|w| find(&seen, &w.marker))
+                    .filter(|at| late_end.is_none_or(|end| *at < end));
+                if let Some(at) = own {
+                    after_stale = seen.split_off(at);
+                } else if let Some(end) = late_end {
+                    after_stale = seen.split_off(end);
+                } else {
+                    // Dropped, but for what may be the marker's start.
+                    let keep = seen.len().saturating_sub(late.line.len() - 1);
+                    late.seen = seen.split_off(keep);
+                    return;
+                }
+                stale[i] = None;
+                &after_stale[..]
+            }
+        };
         // Between runs the output is no execution's.
         let Some(window) = window.as_mut() else { return };
-        let i = stream.index();
         if window.ended[i] {
             return;
         }
@@ -282,9 +324,15 @@ impl OutputTap {
             return false;
         };
         for stream in [Stream::Stdout, Stream::Stderr] {
-            let pending = std::mem::take(&mut state.pending[stream.index()]);
-            if !window.ended[stream.index()] && !pending.is_empty() {
+            let i = stream.index();
+            let pending = std::mem::take(&mut state.pending[i]);
+            if !window.ended[i] && !pending.is_empty() {
                 window.logs.push(stream, &pending);
+            }
+            if !window.ended[i] && !window.marker.is_empty() {
+                let mut line = window.marker.clone();
+                line.push(b'\n');
+                state.stale[i] = Some(Stale { line, seen: Vec::new() });
             }
         }
         window.marker.is_empty() || window.ended == [true; 2]
@@ -297,6 +345,11 @@ impl OutputTap {
             .as_ref()
             .is_none_or(|w| w.marker.is_empty() || w.ended == [true; 2])
     }
+}
+
+/// Where `needle` first starts in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -360,6 +413,55 @@ mod tests {
         tap.feed(Stream::Stdout, b"no newline");
         assert!(!tap.close(Duration::from_millis(10)).await);
         assert_eq!(texts(&logs.take()), vec![(Stream::Stdout, "no newline")]);
+    }
+
+    /// A log stream that lags past a run's wait (a container engine's):
+    /// the rest of that run's lines come during the next run, maybe
+    /// another caller's. They are dropped up to the late marker, which may
+    /// come in pieces, and the next run gets only its own.
+    #[tokio::test]
+    async fn a_run_s_lines_that_come_after_its_window_closed_never_reach_the_next_run() {
+        let tap = OutputTap::new();
+        let first = Arc::new(RunLogs::new(1024));
+        tap.open(first.clone(), Some("MARK0001"));
+        tap.feed(Stream::Stdout, b"first, in time\n");
+        assert!(!tap.close(Duration::from_millis(10)).await);
+        let second = Arc::new(RunLogs::new(1024));
+        tap.open(second.clone(), Some("MARK0002"));
+
+        tap.feed(Stream::Stdout, b"first's secret\nMARK00");
+        tap.feed(Stream::Stdout, b"01\nsecond's line\nMARK0002\n");
+        tap.feed(Stream::Stderr, b"first's warning\nMARK0001\nMARK0002\n");
+        assert!(tap.close(Duration::from_secs(5)).await);
+
+        assert_eq!(texts(&first.take()), vec![(Stream::Stdout, "first, in time")]);
+        assert_eq!(texts(&second.take()), vec![(Stream::Stdout, "second's line")]);
+    }
+
+    /// A late marker that never comes (a runtime that could not write it)
+    /// costs the next run its lines before its own marker, whose they are
+    /// being unknown, and nothing after: the run after that gets its own.
+    #[tokio::test]
+    async fn a_late_marker_that_never_comes_costs_only_the_next_run_s_lines() {
+        let tap = OutputTap::new();
+        tap.open(Arc::new(RunLogs::new(1024)), Some("MARK0001"));
+        assert!(!tap.close(Duration::from_millis(10)).await);
+        let second = Arc::new(RunLogs::new(1024));
+        tap.open(second.clone(), Some("MARK0002"));
+
+        tap.feed(Stream::Stdout, b"whose line?\n");
+        tap.feed(Stream::Stdout, b"MARK0002\n");
+        tap.feed(Stream::Stderr, b"MARK0002\n");
+        assert!(tap.close(Duration::from_secs(5)).await);
+        let third = Arc::new(RunLogs::new(1024));
+        tap.open(third.clone(), Some("MARK0003"));
+        tap.feed(Stream::Stdout, b"third's line\n");
+        tap.feed(Stream::Stdout, b"MARK0003\n");
+        tap.feed(Stream::Stderr, b"MARK0003\n");
+        assert!(tap.close(Duration::from_secs(5)).await);
+
+        assert_eq!(texts(&second.take()), vec![]);
+        assert_eq!(texts(&third.take()), vec![(Stream::Stdout, "third's line")]);
     }
 
     #[test]
