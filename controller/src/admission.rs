@@ -497,6 +497,21 @@ mod tests {
         batcher.calls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    type Admitting<'a> = futures::future::BoxFuture<'a, Option<(u64, i64)>>;
+
+    /// Two admissions, each polled once: the first's call on its way, the
+    /// second waiting for the next call.
+    async fn in_line(batcher: &Arc<Batcher>, first: Entry, second: Entry) -> (Admitting<'_>, Admitting<'_>) {
+        let mut first: Admitting<'_> = Box::pin(batcher.admit(first));
+        assert!(futures::poll!(&mut first).is_pending(), "answered without a round trip");
+        let mut second: Admitting<'_> = Box::pin(batcher.admit(second));
+        assert!(
+            futures::poll!(&mut second).is_pending(),
+            "not waiting for the call on its way"
+        );
+        (first, second)
+    }
+
     async fn exercise(admission: &dyn Admission, sessions: &dyn SessionStore) {
         let record = stored(sessions, "admitted").await;
         let owner = record.owner.clone();
@@ -649,13 +664,7 @@ mod tests {
 
         // Act: the first admission starts its call and goes away (its client
         // gone) while the second waits for the next call.
-        let mut first = Box::pin(batcher.admit(entry()));
-        assert!(futures::poll!(&mut first).is_pending(), "answered without a round trip");
-        let mut second = Box::pin(batcher.admit(entry()));
-        assert!(
-            futures::poll!(&mut second).is_pending(),
-            "not waiting for the call on its way"
-        );
+        let (first, second) = in_line(batcher, entry(), entry()).await;
         drop(first);
         let answer = tokio::time::timeout(std::time::Duration::from_secs(10), second)
             .await
@@ -687,10 +696,7 @@ mod tests {
         // Act: the first admission starts its call; the second waits for
         // the next one; the first is dropped on a thread with no runtime,
         // so its call cannot go on in a task.
-        let mut first = Box::pin(batcher.admit(entry()));
-        assert!(futures::poll!(&mut first).is_pending(), "answered without a round trip");
-        let mut second = Box::pin(batcher.admit(entry()));
-        assert!(futures::poll!(&mut second).is_pending());
+        let (first, second) = in_line(batcher, entry(), entry()).await;
         std::thread::scope(|s| {
             s.spawn(move || drop(first));
         });

@@ -1246,16 +1246,23 @@ mod tests {
         assert_eq!(output.tail(Stream::Stdout), "last words\n");
     }
 
+    /// An instance's output on two pipes (their writing ends, the server's
+    /// side), with a run's window open on it (no marker, as this backend's).
+    fn in_a_run() -> (pipe::Sender, pipe::Sender, Arc<Output>, Arc<fnrt_core::logs::RunLogs>) {
+        let (out_tx, out_rx) = pipe::pipe().unwrap();
+        let (err_tx, err_rx) = pipe::pipe().unwrap();
+        let output = Arc::new(Output::new(Some([out_rx, err_rx])));
+        let logs = Arc::new(fnrt_core::logs::RunLogs::new(1024));
+        output.tap.open(logs.clone(), None);
+        (out_tx, err_tx, output, logs)
+    }
+
     /// What a runtime wrote before its answer is in the pipe when the
     /// answer comes, but the event loop may not have heard of it yet: the
     /// hand-back reads the pipe itself, so the run gets all of it.
     #[tokio::test]
     async fn a_run_handed_back_has_read_what_the_event_loop_has_not_seen() {
-        let (out_tx, out_rx) = pipe::pipe().unwrap();
-        let (_err_tx, err_rx) = pipe::pipe().unwrap();
-        let output = Arc::new(Output::new(Some([out_rx, err_rx])));
-        let logs = Arc::new(fnrt_core::logs::RunLogs::new(1024));
-        output.tap.open(logs.clone(), None);
+        let (out_tx, _err_tx, output, logs) = in_a_run();
         {
             let mut follow = std::pin::pin!(output.follow());
             assert!(futures::poll!(follow.as_mut()).is_pending());
@@ -1276,11 +1283,7 @@ mod tests {
     /// next run's).
     #[tokio::test]
     async fn a_run_whose_answer_came_before_its_output_was_followed_still_gets_its_output() {
-        let (out_tx, out_rx) = pipe::pipe().unwrap();
-        let (err_tx, err_rx) = pipe::pipe().unwrap();
-        let output = Arc::new(Output::new(Some([out_rx, err_rx])));
-        let logs = Arc::new(fnrt_core::logs::RunLogs::new(1024));
-        output.tap.open(logs.clone(), None);
+        let (out_tx, err_tx, output, logs) = in_a_run();
 
         // Followed (never polled), written, answered: the following dropped.
         let following = output.follow();

@@ -261,7 +261,7 @@ impl OutputTap {
         let pending = &mut pending[i];
         pending.extend_from_slice(bytes);
         let marker = (!window.marker.is_empty())
-            .then(|| pending.windows(window.marker.len()).position(|w| w == window.marker))
+            .then(|| find(pending, &window.marker))
             .flatten();
         let end = marker.unwrap_or(pending.len());
         let mut start = 0;
@@ -356,6 +356,13 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    /// A run's logs, its window opened on `tap`.
+    fn opened(tap: &OutputTap, marker: Option<&str>) -> Arc<RunLogs> {
+        let logs = Arc::new(RunLogs::new(1024));
+        tap.open(logs.clone(), marker);
+        logs
+    }
+
     fn texts(captured: &Captured) -> Vec<(Stream, &str)> {
         captured.lines.iter().map(|l| (l.stream, l.text.as_str())).collect()
     }
@@ -364,8 +371,7 @@ mod tests {
     async fn a_run_gets_the_lines_between_its_window_and_its_markers() {
         let tap = OutputTap::new();
         tap.feed(Stream::Stdout, b"before any run\n");
-        let logs = Arc::new(RunLogs::new(1024));
-        tap.open(logs.clone(), Some("MARK1234"));
+        let logs = opened(&tap, Some("MARK1234"));
         tap.feed(Stream::Stdout, b"one\ntw");
         tap.feed(Stream::Stderr, b"oops\r\n");
         tap.feed(Stream::Stdout, b"o\npartialMARK");
@@ -389,8 +395,7 @@ mod tests {
     #[tokio::test]
     async fn a_window_without_a_marker_takes_everything_until_it_closes() {
         let tap = OutputTap::new();
-        let logs = Arc::new(RunLogs::new(1024));
-        tap.open(logs.clone(), None);
+        let logs = opened(&tap, None);
         tap.feed(Stream::Stdout, b"one\nMARK1234 is only text\n");
         tap.feed(Stream::Stderr, b"last, without newline");
         assert!(tap.close(Duration::ZERO).await);
@@ -408,8 +413,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_marker_ends_the_window_after_the_wait_keeping_a_partial_line() {
         let tap = OutputTap::new();
-        let logs = Arc::new(RunLogs::new(1024));
-        tap.open(logs.clone(), Some("MARK1234"));
+        let logs = opened(&tap, Some("MARK1234"));
         tap.feed(Stream::Stdout, b"no newline");
         assert!(!tap.close(Duration::from_millis(10)).await);
         assert_eq!(texts(&logs.take()), vec![(Stream::Stdout, "no newline")]);
@@ -422,12 +426,10 @@ mod tests {
     #[tokio::test]
     async fn a_run_s_lines_that_come_after_its_window_closed_never_reach_the_next_run() {
         let tap = OutputTap::new();
-        let first = Arc::new(RunLogs::new(1024));
-        tap.open(first.clone(), Some("MARK0001"));
+        let first = opened(&tap, Some("MARK0001"));
         tap.feed(Stream::Stdout, b"first, in time\n");
         assert!(!tap.close(Duration::from_millis(10)).await);
-        let second = Arc::new(RunLogs::new(1024));
-        tap.open(second.clone(), Some("MARK0002"));
+        let second = opened(&tap, Some("MARK0002"));
 
         tap.feed(Stream::Stdout, b"first's secret\nMARK00");
         tap.feed(Stream::Stdout, b"01\nsecond's line\nMARK0002\n");
@@ -444,17 +446,15 @@ mod tests {
     #[tokio::test]
     async fn a_late_marker_that_never_comes_costs_only_the_next_run_s_lines() {
         let tap = OutputTap::new();
-        tap.open(Arc::new(RunLogs::new(1024)), Some("MARK0001"));
+        opened(&tap, Some("MARK0001"));
         assert!(!tap.close(Duration::from_millis(10)).await);
-        let second = Arc::new(RunLogs::new(1024));
-        tap.open(second.clone(), Some("MARK0002"));
+        let second = opened(&tap, Some("MARK0002"));
 
         tap.feed(Stream::Stdout, b"whose line?\n");
         tap.feed(Stream::Stdout, b"MARK0002\n");
         tap.feed(Stream::Stderr, b"MARK0002\n");
         assert!(tap.close(Duration::from_secs(5)).await);
-        let third = Arc::new(RunLogs::new(1024));
-        tap.open(third.clone(), Some("MARK0003"));
+        let third = opened(&tap, Some("MARK0003"));
         tap.feed(Stream::Stdout, b"third's line\n");
         tap.feed(Stream::Stdout, b"MARK0003\n");
         tap.feed(Stream::Stderr, b"MARK0003\n");
