@@ -20,10 +20,12 @@ use fnrt_core::language::Language;
 pub const READ_FUNCTIONS: &str = "read:functions";
 /// Scope that registers, updates and deletes functions (an extension).
 pub const WRITE_FUNCTIONS: &str = "write:functions";
-/// Scope that manages the bundled functions (an extension): with
-/// `write:functions` it updates and deletes them, and it reads their logs.
-/// A bundled function serves every caller, so an ordinary writer must not
-/// put code of its own in front of them or read what they send.
+/// Scope that manages every function (an extension, an operator's): with
+/// `write:functions` it updates and deletes any, and it reads their logs.
+/// The bundled functions (no owner) are managed by it alone: one serves
+/// every caller, so an ordinary writer must not put code of its own in
+/// front of them or read what they send. Anyone's function may also need
+/// taking down.
 pub const ADMIN_FUNCTIONS: &str = "admin:functions";
 /// Scope that executes every language.
 pub const EXECUTE_ALL: &str = "execute:all";

@@ -40,8 +40,9 @@ pub struct FunctionEntry {
 
 impl FunctionEntry {
     /// Whether `subject` manages this function (updates it, deletes it,
-    /// reads every caller's logs): it registered it, or the function is
-    /// bundled (no owner) and the subject holds `admin:functions`.
+    /// reads every caller's logs): it registered it, or it holds
+    /// `admin:functions` (an operator: bundled functions have no owner, and
+    /// anyone's function may need taking down).
     pub fn managed_by(&self, subject: &Subject) -> bool {
         manages(subject, self.owner.as_deref())
     }
@@ -69,7 +70,9 @@ pub enum RegistryError {
     Exists(String),
     #[error("function '{0}' not found")]
     NotFound(String),
-    #[error("function '{0}' was registered by another subject: only that subject updates or deletes it")]
+    #[error(
+        "function '{0}' was registered by another subject: only that subject (or a holder of scope '{ADMIN_FUNCTIONS}') updates or deletes it"
+    )]
     NotOwner(String),
     #[error("function '{0}' is bundled with the controller: updating or deleting it needs scope '{ADMIN_FUNCTIONS}'")]
     Bundled(String),
@@ -305,7 +308,8 @@ impl Registry {
         // checks again where it writes.
         let owner = self.manager_check(lt, subject).await?;
         let new = self.prepare(lt, spec, code, true, owner.as_deref()).await?;
-        match self.store.add_version(new, Source::Api, Some(&subject.sub)).await {
+        let writer = owner.as_deref().unwrap_or(&subject.sub);
+        match self.store.add_version(new, Source::Api, Some(writer)).await {
             Ok(f) => self.remember(f),
             Err(StoreError::NotFound) => Err(RegistryError::NotFound(lt.to_string())),
             Err(StoreError::NotOwner) => Err(RegistryError::NotOwner(lt.to_string())),
@@ -316,8 +320,9 @@ impl Registry {
     /// Deletes a function and all its versions, for a subject that manages
     /// it.
     pub async fn delete(&self, lt: &LanguageTitle, subject: &Subject) -> Result<(), RegistryError> {
-        self.manager_check(lt, subject).await?;
-        match self.store.delete(lt.as_str(), Some(&subject.sub)).await {
+        let owner = self.manager_check(lt, subject).await?;
+        let writer = owner.as_deref().unwrap_or(&subject.sub);
+        match self.store.delete(lt.as_str(), Some(writer)).await {
             Ok(true) => {}
             Ok(false) => return Err(RegistryError::NotFound(lt.to_string())),
             Err(StoreError::NotOwner) => return Err(RegistryError::NotOwner(lt.to_string())),
@@ -333,8 +338,10 @@ impl Registry {
 
     /// The owner of `lt` (`None`: bundled), once `subject` is known to
     /// manage it: [`RegistryError::NotOwner`], `Bundled` or `NotFound`
-    /// otherwise. A
-    /// function this replica has not seen yet is read from the store.
+    /// otherwise. A function this replica has not seen yet is read from
+    /// the store. The store's write is guarded by this owner (an operator
+    /// writes as it), so a function deleted and registered again by
+    /// someone else meanwhile is not written.
     async fn manager_check(&self, lt: &LanguageTitle, subject: &Subject) -> Result<Option<String>, RegistryError> {
         let owner = match self.get(lt.as_str()) {
             Some(f) => f.owner,
@@ -604,10 +611,7 @@ fn read_crate(folder: &Path) -> anyhow::Result<CrateFiles> {
 
 /// Whether `subject` manages a function owned by `owner` (`None`: bundled).
 fn manages(subject: &Subject, owner: Option<&str>) -> bool {
-    match owner {
-        Some(owner) => owner == subject.sub,
-        None => subject.has(ADMIN_FUNCTIONS),
-    }
+    subject.has(ADMIN_FUNCTIONS) || owner.is_some_and(|owner| owner == subject.sub)
 }
 
 /// A stored version, ready to run.

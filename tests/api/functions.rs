@@ -545,6 +545,87 @@ async fn a_bundled_function_is_managed_only_with_the_admin_scope() {
     assert_eq!(gone.status, 204, "{:?}", gone.body);
 }
 
+/// An operator (`admin:functions` with `write:functions`) takes down a
+/// function another subject registered: reads what it logged, replaces it
+/// (the owner stays the owner) and deletes it. `admin:functions` alone
+/// writes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_reads_replaces_and_deletes_another_subjects_function() {
+    let app = spawn_app().await;
+    let alice = app.admin();
+    let operator = app.token("ops", &["read:functions", "write:functions", "admin:functions"]);
+    let reader = app.token("auditor", &["read:functions", "admin:functions"]);
+    let logging = "module.exports.handler = async (params) => { console.log('abuse ' + params.n); return {}; };\n";
+    app.register("nodejs-abuse", logging, json!({})).await;
+    let id = app.session(&alice, "nodejs-abuse", json!({})).await;
+    let run = app.execute(&alice, &id, json!({"n": 7})).await;
+    assert_eq!(run.status, 200, "{:?}", run.body);
+    let execution = run.body["execution_id"].as_str().unwrap().to_owned();
+
+    // Act and assert: the operator reads both kinds of logs.
+    let function_logs = app.get(Some(&operator), "/api/v1/functions/nodejs-abuse/logs").await;
+    assert_eq!(function_logs.status, 200, "{:?}", function_logs.body);
+    assert!(
+        function_logs.body.to_string().contains("abuse 7"),
+        "{:?}",
+        function_logs.body
+    );
+    let execution_logs = app
+        .get(Some(&operator), &format!("/api/v1/executions/{execution}/logs"))
+        .await;
+    assert_eq!(execution_logs.status, 200, "{:?}", execution_logs.body);
+    assert_eq!(
+        execution_logs.body["lines"][0]["text"], "abuse 7",
+        "{:?}",
+        execution_logs.body
+    );
+    // Without write:functions, the scope writes nothing.
+    let put = put_function(
+        &app,
+        &reader,
+        "nodejs-abuse",
+        json!({"description": "d", "code": NODE_HELLO}),
+    )
+    .await;
+    let delete = call(&app, Method::DELETE, "/api/v1/functions/nodejs-abuse", &reader, None).await;
+    for r in [&put, &delete] {
+        assert_eq!((r.status, r.code()), (403, "FORBIDDEN"), "{:?}", r.body);
+    }
+    // The operator replaces it; the function stays alice's, who can still
+    // update it.
+    let replaced = put_function(
+        &app,
+        &operator,
+        "nodejs-abuse",
+        json!({"description": "d", "code": NODE_HELLO}),
+    )
+    .await;
+    assert_eq!(replaced.status, 200, "{:?}", replaced.body);
+    let detail = app.get(Some(&alice), "/api/v1/functions/nodejs-abuse").await;
+    assert_eq!(
+        (detail.body["version"].clone(), detail.body["owner"].clone()),
+        (json!(2), json!("alice")),
+        "{:?}",
+        detail.body
+    );
+    let id = app.session(&alice, "nodejs-abuse", json!({})).await;
+    let r = app.execute(&alice, &id, json!({"n": 8})).await;
+    assert_eq!(r.body["result"], json!({"greeting": "hello v1"}), "{:?}", r.body);
+    let again = put_function(
+        &app,
+        &alice,
+        "nodejs-abuse",
+        json!({"description": "d", "code": NODE_HELLO_V2}),
+    )
+    .await;
+    assert_eq!(again.body["version"], 3, "{:?}", again.body);
+    // And deletes it: gone for everyone.
+    let gone = call(&app, Method::DELETE, "/api/v1/functions/nodejs-abuse", &operator, None).await;
+    assert_eq!(gone.status, 204, "{:?}", gone.body);
+    let r = app.initialize(&alice, "nodejs-abuse", json!({})).await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn put_on_an_unknown_function_is_404() {
     let app = spawn_app().await;

@@ -1,6 +1,6 @@
 //! `/api/v1/functions`: list and describe functions (seed API), register,
-//! update and delete them (extension, `write:functions`; the bundled ones
-//! also need `admin:functions`).
+//! update and delete them (extension, `write:functions`; their owner's, or
+//! an operator's with `admin:functions`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,8 +91,8 @@ pub(super) struct FunctionDetail {
     /// sha256 of the version's code and behaviour (extension).
     pub code_hash: String,
     /// The subject that registered it; absent for a bundled function
-    /// (extension). The owner reads every execution's logs, and alone
-    /// updates or deletes it (a bundled one: a holder of `admin:functions`).
+    /// (extension). The owner reads every execution's logs, and updates or
+    /// deletes it; so does a holder of `admin:functions` (an operator).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
     /// The version's limits (extension).
@@ -534,8 +534,8 @@ async fn create_function(
 }
 
 /// Register a new version of a function (extension; `write:functions`,
-/// and the function's owner: the subject that registered it; a bundled
-/// function also needs `admin:functions`). Sessions started before keep
+/// and the function's owner: the subject that registered it, or a holder
+/// of `admin:functions`, the only one for a bundled function). Sessions started before keep
 /// their version.
 #[utoipa::path(
     put,
@@ -554,7 +554,7 @@ async fn create_function(
         (status = 200, description = "The new version", body = FunctionDetail),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, description = "Token lacks write:functions, or the function is another subject's, or bundled and the token lacks admin:functions", body = ErrorBody),
+        (status = 403, description = "Token lacks write:functions, or the function is another subject's (or bundled) and the token lacks admin:functions", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 429, body = ErrorBody),
@@ -598,7 +598,7 @@ async fn update_function(
         (status = 204, description = "Deleted"),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, description = "Token lacks write:functions, or the function is another subject's, or bundled and the token lacks admin:functions", body = ErrorBody),
+        (status = 403, description = "Token lacks write:functions, or the function is another subject's (or bundled) and the token lacks admin:functions", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 429, body = ErrorBody),
     ),

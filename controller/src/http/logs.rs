@@ -2,9 +2,9 @@
 //! `GET /api/v1/functions/{language_title}/logs[?follow=true]`.
 //!
 //! An execution's logs are its caller's, and its function owner's: the
-//! subject that registered the function (for a bundled function, a holder
-//! of `admin:functions`). A function's logs, all callers' together,
-//! are its owner's only. Anyone else gets 404 for an execution (whether it
+//! subject that registered the function, and a holder of
+//! `admin:functions` (an operator). A function's logs, all callers'
+//! together, are theirs only. Anyone else gets 404 for an execution (whether it
 //! exists is not told) and 403 for a function.
 
 use std::convert::Infallible;
@@ -144,8 +144,8 @@ async fn execution_logs(
     }))
 }
 
-/// Whether `subject` owns `function`: registered it, or may manage a
-/// bundled one.
+/// Whether `subject` owns `function`: registered it, or manages every
+/// function (`admin:functions`).
 fn owns(subject: &Subject, function: Option<&FunctionEntry>) -> bool {
     function.is_some_and(|f| f.managed_by(subject))
 }
@@ -170,7 +170,8 @@ pub(super) struct FunctionLogsView {
 /// Executions read for a function's last lines.
 const RECENT_EXECUTIONS: usize = 200;
 
-/// A function's logs, every caller's (extension; its owner's only).
+/// A function's logs, every caller's (extension; its owner's, and an
+/// operator's with `admin:functions`).
 ///
 /// The last lines, or with `follow=true` a Server-Sent Events stream of
 /// lines as executions on this controller write them: event `log`, data
@@ -185,7 +186,7 @@ const RECENT_EXECUTIONS: usize = 200;
         (status = 200, body = FunctionLogsView, description = "The last lines; with follow=true, text/event-stream"),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, description = "Not the function's owner", body = ErrorBody),
+        (status = 403, description = "Not the function's owner, and the token lacks admin:functions", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 429, body = ErrorBody),
     ),
@@ -204,7 +205,9 @@ async fn function_logs(
         .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' not found")))?;
     if !owns(&auth.0, Some(&function)) {
         return Err(ApiError::Forbidden(match &function.owner {
-            Some(_) => format!("only the subject that registered '{language_title}' reads its logs"),
+            Some(_) => format!(
+                "only the subject that registered '{language_title}' (or a holder of scope '{ADMIN_FUNCTIONS}') reads its logs"
+            ),
             None => format!("reading the logs of '{language_title}' needs scope '{ADMIN_FUNCTIONS}'"),
         }));
     }
