@@ -203,6 +203,26 @@ impl Engine {
                 "request ID '{request_id}' is already in use"
             )));
         }
+        // A delete while the instance was readied may have ended the
+        // function's sessions before this one was written; had it, the
+        // session would live on, and run whatever is registered under the
+        // name next. Its own check comes after the registry forgets the
+        // function, this one after the session is written: one of the two
+        // sees the other.
+        let current = self.registry.get(language_title.as_str());
+        if current.is_none_or(|f| f.current.registration != function.registration) {
+            if let Err(e) = self.sessions.remove(&record.key()).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    request_id,
+                    "removing a deleted function's session"
+                );
+            }
+            self.core.release(retained).await;
+            return Err(ApiError::NotFound(format!(
+                "function '{language_title}' was deleted while the session started"
+            )));
+        }
         if record.retain {
             let slot = self.slot(&record.key());
             let mut slot = slot.lock().await;

@@ -10,7 +10,7 @@
 //! - [`manifest`]: `function.json` / registration body, checked and normalised.
 //! - this module: [`Registry`], [`FunctionVersion`], bundle loading.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -115,7 +115,9 @@ pub struct Registry {
     /// Current version of every function, sorted by Language-Title for listings.
     functions: RwLock<BTreeMap<String, FunctionEntry>>,
     /// Older versions that sessions still ask for, loaded from the store on demand.
-    versions: moka::sync::Cache<(String, i64), Arc<FunctionVersion>>,
+    /// Keyed by registration too: a name deleted and registered again
+    /// numbers its versions from 1 again.
+    versions: moka::sync::Cache<(String, Arc<str>, i64), Arc<FunctionVersion>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -202,24 +204,36 @@ impl Registry {
     }
 
     /// Catches up with changes other replicas made to the shared store:
-    /// new and updated functions are loaded, deleted ones forgotten. Cheap
-    /// when nothing changed (one query of names and version numbers).
+    /// new and updated functions are loaded, deleted ones forgotten, and
+    /// one deleted and registered again (a new registration, whose version
+    /// numbers start over) replaces the old. Cheap when nothing changed
+    /// (one query of names, registrations and version numbers).
     pub async fn refresh(&self) -> anyhow::Result<()> {
-        let current: std::collections::HashMap<String, i64> =
-            self.store.current_versions().await?.into_iter().collect();
-        let (stale, gone): (Vec<String>, Vec<String>) = {
+        let current: HashMap<String, (String, i64)> = self
+            .store
+            .current_versions()
+            .await?
+            .into_iter()
+            .map(|(lt, registration, version)| (lt, (registration, version)))
+            .collect();
+        let (stale, gone, reborn) = {
             let functions = self.functions.read().unwrap();
-            let stale = current
-                .iter()
-                .filter(|(lt, v)| functions.get(*lt).is_none_or(|f| f.current.version != **v))
-                .map(|(lt, _)| lt.clone())
-                .collect();
-            let gone = functions
+            let mut stale = Vec::new();
+            let mut reborn = false;
+            for (lt, (registration, version)) in &current {
+                match functions.get(lt) {
+                    Some(f) if *f.current.registration != **registration => reborn = true,
+                    Some(f) if f.current.version == *version => continue,
+                    _ => {}
+                }
+                stale.push(lt.clone());
+            }
+            let gone: Vec<String> = functions
                 .keys()
                 .filter(|lt| !current.contains_key(*lt))
                 .cloned()
                 .collect();
-            (stale, gone)
+            (stale, gone, reborn)
         };
         for lt in stale {
             if let Some(stored) = self.store.function(&lt).await? {
@@ -231,6 +245,9 @@ impl Registry {
             for lt in &gone {
                 functions.remove(lt);
             }
+        }
+        if !gone.is_empty() || reborn {
+            // Older versions kept here may be a deleted registration's.
             self.versions.invalidate_all();
         }
         Ok(())
@@ -256,13 +273,16 @@ impl Registry {
     /// A given version of a function: the current one from memory, an older
     /// one from the store.
     pub async fn version(&self, language_title: &str, version: i64) -> anyhow::Result<Option<Arc<FunctionVersion>>> {
-        if let Some(f) = self.get(language_title)
+        let known = self.get(language_title);
+        if let Some(f) = &known
             && f.current.version == version
         {
-            return Ok(Some(f.current));
+            return Ok(Some(f.current.clone()));
         }
-        let key = (language_title.to_owned(), version);
-        if let Some(v) = self.versions.get(&key) {
+        let key = known
+            .as_ref()
+            .map(|f| (language_title.to_owned(), f.current.registration.clone(), version));
+        if let Some(v) = key.as_ref().and_then(|key| self.versions.get(key)) {
             return Ok(Some(v));
         }
         let Some(stored) = self.store.version(language_title, version).await? else {
@@ -270,12 +290,16 @@ impl Registry {
         };
         // An older version's owner is the function's: deleting a function
         // deletes its versions.
-        let owner = match self.get(language_title) {
-            Some(f) => f.owner,
-            None => self.store.function(language_title).await?.and_then(|f| f.owner),
+        let owner = match known {
+            Some(f) if *f.current.registration == *stored.registration => f.owner,
+            _ => self.store.function(language_title).await?.and_then(|f| f.owner),
         };
         let v = Arc::new(version_from_stored(stored, owner)?);
-        self.versions.insert(key, v.clone());
+        // Kept only under the registration it belongs to (one deleted
+        // meanwhile is not).
+        if let Some(key) = key.filter(|key| key.1 == v.registration) {
+            self.versions.insert(key, v.clone());
+        }
         Ok(Some(v))
     }
 
@@ -497,8 +521,11 @@ impl Registry {
         let mut functions = self.functions.write().unwrap();
         let lt = entry.current.language_title.to_string();
         // Two concurrent updates may finish out of order; keep the newest.
+        // Another registration (deleted and registered again) replaces it.
         match functions.get(&lt) {
-            Some(existing) if existing.current.version > entry.current.version => {}
+            Some(existing)
+                if existing.current.registration == entry.current.registration
+                    && existing.current.version > entry.current.version => {}
             _ => {
                 functions.insert(lt, entry.clone());
             }
@@ -623,6 +650,7 @@ fn version_from_stored(v: StoredVersion, owner: Option<String>) -> anyhow::Resul
     let manifest: Manifest = serde_json::from_value(v.manifest).context("stored manifest")?;
     let mut version = FunctionVersion::new(language_title, v.version, manifest, v.code, v.code_hash, v.created_at)?;
     version.owner = owner;
+    version.registration = Arc::from(v.registration);
     Ok(version)
 }
 

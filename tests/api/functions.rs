@@ -807,6 +807,109 @@ async fn registered_functions_survive_a_restart() {
     assert_eq!(exec.body["result"], json!({"greeting": "hello v2"}), "{:?}", exec.body);
 }
 
+/// Code of a function's first life: answers after `params.ms`.
+const FIRST_LIFE: &str = "module.exports.handler = async (p) => { await new Promise((r) => setTimeout(r, p.ms || 0)); return { life: 'first' }; };\n";
+/// Code registered under the same name after the delete.
+const SECOND_LIFE: &str = "module.exports.handler = async () => ({ life: 'second' });\n";
+
+/// An asynchronous execution still running when its function is deleted
+/// gives its instance back afterwards (nothing waits for it). The name
+/// registered again starts at version 1 too: that instance (the deleted
+/// code, and whatever it kept in memory, maybe another subject's) must not
+/// serve it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_busy_across_a_delete_never_serves_the_name_registered_again() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    app.register("nodejs-reborn", FIRST_LIFE, json!({})).await;
+    let submitted = crate::executions::submit(
+        &app,
+        &token,
+        json!({"language_title": "nodejs-reborn", "params": {"ms": 2000}}),
+        None,
+    )
+    .await;
+    assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+    let id = submitted.body["execution_id"].as_str().unwrap().to_owned();
+    let long = std::time::Duration::from_secs(30);
+    crate::executions::wait_until(&app, &token, &id, long, |e| e["status"] == "running").await;
+
+    // Act: deleted and registered again while it runs.
+    let deleted = call(&app, Method::DELETE, "/api/v1/functions/nodejs-reborn", &token, None).await;
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    let created = app.register("nodejs-reborn", SECOND_LIFE, json!({})).await;
+    assert_eq!(created.body["version"], 1, "{:?}", created.body);
+    let done = crate::executions::wait_until(&app, &token, &id, long, |e| e["status"] != "running").await;
+
+    // Assert: the run in flight finished on the first life; every later
+    // session runs the second.
+    assert_eq!(done["result"], json!({"life": "first"}), "{done:?}");
+    for _ in 0..3 {
+        let id = app.session(&token, "nodejs-reborn", json!({})).await;
+        let r = app
+            .execute_with(&token, &id, json!({"params": {}}), Some("no-cache"))
+            .await;
+        assert_eq!(
+            r.body["result"],
+            json!({"life": "second"}),
+            "the deleted code ran: {:?}",
+            r.body
+        );
+    }
+}
+
+/// An initialize still readying its instance when the function is deleted
+/// must not leave a session behind: the delete ended the sessions there
+/// were, and this one would run whatever is registered under the name next.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_started_across_a_delete_is_not_left_behind() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    // Loading the module takes a second and a half: initialize is slow.
+    let slow_load = format!("const t = Date.now(); while (Date.now() - t < 1500) {{}}\n{FIRST_LIFE}");
+    app.register("nodejs-reborn", &slow_load, json!({})).await;
+
+    // Act
+    let (started, ()) = tokio::join!(
+        app.initialize(&token, "nodejs-reborn", json!({"context": {"retain_session": true}})),
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            let deleted = call(&app, Method::DELETE, "/api/v1/functions/nodejs-reborn", &token, None).await;
+            assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+            app.register("nodejs-reborn", SECOND_LIFE, json!({})).await;
+        }
+    );
+
+    // Assert: 404, saying why; had a session been left, it would answer.
+    assert_eq!(
+        (started.status, started.code()),
+        (404, "NOT_FOUND"),
+        "{:?}",
+        started.body
+    );
+    assert!(
+        started.body["error"]["message"].as_str().unwrap().contains("deleted"),
+        "{:?}",
+        started.body
+    );
+    let sessions = app.get(Some(&token), "/api/v1/sessions").await;
+    assert_eq!(sessions.status, 200, "{:?}", sessions.body);
+    assert!(
+        !sessions.body.to_string().contains("nodejs-reborn"),
+        "a session of the deleted function is left: {:?}",
+        sessions.body
+    );
+    // The instance it readied, given back, serves nothing of the new one.
+    let id = app.session(&token, "nodejs-reborn", json!({})).await;
+    let r = app.execute(&token, &id, json!({})).await;
+    assert_eq!(
+        r.body["result"],
+        json!({"life": "second"}),
+        "the deleted code ran: {:?}",
+        r.body
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_function_deleted_and_registered_again_never_runs_its_old_code() {
     // Arrange: the first life of nodejs-hello reaches version 2, and a session

@@ -305,3 +305,55 @@ async fn a_retained_session_deleted_on_another_controller_is_gone_where_its_inst
     let after = a.execute(&token, &from_b, json!({})).await;
     assert_eq!((after.status, after.code()), (404, "NOT_FOUND"), "{:?}", after.body);
 }
+
+/// A function deleted and registered again through one replica (version
+/// 1 again, other code) is what the other replica runs once it catches up,
+/// not the deleted code it had loaded (same name, same version number).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_registered_again_through_one_replica_replaces_the_deleted_code_on_the_other() {
+    let (Some(redis), Some(db)) = (redis_url(), TestDatabase::create()) else {
+        return;
+    };
+    let flags = ["--redis-url", redis.as_str(), "--database-url", db.url.as_str()];
+    let a = spawn_app_with(&flags).await;
+    let b = spawn_app_with(&flags).await;
+    let token = a.admin();
+    let first = "module.exports.handler = async () => ({ life: 'first' });";
+    a.register("nodejs-twice", first, json!({"cache": {"enabled": false}}))
+        .await;
+    // What B runs (a 404 while it has forgotten the deleted function and
+    // not yet loaded the new one is fine).
+    let run_on_b = || async {
+        let started = b.initialize(&token, "nodejs-twice", json!({})).await;
+        match started.body["request_id"].as_str() {
+            Some(id) => b.execute(&token, id, json!({})).await.body["result"]["life"].clone(),
+            None => started.body,
+        }
+    };
+    assert_eq!(run_on_b().await, "first");
+
+    // Act: through A, deleted and registered again with other code.
+    let path = "/api/v1/functions/nodejs-twice";
+    let deleted = a.client.delete(a.url(path)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    let second = "module.exports.handler = async () => ({ life: 'second' });";
+    let created = a
+        .register("nodejs-twice", second, json!({"cache": {"enabled": false}}))
+        .await;
+    assert_eq!(created.body["version"], 1, "{:?}", created.body);
+
+    // Assert: B catches up (it refreshes every few seconds) and runs the
+    // second life.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let life = run_on_b().await;
+        if life == "second" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B still runs the deleted code: {life:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}

@@ -74,7 +74,8 @@ impl From<String> for Source {
     }
 }
 
-/// One stored version of a function (a `function_versions` row).
+/// One stored version of a function (a `function_versions` row, with its
+/// function's `registration`).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredVersion {
     pub language_title: String,
@@ -84,6 +85,9 @@ pub struct StoredVersion {
     pub code: String,
     pub code_hash: String,
     pub created_at: OffsetDateTime,
+    /// Which registration of the name this is: a function deleted and
+    /// registered again counts its versions from 1 again, under a new one.
+    pub registration: String,
 }
 
 /// A function with its current version (a `functions` row joined with its
@@ -155,9 +159,10 @@ pub trait FunctionStore: Send + Sync {
     async fn functions(&self) -> Result<Vec<StoredFunction>, StoreError>;
     /// One function with its current version.
     async fn function(&self, language_title: &str) -> Result<Option<StoredFunction>, StoreError>;
-    /// Every function's current version number: a cheap way for a replica to
-    /// see what others changed.
-    async fn current_versions(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Every function's registration and current version number
+    /// (`(language_title, registration, version)`): a cheap way for a
+    /// replica to see what others changed.
+    async fn current_versions(&self) -> Result<Vec<(String, String, i64)>, StoreError>;
     /// One version of one function.
     async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError>;
     /// Creates a function at version 1; [`StoreError::Conflict`] if it exists.

@@ -96,7 +96,7 @@ impl<DB: sqlx::Database> SqlStore<DB> {
 macro_rules! select_function {
     () => {
         "SELECT f.language_title, f.source, f.owner, f.created_at AS function_created_at, f.updated_at, \
-         v.version, v.manifest, v.code, v.code_hash, v.created_at \
+         v.version, v.manifest, v.code, v.code_hash, v.created_at, f.registration \
          FROM functions f JOIN function_versions v \
          ON v.language_title = f.language_title AND v.version = f.current_version"
     };
@@ -109,7 +109,7 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'r> StoredFunction: FromRow<'r, DB::Row>,
     for<'r> StoredVersion: FromRow<'r, DB::Row>,
-    for<'r> (String, i64): FromRow<'r, DB::Row>,
+    for<'r> (String, String, i64): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
@@ -134,16 +134,19 @@ where
         )
     }
 
-    async fn current_versions(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        Ok(sqlx::query_as("SELECT language_title, current_version FROM functions")
-            .fetch_all(&self.pool)
-            .await?)
+    async fn current_versions(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT language_title, registration, current_version FROM functions")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     async fn version(&self, language_title: &str, version: i64) -> Result<Option<StoredVersion>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT language_title, version, manifest, code, code_hash, created_at \
-             FROM function_versions WHERE language_title = $1 AND version = $2",
+            "SELECT v.language_title, v.version, v.manifest, v.code, v.code_hash, v.created_at, f.registration \
+             FROM function_versions v JOIN functions f ON f.language_title = v.language_title \
+             WHERE v.language_title = $1 AND v.version = $2",
         )
         .bind(language_title)
         .bind(version)
@@ -155,8 +158,8 @@ where
         let now = DB::timestamp(timefmt::now());
         let mut tx = self.pool.begin().await?;
         let created: Option<(i64,)> = sqlx::query_as(
-            "INSERT INTO functions (language_title, language, title, description, source, current_version, created_at, updated_at, owner) \
-             VALUES ($1, $2, $3, $4, $5, 1, $6, $6, $7) ON CONFLICT (language_title) DO NOTHING \
+            "INSERT INTO functions (language_title, language, title, description, source, current_version, created_at, updated_at, owner, registration) \
+             VALUES ($1, $2, $3, $4, $5, 1, $6, $6, $7, $8) ON CONFLICT (language_title) DO NOTHING \
              RETURNING current_version",
         )
         .bind(new.language_title.as_str())
@@ -166,6 +169,7 @@ where
         .bind(source.as_str())
         .bind(now)
         .bind(new.owner.as_deref())
+        .bind(uuid::Uuid::new_v4().to_string().as_str())
         .fetch_optional(&mut *tx)
         .await?;
         let (version,) = created.ok_or(StoreError::Conflict)?;

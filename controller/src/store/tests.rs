@@ -101,7 +101,10 @@ async fn exercise(stores: Stores) {
     store.create(new("nodejs-0", "first"), Source::Api).await.unwrap();
     let mut versions = store.current_versions().await.unwrap();
     versions.sort();
-    assert_eq!(versions, [("nodejs-0".to_string(), 1), ("nodejs-a".to_string(), 2)]);
+    let registration = |lt: &str| versions.iter().find(|v| v.0 == lt).unwrap().1.clone();
+    let first_life = registration("nodejs-a");
+    let versions: Vec<_> = versions.iter().map(|(lt, _, v)| (lt.as_str(), *v)).collect();
+    assert_eq!(versions, [("nodejs-0", 1), ("nodejs-a", 2)]);
     let all = store.functions().await.unwrap();
     let names: Vec<_> = all.iter().map(|f| f.language_title.as_str()).collect();
     assert_eq!(names, ["nodejs-0", "nodejs-a"], "sorted by Language-Title");
@@ -112,6 +115,21 @@ async fn exercise(stores: Stores) {
     assert!(store.version("nodejs-a", 1).await.unwrap().is_none());
     let again = store.create(new("nodejs-a", "reborn"), Source::Api).await.unwrap();
     assert_eq!(again.current.version, 1);
+    // Its version 1 is another registration's: nothing keyed by the old one
+    // (an instance, a replica's copy) is taken for it.
+    assert_ne!(again.current.registration, first_life);
+    assert_eq!(
+        store.version("nodejs-a", 1).await.unwrap().unwrap().registration,
+        again.current.registration
+    );
+    let updated = store
+        .add_version(new("nodejs-a", "reborn v2"), Source::Api, Some("alice"))
+        .await
+        .unwrap();
+    assert_eq!(
+        updated.current.registration, again.current.registration,
+        "an update keeps it"
+    );
 
     let record = |outcome: &str, cached: bool| ExecutionRecord {
         id: uuid::Uuid::new_v4(),
@@ -618,6 +636,64 @@ async fn postgres_store_passes_the_store_suite() {
     db.drop().await;
 }
 
+/// A database written before functions had a registration: the migration
+/// gives each existing function one of its own (its name tells them apart),
+/// and a function created after gets a new one.
+#[tokio::test]
+async fn functions_stored_before_registrations_each_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let raw = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let mut before = sqlx::migrate!("../migrations/sqlite");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < 8)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&raw).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO functions VALUES ('nodejs-old', 'nodejs', 'old', 'd', 'api', 1, \
+           '2025-05-13T12:28:22Z', '2025-05-13T12:28:22Z', 'alice'); \
+         INSERT INTO function_versions VALUES \
+           ('nodejs-old', 1, '{\"entrypoint\":\"index.js\"}', 'v1', 'hash-v1', '2025-05-13T12:28:22Z');",
+    )
+    .execute(&raw)
+    .await
+    .unwrap();
+    raw.close().await;
+
+    let stores = Stores::of(SqliteStore::open(&path).await.unwrap());
+
+    let old = stores.functions.function("nodejs-old").await.unwrap().unwrap();
+    assert_eq!(old.current.registration, "before-0008:nodejs-old");
+    assert_eq!(
+        stores
+            .functions
+            .version("nodejs-old", 1)
+            .await
+            .unwrap()
+            .unwrap()
+            .registration,
+        "before-0008:nodejs-old"
+    );
+    assert!(stores.functions.delete("nodejs-old", Some("alice")).await.unwrap());
+    let again = stores
+        .functions
+        .create(new("nodejs-old", "again"), Source::Api)
+        .await
+        .unwrap();
+    assert!(
+        uuid::Uuid::parse_str(&again.current.registration).is_ok(),
+        "{}",
+        again.current.registration
+    );
+}
+
 /// The SQLite driver binds the `$N` placeholders the shared queries use, by
 /// number: out of order and repeated.
 #[tokio::test]
@@ -644,7 +720,8 @@ async fn sqlite_reads_and_writes_the_text_it_always_had() {
     let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
     let raw = sqlx::SqlitePool::connect_with(options).await.unwrap();
     sqlx::raw_sql(
-        "INSERT INTO functions VALUES ('nodejs-old', 'nodejs', 'old', 'd', 'bundled', 2, \
+        "INSERT INTO functions (language_title, language, title, description, source, current_version, \
+           created_at, updated_at, owner) VALUES ('nodejs-old', 'nodejs', 'old', 'd', 'bundled', 2, \
            '2025-05-13T12:28:22Z', '2025-05-14T08:00:05Z', NULL); \
          INSERT INTO function_versions VALUES \
            ('nodejs-old', 1, '{\"entrypoint\":\"index.js\"}', 'v1', 'hash-v1', '2025-05-13T12:28:22Z'), \

@@ -36,6 +36,11 @@ pub struct FunctionVersion {
     /// The subject that registered the function (`None`: bundled): a
     /// crate builds in its owner's work directory.
     pub owner: Option<String>,
+    /// Which registration of the name this version belongs to (the store's,
+    /// empty until set). A function deleted and registered again counts
+    /// from version 1 again under a new registration, so whatever is kept
+    /// per version (idle instances) is told apart by it.
+    pub registration: Arc<str>,
     /// `schema.params`, compiled once (the default needs no compile).
     params: ParamsSchema,
     /// What `/init` sends, resolved at the first specialisation
@@ -82,6 +87,7 @@ impl FunctionVersion {
             files,
             dependencies,
             owner: None,
+            registration: Arc::from(""),
             code,
             code_hash,
             created_at,

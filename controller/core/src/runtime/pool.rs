@@ -32,8 +32,11 @@ const ROOM_WAIT: Duration = Duration::from_secs(30);
 /// pool still holds others (see `maintain`).
 const REFILL_DELAY: Duration = Duration::from_millis(50);
 
-/// A function version, as the pool tells instances apart.
-pub type VersionKey = (String, i64);
+/// A function version, as the pool tells instances apart: its
+/// Language-Title, its registration (a name deleted and registered again
+/// counts from version 1 again: an instance of the deleted code must never
+/// serve the new one) and its number.
+pub type VersionKey = (String, Arc<str>, i64);
 
 /// Generic warm instances are told apart by backend, language and memory
 /// class (today one class: `PoolConfig::warm_memory_mb`).
@@ -145,7 +148,11 @@ impl InstancePool {
 
     /// An instance specialised for `function`.
     pub async fn acquire(&self, function: &FunctionVersion) -> Result<Lease, InstanceError> {
-        let key: VersionKey = (function.language_title.to_string(), function.version);
+        let key: VersionKey = (
+            function.language_title.to_string(),
+            function.registration.clone(),
+            function.version,
+        );
         let language = function.language();
         let backend = self
             .placement
