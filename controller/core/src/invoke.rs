@@ -696,6 +696,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_instance_given_back_after_its_function_was_evicted_is_stopped() {
+        let h = harness().await;
+        let f = function("ok");
+        let mut before = Retained::default();
+        h.core.prepare(&f, Some(&mut before)).await.unwrap();
+
+        // The function is deleted while the instance is out.
+        h.core.evict_function("nodejs-fake").await;
+        h.core.release(before).await;
+
+        assert_eq!(h.counters.terminated.load(Ordering::SeqCst), 1, "kept idle for no one");
+        // One handed out after the eviction goes back idle as usual.
+        let mut after = Retained::default();
+        h.core.prepare(&f, Some(&mut after)).await.unwrap();
+        let id = after.0.as_ref().unwrap().instance.id().to_owned();
+        h.core.release(after).await;
+        assert_eq!(h.counters.terminated.load(Ordering::SeqCst), 1);
+        let ok = h.core.invoke(invocation(&f, &json!({}), 1000), None).await.unwrap();
+        assert_eq!(ok.result["instance"], id.as_str(), "the idle instance serves");
+    }
+
+    #[tokio::test]
     async fn a_run_past_its_deadline_is_a_timeout_and_its_instance_is_stopped() {
         let h = harness().await;
         let f = function("ok");

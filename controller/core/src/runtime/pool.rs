@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -78,6 +78,8 @@ pub struct Lease {
     pub instance: Box<dyn Instance>,
     pub key: VersionKey,
     pub start: StartKind,
+    /// The pool's eviction count when it was handed out.
+    evictions: u64,
 }
 
 impl std::fmt::Debug for Lease {
@@ -108,6 +110,11 @@ pub struct InstancePool {
     warm: Mutex<HashMap<WarmKey, Vec<Box<dyn Instance>>>>,
     /// Specialised instances waiting for their version's next execution.
     idle: Mutex<HashMap<VersionKey, Vec<Idle>>>,
+    /// Functions evicted (deleted), with the eviction count after each: an
+    /// instance handed out before its function's eviction is stopped when
+    /// it comes back rather than kept idle for no one.
+    evicted: Mutex<HashMap<String, u64>>,
+    evictions: AtomicU64,
     /// Per backend and language: the last start's outcome.
     health: Mutex<BTreeMap<(&'static str, Language), LanguageHealth>>,
     /// Instances handed out and not yet returned.
@@ -138,6 +145,8 @@ impl InstancePool {
             config,
             warm: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
+            evicted: Mutex::new(HashMap::new()),
+            evictions: AtomicU64::new(0),
             health: Mutex::new(health),
             busy: AtomicI64::new(0),
             refill: Notify::new(),
@@ -222,7 +231,12 @@ impl InstancePool {
 
     fn lease(&self, instance: Box<dyn Instance>, key: VersionKey, start: StartKind) -> Lease {
         self.busy.fetch_add(1, Ordering::Relaxed);
-        Lease { instance, key, start }
+        Lease {
+            instance,
+            key,
+            start,
+            evictions: self.evictions.load(Ordering::Acquire),
+        }
     }
 
     /// Gives back a healthy instance: it waits, idle, for its version's next execution.
@@ -234,6 +248,11 @@ impl InstancePool {
         }
         let surplus = {
             let mut idle = self.idle.lock().unwrap();
+            if self.evicted_since(&lease) {
+                drop(idle);
+                lease.instance.terminate().await;
+                return;
+            }
             let list = idle.entry(lease.key).or_default();
             list.push((lease.instance, Instant::now()));
             if list.len() > self.config.max_idle_per_version {
@@ -259,12 +278,26 @@ impl InstancePool {
     pub async fn evict_function(&self, language_title: &str) {
         let evicted: Vec<_> = {
             let mut idle = self.idle.lock().unwrap();
+            // Under the idle lock, so a release sees either the count or
+            // its instance evicted here.
+            let count = self.evictions.fetch_add(1, Ordering::AcqRel) + 1;
+            self.evicted.lock().unwrap().insert(language_title.to_owned(), count);
             let keys: Vec<_> = idle.keys().filter(|k| k.0 == language_title).cloned().collect();
             keys.into_iter().filter_map(|k| idle.remove(&k)).flatten().collect()
         };
         for (mut instance, _) in evicted {
             instance.terminate().await;
         }
+    }
+
+    /// Whether the lease's function was evicted after it was handed out.
+    fn evicted_since(&self, lease: &Lease) -> bool {
+        // Nothing was evicted since: no lookup (the usual case).
+        if self.evictions.load(Ordering::Acquire) == lease.evictions {
+            return false;
+        }
+        let evicted = self.evicted.lock().unwrap();
+        evicted.get(&lease.key.0).is_some_and(|at| *at > lease.evictions)
     }
 
     /// The idle instance given back longest ago, of any version.
