@@ -692,6 +692,22 @@ impl Engine {
         self.metrics.forget_function(language_title);
     }
 
+    /// Catches up with functions other replicas changed in a shared store
+    /// ([`Registry::refresh`]). Idle instances of one deleted there (or
+    /// deleted and registered again) are stopped here: they can never serve
+    /// again. Its sessions were that replica's to remove.
+    pub async fn refresh(&self) -> anyhow::Result<()> {
+        let refreshed = self.registry.refresh().await?;
+        for lt in &refreshed.gone {
+            self.core.evict_function(lt).await;
+            self.metrics.forget_function(lt);
+        }
+        for lt in &refreshed.reborn {
+            self.core.evict_function(lt).await;
+        }
+        Ok(())
+    }
+
     /// Removes expired sessions and their instances; run periodically. Also
     /// lets go of local instances whose session is gone (ended on another
     /// replica, or expired).

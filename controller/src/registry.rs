@@ -58,6 +58,15 @@ impl FunctionEntry {
     }
 }
 
+/// What [`Registry::refresh`] found another replica changed.
+#[derive(Debug, Default)]
+pub struct Refreshed {
+    /// Deleted.
+    pub gone: Vec<String>,
+    /// Deleted and registered again: a new registration.
+    pub reborn: Vec<String>,
+}
+
 /// Why a registry write failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -207,8 +216,9 @@ impl Registry {
     /// new and updated functions are loaded, deleted ones forgotten, and
     /// one deleted and registered again (a new registration, whose version
     /// numbers start over) replaces the old. Cheap when nothing changed
-    /// (one query of names, registrations and version numbers).
-    pub async fn refresh(&self) -> anyhow::Result<()> {
+    /// (one query of names, registrations and version numbers). Answers
+    /// what another replica deleted, and what it registered again.
+    pub async fn refresh(&self) -> anyhow::Result<Refreshed> {
         let current: HashMap<String, (String, i64)> = self
             .store
             .current_versions()
@@ -219,10 +229,10 @@ impl Registry {
         let (stale, gone, reborn) = {
             let functions = self.functions.read().unwrap();
             let mut stale = Vec::new();
-            let mut reborn = false;
+            let mut reborn = Vec::new();
             for (lt, (registration, version)) in &current {
                 match functions.get(lt) {
-                    Some(f) if *f.current.registration != **registration => reborn = true,
+                    Some(f) if *f.current.registration != **registration => reborn.push(lt.clone()),
                     Some(f) if f.current.version == *version => continue,
                     _ => {}
                 }
@@ -246,11 +256,11 @@ impl Registry {
                 functions.remove(lt);
             }
         }
-        if !gone.is_empty() || reborn {
+        if !gone.is_empty() || !reborn.is_empty() {
             // Older versions kept here may be a deleted registration's.
             self.versions.invalidate_all();
         }
-        Ok(())
+        Ok(Refreshed { gone, reborn })
     }
 
     /// One page of the functions, optionally of one language, and the total.

@@ -419,7 +419,7 @@ impl Application {
                     }
                     ticks += 1;
                     // Other replicas may have changed functions in a shared store.
-                    if let Err(e) = engine.registry.refresh().await {
+                    if let Err(e) = engine.refresh().await {
                         tracing::debug!(error = format!("{e:#}"), "refreshing the registry");
                     }
                 }

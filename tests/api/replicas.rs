@@ -319,8 +319,9 @@ async fn a_function_registered_again_through_one_replica_replaces_the_deleted_co
     let b = spawn_app_with(&flags).await;
     let token = a.admin();
     let first = "module.exports.handler = async () => ({ life: 'first' });";
-    a.register("nodejs-twice", first, json!({"cache": {"enabled": false}}))
-        .await;
+    // A memory cap of its own tells the first life's instances apart.
+    let manifest = json!({"cache": {"enabled": false}, "limits": {"memory_mb": 128}});
+    a.register("nodejs-twice", first, manifest).await;
     // What B runs (a 404 while it has forgotten the deleted function and
     // not yet loaded the new one is fine).
     let run_on_b = || async {
@@ -331,6 +332,7 @@ async fn a_function_registered_again_through_one_replica_replaces_the_deleted_co
         }
     };
     assert_eq!(run_on_b().await, "first");
+    assert_eq!(crate::sessions::instances_capped_at(&b, 128).len(), 1, "idle on B");
 
     // Act: through A, deleted and registered again with other code.
     let path = "/api/v1/functions/nodejs-twice";
@@ -356,4 +358,13 @@ async fn a_function_registered_again_through_one_replica_replaces_the_deleted_co
         );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+    // The first life's instance, idle on B, was stopped when B caught up
+    // (not kept until the keep-warm period ends).
+    assert!(
+        crate::helpers::eventually(std::time::Duration::from_secs(10), || {
+            crate::sessions::instances_capped_at(&b, 128).is_empty()
+        })
+        .await,
+        "B keeps the deleted function's instance"
+    );
 }
