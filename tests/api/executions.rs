@@ -367,6 +367,69 @@ async fn cancel_stops_a_running_execution_and_a_pending_one_never_runs() {
     assert!(never.body.get("started_at").is_none());
 }
 
+/// A cancel that races the run's own end answers what happened: 200 when
+/// the run was stopped (it ends cancelled, with no result), 409 when it
+/// finished first (it ends completed, with its result). Before, about one
+/// cancel in twenty answered 200 for a run that then showed `completed`
+/// (the old code failed this test in three of three tries).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_racing_the_runs_end_answers_what_happened() {
+    let app = spawn_app_with(&["--rate-limit-execute", "0"]).await;
+    let token = app.token("alice", &["execute:all"]);
+    let quick =
+        "module.exports.handler = async (p) => { await new Promise((r) => setTimeout(r, p.ms)); return { n: p.n }; };";
+    app.register("nodejs-quick", quick, NO_CACHE.clone()).await;
+
+    // Act: 6 clients, 150 runs of 0-40 ms, each cancelled 0-80 ms after it
+    // was submitted.
+    let answers = futures::future::join_all((0..6).map(|client| {
+        let (app, token) = (&app, &token);
+        async move {
+            let mut seen = Vec::new();
+            for i in 0..25u64 {
+                let n = client * 100 + i;
+                // Spread over the run's whole life, without a random crate.
+                let (ms, wait) = ((n * 7) % 41, (n * 13) % 81);
+                let body = json!({"language_title": "nodejs-quick", "params": {"n": n, "ms": ms}});
+                let id = submit(app, token, body, None).await.body["execution_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                let cancel = post(app, token, &format!("/api/v1/executions/{id}/cancel")).await;
+                let end = wait_until(app, token, &id, Duration::from_secs(30), finished).await;
+                seen.push((n, cancel, end));
+            }
+            seen
+        }
+    }))
+    .await;
+
+    // Assert
+    let mut counts = std::collections::BTreeMap::new();
+    for (n, cancel, end) in answers.into_iter().flatten() {
+        *counts
+            .entry((cancel.status, end["status"].as_str().unwrap().to_owned()))
+            .or_insert(0) += 1;
+        match cancel.status {
+            200 => {
+                assert_eq!(end["status"], "cancelled", "a cancel answered 200: {end}");
+                assert!(end["result"].is_null(), "{end}");
+            }
+            409 => {
+                assert_eq!(cancel.code(), "CONFLICT", "{:?}", cancel.body);
+                assert_eq!(
+                    (end["status"].clone(), end["result"].clone()),
+                    (json!("completed"), json!({"n": n})),
+                    "{end}"
+                );
+            }
+            other => panic!("cancel answered {other}: {:?}", cancel.body),
+        }
+    }
+    eprintln!("cancel answer, final status: {counts:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn higher_priority_runs_first_across_subjects() {
     // Arrange: one worker, held by a run while 100 executions queue up.

@@ -362,8 +362,20 @@ impl Executions {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         loop {
             let row = self.get(subject, id).await?;
-            if row.status != "running" || tokio::time::Instant::now() > deadline {
-                return Ok(row);
+            match row.status.as_str() {
+                // A run that ended on its own before the stop reached it
+                // (its result written first) was not cancelled: 200 would
+                // tell the caller it was.
+                "completed" | "failed" => {
+                    return Err(ApiError::Conflict(format!(
+                        "execution {id} finished ({}) before it could be stopped",
+                        row.status
+                    )));
+                }
+                // Stopped, or stopping still (a failed attempt queued again
+                // is cancelled when it is next taken).
+                "running" if tokio::time::Instant::now() <= deadline => {}
+                _ => return Ok(row),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
