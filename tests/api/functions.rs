@@ -812,6 +812,29 @@ const FIRST_LIFE: &str = "module.exports.handler = async (p) => { await new Prom
 /// Code registered under the same name after the delete.
 const SECOND_LIFE: &str = "module.exports.handler = async () => ({ life: 'second' });\n";
 
+/// Deletes `nodejs-reborn` and registers it again with [`SECOND_LIFE`]:
+/// the registration's answer.
+async fn delete_and_register_again(app: &TestApp, token: &str) -> Reply {
+    let deleted = call(app, Method::DELETE, "/api/v1/functions/nodejs-reborn", token, None).await;
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    app.register("nodejs-reborn", SECOND_LIFE, json!({})).await
+}
+
+/// A new session of `nodejs-reborn` runs [`SECOND_LIFE`], not the deleted
+/// code.
+async fn assert_a_new_session_runs_the_second_life(app: &TestApp, token: &str) {
+    let id = app.session(token, "nodejs-reborn", json!({})).await;
+    let r = app
+        .execute_with(token, &id, json!({"params": {}}), Some("no-cache"))
+        .await;
+    assert_eq!(
+        r.body["result"],
+        json!({"life": "second"}),
+        "the deleted code ran: {:?}",
+        r.body
+    );
+}
+
 /// An asynchronous execution still running when its function is deleted
 /// gives its instance back afterwards (nothing waits for it). The name
 /// registered again starts at version 1 too: that instance (the deleted
@@ -835,9 +858,7 @@ async fn an_instance_busy_across_a_delete_never_serves_the_name_registered_again
     crate::executions::wait_until(&app, &token, &id, long, |e| e["status"] == "running").await;
 
     // Act: deleted and registered again while it runs.
-    let deleted = call(&app, Method::DELETE, "/api/v1/functions/nodejs-reborn", &token, None).await;
-    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
-    let created = app.register("nodejs-reborn", SECOND_LIFE, json!({})).await;
+    let created = delete_and_register_again(&app, &token).await;
     assert_eq!(created.body["version"], 1, "{:?}", created.body);
     let done = crate::executions::wait_until(&app, &token, &id, long, |e| e["status"] != "running").await;
 
@@ -845,16 +866,7 @@ async fn an_instance_busy_across_a_delete_never_serves_the_name_registered_again
     // session runs the second.
     assert_eq!(done["result"], json!({"life": "first"}), "{done:?}");
     for _ in 0..3 {
-        let id = app.session(&token, "nodejs-reborn", json!({})).await;
-        let r = app
-            .execute_with(&token, &id, json!({"params": {}}), Some("no-cache"))
-            .await;
-        assert_eq!(
-            r.body["result"],
-            json!({"life": "second"}),
-            "the deleted code ran: {:?}",
-            r.body
-        );
+        assert_a_new_session_runs_the_second_life(&app, &token).await;
     }
 }
 
@@ -874,9 +886,7 @@ async fn a_session_started_across_a_delete_is_not_left_behind() {
         app.initialize(&token, "nodejs-reborn", json!({"context": {"retain_session": true}})),
         async {
             tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-            let deleted = call(&app, Method::DELETE, "/api/v1/functions/nodejs-reborn", &token, None).await;
-            assert_eq!(deleted.status, 204, "{:?}", deleted.body);
-            app.register("nodejs-reborn", SECOND_LIFE, json!({})).await;
+            delete_and_register_again(&app, &token).await;
         }
     );
 
@@ -900,14 +910,7 @@ async fn a_session_started_across_a_delete_is_not_left_behind() {
         sessions.body
     );
     // The instance it readied, given back, serves nothing of the new one.
-    let id = app.session(&token, "nodejs-reborn", json!({})).await;
-    let r = app.execute(&token, &id, json!({})).await;
-    assert_eq!(
-        r.body["result"],
-        json!({"life": "second"}),
-        "the deleted code ran: {:?}",
-        r.body
-    );
+    assert_a_new_session_runs_the_second_life(&app, &token).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,7 +5,7 @@
 
 use serde_json::json;
 
-use crate::helpers::spawn_app_with;
+use crate::helpers::{TestApp, spawn_app_with};
 
 /// The shared Redis, or `None` (skipped) outside CI.
 pub fn redis_url() -> Option<String> {
@@ -202,14 +202,24 @@ fn psql(url: &str, sql: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn replicas_sharing_postgres_and_redis_serve_each_others_functions_and_sessions() {
+/// A PostgreSQL database of their own (dropped with it, after the
+/// controllers when bound first) and two controllers sharing it and Redis,
+/// or `None` (skipped) outside CI.
+async fn two_replicas() -> Option<(TestDatabase, TestApp, TestApp)> {
     let (Some(redis), Some(db)) = (redis_url(), TestDatabase::create()) else {
-        return;
+        return None;
     };
     let flags = ["--redis-url", redis.as_str(), "--database-url", db.url.as_str()];
     let a = spawn_app_with(&flags).await;
     let b = spawn_app_with(&flags).await;
+    Some((db, a, b))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_sharing_postgres_and_redis_serve_each_others_functions_and_sessions() {
+    let Some((_db, a, b)) = two_replicas().await else {
+        return;
+    };
     let token = a.admin();
 
     // Registered through A, at once runnable through B.
@@ -311,12 +321,9 @@ async fn a_retained_session_deleted_on_another_controller_is_gone_where_its_inst
 /// not the deleted code it had loaded (same name, same version number).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_function_registered_again_through_one_replica_replaces_the_deleted_code_on_the_other() {
-    let (Some(redis), Some(db)) = (redis_url(), TestDatabase::create()) else {
+    let Some((_db, a, b)) = two_replicas().await else {
         return;
     };
-    let flags = ["--redis-url", redis.as_str(), "--database-url", db.url.as_str()];
-    let a = spawn_app_with(&flags).await;
-    let b = spawn_app_with(&flags).await;
     let token = a.admin();
     let first = "module.exports.handler = async () => ({ life: 'first' });";
     // A memory cap of its own tells the first life's instances apart.
