@@ -162,22 +162,33 @@ impl Authenticator {
 
     /// Checks an `Authorization` header value.
     pub fn verify_header(&self, header: Option<&str>) -> Result<Subject, AuthError> {
+        self.verify_header_until(header).map(|(subject, _)| subject)
+    }
+
+    /// [`Self::verify_header`] with [`Self::verify_until`]'s end.
+    pub fn verify_header_until(&self, header: Option<&str>) -> Result<(Subject, u64), AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or(AuthError::Missing)?
             .trim();
-        self.verify(token)
+        self.verify_until(token)
     }
 
     pub fn verify(&self, token: &str) -> Result<Subject, AuthError> {
+        self.verify_until(token).map(|(subject, _)| subject)
+    }
+
+    /// [`Self::verify`], and the last second (Unix time) the token is
+    /// accepted: what outlives one request (a WebSocket) ends there.
+    pub fn verify_until(&self, token: &str) -> Result<(Subject, u64), AuthError> {
         if let Some((subject, exp)) = self.verified.get(token) {
             // As jsonwebtoken decides it: expired once `exp` is more than
             // the leeway behind the clock (then decoded again, for its error).
             let now = jsonwebtoken::get_current_timestamp();
             if exp >= now.saturating_sub(self.validation.leeway) {
-                return Ok(subject);
+                return Ok((subject, exp.saturating_add(self.validation.leeway)));
             }
             self.verified.invalidate(token);
         }
@@ -192,7 +203,7 @@ impl Authenticator {
         };
         self.verified
             .insert(token.to_owned(), (subject.clone(), data.claims.exp));
-        Ok(subject)
+        Ok((subject, data.claims.exp.saturating_add(self.validation.leeway)))
     }
 
     /// A signed token for `sub` with `scopes`, valid for `ttl_secs`.
@@ -303,6 +314,10 @@ mod tests {
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
         assert_eq!(a.verify(&t).unwrap().sub, "carol");
         assert_eq!(a.verify(&t).unwrap().sub, "carol", "verified again, from what was kept");
+        assert_eq!(a.verify_until(&t).unwrap().1, now + 1, "accepted until its exp");
+        let lenient = auth().with_leeway(30);
+        assert_eq!(lenient.verify_until(&t).unwrap().1, now + 31, "and the leeway");
+        assert_eq!(lenient.verify_until(&t).unwrap().1, now + 31, "also when kept");
         // The same claims with another signature: not the token that passed.
         let mut altered = t.clone().into_bytes();
         let at = altered.len() - 5;

@@ -1031,6 +1031,261 @@ async fn the_websocket_speaks_the_seeds_auth_watch_progress_and_error_messages()
     assert_eq!(refusal["error"]["code"], "UNAUTHORIZED");
 }
 
+/// A client of `/api/v1/ws`: its messages as JSON, and how it was closed.
+mod ws_client {
+    use std::time::Duration;
+
+    use futures::{SinkExt, StreamExt};
+    use serde_json::Value;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+    pub async fn connect(app: &crate::helpers::TestApp) -> Socket {
+        let url = app.url("/api/v1/ws").replacen("http://", "ws://", 1);
+        tokio_tungstenite::connect_async(&url).await.unwrap().0
+    }
+
+    pub async fn send(ws: &mut Socket, text: String) {
+        ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// What came next within `timeout`: `Ok` a JSON message, `Err` the
+    /// close frame's code and reason (`None` for a connection that just
+    /// ended). Panics when nothing came.
+    pub async fn next(ws: &mut Socket, timeout: Duration) -> Result<Value, Option<(CloseCode, String)>> {
+        loop {
+            let m = tokio::time::timeout(timeout, ws.next())
+                .await
+                .expect("nothing came from the WebSocket");
+            match m {
+                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| (f.code, f.reason.to_string()))),
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => return Err(None),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_message_over_the_limit_closes_the_connection_unread() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    // Arrange: an auth message of 100 KB (a token cannot be that large),
+    // before any token was checked. The library's own limit was 64 MiB,
+    // read whole and parsed as JSON by anyone who connects.
+    let app = spawn_app_with(&[]).await;
+    let mut ws = ws_client::connect(&app).await;
+    let huge = json!({"type": "auth", "token": "a".repeat(100_000)}).to_string();
+
+    // Act
+    ws_client::send(&mut ws, huge).await;
+
+    // Assert: closed, saying why; not read as an auth attempt.
+    let answer = ws_client::next(&mut ws, Duration::from_secs(10)).await;
+    let (code, reason) = answer
+        .expect_err("the message was read")
+        .expect("closed without a reason");
+    assert_eq!(code, CloseCode::Policy, "{reason}");
+    assert!(reason.contains("too long"), "{reason}");
+
+    // A message within the limit is still read.
+    let mut ws = ws_client::connect(&app).await;
+    let token = app.token("alice", &["execute:all"]);
+    ws_client::send(&mut ws, json!({"type": "auth", "token": token}).to_string()).await;
+    let hello = ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(hello["type"], "authenticated", "{hello}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_ends_when_its_token_expires() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    // Arrange: a token good for 2 s more (no leeway), and an execution to
+    // watch that stays pending (no workers).
+    let app = app_with_worker(&["--jwt-leeway-secs", "0", "--execution-workers", "0"]).await;
+    let lasting = app.token("alice", &["execute:all"]);
+    let id = submit(&app, &lasting, json!({"language_title": LT, "params": {}}), None)
+        .await
+        .body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let brief = app.token_for("alice", &["execute:all"], 2);
+    let mut ws = ws_client::connect(&app).await;
+    ws_client::send(&mut ws, json!({"type": "auth", "token": brief}).to_string()).await;
+    assert_eq!(
+        ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap()["type"],
+        "authenticated"
+    );
+    ws_client::send(&mut ws, json!({"type": "watch", "execution_id": id}).to_string()).await;
+    let progress = ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(progress["data"]["status"], "pending", "{progress}");
+
+    // Act: wait past the token's end (the connection stays quiet: the
+    // execution never changes).
+    let refusal = ws_client::next(&mut ws, Duration::from_secs(15)).await;
+
+    // Assert: told why, then closed.
+    let refusal = refusal.expect("a message before the close");
+    assert_eq!(refusal["type"], "error", "{refusal}");
+    assert_eq!(refusal["error"]["code"], "UNAUTHORIZED", "{refusal}");
+    assert!(
+        refusal["error"]["message"].as_str().unwrap().contains("expired"),
+        "{refusal}"
+    );
+    let closed = ws_client::next(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(closed.unwrap_err().map(|(code, _)| code), Some(CloseCode::Policy));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_stream_ends_when_its_token_expires() {
+    // Arrange: an execution that stays pending (no workers), and a token
+    // good for 2 s more (no leeway).
+    let app = app_with_worker(&["--jwt-leeway-secs", "0", "--execution-workers", "0"]).await;
+    let lasting = app.token("alice", &["execute:all"]);
+    let id = submit(&app, &lasting, json!({"language_title": LT, "params": {}}), None)
+        .await
+        .body["execution_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let brief = app.token_for("alice", &["execute:all"], 2);
+
+    // Act: read the stream to its end.
+    let response = app
+        .client
+        .get(app.url(&format!("/api/v1/executions/{id}/events")))
+        .bearer_auth(&brief)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(15), response.text())
+        .await
+        .expect("the stream outlived its token")
+        .unwrap();
+
+    // Assert: the pending progress, then an error event saying why.
+    let frames: Vec<&str> = body.split("\n\n").filter(|f| f.contains("data:")).collect();
+    assert!(frames[0].contains("event: progress"), "{body}");
+    let last = frames.last().unwrap();
+    assert!(last.contains("event: error") && !last.contains("id:"), "{body}");
+    let data: Value = serde_json::from_str(last.lines().find_map(|l| l.strip_prefix("data:")).unwrap().trim()).unwrap();
+    assert_eq!(data["code"], "UNAUTHORIZED", "{data}");
+    assert!(data["message"].as_str().unwrap().contains("expired"), "{data}");
+    // A new token streams it again.
+    let (status, events) = read_events(&app, &lasting, &id, None, 1).await;
+    assert_eq!((status, events[0].event.as_str()), (200, "progress"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_counts_against_its_subjects_rate_limit() {
+    // Arrange: 5 requests a minute; one submit spends one.
+    let app = spawn_app_with(&["--rate-limit-execute", "5", "--execution-workers", "0"]).await;
+    app.register(LT, WORKER, NO_CACHE.clone()).await;
+    let token = app.token("alice", &["execute:all"]);
+    let r = submit(&app, &token, json!({"language_title": LT, "params": {}}), None).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let id = r.body["execution_id"].as_str().unwrap().to_owned();
+    let mut ws = ws_client::connect(&app).await;
+    ws_client::send(&mut ws, json!({"type": "auth", "token": token}).to_string()).await;
+    assert_eq!(
+        ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap()["type"],
+        "authenticated"
+    );
+
+    // Act: watch it ten times (each a read of it, as a GET would be), then
+    // a message that is refused for what it is.
+    for _ in 0..10 {
+        ws_client::send(&mut ws, json!({"type": "watch", "execution_id": id}).to_string()).await;
+    }
+    ws_client::send(&mut ws, json!({"type": "nope"}).to_string()).await;
+
+    // Assert: its progress once, and the watches over the limit refused.
+    let (mut progress, mut limited) = (0, 0);
+    loop {
+        let m = ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap();
+        match (m["type"].as_str(), m["error"]["code"].as_str()) {
+            (Some("progress"), _) => progress += 1,
+            (Some("error"), Some("RATE_LIMITED")) => {
+                assert_eq!(m["execution_id"], json!(id), "{m}");
+                limited += 1;
+            }
+            (Some("error"), Some("INVALID_REQUEST")) => break,
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    assert_eq!(progress + limited, 10);
+    assert!(
+        (1..=3).contains(&progress),
+        "{progress} of 10 watches admitted with 5 a minute, 2 spent"
+    );
+    // The limit spent, a new connection is refused once its token is read.
+    let mut again = ws_client::connect(&app).await;
+    ws_client::send(&mut again, json!({"type": "auth", "token": token}).to_string()).await;
+    let m = ws_client::next(&mut again, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(m["error"]["code"], "RATE_LIMITED", "{m}");
+    assert!(
+        ws_client::next(&mut again, Duration::from_secs(10)).await.is_err(),
+        "closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_websocket_watches_a_bounded_number_of_executions() {
+    // Arrange: 257 pending executions (no workers run them).
+    let app = app_with_worker(&["--execution-workers", "0"]).await;
+    let token = app.token("alice", &["execute:all"]);
+    let mut ids = Vec::new();
+    for n in 0..257 {
+        let r = submit(&app, &token, json!({"language_title": LT, "params": {"n": n}}), None).await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        ids.push(r.body["execution_id"].as_str().unwrap().to_owned());
+    }
+    let mut ws = ws_client::connect(&app).await;
+    ws_client::send(&mut ws, json!({"type": "auth", "token": token}).to_string()).await;
+    assert_eq!(
+        ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap()["type"],
+        "authenticated"
+    );
+
+    // Act: watch them all.
+    for id in &ids {
+        ws_client::send(&mut ws, json!({"type": "watch", "execution_id": id}).to_string()).await;
+    }
+
+    // Assert: the first 256 each get their progress; the last is refused
+    // with a reason, and the connection stays.
+    let (mut progressed, mut refused) = (0, Vec::new());
+    while progressed + refused.len() < ids.len() {
+        let m = ws_client::next(&mut ws, Duration::from_secs(30)).await.unwrap();
+        match m["type"].as_str() {
+            Some("progress") => progressed += 1,
+            Some("error") => refused.push(m),
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    assert_eq!(progressed, 256);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["execution_id"], json!(ids[256]));
+    assert_eq!(refused[0]["error"]["code"], "INVALID_REQUEST");
+    assert!(
+        refused[0]["error"]["message"].as_str().unwrap().contains("256"),
+        "{}",
+        refused[0]
+    );
+    // Unwatching one makes room.
+    ws_client::send(&mut ws, json!({"type": "unwatch", "execution_id": ids[0]}).to_string()).await;
+    ws_client::send(&mut ws, json!({"type": "watch", "execution_id": ids[256]}).to_string()).await;
+    let m = ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        (m["type"].as_str(), m["execution_id"].as_str()),
+        (Some("progress"), Some(ids[256].as_str())),
+        "{m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn progress_made_on_one_replica_streams_from_another() {
     let (Some(redis), Some(db)) = (crate::replicas::redis_url(), crate::replicas::TestDatabase::create()) else {

@@ -457,8 +457,13 @@ impl TestApp {
 
     /// A token for `sub` with `scopes`.
     pub fn token(&self, sub: &str, scopes: &[&str]) -> String {
+        self.token_for(sub, scopes, 3600)
+    }
+
+    /// A token for `sub` with `scopes` that expires in `ttl_secs`.
+    pub fn token_for(&self, sub: &str, scopes: &[&str], ttl_secs: u64) -> String {
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-        self.auth.issue(sub, &scopes, 3600).unwrap()
+        self.auth.issue(sub, &scopes, ttl_secs).unwrap()
     }
 
     /// A token for `alice` with every scope.

@@ -344,6 +344,8 @@ struct Streaming {
     ready: std::collections::VecDeque<crate::executions::events::Event>,
     changes: tokio::sync::broadcast::Receiver<String>,
     done: bool,
+    /// When the caller's token stops being accepted: the stream ends there.
+    expires: tokio::time::Instant,
     _guard: crate::executions::events::StreamGuard,
 }
 
@@ -351,7 +353,9 @@ struct Streaming {
 /// `progress`, `step` (an attempt started or ended; for a pipeline,
 /// `pipeline_step` as each of its steps starts and ends), then one `completed`,
 /// `failed` or `cancelled` carrying the execution, after which the stream
-/// ends. Reconnect with `Last-Event-ID` to get only what was missed.
+/// ends. A stream lasts as long as the token that opened it: when the token
+/// expires an `error` event (no id, an `UNAUTHORIZED` error body) ends it.
+/// Reconnect with `Last-Event-ID` to get only what was missed.
 #[utoipa::path(
     get,
     path = "/api/v1/executions/{execution_id}/events",
@@ -383,6 +387,14 @@ async fn events(
     let changes = state.executions.events.subscribe();
     state.executions.get(&auth.0, &id).await?;
     let guard = state.executions.events.open(&auth.0.sub)?;
+    // The guard verified the token; this asks (a cached lookup) until when.
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let (_, until) = state
+        .auth
+        .verify_header_until(authorization)
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
     let last = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -395,6 +407,7 @@ async fn events(
         ready: Default::default(),
         changes,
         done: false,
+        expires: super::ws::expiry(until),
         _guard: guard,
     };
     let stream = futures::stream::unfold(start, |mut s| async move {
@@ -411,6 +424,17 @@ async fn events(
             }
             if s.done {
                 return None;
+            }
+            if tokio::time::Instant::now() >= s.expires {
+                s.done = true;
+                let expired = ApiError::Unauthorized(
+                    "token has expired; reconnect with a new one (Last-Event-ID resumes where this ended)".into(),
+                );
+                let sse = Event::default()
+                    .event("error")
+                    .json_data(expired.body())
+                    .unwrap_or_default();
+                return Some((Ok(sse), s));
             }
             match s.state.executions.row(&s.id).await {
                 Some(row) => s.ready.extend(events_of(&row).into_iter().filter(|e| e.id > s.last)),
@@ -430,7 +454,8 @@ async fn events(
                     }
                 }
             };
-            let _ = tokio::time::timeout(REREAD, wait).await;
+            let until = s.expires.min(tokio::time::Instant::now() + REREAD);
+            let _ = tokio::time::timeout_at(until, wait).await;
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))

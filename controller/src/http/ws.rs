@@ -11,14 +11,21 @@
 //!          when a watched execution failed or was cancelled, or a message was refused
 //! ```
 //!
-//! It is outside the token guard (the token comes in the first message),
-//! and one connection counts as one of its subject's open streams.
+//! It is outside the token guard (the token may come in the first
+//! message): the connection, once its token is verified, and each `watch`
+//! count as requests against the subject's rate limit, and one connection
+//! counts as one of its subject's open streams. A
+//! connection lasts as long as its token: when the token expires the
+//! server sends an `UNAUTHORIZED` error and closes it (code 1008). A
+//! message is at most [`MAX_MESSAGE_BYTES`] (a larger one closes the
+//! connection, code 1008 with the reason) and a connection watches at most
+//! [`MAX_WATCHED`] executions at once.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use serde_json::{Value, json};
@@ -28,14 +35,30 @@ use crate::auth::Subject;
 use crate::error::ApiError;
 use crate::executions::events::REREAD;
 use crate::executions::view::ExecutionView;
+use crate::ratelimit::{LimitClass, RateKey};
 
 /// How long a connection may stay unauthenticated.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest message a client may send. An `auth` carries a token (a
+/// few hundred bytes), a `watch` an execution id. The WebSocket library's
+/// own limit (64 MiB) let anyone, before the token is even read, make the
+/// controller hold that much per connection and parse it as JSON.
+pub(super) const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The most executions one connection watches: each is read again every
+/// [`REREAD`].
+pub(super) const MAX_WATCHED: usize = 256;
+
+/// A verified caller and the last second (Unix time) its token is accepted.
+type Caller = (Subject, u64);
+
 pub(super) async fn upgrade(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let subject = authorization.and_then(|h| state.auth.verify_header(Some(h)).ok());
-    ws.on_upgrade(move |socket| session(state, socket, subject))
+    let caller = authorization.and_then(|h| state.auth.verify_header_until(Some(h)).ok());
+    ws.max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| session(state, socket, caller))
 }
 
 fn error_message(id: Option<&str>, e: &ApiError) -> Message {
@@ -46,14 +69,48 @@ fn error_message(id: Option<&str>, e: &ApiError) -> Message {
     Message::Text(m.to_string().into())
 }
 
-async fn session(state: AppState, mut socket: WebSocket, subject: Option<Subject>) {
-    let subject = match subject {
-        Some(s) => s,
+/// A close frame: `code` and why (cut to the 123 bytes a close frame holds).
+fn close(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason[..end].into(),
+    }))
+}
+
+/// Closes a connection whose message could not be read: over
+/// [`MAX_MESSAGE_BYTES`] or not WebSocket. The library says which; it sends
+/// nothing itself, and the client would see the connection just drop.
+async fn refuse_unreadable(socket: &mut WebSocket, e: axum::Error) {
+    tracing::debug!(error = %e, "websocket message refused");
+    let _ = socket.send(close(close_code::POLICY, &e.to_string())).await;
+}
+
+/// When a token accepted until `until` (Unix seconds) stops being accepted.
+pub(super) fn expiry(until: u64) -> tokio::time::Instant {
+    let left = until.saturating_sub(jsonwebtoken::get_current_timestamp());
+    // A second more: `until` is the last whole second still accepted.
+    tokio::time::Instant::now() + Duration::from_secs(left.saturating_add(1))
+}
+
+async fn session(state: AppState, mut socket: WebSocket, caller: Option<Caller>) {
+    let (subject, until) = match caller {
+        Some(c) => c,
         None => match authenticate(&state, &mut socket).await {
-            Some(s) => s,
+            Some(c) => c,
             None => return,
         },
     };
+    if let Err(e) = admit(&state, &subject).await {
+        let _ = socket.send(error_message(None, &e)).await;
+        let _ = socket.send(close(close_code::POLICY, "rate limited")).await;
+        return;
+    }
+    let expired = tokio::time::sleep_until(expiry(until));
+    tokio::pin!(expired);
     let _guard = match state.executions.events.open(&subject.sub) {
         Ok(g) => g,
         Err(e) => {
@@ -81,9 +138,16 @@ async fn session(state: AppState, mut socket: WebSocket, subject: Option<Subject
                         Vec::new()
                     }
                 },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(_))) | None => return,
+                Some(Err(e)) => return refuse_unreadable(&mut socket, e).await,
                 Some(Ok(_)) => Vec::new(),
             },
+            () = &mut expired => {
+                let e = ApiError::Unauthorized("token has expired; connect again with a new one".into());
+                let _ = socket.send(error_message(None, &e)).await;
+                let _ = socket.send(close(close_code::POLICY, "token expired")).await;
+                return;
+            }
             changed = changes.recv() => match changed {
                 Ok(id) if watched.contains_key(&id) => vec![id],
                 Ok(_) => Vec::new(),
@@ -120,11 +184,15 @@ async fn session(state: AppState, mut socket: WebSocket, subject: Option<Subject
 }
 
 /// Waits for `{"type": "auth", "token": ...}`.
-async fn authenticate(state: &AppState, socket: &mut WebSocket) -> Option<Subject> {
+async fn authenticate(state: &AppState, socket: &mut WebSocket) -> Option<Caller> {
     let refused = |m: &str| ApiError::Unauthorized(m.to_owned());
     let first = tokio::time::timeout(AUTH_TIMEOUT, socket.recv()).await;
     let text = match first {
         Ok(Some(Ok(Message::Text(t)))) => t,
+        Ok(Some(Err(e))) => {
+            refuse_unreadable(socket, e).await;
+            return None;
+        }
         Ok(_) => return None,
         Err(_) => {
             let _ = socket
@@ -149,11 +217,24 @@ async fn authenticate(state: &AppState, socket: &mut WebSocket) -> Option<Subjec
             return None;
         }
     };
-    match state.auth.verify(&token) {
-        Ok(s) => Some(s),
+    match state.auth.verify_until(&token) {
+        Ok(c) => Some(c),
         Err(e) => {
             let _ = socket.send(error_message(None, &refused(&e.to_string()))).await;
             None
+        }
+    }
+}
+
+/// Counts a request of `subject`'s against its rate limit, as the guard
+/// does for every other `/api/v1` request.
+async fn admit(state: &AppState, subject: &Subject) -> Result<(), ApiError> {
+    let key = RateKey::Subject(subject.sub.clone());
+    match state.limiter.check(LimitClass::Execute, &key).await {
+        Ok(()) => Ok(()),
+        Err(retry_after_secs) => {
+            state.metrics.record_rate_limited(LimitClass::Execute.as_str());
+            Err(ApiError::RateLimited { retry_after_secs })
         }
     }
 }
@@ -170,6 +251,14 @@ async fn handle(
     let id = message["execution_id"].as_str().map(str::to_owned);
     match (message["type"].as_str(), id) {
         (Some("watch"), Some(id)) => {
+            // A read, as `GET /api/v1/executions/{id}` is: limited alike.
+            admit(state, subject).await.map_err(|e| (Some(id.clone()), e))?;
+            if watched.len() >= MAX_WATCHED && !watched.contains_key(&id) {
+                let e = ApiError::InvalidRequest(format!(
+                    "one connection watches at most {MAX_WATCHED} executions; unwatch one, or open another connection"
+                ));
+                return Err((Some(id), e));
+            }
             state
                 .executions
                 .get(subject, &id)
