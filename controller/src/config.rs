@@ -228,6 +228,10 @@ pub struct ServeArgs {
     /// upload may be that large whatever `MAX_BODY_BYTES` says.
     #[arg(long, env = "MAX_FILE_MB", default_value_t = 64)]
     pub max_file_mb: u64,
+    /// The most one subject's uploaded files (those not expired yet) take
+    /// together, in MiB; 0: no quota. Any token may upload.
+    #[arg(long, env = "FILES_QUOTA_MB", default_value_t = 1024)]
+    pub files_quota_mb: u64,
     /// Most steps a pipeline may have (1 to 1000).
     #[arg(long, env = "PIPELINE_MAX_STEPS", default_value_t = 50,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -327,6 +331,11 @@ impl ServeArgs {
     /// Largest uploaded file, in bytes.
     pub fn max_file_bytes(&self) -> u64 {
         self.max_file_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// `FILES_QUOTA_MB` in bytes; `None` for no quota.
+    pub fn files_quota_bytes(&self) -> Option<u64> {
+        (self.files_quota_mb > 0).then(|| self.files_quota_mb.saturating_mul(1024 * 1024))
     }
 
     /// Largest body of a file upload: the file, with room for a

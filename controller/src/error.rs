@@ -295,7 +295,7 @@ impl From<crate::files::FileError> for ApiError {
     fn from(e: crate::files::FileError) -> Self {
         use crate::files::FileError;
         match e {
-            FileError::TooLarge { .. } => ApiError::ContentTooLarge(e.to_string()),
+            FileError::TooLarge { .. } | FileError::OverQuota { .. } => ApiError::ContentTooLarge(e.to_string()),
             FileError::Body(message) => ApiError::InvalidRequest(format!("could not read the upload: {message}")),
             FileError::NotFound => ApiError::NotFound("no such file".into()),
             FileError::Store(e) if e.is_unavailable() => {

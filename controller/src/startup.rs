@@ -290,12 +290,15 @@ impl Application {
             ),
         };
         tracing::info!(store = %args.file_store, "file store");
-        let files = Arc::new(crate::files::Files::new(
-            file_store,
-            stores.files.clone(),
-            args.max_file_bytes(),
-            Duration::from_secs(args.file_retention_hours.max(1) * 3600),
-        ));
+        let files = Arc::new(
+            crate::files::Files::new(
+                file_store,
+                stores.files.clone(),
+                args.max_file_bytes(),
+                Duration::from_secs(args.file_retention_hours.max(1) * 3600),
+            )
+            .with_quota(args.files_quota_bytes()),
+        );
         let (records, write_records) = ExecutionLog::new(stores.executions.clone(), logs.recent.clone());
         let registry = Arc::new(
             Registry::load(stores.functions.clone(), Some(backends.clone()))

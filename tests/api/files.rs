@@ -379,6 +379,46 @@ async fn a_file_over_max_file_mb_is_413_and_leaves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_subjects_files_stay_within_its_quota() {
+    // Arrange: 1 MiB a subject (any token may upload: without a quota one
+    // could fill the controller's disk).
+    let app = spawn_app_with(&["--files-quota-mb", "1"]).await;
+    let (alice, bob) = (app.token("alice", &[]), app.token("bob", &[]));
+    let kib = 1024;
+    let first = upload(&app, &alice, vec![b'a'; 700 * kib], None).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+
+    // Act: past what is left, raw and multipart.
+    let over = upload(&app, &alice, vec![b'b'; 400 * kib], None).await;
+    let over_multipart = upload_multipart(&app, &alice, vec![b'c'; 400 * kib], "more.bin").await;
+
+    // Assert: refused, saying why, and nothing kept of them.
+    for over in [&over, &over_multipart] {
+        assert_eq!((over.status, over.code()), (413, "INVALID_REQUEST"), "{:?}", over.body);
+        let message = over.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("quota of 1048576 bytes") && message.contains("716800 in use"),
+            "{message}"
+        );
+    }
+    assert_eq!(blobs(&app), 1);
+    let staging = std::fs::read_dir(app.data_dir.path().join("files/staging")).unwrap();
+    assert_eq!(staging.count(), 0, "nothing left of the refused uploads");
+    // What fits still goes; another subject has a quota of its own.
+    let fits = upload(&app, &alice, vec![b'd'; 1024 * kib - 700 * kib], None).await;
+    assert_eq!(fits.status, 201, "{:?}", fits.body);
+    let full = upload(&app, &alice, vec![b'e'; 1], None).await;
+    assert_eq!(full.status, 413, "{:?}", full.body);
+    let bobs = upload(&app, &bob, vec![b'f'; 700 * kib], None).await;
+    assert_eq!(bobs.status, 201, "{:?}", bobs.body);
+    // A delete makes room.
+    let id = first.body["file_id"].as_str().unwrap();
+    assert_eq!(delete(&app, &alice, id).await.status, 204);
+    let again = upload(&app, &alice, vec![b'g'; 400 * kib], None).await;
+    assert_eq!(again.status, 201, "{:?}", again.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_20_mb_file_goes_up_and_comes_back_identical() {
     // Arrange: 20 MiB that do not repeat in any short period.
     let app = spawn_app().await;

@@ -52,6 +52,12 @@ pub type ByteStream<'a> = BoxStream<'a, Result<Bytes, FileError>>;
 pub enum FileError {
     #[error("the file is larger than the limit of {limit} bytes (MAX_FILE_MB)")]
     TooLarge { limit: u64 },
+    /// The owner's files would take more than its quota.
+    #[error(
+        "your files would take more than your quota of {quota} bytes (FILES_QUOTA_MB; {used} in use): \
+         delete some, or wait for them to expire"
+    )]
+    OverQuota { used: u64, quota: u64 },
     /// The upload's body could not be read: the client's or its connection's fault.
     #[error("{0}")]
     Body(String),
@@ -256,6 +262,14 @@ async fn to_the_end<T: Send + 'static>(
         .map_err(|e| FileError::Io(std::io::Error::other(e)))?
 }
 
+/// [`FileError::OverQuota`], with `used` as the records sum it.
+fn over_quota(used: i64, quota: u64) -> FileError {
+    FileError::OverQuota {
+        used: u64::try_from(used).unwrap_or(0),
+        quota,
+    }
+}
+
 /// Uploaded files: their records and their bytes.
 pub struct Files {
     store: Arc<dyn FileStore>,
@@ -264,6 +278,8 @@ pub struct Files {
     pub max_bytes: u64,
     /// `FILE_RETENTION_HOURS`.
     pub retention: Duration,
+    /// `FILES_QUOTA_MB`, in bytes: the most one owner's live files take.
+    pub quota: Option<u64>,
     /// Held while a blob may gain its first record or lose its last, so
     /// that an upload reusing a blob never meets its removal halfway (one
     /// controller owns its directory; both steps are short).
@@ -290,9 +306,16 @@ impl Files {
             records,
             max_bytes,
             retention,
+            quota: None,
             blobs: tokio::sync::Mutex::new(()),
             listed_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         }
+    }
+
+    /// At most `quota` bytes of live files per owner.
+    pub fn with_quota(mut self, quota: Option<u64>) -> Self {
+        self.quota = quota;
+        self
     }
 
     /// Stores `body` as a new file of `owner`'s named `name`.
@@ -302,7 +325,30 @@ impl Files {
         name: &str,
         body: ByteStream<'_>,
     ) -> Result<StoredFile, FileError> {
-        let staged = self.store.stage(body, self.max_bytes).await?;
+        // What the quota leaves: an upload stops there, not after the
+        // whole file has been written.
+        let mut short = None;
+        if let Some(quota) = self.quota {
+            let used = self.records.file_bytes(owner, timefmt::now_ms()).await?;
+            let left = quota.saturating_sub(u64::try_from(used).unwrap_or(0));
+            if left == 0 {
+                return Err(over_quota(used, quota));
+            }
+            if left < self.max_bytes {
+                short = Some((left, over_quota(used, quota)));
+            }
+        }
+        let limit = short.as_ref().map_or(self.max_bytes, |(left, _)| *left);
+        let staged = match (self.store.stage(body, limit).await, short) {
+            (Err(FileError::TooLarge { .. }), Some((_, over))) => return Err(over),
+            (staged, _) => staged?,
+        };
+        self.keep(owner, name, staged).await
+    }
+
+    /// Keeps an upload's staged bytes and writes its record (within the
+    /// quota, checked again as the record is written).
+    async fn keep(self: &Arc<Self>, owner: &str, name: &str, staged: Staged) -> Result<StoredFile, FileError> {
         let created_ms = timefmt::now_ms();
         let file = StoredFile {
             id: uuid::Uuid::new_v4().to_string(),
@@ -318,14 +364,21 @@ impl Files {
         to_the_end(async move {
             let _held = this.blobs.lock().await;
             this.store.keep(staged).await?;
-            if let Err(e) = this.records.insert_file(&file).await {
-                // Best effort: the blob goes if no other record names it.
-                if let Err(e) = this.release_held(&file.sha256).await {
-                    tracing::warn!(error = %e, sha256 = %file.sha256, "removing the blob of a failed upload");
-                }
-                return Err(e.into());
+            let quota = this.quota.map(|q| i64::try_from(q).unwrap_or(i64::MAX));
+            let refused = match this.records.insert_file(&file, quota).await {
+                Ok(true) => return Ok(file),
+                // Another upload of the owner's took what was left.
+                Ok(false) => match this.records.file_bytes(&file.owner, file.created_ms).await {
+                    Ok(used) => over_quota(used, this.quota.unwrap_or_default()),
+                    Err(e) => e.into(),
+                },
+                Err(e) => e.into(),
+            };
+            // Best effort: the blob goes if no other record names it.
+            if let Err(e) = this.release_held(&file.sha256).await {
+                tracing::warn!(error = %e, sha256 = %file.sha256, "removing the blob of a failed upload");
             }
-            Ok(file)
+            Err(refused)
         })
         .await
     }

@@ -106,7 +106,9 @@ pub(super) struct UploadForm {
 ///
 /// The body is the file (any Content-Type but multipart; name it with
 /// `?name=`), or `multipart/form-data` with the file in a part `file`.
-/// At most `MAX_FILE_MB` (64 MiB by default). The same bytes uploaded
+/// At most `MAX_FILE_MB` (64 MiB by default), and within the caller's
+/// `FILES_QUOTA_MB` (1024 MiB by default, its files not expired yet
+/// counted together). The same bytes uploaded
 /// twice are two files (two ids) stored once. The file expires
 /// `FILE_RETENTION_HOURS` after its upload.
 #[utoipa::path(
@@ -125,7 +127,7 @@ pub(super) struct UploadForm {
         (status = 201, description = "Stored; `Location` is its download URL", body = FileView),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 413, description = "The file is larger than MAX_FILE_MB (INVALID_REQUEST)", body = ErrorBody),
+        (status = 413, description = "The file is larger than MAX_FILE_MB, or would take the caller's files past FILES_QUOTA_MB (INVALID_REQUEST)", body = ErrorBody),
         (status = 429, body = ErrorBody),
     ),
     security(("bearer" = []))

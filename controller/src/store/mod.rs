@@ -414,7 +414,13 @@ pub struct StoredFile {
 /// no record names it any more.
 #[async_trait]
 pub trait FileRecords: Send + Sync {
-    async fn insert_file(&self, file: &StoredFile) -> Result<(), StoreError>;
+    /// Inserts `file`, unless its owner's live files (those expiring after
+    /// its `created_ms`) and it would take more than `quota` bytes; false
+    /// then. Decided atomically: uploads that come together cannot pass
+    /// the quota together.
+    async fn insert_file(&self, file: &StoredFile, quota: Option<i64>) -> Result<bool, StoreError>;
+    /// The bytes of `owner`'s files that expire after `now_ms`.
+    async fn file_bytes(&self, owner: &str, now_ms: i64) -> Result<i64, StoreError>;
     /// A file by its id, expired or not.
     async fn file(&self, id: &str) -> Result<Option<StoredFile>, StoreError>;
     /// Deletes `owner`'s file `id`; the record deleted (`None`: no such

@@ -15,6 +15,9 @@ impl Dialect for Postgres {
     /// insertion order to fall back on.
     const TIE_BREAK: &'static str = "id";
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+    /// Under READ COMMITTED two inserts would each sum the rows without
+    /// the other's: a lock per owner, held to the commit.
+    const OWNER_LOCK: Option<&'static str> = Some("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))");
     /// A native `UUID` column.
     type Uuid = uuid::Uuid;
 }

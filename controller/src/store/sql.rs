@@ -43,6 +43,11 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     /// Appended to the queue's claim: rows another replica is claiming are
     /// skipped rather than waited for.
     const SKIP_LOCKED: &'static str;
+    /// Taken, with the owner as its parameter, in the transaction that
+    /// inserts a file under a quota, so that two uploads of one owner are
+    /// decided one after the other; `None` where the insert's own
+    /// statement does that (SQLite: one writer at a time).
+    const OWNER_LOCK: Option<&'static str> = None;
     /// How the `executions.id` column keeps a UUID.
     type Uuid: From<Uuid> + Into<Uuid> + for<'q> Encode<'q, Self> + for<'r> Decode<'r, Self> + Type<Self>;
 
@@ -1107,10 +1112,22 @@ where
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
+    DB::QueryResult: RowsAffected,
 {
-    async fn insert_file(&self, file: &StoredFile) -> Result<(), StoreError> {
-        let sql = format!("INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
-        sqlx::query(AssertSqlSafe(sql))
+    async fn insert_file(&self, file: &StoredFile, quota: Option<i64>) -> Result<bool, StoreError> {
+        let sql = match quota {
+            None => format!("INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"),
+            // One statement: SQLite takes its write lock before it reads the sum.
+            Some(_) => format!(
+                "INSERT INTO files ({FILE_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+                 WHERE (SELECT COALESCE(SUM(size), 0) FROM files WHERE owner = $2 AND expires_ms > $7) + $4 <= $9"
+            ),
+        };
+        let mut tx = self.pool.begin().await?;
+        if let (Some(_), Some(lock)) = (quota, DB::OWNER_LOCK) {
+            sqlx::query(lock).bind(file.owner.as_str()).execute(&mut *tx).await?;
+        }
+        let inserted = sqlx::query(AssertSqlSafe(sql))
             .bind(file.id.as_str())
             .bind(file.owner.as_str())
             .bind(file.name.as_str())
@@ -1119,9 +1136,22 @@ where
             .bind(file.sha256.as_str())
             .bind(file.created_ms)
             .bind(file.expires_ms)
-            .execute(&self.pool)
+            .bind(quota.unwrap_or(i64::MAX))
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(inserted.rows() == 1)
+    }
+
+    async fn file_bytes(&self, owner: &str, now_ms: i64) -> Result<i64, StoreError> {
+        let (bytes,): (i64,) = sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM files WHERE owner = $1 AND expires_ms > $2",
+        )
+        .bind(owner)
+        .bind(now_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(bytes)
     }
 
     async fn file(&self, id: &str) -> Result<Option<StoredFile>, StoreError> {

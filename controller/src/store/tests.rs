@@ -537,9 +537,9 @@ async fn exercise_files(files: &dyn FileRecords) {
     let expired = file("f-expired", "alice", &one, now - 1);
     let due = file("f-due", "bob", &other, now);
     for f in [&live, &expired, &due] {
-        files.insert_file(f).await.unwrap();
+        assert!(files.insert_file(f, None).await.unwrap());
     }
-    assert!(files.insert_file(&live).await.is_err(), "an id is one file");
+    assert!(files.insert_file(&live, None).await.is_err(), "an id is one file");
     assert_eq!(files.file("f-live").await.unwrap().as_ref(), Some(&live));
     assert_eq!(
         files.file("f-expired").await.unwrap().as_ref(),
@@ -572,7 +572,7 @@ async fn exercise_files(files: &dyn FileRecords) {
     // A batch at a time, the longest expired first.
     for (i, expires_ms) in [now - 3, now - 1, now - 2].into_iter().enumerate() {
         files
-            .insert_file(&file(&format!("f-old-{i}"), "carol", &other, expires_ms))
+            .insert_file(&file(&format!("f-old-{i}"), "carol", &other, expires_ms), None)
             .await
             .unwrap();
     }
@@ -590,6 +590,59 @@ async fn exercise_files(files: &dyn FileRecords) {
     assert_eq!(files.delete_file("f-live", "alice").await.unwrap(), Some(live));
     assert!(files.delete_file("f-live", "alice").await.unwrap().is_none());
     assert_eq!(files.blob_refs(&one).await.unwrap(), 0);
+
+    // A quota counts the owner's live files only, and refuses what would
+    // pass it.
+    let sized = |id: &str, owner: &str, size: i64, expires_ms: i64| StoredFile {
+        size,
+        ..file(id, owner, &one, expires_ms)
+    };
+    assert_eq!(files.file_bytes("dave", now).await.unwrap(), 0);
+    assert!(
+        files
+            .insert_file(&sized("q-1", "dave", 600, now + 1), Some(1000))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !files
+            .insert_file(&sized("q-2", "dave", 600, now + 1), Some(1000))
+            .await
+            .unwrap()
+    );
+    assert!(files.file("q-2").await.unwrap().is_none(), "refused, not written");
+    let stale = sized("q-stale", "dave", 600, now - 6_000);
+    assert!(files.insert_file(&stale, None).await.unwrap());
+    assert!(
+        files
+            .insert_file(&sized("q-3", "dave", 400, now + 1), Some(1000))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        files.file_bytes("dave", now - 5_000).await.unwrap(),
+        1000,
+        "expired ones not counted"
+    );
+    assert!(
+        files
+            .insert_file(&sized("q-4", "erin", 1000, now + 1), Some(1000))
+            .await
+            .unwrap(),
+        "per owner"
+    );
+    // Uploads that come together: as many as fit, not one each (a few
+    // rounds, for the race to show where it would).
+    for round in 0..6 {
+        let owner = format!("frank-{round}");
+        let together: Vec<StoredFile> = (0..8)
+            .map(|i| sized(&format!("q-{owner}-{i}"), &owner, 300, now + 1))
+            .collect();
+        let passed = futures::future::join_all(together.iter().map(|f| files.insert_file(f, Some(1000)))).await;
+        let passed = passed.into_iter().filter(|r| *r.as_ref().unwrap()).count();
+        assert_eq!(passed, 3, "300 bytes each under a quota of 1000");
+        assert_eq!(files.file_bytes(&owner, now).await.unwrap(), 900);
+    }
 }
 
 #[tokio::test]
