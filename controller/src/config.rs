@@ -224,6 +224,12 @@ pub struct ServeArgs {
     /// How long function logs are kept, in hours.
     #[arg(long, env = "LOG_RETENTION_HOURS", default_value_t = 168)]
     pub log_retention_hours: u64,
+    /// How long execution records (every execute's) and finished
+    /// asynchronous executions are kept, in hours; at least 24, the
+    /// window in which an `Idempotency-Key` finds its execution.
+    #[arg(long, env = "EXECUTION_RETENTION_HOURS", default_value_t = 168,
+          value_parser = clap::value_parser!(u64).range(24..))]
+    pub execution_retention_hours: u64,
     /// Largest uploaded file (`POST /api/v1/files`), in MiB; a file
     /// upload may be that large whatever `MAX_BODY_BYTES` says.
     #[arg(long, env = "MAX_FILE_MB", default_value_t = 64)]

@@ -400,11 +400,14 @@ impl Application {
             let limiter = local_limiter.clone();
             let logs = logs.clone();
             let files = files.clone();
+            let (records, queue) = (stores.executions.clone(), stores.queue.clone());
+            let execution_retention = Duration::from_secs(args.execution_retention_hours * 3600);
             let stop = stop.clone();
             async move {
                 let mut tick = tokio::time::interval(SWEEP_EVERY);
-                // Old function logs and expired files are deleted at
-                // start-up, then every few minutes (files: every minute).
+                // Old function logs and executions and expired files are
+                // deleted at start-up, then every few minutes (files: every
+                // minute).
                 let mut ticks: u64 = 0;
                 loop {
                     tokio::select! {
@@ -416,6 +419,7 @@ impl Application {
                     logs.recent.expire();
                     if ticks.is_multiple_of(LOG_SWEEP_TICKS) {
                         logs.sweep().await;
+                        crate::executions::purge_old(&*records, &*queue, execution_retention).await;
                     }
                     if ticks.is_multiple_of(FILE_SWEEP_TICKS) {
                         files.sweep().await;

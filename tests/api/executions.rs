@@ -1031,6 +1031,87 @@ async fn the_websocket_speaks_the_seeds_auth_watch_progress_and_error_messages()
     assert_eq!(refusal["error"]["code"], "UNAUTHORIZED");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn executions_past_their_retention_are_deleted() {
+    use controller::store::sqlite::SqliteStore;
+    use controller::store::{ExecutionRecord, NewExecution, Stores};
+    // Arrange: a database with the record of an execute started 30 days
+    // ago and one of yesterday, and an asynchronous execution that
+    // finished 30 days ago (the retention is 7 days by default).
+    let data_dir = tempfile::tempdir().unwrap();
+    let db = data_dir.path().join("controller.db");
+    let stores = Stores::of(SqliteStore::open(&db).await.unwrap());
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let record = |days: i64| {
+        let at = now - time::Duration::days(days);
+        let ms = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap();
+        ExecutionRecord {
+            id: uuid::Builder::from_unix_timestamp_millis(ms, &[days as u8; 10]).into_uuid(),
+            request_id: format!("session-{days}-days-ago"),
+            subject: "alice".into(),
+            language_title: "wasm-hello".into(),
+            version: 1,
+            started_at: at,
+            duration_ms: 1,
+            outcome: "success".into(),
+            cached: false,
+            cold_start: false,
+            parent_id: None,
+            logs: None,
+        }
+    };
+    stores
+        .executions
+        .record_executions(&[record(30), record(1)])
+        .await
+        .unwrap();
+    let long_ago_ms = (now - time::Duration::days(30)).unix_timestamp() * 1000;
+    let old = NewExecution {
+        id: uuid::Uuid::new_v4().to_string(),
+        subject: "alice".into(),
+        language_title: LT.into(),
+        version: 1,
+        params: json!({}),
+        context: json!({}),
+        timeout_ms: 1000,
+        priority: 1,
+        idempotency_key: None,
+        cache: None,
+        max_attempts: 1,
+        backoff_ms: 1000,
+        retry_runtime_errors: false,
+        callback_url: None,
+        now_ms: long_ago_ms,
+    };
+    let old_id = old.id.clone();
+    stores.queue.submit(old, 0).await.unwrap();
+    stores
+        .queue
+        .cancel(&old_id, "alice", long_ago_ms + 5)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Act: a controller starts on it (its sweep runs at start-up).
+    let app = crate::helpers::spawn_app_in(data_dir, &[]).await;
+
+    // Assert: the old ones are gone, yesterday's record stays.
+    let records = stores.executions.clone();
+    let mut gone = false;
+    for _ in 0..100 {
+        if records.executions_of("session-30-days-ago").await.unwrap().is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the 30-day-old record is still there");
+    assert_eq!(records.executions_of("session-1-days-ago").await.unwrap().len(), 1);
+    let token = app.token("alice", &["execute:all"]);
+    let r = app.get(Some(&token), &format!("/api/v1/executions/{old_id}")).await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+}
+
 /// A client of `/api/v1/ws`: its messages as JSON, and how it was closed.
 mod ws_client {
     use std::time::Duration;

@@ -33,6 +33,8 @@
 //! - [`events`]: its live progress (SSE, WebSocket), across replicas.
 //! - [`callbacks`]: signed, retried deliveries of final states; which
 //!   targets are allowed; signing secrets.
+//! - [`purge_old`]: the retention sweep (`EXECUTION_RETENTION_HOURS`), for
+//!   these and for every execute's record.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,11 +51,54 @@ pub mod view;
 use crate::auth::Subject;
 use crate::engine::Engine;
 use crate::error::ApiError;
-use crate::store::{Claim, ExecutionFilter, ExecutionQueue, Finish, NewExecution, QueuedExecution};
+use crate::store::{Claim, ExecutionFilter, ExecutionQueue, ExecutionStore, Finish, NewExecution, QueuedExecution};
 use fnrt_core::function::manifest::RetrySpec;
 use fnrt_core::invoke::{CacheDirective, CoreError, Invocation, Origin};
 use fnrt_core::language::LanguageTitle;
 pub use fnrt_core::timefmt::{format_ms, now_ms};
+
+/// Rows one statement of the retention sweep deletes: short transactions,
+/// whatever has piled up.
+const PURGE_BATCH: i64 = 5_000;
+/// Batches one sweep deletes at most of each table; the next sweep goes on.
+const PURGE_BATCHES: usize = 200;
+
+/// Deletes what is older than `retention`: the records of executions
+/// started before it (every execute writes one) and the asynchronous
+/// executions that finished before it (their callback delivered or given
+/// up). Run periodically; without it both tables grow without end.
+pub async fn purge_old(records: &dyn ExecutionStore, queue: &dyn ExecutionQueue, retention: Duration) {
+    let before = fnrt_core::timefmt::now() - retention;
+    let before_ms = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let mut deleted = [0u64; 2];
+    for (which, total) in deleted.iter_mut().enumerate() {
+        for _ in 0..PURGE_BATCHES {
+            let done = match which {
+                0 => records.purge_executions(before, PURGE_BATCH).await,
+                _ => queue.purge_finished(before_ms, PURGE_BATCH).await,
+            };
+            match done {
+                Ok(n) => {
+                    *total += n;
+                    if n < PURGE_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "deleting executions past their retention");
+                    break;
+                }
+            }
+        }
+    }
+    if deleted != [0, 0] {
+        tracing::info!(
+            records = deleted[0],
+            asynchronous = deleted[1],
+            "executions past their retention deleted"
+        );
+    }
+}
 
 /// How long a run whose function is still being built waits before it
 /// looks again.

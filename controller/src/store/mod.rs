@@ -196,6 +196,9 @@ pub trait ExecutionStore: Send + Sync {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError>;
     /// The records of one session, oldest first (operations and tests).
     async fn executions_of(&self, request_id: &str) -> Result<Vec<ExecutionRecord>, StoreError>;
+    /// Deletes up to `limit` records of executions started before
+    /// `before`; how many it deleted.
+    async fn purge_executions(&self, before: OffsetDateTime, limit: i64) -> Result<u64, StoreError>;
 }
 
 /// One execution's logs as stored.
@@ -366,6 +369,10 @@ pub trait ExecutionQueue: Send + Sync {
     /// history changed meanwhile), `None` if it is not the subject's.
     async fn requeue(&self, id: &str, subject: &str, now_ms: i64, attempts: &Value)
     -> Result<Option<bool>, StoreError>;
+    /// Deletes up to `limit` executions that finished (completed, failed
+    /// or cancelled, their callback no longer due) before `before_ms`;
+    /// how many it deleted.
+    async fn purge_finished(&self, before_ms: i64, limit: i64) -> Result<u64, StoreError>;
     /// Ends every lease now (a SQLite controller starting: no other
     /// process held them).
     async fn expire_leases(&self) -> Result<u64, StoreError>;

@@ -290,6 +290,8 @@ where
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> bool: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> OffsetDateTime: Encode<'q, DB> + Type<DB>,
+    DB::QueryResult: RowsAffected,
 {
     async fn record_executions(&self, records: &[ExecutionRecord]) -> Result<(), StoreError> {
         let record_rows: Vec<RecordRow> = records.iter().map(RecordRow::new::<DB>).collect();
@@ -333,6 +335,25 @@ where
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(ExecutionRecord::from).collect())
+    }
+
+    async fn purge_executions(&self, before: OffsetDateTime, limit: i64) -> Result<u64, StoreError> {
+        // Ids are UUIDv7 (time first), so the rows started before `before`
+        // are a range of the primary key: no index of their own, which
+        // every record would pay for. `started_at` guards the ids written
+        // before v7 (random, anywhere in the key).
+        let ms = u64::try_from((before.unix_timestamp_nanos() / 1_000_000).max(0)).unwrap_or(0);
+        let first_at_before = uuid::Builder::from_unix_timestamp_millis(ms, &[0; 10]).into_uuid();
+        let done = sqlx::query(
+            "DELETE FROM executions WHERE id IN \
+             (SELECT id FROM executions WHERE id < $1 AND started_at < $2 ORDER BY id LIMIT $3)",
+        )
+        .bind(DB::Uuid::from(first_at_before))
+        .bind(DB::timestamp(before))
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows())
     }
 }
 
@@ -1012,6 +1033,21 @@ where
             return Ok(Some(true));
         }
         Ok(self.get(id).await?.filter(|e| e.subject == subject).map(|_| false))
+    }
+
+    async fn purge_finished(&self, before_ms: i64, limit: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM async_executions WHERE id IN \
+             (SELECT id FROM async_executions WHERE finished_ms < $1 \
+              AND status IN ('completed', 'failed', 'cancelled') \
+              AND (callback_status IS NULL OR callback_status <> 'pending') \
+              ORDER BY finished_ms LIMIT $2)",
+        )
+        .bind(before_ms)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows())
     }
 
     async fn expire_leases(&self) -> Result<u64, StoreError> {

@@ -210,6 +210,41 @@ async fn exercise(stores: Stores) {
         assert_eq!(Some(&row.captured), big[i].logs.as_ref());
     }
 
+    // Retention: records started before the cut go, a batch at a time.
+    // Ids are UUIDv7 (their time first); the older random ones are kept
+    // unless they started before the cut too.
+    let cut = fnrt_core::timefmt::now() - time::Duration::days(7);
+    let v7_at = |at: time::OffsetDateTime| {
+        let ms = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap();
+        uuid::Builder::from_unix_timestamp_millis(ms, &rand::random()).into_uuid()
+    };
+    let aged = |id: uuid::Uuid, started_at: time::OffsetDateTime| ExecutionRecord {
+        id,
+        request_id: "session-aged".into(),
+        started_at,
+        ..record("success", false)
+    };
+    let day = time::Duration::days(1);
+    let old = [cut - day * 3, cut - day * 2, cut - day].map(|at| aged(v7_at(at), at));
+    let young = aged(v7_at(cut + day), cut + day);
+    // A random id below every v7 one, of a young record: its time keeps it.
+    let legacy_young = aged(uuid::Uuid::from_u128(1), cut + day);
+    let mut written = old.to_vec();
+    written.extend([young.clone(), legacy_young.clone()]);
+    store.record_executions(&written).await.unwrap();
+    assert_eq!(store.purge_executions(cut, 2).await.unwrap(), 2);
+    assert_eq!(store.purge_executions(cut, 2).await.unwrap(), 1);
+    assert_eq!(store.purge_executions(cut, 2).await.unwrap(), 0);
+    let kept: Vec<_> = store
+        .executions_of("session-aged")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(kept.len(), 2);
+    assert!(kept.contains(&young.id) && kept.contains(&legacy_young.id), "{kept:?}");
+
     // Oldest first, whatever order they were written in.
     let at = |started_at| ExecutionRecord {
         request_id: "session-3".into(),
@@ -514,6 +549,31 @@ async fn exercise_queue(q: &dyn ExecutionQueue) {
     pending.sort();
     assert_eq!(pending, [(0, 1), (1, 1)]);
     assert!(q.expire_leases().await.unwrap() >= 1);
+
+    // Retention: what finished before the cut goes, a batch at a time;
+    // what is pending, running or has a callback still due stays.
+    for (id, subject) in [("e6", "carol"), ("e7", "dave")] {
+        q.submit(queued(id, subject, "python-a", 1, None, t), 0).await.unwrap();
+        q.cancel(id, subject, t + 5).await.unwrap().unwrap();
+    }
+    assert_eq!(
+        q.purge_finished(t + 10_020, 10).await.unwrap(),
+        1,
+        "e7 only: e1 finished at the cut"
+    );
+    assert_eq!(q.purge_finished(t + 20_000, 10).await.unwrap(), 1, "e1");
+    assert_eq!(q.purge_finished(t + 20_000, 10).await.unwrap(), 0);
+    for (id, kept) in [
+        ("e1", false),
+        ("e7", false),
+        ("e6", true),
+        ("e2", true),
+        ("e3", true),
+        ("e4", true),
+        ("e5", true),
+    ] {
+        assert_eq!(q.get(id).await.unwrap().is_some(), kept, "{id}");
+    }
 }
 
 /// File records: one per upload, several naming one blob and counted by
