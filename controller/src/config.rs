@@ -194,6 +194,10 @@ pub struct ServeArgs {
     /// Most files in a multi-file function (a package or an archive).
     #[arg(long, env = "MAX_PACKAGE_FILES", default_value_t = 256)]
     pub max_package_files: usize,
+    /// The most one subject's registered functions take stored, every
+    /// version counted (code and manifest), in MiB; 0: no quota.
+    #[arg(long, env = "FUNCTIONS_QUOTA_MB", default_value_t = 1024)]
+    pub functions_quota_mb: u64,
     /// Largest multi-file function, unpacked, in MiB. Registrations
     /// (`POST`/`PUT /api/v1/functions`) may be as large as that in base64,
     /// whatever `MAX_BODY_BYTES` says.
@@ -337,6 +341,11 @@ impl ServeArgs {
     /// Largest uploaded file, in bytes.
     pub fn max_file_bytes(&self) -> u64 {
         self.max_file_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// `FUNCTIONS_QUOTA_MB` in bytes; `None` for no quota.
+    pub fn functions_quota_bytes(&self) -> Option<u64> {
+        (self.functions_quota_mb > 0).then(|| self.functions_quota_mb.saturating_mul(1024 * 1024))
     }
 
     /// `FILES_QUOTA_MB` in bytes; `None` for no quota.

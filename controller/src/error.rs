@@ -281,6 +281,7 @@ impl From<crate::registry::RegistryError> for ApiError {
         match e {
             RegistryError::Invalid(e) => ApiError::InvalidRequest(e.to_string()),
             RegistryError::TooLarge(m) => ApiError::ContentTooLarge(m),
+            RegistryError::OverQuota { .. } => ApiError::ContentTooLarge(e.to_string()),
             RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
             RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::NotOwner(_) | RegistryError::Bundled(_) => ApiError::Forbidden(e.to_string()),

@@ -85,12 +85,30 @@ pub enum RegistryError {
     NotOwner(String),
     #[error("function '{0}' is bundled with the controller: updating or deleting it needs scope '{ADMIN_FUNCTIONS}'")]
     Bundled(String),
+    #[error(
+        "the functions of '{owner}' would take more than their quota of {quota} bytes (FUNCTIONS_QUOTA_MB; every \
+         version counts, {used} stored): delete a function no longer needed"
+    )]
+    OverQuota { owner: String, used: i64, quota: i64 },
     #[error("{}", .0.message)]
     BuildFailed(BuildFailure),
     #[error("the function store is unavailable; try again")]
     Unavailable(#[source] StoreError),
     #[error(transparent)]
     Store(anyhow::Error),
+}
+
+/// [`RegistryError::OverQuota`] for `owner` from the store's refusal; any
+/// other error as it is.
+fn over_quota(e: StoreError, owner: &str) -> RegistryError {
+    match e {
+        StoreError::OverQuota { used, quota } => RegistryError::OverQuota {
+            owner: owner.to_owned(),
+            used,
+            quota,
+        },
+        e => e.into(),
+    }
 }
 
 impl From<StoreError> for RegistryError {
@@ -119,6 +137,9 @@ pub struct Registry {
     package_limits: PackageLimits,
     /// Most steps of a pipeline.
     pipeline_max_steps: usize,
+    /// `FUNCTIONS_QUOTA_MB` in bytes: the most one owner's functions take,
+    /// every version counted.
+    quota: Option<i64>,
     /// Asked before any version is stored.
     checker: Option<Arc<dyn CodeCheck>>,
     /// Current version of every function, sorted by Language-Title for listings.
@@ -154,6 +175,7 @@ impl Registry {
             store,
             package_limits: PackageLimits::default(),
             pipeline_max_steps: fnrt_core::function::pipeline::DEFAULT_MAX_STEPS,
+            quota: None,
             checker,
             functions: RwLock::new(functions),
             // Weighed by code size: a package may be tens of MB.
@@ -167,6 +189,12 @@ impl Registry {
     /// Sets how many steps a pipeline may have.
     pub fn with_pipeline_max_steps(mut self, max: usize) -> Self {
         self.pipeline_max_steps = max;
+        self
+    }
+
+    /// Sets the most one owner's functions may take, in bytes.
+    pub fn with_quota(mut self, quota: Option<u64>) -> Self {
+        self.quota = quota.map(|q| i64::try_from(q).unwrap_or(i64::MAX));
         self
     }
 
@@ -321,11 +349,12 @@ impl Registry {
         code: Submission,
         owner: &str,
     ) -> Result<FunctionEntry, RegistryError> {
+        self.quota_check(Some(owner)).await?;
         let new = self.prepare(lt, spec, code, true, Some(owner)).await?;
         match self.store.create(new, Source::Api).await {
             Ok(f) => self.remember(f),
             Err(StoreError::Conflict) => Err(RegistryError::Exists(lt.to_string())),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(over_quota(e, owner)),
         }
     }
 
@@ -341,13 +370,14 @@ impl Registry {
         // Refused before anything is built or installed for it; the store
         // checks again where it writes.
         let owner = self.manager_check(lt, subject).await?;
+        self.quota_check(owner.as_deref()).await?;
         let new = self.prepare(lt, spec, code, true, owner.as_deref()).await?;
         let writer = owner.as_deref().unwrap_or(&subject.sub);
         match self.store.add_version(new, Source::Api, Some(writer)).await {
             Ok(f) => self.remember(f),
             Err(StoreError::NotFound) => Err(RegistryError::NotFound(lt.to_string())),
             Err(StoreError::NotOwner) => Err(RegistryError::NotOwner(lt.to_string())),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(over_quota(e, writer)),
         }
     }
 
@@ -391,6 +421,20 @@ impl Registry {
         }
     }
 
+    /// Refuses at once, before anything is built or installed, a
+    /// registration by an owner whose functions already fill its quota
+    /// (the store checks the new version's own size where it writes).
+    async fn quota_check(&self, owner: Option<&str>) -> Result<(), RegistryError> {
+        let (Some(owner), Some(quota)) = (owner, self.quota) else {
+            return Ok(());
+        };
+        let used = self.store.function_bytes(owner).await?;
+        if used >= quota {
+            return Err(over_quota(StoreError::OverQuota { used, quota }, owner));
+        }
+        Ok(())
+    }
+
     /// A version checked (built, installed) and ready to store, for a
     /// function owned by `owner` (`None`: bundled).
     async fn prepare(
@@ -420,6 +464,7 @@ impl Registry {
                 manifest: serde_json::to_value(&manifest).map_err(|e| RegistryError::Store(e.into()))?,
                 code: String::new(),
                 owner: owner.map(str::to_owned),
+                quota: owner.and(self.quota),
             });
         }
         let (manifest, code) = match code {
@@ -490,6 +535,7 @@ impl Registry {
             manifest: serde_json::to_value(&manifest).map_err(|e| RegistryError::Store(e.into()))?,
             code,
             owner: owner.map(str::to_owned),
+            quota: owner.and(self.quota),
         })
     }
 

@@ -304,6 +304,7 @@ impl Application {
             Registry::load(stores.functions.clone(), Some(backends.clone()))
                 .await?
                 .with_package_limits(args.package_limits())
+                .with_quota(args.functions_quota_bytes())
                 .with_pipeline_max_steps(args.pipeline_max_steps.into()),
         );
         let functions_dir = args.functions_dir();

@@ -963,3 +963,50 @@ async fn a_function_deleted_and_registered_again_never_runs_its_old_code() {
         "a deleted function's code ran"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subjects_functions_stay_within_its_storage_quota() {
+    // Arrange: 1 MiB a subject, every version counted; code of 400 KB.
+    let app = crate::helpers::spawn_app_with(&["--functions-quota-mb", "1"]).await;
+    let alice = app.token("alice", &["read:functions", "write:functions"]);
+    let bob = app.token("bob", &["read:functions", "write:functions"]);
+    let big = |n: u32| {
+        format!(
+            "// {}\nmodule.exports.handler = async () => ({{ n: {n} }});\n",
+            "x".repeat(400_000)
+        )
+    };
+    let body = |lt: &str, n: u32| json!({"language_title": lt, "description": "big", "code": big(n)});
+    let post = async |token: &str, b: Value| call(&app, Method::POST, "/api/v1/functions", token, Some(b)).await;
+    assert_eq!(post(&alice, body("nodejs-quota-a", 1)).await.status, 201);
+    let second = put_function(&app, &alice, "nodejs-quota-a", body("nodejs-quota-a", 2)).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+
+    // Act: a third version, and another function.
+    let third = put_function(&app, &alice, "nodejs-quota-a", body("nodejs-quota-a", 3)).await;
+    let other = post(&alice, body("nodejs-quota-b", 4)).await;
+
+    // Assert: both refused, saying why; nothing of them stored.
+    for refused in [&third, &other] {
+        assert_eq!(
+            (refused.status, refused.code()),
+            (413, "INVALID_REQUEST"),
+            "{:?}",
+            refused.body
+        );
+        let message = refused.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("quota of 1048576 bytes") && message.contains("'alice'"),
+            "{message}"
+        );
+    }
+    let a = call(&app, Method::GET, "/api/v1/functions/nodejs-quota-a", &alice, None).await;
+    assert_eq!(a.body["version"], 2, "{:?}", a.body);
+    let b = call(&app, Method::GET, "/api/v1/functions/nodejs-quota-b", &alice, None).await;
+    assert_eq!(b.status, 404);
+    // Another subject's quota is its own; a delete makes room.
+    assert_eq!(post(&bob, body("nodejs-quota-c", 5)).await.status, 201);
+    let deleted = call(&app, Method::DELETE, "/api/v1/functions/nodejs-quota-a", &alice, None).await;
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    assert_eq!(post(&alice, body("nodejs-quota-b", 6)).await.status, 201);
+}

@@ -116,8 +116,19 @@ pub struct NewVersion {
     pub manifest: Value,
     pub code: String,
     pub code_hash: String,
-    /// Who registers it; kept only when the function is created.
+    /// Who registers it; kept only when the function is created. For an
+    /// update, the function's owner.
     pub owner: Option<String>,
+    /// The most the owner's versions may take together, this one included
+    /// ([`StoreError::OverQuota`] beyond); `None`: no quota.
+    pub quota: Option<i64>,
+}
+
+impl NewVersion {
+    /// What it takes stored: its code and manifest, in bytes.
+    pub fn size(&self) -> i64 {
+        i64::try_from(self.code.len() + self.manifest.to_string().len()).unwrap_or(i64::MAX)
+    }
 }
 
 pub use fnrt_core::records::ExecutionRecord;
@@ -132,6 +143,9 @@ pub enum StoreError {
     /// it writes its versions or deletes it.
     #[error("function owned by another subject")]
     NotOwner,
+    /// The owner's versions would take more than its quota.
+    #[error("the owner's functions take {used} bytes; this version would pass the quota of {quota}")]
+    OverQuota { used: i64, quota: i64 },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
@@ -177,6 +191,8 @@ pub trait FunctionStore: Send + Sync {
         source: Source,
         writer: Option<&str>,
     ) -> Result<StoredFunction, StoreError>;
+    /// The bytes `owner`'s functions take, every version counted.
+    async fn function_bytes(&self, owner: &str) -> Result<i64, StoreError>;
     /// Deletes a function and its versions; false if it did not exist.
     ///
     /// `writer` is the subject asking (`None`: the controller itself). A

@@ -178,6 +178,7 @@ where
         .fetch_optional(&mut *tx)
         .await?;
         let (version,) = created.ok_or(StoreError::Conflict)?;
+        within_quota::<DB>(&mut tx, &new).await?;
         insert_version(&new, version, now).execute(&mut *tx).await?;
         tx.commit().await?;
         self.function(&new.language_title).await?.ok_or(StoreError::NotFound)
@@ -207,9 +208,15 @@ where
         let Some((version,)) = updated else {
             return Err(refused(&mut tx, &new.language_title).await);
         };
+        within_quota::<DB>(&mut tx, &new).await?;
         insert_version(&new, version, now).execute(&mut *tx).await?;
         tx.commit().await?;
         self.function(&new.language_title).await?.ok_or(StoreError::NotFound)
+    }
+
+    async fn function_bytes(&self, owner: &str) -> Result<i64, StoreError> {
+        let (bytes,): (i64,) = sqlx::query_as(FUNCTION_BYTES).bind(owner).fetch_one(&self.pool).await?;
+        Ok(bytes)
     }
 
     async fn delete(&self, language_title: &str, writer: Option<&str>) -> Result<bool, StoreError> {
@@ -259,6 +266,36 @@ where
 }
 
 /// The row of a new version, written beside its function's row.
+/// The bytes one owner's versions take.
+const FUNCTION_BYTES: &str = "SELECT CAST(COALESCE(SUM(v.size), 0) AS BIGINT) FROM function_versions v \
+     JOIN functions f ON f.language_title = v.language_title WHERE f.owner = $1";
+
+/// Refuses `new` ([`StoreError::OverQuota`]) when its owner's versions and
+/// it would pass its quota, inside the transaction that writes it: on
+/// PostgreSQL under the owner's lock (another registration of the owner's
+/// waits), on SQLite under the write lock the transaction already holds.
+async fn within_quota<DB>(tx: &mut sqlx::Transaction<'_, DB>, new: &NewVersion) -> Result<(), StoreError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+{
+    let (Some(owner), Some(quota)) = (new.owner.as_deref(), new.quota) else {
+        return Ok(());
+    };
+    if let Some(lock) = DB::OWNER_LOCK {
+        // Not the files' lock: a function's owner key of its own.
+        let key = format!("functions:{owner}");
+        sqlx::query(lock).bind(key.as_str()).execute(&mut **tx).await?;
+    }
+    let (used,): (i64,) = sqlx::query_as(FUNCTION_BYTES).bind(owner).fetch_one(&mut **tx).await?;
+    if used.saturating_add(new.size()) > quota {
+        return Err(StoreError::OverQuota { used, quota });
+    }
+    Ok(())
+}
+
 fn insert_version<DB>(new: &NewVersion, version: i64, now: OffsetDateTime) -> sqlx::query::Query<'_, DB, DB::Arguments>
 where
     DB: Dialect,
@@ -268,8 +305,8 @@ where
     for<'q> Value: Encode<'q, DB> + Type<DB>,
 {
     sqlx::query(
-        "INSERT INTO function_versions (language_title, version, manifest, code, code_hash, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO function_versions (language_title, version, manifest, code, code_hash, created_at, size) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(new.language_title.as_str())
     .bind(version)
@@ -277,6 +314,7 @@ where
     .bind(new.code.as_str())
     .bind(new.code_hash.as_str())
     .bind(now)
+    .bind(new.size())
 }
 
 #[async_trait]

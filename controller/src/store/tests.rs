@@ -11,8 +11,8 @@ use time::macros::datetime;
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
-    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, FileRecords, Finish, NewExecution, NewVersion, Source,
-    StoreError, StoredFile, Stores,
+    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, FileRecords, Finish, FunctionStore, NewExecution,
+    NewVersion, Source, StoreError, StoredFile, Stores,
 };
 
 fn new(lt: &str, code: &str) -> NewVersion {
@@ -25,6 +25,66 @@ fn new(lt: &str, code: &str) -> NewVersion {
         code: code.into(),
         code_hash: format!("hash-{code}"),
         owner: Some("alice".into()),
+        quota: None,
+    }
+}
+
+/// A quota counts every version of an owner's functions, refuses the
+/// version (or function) that would pass it and writes nothing of it, and
+/// registrations that come together pass it no more than one at a time.
+async fn exercise_function_quota(store: &dyn FunctionStore) {
+    let of = |lt: &str, owner: &str, code: &str, quota: i64| NewVersion {
+        owner: Some(owner.into()),
+        quota: Some(quota),
+        ..new(lt, code)
+    };
+    let small = of("nodejs-q1", "quinn", &"x".repeat(100), 0).size();
+    let quota = small * 3;
+    assert_eq!(store.function_bytes("quinn").await.unwrap(), 0);
+    store
+        .create(of("nodejs-q1", "quinn", &"x".repeat(100), quota), Source::Api)
+        .await
+        .unwrap();
+    store
+        .add_version(
+            of("nodejs-q1", "quinn", &"y".repeat(100), quota),
+            Source::Api,
+            Some("quinn"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.function_bytes("quinn").await.unwrap(), small * 2);
+    let big = of("nodejs-q1", "quinn", &"z".repeat(200), quota);
+    let refused = store.add_version(big, Source::Api, Some("quinn")).await.unwrap_err();
+    assert!(
+        matches!(refused, StoreError::OverQuota { used, .. } if used == small * 2),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.function("nodejs-q1").await.unwrap().unwrap().current.version,
+        2,
+        "nothing written"
+    );
+    let refused = store
+        .create(of("nodejs-q2", "quinn", &"z".repeat(200), quota), Source::Api)
+        .await;
+    assert!(matches!(refused, Err(StoreError::OverQuota { .. })));
+    assert!(store.function("nodejs-q2").await.unwrap().is_none(), "nothing written");
+    // Another owner's quota is its own; the controller's functions have none.
+    store
+        .create(of("nodejs-q3", "rita", &"x".repeat(100), quota), Source::Api)
+        .await
+        .unwrap();
+    // Registrations that come together.
+    for round in 0..4 {
+        let owner = format!("sam-{round}");
+        let news: Vec<NewVersion> = (0..6)
+            .map(|i| of(&format!("nodejs-q-{owner}-{i}"), &owner, &"x".repeat(100), quota))
+            .collect();
+        let created = futures::future::join_all(news.into_iter().map(|n| store.create(n, Source::Api))).await;
+        let passed: Vec<bool> = created.iter().map(Result::is_ok).collect();
+        assert_eq!(passed.iter().filter(|ok| **ok).count(), 3, "{passed:?}");
+        assert_eq!(store.function_bytes(&owner).await.unwrap(), small * 3);
     }
 }
 
@@ -713,6 +773,7 @@ async fn sqlite_store_passes_the_store_suite() {
     exercise(stores.clone()).await;
     exercise_queue(stores.queue.as_ref()).await;
     exercise_files(stores.files.as_ref()).await;
+    exercise_function_quota(stores.functions.as_ref()).await;
 }
 
 #[tokio::test]
@@ -723,6 +784,7 @@ async fn postgres_store_passes_the_store_suite() {
     exercise(stores.clone()).await;
     exercise_queue(stores.queue.as_ref()).await;
     exercise_files(stores.files.as_ref()).await;
+    exercise_function_quota(stores.functions.as_ref()).await;
     // PostgreSQL keeps what it is given to the microsecond (SQLite: see
     // `sqlite_reads_and_writes_the_text_it_always_had`).
     let precise = ExecutionRecord {
@@ -772,7 +834,7 @@ async fn functions_stored_before_registrations_each_get_one() {
     sqlx::raw_sql(
         "INSERT INTO functions VALUES ('nodejs-old', 'nodejs', 'old', 'd', 'api', 1, \
            '2025-05-13T12:28:22Z', '2025-05-13T12:28:22Z', 'alice'); \
-         INSERT INTO function_versions VALUES \
+         INSERT INTO function_versions (language_title, version, manifest, code, code_hash, created_at) VALUES \
            ('nodejs-old', 1, '{\"entrypoint\":\"index.js\"}', 'v1', 'hash-v1', '2025-05-13T12:28:22Z');",
     )
     .execute(&raw)
@@ -836,7 +898,7 @@ async fn sqlite_reads_and_writes_the_text_it_always_had() {
         "INSERT INTO functions (language_title, language, title, description, source, current_version, \
            created_at, updated_at, owner) VALUES ('nodejs-old', 'nodejs', 'old', 'd', 'bundled', 2, \
            '2025-05-13T12:28:22Z', '2025-05-14T08:00:05Z', NULL); \
-         INSERT INTO function_versions VALUES \
+         INSERT INTO function_versions (language_title, version, manifest, code, code_hash, created_at) VALUES \
            ('nodejs-old', 1, '{\"entrypoint\":\"index.js\"}', 'v1', 'hash-v1', '2025-05-13T12:28:22Z'), \
            ('nodejs-old', 2, '{\"entrypoint\":\"main.js\",\"nested\":{\"a\":[1,2]}}', 'v2', 'hash-v2', \
             '2025-05-14T08:00:05Z'); \
