@@ -113,6 +113,11 @@ pub struct ServeArgs {
     /// How long a session lives after initialize, in seconds.
     #[arg(long, env = "SESSION_TTL_SECS", default_value_t = 7_200)]
     pub session_ttl_secs: u64,
+    /// Retained sessions one subject may keep on a controller: each holds
+    /// a warm instance (a process or container) until it ends or expires.
+    #[arg(long, env = "MAX_SESSIONS_PER_SUBJECT", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sessions_per_subject: u32,
     /// Asynchronous executions (`POST /api/v1/executions`) this controller
     /// runs at once; 0: it queues them but leaves running them to others.
     #[arg(long, env = "EXECUTION_WORKERS", default_value_t = 4)]

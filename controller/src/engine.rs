@@ -19,7 +19,7 @@
 //! the caller needs the scope of every step's language too, nothing is
 //! retained, and the session shows the running steps (`progress`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use crate::registry::Registry;
 use crate::sessions::{SessionRecord, SessionStatus, SessionStore, session_key};
 use fnrt_core::function::FunctionVersion;
 use fnrt_core::invoke::{CacheDirective, CoreError, Invocation, Invoker, Lookup, Origin, Retained};
-use fnrt_core::language::LanguageTitle;
+use fnrt_core::language::{Language, LanguageTitle};
 use fnrt_core::metrics::Metrics;
 use fnrt_core::timefmt;
 
@@ -42,6 +42,9 @@ use fnrt_core::timefmt;
 pub struct EngineSettings {
     pub session_ttl: Duration,
     pub max_timeout_ms: u64,
+    /// Retained sessions (each holds an instance) one subject may keep on
+    /// this controller (`MAX_SESSIONS_PER_SUBJECT`).
+    pub max_retained_per_subject: usize,
 }
 
 /// The part of initialize's `context` the controller reads itself.
@@ -90,6 +93,28 @@ impl Progress for Live {
     }
 }
 
+/// A retained session counted against its subject's cap
+/// ([`Engine::reserve`]): given back when dropped, unless kept.
+struct Hold<'a> {
+    engine: &'a Engine,
+    key: Option<String>,
+}
+
+impl Hold<'_> {
+    /// The session is kept: its count stays until its slot is dropped.
+    fn keep(mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.engine.unhold(&key);
+        }
+    }
+}
+
 /// One session's serialisation point and, when retained, its instance.
 #[derive(Default)]
 struct Slot {
@@ -110,6 +135,10 @@ pub struct Engine {
     /// Per session of this process: its lock and retained instance. Executions
     /// of one session run one at a time.
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// The keys of the retained sessions holding (or about to hold) an
+    /// instance here: counted per subject against
+    /// [`EngineSettings::max_retained_per_subject`].
+    held: Mutex<HashSet<String>>,
     pub pipelines: Pipelines,
     /// The steps of each session's pipeline while it runs here.
     live: Mutex<HashMap<String, Arc<Live>>>,
@@ -143,6 +172,7 @@ impl Engine {
             metrics,
             settings,
             slots: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
         }
     }
@@ -171,6 +201,14 @@ impl Engine {
         let function = self.runnable(subject, &language_title).await?;
         let timeout_ms = self.timeout_ms(&function, options.timeout_ms.as_ref())?;
         let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // Counted before an instance is readied for it; given back unless
+        // the session is kept. A pipeline keeps none, nor does wasm (a
+        // fresh instance each run).
+        let holds = function.pipeline().is_none() && function.language() != Language::Wasm;
+        let mut hold = match options.retain_session && holds {
+            true => Some(self.reserve(&subject.sub, &request_id)?),
+            false => None,
+        };
 
         let mut retained = Retained::default();
         if function.pipeline().is_some() {
@@ -179,6 +217,10 @@ impl Engine {
             self.prepare_steps(&function, &steps).await?;
         } else {
             self.core.prepare(&function, Some(&mut retained)).await?;
+        }
+        if retained.is_empty() {
+            // Nothing held (wasm runs a fresh instance each time).
+            hold = None;
         }
         let now = timefmt::now();
         let record = SessionRecord {
@@ -228,6 +270,9 @@ impl Engine {
             let mut slot = slot.lock().await;
             slot.retained = retained;
             slot.record = Some(Arc::new(record.clone()));
+            if let Some(hold) = hold.take() {
+                hold.keep();
+            }
         } else {
             self.core.release(retained).await;
         }
@@ -445,6 +490,43 @@ impl Engine {
         Ok(())
     }
 
+    /// Counts a retained session of `owner`'s about to hold an instance
+    /// here: [`ApiError::TooMany`] when it holds as many as it may. The
+    /// count is given back when the [`Hold`] drops, unless kept.
+    fn reserve(&self, owner: &str, request_id: &str) -> Result<Hold<'_>, ApiError> {
+        let key = session_key(owner, request_id);
+        let prefix = format!("{}.", crate::sessions::owner_hash(owner));
+        let mut held = self.held.lock().unwrap();
+        if held.contains(&key) {
+            // A live session's ID asked for again (409 below): its count
+            // is that session's, not this request's to give back.
+            return Ok(Hold {
+                engine: self,
+                key: None,
+            });
+        }
+        let max = self.settings.max_retained_per_subject;
+        if held.iter().filter(|k| k.starts_with(&prefix)).count() >= max {
+            return Err(ApiError::TooMany {
+                message: format!(
+                    "you hold {max} retained sessions on this controller (MAX_SESSIONS_PER_SUBJECT), each keeping an \
+                     instance: end one (DELETE /api/v1/sessions/{{request_id}}) or let one expire"
+                ),
+                retry_after_secs: 30,
+            });
+        }
+        held.insert(key.clone());
+        Ok(Hold {
+            engine: self,
+            key: Some(key),
+        })
+    }
+
+    /// A retained session's instance is no longer held here.
+    fn unhold(&self, key: &str) {
+        self.held.lock().unwrap().remove(key);
+    }
+
     /// Removes a slot nobody holds and that has no instance.
     fn forget_idle_slot(&self, request_id: &str, handle: &Arc<tokio::sync::Mutex<Slot>>) {
         let mut slots = self.slots.lock().unwrap();
@@ -455,10 +537,12 @@ impl Engine {
             && handle.try_lock().is_ok_and(|s| s.retained.is_empty())
         {
             slots.remove(request_id);
+            self.unhold(request_id);
         }
     }
 
     async fn drop_slot(&self, request_id: &str) {
+        self.unhold(request_id);
         let slot = self.slots.lock().unwrap().remove(request_id);
         if let Some(slot) = slot {
             let retained = std::mem::take(&mut slot.lock().await.retained);
@@ -546,7 +630,8 @@ impl Engine {
                 return Err(e);
             }
         };
-        if session.retain && slot.record.is_none() {
+        let first_seen = session.retain && slot.record.is_none();
+        if first_seen {
             slot.record = Some(session.clone());
         }
         if session.status != SessionStatus::Active {
@@ -565,6 +650,10 @@ impl Engine {
             .await
             .map_err(ApiError::Internal)?
             .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' no longer exists")))?;
+        if first_seen && function.pipeline().is_none() && function.language() != Language::Wasm {
+            // Initialized on another controller: it holds an instance here now.
+            self.held.lock().unwrap().insert(key.clone());
+        }
         if !params.is_object() {
             return Err(ApiError::InvalidRequest("'params' must be a JSON object".into()));
         }

@@ -38,6 +38,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("rate limit exceeded; retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    /// The caller holds as many of something as it may (retained
+    /// sessions): 429 like a rate limit, saying which.
+    #[error("{message}")]
+    TooMany { message: String, retry_after_secs: u64 },
     /// The function failed while loading its code.
     #[error("{message}")]
     Initialization { message: String, details: Value },
@@ -83,7 +87,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "FORBIDDEN",
             ApiError::NotFound(_) => "NOT_FOUND",
             ApiError::Conflict(_) => "CONFLICT",
-            ApiError::RateLimited { .. } => "RATE_LIMITED",
+            ApiError::RateLimited { .. } | ApiError::TooMany { .. } => "RATE_LIMITED",
             ApiError::Initialization { .. } => "INITIALIZATION_ERROR",
             ApiError::Runtime { .. } => "RUNTIME_ERROR",
             ApiError::Timeout { .. } => "TIMEOUT",
@@ -103,7 +107,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Initialization { .. } | ApiError::Runtime { .. } | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -124,7 +128,7 @@ impl ApiError {
                 json!({ "build": "building", "retry_after_secs": retry_after_secs })
             }
             ApiError::PayloadTooLarge { limit } => json!({ "limit_bytes": limit }),
-            ApiError::RateLimited { retry_after_secs } => {
+            ApiError::RateLimited { retry_after_secs } | ApiError::TooMany { retry_after_secs, .. } => {
                 json!({ "retry_after_secs": retry_after_secs })
             }
             ApiError::Timeout { timeout_ms } => json!({ "timeout_ms": timeout_ms }),
@@ -168,7 +172,10 @@ impl ApiError {
         if let ApiError::Step { inner, .. } = self {
             return inner.headers(response);
         }
-        if let ApiError::RateLimited { retry_after_secs } | ApiError::NotReady { retry_after_secs, .. } = self {
+        if let ApiError::RateLimited { retry_after_secs }
+        | ApiError::TooMany { retry_after_secs, .. }
+        | ApiError::NotReady { retry_after_secs, .. } = self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));

@@ -370,6 +370,7 @@ impl Application {
             EngineSettings {
                 session_ttl: args.session_ttl(),
                 max_timeout_ms: args.max_timeout_ms,
+                max_retained_per_subject: args.max_sessions_per_subject as usize,
             },
         ));
         let limits = Limits {

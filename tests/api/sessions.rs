@@ -544,3 +544,65 @@ async fn executes_over_the_shared_rate_limit_count_nothing_on_their_session() {
     let sub = format!("counted-{}", uuid::Uuid::new_v4());
     only_admitted_executions_count_on_a_retained_session(&app, &sub).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_subject_holds_a_bounded_number_of_retained_sessions() {
+    // Arrange: two a subject. Each retained session keeps an instance (a
+    // process here) until it ends: without a cap one token could start
+    // them until the machine runs out of memory.
+    let app = spawn_app_with(&["--max-sessions-per-subject", "2"]).await;
+    let alice = app.token("alice", &["execute:all"]);
+    let bob = app.token("bob", &["execute:all"]);
+    let retained = json!({"context": {"retain_session": true}});
+    // A function whose code fails as it loads: its initializes give their
+    // count back.
+    app.register(
+        "nodejs-broken-load",
+        "throw new Error('broken at load');\nmodule.exports.handler = async () => ({});\n",
+        json!({}),
+    )
+    .await;
+    for _ in 0..3 {
+        let r = app.initialize(&alice, "nodejs-broken-load", retained.clone()).await;
+        assert_eq!(r.status, 500, "{:?}", r.body);
+    }
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let r = app.initialize(&alice, "nodejs-counter", retained.clone()).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        held.push(r.body["request_id"].as_str().unwrap().to_owned());
+    }
+
+    // A live session's ID asked for again is 409, and frees nothing.
+    let reused = app
+        .client
+        .post(app.url("/api/v1/initialize"))
+        .bearer_auth(&alice)
+        .header("Language-Title", "nodejs-counter")
+        .header("X-Request-ID", &held[1])
+        .json(&retained)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read(reused).await.status, 409);
+
+    // Act
+    let third = app.initialize(&alice, "nodejs-counter", retained.clone()).await;
+
+    // Assert: refused, saying why; what holds no instance, and another
+    // subject, are not.
+    assert_eq!((third.status, third.code()), (429, "RATE_LIMITED"), "{:?}", third.body);
+    let message = third.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("MAX_SESSIONS_PER_SUBJECT"), "{message}");
+    assert!(third.headers.contains_key("retry-after"));
+    let one_shot = app.initialize(&alice, "nodejs-counter", json!({"context": {}})).await;
+    assert_eq!(one_shot.status, 200, "{:?}", one_shot.body);
+    let wasm = app.initialize(&alice, "wasm-hello", retained.clone()).await;
+    assert_eq!(wasm.status, 200, "a fresh instance per run: none held {:?}", wasm.body);
+    let bobs = app.initialize(&bob, "nodejs-counter", retained.clone()).await;
+    assert_eq!(bobs.status, 200, "{:?}", bobs.body);
+    // Ending one makes room.
+    assert_eq!(delete(&app, Some(&alice), &held[0]).await.status, 204);
+    let again = app.initialize(&alice, "nodejs-counter", retained).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+}
