@@ -932,6 +932,20 @@ async fn server_sent_events_show_every_step_in_order_and_resume_after_last_event
         .unwrap();
     assert_eq!(first.status(), 200);
     assert_eq!(read_events(&app, &token, &running, None, 1).await.0, 429);
+    let refused = app
+        .client
+        .get(app.url(&format!("/api/v1/executions/{running}/events")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let refused = read(refused).await;
+    assert_eq!((refused.status, refused.code()), (429, "RATE_LIMITED"));
+    let message = refused.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("MAX_STREAMS_PER_SUBJECT"),
+        "says which limit: {message}"
+    );
     drop(first);
 }
 

@@ -132,7 +132,14 @@ impl Events {
         let mut open = self.open.lock().unwrap();
         let n = open.entry(subject.to_owned()).or_default();
         if *n >= self.max_per_subject {
-            return Err(ApiError::RateLimited { retry_after_secs: 5 });
+            return Err(ApiError::TooMany {
+                message: format!(
+                    "you have {} live progress streams open on this controller (MAX_STREAMS_PER_SUBJECT): close one \
+                     (an event stream or a WebSocket)",
+                    self.max_per_subject
+                ),
+                retry_after_secs: 5,
+            });
         }
         *n += 1;
         Ok(StreamGuard {
