@@ -131,6 +131,11 @@ pub struct ServeArgs {
     /// replicas.
     #[arg(long, env = "EXECUTION_MAX_PER_SUBJECT", default_value_t = 8)]
     pub execution_max_per_subject: u32,
+    /// Pending (queued, not yet running) asynchronous executions one
+    /// subject may have; a submission past it is refused with 429.
+    #[arg(long, env = "EXECUTION_MAX_PENDING_PER_SUBJECT", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub execution_max_pending_per_subject: u32,
     /// Most asynchronous executions of one function running at once.
     #[arg(long, env = "EXECUTION_MAX_PER_FUNCTION", default_value_t = 16)]
     pub execution_max_per_function: u32,

@@ -445,6 +445,7 @@ impl Application {
                 lease: Duration::from_secs(args.execution_lease_secs.max(2)),
                 per_subject: args.execution_max_per_subject.max(1),
                 per_function: args.execution_max_per_function.max(1),
+                max_pending: args.execution_max_pending_per_subject,
                 idempotency_window: Duration::from_secs(24 * 3600),
                 poll: Duration::from_secs(1),
             },

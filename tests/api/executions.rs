@@ -1096,6 +1096,7 @@ async fn executions_past_their_retention_are_deleted() {
         retry_runtime_errors: false,
         callback_url: None,
         now_ms: long_ago_ms,
+        max_pending: 1000,
     };
     let old_id = old.id.clone();
     stores.queue.submit(old, 0).await.unwrap();
@@ -1124,6 +1125,43 @@ async fn executions_past_their_retention_are_deleted() {
     let token = app.token("alice", &["execute:all"]);
     let r = app.get(Some(&token), &format!("/api/v1/executions/{old_id}")).await;
     assert_eq!(r.status, 404, "{:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_subject_has_a_bounded_number_of_pending_executions() {
+    // Arrange: three pending a subject, and nothing runs them; each keeps
+    // its params in the queue until it runs.
+    let app = app_with_worker(&["--execution-workers", "0", "--execution-max-pending-per-subject", "3"]).await;
+    let alice = app.token("alice", &["execute:all"]);
+    let bob = app.token("bob", &["execute:all"]);
+    let body = json!({"language_title": LT, "params": {}});
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = submit(&app, &alice, body.clone(), None).await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        ids.push(r.body["execution_id"].as_str().unwrap().to_owned());
+    }
+    let keyed = submit(&app, &alice, body.clone(), Some("k1")).await;
+
+    // Act
+    let fourth = submit(&app, &alice, body.clone(), None).await;
+
+    // Assert: refused, saying why; another subject is not, and a cancel
+    // makes room.
+    for refused in [&keyed, &fourth] {
+        assert_eq!(
+            (refused.status, refused.code()),
+            (429, "RATE_LIMITED"),
+            "{:?}",
+            refused.body
+        );
+        let message = refused.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("EXECUTION_MAX_PENDING_PER_SUBJECT"), "{message}");
+    }
+    assert_eq!(submit(&app, &bob, body.clone(), None).await.status, 202);
+    let cancelled = post(&app, &alice, &format!("/api/v1/executions/{}/cancel", ids[0])).await;
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+    assert_eq!(submit(&app, &alice, body, None).await.status, 202);
 }
 
 /// A client of `/api/v1/ws`: its messages as JSON, and how it was closed.

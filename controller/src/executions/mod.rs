@@ -115,6 +115,9 @@ pub struct ExecutionSettings {
     /// replicas: one tenant cannot take every worker.
     pub per_subject: u32,
     pub per_function: u32,
+    /// Most pending executions of one subject (the queue keeps each one's
+    /// params until it runs): `EXECUTION_MAX_PENDING_PER_SUBJECT`.
+    pub max_pending: u32,
     /// How long an idempotency key returns its first execution.
     pub idempotency_window: Duration,
     /// The longest an idle worker waits before it looks at the queue again
@@ -313,9 +316,19 @@ impl Executions {
             retry_runtime_errors: retry.runtime_errors,
             callback_url: s.callback_url,
             now_ms: now,
+            max_pending: i64::from(self.settings.max_pending),
         };
         let since = now - self.settings.idempotency_window.as_millis() as i64;
-        let (row, new) = self.queue.submit(new, since).await.map_err(internal)?;
+        let (row, new) = self.queue.submit(new, since).await.map_err(|e| match e {
+            crate::store::StoreError::TooManyPending { max } => ApiError::TooMany {
+                message: format!(
+                    "you have {max} executions waiting to run (EXECUTION_MAX_PENDING_PER_SUBJECT): submit more as \
+                     they finish, or cancel some"
+                ),
+                retry_after_secs: 30,
+            },
+            e => internal(e),
+        })?;
         if new {
             self.wake.notify_one();
             self.events.changed(&row.id);

@@ -143,6 +143,9 @@ pub enum StoreError {
     /// it writes its versions or deletes it.
     #[error("function owned by another subject")]
     NotOwner,
+    /// The subject has as many pending executions as it may.
+    #[error("the subject has {max} pending executions")]
+    TooManyPending { max: i64 },
     /// The owner's versions would take more than its quota.
     #[error("the owner's functions take {used} bytes; this version would pass the quota of {quota}")]
     OverQuota { used: i64, quota: i64 },
@@ -313,6 +316,9 @@ pub struct NewExecution {
     pub retry_runtime_errors: bool,
     pub callback_url: Option<String>,
     pub now_ms: i64,
+    /// The most pending executions its subject may have, this one
+    /// included ([`StoreError::TooManyPending`] beyond).
+    pub max_pending: i64,
 }
 
 /// Which of a subject's executions to list.

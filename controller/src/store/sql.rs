@@ -859,9 +859,17 @@ where
                 None => {}
             }
         }
+        if let Some(lock) = DB::OWNER_LOCK {
+            // Submissions of one subject counted one after the other.
+            let key = format!("pending:{}", new.subject);
+            sqlx::query(lock).bind(key.as_str()).execute(&mut *tx).await?;
+        }
+        // Only while the subject has fewer pending than it may: one
+        // statement, so SQLite counts under the write lock it takes.
         let sql = format!(
-            "INSERT INTO async_executions ({QUEUED_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $14, $7, 'pending', $8, $16, $9, \
-             $10, $11, 0, $12, NULL, NULL, FALSE, FALSE, $13, NULL, NULL, $13, NULL, NULL, $15, NULL, 0, NULL, NULL, NULL, NULL) \
+            "INSERT INTO async_executions ({QUEUED_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $14, $7, 'pending', $8, $16, $9, \
+             $10, $11, 0, $12, NULL, NULL, FALSE, FALSE, $13, NULL, NULL, $13, NULL, NULL, $15, NULL, 0, NULL, NULL, NULL, NULL \
+             WHERE (SELECT COUNT(*) FROM async_executions WHERE subject = $2 AND status = 'pending') < $17 \
              ON CONFLICT DO NOTHING RETURNING {QUEUED_COLUMNS}"
         );
         let inserted: Option<QueuedExecution> = sqlx::query_as(AssertSqlSafe(sql))
@@ -881,22 +889,27 @@ where
             .bind(new.timeout_ms)
             .bind(new.callback_url.as_deref())
             .bind(new.cache.as_deref())
+            .bind(new.max_pending)
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
         match inserted {
             Some(row) => Ok((row, true)),
-            // The same key, submitted at the same moment by the same subject.
+            None if new.idempotency_key.is_none() => Err(StoreError::TooManyPending { max: new.max_pending }),
+            // The same key, submitted at the same moment by the same
+            // subject; else the subject's pending ones are at their cap.
             None => {
                 let sql = format!(
                     "SELECT {QUEUED_COLUMNS} FROM async_executions WHERE subject = $1 AND idempotency_key = $2"
                 );
-                let first: QueuedExecution = sqlx::query_as(AssertSqlSafe(sql))
+                let first: Option<QueuedExecution> = sqlx::query_as(AssertSqlSafe(sql))
                     .bind(new.subject.as_str())
                     .bind(new.idempotency_key.as_deref())
-                    .fetch_one(&self.pool)
+                    .fetch_optional(&self.pool)
                     .await?;
-                Ok((first, false))
+                first
+                    .map(|first| (first, false))
+                    .ok_or(StoreError::TooManyPending { max: new.max_pending })
             }
         }
     }

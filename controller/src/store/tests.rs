@@ -344,6 +344,7 @@ fn queued(id: &str, subject: &str, lt: &str, priority: i32, key: Option<&str>, n
         retry_runtime_errors: false,
         callback_url: (subject == "carol").then(|| "https://example.com/hook".to_owned()),
         now_ms,
+        max_pending: 1000,
     }
 }
 
@@ -609,6 +610,35 @@ async fn exercise_queue(q: &dyn ExecutionQueue) {
     pending.sort();
     assert_eq!(pending, [(0, 1), (1, 1)]);
     assert!(q.expire_leases().await.unwrap() >= 1);
+
+    // A subject's pending executions stop at its cap; an idempotent
+    // resubmission still finds its first.
+    let capped = |id: &str, subject: &str, key: Option<&str>| NewExecution {
+        max_pending: 3,
+        ..queued(id, subject, "python-a", 1, key, t)
+    };
+    for i in 0..3 {
+        q.submit(capped(&format!("p-{i}"), "pia", (i == 0).then_some("pk")), 0)
+            .await
+            .unwrap();
+    }
+    let over = q.submit(capped("p-3", "pia", None), 0).await;
+    assert!(matches!(over, Err(StoreError::TooManyPending { max: 3 })), "{over:?}");
+    let over = q.submit(capped("p-4", "pia", Some("other")), 0).await;
+    assert!(matches!(over, Err(StoreError::TooManyPending { .. })), "{over:?}");
+    let (first, new) = q.submit(capped("p-5", "pia", Some("pk")), 0).await.unwrap();
+    assert_eq!((first.id.as_str(), new), ("p-0", false));
+    assert!(q.get("p-3").await.unwrap().is_none());
+    // Submissions that come together: as many as fit.
+    for round in 0..4 {
+        let subject = format!("quincy-{round}");
+        let news: Vec<NewExecution> = (0..6)
+            .map(|i| capped(&format!("p-{subject}-{i}"), &subject, None))
+            .collect();
+        let done = futures::future::join_all(news.into_iter().map(|n| q.submit(n, 0))).await;
+        let passed: Vec<bool> = done.iter().map(Result::is_ok).collect();
+        assert_eq!(passed.iter().filter(|ok| **ok).count(), 3, "{passed:?}");
+    }
 
     // Retention: what finished before the cut goes, a batch at a time;
     // what is pending, running or has a callback still due stays.
