@@ -1164,6 +1164,24 @@ async fn one_subject_has_a_bounded_number_of_pending_executions() {
     assert_eq!(submit(&app, &alice, body, None).await.status, 202);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn keyed_submissions_that_come_together_are_each_queued() {
+    // Arrange: the default store (SQLite), where a keyed submission reads
+    // its key before it inserts.
+    let app = app_with_worker(&["--execution-workers", "0"]).await;
+    let token = app.token("alice", &["execute:all"]);
+
+    // Act: twelve at once, each with a key of its own.
+    let body = json!({"language_title": LT, "params": {}});
+    let keys: Vec<String> = (0..12).map(|i| format!("together-{i}")).collect();
+    let answers = futures::future::join_all(keys.iter().map(|key| submit(&app, &token, body.clone(), Some(key)))).await;
+
+    // Assert: every one queued (the database was "locked" for some).
+    for r in &answers {
+        assert_eq!(r.status, 202, "{:?}", r.body);
+    }
+}
+
 /// A client of `/api/v1/ws`: its messages as JSON, and how it was closed.
 mod ws_client {
     use std::time::Duration;

@@ -43,6 +43,12 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     /// Appended to the queue's claim: rows another replica is claiming are
     /// skipped rather than waited for.
     const SKIP_LOCKED: &'static str;
+    /// Begins a transaction that reads before it writes. On SQLite two such
+    /// transactions begun plainly (deferred) each hold a read snapshot, and
+    /// the second to write fails at once with "database is locked" (the
+    /// busy timeout does not wait for that): `BEGIN IMMEDIATE` there takes
+    /// the write lock first, so the second waits its turn instead.
+    const BEGIN_READ_THEN_WRITE: &'static str = "BEGIN";
     /// Taken, with the owner as its parameter, in the transaction that
     /// inserts a file under a quota, so that two uploads of one owner are
     /// decided one after the other; `None` where the insert's own
@@ -838,7 +844,8 @@ where
     DB::QueryResult: RowsAffected,
 {
     async fn submit(&self, new: NewExecution, since_ms: i64) -> Result<(QueuedExecution, bool), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // Its idempotency key is read before the insert.
+        let mut tx = self.pool.begin_with(DB::BEGIN_READ_THEN_WRITE).await?;
         if let Some(key) = &new.idempotency_key {
             let sql =
                 format!("SELECT {QUEUED_COLUMNS} FROM async_executions WHERE subject = $1 AND idempotency_key = $2");

@@ -19,6 +19,7 @@ impl Dialect for Sqlite {
     const TIE_BREAK: &'static str = "rowid";
     /// One writer at a time: a claim never meets another's lock.
     const SKIP_LOCKED: &'static str = "";
+    const BEGIN_READ_THEN_WRITE: &'static str = "BEGIN IMMEDIATE";
     /// TEXT, hyphenated, as the first migration made the column.
     type Uuid = uuid::fmt::Hyphenated;
 

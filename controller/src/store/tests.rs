@@ -629,6 +629,15 @@ async fn exercise_queue(q: &dyn ExecutionQueue) {
     let (first, new) = q.submit(capped("p-5", "pia", Some("pk")), 0).await.unwrap();
     assert_eq!((first.id.as_str(), new), ("p-0", false));
     assert!(q.get("p-3").await.unwrap().is_none());
+    // Keyed submissions that come together: each its own (a read of its
+    // key, then the insert).
+    let keyed: Vec<NewExecution> = (0..8)
+        .map(|i| queued(&format!("k-{i}"), "kim", "python-a", 1, Some(&format!("key-{i}")), t))
+        .collect();
+    let done = futures::future::join_all(keyed.into_iter().map(|n| q.submit(n, 0))).await;
+    for d in &done {
+        assert!(matches!(d, Ok((_, true))), "{d:?}");
+    }
     // Submissions that come together: as many as fit.
     for round in 0..4 {
         let subject = format!("quincy-{round}");
