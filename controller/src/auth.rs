@@ -58,6 +58,17 @@ fn scope_string_or_array<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>,
     })
 }
 
+/// When a token [`Authenticator::verify_until`] accepts until `until`
+/// (Unix seconds) stops being accepted, on tokio's clock: where what
+/// outlives one request (a WebSocket, an event stream) ends.
+pub fn expiry(until: u64) -> tokio::time::Instant {
+    let left = until.saturating_sub(jsonwebtoken::get_current_timestamp());
+    // A second more: `until` is the last whole second still accepted. An
+    // `exp` centuries away would overflow the clock: a year is as good.
+    let left = std::time::Duration::from_secs(left.saturating_add(1).min(365 * 24 * 3600));
+    tokio::time::Instant::now() + left
+}
+
 /// The caller of a request, once its token has been verified.
 #[derive(Debug, Clone)]
 pub struct Subject {
@@ -303,6 +314,19 @@ mod tests {
         let key = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
         assert!(a.verify(&t).unwrap().can_execute(Language::Python));
+    }
+
+    #[tokio::test]
+    async fn a_token_that_never_expires_ends_no_stream_and_panics_nothing() {
+        use std::time::Duration;
+        let now = tokio::time::Instant::now();
+        assert!(expiry(u64::MAX) > now + Duration::from_secs(364 * 24 * 3600));
+        let soon = expiry(jsonwebtoken::get_current_timestamp() + 10);
+        assert!(soon > now + Duration::from_secs(9) && soon <= now + Duration::from_secs(12));
+        assert!(
+            expiry(0) <= tokio::time::Instant::now() + Duration::from_secs(1),
+            "expired: at once"
+        );
     }
 
     #[test]

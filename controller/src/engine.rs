@@ -202,10 +202,8 @@ impl Engine {
         let timeout_ms = self.timeout_ms(&function, options.timeout_ms.as_ref())?;
         let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         // Counted before an instance is readied for it; given back unless
-        // the session is kept. A pipeline keeps none, nor does wasm (a
-        // fresh instance each run).
-        let holds = function.pipeline().is_none() && function.language() != Language::Wasm;
-        let mut hold = match options.retain_session && holds {
+        // the session is kept.
+        let mut hold = match options.retain_session && holds_instance(&function) {
             true => Some(self.reserve(&subject.sub, &request_id)?),
             false => None,
         };
@@ -217,10 +215,6 @@ impl Engine {
             self.prepare_steps(&function, &steps).await?;
         } else {
             self.core.prepare(&function, Some(&mut retained)).await?;
-        }
-        if retained.is_empty() {
-            // Nothing held (wasm runs a fresh instance each time).
-            hold = None;
         }
         let now = timefmt::now();
         let record = SessionRecord {
@@ -650,7 +644,7 @@ impl Engine {
             .await
             .map_err(ApiError::Internal)?
             .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' no longer exists")))?;
-        if first_seen && function.pipeline().is_none() && function.language() != Language::Wasm {
+        if first_seen && holds_instance(&function) {
             // Initialized on another controller: it holds an instance here now.
             self.held.lock().unwrap().insert(key.clone());
         }
@@ -836,6 +830,12 @@ impl Engine {
         }
         self.core.shutdown().await;
     }
+}
+
+/// Whether a retained session of `function` holds an instance: a
+/// pipeline keeps none, nor does wasm (a fresh instance each run).
+fn holds_instance(function: &FunctionVersion) -> bool {
+    function.pipeline().is_none() && function.language() != Language::Wasm
 }
 
 /// 403 unless the token may execute some language.

@@ -1137,9 +1137,7 @@ async fn one_subject_has_a_bounded_number_of_pending_executions() {
     let body = json!({"language_title": LT, "params": {}});
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let r = submit(&app, &alice, body.clone(), None).await;
-        assert_eq!(r.status, 202, "{:?}", r.body);
-        ids.push(r.body["execution_id"].as_str().unwrap().to_owned());
+        ids.push(queued(&app, &alice, json!({})).await);
     }
     let keyed = submit(&app, &alice, body.clone(), Some("k1")).await;
 
@@ -1182,6 +1180,13 @@ async fn keyed_submissions_that_come_together_are_each_queued() {
     }
 }
 
+/// Submits a run of the worker with `params` (202 asserted); its id.
+async fn queued(app: &TestApp, token: &str, params: Value) -> String {
+    let r = submit(app, token, json!({"language_title": LT, "params": params}), None).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    r.body["execution_id"].as_str().unwrap().to_owned()
+}
+
 /// A client of `/api/v1/ws`: its messages as JSON, and how it was closed.
 mod ws_client {
     use std::time::Duration;
@@ -1200,6 +1205,20 @@ mod ws_client {
 
     pub async fn send(ws: &mut Socket, text: String) {
         ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// Connects and authenticates with `token` in the first message.
+    pub async fn authenticated(app: &crate::helpers::TestApp, token: &str) -> Socket {
+        let mut ws = connect(app).await;
+        send(&mut ws, serde_json::json!({"type": "auth", "token": token}).to_string()).await;
+        let hello = next(&mut ws, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(hello["type"], "authenticated", "{hello}");
+        ws
+    }
+
+    /// Asks for execution `id`'s progress.
+    pub async fn watch(ws: &mut Socket, id: &str) {
+        send(ws, serde_json::json!({"type": "watch", "execution_id": id}).to_string()).await;
     }
 
     /// What came next within `timeout`: `Ok` a JSON message, `Err` the
@@ -1242,11 +1261,7 @@ async fn a_websocket_message_over_the_limit_closes_the_connection_unread() {
     assert!(reason.contains("too long"), "{reason}");
 
     // A message within the limit is still read.
-    let mut ws = ws_client::connect(&app).await;
-    let token = app.token("alice", &["execute:all"]);
-    ws_client::send(&mut ws, json!({"type": "auth", "token": token}).to_string()).await;
-    let hello = ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap();
-    assert_eq!(hello["type"], "authenticated", "{hello}");
+    ws_client::authenticated(&app, &app.token("alice", &["execute:all"])).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1256,20 +1271,10 @@ async fn a_websocket_ends_when_its_token_expires() {
     // watch that stays pending (no workers).
     let app = app_with_worker(&["--jwt-leeway-secs", "0", "--execution-workers", "0"]).await;
     let lasting = app.token("alice", &["execute:all"]);
-    let id = submit(&app, &lasting, json!({"language_title": LT, "params": {}}), None)
-        .await
-        .body["execution_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = queued(&app, &lasting, json!({})).await;
     let brief = app.token_for("alice", &["execute:all"], 2);
-    let mut ws = ws_client::connect(&app).await;
-    ws_client::send(&mut ws, json!({"type": "auth", "token": brief}).to_string()).await;
-    assert_eq!(
-        ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap()["type"],
-        "authenticated"
-    );
-    ws_client::send(&mut ws, json!({"type": "watch", "execution_id": id}).to_string()).await;
+    let mut ws = ws_client::authenticated(&app, &brief).await;
+    ws_client::watch(&mut ws, &id).await;
     let progress = ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap();
     assert_eq!(progress["data"]["status"], "pending", "{progress}");
 
@@ -1295,12 +1300,7 @@ async fn an_event_stream_ends_when_its_token_expires() {
     // good for 2 s more (no leeway).
     let app = app_with_worker(&["--jwt-leeway-secs", "0", "--execution-workers", "0"]).await;
     let lasting = app.token("alice", &["execute:all"]);
-    let id = submit(&app, &lasting, json!({"language_title": LT, "params": {}}), None)
-        .await
-        .body["execution_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = queued(&app, &lasting, json!({})).await;
     let brief = app.token_for("alice", &["execute:all"], 2);
 
     // Act: read the stream to its end.
@@ -1336,20 +1336,13 @@ async fn a_websocket_counts_against_its_subjects_rate_limit() {
     let app = spawn_app_with(&["--rate-limit-execute", "5", "--execution-workers", "0"]).await;
     app.register(LT, WORKER, NO_CACHE.clone()).await;
     let token = app.token("alice", &["execute:all"]);
-    let r = submit(&app, &token, json!({"language_title": LT, "params": {}}), None).await;
-    assert_eq!(r.status, 202, "{:?}", r.body);
-    let id = r.body["execution_id"].as_str().unwrap().to_owned();
-    let mut ws = ws_client::connect(&app).await;
-    ws_client::send(&mut ws, json!({"type": "auth", "token": token}).to_string()).await;
-    assert_eq!(
-        ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap()["type"],
-        "authenticated"
-    );
+    let id = queued(&app, &token, json!({})).await;
+    let mut ws = ws_client::authenticated(&app, &token).await;
 
     // Act: watch it ten times (each a read of it, as a GET would be), then
     // a message that is refused for what it is.
     for _ in 0..10 {
-        ws_client::send(&mut ws, json!({"type": "watch", "execution_id": id}).to_string()).await;
+        ws_client::watch(&mut ws, &id).await;
     }
     ws_client::send(&mut ws, json!({"type": "nope"}).to_string()).await;
 
@@ -1390,20 +1383,13 @@ async fn one_websocket_watches_a_bounded_number_of_executions() {
     let token = app.token("alice", &["execute:all"]);
     let mut ids = Vec::new();
     for n in 0..257 {
-        let r = submit(&app, &token, json!({"language_title": LT, "params": {"n": n}}), None).await;
-        assert_eq!(r.status, 202, "{:?}", r.body);
-        ids.push(r.body["execution_id"].as_str().unwrap().to_owned());
+        ids.push(queued(&app, &token, json!({"n": n})).await);
     }
-    let mut ws = ws_client::connect(&app).await;
-    ws_client::send(&mut ws, json!({"type": "auth", "token": token}).to_string()).await;
-    assert_eq!(
-        ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap()["type"],
-        "authenticated"
-    );
+    let mut ws = ws_client::authenticated(&app, &token).await;
 
     // Act: watch them all.
     for id in &ids {
-        ws_client::send(&mut ws, json!({"type": "watch", "execution_id": id}).to_string()).await;
+        ws_client::watch(&mut ws, id).await;
     }
 
     // Assert: the first 256 each get their progress; the last is refused
@@ -1428,7 +1414,7 @@ async fn one_websocket_watches_a_bounded_number_of_executions() {
     );
     // Unwatching one makes room.
     ws_client::send(&mut ws, json!({"type": "unwatch", "execution_id": ids[0]}).to_string()).await;
-    ws_client::send(&mut ws, json!({"type": "watch", "execution_id": ids[256]}).to_string()).await;
+    ws_client::watch(&mut ws, &ids[256]).await;
     let m = ws_client::next(&mut ws, Duration::from_secs(10)).await.unwrap();
     assert_eq!(
         (m["type"].as_str(), m["execution_id"].as_str()),

@@ -70,34 +70,35 @@ const PURGE_BATCHES: usize = 200;
 pub async fn purge_old(records: &dyn ExecutionStore, queue: &dyn ExecutionQueue, retention: Duration) {
     let before = fnrt_core::timefmt::now() - retention;
     let before_ms = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-    let mut deleted = [0u64; 2];
-    for (which, total) in deleted.iter_mut().enumerate() {
-        for _ in 0..PURGE_BATCHES {
-            let done = match which {
-                0 => records.purge_executions(before, PURGE_BATCH).await,
-                _ => queue.purge_finished(before_ms, PURGE_BATCH).await,
-            };
-            match done {
-                Ok(n) => {
-                    *total += n;
-                    if n < PURGE_BATCH as u64 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "deleting executions past their retention");
+    let records = in_batches(|| records.purge_executions(before, PURGE_BATCH)).await;
+    let asynchronous = in_batches(|| queue.purge_finished(before_ms, PURGE_BATCH)).await;
+    if records + asynchronous > 0 {
+        tracing::info!(records, asynchronous, "executions past their retention deleted");
+    }
+}
+
+/// Runs `purge` until it deletes less than a batch (or [`PURGE_BATCHES`]
+/// times, or until it fails); how many rows it deleted.
+async fn in_batches<F>(purge: impl Fn() -> F) -> u64
+where
+    F: std::future::Future<Output = Result<u64, crate::store::StoreError>>,
+{
+    let mut total = 0;
+    for _ in 0..PURGE_BATCHES {
+        match purge().await {
+            Ok(n) => {
+                total += n;
+                if n < PURGE_BATCH as u64 {
                     break;
                 }
             }
+            Err(e) => {
+                tracing::warn!(error = %e, "deleting executions past their retention");
+                break;
+            }
         }
     }
-    if deleted != [0, 0] {
-        tracing::info!(
-            records = deleted[0],
-            asynchronous = deleted[1],
-            "executions past their retention deleted"
-        );
-    }
+    total
 }
 
 /// How long a run whose function is still being built waits before it

@@ -407,7 +407,7 @@ async fn events(
         ready: Default::default(),
         changes,
         done: false,
-        expires: super::ws::expiry(until),
+        expires: crate::auth::expiry(until),
         _guard: guard,
     };
     let stream = futures::stream::unfold(start, |mut s| async move {

@@ -89,15 +89,6 @@ async fn refuse_unreadable(socket: &mut WebSocket, e: axum::Error) {
     let _ = socket.send(close(close_code::POLICY, &e.to_string())).await;
 }
 
-/// When a token accepted until `until` (Unix seconds) stops being accepted.
-pub(super) fn expiry(until: u64) -> tokio::time::Instant {
-    let left = until.saturating_sub(jsonwebtoken::get_current_timestamp());
-    // A second more: `until` is the last whole second still accepted. An
-    // `exp` centuries away would overflow the clock: a year is as good.
-    let left = Duration::from_secs(left.saturating_add(1).min(365 * 24 * 3600));
-    tokio::time::Instant::now() + left
-}
-
 async fn session(state: AppState, mut socket: WebSocket, caller: Option<Caller>) {
     let (subject, until) = match caller {
         Some(c) => c,
@@ -111,7 +102,7 @@ async fn session(state: AppState, mut socket: WebSocket, caller: Option<Caller>)
         let _ = socket.send(close(close_code::POLICY, "rate limited")).await;
         return;
     }
-    let expired = tokio::time::sleep_until(expiry(until));
+    let expired = tokio::time::sleep_until(crate::auth::expiry(until));
     tokio::pin!(expired);
     let _guard = match state.executions.events.open(&subject.sub) {
         Ok(g) => g,
@@ -293,21 +284,4 @@ fn progress(view: &ExecutionView) -> Value {
             "attempts": view.attempts.len(),
         },
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_token_that_never_expires_ends_no_stream_and_panics_nothing() {
-        let now = tokio::time::Instant::now();
-        assert!(expiry(u64::MAX) > now + Duration::from_secs(364 * 24 * 3600));
-        let soon = expiry(jsonwebtoken::get_current_timestamp() + 10);
-        assert!(soon > now + Duration::from_secs(9) && soon <= now + Duration::from_secs(12));
-        assert!(
-            expiry(0) <= tokio::time::Instant::now() + Duration::from_secs(1),
-            "expired: at once"
-        );
-    }
 }

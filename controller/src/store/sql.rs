@@ -49,10 +49,10 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     /// busy timeout does not wait for that): `BEGIN IMMEDIATE` there takes
     /// the write lock first, so the second waits its turn instead.
     const BEGIN_READ_THEN_WRITE: &'static str = "BEGIN";
-    /// Taken, with the owner as its parameter, in the transaction that
-    /// inserts a file under a quota, so that two uploads of one owner are
-    /// decided one after the other; `None` where the insert's own
-    /// statement does that (SQLite: one writer at a time).
+    /// A lock on one key held to the end of the transaction ([`lock_owner`]),
+    /// so that two writes counted against one owner's cap are decided one
+    /// after the other; `None` where the write's own statement does that
+    /// (SQLite: one writer at a time).
     const OWNER_LOCK: Option<&'static str> = None;
     /// How the `executions.id` column keeps a UUID.
     type Uuid: From<Uuid> + Into<Uuid> + for<'q> Encode<'q, Self> + for<'r> Decode<'r, Self> + Type<Self>;
@@ -276,6 +276,21 @@ where
 const FUNCTION_BYTES: &str = "SELECT CAST(COALESCE(SUM(v.size), 0) AS BIGINT) FROM function_versions v \
      JOIN functions f ON f.language_title = v.language_title WHERE f.owner = $1";
 
+/// Takes [`Dialect::OWNER_LOCK`] on `owner`'s `cap` (files, functions,
+/// pending executions: one key each) for the rest of the transaction.
+async fn lock_owner<DB>(conn: &mut DB::Connection, cap: &str, owner: &str) -> Result<(), StoreError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+{
+    if let Some(lock) = DB::OWNER_LOCK {
+        let key = format!("{cap}:{owner}");
+        sqlx::query(lock).bind(key.as_str()).execute(conn).await?;
+    }
+    Ok(())
+}
+
 /// Refuses `new` ([`StoreError::OverQuota`]) when its owner's versions and
 /// it would pass its quota, inside the transaction that writes it: on
 /// PostgreSQL under the owner's lock (another registration of the owner's
@@ -290,11 +305,7 @@ where
     let (Some(owner), Some(quota)) = (new.owner.as_deref(), new.quota) else {
         return Ok(());
     };
-    if let Some(lock) = DB::OWNER_LOCK {
-        // Not the files' lock: a function's owner key of its own.
-        let key = format!("functions:{owner}");
-        sqlx::query(lock).bind(key.as_str()).execute(&mut **tx).await?;
-    }
+    lock_owner::<DB>(tx, "functions", owner).await?;
     let (used,): (i64,) = sqlx::query_as(FUNCTION_BYTES).bind(owner).fetch_one(&mut **tx).await?;
     if used.saturating_add(new.size()) > quota {
         return Err(StoreError::OverQuota { used, quota });
@@ -866,11 +877,7 @@ where
                 None => {}
             }
         }
-        if let Some(lock) = DB::OWNER_LOCK {
-            // Submissions of one subject counted one after the other.
-            let key = format!("pending:{}", new.subject);
-            sqlx::query(lock).bind(key.as_str()).execute(&mut *tx).await?;
-        }
+        lock_owner::<DB>(&mut tx, "pending", &new.subject).await?;
         // Only while the subject has fewer pending than it may: one
         // statement, so SQLite counts under the write lock it takes.
         let sql = format!(
@@ -1218,8 +1225,8 @@ where
             ),
         };
         let mut tx = self.pool.begin().await?;
-        if let (Some(_), Some(lock)) = (quota, DB::OWNER_LOCK) {
-            sqlx::query(lock).bind(file.owner.as_str()).execute(&mut *tx).await?;
+        if quota.is_some() {
+            lock_owner::<DB>(&mut tx, "files", &file.owner).await?;
         }
         let inserted = sqlx::query(AssertSqlSafe(sql))
             .bind(file.id.as_str())
