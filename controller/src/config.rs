@@ -290,6 +290,16 @@ pub struct ServeArgs {
     /// Number of uids in that range: the most instances at once.
     #[arg(long, env = "INSTANCE_UID_COUNT", default_value_t = 10_000)]
     pub instance_uid_count: u32,
+    /// The memory all process instances together may reserve, in MiB: each
+    /// reserves its `limits.memory_mb` for its life (its memory cgroup's
+    /// cap). Default: three quarters of the machine's memory.
+    #[arg(long, env = "INSTANCE_MEMORY_MB", value_parser = clap::value_parser!(u64).range(32..))]
+    pub instance_memory_mb: Option<u64>,
+    /// How long a start waits for room (memory in that budget, a uid, a
+    /// container slot) before it fails with 503, in seconds; meanwhile idle
+    /// instances are stopped to make room.
+    #[arg(long, env = "INSTANCE_WAIT_SECS", default_value_t = 30)]
+    pub instance_wait_secs: u64,
     /// cargo, for building Rust functions.
     #[arg(long, env = "CARGO_BIN", default_value = "cargo")]
     pub cargo_bin: String,
@@ -311,6 +321,16 @@ pub struct ServeArgs {
     /// its next initialize tries again, in seconds.
     #[arg(long, env = "RUST_BUILD_RETRY_SECS", default_value_t = 60)]
     pub rust_build_retry_secs: u64,
+    /// The most memory one build step (a Rust build, a pip or npm install)
+    /// may use, all its processes together, in MiB (as root, cgroup v1).
+    #[arg(long, env = "BUILD_MEMORY_MB", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(64..))]
+    pub build_memory_mb: u64,
+    /// The most processes and threads one build step may run at once (as
+    /// root, cgroup v1).
+    #[arg(long, env = "BUILD_MAX_PROCESSES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(16..))]
+    pub build_max_processes: u64,
     /// Largest wasm module accepted, in bytes.
     #[arg(long, env = "WASM_MAX_MODULE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub wasm_max_module_bytes: usize,
@@ -349,6 +369,21 @@ impl ServeArgs {
     }
 
     /// Largest uploaded file, in bytes.
+    /// `INSTANCE_MEMORY_MB`, or three quarters of the machine's memory (a
+    /// GiB when it cannot be read).
+    pub fn instance_memory_mb(&self) -> u64 {
+        self.instance_memory_mb
+            .unwrap_or_else(|| fnrt_backends::budget::machine_memory_mb().map_or(1024, |mb| mb / 4 * 3))
+    }
+
+    /// What one build step may take (`BUILD_MEMORY_MB`, `BUILD_MAX_PROCESSES`).
+    pub fn build_caps(&self) -> fnrt_backends::cgroups::StepCaps {
+        fnrt_backends::cgroups::StepCaps {
+            memory_bytes: self.build_memory_mb.saturating_mul(1024 * 1024),
+            max_tasks: self.build_max_processes,
+        }
+    }
+
     pub fn max_file_bytes(&self) -> u64 {
         self.max_file_mb.saturating_mul(1024 * 1024)
     }

@@ -182,6 +182,7 @@ impl Application {
             timeout: Duration::from_secs(args.rust_build_timeout_secs),
             retry_failed_after: Duration::from_secs(args.rust_build_retry_secs),
             build_uid: args.rust_build_uid,
+            caps: args.build_caps(),
         })
         .map_err(|e| format!("{e:#}"));
         if let Err(e) = &builder {
@@ -201,6 +202,7 @@ impl Application {
             },
             instance_uid_base: args.instance_uid_base,
             instance_uid_count: args.instance_uid_count,
+            memory_mb: args.instance_memory_mb(),
             max_result_bytes: args.max_result_bytes,
             rust_runtime: controller_bin.clone(),
             builder: builder.clone().ok(),
@@ -222,6 +224,7 @@ impl Application {
                     timeout: Duration::from_secs(args.deps_install_timeout_secs),
                     max_bytes: args.deps_max_mb.saturating_mul(1024 * 1024),
                     uid: args.rust_build_uid,
+                    caps: args.build_caps(),
                     sources: fnrt_backends::deps::Sources {
                         pip_index_url: args.deps_pip_index_url.clone(),
                         pip_wheels_dir: args.deps_pip_wheels_dir.clone(),
@@ -322,6 +325,7 @@ impl Application {
                 warm_memory_mb: fnrt_core::function::manifest::DEFAULT_MEMORY_MB,
                 keep_warm: args.keep_warm(),
                 max_idle_per_version: 8,
+                room_wait: Duration::from_secs(args.instance_wait_secs),
             },
             metrics.clone(),
         );

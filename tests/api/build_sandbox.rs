@@ -258,3 +258,66 @@ async fn a_build_sees_its_own_subjects_work_directory_and_no_other() {
     assert_eq!(r.body["result"]["wrote"], false, "{:?}", r.body);
     assert!(!planted.exists(), "mallory's build wrote {}", planted.display());
 }
+
+/// Registers a crate with no dependencies whose `build.rs` is `main`, as
+/// `rust-{title}`; the reply.
+async fn register_build_script(app: &crate::helpers::TestApp, title: &str, main: &str) -> crate::helpers::Reply {
+    let files = json!({
+        "Cargo.toml": format!("[package]\nname = \"{title}\"\nversion = \"0.1.0\"\nedition = \"2024\"\nbuild = \"build.rs\"\n"),
+        // A run of its own each time: cargo must not reuse an earlier run.
+        "build.rs": format!("// run {}\n{main}", uuid::Uuid::new_v4()),
+        "src/lib.rs": "",
+    });
+    let body = json!({"language_title": format!("rust-{title}"), "description": "d", "files": files});
+    call(app, Method::POST, "/api/v1/functions", &app.admin(), Some(body)).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_script_that_takes_more_memory_than_a_build_may_is_stopped_and_says_so() {
+    if !walled_builds() {
+        return;
+    }
+    let app = crate::helpers::spawn_app_with(&["--build-memory-mb", "256"]).await;
+
+    // Act: a build script that fills 1 GiB, four times what a build may use.
+    let r = register_build_script(
+        &app,
+        "memory-hog",
+        "fn main() {\n    let hog = vec![1u8; 1 << 30];\n    \
+         std::thread::sleep(std::time::Duration::from_millis(200));\n    assert_eq!(hog[hog.len() - 1], 1);\n}\n",
+    )
+    .await;
+
+    // Assert: the build fails, saying which limit stopped it.
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.code(), "BUILD_FAILED");
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("ran out of memory"), "{message}");
+    assert!(message.contains("256 MiB (BUILD_MEMORY_MB)"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_script_that_forks_without_end_is_refused_past_the_limit() {
+    if !walled_builds() {
+        return;
+    }
+    let app = crate::helpers::spawn_app_with(&["--build-max-processes", "64"]).await;
+
+    // Act: a build script that starts 200 processes and keeps them.
+    let r = register_build_script(
+        &app,
+        "fork-hog",
+        "fn main() {\n    let mut children = Vec::new();\n    for n in 0..200 {\n        \
+         match std::process::Command::new(\"sleep\").arg(\"30\").spawn() {\n            \
+         Ok(child) => children.push(child),\n            \
+         Err(e) => panic!(\"fork {n} refused: {e}\"),\n        }\n    }\n    \
+         for mut child in children {\n        let _ = child.kill();\n        let _ = child.wait();\n    }\n}\n",
+    )
+    .await;
+
+    // Assert: the build fails at the limit, saying so.
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.code(), "BUILD_FAILED");
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("limit of 64 processes and threads"), "{message}");
+}

@@ -516,3 +516,49 @@ async fn a_native_npm_package_with_prebuilt_binaries_resizes_an_image() {
     let resized = b64.decode(r.body["result"]["image"].as_str().unwrap()).unwrap();
     assert_eq!(png_size(&resized), (10, 5));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_script_that_takes_more_memory_than_an_install_may_is_stopped_and_says_so() {
+    let app = spawn_app_with(&["--build-memory-mb", "256"]).await;
+    // A postinstall script that fills 1 GiB, four times what an install may use.
+    let tarball = tar_gz_of(
+        &[
+            (
+                "package/package.json",
+                br#"{ "name": "hog", "version": "1.0.0", "scripts": { "postinstall": "node hog.js" } }"#,
+            ),
+            (
+                "package/hog.js",
+                b"const hog = Buffer.alloc(1 << 30, 1);\nsetTimeout(() => console.log(hog[hog.length - 1]), 200);\n",
+            ),
+        ],
+        false,
+    );
+    use base64::Engine as _;
+    // Installs are shared by what they install (and kept across runs
+    // here): a set of its own, so that this one runs.
+    let package_json = format!(
+        r#"{{ "name": "victim", "version": "1.0.0", "description": "{}", "dependencies": {{ "hog": "file:vendor/hog.tgz" }} }}"#,
+        uuid::Uuid::new_v4()
+    );
+    let files = json!({
+        "index.js": "module.exports.handler = async () => 1;\n",
+        "package.json": package_json,
+        "vendor/hog.tgz": { "base64": base64::engine::general_purpose::STANDARD.encode(&tarball) },
+    });
+
+    // Act
+    let r = register(
+        &app,
+        "nodejs-install-hog",
+        files,
+        json!({ "install": { "scripts": true } }),
+    )
+    .await;
+
+    // Assert: refused, saying which limit stopped the install.
+    assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("ran out of memory"), "{message}");
+    assert!(message.contains("256 MiB (BUILD_MEMORY_MB)"), "{message}");
+}

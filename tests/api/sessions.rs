@@ -606,3 +606,95 @@ async fn one_subject_holds_a_bounded_number_of_retained_sessions() {
     let again = app.initialize(&alice, "nodejs-counter", retained).await;
     assert_eq!(again.status, 200, "{:?}", again.body);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retained_sessions_of_every_subject_stay_within_the_instances_memory_budget() {
+    // Arrange: room for two instances of 256 MiB, no warm pool, and a
+    // start that waits a second for room. Two subjects each retain one.
+    let app = spawn_app_with(&[
+        "--instance-memory-mb",
+        "512",
+        "--warm-pool-size",
+        "0",
+        "--instance-wait-secs",
+        "1",
+    ])
+    .await;
+    let code = "def handler(params, context):\n    return {'ok': True}\n";
+    app.register("python-sized", code, json!({"limits": {"memory_mb": 256}}))
+        .await;
+    app.register("python-huge", code, json!({"limits": {"memory_mb": 1024}}))
+        .await;
+    let alice = app.token("alice", &["execute:all"]);
+    let bob = app.token("bob", &["execute:all"]);
+    let retained = json!({"context": {"retain_session": true}});
+    let mut held = Vec::new();
+    for token in [&alice, &bob] {
+        let r = app.initialize(token, "python-sized", retained.clone()).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        held.push(r.body["request_id"].as_str().unwrap().to_owned());
+    }
+
+    // Act
+    let third = app.initialize(&alice, "python-sized", retained.clone()).await;
+    let huge = app.initialize(&bob, "python-huge", json!({"context": {}})).await;
+
+    // Assert: no room is 503, saying which budget is spent; a function
+    // larger than the whole budget says it can never start.
+    assert_eq!((third.status, third.code()), (503, "UNAVAILABLE"), "{:?}", third.body);
+    let message = third.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("hold 512 of its 512 MiB (INSTANCE_MEMORY_MB)"),
+        "{message}"
+    );
+    assert_eq!((huge.status, huge.code()), (503, "UNAVAILABLE"), "{:?}", huge.body);
+    let message = huge.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("more than all the memory"), "{message}");
+    // Ending one makes room, for anyone.
+    assert_eq!(delete(&app, Some(&alice), &held[0]).await.status, 204);
+    let again = app.initialize(&bob, "python-sized", retained).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    let r = app
+        .execute(&bob, again.body["request_id"].as_str().unwrap(), json!({}))
+        .await;
+    assert_eq!(r.body["result"], json!({"ok": true}), "{:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_that_finds_the_budget_held_by_the_warm_pool_stops_a_warm_instance_for_it() {
+    // Arrange: two warm Node instances of 256 MiB fill a budget of 512.
+    let app = spawn_app_with(&[
+        "--instance-memory-mb",
+        "512",
+        "--warm-pool-size",
+        "2",
+        "--instance-wait-secs",
+        "1",
+    ])
+    .await;
+    let code = "def handler(params, context):\n    return {'ok': True}\n";
+    app.register("python-small", code, json!({"limits": {"memory_mb": 64}}))
+        .await;
+    let warm_node = |metrics: &str| {
+        crate::helpers::sample(metrics, r#"lambda_instances{language="nodejs",state="warm"}"#).unwrap_or(0.0)
+    };
+    let mut full = false;
+    for _ in 0..250 {
+        if warm_node(&app.metrics().await) == 2.0 {
+            full = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(full, "the warm pool never filled: {}", app.metrics().await);
+
+    // Act: a function of another memory class starts cold.
+    let token = app.admin();
+    let r = app.initialize(&token, "python-small", json!({"context": {}})).await;
+
+    // Assert: it started, in the room of a warm instance.
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let id = r.body["request_id"].as_str().unwrap();
+    let ran = app.execute(&token, id, json!({})).await;
+    assert_eq!(ran.body["result"], json!({"ok": true}), "{:?}", ran.body);
+}

@@ -17,6 +17,7 @@ use crate::sandbox::{processes_of_uid, processes_with_cmdline};
 const ATTACKER: &str = r#"import errno
 import os
 import socket
+import time
 
 # Tells one instance from another.
 INSTANCE = os.urandom(8).hex()
@@ -29,7 +30,9 @@ def _error(e):
 def handler(params, context):
     mode = params.get("mode")
     if mode == "whoami":
-        return {"instance": INSTANCE, "uid": os.getuid(), "pid": os.getpid()}
+        with open("/proc/self/oom_score_adj") as f:
+            oom_score_adj = int(f.read())
+        return {"instance": INSTANCE, "uid": os.getuid(), "pid": os.getpid(), "oom_score_adj": oom_score_adj}
     if mode == "escape":
         # Double fork and a new session: the grandchild's parent is gone.
         child = os.fork()
@@ -99,6 +102,33 @@ def handler(params, context):
             except OSError:
                 pass
         return {"written_mib": written, "error": error}
+    if mode == "keep":
+        # Like fill, but the file stays.
+        chunk = b"x" * (1 << 20)
+        with open(params["path"], "wb") as f:
+            for _ in range(params["mib"]):
+                f.write(chunk)
+        return {"kept_mib": params["mib"]}
+    if mode == "hogs":
+        # Children that each fill `mib` MiB (each under its own RLIMIT_DATA)
+        # and hold it until all should be holding theirs at once.
+        until = time.time() + params["hold_s"]
+        children = []
+        for _ in range(params["n"]):
+            child = os.fork()
+            if child == 0:
+                hog = b"\x01" * (params["mib"] << 20)
+                time.sleep(max(0.0, until - time.time()))
+                os._exit(0 if hog[-1] == 1 else 1)
+            children.append(child)
+        held = killed = 0
+        for child in children:
+            _, status = os.waitpid(child, 0)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                held += 1
+            elif os.WIFSIGNALED(status):
+                killed += 1
+        return {"held": held, "killed": killed}
     return {"ok": True}
 "#;
 
@@ -318,6 +348,100 @@ async fn a_full_tmp_is_enospc_inside_the_function_only() {
     // The instance still serves.
     let ok = run(&app, &token, &id, json!({})).await;
     assert_eq!(ok.body["result"], json!({"ok": true}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instances_processes_together_stay_within_its_memory() {
+    let app = spawn_app().await;
+    let token = app.admin();
+    let lt = "python-hogs";
+    app.register(lt, ATTACKER, json!({"limits": {"memory_mb": 64}})).await;
+    let id = app.session(&token, lt, json!({"retain_session": true})).await;
+
+    // Should the machine itself run short, the kernel takes functions first.
+    let who = run(&app, &token, &id, json!({"mode": "whoami"})).await;
+    assert_eq!(who.body["result"]["oom_score_adj"], 500, "{:?}", who.body);
+
+    // Control: children within the instance's memory all hold theirs.
+    let r = run(
+        &app,
+        &token,
+        &id,
+        json!({"mode": "hogs", "n": 2, "mib": 8, "hold_s": 1}),
+    )
+    .await;
+    assert_eq!(r.body["result"], json!({"held": 2, "killed": 0}));
+
+    // Act: four children of 40 MiB each, each under the 64 MiB a process
+    // may have, together two and a half times what the instance may.
+    let r = app
+        .execute_with(
+            &token,
+            &id,
+            json!({"params": {"mode": "hogs", "n": 4, "mib": 40, "hold_s": 3}}),
+            Some("no-cache"),
+        )
+        .await;
+
+    // Assert: at most one held its 40 MiB; the kernel killed the others,
+    // or the instance itself, which is then said to be out of memory.
+    if r.status == 200 {
+        let held = r.body["result"]["held"].as_u64().unwrap();
+        assert!(held <= 1, "{held} children held 40 MiB each at once: {:?}", r.body);
+    } else {
+        assert_eq!(r.code(), "RUNTIME_ERROR", "{:?}", r.body);
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("out of memory"), "{message}");
+    }
+    // The function and its neighbours still run.
+    let next = app.session(&token, lt, json!({})).await;
+    let ok = run(&app, &token, &next, json!({})).await;
+    assert_eq!(ok.body["result"], json!({"ok": true}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instances_scratch_space_counts_against_its_memory() {
+    // Five tmpfs mounts of 64 MiB each would be 320 MiB of memory for a
+    // function of 64: what it writes there is its memory too.
+    let app = spawn_app().await;
+    let token = app.admin();
+    let lt = "python-shm";
+    app.register(lt, ATTACKER, json!({"limits": {"memory_mb": 64}})).await;
+    let id = app.session(&token, lt, json!({"retain_session": true})).await;
+
+    // Control: a write well within both caps.
+    let r = run(
+        &app,
+        &token,
+        &id,
+        json!({"mode": "fill", "path": "/dev/shm/a", "mib": 8}),
+    )
+    .await;
+    assert_eq!(r.body["result"], json!({"written_mib": 8, "error": null}));
+
+    // Act: fill three scratch mounts, keeping each file.
+    let mut errors = Vec::new();
+    for dir in ["/tmp", "/home/function", "/dev/shm"] {
+        let r = app
+            .execute_with(
+                &token,
+                &id,
+                json!({"params": {"mode": "keep", "path": format!("{dir}/keep"), "mib": 60}}),
+                Some("no-cache"),
+            )
+            .await;
+        errors.push((r.status, r.body.clone()));
+        if r.status != 200 {
+            break;
+        }
+    }
+
+    // Assert: the instance was stopped for want of memory before it held
+    // 180 MiB of files.
+    let (status, body) = errors.last().unwrap();
+    assert_eq!(*status, 500, "{errors:?}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("out of memory"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -39,6 +39,7 @@ use tokio::sync::{Semaphore, watch};
 
 use fnrt_core::artifact::{BuildFailure, BuildState, Target};
 
+use crate::cgroups::{Confinement, StepCaps};
 use crate::netns::PrivateNetwork;
 use crate::sandbox::{BuildSandbox, chown_tree};
 
@@ -59,6 +60,8 @@ pub struct BuilderConfig {
     pub retry_failed_after: Duration,
     /// The uid builds run as when the controller is root.
     pub build_uid: u32,
+    /// What each build step may take (memory, tasks).
+    pub caps: StepCaps,
 }
 
 pub struct Builder {
@@ -135,7 +138,7 @@ impl Builder {
             read_only.push(dir);
         }
         // Each build is given its tenant's directory to write ([`Builder::cargo`]).
-        let sandbox = BuildSandbox::detect(uid, read_only, Vec::new());
+        let sandbox = BuildSandbox::detect(uid, read_only, Vec::new(), config.caps);
         match &sandbox {
             Some(s) if !s.private_network() => tracing::warn!(
                 uid,
@@ -348,7 +351,7 @@ impl Builder {
         if self.sandbox.is_some() {
             // Dependencies come first, with the network; the build that runs
             // the crate's code comes after, without it.
-            let (fetch, net) = self
+            let (fetch, net, confined) = self
                 .cargo(
                     &work,
                     &src,
@@ -361,8 +364,12 @@ impl Builder {
                 Ok(Err(e)) => return Err(failure(format!("starting cargo: {e}"))),
                 Ok(Ok((true, _))) => {}
                 Ok(Ok((false, output))) => {
+                    let message = match confined.as_ref().and_then(Confinement::explain) {
+                        Some(why) => format!("fetching the crate's dependencies was stopped: {why}"),
+                        None => "fetching the crate's dependencies failed".into(),
+                    };
                     return Err(BuildFailure {
-                        message: "fetching the crate's dependencies failed".into(),
+                        message,
                         messages: vec![self.strip_paths(&output, &src, &work)],
                     });
                 }
@@ -393,7 +400,7 @@ impl Builder {
             // The SDK's export! expands to `main` on wasm: a WASI command.
             Target::Wasm => args.extend(["--crate-type", "bin", "--target", WASM_TARGET].map(Into::into)),
         };
-        let (mut cmd, _) = self
+        let (mut cmd, _, confined) = self
             .cargo(&work, &src, &args, false)
             .map_err(|e| failure(format!("preparing cargo: {e}")))?;
         let mut child = cmd
@@ -453,10 +460,11 @@ impl Builder {
                 }
                 messages.truncate(MAX_MESSAGES);
                 let errors = messages.iter().filter(|m| m.starts_with("error")).count();
-                Err(BuildFailure {
-                    message: format!("the build failed with {} error(s)", errors.max(1)),
-                    messages,
-                })
+                let message = match confined.as_ref().and_then(Confinement::explain) {
+                    Some(why) => format!("the build was stopped: {why}"),
+                    None => format!("the build failed with {} error(s)", errors.max(1)),
+                };
+                Err(BuildFailure { message, messages })
             }
         }
     }
@@ -467,14 +475,15 @@ impl Builder {
     /// which may write the tenant's work directory `work` and nothing else
     /// of the host (the network only when `network`), with the environment
     /// a build gets. With the network and slirp4netns, also its private
-    /// network, to start once cargo is spawned.
+    /// network, to start once cargo is spawned; in the sandbox, the
+    /// cgroups that cap the step, to keep until it has ended.
     fn cargo(
         &self,
         work: &Path,
         dir: &Path,
         args: &[std::ffi::OsString],
         network: bool,
-    ) -> std::io::Result<(tokio::process::Command, Option<PrivateNetwork>)> {
+    ) -> std::io::Result<(tokio::process::Command, Option<PrivateNetwork>, Option<Confinement>)> {
         let toolchain_cargo = self.sysroot.as_ref().map(|s| s.join("bin").join("cargo"));
         let mut private = None;
         let mut cmd = match (&self.sandbox, toolchain_cargo) {
@@ -508,10 +517,14 @@ impl Builder {
             .kill_on_drop(true)
             .process_group(0);
         die_with_controller(cmd.as_std_mut());
+        let confined = match &self.sandbox {
+            Some(sandbox) => Some(sandbox.confine(cmd.as_std_mut())?),
+            None => None,
+        };
         if let Some(net) = &private {
             net.prepare(&mut cmd);
         }
-        Ok((cmd, private))
+        Ok((cmd, private, confined))
     }
 
     /// The environment inside the sandbox: the toolchain first on `PATH`,
@@ -748,7 +761,9 @@ async fn ensure_wasm_target(cargo: &str) -> Result<(), String> {
 /// the child.
 ///
 /// It inherits no descriptor of the controller's past its standard streams
-/// ([`crate::sandbox::close_inherited_on_exec`]). A private network's
+/// ([`crate::sandbox::close_inherited_on_exec`]), and the kernel kills it
+/// before the controller should the machine run out of memory
+/// ([`crate::sandbox::first_to_go_out_of_memory`]). A private network's
 /// `pre_exec` hands bubblewrap its own ends again, so it is registered
 /// after this one.
 #[allow(unsafe_code)]
@@ -756,8 +771,9 @@ pub(crate) fn die_with_controller(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt as _;
     let controller = rustix::process::getpid();
     // SAFETY: the closure runs in the forked child before exec and makes
-    // three raw system calls (prctl, getppid, close_range) through rustix
-    // and libc, without allocating or taking locks: async-signal-safe.
+    // raw system calls (prctl, getppid, open/write/close, close_range)
+    // through rustix and libc, without allocating or taking locks:
+    // async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
@@ -765,6 +781,7 @@ pub(crate) fn die_with_controller(cmd: &mut std::process::Command) {
             if rustix::process::getppid() != Some(controller) {
                 return Err(std::io::Error::other("the controller is gone"));
             }
+            crate::sandbox::first_to_go_out_of_memory()?;
             crate::sandbox::close_inherited_on_exec()
         });
     }
@@ -1018,6 +1035,10 @@ mod tests {
             timeout: Duration::from_secs(60),
             retry_failed_after: Duration::from_secs(60),
             build_uid: 65_000,
+            caps: StepCaps {
+                memory_bytes: 1 << 30,
+                max_tasks: 1024,
+            },
         })
         .unwrap();
         let tenant = Tenant::of(Some("alice"));

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::cgroups::StepCaps;
 use crate::sandbox::BuildSandbox;
 use fnrt_core::artifact::{BuildFailure, BuildState};
 use fnrt_core::language::Language;
@@ -64,6 +65,8 @@ pub struct InstallerConfig {
     pub max_bytes: u64,
     /// The uid installs run as, when the controller is root.
     pub uid: u32,
+    /// What each install step may take (memory, tasks).
+    pub caps: StepCaps,
     /// Where packages come from (default PyPI and the npm registry).
     pub sources: Sources,
 }
@@ -151,7 +154,7 @@ impl Installer {
         if let Some(wheels) = &config.sources.pip_wheels_dir {
             read_only.push(wheels.canonicalize()?);
         }
-        let sandbox = BuildSandbox::detect(uid, read_only, vec![work_dir.clone()]);
+        let sandbox = BuildSandbox::detect(uid, read_only, vec![work_dir.clone()], config.caps);
         match &sandbox {
             None => tracing::warn!(
                 "bubblewrap is not installed: dependency installs run as the controller's user, unwalled"
@@ -454,6 +457,14 @@ impl Installer {
             .kill_on_drop(true)
             .process_group(0);
         crate::build::die_with_controller(cmd.as_std_mut());
+        let confined = match &self.sandbox {
+            Some(sandbox) => Some(
+                sandbox
+                    .confine(cmd.as_std_mut())
+                    .map_err(|e| failure(format!("{what} could not be prepared: {e}"), ""))?,
+            ),
+            None => None,
+        };
         if let Some(net) = &private {
             net.prepare(&mut cmd);
         }
@@ -507,7 +518,11 @@ impl Installer {
             String::from_utf8_lossy(&output.stderr)
         );
         let text = text.replace(&*work.to_string_lossy(), ".");
-        Err(failure(format!("{what} failed ({})", output.status), &text))
+        let message = match confined.as_ref().and_then(crate::cgroups::Confinement::explain) {
+            Some(why) => format!("{what} was stopped: {why}"),
+            None => format!("{what} failed ({})", output.status),
+        };
+        Err(failure(message, &text))
     }
 }
 

@@ -673,18 +673,6 @@ fn memory_cgroup(container: &str) -> Option<PathBuf> {
     .find(|d| d.join("memory.oom_control").exists())
 }
 
-/// The `oom_kill` count of a v1 memory cgroup, while it exists.
-fn oom_kills(cgroup: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(cgroup.join("memory.oom_control")).ok()?;
-    let mut words = text.split_whitespace();
-    while let Some(word) = words.next() {
-        if word == "oom_kill" {
-            return words.next()?.parse().ok();
-        }
-    }
-    None
-}
-
 /// Sets `flag` when the kernel kills a process of `container` for want of
 /// memory. Engines report it as `OOMKilled`, except where they do not
 /// (Podman with runc on cgroup v1 says false): there, the kernel's OOM
@@ -736,7 +724,7 @@ fn watch_oom(container: &str, flag: Arc<AtomicBool>) {
                 continue;
             }
             for _ in 0..20 {
-                match oom_kills(&cgroup) {
+                match crate::cgroups::oom_kills(&cgroup) {
                     Some(0) => tokio::time::sleep(Duration::from_millis(10)).await,
                     Some(_) => {
                         flag.store(true, Ordering::SeqCst);

@@ -14,7 +14,10 @@
 //!   [`netns`]: their private network through slirp4netns; [`egress`]: the
 //!   allow-list of a function with `network.egress` in that network.
 //! - [`uids`]: instance uids, one per instance on the host, and the cgroup
-//!   that counts each one's processes.
+//!   that counts each one's processes; [`cgroups`]: the memory cap of an
+//!   instance (all its processes together) and a build step's memory and
+//!   tasks caps; [`budget`]: the memory all process instances may reserve
+//!   together.
 //! - [`wasm`]: wasmtime sandboxes inside the controller, a fresh instance
 //!   per run.
 //! - [`build`]: cargo builds of Rust functions (native libraries, wasm
@@ -24,7 +27,9 @@
 //!   ([`CodeCheck`]) with the backend the placement gives its language, and
 //!   where crates' artifacts are.
 
+pub mod budget;
 pub mod build;
+pub mod cgroups;
 pub mod deps;
 pub mod docker;
 pub mod egress;

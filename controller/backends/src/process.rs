@@ -20,8 +20,10 @@
 //!   size-capped tmpfs mounts (`INSTANCE_SCRATCH_MB` each) at its home
 //!   (`/home/function`, also its cwd), `/tmp`, `/var/tmp`, `/dev/shm` and
 //!   `/run`, gone with it; nothing of the data dir;
-//! - the uid's cgroup (v1 `pids`): an instance whose processes grew (a
-//!   process or a zombie left behind) is not handed out again;
+//! - the uid's cgroups: v1 `pids`, so an instance whose processes grew (a
+//!   process or a zombie left behind) is not handed out again, and v1
+//!   `memory`, capped at the manifest's `limits.memory_mb`: all its
+//!   processes and its scratch space together, no swap;
 //! - a scrubbed environment (`PATH`, `HOME`, `LANG`, `TMPDIR`; the
 //!   function's own variables arrive with `/init`);
 //! - resource limits: data memory (`RLIMIT_DATA`: counts the heap of both
@@ -51,7 +53,9 @@ use rustix::process::{Pid, Resource, Rlimit, Signal};
 use tokio::net::unix::pipe;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
+use crate::budget::{MemoryBudget, Refusal, Reservation};
 use crate::build::Builder;
+use crate::cgroups::MemoryCgroup;
 use crate::deps::Installer;
 use crate::netns::{PrivateNetwork, Setup, SlirpGuard};
 use crate::packages::PackageStore;
@@ -103,6 +107,8 @@ pub struct ProcessConfig {
     pub instance_uid_base: u32,
     /// Size of that range: the most instances that can exist at once.
     pub instance_uid_count: u32,
+    /// The memory all instances together may reserve, in MiB ([`MemoryBudget`]).
+    pub memory_mb: u64,
     /// Largest runtime answer (result included), in bytes.
     pub max_result_bytes: usize,
     /// The program that serves the Rust runtime when given the arguments
@@ -135,6 +141,8 @@ pub struct ProcessBackend {
     launchers: HashMap<Language, Result<Launcher, String>>,
     /// Uids to drop to, one per instance, when running as root.
     uids: Option<Arc<UidPool>>,
+    /// What instances' memory caps may add up to.
+    budget: Arc<MemoryBudget>,
     /// bubblewrap, when the controller is root and it is installed.
     bwrap: Option<PathBuf>,
     /// slirp4netns and nft, for functions with `network.egress`.
@@ -325,6 +333,7 @@ impl ProcessBackend {
             instances_dir,
             launchers,
             uids,
+            budget: MemoryBudget::new(config.memory_mb),
             bwrap,
             egress_tools,
             mounted_tmp,
@@ -404,6 +413,13 @@ impl RuntimeBackend for ProcessBackend {
     }
 
     async fn ready(&self, function: &fnrt_core::function::FunctionVersion) -> Result<(), InstanceError> {
+        // A cap larger than the whole budget never fits: said here, where
+        // it is the function's doing, not the runtime's (a failed start
+        // marks the language unhealthy for a while).
+        let memory_mb = Shape::of(function).memory_mb;
+        self.budget
+            .fits_at_all(memory_mb)
+            .map_err(|refusal| memory_refused(function.language(), memory_mb, refusal))?;
         crate::crate_ready(self.builder.as_ref(), function)?;
         crate::dependencies_dir(self.installer.as_ref(), function).map(drop)
     }
@@ -454,11 +470,23 @@ impl RuntimeBackend for ProcessBackend {
                 socket.display()
             )));
         }
+        // Its memory cap, reserved for its life: the pool makes room (stops
+        // idle instances) or waits for some when the budget is spent.
+        let reservation = self
+            .budget
+            .reserve(memory_mb)
+            .map_err(|refusal| memory_refused(language, memory_mb, refusal))?;
         let uid = match &self.uids {
             Some(pool) => Some(pool.allocate().ok_or_else(|| InstanceError::Exhausted {
                 language,
                 message: "every instance uid is in use".into(),
             })?),
+            None => None,
+        };
+        let memory = match &uid {
+            Some(lease) => lease
+                .limit_memory(memory_mb * 1024 * 1024)
+                .map_err(|e| unavailable(format!("capping the instance's memory (its uid's memory cgroup): {e}")))?,
             None => None,
         };
         prepare_dir(&dir, uid.as_ref().map(|u| u.uid))
@@ -531,7 +559,10 @@ impl RuntimeBackend for ProcessBackend {
                     // bubblewrap changes the uid itself, after its mounts.
                     uid: self.bwrap.is_none().then_some(lease.uid),
                     tmp,
-                    cgroup: lease.cgroup.as_ref().map(|c| c.join_path()),
+                    cgroups: [
+                        lease.cgroup.as_ref().map(|c| c.join_path()),
+                        memory.as_ref().map(|m| m.join_path()),
+                    ],
                 })
             }
             None => None,
@@ -578,7 +609,9 @@ impl RuntimeBackend for ProcessBackend {
             output,
             terminated: false,
             in_bwrap: self.bwrap.is_some(),
+            memory,
             uid,
+            _reservation: reservation,
             packages: self.packages.clone(),
             installer: self.installer.clone(),
             slirp: None,
@@ -601,6 +634,22 @@ impl RuntimeBackend for ProcessBackend {
         )
         .await?;
         Ok(Box::new(instance))
+    }
+}
+
+/// What a start whose memory cap the budget refused fails with: no room
+/// now is `Exhausted` (the pool makes room or waits), larger than the whole
+/// budget is `Unavailable`.
+fn memory_refused(language: Language, memory_mb: u64, refusal: Refusal) -> InstanceError {
+    match refusal {
+        Refusal::Full { .. } => InstanceError::Exhausted {
+            language,
+            message: format!("no room for another instance of {memory_mb} MiB: {refusal}"),
+        },
+        Refusal::TooLarge { .. } => InstanceError::Unavailable {
+            language,
+            message: format!("this function's memory (limits.memory_mb, {memory_mb} MiB) is {refusal}"),
+        },
     }
 }
 
@@ -752,7 +801,7 @@ fn prepare_dir(dir: &Path, uid: Option<u32>) -> std::io::Result<()> {
 }
 
 /// What the child does before exec when the controller is root: join its
-/// uid's cgroup and, without bubblewrap, take its uid and a private `/tmp`
+/// uid's cgroups and, without bubblewrap, take its uid and a private `/tmp`
 /// in a mount namespace of its own. Prepared before the fork, because the
 /// child may not allocate.
 #[derive(Debug)]
@@ -760,8 +809,8 @@ struct Sandbox {
     uid: Option<u32>,
     /// The instance's `tmp/` to mount over `/tmp`.
     tmp: Option<std::ffi::CString>,
-    /// The uid cgroup's `tasks`, joined by the child.
-    cgroup: Option<std::ffi::CString>,
+    /// The `tasks` of the uid's cgroups (`pids`, `memory`), joined by the child.
+    cgroups: [Option<std::ffi::CString>; 2],
 }
 
 /// Sets up the child between fork and exec: private `/tmp` and own uid (as
@@ -784,8 +833,8 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
             if let Some(sandbox) = &sandbox {
                 use rustix::mount::{MountPropagationFlags, mount_bind, mount_change};
                 use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
-                if let Some(tasks) = &sandbox.cgroup {
-                    crate::uids::join_cgroup(tasks)?;
+                for tasks in sandbox.cgroups.iter().flatten() {
+                    crate::cgroups::join_cgroup(tasks)?;
                 }
                 // Mounts need root, so they come before the uid changes.
                 if let Some(tmp) = &sandbox.tmp {
@@ -806,6 +855,7 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
             rustix::process::setrlimit(Resource::Fsize, rl(limits.max_file_bytes))?;
             rustix::process::setrlimit(Resource::Data, rl(memory_bytes))?;
             rustix::process::setrlimit(Resource::Core, rl(0))?;
+            crate::sandbox::first_to_go_out_of_memory()?;
             // A write past the file-size limit fails with EFBIG inside the
             // function instead of killing the instance (an ignored signal
             // stays ignored across exec; CPython does the same itself).
@@ -1022,8 +1072,13 @@ pub struct ProcessHandle {
     terminated: bool,
     /// Whether it runs in bubblewrap (the child is bubblewrap, not the runtime).
     in_bwrap: bool,
+    /// Its uid's memory cgroup: its cap, and whether the kernel killed in
+    /// it. Declared before `uid`, so it is removed before the uid is free.
+    memory: Option<MemoryCgroup>,
     /// The instance's own uid, given back when the instance is gone.
     uid: Option<UidLease>,
+    /// Its share of the memory budget, given back when it is gone.
+    _reservation: Reservation,
     /// Where multi-file functions' files are.
     packages: Arc<PackageStore>,
     /// Where their installed dependencies are.
@@ -1090,7 +1145,7 @@ impl InstanceHandle for ProcessHandle {
         Some(Exit {
             status,
             output_tail: self.output.tail(Stream::Stderr),
-            oom_killed: false,
+            oom_killed: self.memory.as_ref().is_some_and(MemoryCgroup::oom_killed),
         })
     }
 
@@ -1120,6 +1175,7 @@ impl InstanceHandle for ProcessHandle {
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         self.terminated = true;
+        self.memory = None;
         self.uid = None;
     }
 

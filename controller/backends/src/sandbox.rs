@@ -24,13 +24,17 @@
 //! fetched (`cargo fetch`, pip, npm); the build itself (`build.rs`, proc
 //! macros, rustc; npm's install scripts) runs offline. That network is one
 //! of its own through slirp4netns when it is installed ([`crate::netns`]):
-//! the internet, but never the host's loopback. Without bubblewrap (`bwrap` not on `PATH`) builds run
+//! the internet, but never the host's loopback. Each step (a fetch, a
+//! build, an install) also runs in cgroups of its own that cap its memory
+//! and its tasks, all its processes together ([`BuildSandbox::confine`]).
+//! Without bubblewrap (`bwrap` not on `PATH`) builds run
 //! as the controller's user with a scrubbed environment, and start-up says so
 //! in a warning.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use crate::cgroups::{Confinement, StepCaps};
 use crate::netns::PrivateNetwork;
 
 /// Marks every descriptor past the standard streams close-on-exec, so that
@@ -48,6 +52,27 @@ pub(crate) fn close_inherited_on_exec() -> std::io::Result<()> {
     if unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// `oom_score_adj` of sandboxed code: should the machine run out of
+/// memory, the kernel kills functions and builds before the controller,
+/// the database and Redis (each is capped by its own cgroup first; this is
+/// for the machine as a whole). They cannot lower it: that takes
+/// `CAP_SYS_RESOURCE`.
+const OOM_SCORE_ADJ: &[u8] = b"500";
+
+/// Makes the calling process (a child between fork and exec) the kernel's
+/// first choice when the machine runs out of memory ([`OOM_SCORE_ADJ`]).
+/// Async-signal-safe: open, write, close.
+pub(crate) fn first_to_go_out_of_memory() -> std::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        c"/proc/self/oom_score_adj",
+        OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::io::write(&fd, OOM_SCORE_ADJ)?;
     Ok(())
 }
 
@@ -210,18 +235,30 @@ pub struct BuildSandbox {
     read_only: Vec<PathBuf>,
     /// Host paths a build may write (its work directory).
     writable: Vec<PathBuf>,
+    /// What each step may take: memory and tasks ([`Confinement`]).
+    caps: StepCaps,
 }
 
 impl BuildSandbox {
     /// bubblewrap, if it is installed; `None` otherwise.
-    pub fn detect(uid: Option<u32>, read_only: Vec<PathBuf>, writable: Vec<PathBuf>) -> Option<Self> {
+    pub fn detect(uid: Option<u32>, read_only: Vec<PathBuf>, writable: Vec<PathBuf>, caps: StepCaps) -> Option<Self> {
         Some(BuildSandbox {
             bwrap: find_bwrap()?,
             slirp: crate::netns::find_slirp(),
             uid,
             read_only,
             writable,
+            caps,
         })
+    }
+
+    /// The cgroups one step runs in, capped at the sandbox's [`StepCaps`],
+    /// joined by `cmd`'s child: kept until the step has ended, then asked
+    /// whether a cap stopped it ([`Confinement::explain`]).
+    pub fn confine(&self, cmd: &mut std::process::Command) -> std::io::Result<Confinement> {
+        let confinement = Confinement::new(self.caps)?;
+        confinement.apply(cmd)?;
+        Ok(confinement)
     }
 
     /// The same walls, with `writable` the host paths the sandbox may

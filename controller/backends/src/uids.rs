@@ -18,24 +18,33 @@
 //! that left a process (or a zombie) behind is not handed to the next
 //! execution ([`Cgroup::grew`]).
 //!
+//! An instance of the process backend also gets a v1 `memory` cgroup of
+//! its uid ([`UidLease::limit_memory`], `/sys/fs/cgroup/memory/fnrt/{uid}`):
+//! its manifest's memory is the cap of all its processes together and of
+//! what they write to its scratch tmpfs, where `RLIMIT_DATA` caps each
+//! process alone (a function that forks ten children had ten times its
+//! memory). Past the cap the kernel kills within the instance, and the
+//! cgroup's `oom_kill` count says so ([`MemoryCgroup::oom_killed`](crate::cgroups::MemoryCgroup::oom_killed)).
+//!
 //! # Layout
 //!
 //! - [`UidPool`] hands out [`UidLease`]s round-robin.
 //! - [`Cgroup`]: one uid's cgroup: join (between fork and exec, through
 //!   `tasks`), count,
 //!   kill, wait until empty.
+//! - memory caps and joining a cgroup are [`crate::cgroups`]'.
 
 use std::collections::HashSet;
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::cgroups::{MEMORY_HIERARCHY, MemoryCgroup, PIDS_HIERARCHY, fnrt_cgroup};
+
 /// Where the uid locks live.
 const LOCK_DIR: &str = "/run/fnrt/uids";
-/// The cgroup v1 `pids` hierarchy.
-const PIDS_HIERARCHY: &str = "/sys/fs/cgroup/pids";
 
 /// The range of uids instances run as, one each. Handed out round-robin so
 /// a uid is reused as late as possible.
@@ -45,6 +54,8 @@ pub struct UidPool {
     count: u32,
     /// `fnrt/` in the `pids` hierarchy, when there is one.
     cgroups: Option<PathBuf>,
+    /// `fnrt/` in the `memory` hierarchy, when there is one.
+    memory: Option<PathBuf>,
     /// The next offset to try, and the uids this controller holds.
     state: Mutex<(u32, HashSet<u32>)>,
 }
@@ -52,25 +63,19 @@ pub struct UidPool {
 impl UidPool {
     pub fn new(base: u32, count: u32) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(LOCK_DIR)?;
-        let cgroups = Path::new(PIDS_HIERARCHY).join("cgroup.procs").exists().then(|| {
-            let dir = Path::new(PIDS_HIERARCHY).join("fnrt");
-            std::fs::create_dir_all(&dir).map(|()| dir)
-        });
-        let cgroups = match cgroups {
-            Some(Ok(dir)) => Some(dir),
-            Some(Err(e)) => anyhow::bail!("creating the instances' cgroup under {PIDS_HIERARCHY}: {e}"),
-            None => {
-                tracing::warn!(
-                    "no cgroup v1 pids hierarchy at {PIDS_HIERARCHY}: instance processes are not counted, \
-                     so a uid is reused without checking that none of its processes lives"
-                );
-                None
-            }
-        };
+        let cgroups = fnrt_cgroup(
+            PIDS_HIERARCHY,
+            "instance processes are not counted, so a uid is reused without checking that none of its processes lives",
+        )?;
+        let memory = fnrt_cgroup(
+            MEMORY_HIERARCHY,
+            "an instance's memory is capped per process only (RLIMIT_DATA), not for all its processes together",
+        )?;
         let pool = Arc::new(UidPool {
             base,
             count: count.max(1),
             cgroups,
+            memory,
             state: Mutex::new((0, HashSet::new())),
         });
         pool.sweep();
@@ -184,6 +189,19 @@ pub struct UidLease {
     pool: Arc<UidPool>,
 }
 
+impl UidLease {
+    /// Caps the memory of everything the instance runs, together, at
+    /// `bytes` (swap included, where the kernel counts it): the uid's
+    /// `memory` cgroup, which the child joins with [`join_cgroup`] beside
+    /// its `pids` one. `None` without a v1 `memory` hierarchy.
+    pub fn limit_memory(&self, bytes: u64) -> std::io::Result<Option<MemoryCgroup>> {
+        let Some(dir) = &self.pool.memory else {
+            return Ok(None);
+        };
+        MemoryCgroup::create(dir.join(self.uid.to_string()), bytes).map(Some)
+    }
+}
+
 impl Drop for UidLease {
     fn drop(&mut self) {
         self.pool.state.lock().unwrap().1.remove(&self.uid);
@@ -292,23 +310,6 @@ impl Cgroup {
     }
 }
 
-/// Moves the calling thread into the cgroup whose `tasks` file is `tasks`.
-/// Async-signal-safe (open, write, close on a path prepared before the
-/// fork): meant for the child between fork and exec, so that it and all it
-/// starts are counted. A forked child has one thread, so the thread is the
-/// whole process; moving it through `tasks` rather than `cgroup.procs`
-/// spares the kernel the global lock that a whole thread group's move
-/// takes, whose first taking after a quiet spell waits for an RCU grace
-/// period (5 to 15 ms of every instance start here, measured; well under
-/// 1 ms through `tasks`).
-pub fn join_cgroup(tasks: &CStr) -> rustix::io::Result<()> {
-    use rustix::fs::{Mode, OFlags};
-    let fd = rustix::fs::open(tasks, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
-    // "0" is the writing thread.
-    rustix::io::write(&fd, b"0")?;
-    Ok(())
-}
-
 /// A cgroup file's whole text: each read from offset 0 makes it anew.
 fn read_whole(file: &std::fs::File) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
@@ -338,6 +339,7 @@ fn parse_ids(text: &[u8]) -> Vec<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cgroups::join_cgroup;
 
     /// The walls need root and the cgroup v1 `pids` hierarchy, as in CI.
     fn walls_available() -> bool {

@@ -642,6 +642,7 @@ mod tests {
             warm_memory_mb: crate::function::manifest::DEFAULT_MEMORY_MB,
             keep_warm: Duration::from_secs(60),
             max_idle_per_version: 8,
+            room_wait: Duration::from_secs(30),
         };
         let pool = InstancePool::new(Arc::new(Placement::single(backend)), config, metrics.clone());
         let cache = Layers::new(vec![Arc::new(MemoryCache::new(1 << 20))], metrics.clone());

@@ -258,6 +258,7 @@ mod tests {
             warm_memory_mb: crate::function::manifest::DEFAULT_MEMORY_MB,
             keep_warm: Duration::from_secs(60),
             max_idle_per_version: 8,
+            room_wait: Duration::from_secs(30),
         };
         let pool = InstancePool::new(Arc::new(placement), config, Arc::new(Metrics::new()));
         let stop = CancellationToken::new();

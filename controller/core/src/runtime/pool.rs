@@ -24,10 +24,6 @@ use crate::function::FunctionVersion;
 use crate::language::Language;
 use crate::metrics::Metrics;
 
-/// How long a start waits for room (an instance uid, a container slot)
-/// before it fails.
-const ROOM_WAIT: Duration = Duration::from_secs(30);
-
 /// How long a refill waits after a warm instance was handed out while the
 /// pool still holds others (see `maintain`).
 const REFILL_DELAY: Duration = Duration::from_millis(50);
@@ -53,6 +49,9 @@ pub struct PoolConfig {
     pub keep_warm: Duration,
     /// Most idle instances kept per function version.
     pub max_idle_per_version: usize,
+    /// How long a start waits for room (an instance uid, memory in the
+    /// budget, a container slot) before it fails.
+    pub room_wait: Duration,
 }
 
 /// How the instance behind a lease was obtained.
@@ -190,16 +189,20 @@ impl InstancePool {
                 let started = Instant::now();
                 let mut result = self.start(&backend, language, &shape, StartFor::Init).await;
                 // No room for another instance: the longest idle one makes
-                // room; with none idle, the start waits (a while) for a busy
-                // one to come back rather than failing a burst.
+                // room, else a generic warm one (the pool keeps those only
+                // while there is room); with neither, the start waits (a
+                // while) for a busy one to come back rather than failing a
+                // burst.
                 let mut pause = Duration::from_millis(20);
-                while matches!(result, Err(InstanceError::Exhausted { .. })) && started.elapsed() < ROOM_WAIT {
+                while matches!(result, Err(InstanceError::Exhausted { .. }))
+                    && started.elapsed() < self.config.room_wait
+                {
                     // One of this version's came back meanwhile: it serves.
                     if let Some(instance) = self.take_idle(&key) {
                         self.metrics.record_acquire(backend.name(), language, "reused");
                         return Ok(self.lease(instance, key, StartKind::Reused));
                     }
-                    match self.take_oldest_idle() {
+                    match self.take_oldest_idle().or_else(|| self.take_any_warm()) {
                         Some(mut oldest) => oldest.terminate().await,
                         None => {
                             tokio::time::sleep(pause).await;
@@ -314,6 +317,11 @@ impl InstancePool {
             idle.remove(&key);
         }
         Some(instance)
+    }
+
+    /// A generic warm instance of any backend, language and memory class.
+    fn take_any_warm(&self) -> Option<Box<dyn Instance>> {
+        self.warm.lock().unwrap().values_mut().find_map(Vec::pop)
     }
 
     fn take_idle(&self, key: &VersionKey) -> Option<Box<dyn Instance>> {

@@ -1,0 +1,259 @@
+//! Caps on what a sandbox may take, as cgroup v1 sets them (these machines
+//! mount v1 `pids` and `memory`): an instance's memory, all its processes
+//! together ([`MemoryCgroup`], one per instance uid, made by
+//! [`crate::uids::UidLease::limit_memory`]), and a build step's memory and
+//! tasks ([`Confinement`]: a cargo build, a pip or npm install, whose code
+//! is anyone's with `write:functions`: `build.rs`, proc macros, `setup.py`,
+//! install scripts).
+//!
+//! A process joins its cgroups between fork and exec ([`join_cgroup`]), so
+//! everything it starts is counted from its first instruction; nothing in a
+//! sandbox can leave them (no cgroup filesystem is mounted inside). Past a
+//! memory cap the kernel kills inside the cgroup, and the cgroup's
+//! `oom_kill` count says so; past a tasks cap `fork` fails there, and
+//! `pids.events` counts it.
+//!
+//! # Layout
+//!
+//! - [`join_cgroup`]: the child's side, async-signal-safe.
+//! - [`MemoryCgroup`]: a capped memory cgroup, removed when dropped.
+//! - [`Confinement`]: a build step's `pids` and `memory` cgroups
+//!   (`fnrt/steps/{controller pid}-{n}`), and what ended the step, if
+//!   either cap did ([`Confinement::explain`]).
+
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The cgroup v1 `pids` hierarchy.
+pub const PIDS_HIERARCHY: &str = "/sys/fs/cgroup/pids";
+/// The cgroup v1 `memory` hierarchy.
+pub const MEMORY_HIERARCHY: &str = "/sys/fs/cgroup/memory";
+
+/// `fnrt/` in a hierarchy, made if missing; `None` (and a warning saying
+/// what goes uncapped: `without`) when the hierarchy is not mounted.
+pub fn fnrt_cgroup(hierarchy: &str, without: &str) -> anyhow::Result<Option<PathBuf>> {
+    if !Path::new(hierarchy).join("cgroup.procs").exists() {
+        tracing::warn!("no cgroup v1 hierarchy at {hierarchy}: {without}");
+        return Ok(None);
+    }
+    let dir = Path::new(hierarchy).join("fnrt");
+    std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("creating the cgroup {}: {e}", dir.display()))?;
+    Ok(Some(dir))
+}
+
+/// Moves the calling thread into the cgroup whose `tasks` file is `tasks`.
+/// Async-signal-safe (open, write, close on a path prepared before the
+/// fork): meant for the child between fork and exec, so that it and all it
+/// starts are counted. A forked child has one thread, so the thread is the
+/// whole process; moving it through `tasks` rather than `cgroup.procs`
+/// spares the kernel the global lock that a whole thread group's move
+/// takes, whose first taking after a quiet spell waits for an RCU grace
+/// period (5 to 15 ms of every instance start here, measured; well under
+/// 1 ms through `tasks`).
+pub fn join_cgroup(tasks: &CStr) -> rustix::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(tasks, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+    // "0" is the writing thread.
+    rustix::io::write(&fd, b"0")?;
+    Ok(())
+}
+
+/// `dir/tasks`, ready for [`join_cgroup`] after a fork.
+fn tasks_of(dir: &Path) -> std::io::Result<CString> {
+    CString::new(dir.join("tasks").into_os_string().into_encoded_bytes())
+        .map_err(|_| std::io::Error::other("cgroup path contains NUL"))
+}
+
+/// A v1 `memory` cgroup capped at a number of bytes, swap included where
+/// the kernel counts it. Removed when dropped, once nothing runs in it (an
+/// instance is dropped after its processes are gone; a cgroup that still
+/// holds one is left, and capped afresh by whoever makes it next).
+#[derive(Debug)]
+pub struct MemoryCgroup {
+    dir: PathBuf,
+    tasks: CString,
+    /// `oom_kill` when it was capped: a cgroup left by an earlier instance
+    /// keeps its count.
+    oom_base: u64,
+}
+
+impl MemoryCgroup {
+    /// Makes (or takes over) the cgroup at `dir` and caps it at `bytes`.
+    pub fn create(dir: PathBuf, bytes: u64) -> std::io::Result<Self> {
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        let limit = bytes.to_string();
+        // memory+swap may never be below memory alone: lifted first, then
+        // memory, then memory+swap to the same (no swap beyond the cap).
+        let memsw = dir.join("memory.memsw.limit_in_bytes");
+        let swap_counted = memsw.exists();
+        if swap_counted {
+            std::fs::write(&memsw, "-1")?;
+        }
+        std::fs::write(dir.join("memory.limit_in_bytes"), &limit)?;
+        if swap_counted {
+            std::fs::write(&memsw, &limit)?;
+        }
+        Ok(MemoryCgroup {
+            oom_base: oom_kills(&dir).unwrap_or(0),
+            tasks: tasks_of(&dir)?,
+            dir,
+        })
+    }
+
+    /// Its `tasks`, for [`join_cgroup`] after a fork.
+    pub fn join_path(&self) -> CString {
+        self.tasks.clone()
+    }
+
+    /// Whether the kernel killed a process of it for want of memory since
+    /// it was capped.
+    pub fn oom_killed(&self) -> bool {
+        oom_kills(&self.dir).is_some_and(|n| n > self.oom_base)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Fails (EBUSY) while a process is still in it: left as it is.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The `oom_kill` count of a v1 memory cgroup, while it exists.
+pub fn oom_kills(cgroup: &Path) -> Option<u64> {
+    counter(&cgroup.join("memory.oom_control"), "oom_kill")
+}
+
+/// The number after `name` in a cgroup file of `name value` lines.
+fn counter(file: &Path, name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let mut words = text.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == name {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// What one build step may take: memory (all its processes together) and
+/// tasks (processes and threads), `BUILD_MEMORY_MB` and
+/// `BUILD_MAX_PROCESSES`.
+#[derive(Debug, Clone, Copy)]
+pub struct StepCaps {
+    pub memory_bytes: u64,
+    pub max_tasks: u64,
+}
+
+/// Names steps' cgroups apart within this controller.
+static STEPS: AtomicU64 = AtomicU64::new(0);
+
+/// A build step's own cgroups, capped at its [`StepCaps`]: the step's
+/// first process joins them before exec ([`Confinement::apply`]). Without
+/// the hierarchies (or not as root) it caps nothing. Removed when dropped:
+/// anything still in them is killed first.
+#[derive(Debug)]
+pub struct Confinement {
+    caps: StepCaps,
+    pids: Option<PathBuf>,
+    memory: Option<MemoryCgroup>,
+}
+
+impl Confinement {
+    pub fn new(caps: StepCaps) -> std::io::Result<Self> {
+        let mut confinement = Confinement {
+            caps,
+            pids: None,
+            memory: None,
+        };
+        if !rustix::process::geteuid().is_root() {
+            return Ok(confinement);
+        }
+        let name = format!("{}-{}", std::process::id(), STEPS.fetch_add(1, Ordering::Relaxed));
+        if Path::new(PIDS_HIERARCHY).join("cgroup.procs").exists() {
+            let dir = Path::new(PIDS_HIERARCHY).join("fnrt/steps").join(&name);
+            std::fs::create_dir_all(&dir)?;
+            // Owned from here: removed on drop even if the cap fails.
+            confinement.pids = Some(dir.clone());
+            std::fs::write(dir.join("pids.max"), caps.max_tasks.to_string())?;
+        }
+        if Path::new(MEMORY_HIERARCHY).join("cgroup.procs").exists() {
+            let parent = Path::new(MEMORY_HIERARCHY).join("fnrt/steps");
+            std::fs::create_dir_all(&parent)?;
+            confinement.memory = Some(MemoryCgroup::create(parent.join(&name), caps.memory_bytes)?);
+        }
+        Ok(confinement)
+    }
+
+    /// Makes `cmd`'s child join the step's cgroups before it execs.
+    #[allow(unsafe_code)]
+    pub fn apply(&self, cmd: &mut std::process::Command) -> std::io::Result<()> {
+        use std::os::unix::process::CommandExt as _;
+        let pids = self.pids.as_deref().map(tasks_of).transpose()?;
+        let memory = self.memory.as_ref().map(MemoryCgroup::join_path);
+        if pids.is_none() && memory.is_none() {
+            return Ok(());
+        }
+        // SAFETY: the closure runs in the forked child before exec and only
+        // opens and writes files whose paths were made before the fork
+        // (`join_cgroup`), without allocating or taking locks.
+        unsafe {
+            cmd.pre_exec(move || {
+                for tasks in [&pids, &memory].into_iter().flatten() {
+                    join_cgroup(tasks)?;
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
+    /// Which cap stopped the step, in words for its failure, if one did.
+    pub fn explain(&self) -> Option<String> {
+        if self.memory.as_ref().is_some_and(MemoryCgroup::oom_killed) {
+            return Some(format!(
+                "it ran out of memory: a build step may use {} MiB (BUILD_MEMORY_MB)",
+                self.caps.memory_bytes / (1024 * 1024)
+            ));
+        }
+        let refused = self
+            .pids
+            .as_ref()
+            .and_then(|dir| counter(&dir.join("pids.events"), "max"))
+            .unwrap_or(0);
+        (refused > 0).then(|| {
+            format!(
+                "it reached its limit of {} processes and threads (BUILD_MAX_PROCESSES): {refused} forks refused",
+                self.caps.max_tasks
+            )
+        })
+    }
+}
+
+impl Drop for Confinement {
+    fn drop(&mut self) {
+        let Some(dir) = &self.pids else { return };
+        // The step's processes die with its sandbox's PID namespace; a
+        // moment after, they may still be leaving the cgroup.
+        for _ in 0..50 {
+            if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                break;
+            }
+            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .filter_map(rustix::process::Pid::from_raw)
+                {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // The memory cgroup goes after (its own drop), empty by now.
+    }
+}
