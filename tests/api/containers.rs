@@ -211,6 +211,8 @@ def handler(params, context):
         "uid": os.getuid(),
         "root_write": attempt(lambda: write("/usr/fnrt-was-here")),
         "etc_write": attempt(lambda: write("/etc/fnrt-was-here")),
+        # Its directory on the host's disk, where nothing caps what is written.
+        "runtime_dir_write": attempt(lambda: write("/run/runtime/fnrt-was-here")),
         "tmp": attempt(lambda: fill("/tmp/fill")),
         "controller": attempt(lambda: connect("127.0.0.1", port)),
         "outside": attempt(lambda: connect("1.1.1.1", 80)),
@@ -260,6 +262,13 @@ async fn a_function_in_a_container_finds_every_wall_in_place() {
         "{seen}"
     );
     assert!(seen["etc_write"].as_str().unwrap().contains("Read-only"), "{seen}");
+    assert!(
+        seen["runtime_dir_write"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
+        "{seen}"
+    );
     assert_eq!(seen["tmp"], "ENOSPC", "{seen}");
     assert!(seen["controller"].as_str().unwrap().contains("refused"), "{seen}");
     assert!(seen["outside"].as_str().unwrap().contains("unreachable"), "{seen}");

@@ -250,14 +250,15 @@ fn any_running(processes: &[HostProcess]) -> bool {
         .any(|&(pid, start)| alive(pid.into()) && start_time(pid) == Some(start))
 }
 
-/// The host directory of the instance running as `uid` (it owns it).
+/// The host directory of the instance running as `uid` (root's, in the
+/// uid's group once its runtime is up).
 fn instance_dir_of_uid(app: &TestApp, uid: u64) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(app.data_dir.path().join("instances"))
         .ok()?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.metadata().is_ok_and(|m| u64::from(m.uid()) == uid))
+        .find(|p| p.metadata().is_ok_and(|m| u64::from(m.gid()) == uid))
 }
 
 /// The controller's resident memory, in KiB.

@@ -351,6 +351,29 @@ async fn a_full_tmp_is_enospc_inside_the_function_only() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_function_writes_nothing_to_its_instance_directory_on_the_hosts_disk() {
+    // `/run/runtime` is the instance's directory on the host's disk (its
+    // socket, a package's files): unlike its scratch space it has no size
+    // cap, so a function that could write there could fill the disk.
+    let app = spawn_app().await;
+    let token = app.admin();
+    let lt = register(&app, "disk").await;
+    let id = app.session(&token, &lt, json!({"retain_session": true})).await;
+
+    // Act
+    let paths = ["/run/runtime/junk", "/run/runtime/.hidden"];
+    let r = run(&app, &token, &id, json!({"mode": "write", "paths": paths})).await;
+
+    // Assert: refused.
+    for path in paths {
+        assert_eq!(r.body["result"][path], "EACCES", "{path}: {:?}", r.body);
+    }
+    // The function still runs, and reaches what it must there.
+    let ok = run(&app, &token, &id, json!({})).await;
+    assert_eq!(ok.body["result"], json!({"ok": true}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_instances_processes_together_stay_within_its_memory() {
     let app = spawn_app().await;
     let token = app.admin();

@@ -611,7 +611,7 @@ impl RuntimeBackend for DockerBackend {
                 }
             }
         }
-        let instance = RemoteInstance::connect(
+        let mut instance = RemoteInstance::connect(
             Box::new(handle),
             Endpoint::Unix(dir.join("rt.sock")),
             language,
@@ -619,6 +619,12 @@ impl RuntimeBackend for DockerBackend {
             &self.config.remote,
         )
         .await?;
+        // The runtime has made its socket; the container writes its files
+        // to its tmpfs mounts, never to this directory on the host's disk.
+        if let Err(e) = crate::seal_instance_dir(&dir, uid) {
+            instance.terminate().await;
+            return Err(unavailable(format!("sealing {}: {e}", dir.display())));
+        }
         Ok(Box::new(instance))
     }
 

@@ -69,6 +69,20 @@ pub fn link_files_socket(socket: Option<&std::path::Path>, dir: &std::path::Path
     }
 }
 
+/// Takes write access to an instance's directory away from the instance,
+/// once its runtime has made its socket there. The directory is on the
+/// host's disk, where nothing caps what is written (an instance's scratch
+/// space is size-capped tmpfs): writable, it would let a function fill the
+/// disk. Root's from then on, with search alone for the instance's group
+/// (`gid`), so it still reaches its socket, its package's files and the
+/// files socket by name. The runtimes write a single-file function's code
+/// into their working directory, a tmpfs.
+pub fn seal_instance_dir(dir: &Path, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))?;
+    std::os::unix::fs::chown(dir, Some(0), Some(gid))
+}
+
 /// A system tool's path (`bwrap`, `slirp4netns`, `nft`): on `PATH`, else
 /// where Debian installs it (root's tools are in `/usr/sbin`, which a
 /// service's `PATH` may lack).

@@ -625,7 +625,15 @@ impl RuntimeBackend for ProcessBackend {
                 }
             }
         }
-        let instance = RemoteInstance::connect(
+        // In bubblewrap the runtime writes nothing in its directory but its
+        // socket (its working directory is a tmpfs); without it, it works
+        // there, and the directory stays its own.
+        let seal = self
+            .bwrap
+            .as_ref()
+            .and(handle.uid.as_ref())
+            .map(|lease| (handle.dir.clone(), lease.uid));
+        let mut instance = RemoteInstance::connect(
             Box::new(handle),
             Endpoint::Unix(socket),
             language,
@@ -633,6 +641,12 @@ impl RuntimeBackend for ProcessBackend {
             &self.remote,
         )
         .await?;
+        if let Some((dir, gid)) = seal
+            && let Err(e) = crate::seal_instance_dir(&dir, gid)
+        {
+            instance.terminate().await;
+            return Err(unavailable(format!("sealing {}: {e}", dir.display())));
+        }
         Ok(Box::new(instance))
     }
 }
