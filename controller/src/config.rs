@@ -331,6 +331,12 @@ pub struct ServeArgs {
     #[arg(long, env = "BUILD_MAX_PROCESSES", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(16..))]
     pub build_max_processes: u64,
+    /// The most disk one build step's directory may take while it runs, in
+    /// MiB: a Rust build's subject's work directory (its crates and compiled
+    /// dependencies), an install's own directory (as root, cgroup v1).
+    #[arg(long, env = "BUILD_DISK_MB", default_value_t = 8192,
+          value_parser = clap::value_parser!(u64).range(64..))]
+    pub build_disk_mb: u64,
     /// Largest wasm module accepted, in bytes.
     #[arg(long, env = "WASM_MAX_MODULE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub wasm_max_module_bytes: usize,
@@ -376,11 +382,13 @@ impl ServeArgs {
             .unwrap_or_else(|| fnrt_backends::budget::machine_memory_mb().map_or(1024, |mb| mb / 4 * 3))
     }
 
-    /// What one build step may take (`BUILD_MEMORY_MB`, `BUILD_MAX_PROCESSES`).
+    /// What one build step may take (`BUILD_MEMORY_MB`, `BUILD_MAX_PROCESSES`,
+    /// `BUILD_DISK_MB`).
     pub fn build_caps(&self) -> fnrt_backends::cgroups::StepCaps {
         fnrt_backends::cgroups::StepCaps {
             memory_bytes: self.build_memory_mb.saturating_mul(1024 * 1024),
             max_tasks: self.build_max_processes,
+            disk_bytes: self.build_disk_mb.saturating_mul(1024 * 1024),
         }
     }
 

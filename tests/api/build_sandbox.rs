@@ -260,8 +260,13 @@ async fn a_build_sees_its_own_subjects_work_directory_and_no_other() {
 }
 
 /// Registers a crate with no dependencies whose `build.rs` is `main`, as
-/// `rust-{title}`; the reply.
-async fn register_build_script(app: &crate::helpers::TestApp, title: &str, main: &str) -> crate::helpers::Reply {
+/// `rust-{title}`, with `token`; the reply.
+async fn register_build_script(
+    app: &crate::helpers::TestApp,
+    token: &str,
+    title: &str,
+    main: &str,
+) -> crate::helpers::Reply {
     let files = json!({
         "Cargo.toml": format!("[package]\nname = \"{title}\"\nversion = \"0.1.0\"\nedition = \"2024\"\nbuild = \"build.rs\"\n"),
         // A run of its own each time: cargo must not reuse an earlier run.
@@ -269,7 +274,7 @@ async fn register_build_script(app: &crate::helpers::TestApp, title: &str, main:
         "src/lib.rs": "",
     });
     let body = json!({"language_title": format!("rust-{title}"), "description": "d", "files": files});
-    call(app, Method::POST, "/api/v1/functions", &app.admin(), Some(body)).await
+    call(app, Method::POST, "/api/v1/functions", token, Some(body)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -282,6 +287,7 @@ async fn a_build_script_that_takes_more_memory_than_a_build_may_is_stopped_and_s
     // Act: a build script that fills 1 GiB, four times what a build may use.
     let r = register_build_script(
         &app,
+        &app.admin(),
         "memory-hog",
         "fn main() {\n    let hog = vec![1u8; 1 << 30];\n    \
          std::thread::sleep(std::time::Duration::from_millis(200));\n    assert_eq!(hog[hog.len() - 1], 1);\n}\n",
@@ -306,6 +312,7 @@ async fn a_build_script_that_forks_without_end_is_refused_past_the_limit() {
     // Act: a build script that starts 200 processes and keeps them.
     let r = register_build_script(
         &app,
+        &app.admin(),
         "fork-hog",
         "fn main() {\n    let mut children = Vec::new();\n    for n in 0..200 {\n        \
          match std::process::Command::new(\"sleep\").arg(\"30\").spawn() {\n            \
@@ -320,4 +327,43 @@ async fn a_build_script_that_forks_without_end_is_refused_past_the_limit() {
     assert_eq!(r.code(), "BUILD_FAILED");
     let message = r.body["error"]["message"].as_str().unwrap();
     assert!(message.contains("limit of 64 processes and threads"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_script_that_fills_the_disk_is_stopped_past_the_limit() {
+    if !walled_builds() {
+        return;
+    }
+    let app = crate::helpers::spawn_app_with(&["--build-disk-mb", "64"]).await;
+    // A subject of its own: its work directory, removed past the limit, is
+    // shared by no other test's builds.
+    let subject = format!("filler-{}", uuid::Uuid::new_v4());
+    let token = app.token(&subject, &["execute:all", "read:functions", "write:functions"]);
+    let work = Path::new(crate::helpers::RUST_TARGET_DIR)
+        .join("tenants")
+        .join(fnrt_backends::build::Tenant::of(Some(&subject)).dir_name());
+
+    // Act: a build script that writes 1 GiB into its output directory, 1 MiB
+    // every 10 ms (the limit is checked every second).
+    let r = register_build_script(
+        &app,
+        &token,
+        "disk-hog",
+        "use std::io::Write;\nfn main() {\n    let out = std::env::var(\"OUT_DIR\").unwrap();\n    \
+         let mut f = std::fs::File::create(format!(\"{out}/fill\")).unwrap();\n    let chunk = vec![1u8; 1 << 20];\n    \
+         for _ in 0..1024 {\n        f.write_all(&chunk).unwrap();\n        f.flush().unwrap();\n        \
+         std::thread::sleep(std::time::Duration::from_millis(10));\n    }\n}\n",
+    )
+    .await;
+
+    // Assert: the build fails at the limit, saying so, and what it wrote
+    // is gone from the disk.
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.code(), "BUILD_FAILED");
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("more than the 64 MiB a build step may (BUILD_DISK_MB)"),
+        "{message}"
+    );
+    assert!(!work.exists(), "{} is left", work.display());
 }

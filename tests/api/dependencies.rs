@@ -562,3 +562,47 @@ async fn an_install_script_that_takes_more_memory_than_an_install_may_is_stopped
     assert!(message.contains("ran out of memory"), "{message}");
     assert!(message.contains("256 MiB (BUILD_MEMORY_MB)"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_script_that_fills_the_disk_is_stopped_past_the_limit() {
+    let app = spawn_app_with(&["--build-disk-mb", "64"]).await;
+    // A postinstall script that writes 1 GiB beside itself, 1 MiB every 10 ms.
+    let tarball = tar_gz_of(
+        &[
+            (
+                "package/package.json",
+                br#"{ "name": "filler", "version": "1.0.0", "scripts": { "postinstall": "node fill.js" } }"#,
+            ),
+            (
+                "package/fill.js",
+                b"const fs = require('fs');\nconst fd = fs.openSync(__dirname + '/fill', 'w');\nconst chunk = Buffer.alloc(1 << 20, 1);\n\
+                  let n = 0;\nconst step = () => { fs.writeSync(fd, chunk); if (++n < 1024) setTimeout(step, 10); };\nstep();\n",
+            ),
+        ],
+        false,
+    );
+    use base64::Engine as _;
+    let package_json = format!(
+        r#"{{ "name": "victim", "version": "1.0.0", "description": "{}", "dependencies": {{ "filler": "file:vendor/filler.tgz" }} }}"#,
+        uuid::Uuid::new_v4()
+    );
+    let files = json!({
+        "index.js": "module.exports.handler = async () => 1;\n",
+        "package.json": package_json,
+        "vendor/filler.tgz": { "base64": base64::engine::general_purpose::STANDARD.encode(&tarball) },
+    });
+
+    // Act
+    let r = register(
+        &app,
+        "nodejs-install-filler",
+        files,
+        json!({ "install": { "scripts": true } }),
+    )
+    .await;
+
+    // Assert: refused, saying which limit stopped the install.
+    assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("(BUILD_DISK_MB)"), "{message}");
+}

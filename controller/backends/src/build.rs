@@ -364,6 +364,7 @@ impl Builder {
                 Ok(Err(e)) => return Err(failure(format!("starting cargo: {e}"))),
                 Ok(Ok((true, _))) => {}
                 Ok(Ok((false, output))) => {
+                    forget_if_too_large(confined.as_ref(), &work);
                     let message = match confined.as_ref().and_then(Confinement::explain) {
                         Some(why) => format!("fetching the crate's dependencies was stopped: {why}"),
                         None => "fetching the crate's dependencies failed".into(),
@@ -460,6 +461,7 @@ impl Builder {
                 }
                 messages.truncate(MAX_MESSAGES);
                 let errors = messages.iter().filter(|m| m.starts_with("error")).count();
+                forget_if_too_large(confined.as_ref(), &work);
                 let message = match confined.as_ref().and_then(Confinement::explain) {
                     Some(why) => format!("the build was stopped: {why}"),
                     None => format!("the build failed with {} error(s)", errors.max(1)),
@@ -518,7 +520,11 @@ impl Builder {
             .process_group(0);
         die_with_controller(cmd.as_std_mut());
         let confined = match &self.sandbox {
-            Some(sandbox) => Some(sandbox.confine(cmd.as_std_mut())?),
+            Some(sandbox) => {
+                let mut confined = sandbox.confine(cmd.as_std_mut())?;
+                confined.watch_disk(work.to_path_buf());
+                Some(confined)
+            }
             None => None,
         };
         if let Some(net) = &private {
@@ -787,6 +793,17 @@ pub(crate) fn die_with_controller(cmd: &mut std::process::Command) {
     }
 }
 
+/// Removes a tenant's work directory that a step stopped for its size
+/// (`BUILD_DISK_MB`): what the build wrote there stays otherwise, and every
+/// later build would stop too. Its next build starts from nothing.
+fn forget_if_too_large(confined: Option<&Confinement>, work: &Path) {
+    if confined.is_some_and(Confinement::disk_exceeded)
+        && let Err(e) = std::fs::remove_dir_all(work)
+    {
+        tracing::warn!(work = %work.display(), error = %e, "removing a work directory past BUILD_DISK_MB");
+    }
+}
+
 /// Kills cargo's process group when dropped: at the end of a build it
 /// removes anything cargo left behind; on a timeout or a shutdown it stops
 /// the build itself. (The dropped guard runs right after cargo was reaped,
@@ -1038,6 +1055,7 @@ mod tests {
             caps: StepCaps {
                 memory_bytes: 1 << 30,
                 max_tasks: 1024,
+                disk_bytes: 1 << 30,
             },
         })
         .unwrap();

@@ -11,19 +11,26 @@
 //! sandbox can leave them (no cgroup filesystem is mounted inside). Past a
 //! memory cap the kernel kills inside the cgroup, and the cgroup's
 //! `oom_kill` count says so; past a tasks cap `fork` fails there, and
-//! `pids.events` counts it.
+//! `pids.events` counts it. A step's directory on the host's disk has no
+//! such cap: a watch measures it every second while the step runs and
+//! kills the step past `BUILD_DISK_MB` ([`Confinement::watch_disk`]).
 //!
 //! # Layout
 //!
 //! - [`join_cgroup`]: the child's side, async-signal-safe.
 //! - [`MemoryCgroup`]: a capped memory cgroup, removed when dropped.
 //! - [`Confinement`]: a build step's `pids` and `memory` cgroups
-//!   (`fnrt/steps/{controller pid}-{n}`), and what ended the step, if
-//!   either cap did ([`Confinement::explain`]).
+//!   (`fnrt/steps/{controller pid}-{n}`), the watch on its disk use, and
+//!   what ended the step, if a cap did ([`Confinement::explain`]).
 
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How often a step's directory is measured.
+const DISK_WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// The cgroup v1 `pids` hierarchy.
 pub const PIDS_HIERARCHY: &str = "/sys/fs/cgroup/pids";
@@ -140,13 +147,14 @@ fn counter(file: &Path, name: &str) -> Option<u64> {
     None
 }
 
-/// What one build step may take: memory (all its processes together) and
-/// tasks (processes and threads), `BUILD_MEMORY_MB` and
-/// `BUILD_MAX_PROCESSES`.
+/// What one build step may take: memory (all its processes together),
+/// tasks (processes and threads) and the disk its directory takes,
+/// `BUILD_MEMORY_MB`, `BUILD_MAX_PROCESSES` and `BUILD_DISK_MB`.
 #[derive(Debug, Clone, Copy)]
 pub struct StepCaps {
     pub memory_bytes: u64,
     pub max_tasks: u64,
+    pub disk_bytes: u64,
 }
 
 /// Names steps' cgroups apart within this controller.
@@ -161,6 +169,9 @@ pub struct Confinement {
     caps: StepCaps,
     pids: Option<PathBuf>,
     memory: Option<MemoryCgroup>,
+    /// What the disk watch found the directory took, once past the cap.
+    disk_over: Arc<AtomicU64>,
+    watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Confinement {
@@ -169,6 +180,8 @@ impl Confinement {
             caps,
             pids: None,
             memory: None,
+            disk_over: Arc::new(AtomicU64::new(0)),
+            watch: None,
         };
         if !rustix::process::geteuid().is_root() {
             return Ok(confinement);
@@ -212,8 +225,43 @@ impl Confinement {
         Ok(())
     }
 
+    /// Measures `dir` (what the step writes on the host's disk) every
+    /// second until the confinement is dropped; past the cap, kills every
+    /// process of the step. Needs the `pids` cgroup (what it kills).
+    pub fn watch_disk(&mut self, dir: PathBuf) {
+        let Some(pids) = self.pids.clone() else { return };
+        let (cap, over) = (self.caps.disk_bytes, self.disk_over.clone());
+        self.watch = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(DISK_WATCH_EVERY).await;
+                let measured = dir.clone();
+                let used = tokio::task::spawn_blocking(move || disk_used(&measured))
+                    .await
+                    .unwrap_or(0);
+                if used > cap {
+                    over.store(used, Ordering::SeqCst);
+                    kill_procs(&pids);
+                    return;
+                }
+            }
+        }));
+    }
+
+    /// Whether the disk watch stopped the step.
+    pub fn disk_exceeded(&self) -> bool {
+        self.disk_over.load(Ordering::SeqCst) > 0
+    }
+
     /// Which cap stopped the step, in words for its failure, if one did.
     pub fn explain(&self) -> Option<String> {
+        let disk = self.disk_over.load(Ordering::SeqCst);
+        if disk > 0 {
+            return Some(format!(
+                "it wrote {} MiB to its work directory, more than the {} MiB a build step may (BUILD_DISK_MB)",
+                disk / (1024 * 1024),
+                self.caps.disk_bytes / (1024 * 1024)
+            ));
+        }
         if self.memory.as_ref().is_some_and(MemoryCgroup::oom_killed) {
             return Some(format!(
                 "it ran out of memory: a build step may use {} MiB (BUILD_MEMORY_MB)",
@@ -236,6 +284,9 @@ impl Confinement {
 
 impl Drop for Confinement {
     fn drop(&mut self) {
+        if let Some(watch) = &self.watch {
+            watch.abort();
+        }
         let Some(dir) = &self.pids else { return };
         // The step's processes die with its sandbox's PID namespace; a
         // moment after, they may still be leaving the cgroup.
@@ -243,17 +294,42 @@ impl Drop for Confinement {
             if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
                 break;
             }
-            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                for pid in procs
-                    .lines()
-                    .filter_map(|l| l.trim().parse().ok())
-                    .filter_map(rustix::process::Pid::from_raw)
-                {
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+            kill_procs(dir);
+            std::thread::sleep(Duration::from_millis(2));
         }
         // The memory cgroup goes after (its own drop), empty by now.
     }
+}
+
+/// Sends SIGKILL to every process of the `pids` cgroup at `dir`.
+fn kill_procs(dir: &Path) {
+    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return;
+    };
+    for pid in procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter_map(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// The disk `dir` takes: its files' allocated blocks (so that many small
+/// files count for what they take), symbolic links not followed; what
+/// vanishes during the walk is skipped.
+pub fn disk_used(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        total += meta.blocks() * 512;
+        if meta.is_dir() {
+            total += disk_used(&entry.path());
+        }
+    }
+    total
 }

@@ -458,11 +458,13 @@ impl Installer {
             .process_group(0);
         crate::build::die_with_controller(cmd.as_std_mut());
         let confined = match &self.sandbox {
-            Some(sandbox) => Some(
-                sandbox
+            Some(sandbox) => {
+                let mut confined = sandbox
                     .confine(cmd.as_std_mut())
-                    .map_err(|e| failure(format!("{what} could not be prepared: {e}"), ""))?,
-            ),
+                    .map_err(|e| failure(format!("{what} could not be prepared: {e}"), ""))?;
+                confined.watch_disk(work.to_path_buf());
+                Some(confined)
+            }
             None => None,
         };
         if let Some(net) = &private {
