@@ -844,6 +844,9 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
     let controller = rustix::process::getpid();
     unsafe {
         cmd.pre_exec(move || {
+            // Before any uid change: a process that changed its uid no
+            // longer owns its own /proc entries (it is not dumpable).
+            crate::sandbox::first_to_go_out_of_memory()?;
             if let Some(sandbox) = &sandbox {
                 use rustix::mount::{MountPropagationFlags, mount_bind, mount_change};
                 use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
@@ -869,7 +872,6 @@ fn limit_child(cmd: &mut Command, limits: ProcessLimits, memory_bytes: u64, sand
             rustix::process::setrlimit(Resource::Fsize, rl(limits.max_file_bytes))?;
             rustix::process::setrlimit(Resource::Data, rl(memory_bytes))?;
             rustix::process::setrlimit(Resource::Core, rl(0))?;
-            crate::sandbox::first_to_go_out_of_memory()?;
             // A write past the file-size limit fails with EFBIG inside the
             // function instead of killing the instance (an ignored signal
             // stays ignored across exec; CPython does the same itself).
