@@ -364,7 +364,7 @@ impl Builder {
                 Ok(Err(e)) => return Err(failure(format!("starting cargo: {e}"))),
                 Ok(Ok((true, _))) => {}
                 Ok(Ok((false, output))) => {
-                    forget_if_too_large(confined.as_ref(), &work);
+                    forget_if_too_large(confined.as_ref(), tenant, &work);
                     let message = match confined.as_ref().and_then(Confinement::explain) {
                         Some(why) => format!("fetching the crate's dependencies was stopped: {why}"),
                         None => "fetching the crate's dependencies failed".into(),
@@ -461,7 +461,7 @@ impl Builder {
                 }
                 messages.truncate(MAX_MESSAGES);
                 let errors = messages.iter().filter(|m| m.starts_with("error")).count();
-                forget_if_too_large(confined.as_ref(), &work);
+                forget_if_too_large(confined.as_ref(), tenant, &work);
                 let message = match confined.as_ref().and_then(Confinement::explain) {
                     Some(why) => format!("the build was stopped: {why}"),
                     None => format!("the build failed with {} error(s)", errors.max(1)),
@@ -793,11 +793,14 @@ pub(crate) fn die_with_controller(cmd: &mut std::process::Command) {
     }
 }
 
-/// Removes a tenant's work directory that a step stopped for its size
+/// Removes a subject's work directory that a step stopped for its size
 /// (`BUILD_DISK_MB`): what the build wrote there stays otherwise, and every
-/// later build would stop too. Its next build starts from nothing.
-fn forget_if_too_large(confined: Option<&Confinement>, work: &Path) {
+/// later build would stop too. Its next build starts from nothing. The
+/// bundled functions' directory is the operator's, and replicas may be
+/// building in it: kept.
+fn forget_if_too_large(confined: Option<&Confinement>, tenant: &Tenant, work: &Path) {
     if confined.is_some_and(Confinement::disk_exceeded)
+        && !matches!(tenant, Tenant::Bundled)
         && let Err(e) = std::fs::remove_dir_all(work)
     {
         tracing::warn!(work = %work.display(), error = %e, "removing a work directory past BUILD_DISK_MB");
@@ -930,6 +933,15 @@ fn write_crate(dir: &Path, key: &str, files: &BTreeMap<String, String>) -> std::
         std::fs::write(file, text)?;
     }
     if std::fs::rename(&tmp, dir).is_err() {
+        if !dir.join("Cargo.toml").is_file() {
+            // Not another controller's crate but what is left of one (a
+            // cargo that wrote its lock file after the crate was removed):
+            // replaced, else every build of it would fail.
+            let _ = std::fs::remove_dir_all(dir);
+            if std::fs::rename(&tmp, dir).is_ok() {
+                return Ok(package);
+            }
+        }
         // Another controller wrote the same crate first.
         std::fs::remove_dir_all(&tmp)?;
     }
@@ -1088,6 +1100,29 @@ mod tests {
             "not a directory",
             "the file was left as it was"
         );
+    }
+
+    #[test]
+    fn a_crate_directory_left_without_its_manifest_is_written_again() {
+        // Arrange: what a cargo that outlived its crate's removal leaves.
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("crates").join("key");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("Cargo.lock"), "# left").unwrap();
+        let files = BTreeMap::from([
+            ("Cargo.toml".to_owned(), "[package]\nname = \"f\"\n".to_owned()),
+            ("src/lib.rs".to_owned(), String::new()),
+        ]);
+
+        // Act
+        write_crate(&dir, "0123456789abcdef0123", &files).unwrap();
+
+        // Assert: the crate is whole again, and a whole one is kept as it is.
+        assert!(dir.join("Cargo.toml").is_file());
+        assert!(dir.join("src/lib.rs").is_file());
+        std::fs::write(dir.join("Cargo.lock"), "# cargo's").unwrap();
+        write_crate(&dir, "0123456789abcdef0123", &files).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("Cargo.lock")).unwrap(), "# cargo's");
     }
 
     #[test]
