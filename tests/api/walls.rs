@@ -17,6 +17,7 @@ use crate::sandbox::{processes_of_uid, processes_with_cmdline};
 const ATTACKER: &str = r#"import errno
 import os
 import socket
+import threading
 import time
 
 # Tells one instance from another.
@@ -102,6 +103,13 @@ def handler(params, context):
             except OSError:
                 pass
         return {"written_mib": written, "error": error}
+    if mode == "spin":
+        # Work left behind after the answer.
+        def spin():
+            while True:
+                pass
+        threading.Thread(target=spin, daemon=True).start()
+        return {"instance": INSTANCE}
     if mode == "keep":
         # Like fill, but the file stays.
         chunk = b"x" * (1 << 20)
@@ -371,6 +379,33 @@ async fn a_function_writes_nothing_to_its_instance_directory_on_the_hosts_disk()
     // The function still runs, and reaches what it must there.
     let ok = run(&app, &token, &id, json!({})).await;
     assert_eq!(ok.body["result"], json!({"ok": true}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_that_works_between_its_calls_is_stopped() {
+    // A retained session keeps its instance for hours: work its function
+    // leaves running after the answer would take a core all that time.
+    let app = spawn_app().await;
+    let token = app.admin();
+    let lt = register(&app, "spinner").await;
+    let id = app.session(&token, &lt, json!({"retain_session": true})).await;
+    // Control: an instance that rests between calls is kept.
+    let first = run(&app, &token, &id, json!({"mode": "whoami"})).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let again = run(&app, &token, &id, json!({"mode": "whoami"})).await;
+    assert_eq!(again.body["result"]["instance"], first.body["result"]["instance"]);
+    let uid = first.body["result"]["uid"].as_u64().unwrap();
+
+    // Act: the function answers and leaves a thread spinning.
+    run(&app, &token, &id, json!({"mode": "spin"})).await;
+
+    // Assert: the instance is stopped, and the session's next call runs
+    // on a new one.
+    let stopped = eventually(Duration::from_secs(10), || processes_of_uid(uid).is_empty()).await;
+    assert!(stopped, "an instance kept spinning between its calls");
+    let next = run(&app, &token, &id, json!({"mode": "whoami"})).await;
+    assert_ne!(next.body["result"]["instance"], first.body["result"]["instance"]);
+    assert_eq!(next.body["instance_recreated"], true, "{:?}", next.body);
 }
 
 #[tokio::test(flavor = "multi_thread")]

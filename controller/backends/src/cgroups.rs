@@ -36,6 +36,8 @@ const DISK_WATCH_EVERY: Duration = Duration::from_secs(1);
 pub const PIDS_HIERARCHY: &str = "/sys/fs/cgroup/pids";
 /// The cgroup v1 `memory` hierarchy.
 pub const MEMORY_HIERARCHY: &str = "/sys/fs/cgroup/memory";
+/// The cgroup v1 `cpuacct` hierarchy.
+pub const CPUACCT_HIERARCHY: &str = "/sys/fs/cgroup/cpuacct";
 
 /// `fnrt/` in a hierarchy, made if missing; `None` (and a warning saying
 /// what goes uncapped: `without`) when the hierarchy is not mounted.
@@ -126,6 +128,47 @@ impl MemoryCgroup {
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
         // Fails (EBUSY) while a process is still in it: left as it is.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A v1 `cpuacct` cgroup: the CPU time of everything in it. Removed when
+/// dropped, once nothing runs in it.
+#[derive(Debug)]
+pub struct CpuCgroup {
+    dir: PathBuf,
+    tasks: CString,
+}
+
+impl CpuCgroup {
+    /// Makes (or takes over) the cgroup at `dir`.
+    pub fn create(dir: PathBuf) -> std::io::Result<Self> {
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        Ok(CpuCgroup {
+            tasks: tasks_of(&dir)?,
+            dir,
+        })
+    }
+
+    /// Its `tasks`, for [`join_cgroup`] after a fork.
+    pub fn join_path(&self) -> CString {
+        self.tasks.clone()
+    }
+
+    /// The CPU time its tasks have used, in nanoseconds (0 if unreadable).
+    pub fn usage_ns(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("cpuacct.usage"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for CpuCgroup {
+    fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -301,8 +344,8 @@ impl Drop for Confinement {
     }
 }
 
-/// Sends SIGKILL to every process of the `pids` cgroup at `dir`.
-fn kill_procs(dir: &Path) {
+/// Sends SIGKILL to every process of the cgroup at `dir`.
+pub fn kill_procs(dir: &Path) {
     let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
         return;
     };

@@ -17,7 +17,7 @@
 //!   that counts each one's processes; [`cgroups`]: the memory cap of an
 //!   instance (all its processes together) and a build step's memory and
 //!   tasks caps; [`budget`]: the memory all process instances may reserve
-//!   together.
+//!   together; [`idle`]: instances that work between their calls, stopped.
 //! - [`wasm`]: wasmtime sandboxes inside the controller, a fresh instance
 //!   per run.
 //! - [`build`]: cargo builds of Rust functions (native libraries, wasm
@@ -33,6 +33,7 @@ pub mod cgroups;
 pub mod deps;
 pub mod docker;
 pub mod egress;
+pub mod idle;
 pub mod netns;
 pub mod packages;
 pub mod process;

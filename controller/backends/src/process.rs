@@ -57,6 +57,7 @@ use crate::budget::{MemoryBudget, Refusal, Reservation};
 use crate::build::Builder;
 use crate::cgroups::MemoryCgroup;
 use crate::deps::Installer;
+use crate::idle::{IdleWatch, Sweeper};
 use crate::netns::{PrivateNetwork, Setup, SlirpGuard};
 use crate::packages::PackageStore;
 use crate::sandbox::Walls;
@@ -143,6 +144,8 @@ pub struct ProcessBackend {
     uids: Option<Arc<UidPool>>,
     /// What instances' memory caps may add up to.
     budget: Arc<MemoryBudget>,
+    /// Stops instances that work between their calls.
+    sweeper: Arc<Sweeper>,
     /// bubblewrap, when the controller is root and it is installed.
     bwrap: Option<PathBuf>,
     /// slirp4netns and nft, for functions with `network.egress`.
@@ -334,6 +337,7 @@ impl ProcessBackend {
             launchers,
             uids,
             budget: MemoryBudget::new(config.memory_mb),
+            sweeper: Arc::default(),
             bwrap,
             egress_tools,
             mounted_tmp,
@@ -489,6 +493,21 @@ impl RuntimeBackend for ProcessBackend {
                 .map_err(|e| unavailable(format!("capping the instance's memory (its uid's memory cgroup): {e}")))?,
             None => None,
         };
+        // Its CPU time, watched between calls ([`crate::idle`]).
+        let idle = match &uid {
+            Some(lease) => match (
+                lease.account_cpu().map_err(|e| {
+                    unavailable(format!(
+                        "counting the instance's CPU time (its uid's cpuacct cgroup): {e}"
+                    ))
+                })?,
+                &lease.cgroup,
+            ) {
+                (Some(cpu), Some(pids)) => Some(IdleWatch::new(id.clone(), cpu, pids.path().to_path_buf())),
+                _ => None,
+            },
+            None => None,
+        };
         prepare_dir(&dir, uid.as_ref().map(|u| u.uid))
             .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
         crate::link_files_socket(self.files_socket.as_deref(), &dir);
@@ -562,6 +581,7 @@ impl RuntimeBackend for ProcessBackend {
                     cgroups: [
                         lease.cgroup.as_ref().map(|c| c.join_path()),
                         memory.as_ref().map(|m| m.join_path()),
+                        idle.as_ref().map(|w| w.cpu.join_path()),
                     ],
                 })
             }
@@ -601,6 +621,9 @@ impl RuntimeBackend for ProcessBackend {
             let (o, e) = (output.clone(), output.clone());
             tokio::spawn(async move { tokio::join!(drain(o, Stream::Stdout), drain(e, Stream::Stderr)) });
         }
+        if let Some(watch) = &idle {
+            self.sweeper.watch(watch);
+        }
         let mut handle = ProcessHandle {
             id,
             child,
@@ -610,6 +633,7 @@ impl RuntimeBackend for ProcessBackend {
             terminated: false,
             in_bwrap: self.bwrap.is_some(),
             memory,
+            idle,
             uid,
             _reservation: reservation,
             packages: self.packages.clone(),
@@ -823,8 +847,9 @@ struct Sandbox {
     uid: Option<u32>,
     /// The instance's `tmp/` to mount over `/tmp`.
     tmp: Option<std::ffi::CString>,
-    /// The `tasks` of the uid's cgroups (`pids`, `memory`), joined by the child.
-    cgroups: [Option<std::ffi::CString>; 2],
+    /// The `tasks` of the uid's cgroups (`pids`, `memory`, `cpuacct`),
+    /// joined by the child.
+    cgroups: [Option<std::ffi::CString>; 3],
 }
 
 /// Sets up the child between fork and exec: private `/tmp` and own uid (as
@@ -1091,6 +1116,8 @@ pub struct ProcessHandle {
     /// Its uid's memory cgroup: its cap, and whether the kernel killed in
     /// it. Declared before `uid`, so it is removed before the uid is free.
     memory: Option<MemoryCgroup>,
+    /// Its activity and CPU time, which the backend's sweeper watches.
+    idle: Option<Arc<IdleWatch>>,
     /// The instance's own uid, given back when the instance is gone.
     uid: Option<UidLease>,
     /// Its share of the memory budget, given back when it is gone.
@@ -1115,6 +1142,10 @@ impl InstanceHandle for ProcessHandle {
 
     fn follow_output(&self) -> Following<'_> {
         Box::pin(self.output.follow())
+    }
+
+    fn activity(&self) -> Option<Arc<fnrt_core::runtime::remote::Activity>> {
+        self.idle.as_ref().map(|w| w.activity.clone())
     }
 
     /// Its pipes are read dry when a run's answer has come.
@@ -1192,6 +1223,7 @@ impl InstanceHandle for ProcessHandle {
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         self.terminated = true;
         self.memory = None;
+        self.idle = None;
         self.uid = None;
     }
 

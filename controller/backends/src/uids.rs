@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cgroups::{MEMORY_HIERARCHY, MemoryCgroup, PIDS_HIERARCHY, fnrt_cgroup};
+use crate::cgroups::{CPUACCT_HIERARCHY, CpuCgroup, MEMORY_HIERARCHY, MemoryCgroup, PIDS_HIERARCHY, fnrt_cgroup};
 
 /// Where the uid locks live.
 const LOCK_DIR: &str = "/run/fnrt/uids";
@@ -56,6 +56,8 @@ pub struct UidPool {
     cgroups: Option<PathBuf>,
     /// `fnrt/` in the `memory` hierarchy, when there is one.
     memory: Option<PathBuf>,
+    /// `fnrt/` in the `cpuacct` hierarchy, when there is one.
+    cpuacct: Option<PathBuf>,
     /// The next offset to try, and the uids this controller holds.
     state: Mutex<(u32, HashSet<u32>)>,
 }
@@ -71,11 +73,16 @@ impl UidPool {
             MEMORY_HIERARCHY,
             "an instance's memory is capped per process only (RLIMIT_DATA), not for all its processes together",
         )?;
+        let cpuacct = fnrt_cgroup(
+            CPUACCT_HIERARCHY,
+            "an instance that works between its calls is not seen, nor stopped",
+        )?;
         let pool = Arc::new(UidPool {
             base,
             count: count.max(1),
             cgroups,
             memory,
+            cpuacct,
             state: Mutex::new((0, HashSet::new())),
         });
         pool.sweep();
@@ -199,6 +206,18 @@ impl UidLease {
             return Ok(None);
         };
         MemoryCgroup::create(dir.join(self.uid.to_string()), bytes).map(Some)
+    }
+}
+
+impl UidLease {
+    /// Counts the CPU time of everything the instance runs: the uid's
+    /// `cpuacct` cgroup, joined like the others. `None` without the
+    /// hierarchy.
+    pub fn account_cpu(&self) -> std::io::Result<Option<CpuCgroup>> {
+        let Some(dir) = &self.pool.cpuacct else {
+            return Ok(None);
+        };
+        CpuCgroup::create(dir.join(self.uid.to_string())).map(Some)
     }
 }
 

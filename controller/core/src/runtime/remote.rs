@@ -8,6 +8,7 @@
 //! answers and failures mean, is here and in [`super::protocol`].
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -101,6 +102,12 @@ pub trait InstanceHandle: Send + Sync {
     fn output_complete_at_answer(&self) -> bool {
         false
     }
+    /// Where the instance tells whether a call (`/init`, `/run`) is under
+    /// way: between calls an instance has nothing to do, and a backend may
+    /// stop one that works anyway (a thread the function left spinning).
+    fn activity(&self) -> Option<Arc<Activity>> {
+        None
+    }
     /// Puts a package's files where the server reads them (`function/`
     /// beside its socket), before its `/init`.
     async fn place_package(&mut self, function: &FunctionVersion) -> Result<(), InstanceError> {
@@ -123,6 +130,8 @@ pub struct RemoteInstance {
     initialized: bool,
     /// Where a crate's built library is: its `/init` sends it.
     artifacts: Option<Arc<dyn Artifacts>>,
+    /// The handle's [`Activity`], if its backend watches it.
+    activity: Option<Arc<Activity>>,
 }
 
 /// What a backend fixes about the instances it starts.
@@ -156,6 +165,7 @@ impl RemoteInstance {
             if client.health().await.is_ok() {
                 tracing::debug!(instance = handle.id(), %language, ms = started.elapsed().as_millis() as u64, "instance started");
                 return Ok(RemoteInstance {
+                    activity: handle.activity(),
                     handle,
                     client,
                     language,
@@ -221,6 +231,49 @@ impl RemoteInstance {
     }
 }
 
+/// Whether a call is under way on an instance, and how many times one
+/// began or ended: what a backend watches to tell an instance at work
+/// between calls.
+#[derive(Debug, Default)]
+pub struct Activity {
+    busy: AtomicBool,
+    changes: AtomicU64,
+}
+
+impl Activity {
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    /// Calls begun plus calls ended.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
+}
+
+/// Marks a call under way until dropped (whichever way the call ends, a
+/// cancelled one too).
+struct Busy(Option<Arc<Activity>>);
+
+impl Busy {
+    fn of(activity: &Option<Arc<Activity>>) -> Self {
+        if let Some(a) = activity {
+            a.busy.store(true, Ordering::SeqCst);
+            a.changes.fetch_add(1, Ordering::SeqCst);
+        }
+        Busy(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(a) = &self.0 {
+            a.busy.store(false, Ordering::SeqCst);
+            a.changes.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// 16 random bytes for a run's log marker: unguessable, so a function
 /// cannot end its run's logs early by printing one ahead of time.
 fn rand_bytes() -> [u8; 16] {
@@ -250,6 +303,7 @@ impl Instance for RemoteInstance {
         if payload.package {
             self.handle.place_package(function).await?;
         }
+        let _busy = Busy::of(&self.activity);
         match self.client.init(&payload).await {
             Ok(()) => {
                 self.initialized = true;
@@ -261,6 +315,7 @@ impl Instance for RemoteInstance {
     }
 
     async fn run(&mut self, request: RunRequest<'_>) -> Result<RunOutcome, InstanceError> {
+        let _busy = Busy::of(&self.activity);
         let tap = request.logs.and_then(|logs| Some((logs, self.handle.output()?)));
         // Without a marker the run's window ends when its output has been
         // read after the answer, without waiting for anything more.
