@@ -98,21 +98,22 @@ async fn sweep(sweeper: Weak<Sweeper>) {
             watched.iter().filter_map(Weak::upgrade).collect()
         };
         drop(sweeper);
-        for watch in live {
-            let looked = watch.clone();
-            let worked = tokio::task::spawn_blocking(move || looked.worked_while_idle())
-                .await
-                .ok()
-                .flatten();
-            if let Some(worked) = worked {
-                tracing::warn!(
-                    instance = %watch.id,
-                    cpu_ms = worked.as_millis() as u64,
-                    period_ms = SWEEP_EVERY.as_millis() as u64,
-                    "an instance worked between its calls (work its function left running); stopped"
-                );
-                crate::cgroups::kill_procs(&watch.processes);
-            }
+        // One blocking task reads them all (a file each).
+        let busy_idle = tokio::task::spawn_blocking(move || {
+            live.into_iter()
+                .filter_map(|watch| watch.worked_while_idle().map(|worked| (watch, worked)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (watch, worked) in busy_idle {
+            tracing::warn!(
+                instance = %watch.id,
+                cpu_ms = worked.as_millis() as u64,
+                period_ms = SWEEP_EVERY.as_millis() as u64,
+                "an instance worked between its calls (work its function left running); stopped"
+            );
+            crate::cgroups::kill_procs(&watch.processes);
         }
     }
 }

@@ -621,9 +621,8 @@ impl RuntimeBackend for ProcessBackend {
             let (o, e) = (output.clone(), output.clone());
             tokio::spawn(async move { tokio::join!(drain(o, Stream::Stdout), drain(e, Stream::Stderr)) });
         }
-        if let Some(watch) = &idle {
-            self.sweeper.watch(watch);
-        }
+        // Watched once it answers: its start-up is work before any call.
+        let watched = idle.clone();
         let mut handle = ProcessHandle {
             id,
             child,
@@ -670,6 +669,9 @@ impl RuntimeBackend for ProcessBackend {
         {
             instance.terminate().await;
             return Err(unavailable(format!("sealing {}: {e}", dir.display())));
+        }
+        if let Some(watch) = &watched {
+            self.sweeper.watch(watch);
         }
         Ok(Box::new(instance))
     }
