@@ -229,6 +229,8 @@ impl Confinement {
         if !rustix::process::geteuid().is_root() {
             return Ok(confinement);
         }
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(sweep_steps);
         let name = format!("{}-{}", std::process::id(), STEPS.fetch_add(1, Ordering::Relaxed));
         if Path::new(PIDS_HIERARCHY).join("cgroup.procs").exists() {
             let dir = Path::new(PIDS_HIERARCHY).join("fnrt/steps").join(&name);
@@ -344,6 +346,30 @@ impl Drop for Confinement {
     }
 }
 
+/// Removes the steps' cgroups that controllers which are gone left behind
+/// (one that exits mid-build drops no [`Confinement`]): those named after
+/// a pid that no longer runs. A cgroup that still holds a task is not
+/// removed (the kernel refuses).
+fn sweep_steps() {
+    for hierarchy in [PIDS_HIERARCHY, MEMORY_HIERARCHY] {
+        let Ok(entries) = std::fs::read_dir(Path::new(hierarchy).join("fnrt/steps")) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.split('-').next()) else {
+                continue;
+            };
+            let gone = pid
+                .parse::<u32>()
+                .is_ok_and(|p| p != std::process::id() && !Path::new("/proc").join(p.to_string()).exists());
+            if gone && entry.path().is_dir() {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
 /// Sends SIGKILL to every process of the cgroup at `dir`.
 pub fn kill_procs(dir: &Path) {
     let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
@@ -375,4 +401,42 @@ pub fn disk_used(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_steps_cgroup_left_by_a_controller_that_is_gone_is_removed() {
+        if !rustix::process::geteuid().is_root() || !Path::new(PIDS_HIERARCHY).join("cgroup.procs").exists() {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root with cgroups");
+            return;
+        }
+        // Arrange: a step's cgroups named after a pid that runs nothing,
+        // and one of this process's.
+        let dead = (4_194_000..4_194_304)
+            .find(|p| !Path::new("/proc").join(p.to_string()).exists())
+            .unwrap();
+        let left: Vec<PathBuf> = [PIDS_HIERARCHY, MEMORY_HIERARCHY]
+            .iter()
+            .map(|h| Path::new(h).join("fnrt/steps").join(format!("{dead}-0")))
+            .collect();
+        let own = Path::new(PIDS_HIERARCHY)
+            .join("fnrt/steps")
+            .join(format!("{}-999999", std::process::id()));
+        for dir in left.iter().chain([&own]) {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+
+        // Act
+        sweep_steps();
+
+        // Assert
+        for dir in &left {
+            assert!(!dir.exists(), "{} is left", dir.display());
+        }
+        assert!(own.exists(), "a live controller's step was removed");
+        std::fs::remove_dir(&own).unwrap();
+    }
 }
