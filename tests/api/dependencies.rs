@@ -517,42 +517,43 @@ async fn a_native_npm_package_with_prebuilt_binaries_resizes_an_image() {
     assert_eq!(png_size(&resized), (10, 5));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_install_script_that_takes_more_memory_than_an_install_may_is_stopped_and_says_so() {
-    let app = spawn_app_with(&["--build-memory-mb", "256"]).await;
-    // A postinstall script that fills 1 GiB, four times what an install may use.
+/// Registers `language_title`, a Node function that depends on a package
+/// whose `postinstall` runs `script` (with `install.scripts`); the reply.
+/// The set is one of its own each time: installs are shared by what they
+/// install, and kept across runs here.
+async fn register_with_postinstall(app: &TestApp, language_title: &str, script: &[u8]) -> Reply {
     let tarball = tar_gz_of(
         &[
             (
                 "package/package.json",
-                br#"{ "name": "hog", "version": "1.0.0", "scripts": { "postinstall": "node hog.js" } }"#,
+                br#"{ "name": "scripted", "version": "1.0.0", "scripts": { "postinstall": "node script.js" } }"#,
             ),
-            (
-                "package/hog.js",
-                b"const hog = Buffer.alloc(1 << 30, 1);\nsetTimeout(() => console.log(hog[hog.length - 1]), 200);\n",
-            ),
+            ("package/script.js", script),
         ],
         false,
     );
     use base64::Engine as _;
-    // Installs are shared by what they install (and kept across runs
-    // here): a set of its own, so that this one runs.
     let package_json = format!(
-        r#"{{ "name": "victim", "version": "1.0.0", "description": "{}", "dependencies": {{ "hog": "file:vendor/hog.tgz" }} }}"#,
+        r#"{{ "name": "victim", "version": "1.0.0", "description": "{}", "dependencies": {{ "scripted": "file:vendor/scripted.tgz" }} }}"#,
         uuid::Uuid::new_v4()
     );
     let files = json!({
         "index.js": "module.exports.handler = async () => 1;\n",
         "package.json": package_json,
-        "vendor/hog.tgz": { "base64": base64::engine::general_purpose::STANDARD.encode(&tarball) },
+        "vendor/scripted.tgz": { "base64": base64::engine::general_purpose::STANDARD.encode(&tarball) },
     });
+    register(app, language_title, files, json!({ "install": { "scripts": true } })).await
+}
 
-    // Act
-    let r = register(
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_script_that_takes_more_memory_than_an_install_may_is_stopped_and_says_so() {
+    let app = spawn_app_with(&["--build-memory-mb", "256"]).await;
+    // Act: a postinstall script that fills 1 GiB, four times what an
+    // install may use.
+    let r = register_with_postinstall(
         &app,
         "nodejs-install-hog",
-        files,
-        json!({ "install": { "scripts": true } }),
+        b"const hog = Buffer.alloc(1 << 30, 1);\nsetTimeout(() => console.log(hog[hog.length - 1]), 200);\n",
     )
     .await;
 
@@ -566,38 +567,13 @@ async fn an_install_script_that_takes_more_memory_than_an_install_may_is_stopped
 #[tokio::test(flavor = "multi_thread")]
 async fn an_install_script_that_fills_the_disk_is_stopped_past_the_limit() {
     let app = spawn_app_with(&["--build-disk-mb", "64"]).await;
-    // A postinstall script that writes 1 GiB beside itself, 1 MiB every 10 ms.
-    let tarball = tar_gz_of(
-        &[
-            (
-                "package/package.json",
-                br#"{ "name": "filler", "version": "1.0.0", "scripts": { "postinstall": "node fill.js" } }"#,
-            ),
-            (
-                "package/fill.js",
-                b"const fs = require('fs');\nconst fd = fs.openSync(__dirname + '/fill', 'w');\nconst chunk = Buffer.alloc(1 << 20, 1);\n\
-                  let n = 0;\nconst step = () => { fs.writeSync(fd, chunk); if (++n < 1024) setTimeout(step, 10); };\nstep();\n",
-            ),
-        ],
-        false,
-    );
-    use base64::Engine as _;
-    let package_json = format!(
-        r#"{{ "name": "victim", "version": "1.0.0", "description": "{}", "dependencies": {{ "filler": "file:vendor/filler.tgz" }} }}"#,
-        uuid::Uuid::new_v4()
-    );
-    let files = json!({
-        "index.js": "module.exports.handler = async () => 1;\n",
-        "package.json": package_json,
-        "vendor/filler.tgz": { "base64": base64::engine::general_purpose::STANDARD.encode(&tarball) },
-    });
-
-    // Act
-    let r = register(
+    // Act: a postinstall script that writes 1 GiB beside itself, 1 MiB
+    // every 10 ms.
+    let r = register_with_postinstall(
         &app,
         "nodejs-install-filler",
-        files,
-        json!({ "install": { "scripts": true } }),
+        b"const fs = require('fs');\nconst fd = fs.openSync(__dirname + '/fill', 'w');\nconst chunk = Buffer.alloc(1 << 20, 1);\n\
+          let n = 0;\nconst step = () => { fs.writeSync(fd, chunk); if (++n < 1024) setTimeout(step, 10); };\nstep();\n",
     )
     .await;
 

@@ -90,10 +90,8 @@ pub struct MemoryCgroup {
 impl MemoryCgroup {
     /// Makes (or takes over) the cgroup at `dir` and caps it at `bytes`.
     pub fn create(dir: PathBuf, bytes: u64) -> std::io::Result<Self> {
-        match std::fs::create_dir(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
+        // Made, or taken over as an earlier holder left it.
+        std::fs::create_dir_all(&dir)?;
         let limit = bytes.to_string();
         // memory+swap may never be below memory alone: lifted first, then
         // memory, then memory+swap to the same (no swap beyond the cap).
@@ -143,10 +141,8 @@ pub struct CpuCgroup {
 impl CpuCgroup {
     /// Makes (or takes over) the cgroup at `dir`.
     pub fn create(dir: PathBuf) -> std::io::Result<Self> {
-        match std::fs::create_dir(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
+        // Made, or taken over as an earlier holder left it.
+        std::fs::create_dir_all(&dir)?;
         Ok(CpuCgroup {
             tasks: tasks_of(&dir)?,
             dir,
@@ -285,7 +281,7 @@ impl Confinement {
                     .unwrap_or(0);
                 if used > cap {
                     over.store(used, Ordering::SeqCst);
-                    kill_procs(&pids);
+                    kill_procs(&pids, None);
                     return;
                 }
             }
@@ -339,7 +335,7 @@ impl Drop for Confinement {
             if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
                 break;
             }
-            kill_procs(dir);
+            kill_procs(dir, None);
             std::thread::sleep(Duration::from_millis(2));
         }
         // The memory cgroup goes after (its own drop), empty by now.
@@ -370,8 +366,9 @@ fn sweep_steps() {
     }
 }
 
-/// Sends SIGKILL to every process of the cgroup at `dir`.
-pub fn kill_procs(dir: &Path) {
+/// Sends SIGKILL to every process of the cgroup at `dir` but `spared`
+/// (`cgroup.procs` read afresh).
+pub fn kill_procs(dir: &Path, spared: Option<rustix::process::Pid>) {
     let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
         return;
     };
@@ -380,7 +377,9 @@ pub fn kill_procs(dir: &Path) {
         .filter_map(|l| l.trim().parse().ok())
         .filter_map(rustix::process::Pid::from_raw)
     {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        if Some(pid) != spared {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
     }
 }
 

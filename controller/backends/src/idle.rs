@@ -113,7 +113,7 @@ async fn sweep(sweeper: Weak<Sweeper>) {
                 period_ms = SWEEP_EVERY.as_millis() as u64,
                 "an instance worked between its calls (work its function left running); stopped"
             );
-            crate::cgroups::kill_procs(&watch.processes);
+            crate::cgroups::kill_procs(&watch.processes, None);
         }
     }
 }

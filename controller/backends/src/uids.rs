@@ -241,10 +241,8 @@ pub struct Cgroup {
 
 impl Cgroup {
     fn open(dir: PathBuf) -> std::io::Result<Self> {
-        match std::fs::create_dir(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
+        // Made, or taken over as an earlier holder left it.
+        std::fs::create_dir_all(&dir)?;
         let tasks = CString::new(dir.join("tasks").into_os_string().into_encoded_bytes())
             .map_err(|_| std::io::Error::other("cgroup path contains NUL"))?;
         let current = std::fs::File::open(dir.join("pids.current"))?;
@@ -305,11 +303,7 @@ impl Cgroup {
 
     /// Sends SIGKILL to every process in the cgroup but `spared`.
     pub fn kill(&self, spared: Option<rustix::process::Pid>) {
-        for pid in self.processes().into_iter().filter_map(rustix::process::Pid::from_raw) {
-            if Some(pid) != spared {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
+        crate::cgroups::kill_procs(&self.dir, spared);
     }
 
     /// Kills every process in the cgroup and waits (at most `wait`) until
