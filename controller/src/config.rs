@@ -41,6 +41,17 @@ fn secret(s: &str) -> Result<Secret, std::convert::Infallible> {
     Ok(Secret::from(s.to_owned()))
 }
 
+/// A number of CPUs: 0 (no quota), or from 0.01 (the kernel's least
+/// quota, 1 ms per 100 ms) to 1024.
+fn cpus(s: &str) -> Result<f64, String> {
+    let n: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of CPUs"))?;
+    if n == 0.0 || (0.01..=1024.0).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{s} CPUs: 0 (no quota) or from 0.01 to 1024"))
+    }
+}
+
 /// Where the JWT secret comes from; shared by `serve` and `token`.
 #[derive(Debug, Clone, Args)]
 pub struct AuthArgs {
@@ -283,6 +294,10 @@ pub struct ServeArgs {
     /// instances run in bubblewrap.
     #[arg(long, env = "INSTANCE_SCRATCH_MB", default_value_t = 64)]
     pub instance_scratch_mb: u64,
+    /// CPUs all of a process instance's processes and threads together
+    /// may use (a quota in its uid's cgroup, as root); 0: no quota.
+    #[arg(long, env = "INSTANCE_CPUS", default_value_t = 1.0, value_parser = cpus)]
+    pub instance_cpus: f64,
     /// First uid of the range instances run as (one uid each) when the
     /// controller runs as root.
     #[arg(long, env = "INSTANCE_UID_BASE", default_value_t = 200_000)]
@@ -514,5 +529,16 @@ mod tests {
         assert!(args.database_url.is_none());
         assert_eq!(args.session_ttl_secs, 7_200, "defaults apply");
         assert!(ServeArgs::from_flags(["--no-such-flag"]).is_err());
+    }
+
+    #[test]
+    fn instance_cpus_is_no_quota_or_a_quota_the_kernel_takes() {
+        let parse = |v: &str| ServeArgs::from_flags(["--instance-cpus", v]).map(|a| a.instance_cpus);
+        assert_eq!(ServeArgs::from_flags(Vec::<&str>::new()).unwrap().instance_cpus, 1.0);
+        assert_eq!(parse("0").unwrap(), 0.0);
+        assert_eq!(parse("0.25").unwrap(), 0.25);
+        for refused in ["0.001", "-1", "NaN", "2000", "one"] {
+            assert!(parse(refused).is_err(), "{refused}");
+        }
     }
 }

@@ -199,6 +199,7 @@ impl Application {
                 max_open_files: args.instance_max_open_files,
                 max_file_bytes: args.instance_max_file_mb * 1024 * 1024,
                 scratch_bytes: args.instance_scratch_mb * 1024 * 1024,
+                cpus: (args.instance_cpus > 0.0).then_some(args.instance_cpus),
             },
             instance_uid_base: args.instance_uid_base,
             instance_uid_count: args.instance_uid_count,

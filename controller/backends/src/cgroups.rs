@@ -1,7 +1,8 @@
 //! Caps on what a sandbox may take, as cgroup v1 sets them (these machines
-//! mount v1 `pids` and `memory`): an instance's memory, all its processes
-//! together ([`MemoryCgroup`], one per instance uid, made by
-//! [`crate::uids::UidLease::limit_memory`]), and a build step's memory and
+//! mount v1 `pids`, `memory`, `cpu` and `cpuacct`): an instance's memory,
+//! all its processes together ([`MemoryCgroup`], one per instance uid, made
+//! by [`crate::uids::UidLease::limit_memory`]), its CPU ([`CpuQuota`], by
+//! [`crate::uids::UidLease::limit_cpu`]), and a build step's memory and
 //! tasks ([`Confinement`]: a cargo build, a pip or npm install, whose code
 //! is anyone's with `write:functions`: `build.rs`, proc macros, `setup.py`,
 //! install scripts).
@@ -19,6 +20,8 @@
 //!
 //! - [`join_cgroup`]: the child's side, async-signal-safe.
 //! - [`MemoryCgroup`]: a capped memory cgroup, removed when dropped.
+//! - [`CpuQuota`]: a `cpu` cgroup with a CFS quota, removed when dropped.
+//! - [`CpuCgroup`]: a `cpuacct` cgroup, read by the idle sweep.
 //! - [`Confinement`]: a build step's `pids` and `memory` cgroups
 //!   (`fnrt/steps/{controller pid}-{n}`), the watch on its disk use, and
 //!   what ended the step, if a cap did ([`Confinement::explain`]).
@@ -38,6 +41,12 @@ pub const PIDS_HIERARCHY: &str = "/sys/fs/cgroup/pids";
 pub const MEMORY_HIERARCHY: &str = "/sys/fs/cgroup/memory";
 /// The cgroup v1 `cpuacct` hierarchy.
 pub const CPUACCT_HIERARCHY: &str = "/sys/fs/cgroup/cpuacct";
+/// The cgroup v1 `cpu` hierarchy (the same directory as `cpuacct` where
+/// the two are mounted together).
+pub const CPU_HIERARCHY: &str = "/sys/fs/cgroup/cpu";
+/// The scheduler's period for a CPU quota, in microseconds (the kernel's
+/// default): a quota of one CPU is 100 ms of CPU time per 100 ms.
+const CPU_PERIOD_US: u64 = 100_000;
 
 /// `fnrt/` in a hierarchy, made if missing; `None` (and a warning saying
 /// what goes uncapped: `without`) when the hierarchy is not mounted.
@@ -167,6 +176,46 @@ impl Drop for CpuCgroup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// A v1 `cpu` cgroup whose tasks together may use at most a number of CPUs
+/// (a CFS quota per period: past it they wait for the next period,
+/// however many threads or processes they run). Removed when dropped, once
+/// nothing runs in it.
+#[derive(Debug)]
+pub struct CpuQuota {
+    dir: PathBuf,
+    tasks: CString,
+}
+
+impl CpuQuota {
+    /// Makes (or takes over) the cgroup at `dir` and caps it at `cpus`.
+    pub fn create(dir: PathBuf, cpus: f64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+        std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us(cpus).to_string())?;
+        Ok(CpuQuota {
+            tasks: tasks_of(&dir)?,
+            dir,
+        })
+    }
+
+    /// Its `tasks`, for [`join_cgroup`] after a fork.
+    pub fn join_path(&self) -> CString {
+        self.tasks.clone()
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// `cpus` as CPU time per [`CPU_PERIOD_US`], no less than the kernel's
+/// least (1 ms).
+fn quota_us(cpus: f64) -> u64 {
+    ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000)
 }
 
 /// The `oom_kill` count of a v1 memory cgroup, while it exists.

@@ -23,7 +23,9 @@
 //! - the uid's cgroups: v1 `pids`, so an instance whose processes grew (a
 //!   process or a zombie left behind) is not handed out again, and v1
 //!   `memory`, capped at the manifest's `limits.memory_mb`: all its
-//!   processes and its scratch space together, no swap;
+//!   processes and its scratch space together, no swap; v1 `cpu`, a quota
+//!   of `INSTANCE_CPUS` for all its processes and threads together; v1
+//!   `cpuacct`, read between calls by the idle sweep;
 //! - a scrubbed environment (`PATH`, `HOME`, `LANG`, `TMPDIR`; the
 //!   function's own variables arrive with `/init`);
 //! - resource limits: data memory (`RLIMIT_DATA`: counts the heap of both
@@ -55,7 +57,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::budget::{MemoryBudget, Refusal, Reservation};
 use crate::build::Builder;
-use crate::cgroups::MemoryCgroup;
+use crate::cgroups::{CpuQuota, MemoryCgroup};
 use crate::deps::Installer;
 use crate::idle::{IdleWatch, Sweeper};
 use crate::netns::{PrivateNetwork, Setup, SlirpGuard};
@@ -93,6 +95,9 @@ pub struct ProcessLimits {
     pub max_file_bytes: u64,
     /// Size of each private scratch mount (home, `/tmp`, `/var/tmp`, `/dev/shm`, `/run`).
     pub scratch_bytes: u64,
+    /// CPUs all of an instance's processes together may use (a quota in
+    /// its uid's `cpu` cgroup); `None`: no quota.
+    pub cpus: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -493,6 +498,14 @@ impl RuntimeBackend for ProcessBackend {
                 .map_err(|e| unavailable(format!("capping the instance's memory (its uid's memory cgroup): {e}")))?,
             None => None,
         };
+        // Its CPU time during calls: a quota, so that one instance's threads
+        // never take every core from the controller and its neighbours.
+        let cpu = match (&uid, self.limits.cpus) {
+            (Some(lease), Some(cpus)) => lease
+                .limit_cpu(cpus)
+                .map_err(|e| unavailable(format!("capping the instance's CPU (its uid's cpu cgroup): {e}")))?,
+            _ => None,
+        };
         // Its CPU time, watched between calls ([`crate::idle`]).
         let idle = match &uid {
             Some(lease) => match (
@@ -582,6 +595,7 @@ impl RuntimeBackend for ProcessBackend {
                         lease.cgroup.as_ref().map(|c| c.join_path()),
                         memory.as_ref().map(|m| m.join_path()),
                         idle.as_ref().map(|w| w.cpu.join_path()),
+                        cpu.as_ref().map(CpuQuota::join_path),
                     ],
                 })
             }
@@ -632,6 +646,7 @@ impl RuntimeBackend for ProcessBackend {
             terminated: false,
             in_bwrap: self.bwrap.is_some(),
             memory,
+            _cpu: cpu,
             idle,
             uid,
             _reservation: reservation,
@@ -849,9 +864,9 @@ struct Sandbox {
     uid: Option<u32>,
     /// The instance's `tmp/` to mount over `/tmp`.
     tmp: Option<std::ffi::CString>,
-    /// The `tasks` of the uid's cgroups (`pids`, `memory`, `cpuacct`),
-    /// joined by the child.
-    cgroups: [Option<std::ffi::CString>; 3],
+    /// The `tasks` of the uid's cgroups (`pids`, `memory`, `cpuacct`,
+    /// `cpu`), joined by the child.
+    cgroups: [Option<std::ffi::CString>; 4],
 }
 
 /// Sets up the child between fork and exec: private `/tmp` and own uid (as
@@ -1118,6 +1133,8 @@ pub struct ProcessHandle {
     /// Its uid's memory cgroup: its cap, and whether the kernel killed in
     /// it. Declared before `uid`, so it is removed before the uid is free.
     memory: Option<MemoryCgroup>,
+    /// Its uid's `cpu` cgroup: its CPU quota (`INSTANCE_CPUS`).
+    _cpu: Option<CpuQuota>,
     /// Its activity and CPU time, which the backend's sweeper watches.
     idle: Option<Arc<IdleWatch>>,
     /// The instance's own uid, given back when the instance is gone.

@@ -25,6 +25,10 @@
 //! process alone (a function that forks ten children had ten times its
 //! memory). Past the cap the kernel kills within the instance, and the
 //! cgroup's `oom_kill` count says so ([`MemoryCgroup::oom_killed`](crate::cgroups::MemoryCgroup::oom_killed)).
+//! Its uid's v1 `cpu` cgroup caps the CPU time of all its processes and
+//! threads together during a call (`INSTANCE_CPUS`, [`UidLease::limit_cpu`]),
+//! and its `cpuacct` one counts it for the idle sweep between calls
+//! ([`UidLease::account_cpu`], [`crate::idle`]).
 //!
 //! # Layout
 //!
@@ -41,7 +45,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cgroups::{CPUACCT_HIERARCHY, CpuCgroup, MEMORY_HIERARCHY, MemoryCgroup, PIDS_HIERARCHY, fnrt_cgroup};
+use crate::cgroups::{
+    CPU_HIERARCHY, CPUACCT_HIERARCHY, CpuCgroup, CpuQuota, MEMORY_HIERARCHY, MemoryCgroup, PIDS_HIERARCHY, fnrt_cgroup,
+};
 
 /// Where the uid locks live.
 const LOCK_DIR: &str = "/run/fnrt/uids";
@@ -58,6 +64,8 @@ pub struct UidPool {
     memory: Option<PathBuf>,
     /// `fnrt/` in the `cpuacct` hierarchy, when there is one.
     cpuacct: Option<PathBuf>,
+    /// `fnrt/` in the `cpu` hierarchy, when there is one.
+    cpu: Option<PathBuf>,
     /// The next offset to try, and the uids this controller holds.
     state: Mutex<(u32, HashSet<u32>)>,
 }
@@ -77,12 +85,17 @@ impl UidPool {
             CPUACCT_HIERARCHY,
             "an instance that works between its calls is not seen, nor stopped",
         )?;
+        let cpu = fnrt_cgroup(
+            CPU_HIERARCHY,
+            "an instance's CPU time is not capped (INSTANCE_CPUS): during a call it may take every core",
+        )?;
         let pool = Arc::new(UidPool {
             base,
             count: count.max(1),
             cgroups,
             memory,
             cpuacct,
+            cpu,
             state: Mutex::new((0, HashSet::new())),
         });
         pool.sweep();
@@ -218,6 +231,18 @@ impl UidLease {
             return Ok(None);
         };
         CpuCgroup::create(dir.join(self.uid.to_string())).map(Some)
+    }
+}
+
+impl UidLease {
+    /// Caps the CPU time of everything the instance runs, together, at
+    /// `cpus` CPUs: the uid's `cpu` cgroup, joined like the others. `None`
+    /// without the hierarchy.
+    pub fn limit_cpu(&self, cpus: f64) -> std::io::Result<Option<CpuQuota>> {
+        let Some(dir) = &self.pool.cpu else {
+            return Ok(None);
+        };
+        CpuQuota::create(dir.join(self.uid.to_string()), cpus).map(Some)
     }
 }
 
