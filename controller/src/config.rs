@@ -212,6 +212,11 @@ pub struct ServeArgs {
     /// Largest installed dependency set, in MiB.
     #[arg(long, env = "DEPS_MAX_MB", default_value_t = 1024)]
     pub deps_max_mb: u64,
+    /// How long an install of dependencies that no function's current
+    /// version uses (its function deleted or moved to another set) stays
+    /// on disk, in seconds; it is installed again should a version need it.
+    #[arg(long, env = "DEPS_KEEP_UNUSED_SECS", default_value_t = 3600)]
+    pub deps_keep_unused_secs: u64,
     /// Most files in a multi-file function (a package or an archive).
     #[arg(long, env = "MAX_PACKAGE_FILES", default_value_t = 256)]
     pub max_package_files: usize,

@@ -10,7 +10,7 @@
 //! - [`manifest`]: `function.json` / registration body, checked and normalised.
 //! - this module: [`Registry`], [`FunctionVersion`], bundle loading.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -87,7 +87,7 @@ pub enum RegistryError {
     Bundled(String),
     #[error(
         "the functions of '{owner}' would take more than their quota of {quota} bytes (FUNCTIONS_QUOTA_MB; every \
-         version counts, {used} stored): delete a function no longer needed"
+         version counts, with the dependencies installed for it; {used} taken): delete a function no longer needed"
     )]
     OverQuota { owner: String, used: i64, quota: i64 },
     #[error("{}", .0.message)]
@@ -291,6 +291,17 @@ impl Registry {
         Ok(Refreshed { gone, reborn })
     }
 
+    /// The install keys of every function's current version (as of the
+    /// last [`Registry::refresh`]): the installs to keep.
+    pub fn dependency_keys(&self) -> HashSet<String> {
+        self.functions
+            .read()
+            .unwrap()
+            .values()
+            .filter_map(|f| f.current.dependencies.as_ref().map(|d| d.key().to_owned()))
+            .collect()
+    }
+
     /// One page of the functions, optionally of one language, and the total.
     pub fn list(&self, language: Option<Language>, page: usize, per_page: usize) -> (usize, Vec<FunctionEntry>) {
         let functions = self.functions.read().unwrap();
@@ -465,6 +476,7 @@ impl Registry {
                 code: String::new(),
                 owner: owner.map(str::to_owned),
                 quota: owner.and(self.quota),
+                installed_bytes: 0,
             });
         }
         let (manifest, code) = match code {
@@ -509,6 +521,7 @@ impl Registry {
         if files.is_none() && package.is_none() {
             manifest::check_code(&code)?;
         }
+        let mut installed_bytes = 0;
         if let Some(checker) = &self.checker {
             let checked = match (&files, &package) {
                 (Some(files), _) => Code::Crate { files, owner },
@@ -521,10 +534,24 @@ impl Registry {
                     text: &code,
                 },
             };
-            checker.check(language, checked, build).await.map_err(|e| match e {
+            installed_bytes = checker.check(language, checked, build).await.map_err(|e| match e {
                 CheckError::Invalid(message) => RegistryError::Invalid(ManifestError(message)),
                 CheckError::BuildFailed(failure) => RegistryError::BuildFailed(failure),
             })?;
+        }
+        // A function's install is charged to the version that brought it:
+        // a new version on its current version's set adds only its code.
+        let key = |deps: Option<&package::DependencyFiles>| deps.map(|d| d.key().to_owned());
+        let new_key = key(package
+            .as_ref()
+            .and_then(|p| package::DependencyFiles::of(language, p, manifest.install.scripts))
+            .as_ref());
+        if new_key.is_some()
+            && self
+                .get(lt.as_str())
+                .is_some_and(|f| key(f.current.dependencies.as_ref()) == new_key)
+        {
+            installed_bytes = 0;
         }
         Ok(NewVersion {
             language_title: lt.to_string(),
@@ -536,6 +563,7 @@ impl Registry {
             code,
             owner: owner.map(str::to_owned),
             quota: owner.and(self.quota),
+            installed_bytes,
         })
     }
 

@@ -224,6 +224,7 @@ impl Application {
                     npm_bin: fnrt_backends::process::find_program("npm"),
                     timeout: Duration::from_secs(args.deps_install_timeout_secs),
                     max_bytes: args.deps_max_mb.saturating_mul(1024 * 1024),
+                    keep_unused: Duration::from_secs(args.deps_keep_unused_secs),
                     uid: args.rust_build_uid,
                     caps: args.build_caps(),
                     sources: fnrt_backends::deps::Sources {
@@ -409,6 +410,11 @@ impl Application {
             let files = files.clone();
             let (records, queue) = (stores.executions.clone(), stores.queue.clone());
             let execution_retention = Duration::from_secs(args.execution_retention_hours * 3600);
+            let installer = installer.clone();
+            // A quarter of the time an unused install is kept, from every
+            // sweep to every 10 minutes.
+            let deps_sweep_ticks =
+                (args.deps_keep_unused_secs / 4 / SWEEP_EVERY.as_secs()).clamp(1, 600 / SWEEP_EVERY.as_secs());
             let stop = stop.clone();
             async move {
                 let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -431,11 +437,24 @@ impl Application {
                     if ticks.is_multiple_of(FILE_SWEEP_TICKS) {
                         files.sweep().await;
                     }
-                    ticks += 1;
                     // Other replicas may have changed functions in a shared store.
-                    if let Err(e) = engine.refresh().await {
+                    let refreshed = engine.refresh().await;
+                    if let Err(e) = &refreshed {
                         tracing::debug!(error = format!("{e:#}"), "refreshing the registry");
                     }
+                    // Installs no current version uses, once this replica
+                    // knows every function's current version.
+                    if let Some(installer) = &installer
+                        && refreshed.is_ok()
+                        && ticks.is_multiple_of(deps_sweep_ticks)
+                    {
+                        let (installer, used) = (installer.clone(), engine.registry.dependency_keys());
+                        match tokio::task::spawn_blocking(move || installer.collect(&used)).await {
+                            Ok(0) | Err(_) => {}
+                            Ok(n) => tracing::info!(removed = n, "installs no function uses any more removed"),
+                        }
+                    }
+                    ticks += 1;
                 }
             }
         });

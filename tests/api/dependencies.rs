@@ -5,7 +5,8 @@
 //! outlives its timeout, Pillow resizing an image sent as base64, and the
 //! walls of an install: an npm install script and a `setup.py` that go
 //! looking for the controller's secrets and the host's loopback services,
-//! and a download from the host's loopback.
+//! and a download from the host's loopback; what an install takes on disk,
+//! counted against its owner's quota and removed once no function uses it.
 //!
 //! These reach PyPI and the npm registry, as a user's registration would.
 
@@ -441,32 +442,48 @@ async fn a_pillow_function_resizes_an_image_sent_as_base64() {
 
 /// A pure-Python wheel of the module `tinyoffline` (`VALUE = 42`).
 fn tiny_wheel() -> Vec<u8> {
-    let entries: [(&str, &[u8]); 4] = [
-        ("tinyoffline/__init__.py", b"VALUE = 42\n"),
-        ("tinyoffline-1.0.dist-info/METADATA", b"Metadata-Version: 2.1\nName: tinyoffline\nVersion: 1.0\n"),
-        (
-            "tinyoffline-1.0.dist-info/WHEEL",
-            b"Wheel-Version: 1.0\nGenerator: fnrt-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-        ),
-        (
-            "tinyoffline-1.0.dist-info/RECORD",
-            b"tinyoffline/__init__.py,,\ntinyoffline-1.0.dist-info/METADATA,,\ntinyoffline-1.0.dist-info/WHEEL,,\ntinyoffline-1.0.dist-info/RECORD,,\n",
-        ),
-    ];
+    wheel_of("tinyoffline", &[("tinyoffline/__init__.py", b"VALUE = 42\n")])
+}
+
+/// A pure-Python wheel of `name` 1.0 holding `files`.
+fn wheel_of(name: &str, files: &[(&str, &[u8])]) -> Vec<u8> {
+    let info = format!("{name}-1.0.dist-info");
+    let metadata = format!("Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n");
+    let wheel = b"Wheel-Version: 1.0\nGenerator: fnrt-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n";
+    let mut listed: Vec<String> = files.iter().map(|(path, _)| path.to_string()).collect();
+    listed.extend(["METADATA", "WHEEL", "RECORD"].map(|f| format!("{info}/{f}")));
+    let record: String = listed.iter().map(|path| format!("{path},,\n")).collect();
+    let (metadata_path, wheel_path, record_path) = (
+        format!("{info}/METADATA"),
+        format!("{info}/WHEEL"),
+        format!("{info}/RECORD"),
+    );
+    let mut entries: Vec<(&str, &[u8])> = files.to_vec();
+    entries.push((&metadata_path, metadata.as_bytes()));
+    entries.push((&wheel_path, wheel));
+    entries.push((&record_path, record.as_bytes()));
     zip_of(&entries)
+}
+
+/// A directory of wheels, readable by installs, for `--deps-pip-wheels-dir`.
+fn wheel_dir(wheels: &[(&str, Vec<u8>)]) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("fnrt-wheels")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, bytes) in wheels {
+        let wheel = dir.path().join(format!("{name}-1.0-py3-none-any.whl"));
+        std::fs::write(&wheel, bytes).unwrap();
+        std::fs::set_permissions(&wheel, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    dir
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_air_gapped_site_installs_from_a_wheel_directory_alone() {
-    use std::os::unix::fs::PermissionsExt;
-    let wheels = tempfile::Builder::new()
-        .prefix("fnrt-wheels")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    std::fs::set_permissions(wheels.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let wheel = wheels.path().join("tinyoffline-1.0-py3-none-any.whl");
-    std::fs::write(&wheel, tiny_wheel()).unwrap();
-    std::fs::set_permissions(&wheel, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let wheels = wheel_dir(&[("tinyoffline", tiny_wheel())]);
     let dir = wheels.path().display().to_string();
     let app = spawn_app_with(&["--deps-pip-wheels-dir", &dir]).await;
     let marker = uuid::Uuid::new_v4().simple().to_string();
@@ -581,4 +598,143 @@ async fn an_install_script_that_fills_the_disk_is_stopped_past_the_limit() {
     assert_eq!((r.status, r.code()), (422, "BUILD_FAILED"), "{:?}", r.body);
     let message = r.body["error"]["message"].as_str().unwrap();
     assert!(message.contains("(BUILD_DISK_MB)"), "{message}");
+}
+
+/// A function of `marker`'s own set: `bigdep` (2 MiB installed) from the
+/// test's wheel directory, and `n` in its code.
+fn with_bigdep(marker: &str, n: u32) -> Value {
+    json!({
+        "main.py": format!("import bigdep\n\ndef handler(p, c):\n    return [{n}, len(bigdep.BLOB)]\n"),
+        "requirements.txt": format!("# {marker}\nbigdep==1.0\n"),
+    })
+}
+
+fn bigdep_wheel() -> Vec<u8> {
+    let init = b"from pathlib import Path\n\nBLOB = (Path(__file__).parent / 'blob.bin').read_bytes()\n";
+    let blob = vec![b'x'; 2 << 20];
+    wheel_of("bigdep", &[("bigdep/__init__.py", init), ("bigdep/blob.bin", &blob)])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_an_install_takes_counts_against_its_owners_quota_once_per_function() {
+    // Arrange: 3 MiB a subject; a dependency of 2 MiB installed, a few
+    // hundred bytes of code.
+    let wheels = wheel_dir(&[("bigdep", bigdep_wheel())]);
+    let app = spawn_app_with(&[
+        "--deps-pip-wheels-dir",
+        &wheels.path().display().to_string(),
+        "--functions-quota-mb",
+        "3",
+    ])
+    .await;
+    let alice = app.token("alice", &["read:functions", "write:functions", "execute:python"]);
+    let post = async |lt: &str, files: Value| {
+        let body = json!({"language_title": lt, "description": "big dependency", "files": files});
+        crate::functions::call(&app, reqwest::Method::POST, "/api/v1/functions", &alice, Some(body)).await
+    };
+    let put = async |lt: &str, files: Value| {
+        let body = json!({"language_title": lt, "description": "big dependency", "files": files});
+        let path = format!("/api/v1/functions/{lt}");
+        crate::functions::call(&app, reqwest::Method::PUT, &path, &alice, Some(body)).await
+    };
+    let (one, two) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    let first = post("python-bigdep-a", with_bigdep(&one, 1)).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    // A new version on the same set is charged its code only.
+    let second = put("python-bigdep-a", with_bigdep(&one, 2)).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    let id = app.session(&alice, "python-bigdep-a", json!({})).await;
+    let r = app.execute(&alice, &id, json!({})).await;
+    assert_eq!(r.body["result"], json!([2, 2 << 20]), "{:?}", r.body);
+
+    // Act: another function installing another 2 MiB.
+    let other = post("python-bigdep-b", with_bigdep(&two, 3)).await;
+
+    // Assert: refused for the quota, which the install would pass.
+    assert_eq!(
+        (other.status, other.code()),
+        (413, "INVALID_REQUEST"),
+        "{:?}",
+        other.body
+    );
+    let message = other.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("quota of 3145728 bytes") && message.contains("dependencies"),
+        "{message}"
+    );
+    // A function without dependencies still fits.
+    let small = post("python-small", json!({"main.py": "def handler(p, c):\n    return 1\n"})).await;
+    assert_eq!(small.status, 201, "{:?}", small.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_no_function_uses_is_removed_and_installed_again_when_needed() {
+    // Arrange: installs of its own (others' tests keep theirs), kept 2 s
+    // once no current version uses them.
+    let wheels = wheel_dir(&[("bigdep", bigdep_wheel())]);
+    let deps = tempfile::Builder::new()
+        .prefix("fnrt-deps")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let app = spawn_app_with(&[
+        "--deps-pip-wheels-dir",
+        &wheels.path().display().to_string(),
+        "--deps-dir",
+        &deps.path().display().to_string(),
+        "--deps-keep-unused-secs",
+        "2",
+    ])
+    .await;
+    // The installs of `bigdep` (the bundled functions' are there too).
+    let installs = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(deps.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().join("bigdep").is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let (gone, kept) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    for (lt, marker) in [("python-deps-gone", &gone), ("python-deps-kept", &kept)] {
+        let r = register(&app, lt, with_bigdep(marker, 1), json!({})).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    let both = installs();
+    assert_eq!(both.len(), 2, "{both:?}");
+
+    // Act: delete one of the two functions.
+    let token = app.admin();
+    let deleted = crate::functions::call(
+        &app,
+        reqwest::Method::DELETE,
+        "/api/v1/functions/python-deps-gone",
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+
+    // Assert: its install goes; the other's stays, and its function runs.
+    let removed = eventually(Duration::from_secs(20), || installs().len() == 1).await;
+    assert!(
+        removed,
+        "the deleted function's install is still there: {:?}",
+        installs()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(installs().len(), 1, "{:?}", installs());
+    assert_eq!(
+        run(&app, "python-deps-kept", json!({})).await.body["result"],
+        json!([1, 2 << 20])
+    );
+    // Registered again, the set is installed again.
+    let again = register(&app, "python-deps-gone", with_bigdep(&gone, 2), json!({})).await;
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    assert_eq!(
+        run(&app, "python-deps-gone", json!({})).await.body["result"],
+        json!([2, 2 << 20])
+    );
+    assert_eq!(installs(), both);
 }

@@ -18,13 +18,23 @@
 //! Python's in `deps/` beside its socket (on `sys.path` after the package),
 //! Node's as `function/node_modules/`.
 //!
+//! What an install takes is charged to its owner's quota by the registry
+//! ([`Installer::installed_bytes`]). An install that no function's current
+//! version names, and that was last made or used longer than
+//! `DEPS_KEEP_UNUSED_SECS` ago (its directory's modification time, which
+//! every use refreshes now and then, so controllers that share the
+//! directory but not a database keep each other's), is removed by the
+//! controller's sweep ([`Installer::collect`]); a version that needs it
+//! again has it installed again.
+//!
 //! # Layout
 //! - [`Dependencies`] (the core's `DependencyFiles`): what a package asks
 //!   for, and its key.
 //! - [`Installer`]: installs (or waits for the install under way), knows
-//!   each key's state, and installs in the background for bundled functions.
+//!   each key's state, and installs in the background for bundled functions;
+//!   measures an install, and removes those no longer used.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -63,6 +73,10 @@ pub struct InstallerConfig {
     pub timeout: Duration,
     /// Largest install, in bytes.
     pub max_bytes: u64,
+    /// How long an install no function's current version uses stays on
+    /// disk before [`Installer::collect`] removes it (it is installed
+    /// again should a version need it).
+    pub keep_unused: Duration,
     /// The uid installs run as, when the controller is root.
     pub uid: u32,
     /// What each install step may take (memory, tasks).
@@ -181,14 +195,102 @@ impl Installer {
     }
 
     /// Where the install of `deps` stands here, without starting one: a
-    /// finished one on disk is ready even after a restart.
+    /// finished one on disk is ready even after a restart, and one that is
+    /// no longer there (collected, here or by a controller sharing the
+    /// directory) is not. A ready one is marked as used now and then, so
+    /// that no controller sharing the directory collects it while it is.
     pub fn state(&self, deps: &Dependencies) -> Option<BuildState> {
         let key = deps.key();
-        if let Some(rx) = self.states.lock().unwrap().get(key) {
-            return Some(rx.borrow().clone());
-        }
         let dir = self.installed_dir(key);
-        dir.is_dir().then_some(BuildState::Ready(dir))
+        let mut states = self.states.lock().unwrap();
+        if let Some(rx) = states.get(key) {
+            let state = rx.borrow().clone();
+            match &state {
+                BuildState::Ready(path) if !self.still_there(path) => {
+                    states.remove(key);
+                }
+                _ => return Some(state),
+            }
+        }
+        self.still_there(&dir).then_some(BuildState::Ready(dir))
+    }
+
+    /// Whether the install at `dir` is there; if it is and was last marked
+    /// as used more than a quarter of `keep_unused` ago, marks it now.
+    fn still_there(&self, dir: &Path) -> bool {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            return false;
+        };
+        let marked = meta.modified().ok().and_then(|at| at.elapsed().ok());
+        if marked.is_some_and(|d| d > self.config.keep_unused / 4) {
+            touch(dir);
+        }
+        meta.is_dir()
+    }
+
+    /// What the install of `deps` takes on disk, in bytes (0 when there is
+    /// none): what its owner's quota is charged for it.
+    pub async fn installed_bytes(&self, deps: &Dependencies) -> u64 {
+        let dir = self.installed_dir(deps.key());
+        tokio::task::spawn_blocking(move || tree_size(&dir).unwrap_or(0))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Removes the installs that none of `used` (the keys of every
+    /// function's current version) names and that were last installed or
+    /// reused longer than `keep_unused` ago, with none under way here;
+    /// returns how many. A version that needs one again gets it installed
+    /// again. Blocking.
+    pub fn collect(&self, used: &HashSet<String>) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.config.deps_dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(key) = name.to_str() else { continue };
+            // Installs are named by their key; `.installs/` and anything
+            // else is not one.
+            if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) || used.contains(key) {
+                continue;
+            }
+            let unused_for = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|at| at.elapsed().ok());
+            if unused_for.is_none_or(|d| d < self.config.keep_unused) {
+                continue;
+            }
+            {
+                let mut states = self.states.lock().unwrap();
+                if states
+                    .get(key)
+                    .is_some_and(|rx| matches!(*rx.borrow(), BuildState::Building))
+                {
+                    continue;
+                }
+                states.remove(key);
+            }
+            self.failed_at.lock().unwrap().remove(key);
+            // Moved aside first: gone at once for every reader, then deleted.
+            let aside = self.config.deps_dir.join(".installs").join(format!(
+                "unused-{}-{}",
+                &key[..16],
+                hex::encode(rand::random::<[u8; 4]>())
+            ));
+            match std::fs::rename(entry.path(), &aside) {
+                Ok(()) => {
+                    if let Err(e) = std::fs::remove_dir_all(&aside) {
+                        tracing::warn!(path = %aside.display(), error = %e, "removing an unused install");
+                    }
+                    removed += 1;
+                }
+                Err(e) => tracing::warn!(key, error = %e, "moving an unused install aside"),
+            }
+        }
+        removed
     }
 
     /// Starts a background install unless one exists (or failed less than
@@ -238,9 +340,15 @@ impl Installer {
         let dir = self.installed_dir(key);
         let (mut rx, tx) = {
             let mut states = self.states.lock().unwrap();
-            match states.get(key) {
+            let usable = |state: &BuildState| match state {
+                BuildState::Building => true,
+                // Collected since by a controller sharing the directory.
+                BuildState::Ready(path) => path.is_dir(),
                 // A failed install is tried again: it may have been the network.
-                Some(rx) if !matches!(*rx.borrow(), BuildState::Failed(_)) => (rx.clone(), None),
+                BuildState::Failed(_) => false,
+            };
+            match states.get(key) {
+                Some(rx) if usable(&rx.borrow()) => (rx.clone(), None),
                 _ => {
                     let (tx, rx) = watch::channel(BuildState::Building);
                     states.insert(key.to_owned(), rx.clone());
@@ -253,6 +361,8 @@ impl Installer {
             Some(tx) => {
                 let state = if dir.is_dir() {
                     self.metrics.record_dependency_install(language, "reused");
+                    // Used again: not collected for another `keep_unused`.
+                    touch(&dir);
                     BuildState::Ready(dir.clone())
                 } else {
                     let _turn = self.queue.acquire().await;
@@ -266,7 +376,10 @@ impl Installer {
                 };
                 let _ = tx.send(state);
             }
-            None => self.metrics.record_dependency_install(language, "reused"),
+            None => {
+                self.metrics.record_dependency_install(language, "reused");
+                touch(&dir);
+            }
         }
         loop {
             match &*rx.borrow_and_update() {
@@ -395,6 +508,8 @@ impl Installer {
         // Root's from here on, read-only to everyone else, so that the
         // links instances get cannot be changed by them.
         seal(&out).map_err(|e| io("finishing the install", e))?;
+        // Its age counts from now, for [`Installer::collect`].
+        touch(&out);
         match std::fs::rename(&out, dir) {
             Ok(()) => Ok(()),
             // The same set installed by another replica meanwhile.
@@ -620,6 +735,15 @@ fn install_env() -> Vec<(String, String)> {
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
     env
+}
+
+/// Sets `dir`'s modification time to now: when an install was last
+/// made or used, for [`Installer::collect`].
+fn touch(dir: &Path) {
+    let now = std::fs::FileTimes::new().set_modified(std::time::SystemTime::now());
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.set_times(now)) {
+        tracing::debug!(path = %dir.display(), error = %e, "marking an install as used");
+    }
 }
 
 /// Bytes of the files under `dir` (links not followed).

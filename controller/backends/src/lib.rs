@@ -134,20 +134,21 @@ impl Backends {
 
 #[async_trait]
 impl CodeCheck for Backends {
-    async fn check(&self, language: Language, code: Code<'_>, build: bool) -> Result<(), CheckError> {
+    async fn check(&self, language: Language, code: Code<'_>, build: bool) -> Result<u64, CheckError> {
         let Some(backend) = self.placement.backend_for_language(language) else {
-            return Ok(());
+            return Ok(0);
         };
         let (files, tenant) = match code {
             Code::File { entrypoint, text } => {
                 return backend
                     .check_code(language, entrypoint, text)
+                    .map(|()| 0)
                     .map_err(CheckError::Invalid);
             }
             Code::Crate { files, owner } => (files, Tenant::of(owner)),
             Code::Package { files, scripts } => {
                 let Some(deps) = Dependencies::of(language, files, scripts) else {
-                    return Ok(());
+                    return Ok(0);
                 };
                 let installer = self
                     .installer
@@ -155,20 +156,17 @@ impl CodeCheck for Backends {
                     .ok_or_else(|| CheckError::Invalid("dependencies cannot be installed here".into()))?;
                 if !build {
                     installer.ensure(&deps);
-                    return Ok(());
+                    return Ok(0);
                 }
-                return installer
-                    .install(&deps)
-                    .await
-                    .map(drop)
-                    .map_err(CheckError::BuildFailed);
+                installer.install(&deps).await.map_err(CheckError::BuildFailed)?;
+                return Ok(installer.installed_bytes(&deps).await);
             }
         };
         let builder = self.builder().map_err(CheckError::Invalid)?;
         let target = Target::for_language(language);
         if !build {
             builder.ensure(target, &tenant, files);
-            return Ok(());
+            return Ok(0);
         }
         let artifact = builder
             .build(target, &tenant, files)
@@ -177,7 +175,10 @@ impl CodeCheck for Backends {
         let bytes = tokio::fs::read(&artifact)
             .await
             .map_err(|e| CheckError::Invalid(format!("reading the built artifact: {e}")))?;
-        backend.check_artifact(language, &bytes).map_err(CheckError::Invalid)
+        backend
+            .check_artifact(language, &bytes)
+            .map(|()| 0)
+            .map_err(CheckError::Invalid)
     }
 }
 

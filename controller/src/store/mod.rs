@@ -122,12 +122,18 @@ pub struct NewVersion {
     /// The most the owner's versions may take together, this one included
     /// ([`StoreError::OverQuota`] beyond); `None`: no quota.
     pub quota: Option<i64>,
+    /// What its registration installed for it, in bytes (a package's
+    /// dependencies; 0 when its function's current version has the same
+    /// set): charged to its owner beside its code.
+    pub installed_bytes: u64,
 }
 
 impl NewVersion {
-    /// What it takes stored: its code and manifest, in bytes.
+    /// What it takes: its code and manifest stored, and what was installed
+    /// for it, in bytes.
     pub fn size(&self) -> i64 {
-        i64::try_from(self.code.len() + self.manifest.to_string().len()).unwrap_or(i64::MAX)
+        let stored = (self.code.len() + self.manifest.to_string().len()) as u64;
+        i64::try_from(stored.saturating_add(self.installed_bytes)).unwrap_or(i64::MAX)
     }
 }
 

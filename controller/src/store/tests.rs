@@ -26,6 +26,7 @@ fn new(lt: &str, code: &str) -> NewVersion {
         code_hash: format!("hash-{code}"),
         owner: Some("alice".into()),
         quota: None,
+        installed_bytes: 0,
     }
 }
 

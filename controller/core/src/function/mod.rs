@@ -166,8 +166,11 @@ impl ParamsSchema {
 #[async_trait::async_trait]
 pub trait CodeCheck: Send + Sync {
     /// With `build` false (bundled functions at start-up), a crate is only
-    /// queued for a background build instead of built now.
-    async fn check(&self, language: Language, code: Code<'_>, build: bool) -> Result<(), CheckError>;
+    /// queued for a background build instead of built now. Returns what
+    /// the check keeps on disk for the code beside the code itself, in
+    /// bytes: a package's installed dependencies (0 for none, or when
+    /// nothing was installed now).
+    async fn check(&self, language: Language, code: Code<'_>, build: bool) -> Result<u64, CheckError>;
 }
 
 /// A function's code, as [`CodeCheck`] sees it.
