@@ -646,7 +646,7 @@ impl RuntimeBackend for ProcessBackend {
             terminated: false,
             in_bwrap: self.bwrap.is_some(),
             memory,
-            _cpu: cpu,
+            cpu,
             idle,
             uid,
             _reservation: reservation,
@@ -1134,7 +1134,7 @@ pub struct ProcessHandle {
     /// it. Declared before `uid`, so it is removed before the uid is free.
     memory: Option<MemoryCgroup>,
     /// Its uid's `cpu` cgroup: its CPU quota (`INSTANCE_CPUS`).
-    _cpu: Option<CpuQuota>,
+    cpu: Option<CpuQuota>,
     /// Its activity and CPU time, which the backend's sweeper watches.
     idle: Option<Arc<IdleWatch>>,
     /// The instance's own uid, given back when the instance is gone.
@@ -1242,6 +1242,7 @@ impl InstanceHandle for ProcessHandle {
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         self.terminated = true;
         self.memory = None;
+        self.cpu = None;
         self.idle = None;
         self.uid = None;
     }

@@ -107,22 +107,42 @@ impl UidPool {
     /// holds. (A sandbox dies with its controller; this is the net under
     /// that, for any way it did not.)
     fn sweep(&self) {
-        let Some(dir) = &self.cgroups else { return };
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for entry in entries.flatten() {
-            let Some(uid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-                continue;
-            };
-            if !(self.base..self.base + self.count).contains(&uid) {
-                continue;
-            }
-            if let Some(_lock) = try_lock(uid)
-                && let Ok(cgroup) = Cgroup::open(entry.path())
-                && cgroup.tasks() > 0
-            {
-                kill_orphans(uid, &cgroup);
+        if let Some(dir) = &self.cgroups {
+            for (uid, path) in self.in_range(dir) {
+                if let Some(_lock) = try_lock(uid)
+                    && let Ok(cgroup) = Cgroup::open(path)
+                    && cgroup.tasks() > 0
+                {
+                    kill_orphans(uid, &cgroup);
+                }
             }
         }
+        // An instance dropped while its processes were still dying (a
+        // controller stopping) could not remove its memory and CPU cgroups:
+        // empty now, they go (the `pids` one stays, as the uid's).
+        for dir in [&self.memory, &self.cpuacct, &self.cpu].into_iter().flatten() {
+            for (uid, path) in self.in_range(dir) {
+                if let Some(_lock) = try_lock(uid) {
+                    let _ = std::fs::remove_dir(path);
+                }
+            }
+        }
+    }
+
+    /// The cgroups under `dir` named after a uid of this range.
+    fn in_range(&self, dir: &Path) -> Vec<(u32, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let uid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                (self.base..self.base + self.count)
+                    .contains(&uid)
+                    .then(|| (uid, entry.path()))
+            })
+            .collect()
     }
 
     /// A uid no other instance on this host holds and no process runs as.
@@ -483,6 +503,36 @@ mod tests {
         running.kill().unwrap();
         running.wait().unwrap();
         assert!(held.cgroup.as_ref().unwrap().kill_all(Duration::from_secs(2)).await);
+    }
+
+    #[tokio::test]
+    async fn a_pool_that_starts_removes_the_memory_and_cpu_cgroups_left_in_its_range() {
+        if !walls_available() {
+            return;
+        }
+        // Arrange: cgroups an instance dropped mid-exit left, empty; and a
+        // uid another pool holds, whose cgroups are in use.
+        let left: Vec<PathBuf> = [MEMORY_HIERARCHY, CPU_HIERARCHY, CPUACCT_HIERARCHY]
+            .iter()
+            .map(|h| Path::new(h).join("fnrt/260010"))
+            .collect();
+        for dir in &left {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let holder = UidPool::new(260_011, 1).unwrap();
+        let held = holder.allocate().unwrap();
+        let memory = held.limit_memory(64 << 20).unwrap().unwrap();
+
+        // Act: the next controller starts over the range.
+        drop(UidPool::new(260_010, 2).unwrap());
+
+        // Assert: the left ones are gone, the held one is not.
+        for dir in &left {
+            assert!(!dir.exists(), "{} was left", dir.display());
+        }
+        assert!(Path::new(MEMORY_HIERARCHY).join("fnrt/260011").is_dir());
+        drop((memory, held));
+        assert!(!Path::new(MEMORY_HIERARCHY).join("fnrt/260011").exists());
     }
 
     #[tokio::test]
