@@ -181,6 +181,11 @@ async fn malformed_execute_bodies_are_400_in_the_contract_shape() {
         ("{\"params\": [1, 2]}", "application/json"),
         ("{}", "application/json"),
         ("{\"params\": {}}", "text/plain"),
+        // A context belongs to initialize: here it would be ignored.
+        (
+            "{\"params\": {}, \"context\": {\"user_id\": \"u\"}}",
+            "application/json",
+        ),
     ] {
         let r = app
             .client

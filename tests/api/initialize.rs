@@ -237,7 +237,7 @@ async fn malformed_initialize_bodies_are_400_in_the_contract_shape() {
     // Arrange
     let app = spawn_app().await;
     let token = app.admin();
-    let cases: [(&str, &str); 10] = [
+    let cases: [(&str, &str); 11] = [
         ("{not json", "application/json"),
         ("5", "application/json"),
         ("\"context\"", "application/json"),
@@ -248,6 +248,8 @@ async fn malformed_initialize_bodies_are_400_in_the_contract_shape() {
         ("{\"context\": {\"retain_session\": 1}}", "application/json"),
         ("{\"context\": {\"retain_session\": true}", "application/json"),
         ("{\"context\": {}}", "text/plain"),
+        // What belongs in `context`, beside it: silently a one-shot session.
+        ("{\"retain_session\": true}", "application/json"),
     ];
 
     for (body, content_type) in cases {
@@ -270,6 +272,10 @@ async fn malformed_initialize_bodies_are_400_in_the_contract_shape() {
         assert_eq!(r.code(), "INVALID_REQUEST", "{body}");
         assert!(r.body["error"]["message"].is_string(), "{body}");
         assert!(r.body["error"]["details"].is_object(), "{body}");
+        if body.starts_with("{\"retain_session") {
+            let message = r.body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("unknown field `retain_session`"), "{message}");
+        }
     }
     let r = app
         .initialize(

@@ -21,7 +21,10 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(execute))
 }
 
+/// A field other than `params` is refused (a `context` here would be
+/// ignored: it belongs to initialize).
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ExecuteBody {
     /// The function's parameters; must satisfy its `schema.params`.
     #[schema(value_type = Object, example = json!({"operation": "add", "values": [1, 2, 3]}))]

@@ -18,8 +18,11 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(initialize))
 }
 
-/// Body of initialize; everything is optional.
+/// Body of initialize; everything is optional. A field other than
+/// `context` is refused: `{"retain_session": true}` beside `context`
+/// would otherwise give a one-shot session without a word.
 #[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub(super) struct InitializeBody {
     /// Execution context. `timeout_ms` (default: the function's, usually
     /// 30000) and `retain_session` (default false) are read by the
