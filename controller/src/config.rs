@@ -364,6 +364,11 @@ pub struct ServeArgs {
     /// is killed past it).
     #[arg(long, env = "WASM_COMPILE_BUDGET_SECS", default_value_t = 30)]
     pub wasm_compile_budget_secs: u64,
+    /// The most compiled wasm code kept, in MiB: on disk
+    /// (`DATA_DIR/wasm-cache`) and linked in memory; the least recently
+    /// used goes first past it (compiled again when needed).
+    #[arg(long, env = "WASM_CACHE_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub wasm_cache_mb: u64,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

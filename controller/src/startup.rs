@@ -248,6 +248,7 @@ impl Application {
                 max_module_bytes: args.wasm_max_module_bytes,
                 compile_budget: Duration::from_secs(args.wasm_compile_budget_secs),
                 cache_dir: data_dir.join("wasm-cache"),
+                cache_bytes: args.wasm_cache_mb.saturating_mul(1024 * 1024),
                 compiler: controller_bin.clone(),
             },
             builder.clone().ok(),

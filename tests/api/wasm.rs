@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::functions::call;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, spawn_app_with};
 
 /// A WAT module whose `_start` body is `body`, with fd_read/fd_write/proc_exit
 /// imported and one page of memory.
@@ -403,4 +403,91 @@ async fn a_binary_module_is_base64_whatever_its_file_is_called() {
         "{:?}",
         r.body
     );
+}
+
+/// [`ECHO`] with `n` functions beside it that nothing calls (compiled all
+/// the same), told apart by `seed`.
+fn bulky_echo(seed: u32, n: u32) -> String {
+    let fillers: String = (0..n)
+        .map(|i| {
+            let ops = " i32.const 7 i32.mul i32.const 3 i32.xor".repeat(4);
+            format!(
+                "(func (param i32) (result i32) local.get 0{ops} i32.const {} i32.add)\n",
+                seed * 100_000 + i
+            )
+        })
+        .collect();
+    // The module's last parenthesis closes it: the fillers go before.
+    let echo = module(ECHO);
+    format!("{}\n{fillers})", echo.strip_suffix(')').unwrap())
+}
+
+/// The compiled modules in a data dir's wasm cache: how many, and their bytes.
+fn compiled(data: &std::path::Path) -> (usize, u64) {
+    let mut found = (0, 0);
+    let mut dirs = vec![data.join("wasm-cache")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "cwasm") {
+                found.0 += 1;
+                found.1 += entry.metadata().unwrap().len();
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compiled_code_is_kept_within_the_wasm_cache_size() {
+    // Without a bound, every module ever registered (a refused one too)
+    // kept its compiled code on disk, and every one run stayed linked.
+    // Idle instances (which hold their module) are let go after 1 s.
+    let app = spawn_app_with(&["--wasm-cache-mb", "1", "--keep-warm-secs", "1"]).await;
+    let token = app.admin();
+    let mut most = 0;
+
+    // Act: six modules of several hundred KiB compiled each, run in turn.
+    for i in 0..6 {
+        let lt = format!("wasm-bulky-{i}");
+        app.register(&lt, &bulky_echo(i, 1500), json!({})).await;
+        let id = app.session(&token, &lt, json!({})).await;
+        let r = app.execute(&token, &id, json!({"i": i})).await;
+        assert_eq!(r.body["result"]["params"], json!({"i": i}), "{:?}", r.body);
+        let (files, bytes) = compiled(app.data_dir.path());
+        most = most.max(files);
+        // Assert: the cache stays within its size.
+        assert!(bytes <= 1 << 20, "{files} compiled modules take {bytes} bytes");
+    }
+    assert!(most >= 2, "the modules were too small to test the bound: {most}");
+    // Nor does the controller (this process) keep every module linked:
+    // a linked module maps its file, which a removal then cannot free.
+    let cache = app.data_dir.path().join("wasm-cache").display().to_string();
+    let mapped = || -> Vec<String> {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mut files: Vec<String> = maps
+            .lines()
+            .filter_map(|l| l.split_once(cache.as_str()).map(|(_, file)| file.to_owned()))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    };
+    let let_go = crate::helpers::eventually(Duration::from_secs(15), || mapped().len() <= 3).await;
+    assert!(
+        let_go,
+        "{} compiled modules still mapped: {:?}",
+        mapped().len(),
+        mapped()
+    );
+
+    // Every function still runs: what left the cache is compiled again.
+    for i in 0..6 {
+        let lt = format!("wasm-bulky-{i}");
+        let id = app.session(&token, &lt, json!({})).await;
+        let r = app.execute(&token, &id, json!({"again": i})).await;
+        assert_eq!(r.body["result"]["params"], json!({"again": i}), "{:?}", r.body);
+    }
 }

@@ -9,7 +9,9 @@
 //! - Per function version, the module is compiled once and linked once into
 //!   an `InstancePre`, cached by code hash. Compiled code is also kept on
 //!   disk (`DATA_DIR/wasm-cache/{engine compatibility hash}/{sha256}.cwasm`),
-//!   so a restart loads instead of recompiling; a module larger than
+//!   so a restart loads instead of recompiling. Both hold at most
+//!   `WASM_CACHE_MB` of compiled code, the least recently compiled or
+//!   loaded dropped first (`Linked`, `trim_disk`). A module larger than
 //!   `WASM_MAX_MODULE_BYTES` or slower to compile than
 //!   `WASM_COMPILE_BUDGET_SECS` is refused at registration.
 //! - Compiling happens in a process of its own (`controller compile-wasm
@@ -87,6 +89,10 @@ pub struct WasmConfig {
     pub compile_budget: Duration,
     /// `DATA_DIR/wasm-cache`.
     pub cache_dir: PathBuf,
+    /// The most compiled code kept, in bytes: on disk, and linked in
+    /// memory (`WASM_CACHE_MB`); the least recently compiled or loaded
+    /// goes first past it.
+    pub cache_bytes: u64,
     /// The controller's program, run as `PROGRAM compile-wasm OUT` to
     /// compile a module; `None` compiles in this process.
     pub compiler: Option<PathBuf>,
@@ -96,7 +102,7 @@ pub struct WasmBackend {
     engine: Engine,
     linker: Linker<State>,
     /// Linked modules by code hash.
-    modules: Mutex<HashMap<String, InstancePre<State>>>,
+    modules: Mutex<Linked>,
     config: WasmConfig,
     /// Compiled modules of this engine's configuration.
     cache_dir: PathBuf,
@@ -221,7 +227,7 @@ impl WasmBackend {
         Ok(Arc::new(WasmBackend {
             engine,
             linker,
-            modules: Mutex::new(HashMap::new()),
+            modules: Mutex::new(Linked::default()),
             config,
             cache_dir,
             builder,
@@ -242,9 +248,10 @@ impl WasmBackend {
         }
     }
 
-    /// The compiled module for these bytes: from the disk cache, or compiled
-    /// and then cached.
-    fn module(&self, bytes: &[u8]) -> Result<Module, String> {
+    /// The compiled module for these bytes, and its compiled size: from the
+    /// disk cache, or compiled and then cached (the cache trimmed to
+    /// `cache_bytes`).
+    fn module(&self, bytes: &[u8]) -> Result<(Module, u64), String> {
         if bytes.len() > self.config.max_module_bytes {
             return Err(format!(
                 "the module is {} bytes, more than the limit of {} bytes",
@@ -259,7 +266,10 @@ impl WasmBackend {
             match deserialize(&self.engine, &path) {
                 Ok(module) => {
                     self.metrics.record_wasm_module(true);
-                    return Ok(module);
+                    // Used now: the last to go when the cache is trimmed.
+                    let now = std::fs::FileTimes::new().set_modified(std::time::SystemTime::now());
+                    let _ = std::fs::File::open(&path).and_then(|f| f.set_times(now));
+                    return Ok((module, file_size(&path)));
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "dropping an unreadable compiled module");
@@ -293,7 +303,8 @@ impl WasmBackend {
             }
         };
         self.metrics.record_wasm_module(false);
-        Ok(module)
+        self.trim_disk(&path);
+        Ok((module, file_size(&path)))
     }
 
     /// Compiles `bytes` in `program compile-wasm out`, within the compile
@@ -353,7 +364,7 @@ impl WasmBackend {
         std::thread::spawn(move || {
             let linked = this
                 .module(&bytes)
-                .and_then(|m| this.linker.instantiate_pre(&m).map_err(link_error));
+                .and_then(|(m, _)| this.linker.instantiate_pre(&m).map_err(link_error));
             let _ = tx.send(linked.map(drop));
         });
         // Compiling apart stops at the budget by itself (and stops the
@@ -402,6 +413,48 @@ pub fn compile_main(mut args: impl Iterator<Item = String>) -> std::process::Exi
 }
 
 /// Loads compiled code this controller wrote.
+/// The size of the file at `path`, 0 when it cannot be read.
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Linked modules by their function version's code hash, the oldest
+/// dropped first once their compiled code passes the cache's size: a
+/// module's code stays mapped from its file while it is linked, so without
+/// this neither memory nor the disk its file held would be given back. An
+/// instance keeps what it was linked from; a version dropped here is
+/// linked again (from disk, or compiled) at its next start.
+#[derive(Default)]
+struct Linked {
+    by_hash: HashMap<String, InstancePre<State>>,
+    /// Code hashes in the order they were linked, with their sizes.
+    order: std::collections::VecDeque<(String, u64)>,
+    bytes: u64,
+}
+
+impl Linked {
+    fn get(&self, code_hash: &str) -> Option<InstancePre<State>> {
+        self.by_hash.get(code_hash).cloned()
+    }
+
+    fn insert(&mut self, code_hash: String, pre: InstancePre<State>, size: u64, cap: u64) {
+        if self.by_hash.insert(code_hash.clone(), pre).is_some() {
+            // Linked again meanwhile by another start: counted once.
+            return;
+        }
+        self.order.push_back((code_hash, size));
+        self.bytes += size;
+        // The newest stays, whatever its size.
+        while self.bytes > cap && self.order.len() > 1 {
+            let Some((old, old_size)) = self.order.pop_front() else {
+                break;
+            };
+            self.by_hash.remove(&old);
+            self.bytes -= old_size;
+        }
+    }
+}
+
 #[allow(unsafe_code)]
 fn deserialize(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
     // SAFETY: wasmtime trusts serialized code; this file was written by
@@ -497,7 +550,7 @@ impl Instance for WasmInstance {
         if self.function.is_some() {
             return Err(InstanceError::Protocol("instance is already initialised".into()));
         }
-        let cached = self.backend.modules.lock().unwrap().get(&function.code_hash).cloned();
+        let cached = self.backend.modules.lock().unwrap().get(&function.code_hash);
         let pre = match cached {
             Some(pre) => pre,
             None => {
@@ -646,13 +699,44 @@ impl WasmBackend {
     /// The function's linked module, compiled (or loaded from disk) on
     /// first use.
     fn linked(&self, code_hash: String, bytes: &[u8]) -> Result<InstancePre<State>, InstanceError> {
-        let module = self.module(bytes).map_err(init_error)?;
+        let (module, size) = self.module(bytes).map_err(init_error)?;
         let pre = self
             .linker
             .instantiate_pre(&module)
             .map_err(|e| init_error(link_error(e)))?;
-        self.modules.lock().unwrap().insert(code_hash, pre.clone());
+        self.modules
+            .lock()
+            .unwrap()
+            .insert(code_hash, pre.clone(), size, self.config.cache_bytes);
         Ok(pre)
+    }
+
+    /// Removes the compiled modules on disk least recently compiled or
+    /// loaded (their modification time) until what is left fits in
+    /// `cache_bytes`; never `keep`, the one just written.
+    fn trim_disk(&self, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.cache_dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm") && e.path() != keep)
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some((meta.modified().ok()?, meta.len(), e.path()))
+            })
+            .collect();
+        let kept = std::fs::metadata(keep).map(|m| m.len()).unwrap_or(0);
+        let mut total: u64 = kept + files.iter().map(|f| f.1).sum::<u64>();
+        files.sort();
+        for (_, size, path) in files {
+            if total <= self.config.cache_bytes {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= size;
+            }
+        }
     }
 }
 
