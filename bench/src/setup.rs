@@ -90,6 +90,9 @@ impl Controller {
             .arg("--runtimes-dir")
             .arg(repo_dir().join("runtimes"))
             .args(["--rate-limit-execute", "2000000000", "--rate-limit-functions", "100000"])
+            // Submits at c1 outrun the workers on a fast machine: the queue
+            // a subject may have waiting is set above what a run submits.
+            .args(["--execution-max-pending-per-subject", "10000000"])
             .args(flags)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -541,15 +541,11 @@ impl Registry {
         }
         // A function's install is charged to the version that brought it:
         // a new version on its current version's set adds only its code.
-        let key = |deps: Option<&package::DependencyFiles>| deps.map(|d| d.key().to_owned());
-        let new_key = key(package
+        let set = package
             .as_ref()
-            .and_then(|p| package::DependencyFiles::of(language, p, manifest.install.scripts))
-            .as_ref());
-        if new_key.is_some()
-            && self
-                .get(lt.as_str())
-                .is_some_and(|f| key(f.current.dependencies.as_ref()) == new_key)
+            .and_then(|p| package::DependencyFiles::of(language, p, manifest.install.scripts));
+        if let (Some(set), Some(current)) = (&set, self.get(lt.as_str()))
+            && current.current.dependencies.as_ref().map(|d| d.key()) == Some(set.key())
         {
             installed_bytes = 0;
         }
