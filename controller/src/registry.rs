@@ -302,6 +302,17 @@ impl Registry {
             .collect()
     }
 
+    /// The code hashes of every function's current version (as of the last
+    /// [`Registry::refresh`]): the package files to keep.
+    pub fn code_hashes(&self) -> HashSet<String> {
+        self.functions
+            .read()
+            .unwrap()
+            .values()
+            .map(|f| f.current.code_hash.clone())
+            .collect()
+    }
+
     /// One page of the functions, optionally of one language, and the total.
     pub fn list(&self, language: Option<Language>, page: usize, per_page: usize) -> (usize, Vec<FunctionEntry>) {
         let functions = self.functions.read().unwrap();

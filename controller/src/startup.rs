@@ -212,6 +212,7 @@ impl Application {
         // beside the instances' directories, on their filesystem, so that
         // each instance gets a hard link to it.
         let root = backend.packages().1.parent().unwrap_or(data_dir).to_owned();
+        let package_store = backend.packages().0;
         let (files_listener, files_socket) = crate::files::keys::bind_socket(&root)?;
         backend.set_files_socket(files_socket.clone());
         // Dependencies are installed for the interpreters instances run.
@@ -411,7 +412,8 @@ impl Application {
             let files = files.clone();
             let (records, queue) = (stores.executions.clone(), stores.queue.clone());
             let execution_retention = Duration::from_secs(args.execution_retention_hours * 3600);
-            let installer = installer.clone();
+            let (installer, package_store) = (installer.clone(), package_store.clone());
+            let keep_unused = Duration::from_secs(args.deps_keep_unused_secs);
             // A quarter of the time an unused install is kept, from every
             // sweep to every 10 minutes.
             let deps_sweep_ticks =
@@ -443,16 +445,21 @@ impl Application {
                     if let Err(e) = &refreshed {
                         tracing::debug!(error = format!("{e:#}"), "refreshing the registry");
                     }
-                    // Installs no current version uses, once this replica
-                    // knows every function's current version.
-                    if let Some(installer) = &installer
-                        && refreshed.is_ok()
-                        && ticks.is_multiple_of(deps_sweep_ticks)
-                    {
-                        let (installer, used) = (installer.clone(), engine.registry.dependency_keys());
-                        match tokio::task::spawn_blocking(move || installer.collect(&used)).await {
-                            Ok(0) | Err(_) => {}
-                            Ok(n) => tracing::info!(removed = n, "installs no function uses any more removed"),
+                    // Installs and package files no current version uses,
+                    // once this replica knows every function's current
+                    // version.
+                    if refreshed.is_ok() && ticks.is_multiple_of(deps_sweep_ticks) {
+                        let (installer, packages) = (installer.clone(), package_store.clone());
+                        let (keys, hashes) = (engine.registry.dependency_keys(), engine.registry.code_hashes());
+                        let removed = tokio::task::spawn_blocking(move || {
+                            let installs = installer.map_or(0, |i| i.collect(&keys));
+                            (installs, packages.collect(&hashes, keep_unused))
+                        })
+                        .await;
+                        if let Ok((installs, packages)) = removed
+                            && installs + packages > 0
+                        {
+                            tracing::info!(installs, packages, "files no function uses any more removed");
                         }
                     }
                     ticks += 1;

@@ -451,3 +451,56 @@ async fn an_archive_uploads_as_multipart_form_data_with_its_manifest_beside_it()
         r.body
     );
 }
+
+/// Where the controller wrote the files of the version with `code_hash`,
+/// if anywhere: beside its instance directories, in the data dir or in
+/// `/run/fnrt` (a data dir instance uids cannot pass through).
+fn version_dir(app: &TestApp, code_hash: &str) -> Option<std::path::PathBuf> {
+    let mut roots = vec![app.data_dir.path().join("packages")];
+    if let Ok(entries) = std::fs::read_dir("/run/fnrt") {
+        roots.extend(entries.flatten().map(|e| e.path().join("packages")));
+    }
+    roots
+        .into_iter()
+        .map(|root| root.join(code_hash))
+        .find(|dir| dir.is_dir())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_files_of_a_deleted_function_are_removed_from_the_disk() {
+    // Arrange: files no current version uses are kept 2 s.
+    let app = spawn_app_with(&["--deps-keep-unused-secs", "2"]).await;
+    let files = |n: u32| {
+        json!({
+            "main.py": "from pathlib import Path\n\ndef handler(p, c):\n    return int(Path(__file__).with_name('n.txt').read_text())\n",
+            "n.txt": format!("{n}\n"),
+        })
+    };
+    let mut dirs = Vec::new();
+    for (lt, n) in [("python-pkg-gone", 1), ("python-pkg-kept", 2)] {
+        let r = run_package(&app, lt, files(n), json!({}), json!({})).await;
+        assert_eq!(r.body["result"], n, "{:?}", r.body);
+        let details = app.get(Some(&app.admin()), &format!("/api/v1/functions/{lt}")).await;
+        let hash = details.body["code_hash"].as_str().unwrap().to_owned();
+        let dir = version_dir(&app, &hash).unwrap_or_else(|| panic!("no files written for {lt}"));
+        dirs.push(dir);
+    }
+
+    // Act: delete one of them.
+    let r = app
+        .client
+        .delete(app.url("/api/v1/functions/python-pkg-gone"))
+        .bearer_auth(app.admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    // Assert: its files go; the other's stay, and it still runs.
+    let gone = crate::helpers::eventually(std::time::Duration::from_secs(20), || !dirs[0].exists()).await;
+    assert!(gone, "{} is still there", dirs[0].display());
+    assert!(dirs[1].is_dir());
+    let token = app.admin();
+    let id = app.session(&token, "python-pkg-kept", json!({})).await;
+    assert_eq!(app.execute(&token, &id, json!({})).await.body["result"], 2);
+}

@@ -16,10 +16,14 @@
 //!   directory, written on first use (to a staging directory, then renamed
 //!   into place).
 //! - [`PackageStore::place`]: links (or copies) it into an instance.
+//! - [`PackageStore::collect`]: removes the directories of versions no
+//!   function runs now (a deleted function's, an older version's).
 
+use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use fnrt_core::function::FunctionVersion;
 use fnrt_core::function::package::{PackageFiles, PackageLimits, check_package};
@@ -56,6 +60,43 @@ impl PackageStore {
         std::fs::create_dir_all(&root)?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
         Ok(PackageStore { root, link })
+    }
+
+    /// Removes the version directories that none of `used` (the code hashes
+    /// of every function's current version) names and that were written
+    /// longer than `keep` ago; returns how many. Should an instance of
+    /// such a version start again, its files are written again from the
+    /// database (the store is a cache of it). Blocking.
+    pub fn collect(&self, used: &HashSet<String>, keep: Duration) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(hash) = name.to_str() else { continue };
+            // `.staging-*` is a version being written.
+            if hash.starts_with('.') || used.contains(hash) {
+                continue;
+            }
+            let age = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|at| at.elapsed().ok());
+            if age.is_none_or(|age| age < keep) {
+                continue;
+            }
+            // Moved aside first, so no instance links from a half-removed one.
+            let aside = self
+                .root
+                .join(format!(".gone-{}", hex::encode(rand::random::<[u8; 8]>())));
+            if std::fs::rename(entry.path(), &aside).is_ok() {
+                let _ = std::fs::remove_dir_all(&aside);
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// The directory that holds (or will hold) `function`'s files.
