@@ -414,9 +414,9 @@ impl Application {
             let execution_retention = Duration::from_secs(args.execution_retention_hours * 3600);
             let (installer, package_store) = (installer.clone(), package_store.clone());
             let keep_unused = Duration::from_secs(args.deps_keep_unused_secs);
-            // A quarter of the time an unused install is kept, from every
-            // sweep to every 10 minutes.
-            let deps_sweep_ticks =
+            // A quarter of the time unused installs and package files are
+            // kept, from every sweep to every 10 minutes.
+            let unused_sweep_ticks =
                 (args.deps_keep_unused_secs / 4 / SWEEP_EVERY.as_secs()).clamp(1, 600 / SWEEP_EVERY.as_secs());
             let stop = stop.clone();
             async move {
@@ -448,7 +448,7 @@ impl Application {
                     // Installs and package files no current version uses,
                     // once this replica knows every function's current
                     // version.
-                    if refreshed.is_ok() && ticks.is_multiple_of(deps_sweep_ticks) {
+                    if refreshed.is_ok() && ticks.is_multiple_of(unused_sweep_ticks) {
                         let (installer, packages) = (installer.clone(), package_store.clone());
                         let (keys, hashes) = (engine.registry.dependency_keys(), engine.registry.code_hashes());
                         let removed = tokio::task::spawn_blocking(move || {

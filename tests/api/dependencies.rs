@@ -632,16 +632,14 @@ async fn what_an_install_takes_counts_against_its_owners_quota_once_per_function
         let body = json!({"language_title": lt, "description": "big dependency", "files": files});
         crate::functions::call(&app, reqwest::Method::POST, "/api/v1/functions", &alice, Some(body)).await
     };
-    let put = async |lt: &str, files: Value| {
-        let body = json!({"language_title": lt, "description": "big dependency", "files": files});
-        let path = format!("/api/v1/functions/{lt}");
-        crate::functions::call(&app, reqwest::Method::PUT, &path, &alice, Some(body)).await
-    };
+
     let (one, two) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
     let first = post("python-bigdep-a", with_bigdep(&one, 1)).await;
     assert_eq!(first.status, 201, "{:?}", first.body);
     // A new version on the same set is charged its code only.
-    let second = put("python-bigdep-a", with_bigdep(&one, 2)).await;
+    let body =
+        json!({"language_title": "python-bigdep-a", "description": "big dependency", "files": with_bigdep(&one, 2)});
+    let second = crate::functions::put_function(&app, &alice, "python-bigdep-a", body).await;
     assert_eq!(second.status, 200, "{:?}", second.body);
     let id = app.session(&alice, "python-bigdep-a", json!({})).await;
     let r = app.execute(&alice, &id, json!({})).await;

@@ -19,9 +19,9 @@
 //! # Layout
 //!
 //! - [`join_cgroup`]: the child's side, async-signal-safe.
-//! - [`MemoryCgroup`]: a capped memory cgroup, removed when dropped.
-//! - [`CpuQuota`]: a `cpu` cgroup with a CFS quota, removed when dropped.
-//! - [`CpuCgroup`]: a `cpuacct` cgroup, read by the idle sweep.
+//! - [`MemoryCgroup`]: a capped memory cgroup; [`CpuQuota`]: a `cpu`
+//!   cgroup with a CFS quota; [`CpuCgroup`]: a `cpuacct` cgroup, read by
+//!   the idle sweep. Each is a directory of its own, removed when dropped.
 //! - [`Confinement`]: a build step's `pids` and `memory` cgroups
 //!   (`fnrt/steps/{controller pid}-{n}`), the watch on its disk use, and
 //!   what ended the step, if a cap did ([`Confinement::explain`]).
@@ -83,14 +83,39 @@ fn tasks_of(dir: &Path) -> std::io::Result<CString> {
         .map_err(|_| std::io::Error::other("cgroup path contains NUL"))
 }
 
+/// One cgroup directory of its own: made, or taken over as an earlier
+/// holder left it, and removed when dropped once nothing runs in it (an
+/// instance is dropped after its processes are gone; one that still holds
+/// a process is left, and set afresh by whoever makes it next).
+#[derive(Debug)]
+struct Owned {
+    dir: PathBuf,
+    /// `tasks`, ready for [`join_cgroup`] after a fork.
+    tasks: CString,
+}
+
+impl Owned {
+    fn create(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Owned {
+            tasks: tasks_of(&dir)?,
+            dir,
+        })
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        // Fails (EBUSY) while a process is still in it: left as it is.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// A v1 `memory` cgroup capped at a number of bytes, swap included where
-/// the kernel counts it. Removed when dropped, once nothing runs in it (an
-/// instance is dropped after its processes are gone; a cgroup that still
-/// holds one is left, and capped afresh by whoever makes it next).
+/// the kernel counts it.
 #[derive(Debug)]
 pub struct MemoryCgroup {
-    dir: PathBuf,
-    tasks: CString,
+    cgroup: Owned,
     /// `oom_kill` when it was capped: a cgroup left by an earlier instance
     /// keeps its count.
     oom_base: u64,
@@ -99,116 +124,79 @@ pub struct MemoryCgroup {
 impl MemoryCgroup {
     /// Makes (or takes over) the cgroup at `dir` and caps it at `bytes`.
     pub fn create(dir: PathBuf, bytes: u64) -> std::io::Result<Self> {
-        // Made, or taken over as an earlier holder left it.
-        std::fs::create_dir_all(&dir)?;
+        let cgroup = Owned::create(dir)?;
         let limit = bytes.to_string();
         // memory+swap may never be below memory alone: lifted first, then
         // memory, then memory+swap to the same (no swap beyond the cap).
-        let memsw = dir.join("memory.memsw.limit_in_bytes");
+        let memsw = cgroup.dir.join("memory.memsw.limit_in_bytes");
         let swap_counted = memsw.exists();
         if swap_counted {
             std::fs::write(&memsw, "-1")?;
         }
-        std::fs::write(dir.join("memory.limit_in_bytes"), &limit)?;
+        std::fs::write(cgroup.dir.join("memory.limit_in_bytes"), &limit)?;
         if swap_counted {
             std::fs::write(&memsw, &limit)?;
         }
         Ok(MemoryCgroup {
-            oom_base: oom_kills(&dir).unwrap_or(0),
-            tasks: tasks_of(&dir)?,
-            dir,
+            oom_base: oom_kills(&cgroup.dir).unwrap_or(0),
+            cgroup,
         })
     }
 
     /// Its `tasks`, for [`join_cgroup`] after a fork.
     pub fn join_path(&self) -> CString {
-        self.tasks.clone()
+        self.cgroup.tasks.clone()
     }
 
     /// Whether the kernel killed a process of it for want of memory since
     /// it was capped.
     pub fn oom_killed(&self) -> bool {
-        oom_kills(&self.dir).is_some_and(|n| n > self.oom_base)
+        oom_kills(&self.cgroup.dir).is_some_and(|n| n > self.oom_base)
     }
 }
 
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        // Fails (EBUSY) while a process is still in it: left as it is.
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// A v1 `cpuacct` cgroup: the CPU time of everything in it. Removed when
-/// dropped, once nothing runs in it.
+/// A v1 `cpuacct` cgroup: the CPU time of everything in it.
 #[derive(Debug)]
-pub struct CpuCgroup {
-    dir: PathBuf,
-    tasks: CString,
-}
+pub struct CpuCgroup(Owned);
 
 impl CpuCgroup {
     /// Makes (or takes over) the cgroup at `dir`.
     pub fn create(dir: PathBuf) -> std::io::Result<Self> {
-        // Made, or taken over as an earlier holder left it.
-        std::fs::create_dir_all(&dir)?;
-        Ok(CpuCgroup {
-            tasks: tasks_of(&dir)?,
-            dir,
-        })
+        Owned::create(dir).map(CpuCgroup)
     }
 
     /// Its `tasks`, for [`join_cgroup`] after a fork.
     pub fn join_path(&self) -> CString {
-        self.tasks.clone()
+        self.0.tasks.clone()
     }
 
     /// The CPU time its tasks have used, in nanoseconds (0 if unreadable).
     pub fn usage_ns(&self) -> u64 {
-        std::fs::read_to_string(self.dir.join("cpuacct.usage"))
+        std::fs::read_to_string(self.0.dir.join("cpuacct.usage"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
     }
 }
 
-impl Drop for CpuCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
 /// A v1 `cpu` cgroup whose tasks together may use at most a number of CPUs
 /// (a CFS quota per period: past it they wait for the next period,
-/// however many threads or processes they run). Removed when dropped, once
-/// nothing runs in it.
+/// however many threads or processes they run).
 #[derive(Debug)]
-pub struct CpuQuota {
-    dir: PathBuf,
-    tasks: CString,
-}
+pub struct CpuQuota(Owned);
 
 impl CpuQuota {
     /// Makes (or takes over) the cgroup at `dir` and caps it at `cpus`.
     pub fn create(dir: PathBuf, cpus: f64) -> std::io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
-        std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us(cpus).to_string())?;
-        Ok(CpuQuota {
-            tasks: tasks_of(&dir)?,
-            dir,
-        })
+        let cgroup = Owned::create(dir)?;
+        std::fs::write(cgroup.dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+        std::fs::write(cgroup.dir.join("cpu.cfs_quota_us"), quota_us(cpus).to_string())?;
+        Ok(CpuQuota(cgroup))
     }
 
     /// Its `tasks`, for [`join_cgroup`] after a fork.
     pub fn join_path(&self) -> CString {
-        self.tasks.clone()
-    }
-}
-
-impl Drop for CpuQuota {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
+        self.0.tasks.clone()
     }
 }
 

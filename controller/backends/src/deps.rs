@@ -243,54 +243,23 @@ impl Installer {
     /// returns how many. A version that needs one again gets it installed
     /// again. Blocking.
     pub fn collect(&self, used: &HashSet<String>) -> usize {
-        let Ok(entries) = std::fs::read_dir(&self.config.deps_dir) else {
-            return 0;
-        };
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(key) = name.to_str() else { continue };
-            // Installs are named by their key; `.installs/` and anything
-            // else is not one.
+        let aside = self.config.deps_dir.join(".installs");
+        crate::unused::remove_dirs(&self.config.deps_dir, &aside, self.config.keep_unused, |key| {
+            // Installs are named by their key; anything else is not one.
             if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) || used.contains(key) {
-                continue;
+                return false;
             }
-            let unused_for = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|at| at.elapsed().ok());
-            if unused_for.is_none_or(|d| d < self.config.keep_unused) {
-                continue;
-            }
+            let mut states = self.states.lock().unwrap();
+            if states
+                .get(key)
+                .is_some_and(|rx| matches!(*rx.borrow(), BuildState::Building))
             {
-                let mut states = self.states.lock().unwrap();
-                if states
-                    .get(key)
-                    .is_some_and(|rx| matches!(*rx.borrow(), BuildState::Building))
-                {
-                    continue;
-                }
-                states.remove(key);
+                return false;
             }
+            states.remove(key);
             self.failed_at.lock().unwrap().remove(key);
-            // Moved aside first: gone at once for every reader, then deleted.
-            let aside = self.config.deps_dir.join(".installs").join(format!(
-                "unused-{}-{}",
-                &key[..16],
-                hex::encode(rand::random::<[u8; 4]>())
-            ));
-            match std::fs::rename(entry.path(), &aside) {
-                Ok(()) => {
-                    if let Err(e) = std::fs::remove_dir_all(&aside) {
-                        tracing::warn!(path = %aside.display(), error = %e, "removing an unused install");
-                    }
-                    removed += 1;
-                }
-                Err(e) => tracing::warn!(key, error = %e, "moving an unused install aside"),
-            }
-        }
-        removed
+            true
+        })
     }
 
     /// Starts a background install unless one exists (or failed less than
@@ -737,11 +706,10 @@ fn install_env() -> Vec<(String, String)> {
     env
 }
 
-/// Sets `dir`'s modification time to now: when an install was last
-/// made or used, for [`Installer::collect`].
+/// Marks the install at `dir` as made or used now, for
+/// [`Installer::collect`].
 fn touch(dir: &Path) {
-    let now = std::fs::FileTimes::new().set_modified(std::time::SystemTime::now());
-    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.set_times(now)) {
+    if let Err(e) = crate::unused::touch(dir) {
         tracing::debug!(path = %dir.display(), error = %e, "marking an install as used");
     }
 }

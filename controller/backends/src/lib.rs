@@ -20,6 +20,8 @@
 //!   together; [`idle`]: instances that work between their calls, stopped.
 //! - [`wasm`]: wasmtime sandboxes inside the controller, a fresh instance
 //!   per run.
+//! - [`unused`]: what the caches on disk (installs, package files, compiled
+//!   modules) share: marking an entry used, removing unused directories.
 //! - [`build`]: cargo builds of Rust functions (native libraries, wasm
 //!   modules), which also say where a version's artifact is
 //!   ([`fnrt_core::runtime::Artifacts`]).
@@ -39,6 +41,7 @@ pub mod packages;
 pub mod process;
 pub mod sandbox;
 pub mod uids;
+pub mod unused;
 pub mod wasm;
 
 use std::path::{Path, PathBuf};

@@ -68,35 +68,8 @@ impl PackageStore {
     /// such a version start again, its files are written again from the
     /// database (the store is a cache of it). Blocking.
     pub fn collect(&self, used: &HashSet<String>, keep: Duration) -> usize {
-        let Ok(entries) = std::fs::read_dir(&self.root) else {
-            return 0;
-        };
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(hash) = name.to_str() else { continue };
-            // `.staging-*` is a version being written.
-            if hash.starts_with('.') || used.contains(hash) {
-                continue;
-            }
-            let age = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|at| at.elapsed().ok());
-            if age.is_none_or(|age| age < keep) {
-                continue;
-            }
-            // Moved aside first, so no instance links from a half-removed one.
-            let aside = self
-                .root
-                .join(format!(".gone-{}", hex::encode(rand::random::<[u8; 8]>())));
-            if std::fs::rename(entry.path(), &aside).is_ok() {
-                let _ = std::fs::remove_dir_all(&aside);
-                removed += 1;
-            }
-        }
-        removed
+        // `.staging-*` (a version being written) is passed over.
+        crate::unused::remove_dirs(&self.root, &self.root, keep, |hash| !used.contains(hash))
     }
 
     /// The directory that holds (or will hold) `function`'s files.

@@ -235,34 +235,30 @@ impl UidLease {
     /// `memory` cgroup, which the child joins with [`join_cgroup`] beside
     /// its `pids` one. `None` without a v1 `memory` hierarchy.
     pub fn limit_memory(&self, bytes: u64) -> std::io::Result<Option<MemoryCgroup>> {
-        let Some(dir) = &self.pool.memory else {
-            return Ok(None);
-        };
-        MemoryCgroup::create(dir.join(self.uid.to_string()), bytes).map(Some)
+        self.own(&self.pool.memory)
+            .map(|dir| MemoryCgroup::create(dir, bytes))
+            .transpose()
     }
-}
 
-impl UidLease {
     /// Counts the CPU time of everything the instance runs: the uid's
     /// `cpuacct` cgroup, joined like the others. `None` without the
     /// hierarchy.
     pub fn account_cpu(&self) -> std::io::Result<Option<CpuCgroup>> {
-        let Some(dir) = &self.pool.cpuacct else {
-            return Ok(None);
-        };
-        CpuCgroup::create(dir.join(self.uid.to_string())).map(Some)
+        self.own(&self.pool.cpuacct).map(CpuCgroup::create).transpose()
     }
-}
 
-impl UidLease {
     /// Caps the CPU time of everything the instance runs, together, at
     /// `cpus` CPUs: the uid's `cpu` cgroup, joined like the others. `None`
     /// without the hierarchy.
     pub fn limit_cpu(&self, cpus: f64) -> std::io::Result<Option<CpuQuota>> {
-        let Some(dir) = &self.pool.cpu else {
-            return Ok(None);
-        };
-        CpuQuota::create(dir.join(self.uid.to_string()), cpus).map(Some)
+        self.own(&self.pool.cpu)
+            .map(|dir| CpuQuota::create(dir, cpus))
+            .transpose()
+    }
+
+    /// This uid's cgroup in a hierarchy's `fnrt/`, when there is one.
+    fn own(&self, fnrt: &Option<PathBuf>) -> Option<PathBuf> {
+        fnrt.as_ref().map(|dir| dir.join(self.uid.to_string()))
     }
 }
 

@@ -267,8 +267,7 @@ impl WasmBackend {
                 Ok(module) => {
                     self.metrics.record_wasm_module(true);
                     // Used now: the last to go when the cache is trimmed.
-                    let now = std::fs::FileTimes::new().set_modified(std::time::SystemTime::now());
-                    let _ = std::fs::File::open(&path).and_then(|f| f.set_times(now));
+                    let _ = crate::unused::touch(&path);
                     return Ok((module, file_size(&path)));
                 }
                 Err(e) => {
@@ -412,7 +411,6 @@ pub fn compile_main(mut args: impl Iterator<Item = String>) -> std::process::Exi
     }
 }
 
-/// Loads compiled code this controller wrote.
 /// The size of the file at `path`, 0 when it cannot be read.
 fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
@@ -455,6 +453,7 @@ impl Linked {
     }
 }
 
+/// Loads compiled code this controller wrote.
 #[allow(unsafe_code)]
 fn deserialize(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
     // SAFETY: wasmtime trusts serialized code; this file was written by
@@ -726,8 +725,7 @@ impl WasmBackend {
                 Some((meta.modified().ok()?, meta.len(), e.path()))
             })
             .collect();
-        let kept = std::fs::metadata(keep).map(|m| m.len()).unwrap_or(0);
-        let mut total: u64 = kept + files.iter().map(|f| f.1).sum::<u64>();
+        let mut total: u64 = file_size(keep) + files.iter().map(|f| f.1).sum::<u64>();
         files.sort();
         for (_, size, path) in files {
             if total <= self.config.cache_bytes {
