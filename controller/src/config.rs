@@ -357,6 +357,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BUILD_DISK_MB", default_value_t = 8192,
           value_parser = clap::value_parser!(u64).range(64..))]
     pub build_disk_mb: u64,
+    /// The CPUs one build step may use, all its processes together (a
+    /// quota, as root, cgroup v1); 0: no quota. Default: every CPU but one
+    /// (at least one).
+    #[arg(long, env = "BUILD_CPUS", value_parser = cpus)]
+    pub build_cpus: Option<f64>,
     /// Largest wasm module accepted, in bytes.
     #[arg(long, env = "WASM_MAX_MODULE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub wasm_max_module_bytes: usize,
@@ -408,13 +413,23 @@ impl ServeArgs {
     }
 
     /// What one build step may take (`BUILD_MEMORY_MB`, `BUILD_MAX_PROCESSES`,
-    /// `BUILD_DISK_MB`).
+    /// `BUILD_DISK_MB`, `BUILD_CPUS`).
     pub fn build_caps(&self) -> fnrt_backends::cgroups::StepCaps {
         fnrt_backends::cgroups::StepCaps {
             memory_bytes: self.build_memory_mb.saturating_mul(1024 * 1024),
             max_tasks: self.build_max_processes,
             disk_bytes: self.build_disk_mb.saturating_mul(1024 * 1024),
+            cpus: self.build_cpus(),
         }
+    }
+
+    /// `BUILD_CPUS`, or every CPU but one (at least one): a build leaves
+    /// the controller a core to answer with.
+    pub fn build_cpus(&self) -> f64 {
+        self.build_cpus.unwrap_or_else(|| {
+            let machine = std::thread::available_parallelism().map_or(1, usize::from);
+            machine.saturating_sub(1).max(1) as f64
+        })
     }
 
     pub fn max_file_bytes(&self) -> u64 {
@@ -550,5 +565,15 @@ mod tests {
         for refused in ["0.001", "-1", "NaN", "2000", "one"] {
             assert!(parse(refused).is_err(), "{refused}");
         }
+    }
+
+    #[test]
+    fn a_build_leaves_a_cpu_to_the_controller_unless_told_otherwise() {
+        let cpus = |flags: &[&str]| ServeArgs::from_flags(flags.iter().copied()).unwrap().build_cpus();
+        let machine = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(cpus(&[]), machine.saturating_sub(1).max(1) as f64);
+        assert_eq!(cpus(&["--build-cpus", "0"]), 0.0);
+        assert_eq!(cpus(&["--build-cpus", "0.5"]), 0.5);
+        assert!(ServeArgs::from_flags(["--build-cpus", "0.001"]).is_err());
     }
 }

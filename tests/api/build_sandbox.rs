@@ -367,3 +367,44 @@ async fn a_build_script_that_fills_the_disk_is_stopped_past_the_limit() {
     );
     assert!(!work.exists(), "{} is left", work.display());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_script_that_spins_on_every_core_gets_no_more_than_the_builds_cpu_quota() {
+    if !walled_builds() {
+        return;
+    }
+    let app = crate::helpers::spawn_app_with(&["--build-cpus", "0.2"]).await;
+
+    // Act: a build script that spins two threads for 2 s of wall time, then
+    // fails the build with the CPU time its process got (utime + stime, in
+    // clock ticks of 10 ms, from /proc/self/stat).
+    let r = register_build_script(
+        &app,
+        &app.admin(),
+        "cpu-hog",
+        "fn main() {\n    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);\n    \
+         let spin = move || { let mut n = 0u64; while std::time::Instant::now() < until { n = n.wrapping_add(1); } n };\n    \
+         let threads: Vec<_> = (0..2).map(|_| std::thread::spawn(spin)).collect();\n    \
+         for t in threads { std::hint::black_box(t.join().unwrap()); }\n    \
+         let stat = std::fs::read_to_string(\"/proc/self/stat\").unwrap();\n    \
+         let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();\n    \
+         let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();\n    \
+         panic!(\"spun for {} ms of CPU\", ticks * 10);\n}\n",
+    )
+    .await;
+
+    // Assert: it ran to its end, and two threads spinning for 2 s got
+    // about 0.4 s of CPU (0.2 CPU; without the quota, up to 4 s).
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    let messages = r.body["error"]["details"]["messages"].to_string();
+    let spun: u64 = messages
+        .split("spun for ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no measurement in {messages}"));
+    assert!(
+        spun <= 800,
+        "two spinning threads got {spun} ms of CPU in 2 s under 0.2 CPU"
+    );
+}

@@ -546,7 +546,20 @@ impl Builder {
             ("HOME".into(), "/tmp".into()),
             ("LANG".into(), "C.UTF-8".into()),
             ("CARGO_HOME".into(), work.join("cargo-home").display().to_string()),
+            // As many jobs as the step's CPU quota runs at once: more would
+            // take more memory for no speed.
+            ("CARGO_BUILD_JOBS".into(), self.jobs().to_string()),
         ]
+    }
+
+    /// cargo's parallel jobs: the CPUs a step may use, rounded up, or the
+    /// machine's.
+    fn jobs(&self) -> usize {
+        let machine = std::thread::available_parallelism().map_or(1, usize::from);
+        match self.config.caps.cpus {
+            cpus if cpus > 0.0 => (cpus.ceil() as usize).clamp(1, machine),
+            _ => machine,
+        }
     }
 
     /// cargo's own output without the host paths it names.
@@ -1068,6 +1081,7 @@ mod tests {
                 memory_bytes: 1 << 30,
                 max_tasks: 1024,
                 disk_bytes: 1 << 30,
+                cpus: 0.0,
             },
         })
         .unwrap();

@@ -22,7 +22,7 @@
 //! - [`MemoryCgroup`]: a capped memory cgroup; [`CpuQuota`]: a `cpu`
 //!   cgroup with a CFS quota; [`CpuCgroup`]: a `cpuacct` cgroup, read by
 //!   the idle sweep. Each is a directory of its own, removed when dropped.
-//! - [`Confinement`]: a build step's `pids` and `memory` cgroups
+//! - [`Confinement`]: a build step's `pids`, `memory` and `cpu` cgroups
 //!   (`fnrt/steps/{controller pid}-{n}`), the watch on its disk use, and
 //!   what ended the step, if a cap did ([`Confinement::explain`]).
 
@@ -224,19 +224,24 @@ fn counter(file: &Path, name: &str) -> Option<u64> {
 }
 
 /// What one build step may take: memory (all its processes together),
-/// tasks (processes and threads) and the disk its directory takes,
-/// `BUILD_MEMORY_MB`, `BUILD_MAX_PROCESSES` and `BUILD_DISK_MB`.
+/// tasks (processes and threads), the disk its directory takes and CPUs,
+/// `BUILD_MEMORY_MB`, `BUILD_MAX_PROCESSES`, `BUILD_DISK_MB` and
+/// `BUILD_CPUS`.
 #[derive(Debug, Clone, Copy)]
 pub struct StepCaps {
     pub memory_bytes: u64,
     pub max_tasks: u64,
     pub disk_bytes: u64,
+    /// 0: no quota.
+    pub cpus: f64,
 }
 
 /// Names steps' cgroups apart within this controller.
 static STEPS: AtomicU64 = AtomicU64::new(0);
 
-/// A build step's own cgroups, capped at its [`StepCaps`]: the step's
+/// A build step's own cgroups, capped at its [`StepCaps`] (a CPU quota
+/// for all its processes too, so a build leaves the controller's requests
+/// the rest of the machine): the step's
 /// first process joins them before exec ([`Confinement::apply`]). Without
 /// the hierarchies (or not as root) it caps nothing. Removed when dropped:
 /// anything still in them is killed first.
@@ -245,6 +250,7 @@ pub struct Confinement {
     caps: StepCaps,
     pids: Option<PathBuf>,
     memory: Option<MemoryCgroup>,
+    cpu: Option<CpuQuota>,
     /// What the disk watch found the directory took, once past the cap.
     disk_over: Arc<AtomicU64>,
     watch: Option<tokio::task::JoinHandle<()>>,
@@ -256,6 +262,7 @@ impl Confinement {
             caps,
             pids: None,
             memory: None,
+            cpu: None,
             disk_over: Arc::new(AtomicU64::new(0)),
             watch: None,
         };
@@ -277,6 +284,11 @@ impl Confinement {
             std::fs::create_dir_all(&parent)?;
             confinement.memory = Some(MemoryCgroup::create(parent.join(&name), caps.memory_bytes)?);
         }
+        if caps.cpus > 0.0 && Path::new(CPU_HIERARCHY).join("cgroup.procs").exists() {
+            let parent = Path::new(CPU_HIERARCHY).join("fnrt/steps");
+            std::fs::create_dir_all(&parent)?;
+            confinement.cpu = Some(CpuQuota::create(parent.join(&name), caps.cpus)?);
+        }
         Ok(confinement)
     }
 
@@ -286,7 +298,8 @@ impl Confinement {
         use std::os::unix::process::CommandExt as _;
         let pids = self.pids.as_deref().map(tasks_of).transpose()?;
         let memory = self.memory.as_ref().map(MemoryCgroup::join_path);
-        if pids.is_none() && memory.is_none() {
+        let cpu = self.cpu.as_ref().map(CpuQuota::join_path);
+        if pids.is_none() && memory.is_none() && cpu.is_none() {
             return Ok(());
         }
         // SAFETY: the closure runs in the forked child before exec and only
@@ -294,7 +307,7 @@ impl Confinement {
         // (`join_cgroup`), without allocating or taking locks.
         unsafe {
             cmd.pre_exec(move || {
-                for tasks in [&pids, &memory].into_iter().flatten() {
+                for tasks in [&pids, &memory, &cpu].into_iter().flatten() {
                     join_cgroup(tasks)?;
                 }
                 Ok(())
@@ -375,7 +388,8 @@ impl Drop for Confinement {
             kill_procs(dir, None);
             std::thread::sleep(Duration::from_millis(2));
         }
-        // The memory cgroup goes after (its own drop), empty by now.
+        // The memory and cpu cgroups go after (their own drops), empty by
+        // now.
     }
 }
 
@@ -384,7 +398,7 @@ impl Drop for Confinement {
 /// a pid that no longer runs. A cgroup that still holds a task is not
 /// removed (the kernel refuses).
 fn sweep_steps() {
-    for hierarchy in [PIDS_HIERARCHY, MEMORY_HIERARCHY] {
+    for hierarchy in [PIDS_HIERARCHY, MEMORY_HIERARCHY, CPU_HIERARCHY] {
         let Ok(entries) = std::fs::read_dir(Path::new(hierarchy).join("fnrt/steps")) else {
             continue;
         };
@@ -454,7 +468,7 @@ mod tests {
         let dead = (4_194_000..4_194_304)
             .find(|p| !Path::new("/proc").join(p.to_string()).exists())
             .unwrap();
-        let left: Vec<PathBuf> = [PIDS_HIERARCHY, MEMORY_HIERARCHY]
+        let left: Vec<PathBuf> = [PIDS_HIERARCHY, MEMORY_HIERARCHY, CPU_HIERARCHY]
             .iter()
             .map(|h| Path::new(h).join("fnrt/steps").join(format!("{dead}-0")))
             .collect();
