@@ -879,11 +879,14 @@ where
         }
         lock_owner::<DB>(&mut tx, "pending", &new.subject).await?;
         // Only while the subject has fewer pending than it may: one
-        // statement, so SQLite counts under the write lock it takes.
+        // statement, so SQLite counts under the write lock it takes. The
+        // count stops at the cap (the subject's pending index, read no
+        // further than it), so a long queue costs a submit no more.
         let sql = format!(
             "INSERT INTO async_executions ({QUEUED_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $14, $7, 'pending', $8, $16, $9, \
              $10, $11, 0, $12, NULL, NULL, FALSE, FALSE, $13, NULL, NULL, $13, NULL, NULL, $15, NULL, 0, NULL, NULL, NULL, NULL \
-             WHERE (SELECT COUNT(*) FROM async_executions WHERE subject = $2 AND status = 'pending') < $17 \
+             WHERE (SELECT COUNT(*) FROM (SELECT 1 FROM async_executions WHERE subject = $2 AND status = 'pending' \
+             LIMIT $17) AS pending) < $17 \
              ON CONFLICT DO NOTHING RETURNING {QUEUED_COLUMNS}"
         );
         let inserted: Option<QueuedExecution> = sqlx::query_as(AssertSqlSafe(sql))
