@@ -2,7 +2,7 @@
 //! dropped) and what `/proc` says of them: resident memory, open file
 //! descriptors, descendants.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -11,13 +11,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rustix::process::{Pid, Signal, kill_process};
 
+/// Stderr lines a [`Proc`] keeps, the last ones: a controller logs a line
+/// per request, millions in a run.
+const KEPT_LINES: usize = 200;
+
 /// A child process, asked to stop (SIGTERM, then SIGKILL after a few
-/// seconds) when dropped; its stderr lines are kept.
+/// seconds) when dropped; its last stderr lines are kept.
 #[derive(Debug)]
 pub(crate) struct Proc {
     pub(crate) name: String,
     child: Child,
-    pub(crate) lines: Arc<Mutex<Vec<String>>>,
+    lines: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Proc {
@@ -49,19 +53,27 @@ impl Proc {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let stderr = child.stderr.take().context("stderr")?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::new(Mutex::new(VecDeque::with_capacity(KEPT_LINES)));
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let lines = lines.clone();
             std::thread::spawn(move || {
+                // Lines are read as they come (a full pipe would stall the
+                // child) but looked at only until `ready` answers: this
+                // thread shares the cores with what is measured.
                 let mut tx = Some(tx);
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(found) = ready(&line)
+                    if tx.is_some()
+                        && let Some(found) = ready(&line)
                         && let Some(tx) = tx.take()
                     {
                         let _ = tx.send(found);
                     }
-                    lines.lock().unwrap().push(line);
+                    let mut lines = lines.lock().unwrap();
+                    if lines.len() == KEPT_LINES {
+                        lines.pop_front();
+                    }
+                    lines.push_back(line);
                 }
             });
         }
@@ -80,7 +92,12 @@ impl Proc {
     /// The last lines it wrote to stderr.
     pub(crate) fn tail(&self) -> String {
         let lines = self.lines.lock().unwrap();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        let last: Vec<&str> = lines
+            .iter()
+            .skip(lines.len().saturating_sub(20))
+            .map(String::as_str)
+            .collect();
+        last.join("\n")
     }
 
     /// Whether it is still running.
