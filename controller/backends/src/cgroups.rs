@@ -239,9 +239,8 @@ pub struct StepCaps {
 /// Names steps' cgroups apart within this controller.
 static STEPS: AtomicU64 = AtomicU64::new(0);
 
-/// A build step's own cgroups, capped at its [`StepCaps`] (a CPU quota
-/// for all its processes too, so a build leaves the controller's requests
-/// the rest of the machine): the step's
+/// A build step's own cgroups, capped at its [`StepCaps`] (its CPU quota
+/// leaves the controller's requests the rest of the machine): the step's
 /// first process joins them before exec ([`Confinement::apply`]). Without
 /// the hierarchies (or not as root) it caps nothing. Removed when dropped:
 /// anything still in them is killed first.
