@@ -63,10 +63,11 @@ impl PackageStore {
     }
 
     /// Removes the version directories that none of `used` (the code hashes
-    /// of every function's current version) names and that were written
-    /// longer than `keep` ago; returns how many. Should an instance of
-    /// such a version start again, its files are written again from the
-    /// database (the store is a cache of it). Blocking.
+    /// of every function's current version) names and that were written or
+    /// given to an instance longer than `keep` ago; returns how many.
+    /// Should an instance of such a version start again, its files are
+    /// written again from the database (the store is a cache of it).
+    /// Blocking.
     pub fn collect(&self, used: &HashSet<String>, keep: Duration) -> usize {
         // `.staging-*` (a version being written) is passed over.
         crate::unused::remove_dirs(&self.root, &self.root, keep, |hash| !used.contains(hash))
@@ -121,9 +122,18 @@ impl PackageStore {
     /// Shows `package` (a version's directory) in `instance_dir`'s
     /// `function/`, and its installed dependencies where its language looks
     /// for them: Python's in `deps/` beside it, Node's as
-    /// `function/node_modules/`.
+    /// `function/node_modules/`. The version's directory is marked as used
+    /// now, so [`PackageStore::collect`] keeps it while instances of it
+    /// keep starting. What an earlier attempt left in `instance_dir` is
+    /// replaced.
     pub fn place(&self, package: &Path, deps: Option<(&Path, Language)>, instance_dir: &Path) -> std::io::Result<()> {
+        crate::unused::touch(package)?;
         let target = instance_dir.join(PACKAGE_DIR);
+        for earlier in [target.clone(), instance_dir.join(DEPS_DIR)] {
+            if earlier.exists() {
+                std::fs::remove_dir_all(&earlier)?;
+            }
+        }
         copy_tree(package, &target, self.link)?;
         match deps {
             Some((deps, Language::Nodejs)) => {
@@ -195,6 +205,29 @@ pub async fn place_for(
     function: &FunctionVersion,
     instance_dir: &Path,
 ) -> Result<(), InstanceError> {
+    let mut placed = place_once(packages, installer, function, instance_dir).await?;
+    if placed.is_err() && !packages.dir_of(function).is_dir() {
+        // Collected (no function's current version) between the check and
+        // the linking: written again, once.
+        placed = place_once(packages, installer, function, instance_dir).await?;
+    }
+    placed.map_err(|message| {
+        tracing::error!(function = %function.language_title, version = function.version, error = %message, "package not placed");
+        InstanceError::Unavailable {
+            language: function.language(),
+            message,
+        }
+    })
+}
+
+/// One attempt of [`place_for`]: Err when the dependencies are not there,
+/// Ok(Err) when the files could not be written or linked.
+async fn place_once(
+    packages: &Arc<PackageStore>,
+    installer: Option<&Arc<crate::deps::Installer>>,
+    function: &FunctionVersion,
+    instance_dir: &Path,
+) -> Result<Result<(), String>, InstanceError> {
     let packages = packages.clone();
     let dir = instance_dir.to_path_buf();
     // The files are written once per version: the code is only copied for
@@ -213,10 +246,7 @@ pub async fn place_for(
     })
     .await
     .unwrap_or_else(|e| Err(format!("placing the files failed: {e}")));
-    placed.map_err(|message| {
-        tracing::error!(function = %function.language_title, version = function.version, error = %message, "package not placed");
-        InstanceError::Unavailable { language, message }
-    })
+    Ok(placed)
 }
 
 #[cfg(test)]
@@ -256,5 +286,38 @@ mod tests {
             dir.join("app/main.py").metadata().unwrap().ino()
         );
         assert_eq!(placed.metadata().unwrap().mode() & 0o777, 0o644);
+    }
+
+    #[test]
+    fn a_version_given_to_an_instance_is_kept_and_one_left_alone_is_collected() {
+        // Arrange: two versions' files, both written two hours ago, and an
+        // instance directory an earlier attempt left half filled.
+        let tmp = tempfile::tempdir().unwrap();
+        let store = PackageStore::new(tmp.path().join("packages"), true).unwrap();
+        let files: PackageFiles = [("main.py".to_owned(), FileContent::Text("x = 1".into()))].into();
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        for version in ["started", "idle"] {
+            let dir = tmp.path().join("packages").join(version);
+            write_files(&dir, &files).unwrap();
+            let times = std::fs::FileTimes::new().set_modified(long_ago);
+            std::fs::File::open(&dir).unwrap().set_times(times).unwrap();
+        }
+        let instance = tmp.path().join("instance");
+        std::fs::create_dir_all(instance.join(PACKAGE_DIR).join("partial")).unwrap();
+
+        // Act: an instance of one of them starts; then the collection runs,
+        // neither being a current version.
+        store
+            .place(&tmp.path().join("packages/started"), None, &instance)
+            .unwrap();
+        let removed = store.collect(&HashSet::new(), Duration::from_secs(3600));
+
+        // Assert: the started one's files stay, the other's go; the
+        // instance has the files and nothing of the earlier attempt.
+        assert_eq!(removed, 1);
+        assert!(tmp.path().join("packages/started").is_dir());
+        assert!(!tmp.path().join("packages/idle").exists());
+        assert!(instance.join(PACKAGE_DIR).join("main.py").is_file());
+        assert!(!instance.join(PACKAGE_DIR).join("partial").exists());
     }
 }
