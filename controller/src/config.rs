@@ -371,7 +371,7 @@ pub struct ServeArgs {
     pub wasm_compile_budget_secs: u64,
     /// The most compiled wasm code kept, in MiB: on disk
     /// (`DATA_DIR/wasm-cache`) and linked in memory; the least recently
-    /// used goes first past it (compiled again when needed).
+    /// compiled or loaded goes first past it (again when needed).
     #[arg(long, env = "WASM_CACHE_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub wasm_cache_mb: u64,
     /// Log format.

@@ -205,10 +205,12 @@ pub async fn place_for(
     function: &FunctionVersion,
     instance_dir: &Path,
 ) -> Result<(), InstanceError> {
+    let written = packages.dir_of(function).is_dir();
     let mut placed = place_once(packages, installer, function, instance_dir).await?;
-    if placed.is_err() && !packages.dir_of(function).is_dir() {
+    if placed.is_err() && written && !packages.dir_of(function).is_dir() {
         // Collected (no function's current version) between the check and
-        // the linking: written again, once.
+        // the linking: written again, once. (A write that failed is not
+        // tried again.)
         placed = place_once(packages, installer, function, instance_dir).await?;
     }
     placed.map_err(|message| {
