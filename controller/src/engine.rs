@@ -643,7 +643,12 @@ impl Engine {
             .version(language_title.as_str(), session.version)
             .await
             .map_err(ApiError::Internal)?
-            .ok_or_else(|| ApiError::NotFound(format!("function '{language_title}' no longer exists")))?;
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "function '{language_title}' version {} no longer exists (deleted); initialize a new session",
+                    session.version
+                ))
+            })?;
         if first_seen && holds_instance(&function) {
             // Initialized on another controller: it holds an instance here now.
             self.held.lock().unwrap().insert(key.clone());
@@ -773,6 +778,25 @@ impl Engine {
         }
         self.core.evict_function(language_title).await;
         self.metrics.forget_function(language_title);
+    }
+
+    /// Ends the sessions pinned to a deleted version of a function and lets
+    /// go of the instances they held. Idle pooled instances of it are never
+    /// asked for again; they stop when idle for `KEEP_WARM_SECS`.
+    pub async fn version_removed(&self, language_title: &str, version: i64) {
+        match self.sessions.remove_version(language_title, version).await {
+            Ok(removed) => {
+                for id in removed {
+                    self.drop_slot(&id).await;
+                }
+            }
+            Err(e) => tracing::warn!(
+                language_title,
+                version,
+                error = format!("{e:#}"),
+                "ending the sessions of a deleted version; they end when they expire"
+            ),
+        }
     }
 
     /// Catches up with functions other replicas changed in a shared store

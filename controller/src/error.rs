@@ -289,8 +289,10 @@ impl From<crate::registry::RegistryError> for ApiError {
             RegistryError::Invalid(e) => ApiError::InvalidRequest(e.to_string()),
             RegistryError::TooLarge(m) => ApiError::ContentTooLarge(m),
             RegistryError::OverQuota { .. } => ApiError::ContentTooLarge(e.to_string()),
-            RegistryError::Exists(_) => ApiError::Conflict(e.to_string()),
-            RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            RegistryError::Exists(_) | RegistryError::CurrentVersion(..) | RegistryError::Changed(_) => {
+                ApiError::Conflict(e.to_string())
+            }
+            RegistryError::NotFound(_) | RegistryError::NoSuchVersion(..) => ApiError::NotFound(e.to_string()),
             RegistryError::NotOwner(_) | RegistryError::Bundled(_) => ApiError::Forbidden(e.to_string()),
             RegistryError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
             RegistryError::BuildFailed(failure) => ApiError::build_failed(failure),

@@ -22,7 +22,7 @@ use fnrt_core::function::package;
 pub use fnrt_core::function::{CheckError, Code, CodeCheck, FileContent, FunctionVersion, PackageFiles, PackageLimits};
 
 use crate::auth::{ADMIN_FUNCTIONS, Subject};
-use crate::store::{FunctionStore, NewVersion, Source, StoreError, StoredFunction, StoredVersion};
+use crate::store::{FunctionStore, NewVersion, Source, StoreError, StoredFunction, StoredVersion, VersionInfo};
 use fnrt_core::artifact::BuildFailure;
 use fnrt_core::language::{CRATE_ENTRYPOINT, Language, LanguageTitle};
 
@@ -87,9 +87,18 @@ pub enum RegistryError {
     Bundled(String),
     #[error(
         "the functions of '{owner}' would take more than their quota of {quota} bytes (FUNCTIONS_QUOTA_MB; every \
-         version counts, with the dependencies installed for it; {used} taken): delete a function no longer needed"
+         version counts, with the dependencies installed for it; {used} taken): delete older versions \
+         (DELETE /api/v1/functions/{{language_title}}/versions/{{version}}) or a function no longer needed"
     )]
     OverQuota { owner: String, used: i64, quota: i64 },
+    #[error("function '{0}' has no version {1}")]
+    NoSuchVersion(String, i64),
+    #[error(
+        "version {1} is the current version of function '{0}': register a new version first (PUT), or delete the function"
+    )]
+    CurrentVersion(String, i64),
+    #[error("function '{0}' kept getting new versions while this ran; try again")]
+    Changed(String),
     #[error("{}", .0.message)]
     BuildFailed(BuildFailure),
     #[error("the function store is unavailable; try again")]
@@ -181,6 +190,9 @@ impl Registry {
             // Weighed by code size: a package may be tens of MB.
             versions: moka::sync::Cache::builder()
                 .max_capacity(256 * 1024 * 1024)
+                // A version deleted through another replica is let go of
+                // here within this long.
+                .time_to_live(std::time::Duration::from_secs(60))
                 .weigher(|_, v: &Arc<FunctionVersion>| v.code.len().try_into().unwrap_or(u32::MAX))
                 .build(),
         })
@@ -420,6 +432,87 @@ impl Registry {
         // never find its deleted versions here.
         self.versions.invalidate_all();
         Ok(())
+    }
+
+    /// A page of a function's versions, newest first, and how many it has;
+    /// `None` if the function does not exist.
+    pub async fn versions(
+        &self,
+        lt: &LanguageTitle,
+        page: usize,
+        per_page: usize,
+    ) -> Result<Option<(FunctionEntry, i64, Vec<VersionInfo>)>, RegistryError> {
+        let Some(f) = self.find(lt.as_str()).await? else {
+            return Ok(None);
+        };
+        let offset = page.saturating_sub(1).saturating_mul(per_page);
+        let (total, versions) = self
+            .store
+            .versions(lt.as_str(), offset.try_into().unwrap_or(i64::MAX), per_page as i64)
+            .await?;
+        Ok(Some((f, total, versions)))
+    }
+
+    /// Deletes one older version of a function, for a subject that manages
+    /// it: what it takes no longer counts against its owner's quota, and
+    /// what is pinned to it (sessions, queued executions) can no longer
+    /// run. The current version is not deleted this way
+    /// ([`RegistryError::CurrentVersion`]). An install the version brought
+    /// and the current version shares stays charged, to the current one.
+    pub async fn delete_version(
+        &self,
+        lt: &LanguageTitle,
+        version: i64,
+        subject: &Subject,
+    ) -> Result<(), RegistryError> {
+        let owner = self.manager_check(lt, subject).await?;
+        let writer = owner.as_deref().unwrap_or(&subject.sub);
+        let not_found = || RegistryError::NotFound(lt.to_string());
+        // Once more if another version was registered meanwhile (here or on
+        // another replica): the install is weighed against the new one.
+        for attempt in 0..2 {
+            let current = match attempt {
+                0 => self.find(lt.as_str()).await?.ok_or_else(not_found)?,
+                _ => self
+                    .store
+                    .function(lt.as_str())
+                    .await?
+                    .map(|f| self.remember(f))
+                    .transpose()?
+                    .ok_or_else(not_found)?,
+            };
+            if current.current.version == version {
+                return Err(RegistryError::CurrentVersion(lt.to_string(), version));
+            }
+            let Some(old) = self.version(lt.as_str(), version).await.map_err(RegistryError::Store)? else {
+                return Err(RegistryError::NoSuchVersion(lt.to_string(), version));
+            };
+            let key = |v: &FunctionVersion| v.dependencies.as_ref().map(|d| d.key().to_owned());
+            let shared_install = key(&old).is_some() && key(&old) == key(&current.current);
+            match self
+                .store
+                .delete_version(
+                    lt.as_str(),
+                    version,
+                    Some(writer),
+                    current.current.version,
+                    shared_install,
+                )
+                .await
+            {
+                Ok(true) => {
+                    self.versions.invalidate_all();
+                    return Ok(());
+                }
+                Ok(false) => return Err(RegistryError::NoSuchVersion(lt.to_string(), version)),
+                Err(StoreError::CurrentChanged) => continue,
+                Err(StoreError::IsCurrent) => return Err(RegistryError::CurrentVersion(lt.to_string(), version)),
+                Err(StoreError::NotFound) => return Err(not_found()),
+                Err(StoreError::NotOwner) => return Err(RegistryError::NotOwner(lt.to_string())),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RegistryError::Changed(lt.to_string()))
     }
 
     /// The owner of `lt` (`None`: bundled), once `subject` is known to

@@ -142,6 +142,28 @@ async fn deploy_invoke_list_describe_and_remove_a_folder() {
     let described = fnrt(&config, &["--json", "describe", "nodejs-clihello"]).await;
     assert_eq!(described.json()["version"], 2);
 
+    // Its versions; the older one removed, the current one refused (exit 6).
+    let versions = fnrt(&config, &["versions", "nodejs-clihello"]).await;
+    assert!(versions.stdout.starts_with("VERSION"), "{}", versions.stdout);
+    assert!(versions.stdout.contains("2 (current)"), "{}", versions.stdout);
+    let older = fnrt(&config, &["rm", "nodejs-clihello", "--version", "1"]).await;
+    assert_eq!(
+        (older.code, older.stdout.trim()),
+        (0, "Removed version 1 of nodejs-clihello")
+    );
+    let listed = fnrt(&config, &["--json", "versions", "nodejs-clihello"]).await;
+    let numbers: Vec<Value> = listed
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].clone())
+        .collect();
+    assert_eq!(numbers, [json!(2)]);
+    let current = fnrt(&config, &["rm", "nodejs-clihello", "--version", "2"]).await;
+    assert_eq!(current.code, 6, "{}", current.stderr);
+    assert!(current.stderr.starts_with("error: CONFLICT: "), "{}", current.stderr);
+
     // Remove; then it is not found (exit 4).
     let removed = fnrt(&config, &["rm", "nodejs-clihello"]).await;
     assert_eq!((removed.code, removed.stdout.trim()), (0, "Removed nodejs-clihello"));

@@ -666,6 +666,71 @@ async fn what_an_install_takes_counts_against_its_owners_quota_once_per_function
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn deleting_the_version_that_brought_an_install_leaves_it_charged_to_the_current_version() {
+    // Arrange: 3 MiB a subject; version 1 brought a 2 MiB install that
+    // version 2 shares (charged its code only).
+    let wheels = wheel_dir(&[("bigdep", bigdep_wheel())]);
+    let app = spawn_app_with(&[
+        "--deps-pip-wheels-dir",
+        &wheels.path().display().to_string(),
+        "--functions-quota-mb",
+        "3",
+    ])
+    .await;
+    let alice = app.token("alice", &["read:functions", "write:functions", "execute:python"]);
+    let body = |lt: &str, files: Value| json!({"language_title": lt, "description": "big dependency", "files": files});
+    let call = async |method: reqwest::Method, path: &str, body: Option<Value>| {
+        crate::functions::call(&app, method, path, &alice, body).await
+    };
+    let (one, two) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    let first = call(
+        reqwest::Method::POST,
+        "/api/v1/functions",
+        Some(body("python-shared-a", with_bigdep(&one, 1))),
+    )
+    .await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let second = crate::functions::put_function(
+        &app,
+        &alice,
+        "python-shared-a",
+        body("python-shared-a", with_bigdep(&one, 2)),
+    )
+    .await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+
+    // Act: version 1 goes.
+    let deleted = call(
+        reqwest::Method::DELETE,
+        "/api/v1/functions/python-shared-a/versions/1",
+        None,
+    )
+    .await;
+
+    // Assert: version 2 now carries the install's charge, so another 2 MiB
+    // install is still refused; version 2 still runs with it.
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    let listed = call(reqwest::Method::GET, "/api/v1/functions/python-shared-a/versions", None).await;
+    assert_eq!(listed.body["total"], 1, "{:?}", listed.body);
+    let size = listed.body["versions"][0]["size_bytes"].as_i64().unwrap();
+    assert!(
+        size > 2 << 20,
+        "the install's charge went with version 1: {:?}",
+        listed.body
+    );
+    let other = call(
+        reqwest::Method::POST,
+        "/api/v1/functions",
+        Some(body("python-shared-b", with_bigdep(&two, 3))),
+    )
+    .await;
+    assert_eq!(other.status, 413, "{:?}", other.body);
+    let id = app.session(&alice, "python-shared-a", json!({})).await;
+    let r = app.execute(&alice, &id, json!({})).await;
+    assert_eq!(r.body["result"], json!([2, 2 << 20]), "{:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_install_no_function_uses_is_removed_and_installed_again_when_needed() {
     // Arrange: installs of its own (others' tests keep theirs), kept 2 s
     // once no current version uses them.

@@ -45,5 +45,6 @@ mod rust;
 mod s3_files;
 mod sandbox;
 mod sessions;
+mod versions;
 mod walls;
 mod wasm;

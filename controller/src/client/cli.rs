@@ -132,8 +132,15 @@ pub enum Command {
     },
     /// Show one function: its version, schemas, limits, cache policy, build.
     Describe { language_title: String },
-    /// Remove a function (every version).
-    Rm { language_title: String },
+    /// List a function's versions, newest first, with what each takes of your quota.
+    Versions { language_title: String },
+    /// Remove a function (every version), or with --version one older version.
+    Rm {
+        language_title: String,
+        /// Only this version (not the current one): frees what it takes of your quota.
+        #[arg(long)]
+        version: Option<u64>,
+    },
 }
 
 /// `println!`, but a closed stdout (`fnrt list | head`) ends the program
@@ -313,7 +320,11 @@ async fn run(cli: &Cli) -> Result<(), Stop> {
             }
             Ok(())
         }
-        Command::Rm { language_title } => {
+        Command::Versions { language_title } => versions(&api, language_title, cli.json).await,
+        Command::Rm {
+            language_title,
+            version: None,
+        } => {
             api.call(
                 Method::DELETE,
                 &format!("/api/v1/functions/{language_title}"),
@@ -324,6 +335,23 @@ async fn run(cli: &Cli) -> Result<(), Stop> {
             match cli.json {
                 true => print_json(&json!({"removed": language_title})),
                 false => out!("Removed {language_title}"),
+            }
+            Ok(())
+        }
+        Command::Rm {
+            language_title,
+            version: Some(version),
+        } => {
+            api.call(
+                Method::DELETE,
+                &format!("/api/v1/functions/{language_title}/versions/{version}"),
+                &[],
+                None,
+            )
+            .await?;
+            match cli.json {
+                true => print_json(&json!({"removed": language_title, "version": version})),
+                false => out!("Removed version {version} of {language_title}"),
             }
             Ok(())
         }
@@ -757,6 +785,29 @@ async fn list(api: &Api, language: Option<&str>, as_json: bool) -> Result<(), St
         })
         .collect();
     table(["LANGUAGE-TITLE", "VERSION", "UPDATED", "DESCRIPTION"], &rows);
+    Ok(())
+}
+
+async fn versions(api: &Api, language_title: &str, as_json: bool) -> Result<(), Stop> {
+    let path = format!("/api/v1/functions/{language_title}/versions?per_page=100");
+    let all = every_page(api, &path, "versions").await?;
+    if as_json {
+        print_json(&Value::Array(all));
+        return Ok(());
+    }
+    let rows: Vec<[String; 4]> = all
+        .iter()
+        .map(|v| {
+            let current = if v["current"] == true { " (current)" } else { "" };
+            [
+                format!("{}{current}", v["version"]),
+                v["created_at"].as_str().unwrap_or_default().to_owned(),
+                v["size_bytes"].to_string(),
+                v["code_hash"].as_str().unwrap_or_default().chars().take(12).collect(),
+            ]
+        })
+        .collect();
+    table(["VERSION", "CREATED", "BYTES", "CODE-HASH"], &rows);
     Ok(())
 }
 

@@ -245,7 +245,7 @@ async fn list_functions(
     }))
 }
 
-fn parse_title(s: &str) -> Result<LanguageTitle, ApiError> {
+pub(super) fn parse_title(s: &str) -> Result<LanguageTitle, ApiError> {
     s.parse()
         .map_err(|e| ApiError::InvalidRequest(format!("invalid Language-Title: {e}")))
 }

@@ -27,6 +27,7 @@ mod initialize;
 pub mod linger;
 mod logs;
 mod sessions;
+mod versions;
 mod ws;
 
 use std::sync::Arc;
@@ -272,6 +273,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .merge(execute::router())
         .merge(sessions::router())
         .merge(functions::router())
+        .merge(versions::router())
         .merge(components::router())
         .merge(executions::router())
         .merge(logs::router())

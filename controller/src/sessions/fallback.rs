@@ -84,6 +84,12 @@ impl SessionStore for FallbackSessionStore {
         Ok(ids)
     }
 
+    async fn remove_version(&self, language_title: &str, version: i64) -> anyhow::Result<Vec<String>> {
+        let mut ids = self.local.remove_version(language_title, version).await?;
+        ids.extend(self.shared.remove_version(language_title, version).await?);
+        Ok(ids)
+    }
+
     async fn active_count(&self) -> anyhow::Result<usize> {
         let local = self.local.active_count().await?;
         Ok(local + self.shared.active_count().await.unwrap_or(0))

@@ -99,6 +99,19 @@ impl SessionStore for MemorySessionStore {
         Ok(ids)
     }
 
+    async fn remove_version(&self, language_title: &str, version: i64) -> anyhow::Result<Vec<String>> {
+        let mut sessions = self.sessions.lock().unwrap();
+        let ids: Vec<String> = sessions
+            .values()
+            .filter(|s| s.language_title == language_title && s.version == version)
+            .map(SessionRecord::key)
+            .collect();
+        for id in &ids {
+            sessions.remove(id);
+        }
+        Ok(ids)
+    }
+
     async fn active_count(&self) -> anyhow::Result<usize> {
         let now = OffsetDateTime::now_utc();
         Ok(self

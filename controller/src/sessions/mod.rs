@@ -105,6 +105,9 @@ pub trait SessionStore: Send + Sync {
     async fn remove_expired(&self, now: OffsetDateTime) -> anyhow::Result<Vec<String>>;
     /// Removes the sessions of a function (it was deleted); their keys.
     async fn remove_function(&self, language_title: &str) -> anyhow::Result<Vec<String>>;
+    /// Removes the sessions pinned to one version of a function (that
+    /// version was deleted); their keys.
+    async fn remove_version(&self, language_title: &str, version: i64) -> anyhow::Result<Vec<String>>;
     /// Sessions that can still be executed.
     async fn active_count(&self) -> anyhow::Result<usize>;
 }

@@ -305,6 +305,36 @@ impl SessionStore for RedisSessionStore {
         Ok(ids)
     }
 
+    async fn remove_version(&self, language_title: &str, version: i64) -> anyhow::Result<Vec<String>> {
+        let f = function_key(language_title);
+        let all: Vec<String> = self
+            .redis
+            .run(|mut c| {
+                let f = f.clone();
+                async move { redis::cmd("SMEMBERS").arg(f).query_async(&mut c).await }
+            })
+            .await?;
+        // One read per session of the function: deleting a version is rare.
+        let mut ids = Vec::new();
+        for id in all {
+            if self.read(&id).await?.is_some_and(|s| s.version == version) {
+                ids.push(id);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        self.unindex(&ids, None).await?;
+        let gone = ids.clone();
+        self.redis
+            .run(|mut c| {
+                let (f, gone) = (f.clone(), gone.clone());
+                async move { redis::cmd("SREM").arg(f).arg(gone).query_async::<()>(&mut c).await }
+            })
+            .await?;
+        Ok(ids)
+    }
+
     async fn active_count(&self) -> anyhow::Result<usize> {
         // Sessions not yet expired and not completed.
         let now = unix_ms(OffsetDateTime::now_utc());

@@ -112,6 +112,26 @@ async fn exercise(store: &dyn SessionStore) {
     assert_eq!(a2.execution_count, 1);
     assert!(a2.last_executed_at.is_some());
 
+    // Removed with their version: only that version's, of that function.
+    let on_v2 = SessionRecord {
+        version: 2,
+        ..record(&alice, "v2", &calc, hour)
+    };
+    assert!(store.insert(on_v2).await.unwrap());
+    let gone = store.remove_version(&calc, 2).await.unwrap();
+    assert_eq!(gone, [session_key(&alice, "v2")]);
+    assert!(store.remove_version(&counter, 2).await.unwrap().is_empty());
+    assert!(store.get(&session_key(&alice, "v2")).await.unwrap().is_none());
+    assert_eq!(
+        listed(store, &alice).await,
+        [
+            active("a1"),
+            ("a2".into(), SessionStatus::Completed),
+            active("a3"),
+            active("short")
+        ]
+    );
+
     // Removed ones are gone: one by one, and with their function.
     let removed = store.remove(&session_key(&alice, "a1")).await.unwrap();
     assert_eq!(removed.map(|r| r.request_id).as_deref(), Some("a1"));

@@ -155,6 +155,12 @@ pub enum StoreError {
     /// The owner's versions would take more than its quota.
     #[error("the owner's functions take {used} bytes; this version would pass the quota of {quota}")]
     OverQuota { used: i64, quota: i64 },
+    /// The version asked to be deleted is its function's current one.
+    #[error("the function's current version")]
+    IsCurrent,
+    /// The function's current version is no longer the one the caller saw.
+    #[error("the function's current version changed")]
+    CurrentChanged,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
@@ -210,6 +216,43 @@ pub trait FunctionStore: Send + Sync {
     /// the statement that writes, so a function deleted and registered
     /// again by someone else meanwhile is not written.
     async fn delete(&self, language_title: &str, writer: Option<&str>) -> Result<bool, StoreError>;
+    /// A page of a function's versions, newest first, with how many there
+    /// are (`(0, [])` for a function that does not exist).
+    async fn versions(
+        &self,
+        language_title: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(i64, Vec<VersionInfo>), StoreError>;
+    /// Deletes one version that is not its function's current one, written
+    /// by `writer` as for [`delete`]; false if there is no such version.
+    /// The function's current version must still be `current`
+    /// ([`StoreError::CurrentChanged`] otherwise; [`StoreError::IsCurrent`]
+    /// when that is the one asked for). With `move_install`, what was
+    /// installed for the deleted version (its size beyond its code and
+    /// manifest) is charged to the current version from now on: the two
+    /// share one install, which the current version keeps.
+    ///
+    /// [`delete`]: FunctionStore::delete
+    async fn delete_version(
+        &self,
+        language_title: &str,
+        version: i64,
+        writer: Option<&str>,
+        current: i64,
+        move_install: bool,
+    ) -> Result<bool, StoreError>;
+}
+
+/// One version as a listing shows it: no code.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct VersionInfo {
+    pub version: i64,
+    pub code_hash: String,
+    pub created_at: OffsetDateTime,
+    /// What it takes against its owner's quota, in bytes: its code and
+    /// manifest, and what was installed for it.
+    pub size: i64,
 }
 
 /// The durable record of answered executions, written in batches by

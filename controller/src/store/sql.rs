@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::{
     Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, ExecutionStore, FileRecords, Finish, FunctionStore,
     LogStore, NewExecution, NewVersion, QueuedExecution, Source, StoreError, StoreHealth, StoredFile, StoredFunction,
-    StoredLogs, StoredVersion,
+    StoredLogs, StoredVersion, VersionInfo,
 };
 use fnrt_core::logs::{Captured, LogLine, Stream};
 use fnrt_core::timefmt;
@@ -122,6 +122,8 @@ where
     for<'r> StoredVersion: FromRow<'r, DB::Row>,
     for<'r> (String, String, i64): FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'r> (i64, String, Value): FromRow<'r, DB::Row>,
+    for<'r> VersionInfo: FromRow<'r, DB::Row>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
@@ -245,6 +247,82 @@ where
             .bind(language_title)
             .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn versions(
+        &self,
+        language_title: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(i64, Vec<VersionInfo>), StoreError> {
+        let (total,): (i64,) =
+            sqlx::query_as("SELECT CAST(COUNT(*) AS BIGINT) FROM function_versions WHERE language_title = $1")
+                .bind(language_title)
+                .fetch_one(&self.pool)
+                .await?;
+        let page = sqlx::query_as(
+            "SELECT version, code_hash, created_at, size FROM function_versions WHERE language_title = $1 \
+             ORDER BY version DESC LIMIT $2 OFFSET $3",
+        )
+        .bind(language_title)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((total, page))
+    }
+
+    async fn delete_version(
+        &self,
+        language_title: &str,
+        version: i64,
+        writer: Option<&str>,
+        current: i64,
+        move_install: bool,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // A write first, that changes nothing: it holds the function's row
+        // (PostgreSQL) or the database (SQLite) against a new version
+        // until this commits, and checks the writer as every write does.
+        let found: Option<(i64,)> = sqlx::query_as(
+            "UPDATE functions SET current_version = current_version \
+             WHERE language_title = $1 AND (owner IS NULL OR owner = $2) RETURNING current_version",
+        )
+        .bind(language_title)
+        .bind(writer)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((now_current,)) = found else {
+            return Err(refused(&mut tx, language_title).await);
+        };
+        if version == now_current {
+            return Err(StoreError::IsCurrent);
+        }
+        if now_current != current {
+            return Err(StoreError::CurrentChanged);
+        }
+        let deleted: Option<(i64, String, Value)> = sqlx::query_as(
+            "DELETE FROM function_versions WHERE language_title = $1 AND version = $2 RETURNING size, code, manifest",
+        )
+        .bind(language_title)
+        .bind(version)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((size, code, manifest)) = deleted else {
+            return Ok(false);
+        };
+        // Its size beyond its code and manifest as `NewVersion::size` counted them.
+        let installed = size.saturating_sub((code.len() + manifest.to_string().len()) as i64);
+        if move_install && installed > 0 {
+            sqlx::query("UPDATE function_versions SET size = size + $1 WHERE language_title = $2 AND version = $3")
+                .bind(installed)
+                .bind(language_title)
+                .bind(current)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(true)
     }

@@ -89,6 +89,73 @@ async fn exercise_function_quota(store: &dyn FunctionStore) {
     }
 }
 
+/// An older version is deleted by its function's writer only, never the
+/// current one, and takes its size out of its owner's; an install it
+/// shares with the current version moves to the current one's charge.
+async fn exercise_version_deletion(store: &dyn FunctionStore) {
+    let of = |code: &str, installed: u64| NewVersion {
+        owner: Some("vera".into()),
+        installed_bytes: installed,
+        ..new("nodejs-vd", code)
+    };
+    store.create(of("v1", 5000), Source::Api).await.unwrap();
+    for code in ["v2", "v3"] {
+        store.add_version(of(code, 0), Source::Api, Some("vera")).await.unwrap();
+    }
+    let code_only = of("v1", 0).size();
+    assert_eq!(store.function_bytes("vera").await.unwrap(), code_only * 3 + 5000);
+    let (total, page) = store.versions("nodejs-vd", 0, 2).await.unwrap();
+    let listed: Vec<(i64, i64)> = page.iter().map(|v| (v.version, v.size)).collect();
+    assert_eq!((total, listed), (3, vec![(3, code_only), (2, code_only)]));
+    assert_eq!(page[0].code_hash, "hash-v3");
+
+    // Refused: the current version, another writer, a stale current.
+    let refused = store.delete_version("nodejs-vd", 3, Some("vera"), 3, false).await;
+    assert!(matches!(refused, Err(StoreError::IsCurrent)), "{refused:?}");
+    for writer in [Some("bob"), None] {
+        let refused = store.delete_version("nodejs-vd", 1, writer, 3, false).await;
+        assert!(matches!(refused, Err(StoreError::NotOwner)), "{refused:?}");
+    }
+    let refused = store.delete_version("nodejs-vd", 1, Some("vera"), 2, false).await;
+    assert!(matches!(refused, Err(StoreError::CurrentChanged)), "{refused:?}");
+    let refused = store.delete_version("nodejs-none", 1, Some("vera"), 1, false).await;
+    assert!(matches!(refused, Err(StoreError::NotFound)), "{refused:?}");
+    assert_eq!(
+        store.versions("nodejs-vd", 0, 10).await.unwrap().0,
+        3,
+        "nothing deleted"
+    );
+
+    // Deleted: v2 takes its code away; v1 moves its install to v3.
+    assert!(
+        store
+            .delete_version("nodejs-vd", 2, Some("vera"), 3, false)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .delete_version("nodejs-vd", 2, Some("vera"), 3, false)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.function_bytes("vera").await.unwrap(), code_only * 2 + 5000);
+    assert!(
+        store
+            .delete_version("nodejs-vd", 1, Some("vera"), 3, true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.function_bytes("vera").await.unwrap(), code_only + 5000);
+    assert!(store.version("nodejs-vd", 1).await.unwrap().is_none());
+    let (total, page) = store.versions("nodejs-vd", 0, 10).await.unwrap();
+    assert_eq!((total, page[0].version, page[0].size), (1, 3, code_only + 5000));
+    // The next version is numbered after the current one, as before.
+    let f = store.add_version(of("v4", 0), Source::Api, Some("vera")).await.unwrap();
+    assert_eq!(f.current.version, 4);
+    assert_eq!(store.versions("nodejs-none", 0, 10).await.unwrap().0, 0);
+}
+
 /// The assertions every database's stores must pass.
 async fn exercise(stores: Stores) {
     stores.health.ping().await.unwrap();
@@ -814,6 +881,7 @@ async fn sqlite_store_passes_the_store_suite() {
     exercise_queue(stores.queue.as_ref()).await;
     exercise_files(stores.files.as_ref()).await;
     exercise_function_quota(stores.functions.as_ref()).await;
+    exercise_version_deletion(stores.functions.as_ref()).await;
 }
 
 #[tokio::test]
@@ -825,6 +893,7 @@ async fn postgres_store_passes_the_store_suite() {
     exercise_queue(stores.queue.as_ref()).await;
     exercise_files(stores.files.as_ref()).await;
     exercise_function_quota(stores.functions.as_ref()).await;
+    exercise_version_deletion(stores.functions.as_ref()).await;
     // PostgreSQL keeps what it is given to the microsecond (SQLite: see
     // `sqlite_reads_and_writes_the_text_it_always_had`).
     let precise = ExecutionRecord {
