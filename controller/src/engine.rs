@@ -780,10 +780,10 @@ impl Engine {
         self.metrics.forget_function(language_title);
     }
 
-    /// Ends the sessions pinned to a deleted version of a function and lets
-    /// go of the instances they held. Idle pooled instances of it are never
-    /// asked for again; they stop when idle for `KEEP_WARM_SECS`.
+    /// Ends the sessions pinned to a deleted version of a function, lets go
+    /// of the instances they held and stops its idle pooled ones.
     pub async fn version_removed(&self, language_title: &str, version: i64) {
+        self.core.evict_version(language_title, version).await;
         match self.sessions.remove_version(language_title, version).await {
             Ok(removed) => {
                 for id in removed {

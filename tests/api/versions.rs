@@ -106,14 +106,8 @@ async fn a_deleted_versions_sessions_end_and_let_go_of_their_instances() {
     assert_eq!(busy(&app.metrics().await), 1.0, "the session holds no instance");
 
     // Act
-    let deleted = call(
-        &app,
-        Method::DELETE,
-        "/api/v1/functions/nodejs-pinned/versions/1",
-        &token,
-        None,
-    )
-    .await;
+    let path = "/api/v1/functions/nodejs-pinned/versions/1";
+    let deleted = call(&app, Method::DELETE, path, &token, None).await;
 
     // Assert: the session is gone and so is its instance; version 2 runs.
     assert_eq!(deleted.status, 204, "{:?}", deleted.body);
@@ -132,7 +126,7 @@ async fn a_deleted_versions_sessions_end_and_let_go_of_their_instances() {
     assert_eq!(
         busy(&metrics),
         0.0,
-        "the deleted version's instance is still held: {metrics}"
+        "the deleted version's session still holds its instance: {metrics}"
     );
     let id = app.session(&token, "nodejs-pinned", json!({})).await;
     let ran = app.execute(&token, &id, json!({})).await;

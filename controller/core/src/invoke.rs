@@ -584,6 +584,11 @@ impl Invoker {
         self.pool.evict_function(language_title).await;
     }
 
+    /// Stops the idle instances of one deleted version of a function.
+    pub async fn evict_version(&self, language_title: &str, version: i64) {
+        self.pool.evict_version(language_title, version).await;
+    }
+
     /// Stops every pooled instance.
     pub async fn shutdown(&self) {
         self.pool.shutdown().await;
@@ -716,6 +721,27 @@ mod tests {
         assert_eq!(h.counters.terminated.load(Ordering::SeqCst), 1);
         let ok = h.core.invoke(invocation(&f, &json!({}), 1000), None).await.unwrap();
         assert_eq!(ok.result["instance"], id.as_str(), "the idle instance serves");
+    }
+
+    #[tokio::test]
+    async fn evicting_a_version_stops_its_idle_instances_and_no_other_versions() {
+        let h = harness().await;
+        let v1 = function("ok");
+        let mut v2 = function("ok too");
+        v2.version = 2;
+        for f in [&v1, &v2] {
+            h.core.invoke(invocation(f, &json!({}), 1000), None).await.unwrap();
+        }
+
+        h.core.evict_version("nodejs-fake", 1).await;
+
+        assert_eq!(
+            h.counters.terminated.load(Ordering::SeqCst),
+            1,
+            "version 1's idle instance"
+        );
+        let ok = h.core.invoke(invocation(&v2, &json!({}), 1000), None).await.unwrap();
+        assert_eq!(ok.result["instance"], "fake-1", "version 2's idle instance serves");
     }
 
     #[tokio::test]

@@ -293,6 +293,24 @@ impl InstancePool {
         }
     }
 
+    /// Stops the idle instances of one version of a function (it was
+    /// deleted). One handed out now comes back idle and is stopped by the
+    /// idle limit like any other: nothing asks for it again.
+    pub async fn evict_version(&self, language_title: &str, version: i64) {
+        let evicted: Vec<_> = {
+            let mut idle = self.idle.lock().unwrap();
+            let keys: Vec<_> = idle
+                .keys()
+                .filter(|k| k.0 == language_title && k.2 == version)
+                .cloned()
+                .collect();
+            keys.into_iter().filter_map(|k| idle.remove(&k)).flatten().collect()
+        };
+        for (mut instance, _) in evicted {
+            instance.terminate().await;
+        }
+    }
+
     /// Whether the lease's function was evicted after it was handed out.
     fn evicted_since(&self, lease: &Lease) -> bool {
         // Nothing was evicted since: no lookup (the usual case).
