@@ -257,3 +257,46 @@ async fn only_an_older_version_is_deleted_and_only_by_the_functions_manager() {
     .await;
     assert_eq!((bad.status, bad.code()), (400, "INVALID_REQUEST"), "{:?}", bad.body);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_execution_of_a_deleted_version_fails_saying_so() {
+    // Arrange: one worker, busy with a slow run; behind it, a run of
+    // nodejs-queued pinned to its version 1.
+    let app = spawn_app_with(&["--execution-workers", "1"]).await;
+    let token = app.admin();
+    let slow = "module.exports.handler = async (p) => { await new Promise((r) => setTimeout(r, p.ms)); return {}; };\n";
+    app.register("nodejs-slow", slow, json!({})).await;
+    app.register("nodejs-queued", &node_code(1, 10), json!({})).await;
+    let submit = async |body: Value| {
+        let submitted = crate::executions::submit(&app, &token, body, None).await;
+        assert_eq!(submitted.status, 202, "{:?}", submitted.body);
+        submitted.body["execution_id"].as_str().unwrap().to_owned()
+    };
+    let blocker = submit(json!({"language_title": "nodejs-slow", "params": {"ms": 3000}})).await;
+    let long = Duration::from_secs(30);
+    crate::executions::wait_until(&app, &token, &blocker, long, |e| e["status"] == "running").await;
+    let queued = submit(json!({"language_title": "nodejs-queued", "params": {}})).await;
+
+    // Act: version 2 comes and version 1 goes while it waits.
+    let v2 = json!({"description": "d", "code": node_code(2, 10)});
+    assert_eq!(put_function(&app, &token, "nodejs-queued", v2).await.status, 200);
+    let path = "/api/v1/functions/nodejs-queued/versions/1";
+    let deleted = call(&app, Method::DELETE, path, &token, None).await;
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+
+    // Assert: when its turn comes it fails, naming the version.
+    let waiting = app.get(Some(&token), &format!("/api/v1/executions/{queued}")).await;
+    assert_eq!(
+        waiting.body["status"], "pending",
+        "it ran before the delete: {:?}",
+        waiting.body
+    );
+    let done = crate::executions::wait_until(&app, &token, &queued, long, |e| {
+        e["status"] != "pending" && e["status"] != "running"
+    })
+    .await;
+    assert_eq!(done["status"], "failed", "{done:?}");
+    assert_eq!(done["error"]["code"], "NOT_FOUND", "{done:?}");
+    let message = done["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("version 1 no longer exists"), "{message}");
+}
