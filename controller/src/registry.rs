@@ -458,7 +458,8 @@ impl Registry {
     /// what is pinned to it (sessions, queued executions) can no longer
     /// run. The current version is not deleted this way
     /// ([`RegistryError::CurrentVersion`]). An install the version brought
-    /// and the current version shares stays charged, to the current one.
+    /// and the current version shares stays charged (once), to the current
+    /// one.
     pub async fn delete_version(
         &self,
         lt: &LanguageTitle,

@@ -307,12 +307,10 @@ impl SessionStore for RedisSessionStore {
 
     async fn remove_version(&self, language_title: &str, version: i64) -> anyhow::Result<Vec<String>> {
         let f = function_key(language_title);
+        let members = f.clone();
         let all: Vec<String> = self
             .redis
-            .run(|mut c| {
-                let f = f.clone();
-                async move { redis::cmd("SMEMBERS").arg(f).query_async(&mut c).await }
-            })
+            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(members).query_async(&mut c).await })
             .await?;
         // One read per session of the function: deleting a version is rare.
         let mut ids = Vec::new();
@@ -327,10 +325,7 @@ impl SessionStore for RedisSessionStore {
         self.unindex(&ids, None).await?;
         let gone = ids.clone();
         self.redis
-            .run(|mut c| {
-                let (f, gone) = (f.clone(), gone.clone());
-                async move { redis::cmd("SREM").arg(f).arg(gone).query_async::<()>(&mut c).await }
-            })
+            .run(|mut c| async move { redis::cmd("SREM").arg(f).arg(gone).query_async::<()>(&mut c).await })
             .await?;
         Ok(ids)
     }

@@ -230,8 +230,9 @@ pub trait FunctionStore: Send + Sync {
     /// ([`StoreError::CurrentChanged`] otherwise; [`StoreError::IsCurrent`]
     /// when that is the one asked for). With `move_install`, what was
     /// installed for the deleted version (its size beyond its code and
-    /// manifest) is charged to the current version from now on: the two
-    /// share one install, which the current version keeps.
+    /// manifest) is charged to the current version from now on, unless
+    /// the current version carries such a charge already: the two share
+    /// one install, which the current version keeps.
     ///
     /// [`delete`]: FunctionStore::delete
     async fn delete_version(

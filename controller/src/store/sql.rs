@@ -313,9 +313,20 @@ where
         let Some((size, code, manifest)) = deleted else {
             return Ok(false);
         };
-        // Its size beyond its code and manifest as `NewVersion::size` counted them.
-        let installed = size.saturating_sub((code.len() + manifest.to_string().len()) as i64);
-        if move_install && installed > 0 {
+        let installed = installed_bytes(size, &code, &manifest);
+        // Moved only to a current version charged nothing for the install
+        // (one that brought the set again carries a charge of its own).
+        let carries_none = async |tx: &mut sqlx::Transaction<'_, DB>| -> Result<bool, StoreError> {
+            let row: Option<(i64, String, Value)> = sqlx::query_as(
+                "SELECT size, code, manifest FROM function_versions WHERE language_title = $1 AND version = $2",
+            )
+            .bind(language_title)
+            .bind(current)
+            .fetch_optional(&mut **tx)
+            .await?;
+            Ok(row.is_some_and(|(size, code, manifest)| installed_bytes(size, &code, &manifest) == 0))
+        };
+        if move_install && installed > 0 && carries_none(&mut tx).await? {
             sqlx::query("UPDATE function_versions SET size = size + $1 WHERE language_title = $2 AND version = $3")
                 .bind(installed)
                 .bind(language_title)
@@ -326,6 +337,13 @@ where
         tx.commit().await?;
         Ok(true)
     }
+}
+
+/// What a stored version's `size` counts beyond its code and manifest (as
+/// `NewVersion::size` counted them): what was installed for it.
+fn installed_bytes(size: i64, code: &str, manifest: &Value) -> i64 {
+    size.saturating_sub((code.len() + manifest.to_string().len()) as i64)
+        .max(0)
 }
 
 /// Why a write of `language_title` guarded by its owner matched no row:

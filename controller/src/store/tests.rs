@@ -153,6 +153,20 @@ async fn exercise_version_deletion(store: &dyn FunctionStore) {
     // The next version is numbered after the current one, as before.
     let f = store.add_version(of("v4", 0), Source::Api, Some("vera")).await.unwrap();
     assert_eq!(f.current.version, 4);
+    // A current version that carries a charge for the set of its own (it
+    // brought the set again) is not charged twice.
+    store
+        .add_version(of("v5", 700), Source::Api, Some("vera"))
+        .await
+        .unwrap();
+    let before = store.function_bytes("vera").await.unwrap();
+    assert!(
+        store
+            .delete_version("nodejs-vd", 3, Some("vera"), 5, true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.function_bytes("vera").await.unwrap(), before - code_only - 5000);
     assert_eq!(store.versions("nodejs-none", 0, 10).await.unwrap().0, 0);
 }
 
