@@ -609,6 +609,20 @@ fn with_bigdep(marker: &str, n: u32) -> Value {
     })
 }
 
+/// A controller whose pip installs from a directory holding bigdep's wheel
+/// (kept while the returned directory lives), with 3 MiB a subject.
+async fn with_bigdep_wheel_and_a_quota_of_3_mib() -> (tempfile::TempDir, TestApp) {
+    let wheels = wheel_dir(&[("bigdep", bigdep_wheel())]);
+    let app = spawn_app_with(&[
+        "--deps-pip-wheels-dir",
+        &wheels.path().display().to_string(),
+        "--functions-quota-mb",
+        "3",
+    ])
+    .await;
+    (wheels, app)
+}
+
 fn bigdep_wheel() -> Vec<u8> {
     let init = b"from pathlib import Path\n\nBLOB = (Path(__file__).parent / 'blob.bin').read_bytes()\n";
     let blob = vec![b'x'; 2 << 20];
@@ -619,14 +633,7 @@ fn bigdep_wheel() -> Vec<u8> {
 async fn what_an_install_takes_counts_against_its_owners_quota_once_per_function() {
     // Arrange: 3 MiB a subject; a dependency of 2 MiB installed, a few
     // hundred bytes of code.
-    let wheels = wheel_dir(&[("bigdep", bigdep_wheel())]);
-    let app = spawn_app_with(&[
-        "--deps-pip-wheels-dir",
-        &wheels.path().display().to_string(),
-        "--functions-quota-mb",
-        "3",
-    ])
-    .await;
+    let (_wheels, app) = with_bigdep_wheel_and_a_quota_of_3_mib().await;
     let alice = app.token("alice", &["read:functions", "write:functions", "execute:python"]);
     let post = async |lt: &str, files: Value| {
         let body = json!({"language_title": lt, "description": "big dependency", "files": files});
@@ -669,14 +676,7 @@ async fn what_an_install_takes_counts_against_its_owners_quota_once_per_function
 async fn deleting_the_version_that_brought_an_install_leaves_it_charged_to_the_current_version() {
     // Arrange: 3 MiB a subject; version 1 brought a 2 MiB install that
     // version 2 shares (charged its code only).
-    let wheels = wheel_dir(&[("bigdep", bigdep_wheel())]);
-    let app = spawn_app_with(&[
-        "--deps-pip-wheels-dir",
-        &wheels.path().display().to_string(),
-        "--functions-quota-mb",
-        "3",
-    ])
-    .await;
+    let (_wheels, app) = with_bigdep_wheel_and_a_quota_of_3_mib().await;
     let alice = app.token("alice", &["read:functions", "write:functions", "execute:python"]);
     let body = |lt: &str, files: Value| json!({"language_title": lt, "description": "big dependency", "files": files});
     let call = async |method: reqwest::Method, path: &str, body: Option<Value>| {

@@ -375,3 +375,52 @@ async fn a_function_registered_again_through_one_replica_replaces_the_deleted_co
         "B keeps the deleted function's instance"
     );
 }
+
+/// An older version deleted through a replica that has not caught up with a
+/// newer version registered through the other: the delete weighs the
+/// store's current version, not the stale one it knew, and goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_version_is_deleted_through_a_replica_behind_on_the_current_one() {
+    let Some((_db, a, b)) = two_replicas().await else {
+        return;
+    };
+    let token = a.admin();
+    let code = |n: u32| json!({"description": "d", "code": format!("module.exports.handler = () => ({{ n: {n} }});")});
+    a.register("nodejs-behind", "module.exports.handler = () => ({ n: 1 });", json!({}))
+        .await;
+    assert_eq!(
+        crate::functions::put_function(&a, &token, "nodejs-behind", code(2))
+            .await
+            .status,
+        200
+    );
+    // Version 3 through B: A still knows version 2 as the current one.
+    assert_eq!(
+        crate::functions::put_function(&b, &token, "nodejs-behind", code(3))
+            .await
+            .status,
+        200
+    );
+
+    // Act
+    let path = "/api/v1/functions/nodejs-behind/versions/1";
+    let deleted = crate::functions::call(&a, reqwest::Method::DELETE, path, &token, None).await;
+
+    // Assert
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    let listed = crate::functions::call(
+        &b,
+        reqwest::Method::GET,
+        "/api/v1/functions/nodejs-behind/versions",
+        &token,
+        None,
+    )
+    .await;
+    let numbers: Vec<i64> = listed.body["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(numbers, [3, 2], "{:?}", listed.body);
+}

@@ -314,25 +314,24 @@ where
             return Ok(false);
         };
         let installed = installed_bytes(size, &code, &manifest);
-        // Moved only to a current version charged nothing for the install
-        // (one that brought the set again carries a charge of its own).
-        let carries_none = async |tx: &mut sqlx::Transaction<'_, DB>| -> Result<bool, StoreError> {
-            let row: Option<(i64, String, Value)> = sqlx::query_as(
+        if move_install && installed > 0 {
+            let current_row: Option<(i64, String, Value)> = sqlx::query_as(
                 "SELECT size, code, manifest FROM function_versions WHERE language_title = $1 AND version = $2",
             )
             .bind(language_title)
             .bind(current)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx)
             .await?;
-            Ok(row.is_some_and(|(size, code, manifest)| installed_bytes(size, &code, &manifest) == 0))
-        };
-        if move_install && installed > 0 && carries_none(&mut tx).await? {
-            sqlx::query("UPDATE function_versions SET size = size + $1 WHERE language_title = $2 AND version = $3")
-                .bind(installed)
-                .bind(language_title)
-                .bind(current)
-                .execute(&mut *tx)
-                .await?;
+            // Moved only to a current version charged nothing for the install
+            // (one that brought the set again carries a charge of its own).
+            if current_row.is_some_and(|(size, code, manifest)| installed_bytes(size, &code, &manifest) == 0) {
+                sqlx::query("UPDATE function_versions SET size = size + $1 WHERE language_title = $2 AND version = $3")
+                    .bind(installed)
+                    .bind(language_title)
+                    .bind(current)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         tx.commit().await?;
         Ok(true)
