@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use crate::admission::{Admitted, Gate, SessionCheck};
 use crate::auth::Subject;
 use crate::error::ApiError;
-use crate::pipelines::{Pipelines, Progress, StepReport};
+use crate::pipelines::{Pipelines, StepBoard, StepReport, StepsView};
 use crate::registry::Registry;
 use crate::sessions::{SessionRecord, SessionStatus, SessionStore, session_key};
 use fnrt_core::function::FunctionVersion;
@@ -83,16 +83,6 @@ pub struct Outcome {
     pub steps: Option<Vec<StepReport>>,
 }
 
-/// A running pipeline's steps, as its session shows them.
-#[derive(Default)]
-struct Live(Mutex<Vec<StepReport>>);
-
-impl Progress for Live {
-    fn changed(&self, steps: &[StepReport]) {
-        *self.0.lock().unwrap() = steps.to_vec();
-    }
-}
-
 /// A retained session counted against its subject's cap
 /// ([`Engine::reserve`]): given back when dropped, unless kept.
 struct Hold<'a> {
@@ -141,7 +131,7 @@ pub struct Engine {
     held: Mutex<HashSet<String>>,
     pub pipelines: Pipelines,
     /// The steps of each session's pipeline while it runs here.
-    live: Mutex<HashMap<String, Arc<Live>>>,
+    live: Mutex<HashMap<String, StepsView>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -379,11 +369,11 @@ impl Engine {
         invocation: Invocation<'_>,
         retained: Option<&mut Retained>,
         steps: &[Arc<FunctionVersion>],
-        progress: Option<&dyn Progress>,
+        board: Option<&StepBoard>,
         lookup: Option<Lookup>,
     ) -> Result<Outcome, CoreError> {
         if invocation.function.pipeline().is_some() {
-            let ran = self.pipelines.run(invocation, steps, progress).await?;
+            let ran = self.pipelines.run(invocation, steps, board).await?;
             return Ok(Outcome {
                 result: ran.output,
                 cached: false,
@@ -413,7 +403,7 @@ impl Engine {
             .unwrap()
             .get(&session_key(&subject.sub, request_id))
             .cloned()?;
-        let steps = live.0.lock().unwrap().clone();
+        let steps = live.snapshot();
         Some(serde_json::json!({
             "progress": crate::pipelines::progress_of(&steps),
             "steps": steps,
@@ -713,9 +703,9 @@ impl Engine {
         };
         let retained = session.retain.then_some(&mut slot.retained);
         let live = function.pipeline().map(|_| {
-            let live = Arc::new(Live::default());
-            self.live.lock().unwrap().insert(key.clone(), live.clone());
-            live
+            let board = StepBoard::default();
+            self.live.lock().unwrap().insert(key.clone(), board.view());
+            board
         });
         // Otherwise a retained session's count is kept while the function
         // runs (with Redis, a round trip off the answer's path). A one-shot
@@ -726,16 +716,7 @@ impl Engine {
                 self.record_execution(&key, false).await;
             }
         };
-        let (invoked, ()) = tokio::join!(
-            self.run(
-                invocation,
-                retained,
-                &steps,
-                live.as_deref().map(|l| l as &dyn Progress),
-                lookup,
-            ),
-            record
-        );
+        let (invoked, ()) = tokio::join!(self.run(invocation, retained, &steps, live.as_ref(), lookup,), record);
         if live.is_some() {
             self.live.lock().unwrap().remove(&key);
         }

@@ -14,9 +14,11 @@
 //!
 //! Every step attempt gets what is left of the pipeline's deadline at most;
 //! cancelling the pipeline cancels the running steps (their instances are
-//! stopped) and starts no other. [`Progress`] sees every step change.
+//! stopped) and starts no other. A [`StepBoard`] holds the steps' reports
+//! as they change; whoever shows the run's progress reads them there.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,7 @@ use futures::stream::FuturesUnordered;
 use serde::Serialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
@@ -103,9 +106,69 @@ pub fn progress_of(steps: &[StepReport]) -> Value {
     progress(steps.iter().map(|s| (s.name.as_str(), s.status)))
 }
 
-/// Told of every change of a run's steps.
-pub trait Progress: Send + Sync {
-    fn changed(&self, steps: &[StepReport]);
+/// A run's step reports as the run changes them, read by whatever shows
+/// its progress (a session's live view, an asynchronous execution's row)
+/// through a [`StepsView`], which copies them when it is asked. A change
+/// copies nothing: a copy of every report (outputs included) on each of a
+/// run's changes was quadratic in its steps (docs/benchmarks.md).
+#[derive(Default)]
+pub struct StepBoard {
+    steps: StepsView,
+    /// The last start or end numbered (`started_seq`, `ended_seq`).
+    seq: AtomicU64,
+    /// Told of every change (the latest only), when someone watches.
+    changed: Option<watch::Sender<()>>,
+}
+
+/// A run's step reports, read as they are now.
+#[derive(Clone, Default)]
+pub struct StepsView(Arc<Mutex<Vec<StepReport>>>);
+
+impl StepsView {
+    pub fn snapshot(&self) -> Vec<StepReport> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl StepBoard {
+    /// A board and what sees its changes (and sees the board go when it
+    /// is dropped).
+    pub fn watched() -> (Self, watch::Receiver<()>) {
+        let (tx, rx) = watch::channel(());
+        let board = StepBoard {
+            changed: Some(tx),
+            ..StepBoard::default()
+        };
+        (board, rx)
+    }
+
+    pub fn view(&self) -> StepsView {
+        self.steps.clone()
+    }
+
+    fn set(&self, reports: Vec<StepReport>) {
+        *self.steps.0.lock().unwrap() = reports;
+        self.tell();
+    }
+
+    fn update(&self, i: usize, change: impl FnOnce(&mut StepReport)) {
+        change(&mut self.steps.0.lock().unwrap()[i]);
+        self.tell();
+    }
+
+    fn tell(&self) {
+        if let Some(tx) = &self.changed {
+            tx.send_replace(());
+        }
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn snapshot(&self) -> Vec<StepReport> {
+        self.steps.snapshot()
+    }
 }
 
 /// A pipeline's answer.
@@ -127,32 +190,6 @@ struct StepDone {
 pub struct Pipelines {
     core: Arc<Invoker>,
     metrics: Arc<Metrics>,
-}
-
-/// The reports of one run, shared by its steps.
-struct Board<'a> {
-    steps: Mutex<Vec<StepReport>>,
-    /// The last start or end numbered (`started_seq`, `ended_seq`).
-    seq: std::sync::atomic::AtomicU64,
-    progress: Option<&'a dyn Progress>,
-}
-
-impl Board<'_> {
-    fn update(&self, i: usize, change: impl FnOnce(&mut StepReport)) {
-        let mut steps = self.steps.lock().unwrap();
-        change(&mut steps[i]);
-        if let Some(p) = self.progress {
-            p.changed(&steps);
-        }
-    }
-
-    fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
-    }
-
-    fn snapshot(&self) -> Vec<StepReport> {
-        self.steps.lock().unwrap().clone()
-    }
 }
 
 /// What expressions read during a run.
@@ -185,7 +222,7 @@ impl Pipelines {
         &self,
         invocation: Invocation<'_>,
         steps: &[Arc<FunctionVersion>],
-        progress: Option<&dyn Progress>,
+        board: Option<&StepBoard>,
     ) -> Result<Ran, CoreError> {
         let started = Instant::now();
         let started_at = OffsetDateTime::now_utc();
@@ -204,35 +241,30 @@ impl Pipelines {
                 details,
             });
         }
-        let board = Board {
-            steps: Mutex::new(
-                pipeline
-                    .steps
-                    .iter()
-                    .map(|s| StepReport {
-                        name: s.name.clone(),
-                        language_title: s.function.clone(),
-                        status: "pending",
-                        attempts: 0,
-                        execution_id: None,
-                        started_at: None,
-                        completed_at: None,
-                        duration_ms: None,
-                        cached: false,
-                        output: None,
-                        error: None,
-                        started_seq: None,
-                        ended_seq: None,
-                    })
-                    .collect(),
-            ),
-            progress,
-            seq: std::sync::atomic::AtomicU64::new(0),
-        };
-        if let Some(p) = progress {
-            p.changed(&board.snapshot());
-        }
-        let outcome = self.schedule(&invocation, pipeline, steps, &board, started).await;
+        let own = StepBoard::default();
+        let board = board.unwrap_or(&own);
+        board.set(
+            pipeline
+                .steps
+                .iter()
+                .map(|s| StepReport {
+                    name: s.name.clone(),
+                    language_title: s.function.clone(),
+                    status: "pending",
+                    attempts: 0,
+                    execution_id: None,
+                    started_at: None,
+                    completed_at: None,
+                    duration_ms: None,
+                    cached: false,
+                    output: None,
+                    error: None,
+                    started_seq: None,
+                    ended_seq: None,
+                })
+                .collect(),
+        );
+        let outcome = self.schedule(&invocation, pipeline, steps, board, started).await;
         let reports = board.snapshot();
         let (label, cold) = match &outcome {
             Ok((_, cold)) => ("success", *cold),
@@ -266,7 +298,7 @@ impl Pipelines {
         invocation: &Invocation<'_>,
         pipeline: &Pipeline,
         functions: &[Arc<FunctionVersion>],
-        board: &Board<'_>,
+        board: &StepBoard,
         started: Instant,
     ) -> Result<(BTreeMap<String, Value>, bool), CoreError> {
         let ends = started + invocation.deadline;
@@ -309,7 +341,7 @@ impl Pipelines {
                 }
                 Err(e) => {
                     if failure.is_none() && !matches!(e, CoreError::Cancelled) {
-                        let execution_id = board.steps.lock().unwrap()[i]
+                        let execution_id = board.steps.0.lock().unwrap()[i]
                             .execution_id
                             .as_deref()
                             .and_then(|id| id.parse().ok());
@@ -389,7 +421,7 @@ impl Pipelines {
         i: usize,
         function: &Arc<FunctionVersion>,
         params: Value,
-        board: &Board<'_>,
+        board: &StepBoard,
         ends: Instant,
         stop: &CancellationToken,
     ) -> Result<StepDone, CoreError> {

@@ -51,6 +51,7 @@ pub mod view;
 use crate::auth::Subject;
 use crate::engine::Engine;
 use crate::error::ApiError;
+use crate::pipelines::StepBoard;
 use crate::store::{Claim, ExecutionFilter, ExecutionQueue, ExecutionStore, Finish, NewExecution, QueuedExecution};
 use fnrt_core::function::manifest::RetrySpec;
 use fnrt_core::invoke::{CacheDirective, CoreError, Invocation, Origin};
@@ -682,11 +683,11 @@ impl Executions {
             cancel: Some(&token),
             parent: None,
         };
-        let progress = reporter.as_ref().map(|(p, _)| p as &dyn crate::pipelines::Progress);
-        let invoked = self.engine.run(invocation, None, &steps, progress, None).await;
-        if let Some((progress, writer)) = reporter {
+        let board = reporter.as_ref().map(|(board, _)| board);
+        let invoked = self.engine.run(invocation, None, &steps, board, None).await;
+        if let Some((board, writer)) = reporter {
             // Its last report is written before the attempt's end.
-            drop(progress);
+            drop(board);
             let _ = writer.await;
         }
         renewal.abort();
@@ -780,28 +781,29 @@ impl Executions {
     /// writes them to its row (the latest wins; it ends, after writing the
     /// last, when the reports are dropped), for reads and live progress on
     /// any replica.
-    fn step_reporter(self: &Arc<Self>, id: &str) -> (StepsToRow, tokio::task::JoinHandle<()>) {
-        let (reports, mut latest) = tokio::sync::watch::channel(None::<Value>);
+    fn step_reporter(self: &Arc<Self>, id: &str) -> (StepBoard, tokio::task::JoinHandle<()>) {
+        let (board, mut changes) = StepBoard::watched();
+        let steps = board.view();
         let this = self.clone();
         let id = id.to_owned();
         let writer = tokio::spawn(async move {
             let mut written = None;
             loop {
-                let open = latest.changed().await.is_ok();
-                let steps = latest.borrow_and_update().clone();
-                if steps != written
-                    && let Some(value) = &steps
+                let open = changes.changed().await.is_ok();
+                let now = serde_json::to_value(steps.snapshot()).ok();
+                if now != written
+                    && let Some(value) = &now
                     && let Ok(true) = this.queue.set_steps(&id, &this.owner, value).await
                 {
                     this.events.changed(&id);
-                    written = steps;
+                    written = now;
                 }
                 if !open {
                     break;
                 }
             }
         });
-        (StepsToRow(reports), writer)
+        (board, writer)
     }
 
     /// Writes an attempt's end, fenced by the lease.
@@ -820,15 +822,6 @@ impl Executions {
                 tracing::error!(execution = %row.id, error = %e, "recording an attempt's end; the lease will expire and another attempt run")
             }
         }
-    }
-}
-
-/// Hands a running pipeline's step reports to the task that writes them.
-struct StepsToRow(tokio::sync::watch::Sender<Option<Value>>);
-
-impl crate::pipelines::Progress for StepsToRow {
-    fn changed(&self, steps: &[crate::pipelines::StepReport]) {
-        self.0.send_replace(serde_json::to_value(steps).ok());
     }
 }
 
