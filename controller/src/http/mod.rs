@@ -3,7 +3,7 @@
 //!
 //! Order of the middleware, outermost first: request ID (set, then
 //! propagated to the response), trace (one log line per request), CORS,
-//! compression (gzip, br; bodies over 1 KiB, never a file download; only
+//! compression (gzip, br, at level 1; bodies over 1 KiB, never a file download; only
 //! for a request that sends `Accept-Encoding`), then
 //! the envelope ([`Envelope`]): the body limit, metrics by matched route,
 //! and JSON errors for anything answered before a handler (413 from the
