@@ -716,7 +716,7 @@ impl Engine {
                 self.record_execution(&key, false).await;
             }
         };
-        let (invoked, ()) = tokio::join!(self.run(invocation, retained, &steps, live.as_ref(), lookup,), record);
+        let (invoked, ()) = tokio::join!(self.run(invocation, retained, &steps, live.as_ref(), lookup), record);
         if live.is_some() {
             self.live.lock().unwrap().remove(&key);
         }

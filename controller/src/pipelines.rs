@@ -241,8 +241,15 @@ impl Pipelines {
                 details,
             });
         }
-        let own = StepBoard::default();
-        let board = board.unwrap_or(&own);
+        // The caller's, when it shows the run's progress; else the run's own.
+        let own;
+        let board = match board {
+            Some(board) => board,
+            None => {
+                own = StepBoard::default();
+                &own
+            }
+        };
         board.set(
             pipeline
                 .steps
