@@ -170,12 +170,11 @@ impl CpuCgroup {
         self.0.tasks.clone()
     }
 
-    /// The CPU time its tasks have used, in nanoseconds (0 if unreadable).
-    pub fn usage_ns(&self) -> u64 {
+    /// The CPU time its tasks have used, in nanoseconds, if readable.
+    pub fn usage_ns(&self) -> Option<u64> {
         std::fs::read_to_string(self.0.dir.join("cpuacct.usage"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
     }
 }
 

@@ -5,9 +5,13 @@
 //! such work would take a core for that long, unseen and unbilled. The
 //! sweep reads each watched instance's CPU time (its uid's `cpuacct`
 //! cgroup) every [`SWEEP_EVERY`]; one that used more than [`IDLE_CPU_LIMIT`]
-//! over a whole period without a call is stopped (every process of it
-//! killed), and its next call finds it gone (a retained session's instance
-//! is started again: `instance_recreated`).
+//! in two of three periods in a row without a call is stopped (every
+//! process of it killed), and its next call finds it gone (a retained
+//! session's instance is started again: `instance_recreated`). Work left
+//! running goes on, or comes back (resting every other period does not
+//! hide it); one burst (a collector, a tail of work after an answer on a
+//! loaded machine: at most twice the limit, however it falls across the
+//! periods) does not stop an instance a caller relies on.
 //!
 //! # Layout
 //!
@@ -25,7 +29,8 @@ use crate::cgroups::CpuCgroup;
 /// How often instances' CPU time is read.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// CPU time an instance may use over a period without a call (a tail of
-/// work after an answer, a runtime's housekeeping).
+/// work after an answer, a runtime's housekeeping); past it in two of three
+/// periods, it is stopped.
 pub const IDLE_CPU_LIMIT: Duration = Duration::from_millis(250);
 
 /// One watched instance.
@@ -36,8 +41,29 @@ pub struct IdleWatch {
     pub cpu: CpuCgroup,
     /// The cgroup whose processes are the instance's (what is killed).
     pub processes: PathBuf,
-    /// The activity's changes and the CPU time at the last sweep.
-    last: Mutex<Option<(u64, u64)>>,
+    /// What the last sweep read.
+    last: Mutex<Option<Look>>,
+}
+
+/// One sweep's reading of an instance.
+#[derive(Debug, Clone, Copy)]
+struct Look {
+    /// Its activity's changes (calls begun plus ended).
+    changes: u64,
+    /// Its CPU time.
+    used_ns: u64,
+    /// Whether it worked past the limit, idle, in the period that ended
+    /// with this look and in the one before.
+    over: [bool; 2],
+}
+
+/// Why the sweep stops an instance.
+#[derive(Debug)]
+struct Worked {
+    /// The CPU time it used in the last period.
+    last: Duration,
+    /// The activity's changes when read: a call begun since spares it.
+    changes: u64,
 }
 
 impl IdleWatch {
@@ -51,18 +77,36 @@ impl IdleWatch {
         })
     }
 
-    /// One sweep's look: whether it worked past the limit since the last
-    /// look with no call begun or ended meanwhile, and none under way.
-    fn worked_while_idle(&self) -> Option<Duration> {
-        let now = (self.activity.changes(), self.cpu.usage_ns());
+    /// One sweep's look: whether it worked past the limit over this period
+    /// and over one of the two before, with no call begun or ended
+    /// meanwhile and none under way. An unreadable CPU time is no reading
+    /// (the next look starts again), never a zero.
+    fn worked_while_idle(&self) -> Option<Worked> {
+        let changes = self.activity.changes();
+        let used_ns = self.cpu.usage_ns();
         let mut last = self.last.lock().unwrap();
-        let before = last.replace(now);
-        let (changes, used) = before?;
-        if self.activity.busy() || changes != now.0 {
+        let Some(used_ns) = used_ns else {
+            *last = None;
+            return None;
+        };
+        let before = last.replace(Look {
+            changes,
+            used_ns,
+            over: [false; 2],
+        })?;
+        if self.activity.busy() || changes != before.changes {
             return None;
         }
-        let worked = Duration::from_nanos(now.1.saturating_sub(used));
-        (worked > IDLE_CPU_LIMIT).then_some(worked)
+        let worked = Duration::from_nanos(used_ns.saturating_sub(before.used_ns));
+        let over = worked > IDLE_CPU_LIMIT;
+        last.as_mut().expect("just set").over = [over, before.over[0]];
+        (over && before.over.contains(&true)).then_some(Worked { last: worked, changes })
+    }
+
+    /// Whether no call began or ended since the look that found `worked`,
+    /// and none is under way: asked again just before the kill.
+    fn still_idle(&self, worked: &Worked) -> bool {
+        !self.activity.busy() && self.activity.changes() == worked.changes
     }
 }
 
@@ -107,11 +151,14 @@ async fn sweep(sweeper: Weak<Sweeper>) {
         .await
         .unwrap_or_default();
         for (watch, worked) in busy_idle {
+            if !watch.still_idle(&worked) {
+                continue;
+            }
             tracing::warn!(
                 instance = %watch.id,
-                cpu_ms = worked.as_millis() as u64,
+                cpu_ms = worked.last.as_millis() as u64,
                 period_ms = SWEEP_EVERY.as_millis() as u64,
-                "an instance worked between its calls (work its function left running); stopped"
+                "an instance worked between its calls, in two of three periods (work its function left running); stopped"
             );
             crate::cgroups::kill_procs(&watch.processes, None);
         }
