@@ -582,8 +582,18 @@ impl Instance for WasmInstance {
         let Some(Loaded { pre, env }) = &self.function else {
             return Err(InstanceError::Protocol("instance is not initialised".into()));
         };
-        let input = serde_json::to_vec(&json!({ "params": request.params, "context": request.context }))
-            .map_err(|e| InstanceError::Protocol(e.to_string()))?;
+        // Serialised from the request's own values (a `json!` would copy
+        // them whole first).
+        #[derive(serde::Serialize)]
+        struct Input<'a> {
+            params: &'a serde_json::Value,
+            context: &'a serde_json::Value,
+        }
+        let input = serde_json::to_vec(&Input {
+            params: request.params,
+            context: request.context,
+        })
+        .map_err(|e| InstanceError::Protocol(e.to_string()))?;
         let stdout = CappedOutput::new(self.backend.config.max_output_bytes);
         // stderr lines go to the run's logs as they come; stdout's, which
         // share the pipe with the answer, once the run is over.
@@ -691,6 +701,12 @@ impl Instance for WasmInstance {
 
     async fn terminate(&mut self) {
         self.function = None;
+    }
+
+    /// A module has no files socket (WASI with no preopened directory and
+    /// no sockets): a key would open nothing.
+    fn reaches_files(&self) -> bool {
+        false
     }
 }
 

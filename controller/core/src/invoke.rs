@@ -485,7 +485,8 @@ impl Invoker {
         };
         start.cold = lease.start.is_cold();
         // Ends with the run, however it ends (a cancelled run is dropped).
-        let grant = self.grants.as_ref().map(|grants| Grant {
+        let grants = self.grants.as_ref().filter(|_| lease.instance.reaches_files());
+        let grant = grants.map(|grants| Grant {
             token: grants.grant(invocation.origin.subject),
             grants: grants.clone(),
         });

@@ -125,6 +125,11 @@ pub trait Instance: Send + Sync {
     /// Stops the instance for good and releases what it holds. Dropping an
     /// instance does the same, best effort.
     async fn terminate(&mut self);
+    /// Whether its function can reach its caller's files (a runtime's file
+    /// helpers, on `files.sock`): a run of one that cannot gets no key.
+    fn reaches_files(&self) -> bool {
+        true
+    }
 }
 
 /// Where the built artifacts of crate functions are (the backends' builder).

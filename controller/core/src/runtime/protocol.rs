@@ -91,6 +91,18 @@ pub struct InitPayload {
     pub package: bool,
 }
 
+/// What `/run` sends (docs/runtime-protocol.md).
+#[derive(serde::Serialize)]
+struct RunBody<'a> {
+    params: &'a Value,
+    context: &'a Value,
+    deadline_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_marker: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files_token: Option<&'a str>,
+}
+
 /// One instance's client.
 pub struct RuntimeClient {
     endpoint: Endpoint,
@@ -158,7 +170,9 @@ impl RuntimeClient {
 
     /// Whether the runtime server is up and answering.
     pub async fn health(&self) -> Result<(), ProtocolError> {
-        let (status, body) = self.call(Method::GET, "/health", None, MAX_CONTROL_RESPONSE).await?;
+        let (status, body) = self
+            .call(Method::GET, "/health", None::<&()>, MAX_CONTROL_RESPONSE)
+            .await?;
         match status {
             StatusCode::OK => Ok(()),
             status => Err(unexpected("/health", status, &body)),
@@ -200,17 +214,15 @@ impl RuntimeClient {
         log_marker: Option<&str>,
         max_response: usize,
     ) -> Result<RunOutcome, ProtocolError> {
-        let mut body = json!({
-            "params": request.params,
-            "context": request.context,
-            "deadline_ms": request.deadline.as_millis() as u64,
-        });
-        if let Some(marker) = log_marker {
-            body["log_marker"] = json!(marker);
-        }
-        if let Some(token) = request.files_token {
-            body["files_token"] = json!(token);
-        }
+        // Serialised from the request's own values: a `json!` copies the
+        // params and context whole first.
+        let body = RunBody {
+            params: request.params,
+            context: request.context,
+            deadline_ms: request.deadline.as_millis() as u64,
+            log_marker,
+            files_token: request.files_token,
+        };
         let (status, mut answer) = self.call(Method::POST, "/run", Some(&body), max_response).await?;
         if status != StatusCode::OK {
             return Err(unexpected("/run", status, &answer));
@@ -231,7 +243,7 @@ impl RuntimeClient {
         &self,
         method: Method,
         path: &'static str,
-        body: Option<&Value>,
+        body: Option<&impl serde::Serialize>,
         max_response: usize,
     ) -> Result<(StatusCode, Value), ProtocolError> {
         let bytes = match body {
