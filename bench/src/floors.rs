@@ -137,7 +137,9 @@ pub(crate) fn wasm_rate(wat: &str, input: &Value, threads: usize, duration: Dura
     use wasmtime_wasi::p1::WasiP1Ctx;
     use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 
-    let engine = Engine::new(&fnrt_backends::wasm::engine_config())?;
+    let engine = Engine::new(&fnrt_backends::wasm::engine_config(
+        fnrt_backends::wasm::DEFAULT_MAX_INSTANCES,
+    ))?;
     let module = Module::new(&engine, wat).map_err(|e| anyhow::anyhow!("compiling the module: {e:#}"))?;
     let mut linker: Linker<WasiP1Ctx> = Linker::new(&engine);
     wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s| s)?;

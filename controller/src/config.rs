@@ -374,6 +374,13 @@ pub struct ServeArgs {
     /// compiled or loaded goes first past it (again when needed).
     #[arg(long, env = "WASM_CACHE_MB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub wasm_cache_mb: u64,
+    /// Wasm runs at one time: the engine's pool of instance slots, each
+    /// reserving the address space of a 4 GiB memory (256 reserve about
+    /// 1 TiB, virtual). A run past them waits for a slot, within its
+    /// deadline.
+    #[arg(long, env = "WASM_MAX_INSTANCES", default_value_t = fnrt_backends::wasm::DEFAULT_MAX_INSTANCES,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub wasm_max_instances: u32,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

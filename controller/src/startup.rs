@@ -251,6 +251,7 @@ impl Application {
                 cache_dir: data_dir.join("wasm-cache"),
                 cache_bytes: args.wasm_cache_mb.saturating_mul(1024 * 1024),
                 compiler: controller_bin.clone(),
+                max_instances: args.wasm_max_instances,
             },
             builder.clone().ok(),
             metrics.clone(),

@@ -491,3 +491,36 @@ async fn compiled_code_is_kept_within_the_wasm_cache_size() {
         assert_eq!(r.body["result"]["params"], json!({"again": i}), "{:?}", r.body);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_past_the_engines_slots_wait_for_one_and_all_answer() {
+    // Two slots (WASM_MAX_INSTANCES); six runs of a module that spins a
+    // while (yielding at every epoch tick, so all six are under way at once).
+    let app = spawn_app_with(&["--wasm-max-instances", "2"]).await;
+    let spin_then_echo = format!(
+        "(local $i i32) (local.set $i (i32.const 100000000)) \
+         (loop $l (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if $l (local.get $i))) {ECHO}"
+    );
+    app.register("wasm-busy", &module(&spin_then_echo), json!({})).await;
+    let token = app.admin();
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        sessions.push(app.session(&token, "wasm-busy", json!({})).await);
+    }
+
+    // Act
+    let answers = futures::future::join_all(
+        sessions
+            .iter()
+            .enumerate()
+            .map(|(n, id)| app.execute_with(&token, id, json!({"params": {"n": n}}), Some("no-cache"))),
+    )
+    .await;
+
+    // Assert: each waited for a slot rather than failing as its module's
+    // error, and got its own answer.
+    for (n, r) in answers.iter().enumerate() {
+        assert_eq!(r.status, 200, "run {n}: {:?}", r.body);
+        assert_eq!(r.body["result"]["params"], json!({"n": n}));
+    }
+}

@@ -6,6 +6,8 @@
 //! prints itself does not spoil it (and shows in an error's `stdout_tail`).
 //!
 //! - One [`wasmtime::Engine`] (pooling allocator, epoch interruption, async).
+//!   A run takes one of the pool's `WASM_MAX_INSTANCES` slots (a
+//!   semaphore's permit) or waits for one.
 //! - Per function version, the module is compiled once and linked once into
 //!   an `InstancePre`, cached by code hash. Compiled code is also kept on
 //!   disk (`DATA_DIR/wasm-cache/{engine compatibility hash}/{sha256}.cwasm`),
@@ -96,7 +98,15 @@ pub struct WasmConfig {
     /// The controller's program, run as `PROGRAM compile-wasm OUT` to
     /// compile a module; `None` compiles in this process.
     pub compiler: Option<PathBuf>,
+    /// Runs at one time (`WASM_MAX_INSTANCES`): the engine's pool has this
+    /// many instance slots, each reserving the address space of a 4 GiB
+    /// memory; a run past them waits for one.
+    pub max_instances: u32,
 }
+
+/// The instance slots of an engine unless configured
+/// (`WASM_MAX_INSTANCES`).
+pub const DEFAULT_MAX_INSTANCES: u32 = 256;
 
 pub struct WasmBackend {
     engine: Engine,
@@ -110,6 +120,11 @@ pub struct WasmBackend {
     builder: Option<Arc<Builder>>,
     metrics: Arc<Metrics>,
     ticker: Ticker,
+    /// One permit per slot of the engine's pool: a run holds one from
+    /// before its instance to after its store is gone. Without it a run
+    /// past the pool's size failed as if its module had ("maximum
+    /// concurrent instance limit reached").
+    slots: tokio::sync::Semaphore,
 }
 
 /// The epoch ticker's thread, and what it shares with the backend.
@@ -161,13 +176,15 @@ impl std::fmt::Debug for WasmBackend {
 /// given back to the kernel (see [`engine_config`]).
 const KEEP_RESIDENT: usize = 1 << 20;
 
-/// The engine's settings: a pooling allocator and epoch interruption (the
-/// benchmark's bare-wasmtime floor runs with the same).
-pub fn engine_config() -> Config {
+/// The engine's settings: a pooling allocator of `instances` slots and
+/// epoch interruption (the benchmark's bare-wasmtime floor runs with the
+/// same). The number of slots changes no compiled code (the engine's
+/// compatibility hash).
+pub fn engine_config(instances: u32) -> Config {
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_core_instances(256)
-        .total_memories(256)
-        .total_tables(256)
+    pool.total_core_instances(instances)
+        .total_memories(instances)
+        .total_tables(instances)
         .max_memory_size(4 << 30)
         // A slot's memory goes back to its first state for the next
         // instance. With `madvise` (the default) every run ended in a
@@ -189,7 +206,7 @@ pub fn engine_config() -> Config {
 impl WasmBackend {
     /// Builds the engine and starts its epoch ticker.
     pub fn new(config: WasmConfig, builder: Option<Arc<Builder>>, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
-        let engine = Engine::new(&engine_config())?;
+        let engine = Engine::new(&engine_config(config.max_instances))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut State| &mut s.wasi)?;
         // The ticker is a thread of its own, not a task: a guest that never
@@ -224,10 +241,12 @@ impl WasmBackend {
         let cache_dir = config.cache_dir.join(format!("{:016x}", compat.finish()));
         std::fs::create_dir_all(&cache_dir)?;
         std::fs::set_permissions(&config.cache_dir, std::fs::Permissions::from_mode(0o700))?;
+        let slots = tokio::sync::Semaphore::new(config.max_instances as usize);
         Ok(Arc::new(WasmBackend {
             engine,
             linker,
             modules: Mutex::new(Linked::default()),
+            slots,
             config,
             cache_dir,
             builder,
@@ -398,7 +417,7 @@ pub fn compile_main(mut args: impl Iterator<Item = String>) -> std::process::Exi
     let compiled = (|| -> wasmtime::Result<()> {
         let mut bytes = Vec::new();
         std::io::stdin().read_to_end(&mut bytes)?;
-        let engine = Engine::new(&engine_config())?;
+        let engine = Engine::new(&engine_config(DEFAULT_MAX_INSTANCES))?;
         std::fs::write(&out, Module::new(&engine, &bytes)?.serialize()?)?;
         Ok(())
     })();
@@ -617,6 +636,13 @@ impl Instance for WasmInstance {
             .memory_size((self.memory_mb as usize) << 20)
             .instances(1)
             .build();
+        // Declared before the store, so given back after it is gone.
+        let _slot = self
+            .backend
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| InstanceError::Protocol(e.to_string()))?;
         let _ticking = self.backend.ticker.start_run();
         let mut store = Store::new(&self.backend.engine, State { wasi, limits });
         store.limiter(|s| &mut s.limits);
