@@ -524,3 +524,23 @@ async fn runs_past_the_engines_slots_wait_for_one_and_all_answer() {
         assert_eq!(r.body["result"]["params"], json!({"n": n}));
     }
 }
+
+#[test]
+fn more_wasm_slots_than_the_address_space_holds_stop_the_start_naming_the_setting() {
+    // 65,536 slots of 4 GiB are twice what a process may map on x86-64.
+    let data = tempfile::Builder::new()
+        .prefix("fnrt-wasm-slots")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_controller-under-test"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--wasm-max-instances", "65536"])
+        .arg("--data-dir")
+        .arg(data.path().join("data"))
+        .arg("--functions-dir")
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("WASM_MAX_INSTANCES"), "{stderr}");
+}

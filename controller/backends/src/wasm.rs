@@ -206,7 +206,12 @@ pub fn engine_config(instances: u32) -> Config {
 impl WasmBackend {
     /// Builds the engine and starts its epoch ticker.
     pub fn new(config: WasmConfig, builder: Option<Arc<Builder>>, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Self>> {
-        let engine = Engine::new(&engine_config(config.max_instances))?;
+        let engine = Engine::new(&engine_config(config.max_instances)).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reserve {} wasm instance slots (WASM_MAX_INSTANCES), 4 GiB of address space each: {e:#}",
+                config.max_instances
+            )
+        })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut State| &mut s.wasi)?;
         // The ticker is a thread of its own, not a task: a guest that never
