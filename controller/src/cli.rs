@@ -57,6 +57,7 @@ fn init_logging(format: LogFormat) -> std::io::Result<logbuffer::FlushGuard<std:
     let (writer, guard) = logbuffer::install(std::io::stderr())?;
     match format {
         LogFormat::Json => {
+            crate::http::access::install_json(writer.clone());
             let mut layer = json_subscriber::JsonLayer::new(writer);
             layer
                 .with_timer("timestamp", tracing_subscriber::fmt::time::SystemTime)

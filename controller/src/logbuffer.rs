@@ -70,6 +70,14 @@ pub struct BufferedLines<W> {
     shared: Arc<Shared<W>>,
 }
 
+impl<W> Clone for BufferedLines<W> {
+    fn clone(&self) -> Self {
+        BufferedLines {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
 /// Stops the flusher and writes what is left, when dropped.
 #[must_use = "dropping the guard stops the buffering"]
 pub struct FlushGuard<W: Write> {

@@ -2,7 +2,8 @@
 //! merged here with the middleware every request goes through.
 //!
 //! Order of the middleware, outermost first: request ID (set, then
-//! propagated to the response), trace (one log line per request), CORS,
+//! propagated to the response), the access log ([`access`]: the request's
+//! span, one line per answer), CORS,
 //! compression (gzip, br, at level 1; bodies over 1 KiB, never a file download; only
 //! for a request that sends `Accept-Encoding`), then
 //! the envelope ([`Envelope`]): the body limit, metrics by matched route,
@@ -14,6 +15,7 @@
 //! middleware sees, hyper's answer to a request it cannot parse, gets its
 //! JSON body from the connection itself ([`conn`]).
 
+pub mod access;
 mod components;
 pub mod conn;
 mod execute;
@@ -43,7 +45,6 @@ use tower_http::compression::predicate::{And, DefaultPredicate, SizeAbove};
 use tower_http::compression::{Compression, CompressionLayer, CompressionLevel, Predicate as _};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -328,19 +329,7 @@ pub fn app(
     tower::ServiceBuilder::new()
         .map_response(|response: axum::http::Response<_>| response.map(axum::body::Body::new))
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let id = req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-                })
-                .on_request(())
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
-        )
+        .layer(tower::layer::layer_fn(|inner| access::AccessLog { inner }))
         .layer(PropagateRequestIdLayer::new(request_id))
         .layer(cors(settings))
         .layer(tower::layer::layer_fn(CompressWhenAsked::new))

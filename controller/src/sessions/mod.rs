@@ -71,14 +71,28 @@ impl SessionRecord {
 /// subject already uses is simply free for this one: no answer tells a
 /// caller that someone else's session exists.
 pub fn session_key(owner: &str, request_id: &str) -> String {
-    format!("{}.{request_id}", owner_hash(owner))
+    let mut key = String::with_capacity(OWNER_HASH_LEN + 1 + request_id.len());
+    key.push_str(owner_digits(owner, &mut [0; OWNER_HASH_LEN]));
+    key.push('.');
+    key.push_str(request_id);
+    key
 }
+
+/// The length of an [`owner_hash`].
+const OWNER_HASH_LEN: usize = 32;
 
 /// The owner's part of its [`session_key`]s: hex, so without a '.'.
 pub fn owner_hash(owner: &str) -> String {
+    owner_digits(owner, &mut [0; OWNER_HASH_LEN]).to_owned()
+}
+
+/// [`owner_hash`] written into `digits` (every execute builds a key: no
+/// `format!` or `hex::encode`, which goes a char at a time).
+fn owner_digits<'a>(owner: &str, digits: &'a mut [u8; OWNER_HASH_LEN]) -> &'a str {
     use sha2::Digest;
     let owner = sha2::Sha256::digest(owner.as_bytes());
-    hex::encode(&owner[..16])
+    hex::encode_to_slice(&owner[..OWNER_HASH_LEN / 2], digits).expect("16 bytes are 32 hex digits");
+    std::str::from_utf8(digits).expect("hex digits are ASCII")
 }
 
 /// The [`owner_hash`] a [`session_key`] starts with (request IDs may hold

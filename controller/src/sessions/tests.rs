@@ -155,6 +155,8 @@ async fn exercise(store: &dyn SessionStore) {
 fn a_key_starts_with_its_owners_hash() {
     let key = session_key("alice", "client.chosen.id");
     assert_eq!(key_owner_hash(&key), owner_hash("alice"));
+    // The first half of SHA-256("alice") in hex: keys stay as stored.
+    assert_eq!(owner_hash("alice"), "2bd806c97f0e00af1a1fc3328fa763a9");
     assert_eq!(key, format!("{}.client.chosen.id", owner_hash("alice")));
     assert_ne!(owner_hash("alice"), owner_hash("bob"));
 }

@@ -42,7 +42,16 @@ impl CacheKey {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
-        CacheKey(format!("{KEY_VERSION}:{}", hex::encode(h.finalize())))
+        // `hex::encode` goes a char at a time (about 2 % of a cached hit's
+        // instructions under callgrind, with the session key's): the digits
+        // are written into place here.
+        let mut digits = [0u8; 64];
+        hex::encode_to_slice(h.finalize(), &mut digits).expect("32 bytes are 64 hex digits");
+        let mut key = String::with_capacity(KEY_VERSION.len() + 1 + digits.len());
+        key.push_str(KEY_VERSION);
+        key.push(':');
+        key.push_str(std::str::from_utf8(&digits).expect("hex digits are ASCII"));
+        CacheKey(key)
     }
 }
 
@@ -195,6 +204,17 @@ impl Layers {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Keys outlive a release in Redis: the same inputs name the same entry
+    /// (the digest of each part after its length, computed apart).
+    #[test]
+    fn a_key_is_the_versioned_sha256_of_its_parts_in_hex() {
+        let key = CacheKey::new("nodejs-x", "h", &json!({"a": 1}), &json!({}));
+        assert_eq!(
+            key.0,
+            "v1:f54cc4df2a967bc7cafcf5520448fe9d00abfaab21aaf3b2ea29b52fd5f89453"
+        );
+    }
 
     #[test]
     fn key_ignores_key_order_but_not_values() {
