@@ -78,7 +78,9 @@ where
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         let path = req.uri().path();
-        let span = tracing::info_span!("request", method = %req.method(), path = %path, request_id = %request_id);
+        // Fields as `&str`, not through `Display`: json-subscriber then
+        // writes each as it is, without formatting it into a `String` first.
+        let span = tracing::info_span!("request", method = req.method().as_str(), path, request_id);
         let line = span.in_scope(|| {
             (JSON_LINES.get().is_some() && tracing::enabled!(target: TARGET, tracing::Level::INFO))
                 .then(|| Line::start(req.method().as_str(), path, request_id))

@@ -4,8 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
+use axum::extract::FromRequestParts;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -86,7 +88,7 @@ async fn execute(
     Path(request_id): Path<String>,
     auth: Result<Auth, ApiError>,
     unadmitted: Option<Extension<Unadmitted>>,
-    headers: HeaderMap,
+    CacheControl(cache_control): CacheControl,
     body: Result<ApiJson<ExecuteBody>, ApiError>,
 ) -> Result<([(&'static str, String); 1], axum::Json<ExecuteResponse>), FailedExecution> {
     let with_id = |e: ApiError| WithRequestId(request_id.clone(), e);
@@ -104,15 +106,15 @@ async fn execute(
         let params = body
             .params
             .ok_or_else(|| ApiError::InvalidRequest("missing 'params'".into()))?;
-        Ok((subject, params, cache_directive(&headers)?))
+        Ok((subject, params, parse_cache_control(cache_control.as_ref())?))
     })();
     let (subject, params, directive) = match prepared {
         Ok(prepared) => prepared,
         Err(refused) => return Err(with_id(gate.refuse(refused).await).into()),
     };
-    let executed = state
-        .engine
-        .execute(&subject, &request_id, params, directive, gate)
+    // Boxed: the engine's future is most of this one's size, and this one
+    // is moved into place by every layer above it.
+    let executed = Box::pin(state.engine.execute(&subject, &request_id, params, directive, gate))
         .await
         .map_err(|(error, execution_id)| FailedExecution {
             request_id: request_id.clone(),
@@ -136,8 +138,24 @@ async fn execute(
     ))
 }
 
+/// The request's `X-Cache-Control`, the one header an execute reads (a
+/// `HeaderMap` extractor cloned every header for it).
+pub(super) struct CacheControl(Option<HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for CacheControl {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(CacheControl(parts.headers.get("x-cache-control").cloned()))
+    }
+}
+
 pub(super) fn cache_directive(headers: &HeaderMap) -> Result<CacheDirective, ApiError> {
-    let Some(value) = headers.get("x-cache-control") else {
+    parse_cache_control(headers.get("x-cache-control"))
+}
+
+fn parse_cache_control(value: Option<&HeaderValue>) -> Result<CacheDirective, ApiError> {
+    let Some(value) = value else {
         return Ok(CacheDirective::Default);
     };
     let bad = || ApiError::InvalidRequest("X-Cache-Control must be 'no-cache' or 'max-age=<seconds>'".into());
