@@ -112,9 +112,9 @@ async fn execute(
         Ok(prepared) => prepared,
         Err(refused) => return Err(with_id(gate.refuse(refused).await).into()),
     };
-    // Boxed: the engine's future is most of this one's size, and this one
-    // is moved into place by every layer above it.
-    let executed = Box::pin(state.engine.execute(&subject, &request_id, params, directive, gate))
+    let executed = state
+        .engine
+        .execute(&subject, &request_id, params, directive, gate)
         .await
         .map_err(|(error, execution_id)| FailedExecution {
             request_id: request_id.clone(),
