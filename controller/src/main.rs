@@ -9,7 +9,7 @@ static ALLOCATOR: controller::Allocator = controller::Allocator;
 /// - freed pages given back to the system by a background thread within
 ///   about a second: jemalloc otherwise purges only while it allocates, so
 ///   an idle controller kept what start-up, registrations or the last burst
-///   had freed (about 1.4 MiB at idle, 3 MiB after a cached load at c32;
+///   had freed (about 1.3 MB at idle, 3 MB after a cached load at c32;
 ///   the same CPU per cached hit at c32, twenty-seventh pass).
 ///
 /// `_RJEM_MALLOC_CONF` in the environment still adds to them.

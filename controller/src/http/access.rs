@@ -165,9 +165,9 @@ impl Line {
         let Line(mut line) = self;
         push_timestamp(&mut line, time::OffsetDateTime::now_utc());
         line.push_str(r#"","latency":""#);
-        push_number(&mut line, latency_ms);
+        line.push_str(itoa::Buffer::new().format(latency_ms));
         line.push_str(r#" ms","message":"finished processing request","status":"#);
-        push_number(&mut line, status.as_u16().into());
+        line.push_str(itoa::Buffer::new().format(status.as_u16()));
         line.push_str("}\n");
         line
     }
@@ -197,7 +197,9 @@ fn push_json_str(out: &mut String, s: &str) {
 }
 
 /// RFC 3339 in UTC with microseconds, as tracing-subscriber's `SystemTime`
-/// timer writes it (`2026-12-07T21:40:16.063533Z`).
+/// timer writes it (`2026-12-07T21:40:16.063533Z`). By hand: that timer
+/// goes through `fmt`, 2.4k more instructions per cached hit under
+/// callgrind (a test keeps the two alike).
 fn push_timestamp(out: &mut String, t: time::OffsetDateTime) {
     let digits = |out: &mut String, n: u32, width: u32| {
         for place in (0..width).rev() {
@@ -218,21 +220,6 @@ fn push_timestamp(out: &mut String, t: time::OffsetDateTime) {
     out.push('.');
     digits(out, t.microsecond(), 6);
     out.push('Z');
-}
-
-fn push_number(out: &mut String, n: u128) {
-    let mut buf = [0u8; 39];
-    let mut at = buf.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&buf[at..]).expect("digits are ASCII"));
 }
 
 #[cfg(test)]
@@ -294,9 +281,35 @@ mod tests {
             (1000, "1000"),
             (u128::from(u64::MAX), "18446744073709551615"),
         ] {
-            let mut out = String::new();
-            push_number(&mut out, n);
-            assert_eq!(out, text);
+            let line = Line::start("GET", "/", "").finish(StatusCode::OK, n);
+            let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(parsed["latency"], format!("{text} ms"));
         }
+    }
+
+    /// Written by hand (tracing-subscriber's timer goes through `fmt`,
+    /// about 2k instructions a line), in the shape that timer gives every
+    /// other JSON line.
+    #[test]
+    fn the_timestamp_has_the_shape_of_the_subscribers() {
+        use tracing_subscriber::fmt::time::FormatTime as _;
+        let mut theirs = String::new();
+        tracing_subscriber::fmt::time::SystemTime
+            .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut theirs))
+            .unwrap();
+        let mut ours = String::new();
+        push_timestamp(&mut ours, time::OffsetDateTime::now_utc());
+        let shape = |s: &str| {
+            s.chars()
+                .map(|c| if c.is_ascii_digit() { '0' } else { c })
+                .collect::<String>()
+        };
+        assert_eq!(shape(&ours), shape(&theirs));
+        let rfc3339 = &time::format_description::well_known::Rfc3339;
+        let at = |s: &str| time::OffsetDateTime::parse(s, rfc3339).unwrap();
+        assert!(
+            (at(&ours) - at(&theirs)).abs() < time::Duration::seconds(5),
+            "{ours} {theirs}"
+        );
     }
 }
