@@ -14,6 +14,7 @@ impl Dialect for Postgres {
     /// Timestamps keep microseconds here, so ties are rare; there is no
     /// insertion order to fall back on.
     const TIE_BREAK: &'static str = "id";
+    const ID_TEXT: &'static str = "id::text";
     const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
     /// Under READ COMMITTED two inserts would each sum the rows without
     /// the other's: a lock per owner, held to the commit.

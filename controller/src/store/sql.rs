@@ -13,6 +13,8 @@
 //! bounds (on `&str`, `i64`, ... rather than on the driver) from a trait
 //! like [`Dialect`] to its users, so they cannot be said once there.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::encode::IsNull;
@@ -40,6 +42,9 @@ pub trait Dialect: sqlx::Database<Arguments: IntoArguments<Self>> {
     /// The column that orders a session's executions with the same
     /// `started_at`.
     const TIE_BREAK: &'static str;
+    /// `executions.id` as hyphenated lowercase text (its 15th character
+    /// is the UUID's version).
+    const ID_TEXT: &'static str;
     /// Appended to the queue's claim: rows another replica is claiming are
     /// skipped rather than waited for.
     const SKIP_LOCKED: &'static str;
@@ -91,13 +96,20 @@ pub struct SqlStore<DB: sqlx::Database> {
     /// Where execution records are written: SQLite's own connection for
     /// them (see `sqlite.rs`), else `pool`.
     records: Pool<DB>,
+    /// Set once no record with a pre-v7 id is left: the retention sweep
+    /// stops scanning for them (every record written since is a v7 one).
+    legacy_records_gone: AtomicBool,
 }
 
 impl<DB: sqlx::Database> SqlStore<DB> {
     /// A store over a pool whose migrations have been applied; `records`
     /// writes the execution records (the same pool, or one of its own).
     pub(super) fn new(pool: Pool<DB>, records: Pool<DB>) -> Self {
-        SqlStore { pool, records }
+        SqlStore {
+            pool,
+            records,
+            legacy_records_gone: AtomicBool::new(false),
+        }
     }
 }
 
@@ -502,8 +514,36 @@ where
         .bind(DB::timestamp(before))
         .bind(limit)
         .execute(&self.pool)
-        .await?;
-        Ok(done.rows())
+        .await?
+        .rows();
+        if done == limit as u64 || self.legacy_records_gone.load(Ordering::Relaxed) {
+            return Ok(done);
+        }
+        // Records written before ids were v7 (a release that wrote random
+        // ones) are anywhere in the key: a scan of the table finds them,
+        // until none is left. None is ever written again, so the scans end
+        // a retention period after such an upgrade.
+        let not_v7 = format!("substr({}, 15, 1) <> '7'", DB::ID_TEXT);
+        let legacy = sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM executions WHERE id IN \
+             (SELECT id FROM executions WHERE {not_v7} AND started_at < $1 LIMIT $2)"
+        )))
+        .bind(DB::timestamp(before))
+        .bind(limit - done as i64)
+        .execute(&self.pool)
+        .await?
+        .rows();
+        if done + legacy < limit as u64 {
+            let left = sqlx::query(AssertSqlSafe(format!(
+                "SELECT 1 FROM executions WHERE {not_v7} LIMIT 1"
+            )))
+            .fetch_optional(&self.pool)
+            .await?;
+            if left.is_none() {
+                self.legacy_records_gone.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(done + legacy)
     }
 }
 
