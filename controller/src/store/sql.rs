@@ -520,10 +520,20 @@ where
             return Ok(done);
         }
         // Records written before ids were v7 (a release that wrote random
-        // ones) are anywhere in the key: a scan of the table finds them,
-        // until none is left. None is ever written again, so the scans end
-        // a retention period after such an upgrade.
+        // ones) are anywhere in the key: a scan of the table finds them.
+        // None is written again, so once none is left the store stops
+        // looking: one scan per start where there never were any, and the
+        // scans end a retention period after an upgrade from such a release.
         let not_v7 = format!("substr({}, 15, 1) <> '7'", DB::ID_TEXT);
+        let any = sqlx::query(AssertSqlSafe(format!(
+            "SELECT 1 FROM executions WHERE {not_v7} LIMIT 1"
+        )))
+        .fetch_optional(&self.pool)
+        .await?;
+        if any.is_none() {
+            self.legacy_records_gone.store(true, Ordering::Relaxed);
+            return Ok(done);
+        }
         let legacy = sqlx::query(AssertSqlSafe(format!(
             "DELETE FROM executions WHERE id IN \
              (SELECT id FROM executions WHERE {not_v7} AND started_at < $1 LIMIT $2)"
@@ -533,16 +543,6 @@ where
         .execute(&self.pool)
         .await?
         .rows();
-        if done + legacy < limit as u64 {
-            let left = sqlx::query(AssertSqlSafe(format!(
-                "SELECT 1 FROM executions WHERE {not_v7} LIMIT 1"
-            )))
-            .fetch_optional(&self.pool)
-            .await?;
-            if left.is_none() {
-                self.legacy_records_gone.store(true, Ordering::Relaxed);
-            }
-        }
         Ok(done + legacy)
     }
 }
