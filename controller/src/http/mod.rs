@@ -327,7 +327,6 @@ pub fn app(
 + 'static {
     let request_id = HeaderName::from_static("x-request-id");
     tower::ServiceBuilder::new()
-        .map_response(|response: axum::http::Response<_>| response.map(axum::body::Body::new))
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
         .layer(tower::layer::layer_fn(|inner| access::AccessLog { inner }))
         .layer(PropagateRequestIdLayer::new(request_id))
