@@ -17,8 +17,8 @@ impl Dialect for Sqlite {
     /// The order rows were written in: timestamps have whole seconds here,
     /// so a session's executions often share one.
     const TIE_BREAK: &'static str = "rowid";
-    /// One writer at a time: a claim never meets another's lock.
     const ID_TEXT: &'static str = "id";
+    /// One writer at a time: a claim never meets another's lock.
     const SKIP_LOCKED: &'static str = "";
     const BEGIN_READ_THEN_WRITE: &'static str = "BEGIN IMMEDIATE";
     /// TEXT, hyphenated, as the first migration made the column.

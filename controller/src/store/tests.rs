@@ -11,8 +11,8 @@ use time::macros::datetime;
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
-    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, FileRecords, Finish, FunctionStore, NewExecution,
-    NewVersion, Source, StoreError, StoredFile, Stores,
+    Claim, ExecutionFilter, ExecutionQueue, ExecutionRecord, ExecutionStore, FileRecords, Finish, FunctionStore,
+    NewExecution, NewVersion, Source, StoreError, StoredFile, Stores,
 };
 
 fn new(lt: &str, code: &str) -> NewVersion {
@@ -378,13 +378,7 @@ async fn exercise(stores: Stores) {
     written.extend([young.clone(), legacy_young.clone(), legacy_old.clone()]);
     store.record_executions(&written).await.unwrap();
     let ids = || async {
-        let mut ids: Vec<_> = store
-            .executions_of("session-aged")
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let mut ids = ids_of(store.as_ref(), "session-aged").await;
         ids.sort();
         ids
     };
@@ -408,14 +402,18 @@ async fn exercise(stores: Stores) {
         .record_executions(&[later.clone(), earlier.clone()])
         .await
         .unwrap();
-    let ids: Vec<_> = store
-        .executions_of("session-3")
+    assert_eq!(ids_of(store.as_ref(), "session-3").await, [earlier.id, later.id]);
+}
+
+/// The ids of a session's execution records, in the store's order.
+async fn ids_of(store: &dyn ExecutionStore, session: &str) -> Vec<uuid::Uuid> {
+    store
+        .executions_of(session)
         .await
         .unwrap()
         .iter()
         .map(|r| r.id)
-        .collect();
-    assert_eq!(ids, [earlier.id, later.id]);
+        .collect()
 }
 
 fn queued(id: &str, subject: &str, lt: &str, priority: i32, key: Option<&str>, now_ms: i64) -> NewExecution {
